@@ -1,0 +1,7 @@
+"""``python -m etcd_agent``: the same as the ``etcd-agent`` console script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

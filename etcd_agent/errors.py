@@ -1,0 +1,94 @@
+"""The exception tree of etcd-agent.
+
+Every error an operator can see is one of these, carrying what they need (which key, which node, which flag).
+Errors from libraries are translated at the boundary with ``raise ... from exc``. This module imports nothing
+from the package.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2
+
+
+class AgentError(Exception):
+    """Base of every error etcd-agent raises on purpose."""
+
+    exit_code = EXIT_JOB_FAILED
+
+
+class ConfigError(AgentError):
+    """A flag, file or environment value is invalid; the message names it."""
+
+    exit_code = EXIT_USAGE
+
+
+class SpecMismatch(ConfigError):
+    """This agent's job spec differs from the one the running job recorded under ``P/spec``."""
+
+
+class DuplicateNode(ConfigError):
+    """Another live agent already registered the same node id."""
+
+
+class JobAlreadyEnded(ConfigError):
+    """The run id names a job that already has a result; a new run needs a new run id."""
+
+
+class EtcdError(AgentError):
+    """Base of errors talking to etcd."""
+
+
+class EtcdUnavailable(EtcdError):
+    """No etcd endpoint answered within the deadline."""
+
+
+class EtcdAuthError(EtcdError):
+    """etcd refused our credentials or permissions."""
+
+    exit_code = EXIT_USAGE
+
+
+class EtcdRequestError(EtcdError):
+    """etcd rejected a request (too large, bad argument, ...)."""
+
+
+class Compacted(EtcdError):
+    """A watch asked for a revision that etcd already compacted away."""
+
+    def __init__(self, compact_revision: int):
+        super().__init__(f"revision compacted (oldest kept revision is {compact_revision})")
+        self.compact_revision = compact_revision
+
+
+class WatchBroken(EtcdError):
+    """A watch stream ended or fell silent; the watch resumes from the last event's revision + 1."""
+
+
+class SessionLost(EtcdError):
+    """The agent's lease expired or could not be refreshed in time."""
+
+
+class BadKeyData(AgentError):
+    """A value under the job prefix is not what the schema says; the message names the key."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"bad data in etcd key {key}: {problem}")
+        self.key = key
+
+
+class RendezvousTimeout(AgentError):
+    """Fewer than the minimum number of nodes joined within the join timeout."""
+
+
+class WorkerGroupFailed(AgentError):
+    """The job ended failed because workers failed and the restart budget was spent."""
+
+
+class JobFailed(AgentError):
+    """The job ended with a non-success result written by some agent."""
+
+
+class JobStopped(AgentError):
+    """The job was stopped by an operator (``etcd-agent stop``) or this agent received a signal."""
