@@ -1,0 +1,281 @@
+"""The etcd v3 client layer: the only module that imports ``etcd3``.
+
+Guarantees:
+- Connects through ``MultiEndpointEtcd3Client`` with failover and a 1 s endpoint retry, even for one endpoint,
+  and fast gRPC reconnect backoff, so a restarted or failed-over etcd is used again within about a second.
+- Every unary call is retried on connection errors and timeouts with a tenacity policy bounded by the caller's
+  deadline and the shutdown event. Our txns are all guarded by compares, so a retried txn that already applied
+  fails its compare and the caller re-reads and decides again.
+- Every gRPC or library error leaves this module as one of our own ``EtcdError`` types.
+- Password auth: the token is renewed by rebuilding the client on UNAUTHENTICATED.
+The session (``session.py``) and the resumable watch (``watch.py``) build on the primitives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Callable, Iterable, Sequence, TypeVar
+
+import grpc
+import tenacity
+
+import etcd3
+from etcd3 import etcdrpc as rpc  # re-exported for watch.py: the generated messages and stubs
+from etcd3 import exceptions as etcd3_exc
+
+from .config import EtcdConfig
+from .errors import (EtcdAuthError, EtcdError, EtcdRequestError, EtcdUnavailable)
+
+log = logging.getLogger("etcd_agent.etcd")
+T = TypeVar("T")
+
+GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+_RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                    grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+_ENDPOINT_FAILED_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclasses.dataclass(frozen=True)
+class KV:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+    @classmethod
+    def from_pb(cls, kv) -> "KV":
+        return cls(kv.key.decode(), bytes(kv.value), kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+
+
+@dataclasses.dataclass(frozen=True)
+class TxnResult:
+    succeeded: bool
+    revision: int
+    ranges: list[list[KV]]  # one list per range op of the branch that ran, in order
+
+
+# --- compares and ops: tiny builders over the generated messages ---------------------------------------------
+
+def prefix_end(prefix: str) -> bytes:
+    """The range end that makes ``[prefix, end)`` cover every key starting with ``prefix``."""
+    raw = bytearray(prefix.encode())
+    for i in reversed(range(len(raw))):
+        if raw[i] < 0xFF:
+            raw[i] += 1
+            return bytes(raw[: i + 1])
+    return b"\0"
+
+
+def mod_is(key: str, revision: int):
+    """Compare: the key's mod_revision equals ``revision`` (0 means the key is absent)."""
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=key.encode(), mod_revision=revision)
+
+
+def absent(key: str):
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, key=key.encode(), version=0)
+
+
+def op_put(key: str, value: bytes, lease: int = 0):
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value, lease=lease))
+
+
+def op_delete(key: str):
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
+
+
+def op_get(key: str):
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
+
+
+def op_get_prefix(prefix: str):
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix)))
+
+
+# --- error mapping -------------------------------------------------------------------------------------------
+
+def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:
+    """Our error type for a raw gRPC error; the message names the operation and etcd's own words."""
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    text = f"etcd {where} failed: {code.name if code else 'error'}: {detail}"
+    if code in _RETRYABLE_CODES:
+        return EtcdUnavailable(text)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return EtcdAuthError(text)
+    if code == grpc.StatusCode.INVALID_ARGUMENT and detail and "authentication failed" in detail:
+        return EtcdAuthError(text)
+    return EtcdRequestError(text)
+
+
+def retry_policy(deadline: float, stop_event: threading.Event | None) -> tenacity.Retrying:
+    """Retry EtcdUnavailable with short exponential backoff until ``deadline`` seconds pass or shutdown."""
+    stop = tenacity.stop_after_delay(deadline)
+    if stop_event is not None:
+        stop = stop | (lambda state: stop_event.is_set())
+    return tenacity.Retrying(
+        stop=stop,
+        wait=tenacity.wait_exponential(multiplier=0.05, min=0.05, max=0.5),
+        retry=tenacity.retry_if_exception_type(EtcdUnavailable),
+        sleep=(stop_event.wait if stop_event is not None else tenacity.nap.sleep),
+        reraise=True,
+    )
+
+
+class Etcd:
+    """A connection to one etcd cluster with failover, retries and our own error types."""
+
+    def __init__(self, cfg: EtcdConfig, stop_event: threading.Event | None = None):
+        self.cfg = cfg
+        self.stop_event = stop_event
+        self._lock = threading.Lock()
+        self._client: etcd3.MultiEndpointEtcd3Client | None = None
+
+    # -- connection --
+    def _build(self) -> etcd3.MultiEndpointEtcd3Client:
+        creds = None
+        if self.cfg.secure:
+            creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(self.cfg.ca_cert, self.cfg.key, self.cfg.cert)
+        endpoints = [etcd3.Endpoint(host, port, secure=self.cfg.secure, creds=creds, time_retry=1.0,
+                                    opts=GRPC_OPTIONS) for host, port in self.cfg.endpoints]
+        try:
+            return etcd3.MultiEndpointEtcd3Client(endpoints=endpoints, timeout=self.cfg.request_timeout,
+                                                  user=self.cfg.user, password=self.cfg.password, failover=True)
+        except grpc.RpcError as exc:
+            raise map_grpc_error(exc, "authenticate") from exc
+
+    @property
+    def client(self) -> etcd3.MultiEndpointEtcd3Client:
+        with self._lock:
+            if self._client is None:
+                self._client = self._build()
+            return self._client
+
+    def _reset(self) -> None:
+        with self._lock:
+            old, self._client = self._client, None
+        if old is not None:
+            old.close()
+
+    def channel_and_auth(self):
+        """(channel, call kwargs) of the endpoint in use: for the streaming calls in watch.py and session.py."""
+        client = self.client
+        try:
+            channel = client.channel
+        except etcd3_exc.NoServerAvailableError as exc:
+            raise EtcdUnavailable(f"no etcd endpoint of {self.endpoints_text} is available") from exc
+        return channel, {"credentials": client.call_credentials, "metadata": client.metadata}
+
+    def mark_failed(self) -> None:
+        """Tell failover that the endpoint in use misbehaved (refused, timed out, or its watch fell silent)."""
+        client = self._client
+        if client is not None and len(client.endpoints) > 1:
+            client.endpoint_in_use.fail()
+            client._clear_old_stubs()
+
+    @property
+    def endpoints_text(self) -> str:
+        return ",".join(f"{h}:{p}" for h, p in self.cfg.endpoints)
+
+    def close(self) -> None:
+        self._reset()
+
+    # -- calls --
+    def call(self, where: str, fn: Callable[[etcd3.MultiEndpointEtcd3Client, dict], T],
+             deadline: float | None = None) -> T:
+        """Run ``fn(client, call_kwargs)`` with retries; ``where`` names the operation in errors."""
+        limit = self.cfg.connect_timeout if deadline is None else deadline
+        end = time.monotonic() + limit
+
+        def attempt() -> T:
+            client = self.client
+            timeout = max(0.05, min(self.cfg.request_timeout, end - time.monotonic()))
+            kwargs = {"timeout": timeout, "credentials": client.call_credentials,
+                      "metadata": client.metadata}
+            try:
+                return fn(client, kwargs)
+            except etcd3_exc.NoServerAvailableError as exc:
+                raise EtcdUnavailable(f"etcd {where}: no endpoint of {self.endpoints_text} is available") from exc
+            except grpc.RpcError as exc:
+                err = map_grpc_error(exc, where)
+                if exc.code() in _ENDPOINT_FAILED_CODES:
+                    self.mark_failed()
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.cfg.user:
+                    self._reset()  # the token is not refreshed after an etcd restart: log in again
+                    raise EtcdUnavailable(str(err)) from exc
+                raise err from exc
+
+        try:
+            return retry_policy(limit, self.stop_event)(attempt)
+        except EtcdUnavailable as exc:
+            raise EtcdUnavailable(f"cannot reach etcd at {self.endpoints_text} within {limit:.1f} s: {exc}") from exc
+
+    def status(self, deadline: float | None = None) -> str:
+        """The version string of the etcd member answering; used to check reachability at start."""
+        resp = self.call("status", lambda c, kw: c.maintenancestub.Status(rpc.StatusRequest(), **kw), deadline)
+        return resp.version
+
+    def get(self, key: str, deadline: float | None = None) -> tuple[KV | None, int]:
+        resp = self.call(f"get {key}", lambda c, kw: c.kvstub.Range(rpc.RangeRequest(key=key.encode()), **kw),
+                         deadline)
+        return (KV.from_pb(resp.kvs[0]) if resp.kvs else None), resp.header.revision
+
+    def get_prefix(self, prefix: str, deadline: float | None = None) -> tuple[list[KV], int]:
+        req = rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix))
+        resp = self.call(f"get --prefix {prefix}", lambda c, kw: c.kvstub.Range(req, **kw), deadline)
+        return [KV.from_pb(kv) for kv in resp.kvs], resp.header.revision
+
+    def txn(self, compare: Sequence, success: Iterable, failure: Iterable = (), where: str = "txn",
+            deadline: float | None = None) -> TxnResult:
+        req = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
+        resp = self.call(where, lambda c, kw: c.kvstub.Txn(req, **kw), deadline)
+        ranges = [[KV.from_pb(kv) for kv in r.response_range.kvs] for r in resp.responses
+                  if r.WhichOneof("response") == "response_range"]
+        return TxnResult(resp.succeeded, resp.header.revision, ranges)
+
+    def put(self, key: str, value: bytes, lease: int = 0, deadline: float | None = None) -> int:
+        req = rpc.PutRequest(key=key.encode(), value=value, lease=lease)
+        return self.call(f"put {key}", lambda c, kw: c.kvstub.Put(req, **kw), deadline).header.revision
+
+    def delete_prefix(self, prefix: str, deadline: float | None = None) -> int:
+        req = rpc.DeleteRangeRequest(key=prefix.encode(), range_end=prefix_end(prefix))
+        return self.call(f"delete --prefix {prefix}", lambda c, kw: c.kvstub.DeleteRange(req, **kw),
+                         deadline).deleted
+
+    def compact(self, revision: int) -> None:
+        req = rpc.CompactionRequest(revision=revision, physical=True)
+        self.call("compact", lambda c, kw: c.kvstub.Compact(req, **kw))
+
+    # -- leases --
+    def lease_grant(self, ttl: int, deadline: float | None = None) -> int:
+        resp = self.call("lease grant", lambda c, kw: c.leasestub.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl), **kw),
+                         deadline)
+        if resp.error:
+            raise EtcdRequestError(f"etcd lease grant failed: {resp.error}")
+        return resp.ID
+
+    def lease_keepalive(self, lease_id: int, deadline: float | None = None) -> int:
+        """One keepalive; returns the TTL etcd granted (<= 0 means the lease no longer exists)."""
+        def once(c, kw):
+            for resp in c.leasestub.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), **kw):
+                return resp.TTL
+            return 0
+        return self.call("lease keepalive", once, deadline)
+
+    def lease_revoke(self, lease_id: int, deadline: float | None = None) -> None:
+        def revoke(c, kw):
+            try:
+                c.leasestub.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), **kw)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:  # already expired: nothing to revoke
+                    raise
+        self.call("lease revoke", revoke, deadline)

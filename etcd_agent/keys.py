@@ -1,0 +1,133 @@
+"""The whole key schema of one job, as pure functions; no other module formats a key.
+
+Prefix ``P = <root>/<run_id>``. Every value is a JSON object carrying ``"v": 1``::
+
+    P/spec                          job spec, created once, checked by every later agent
+    P/nodes/<node>                  leased: the alive registry
+    P/round                         {round, phase, reason}; its mod_revision fences every round transition
+    P/restarts                      {used, max}: the job-wide restart budget
+    P/r/<round:08d>/join/<node>     leased: joined this round
+    P/r/<round:08d>/plan            the round's members, ranks and master address
+    P/r/<round:08d>/exit/<node>     this node's workers all succeeded
+    P/r/<round:08d>/failures/<node> this node's failure report
+    P/result                        the job's final outcome
+
+Zero-padded round numbers keep lexical order equal to numeric order. Imports only ``errors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from .errors import BadKeyData
+
+SCHEMA_VERSION = 1
+ROUND_DIGITS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedKey:
+    """What a key under the prefix means: ``kind`` is one of spec, node, round, restarts, result, join, plan,
+    exit, failure; ``round`` and ``node`` are set where the key carries them."""
+
+    kind: str
+    round: int | None = None
+    node: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    root: str
+    run_id: str
+
+    @property
+    def prefix(self) -> str:
+        """The job prefix with a trailing slash: every key of the job starts with it."""
+        return f"{self.root}/{self.run_id}/"
+
+    def spec(self) -> str:
+        return self.prefix + "spec"
+
+    def nodes(self) -> str:
+        return self.prefix + "nodes/"
+
+    def node(self, node: str) -> str:
+        return self.nodes() + node
+
+    def round(self) -> str:
+        return self.prefix + "round"
+
+    def restarts(self) -> str:
+        return self.prefix + "restarts"
+
+    def result(self) -> str:
+        return self.prefix + "result"
+
+    def rounds(self) -> str:
+        return self.prefix + "r/"
+
+    def round_dir(self, rnd: int) -> str:
+        return f"{self.rounds()}{rnd:0{ROUND_DIGITS}d}/"
+
+    def joins(self, rnd: int) -> str:
+        return self.round_dir(rnd) + "join/"
+
+    def join(self, rnd: int, node: str) -> str:
+        return self.joins(rnd) + node
+
+    def plan(self, rnd: int) -> str:
+        return self.round_dir(rnd) + "plan"
+
+    def exits(self, rnd: int) -> str:
+        return self.round_dir(rnd) + "exit/"
+
+    def exit(self, rnd: int, node: str) -> str:
+        return self.exits(rnd) + node
+
+    def failures(self, rnd: int) -> str:
+        return self.round_dir(rnd) + "failures/"
+
+    def failure(self, rnd: int, node: str) -> str:
+        return self.failures(rnd) + node
+
+    def parse(self, key: str) -> ParsedKey:
+        """Classify a key of this job; raises BadKeyData for anything the schema does not name."""
+        if not key.startswith(self.prefix):
+            raise BadKeyData(key, f"not under the job prefix {self.prefix}")
+        rest = key[len(self.prefix):]
+        if rest in ("spec", "round", "restarts", "result"):
+            return ParsedKey(rest)
+        parts = rest.split("/")
+        if len(parts) == 2 and parts[0] == "nodes" and parts[1]:
+            return ParsedKey("node", node=parts[1])
+        if len(parts) >= 3 and parts[0] == "r" and parts[1].isdigit() and len(parts[1]) == ROUND_DIGITS:
+            rnd = int(parts[1])
+            if parts[2:] == ["plan"]:
+                return ParsedKey("plan", round=rnd)
+            kinds = {"join": "join", "exit": "exit", "failures": "failure"}
+            if len(parts) == 4 and parts[2] in kinds and parts[3]:
+                return ParsedKey(kinds[parts[2]], round=rnd, node=parts[3])
+        raise BadKeyData(key, "not a key of the etcd-agent schema")
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    """A value for etcd: compact JSON with the schema version."""
+    return json.dumps({"v": SCHEMA_VERSION, **obj}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode(key: str, raw: bytes, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse a value read from ``key``; BadKeyData names the key when it is not a schema-v1 JSON object."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadKeyData(key, f"not JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise BadKeyData(key, "not a JSON object")
+    if obj.get("v") != SCHEMA_VERSION:
+        raise BadKeyData(key, f"schema version {obj.get('v')!r}, this agent reads version {SCHEMA_VERSION}")
+    missing = [f for f in required if f not in obj]
+    if missing:
+        raise BadKeyData(key, f"missing field(s) {', '.join(missing)}")
+    return obj

@@ -1,0 +1,100 @@
+"""The agent's session: one etcd lease, kept alive by a thread, that every node-owned key is bound to.
+
+Invariants:
+- The keepalive runs every TTL/3. A keepalive sent at time t guarantees the lease lives until at least t + TTL.
+- When no keepalive has succeeded for ``TTL - margin`` seconds, or etcd answers that the lease is gone, the
+  session is lost: ``lost`` is set and ``on_lost(reason)`` runs once. The margin leaves the agent time to stop
+  its workers before peers can see the lease expire (self-fencing). A lost session is never revived; the agent
+  starts a new one.
+- ``close()`` revokes the lease, so peers see this node's keys deleted at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from .errors import EtcdError, EtcdUnavailable
+from .etcd import Etcd
+
+log = logging.getLogger("etcd_agent.session")
+
+
+def fence_margin(ttl: float) -> float:
+    """How long before lease expiry a disconnected agent declares its session lost."""
+    return min(max(1.0, ttl * 0.25), ttl / 2)
+
+
+class Session:
+    def __init__(self, etcd: Etcd, ttl: int, on_lost: Callable[[str], None] = lambda why: None):
+        self.etcd = etcd
+        self.ttl = ttl
+        self.on_lost = on_lost
+        self.lease_id = 0
+        self.lost = threading.Event()
+        self.lost_reason = ""
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_ok = 0.0
+
+    def start(self, deadline: float | None = None) -> "Session":
+        sent = time.monotonic()
+        self.lease_id = self.etcd.lease_grant(self.ttl, deadline=deadline)
+        self._last_ok = sent
+        self._thread = threading.Thread(target=self._run, name=f"keepalive-{self.lease_id:x}", daemon=True)
+        self._thread.start()
+        log.debug("session lease %x granted with TTL %d s", self.lease_id, self.ttl)
+        return self
+
+    @property
+    def expires_in(self) -> float:
+        """Seconds until the lease can expire at the earliest, as far as this agent knows."""
+        return self._last_ok + self.ttl - time.monotonic()
+
+    def _run(self) -> None:
+        period = self.ttl / 3.0
+        margin = fence_margin(self.ttl)
+        failed = False
+        while not self._closed.wait(0.2 if failed else max(0.0, self._last_ok + period - time.monotonic())):
+            fence_at = self._last_ok + self.ttl - margin
+            left = fence_at - time.monotonic()
+            if left <= 0:
+                self._lose(f"no lease keepalive succeeded for {self.ttl - margin:.1f} s (etcd unreachable)")
+                return
+            sent = time.monotonic()
+            try:
+                granted = self.etcd.lease_keepalive(self.lease_id, deadline=min(left, period))
+            except EtcdUnavailable as exc:
+                log.warning("lease %x keepalive failed, %.1f s left before self-fencing: %s", self.lease_id,
+                            max(0.0, fence_at - time.monotonic()), exc)
+                failed = True
+                continue
+            except EtcdError as exc:
+                self._lose(f"lease keepalive failed: {exc}")
+                return
+            if granted <= 0:
+                self._lose(f"lease {self.lease_id:x} expired on the etcd side")
+                return
+            self._last_ok, failed = sent, False
+
+    def _lose(self, reason: str) -> None:
+        if self._closed.is_set() or self.lost.is_set():
+            return
+        self.lost_reason = reason
+        self.lost.set()
+        log.error("session lost: %s", reason)
+        self.on_lost(reason)
+
+    def close(self, revoke: bool = True, deadline: float = 2.0) -> None:
+        """Stop the keepalive and (by default) revoke the lease so this node's keys vanish at once."""
+        self._closed.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=deadline + 1)
+        if revoke and self.lease_id:
+            try:
+                self.etcd.lease_revoke(self.lease_id, deadline=deadline)
+            except EtcdError as exc:
+                log.warning("could not revoke lease %x (it expires by itself within %d s): %s",
+                            self.lease_id, self.ttl, exc)
