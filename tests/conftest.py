@@ -1,0 +1,119 @@
+"""Shared fixtures: a real etcd for the session, a fresh run id per test, a 3-member cluster for fault tests.
+
+The session etcd is the ``etcd`` binary on free loopback ports (``etcd_agent.standalone``). With
+``ETCD_AGENT_TEST_DOCKER=1`` it runs in a container through testcontainers instead (image ``quay.io/coreos/etcd:v3.4.23``
+or ``$ETCD_AGENT_TEST_IMAGE``), published on a loopback port only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from etcd_agent import standalone
+
+# Watch progress notifications let tests see a watch's revision advance while nothing under their prefix changes.
+SESSION_ETCD_ARGS = ("--experimental-watch-progress-notify-interval=500ms",)
+DEFAULT_IMAGE = "quay.io/coreos/etcd:v3.4.23"
+
+
+class ContainerEtcd:
+    """The session etcd in a container, with the attributes tests use from ``EtcdServer``."""
+
+    def __init__(self, image: str, args: tuple[str, ...]):
+        from testcontainers.core.container import DockerContainer
+        from testcontainers.core.wait_strategies import LogMessageWaitStrategy
+
+        command = [
+            "/usr/local/bin/etcd", "--name=etcd-agent-test", "--data-dir=/tmp/etcd",
+            "--listen-client-urls=http://0.0.0.0:2379", "--advertise-client-urls=http://127.0.0.1:2379", *args,
+        ]
+        self._container = DockerContainer(image).with_command(command).waiting_for(
+            LogMessageWaitStrategy("ready to serve client requests").with_startup_timeout(60)
+        )
+        self._container.ports["2379/tcp"] = ("127.0.0.1", None)  # a random host port, on loopback only
+        self.endpoint = self.client_url = None
+
+    def start(self, timeout: float = 30.0) -> ContainerEtcd:
+        self._container.start()
+        self.endpoint = f"127.0.0.1:{self._container.get_exposed_port(2379)}"
+        self.client_url = f"http://{self.endpoint}"
+        deadline = time.monotonic() + timeout
+        while not standalone.health(self.client_url):
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"containerized etcd at {self.client_url} is not healthy after {timeout:g} s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self._container.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    """A started etcd for the whole session (binary by default, a container with ETCD_AGENT_TEST_DOCKER=1)."""
+    if os.environ.get("ETCD_AGENT_TEST_DOCKER") == "1":
+        server = ContainerEtcd(os.environ.get("ETCD_AGENT_TEST_IMAGE", DEFAULT_IMAGE), SESSION_ETCD_ARGS)
+    else:
+        server = standalone.EtcdServer(name="etcd-agent-test", extra_args=SESSION_ETCD_ARGS)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def etcd_endpoint(etcd_server) -> str:
+    """``127.0.0.1:PORT`` of the session etcd."""
+    return etcd_server.endpoint
+
+
+@pytest.fixture
+def run_id(request) -> str:
+    """A run id no other test uses: ``t-<test name>-<6 hex>``, within [A-Za-z0-9_.-] and 128 characters."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-.")
+    return f"t-{name[:110]}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def etcd_cluster3():
+    """A started 3-member etcd cluster with fast elections, fresh for each test (fault tests break it)."""
+    cluster = standalone.EtcdCluster(3, name_prefix="etcd-test", extra_args=SESSION_ETCD_ARGS + standalone.FAST_ELECTION_ARGS)
+    with cluster.start():
+        yield cluster
+
+
+def _etcdctl_binary() -> str:
+    found = shutil.which("etcdctl")
+    if found:
+        return found
+    beside = os.path.join(os.path.dirname(standalone.find_etcd_binary()), "etcdctl")
+    if os.access(beside, os.X_OK):
+        return beside
+    pytest.fail("no etcdctl on PATH or beside the etcd binary; install it with `apt-get install etcd-client`")
+
+
+@pytest.fixture
+def etcdctl(etcd_endpoint):
+    """``etcdctl(*args, endpoints=None, check=True, timeout=30)`` -> CompletedProcess with text output.
+
+    Runs ``etcdctl --endpoints=<session etcd, or endpoints>`` with ETCDCTL_API=3; with ``check`` a non-zero exit fails
+    the test with etcdctl's stderr.
+    """
+    binary = _etcdctl_binary()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
+    env["ETCDCTL_API"] = "3"
+
+    def run(*args: str, endpoints: str | None = None, check: bool = True, timeout: float = 30.0):
+        cmd = [binary, f"--endpoints={endpoints or etcd_endpoint}", *args]
+        done = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} exited with {done.returncode}: {done.stderr.strip()}")
+        return done
+
+    return run

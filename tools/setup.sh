@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Prepares a checkout for development and tests: etcd and etcdctl (installed with apt when missing), a virtualenv
+# .venv in the repository, torch 2.13.0 first (so the bare `torch` requirement of the test extras never resolves on
+# its own), then the project itself, editable, with its test extras.
+#
+# Usage: tools/setup.sh            (environment: PYTHON, default python3; TORCH_VERSION, default 2.13.0)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+"$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+if ((${#missing[@]})); then
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    echo "setup: installing ${missing[*]} with apt-get"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip=(.venv/bin/python -m pip install --disable-pip-version-check --progress-bar off)
+"${pip[@]}" "torch==${TORCH_VERSION}"
+"${pip[@]}" -e '.[test]'
