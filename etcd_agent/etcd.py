@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
 
-import grpc
-import tenacity
+# The agent forks workers while gRPC threads run; gRPC's fork handlers only log noise then. Before importing grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-import etcd3
+import grpc  # noqa: E402
+import tenacity  # noqa: E402
+
+import etcd3  # noqa: E402
 from etcd3 import etcdrpc as rpc  # re-exported for watch.py: the generated messages and stubs
-from etcd3 import exceptions as etcd3_exc
+from etcd3 import exceptions as etcd3_exc  # noqa: E402
 
 from .config import EtcdConfig
 from .errors import (EtcdAuthError, EtcdError, EtcdRequestError, EtcdUnavailable)
@@ -83,6 +87,12 @@ def mod_is(key: str, revision: int):
 
 def absent(key: str):
     return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, key=key.encode(), version=0)
+
+
+def none_under(prefix: str):
+    """Compare: no key starts with ``prefix`` (etcd compares a range key by key; an empty range compares as absent)."""
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, key=prefix.encode(),
+                       range_end=prefix_end(prefix), version=0)
 
 
 def op_put(key: str, value: bytes, lease: int = 0):

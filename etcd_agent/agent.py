@@ -1,0 +1,332 @@
+"""The agent: one per node. Joins rounds through etcd, runs this node's workers, and reacts to every change.
+
+States (an Enum, a transition table, one ``_enter``): STARTING -> RENDEZVOUS <-> RUNNING -> FINISHED, with FENCED
+when the session is lost (workers stopped before the lease can expire, then a new session rejoins). One queue
+carries everything that can happen (watch deliveries, worker exits, session loss, signals); the run loop
+applies it to the mirror, asks ``rendezvous.decide`` what to do and does it. Never sleeps to synchronize: it
+waits on the queue, bounded by the decision's deadline.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+
+from . import txns
+from .config import AgentConfig
+from .errors import ConfigError, EtcdUnavailable, JobFailed, JobStopped
+from .etcd import Etcd
+from .keys import Keys
+from .rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
+                         Wait, WriteExit, decide)
+from .session import Session
+from .state import Mirror, View
+from .watch import Resync, Watch
+from .workers import Assignment, WorkerExit, WorkerGroup
+
+log = logging.getLogger("etcd_agent.agent")
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RENDEZVOUS = "rendezvous"
+    RUNNING = "running"
+    FENCED = "fenced"
+    FINISHED = "finished"
+
+
+_TRANSITIONS = {
+    State.STARTING: {State.RENDEZVOUS, State.FINISHED},
+    State.RENDEZVOUS: {State.RUNNING, State.FENCED, State.FINISHED},
+    State.RUNNING: {State.RENDEZVOUS, State.FENCED, State.FINISHED},
+    State.FENCED: {State.RENDEZVOUS, State.FINISHED},
+    State.FINISHED: set(),
+}
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, version: str = ""):
+        self.cfg = cfg
+        self.version = version
+        self.keys = Keys(cfg.root, cfg.run_id)
+        self.params = Params(cfg.spec.min_nodes, cfg.spec.max_nodes, cfg.spec.max_restarts, cfg.last_call,
+                             cfg.join_timeout, cfg.scale_settle)
+        self.shutdown = threading.Event()
+        self.etcd = Etcd(cfg.etcd, self.shutdown)
+        self.mirror = Mirror(self.keys)
+        self.events: queue.Queue = queue.Queue()
+        self.state = State.STARTING
+        self.session: Session | None = None
+        self.watch: Watch | None = None
+        self.group: WorkerGroup | None = None
+        self.local = Local(cfg.node_id, time.monotonic(), time.time())
+        self._round_seen = 0
+        self._prev_rank: int | None = None
+        self._joined_round = 0
+        self.signalled = 0
+
+    # --- state machine -------------------------------------------------------------------------------------
+    def _enter(self, new: State, why: str) -> None:
+        if new is self.state:
+            return
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"agent state {self.state.value} -> {new.value} is not allowed ({why})")
+        log.info("%s: %s -> %s: %s", self._who(), self.state.value, new.value, why)
+        self.state = new
+
+    def _who(self) -> str:
+        return f"[{self.cfg.run_id} {self.cfg.node_id} round {self._round_seen or '-'}]"
+
+    def _set(self, **changes) -> None:
+        self.local = Local(**{**self.local.__dict__, **changes})
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run the job on this node; returns the process exit code."""
+        try:
+            self._start()
+            return self._loop()
+        finally:
+            self._cleanup()
+
+    def _start(self) -> None:
+        try:
+            version = self.etcd.status()
+        except EtcdUnavailable as exc:
+            raise ConfigError(f"--etcd-endpoints {self.etcd.endpoints_text}: {exc}") from exc
+        log.info("connected to etcd %s at %s", version, self.etcd.endpoints_text)
+        txns.init_job(self.etcd, self.keys, self.cfg.spec, time.time())
+        self._new_session()
+        kvs, rev = self.etcd.get_prefix(self.keys.prefix)
+        self.mirror.reset(kvs, rev)
+        self.watch = Watch(self.etcd, self.keys.prefix, rev + 1, lambda d: self.events.put(("watch", d)),
+                           probe_interval=max(0.5, self.cfg.lease_ttl / 5), name=f"watch-{self.cfg.node_id}").start()
+        self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} (lease {self.session.lease_id:x})")
+
+    def _new_session(self, stale_lease: int = 0) -> None:
+        self.session = Session(self.etcd, self.cfg.lease_ttl, lambda why: self.events.put(("lost", why)))
+        self.session.start(deadline=self.cfg.join_timeout)
+        if stale_lease:  # etcd is reachable again: make sure the old session's keys are gone before re-registering
+            self.etcd.lease_revoke(stale_lease, deadline=self.cfg.lease_ttl)
+        info = {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
+                "pid": os.getpid(), "version": self.version, "nproc": self.cfg.workers.nproc,
+                "lease": f"{self.session.lease_id:x}", "started": time.time()}
+        txns.register(self.etcd, self.keys, self.cfg.node_id, info, self.session.lease_id)
+
+    def _cleanup(self) -> None:
+        self.shutdown.set()
+        self._stop_workers("the agent is exiting")
+        if self.watch:
+            self.watch.cancel()
+        if self.session and not self.session.lost.is_set():
+            self.session.close(revoke=True)
+        self.etcd.close()
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def _loop(self) -> int:
+        while True:
+            self._drain(block=False)
+            view = self.mirror.view()
+            self._track(view)
+            action = decide(view, self.local, self.params)
+            if isinstance(action, Finish):
+                return self._finish(action.result)
+            if isinstance(action, Wait):
+                log.debug("%s waiting: %s", self._who(), action.why)
+                self._drain(block=True, deadline=action.deadline)
+            else:
+                self._act(action, view)
+
+    def _drain(self, block: bool, deadline: float | None = None) -> None:
+        """Handle queued events; when ``block``, first wait for one (until ``deadline``)."""
+        if block:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self._handle(*self.events.get(timeout=timeout))
+            except queue.Empty:
+                return
+        while True:
+            try:
+                self._handle(*self.events.get_nowait())
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, item) -> None:
+        if kind == "watch":
+            if isinstance(item, Resync):
+                self.mirror.reset(item.kvs, item.revision)
+            else:
+                self.mirror.apply(item)
+        elif kind == "worker":
+            self._worker_exit(item)
+        elif kind == "lost":
+            self._fence(item)
+        elif kind == "signal":
+            raise JobStopped(f"{self.cfg.node_id} received {signal.Signals(item).name}: stopped its workers and "
+                             "left the job")
+
+    def _track(self, v: View) -> None:
+        """Update this agent's timers from what it sees (first sight of a round, of min joiners, of newcomers)."""
+        now = time.monotonic()
+        changes = {"now": now, "wall": time.time()}
+        rnd = v.round
+        if rnd and rnd.number != self._round_seen:
+            self._round_seen = rnd.number
+            changes.update(round_seen_at=now, min_reached_at=None)
+        if rnd and len(v.joins) >= self.params.min_nodes and self.local.min_reached_at is None:
+            changes["min_reached_at"] = now
+        plan_nodes = set(v.plan.nodes) if v.plan else set()
+        newcomers = bool(rnd and rnd.phase == "running" and set(v.nodes) - plan_nodes)
+        if not newcomers:
+            changes["newcomers_since"] = None
+        elif self.local.newcomers_since is None:
+            changes["newcomers_since"] = now
+        self._set(**changes)
+
+    # --- actions -------------------------------------------------------------------------------------------
+    def _act(self, action, view: View) -> None:
+        node, wall = self.cfg.node_id, time.time()
+        if isinstance(action, StopWorkers):
+            self._stop_workers(action.why)
+            if self.state is State.RUNNING:
+                self._enter(State.RENDEZVOUS, action.why)
+            return
+        if isinstance(action, StartWorkers):
+            self._start_workers(action)
+            return
+        if isinstance(action, JoinRound):
+            res = txns.join(self.etcd, self.keys, action, node, self._join_info(), self.session.lease_id,
+                            self._joined_round)
+            if res.succeeded:
+                self._joined_round = action.round.number
+                log.info("%s joined round %d", self._who(), action.round.number)
+        elif isinstance(action, ClosePlan):
+            res = txns.close(self.etcd, self.keys, action, wall)
+            if res.succeeded:
+                log.info("%s closed round %d with %d node(s) (%d workers): %s", self._who(), action.round.number,
+                         len(action.plan.members), action.plan.world_size, ", ".join(action.plan.nodes))
+        elif isinstance(action, Bump):
+            rs = view.restarts
+            res = txns.bump(self.etcd, self.keys, action, rs.used if rs else 0, rs.max if rs else 0,
+                            rs.mod_revision if rs else 0, node, wall)
+            if res.succeeded:
+                counted = f"restart {rs.used + 1} of {rs.max}" if action.counted and rs else "not counted"
+                log.warning("%s restarting the job: %s (%s)", self._who(), action.reason, counted)
+        elif isinstance(action, WriteExit):
+            res = txns.write_exit(self.etcd, self.keys, action, node, wall)
+        elif isinstance(action, End):
+            res = txns.end(self.etcd, self.keys, action, node, wall)
+        else:
+            raise AssertionError(f"unknown action {action!r}")
+        self._settle(res)
+
+    def _settle(self, res) -> None:
+        """After a txn: wait until the watch shows its revision; after a failed compare, re-read the prefix."""
+        if not res.succeeded:
+            kvs, rev = self.etcd.get_prefix(self.keys.prefix)
+            if rev > self.mirror.revision:
+                self.mirror.reset(kvs, rev)
+            return
+        deadline = time.monotonic() + self.cfg.lease_ttl
+        while self.mirror.revision < res.revision and time.monotonic() < deadline:
+            self._drain(block=True, deadline=deadline)
+        if self.mirror.revision < res.revision:
+            kvs, rev = self.etcd.get_prefix(self.keys.prefix)
+            self.mirror.reset(kvs, rev)
+
+    def _join_info(self) -> dict:
+        return {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
+                "port": free_port(self.cfg.address), "nproc": self.cfg.workers.nproc, "prev_rank": self._prev_rank}
+
+    # --- workers -------------------------------------------------------------------------------------------
+    def _start_workers(self, a: StartWorkers) -> None:
+        plan, m = a.plan, a.member
+        assignment = Assignment(run_id=self.cfg.run_id, round=plan.round, group_rank=m.group_rank,
+                                group_world_size=len(plan.members), rank_offset=m.rank_offset,
+                                world_size=plan.world_size, master_addr=plan.master_addr,
+                                master_port=plan.master_port, restart_count=plan.restart_count,
+                                max_restarts=plan.max_restarts)
+        self.group = WorkerGroup(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
+                                 node_id=self.cfg.node_id)
+        self._exits: dict[int, WorkerExit] = {}
+        self._prev_rank = m.group_rank
+        self._set(workers_round=plan.round, workers_running=True, outcome=None, failure=None)
+        self.group.start(assignment)
+        self._enter(State.RUNNING, f"started {m.nproc} worker(s), ranks {m.rank_offset}.."
+                    f"{m.rank_offset + m.nproc - 1} of {plan.world_size}, master {plan.master_addr}:"
+                    f"{plan.master_port}, restart count {plan.restart_count}")
+
+    def _worker_exit(self, ex: WorkerExit) -> None:
+        if self.group is None or ex.round != self.local.workers_round or not self.local.workers_running:
+            return  # an exit of a group we already stopped
+        self._exits[ex.local_rank] = ex
+        if ex.failed and self.local.outcome is None:
+            report = self.group.failure_report(ex)
+            log.error("%s worker rank %d (pid %d) failed with %s%s", self._who(), ex.rank, ex.pid, ex.describe(),
+                      f": {report['message']}" if report.get("message") else "")
+            self._set(outcome="failed", failure=report)
+        elif len(self._exits) == self.cfg.workers.nproc and self.local.outcome is None:
+            log.info("%s all %d local worker(s) finished successfully", self._who(), self.cfg.workers.nproc)
+            self._set(outcome="succeeded", workers_running=False)
+
+    def _stop_workers(self, why: str) -> None:
+        if self.group is not None and self.local.workers_running:
+            self._set(workers_running=False)
+            self.group.stop(why)
+        elif self.group is not None:
+            self.group.stop(why)  # reaps anything a finished worker left behind
+
+    def _fence(self, why: str) -> None:
+        """Our lease is (about to be) gone: stop the workers before peers re-form without us, then rejoin."""
+        rnd = self.mirror.view().round
+        self._enter(State.FENCED, f"session lost ({why}); stopping workers before the lease can expire")
+        self._stop_workers(f"self-fencing: {why}")
+        self._set(fenced_round=rnd.number if rnd else 0, outcome=None, failure=None)
+        stale = self.session.lease_id
+        self.session.close(revoke=True, deadline=1.0)
+        self._new_session(stale_lease=stale)
+        self._enter(State.RENDEZVOUS, f"new session (lease {self.session.lease_id:x}); rejoining")
+
+    def _finish(self, result: dict) -> int:
+        self._stop_workers("the job ended")
+        self._enter(State.FINISHED, f"job {result.get('outcome')}: {result.get('reason')}")
+        outcome = result.get("outcome")
+        if outcome == "succeeded":
+            log.info("%s job succeeded in round %s after %s restart(s)", self._who(), result.get("round"),
+                     result.get("restarts"))
+            return 0
+        root = result.get("root_cause")
+        detail = ""
+        if root:
+            how = f"signal {root.get('signal')}" if root.get("signal") else f"exit code {root.get('exitcode')}"
+            detail = (f"; root cause: rank {root.get('rank')} on {root.get('node')} ({how}) in round "
+                      f"{root.get('round')}: {root.get('message') or 'no error message'}")
+        raise (JobStopped if outcome == "stopped" else JobFailed)(
+            f"job {self.cfg.run_id} {outcome}: {result.get('reason')}{detail}")
+
+
+def free_port(host: str) -> int:
+    """A port that is free on ``host`` now (the plan's MASTER_PORT if this node becomes group rank 0)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError:
+            s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def install_signal_handlers(agent: Agent) -> None:
+    """SIGTERM/SIGINT: stop the workers, revoke the lease, exit non-zero (from the main thread's loop)."""
+    def handler(signum, _frame):
+        agent.signalled = signum
+        agent.shutdown.set()
+        agent.events.put(("signal", signum))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)

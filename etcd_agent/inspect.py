@@ -1,0 +1,87 @@
+"""``etcd-agent status`` and ``etcd-agent stop``: read or end a job through the same key schema and txns.
+
+``status`` reads the prefix once and prints the job (or ``--json``); ``stop`` ends the job ``stopped`` with one
+guarded txn, and every agent of the job reacts through its watch. Neither touches a job's data otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Callable
+
+from . import txns
+from .errors import ConfigError
+from .etcd import Etcd
+from .keys import Keys
+from .state import Mirror
+
+
+def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_config: Callable,
+                   setup_logging: Callable) -> int:
+    p = argparse.ArgumentParser(prog=f"etcd-agent {name}",
+                                description="Show a job's state." if name == "status" else "Stop a running job.")
+    add_etcd_flags(p)
+    if name == "status":
+        p.add_argument("--json", action="store_true", help="print the state as JSON")
+    else:
+        p.add_argument("--reason", default="stopped by an operator", help="recorded in the job's result")
+    ns = p.parse_args(argv)
+    setup_logging("WARNING")
+    if not ns.run_id:
+        raise ConfigError("--run-id is required")
+    keys = Keys(ns.root, ns.run_id)
+    etcd = Etcd(etcd_config(ns))
+    try:
+        if name == "stop":
+            if txns.stop_job(etcd, keys, ns.reason, time.time()):
+                print(f"job {ns.run_id} stopped: every agent stops its workers and exits")
+                return 0
+            print(f"job {ns.run_id} had already ended; nothing changed")
+            return 1
+        kvs, rev = etcd.get_prefix(keys.prefix)
+        if not kvs:
+            raise ConfigError(f"--run-id {ns.run_id}: no job under {keys.prefix} at {etcd.endpoints_text}")
+        mirror = Mirror(keys)
+        mirror.reset(kvs, rev)
+        state = snapshot(mirror)
+        print(json.dumps(state, indent=2, sort_keys=True) if ns.json else describe(ns.run_id, state))
+        return 0
+    finally:
+        etcd.close()
+
+
+def snapshot(mirror: Mirror) -> dict:
+    v = mirror.view()
+    return {"revision": v.revision, "spec": v.spec, "nodes": v.nodes,
+            "round": v.round and {"round": v.round.number, "phase": v.round.phase, "reason": v.round.reason},
+            "restarts": v.restarts and {"used": v.restarts.used, "max": v.restarts.max},
+            "joined": sorted(v.joins), "plan": v.plan.to_json() if v.plan else None,
+            "exited": sorted(v.exits), "failures": v.failures, "result": v.result}
+
+
+def describe(run_id: str, s: dict) -> str:
+    lines = [f"job {run_id} (etcd revision {s['revision']})"]
+    r, rs = s["round"], s["restarts"]
+    if r:
+        lines.append(f"  round {r['round']}: {r['phase']} ({r['reason']})")
+    if rs:
+        lines.append(f"  restarts: {rs['used']} of {rs['max']} used")
+    lines.append(f"  nodes alive: {', '.join(sorted(s['nodes'])) or 'none'}")
+    plan = s["plan"]
+    if plan:
+        lines.append(f"  plan: {plan['group_world_size']} node(s), {plan['world_size']} worker(s), master "
+                     f"{plan['master_addr']}:{plan['master_port']}")
+        for m in plan["members"]:
+            last = m["rank_offset"] + m["nproc"] - 1
+            lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}) ranks {m['rank_offset']}-{last}")
+    elif r and r["phase"] == "joining":
+        lines.append(f"  joined so far: {', '.join(s['joined']) or 'none'}")
+    for node, f in sorted(s["failures"].items()):
+        lines.append(f"  failure on {node}: rank {f.get('rank')} {f.get('signal') or 'exit ' + str(f.get('exitcode'))}: "
+                     f"{f.get('message') or ''}".rstrip(": "))
+    res = s["result"]
+    if res:
+        lines.append(f"  result: {res.get('outcome')} in round {res.get('round')}: {res.get('reason')}")
+    return "\n".join(lines)

@@ -1,0 +1,218 @@
+"""Rendezvous and job lifecycle decisions: ``decide(view, local, params) -> Action``, pure and I/O free.
+
+The agent turns each action into one guarded txn (``txns.py``) or one local step; a failed compare means "re-read
+and decide again". Invariants this module keeps:
+- Round leader: the joiner with the lowest join create_revision (etcd's election pattern). Only it closes a
+  round: at once with ``max_nodes`` joiners; at once with ``min_nodes`` when every registered node has joined
+  (the fast path that makes a re-rendezvous after a failure immediate); otherwise ``last_call`` seconds after
+  ``min_nodes`` was reached. Fewer than ``min_nodes`` within ``join_timeout`` fails the job.
+- Ranks are stable: members of the previous plan keep their relative order, newcomers follow in join order.
+- A plan member is lost when its leased join key vanishes without an exit key: a restart of the new session of
+  the same node id can never hide the loss of the old one.
+- Restarts are counted job-wide: worker failures and node losses count, scale-ups do not. Once any node's
+  workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .state import DONE, FAILED, FINAL_PHASES, JOINING, Join, Member, Plan, RoundInfo, View
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    min_nodes: int
+    max_nodes: int
+    max_restarts: int
+    last_call: float
+    join_timeout: float
+    scale_settle: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Local:
+    """What only this agent knows: its workers and its timers (monotonic seconds)."""
+
+    node: str
+    now: float
+    wall: float
+    workers_round: int = 0  # the round whose workers run or ran here (0: none)
+    workers_running: bool = False
+    outcome: str | None = None  # "succeeded" / "failed" once known for workers_round
+    failure: dict | None = None  # this node's failure report when outcome is "failed"
+    fenced_round: int = 0  # rounds up to this one are stale for this node (its session was lost in it)
+    round_seen_at: float = 0.0  # when this agent first saw the current round number
+    min_reached_at: float | None = None  # when this agent first saw min_nodes joiners in the current round
+    newcomers_since: float | None = None  # when this agent first saw a registered node outside the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Wait:
+    why: str
+    deadline: float | None = None  # monotonic; None: until something changes
+
+
+@dataclasses.dataclass(frozen=True)
+class StopWorkers:
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StartWorkers:
+    plan: Plan
+    member: Member
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinRound:
+    round: RoundInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class ClosePlan:
+    round: RoundInfo
+    plan: Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Bump:
+    round: RoundInfo
+    reason: str
+    counted: bool
+    failure: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteExit:
+    round: RoundInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class End:
+    round: RoundInfo
+    phase: str
+    result: dict
+    failure: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    result: dict
+
+
+Action = Wait | StopWorkers | StartWorkers | JoinRound | ClosePlan | Bump | WriteExit | End | Finish
+
+
+def decide(v: View, me: Local, p: Params) -> Action:
+    r = v.round
+    if v.result is not None:
+        return StopWorkers("the job ended") if me.workers_running else Finish(v.result)
+    if r is None:
+        return Wait("the job's round key is not there yet")
+    if r.phase in FINAL_PHASES:
+        return Wait(f"round {r.number} is {r.phase}; waiting for its result key")
+    if me.workers_running and me.workers_round != r.number:
+        return StopWorkers(f"round {r.number} began ({r.reason or 'no reason given'})")
+    if me.outcome == "succeeded" and me.workers_round < r.number:
+        return End(r, FAILED, result(r, FAILED, me.wall, v, f"round {me.workers_round} was restarted ({r.reason}) "
+                                     f"after the workers of {me.node} had finished; a partly finished job "
+                                     "cannot be re-run"))
+    if r.phase == JOINING:
+        return _joining(v, r, me, p)
+    return _running(v, r, me, p)
+
+
+def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
+    if me.node not in v.joins:
+        if me.node not in v.nodes:
+            return Wait("this node's registration is not visible yet")
+        return JoinRound(r)
+    count = len(v.joins)
+    timeout_at = me.round_seen_at + p.join_timeout
+    if count < p.min_nodes and me.now >= timeout_at:
+        before = set(v.last_plan.nodes) if v.last_plan else set()
+        missing = sorted((before | set(v.nodes)) - set(v.joins))
+        why = (f"rendezvous timed out: {count} of at least {p.min_nodes} node(s) joined round {r.number} within "
+               f"{p.join_timeout:g} s (--join-timeout); missing: {', '.join(missing) or 'no other node registered'}")
+        return End(r, FAILED, result(r, FAILED, me.wall, v, why))
+    leader = min(v.joins.values(), key=lambda j: j.create_revision)
+    if leader.node != me.node:
+        return Wait(f"joined round {r.number}; {leader.node} leads it", timeout_at if count < p.min_nodes else None)
+    if count < p.min_nodes:
+        return Wait(f"round {r.number} has {count} of {p.min_nodes} node(s)", timeout_at)
+    plan = build_plan(r.number, list(v.joins.values()), p, v.restarts.used if v.restarts else 0)
+    if count >= p.max_nodes or set(v.nodes) <= set(v.joins):
+        return ClosePlan(r, plan)
+    close_at = (me.min_reached_at if me.min_reached_at is not None else me.now) + p.last_call
+    if me.now >= close_at:
+        return ClosePlan(r, plan)
+    return Wait(f"round {r.number} has {count} node(s); last call for others", close_at)
+
+
+def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
+    plan = v.plan
+    if plan is None:
+        return Wait(f"round {r.number} is running but its plan is not visible yet")
+    member = plan.member(me.node)
+    if member is None or me.fenced_round >= r.number:
+        full = " (the round is full)" if len(plan.members) >= p.max_nodes else ""
+        return Wait(f"round {r.number} runs without this node{full}; waiting to be taken into the next round")
+    lost = [n for n in plan.nodes if n not in v.joins and n not in v.exits]
+    if me.outcome == "failed" and me.workers_round == r.number:
+        return _fail_or_bump(v, r, me, p, f"{_describe(me.failure)} in round {r.number}", True, me.failure)
+    if lost:
+        return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
+    if me.workers_round != r.number:
+        return StartWorkers(plan, member)
+    if me.outcome == "succeeded" and me.node not in v.exits:
+        return WriteExit(r)
+    if set(plan.nodes) <= v.exits:
+        return End(r, DONE, result(r, "succeeded", me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
+    newcomers = sorted(n for n in v.nodes if plan.member(n) is None)
+    if newcomers and len(plan.members) < p.max_nodes and not v.exits:
+        settle_at = (me.newcomers_since if me.newcomers_since is not None else me.now) + p.scale_settle
+        if me.now >= settle_at:
+            return Bump(r, f"node(s) {', '.join(newcomers)} can join (scale-up)", counted=False)
+        return Wait(f"node(s) {', '.join(newcomers)} registered; settling before scaling up", settle_at)
+    return Wait(f"round {r.number} running with {len(plan.members)} node(s)")
+
+
+def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, counted: bool,
+                  failure: dict | None) -> Action:
+    if v.exits:
+        why = f"{reason} after node(s) {', '.join(sorted(v.exits))} had finished; a partly finished job cannot be re-run"
+        return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure), failure)
+    used = v.restarts.used if v.restarts else 0
+    limit = v.restarts.max if v.restarts else p.max_restarts
+    if counted and used >= limit:
+        why = f"{reason}; the restart budget is spent ({used} of {limit} restarts used, --max-restarts)"
+        return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure), failure)
+    return Bump(r, reason, counted, failure)
+
+
+def build_plan(number: int, joins: list[Join], p: Params, restart_count: int) -> Plan:
+    """Stable ranks: previous members keep their relative order, newcomers follow in join order."""
+    ordered = sorted(joins, key=lambda j: (j.prev_rank is None, j.prev_rank or 0, j.create_revision))
+    chosen = ordered[: p.max_nodes]
+    members, offset = [], 0
+    for rank, j in enumerate(chosen):
+        members.append(Member(j.node, rank, j.host, j.addr, j.nproc, offset))
+        offset += j.nproc
+    return Plan(number, tuple(members), chosen[0].addr, chosen[0].port, restart_count, p.max_restarts)
+
+
+def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: dict | None = None) -> dict:
+    """The ``P/result`` value; the root cause is the earliest failure report of the round."""
+    reports = list(v.failures.values()) + ([failure] if failure else [])
+    root = min(reports, key=lambda f: f.get("time", 0.0)) if reports and outcome != "succeeded" else None
+    return {"outcome": outcome, "round": r.number, "reason": reason, "root_cause": root,
+            "restarts": v.restarts.used if v.restarts else 0, "time": wall}
+
+
+def _describe(failure: dict | None) -> str:
+    if not failure:
+        return "a worker failed"
+    how = f"signal {failure['signal']}" if failure.get("signal") else f"exit code {failure.get('exitcode')}"
+    return f"worker rank {failure.get('rank')} on {failure.get('node')} failed with {how}"
+

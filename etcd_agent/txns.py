@@ -1,0 +1,133 @@
+"""One guarded etcd txn per rendezvous action, plus the job's first-contact txns (spec, round, registry).
+
+Every txn that moves the job is guarded by the mod_revision of ``P/round`` (the fence), so two agents acting on
+the same view cannot both succeed: the loser's compare fails and it re-reads and decides again. A bump also
+requires that no node has written its exit key for the round, so "finished" and "restarted" can never both
+happen. Failure reports are written whichever branch runs: a report is never lost to a race.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from .config import JobSpec
+from .errors import BadKeyData, DuplicateNode, JobAlreadyEnded, SpecMismatch
+from .etcd import Etcd, TxnResult, absent, mod_is, none_under, op_delete, op_get, op_put
+from .keys import Keys, decode, encode
+from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
+from .state import JOINING, RUNNING, RoundInfo
+
+log = logging.getLogger("etcd_agent.txns")
+
+
+def round_value(number: int, phase: str, reason: str, wall: float) -> bytes:
+    return encode({"round": number, "phase": phase, "reason": reason, "time": wall})
+
+
+def init_job(etcd: Etcd, keys: Keys, spec: JobSpec, wall: float) -> None:
+    """Create spec, round 1 and the restart budget if this is the job's first agent; else check the spec."""
+    res = etcd.txn([absent(keys.spec())],
+                   [op_put(keys.spec(), encode(spec.to_json())),
+                    op_put(keys.round(), round_value(1, JOINING, "the job started", wall)),
+                    op_put(keys.restarts(), encode({"used": 0, "max": spec.max_restarts}))],
+                   [op_get(keys.spec()), op_get(keys.result())], where=f"create {keys.spec()}")
+    if res.succeeded:
+        log.info("created job spec %s: %s", keys.spec(), json.dumps(spec.to_json(), sort_keys=True))
+        return
+    check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
+    if res.ranges[1]:
+        done = decode(keys.result(), res.ranges[1][0].value)
+        raise JobAlreadyEnded(f"run {keys.run_id} already ended ({done.get('outcome')}: {done.get('reason')}); "
+                              f"start a new job with another --run-id (see {keys.result()})")
+
+
+_SPEC_FLAGS = {"min_nodes": "--nnodes (minimum)", "max_nodes": "--nnodes (maximum)",
+               "nproc_per_node": "--nproc-per-node", "max_restarts": "--max-restarts"}
+
+
+def check_spec(keys: Keys, spec: JobSpec, stored: dict) -> None:
+    ours = spec.to_json()
+    unknown = [k for k in _SPEC_FLAGS if k not in stored]
+    if unknown:
+        raise BadKeyData(keys.spec(), f"missing field(s) {', '.join(unknown)}")
+    diffs = [f"{flag} is {ours[k]!r} here but {stored[k]!r} in the running job"
+             for k, flag in _SPEC_FLAGS.items() if ours[k] != stored[k]]
+    if diffs:
+        raise SpecMismatch(f"this agent does not match job {keys.run_id} ({keys.spec()}): " + "; ".join(diffs))
+
+
+def register(etcd: Etcd, keys: Keys, node: str, info: dict, lease: int) -> int:
+    """Put ``P/nodes/<node>`` on our lease; another live agent with the same node id is an error."""
+    key = keys.node(node)
+    res = etcd.txn([absent(key)], [op_put(key, encode(info), lease)], [op_get(key)], where=f"register {key}")
+    if not res.succeeded:
+        other = res.ranges[0][0]
+        if other.lease != lease:
+            holder = decode(key, other.value)
+            raise DuplicateNode(f"--node-id {node} is already registered by a live agent (pid {holder.get('pid')} "
+                                f"on {holder.get('host')}, {key}); give each agent its own node id")
+    return res.revision
+
+
+def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: dict, lease: int, old_round: int) -> TxnResult:
+    ops = [op_put(keys.join(a.round.number, node), encode(info), lease)]
+    if old_round and old_round != a.round.number:
+        ops.append(op_delete(keys.join(old_round, node)))
+    return etcd.txn([mod_is(keys.round(), a.round.mod_revision)], ops,
+                    where=f"join round {a.round.number}")
+
+
+def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
+    n = a.round.number
+    reason = f"{len(a.plan.members)} node(s): {', '.join(a.plan.nodes)}"
+    return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n))],
+                    [op_put(keys.plan(n), encode(a.plan.to_json())),
+                     op_put(keys.round(), round_value(n, RUNNING, reason, wall))],
+                    where=f"close round {n}")
+
+
+def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int, restarts_rev: int,
+         node: str, wall: float) -> TxnResult:
+    n = a.round.number
+    compare = [mod_is(keys.round(), a.round.mod_revision), none_under(keys.exits(n))]
+    ops = [op_put(keys.round(), round_value(n + 1, JOINING, a.reason, wall))]
+    if a.counted:
+        compare.append(mod_is(keys.restarts(), restarts_rev))
+        ops.append(op_put(keys.restarts(), encode({"used": restarts_used + 1, "max": restarts_max})))
+    report = [op_put(keys.failure(n, node), encode(a.failure))] if a.failure else []
+    return etcd.txn(compare, ops + report, report, where=f"restart round {n} -> {n + 1}")
+
+
+def write_exit(etcd: Etcd, keys: Keys, a: WriteExit, node: str, wall: float) -> TxnResult:
+    n = a.round.number
+    return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
+                    [op_put(keys.exit(n, node), encode({"node": node, "outcome": "succeeded", "time": wall}))],
+                    where=f"exit barrier of round {n}")
+
+
+def end(etcd: Etcd, keys: Keys, a: End, node: str, wall: float) -> TxnResult:
+    r: RoundInfo = a.round
+    report = [op_put(keys.failure(r.number, node), encode(a.failure))] if a.failure else []
+    return etcd.txn([mod_is(keys.round(), r.mod_revision), absent(keys.result())],
+                    [op_put(keys.round(), round_value(r.number, a.phase, a.result["reason"], wall)),
+                     op_put(keys.result(), encode(a.result))] + report,
+                    report, where=f"end the job in round {r.number}")
+
+
+def stop_job(etcd: Etcd, keys: Keys, reason: str, wall: float) -> bool:
+    """The operator's ``etcd-agent stop``: end the job ``stopped`` unless it already has a result."""
+    for _ in range(10):
+        kv, _rev = etcd.get(keys.round())
+        if kv is None:
+            raise BadKeyData(keys.round(), f"no such key: is {keys.run_id} a job under {keys.root}?")
+        rnd = decode(kv.key, kv.value, ("round",))
+        result = {"outcome": "stopped", "round": rnd["round"], "reason": reason, "root_cause": None, "time": wall}
+        res = etcd.txn([mod_is(keys.round(), kv.mod_revision), absent(keys.result())],
+                       [op_put(keys.round(), round_value(rnd["round"], "stopped", reason, wall)),
+                        op_put(keys.result(), encode(result))], [op_get(keys.result())], where="stop the job")
+        if res.succeeded:
+            return True
+        if res.ranges and res.ranges[0]:
+            return False  # it already ended
+    raise BadKeyData(keys.round(), "kept changing while trying to stop the job; try again")
