@@ -117,3 +117,13 @@ def etcdctl(etcd_endpoint):
         return done
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_left_behind():
+    """Kill any agent process a test started and left running (a failed assertion must not leak processes)."""
+    yield
+    import agents
+
+    while agents.STARTED:
+        agents.STARTED.pop().kill()

@@ -1,0 +1,110 @@
+"""Run real agent processes for multi-node tests, and read a job's keys back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.etcd import Etcd
+from etcd_agent.keys import Keys
+
+WORKERS = Path(__file__).parent / "workers"
+JOB = str(WORKERS / "job.py")
+STARTED: list["AgentProc"] = []  # every agent a test started, killed at teardown if still running
+
+
+class AgentProc:
+    """One ``python -m etcd_agent`` process with its output captured to files."""
+
+    def __init__(self, endpoint: str, run_id: str, node: str, workdir: Path, worker_args: list[str],
+                 nnodes: str = "1", nproc: int = 1, extra: list[str] = (), entry: str = JOB):
+        self.node = node
+        self.out = open(workdir / f"agent-{node}.out", "w+")
+        self.err_path = workdir / f"agent-{node}.err"
+        self.err = open(self.err_path, "w+")
+        args = [sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", run_id,
+                "--node-id", node, "--nnodes", nnodes, "--nproc-per-node", str(nproc), "--local-addr", "127.0.0.1",
+                "--log-dir", str(workdir / "logs"), "--stop-timeout", "3", "--last-call", "1", *extra, entry,
+                *worker_args]
+        self.proc = subprocess.Popen(args, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.started = time.monotonic()
+        STARTED.append(self)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"agent {self.node} did not exit within {timeout} s:\n{self.stderr()[-4000:]}")
+
+    def stderr(self) -> str:
+        self.err.flush()
+        return self.err_path.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_all(agents: list[AgentProc], timeout: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    return [a.wait(max(1.0, deadline - time.monotonic())) for a in agents]
+
+
+def records(out: Path) -> dict[tuple[int, int], dict]:
+    """(round, rank) -> what job.py recorded."""
+    found = {}
+    for path in out.glob("*.json"):
+        rnd, rank = path.stem.split("-")
+        found[(int(rnd), int(rank))] = json.loads(path.read_text())
+    return found
+
+
+def job_keys(endpoint: str, run_id: str) -> dict[str, dict]:
+    """Every key under the job's prefix with its JSON value (raises if any value is not JSON)."""
+    etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
+    try:
+        kvs, _ = etcd.get_prefix(Keys("/etcd-agent", run_id).prefix)
+        return {kv.key: json.loads(kv.value) for kv in kvs}
+    finally:
+        etcd.close()
+
+
+def wait_for_key(endpoint: str, key: str, timeout: float = 30.0) -> dict:
+    """Read the key, else watch it from the read's revision + 1 until it is written; returns its JSON value."""
+    import queue
+
+    from etcd_agent.watch import Watch
+
+    etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
+    try:
+        kv, rev = etcd.get(key)
+        if kv is not None:
+            return json.loads(kv.value)
+        events: queue.Queue = queue.Queue()
+        watch = Watch(etcd, key, rev + 1, events.put).start()
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{key} was not written within {timeout} s")
+                try:
+                    batch = events.get(timeout=left)
+                except queue.Empty:
+                    continue
+                for ev in getattr(batch, "__iter__", lambda: iter(()))():
+                    if ev.key == key and ev.kind == "put":
+                        return json.loads(ev.kv.value)
+        finally:
+            watch.cancel()
+    finally:
+        etcd.close()

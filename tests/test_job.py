@@ -1,0 +1,150 @@
+"""Whole jobs: real agent processes on loopback against the real etcd, tiny Python workers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from agents import AgentProc, job_keys, records, wait_all, wait_for_key
+
+TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
+                 "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
+                 "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
+                 "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHELASTIC_ERROR_FILE"}
+
+
+def start(n, etcd_endpoint, run_id, tmp_path, worker_args, nproc=2, nnodes=None, extra=()):
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return [AgentProc(etcd_endpoint, run_id, f"node-{i}", tmp_path, [str(out), *worker_args],
+                      nnodes=nnodes or str(n), nproc=nproc, extra=list(extra)) for i in range(n)], out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_job_succeeds_with_torchrun_environment(n, etcd_endpoint, run_id, tmp_path):
+    agents, out = start(n, etcd_endpoint, run_id, tmp_path, [])
+    assert wait_all(agents) == [0] * n, [a.stderr()[-2000:] for a in agents]
+    recs = records(out)
+    world = 2 * n
+    assert sorted(rank for _, rank in recs) == list(range(world))
+    envs = [r["env"] for r in recs.values()]
+    for env in envs:
+        assert TORCHRUN_VARS <= env.keys()
+        assert env["WORLD_SIZE"] == env["ROLE_WORLD_SIZE"] == str(world)
+        assert env["GROUP_WORLD_SIZE"] == str(n) and env["LOCAL_WORLD_SIZE"] == "2"
+        assert env["ROLE_RANK"] == env["RANK"] and env["ROLE_NAME"] == "default"
+        assert int(env["RANK"]) == int(env["GROUP_RANK"]) * 2 + int(env["LOCAL_RANK"])
+        assert env["TORCHELASTIC_RESTART_COUNT"] == "0" and env["TORCHELASTIC_RUN_ID"] == run_id
+        assert env["TORCHELASTIC_USE_AGENT_STORE"] == "False" and env["OMP_NUM_THREADS"] == "1"
+    assert len({(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs}) == 1
+    keys = job_keys(etcd_endpoint, run_id)
+    assert all(v["v"] == 1 for v in keys.values())
+    result = keys[f"/etcd-agent/{run_id}/result"]
+    assert result["outcome"] == "succeeded" and result["round"] == 1
+    assert not any("/nodes/" in k or "/join/" in k for k in keys), "leased keys outlived their agents"
+
+
+def test_one_worker_failure_restarts_every_node_once(etcd_endpoint, run_id, tmp_path):
+    agents, out = start(3, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "3", "--fail-round", "1"],
+                        extra=["--max-restarts", "2"])
+    assert wait_all(agents) == [0, 0, 0], [a.stderr()[-2000:] for a in agents]
+    recs = records(out)
+    assert {rnd for rnd, _ in recs} == {1, 2}
+    second = [r["env"] for (rnd, _), r in recs.items() if rnd == 2]
+    assert len(second) == 6
+    assert {e["TORCHELASTIC_RESTART_COUNT"] for e in second} == {"1"}
+    keys = job_keys(etcd_endpoint, run_id)
+    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 1
+    reports = [v for k, v in keys.items() if "/r/00000001/failures/" in k]
+    assert len(reports) == 1, "only the failing node reports; stopped workers are not failures"
+    failure = reports[0]
+    assert failure["rank"] == 3 and failure["exitcode"] == 3
+    assert "rank 3 fails in round 1" in failure["message"]
+    assert keys[f"/etcd-agent/{run_id}/result"]["outcome"] == "succeeded"
+
+
+def test_restart_budget_exhausted_fails_every_agent_with_root_cause(etcd_endpoint, run_id, tmp_path):
+    agents, out = start(2, etcd_endpoint, run_id, tmp_path, ["--always-fail-rank", "2"],
+                        extra=["--max-restarts", "2"])
+    assert wait_all(agents) == [1, 1]
+    for a in agents:
+        err = a.stderr()
+        assert "restart budget is spent (2 of 2" in err, err[-3000:]
+        assert "root cause: rank 2 on node-" in err and "(exit code 3)" in err and "rank 2 always fails" in err
+        assert "Traceback" not in err
+    keys = job_keys(etcd_endpoint, run_id)
+    result = keys[f"/etcd-agent/{run_id}/result"]
+    assert result["outcome"] == "failed" and result["round"] == 3
+    assert result["root_cause"]["rank"] == 2 and result["root_cause"]["exitcode"] == 3
+    assert keys[f"/etcd-agent/{run_id}/restarts"] == {"v": 1, "used": 2, "max": 2}
+
+
+def test_exit_barrier_waits_for_every_node(etcd_endpoint, run_id, tmp_path):
+    hold = tmp_path / "release"
+    out = tmp_path / "out"
+    out.mkdir()
+    fast = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(out)], nnodes="2", nproc=2)
+    slow = AgentProc(etcd_endpoint, run_id, "node-1", tmp_path, [str(out), "--hold", str(hold)], nnodes="2", nproc=2)
+    agents = [fast, slow]
+    # node-0's workers finish at once: wait for its exit key through a watch.
+    wait_for_key(etcd_endpoint, f"/etcd-agent/{run_id}/r/00000001/exit/node-0")
+    assert fast.proc.poll() is None, "node-0 left before node-1 finished"
+    hold.touch()
+    assert wait_all(agents) == [0, 0]
+
+
+def test_spec_mismatch_is_refused_and_leaves_the_job_alone(etcd_endpoint, run_id, tmp_path):
+    release = tmp_path / "release"
+    agents, out = start(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="1:2")
+    first = agents[0]
+    _wait_file(out, "1-0.json", first)
+    other = AgentProc(etcd_endpoint, run_id, "node-x", tmp_path, [str(out)], nnodes="2:3", nproc=2)
+    assert other.wait(30) == 2
+    err = other.stderr()
+    assert "--nnodes (minimum) is 2 here but 1 in the running job" in err and "Traceback" not in err
+    assert first.proc.poll() is None
+    release.touch()
+    assert first.wait() == 0
+
+
+def _wait_file(out, name, agent):
+    import time
+
+    deadline = time.monotonic() + 30
+    while not (out / name).exists():  # the worker writes it; no event reaches the test otherwise
+        assert agent.proc.poll() is None, agent.stderr()[-2000:]
+        assert time.monotonic() < deadline, f"{name} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nnodes", "3:2"], "--nnodes '3:2': the maximum 2 is below the minimum 3"),
+    (["--nproc-per-node", "0"], "--nproc-per-node must be at least 1"),
+    (["--lease-ttl", "1"], "--lease-ttl must be at least 2"),
+    (["--run-id", "bad id!"], "--run-id 'bad id!'"),
+])
+def test_bad_flags_fail_with_one_clear_line(flags, message, etcd_endpoint, tmp_path):
+    import subprocess
+    import sys
+
+    base = ["--etcd-endpoints", etcd_endpoint, "--run-id", "ok"]
+    proc = subprocess.run([sys.executable, "-m", "etcd_agent", *base, *flags, "train.py"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_unreachable_endpoint_fails_with_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    from etcd_agent.standalone import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    proc = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", "x",
+                           "--etcd-timeout", "1", "--log-level", "ERROR", "train.py"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"--etcd-endpoints {endpoint}: cannot reach etcd" in proc.stderr and "Traceback" not in proc.stderr
