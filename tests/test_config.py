@@ -1,0 +1,375 @@
+"""Configuration parsing and validation: every invalid value is a ConfigError naming its flag; spec checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+
+from etcd_agent import config
+from etcd_agent.config import (AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints, parse_nnodes,
+                               resolve_nproc)
+from etcd_agent.errors import EXIT_USAGE, BadKeyData, ConfigError, SpecMismatch
+from etcd_agent.keys import Keys
+from etcd_agent.txns import check_spec
+
+LOCAL = (("127.0.0.1", 2379),)
+
+
+# --- parse_endpoints -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:2379", (("127.0.0.1", 2379),)),
+    ("etcd-1:2379,etcd-2:22379, etcd-3:32379", (("etcd-1", 2379), ("etcd-2", 22379), ("etcd-3", 32379))),
+    ("http://10.0.0.5:2379", (("10.0.0.5", 2379),)),
+    ("https://etcd.example:2379/", (("etcd.example", 2379),)),
+    ("http://a:1,https://b:2", (("a", 1), ("b", 2))),
+    ("etcd-1", (("etcd-1", 2379),)),
+    ("http://etcd-1", (("etcd-1", 2379),)),
+    ("[::1]:2379", (("::1", 2379),)),
+    ("[::1]", (("::1", 2379),)),
+    ("[fe80::1]:12379", (("fe80::1", 12379),)),
+    ("a:2379,,b:2379,", (("a", 2379), ("b", 2379))),
+    ("h:65535", (("h", 65535),)),
+])
+def test_parse_endpoints(text, expected):
+    assert parse_endpoints(text) == expected
+
+
+@pytest.mark.parametrize("text", ["h:abc", "h:", "h:0", "h:65536", "h:-1", "[::1]:x", "[::1]:", "a:2379,b:99999"])
+def test_parse_endpoints_bad_port_names_the_flag(text):
+    with pytest.raises(ConfigError) as caught:
+        parse_endpoints(text)
+    assert "--etcd-endpoints" in str(caught.value)
+    assert "port" in str(caught.value)
+    assert caught.value.exit_code == EXIT_USAGE
+
+
+@pytest.mark.parametrize("text", ["", " , ", ":2379", "http://:2379"])
+def test_parse_endpoints_without_a_host_names_the_flag(text):
+    with pytest.raises(ConfigError, match="--etcd-endpoints"):
+        parse_endpoints(text)
+
+
+def test_parse_endpoints_names_the_flag_it_is_given():
+    with pytest.raises(ConfigError, match="--rdzv-endpoint"):
+        parse_endpoints("h:x", flag="--rdzv-endpoint")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the scheme is stripped with a lower-case-only regex: 'HTTP://h:2379' becomes the host "
+                          "'HTTP://h:2379' with the default port, silently")
+def test_parse_endpoints_ignores_an_upper_case_scheme():
+    assert parse_endpoints("HTTP://127.0.0.1:2379") == (("127.0.0.1", 2379),)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="_port() checks with str.isdigit(), which accepts '²'; int() then raises ValueError, "
+                          "not ConfigError")
+def test_parse_endpoints_superscript_port_is_a_config_error():
+    with pytest.raises(ConfigError, match="--etcd-endpoints"):
+        parse_endpoints("h:²")
+
+
+# --- parse_nnodes ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [("2", (2, 2)), ("1:4", (1, 4)), ("3:3", (3, 3)), (" 2 ", (2, 2))])
+def test_parse_nnodes(text, expected):
+    assert parse_nnodes(text) == expected
+
+
+@pytest.mark.parametrize("text, detail", [
+    ("3:2", "below the minimum"),
+    ("0", "at least 1"),
+    ("0:4", "at least 1"),
+    ("a:b", "whole numbers"),
+    ("1:2:3", "whole numbers"),
+    ("", "whole numbers"),
+    ("-1:2", "whole numbers"),
+    ("1.5", "whole numbers"),
+])
+def test_parse_nnodes_errors_name_the_flag(text, detail):
+    with pytest.raises(ConfigError) as caught:
+        parse_nnodes(text)
+    assert "--nnodes" in str(caught.value)
+    assert detail in str(caught.value)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="str.isdigit() accepts '²'; int() then raises ValueError, not ConfigError")
+def test_parse_nnodes_superscript_is_a_config_error():
+    with pytest.raises(ConfigError, match="--nnodes"):
+        parse_nnodes("²")
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="str.isdigit() accepts '²'; int() then raises ValueError, not ConfigError")
+def test_resolve_nproc_superscript_is_a_config_error():
+    with pytest.raises(ConfigError, match="--nproc-per-node"):
+        resolve_nproc("²")
+
+
+# --- resolve_nproc / count_gpus --------------------------------------------------------------------------------
+
+def _no_driver_gpus(monkeypatch, tmp_path, smi: int = 0) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(config, "Path", lambda _path: tmp_path / "no-such-dir")
+    monkeypatch.setattr(config, "_nvidia_smi_count", lambda: smi)
+
+
+def test_resolve_nproc_number():
+    assert resolve_nproc("4") == 4
+    assert resolve_nproc(" 8 ") == 8
+
+
+@pytest.mark.parametrize("text", ["0", "00"])
+def test_resolve_nproc_zero_names_the_flag(text):
+    with pytest.raises(ConfigError, match="--nproc-per-node must be at least 1"):
+        resolve_nproc(text)
+
+
+@pytest.mark.parametrize("text", ["x", "-1", "2.5", "gpus", ""])
+def test_resolve_nproc_unknown_names_the_flag(text):
+    with pytest.raises(ConfigError) as caught:
+        resolve_nproc(text)
+    assert "--nproc-per-node" in str(caught.value)
+
+
+def test_resolve_nproc_cpu(monkeypatch):
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 6)
+    assert resolve_nproc("cpu") == 6
+    assert resolve_nproc("CPU") == 6
+
+
+def test_resolve_nproc_gpu_counts_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert resolve_nproc("gpu") == 2
+
+
+def test_resolve_nproc_gpu_with_no_visible_device_names_the_flag(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(ConfigError) as caught:
+        resolve_nproc("gpu")
+    assert "--nproc-per-node" in str(caught.value)
+    assert "no visible GPU" in str(caught.value)
+
+
+def test_resolve_nproc_gpu_on_a_machine_without_gpus(monkeypatch, tmp_path):
+    _no_driver_gpus(monkeypatch, tmp_path)
+    with pytest.raises(ConfigError, match="--nproc-per-node"):
+        resolve_nproc("gpu")
+
+
+@pytest.mark.parametrize("gpus, expected", [(0, 6), (3, 3)])
+def test_resolve_nproc_auto_prefers_gpus_else_cpus(monkeypatch, gpus, expected):
+    monkeypatch.setattr(config, "count_gpus", lambda: gpus)
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 6)
+    assert resolve_nproc("auto") == expected
+
+
+@pytest.mark.parametrize("visible, expected", [("0,1", 2), ("3", 1), ("", 0), ("0,-1,1", 1), ("-1", 0),
+                                               ("GPU-aaa,GPU-bbb", 2), ("0, 1,", 2)])
+def test_count_gpus_follows_cuda_visible_devices(monkeypatch, visible, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(config, "_nvidia_smi_count", lambda: pytest.fail("nvidia-smi asked although the env wins"))
+    assert config.count_gpus() == expected
+
+
+def test_count_gpus_reads_the_driver_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for bus in ("0000:01:00.0", "0000:02:00.0", "0000:03:00.0"):
+        (tmp_path / bus).mkdir()
+    monkeypatch.setattr(config, "Path", lambda _path: tmp_path)
+    assert config.count_gpus() == 3
+
+
+def test_count_gpus_falls_back_to_nvidia_smi(monkeypatch, tmp_path):
+    _no_driver_gpus(monkeypatch, tmp_path, smi=4)
+    assert config.count_gpus() == 4
+
+
+# --- JobSpec / WorkerConfig / EtcdConfig / AgentConfig ---------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(min_nodes=0, max_nodes=2), "--nnodes"),
+    (dict(min_nodes=3, max_nodes=2), "--nnodes"),
+    (dict(max_restarts=-1), "--max-restarts"),
+])
+def test_job_spec_validation_names_the_flag(kwargs, flag):
+    values = dict(min_nodes=1, max_nodes=2, nproc_per_node="1", max_restarts=0) | kwargs
+    with pytest.raises(ConfigError, match=flag):
+        JobSpec(**values)
+
+
+def test_job_spec_to_json():
+    assert JobSpec(2, 4, "gpu", 3).to_json() == {"min_nodes": 2, "max_nodes": 4, "nproc_per_node": "gpu",
+                                                 "max_restarts": 3}
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(nproc=0), "--nproc-per-node"),
+    (dict(stop_timeout=-0.5), "--stop-timeout"),
+    (dict(module=True, no_python=True), "--no-python"),
+    (dict(module=True, no_python=True), "-m/--module"),
+])
+def test_worker_config_validation_names_the_flag(kwargs, flag):
+    with pytest.raises(ConfigError) as caught:
+        WorkerConfig(**(dict(entrypoint="train.py", args=(), nproc=1) | kwargs))
+    assert flag in str(caught.value)
+
+
+def test_worker_command_for_a_script():
+    w = WorkerConfig("train.py", ("--lr", "3e-4"), 2, python="python3.x")
+    assert w.command() == ["python3.x", "-u", "train.py", "--lr", "3e-4"]
+
+
+def test_worker_command_for_a_module():
+    w = WorkerConfig("pkg.train", ("--epochs", "1"), 2, module=True, python="python3.x")
+    assert w.command() == ["python3.x", "-u", "-m", "pkg.train", "--epochs", "1"]
+
+
+def test_worker_command_without_python(monkeypatch):
+    monkeypatch.setenv("PYTHON_EXEC", "python-from-env")
+    w = WorkerConfig("./run.sh", ("a", "b"), 1, no_python=True, python="python3.x")
+    assert w.command() == ["./run.sh", "a", "b"]
+
+
+def test_worker_command_default_interpreter(monkeypatch):
+    monkeypatch.delenv("PYTHON_EXEC", raising=False)
+    assert WorkerConfig("train.py", (), 1).command() == [sys.executable, "-u", "train.py"]
+    monkeypatch.setenv("PYTHON_EXEC", "python-from-env")
+    assert WorkerConfig("train.py", (), 1).command() == ["python-from-env", "-u", "train.py"]
+    assert WorkerConfig("train.py", (), 1, python="explicit").command()[0] == "explicit"
+
+
+def test_etcd_config_needs_an_endpoint():
+    with pytest.raises(ConfigError, match="--etcd-endpoints"):
+        EtcdConfig(())
+
+
+def test_etcd_config_cert_without_key(tmp_path):
+    cert = tmp_path / "client.crt"
+    cert.write_text("x")
+    with pytest.raises(ConfigError) as caught:
+        EtcdConfig(LOCAL, cert=str(cert))
+    assert "--etcd-cert" in str(caught.value) and "--etcd-key" in str(caught.value)
+    with pytest.raises(ConfigError, match="--etcd-key"):
+        EtcdConfig(LOCAL, key=str(cert))
+
+
+def test_etcd_config_missing_files_name_flag_and_path(tmp_path):
+    missing = str(tmp_path / "missing-ca.pem")
+    with pytest.raises(ConfigError) as caught:
+        EtcdConfig(LOCAL, ca_cert=missing)
+    assert "--etcd-cacert" in str(caught.value) and missing in str(caught.value)
+    present = tmp_path / "client.crt"
+    present.write_text("x")
+    with pytest.raises(ConfigError, match="--etcd-key"):
+        EtcdConfig(LOCAL, cert=str(present), key=str(tmp_path / "missing.key"))
+
+
+def test_etcd_config_user_needs_a_password():
+    with pytest.raises(ConfigError, match="--etcd-user"):
+        EtcdConfig(LOCAL, user="alice")
+
+
+def test_etcd_config_with_tls_files(tmp_path):
+    for name in ("ca.pem", "c.crt", "c.key"):
+        (tmp_path / name).write_text("x")
+    cfg = EtcdConfig(LOCAL, str(tmp_path / "ca.pem"), str(tmp_path / "c.crt"), str(tmp_path / "c.key"))
+    assert cfg.secure
+    assert not EtcdConfig(LOCAL).secure
+
+
+def _agent(**kwargs) -> AgentConfig:
+    values = dict(run_id="job1", node_id="node-a", spec=JobSpec(1, 2, "1", 0),
+                  workers=WorkerConfig("train.py", (), 1), etcd=EtcdConfig(LOCAL)) | kwargs
+    return AgentConfig(**values)
+
+
+def test_agent_config_defaults_are_valid():
+    cfg = _agent(local_addr="10.1.2.3")
+    assert cfg.root == "/etcd-agent"
+    assert cfg.address == "10.1.2.3"
+
+
+@pytest.mark.parametrize("kwargs, flag", [
+    (dict(run_id="job/1"), "--run-id"),
+    (dict(run_id="job 1"), "--run-id"),
+    (dict(run_id=""), "--run-id"),
+    (dict(run_id="-job"), "--run-id"),
+    (dict(run_id="j" * 129), "--run-id"),
+    (dict(node_id=""), "--node-id"),
+    (dict(node_id="node/a"), "--node-id"),
+    (dict(root="etcd-agent"), "--etcd-prefix"),
+    (dict(root="/etcd-agent/"), "--etcd-prefix"),
+    (dict(root="/a//b"), "--etcd-prefix"),
+    (dict(lease_ttl=1), "--lease-ttl"),
+    (dict(last_call=-1), "--last-call"),
+    (dict(join_timeout=0), "--join-timeout"),
+    (dict(join_timeout=-5), "--join-timeout"),
+    (dict(scale_settle=-1), "--scale-settle"),
+    (dict(lease_ttl=3, etcd=EtcdConfig(LOCAL, request_timeout=3.0)), "--lease-ttl"),
+])
+def test_agent_config_validation_names_the_flag(kwargs, flag):
+    with pytest.raises(ConfigError) as caught:
+        _agent(**kwargs)
+    assert flag in str(caught.value)
+
+
+def test_agent_config_accepts_edge_values():
+    cfg = _agent(run_id="a" * 128, node_id="n.1_x-2", root="/jobs/team-a", lease_ttl=2,
+                 etcd=EtcdConfig(LOCAL, request_timeout=1.5), last_call=0, scale_settle=0)
+    assert cfg.lease_ttl == 2
+
+
+def test_configs_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        _agent().lease_ttl = 10
+
+
+# --- txns.check_spec -------------------------------------------------------------------------------------------
+
+KEYS = Keys("/etcd-agent", "job1")
+SPEC = JobSpec(2, 4, "gpu", 3)
+
+
+def test_check_spec_identical_passes():
+    check_spec(KEYS, SPEC, {"v": 1, **SPEC.to_json()})
+    check_spec(KEYS, SPEC, {"v": 1, **SPEC.to_json(), "extra": "ignored"})
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("min_nodes", 1, "--nnodes (minimum)"),
+    ("max_nodes", 8, "--nnodes (maximum)"),
+    ("nproc_per_node", "8", "--nproc-per-node"),
+    ("max_restarts", 0, "--max-restarts"),
+])
+def test_check_spec_each_difference_names_its_flag(field, value, flag):
+    stored = {"v": 1, **SPEC.to_json(), field: value}
+    with pytest.raises(SpecMismatch) as caught:
+        check_spec(KEYS, SPEC, stored)
+    message = str(caught.value)
+    assert flag in message
+    assert repr(value) in message and repr(SPEC.to_json()[field]) in message
+    assert "job1" in message and KEYS.spec() in message
+    assert isinstance(caught.value, ConfigError) and caught.value.exit_code == EXIT_USAGE
+
+
+def test_check_spec_lists_every_difference():
+    stored = {"v": 1, "min_nodes": 1, "max_nodes": 8, "nproc_per_node": "gpu", "max_restarts": 3}
+    with pytest.raises(SpecMismatch) as caught:
+        check_spec(KEYS, SPEC, stored)
+    assert "--nnodes (minimum)" in str(caught.value) and "--nnodes (maximum)" in str(caught.value)
+    assert "--max-restarts" not in str(caught.value)
+
+
+@pytest.mark.parametrize("missing", ["min_nodes", "max_nodes", "nproc_per_node", "max_restarts"])
+def test_check_spec_stored_spec_missing_fields_is_bad_data(missing):
+    stored = {"v": 1, **SPEC.to_json()}
+    del stored[missing]
+    with pytest.raises(BadKeyData) as caught:
+        check_spec(KEYS, SPEC, stored)
+    assert caught.value.key == KEYS.spec()
+    assert missing in str(caught.value)

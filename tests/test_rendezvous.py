@@ -1,0 +1,492 @@
+"""decide(view, local, params) over hand-built views: closing rounds, stable ranks, failures, exits, scale-up."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from etcd_agent.rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
+                                   StopWorkers, Wait, WriteExit, build_plan, decide)
+from etcd_agent.state import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
+                              View)
+
+ME = "node-a"
+ROUND_REV = 500
+NOW = 1000.0
+WALL = 1_700_000_000.0
+PARAMS = Params(min_nodes=2, max_nodes=4, max_restarts=3, last_call=2.0, join_timeout=60.0, scale_settle=1.0)
+
+
+# --- builders --------------------------------------------------------------------------------------------------
+
+def jn(node: str, rev: int, prev_rank: int | None = None, nproc: int = 2, port: int | None = None) -> Join:
+    return Join(node, rev, f"host-{node}", f"addr-{node}", port if port is not None else 29000 + rev, nproc,
+                prev_rank)
+
+
+def mk_plan(number: int, nodes, nproc: int = 2, restart_count: int = 0) -> Plan:
+    members, offset = [], 0
+    for rank, node in enumerate(nodes):
+        members.append(Member(node, rank, f"host-{node}", f"addr-{node}", nproc, offset))
+        offset += nproc
+    return Plan(number, tuple(members), f"addr-{nodes[0]}", 29400, restart_count, PARAMS.max_restarts, ROUND_REV)
+
+
+def view(number: int = 3, phase: str = RUNNING, nodes=(ME, "node-b"), joins=None, plan=None, last_plan=None,
+         exits=(), failures=None, restarts=(0, 3), result=None, reason: str = "", round_present: bool = True) -> View:
+    """A View of round ``number``. Running rounds default to a plan of ``nodes`` that every node has joined;
+    ``joins`` takes node names (joined in the given order) or Join records."""
+    if plan is None and phase == RUNNING:
+        plan = mk_plan(number, list(nodes))
+    if joins is None:
+        joins = plan.nodes if plan is not None else ()
+    records = [j if isinstance(j, Join) else jn(j, 100 + i) for i, j in enumerate(joins)]
+    return View(
+        revision=1000,
+        spec={"v": 1, "min_nodes": PARAMS.min_nodes, "max_nodes": PARAMS.max_nodes, "nproc_per_node": "2",
+              "max_restarts": PARAMS.max_restarts},
+        round=RoundInfo(number, phase, reason, ROUND_REV) if round_present else None,
+        nodes={n: {"v": 1, "host": f"host-{n}", "pid": 1} for n in nodes},
+        node_revisions={n: 10 + i for i, n in enumerate(nodes)},
+        joins={j.node: j for j in records},
+        plan=plan,
+        last_plan=last_plan,
+        exits=frozenset(exits),
+        failures=dict(failures or {}),
+        restarts=Restarts(restarts[0], restarts[1], 400) if restarts is not None else None,
+        result=result,
+    )
+
+
+def me(**kwargs) -> Local:
+    return Local(**(dict(node=ME, now=NOW, wall=WALL) | kwargs))
+
+
+def running_here(number: int = 3, **kwargs) -> Local:
+    """This node's workers run for round ``number``."""
+    return me(**(dict(workers_round=number, workers_running=True) | kwargs))
+
+
+def finished_here(outcome: str, failure: dict | None = None, number: int = 3, **kwargs) -> Local:
+    """This node's workers of round ``number`` have an ``outcome``: after a failure the others still run (the
+    agent stops them only when the round moves on); after a success all have exited."""
+    return me(workers_round=number, workers_running=outcome == "failed", outcome=outcome, failure=failure, **kwargs)
+
+
+def report(node: str = ME, time: float = 7.0, rank: int = 1, exitcode: int = 1) -> dict:
+    return {"node": node, "rank": rank, "exitcode": exitcode, "signal": None, "message": "boom", "time": time}
+
+
+# --- the job's result and the round key ------------------------------------------------------------------------
+
+def test_result_present_finishes():
+    res = {"v": 1, "outcome": "succeeded", "round": 3}
+    assert decide(view(result=res), me(), PARAMS) == Finish(res)
+
+
+def test_result_present_stops_running_workers_first():
+    res = {"v": 1, "outcome": "stopped", "round": 3}
+    action = decide(view(result=res), running_here(), PARAMS)
+    assert isinstance(action, StopWorkers)
+
+
+def test_no_round_key_waits():
+    assert isinstance(decide(view(round_present=False, phase=JOINING), me(), PARAMS), Wait)
+
+
+@pytest.mark.parametrize("phase", [DONE, FAILED, STOPPED])
+def test_final_phase_without_result_waits_for_the_result(phase):
+    action = decide(view(phase=phase, plan=mk_plan(3, [ME, "node-b"])), me(), PARAMS)
+    assert isinstance(action, Wait)
+    assert phase in action.why
+
+
+# --- joining ---------------------------------------------------------------------------------------------------
+
+def test_registered_but_not_joined_joins_the_round():
+    v = view(phase=JOINING, joins=["node-b"])
+    assert decide(v, me(), PARAMS) == JoinRound(v.round)
+
+
+def test_not_registered_waits_for_its_registration():
+    v = view(phase=JOINING, nodes=["node-b"], joins=["node-b"])
+    action = decide(v, me(), PARAMS)
+    assert isinstance(action, Wait)
+    assert "registration" in action.why
+
+
+def test_leader_is_the_lowest_join_create_revision_and_others_wait():
+    v = view(phase=JOINING, nodes=[ME, "node-b", "node-c"], joins=[jn(ME, 12), jn("node-b", 11)])
+    action = decide(v, me(round_seen_at=NOW - 1, min_reached_at=NOW - 10), PARAMS)
+    assert isinstance(action, Wait)
+    assert "node-b leads" in action.why
+    assert action.deadline is None  # min reached: only the leader has a timer
+
+
+def test_non_leader_below_min_waits_until_the_join_timeout():
+    p = Params(3, 4, 3, 2.0, 60.0, 1.0)
+    v = view(phase=JOINING, nodes=[ME, "node-b", "node-c"], joins=[jn(ME, 12), jn("node-b", 11)])
+    action = decide(v, me(round_seen_at=NOW - 1), p)
+    assert isinstance(action, Wait)
+    assert action.deadline == NOW - 1 + p.join_timeout
+
+
+def test_leader_with_min_and_every_registered_node_joined_closes_at_once():
+    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12)])
+    action = decide(v, me(round_seen_at=NOW, min_reached_at=NOW), Params(2, 4, 3, 30.0, 60.0, 1.0))
+    assert isinstance(action, ClosePlan)
+    assert action.round == v.round
+    assert action.plan.nodes == [ME, "node-b"]
+    assert action.plan.round == 3
+
+
+def test_leader_with_max_joiners_closes_although_a_registered_node_is_missing():
+    p = Params(2, 3, 3, 30.0, 60.0, 1.0)
+    v = view(phase=JOINING, nodes=[ME, "node-b", "node-c", "node-d"],
+             joins=[jn(ME, 11), jn("node-b", 12), jn("node-c", 13)])
+    action = decide(v, me(round_seen_at=NOW, min_reached_at=NOW), p)
+    assert isinstance(action, ClosePlan)
+    assert action.plan.nodes == [ME, "node-b", "node-c"]
+
+
+def test_leader_with_min_but_an_unjoined_registered_node_waits_for_last_call_then_closes():
+    v = view(phase=JOINING, nodes=[ME, "node-b", "node-c"], joins=[jn(ME, 11), jn("node-b", 12)])
+    reached = NOW - 0.5
+    action = decide(v, me(round_seen_at=NOW - 5, min_reached_at=reached), PARAMS)
+    assert isinstance(action, Wait)
+    assert action.deadline == reached + PARAMS.last_call
+    assert "last call" in action.why
+
+    later = decide(v, me(now=reached + PARAMS.last_call, round_seen_at=NOW - 5, min_reached_at=reached), PARAMS)
+    assert isinstance(later, ClosePlan)
+    assert later.plan.nodes == [ME, "node-b"]
+
+
+def test_leader_that_has_not_noted_min_reached_starts_last_call_now():
+    v = view(phase=JOINING, nodes=[ME, "node-b", "node-c"], joins=[jn(ME, 11), jn("node-b", 12)])
+    action = decide(v, me(round_seen_at=NOW - 5, min_reached_at=None), PARAMS)
+    assert isinstance(action, Wait)
+    assert action.deadline == NOW + PARAMS.last_call
+
+
+def test_leader_below_min_waits_until_the_join_timeout():
+    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11)])
+    action = decide(v, me(round_seen_at=NOW - 1), PARAMS)
+    assert isinstance(action, Wait)
+    assert action.deadline == NOW - 1 + PARAMS.join_timeout
+
+
+def test_fewer_than_min_past_the_join_timeout_fails_naming_the_missing_nodes():
+    last = mk_plan(2, [ME, "node-b", "node-c"])
+    v = view(phase=JOINING, nodes=[ME, "node-d"], joins=[jn(ME, 11)], last_plan=last)
+    p = Params(3, 4, 3, 2.0, 60.0, 1.0)
+    action = decide(v, me(now=NOW, round_seen_at=NOW - 60.0), p)
+    assert isinstance(action, End)
+    assert action.phase == FAILED
+    assert action.round == v.round
+    reason = action.result["reason"]
+    assert "node-b" in reason and "node-c" in reason  # from the previous plan, gone from the registry
+    assert "node-d" in reason  # registered but not joined
+    assert "--join-timeout" in reason
+    assert f"{ME}," not in reason and not reason.endswith(ME)
+    assert action.result["outcome"] == FAILED
+    assert action.result["round"] == 3
+    assert action.result["time"] == WALL
+
+
+def test_join_timeout_not_yet_reached_does_not_fail():
+    v = view(phase=JOINING, nodes=[ME], joins=[jn(ME, 11)])
+    action = decide(v, me(now=NOW, round_seen_at=NOW - 59.9), PARAMS)
+    assert isinstance(action, Wait)
+
+
+def test_close_plan_records_the_restart_count():
+    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12)], restarts=(2, 3))
+    action = decide(v, me(min_reached_at=NOW), PARAMS)
+    assert isinstance(action, ClosePlan)
+    assert action.plan.restart_count == 2
+    assert action.plan.max_restarts == PARAMS.max_restarts
+
+
+# --- build_plan ------------------------------------------------------------------------------------------------
+
+def test_build_plan_keeps_previous_members_in_prev_rank_order_then_newcomers_in_join_order():
+    joins = [
+        jn("new-2", 15),
+        jn("old-1", 10, prev_rank=2),  # joined first, but ranked after old-0
+        jn("old-0", 20, prev_rank=0),
+        jn("new-1", 12),
+    ]
+    plan = build_plan(5, joins, Params(1, 8, 3, 0.0, 60.0, 1.0), restart_count=1)
+    assert plan.nodes == ["old-0", "old-1", "new-1", "new-2"]
+    assert [m.group_rank for m in plan.members] == [0, 1, 2, 3]
+    assert plan.round == 5 and plan.restart_count == 1
+
+
+def test_build_plan_rank_offsets_are_prefix_sums_of_heterogeneous_nproc():
+    joins = [jn("a", 1, nproc=8), jn("b", 2, nproc=4), jn("c", 3, nproc=2), jn("d", 4, nproc=2)]
+    plan = build_plan(1, joins, Params(1, 8, 0, 0.0, 60.0, 1.0), restart_count=0)
+    assert [m.rank_offset for m in plan.members] == [0, 8, 12, 14]
+    assert [m.nproc for m in plan.members] == [8, 4, 2, 2]
+    assert plan.world_size == 16
+
+
+def test_build_plan_master_is_group_rank_zero():
+    joins = [jn("newcomer", 1, port=31000), jn("veteran", 9, prev_rank=0, port=32000)]
+    plan = build_plan(2, joins, Params(1, 8, 0, 0.0, 60.0, 1.0), restart_count=0)
+    assert plan.members[0].node == "veteran"
+    assert plan.master_addr == "addr-veteran"
+    assert plan.master_port == 32000
+
+
+def test_build_plan_takes_at_most_max_nodes():
+    joins = [jn(f"n{i}", 10 + i) for i in range(5)]
+    plan = build_plan(1, joins, Params(1, 3, 0, 0.0, 60.0, 1.0), restart_count=0)
+    assert plan.nodes == ["n0", "n1", "n2"]
+    assert len(plan.members) == 3
+
+
+def test_build_plan_members_carry_their_join_addresses():
+    plan = build_plan(1, [jn("a", 1, nproc=3)], PARAMS, restart_count=0)
+    assert plan.members[0] == Member("a", 0, "host-a", "addr-a", 3, 0)
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+def test_member_whose_workers_have_not_started_starts_them():
+    v = view()
+    assert decide(v, me(), PARAMS) == StartWorkers(v.plan, v.plan.member(ME))
+
+
+def test_member_whose_workers_ran_in_an_older_round_starts_them_for_this_round():
+    v = view(number=4)
+    stopped = me(workers_round=3, workers_running=False, outcome="failed", failure=report())
+    action = decide(v, stopped, PARAMS)
+    assert action == StartWorkers(v.plan, v.plan.member(ME))
+
+
+def test_spare_node_waits():
+    v = view(nodes=[ME, "node-b", "node-c"], plan=mk_plan(3, ["node-b", "node-c"]))
+    action = decide(v, me(), PARAMS)
+    assert isinstance(action, Wait)
+    assert "without this node" in action.why
+    assert "full" not in action.why
+
+
+def test_spare_node_of_a_full_round_says_so():
+    p = Params(1, 2, 3, 2.0, 60.0, 1.0)
+    v = view(nodes=[ME, "node-b", "node-c"], plan=mk_plan(3, ["node-b", "node-c"]))
+    action = decide(v, me(), p)
+    assert isinstance(action, Wait)
+    assert "full" in action.why
+
+
+@pytest.mark.parametrize("fenced", [3, 4])
+def test_fenced_member_waits(fenced):
+    action = decide(view(), me(fenced_round=fenced), PARAMS)
+    assert isinstance(action, Wait)
+
+
+@pytest.mark.xfail(strict=True, reason="a fenced member Waits even when every plan member's join key is gone: "
+                                       "when all members lost their sessions (an etcd outage longer than the "
+                                       "lease TTL, or any one-node job) nobody bumps the round and the job hangs")
+@pytest.mark.parametrize("members", [[ME], [ME, "node-b"]])
+def test_when_every_member_was_fenced_someone_moves_the_job_on(members):
+    # Every member self-fenced in round 3 and re-registered with a new session; their round-3 join keys
+    # vanished with the old leases, so every member is lost and each one sees exactly this view.
+    v = view(nodes=members, plan=mk_plan(3, members), joins=[])
+    action = decide(v, me(workers_round=3, workers_running=False, fenced_round=3), PARAMS)
+    assert isinstance(action, (Bump, End))
+
+
+def test_running_round_without_a_visible_plan_waits():
+    v = dataclasses.replace(view(), plan=None)
+    assert isinstance(decide(v, me(), PARAMS), Wait)
+
+
+def test_local_failure_bumps_the_round_counting_a_restart():
+    failure = report(rank=3, exitcode=7)
+    v = view(restarts=(1, 3))
+    action = decide(v, finished_here("failed", failure), PARAMS)
+    assert isinstance(action, Bump)
+    assert action.round == v.round
+    assert action.counted is True
+    assert action.failure == failure
+    assert "rank 3" in action.reason and ME in action.reason and "exit code 7" in action.reason
+
+
+def test_local_failure_bumps_whether_or_not_the_other_local_workers_still_run():
+    for running in (True, False):
+        local = me(workers_round=3, workers_running=running, outcome="failed", failure=report())
+        assert isinstance(decide(view(), local, PARAMS), Bump)
+
+
+def test_local_failure_by_signal_names_the_signal():
+    failure = report() | {"signal": "SIGSEGV", "exitcode": -11}
+    action = decide(view(), finished_here("failed", failure), PARAMS)
+    assert isinstance(action, Bump)
+    assert "SIGSEGV" in action.reason
+
+
+def test_spent_budget_ends_failed_with_the_earliest_failure_as_root_cause():
+    local = report(ME, time=7.0)
+    earlier = report("node-b", time=5.0, rank=2)
+    later = report("node-c", time=9.0, rank=4)
+    v = view(nodes=[ME, "node-b", "node-c"], failures={"node-b": earlier, "node-c": later}, restarts=(3, 3))
+    action = decide(v, finished_here("failed", local), PARAMS)
+    assert isinstance(action, End)
+    assert action.phase == FAILED
+    assert action.failure == local
+    assert action.result["root_cause"] == earlier
+    assert action.result["outcome"] == FAILED
+    assert action.result["restarts"] == 3
+    assert "--max-restarts" in action.result["reason"]
+
+
+def test_spent_budget_root_cause_can_be_the_local_failure():
+    local = report(ME, time=4.0)
+    v = view(failures={"node-b": report("node-b", time=5.0)}, restarts=(3, 3))
+    action = decide(v, finished_here("failed", local), PARAMS)
+    assert isinstance(action, End)
+    assert action.result["root_cause"] == local
+
+
+def test_zero_budget_ends_at_the_first_failure():
+    v = view(restarts=(0, 0))
+    action = decide(v, finished_here("failed", report()),
+                    Params(2, 4, 0, 2.0, 60.0, 1.0))
+    assert isinstance(action, End) and action.phase == FAILED
+
+
+def test_without_a_restarts_key_the_budget_comes_from_params():
+    v = view(restarts=None)
+    local = finished_here("failed", report())
+    assert isinstance(decide(v, local, Params(2, 4, 1, 2.0, 60.0, 1.0)), Bump)
+    assert isinstance(decide(v, local, Params(2, 4, 0, 2.0, 60.0, 1.0)), End)
+
+
+def test_member_whose_join_key_vanished_is_lost_and_bumps_counting_a_restart():
+    v = view(nodes=[ME, "node-b", "node-c"], joins=[ME, "node-c"])
+    action = decide(v, running_here(), PARAMS)
+    assert isinstance(action, Bump)
+    assert action.counted is True
+    assert action.failure is None
+    assert "node-b" in action.reason and "node-c" not in action.reason
+
+
+def test_lost_member_is_noticed_before_this_node_starts_its_workers():
+    v = view(nodes=[ME, "node-b"], joins=[ME])
+    assert isinstance(decide(v, me(), PARAMS), Bump)
+
+
+def test_lost_member_with_the_budget_spent_ends_failed():
+    v = view(nodes=[ME, "node-b"], joins=[ME], restarts=(3, 3), failures={"node-b": report("node-b", 2.0)})
+    action = decide(v, running_here(), PARAMS)
+    assert isinstance(action, End)
+    assert action.phase == FAILED
+    assert "node-b" in action.result["reason"]
+    assert action.result["root_cause"] == report("node-b", 2.0)
+
+
+def test_member_with_an_exit_key_but_no_join_key_is_not_lost():
+    v = view(nodes=[ME, "node-b"], joins=[ME], exits=["node-b"])
+    action = decide(v, running_here(), PARAMS)
+    assert isinstance(action, Wait)
+
+
+def test_local_success_writes_the_exit_key():
+    v = view()
+    action = decide(v, finished_here("succeeded"), PARAMS)
+    assert action == WriteExit(v.round)
+
+
+def test_local_success_with_the_exit_key_written_waits_for_the_others():
+    v = view(exits=[ME])
+    action = decide(v, finished_here("succeeded"), PARAMS)
+    assert isinstance(action, Wait)
+
+
+def test_every_member_exited_ends_done():
+    v = view(exits=[ME, "node-b"], failures={})
+    action = decide(v, finished_here("succeeded"), PARAMS)
+    assert isinstance(action, End)
+    assert action.phase == DONE
+    assert action.result["outcome"] == "succeeded"
+    assert action.result["root_cause"] is None
+    assert action.result["round"] == 3
+    assert action.failure is None
+
+
+def test_failure_after_a_node_finished_ends_failed_partly_finished():
+    failure = report(time=3.0)
+    v = view(exits=["node-b"], restarts=(0, 3))
+    action = decide(v, finished_here("failed", failure), PARAMS)
+    assert isinstance(action, End)
+    assert action.phase == FAILED
+    assert "partly finished" in action.result["reason"]
+    assert "node-b" in action.result["reason"]
+    assert action.failure == failure
+    assert action.result["root_cause"] == failure
+
+
+def test_lost_node_after_another_finished_ends_failed_partly_finished():
+    v = view(nodes=[ME, "node-b", "node-c"], joins=[ME, "node-c"], exits=["node-c"])
+    action = decide(v, running_here(), PARAMS)
+    assert isinstance(action, End)
+    assert action.phase == FAILED
+    assert "partly finished" in action.result["reason"]
+
+
+def test_newcomer_while_the_plan_has_room_waits_to_settle_then_bumps_free():
+    v = view(nodes=[ME, "node-b", "node-new"], plan=mk_plan(3, [ME, "node-b"]))
+    since = NOW - 0.25
+    action = decide(v, running_here(newcomers_since=since), PARAMS)
+    assert isinstance(action, Wait)
+    assert action.deadline == since + PARAMS.scale_settle
+    assert "node-new" in action.why
+
+    later = decide(v, running_here(now=since + PARAMS.scale_settle, newcomers_since=since), PARAMS)
+    assert isinstance(later, Bump)
+    assert later.counted is False
+    assert later.failure is None
+    assert "node-new" in later.reason
+
+
+def test_newcomer_when_the_plan_is_at_max_nodes_does_not_bump():
+    p = Params(1, 2, 3, 2.0, 60.0, 1.0)
+    v = view(nodes=[ME, "node-b", "node-new"], plan=mk_plan(3, [ME, "node-b"]))
+    action = decide(v, running_here(now=NOW + 100, newcomers_since=NOW), p)
+    assert isinstance(action, Wait)
+    assert action.deadline is None
+
+
+def test_newcomer_after_a_node_finished_does_not_bump():
+    v = view(nodes=[ME, "node-b", "node-new"], plan=mk_plan(3, [ME, "node-b"]), exits=["node-b"])
+    action = decide(v, running_here(now=NOW + 100, newcomers_since=NOW), PARAMS)
+    assert isinstance(action, Wait)
+
+
+def test_steady_running_round_waits_without_deadline():
+    action = decide(view(), running_here(), PARAMS)
+    assert action == Wait(action.why, None)
+    assert "running with 2 node(s)" in action.why
+
+
+@pytest.mark.parametrize("phase", [JOINING, RUNNING])
+def test_workers_running_for_an_older_round_are_stopped(phase):
+    v = view(number=4, phase=phase, joins=[ME, "node-b"] if phase == JOINING else None,
+             reason="worker rank 1 on node-b failed")
+    action = decide(v, running_here(3), PARAMS)
+    assert isinstance(action, StopWorkers)
+    assert "round 4" in action.why
+
+
+def test_local_success_but_the_round_moved_on_ends_failed():
+    v = view(number=4, phase=JOINING, joins=[ME, "node-b"], reason="node(s) node-c can join (scale-up)")
+    action = decide(v, finished_here("succeeded", number=3), PARAMS)
+    assert isinstance(action, End)
+    assert action.phase == FAILED
+    assert action.round == v.round
+    assert "partly finished" in action.result["reason"]
+    assert action.result["outcome"] == FAILED
