@@ -67,7 +67,6 @@ class Agent:
         self.group: WorkerGroup | None = None
         self.local = Local(cfg.node_id, time.monotonic(), time.time())
         self._round_seen = 0
-        self._prev_rank: int | None = None
         self._joined_round = 0
         self.signalled = 0
 
@@ -201,7 +200,7 @@ class Agent:
             self._start_workers(action)
             return
         if isinstance(action, JoinRound):
-            res = txns.join(self.etcd, self.keys, action, node, self._join_info(), self.session.lease_id,
+            res = txns.join(self.etcd, self.keys, action, node, self._join_info(view), self.session.lease_id,
                             self._joined_round)
             if res.succeeded:
                 self._joined_round = action.round.number
@@ -240,9 +239,12 @@ class Agent:
             kvs, rev = self.etcd.get_prefix(self.keys.prefix)
             self.mirror.reset(kvs, rev)
 
-    def _join_info(self) -> dict:
+    def _join_info(self, view: View) -> dict:
+        """This node's join record; ``prev_rank`` is its group rank in the newest earlier plan, if it was in it."""
+        before = view.last_plan.member(self.cfg.node_id) if view.last_plan else None
         return {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
-                "port": free_port(self.cfg.address), "nproc": self.cfg.workers.nproc, "prev_rank": self._prev_rank}
+                "port": free_port(self.cfg.address), "nproc": self.cfg.workers.nproc,
+                "prev_rank": before.group_rank if before else None}
 
     # --- workers -------------------------------------------------------------------------------------------
     def _start_workers(self, a: StartWorkers) -> None:
@@ -255,7 +257,6 @@ class Agent:
         self.group = WorkerGroup(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
                                  node_id=self.cfg.node_id)
         self._exits: dict[int, WorkerExit] = {}
-        self._prev_rank = m.group_rank
         self._set(workers_round=plan.round, workers_running=True, outcome=None, failure=None)
         self.group.start(assignment)
         self._enter(State.RUNNING, f"started {m.nproc} worker(s), ranks {m.rank_offset}.."

@@ -20,6 +20,7 @@ DEFAULT_ROOT = "/etcd-agent"
 DEFAULT_PORT = 2379
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _NODE_ID_RE = _RUN_ID_RE
+_NUMBER_RE = re.compile(r"[0-9]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,15 +157,19 @@ def parse_endpoints(text: str, flag: str = "--etcd-endpoints") -> tuple[tuple[st
     for item in (p.strip() for p in text.split(",")):
         if not item:
             continue
-        item = re.sub(r"^[a-z]+://", "", item).rstrip("/")
+        item = re.sub(r"^[a-z][a-z0-9+.-]*://", "", item, flags=re.IGNORECASE).rstrip("/")
         host, port = item, DEFAULT_PORT
         if item.startswith("["):  # [v6]:port
-            host, _, rest = item[1:].partition("]")
+            host, bracket, rest = item[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ConfigError(f"{flag}: {item!r}: write an IPv6 endpoint as [ADDRESS]:PORT")
             if rest:
-                port = _port(rest.lstrip(":"), flag, item)
+                port = _port(rest[1:], flag, item)
         elif item.count(":") == 1:
             host, p = item.split(":")
             port = _port(p, flag, item)
+        elif ":" in item and not _is_ipv6(item):
+            raise ConfigError(f"{flag}: {item!r} is not HOST:PORT")
         if not host:
             raise ConfigError(f"{flag}: {item!r} has no host")
         out.append((host, port))
@@ -173,8 +178,17 @@ def parse_endpoints(text: str, flag: str = "--etcd-endpoints") -> tuple[tuple[st
     return tuple(out)
 
 
+def _is_ipv6(text: str) -> bool:
+    import ipaddress
+
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
 def _port(text: str, flag: str, item: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not _NUMBER_RE.fullmatch(text) or not 0 < int(text) < 65536:
         raise ConfigError(f"{flag}: {item!r} has a bad port {text!r}")
     return int(text)
 
@@ -182,7 +196,7 @@ def _port(text: str, flag: str, item: str) -> int:
 def parse_nnodes(text: str) -> tuple[int, int]:
     """``N`` or ``MIN:MAX`` like torchrun."""
     parts = text.split(":")
-    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+    if len(parts) not in (1, 2) or not all(_NUMBER_RE.fullmatch(p.strip()) for p in parts):
         raise ConfigError(f"--nnodes {text!r}: expected N or MIN:MAX with whole numbers")
     lo, hi = int(parts[0]), int(parts[-1])
     if lo < 1:
@@ -195,7 +209,7 @@ def parse_nnodes(text: str) -> tuple[int, int]:
 def resolve_nproc(text: str) -> int:
     """``N``, ``gpu`` (visible GPUs), ``cpu`` (CPU count) or ``auto`` (GPUs if any, else CPUs), like torchrun."""
     value = text.strip().lower()
-    if value.isdigit():
+    if _NUMBER_RE.fullmatch(value):
         if int(value) < 1:
             raise ConfigError(f"--nproc-per-node must be at least 1, got {text!r}")
         return int(value)

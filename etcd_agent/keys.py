@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from .errors import BadKeyData
 
 SCHEMA_VERSION = 1
 ROUND_DIGITS = 8
+_ROUND_RE = re.compile(f"[0-9]{{{ROUND_DIGITS}}}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +104,7 @@ class Keys:
         parts = rest.split("/")
         if len(parts) == 2 and parts[0] == "nodes" and parts[1]:
             return ParsedKey("node", node=parts[1])
-        if len(parts) >= 3 and parts[0] == "r" and parts[1].isdigit() and len(parts[1]) == ROUND_DIGITS:
+        if len(parts) >= 3 and parts[0] == "r" and _ROUND_RE.fullmatch(parts[1]):
             rnd = int(parts[1])
             if parts[2:] == ["plan"]:
                 return ParsedKey("plan", round=rnd)
@@ -114,7 +116,7 @@ class Keys:
 
 def encode(obj: dict[str, Any]) -> bytes:
     """A value for etcd: compact JSON with the schema version."""
-    return json.dumps({"v": SCHEMA_VERSION, **obj}, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({**obj, "v": SCHEMA_VERSION}, sort_keys=True, separators=(",", ":")).encode()
 
 
 def decode(key: str, raw: bytes, required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -125,7 +127,7 @@ def decode(key: str, raw: bytes, required: tuple[str, ...] = ()) -> dict[str, An
         raise BadKeyData(key, f"not JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise BadKeyData(key, "not a JSON object")
-    if obj.get("v") != SCHEMA_VERSION:
+    if type(obj.get("v")) is not int or obj["v"] != SCHEMA_VERSION:
         raise BadKeyData(key, f"schema version {obj.get('v')!r}, this agent reads version {SCHEMA_VERSION}")
     missing = [f for f in required if f not in obj]
     if missing:

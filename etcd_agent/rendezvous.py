@@ -155,14 +155,14 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if plan is None:
         return Wait(f"round {r.number} is running but its plan is not visible yet")
     member = plan.member(me.node)
+    lost = [n for n in plan.nodes if n not in v.joins and n not in v.exits]
+    if member is not None and me.outcome == "failed" and me.workers_round == r.number:
+        return _fail_or_bump(v, r, me, p, f"{_describe(me.failure)} in round {r.number}", True, me.failure)
+    if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
+        return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
     if member is None or me.fenced_round >= r.number:
         full = " (the round is full)" if len(plan.members) >= p.max_nodes else ""
         return Wait(f"round {r.number} runs without this node{full}; waiting to be taken into the next round")
-    lost = [n for n in plan.nodes if n not in v.joins and n not in v.exits]
-    if me.outcome == "failed" and me.workers_round == r.number:
-        return _fail_or_bump(v, r, me, p, f"{_describe(me.failure)} in round {r.number}", True, me.failure)
-    if lost:
-        return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
     if me.workers_round != r.number:
         return StartWorkers(plan, member)
     if me.outcome == "succeeded" and me.node not in v.exits:

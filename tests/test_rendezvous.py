@@ -288,9 +288,6 @@ def test_fenced_member_waits(fenced):
     assert isinstance(action, Wait)
 
 
-@pytest.mark.xfail(strict=True, reason="a fenced member Waits even when every plan member's join key is gone: "
-                                       "when all members lost their sessions (an etcd outage longer than the "
-                                       "lease TTL, or any one-node job) nobody bumps the round and the job hangs")
 @pytest.mark.parametrize("members", [[ME], [ME, "node-b"]])
 def test_when_every_member_was_fenced_someone_moves_the_job_on(members):
     # Every member self-fenced in round 3 and re-registered with a new session; their round-3 join keys
