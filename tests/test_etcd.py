@@ -1,0 +1,145 @@
+"""The etcd layer against real etcd processes: watch resume, compaction, silent streams, sessions, errors."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+
+from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.errors import EtcdUnavailable
+from etcd_agent.etcd import Etcd, absent, mod_is, none_under, op_get, op_put
+from etcd_agent.session import Session
+from etcd_agent.standalone import FAST_ELECTION_ARGS, EtcdServer, free_port
+from etcd_agent.watch import Resync, Watch
+
+
+def client(endpoint: str, **kw) -> Etcd:
+    return Etcd(EtcdConfig(parse_endpoints(endpoint), **kw))
+
+
+@pytest.fixture
+def own_etcd():
+    """A private etcd this test may restart, freeze or compact."""
+    server = EtcdServer(name="etcd-fault", extra_args=FAST_ELECTION_ARGS).start()
+    yield server
+    server.stop()
+
+
+def collect(q: queue.Queue, count: int, timeout: float = 15.0) -> list:
+    """Take watch events until ``count`` arrived (Resyncs are returned as they come)."""
+    got, deadline = [], time.monotonic() + timeout
+    while len([g for g in got if not isinstance(g, Resync)]) < count:
+        item = q.get(timeout=max(0.01, deadline - time.monotonic()))
+        got.extend(item if isinstance(item, list) else [item])
+    return got
+
+
+def test_guarded_txn_compare_semantics(etcd_endpoint, run_id):
+    e = client(etcd_endpoint)
+    p = f"/t/{run_id}/"
+    first = e.txn([absent(p + "a")], [op_put(p + "a", b"1")])
+    assert first.succeeded
+    again = e.txn([absent(p + "a")], [op_put(p + "a", b"2")], [op_get(p + "a")])
+    assert not again.succeeded and again.ranges[0][0].value == b"1"
+    kv, _ = e.get(p + "a")
+    assert e.txn([mod_is(p + "a", kv.mod_revision)], [op_put(p + "a", b"3")]).succeeded
+    assert not e.txn([mod_is(p + "a", kv.mod_revision)], [op_put(p + "a", b"4")]).succeeded
+    assert e.txn([none_under(p + "empty/")], [op_put(p + "b", b"1")]).succeeded
+    e.put(p + "empty/x", b"1")
+    assert not e.txn([none_under(p + "empty/")], [op_put(p + "b", b"2")]).succeeded
+    e.close()
+
+
+def test_watch_survives_an_etcd_restart_without_losing_events(own_etcd):
+    e, writer = client(own_etcd.endpoint), client(own_etcd.endpoint)
+    rev = e.put("/w/start", b"0")
+    q: queue.Queue = queue.Queue()
+    w = Watch(e, "/w/", rev + 1, q.put, probe_interval=0.3).start()
+    writer.put("/w/a", b"1")
+    assert [ev.key for ev in collect(q, 1)] == ["/w/a"]
+    own_etcd.restart()
+    for i in range(5):  # written while the watch is reconnecting
+        writer.put(f"/w/b{i}", b"x", deadline=15)
+    events = collect(q, 5)
+    assert [ev.key for ev in events] == [f"/w/b{i}" for i in range(5)]
+    assert w.resumes >= 1
+    w.cancel()
+    e.close()
+    writer.close()
+
+
+def test_watch_resyncs_after_compaction(own_etcd):
+    e = client(own_etcd.endpoint)
+    rev = e.put("/c/a", b"1")
+    for i in range(3):
+        e.put(f"/c/k{i}", b"x")
+    last = e.put("/c/z", b"z")
+    e.compact(last)
+    q: queue.Queue = queue.Queue()
+    w = Watch(e, "/c/", rev + 1, q.put, probe_interval=0.3).start()
+    item = q.get(timeout=10)
+    assert isinstance(item, Resync)
+    assert {kv.key for kv in item.kvs} == {"/c/a", "/c/k0", "/c/k1", "/c/k2", "/c/z"}
+    e.put("/c/after", b"1")
+    assert [ev.key for ev in collect(q, 1)] == ["/c/after"]
+    w.cancel()
+    e.close()
+
+
+def test_a_silent_watch_stream_is_detected(own_etcd):
+    e = client(own_etcd.endpoint)
+    rev = e.put("/s/a", b"1")
+    q: queue.Queue = queue.Queue()
+    w = Watch(e, "/s/", rev + 1, q.put, probe_interval=0.2).start()
+    own_etcd.freeze()
+    started = time.monotonic()
+    try:
+        while w.resumes == 0:  # the probe runs on its own thread; nothing else can tell us
+            assert time.monotonic() - started < 10, "a frozen etcd was never noticed"
+            time.sleep(0.05)
+        detected = time.monotonic() - started
+    finally:
+        own_etcd.thaw()
+    print(f"silent stream detected after {detected:.2f} s (3 probe intervals = 0.6 s)")
+    e.put("/s/b", b"2", deadline=10)
+    assert [ev.key for ev in collect(q, 1)] == ["/s/b"]
+    w.cancel()
+    e.close()
+
+
+def test_session_keeps_its_lease_and_revokes_it(own_etcd):
+    e = client(own_etcd.endpoint)
+    s = Session(e, ttl=2).start()
+    e.put("/l/k", b"1", lease=s.lease_id)
+    lost = s.lost.wait(3.5)  # longer than the TTL: only keepalives keep the key
+    assert not lost and e.get("/l/k")[0] is not None
+    s.close(revoke=True)
+    assert e.get("/l/k")[0] is None
+    e.close()
+
+
+def test_session_is_lost_before_the_lease_can_expire(own_etcd):
+    e = client(own_etcd.endpoint, request_timeout=0.5)
+    reasons: list[str] = []
+    s = Session(e, ttl=3, on_lost=reasons.append).start()
+    own_etcd.freeze()
+    try:
+        granted_at = time.monotonic()
+        assert s.lost.wait(10)
+        elapsed = time.monotonic() - granted_at
+    finally:
+        own_etcd.thaw()
+    assert elapsed < 3, f"fenced after {elapsed:.2f} s: not before the lease could expire"
+    assert "keepalive" in reasons[0]
+    s.close(revoke=True)
+    e.close()
+
+
+def test_unreachable_etcd_is_our_error_naming_the_endpoint():
+    endpoint = f"127.0.0.1:{free_port()}"
+    e = client(endpoint, connect_timeout=0.5)
+    with pytest.raises(EtcdUnavailable, match=endpoint):
+        e.get("/x")
+    e.close()
