@@ -24,5 +24,5 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip install --disable-pip-version-check --progress-bar off)
-"${pip[@]}" "torch==${TORCH_VERSION}"
+"${pip[@]}" "torch==${TORCH_VERSION}" numpy  # numpy only silences torch's warning in the demo
 "${pip[@]}" -e '.[test]'
