@@ -1,0 +1,419 @@
+"""This node's worker processes for one round: spawn, watch, stop.
+
+Guarantees:
+
+- Every worker gets exactly torchrun's environment (``worker_env``) plus ``ETCD_AGENT_ROUND`` for fencing.
+- Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL``, so it cannot outlive the agent.
+  The kernel sends that signal when the *thread* that forked the child exits, not the process: ``start`` must be
+  called from a thread that lives as long as the workers (the agent's main thread), never from a short-lived one.
+- An exit is seen the moment it happens: one waiter thread per worker blocks in ``Popen.wait`` and calls
+  ``on_exit(WorkerExit)`` exactly once per worker, also for workers that ``stop`` ended. ``on_exit`` runs on that
+  waiter thread: it must return quickly and must not call ``start`` or ``stop``.
+- ``start`` and ``stop`` hold one lock; do not call them from a signal handler (which may interrupt them on the
+  same thread): set an event there and call ``stop`` from the agent's loop.
+- ``stop`` is idempotent: SIGTERM to every group, grace until an absolute deadline, SIGKILL, then every
+  descendant found by psutil (collected before the first signal, plus the group members) is killed and waited for.
+
+Must not import torch, etcd3 or any package module other than ``config``, ``errors`` and ``worker_logs``. A log
+directory that cannot be written raises ConfigError from ``start`` before any worker runs; a worker that cannot be
+spawned (missing program) is reported through ``on_exit`` with exit code 127 (126: not executable).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import psutil
+
+from .config import WorkerConfig
+from .worker_logs import WorkerLogs, prepare_all, rank_dir, read_error_message
+
+log = logging.getLogger("etcd_agent.workers")
+
+_PR_SET_PDEATHSIG = 1
+_THREAD_PREFIX = "etcd-agent-workers-"  # every thread this module starts; start() refuses to run on one
+_KILL_WAIT = 10.0  # how long a SIGKILLed process may take to vanish (D state) before we give up and say so
+_JOIN_WAIT = 2.0  # bounded join of threads that should already be done
+_REPORT_FLUSH_WAIT = 1.0  # how long a report waits for the tee threads to finish writing the stderr log
+_default_log_root: str | None = None  # made on first use when no --log-dir was given
+_default_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What this node's workers get for one round."""
+
+    run_id: str
+    round: int
+    group_rank: int
+    group_world_size: int
+    rank_offset: int  # global rank of local_rank 0
+    world_size: int
+    master_addr: str
+    master_port: int
+    restart_count: int  # job-wide, the same on every node
+    max_restarts: int
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """One worker's end; ``returncode`` < 0 means killed by signal ``-returncode``."""
+
+    local_rank: int
+    rank: int
+    pid: int
+    returncode: int
+    time: float  # wall clock when the exit was seen
+    round: int
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode != 0
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"SIG{-self.returncode}"
+
+    def describe(self) -> str:
+        """``exit code 3`` or ``signal SIGSEGV``."""
+        name = self.signal_name
+        return f"signal {name}" if name else f"exit code {self.returncode}"
+
+
+def first_failure(exits: Iterable[WorkerExit]) -> WorkerExit | None:
+    """The earliest failed exit (by wall time, then rank), or None when none failed."""
+    failed = [e for e in exits if e.failed]
+    return min(failed, key=lambda e: (e.time, e.rank)) if failed else None
+
+
+def worker_env(cfg: WorkerConfig, a: Assignment, local_rank: int, base: Mapping[str, str],
+               error_file: str) -> dict[str, str]:
+    """The environment of one worker: ``base`` plus exactly what torchrun sets. Pure."""
+    env = dict(base)
+    rank = a.rank_offset + local_rank
+    env.update({
+        "RANK": str(rank), "LOCAL_RANK": str(local_rank), "GROUP_RANK": str(a.group_rank),
+        "ROLE_RANK": str(rank), "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(cfg.nproc),
+        "WORLD_SIZE": str(a.world_size), "GROUP_WORLD_SIZE": str(a.group_world_size),
+        "ROLE_WORLD_SIZE": str(a.world_size), "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(a.master_port),
+        "TORCHELASTIC_RESTART_COUNT": str(a.restart_count), "TORCHELASTIC_MAX_RESTARTS": str(a.max_restarts),
+        "TORCHELASTIC_RUN_ID": a.run_id, "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCHELASTIC_ERROR_FILE": error_file, "ETCD_AGENT_ROUND": str(a.round),
+    })
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if cfg.nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    if cfg.tee:
+        env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@dataclass
+class _Worker:
+    """One spawned (or failed to spawn) worker of the current round."""
+
+    local_rank: int
+    rank: int
+    round: int
+    tag: str  # "run R, node N, round K", the head of every log line about this worker
+    logs: WorkerLogs
+    proc: subprocess.Popen | None = None
+    ps: psutil.Process | None = None  # taken right after spawn: signals through it are safe from pid reuse
+    exited: threading.Event = field(default_factory=threading.Event)
+    waiter: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+
+class WorkerGroup:
+    """The workers of this node; one round at a time."""
+
+    def __init__(self, cfg: WorkerConfig, on_exit: Callable[[WorkerExit], None], node_id: str = "",
+                 logger: logging.Logger | None = None):
+        self.cfg = cfg
+        self.node_id = node_id
+        self._on_exit = on_exit
+        self._log = logger or log
+        self._lock = threading.Lock()  # serializes start and stop
+        self._workers: list[_Worker] = []
+        self._reports: dict[tuple[int, int], WorkerLogs] = {}  # (round, local_rank) -> logs, for failure_report
+        self._log_root = cfg.log_dir
+        self._stopped = True
+        self._stopping = False  # exits seen while stop() runs are expected and logged at INFO
+
+    def start(self, a: Assignment) -> None:
+        """Spawn ``cfg.nproc`` workers for round ``a.round``. Call from the agent's main thread (see module doc)."""
+        if threading.current_thread().name.startswith(_THREAD_PREFIX):
+            raise RuntimeError("WorkerGroup.start was called from a worker waiter thread; the parent-death "
+                               "signal would kill the workers when that thread ends")
+        tag = f"Run {a.run_id}, node {self.node_id or '-'}, round {a.round}"
+        if threading.current_thread() is not threading.main_thread():
+            self._log.warning("%s: workers are started from thread %s; they get SIGKILL when it ends.",
+                              tag, threading.current_thread().name)
+        with self._lock:
+            if self.running:
+                raise RuntimeError(f"round {a.round}: stop() the workers of round {self._workers[0].round} first")
+            root = self._ensure_log_root()
+            preexec = _pdeathsig_preexec(os.getpid())
+            base = dict(os.environ)
+            workers = [_Worker(i, a.rank_offset + i, a.round, tag,
+                               WorkerLogs(rank_dir(root, a.run_id, self.node_id, a.round, a.rank_offset + i),
+                                          a.rank_offset + i, self.cfg.tee)) for i in range(self.cfg.nproc)]
+            streams = prepare_all([w.logs for w in workers])  # all or none, before anything runs
+            self._workers = []
+            self._stopped = self._stopping = False
+            for w, stream_kwargs in zip(workers, streams):
+                self._reports[(a.round, w.local_rank)] = w.logs
+                env = worker_env(self.cfg, a, w.local_rank, base, w.logs.error_file)
+                self._spawn(w, env, preexec, stream_kwargs)
+                self._workers.append(w)
+            self._log.info("%s: started %d workers (ranks %d-%d, pids %s); logs in %s.", tag, len(self._workers),
+                           a.rank_offset, w.rank, self.pids, os.path.dirname(w.logs.directory))
+
+    def _spawn(self, w: _Worker, env: dict[str, str], preexec: Callable[[], None] | None, streams: dict) -> None:
+        argv = self.cfg.command()
+        error: str | None = None
+        try:
+            w.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=preexec, close_fds=True, **streams)
+        except OSError as exc:
+            error = f"etcd-agent could not start {argv[0]!r} for rank {w.rank}: {exc}"
+            self._log.error("%s: could not start worker rank %d (%s): %s.", w.tag, w.rank, argv[0], exc)
+            w.logs.spawn_failed(error)
+            code = 127 if isinstance(exc, FileNotFoundError) else 126 if isinstance(exc, PermissionError) else 1
+        else:
+            w.logs.attach(w.proc)
+            try:
+                w.ps = psutil.Process(w.proc.pid)
+            except psutil.Error:
+                w.ps = None  # already gone; its waiter reports it
+        # A spawn failure is reported like any failed worker, from a thread, so on_exit never runs inside start.
+        target, args = (self._wait, (w,)) if error is None else (self._report, (w, code))
+        w.waiter = threading.Thread(target=target, args=args, daemon=True,
+                                    name=f"{_THREAD_PREFIX}wait-rank{w.rank}")
+        w.waiter.start()
+
+    def _ensure_log_root(self) -> str:
+        global _default_log_root
+        if not self._log_root:
+            with _default_lock:  # one directory per agent process, however many groups it makes
+                if _default_log_root is None:
+                    _default_log_root = tempfile.mkdtemp(prefix="etcd_agent_logs_")
+                    self._log.info("No --log-dir was given; worker logs go to %s.", _default_log_root)
+            self._log_root = _default_log_root
+        return self._log_root
+
+    def _wait(self, w: _Worker) -> None:
+        self._report(w, w.proc.wait())  # type: ignore[union-attr]  (only started with a process)
+
+    def _report(self, w: _Worker, returncode: int) -> None:
+        ex = WorkerExit(w.local_rank, w.rank, w.pid, returncode, time.time(), w.round)
+        w.exited.set()
+        level = logging.WARNING if ex.failed and not self._stopping else logging.INFO
+        self._log.log(level, "%s: worker rank %d (local rank %d, pid %d) exited with %s.",
+                      w.tag, ex.rank, ex.local_rank, ex.pid, ex.describe())
+        try:
+            self._on_exit(ex)
+        except Exception:  # noqa: BLE001 - a broken callback must not hide later exits
+            self._log.exception("%s: the exit callback failed for worker rank %d.", w.tag, ex.rank)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers if w.proc]
+
+    @property
+    def running(self) -> bool:
+        return any(not w.exited.is_set() for w in self._workers)
+
+    def stop(self, reason: str = "") -> None:
+        """SIGTERM, grace until ``cfg.stop_timeout``, SIGKILL, kill surviving descendants; idempotent."""
+        with self._lock:
+            workers = list(self._workers)
+            if self._stopped and not self.running:
+                self._join(workers)
+                return
+            tag = workers[0].tag
+            self._stopping = True
+            tree = _descendants(workers)  # before any signal: afterwards orphans are harder to find
+            live = [w for w in workers if not w.exited.is_set()]
+            self._log.info("%s: stopping the workers (%d still running, %d descendants) with SIGTERM: %s.",
+                           tag, len(live), len(tree), reason or "no reason given")
+            _signal(workers, tree, signal.SIGTERM)
+            deadline = time.monotonic() + self.cfg.stop_timeout
+            for w in live:
+                w.exited.wait(max(0.0, deadline - time.monotonic()))
+            survivors = _wait_gone(list(tree.values()), deadline)
+            self._kill(workers, tag, survivors)
+            self._stopped = True
+            self._join(workers)
+
+    def _kill(self, workers: list[_Worker], tag: str, survivors: list[psutil.Process]) -> None:
+        """SIGKILL whatever is left of the round: workers, their groups, every descendant found."""
+        live = [w for w in workers if not w.exited.is_set()]
+        tree = _descendants(workers)
+        tree.update((p.pid, p) for p in survivors)
+        if live or tree:
+            self._log.warning("%s: %d workers (ranks %s) and %d descendants outlived the %.1fs grace; "
+                              "sending SIGKILL.", tag, len(live), [w.rank for w in live], len(tree),
+                              self.cfg.stop_timeout)
+        _signal(workers, tree, signal.SIGKILL)
+        deadline = time.monotonic() + _KILL_WAIT
+        for w in live:
+            w.exited.wait(max(0.0, deadline - time.monotonic()))
+        left = _wait_gone(list(tree.values()), deadline) + [w.ps for w in workers
+                                                            if w.ps and not w.exited.is_set()]
+        if left:
+            self._log.error("%s: %d processes (pids %s) are still alive %.0fs after SIGKILL.",
+                            tag, len(left), [p.pid for p in left], _KILL_WAIT)
+        else:
+            self._log.info("%s: all workers and their descendants are gone.", tag)
+
+    def _join(self, workers: list[_Worker]) -> None:
+        me, deadline = threading.current_thread(), time.monotonic() + _JOIN_WAIT
+        for w in workers:
+            if w.waiter is not None and w.waiter is not me:
+                w.waiter.join(max(0.0, deadline - time.monotonic()))
+            if not w.logs.join(max(0.0, deadline - time.monotonic())):
+                self._log.warning("%s: the output of worker rank %d is still open (a process outside "
+                                  "its tree holds it); its log may be incomplete.", w.tag, w.rank)
+
+    def failure_report(self, ex: WorkerExit) -> dict:
+        """What an operator needs about one exit; JSON-able, never raises on bad files."""
+        logs = self._reports.get((ex.round, ex.local_rank))
+        error_file = logs.error_file if logs else ""
+        tail = ""
+        if logs:
+            logs.join(_REPORT_FLUSH_WAIT)  # with tee, let the last lines reach the file
+            tail = logs.stderr_tail()
+        message, problem = read_error_message(error_file) if error_file else (None, None)
+        if message is None:
+            lead = problem or "no error file was written"
+            message = f"{lead}; the worker exited with {ex.describe()}"
+            if tail:
+                message += "; last lines of its stderr:\n" + tail
+        return {"rank": ex.rank, "local_rank": ex.local_rank, "pid": ex.pid, "exitcode": ex.returncode,
+                "signal": ex.signal_name, "message": message, "error_file": error_file, "stderr_tail": tail,
+                "time": ex.time, "round": ex.round, "node": self.node_id}
+
+
+# -- process tree helpers ------------------------------------------------------------------------------------------
+
+
+def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
+    """A preexec_fn that sets PR_SET_PDEATHSIG=SIGKILL; everything it needs is resolved here, in the parent."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    sig = int(signal.SIGKILL)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the agent died before the signal was armed
+            os._exit(1)
+
+    return preexec
+
+
+def _descendants(workers: list[_Worker]) -> dict[int, psutil.Process]:
+    """Live descendants of the running workers plus every member of the workers' process groups."""
+    found: dict[int, psutil.Process] = {}
+    for w in workers:
+        if w.ps is not None and not w.exited.is_set():
+            try:
+                found.update((p.pid, p) for p in w.ps.children(recursive=True))
+            except psutil.Error:
+                pass
+    groups = {w.pid for w in workers if w.pid}
+    for p in psutil.process_iter() if groups else ():
+        try:
+            if os.getpgid(p.pid) in groups:
+                found.setdefault(p.pid, p)
+        except OSError:
+            pass
+    for w in workers:  # the workers themselves are waited for by their own threads
+        found.pop(w.pid, None)
+    return {pid: p for pid, p in found.items() if _alive(p)}
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _signal(workers: list[_Worker], tree: dict[int, psutil.Process], sig: signal.Signals) -> None:
+    """Signal the groups of live workers (catching processes forked after the scan) and every process found.
+
+    The group of a worker that already ended is not signalled by id (its number may be reused by now); members
+    left in it were found by the scan and get the signal through psutil, which checks for pid reuse.
+    """
+    for w in workers:
+        if w.pid and not w.exited.is_set():
+            try:
+                os.killpg(w.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+    for p in tree.values():
+        try:
+            p.send_signal(sig)  # psutil refuses when the pid was reused
+        except psutil.Error:
+            pass
+
+
+def _wait_gone(procs: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """Wait until every process has ended (zombies count as ended) or the deadline; returns the survivors.
+
+    A pidfd becomes readable when its process ends, whoever the parent is, so no polling loop is needed; where
+    pidfds are missing (old kernels) psutil's own wait is the fallback.
+    """
+    fds: dict[int, psutil.Process] = {}
+    fallback: list[psutil.Process] = []
+    try:
+        for p in procs:
+            try:
+                fd = os.pidfd_open(p.pid)
+            except ProcessLookupError:
+                continue
+            except (OSError, AttributeError):
+                fallback.append(p)
+                continue
+            if _alive(p):  # checked after taking the pidfd: it cannot refer to a reused pid now
+                fds[fd] = p
+            else:
+                os.close(fd)
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        pending = set(fds)
+        while pending and (remaining := deadline - time.monotonic()) > 0:
+            for fd, _ in poller.poll(remaining * 1000):
+                poller.unregister(fd)
+                pending.discard(fd)
+        if fallback:
+            _, alive = psutil.wait_procs(fallback, timeout=max(0.0, deadline - time.monotonic()))
+            fallback = [p for p in alive if _alive(p)]
+        return [fds[fd] for fd in pending] + fallback
+    finally:
+        for fd in fds:
+            os.close(fd)

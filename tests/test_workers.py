@@ -1,0 +1,416 @@
+"""Tests of etcd_agent.workers with real processes: tiny plain-Python workers from tests/workers/.
+
+Every wait is on an event (exit callbacks, a Unix-socket mailbox the workers write to, pidfds), never a sleep.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from etcd_agent.config import WorkerConfig
+from etcd_agent.errors import ConfigError
+from etcd_agent.workers import Assignment, WorkerExit, WorkerGroup, first_failure, worker_env
+
+WORKERS = Path(__file__).parent / "workers"
+REPO = Path(__file__).parent.parent
+TORCHRUN_KEYS = {
+    "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
+    "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHELASTIC_ERROR_FILE",
+}
+TIMEOUT = 10.0  # an upper bound on any wait; a passing test never gets near it
+
+
+def assignment(**kw) -> Assignment:
+    values = dict(run_id="run1", round=3, group_rank=1, group_world_size=2, rank_offset=4, world_size=6,
+                  master_addr="10.0.0.1", master_port=29400, restart_count=2, max_restarts=5)
+    values.update(kw)
+    return Assignment(**values)
+
+
+class Exits:
+    """An on_exit callback that records exits and sets an event once ``n`` arrived."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.items: list[WorkerExit] = []
+        self.threads: list[str] = []
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, ex: WorkerExit) -> None:
+        with self._lock:
+            self.items.append(ex)
+            self.threads.append(threading.current_thread().name)
+            if len(self.items) >= self.n:
+                self.done.set()
+
+    def wait(self) -> list[WorkerExit]:
+        assert self.done.wait(TIMEOUT), f"only {len(self.items)} of {self.n} exits were reported"
+        return sorted(self.items, key=lambda e: e.local_rank)
+
+
+class Mailbox:
+    """A Unix socket the workers send one line to per connection (tests/workers/_notify.py)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+        self.sock.settimeout(TIMEOUT)
+
+    def get(self) -> list[str]:
+        conn, _ = self.sock.accept()
+        with conn, conn.makefile() as f:
+            return f.readline().split()
+
+    def ready(self, n: int) -> list[tuple[int, int]]:
+        """``n`` ready messages as (pid, ppid)."""
+        out = []
+        for _ in range(n):
+            word, pid, ppid = self.get()
+            assert word == "ready"
+            out.append((int(pid), int(ppid)))
+        return out
+
+
+@pytest.fixture
+def mailbox(monkeypatch):
+    short = tempfile.mkdtemp(prefix="wk")  # a socket path must stay under 108 bytes
+    box = Mailbox(os.path.join(short, "s"))
+    monkeypatch.setenv("NOTIFY_SOCK", box.path)
+    yield box
+    box.sock.close()
+    shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def make_group(tmp_path):
+    """``make_group(script, *args, nproc=1, n_exits=nproc, **cfg)`` -> (group, exits); stopped at teardown."""
+    groups = []
+
+    def make(script: str, *args: str, nproc: int = 1, n_exits: int | None = None, node: str = "node-a", **kw):
+        entry = script if kw.get("no_python") or kw.get("module") else str(WORKERS / script)
+        cfg = WorkerConfig(entrypoint=entry, args=tuple(args), nproc=nproc, log_dir=str(tmp_path / "logs"), **kw)
+        exits = Exits(nproc if n_exits is None else n_exits)
+        group = WorkerGroup(cfg, exits, node_id=node)
+        groups.append(group)
+        return group, exits
+
+    yield make
+    for g in groups:
+        g.stop("test teardown")
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def kill_quietly(pids: list[int]) -> None:
+    """Cleanup after a failed assertion, so a broken build leaves no process behind."""
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+
+
+def rank_dir(tmp_path: Path, rank: int, round_: int = 3, run: str = "run1", node: str = "node-a") -> Path:
+    return tmp_path / "logs" / run / node / f"round_{round_:04d}" / f"rank_{rank}"
+
+
+# -- environment -------------------------------------------------------------------------------------------------
+
+
+def test_worker_env_has_exactly_torchruns_variables():
+    cfg = WorkerConfig(entrypoint="train.py", args=(), nproc=2)
+    base = {"PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "1,3", "RANK": "stale"}
+    env = worker_env(cfg, assignment(), 1, base, "/logs/error.json")
+    assert set(env) - set(base) == (TORCHRUN_KEYS | {"OMP_NUM_THREADS", "ETCD_AGENT_ROUND"}) - {"RANK"}
+    assert env == {
+        "PATH": "/usr/bin", "CUDA_VISIBLE_DEVICES": "1,3",
+        "RANK": "5", "LOCAL_RANK": "1", "GROUP_RANK": "1", "ROLE_RANK": "5", "ROLE_NAME": "default",
+        "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "6", "GROUP_WORLD_SIZE": "2", "ROLE_WORLD_SIZE": "6",
+        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "TORCHELASTIC_RESTART_COUNT": "2",
+        "TORCHELASTIC_MAX_RESTARTS": "5", "TORCHELASTIC_RUN_ID": "run1", "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": "/logs/error.json",
+        "ETCD_AGENT_ROUND": "3",
+    }
+
+
+def test_worker_env_keeps_what_the_user_set():
+    many = WorkerConfig(entrypoint="train.py", args=(), nproc=4)
+    one = WorkerConfig(entrypoint="train.py", args=(), nproc=1)
+    user = {"OMP_NUM_THREADS": "8", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
+    assert worker_env(many, assignment(), 0, user, "e")["OMP_NUM_THREADS"] == "8"
+    assert worker_env(many, assignment(), 0, user, "e")["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+    assert "OMP_NUM_THREADS" not in worker_env(one, assignment(), 0, {}, "e")
+    assert "PYTHONUNBUFFERED" not in worker_env(one, assignment(), 0, {}, "e")
+    tee = WorkerConfig(entrypoint="train.py", args=(), nproc=1, tee=True)
+    assert worker_env(tee, assignment(), 0, {}, "e")["PYTHONUNBUFFERED"] == "1"
+
+
+@pytest.mark.torch
+def test_worker_env_keys_match_a_real_torchrun(tmp_path):
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed")
+    out = tmp_path / "torchrun"
+    out.mkdir()
+    base = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "LC_ALL": "C.UTF-8"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(WORKERS / "record_env.py"), str(out)], env=base, check=True, timeout=60,
+                   capture_output=True)
+    theirs = json.loads((out / "env_1.json").read_text())["env"]
+    ours = worker_env(WorkerConfig(entrypoint="x", args=(), nproc=2), assignment(), 1, base, "e")
+    agent_only = {"TORCHELASTIC_SIGNALS_TO_HANDLE"}  # set in torchrun's own environment, not per worker
+    assert set(theirs) - set(base) - agent_only == set(ours) - set(base) - {"ETCD_AGENT_ROUND"}
+
+
+# -- start and exits ---------------------------------------------------------------------------------------------
+
+
+def test_start_runs_every_worker_with_its_environment(make_group, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    group, exits = make_group("record_env.py", str(out), nproc=2)
+    group.start(assignment())
+    assert len(group.pids) == 2
+    done = exits.wait()
+    assert [(e.local_rank, e.rank, e.returncode, e.round, e.failed) for e in done] == [
+        (0, 4, 0, 3, False), (1, 5, 0, 3, False)]
+    assert all(name.startswith("etcd-agent-workers-wait") for name in exits.threads)
+    assert not group.running
+    for e in done:
+        facts = json.loads((out / f"env_{e.rank}.json").read_text())
+        assert facts["pid"] == e.pid and facts["pgid"] == e.pid and facts["sid"] == e.pid
+        assert facts["stdin"] == "/dev/null"
+        assert facts["env"]["LOCAL_RANK"] == str(e.local_rank)
+        assert facts["env"]["ETCD_AGENT_ROUND"] == "3"
+        d = rank_dir(tmp_path, e.rank)
+        assert facts["env"]["TORCHELASTIC_ERROR_FILE"] == str(d / "error.json")
+        assert (d / "stdout.log").read_text() == f"recorded rank {e.rank}\n"
+        assert (d / "stderr.log").read_text() == ""
+
+
+def test_exit_code_and_signal_are_reported(make_group):
+    group, exits = make_group("exit_code.py", "3")
+    group.start(assignment())
+    (ex,) = exits.wait()
+    assert (ex.returncode, ex.failed, ex.signal_name, ex.describe()) == (3, True, None, "exit code 3")
+    group.stop("next case")
+    group, exits = make_group("exit_code.py", "SIGKILL")
+    group.start(assignment(round=4))
+    (ex,) = exits.wait()
+    assert (ex.returncode, ex.signal_name, ex.describe(), ex.round) == (-9, "SIGKILL", "signal SIGKILL", 4)
+
+
+def test_first_failure_is_the_earliest_failed_exit():
+    ok = WorkerExit(0, 0, 10, 0, 1.0, 1)
+    late = WorkerExit(1, 1, 11, 1, 3.0, 1)
+    early = WorkerExit(2, 2, 12, -11, 2.5, 1)
+    assert first_failure([ok, late, early]) is early
+    assert first_failure([ok]) is None
+    assert early.describe() == "signal SIGSEGV"
+
+
+def test_start_refuses_while_workers_run_and_restarts_after_stop(make_group, mailbox):
+    group, exits = make_group("hang.py", n_exits=2)
+    group.start(assignment(round=1))
+    mailbox.ready(1)
+    with pytest.raises(RuntimeError, match="stop"):
+        group.start(assignment(round=2))
+    group.stop("new round")
+    group.start(assignment(round=2))
+    mailbox.ready(1)
+    group.stop("done")
+    assert [e.round for e in exits.wait()] == [1, 2]
+
+
+# -- stop --------------------------------------------------------------------------------------------------------
+
+
+def test_stop_ends_workers_with_sigterm(make_group, mailbox):
+    group, exits = make_group("hang.py", nproc=2, stop_timeout=TIMEOUT)
+    group.start(assignment())
+    assert sorted(pid for pid, _ in mailbox.ready(2)) == sorted(group.pids)
+    assert group.running
+    t0 = time.monotonic()
+    group.stop("test")
+    assert time.monotonic() - t0 < TIMEOUT / 2
+    assert [e.returncode for e in exits.wait()] == [-signal.SIGTERM, -signal.SIGTERM]
+    assert not group.running
+    group.stop("again")  # idempotent
+    assert len(exits.items) == 2
+
+
+def test_stop_kills_workers_that_ignore_sigterm_after_the_grace(make_group, mailbox):
+    group, exits = make_group("hang.py", "--ignore-term", stop_timeout=0.5)
+    group.start(assignment())
+    mailbox.ready(1)
+    t0 = time.monotonic()
+    group.stop("test")
+    assert 0.5 <= time.monotonic() - t0 < TIMEOUT / 2
+    (ex,) = exits.wait()
+    assert ex.signal_name == "SIGKILL"
+
+
+def test_no_descendant_survives_stop(make_group, mailbox):
+    group, exits = make_group("spawn_child.py", stop_timeout=0.5)
+    group.start(assignment())
+    (worker,) = group.pids
+    kids = [pid for pid, ppid in mailbox.ready(2) if ppid == worker]
+    try:
+        assert len(kids) == 2
+        group.stop("test")
+        exits.wait()
+        assert gone(worker)
+        assert [pid for pid in kids if not gone(pid)] == []
+    finally:
+        kill_quietly(kids)
+
+
+# -- failure reports ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, message", [("record", "RuntimeError: boom"), ("plain", "plain message")])
+def test_failure_report_reads_the_error_file(make_group, tmp_path, kind, message):
+    group, exits = make_group("write_error_file.py", kind, nproc=2)
+    group.start(assignment())
+    ex = exits.wait()[1]
+    report = group.failure_report(ex)
+    assert json.loads(json.dumps(report)) == report
+    d = rank_dir(tmp_path, 5)
+    assert report == {
+        "rank": 5, "local_rank": 1, "pid": ex.pid, "exitcode": 1, "signal": None, "message": message,
+        "error_file": str(d / "error.json"), "stderr_tail": "Traceback (most recent call last):\nRuntimeError: boom",
+        "time": ex.time, "round": 3, "node": "node-a",
+    }
+
+
+def test_failure_report_says_when_the_error_file_is_malformed(make_group):
+    group, exits = make_group("write_error_file.py", "bad")
+    group.start(assignment())
+    report = group.failure_report(exits.wait()[0])
+    assert "not valid JSON" in report["message"] and "exit code 1" in report["message"]
+
+
+def test_failure_report_falls_back_to_the_stderr_tail(make_group, tmp_path):
+    group, exits = make_group("exit_code.py", "SIGKILL")
+    group.start(assignment())
+    report = group.failure_report(exits.wait()[0])
+    assert report["signal"] == "SIGKILL" and report["exitcode"] == -9
+    tail = report["stderr_tail"].splitlines()
+    assert len(tail) == 20 and tail[0] == "stderr line 11" and tail[-1] == "about to end with SIGKILL"
+    assert "no error file" in report["message"] and "signal SIGKILL" in report["message"]
+    assert report["message"].endswith("about to end with SIGKILL")
+    assert not os.path.exists(report["error_file"])
+
+
+def test_a_stale_error_file_is_removed_before_start(make_group, tmp_path):
+    d = rank_dir(tmp_path, 4)
+    d.mkdir(parents=True)
+    (d / "error.json").write_text(json.dumps({"message": "from an earlier attempt"}))
+    group, exits = make_group("exit_code.py", "2")
+    group.start(assignment())
+    assert "earlier" not in group.failure_report(exits.wait()[0])["message"]
+
+
+def test_an_unwritable_log_dir_fails_start_before_any_worker_runs(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    cfg = WorkerConfig(entrypoint=str(WORKERS / "hang.py"), args=(), nproc=2, log_dir=str(blocker))
+    exits = Exits(1)
+    group = WorkerGroup(cfg, exits, node_id="node-a")
+    with pytest.raises(ConfigError, match="--log-dir"):
+        group.start(assignment())
+    assert group.pids == [] and not group.running and exits.items == []
+    group.stop("nothing to stop")
+
+
+# -- tee, commands -----------------------------------------------------------------------------------------------
+
+
+def test_tee_prefixes_console_lines_and_keeps_plain_logs(make_group, tmp_path, capsys):
+    group, exits = make_group("echo.py", tee=True, nproc=2)
+    group.start(assignment())
+    exits.wait()
+    group.stop("done")  # joins the tee threads
+    out, err = capsys.readouterr()
+    assert all(line.startswith("[rank ") for line in (out + err).splitlines())
+    for rank in (4, 5):
+        prefix = f"[rank {rank}]: "  # lines of the two workers interleave; each line stays whole
+        assert [line for line in out.splitlines() if line.startswith(prefix)] == [
+            prefix + "hello stdout", prefix + "second line", prefix + "no newline at end"]
+        assert [line for line in err.splitlines() if line.startswith(prefix)] == [prefix + "hello stderr"]
+        d = rank_dir(tmp_path, rank)
+        assert (d / "stdout.log").read_text() == "hello stdout\nsecond line\nno newline at end"
+        assert (d / "stderr.log").read_text() == "hello stderr\n"
+
+
+def test_module_entrypoint(make_group, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(WORKERS))
+    out = tmp_path / "out"
+    out.mkdir()
+    group, exits = make_group("record_env", str(out), module=True)
+    group.start(assignment())
+    assert exits.wait()[0].returncode == 0
+    argv = json.loads((out / "env_4.json").read_text())["argv"]
+    assert argv[0].endswith("record_env.py") and argv[1:] == [str(out)]
+
+
+def test_no_python_entrypoint(make_group):
+    group, exits = make_group("sh", "-c", 'exit $((RANK + 3))', no_python=True)
+    group.start(assignment())
+    assert exits.wait()[0].returncode == 7
+
+
+def test_a_worker_that_cannot_start_is_reported_as_failed(make_group, tmp_path):
+    group, exits = make_group("no-such-program-here", no_python=True, nproc=2)
+    group.start(assignment())
+    done = exits.wait()
+    assert [(e.returncode, e.pid) for e in done] == [(127, 0), (127, 0)]
+    report = group.failure_report(done[0])
+    assert "could not start 'no-such-program-here'" in report["stderr_tail"]
+
+
+# -- parent death ------------------------------------------------------------------------------------------------
+
+
+def test_a_worker_dies_with_its_agent(mailbox, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    agent = subprocess.Popen([sys.executable, str(WORKERS / "parent_agent.py"), str(tmp_path / "logs")], env=env)
+    worker = 0
+    try:
+        ((worker, parent),) = mailbox.ready(1)
+        assert parent == agent.pid
+        pidfd = os.pidfd_open(worker)
+        agent.kill()
+        agent.wait(TIMEOUT)
+        readable, _, _ = select.select([pidfd], [], [], TIMEOUT)
+        os.close(pidfd)
+        assert readable, f"worker {worker} outlived its agent"
+        assert gone(worker)
+    finally:
+        agent.kill()
+        agent.wait(TIMEOUT)
+        kill_quietly([worker] if worker else [])
