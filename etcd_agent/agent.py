@@ -20,11 +20,11 @@ import time
 
 from . import txns
 from .config import AgentConfig
-from .errors import ConfigError, EtcdUnavailable, JobFailed, JobStopped
+from .errors import ConfigError, EtcdUnavailable, JobFailed, JobStopped, SessionLost
 from .etcd import Etcd
 from .keys import Keys
 from .rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
-                         Wait, WriteExit, decide)
+                         Wait, WriteExit, decide, how_it_ended)
 from .session import Session
 from .state import Mirror, View
 from .watch import Resync, Watch
@@ -60,7 +60,7 @@ class Agent:
         self.shutdown = threading.Event()
         self.etcd = Etcd(cfg.etcd, self.shutdown)
         self.mirror = Mirror(self.keys)
-        self.events: queue.Queue = queue.Queue()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe from a signal handler
         self.state = State.STARTING
         self.session: Session | None = None
         self.watch: Watch | None = None
@@ -109,7 +109,8 @@ class Agent:
         self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} (lease {self.session.lease_id:x})")
 
     def _new_session(self, stale_lease: int = 0) -> None:
-        self.session = Session(self.etcd, self.cfg.lease_ttl, lambda why: self.events.put(("lost", why)))
+        session = Session(self.etcd, self.cfg.lease_ttl, lambda why: self.events.put(("lost", (session, why))))
+        self.session = session
         self.session.start(deadline=self.cfg.join_timeout)
         if stale_lease:  # etcd is reachable again: make sure the old session's keys are gone before re-registering
             self.etcd.lease_revoke(stale_lease, deadline=self.cfg.lease_ttl)
@@ -138,9 +139,16 @@ class Agent:
                 return self._finish(action.result)
             if isinstance(action, Wait):
                 log.debug("%s waiting: %s", self._who(), action.why)
-                self._drain(block=True, deadline=action.deadline)
+                hang_check = self._check_progress()
+                if self.local.outcome == "failed" and self.local.failure.get("hang"):
+                    continue  # decide again: the hung group fails now
+                deadline = min(d for d in (action.deadline, hang_check, float("inf")) if d is not None)
+                self._drain(block=True, deadline=None if deadline == float("inf") else deadline)
             else:
-                self._act(action, view)
+                try:
+                    self._act(action, view)
+                except SessionLost as exc:  # our lease ended before the keepalive thread could say so
+                    self._fence(str(exc))
 
     def _drain(self, block: bool, deadline: float | None = None) -> None:
         """Handle queued events; when ``block``, first wait for one (until ``deadline``)."""
@@ -165,7 +173,9 @@ class Agent:
         elif kind == "worker":
             self._worker_exit(item)
         elif kind == "lost":
-            self._fence(item)
+            session, why = item
+            if session is self.session:  # a late report from a session already replaced is old news
+                self._fence(why)
         elif kind == "signal":
             raise JobStopped(f"{self.cfg.node_id} received {signal.Signals(item).name}: stopped its workers and "
                              "left the job")
@@ -276,6 +286,25 @@ class Agent:
             log.info("%s all %d local worker(s) finished successfully", self._who(), self.cfg.workers.nproc)
             self._set(outcome="succeeded", workers_running=False)
 
+    def _check_progress(self) -> float | None:
+        """Hang detection: a running worker silent for --worker-timeout fails the group; returns the next check."""
+        limit = self.cfg.worker_timeout
+        if not limit or not self.local.workers_running or self.local.outcome is not None:
+            return None
+        silent = self.group.silent_for()
+        if not silent:
+            return None
+        longest, ex = max(silent, key=lambda s: s[0])
+        if longest < limit:
+            return time.monotonic() + (limit - longest)
+        report = {**self.group.failure_report(ex), "exitcode": None, "signal": None, "hang": True,
+                  "message": f"no progress for {longest:.1f} s (--worker-timeout {limit:g}); the worker is "
+                             "considered hung"}
+        log.error("%s worker rank %d (pid %d) made no progress for %.1f s (--worker-timeout %g)", self._who(),
+                  ex.rank, ex.pid, longest, limit)
+        self._set(outcome="failed", failure=report)
+        return None
+
     def _stop_workers(self, why: str) -> None:
         if self.group is not None and self.local.workers_running:
             self._set(workers_running=False)
@@ -305,8 +334,7 @@ class Agent:
         root = result.get("root_cause")
         detail = ""
         if root:
-            how = f"signal {root.get('signal')}" if root.get("signal") else f"exit code {root.get('exitcode')}"
-            detail = (f"; root cause: rank {root.get('rank')} on {root.get('node')} ({how}) in round "
+            detail = (f"; root cause: rank {root.get('rank')} on {root.get('node')} ({how_it_ended(root)}) in round "
                       f"{root.get('round')}: {root.get('message') or 'no error message'}")
         raise (JobStopped if outcome == "stopped" else JobFailed)(
             f"job {self.cfg.run_id} {outcome}: {result.get('reason')}{detail}")

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(t, "--join-timeout", type=float, default=600.0, help="seconds to wait for MIN nodes (default 600)")
     _flag(t, "--stop-timeout", type=float, default=10.0, help="grace between SIGTERM and SIGKILL for workers (default 10)")
     _flag(t, "--scale-settle", type=float, default=1.0, help="seconds new nodes are batched before scaling up (default 1)")
+    _flag(t, "--worker-timeout", type=float, default=0.0,
+          help="restart the job when a worker shows no progress for this many seconds (default 0: off; see "
+               "etcd_agent.progress.beat)")
     w = p.add_argument_group("workers")
     _flag(w, "--log-dir", default=None, help="per-round, per-rank logs go here (default: a temporary directory)")
     _flag(w, "--tee", action="store_true", help="also copy worker output to the console, prefixed [rank N]:")
@@ -101,7 +104,7 @@ def agent_config(ns: argparse.Namespace, endpoints: str | None = None) -> AgentC
                        spec=JobSpec(lo, hi, ns.nproc.strip().lower(), ns.max_restarts), workers=workers,
                        etcd=_etcd_config(ns, endpoints), root=ns.root, local_addr=ns.local_addr,
                        lease_ttl=ns.lease_ttl, last_call=ns.last_call, join_timeout=ns.join_timeout,
-                       scale_settle=ns.scale_settle)
+                       scale_settle=ns.scale_settle, worker_timeout=ns.worker_timeout)
 
 
 def _setup_logging(level: str) -> None:

@@ -121,6 +121,7 @@ class AgentConfig:
     last_call: float = 2.0
     join_timeout: float = 600.0
     scale_settle: float = 1.0
+    worker_timeout: float = 0.0  # 0: hang detection off
 
     def __post_init__(self) -> None:
         if not _RUN_ID_RE.match(self.run_id):
@@ -135,6 +136,8 @@ class AgentConfig:
             raise ConfigError(f"--last-call must be 0 or more, got {self.last_call}")
         if self.join_timeout <= 0:
             raise ConfigError(f"--join-timeout must be positive, got {self.join_timeout}")
+        if self.worker_timeout < 0:
+            raise ConfigError(f"--worker-timeout must be 0 (off) or more, got {self.worker_timeout}")
         if self.scale_settle < 0:
             raise ConfigError(f"--scale-settle must be 0 or more, got {self.scale_settle}")
         if self.etcd.request_timeout >= self.lease_ttl:

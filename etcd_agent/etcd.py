@@ -31,7 +31,7 @@ from etcd3 import etcdrpc as rpc  # re-exported for watch.py: the generated mess
 from etcd3 import exceptions as etcd3_exc  # noqa: E402
 
 from .config import EtcdConfig
-from .errors import (EtcdAuthError, EtcdError, EtcdRequestError, EtcdUnavailable)
+from .errors import EtcdAuthError, EtcdError, EtcdRequestError, EtcdUnavailable, SessionLost
 
 log = logging.getLogger("etcd_agent.etcd")
 T = TypeVar("T")
@@ -124,6 +124,8 @@ def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:
         return EtcdAuthError(text)
     if code == grpc.StatusCode.INVALID_ARGUMENT and detail and "authentication failed" in detail:
         return EtcdAuthError(text)
+    if code == grpc.StatusCode.NOT_FOUND and detail and "lease not found" in detail:
+        return SessionLost(text)
     return EtcdRequestError(text)
 
 
@@ -201,14 +203,18 @@ class Etcd:
 
     # -- calls --
     def call(self, where: str, fn: Callable[[etcd3.MultiEndpointEtcd3Client, dict], T],
-             deadline: float | None = None) -> T:
-        """Run ``fn(client, call_kwargs)`` with retries; ``where`` names the operation in errors."""
+             deadline: float | None = None, attempt_timeout: float | None = None) -> T:
+        """Run ``fn(client, call_kwargs)`` with retries; ``where`` names the operation in errors.
+
+        ``deadline`` bounds all attempts (default: the connect timeout), ``attempt_timeout`` each one (default:
+        the request timeout), so a frozen member costs one short attempt before failover tries the next."""
         limit = self.cfg.connect_timeout if deadline is None else deadline
         end = time.monotonic() + limit
+        per_attempt = attempt_timeout or self.cfg.request_timeout
 
         def attempt() -> T:
             client = self.client
-            timeout = max(0.05, min(self.cfg.request_timeout, end - time.monotonic()))
+            timeout = max(0.05, min(per_attempt, end - time.monotonic()))
             kwargs = {"timeout": timeout, "credentials": client.call_credentials,
                       "metadata": client.metadata}
             try:
@@ -273,13 +279,14 @@ class Etcd:
             raise EtcdRequestError(f"etcd lease grant failed: {resp.error}")
         return resp.ID
 
-    def lease_keepalive(self, lease_id: int, deadline: float | None = None) -> int:
+    def lease_keepalive(self, lease_id: int, deadline: float | None = None,
+                        attempt_timeout: float | None = None) -> int:
         """One keepalive; returns the TTL etcd granted (<= 0 means the lease no longer exists)."""
         def once(c, kw):
             for resp in c.leasestub.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), **kw):
                 return resp.TTL
             return 0
-        return self.call("lease keepalive", once, deadline)
+        return self.call("lease keepalive", once, deadline, attempt_timeout)
 
     def lease_revoke(self, lease_id: int, deadline: float | None = None) -> None:
         def revoke(c, kw):

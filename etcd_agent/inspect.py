@@ -15,6 +15,7 @@ from . import txns
 from .errors import ConfigError
 from .etcd import Etcd
 from .keys import Keys
+from .rendezvous import how_it_ended
 from .state import Mirror
 
 
@@ -79,8 +80,7 @@ def describe(run_id: str, s: dict) -> str:
     elif r and r["phase"] == "joining":
         lines.append(f"  joined so far: {', '.join(s['joined']) or 'none'}")
     for node, f in sorted(s["failures"].items()):
-        lines.append(f"  failure on {node}: rank {f.get('rank')} {f.get('signal') or 'exit ' + str(f.get('exitcode'))}: "
-                     f"{f.get('message') or ''}".rstrip(": "))
+        lines.append(f"  failure on {node}: rank {f.get('rank')} {how_it_ended(f)}: {f.get('message') or ''}".rstrip(": "))
     res = s["result"]
     if res:
         lines.append(f"  result: {res.get('outcome')} in round {res.get('round')}: {res.get('reason')}")

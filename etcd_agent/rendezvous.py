@@ -210,9 +210,17 @@ def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failur
             "restarts": v.restarts.used if v.restarts else 0, "time": wall}
 
 
+def how_it_ended(failure: dict) -> str:
+    """``signal SIGKILL``, ``exit code 3`` or ``hung`` for a failure report."""
+    if failure.get("hang"):
+        return "hung"
+    return f"signal {failure['signal']}" if failure.get("signal") else f"exit code {failure.get('exitcode')}"
+
+
 def _describe(failure: dict | None) -> str:
     if not failure:
         return "a worker failed"
-    how = f"signal {failure['signal']}" if failure.get("signal") else f"exit code {failure.get('exitcode')}"
-    return f"worker rank {failure.get('rank')} on {failure.get('node')} failed with {how}"
+    if failure.get("hang"):
+        return f"worker rank {failure.get('rank')} on {failure.get('node')} hung ({failure.get('message')})"
+    return f"worker rank {failure.get('rank')} on {failure.get('node')} failed with {how_it_ended(failure)}"
 

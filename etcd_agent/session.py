@@ -65,7 +65,8 @@ class Session:
                 return
             sent = time.monotonic()
             try:
-                granted = self.etcd.lease_keepalive(self.lease_id, deadline=min(left, period))
+                granted = self.etcd.lease_keepalive(self.lease_id, deadline=min(left, period),
+                                                    attempt_timeout=period / 3)
             except EtcdUnavailable as exc:
                 log.warning("lease %x keepalive failed, %.1f s left before self-fencing: %s", self.lease_id,
                             max(0.0, fence_at - time.monotonic()), exc)

@@ -37,6 +37,7 @@ from typing import Callable, Iterable, Mapping
 import psutil
 
 from .config import WorkerConfig
+from .progress import PROGRESS_ENV, last_progress
 from .worker_logs import WorkerLogs, prepare_all, rank_dir, read_error_message
 
 log = logging.getLogger("etcd_agent.workers")
@@ -137,6 +138,8 @@ class _Worker:
     ps: psutil.Process | None = None  # taken right after spawn: signals through it are safe from pid reuse
     exited: threading.Event = field(default_factory=threading.Event)
     waiter: threading.Thread | None = None
+    progress_file: str = ""  # $ETCD_AGENT_PROGRESS_FILE: the worker's heartbeat (see progress.py)
+    started: float = 0.0  # wall time of the spawn
 
     @property
     def pid(self) -> int:
@@ -183,6 +186,8 @@ class WorkerGroup:
             for w, stream_kwargs in zip(workers, streams):
                 self._reports[(a.round, w.local_rank)] = w.logs
                 env = worker_env(self.cfg, a, w.local_rank, base, w.logs.error_file)
+                env[PROGRESS_ENV] = w.progress_file = os.path.join(w.logs.directory, "progress")
+                w.started = time.time()
                 self._spawn(w, env, preexec, stream_kwargs)
                 self._workers.append(w)
             self._log.info("%s: started %d workers (ranks %d-%d, pids %s); logs in %s.", tag, len(self._workers),
@@ -234,6 +239,13 @@ class WorkerGroup:
             self._on_exit(ex)
         except Exception:  # noqa: BLE001 - a broken callback must not hide later exits
             self._log.exception("%s: the exit callback failed for worker rank %d.", w.tag, ex.rank)
+
+    def silent_for(self) -> list[tuple[float, WorkerExit]]:
+        """For each running worker: seconds since its last progress beat (or start), with its identity."""
+        now = time.time()
+        return [(now - last_progress(w.progress_file, w.started),
+                 WorkerExit(w.local_rank, w.rank, w.pid, 0, now, w.round))
+                for w in self._workers if w.proc and not w.exited.is_set()]
 
     @property
     def pids(self) -> list[int]:
