@@ -69,6 +69,7 @@ class Agent:
         self._round_seen = 0
         self._joined_round = 0
         self.signalled = 0
+        self._stop_began = float("inf")  # wall time the current group's stop began
 
     # --- state machine -------------------------------------------------------------------------------------
     def _enter(self, new: State, why: str) -> None:
@@ -275,7 +276,10 @@ class Agent:
 
     def _worker_exit(self, ex: WorkerExit) -> None:
         if self.group is None or ex.round != self.local.workers_round or not self.local.workers_running:
-            return  # an exit of a group we already stopped
+            if self.group is not None and ex.failed and ex.time < self._stop_began:
+                # It failed on its own just before we stopped the group for another reason: keep its report.
+                txns.report_failure(self.etcd, self.keys, ex.round, self.cfg.node_id, self.group.failure_report(ex))
+            return  # otherwise: an exit of a group we stopped
         self._exits[ex.local_rank] = ex
         if ex.failed and self.local.outcome is None:
             report = self.group.failure_report(ex)
@@ -307,6 +311,7 @@ class Agent:
 
     def _stop_workers(self, why: str) -> None:
         if self.group is not None and self.local.workers_running:
+            self._stop_began = time.time()
             self._set(workers_running=False)
             self.group.stop(why)
         elif self.group is not None:

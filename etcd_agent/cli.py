@@ -88,8 +88,10 @@ def _etcd_config(ns: argparse.Namespace, endpoints: str | None = None) -> EtcdCo
     password = os.environ.get(PASSWORD_ENV) if ns.user else None
     if ns.user and ns.cacert is None:
         raise ConfigError("--etcd-user needs TLS (--etcd-cacert): etcd refuses password auth on a plaintext channel")
+    # One RPC attempt must leave time for another member before the lease (and the job) could suffer.
+    lease_ttl = getattr(ns, "lease_ttl", 5)
     return EtcdConfig(parse_endpoints(text), ns.cacert, ns.cert, ns.key, ns.user, password,
-                      connect_timeout=ns.etcd_timeout)
+                      request_timeout=max(0.5, min(3.0, lease_ttl / 3)), connect_timeout=ns.etcd_timeout)
 
 
 def agent_config(ns: argparse.Namespace, endpoints: str | None = None) -> AgentConfig:

@@ -3,8 +3,8 @@
 The agent turns each action into one guarded txn (``txns.py``) or one local step; a failed compare means "re-read
 and decide again". Invariants this module keeps:
 - Round leader: the joiner with the lowest join create_revision (etcd's election pattern). Only it closes a
-  round: at once with ``max_nodes`` joiners; at once with ``min_nodes`` when every registered node has joined
-  (the fast path that makes a re-rendezvous after a failure immediate); otherwise ``last_call`` seconds after
+  round: at once with ``max_nodes`` joiners; at once with ``min_nodes`` when the job ran before and every
+  registered node has joined (the fast path that makes a re-rendezvous after a failure immediate); otherwise ``last_call`` seconds after
   ``min_nodes`` was reached. Fewer than ``min_nodes`` within ``join_timeout`` fails the job.
 - Ranks are stable: members of the previous plan keep their relative order, newcomers follow in join order.
 - A plan member is lost when its leased join key vanishes without an exit key: a restart of the new session of
@@ -142,7 +142,9 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if count < p.min_nodes:
         return Wait(f"round {r.number} has {count} of {p.min_nodes} node(s)", timeout_at)
     plan = build_plan(r.number, list(v.joins.values()), p, v.restarts.used if v.restarts else 0)
-    if count >= p.max_nodes or set(v.nodes) <= set(v.joins):
+    # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
+    # The first round waits out the last call for nodes that are still starting.
+    if count >= p.max_nodes or (v.last_plan is not None and set(v.nodes) <= set(v.joins)):
         return ClosePlan(r, plan)
     close_at = (me.min_reached_at if me.min_reached_at is not None else me.now) + p.last_call
     if me.now >= close_at:

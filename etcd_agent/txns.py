@@ -21,8 +21,8 @@ from .state import JOINING, RUNNING, RoundInfo
 log = logging.getLogger("etcd_agent.txns")
 
 
-def round_value(number: int, phase: str, reason: str, wall: float) -> bytes:
-    return encode({"round": number, "phase": phase, "reason": reason, "time": wall})
+def round_value(number: int, phase: str, reason: str, wall: float, **extra) -> bytes:
+    return encode({"round": number, "phase": phase, "reason": reason, "time": wall, **extra})
 
 
 def init_job(etcd: Etcd, keys: Keys, spec: JobSpec, wall: float) -> None:
@@ -83,7 +83,7 @@ def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
     reason = f"{len(a.plan.members)} node(s): {', '.join(a.plan.nodes)}"
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n))],
                     [op_put(keys.plan(n), encode(a.plan.to_json())),
-                     op_put(keys.round(), round_value(n, RUNNING, reason, wall))],
+                     op_put(keys.round(), round_value(n, RUNNING, reason, wall, nodes=len(a.plan.members)))],
                     where=f"close round {n}")
 
 
@@ -97,6 +97,12 @@ def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int,
         ops.append(op_put(keys.restarts(), encode({"used": restarts_used + 1, "max": restarts_max})))
     report = [op_put(keys.failure(n, node), encode(a.failure))] if a.failure else []
     return etcd.txn(compare, ops + report, report, where=f"restart round {n} -> {n + 1}")
+
+
+def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: dict) -> None:
+    """A failure seen while the round was already moving on: recorded if the node has no report for it yet."""
+    key = keys.failure(rnd, node)
+    etcd.txn([absent(key)], [op_put(key, encode(failure))], where=f"report failure {key}")
 
 
 def write_exit(etcd: Etcd, keys: Keys, a: WriteExit, node: str, wall: float) -> TxnResult:

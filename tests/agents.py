@@ -108,3 +108,70 @@ def wait_for_key(endpoint: str, key: str, timeout: float = 30.0) -> dict:
             watch.cancel()
     finally:
         etcd.close()
+
+
+class RoundWatcher:
+    """Follows ``P/round`` through a watch and keeps every value with the wall time it arrived."""
+
+    def __init__(self, endpoint: str, run_id: str):
+        import threading
+
+        from etcd_agent.watch import Watch
+
+        self.key = Keys("/etcd-agent", run_id).round()
+        self.values: list[tuple[float, dict]] = []
+        self._cond = threading.Condition()
+        self._etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
+        kv, rev = self._etcd.get(self.key)
+        if kv is not None:
+            self.values.append((time.time(), json.loads(kv.value)))
+        self._watch = Watch(self._etcd, self.key, rev + 1, self._deliver, probe_interval=0.5).start()
+
+    def _deliver(self, batch) -> None:
+        with self._cond:
+            for ev in getattr(batch, "kvs", None) or batch:
+                kv = getattr(ev, "kv", ev)
+                if kv.key == self.key and kv.value:
+                    self.values.append((time.time(), json.loads(kv.value)))
+            self._cond.notify_all()
+
+    def wait_for(self, predicate, timeout: float = 30.0) -> dict:
+        """The first round value (in arrival order) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for _, value in self.values:
+                    if predicate(value):
+                        return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no round value matched within {timeout} s; saw "
+                                         f"{[v for _, v in self.values]}")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self._watch.cancel()
+        self._etcd.close()
+
+
+def wait_records(out: Path, wanted: set[tuple[int, int]], agents: list[AgentProc], timeout: float = 30.0) -> dict:
+    """Wait until job.py recorded every (round, rank) in ``wanted``; fail early if an agent dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = records(out)
+        if wanted <= found.keys():
+            return found
+        for a in agents:
+            assert a.proc.poll() is None or a.proc.returncode == 0, \
+                f"agent {a.node} exited {a.proc.returncode}:\n{a.stderr()[-3000:]}"
+        assert time.monotonic() < deadline, f"records {sorted(wanted - found.keys())} never appeared"
+        time.sleep(0.02)  # workers write files; no event reaches the test otherwise
+
+
+def start_agents(n: int, endpoint: str, run_id: str, tmp_path: Path, worker_args: list[str], nproc: int = 2,
+                 nnodes: str | None = None, extra=(), first: int = 0) -> tuple[list[AgentProc], Path]:
+    """``n`` agents node-<first>..node-<first+n-1> running job.py, recording into tmp_path/out."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return [AgentProc(endpoint, run_id, f"node-{i}", tmp_path, [str(out), *worker_args], nnodes=nnodes or str(n),
+                      nproc=nproc, extra=list(extra)) for i in range(first, first + n)], out

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from agents import AgentProc, job_keys, records, wait_all, wait_for_key
+from agents import AgentProc, job_keys, records, start_agents, wait_all, wait_for_key
 
 TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
                  "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
@@ -14,16 +14,9 @@ TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "
                  "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHELASTIC_ERROR_FILE"}
 
 
-def start(n, etcd_endpoint, run_id, tmp_path, worker_args, nproc=2, nnodes=None, extra=()):
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    return [AgentProc(etcd_endpoint, run_id, f"node-{i}", tmp_path, [str(out), *worker_args],
-                      nnodes=nnodes or str(n), nproc=nproc, extra=list(extra)) for i in range(n)], out
-
-
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_job_succeeds_with_torchrun_environment(n, etcd_endpoint, run_id, tmp_path):
-    agents, out = start(n, etcd_endpoint, run_id, tmp_path, [])
+    agents, out = start_agents(n, etcd_endpoint, run_id, tmp_path, [])
     assert wait_all(agents) == [0] * n, [a.stderr()[-2000:] for a in agents]
     recs = records(out)
     world = 2 * n
@@ -46,7 +39,7 @@ def test_job_succeeds_with_torchrun_environment(n, etcd_endpoint, run_id, tmp_pa
 
 
 def test_one_worker_failure_restarts_every_node_once(etcd_endpoint, run_id, tmp_path):
-    agents, out = start(3, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "3", "--fail-round", "1"],
+    agents, out = start_agents(3, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "3", "--fail-round", "1"],
                         extra=["--max-restarts", "2"])
     assert wait_all(agents) == [0, 0, 0], [a.stderr()[-2000:] for a in agents]
     recs = records(out)
@@ -65,7 +58,7 @@ def test_one_worker_failure_restarts_every_node_once(etcd_endpoint, run_id, tmp_
 
 
 def test_restart_budget_exhausted_fails_every_agent_with_root_cause(etcd_endpoint, run_id, tmp_path):
-    agents, out = start(2, etcd_endpoint, run_id, tmp_path, ["--always-fail-rank", "2"],
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--always-fail-rank", "2"],
                         extra=["--max-restarts", "2"])
     assert wait_all(agents) == [1, 1]
     for a in agents:
@@ -96,7 +89,7 @@ def test_exit_barrier_waits_for_every_node(etcd_endpoint, run_id, tmp_path):
 
 def test_spec_mismatch_is_refused_and_leaves_the_job_alone(etcd_endpoint, run_id, tmp_path):
     release = tmp_path / "release"
-    agents, out = start(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="1:2")
+    agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="1:2")
     first = agents[0]
     _wait_file(out, "1-0.json", first)
     other = AgentProc(etcd_endpoint, run_id, "node-x", tmp_path, [str(out)], nnodes="2:3", nproc=2)

@@ -133,7 +133,8 @@ def test_non_leader_below_min_waits_until_the_join_timeout():
 
 
 def test_leader_with_min_and_every_registered_node_joined_closes_at_once():
-    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12)])
+    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12)],
+             last_plan=mk_plan(2, [ME, "node-b", "node-c"]))
     action = decide(v, me(round_seen_at=NOW, min_reached_at=NOW), Params(2, 4, 3, 30.0, 60.0, 1.0))
     assert isinstance(action, ClosePlan)
     assert action.round == v.round
@@ -202,7 +203,8 @@ def test_join_timeout_not_yet_reached_does_not_fail():
 
 
 def test_close_plan_records_the_restart_count():
-    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12)], restarts=(2, 3))
+    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12)], restarts=(2, 3),
+             last_plan=mk_plan(2, [ME, "node-b"]))
     action = decide(v, me(min_reached_at=NOW), PARAMS)
     assert isinstance(action, ClosePlan)
     assert action.plan.restart_count == 2
@@ -487,3 +489,12 @@ def test_local_success_but_the_round_moved_on_ends_failed():
     assert action.round == v.round
     assert "partly finished" in action.result["reason"]
     assert action.result["outcome"] == FAILED
+
+
+def test_first_round_waits_out_the_last_call_even_when_every_registered_node_joined():
+    # No plan yet: more nodes may still be starting, so the fast path does not apply.
+    v = view(phase=JOINING, number=1, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12)])
+    p = Params(2, 4, 3, 30.0, 60.0, 1.0)
+    action = decide(v, me(round_seen_at=NOW, min_reached_at=NOW), p)
+    assert isinstance(action, Wait) and action.deadline == NOW + p.last_call
+    assert isinstance(decide(v, me(round_seen_at=NOW, min_reached_at=NOW - 30.0), p), ClosePlan)

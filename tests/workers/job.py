@@ -1,56 +1,78 @@
 """A configurable training stand-in for multi-node tests (no torch).
 
 Every run records its environment to OUT/<round>-<rank>.json, then behaves as told:
-  --fail-rank R --fail-round N   rank R exits 3 in round N (torch-style error file written first); the
-                                 other ranks of that round block until stopped, like peers in a collective
-  --always-fail-rank R           rank R exits 3 in every round (the others block likewise)
-  --hold FILE [--hold-rank R]    rank R (default: every rank) waits until FILE exists, then exits 0
-  --run-until FILE               every rank waits until FILE exists (a long job)
+  --fail-rank R[,R...] --fail-round N   those ranks exit 3 in round N (torch-style error file written first),
+                                        together, once every rank of the round has started; the other ranks
+                                        block until stopped, like peers in a collective
+  --always-fail-rank R                  rank R exits 3 in every round (the others block likewise)
+  --hold FILE [--hold-rank R]           rank R (default: every rank) waits until FILE exists, then exits 0
+  --run-until FILE                      every rank waits until FILE exists (a long job)
+  --ignore-sigterm                      SIGTERM is ignored (a worker stuck in C code): only SIGKILL ends it
+  --beat                                call etcd_agent.progress.beat() while waiting (hang detection)
+  --hang-rank R                         with --beat: rank R never beats (a hung worker)
 """
 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
 p = argparse.ArgumentParser()
 p.add_argument("out")
-p.add_argument("--fail-rank", type=int)
+p.add_argument("--fail-rank", type=lambda s: {int(x) for x in s.split(",")}, default=set())
 p.add_argument("--fail-round", type=int, default=1)
 p.add_argument("--always-fail-rank", type=int)
 p.add_argument("--hold-rank", type=int)
 p.add_argument("--hold")
 p.add_argument("--run-until")
+p.add_argument("--ignore-sigterm", action="store_true")
+p.add_argument("--beat", action="store_true")
+p.add_argument("--hang-rank", type=int)
 a = p.parse_args()
 
-rank, rnd = int(os.environ["RANK"]), int(os.environ["ETCD_AGENT_ROUND"])
-with open(os.path.join(a.out, f"{rnd}-{rank}.json.tmp"), "w") as f:
+if a.ignore_sigterm:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+rank, rnd, world = int(os.environ["RANK"]), int(os.environ["ETCD_AGENT_ROUND"]), int(os.environ["WORLD_SIZE"])
+tmp = os.path.join(a.out, f"{rnd}-{rank}.json.tmp")
+with open(tmp, "w") as f:
     json.dump({"env": dict(os.environ), "pid": os.getpid(), "time": time.time()}, f)
-os.replace(os.path.join(a.out, f"{rnd}-{rank}.json.tmp"), os.path.join(a.out, f"{rnd}-{rank}.json"))
+os.replace(tmp, os.path.join(a.out, f"{rnd}-{rank}.json"))
+beating = a.beat and a.hang_rank != rank
 
 
-def fail(msg):
+def idle() -> None:
+    if beating:
+        from etcd_agent.progress import beat
+
+        beat()
+    time.sleep(0.02)
+
+
+def wait_for(path: str) -> None:
+    while not os.path.exists(path):  # the test creates the file: a worker has no other event to wait on
+        idle()
+
+
+def fail(msg: str) -> None:
     with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
         json.dump({"message": {"message": msg, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
     print(msg, file=sys.stderr)
     sys.exit(3)
 
 
-def wait_for(path):
-    # The test creates the file; a worker has no event to wait on but its own parent's signals.
-    while not os.path.exists(path):
-        time.sleep(0.02)
-
-
+failing_now = a.always_fail_rank is not None or (a.fail_rank and a.fail_round == rnd)
+if failing_now:
+    while len([n for n in os.listdir(a.out) if n.startswith(f"{rnd}-") and n.endswith(".json")]) < world:
+        time.sleep(0.005)  # every rank of the round has started: fail together
 if a.always_fail_rank == rank:
     fail(f"RuntimeError: rank {rank} always fails")
-if a.fail_rank == rank and a.fail_round == rnd:
+if rank in a.fail_rank and a.fail_round == rnd:
     fail(f"RuntimeError: rank {rank} fails in round {rnd}")
-if a.always_fail_rank is not None or (a.fail_rank is not None and a.fail_round == rnd):
-    # Like a real job whose peer died: block (in a "collective") until the agent stops this worker.
-    while True:
-        time.sleep(3600)
+if failing_now:
+    while True:  # like a real job whose peer died: blocked in a "collective" until the agent stops it
+        idle()
 if a.hold and a.hold_rank in (None, rank):
     wait_for(a.hold)
 if a.run_until:

@@ -1,0 +1,318 @@
+"""Real faults injected into real agents, workers and etcd processes (DESIGN section 5), one test per row.
+
+Each test asserts the outcome (round numbers, members, restart count, exit codes, no surviving worker) and prints
+the measured detection time (fault -> the round bump, as stamped in ``P/round``) and recovery time (fault -> the
+last replacement worker started, as the workers recorded it). Timings are asserted only loosely: the precise
+numbers come from tools/bench.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+
+import psutil
+import pytest
+
+from agents import AgentProc, RoundWatcher, job_keys, records, start_agents, wait_all, wait_records
+from etcd_agent.standalone import FAST_ELECTION_ARGS, EtcdServer
+
+pytestmark = pytest.mark.chaos
+TTL = 3  # short leases keep these tests fast; the defaults are measured by the benchmarks
+
+
+def ranks(rnd: int, world: int) -> set[tuple[int, int]]:
+    return {(rnd, r) for r in range(world)}
+
+
+def running(rounds: RoundWatcher, nodes: int, after: int = 0, timeout: float = 30.0) -> int:
+    """The number of the first round after ``after`` that runs with ``nodes`` nodes."""
+    return rounds.wait_for(lambda v: v["phase"] == "running" and v.get("nodes") == nodes and v["round"] > after,
+                           timeout)["round"]
+
+
+def report(name: str, t0: float, bumped: dict | None, recs: dict, rnd: int, target: str) -> tuple[float, float]:
+    detect = bumped["time"] - t0 if bumped else float("nan")
+    recover = max(r["time"] for (n, _), r in recs.items() if n == rnd) - t0
+    print(f"\n{name}: detected after {detect:.2f} s, new workers running after {recover:.2f} s (target {target})")
+    return detect, recover
+
+
+def tree(agent: AgentProc) -> list[psutil.Process]:
+    """The agent's workers (and their children), taken while they run."""
+    return psutil.Process(agent.proc.pid).children(recursive=True)
+
+
+def gone_within(procs: list[psutil.Process], timeout: float) -> float:
+    """Seconds until every process has exited (a pidfd turns readable at exit, zombie or reaped); fails after
+    ``timeout``."""
+    t0 = time.monotonic()
+    fds = []
+    for p in procs:
+        try:
+            fds.append(os.pidfd_open(p.pid))
+        except ProcessLookupError:
+            continue  # already reaped
+    try:
+        pending = list(fds)
+        while pending:
+            left = timeout - (time.monotonic() - t0)
+            ready, _, _ = select.select(pending, [], [], max(0.0, left))
+            assert ready, f"{len(pending)} process(es) still alive after {timeout} s"
+            pending = [fd for fd in pending if fd not in ready]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return time.monotonic() - t0
+
+
+@pytest.fixture
+def job(etcd_endpoint, run_id, tmp_path):
+    """Start agents on the session etcd and follow the job's round key; stops everything afterwards."""
+    state = {}
+
+    def start(n, nnodes, worker_args=(), extra=(), endpoint=etcd_endpoint, first=0):
+        release = tmp_path / "release"
+        agents, out = start_agents(n, endpoint, run_id, tmp_path, ["--run-until", str(release), *worker_args],
+                                   nnodes=nnodes, extra=["--lease-ttl", str(TTL), "--max-restarts", "3", *extra],
+                                   first=first)
+        state.setdefault("watcher", RoundWatcher(endpoint, run_id))
+        state.update(out=out, release=release)
+        return agents, out, release, state["watcher"]
+
+    yield start
+    if "watcher" in state:
+        state["watcher"].close()
+
+
+def test_graceful_leave_reforms_at_once(job, etcd_endpoint, run_id):
+    agents, out, release, rounds = job(3, "2:3")
+    r1 = running(rounds, 3)
+    wait_records(out, ranks(r1, 6), agents)
+    leaving = agents[2]
+    doomed = tree(leaving)
+    t0 = time.time()
+    leaving.proc.send_signal(signal.SIGTERM)
+    assert leaving.wait(15) == 128 + signal.SIGTERM
+    assert "received SIGTERM" in leaving.stderr()
+    gone_within(doomed, 1)
+    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1)
+    r2 = running(rounds, 2, after=r1)
+    recs = wait_records(out, ranks(r2, 4), agents[:2])
+    detect, recover = report("graceful leave (SIGTERM)", t0, bumped, recs, r2, "< 1 s")
+    assert recover < 5
+    assert "node-2" in bumped["reason"]
+    release.touch()
+    assert wait_all(agents[:2]) == [0, 0]
+    keys = job_keys(etcd_endpoint, run_id)
+    plan = keys[f"/etcd-agent/{run_id}/r/{r2:08d}/plan"]
+    assert sorted(m["node"] for m in plan["members"]) == ["node-0", "node-1"]
+    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 1
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_hard_loss_and_freeze_reform_within_ttl(sig, job, etcd_endpoint, run_id):
+    # The survivors' workers ignore SIGTERM, like workers stuck in a collective: the agents SIGKILL them.
+    agents, out, release, rounds = job(3, "2:3", ["--ignore-sigterm"], extra=["--stop-timeout", "0.5"])
+    r1 = running(rounds, 3)
+    wait_records(out, ranks(r1, 6), agents)
+    victim = agents[2]
+    victims = [psutil.Process(victim.proc.pid)] + tree(victim)
+    survivors_old = tree(agents[0]) + tree(agents[1])
+    t0 = time.time()
+    for p in victims:
+        p.send_signal(getattr(signal, sig))
+    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1, timeout=TTL + 10)
+    r2 = running(rounds, 2, after=r1)
+    recs = wait_records(out, ranks(r2, 4), agents[:2])
+    detect, recover = report(f"node loss ({sig})", t0, bumped, recs, r2, f"<= TTL + 1 = {TTL + 1} s")
+    assert detect < TTL + 3 and "node-2 left" in bumped["reason"]
+    gone_within(survivors_old, 5)  # the stuck workers of round 1 were killed, not left behind
+    plan2 = job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/r/{r2:08d}/plan"]
+    assert sorted(m["node"] for m in plan2["members"]) == ["node-0", "node-1"]
+    if sig == "SIGSTOP":
+        frozen_workers = victims[1:]
+        for p in victims:
+            p.send_signal(signal.SIGCONT)
+        # The thawed agent finds its session lost, stops its stale workers and comes back as a new member.
+        gone_within(frozen_workers, TTL + 5)
+        assert "session lost" in victim.stderr() or "lease" in victim.stderr()
+        r3 = running(rounds, 3, after=r2)
+        wait_records(out, ranks(r3, 6), agents)
+        release.touch()
+        assert wait_all(agents) == [0, 0, 0]
+    else:
+        release.touch()
+        assert wait_all(agents[:2]) == [0, 0]
+    assert job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/restarts"]["used"] == 1
+
+
+def test_sigkilled_agent_leaves_no_orphan_worker(job):
+    agents, out, release, rounds = job(1, "1")
+    r1 = running(rounds, 1)
+    wait_records(out, ranks(r1, 2), agents)
+    workers = tree(agents[0])
+    assert len(workers) == 2
+    agents[0].proc.kill()
+    took = gone_within(workers, 1)
+    print(f"\norphans: workers of a SIGKILLed agent gone after {took:.3f} s (target < 1 s)")
+
+
+def test_below_minimum_waits_for_a_replacement(job, etcd_endpoint, run_id, tmp_path):
+    agents, out, release, rounds = job(3, "3:3")
+    r1 = running(rounds, 3)
+    wait_records(out, ranks(r1, 6), agents)
+    agents[2].proc.kill()
+    rounds.wait_for(lambda v: v["round"] == r1 + 1 and v["phase"] == "joining", timeout=TTL + 10)
+    assert all(a.proc.poll() is None for a in agents[:2]), "the survivors must wait, not fail"
+    replacement, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="3:3",
+                                  extra=["--lease-ttl", str(TTL), "--max-restarts", "3"], first=3)
+    r2 = running(rounds, 3, after=r1)
+    assert r2 == r1 + 1
+    wait_records(out, ranks(r2, 6), agents[:2] + replacement)
+    release.touch()
+    assert wait_all(agents[:2] + replacement) == [0, 0, 0]
+
+
+def test_below_minimum_without_replacement_fails_naming_the_node(job, etcd_endpoint, run_id):
+    agents, out, release, rounds = job(3, "3:3", extra=["--join-timeout", "3"])
+    r1 = running(rounds, 3)
+    wait_records(out, ranks(r1, 6), agents)
+    agents[2].proc.kill()
+    assert wait_all(agents[:2], timeout=TTL + 20) == [1, 1]
+    for a in agents[:2]:
+        err = a.stderr()
+        assert "rendezvous timed out" in err and "missing: node-2" in err and "--join-timeout" in err, err[-2000:]
+    result = job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/result"]
+    assert result["outcome"] == "failed" and "node-2" in result["reason"]
+
+
+def test_scale_up_is_not_a_restart(job, etcd_endpoint, run_id, tmp_path):
+    agents, out, release, rounds = job(2, "2:4", extra=["--scale-settle", "1"])
+    r1 = running(rounds, 2)
+    wait_records(out, ranks(r1, 4), agents)
+    t0 = time.time()
+    more, _ = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="2:4",
+                           extra=["--lease-ttl", str(TTL), "--max-restarts", "3", "--scale-settle", "1"], first=2)
+    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1)
+    assert "scale-up" in bumped["reason"]
+    r4 = running(rounds, 4, after=r1)
+    recs = wait_records(out, ranks(r4, 8), agents + more)
+    report("scale-up (2 -> 4 nodes)", t0, bumped, recs, r4, "settle time + < 1 s")
+    release.touch()
+    assert wait_all(agents + more) == [0] * 4
+    assert job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/restarts"]["used"] == 0
+
+
+def test_two_nodes_failing_at_once_spend_one_restart(job, etcd_endpoint, run_id):
+    agents, out, release, rounds = job(2, "2", ["--fail-rank", "1,3", "--fail-round", "1"],
+                                       extra=["--max-restarts", "3"])
+    r2 = running(rounds, 2, after=1)
+    wait_records(out, ranks(r2, 4), agents)
+    release.touch()
+    assert wait_all(agents) == [0, 0]
+    keys = job_keys(etcd_endpoint, run_id)
+    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 1
+    assert keys[f"/etcd-agent/{run_id}/result"]["round"] == 2
+    reports = {k.rsplit("/", 1)[1] for k in keys if "/r/00000001/failures/" in k}
+    assert reports == {"node-0", "node-1"}, "both failures are reported, one restart is spent"
+
+
+def test_hung_worker_restarts_the_group(job, etcd_endpoint, run_id):
+    agents, out, release, rounds = job(2, "2", ["--beat", "--hang-rank", "2"],
+                                       extra=["--worker-timeout", "2", "--max-restarts", "1"])
+    r1 = running(rounds, 2)
+    wait_records(out, ranks(r1, 4), agents)
+    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1, timeout=20)
+    assert "hung" in bumped["reason"]
+    # Round 2 hangs again: the budget is spent and the job fails naming the hung rank.
+    assert wait_all(agents, timeout=30) == [1, 1]
+    result = job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/result"]
+    assert result["root_cause"]["hang"] and result["root_cause"]["rank"] == 2
+    assert "--worker-timeout 2" in result["root_cause"]["message"]
+
+
+@pytest.fixture
+def own_etcd():
+    server = EtcdServer(name="etcd-chaos", extra_args=FAST_ELECTION_ARGS).start()
+    yield server
+    server.stop()
+
+
+def test_agents_fence_themselves_when_etcd_is_gone_and_rejoin(job, own_etcd, run_id):
+    agents, out, release, rounds = job(2, "2", endpoint=own_etcd.endpoint, extra=["--max-restarts", "2"])
+    r1 = running(rounds, 2)
+    wait_records(out, ranks(r1, 4), agents)
+    workers = tree(agents[0]) + tree(agents[1])
+    t0 = time.monotonic()
+    own_etcd.freeze()
+    try:
+        took = gone_within(workers, TTL + 2)
+    finally:
+        own_etcd.thaw()
+    print(f"\nself-fencing: workers stopped {took:.2f} s after etcd froze (lease TTL {TTL} s)")
+    assert took < TTL, "workers must stop before the lease can expire"
+    wait_records(out, ranks(running(rounds, 2, after=r1, timeout=40), 4), agents, timeout=40)
+    release.touch()
+    assert wait_all(agents) == [0, 0]
+    assert all("self-fencing" in a.stderr() for a in agents)
+
+
+@pytest.mark.parametrize("fault", ["restart", "freeze"])
+def test_short_etcd_outage_restarts_nothing(fault, job, own_etcd, run_id):
+    agents, out, release, rounds = job(2, "2", endpoint=own_etcd.endpoint, extra=["--lease-ttl", "5"])
+    r1 = running(rounds, 2)
+    wait_records(out, ranks(r1, 4), agents)
+    if fault == "restart":
+        own_etcd.restart()
+    else:
+        own_etcd.freeze()
+        time.sleep(1.5)  # the outage itself: shorter than the TTL minus the fencing margin
+        own_etcd.thaw()
+    release.touch()
+    assert wait_all(agents) == [0, 0]
+    keys = job_keys(own_etcd.endpoint, run_id)
+    assert keys[f"/etcd-agent/{run_id}/result"]["round"] == r1
+    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 0
+
+
+@pytest.mark.parametrize("fault", ["kill-leader", "kill-follower", "freeze-connected"])
+def test_etcd_cluster_member_loss_is_invisible(fault, job, etcd_cluster3, run_id):
+    cluster = etcd_cluster3
+    agents, out, release, rounds = job(2, "2", endpoint=cluster.endpoints, extra=["--lease-ttl", "5"])
+    r1 = running(rounds, 2)
+    wait_records(out, ranks(r1, 4), agents)
+    leader = cluster.leader_index()
+    if fault == "kill-leader":
+        cluster.member(leader).kill()
+    elif fault == "kill-follower":
+        cluster.member((leader + 1) % 3).kill()
+    else:
+        member = connected_member(cluster, agents[0])
+        cluster.member(member).freeze()
+        try:
+            wait_for_log(agents[0], "broke", timeout=10)
+        finally:
+            cluster.member(member).thaw()
+    release.touch()
+    assert wait_all(agents, timeout=60) == [0, 0]
+    keys = job_keys(cluster.endpoints, run_id)
+    assert keys[f"/etcd-agent/{run_id}/result"]["round"] == r1
+    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 0
+
+
+def connected_member(cluster, agent: AgentProc) -> int:
+    ports = {c.raddr.port for c in psutil.Process(agent.proc.pid).net_connections("tcp") if c.raddr}
+    for i, m in enumerate(cluster.members):
+        if m.client_port in ports:
+            return i
+    raise AssertionError(f"agent {agent.node} has no connection to any member ({ports})")
+
+
+def wait_for_log(agent: AgentProc, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in agent.stderr():
+        assert time.monotonic() < deadline, f"{agent.node} never logged {text!r}"
+        time.sleep(0.05)
