@@ -24,8 +24,9 @@ class AgentProc:
     def __init__(self, endpoint: str, run_id: str, node: str, workdir: Path, worker_args: list[str],
                  nnodes: str = "1", nproc: int = 1, extra: list[str] = (), entry: str = JOB):
         self.node = node
-        self.out = open(workdir / f"agent-{node}.out", "w+")
-        self.err_path = workdir / f"agent-{node}.err"
+        name = f"agent-{node}-{len(STARTED)}"  # two agents with one node id keep separate files
+        self.out = open(workdir / f"{name}.out", "w+")
+        self.err_path = workdir / f"{name}.err"
         self.err = open(self.err_path, "w+")
         args = [sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", run_id,
                 "--node-id", node, "--nnodes", nnodes, "--nproc-per-node", str(nproc), "--local-addr", "127.0.0.1",

@@ -141,3 +141,53 @@ def test_unreachable_endpoint_fails_with_one_clear_line(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert f"--etcd-endpoints {endpoint}: cannot reach etcd" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_status_and_stop_subcommands(etcd_endpoint, run_id, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    release = tmp_path / "release"
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)])
+    wait_for_key(etcd_endpoint, f"/etcd-agent/{run_id}/r/00000001/plan")
+    base = [sys.executable, "-m", "etcd_agent"]
+    ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
+    status = subprocess.run(base + ["status", *ep, "--json"], capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert state["round"]["phase"] == "running" and sorted(state["nodes"]) == ["node-0", "node-1"]
+    assert state["plan"]["world_size"] == 4
+    text = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
+    assert "round 1: running" in text and "group rank 0" in text
+    stop = subprocess.run(base + ["stop", *ep, "--reason", "maintenance"], capture_output=True, text=True,
+                          timeout=30)
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    assert wait_all(agents) == [1, 1]
+    assert all("stopped: maintenance" in a.stderr() for a in agents)
+    result = job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/result"]
+    assert result["outcome"] == "stopped"
+    again = subprocess.run(base + ["stop", *ep], capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1 and "already ended" in again.stdout
+    missing = subprocess.run(base + ["status", "--etcd-endpoints", etcd_endpoint, "--run-id", "no-such-job"],
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 2 and "no job under /etcd-agent/no-such-job/" in missing.stderr
+
+
+def test_a_finished_run_id_is_refused(etcd_endpoint, run_id, tmp_path):
+    agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, [], nproc=1)
+    assert wait_all(agents) == [0]
+    again = AgentProc(etcd_endpoint, run_id, "node-9", tmp_path, [str(out)], nproc=1)
+    assert again.wait(30) == 2
+    assert "already ended (succeeded" in again.stderr() and "another --run-id" in again.stderr()
+
+
+def test_duplicate_node_id_is_refused(etcd_endpoint, run_id, tmp_path):
+    release = tmp_path / "release"
+    agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="1:2")
+    wait_for_key(etcd_endpoint, f"/etcd-agent/{run_id}/r/00000001/plan")
+    twin = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(out)], nnodes="1:2", nproc=2)
+    assert twin.wait(30) == 2
+    assert "--node-id node-0 is already registered by a live agent" in twin.stderr()
+    release.touch()
+    assert agents[0].wait() == 0
