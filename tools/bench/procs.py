@@ -1,0 +1,189 @@
+"""Launcher processes for the benchmark: build etcd-agent and torchrun command lines, start them, wait with deadlines.
+
+Every launcher runs in its own session with its output in a log file. ``Launcher.kill_tree`` SIGKILLs the launcher,
+its process group and every descendant found before the kill (etcd-agent puts each worker in its own group), so a
+hung or failed repetition leaves nothing behind. Imports only the standard library and psutil.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+WORKER = str(HERE / "worker.py")
+POLL_S = 0.02  # the benchmark watches record files and exit codes of processes it does not own the events of
+
+
+class RepFailed(Exception):
+    """One repetition did not complete (timeout, non-zero exit, missing records); carries the reason."""
+
+
+def python() -> str:
+    return sys.executable
+
+
+def torchrun_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "torchrun"
+    return [str(script)] if script.exists() else [python(), "-m", "torch.distributed.run"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Job:
+    """What one repetition runs: N launchers of one kind with the same worker arguments."""
+    kind: str  # "etcd-agent" or "torchrun"
+    nnodes: str  # "N" or "MIN:MAX"
+    count: int  # launcher processes to start
+    nproc: int
+    max_restarts: int
+    run_id: str
+    worker_args: list[str]
+    endpoint: str = ""  # etcd endpoint (etcd-agent) or 127.0.0.1:PORT (torchrun)
+    extra: list[str] = field(default_factory=list)
+
+    def command(self, i: int) -> list[str]:
+        wargs = [WORKER, *self.worker_args]
+        if self.kind == "etcd-agent":
+            return [python(), "-m", "etcd_agent", "--etcd-endpoints", self.endpoint, "--run-id", self.run_id,
+                    "--node-id", f"node-{i}", "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
+                    "--local-addr", "127.0.0.1", "--max-restarts", str(self.max_restarts), *self.extra, *wargs]
+        host = "true" if i == 0 else "false"  # the first torchrun hosts the c10d store
+        return [*torchrun_cmd(), "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id,
+                "--rdzv-conf", f"is_host={host}", "--max-restarts", str(self.max_restarts), *self.extra, *wargs]
+
+
+class Launcher:
+    """One launcher process (a "node"), started in its own session, output to ``log``."""
+
+    def __init__(self, cmd: list[str], log: Path, name: str):
+        self.name, self.log_path, self.cmd = name, log, cmd
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log, "wb")
+        self.t_start = time.time()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.t_exit: float | None = None
+        self._exited = threading.Event()
+        threading.Thread(target=self._reap, name=f"reap-{name}", daemon=True).start()
+
+    pid = property(lambda self: self.proc.pid)
+
+    def _reap(self) -> None:
+        self.proc.wait()
+        self.t_exit = time.time()  # the exit time to within a thread wake-up, not a polling period
+        self._exited.set()
+
+    def poll(self) -> int | None:
+        return self.proc.returncode if self._exited.is_set() else None
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def kill_tree(self, procs: list[psutil.Process] | None = None) -> None:
+        """SIGKILL the launcher, its group and its descendants (``procs``: found earlier, e.g. before a kill)."""
+        procs = (procs or []) + self.descendants()
+        if not self._exited.is_set():
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self._exited.wait()
+        self._log.close()
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+def start_all(job: Job, logdir: Path) -> list[Launcher]:
+    return [Launcher(job.command(i), logdir / f"{job.kind}-node-{i}.log", f"node-{i}") for i in range(job.count)]
+
+
+def wait_exit(launchers: list[Launcher], deadline: float) -> None:
+    """Wait until every launcher exited; RepFailed on the deadline or on a non-zero exit code."""
+    while True:
+        codes = [la.poll() for la in launchers]
+        if all(c is not None for c in codes):
+            break
+        if time.monotonic() >= deadline:
+            running = [la.name for la, c in zip(launchers, codes) if c is None]
+            raise RepFailed(f"launchers still running at the deadline: {', '.join(running)}")
+        time.sleep(POLL_S)
+    bad = [f"{la.name} exited {c}" for la, c in zip(launchers, codes) if c != 0]
+    if bad:
+        raise RepFailed("; ".join(bad))
+
+
+def cleanup(launchers: list[Launcher]) -> None:
+    for la in launchers:
+        la.kill_tree()
+
+
+def records(out: Path) -> list[dict]:
+    found = []
+    for path in glob.glob(str(out / "*.json")):
+        try:
+            with open(path) as f:
+                found.append(json.load(f))
+        except (OSError, ValueError):
+            pass  # being replaced right now; the next poll reads it
+    return found
+
+
+def generation(recs: list[dict], world: int, where: Callable[[dict], bool]) -> list[dict] | None:
+    """The first record per rank of a ``world``-sized generation matching ``where``, once all ranks are there."""
+    by_rank: dict[int, dict] = {}
+    for r in sorted(recs, key=lambda r: r["t_start"]):
+        if r["world_size"] == world and where(r):
+            by_rank.setdefault(r["rank"], r)
+    return [by_rank[i] for i in range(world)] if set(by_rank) == set(range(world)) else None
+
+
+def wait_generation(out: Path, world: int, launchers: list[Launcher], deadline: float,
+                    where: Callable[[dict], bool], what: str) -> list[dict]:
+    """Wait until all ``world`` ranks matching ``where`` recorded; RepFailed at the deadline or if launchers end."""
+    while True:
+        gen = generation(records(out), world, where)
+        if gen:
+            return gen
+        codes = [la.poll() for la in launchers]
+        if any(c not in (None, 0) for c in codes) or all(c is not None for c in codes):
+            gen = generation(records(out), world, where)  # the last workers may have recorded meanwhile
+            if gen:
+                return gen
+            exited = [f"{la.name} exited {c}" for la, c in zip(launchers, codes) if c is not None]
+            raise RepFailed(f"before all {world} workers of {what} started: {'; '.join(exited)}")
+        if time.monotonic() >= deadline:
+            raise RepFailed(f"not all {world} workers of {what} started by the deadline")
+        time.sleep(POLL_S)

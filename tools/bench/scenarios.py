@@ -1,0 +1,198 @@
+"""The benchmark scenarios, one function each, in a registry the runner iterates.
+
+A scenario function takes a ``Rep`` (which launcher, where to write, the endpoint to use) and returns
+``{metric: value}`` for that one repetition, or raises ``RepFailed``. It must leave no process behind: every
+launcher it starts is killed in a ``finally``. Metric names carry their unit (``[s]``, ``[MiB]``).
+To add a scenario (SIGSTOP or SIGTERM of a launcher, scale-up), write a function and ``register`` it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+
+from procs import POLL_S, Job, RepFailed, cleanup, python, records, start_all, wait_exit, wait_generation
+
+KINDS = ("etcd-agent", "torchrun")
+FIRST = lambda r: r["full_gen"] == 0  # noqa: E731  the first generation of the full world (worker.py)
+RESTARTED = lambda r: r["full_gen"] == 1  # noqa: E731  the one after it
+
+
+@dataclass
+class Rep:
+    kind: str
+    index: int
+    workdir: Path  # this repetition's directory: logs/ and records/
+    endpoint: str  # etcd endpoint, or a fresh 127.0.0.1:PORT for torchrun's c10d store
+    run_id: str
+    timeout_scale: float = 1.0
+
+    @property
+    def records(self) -> Path:
+        path = self.workdir / "records"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def job(self, nnodes: str, count: int, nproc: int, max_restarts: int, worker_args: list[str]) -> Job:
+        extra = ["--log-dir", str(self.workdir / "worker-logs")]
+        return Job(self.kind, nnodes, count, nproc, max_restarts, self.run_id,
+                   ["--out", str(self.records), *worker_args], self.endpoint, extra)
+
+    def deadline(self, seconds: float) -> float:
+        return time.monotonic() + seconds * self.timeout_scale
+
+
+@dataclass
+class Scenario:
+    name: str
+    group: str
+    fn: Callable[[Rep], dict[str, float]]
+    needs_etcd: bool = True  # etcd-agent reps of this scenario use the benchmark's private etcd
+    doc: str = ""
+    kwargs: dict = field(default_factory=dict)
+
+    def run(self, rep: Rep) -> dict[str, float]:
+        return self.fn(rep, **self.kwargs)
+
+
+REGISTRY: dict[str, Scenario] = {}
+
+
+def register(name: str, group: str, fn, needs_etcd: bool = True, doc: str = "", **kwargs) -> None:
+    REGISTRY[name] = Scenario(name, group, fn, needs_etcd, doc, kwargs)
+
+
+# --- launch ------------------------------------------------------------------------------------------------------
+def launch(rep: Rep, nodes: int, nproc: int = 2) -> dict[str, float]:
+    """N launchers start back to back; every worker exits 0 at once."""
+    job = rep.job(str(nodes), nodes, nproc, 0, ["--mode", "exit"])
+    launchers = start_all(job, rep.workdir / "logs")
+    try:
+        gen = wait_generation(rep.records, nodes * nproc, launchers, rep.deadline(60), FIRST, "the job")
+        wait_exit(launchers, rep.deadline(60))
+    finally:
+        cleanup(launchers)
+    return {
+        "last launcher start -> all workers started [s]": max(r["t_start"] for r in gen) - launchers[-1].t_start,
+        "first launcher start -> all launchers exited [s]": max(la.t_exit for la in launchers)
+        - launchers[0].t_start,
+    }
+
+
+# --- crash -------------------------------------------------------------------------------------------------------
+def crash(rep: Rep, nodes: int = 3, nproc: int = 2, crash_rank: int = 3) -> dict[str, float]:
+    """Rank ``crash_rank`` exits 1 in attempt 0 while its peers block; one restart allowed."""
+    world = nodes * nproc
+    job = rep.job(str(nodes), nodes, nproc, 1, ["--mode", "crash", "--crash-rank", str(crash_rank)])
+    launchers = start_all(job, rep.workdir / "logs")
+    try:
+        wait_generation(rep.records, world, launchers, rep.deadline(60), FIRST, "the first attempt")
+        gen = wait_generation(rep.records, world, launchers, rep.deadline(90), RESTARTED, "the restart")
+        wait_exit(launchers, rep.deadline(60))
+    finally:
+        cleanup(launchers)
+    t_exit = [r["t_exit"] for r in records(rep.records) if r["full_gen"] == 0 and "t_exit" in r]
+    if len(t_exit) != 1:
+        raise RepFailed(f"expected one crash record in the first attempt, found {len(t_exit)}")
+    return {
+        "worker crash -> all restarted workers started [s]": max(r["t_start"] for r in gen) - t_exit[0],
+        "worker crash -> all launchers exited [s]": max(la.t_exit for la in launchers) - t_exit[0],
+    }
+
+
+# --- node loss ---------------------------------------------------------------------------------------------------
+def node_loss(rep: Rep, sig: int = signal.SIGKILL, nodes: int = 3, nproc: int = 2,
+              lose_workers: bool = True) -> dict[str, float]:
+    """All workers run; the last launcher gets ``sig`` (with SIGKILL: it and its workers); survivors go on.
+
+    Workers watch their peers' pids and exit 1 when one is gone, as a collective fails on a closed connection.
+    """
+    world, survivors = nodes * nproc, (nodes - 1) * nproc
+    job = rep.job(f"{nodes - 1}:{nodes}", nodes, nproc, 3, ["--mode", "peer-loss", "--world", str(world)])
+    launchers = start_all(job, rep.workdir / "logs")
+    victim, rest = launchers[-1], launchers[:-1]
+    try:
+        wait_generation(rep.records, world, launchers, rep.deadline(60), FIRST, "the full job")
+        tree = victim.descendants() if lose_workers else []
+        t_kill = time.time()
+        os.kill(victim.pid, sig)
+        for p in tree:
+            try:
+                p.send_signal(sig)
+            except psutil.Error:
+                pass
+        gen = wait_generation(rep.records, survivors, rest, rep.deadline(180),
+                              lambda r: r["t_start"] > t_kill, "the survivors")
+        wait_exit(rest, rep.deadline(60))
+    finally:
+        cleanup(launchers)
+    return {
+        f"{signal.Signals(sig).name} of a launcher -> survivors' workers started [s]":
+            max(r["t_start"] for r in gen) - t_kill,
+        f"{signal.Signals(sig).name} of a launcher -> survivors exited [s]": max(la.t_exit for la in rest) - t_kill,
+    }
+
+
+# --- footprint ---------------------------------------------------------------------------------------------------
+IMPORTS = {"etcd-agent": "import etcd_agent.agent", "torchrun": "import torch.distributed.run"}
+
+
+def import_time(rep: Rep) -> dict[str, float]:
+    """Wall time of a fresh interpreter importing the launcher's module, minus a bare interpreter's."""
+    def wall(code: str) -> float:
+        t0 = time.perf_counter()
+        res = subprocess.run([python(), "-c", code], capture_output=True, timeout=60 * rep.timeout_scale)
+        if res.returncode:
+            raise RepFailed(f"python -c {code!r} exited {res.returncode}: {res.stderr.decode()[-500:]}")
+        return time.perf_counter() - t0
+    bare, full = wall("pass"), wall(IMPORTS[rep.kind])
+    return {"import time, interpreter start included [s]": full, "import time minus bare interpreter [s]":
+            full - bare}
+
+
+def memory(rep: Rep, nproc: int = 2, window_s: float = 2.0) -> dict[str, float]:
+    """RSS of the launcher process alone (not etcd, not workers): peak (VmHWM) and median while workers run."""
+    hold = rep.workdir / "release"
+    job = rep.job("1", 1, nproc, 0, ["--mode", "hold", "--hold", str(hold)])
+    launchers = start_all(job, rep.workdir / "logs")
+    la = launchers[0]
+    try:
+        wait_generation(rep.records, nproc, launchers, rep.deadline(60), FIRST, "the job")
+        samples, end = [], time.monotonic() + window_s
+        proc = psutil.Process(la.pid)
+        while time.monotonic() < end:
+            samples.append(proc.memory_info().rss)
+            time.sleep(POLL_S)
+        peak = vm_hwm(la.pid)
+        hold.touch()
+        wait_exit(launchers, rep.deadline(60))
+    finally:
+        cleanup(launchers)
+    samples.sort()
+    mib = 1024 * 1024
+    return {"launcher RSS while workers run, median [MiB]": samples[len(samples) // 2] / mib,
+            "launcher peak RSS (VmHWM) [MiB]": peak / mib}
+
+
+def vm_hwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RepFailed(f"no VmHWM in /proc/{pid}/status")
+
+
+for _n in (1, 2, 3):
+    register(f"launch-{_n}x2", "launch", launch, doc=f"{_n} node(s) x 2 workers, all exit 0", nodes=_n)
+register("crash-3x2", "crash", crash, doc="3 nodes x 2, rank 3 exits 1 in restart 0, max-restarts 1")
+register("footprint-import", "footprint", import_time, needs_etcd=False, doc="import of the launcher module")
+register("footprint-rss", "footprint", memory, doc="1 node x 2 workers that wait for a file")
+register("node-loss-sigkill", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) x 2, SIGKILL launcher 3 and its "
+         "workers once all run", sig=signal.SIGKILL)
