@@ -69,7 +69,6 @@ class Agent:
         self._round_seen = 0
         self._joined_round = 0
         self.signalled = 0
-        self._stop_began = float("inf")  # wall time the current group's stop began
 
     # --- state machine -------------------------------------------------------------------------------------
     def _enter(self, new: State, why: str) -> None:
@@ -203,6 +202,8 @@ class Agent:
     def _act(self, action, view: View) -> None:
         node, wall = self.cfg.node_id, time.time()
         if isinstance(action, StopWorkers):
+            if self.local.outcome == "failed":  # our failure lost the race to another node's bump or end
+                self._ensure_reported(self.local.failure)
             self._stop_workers(action.why)
             if self.state is State.RUNNING:
                 self._enter(State.RENDEZVOUS, action.why)
@@ -276,9 +277,9 @@ class Agent:
 
     def _worker_exit(self, ex: WorkerExit) -> None:
         if self.group is None or ex.round != self.local.workers_round or not self.local.workers_running:
-            if self.group is not None and ex.failed and ex.time < self._stop_began:
+            if self.group is not None and ex.failed and self.group.ended_on_its_own(ex):
                 # It failed on its own just before we stopped the group for another reason: keep its report.
-                txns.report_failure(self.etcd, self.keys, ex.round, self.cfg.node_id, self.group.failure_report(ex))
+                self._ensure_reported(self.group.failure_report(ex))
             return  # otherwise: an exit of a group we stopped
         self._exits[ex.local_rank] = ex
         if ex.failed and self.local.outcome is None:
@@ -289,6 +290,11 @@ class Agent:
         elif len(self._exits) == self.cfg.workers.nproc and self.local.outcome is None:
             log.info("%s all %d local worker(s) finished successfully", self._who(), self.cfg.workers.nproc)
             self._set(outcome="succeeded", workers_running=False)
+
+    def _ensure_reported(self, report: dict) -> None:
+        """Write this node's failure report for its round unless one is there already."""
+        if self.mirror.get(self.keys.failure(report["round"], self.cfg.node_id)) is None:
+            txns.report_failure(self.etcd, self.keys, report["round"], self.cfg.node_id, report)
 
     def _check_progress(self) -> float | None:
         """Hang detection: a running worker silent for --worker-timeout fails the group; returns the next check."""
@@ -311,7 +317,6 @@ class Agent:
 
     def _stop_workers(self, why: str) -> None:
         if self.group is not None and self.local.workers_running:
-            self._stop_began = time.time()
             self._set(workers_running=False)
             self.group.stop(why)
         elif self.group is not None:

@@ -8,17 +8,15 @@ or file; never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import tempfile
-import time
 
 from . import __version__
 from .config import (AgentConfig, EtcdConfig, JobSpec, WorkerConfig, default_node_id, parse_endpoints,
                      parse_nnodes, resolve_nproc)
-from .errors import EXIT_USAGE, AgentError, ConfigError
+from .errors import AgentError, ConfigError
 
 log = logging.getLogger("etcd_agent.cli")
 SUBCOMMANDS = ("status", "stop")

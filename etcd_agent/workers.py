@@ -139,6 +139,7 @@ class _Worker:
     exited: threading.Event = field(default_factory=threading.Event)
     waiter: threading.Thread | None = None
     progress_file: str = ""  # $ETCD_AGENT_PROGRESS_FILE: the worker's heartbeat (see progress.py)
+    ended_before_stop: bool = False  # it had exited when stop() sent its first signal
     started: float = 0.0  # wall time of the spawn
 
     @property
@@ -247,6 +248,10 @@ class WorkerGroup:
                  WorkerExit(w.local_rank, w.rank, w.pid, 0, now, w.round))
                 for w in self._workers if w.proc and not w.exited.is_set()]
 
+    def ended_on_its_own(self, ex: WorkerExit) -> bool:
+        """Whether this exit happened before stop() signalled the group (a failure of its own, not our SIGTERM)."""
+        return any(w.ended_before_stop for w in self._workers if w.local_rank == ex.local_rank and w.round == ex.round)
+
     @property
     def pids(self) -> list[int]:
         return [w.pid for w in self._workers if w.proc]
@@ -268,6 +273,8 @@ class WorkerGroup:
             live = [w for w in workers if not w.exited.is_set()]
             self._log.info("%s: stopping the workers (%d still running, %d descendants) with SIGTERM: %s.",
                            tag, len(live), len(tree), reason or "no reason given")
+            for w in workers:
+                w.ended_before_stop = w.exited.is_set() or _is_zombie(w.ps)
             _signal(workers, tree, signal.SIGTERM)
             deadline = time.monotonic() + self.cfg.stop_timeout
             for w in live:
@@ -365,6 +372,13 @@ def _descendants(workers: list[_Worker]) -> dict[int, psutil.Process]:
     for w in workers:  # the workers themselves are waited for by their own threads
         found.pop(w.pid, None)
     return {pid: p for pid, p in found.items() if _alive(p)}
+
+
+def _is_zombie(p: psutil.Process | None) -> bool:
+    try:
+        return p is not None and p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _alive(p: psutil.Process) -> bool:

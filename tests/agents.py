@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -155,18 +154,27 @@ class RoundWatcher:
         self._etcd.close()
 
 
-def wait_records(out: Path, wanted: set[tuple[int, int]], agents: list[AgentProc], timeout: float = 30.0) -> dict:
-    """Wait until job.py recorded every (round, rank) in ``wanted``; fail early if an agent dies."""
+def poll_until(check, timeout: float, what: str, interval: float = 0.02):
+    """For what no event reaches a test (files workers write, a log line, a counter on another thread): call
+    ``check`` until it returns something truthy, which is returned; fails naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        found = records(out)
-        if wanted <= found.keys():
-            return found
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(interval)
+
+
+def wait_records(out: Path, wanted: set[tuple[int, int]], agents: list[AgentProc], timeout: float = 30.0) -> dict:
+    """Wait until job.py recorded every (round, rank) in ``wanted``; fail early if an agent dies."""
+    def check():
         for a in agents:
             assert a.proc.poll() is None or a.proc.returncode == 0, \
                 f"agent {a.node} exited {a.proc.returncode}:\n{a.stderr()[-3000:]}"
-        assert time.monotonic() < deadline, f"records {sorted(wanted - found.keys())} never appeared"
-        time.sleep(0.02)  # workers write files; no event reaches the test otherwise
+        found = records(out)
+        return found if wanted <= found.keys() else None
+    return poll_until(check, timeout, f"records {sorted(wanted)} did not all appear")
 
 
 def start_agents(n: int, endpoint: str, run_id: str, tmp_path: Path, worker_args: list[str], nproc: int = 2,

@@ -12,7 +12,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import time
 
 import pytest
 
@@ -44,11 +43,10 @@ class ContainerEtcd:
         self._container.start()
         self.endpoint = f"127.0.0.1:{self._container.get_exposed_port(2379)}"
         self.client_url = f"http://{self.endpoint}"
-        deadline = time.monotonic() + timeout
-        while not standalone.health(self.client_url):
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"containerized etcd at {self.client_url} is not healthy after {timeout:g} s")
-            time.sleep(0.05)
+        from agents import poll_until
+
+        poll_until(lambda: standalone.health(self.client_url), timeout,
+                   f"containerized etcd at {self.client_url} is not healthy", interval=0.05)
         return self
 
     def stop(self) -> None:

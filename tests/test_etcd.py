@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from agents import poll_until
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.errors import EtcdUnavailable
 from etcd_agent.etcd import Etcd, absent, mod_is, none_under, op_get, op_put
@@ -96,9 +97,7 @@ def test_a_silent_watch_stream_is_detected(own_etcd):
     own_etcd.freeze()
     started = time.monotonic()
     try:
-        while w.resumes == 0:  # the probe runs on its own thread; nothing else can tell us
-            assert time.monotonic() - started < 10, "a frozen etcd was never noticed"
-            time.sleep(0.05)
+        poll_until(lambda: w.resumes, 10, "a frozen etcd was not noticed")  # the probe's own thread counts it
         detected = time.monotonic() - started
     finally:
         own_etcd.thaw()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from agents import AgentProc, job_keys, records, start_agents, wait_all, wait_for_key
+from agents import AgentProc, job_keys, records, start_agents, wait_all, wait_for_key, wait_records
 
 TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
                  "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
@@ -91,7 +90,7 @@ def test_spec_mismatch_is_refused_and_leaves_the_job_alone(etcd_endpoint, run_id
     release = tmp_path / "release"
     agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="1:2")
     first = agents[0]
-    _wait_file(out, "1-0.json", first)
+    wait_records(out, {(1, 0)}, [first])
     other = AgentProc(etcd_endpoint, run_id, "node-x", tmp_path, [str(out)], nnodes="2:3", nproc=2)
     assert other.wait(30) == 2
     err = other.stderr()
@@ -99,16 +98,6 @@ def test_spec_mismatch_is_refused_and_leaves_the_job_alone(etcd_endpoint, run_id
     assert first.proc.poll() is None
     release.touch()
     assert first.wait() == 0
-
-
-def _wait_file(out, name, agent):
-    import time
-
-    deadline = time.monotonic() + 30
-    while not (out / name).exists():  # the worker writes it; no event reaches the test otherwise
-        assert agent.proc.poll() is None, agent.stderr()[-2000:]
-        assert time.monotonic() < deadline, f"{name} never appeared"
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -64,15 +64,23 @@ def fail(msg: str) -> None:
 
 failing_now = a.always_fail_rank is not None or (a.fail_rank and a.fail_round == rnd)
 if failing_now:
-    while len([n for n in os.listdir(a.out) if n.startswith(f"{rnd}-") and n.endswith(".json")]) < world:
-        time.sleep(0.005)  # every rank of the round has started: fail together
+    mine = [os.path.join(a.out, n) for n in os.listdir(a.out) if n.startswith(f"{rnd}-") and n.endswith(".json")]
+    while len(mine) < world:
+        time.sleep(0.005)  # wait until every rank of the round has started
+        mine = [os.path.join(a.out, n) for n in os.listdir(a.out) if n.startswith(f"{rnd}-") and n.endswith(".json")]
+    # Every rank computes the same moment from the same records: the failing ranks exit within a millisecond.
+    go = max(json.load(open(path))["time"] for path in mine) + 0.3
+    time.sleep(max(0.0, go - time.time()))
 if a.always_fail_rank == rank:
     fail(f"RuntimeError: rank {rank} always fails")
 if rank in a.fail_rank and a.fail_round == rnd:
     fail(f"RuntimeError: rank {rank} fails in round {rnd}")
 if failing_now:
     while True:  # like a real job whose peer died: blocked in a "collective" until the agent stops it
-        idle()
+        if beating:
+            idle()
+        else:
+            signal.pause()
 if a.hold and a.hold_rank in (None, rank):
     wait_for(a.hold)
 if a.run_until:
