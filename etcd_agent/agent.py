@@ -20,7 +20,7 @@ import time
 
 from . import txns
 from .config import AgentConfig
-from .errors import ConfigError, EtcdUnavailable, JobFailed, JobStopped, SessionLost
+from .errors import BadKeyData, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SessionLost
 from .etcd import Etcd
 from .keys import Keys
 from .rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
@@ -69,6 +69,7 @@ class Agent:
         self._round_seen = 0
         self._joined_round = 0
         self.signalled = 0
+        self._bad_key = ""  # the key whose bad value was last reported (report each once)
 
     # --- state machine -------------------------------------------------------------------------------------
     def _enter(self, new: State, why: str) -> None:
@@ -131,24 +132,43 @@ class Agent:
     # --- the loop ------------------------------------------------------------------------------------------
     def _loop(self) -> int:
         while True:
-            self._drain(block=False)
-            view = self.mirror.view()
-            self._track(view)
-            action = decide(view, self.local, self.params)
-            if isinstance(action, Finish):
-                return self._finish(action.result)
-            if isinstance(action, Wait):
-                log.debug("%s waiting: %s", self._who(), action.why)
-                hang_check = self._check_progress()
-                if self.local.outcome == "failed" and self.local.failure.get("hang"):
-                    continue  # decide again: the hung group fails now
-                deadline = min(d for d in (action.deadline, hang_check, float("inf")) if d is not None)
-                self._drain(block=True, deadline=None if deadline == float("inf") else deadline)
+            try:
+                result = self._step()
+            except SessionLost as exc:  # our lease ended before the keepalive thread could say so
+                self._fence(str(exc))
+            except EtcdUnavailable as exc:
+                # Keep the workers; the session fences them if the outage outlasts the lease.
+                log.warning("%s etcd is unreachable, trying again: %s", self._who(), exc)
+                self._drain(block=True, deadline=time.monotonic() + 0.5)
+            except BadKeyData as exc:
+                # Never act on state we cannot read, and never harm the job for it: wait for a repair.
+                if exc.key != self._bad_key:
+                    log.error("%s %s; leaving the workers as they are until the key is fixed", self._who(), exc)
+                self._bad_key = exc.key
+                self._drain(block=True)
             else:
-                try:
-                    self._act(action, view)
-                except SessionLost as exc:  # our lease ended before the keepalive thread could say so
-                    self._fence(str(exc))
+                self._bad_key = ""
+                if result is not None:
+                    return result
+
+    def _step(self) -> int | None:
+        """Handle what happened, decide, act once; returns the exit code when the job is over."""
+        self._drain(block=False)
+        view = self.mirror.view()
+        self._track(view)
+        action = decide(view, self.local, self.params)
+        if isinstance(action, Finish):
+            return self._finish(action.result)
+        if not isinstance(action, Wait):
+            self._act(action, view)
+            return None
+        log.debug("%s waiting: %s", self._who(), action.why)
+        hang_check = self._check_progress()
+        if self.local.outcome == "failed" and self.local.failure.get("hang"):
+            return None  # decide again: the hung group fails now
+        deadline = min((d for d in (action.deadline, hang_check) if d is not None), default=None)
+        self._drain(block=True, deadline=deadline)
+        return None
 
     def _drain(self, block: bool, deadline: float | None = None) -> None:
         """Handle queued events; when ``block``, first wait for one (until ``deadline``)."""

@@ -180,3 +180,19 @@ def test_duplicate_node_id_is_refused(etcd_endpoint, run_id, tmp_path):
     assert "--node-id node-0 is already registered by a live agent" in twin.stderr()
     release.touch()
     assert agents[0].wait() == 0
+
+
+def test_bad_data_under_the_prefix_is_named_and_leaves_the_job_running(etcd_endpoint, run_id, tmp_path, etcdctl):
+    from agents import poll_until
+
+    release = tmp_path / "release"
+    agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="1")
+    wait_records(out, {(1, 0), (1, 1)}, agents)
+    key = f"/etcd-agent/{run_id}/round"
+    good = etcdctl("get", key, "--print-value-only").stdout.strip()
+    etcdctl("put", key, "this is not json")
+    poll_until(lambda: f"bad data in etcd key {key}: not JSON" in agents[0].stderr(), 15, "the bad key was not named")
+    assert agents[0].proc.poll() is None, "an agent must not give up its workers over a bad key"
+    etcdctl("put", key, good)
+    release.touch()
+    assert agents[0].wait() == 0

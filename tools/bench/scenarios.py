@@ -109,7 +109,7 @@ def crash(rep: Rep, nodes: int = 3, nproc: int = 2, crash_rank: int = 3) -> dict
 
 # --- node loss ---------------------------------------------------------------------------------------------------
 def node_loss(rep: Rep, sig: int = signal.SIGKILL, nodes: int = 3, nproc: int = 2,
-              lose_workers: bool = True) -> dict[str, float]:
+              lose_workers: bool = True, recover_s: float = 180) -> dict[str, float]:
     """All workers run; the last launcher gets ``sig`` (with SIGKILL: it and its workers); survivors go on.
 
     Workers watch their peers' pids and exit 1 when one is gone, as a collective fails on a closed connection.
@@ -128,7 +128,7 @@ def node_loss(rep: Rep, sig: int = signal.SIGKILL, nodes: int = 3, nproc: int = 
                 p.send_signal(sig)
             except psutil.Error:
                 pass
-        gen = wait_generation(rep.records, survivors, rest, rep.deadline(180),
+        gen = wait_generation(rep.records, survivors, rest, rep.deadline(recover_s),
                               lambda r: r["t_start"] > t_kill, "the survivors")
         wait_exit(rest, rep.deadline(60))
     finally:
@@ -196,3 +196,7 @@ register("footprint-import", "footprint", import_time, needs_etcd=False, doc="im
 register("footprint-rss", "footprint", memory, doc="1 node x 2 workers that wait for a file")
 register("node-loss-sigkill", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) x 2, SIGKILL launcher 3 and its "
          "workers once all run", sig=signal.SIGKILL)
+register("node-loss-sigterm", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) x 2, SIGTERM launcher 3 alone (a "
+         "graceful leave: it stops its own workers)", sig=signal.SIGTERM, lose_workers=False)
+register("node-loss-sigstop", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) x 2, SIGSTOP launcher 3 and its "
+         "workers (a frozen node; its sockets stay open); 90 s to recover", sig=signal.SIGSTOP, recover_s=90)
