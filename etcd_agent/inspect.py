@@ -59,7 +59,17 @@ def snapshot(mirror: Mirror) -> dict:
             "round": v.round and {"round": v.round.number, "phase": v.round.phase, "reason": v.round.reason},
             "restarts": v.restarts and {"used": v.restarts.used, "max": v.restarts.max},
             "joined": sorted(v.joins), "plan": v.plan.to_json() if v.plan else None,
-            "exited": sorted(v.exits), "failures": v.failures, "result": v.result}
+            "exited": sorted(v.exits), "failures": failures(mirror), "result": v.result}
+
+
+def failures(mirror: Mirror) -> dict[str, dict[str, dict]]:
+    """Every failure report of the job: round number -> node -> report."""
+    out: dict[str, dict[str, dict]] = {}
+    for kv in mirror.under(mirror.keys.rounds()):
+        parsed = mirror.keys.parse(kv.key)
+        if parsed.kind == "failure":
+            out.setdefault(str(parsed.round), {})[parsed.node] = mirror.value(kv.key)
+    return out
 
 
 def describe(run_id: str, s: dict) -> str:
@@ -79,8 +89,11 @@ def describe(run_id: str, s: dict) -> str:
             lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}) ranks {m['rank_offset']}-{last}")
     elif r and r["phase"] == "joining":
         lines.append(f"  joined so far: {', '.join(s['joined']) or 'none'}")
-    for node, f in sorted(s["failures"].items()):
-        lines.append(f"  failure on {node}: rank {f.get('rank')} {how_it_ended(f)}: {f.get('message') or ''}".rstrip(": "))
+    for rnd, reports in sorted(s["failures"].items(), key=lambda item: int(item[0])):
+        for node, f in sorted(reports.items()):
+            message = (f.get("message") or "").splitlines()[:1]
+            lines.append(f"  failures, round {rnd}: {node} rank {f.get('rank')} {how_it_ended(f)}"
+                         + (f": {message[0]}" if message else ""))
     res = s["result"]
     if res:
         lines.append(f"  result: {res.get('outcome')} in round {res.get('round')}: {res.get('reason')}")

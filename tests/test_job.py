@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 
 import pytest
 
@@ -196,3 +197,24 @@ def test_bad_data_under_the_prefix_is_named_and_leaves_the_job_running(etcd_endp
     etcdctl("put", key, good)
     release.touch()
     assert agents[0].wait() == 0
+
+
+def test_standalone_runs_a_job_on_a_private_etcd_and_removes_it(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    import psutil
+
+    from agents import JOB
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "etcd_agent", "--standalone", "--nproc-per-node", "2",
+                           "--log-dir", str(tmp_path / "logs"), JOB, str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(records(out)) == [(1, 0), (1, 1)]
+    data_dir = re.search(r"standalone etcd serving at \S+ \(data in (\S+),", proc.stderr).group(1)
+    assert not os.path.exists(data_dir), "the private etcd's data directory outlived the agent"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if data_dir in " ".join(p.info["cmdline"] or [])]
