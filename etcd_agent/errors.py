@@ -78,14 +78,6 @@ class BadKeyData(AgentError):
         self.key = key
 
 
-class RendezvousTimeout(AgentError):
-    """Fewer than the minimum number of nodes joined within the join timeout."""
-
-
-class WorkerGroupFailed(AgentError):
-    """The job ended failed because workers failed and the restart budget was spent."""
-
-
 class JobFailed(AgentError):
     """The job ended with a non-success result written by some agent."""
 

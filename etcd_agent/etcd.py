@@ -262,11 +262,6 @@ class Etcd:
         req = rpc.PutRequest(key=key.encode(), value=value, lease=lease)
         return self.call(f"put {key}", lambda c, kw: c.kvstub.Put(req, **kw), deadline).header.revision
 
-    def delete_prefix(self, prefix: str, deadline: float | None = None) -> int:
-        req = rpc.DeleteRangeRequest(key=prefix.encode(), range_end=prefix_end(prefix))
-        return self.call(f"delete --prefix {prefix}", lambda c, kw: c.kvstub.DeleteRange(req, **kw),
-                         deadline).deleted
-
     def compact(self, revision: int) -> None:
         req = rpc.CompactionRequest(revision=revision, physical=True)
         self.call("compact", lambda c, kw: c.kvstub.Compact(req, **kw))

@@ -2,7 +2,8 @@
 
 Guarantees:
 
-- Every worker gets exactly torchrun's environment (``worker_env``) plus ``ETCD_AGENT_ROUND`` for fencing.
+- Every worker gets exactly torchrun's environment (``worker_env``) plus ``ETCD_AGENT_ROUND`` for fencing and
+  ``ETCD_AGENT_PROGRESS_FILE``, its heartbeat file for hang detection (``progress.py``).
 - Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL``, so it cannot outlive the agent.
   The kernel sends that signal when the *thread* that forked the child exits, not the process: ``start`` must be
   called from a thread that lives as long as the workers (the agent's main thread), never from a short-lived one.
@@ -14,7 +15,8 @@ Guarantees:
 - ``stop`` is idempotent: SIGTERM to every group, grace until an absolute deadline, SIGKILL, then every
   descendant found by psutil (collected before the first signal, plus the group members) is killed and waited for.
 
-Must not import torch, etcd3 or any package module other than ``config``, ``errors`` and ``worker_logs``. A log
+Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``progress`` and
+``worker_logs``. A log
 directory that cannot be written raises ConfigError from ``start`` before any worker runs; a worker that cannot be
 spawned (missing program) is reported through ``on_exit`` with exit code 127 (126: not executable).
 """
@@ -32,7 +34,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import psutil
 
@@ -95,12 +97,6 @@ class WorkerExit:
         """``exit code 3`` or ``signal SIGSEGV``."""
         name = self.signal_name
         return f"signal {name}" if name else f"exit code {self.returncode}"
-
-
-def first_failure(exits: Iterable[WorkerExit]) -> WorkerExit | None:
-    """The earliest failed exit (by wall time, then rank), or None when none failed."""
-    failed = [e for e in exits if e.failed]
-    return min(failed, key=lambda e: (e.time, e.rank)) if failed else None
 
 
 def worker_env(cfg: WorkerConfig, a: Assignment, local_rank: int, base: Mapping[str, str],

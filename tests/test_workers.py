@@ -24,7 +24,7 @@ import pytest
 
 from etcd_agent.config import WorkerConfig
 from etcd_agent.errors import ConfigError
-from etcd_agent.workers import Assignment, WorkerExit, WorkerGroup, first_failure, worker_env
+from etcd_agent.workers import Assignment, WorkerExit, WorkerGroup, worker_env
 
 WORKERS = Path(__file__).parent / "workers"
 REPO = Path(__file__).parent.parent
@@ -222,15 +222,6 @@ def test_exit_code_and_signal_are_reported(make_group):
     group.start(assignment(round=4))
     (ex,) = exits.wait()
     assert (ex.returncode, ex.signal_name, ex.describe(), ex.round) == (-9, "SIGKILL", "signal SIGKILL", 4)
-
-
-def test_first_failure_is_the_earliest_failed_exit():
-    ok = WorkerExit(0, 0, 10, 0, 1.0, 1)
-    late = WorkerExit(1, 1, 11, 1, 3.0, 1)
-    early = WorkerExit(2, 2, 12, -11, 2.5, 1)
-    assert first_failure([ok, late, early]) is early
-    assert first_failure([ok]) is None
-    assert early.describe() == "signal SIGSEGV"
 
 
 def test_start_refuses_while_workers_run_and_restarts_after_stop(make_group, mailbox):
