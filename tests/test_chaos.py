@@ -315,3 +315,31 @@ def connected_member(cluster, agent: AgentProc) -> int:
 
 def wait_for_log(agent: AgentProc, text: str, timeout: float) -> None:
     poll_until(lambda: text in agent.stderr(), timeout, f"{agent.node} did not log {text!r}", interval=0.05)
+
+
+def test_watch_resumed_after_compaction_loses_nothing(job, own_etcd, run_id):
+    # node-0's agent freezes; meanwhile etcd restarts, the job is stopped and etcd compacts past what node-0 saw.
+    # When it thaws, its watch must re-list the prefix (the revision it wanted is gone) and see the stop.
+    from etcd_agent.config import EtcdConfig, parse_endpoints
+    from etcd_agent.etcd import Etcd
+    from etcd_agent.keys import Keys
+    from etcd_agent import txns
+
+    agents, out, release, rounds = job(2, "2", endpoint=own_etcd.endpoint, extra=["--lease-ttl", "10"])
+    r1 = running(rounds, 2)
+    wait_records(out, ranks(r1, 4), agents)
+    frozen = psutil.Process(agents[0].proc.pid)
+    frozen.suspend()
+    try:
+        own_etcd.restart()
+        etcd = Etcd(EtcdConfig(parse_endpoints(own_etcd.endpoint)))
+        assert txns.stop_job(etcd, Keys("/etcd-agent", run_id), "stopped during compaction test", time.time())
+        for i in range(3):  # move past the stop, then compact it away: only a re-list can still show it
+            now = etcd.put(f"/elsewhere/{run_id}", str(i).encode())
+        etcd.compact(now)
+        etcd.close()
+    finally:
+        frozen.resume()
+    assert wait_all(agents) == [1, 1]
+    err = agents[0].stderr()
+    assert "was compacted" in err and "stopped during compaction test" in err, err[-3000:]
