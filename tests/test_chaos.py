@@ -17,6 +17,10 @@ import psutil
 import pytest
 
 from agents import AgentProc, RoundWatcher, job_keys, poll_until, start_agents, wait_all, wait_records
+from etcd_agent import txns
+from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.etcd import Etcd
+from etcd_agent.keys import Keys
 from etcd_agent.standalone import FAST_ELECTION_ARGS, EtcdServer
 
 pytestmark = pytest.mark.chaos
@@ -320,11 +324,6 @@ def wait_for_log(agent: AgentProc, text: str, timeout: float) -> None:
 def test_watch_resumed_after_compaction_loses_nothing(job, own_etcd, run_id):
     # node-0's agent freezes; meanwhile etcd restarts, the job is stopped and etcd compacts past what node-0 saw.
     # When it thaws, its watch must re-list the prefix (the revision it wanted is gone) and see the stop.
-    from etcd_agent.config import EtcdConfig, parse_endpoints
-    from etcd_agent.etcd import Etcd
-    from etcd_agent.keys import Keys
-    from etcd_agent import txns
-
     agents, out, release, rounds = job(2, "2", endpoint=own_etcd.endpoint, extra=["--lease-ttl", "10"])
     r1 = running(rounds, 2)
     wait_records(out, ranks(r1, 4), agents)
