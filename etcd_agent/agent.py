@@ -25,7 +25,7 @@ from .etcd import Etcd
 from .keys import Keys
 from .rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
                          Wait, WriteExit, decide, how_it_ended)
-from .session import Session
+from .session import Session, fence_margin
 from .state import Mirror, View
 from .watch import Resync, Watch
 from .workers import Assignment, WorkerExit, WorkerGroup
@@ -58,7 +58,9 @@ class Agent:
         self.params = Params(cfg.spec.min_nodes, cfg.spec.max_nodes, cfg.spec.max_restarts, cfg.last_call,
                              cfg.join_timeout, cfg.scale_settle)
         self.shutdown = threading.Event()
-        self.etcd = Etcd(cfg.etcd, self.shutdown)
+        # Retries stop as soon as the session is lost: the main loop must get back to fencing.
+        self.etcd = Etcd(cfg.etcd, self.shutdown,
+                         interrupt=lambda: self.session is not None and self.session.lost.is_set())
         self.mirror = Mirror(self.keys)
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe from a signal handler
         self.state = State.STARTING
@@ -98,21 +100,22 @@ class Agent:
     def _start(self) -> None:
         try:
             version = self.etcd.status()
+            log.info("connected to etcd %s at %s", version, self.etcd.endpoints_text)
+            txns.init_job(self.etcd, self.keys, self.cfg.spec, time.time())
+            self._new_session()
+            kvs, rev = self.etcd.get_prefix(self.keys.prefix)
         except EtcdUnavailable as exc:
             raise ConfigError(f"--etcd-endpoints {self.etcd.endpoints_text}: {exc}") from exc
-        log.info("connected to etcd %s at %s", version, self.etcd.endpoints_text)
-        txns.init_job(self.etcd, self.keys, self.cfg.spec, time.time())
-        self._new_session()
-        kvs, rev = self.etcd.get_prefix(self.keys.prefix)
         self.mirror.reset(kvs, rev)
         self.watch = Watch(self.etcd, self.keys.prefix, rev + 1, lambda d: self.events.put(("watch", d)),
                            probe_interval=max(0.5, self.cfg.lease_ttl / 5), name=f"watch-{self.cfg.node_id}").start()
         self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} (lease {self.session.lease_id:x})")
 
     def _new_session(self, stale_lease: int = 0) -> None:
-        session = Session(self.etcd, self.cfg.lease_ttl, lambda why: self.events.put(("lost", (session, why))))
+        session = Session(self.etcd, self.cfg.lease_ttl, lambda why: self._session_lost(session, why))
         self.session = session
         self.session.start(deadline=self.cfg.join_timeout)
+        self._set(lease=session.lease_id)
         if stale_lease:  # etcd is reachable again: make sure the old session's keys are gone before re-registering
             self.etcd.lease_revoke(stale_lease, deadline=self.cfg.lease_ttl)
         info = {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
@@ -187,7 +190,8 @@ class Agent:
     def _handle(self, kind: str, item) -> None:
         if kind == "watch":
             if isinstance(item, Resync):
-                self.mirror.reset(item.kvs, item.revision)
+                if item.revision > self.mirror.revision:  # an older re-list than what we already hold is no news
+                    self.mirror.reset(item.kvs, item.revision)
             else:
                 self.mirror.apply(item)
         elif kind == "worker":
@@ -208,7 +212,9 @@ class Agent:
         if rnd and rnd.number != self._round_seen:
             self._round_seen = rnd.number
             changes.update(round_seen_at=now, min_reached_at=None)
-        if rnd and len(v.joins) >= self.params.min_nodes and self.local.min_reached_at is None:
+        if rnd and len(v.joins) < self.params.min_nodes:
+            changes["min_reached_at"] = None  # the last call starts again when MIN is reached again
+        elif rnd and self.local.min_reached_at is None:
             changes["min_reached_at"] = now
         plan_nodes = set(v.plan.nodes) if v.plan else set()
         newcomers = bool(rnd and rnd.phase == "running" and set(v.nodes) - plan_nodes)
@@ -342,15 +348,36 @@ class Agent:
         elif self.group is not None:
             self.group.stop(why)  # reaps anything a finished worker left behind
 
+    def _session_lost(self, session: Session, why: str) -> None:
+        """On the keepalive thread, the moment the session is declared lost: the main loop may be blocked in an
+        etcd call, so the workers are stopped right here, within the fencing margin, before the lease can expire."""
+        self.events.put(("lost", (session, why)))
+        group = self.group
+        if group is not None and session is self.session:
+            group.stop(f"self-fencing: {why}", grace=max(0.0, fence_margin(self.cfg.lease_ttl) - 0.5))
+
     def _fence(self, why: str) -> None:
         """Our lease is (about to be) gone: stop the workers before peers re-form without us, then rejoin."""
-        rnd = self.mirror.view().round
         self._enter(State.FENCED, f"session lost ({why}); stopping workers before the lease can expire")
+        if self.local.outcome == "failed":
+            try:
+                self._ensure_reported(self.local.failure)
+            except EtcdUnavailable:
+                log.warning("%s could not record this node's failure report: etcd is unreachable", self._who())
         self._stop_workers(f"self-fencing: {why}")
-        self._set(fenced_round=rnd.number if rnd else 0, outcome=None, failure=None)
+        self._set(outcome=None, failure=None)
         stale = self.session.lease_id
-        self.session.close(revoke=True, deadline=1.0)
-        self._new_session(stale_lease=stale)
+        self.session.close(revoke=False)  # etcd may be unreachable: the stale lease is revoked once it is back
+        give_up = time.monotonic() + self.cfg.join_timeout
+        while True:
+            try:
+                self._new_session(stale_lease=stale)
+                break
+            except EtcdUnavailable as exc:
+                if self.shutdown.is_set() or time.monotonic() >= give_up:
+                    raise JobFailed(f"{self.cfg.node_id} lost its etcd session and could not open a new one within "
+                                    f"{self.cfg.join_timeout:g} s (--join-timeout): {exc}") from exc
+                log.warning("%s cannot open a new session yet: %s", self._who(), exc)
         self._enter(State.RENDEZVOUS, f"new session (lease {self.session.lease_id:x}); rejoining")
 
     def _finish(self, result: dict) -> int:
@@ -385,7 +412,8 @@ def install_signal_handlers(agent: Agent) -> None:
     """SIGTERM/SIGINT: stop the workers, revoke the lease, exit non-zero (from the main thread's loop)."""
     def handler(signum, _frame):
         agent.signalled = signum
-        agent.shutdown.set()
-        agent.events.put(("signal", signum))
+        agent.events.put(("signal", signum))  # SimpleQueue.put is safe here
+        # Event.set takes a lock the interrupted main thread may hold: set it from a thread of its own.
+        threading.Thread(target=agent.shutdown.set, name="shutdown", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)

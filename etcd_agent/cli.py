@@ -8,10 +8,10 @@ or file; never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
-import tempfile
 
 from . import __version__
 from .config import (AgentConfig, EtcdConfig, JobSpec, WorkerConfig, default_node_id, parse_endpoints,
@@ -97,8 +97,8 @@ def agent_config(ns: argparse.Namespace, endpoints: str | None = None) -> AgentC
     run_id = ns.run_id
     if not run_id:
         raise ConfigError("--run-id is required: the same id on every node of the job")
-    log_dir = ns.log_dir or tempfile.mkdtemp(prefix="etcd-agent-logs-")
-    workers = WorkerConfig(ns.entrypoint, tuple(ns.args), resolve_nproc(ns.nproc), ns.module, ns.no_python, log_dir,
+    workers = WorkerConfig(ns.entrypoint, tuple(ns.args), resolve_nproc(ns.nproc), ns.module, ns.no_python,
+                           ns.log_dir or "",  # empty: the worker group makes a temporary directory and logs it
                            ns.tee, ns.stop_timeout)
     return AgentConfig(run_id=run_id, node_id=ns.node_id or default_node_id(),
                        spec=JobSpec(lo, hi, ns.nproc.strip().lower(), ns.max_restarts), workers=workers,
@@ -122,18 +122,20 @@ def run_agent(argv: list[str]) -> int:
     _setup_logging(ns.log_level)
     server = None
     try:
-        endpoints = None
+        if ns.standalone:
+            _check_standalone(ns)
+            ns.run_id = ns.run_id or f"standalone-{os.getpid()}"
+            ns.local_addr = ns.local_addr or "127.0.0.1"
+        cfg = agent_config(ns, "127.0.0.1:2379" if ns.standalone else None)  # every flag checked before etcd starts
         if ns.standalone:
             from .standalone import EtcdServer
 
-            ns.run_id = ns.run_id or f"standalone-{os.getpid()}"
             server = EtcdServer(name="etcd-agent-standalone").start()
-            endpoints = server.endpoint
-            ns.local_addr = ns.local_addr or "127.0.0.1"
-            log.info("standalone etcd serving at %s (data in %s, removed on exit)", endpoints, server.data_dir)
-        cfg = agent_config(ns, endpoints)
+            cfg = dataclasses.replace(cfg, etcd=dataclasses.replace(cfg.etcd, endpoints=parse_endpoints(server.endpoint)))
+            log.info("standalone etcd serving at %s (data in %s, removed on exit)", server.endpoint, server.data_dir)
         log.info("run %s, node %s, %d worker(s), nnodes %d:%d, worker logs under %s", cfg.run_id, cfg.node_id,
-                 cfg.workers.nproc, cfg.spec.min_nodes, cfg.spec.max_nodes, cfg.workers.log_dir)
+                 cfg.workers.nproc, cfg.spec.min_nodes, cfg.spec.max_nodes,
+                 cfg.workers.log_dir or "a temporary directory")
         agent = Agent(cfg, __version__)
         install_signal_handlers(agent)
         try:
@@ -146,6 +148,14 @@ def run_agent(argv: list[str]) -> int:
     finally:
         if server is not None:
             server.stop()
+
+
+def _check_standalone(ns: argparse.Namespace) -> None:
+    if ns.endpoints and ns.endpoints != os.environ.get("ETCD_AGENT_ENDPOINTS"):
+        raise ConfigError("--standalone starts its own etcd: drop --etcd-endpoints")
+    if parse_nnodes(ns.nnodes) != (1, 1):
+        raise ConfigError(f"--standalone runs a one-node job; --nnodes {ns.nnodes} needs a shared etcd "
+                          "(--etcd-endpoints)")
 
 
 def _error(msg: str) -> None:
@@ -166,3 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug must still end in one clear line; the traceback goes to DEBUG
+        log.debug("unexpected error", exc_info=True)
+        _error(f"unexpected {type(exc).__name__}: {exc} (run with --log-level DEBUG for the traceback)")
+        return 1

@@ -42,10 +42,14 @@ class EtcdConfig:
         if (self.cert is None) != (self.key is None):
             raise ConfigError("--etcd-cert and --etcd-key must be given together")
         if (self.user is None) != (self.password is None):
-            raise ConfigError("--etcd-user needs a password (--etcd-password or ETCD_AGENT_ETCD_PASSWORD) and vice versa")
+            raise ConfigError("--etcd-user needs a password in $ETCD_AGENT_ETCD_PASSWORD")
+        if self.cert is not None and self.ca_cert is None:
+            raise ConfigError("--etcd-cert/--etcd-key need --etcd-cacert: client certificates are only sent over TLS")
         for flag, path in (("--etcd-cacert", self.ca_cert), ("--etcd-cert", self.cert), ("--etcd-key", self.key)):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{flag}: no such file: {path}")
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(f"{flag}: cannot read {path}")
 
     @property
     def secure(self) -> bool:
@@ -118,7 +122,7 @@ class AgentConfig:
     root: str = DEFAULT_ROOT
     local_addr: str = ""
     lease_ttl: int = 5
-    last_call: float = 2.0
+    last_call: float = 3.0
     join_timeout: float = 600.0
     scale_settle: float = 1.0
     worker_timeout: float = 0.0  # 0: hang detection off

@@ -58,7 +58,7 @@ class KV:
 
     @classmethod
     def from_pb(cls, kv) -> "KV":
-        return cls(kv.key.decode(), bytes(kv.value), kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+        return cls(kv.key.decode("utf-8", "replace"), bytes(kv.value), kv.create_revision, kv.mod_revision, kv.version, kv.lease)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +129,15 @@ def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:
     return EtcdRequestError(text)
 
 
-def retry_policy(deadline: float, stop_event: threading.Event | None) -> tenacity.Retrying:
-    """Retry EtcdUnavailable with short exponential backoff until ``deadline`` seconds pass or shutdown."""
+def retry_policy(deadline: float, stop_event: threading.Event | None,
+                 interrupt: Callable[[], bool] | None = None) -> tenacity.Retrying:
+    """Retry EtcdUnavailable with short exponential backoff until ``deadline`` seconds pass, shutdown, or
+    ``interrupt()`` says the caller has better things to do (its session was lost)."""
     stop = tenacity.stop_after_delay(deadline)
     if stop_event is not None:
         stop = stop | (lambda state: stop_event.is_set())
+    if interrupt is not None:
+        stop = stop | (lambda state: interrupt())
     return tenacity.Retrying(
         stop=stop,
         wait=tenacity.wait_exponential(multiplier=0.05, min=0.05, max=0.5),
@@ -146,9 +150,11 @@ def retry_policy(deadline: float, stop_event: threading.Event | None) -> tenacit
 class Etcd:
     """A connection to one etcd cluster with failover, retries and our own error types."""
 
-    def __init__(self, cfg: EtcdConfig, stop_event: threading.Event | None = None):
+    def __init__(self, cfg: EtcdConfig, stop_event: threading.Event | None = None,
+                 interrupt: Callable[[], bool] | None = None):
         self.cfg = cfg
         self.stop_event = stop_event
+        self.interrupt = interrupt
         self._lock = threading.Lock()
         self._client: etcd3.MultiEndpointEtcd3Client | None = None
 
@@ -203,11 +209,12 @@ class Etcd:
 
     # -- calls --
     def call(self, where: str, fn: Callable[[etcd3.MultiEndpointEtcd3Client, dict], T],
-             deadline: float | None = None, attempt_timeout: float | None = None) -> T:
+             deadline: float | None = None, attempt_timeout: float | None = None, final: bool = False) -> T:
         """Run ``fn(client, call_kwargs)`` with retries; ``where`` names the operation in errors.
 
         ``deadline`` bounds all attempts (default: the connect timeout), ``attempt_timeout`` each one (default:
-        the request timeout), so a frozen member costs one short attempt before failover tries the next."""
+        the request timeout), so a frozen member costs one short attempt before failover tries the next. A
+        ``final`` call (revoking the lease on the way out) keeps retrying through shutdown, within its deadline."""
         limit = self.cfg.connect_timeout if deadline is None else deadline
         end = time.monotonic() + limit
         per_attempt = attempt_timeout or self.cfg.request_timeout
@@ -221,6 +228,10 @@ class Etcd:
                 return fn(client, kwargs)
             except etcd3_exc.NoServerAvailableError as exc:
                 raise EtcdUnavailable(f"etcd {where}: no endpoint of {self.endpoints_text} is available") from exc
+            except ValueError as exc:  # "Cannot invoke RPC on closed channel!": another thread rebuilt the client
+                if "closed channel" not in str(exc):
+                    raise
+                raise EtcdUnavailable(f"etcd {where}: the connection was being rebuilt") from exc
             except grpc.RpcError as exc:
                 err = map_grpc_error(exc, where)
                 if exc.code() in _ENDPOINT_FAILED_CODES:
@@ -231,7 +242,7 @@ class Etcd:
                 raise err from exc
 
         try:
-            return retry_policy(limit, self.stop_event)(attempt)
+            return retry_policy(limit, None if final else self.stop_event, None if final else self.interrupt)(attempt)
         except EtcdUnavailable as exc:
             raise EtcdUnavailable(f"cannot reach etcd at {self.endpoints_text} within {limit:.1f} s: {exc}") from exc
 
@@ -290,4 +301,4 @@ class Etcd:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:  # already expired: nothing to revoke
                     raise
-        self.call("lease revoke", revoke, deadline)
+        self.call("lease revoke", revoke, deadline, final=True)

@@ -7,8 +7,9 @@ and decide again". Invariants this module keeps:
   registered node has joined (the fast path that makes a re-rendezvous after a failure immediate); otherwise ``last_call`` seconds after
   ``min_nodes`` was reached. Fewer than ``min_nodes`` within ``join_timeout`` fails the job.
 - Ranks are stable: members of the previous plan keep their relative order, newcomers follow in join order.
-- A plan member is lost when its leased join key vanishes without an exit key: a restart of the new session of
-  the same node id can never hide the loss of the old one.
+- A plan member is lost when its leased join key vanishes without an exit key: a new session of the same node id
+  can never hide the loss of the old one. An agent that fenced itself sees its own old join key (another lease)
+  as lost too, so it never starts workers into a plan made with its old session.
 - Restarts are counted job-wide: worker failures and node losses count, scale-ups do not. Once any node's
   workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run.
 """
@@ -41,7 +42,7 @@ class Local:
     workers_running: bool = False
     outcome: str | None = None  # "succeeded" / "failed" once known for workers_round
     failure: dict | None = None  # this node's failure report when outcome is "failed"
-    fenced_round: int = 0  # rounds up to this one are stale for this node (its session was lost in it)
+    lease: int = 0  # this agent's current session lease: join keys of an older session of this node are stale
     round_seen_at: float = 0.0  # when this agent first saw the current round number
     min_reached_at: float | None = None  # when this agent first saw min_nodes joiners in the current round
     newcomers_since: float | None = None  # when this agent first saw a registered node outside the plan
@@ -123,8 +124,14 @@ def decide(v: View, me: Local, p: Params) -> Action:
     return _running(v, r, me, p)
 
 
+def _stale(v: View, me: Local) -> bool:
+    """Our join key of this round belongs to a session we lost (we fenced and came back): it does not count."""
+    mine = v.joins.get(me.node)
+    return mine is not None and mine.lease != me.lease
+
+
 def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
-    if me.node not in v.joins:
+    if me.node not in v.joins or _stale(v, me):
         if me.node not in v.nodes:
             return Wait("this node's registration is not visible yet")
         return JoinRound(r)
@@ -157,12 +164,12 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if plan is None:
         return Wait(f"round {r.number} is running but its plan is not visible yet")
     member = plan.member(me.node)
-    lost = [n for n in plan.nodes if n not in v.joins and n not in v.exits]
+    lost = [n for n in plan.nodes if n not in v.exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
     if member is not None and me.outcome == "failed" and me.workers_round == r.number:
         return _fail_or_bump(v, r, me, p, f"{_describe(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
         return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
-    if member is None or me.fenced_round >= r.number:
+    if member is None:
         full = " (the round is full)" if len(plan.members) >= p.max_nodes else ""
         return Wait(f"round {r.number} runs without this node{full}; waiting to be taken into the next round")
     if me.workers_round != r.number:

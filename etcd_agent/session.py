@@ -75,6 +75,10 @@ class Session:
             except EtcdError as exc:
                 self._lose(f"lease keepalive failed: {exc}")
                 return
+            except Exception:  # noqa: BLE001 - this thread must never die silently; the deadline still applies
+                log.exception("lease %x keepalive failed unexpectedly", self.lease_id)
+                failed = True
+                continue
             if granted <= 0:
                 self._lose(f"lease {self.lease_id:x} expired on the etcd side")
                 return

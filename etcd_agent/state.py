@@ -36,6 +36,7 @@ class Join:
     port: int
     nproc: int
     prev_rank: int | None
+    lease: int = 0  # the session lease the key is bound to: a node's old session shows up as another lease
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,6 @@ class View:
     spec: dict | None
     round: RoundInfo | None
     nodes: dict[str, dict]
-    node_revisions: dict[str, int]  # node -> create_revision of its registry key
     joins: dict[str, Join]
     plan: Plan | None
     last_plan: Plan | None  # the newest plan of an earlier round: who ran before
@@ -141,16 +141,12 @@ class Mirror:
         k = self.keys
         rnd = self.round()
         number = rnd.number if rnd else 0
-        nodes, node_revs = {}, {}
-        for kv in self.under(k.nodes()):
-            name = kv.key[len(k.nodes()):]
-            nodes[name] = decode(kv.key, kv.value)
-            node_revs[name] = kv.create_revision
+        nodes = {kv.key[len(k.nodes()):]: decode(kv.key, kv.value) for kv in self.under(k.nodes())}
         joins = {j.node: j for j in (parse_join(kv) for kv in self.under(k.joins(number)))} if rnd else {}
         exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.under(k.exits(number))) if rnd else frozenset()
         failures = ({kv.key[len(k.failures(number)):]: decode(kv.key, kv.value) for kv in self.under(k.failures(number))}
                     if rnd else {})
-        return View(self.revision, self.value(k.spec()), rnd, nodes, node_revs, joins,
+        return View(self.revision, self.value(k.spec()), rnd, nodes, joins,
                     self.plan(number) if rnd else None, self.last_plan(number), exits, failures, self.restarts(), self.value(k.result()))
 
     def round(self) -> RoundInfo | None:
@@ -167,13 +163,21 @@ class Mirror:
         obj = self.value(key, ("used", "max"))
         if obj is None:
             return None
-        return Restarts(int(obj["used"]), int(obj["max"]), self.kvs[key].mod_revision)
+        if not all(type(obj[f]) is int and obj[f] >= 0 for f in ("used", "max")):
+            raise BadKeyData(key, "used and max must be whole numbers")
+        return Restarts(obj["used"], obj["max"], self.kvs[key].mod_revision)
 
     def last_plan(self, before: int) -> Plan | None:
-        numbers = [int(kv.key[len(self.keys.rounds()):].split("/")[0]) for kv in self.under(self.keys.rounds())
-                   if kv.key.endswith("/plan")]
-        earlier = [n for n in numbers if n < before]
+        earlier = [p.round for p in map(self._parse, self.under(self.keys.rounds()))
+                   if p is not None and p.kind == "plan" and p.round < before]
         return self.plan(max(earlier)) if earlier else None
+
+    def _parse(self, kv):
+        """The schema's reading of a key, or None for a key it does not name (ignored, never fatal)."""
+        try:
+            return self.keys.parse(kv.key)
+        except BadKeyData:
+            return None
 
     def plan(self, number: int) -> Plan | None:
         key = self.keys.plan(number)
@@ -188,7 +192,7 @@ def parse_join(kv) -> Join:
     try:
         prev = obj.get("prev_rank")
         return Join(str(obj["node"]), kv.create_revision, str(obj.get("host", "")), str(obj["addr"]),
-                    int(obj["port"]), int(obj["nproc"]), None if prev is None else int(prev))
+                    int(obj["port"]), int(obj["nproc"]), None if prev is None else int(prev), kv.lease)
     except (TypeError, ValueError) as exc:
         raise BadKeyData(kv.key, f"bad field: {exc}") from exc
 

@@ -62,6 +62,7 @@ class Watch:
         self.sink = sink
         self.probe_interval = probe_interval
         self.resumes = 0
+        self._delivered = False  # the current stream answered at least once
         self._cancelled = threading.Event()
         self._call = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -88,11 +89,15 @@ class Watch:
                             self.prefix, self.next_revision, exc.compact_revision)
                 if not self._resync():
                     continue
-            except (WatchBroken, EtcdError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever broke the stream, this thread must not die
                 if self._cancelled.is_set():
                     return
                 self.resumes += 1
+                if not isinstance(exc, (WatchBroken, EtcdError)):
+                    log.exception("watch on %s failed unexpectedly; resuming", self.prefix)
                 log.info("watch on %s broke (%s); resuming from revision %d", self.prefix, exc, self.next_revision)
+                if self._delivered:
+                    backoff, self._delivered = 0.05, False  # it was healthy: the first retry is quick again
                 self._cancelled.wait(backoff)
                 backoff = min(backoff * 2, 1.0)
                 continue
@@ -135,6 +140,7 @@ class Watch:
         try:
             for resp in call:
                 last_seen[0] = time.monotonic()
+                self._delivered = True
                 self._handle(resp)
             raise WatchBroken("the stream ended")
         except grpc.RpcError as exc:

@@ -136,6 +136,7 @@ class _Worker:
     waiter: threading.Thread | None = None
     progress_file: str = ""  # $ETCD_AGENT_PROGRESS_FILE: the worker's heartbeat (see progress.py)
     ended_before_stop: bool = False  # it had exited when stop() sent its first signal
+    ended_at: float = 0.0  # wall time its exit was seen (0 while it runs)
     started: float = 0.0  # wall time of the spawn
 
     @property
@@ -228,6 +229,7 @@ class WorkerGroup:
 
     def _report(self, w: _Worker, returncode: int) -> None:
         ex = WorkerExit(w.local_rank, w.rank, w.pid, returncode, time.time(), w.round)
+        w.ended_at = ex.time
         w.exited.set()
         level = logging.WARNING if ex.failed and not self._stopping else logging.INFO
         self._log.log(level, "%s: worker rank %d (local rank %d, pid %d) exited with %s.",
@@ -256,8 +258,9 @@ class WorkerGroup:
     def running(self) -> bool:
         return any(not w.exited.is_set() for w in self._workers)
 
-    def stop(self, reason: str = "") -> None:
-        """SIGTERM, grace until ``cfg.stop_timeout``, SIGKILL, kill surviving descendants; idempotent."""
+    def stop(self, reason: str = "", grace: float | None = None) -> None:
+        """SIGTERM, grace until ``cfg.stop_timeout`` (or the shorter ``grace``), SIGKILL, kill surviving
+        descendants; idempotent and safe from any thread but a waiter's."""
         with self._lock:
             workers = list(self._workers)
             if self._stopped and not self.running:
@@ -272,7 +275,7 @@ class WorkerGroup:
             for w in workers:
                 w.ended_before_stop = w.exited.is_set() or _is_zombie(w.ps)
             _signal(workers, tree, signal.SIGTERM)
-            deadline = time.monotonic() + self.cfg.stop_timeout
+            deadline = time.monotonic() + min(self.cfg.stop_timeout, self.cfg.stop_timeout if grace is None else grace)
             for w in live:
                 w.exited.wait(max(0.0, deadline - time.monotonic()))
             survivors = _wait_gone(list(tree.values()), deadline)
@@ -358,12 +361,15 @@ def _descendants(workers: list[_Worker]) -> dict[int, psutil.Process]:
                 found.update((p.pid, p) for p in w.ps.children(recursive=True))
             except psutil.Error:
                 pass
-    groups = {w.pid for w in workers if w.pid}
+    groups = {w.pid: w for w in workers if w.pid}
     for p in psutil.process_iter() if groups else ():
         try:
-            if os.getpgid(p.pid) in groups:
+            w = groups.get(os.getpgid(p.pid))
+            # The pid of a reaped worker can be reused by an unrelated group leader: a process created after
+            # our worker ended is not from its group.
+            if w is not None and not (w.ended_at and p.create_time() > w.ended_at + 1.0):
                 found.setdefault(p.pid, p)
-        except OSError:
+        except (OSError, psutil.Error):
             pass
     for w in workers:  # the workers themselves are waited for by their own threads
         found.pop(w.pid, None)

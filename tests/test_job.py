@@ -106,6 +106,8 @@ def test_spec_mismatch_is_refused_and_leaves_the_job_alone(etcd_endpoint, run_id
     (["--nproc-per-node", "0"], "--nproc-per-node must be at least 1"),
     (["--lease-ttl", "1"], "--lease-ttl must be at least 2"),
     (["--run-id", "bad id!"], "--run-id 'bad id!'"),
+    (["--standalone"], "--standalone starts its own etcd: drop --etcd-endpoints"),
+    (["--etcd-cert", "/dev/null", "--etcd-key", "/dev/null"], "--etcd-cert/--etcd-key need --etcd-cacert"),
 ])
 def test_bad_flags_fail_with_one_clear_line(flags, message, etcd_endpoint, tmp_path):
     import subprocess

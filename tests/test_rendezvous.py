@@ -48,7 +48,6 @@ def view(number: int = 3, phase: str = RUNNING, nodes=(ME, "node-b"), joins=None
               "max_restarts": PARAMS.max_restarts},
         round=RoundInfo(number, phase, reason, ROUND_REV) if round_present else None,
         nodes={n: {"v": 1, "host": f"host-{n}", "pid": 1} for n in nodes},
-        node_revisions={n: 10 + i for i, n in enumerate(nodes)},
         joins={j.node: j for j in records},
         plan=plan,
         last_plan=last_plan,
@@ -284,10 +283,22 @@ def test_spare_node_of_a_full_round_says_so():
     assert "full" in action.why
 
 
-@pytest.mark.parametrize("fenced", [3, 4])
-def test_fenced_member_waits(fenced):
-    action = decide(view(), me(fenced_round=fenced), PARAMS)
-    assert isinstance(action, Wait)
+def test_a_member_whose_join_key_is_from_its_lost_session_moves_the_job_on():
+    # It fenced and came back with lease 7; the plan was made with its old join key (lease 0): never start into it.
+    action = decide(view(), me(lease=7), PARAMS)
+    assert isinstance(action, Bump) and f"{ME} left" in action.reason
+
+
+def test_a_fenced_agent_rejoins_a_joining_round_with_its_new_lease():
+    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12)])
+    assert isinstance(decide(v, me(lease=7), PARAMS), JoinRound)
+
+
+def test_every_member_fenced_while_joining_does_not_deadlock():
+    # All rejoined round 3 with new leases and the leader closed it: the plan is valid, workers start.
+    joins = [Join(ME, 11, "h", "a", 1, 2, None, 7), Join("node-b", 12, "h", "b", 1, 2, None, 8)]
+    v = view(nodes=[ME, "node-b"], joins=joins)
+    assert isinstance(decide(v, me(lease=7), PARAMS), StartWorkers)
 
 
 @pytest.mark.parametrize("members", [[ME], [ME, "node-b"]])
@@ -295,7 +306,7 @@ def test_when_every_member_was_fenced_someone_moves_the_job_on(members):
     # Every member self-fenced in round 3 and re-registered with a new session; their round-3 join keys
     # vanished with the old leases, so every member is lost and each one sees exactly this view.
     v = view(nodes=members, plan=mk_plan(3, members), joins=[])
-    action = decide(v, me(workers_round=3, workers_running=False, fenced_round=3), PARAMS)
+    action = decide(v, me(workers_round=3, workers_running=False, lease=7), PARAMS)
     assert isinstance(action, (Bump, End))
 
 

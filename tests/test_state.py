@@ -1,0 +1,52 @@
+"""The mirror of a job's keys: replays, bad values and keys the schema does not name."""
+
+from __future__ import annotations
+
+import pytest
+
+from etcd_agent.errors import BadKeyData
+from etcd_agent.etcd import KV
+from etcd_agent.keys import Keys, encode
+from etcd_agent.state import Mirror
+from etcd_agent.watch import Event
+
+K = Keys("/etcd-agent", "job1")
+
+
+def kv(key: str, value: bytes, rev: int, lease: int = 0) -> KV:
+    return KV(key, value, rev, rev, 1, lease)
+
+
+def mirror(*kvs: KV, revision: int = 100) -> Mirror:
+    m = Mirror(K)
+    m.reset(kvs, revision)
+    return m
+
+
+def test_replayed_events_are_ignored_and_one_revision_applies_whole():
+    m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 5), revision=10)
+    stale = Event("put", kv(K.round(), encode({"round": 9, "phase": "joining"}), 8))
+    assert not m.apply([stale])
+    plan = encode({"round": 1, "members": [], "master_addr": "a", "master_port": 1, "restart_count": 0})
+    batch = [Event("put", kv(K.plan(1), plan, 11)), Event("put", kv(K.round(), encode({"round": 1, "phase": "running"}), 11))]
+    assert m.apply(batch)
+    assert m.round().phase == "running" and m.plan(1) is not None and m.revision == 11
+
+
+@pytest.mark.parametrize("value", [b'{"v":1,"used":"x","max":3}', b'{"v":1,"used":null,"max":3}',
+                                   b'{"v":1,"used":-1,"max":3}'])
+def test_a_bad_restart_budget_names_its_key(value):
+    with pytest.raises(BadKeyData, match=K.restarts()):
+        mirror(kv(K.restarts(), value, 3)).restarts()
+
+
+def test_keys_the_schema_does_not_name_are_ignored():
+    plan = encode({"round": 2, "members": [], "master_addr": "a", "master_port": 1, "restart_count": 0})
+    m = mirror(kv(K.prefix + "r/xyz/plan", b"junk", 3), kv(K.plan(2), plan, 4), kv(K.prefix + "other", b"x", 5))
+    assert m.last_plan(3).round == 2
+
+
+def test_join_records_carry_their_lease():
+    join = encode({"node": "n", "addr": "a", "port": 1, "nproc": 2})
+    m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 3), kv(K.join(1, "n"), join, 4, lease=77))
+    assert m.view().joins["n"].lease == 77
