@@ -107,10 +107,6 @@ def op_get(key: str):
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
 
 
-def op_get_prefix(prefix: str):
-    return rpc.RequestOp(request_range=rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix)))
-
-
 # --- error mapping -------------------------------------------------------------------------------------------
 
 def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:

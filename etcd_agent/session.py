@@ -34,7 +34,6 @@ class Session:
         self.on_lost = on_lost
         self.lease_id = 0
         self.lost = threading.Event()
-        self.lost_reason = ""
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_ok = 0.0
@@ -47,11 +46,6 @@ class Session:
         self._thread.start()
         log.debug("session lease %x granted with TTL %d s", self.lease_id, self.ttl)
         return self
-
-    @property
-    def expires_in(self) -> float:
-        """Seconds until the lease can expire at the earliest, as far as this agent knows."""
-        return self._last_ok + self.ttl - time.monotonic()
 
     def _run(self) -> None:
         period = self.ttl / 3.0
@@ -87,7 +81,6 @@ class Session:
     def _lose(self, reason: str) -> None:
         if self._closed.is_set() or self.lost.is_set():
             return
-        self.lost_reason = reason
         self.lost.set()
         log.error("session lost: %s", reason)
         self.on_lost(reason)

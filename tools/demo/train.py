@@ -56,6 +56,7 @@ def main() -> None:
                        "loss": loss.item(), "master": [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]]}, f)
     if rank == 0:
         print(f"done: all_reduce over {world} ranks = {check.item():g}, final loss {loss.item():.4f}", flush=True)
+    dist.barrier()  # nobody tears gloo down while a peer still talks to it
     dist.destroy_process_group()
 
 
