@@ -85,6 +85,12 @@ def mod_is(key: str, revision: int):
     return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=key.encode(), mod_revision=revision)
 
 
+def created_at(key: str, revision: int):
+    """Compare: the key exists and was created at ``revision`` (deleted or re-created keys fail)."""
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=key.encode(),
+                       create_revision=revision)
+
+
 def absent(key: str):
     return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, key=key.encode(), version=0)
 

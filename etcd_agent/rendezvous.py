@@ -74,6 +74,7 @@ class JoinRound:
 class ClosePlan:
     round: RoundInfo
     plan: Plan
+    join_revisions: tuple[tuple[str, int], ...] = ()  # (member, create_revision of its join key): the txn's guard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +150,14 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if count < p.min_nodes:
         return Wait(f"round {r.number} has {count} of {p.min_nodes} node(s)", timeout_at)
     plan = build_plan(r.number, list(v.joins.values()), p, v.restarts.used if v.restarts else 0)
+    guard = tuple((m.node, v.joins[m.node].create_revision) for m in plan.members)
     # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
     # The first round waits out the last call for nodes that are still starting.
     if count >= p.max_nodes or (v.last_plan is not None and set(v.nodes) <= set(v.joins)):
-        return ClosePlan(r, plan)
+        return ClosePlan(r, plan, guard)
     close_at = (me.min_reached_at if me.min_reached_at is not None else me.now) + p.last_call
     if me.now >= close_at:
-        return ClosePlan(r, plan)
+        return ClosePlan(r, plan, guard)
     return Wait(f"round {r.number} has {count} node(s); last call for others", close_at)
 
 

@@ -13,7 +13,7 @@ import logging
 
 from .config import JobSpec
 from .errors import BadKeyData, DuplicateNode, JobAlreadyEnded, SpecMismatch
-from .etcd import Etcd, TxnResult, absent, mod_is, none_under, op_delete, op_get, op_put
+from .etcd import Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_get, op_put
 from .keys import Keys, decode, encode
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .state import JOINING, RUNNING, RoundInfo
@@ -78,10 +78,16 @@ def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: dict, lease: int
                     where=f"join round {a.round.number}")
 
 
+MAX_GUARDED_MEMBERS = 100  # etcd allows 128 compares per txn
+
+
 def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
+    """Write the plan and start the round, if every member's join key is still the one the plan was made from
+    (a joiner that left in between would be a member lost at once and a restart spent)."""
     n = a.round.number
     reason = f"{len(a.plan.members)} node(s): {', '.join(a.plan.nodes)}"
-    return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n))],
+    members = [created_at(keys.join(n, node), rev) for node, rev in a.join_revisions][:MAX_GUARDED_MEMBERS]
+    return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n)), *members],
                     [op_put(keys.plan(n), encode(a.plan.to_json())),
                      op_put(keys.round(), round_value(n, RUNNING, reason, wall, nodes=len(a.plan.members)))],
                     where=f"close round {n}")
