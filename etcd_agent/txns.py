@@ -3,7 +3,7 @@
 Every txn that moves the job is guarded by the mod_revision of ``P/round`` (the fence), so two agents acting on
 the same view cannot both succeed: the loser's compare fails and it re-reads and decides again. A bump also
 requires that no node has written its exit key for the round, so "finished" and "restarted" can never both
-happen. Failure reports are written whichever branch runs: a report is never lost to a race.
+happen; closing a round requires every member's join key to be the one the plan was made from. Failure reports are written whichever branch runs: a report is never lost to a race.
 """
 
 from __future__ import annotations
