@@ -26,6 +26,7 @@ from .keys import Keys
 from .rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
                          Wait, WriteExit, decide, how_it_ended)
 from .session import Session, fence_margin
+from .standalone import free_port
 from .state import Mirror, View
 from .watch import Resync, Watch
 from .workers import Assignment, WorkerExit, WorkerGroup
@@ -281,7 +282,7 @@ class Agent:
         """This node's join record; ``prev_rank`` is its group rank in the newest earlier plan, if it was in it."""
         before = view.last_plan.member(self.cfg.node_id) if view.last_plan else None
         return {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
-                "port": free_port(self.cfg.address), "nproc": self.cfg.workers.nproc,
+                "port": master_port(self.cfg.address), "nproc": self.cfg.workers.nproc,
                 "prev_rank": before.group_rank if before else None}
 
     # --- workers -------------------------------------------------------------------------------------------
@@ -397,15 +398,13 @@ class Agent:
             f"job {self.cfg.run_id} {outcome}: {result.get('reason')}{detail}")
 
 
-def free_port(host: str) -> int:
-    """A port that is free on ``host`` now (the plan's MASTER_PORT if this node becomes group rank 0)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, 0))
-        except OSError:
-            s.bind(("", 0))
-        return s.getsockname()[1]
+def master_port(host: str) -> int:
+    """A port free on ``host`` now: the plan's MASTER_PORT if this node becomes group rank 0. An address this
+    host cannot bind (behind NAT, say) falls back to any interface."""
+    try:
+        return free_port(host)
+    except OSError:
+        return free_port("0.0.0.0")
 
 
 def install_signal_handlers(agent: Agent) -> None:
