@@ -32,8 +32,8 @@ class DuplicateNode(ConfigError):
     """Another live agent already registered the same node id."""
 
 
-class JobAlreadyEnded(ConfigError):
-    """The run id names a job that already has a result; a new run needs a new run id."""
+class NodeRankTaken(ConfigError):
+    """Another live agent holds the same ``--node-rank`` in this job."""
 
 
 class EtcdError(AgentError):

@@ -1,7 +1,8 @@
 """``etcd-agent status`` and ``etcd-agent stop``: read or end a job through the same key schema and txns.
 
-``status`` reads the prefix once and prints the job (or ``--json``); ``stop`` ends the job ``stopped`` with one
-guarded txn, and every agent of the job reacts through its watch. Neither touches a job's data otherwise.
+``status`` reads the run prefix once and prints the run's current job, whether and how it ended, and the outcome of
+every earlier job of the run (or ``--json``); ``stop`` ends the current job ``stopped`` with one guarded txn, and
+every agent of the job reacts through its watch. Neither touches a job's data otherwise.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import time
 from typing import Callable
 
 from . import txns
-from .errors import ConfigError
+from .errors import BadKeyData, ConfigError
 from .etcd import Etcd
-from .keys import Keys
+from .keys import RunKeys, decode
 from .rendezvous import how_it_ended
 from .state import Mirror
 
@@ -32,25 +33,48 @@ def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_co
     setup_logging("WARNING")
     if not ns.run_id:
         raise ConfigError("--run-id is required")
-    keys = Keys(ns.root, ns.run_id)
+    run = RunKeys(ns.root, ns.run_id)
     etcd = Etcd(etcd_config(ns))
+    no_job = ConfigError(f"--run-id {ns.run_id}: no job under {run.prefix} at {etcd.endpoints_text}")
     try:
         if name == "stop":
+            keys = txns.current_job(etcd, run)
+            if keys is None:
+                raise no_job
             if txns.stop_job(etcd, keys, ns.reason, time.time()):
-                print(f"job {ns.run_id} stopped: every agent stops its workers and exits")
+                print(f"job {ns.run_id} (job {keys.gen} of the run) stopped: every agent stops its workers and exits")
                 return 0
-            print(f"job {ns.run_id} had already ended; nothing changed")
+            print(f"job {ns.run_id} (job {keys.gen} of the run) had already ended; nothing changed")
             return 1
-        kvs, rev = etcd.get_prefix(keys.prefix)
-        if not kvs:
-            raise ConfigError(f"--run-id {ns.run_id}: no job under {keys.prefix} at {etcd.endpoints_text}")
-        mirror = Mirror(keys)
-        mirror.reset(kvs, rev)
-        state = snapshot(mirror)
+        kvs, rev = etcd.get_prefix(run.prefix)
+        state = run_snapshot(run, kvs, rev)
+        if state is None:
+            raise no_job
         print(json.dumps(state, indent=2, sort_keys=True) if ns.json else describe(ns.run_id, state))
         return 0
     finally:
         etcd.close()
+
+
+def run_snapshot(run: RunKeys, kvs: list, revision: int) -> dict | None:
+    """The current job's snapshot plus ``generation``, ``ended`` and ``earlier`` (each earlier job's result), from
+    one read of the run prefix; None when the run has no job."""
+    pointer = next((kv for kv in kvs if kv.key == run.job()), None)
+    gens = {g for g in map(run.generation_of, (kv.key for kv in kvs)) if g is not None}
+    if pointer is None:
+        if gens:
+            raise BadKeyData(run.job(), f"missing, but job(s) {', '.join(map(str, sorted(gens)))} of the run exist")
+        return None
+    keys = run.generation(txns.pointer_generation(pointer))
+    mirror = Mirror(keys)
+    mirror.reset([kv for kv in kvs if kv.key.startswith(keys.prefix)], revision)
+    state = snapshot(mirror)
+    results = {kv.key: kv for kv in kvs}
+    earlier = []
+    for gen in sorted(g for g in gens if g != keys.gen):
+        kv = results.get(run.generation(gen).result())
+        earlier.append({"generation": gen, "result": kv and decode(kv.key, kv.value)})
+    return {**state, "generation": keys.gen, "ended": state["result"] is not None, "earlier": earlier}
 
 
 def snapshot(mirror: Mirror) -> dict:
@@ -73,7 +97,9 @@ def failures(mirror: Mirror) -> dict[str, dict[str, dict]]:
 
 
 def describe(run_id: str, s: dict) -> str:
-    lines = [f"job {run_id} (etcd revision {s['revision']})"]
+    res = s["result"]
+    lines = [f"run {run_id}, job {s['generation']} (etcd revision {s['revision']}): "
+             + (f"ended, {res.get('outcome')}" if res else "running")]
     r, rs = s["round"], s["restarts"]
     if r:
         lines.append(f"  round {r['round']}: {r['phase']} ({r['reason']})")
@@ -97,4 +123,8 @@ def describe(run_id: str, s: dict) -> str:
     res = s["result"]
     if res:
         lines.append(f"  result: {res.get('outcome')} in round {res.get('round')}: {res.get('reason')}")
+    for e in s.get("earlier", ()):
+        res = e["result"]
+        lines.append(f"  earlier job {e['generation']}: " + (
+            f"{res.get('outcome')} in round {res.get('round')}: {res.get('reason')}" if res else "no result"))
     return "\n".join(lines)

@@ -1,9 +1,13 @@
-"""The whole key schema of one job, as pure functions; no other module formats a key.
+"""The whole key schema of one run, as pure functions; no other module formats a key.
 
-Prefix ``P = <root>/<run_id>``. Every value is a JSON object carrying ``"v": 1``::
+A run id names a run; each time its command line is started after the previous job ended, the run gets a new job
+(a generation). Run prefix ``R = <root>/<run_id>/``; job prefix ``P = R<gen:04d>/``. Every value is a JSON object
+carrying ``"v": 1``::
 
+    R/job                           {gen}: the run's current job; unleased, moved only by a guarded txn
     P/spec                          job spec, created once, checked by every later agent
     P/nodes/<node>                  leased: the alive registry
+    P/node_ranks/<rank>             leased: held by the node started with --node-rank <rank>, create-if-absent
     P/round                         {round, phase, reason}; its mod_revision fences every round transition
     P/restarts                      {used, max}: the job-wide restart budget
     P/r/<round:08d>/join/<node>     leased: joined this round
@@ -12,7 +16,8 @@ Prefix ``P = <root>/<run_id>``. Every value is a JSON object carrying ``"v": 1``
     P/r/<round:08d>/failures/<node> this node's failure report
     P/result                        the job's final outcome
 
-Zero-padded round numbers keep lexical order equal to numeric order. Imports only ``errors``.
+Earlier jobs of the run keep their keys under their own ``P``. Zero-padded numbers keep lexical order equal to
+numeric order. Imports only ``errors``.
 """
 
 from __future__ import annotations
@@ -26,28 +31,79 @@ from .errors import BadKeyData
 
 SCHEMA_VERSION = 1
 ROUND_DIGITS = 8
+GEN_DIGITS = 4
 _ROUND_RE = re.compile(f"[0-9]{{{ROUND_DIGITS}}}")
+_GEN_RE = re.compile(f"[0-9]{{{GEN_DIGITS},}}")
+_RANK_RE = re.compile("0|[1-9][0-9]*")
 
 
 @dataclasses.dataclass(frozen=True)
 class ParsedKey:
-    """What a key under the prefix means: ``kind`` is one of spec, node, round, restarts, result, join, plan,
-    exit, failure; ``round`` and ``node`` are set where the key carries them."""
+    """What a key under the prefix means: ``kind`` is one of spec, node, node_rank, round, restarts, result, join,
+    plan, exit, failure; ``round``, ``node`` and ``rank`` are set where the key carries them."""
 
     kind: str
     round: int | None = None
     node: str | None = None
+    rank: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
-class Keys:
+class RunKeys:
+    """The run level: the pointer to the run's current job, and one job prefix per generation."""
+
     root: str
     run_id: str
 
     @property
     def prefix(self) -> str:
-        """The job prefix with a trailing slash: every key of the job starts with it."""
+        """The run prefix with a trailing slash: every job of the run lies under it."""
         return f"{self.root}/{self.run_id}/"
+
+    def job(self) -> str:
+        """The pointer ``{gen}`` naming the run's current job."""
+        return self.prefix + "job"
+
+    def generation(self, gen: int) -> Keys:
+        return Keys(self.root, self.run_id, gen)
+
+    def generation_of(self, key: str) -> int | None:
+        """The generation whose job prefix ``key`` lies under, or None (the pointer, a foreign key)."""
+        if not key.startswith(self.prefix):
+            return None
+        first, slash, _ = key[len(self.prefix):].partition("/")
+        if not slash or not _GEN_RE.fullmatch(first) or int(first) < 1 or f"{int(first):0{GEN_DIGITS}d}" != first:
+            return None
+        return int(first)
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """The keys of one job: generation ``gen`` (1, 2, ...) of run ``run_id``."""
+
+    root: str
+    run_id: str
+    gen: int
+
+    def __post_init__(self):
+        if type(self.gen) is not int or self.gen < 1:
+            raise ValueError(f"a job generation is a positive integer, not {self.gen!r}")
+
+    @property
+    def run(self) -> RunKeys:
+        return RunKeys(self.root, self.run_id)
+
+    @property
+    def run_prefix(self) -> str:
+        return self.run.prefix
+
+    def job_pointer(self) -> str:
+        return self.run.job()
+
+    @property
+    def prefix(self) -> str:
+        """The job prefix with a trailing slash: every key of the job starts with it."""
+        return f"{self.run.prefix}{self.gen:0{GEN_DIGITS}d}/"
 
     def spec(self) -> str:
         return self.prefix + "spec"
@@ -57,6 +113,13 @@ class Keys:
 
     def node(self, node: str) -> str:
         return self.nodes() + node
+
+    def node_ranks(self) -> str:
+        return self.prefix + "node_ranks/"
+
+    def node_rank(self, rank: int) -> str:
+        """The claim of group rank ``rank`` by the one live node started with ``--node-rank <rank>``."""
+        return f"{self.node_ranks()}{rank}"
 
     def round(self) -> str:
         return self.prefix + "round"
@@ -104,6 +167,8 @@ class Keys:
         parts = rest.split("/")
         if len(parts) == 2 and parts[0] == "nodes" and parts[1]:
             return ParsedKey("node", node=parts[1])
+        if len(parts) == 2 and parts[0] == "node_ranks" and _RANK_RE.fullmatch(parts[1]):
+            return ParsedKey("node_rank", rank=int(parts[1]))
         if len(parts) >= 3 and parts[0] == "r" and _ROUND_RE.fullmatch(parts[1]):
             rnd = int(parts[1])
             if parts[2:] == ["plan"]:

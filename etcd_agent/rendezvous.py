@@ -5,8 +5,15 @@ and decide again". Invariants this module keeps:
 - Round leader: the joiner with the lowest join create_revision (etcd's election pattern). Only it closes a
   round: at once with ``max_nodes`` joiners; at once with ``min_nodes`` when the job ran before and every
   registered node has joined (the fast path that makes a re-rendezvous after a failure immediate); otherwise ``last_call`` seconds after
-  ``min_nodes`` was reached. Fewer than ``min_nodes`` within ``join_timeout`` fails the job.
-- Ranks are stable: members of the previous plan keep their relative order, newcomers follow in join order.
+  ``min_nodes`` was reached. Fewer than ``min_nodes``, or ranks still missing, at ``join_timeout`` fails the job.
+- Ranks: a node started with ``--node-rank k`` (its join record's ``node_rank``) has group rank k in every plan;
+  the others fill the free ranks in stable order: members of the previous plan keep their relative order,
+  newcomers follow in join order. Ranks are exactly 0..n-1: while a pin is >= the number of members the plan
+  would have, the leader waits instead of closing (the last call and the join timeout still apply; the timeout
+  names the missing ranks). The leased claim ``P/node_ranks/<k>`` keeps two live nodes from sharing a pin.
+  Worker ranks are prefix sums of nproc over group ranks.
+- The master is group rank 0: the ``--master-addr``/``--master-port`` its join record carries, else its address
+  and the port it found free.
 - A plan member is lost when its leased join key vanishes without an exit key: a new session of the same node id
   can never hide the loss of the old one. An agent that fenced itself sees its own old join key (another lease)
   as lost too, so it never starts workers into a plan made with its old session.
@@ -138,18 +145,18 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return JoinRound(r)
     count = len(v.joins)
     timeout_at = me.round_seen_at + p.join_timeout
-    if count < p.min_nodes and me.now >= timeout_at:
-        before = set(v.last_plan.nodes) if v.last_plan else set()
-        missing = sorted((before | set(v.nodes)) - set(v.joins))
-        why = (f"rendezvous timed out: {count} of at least {p.min_nodes} node(s) joined round {r.number} within "
-               f"{p.join_timeout:g} s (--join-timeout); missing: {', '.join(missing) or 'no other node registered'}")
-        return End(r, FAILED, result(r, FAILED, me.wall, v, why))
+    ranking = rank_joiners(list(v.joins.values()), p.max_nodes)
+    waiting = count < p.min_nodes or bool(ranking.blocked)  # the round cannot close yet: the join timeout runs
+    if waiting and me.now >= timeout_at:
+        return End(r, FAILED, result(r, FAILED, me.wall, v, _timed_out(v, r, p, ranking)))
     leader = min(v.joins.values(), key=lambda j: j.create_revision)
     if leader.node != me.node:
-        return Wait(f"joined round {r.number}; {leader.node} leads it", timeout_at if count < p.min_nodes else None)
+        return Wait(f"joined round {r.number}; {leader.node} leads it", timeout_at if waiting else None)
     if count < p.min_nodes:
         return Wait(f"round {r.number} has {count} of {p.min_nodes} node(s)", timeout_at)
-    plan = build_plan(r.number, list(v.joins.values()), p, v.restarts.used if v.restarts else 0)
+    if ranking.blocked:
+        return Wait(f"round {r.number} has {count} node(s) but cannot close yet: {ranking.blocked}", timeout_at)
+    plan = _plan(r.number, ranking, p, v.restarts.used if v.restarts else 0)
     guard = tuple((m.node, v.joins[m.node].create_revision) for m in plan.members)
     # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
     # The first round waits out the last call for nodes that are still starting.
@@ -159,6 +166,19 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if me.now >= close_at:
         return ClosePlan(r, plan, guard)
     return Wait(f"round {r.number} has {count} node(s); last call for others", close_at)
+
+
+def _timed_out(v: View, r: RoundInfo, p: Params, ranking: Ranking) -> str:
+    count = len(v.joins)
+    before = set(v.last_plan.nodes) if v.last_plan else set()
+    missing = ", ".join(sorted((before | set(v.nodes)) - set(v.joins))) or "no other node registered"
+    if count < p.min_nodes:
+        why = f"{count} of at least {p.min_nodes} node(s) joined round {r.number}"
+    else:
+        why = f"round {r.number} could not close with the {count} node(s) that joined"
+    blocked = f": {ranking.blocked}" if ranking.blocked else ""
+    return (f"rendezvous timed out: {why} within {p.join_timeout:g} s (--join-timeout){blocked}; "
+            f"missing: {missing}")
 
 
 def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
@@ -202,15 +222,81 @@ def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, coun
     return Bump(r, reason, counted, failure)
 
 
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """Who gets which group rank; ``blocked`` says why no valid plan can be made yet ('' when one can)."""
+
+    members: tuple[Join, ...]  # in group-rank order: members[k] gets group rank k (when not blocked)
+    missing: tuple[int, ...] = ()  # group ranks below a pinned one that no joiner can fill yet
+    conflicts: tuple[str, ...] = ()  # pins no plan can honour (two joiners with one rank, a rank >= max_nodes)
+
+    @property
+    def blocked(self) -> str:
+        why = list(self.conflicts)
+        if self.missing:
+            pins = ", ".join(f"{j.node} has --node-rank {j.node_rank}" for j in self.members
+                             if j.node_rank is not None and j.node_rank > self.missing[0])
+            why.append(f"group rank(s) {_spans(self.missing)} have no node yet ({pins})")
+        return "; ".join(why)
+
+
+def rank_joiners(joins: list[Join], max_nodes: int) -> Ranking:
+    """Group ranks. A pinned joiner (``--node-rank k``) gets rank k; the others fill the free ranks in stable order
+    (previous plan's order, then join order), up to ``max_nodes`` members. Ranks must be exactly 0..n-1, so while
+    a pin is >= the number of members the ranking is blocked (missing ranks). Of two joiners with one pin the
+    earlier keeps it and the later is left out, blocking too (the leased rank claim makes that unreachable)."""
+    pinned: dict[int, Join] = {}
+    conflicts = []
+    for j in sorted((j for j in joins if j.node_rank is not None), key=lambda j: j.create_revision):
+        if j.node_rank >= max_nodes:
+            conflicts.append(f"{j.node} has --node-rank {j.node_rank}, outside 0..{max_nodes - 1}")
+        elif j.node_rank in pinned:
+            conflicts.append(f"{j.node} and {pinned[j.node_rank].node} both have --node-rank {j.node_rank}")
+        else:
+            pinned[j.node_rank] = j
+    free = sorted((j for j in joins if j.node_rank is None),
+                  key=lambda j: (j.prev_rank is None, j.prev_rank or 0, j.create_revision))
+    size = min(len(pinned) + len(free), max_nodes)
+    fill = iter(free[: size - len(pinned)])
+    members, missing = [], []
+    for rank in range(max(size, max(pinned, default=-1) + 1)):
+        j = pinned.get(rank) or next(fill, None)
+        if j is None:
+            missing.append(rank)
+        else:
+            members.append(j)
+    return Ranking(tuple(members), tuple(missing), tuple(conflicts))
+
+
 def build_plan(number: int, joins: list[Join], p: Params, restart_count: int) -> Plan:
-    """Stable ranks: previous members keep their relative order, newcomers follow in join order."""
-    ordered = sorted(joins, key=lambda j: (j.prev_rank is None, j.prev_rank or 0, j.create_revision))
-    chosen = ordered[: p.max_nodes]
+    """The plan of a ranking that is not blocked (see ``rank_joiners``). Worker ranks are prefix sums of nproc
+    over group ranks. The master is group rank 0: its ``--master-addr``/``--master-port`` if it was given them,
+    else its address and the port it found free."""
+    ranking = rank_joiners(joins, p.max_nodes)
+    if ranking.blocked:
+        raise ValueError(f"no plan for round {number}: {ranking.blocked}")
+    return _plan(number, ranking, p, restart_count)
+
+
+def _plan(number: int, ranking: Ranking, p: Params, restart_count: int) -> Plan:
     members, offset = [], 0
-    for rank, j in enumerate(chosen):
+    for rank, j in enumerate(ranking.members):
         members.append(Member(j.node, rank, j.host, j.addr, j.nproc, offset))
         offset += j.nproc
-    return Plan(number, tuple(members), chosen[0].addr, chosen[0].port, restart_count, p.max_restarts)
+    first = ranking.members[0]
+    return Plan(number, tuple(members), first.master_addr or first.addr, first.master_port or first.port,
+                restart_count, p.max_restarts)
+
+
+def _spans(ranks: tuple[int, ...]) -> str:
+    """``1, 3-5`` for (1, 3, 4, 5)."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: dict | None = None) -> dict:

@@ -37,6 +37,9 @@ class Join:
     nproc: int
     prev_rank: int | None
     lease: int = 0  # the session lease the key is bound to: a node's old session shows up as another lease
+    node_rank: int | None = None  # --node-rank: this node's group rank in every plan (None: not pinned)
+    master_addr: str | None = None  # --master-addr/--master-port: the plan's master when this node is rank 0
+    master_port: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +191,22 @@ class Mirror:
 
 
 def parse_join(kv) -> Join:
+    """A join record; ``node_rank``, ``master_addr`` and ``master_port`` are optional (older agents omit them)."""
     obj = decode(kv.key, kv.value, ("node", "addr", "port", "nproc"))
     try:
         prev = obj.get("prev_rank")
-        return Join(str(obj["node"]), kv.create_revision, str(obj.get("host", "")), str(obj["addr"]),
-                    int(obj["port"]), int(obj["nproc"]), None if prev is None else int(prev), kv.lease)
+        pin, maddr, mport = obj.get("node_rank"), obj.get("master_addr"), obj.get("master_port")
+        join = Join(str(obj["node"]), kv.create_revision, str(obj.get("host", "")), str(obj["addr"]),
+                    int(obj["port"]), int(obj["nproc"]), None if prev is None else int(prev), kv.lease,
+                    None if pin is None else int(pin), None if maddr is None else str(maddr),
+                    None if mport is None else int(mport))
     except (TypeError, ValueError) as exc:
         raise BadKeyData(kv.key, f"bad field: {exc}") from exc
+    if join.node_rank is not None and join.node_rank < 0:
+        raise BadKeyData(kv.key, f"node_rank must be 0 or more, got {join.node_rank}")
+    if join.master_port is not None and not 0 < join.master_port < 65536:
+        raise BadKeyData(kv.key, f"master_port must be 1-65535, got {join.master_port}")
+    return join
 
 
 def parse_plan(key: str, obj: dict, mod_revision: int) -> Plan:

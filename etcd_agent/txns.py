@@ -1,22 +1,28 @@
-"""One guarded etcd txn per rendezvous action, plus the job's first-contact txns (spec, round, registry).
+"""One guarded etcd txn per rendezvous action, plus the job's first-contact txns (run pointer, spec, round,
+registry, ``--node-rank`` claim).
 
 Every txn that moves the job is guarded by the mod_revision of ``P/round`` (the fence), so two agents acting on
 the same view cannot both succeed: the loser's compare fails and it re-reads and decides again. A bump also
 requires that no node has written its exit key for the round, so "finished" and "restarted" can never both
 happen; closing a round requires every member's join key to be the one the plan was made from. Failure reports are written whichever branch runs: a report is never lost to a race.
+Which job of a run an agent belongs to is fenced the same way, by the mod_revision of ``R/job``: starting a new
+job (the first, or the next after the current one ended) is one txn guarded by it, so agents that re-run a
+finished run id together all land in the same new job.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 from .config import JobSpec
-from .errors import BadKeyData, DuplicateNode, JobAlreadyEnded, SpecMismatch
+from .errors import BadKeyData, DuplicateNode, NodeRankTaken, SpecMismatch
 from .etcd import Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_get, op_put
-from .keys import Keys, decode, encode
+from .keys import Keys, RunKeys, decode, encode
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .state import JOINING, RUNNING, RoundInfo
+from .watch import wait_deleted
 
 log = logging.getLogger("etcd_agent.txns")
 
@@ -25,21 +31,68 @@ def round_value(number: int, phase: str, reason: str, wall: float, **extra) -> b
     return encode({"round": number, "phase": phase, "reason": reason, "time": wall, **extra})
 
 
-def init_job(etcd: Etcd, keys: Keys, spec: JobSpec, wall: float) -> None:
-    """Create spec, round 1 and the restart budget if this is the job's first agent; else check the spec."""
-    res = etcd.txn([absent(keys.spec())],
-                   [op_put(keys.spec(), encode(spec.to_json())),
+MAX_POINTER_TRIES = 100  # each failed compare means another agent moved the run on: re-read and decide again
+
+
+def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float) -> Keys:
+    """Find this agent's job of the run and return its keys: the running job (its spec checked), or a new job
+    when the run has none yet (generation 1) or its current job has ended (generation K+1, as torchrun runs a
+    finished run id again). Concurrent starters agree: every move is one txn guarded by ``R/job``."""
+    for _ in range(MAX_POINTER_TRIES):
+        kv, _rev = etcd.get(run.job())
+        if kv is None:
+            if _new_generation(etcd, run, 1, 0, spec, wall):
+                log.info("created job spec %s: %s", run.generation(1).spec(),
+                         json.dumps(spec.to_json(), sort_keys=True))
+                return run.generation(1)
+            continue
+        keys = run.generation(pointer_generation(kv))
+        res = etcd.txn([], [op_get(keys.spec()), op_get(keys.result())], where=f"read {keys.spec()}")
+        if not res.ranges[0]:
+            raise BadKeyData(keys.spec(), f"missing, but {run.job()} names job {keys.gen} as the run's current one")
+        if not res.ranges[1]:
+            check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
+            return keys
+        done = decode(keys.result(), res.ranges[1][0].value)
+        if _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall):
+            log.info("run %s ended (%s: %s) as job %d; starting job %d of run %s", run.run_id, done.get("outcome"),
+                     done.get("reason"), keys.gen, keys.gen + 1, run.run_id)
+            return run.generation(keys.gen + 1)
+    raise BadKeyData(run.job(), "kept changing while this agent looked for the run's current job; try again")
+
+
+def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: JobSpec, wall: float) -> bool:
+    """Make job ``gen`` the run's current one with its spec, round 1 and restart budget, if ``R/job`` is still at
+    ``pointer_rev`` (0: absent). False when another agent moved the run first."""
+    keys = run.generation(gen)
+    res = etcd.txn([mod_is(run.job(), pointer_rev), absent(keys.spec())],
+                   [op_put(run.job(), encode({"gen": gen, "time": wall})),
+                    op_put(keys.spec(), encode(spec.to_json())),
                     op_put(keys.round(), round_value(1, JOINING, "the job started", wall)),
                     op_put(keys.restarts(), encode({"used": 0, "max": spec.max_restarts}))],
-                   [op_get(keys.spec()), op_get(keys.result())], where=f"create {keys.spec()}")
+                   [op_get(run.job())], where=f"start job {gen} of run {run.run_id}")
     if res.succeeded:
-        log.info("created job spec %s: %s", keys.spec(), json.dumps(spec.to_json(), sort_keys=True))
-        return
-    check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
-    if res.ranges[1]:
-        done = decode(keys.result(), res.ranges[1][0].value)
-        raise JobAlreadyEnded(f"run {keys.run_id} already ended ({done.get('outcome')}: {done.get('reason')}); "
-                              f"start a new job with another --run-id (see {keys.result()})")
+        return True
+    pointer = res.ranges[0][0] if res.ranges[0] else None
+    if pointer is None and pointer_rev == 0:
+        raise BadKeyData(run.job(), f"missing, but job {gen} of the run exists ({keys.spec()})")
+    if pointer is not None and pointer.mod_revision == pointer_rev:
+        raise BadKeyData(keys.spec(), f"exists, but {run.job()} names job {gen - 1} as the run's current one")
+    return False
+
+
+def pointer_generation(kv) -> int:
+    """The generation ``R/job`` names; BadKeyData names the key when it is not a positive integer."""
+    gen = decode(kv.key, kv.value, ("gen",))["gen"]
+    if type(gen) is not int or gen < 1:
+        raise BadKeyData(kv.key, f"gen must be a positive integer, not {gen!r}")
+    return gen
+
+
+def current_job(etcd: Etcd, run: RunKeys) -> Keys | None:
+    """The keys of the run's current job, or None when the run has none."""
+    kv, _rev = etcd.get(run.job())
+    return None if kv is None else run.generation(pointer_generation(kv))
 
 
 _SPEC_FLAGS = {"min_nodes": "--nnodes (minimum)", "max_nodes": "--nnodes (maximum)",
@@ -68,6 +121,30 @@ def register(etcd: Etcd, keys: Keys, node: str, info: dict, lease: int) -> int:
             raise DuplicateNode(f"--node-id {node} is already registered by a live agent (pid {holder.get('pid')} "
                                 f"on {holder.get('host')}, {key}); give each agent its own node id")
     return res.revision
+
+
+def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, info: dict, lease: int, wait: float) -> int:
+    """Hold ``P/node_ranks/<rank>`` on our lease (create-if-absent), so that no two live nodes share a
+    ``--node-rank``; returns the revision of the claim. A key on our own lease is ours (a retried claim whose first
+    attempt applied). Another agent's claim is waited out for up to ``wait`` seconds (a holder killed just now
+    loses its lease within a TTL): read, then watch the key from that revision + 1 for its delete, and claim
+    again. Still held then: NodeRankTaken names the holder."""
+    key = keys.node_rank(rank)
+    give_up = time.monotonic() + wait
+    while True:
+        res = etcd.txn([absent(key)], [op_put(key, encode(info), lease)], [op_get(key)], where=f"claim {key}")
+        if res.succeeded or res.ranges[0][0].lease == lease:
+            return res.revision
+        holder, held = decode(key, res.ranges[0][0].value), res.ranges[0][0]
+        who = (f"node {holder.get('node')} (pid {holder.get('pid')} on host {holder.get('host')}, "
+               f"lease {held.lease:x})")
+        left = give_up - time.monotonic()
+        if left > 0:
+            log.info("--node-rank %d of job %s is held by %s; waiting up to %.1f s in case that agent just died "
+                     "(its lease then ends)", rank, keys.run_id, who, left)
+        if left <= 0 or not wait_deleted(etcd, key, res.revision, left):
+            raise NodeRankTaken(f"--node-rank {rank} is already taken by {who} in job {keys.run_id} ({key}); "
+                                "give each node its own --node-rank")
 
 
 def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: dict, lease: int, old_round: int) -> TxnResult:

@@ -12,6 +12,7 @@ itself over the client's stub. Guarantees:
   Liveness comes from progress requests this side sends every interval (etcd >= 3.4) plus etcd's own
   progress notifications.
 - ``sink`` runs on the watch thread: keep it non-blocking (push to a queue).
+- ``wait_deleted`` waits for one key's delete (another holder's lease ending) on such a watch, never by polling.
 """
 
 from __future__ import annotations
@@ -177,3 +178,27 @@ class Watch:
                   for ev in resp.events]
         self.next_revision = events[-1].kv.mod_revision + 1
         self.sink(events)
+
+
+def wait_deleted(etcd: Etcd, key: str, revision: int, timeout: float, probe_interval: float = 1.0) -> bool:
+    """Wait at most ``timeout`` seconds for ``key``, read as present at ``revision``, to be deleted; True when it
+    was. The second half of "read, then watch from the read's revision + 1": a delete after the read is never
+    missed. A re-read after a compaction that no longer finds the key counts as the delete."""
+    deliveries: queue.SimpleQueue = queue.SimpleQueue()
+    watch = Watch(etcd, key, revision + 1, deliveries.put, probe_interval=probe_interval,
+                  name=f"wait-deleted-{key}").start()
+    deadline = time.monotonic() + timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                batch = deliveries.get(timeout=left)
+            except queue.Empty:
+                return False
+            if isinstance(batch, Resync):
+                if all(kv.key != key for kv in batch.kvs):
+                    return True
+            elif any(ev.key == key and ev.kind == "delete" for ev in batch):  # the range also covers key + suffix
+                return True
+        return False
+    finally:
+        watch.cancel()

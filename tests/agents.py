@@ -10,7 +10,7 @@ from pathlib import Path
 
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd import Etcd
-from etcd_agent.keys import Keys
+from etcd_agent.keys import Keys, RunKeys
 
 WORKERS = Path(__file__).parent / "workers"
 JOB = str(WORKERS / "job.py")
@@ -68,11 +68,24 @@ def records(out: Path) -> dict[tuple[int, int], dict]:
     return found
 
 
-def job_keys(endpoint: str, run_id: str) -> dict[str, dict]:
-    """Every key under the job's prefix with its JSON value (raises if any value is not JSON)."""
+ROOT = "/etcd-agent"  # the agents' default --etcd-prefix
+
+
+def keys_of(run_id: str, gen: int = 1) -> Keys:
+    """The keys of job ``gen`` of a run: the first one unless a test runs the run id again."""
+    return Keys(ROOT, run_id, gen)
+
+
+def job_keys(endpoint: str, run_id: str, gen: int | None = None) -> dict[str, dict]:
+    """Every key under the prefix of job ``gen`` of the run (default: the run's current job, from its pointer)
+    with its JSON value (raises if any value is not JSON)."""
+    from etcd_agent import txns
+
     etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
     try:
-        kvs, _ = etcd.get_prefix(Keys("/etcd-agent", run_id).prefix)
+        keys = keys_of(run_id, gen) if gen else txns.current_job(etcd, RunKeys(ROOT, run_id))
+        assert keys is not None, f"run {run_id} has no job under {RunKeys(ROOT, run_id).prefix}"
+        kvs, _ = etcd.get_prefix(keys.prefix)
         return {kv.key: json.loads(kv.value) for kv in kvs}
     finally:
         etcd.close()
@@ -113,12 +126,12 @@ def wait_for_key(endpoint: str, key: str, timeout: float = 30.0) -> dict:
 class RoundWatcher:
     """Follows ``P/round`` through a watch and keeps every value with the wall time it arrived."""
 
-    def __init__(self, endpoint: str, run_id: str):
+    def __init__(self, endpoint: str, run_id: str, gen: int = 1):
         import threading
 
         from etcd_agent.watch import Watch
 
-        self.key = Keys("/etcd-agent", run_id).round()
+        self.key = keys_of(run_id, gen).round()
         self.values: list[tuple[float, dict]] = []
         self._cond = threading.Condition()
         self._etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))

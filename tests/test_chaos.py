@@ -16,11 +16,10 @@ import time
 import psutil
 import pytest
 
-from agents import AgentProc, RoundWatcher, job_keys, poll_until, start_agents, wait_all, wait_records
+from agents import AgentProc, RoundWatcher, job_keys, keys_of, poll_until, start_agents, wait_all, wait_records
 from etcd_agent import txns
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd import Etcd
-from etcd_agent.keys import Keys
 from etcd_agent.standalone import FAST_ELECTION_ARGS, EtcdServer
 
 pytestmark = pytest.mark.chaos
@@ -111,9 +110,9 @@ def test_graceful_leave_reforms_at_once(job, etcd_endpoint, run_id):
     release.touch()
     assert wait_all(agents[:2]) == [0, 0]
     keys = job_keys(etcd_endpoint, run_id)
-    plan = keys[f"/etcd-agent/{run_id}/r/{r2:08d}/plan"]
+    plan = keys[keys_of(run_id).plan(r2)]
     assert sorted(m["node"] for m in plan["members"]) == ["node-0", "node-1"]
-    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 1
+    assert keys[keys_of(run_id).restarts()]["used"] == 1
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
@@ -137,7 +136,7 @@ def test_hard_loss_and_freeze_reform_within_ttl(sig, job, etcd_endpoint, run_id)
     detect, recover = report(f"node loss ({sig})", t0, bumped, recs, r2, f"<= TTL + 1 = {TTL + 1} s")
     assert detect < TTL + 3 and "node-2 left" in bumped["reason"]
     gone_within(survivors_old, 5)  # the stuck workers of round 1 were killed, not left behind
-    plan2 = job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/r/{r2:08d}/plan"]
+    plan2 = job_keys(etcd_endpoint, run_id)[keys_of(run_id).plan(r2)]
     assert sorted(m["node"] for m in plan2["members"]) == ["node-0", "node-1"]
     if sig == "SIGSTOP":
         frozen_workers = victims[1:]
@@ -153,7 +152,7 @@ def test_hard_loss_and_freeze_reform_within_ttl(sig, job, etcd_endpoint, run_id)
     else:
         release.touch()
         assert wait_all(agents[:2]) == [0, 0]
-    assert job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/restarts"]["used"] == 1
+    assert job_keys(etcd_endpoint, run_id)[keys_of(run_id).restarts()]["used"] == 1
 
 
 def test_sigkilled_agent_leaves_no_orphan_worker(job):
@@ -192,7 +191,7 @@ def test_below_minimum_without_replacement_fails_naming_the_node(job, etcd_endpo
     for a in agents[:2]:
         err = a.stderr()
         assert "rendezvous timed out" in err and "missing: node-2" in err and "--join-timeout" in err, err[-2000:]
-    result = job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/result"]
+    result = job_keys(etcd_endpoint, run_id)[keys_of(run_id).result()]
     assert result["outcome"] == "failed" and "node-2" in result["reason"]
 
 
@@ -210,7 +209,7 @@ def test_scale_up_is_not_a_restart(job, etcd_endpoint, run_id, tmp_path):
     report("scale-up (2 -> 4 nodes)", t0, bumped, recs, r4, "settle time + < 1 s")
     release.touch()
     assert wait_all(agents + more) == [0] * 4
-    assert job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/restarts"]["used"] == 0
+    assert job_keys(etcd_endpoint, run_id)[keys_of(run_id).restarts()]["used"] == 0
 
 
 def test_two_nodes_failing_at_once_spend_one_restart(job, etcd_endpoint, run_id):
@@ -221,9 +220,9 @@ def test_two_nodes_failing_at_once_spend_one_restart(job, etcd_endpoint, run_id)
     release.touch()
     assert wait_all(agents) == [0, 0]
     keys = job_keys(etcd_endpoint, run_id)
-    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 1
-    assert keys[f"/etcd-agent/{run_id}/result"]["round"] == 2
-    reports = {k.rsplit("/", 1)[1] for k in keys if "/r/00000001/failures/" in k}
+    assert keys[keys_of(run_id).restarts()]["used"] == 1
+    assert keys[keys_of(run_id).result()]["round"] == 2
+    reports = {k.rsplit("/", 1)[1] for k in keys if k.startswith(keys_of(run_id).failures(1))}
     assert reports == {"node-0", "node-1"}, "both failures are reported, one restart is spent"
 
 
@@ -236,7 +235,7 @@ def test_hung_worker_restarts_the_group(job, etcd_endpoint, run_id):
     assert "hung" in bumped["reason"]
     # Round 2 hangs again: the budget is spent and the job fails naming the hung rank.
     assert wait_all(agents, timeout=30) == [1, 1]
-    result = job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/result"]
+    result = job_keys(etcd_endpoint, run_id)[keys_of(run_id).result()]
     assert result["root_cause"]["hang"] and result["root_cause"]["rank"] == 2
     assert "--worker-timeout 2" in result["root_cause"]["message"]
 
@@ -280,8 +279,8 @@ def test_short_etcd_outage_restarts_nothing(fault, job, own_etcd, run_id):
     release.touch()
     assert wait_all(agents) == [0, 0]
     keys = job_keys(own_etcd.endpoint, run_id)
-    assert keys[f"/etcd-agent/{run_id}/result"]["round"] == r1
-    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 0
+    assert keys[keys_of(run_id).result()]["round"] == r1
+    assert keys[keys_of(run_id).restarts()]["used"] == 0
 
 
 @pytest.mark.parametrize("fault", ["kill-leader", "kill-follower", "freeze-connected"])
@@ -305,8 +304,8 @@ def test_etcd_cluster_member_loss_is_invisible(fault, job, etcd_cluster3, run_id
     release.touch()
     assert wait_all(agents, timeout=60) == [0, 0]
     keys = job_keys(cluster.endpoints, run_id)
-    assert keys[f"/etcd-agent/{run_id}/result"]["round"] == r1
-    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 0
+    assert keys[keys_of(run_id).result()]["round"] == r1
+    assert keys[keys_of(run_id).restarts()]["used"] == 0
 
 
 def connected_member(cluster, agent: AgentProc) -> int:
@@ -332,7 +331,7 @@ def test_watch_resumed_after_compaction_loses_nothing(job, own_etcd, run_id):
     try:
         own_etcd.restart()
         etcd = Etcd(EtcdConfig(parse_endpoints(own_etcd.endpoint)))
-        assert txns.stop_job(etcd, Keys("/etcd-agent", run_id), "stopped during compaction test", time.time())
+        assert txns.stop_job(etcd, keys_of(run_id), "stopped during compaction test", time.time())
         for i in range(3):  # move past the stop, then compact it away: only a re-list can still show it
             now = etcd.put(f"/elsewhere/{run_id}", str(i).encode())
         etcd.compact(now)

@@ -7,29 +7,36 @@ import json
 import pytest
 
 from etcd_agent.errors import BadKeyData
-from etcd_agent.keys import SCHEMA_VERSION, Keys, ParsedKey, decode, encode
+from etcd_agent.keys import SCHEMA_VERSION, Keys, ParsedKey, RunKeys, decode, encode
 
-K = Keys("/etcd-agent", "job1")
-P = "/etcd-agent/job1/"
+K = Keys("/etcd-agent", "job1", 1)
+P = "/etcd-agent/job1/0001/"
+R = RunKeys("/etcd-agent", "job1")
 
 
 @pytest.mark.parametrize("built, expected", [
-    (K.prefix, "/etcd-agent/job1/"),
-    (K.spec(), "/etcd-agent/job1/spec"),
-    (K.nodes(), "/etcd-agent/job1/nodes/"),
-    (K.node("node-a"), "/etcd-agent/job1/nodes/node-a"),
-    (K.round(), "/etcd-agent/job1/round"),
-    (K.restarts(), "/etcd-agent/job1/restarts"),
-    (K.result(), "/etcd-agent/job1/result"),
-    (K.rounds(), "/etcd-agent/job1/r/"),
-    (K.round_dir(3), "/etcd-agent/job1/r/00000003/"),
-    (K.joins(3), "/etcd-agent/job1/r/00000003/join/"),
-    (K.join(3, "node-a"), "/etcd-agent/job1/r/00000003/join/node-a"),
-    (K.plan(3), "/etcd-agent/job1/r/00000003/plan"),
-    (K.exits(3), "/etcd-agent/job1/r/00000003/exit/"),
-    (K.exit(3, "node-a"), "/etcd-agent/job1/r/00000003/exit/node-a"),
-    (K.failures(3), "/etcd-agent/job1/r/00000003/failures/"),
-    (K.failure(3, "node-a"), "/etcd-agent/job1/r/00000003/failures/node-a"),
+    (K.prefix, "/etcd-agent/job1/0001/"),
+    (K.run_prefix, "/etcd-agent/job1/"),
+    (K.job_pointer(), "/etcd-agent/job1/job"),
+    (R.prefix, "/etcd-agent/job1/"),
+    (R.job(), "/etcd-agent/job1/job"),
+    (R.generation(12).spec(), "/etcd-agent/job1/0012/spec"),
+    (Keys("/etcd-agent", "job1", 12345).prefix, "/etcd-agent/job1/12345/"),
+    (K.spec(), "/etcd-agent/job1/0001/spec"),
+    (K.nodes(), "/etcd-agent/job1/0001/nodes/"),
+    (K.node("node-a"), "/etcd-agent/job1/0001/nodes/node-a"),
+    (K.round(), "/etcd-agent/job1/0001/round"),
+    (K.restarts(), "/etcd-agent/job1/0001/restarts"),
+    (K.result(), "/etcd-agent/job1/0001/result"),
+    (K.rounds(), "/etcd-agent/job1/0001/r/"),
+    (K.round_dir(3), "/etcd-agent/job1/0001/r/00000003/"),
+    (K.joins(3), "/etcd-agent/job1/0001/r/00000003/join/"),
+    (K.join(3, "node-a"), "/etcd-agent/job1/0001/r/00000003/join/node-a"),
+    (K.plan(3), "/etcd-agent/job1/0001/r/00000003/plan"),
+    (K.exits(3), "/etcd-agent/job1/0001/r/00000003/exit/"),
+    (K.exit(3, "node-a"), "/etcd-agent/job1/0001/r/00000003/exit/node-a"),
+    (K.failures(3), "/etcd-agent/job1/0001/r/00000003/failures/"),
+    (K.failure(3, "node-a"), "/etcd-agent/job1/0001/r/00000003/failures/node-a"),
 ])
 def test_every_builder_gives_the_documented_key(built, expected):
     assert built == expected
@@ -68,10 +75,41 @@ def test_parse_round_trips_every_builder(key, parsed):
     assert K.parse(key) == parsed
 
 
-def test_parse_works_for_another_root_and_run():
-    other = Keys("/jobs/team-a", "run.7")
+def test_parse_works_for_another_root_run_and_generation():
+    other = Keys("/jobs/team-a", "run.7", 3)
     assert other.parse(other.exit(12, "gpu-3")) == ParsedKey("exit", round=12, node="gpu-3")
     assert other.parse(other.spec()) == ParsedKey("spec")
+
+
+def test_every_generation_lies_under_the_run_prefix_and_the_pointer_under_none():
+    for gen in (1, 2, 10, 9999, 10000):
+        keys = R.generation(gen)
+        assert keys == Keys("/etcd-agent", "job1", gen) and keys.run == R
+        assert keys.prefix.startswith(R.prefix) and keys.job_pointer() == R.job()
+        for key in (keys.spec(), keys.result(), keys.join(3, "n")):
+            assert R.generation_of(key) == gen
+    assert not R.job().startswith(K.prefix)
+    assert R.generation_of(R.job()) is None
+
+
+def test_lexical_order_of_generations_is_numeric_order_up_to_9999():
+    numbers = [100, 9, 10, 1, 9999]
+    assert sorted(R.generation(n).prefix for n in numbers) == [R.generation(n).prefix for n in sorted(numbers)]
+
+
+@pytest.mark.parametrize("key", [
+    "/etcd-agent/job1/job", "/etcd-agent/job1/spec", "/etcd-agent/job1/1/spec", "/etcd-agent/job1/00001/spec",
+    "/etcd-agent/job1/0000/spec", "/etcd-agent/job1/0001", "/etcd-agent/job1/00a1/spec", "/etcd-agent/job10/0001/spec",
+    "/other/job1/0001/spec", "/etcd-agent/job1/000٣/spec",
+])
+def test_generation_of_names_only_formatted_generation_prefixes(key):
+    assert R.generation_of(key) is None
+
+
+@pytest.mark.parametrize("gen", [0, -1, "1", 1.0, True, None])
+def test_a_generation_is_a_positive_integer(gen):
+    with pytest.raises(ValueError):
+        Keys("/etcd-agent", "job1", gen)
 
 
 @pytest.mark.parametrize("key", [
@@ -82,6 +120,13 @@ def test_parse_works_for_another_root_and_run():
     "/etcd-agent/job1",
     "etcd-agent/job1/spec",
     "/etcd-agent/job1/",
+    "/etcd-agent/job1/0001",
+    # the run level and other generations of the same run
+    "/etcd-agent/job1/job",
+    "/etcd-agent/job1/spec",
+    "/etcd-agent/job1/0002/spec",
+    "/etcd-agent/job1/00001/spec",
+    "/etcd-agent/job1/1/spec",
     # names the schema does not have
     P + "specs",
     P + "spec/",
@@ -182,3 +227,11 @@ def test_encode_always_writes_the_schema_version():
 def test_decode_requires_an_integer_version(raw):
     with pytest.raises(BadKeyData):
         decode("/k", raw)
+
+
+def test_node_rank_claims_have_one_spelling():
+    assert K.node_rank(3) == P + "node_ranks/3"
+    assert K.parse(K.node_rank(12)) == ParsedKey("node_rank", rank=12)
+    for odd in ("node_ranks/", "node_ranks/03", "node_ranks/-1", "node_ranks/x", "node_ranks/1/x", "node_ranks/³"):
+        with pytest.raises(BadKeyData, match="not a key of the etcd-agent schema"):
+            K.parse(P + odd)

@@ -10,7 +10,7 @@ from etcd_agent.keys import Keys, encode
 from etcd_agent.state import Mirror
 from etcd_agent.watch import Event
 
-K = Keys("/etcd-agent", "job1")
+K = Keys("/etcd-agent", "job1", 1)
 
 
 def kv(key: str, value: bytes, rev: int, lease: int = 0) -> KV:
@@ -50,3 +50,27 @@ def test_join_records_carry_their_lease():
     join = encode({"node": "n", "addr": "a", "port": 1, "nproc": 2})
     m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 3), kv(K.join(1, "n"), join, 4, lease=77))
     assert m.view().joins["n"].lease == 77
+
+
+def joins_of(record: dict) -> dict:
+    m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 3), kv(K.join(1, "n"), encode(record), 4))
+    return m.view().joins
+
+
+def test_join_records_carry_the_static_rendezvous_flags():
+    join = joins_of({"node": "n", "addr": "a", "port": 1, "nproc": 2, "node_rank": 3, "master_addr": "head",
+                     "master_port": 29500})["n"]
+    assert (join.node_rank, join.master_addr, join.master_port) == (3, "head", 29500)
+
+
+@pytest.mark.parametrize("extra", [{}, {"node_rank": None, "master_addr": None, "master_port": None}])
+def test_join_records_without_the_static_flags_still_parse(extra):
+    join = joins_of({"node": "n", "addr": "a", "port": 1, "nproc": 2, "prev_rank": None} | extra)["n"]
+    assert (join.node_rank, join.master_addr, join.master_port) == (None, None, None)
+
+
+@pytest.mark.parametrize("extra", [{"node_rank": -1}, {"node_rank": "x"}, {"master_port": 0}, {"master_port": 70000},
+                                   {"master_port": [1]}])
+def test_bad_static_flags_in_a_join_record_name_the_key(extra):
+    with pytest.raises(BadKeyData, match=K.join(1, "n")):
+        joins_of({"node": "n", "addr": "a", "port": 1, "nproc": 2} | extra)

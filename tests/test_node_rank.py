@@ -1,0 +1,74 @@
+"""torchrun's static-rendezvous flags on real agent processes: ``--node-rank`` pins the group rank, two live nodes
+cannot share one, and ``--master-addr``/``--master-port`` become the workers' MASTER_ADDR/MASTER_PORT."""
+
+from __future__ import annotations
+
+import time
+
+from agents import JOB, AgentProc, job_keys, keys_of, records, wait_all, wait_for_key
+
+from etcd_agent import txns
+from etcd_agent.agent import Agent
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.standalone import free_port
+
+
+def agent(etcd_endpoint, run_id, tmp_path, node: str, rank: int, *extra: str) -> AgentProc:
+    """An agent of a 2-node job with ``--node-rank rank`` and short leases, its workers recording to tmp_path/out."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return AgentProc(etcd_endpoint, run_id, node, tmp_path, [str(out)], nnodes="2", nproc=2,
+                     extra=["--node-rank", str(rank), "--lease-ttl", "3", *extra])
+
+
+def test_pinned_ranks_and_master_address_are_what_the_flags_say(etcd_endpoint, run_id, tmp_path):
+    port = free_port("127.0.0.1")
+    static = ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    # The node pinned to rank 1 joins first: join order would make it rank 0.
+    first = agent(etcd_endpoint, run_id, tmp_path, "node-a", 1, *static)
+    wait_for_key(etcd_endpoint, keys_of(run_id).join(1, "node-a"))
+    second = agent(etcd_endpoint, run_id, tmp_path, "node-b", 0, *static)
+    assert wait_all([first, second]) == [0, 0], [a.stderr()[-3000:] for a in (first, second)]
+    plan = job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id).plan(1)]
+    assert [(m["node"], m["group_rank"], m["rank_offset"]) for m in plan["members"]] == [("node-b", 0, 0),
+                                                                                         ("node-a", 1, 2)]
+    envs = [r["env"] for r in records(tmp_path / "out").values()]
+    assert len(envs) == 4
+    assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {("127.0.0.1", str(port))}
+    assert sorted((e["GROUP_RANK"], e["RANK"]) for e in envs) == [("0", "0"), ("0", "1"), ("1", "2"), ("1", "3")]
+
+
+def test_a_taken_rank_is_a_clear_error_and_is_free_again_once_its_holder_died(etcd_endpoint, run_id, tmp_path):
+    holder = agent(etcd_endpoint, run_id, tmp_path, "node-a", 0)
+    wait_for_key(etcd_endpoint, keys_of(run_id).node_rank(0))
+    duplicate = agent(etcd_endpoint, run_id, tmp_path, "node-b", 0)
+    assert duplicate.wait(60) == 2
+    err = duplicate.stderr()
+    assert f"--node-rank 0 is already taken by node node-a (pid {holder.proc.pid} on host" in err, err[-3000:]
+    assert "give each node its own --node-rank" in err and "Traceback" not in err
+    assert holder.proc.poll() is None, "the holder is untouched"
+
+    holder.kill()  # its lease expires within its TTL: a replacement started now waits for that, then takes rank 0
+    replacement = agent(etcd_endpoint, run_id, tmp_path, "node-c", 0)
+    other = agent(etcd_endpoint, run_id, tmp_path, "node-d", 1)
+    assert wait_all([replacement, other]) == [0, 0], [a.stderr()[-3000:] for a in (replacement, other)]
+    plan = job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id).plan(1)]
+    assert [m["node"] for m in plan["members"]] == ["node-c", "node-d"]
+
+
+def test_a_re_created_session_claims_its_rank_again_on_the_new_lease(etcd_endpoint, run_id):
+    cfg = AgentConfig(run_id=run_id, node_id="node-a", spec=JobSpec(2, 2, "1", 0), workers=WorkerConfig(JOB, (), 1),
+                      etcd=EtcdConfig(parse_endpoints(etcd_endpoint), request_timeout=1.0), lease_ttl=3, node_rank=1)
+    a = Agent(cfg)
+    try:
+        a.keys = txns.init_job(a.etcd, a.run_keys, cfg.spec, time.time())
+        a._new_session()
+        old = a.session.lease_id
+        assert a.etcd.get(a.keys.node_rank(1))[0].lease == old
+        a.session.close(revoke=False)  # as when fencing: the old lease is revoked by the new session
+        a._new_session(stale_lease=old)
+        kv, _ = a.etcd.get(a.keys.node_rank(1))
+        assert kv.lease == a.session.lease_id != old
+    finally:
+        a.session.close(revoke=True)
+        a.etcd.close()
