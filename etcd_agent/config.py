@@ -78,9 +78,40 @@ class JobSpec:
                 "nproc_per_node": self.nproc_per_node, "max_restarts": self.max_restarts}
 
 
+STD_NONE, STD_OUT, STD_ERR, STD_ALL = 0, 1, 2, 3  # torchrun's Std flags: which of stdout/stderr a setting covers
+_STD_VALUE_RE = re.compile(r"^[0-3]$")
+_STD_MAP_RE = re.compile(r"^[0-9]+:[0-3](,[0-9]+:[0-3])*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class StdSpec:
+    """A torchrun ``--redirects``/``--tee`` value: one Std for every local rank, or a per-local-rank map (ranks
+    missing from a map get ``STD_NONE``, as in torchrun)."""
+
+    value: int = STD_NONE  # used when ``per_rank`` is empty
+    per_rank: tuple[tuple[int, int], ...] = ()
+
+    def for_rank(self, local_rank: int) -> int:
+        if not self.per_rank:
+            return self.value
+        return dict(self.per_rank).get(local_rank, STD_NONE)
+
+    @classmethod
+    def parse(cls, text: str, flag: str) -> "StdSpec":
+        """``0``-``3`` or ``LOCAL_RANK:STD,...`` such as ``0:3,1:1`` (torchrun's ``Std.from_str``)."""
+        text = text.strip()
+        if _STD_VALUE_RE.match(text):
+            return cls(int(text))
+        if _STD_MAP_RE.match(text):
+            pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",")]
+            return cls(STD_NONE, tuple(sorted(dict(pairs).items())))
+        raise ConfigError(f"{flag} {text!r}: expected 0 (none), 1 (stdout), 2 (stderr), 3 (both) or a per-local-rank "
+                          "map such as 0:3,1:1")
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
-    """How this node starts its workers."""
+    """How this node starts its workers, and where their output goes (torchrun's meanings)."""
 
     entrypoint: str
     args: tuple[str, ...]
@@ -88,7 +119,14 @@ class WorkerConfig:
     module: bool = False
     no_python: bool = False
     log_dir: str = ""
-    tee: bool = False
+    redirects: StdSpec = StdSpec()  # --redirects: these streams go to the log files only
+    tee: StdSpec = StdSpec()  # --tee: these streams go to the log files and to the console, prefixed
+    local_ranks_filter: frozenset[int] | None = None  # --local-ranks-filter: only these local ranks reach the console
+    duplicate_stdout_filters: tuple[str, ...] = ()  # lines containing any of these also go to filtered_stdout.log
+    duplicate_stderr_filters: tuple[str, ...] = ()
+    role: str = "default"  # ROLE_NAME, and the console prefix [<role><local rank>]:
+    virtual_local_rank: bool = False  # LOCAL_RANK=0 and one device per worker through CUDA_VISIBLE_DEVICES
+    signals_to_handle: str = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"  # exported as TORCHELASTIC_SIGNALS_TO_HANDLE
     stop_timeout: float = 10.0
     python: str = ""  # interpreter for workers; default: the agent's own
 
@@ -99,6 +137,8 @@ class WorkerConfig:
             raise ConfigError("-m/--module and --no-python cannot be used together")
         if self.stop_timeout < 0:
             raise ConfigError(f"--stop-timeout must be 0 or more, got {self.stop_timeout}")
+        if not self.role:
+            raise ConfigError("--role must not be empty")
 
     def command(self) -> list[str]:
         """The argv every worker runs (torchrun's rules for -m and --no-python)."""
@@ -126,6 +166,10 @@ class AgentConfig:
     join_timeout: float = 600.0
     scale_settle: float = 1.0
     worker_timeout: float = 0.0  # 0: hang detection off
+    node_rank: int | None = None  # --node-rank of a static line: pins this node's group rank
+    master_addr: str | None = None  # --master-addr/--master-port of a static line: the workers' MASTER_ADDR/PORT
+    master_port: int | None = None
+    signals: tuple[int, ...] = (15, 2, 1, 3)  # --signals-to-handle: the agent leaves on these, forwarding each
 
     def __post_init__(self) -> None:
         if not _RUN_ID_RE.match(self.run_id):
@@ -144,12 +188,32 @@ class AgentConfig:
             raise ConfigError(f"--worker-timeout must be 0 (off) or more, got {self.worker_timeout}")
         if self.scale_settle < 0:
             raise ConfigError(f"--scale-settle must be 0 or more, got {self.scale_settle}")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.spec.max_nodes:
+            raise ConfigError(f"--node-rank {self.node_rank} is outside 0..{self.spec.max_nodes - 1} "
+                              f"(--nnodes allows at most {self.spec.max_nodes} node(s))")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ConfigError(f"--master-port {self.master_port}: expected 1-65535")
         if self.etcd.request_timeout >= self.lease_ttl:
             raise ConfigError("the etcd request timeout must be shorter than --lease-ttl")
 
     @property
     def address(self) -> str:
         return self.local_addr or default_address()
+
+
+_AGENT_OWN_ENV: set[str] = set()  # variables the agent set for its own process; workers never inherit them
+
+
+def set_agent_env(name: str, value: str) -> None:
+    """Set ``name`` for the agent's own process unless the user set it; workers do not inherit what this sets."""
+    if name not in os.environ:
+        os.environ[name] = value
+        _AGENT_OWN_ENV.add(name)
+
+
+def worker_base_env() -> dict[str, str]:
+    """The environment workers start from: the agent's, less what the agent set only for itself."""
+    return {k: v for k, v in os.environ.items() if k not in _AGENT_OWN_ENV}
 
 
 def _sys_executable() -> str:
@@ -214,7 +278,8 @@ def parse_nnodes(text: str) -> tuple[int, int]:
 
 
 def resolve_nproc(text: str) -> int:
-    """``N``, ``gpu`` (visible GPUs), ``cpu`` (CPU count) or ``auto`` (GPUs if any, else CPUs), like torchrun."""
+    """``N``, ``gpu`` (visible GPUs), ``cpu`` (CPU count), ``xpu`` (Intel GPUs) or ``auto`` (GPUs if any, else CPUs),
+    like torchrun."""
     value = text.strip().lower()
     if _NUMBER_RE.fullmatch(value):
         if int(value) < 1:
@@ -227,10 +292,31 @@ def resolve_nproc(text: str) -> int:
         if count:
             return count
         if value == "auto":
-            return os.cpu_count() or 1
+            return count_xpus() or os.cpu_count() or 1
         raise ConfigError("--nproc-per-node gpu: no visible GPU (checked CUDA_VISIBLE_DEVICES, "
                           "/proc/driver/nvidia/gpus and nvidia-smi)")
-    raise ConfigError(f"--nproc-per-node {text!r}: expected a number, 'gpu', 'cpu' or 'auto'")
+    if value == "xpu":
+        count = count_xpus()
+        if count:
+            return count
+        raise ConfigError("--nproc-per-node xpu: no visible Intel GPU (checked ZE_AFFINITY_MASK and /sys/class/drm)")
+    raise ConfigError(f"--nproc-per-node {text!r}: expected a number, 'gpu', 'cpu', 'xpu' or 'auto'")
+
+
+def count_xpus(drm: str = "/sys/class/drm") -> int:
+    """Visible Intel GPUs without importing torch: ZE_AFFINITY_MASK wins, then the render nodes of vendor 0x8086."""
+    mask = os.environ.get("ZE_AFFINITY_MASK")
+    if mask is not None:
+        return len({item.split(".")[0].strip() for item in mask.split(",") if item.strip()})
+    root = Path(drm)
+    count = 0
+    for node in root.glob("renderD*") if root.is_dir() else ():
+        try:
+            if (node / "device" / "vendor").read_text().strip().lower() == "0x8086":
+                count += 1
+        except OSError:
+            continue
+    return count
 
 
 def count_gpus() -> int:

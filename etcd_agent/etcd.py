@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
 
+from .config import set_agent_env  # noqa: E402  (imports nothing that loads grpc)
+
 # The agent forks workers while gRPC threads run; gRPC's fork handlers only log noise then. Before importing grpc.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+set_agent_env("GRPC_ENABLE_FORK_SUPPORT", "false")  # workers do not inherit it
 
 import grpc  # noqa: E402
 import tenacity  # noqa: E402
@@ -30,7 +31,7 @@ import etcd3  # noqa: E402
 from etcd3 import etcdrpc as rpc  # re-exported for watch.py: the generated messages and stubs
 from etcd3 import exceptions as etcd3_exc  # noqa: E402
 
-from .config import EtcdConfig
+from .config import EtcdConfig  # noqa: E402
 from .errors import EtcdAuthError, EtcdError, EtcdRequestError, EtcdUnavailable, SessionLost
 
 log = logging.getLogger("etcd_agent.etcd")

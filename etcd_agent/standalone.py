@@ -8,15 +8,14 @@
 - etcd's own defaults are kept; other tunings (fast elections, progress notify) come only through ``extra_args``.
 
 A server owns one directory: etcd's data in ``<data_dir>/etcd``, its output in ``<data_dir>/etcd.log`` (or
-``log_file``). Servers are not thread-safe. Imports only the standard library and ``etcd_agent.errors``.
+``log_file``). Servers are not thread-safe. Imports only the standard library, psutil (through ``proctree``), ``etcd_agent.errors``
+and ``etcd_agent.proctree``.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import ctypes
-import functools
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import urllib.request
 import uuid
 
 from etcd_agent import errors
+from etcd_agent.proctree import pdeathsig_preexec
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,11 @@ FAST_ELECTION_ARGS = ("--heartbeat-interval=50", "--election-timeout=500")
 _READY_MARKERS = ("ready to serve client requests", "serving client traffic")
 _HEALTH_POLL_S = 0.05  # /health and leader queries have no event to wait on; they are polled with a deadline
 _TAIL_LINES = 40
-_PR_SET_PDEATHSIG = 1
 
 _lock = threading.Lock()
 _live: set[EtcdServer] = set()
 _ports_given: set[tuple[str, int]] = set()
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
-_prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
 
 
 def find_etcd_binary() -> str:
@@ -186,7 +184,7 @@ class EtcdServer:
         os.makedirs(self._data_dir, exist_ok=True)
         # The kernel sends a death signal when the spawning *thread* ends, so only the main thread asks for it.
         main = threading.current_thread() is threading.main_thread()
-        hook = functools.partial(_prctl, _PR_SET_PDEATHSIG, signal.SIGKILL) if _prctl and main else None
+        hook = pdeathsig_preexec(os.getpid()) if main else None
         try:
             self._proc = subprocess.Popen(
                 self.command(binary), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

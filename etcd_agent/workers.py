@@ -2,8 +2,16 @@
 
 Guarantees:
 
-- Every worker gets exactly torchrun's environment (``worker_env``) plus ``ETCD_AGENT_ROUND`` for fencing and
-  ``ETCD_AGENT_PROGRESS_FILE``, its heartbeat file for hang detection (``progress.py``).
+- Every worker gets exactly torchrun 2.13's environment (``worker_env``) plus ``ETCD_AGENT_ROUND`` for fencing and
+  ``ETCD_AGENT_PROGRESS_FILE``, its heartbeat file for hang detection (``progress.py``). It starts from the agent's
+  environment less what the agent set only for itself (``config.set_agent_env``, e.g. ``GRPC_ENABLE_FORK_SUPPORT``);
+  like torchrun it gets ``ROLE_NAME`` = ``--role`` and ``TORCHELASTIC_SIGNALS_TO_HANDLE``, and never
+  ``PYTHONUNBUFFERED`` (workers run ``python -u``). With ``--virtual-local-rank`` it gets ``LOCAL_RANK=0`` and the
+  local-rank-th entry of the agent's ``CUDA_VISIBLE_DEVICES`` (or the local rank when that is unset); otherwise
+  ``CUDA_VISIBLE_DEVICES`` is inherited unchanged.
+- Its output goes where torchrun sends it (``worker_logs``): by default straight to the console, unprefixed;
+  ``--redirects``/``--tee``/``--local-ranks-filter`` as in torchrun; stderr is always also kept in ``stderr.log``
+  for the failure report.
 - Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL``, so it cannot outlive the agent.
   The kernel sends that signal when the *thread* that forked the child exits, not the process: ``start`` must be
   called from a thread that lives as long as the workers (the agent's main thread), never from a short-lived one.
@@ -15,21 +23,19 @@ Guarantees:
 - ``stop`` is idempotent: SIGTERM to every group, grace until an absolute deadline, SIGKILL, then every
   descendant found by psutil (collected before the first signal, plus the group members) is killed and waited for.
 
-Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``progress`` and
-``worker_logs``. A log
-directory that cannot be written raises ConfigError from ``start`` before any worker runs; a worker that cannot be
-spawned (missing program) is reported through ``on_exit`` with exit code 127 (126: not executable).
+Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``progress``, ``proctree``
+and ``worker_logs``. A log
+directory that cannot be written, or a virtual local rank beyond ``CUDA_VISIBLE_DEVICES``, raises ConfigError from
+``start`` before any worker runs; a worker that cannot be spawned (missing program) is reported through
+``on_exit`` with exit code 127 (126: not executable).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import select
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,17 +44,18 @@ from typing import Callable, Mapping
 
 import psutil
 
-from .config import WorkerConfig
+from . import proctree
+from .config import WorkerConfig, worker_base_env
+from .errors import ConfigError
 from .progress import PROGRESS_ENV, last_progress
-from .worker_logs import WorkerLogs, prepare_all, rank_dir, read_error_message
+from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all, read_error_message
 
 log = logging.getLogger("etcd_agent.workers")
 
-_PR_SET_PDEATHSIG = 1
 _THREAD_PREFIX = "etcd-agent-workers-"  # every thread this module starts; start() refuses to run on one
 _KILL_WAIT = 10.0  # how long a SIGKILLed process may take to vanish (D state) before we give up and say so
 _JOIN_WAIT = 2.0  # bounded join of threads that should already be done
-_REPORT_FLUSH_WAIT = 1.0  # how long a report waits for the tee threads to finish writing the stderr log
+_REPORT_FLUSH_WAIT = 1.0  # how long a report waits for the pump threads to finish writing the stderr log
 _default_log_root: str | None = None  # made on first use when no --log-dir was given
 _default_lock = threading.Lock()
 
@@ -67,6 +74,7 @@ class Assignment:
     master_port: int
     restart_count: int  # job-wide, the same on every node
     max_restarts: int
+    job: int = 1  # which job of the run (a re-run of a finished run id is the next one): its own log tree
 
 
 @dataclass(frozen=True)
@@ -101,24 +109,37 @@ class WorkerExit:
 
 def worker_env(cfg: WorkerConfig, a: Assignment, local_rank: int, base: Mapping[str, str],
                error_file: str) -> dict[str, str]:
-    """The environment of one worker: ``base`` plus exactly what torchrun sets. Pure."""
+    """The environment of one worker: ``base`` plus exactly what torchrun sets. Pure; ConfigError when
+    ``cfg.virtual_local_rank`` finds no device for ``local_rank`` in ``base``'s CUDA_VISIBLE_DEVICES."""
     env = dict(base)
     rank = a.rank_offset + local_rank
     env.update({
         "RANK": str(rank), "LOCAL_RANK": str(local_rank), "GROUP_RANK": str(a.group_rank),
-        "ROLE_RANK": str(rank), "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(cfg.nproc),
+        "ROLE_RANK": str(rank), "ROLE_NAME": cfg.role, "LOCAL_WORLD_SIZE": str(cfg.nproc),
         "WORLD_SIZE": str(a.world_size), "GROUP_WORLD_SIZE": str(a.group_world_size),
         "ROLE_WORLD_SIZE": str(a.world_size), "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(a.master_port),
         "TORCHELASTIC_RESTART_COUNT": str(a.restart_count), "TORCHELASTIC_MAX_RESTARTS": str(a.max_restarts),
         "TORCHELASTIC_RUN_ID": a.run_id, "TORCHELASTIC_USE_AGENT_STORE": "False",
         "TORCHELASTIC_ERROR_FILE": error_file, "ETCD_AGENT_ROUND": str(a.round),
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": cfg.signals_to_handle,  # torchrun exports it in its own environment
     })
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if cfg.nproc > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
-    if cfg.tee:
-        env.setdefault("PYTHONUNBUFFERED", "1")
+    if cfg.virtual_local_rank:  # torchrun's _set_local_rank_env
+        env["LOCAL_RANK"] = "0"
+        env["CUDA_VISIBLE_DEVICES"] = _visible_device(base.get("CUDA_VISIBLE_DEVICES"), local_rank)
     return env
+
+
+def _visible_device(visible: str | None, local_rank: int) -> str:
+    if visible is None:
+        return str(local_rank)
+    devices = visible.split(",")
+    if local_rank >= len(devices):
+        raise ConfigError(f"--virtual-local-rank: local rank {local_rank} has no device of its own: "
+                          f"CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)}")
+    return devices[local_rank].strip()
 
 
 @dataclass
@@ -172,18 +193,17 @@ class WorkerGroup:
         with self._lock:
             if self.running:
                 raise RuntimeError(f"round {a.round}: stop() the workers of round {self._workers[0].round} first")
-            root = self._ensure_log_root()
-            preexec = _pdeathsig_preexec(os.getpid())
-            base = dict(os.environ)
-            workers = [_Worker(i, a.rank_offset + i, a.round, tag,
-                               WorkerLogs(rank_dir(root, a.run_id, self.node_id, a.round, a.rank_offset + i),
-                                          a.rank_offset + i, self.cfg.tee)) for i in range(self.cfg.nproc)]
-            streams = prepare_all([w.logs for w in workers])  # all or none, before anything runs
+            base = worker_base_env()
+            logs = plan_logs(self.cfg, self._ensure_log_root(), a.run_id, self.node_id, a.round, a.rank_offset,
+                             base.get(PREFIX_TEMPLATE_ENV), job=a.job)
+            workers = [_Worker(i, a.rank_offset + i, a.round, tag, item) for i, item in enumerate(logs)]
+            envs = [worker_env(self.cfg, a, w.local_rank, base, w.logs.error_file) for w in workers]
+            streams = prepare_all(logs)  # all or none, before anything runs
+            preexec = proctree.pdeathsig_preexec(os.getpid())
             self._workers = []
             self._stopped = self._stopping = False
-            for w, stream_kwargs in zip(workers, streams):
+            for w, env, stream_kwargs in zip(workers, envs, streams):
                 self._reports[(a.round, w.local_rank)] = w.logs
-                env = worker_env(self.cfg, a, w.local_rank, base, w.logs.error_file)
                 env[PROGRESS_ENV] = w.progress_file = os.path.join(w.logs.directory, "progress")
                 w.started = time.time()
                 self._spawn(w, env, preexec, stream_kwargs)
@@ -258,8 +278,9 @@ class WorkerGroup:
     def running(self) -> bool:
         return any(not w.exited.is_set() for w in self._workers)
 
-    def stop(self, reason: str = "", grace: float | None = None) -> None:
-        """SIGTERM, grace until ``cfg.stop_timeout`` (or the shorter ``grace``), SIGKILL, kill surviving
+    def stop(self, reason: str = "", grace: float | None = None, sig: int = signal.SIGTERM) -> None:
+        """``sig`` (SIGTERM, or the signal the agent got from ``--signals-to-handle``), grace until
+        ``cfg.stop_timeout`` (or the shorter ``grace``), SIGKILL, kill surviving
         descendants; idempotent and safe from any thread but a waiter's."""
         with self._lock:
             workers = list(self._workers)
@@ -268,17 +289,17 @@ class WorkerGroup:
                 return
             tag = workers[0].tag
             self._stopping = True
-            tree = _descendants(workers)  # before any signal: afterwards orphans are harder to find
+            tree = proctree.descendants(workers)  # before any signal: afterwards orphans are harder to find
             live = [w for w in workers if not w.exited.is_set()]
-            self._log.info("%s: stopping the workers (%d still running, %d descendants) with SIGTERM: %s.",
-                           tag, len(live), len(tree), reason or "no reason given")
+            self._log.info("%s: stopping the workers (%d still running, %d descendants) with %s: %s.",
+                           tag, len(live), len(tree), signal.Signals(sig).name, reason or "no reason given")
             for w in workers:
-                w.ended_before_stop = w.exited.is_set() or _is_zombie(w.ps)
-            _signal(workers, tree, signal.SIGTERM)
+                w.ended_before_stop = w.exited.is_set() or proctree.is_zombie(w.ps)
+            proctree.signal_all(workers, tree, signal.Signals(sig))
             deadline = time.monotonic() + min(self.cfg.stop_timeout, self.cfg.stop_timeout if grace is None else grace)
             for w in live:
                 w.exited.wait(max(0.0, deadline - time.monotonic()))
-            survivors = _wait_gone(list(tree.values()), deadline)
+            survivors = proctree.wait_gone(list(tree.values()), deadline)
             self._kill(workers, tag, survivors)
             self._stopped = True
             self._join(workers)
@@ -286,17 +307,17 @@ class WorkerGroup:
     def _kill(self, workers: list[_Worker], tag: str, survivors: list[psutil.Process]) -> None:
         """SIGKILL whatever is left of the round: workers, their groups, every descendant found."""
         live = [w for w in workers if not w.exited.is_set()]
-        tree = _descendants(workers)
+        tree = proctree.descendants(workers)
         tree.update((p.pid, p) for p in survivors)
         if live or tree:
             self._log.warning("%s: %d workers (ranks %s) and %d descendants outlived the %.1fs grace; "
                               "sending SIGKILL.", tag, len(live), [w.rank for w in live], len(tree),
                               self.cfg.stop_timeout)
-        _signal(workers, tree, signal.SIGKILL)
+        proctree.signal_all(workers, tree, signal.SIGKILL)
         deadline = time.monotonic() + _KILL_WAIT
         for w in live:
             w.exited.wait(max(0.0, deadline - time.monotonic()))
-        left = _wait_gone(list(tree.values()), deadline) + [w.ps for w in workers
+        left = proctree.wait_gone(list(tree.values()), deadline) + [w.ps for w in workers
                                                             if w.ps and not w.exited.is_set()]
         if left:
             self._log.error("%s: %d processes (pids %s) are still alive %.0fs after SIGKILL.",
@@ -319,7 +340,7 @@ class WorkerGroup:
         error_file = logs.error_file if logs else ""
         tail = ""
         if logs:
-            logs.join(_REPORT_FLUSH_WAIT)  # with tee, let the last lines reach the file
+            logs.join(_REPORT_FLUSH_WAIT)  # let the stderr pump put the last lines in the file
             tail = logs.stderr_tail()
         message, problem = read_error_message(error_file) if error_file else (None, None)
         if message is None:
@@ -330,118 +351,3 @@ class WorkerGroup:
         return {"rank": ex.rank, "local_rank": ex.local_rank, "pid": ex.pid, "exitcode": ex.returncode,
                 "signal": ex.signal_name, "message": message, "error_file": error_file, "stderr_tail": tail,
                 "time": ex.time, "round": ex.round, "node": self.node_id}
-
-
-# -- process tree helpers ------------------------------------------------------------------------------------------
-
-
-def _pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
-    """A preexec_fn that sets PR_SET_PDEATHSIG=SIGKILL; everything it needs is resolved here, in the parent."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    sig = int(signal.SIGKILL)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the agent died before the signal was armed
-            os._exit(1)
-
-    return preexec
-
-
-def _descendants(workers: list[_Worker]) -> dict[int, psutil.Process]:
-    """Live descendants of the running workers plus every member of the workers' process groups."""
-    found: dict[int, psutil.Process] = {}
-    for w in workers:
-        if w.ps is not None and not w.exited.is_set():
-            try:
-                found.update((p.pid, p) for p in w.ps.children(recursive=True))
-            except psutil.Error:
-                pass
-    groups = {w.pid: w for w in workers if w.pid}
-    for p in psutil.process_iter() if groups else ():
-        try:
-            w = groups.get(os.getpgid(p.pid))
-            # The pid of a reaped worker can be reused by an unrelated group leader: a process created after
-            # our worker ended is not from its group.
-            if w is not None and not (w.ended_at and p.create_time() > w.ended_at + 1.0):
-                found.setdefault(p.pid, p)
-        except (OSError, psutil.Error):
-            pass
-    for w in workers:  # the workers themselves are waited for by their own threads
-        found.pop(w.pid, None)
-    return {pid: p for pid, p in found.items() if _alive(p)}
-
-
-def _is_zombie(p: psutil.Process | None) -> bool:
-    try:
-        return p is not None and p.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _signal(workers: list[_Worker], tree: dict[int, psutil.Process], sig: signal.Signals) -> None:
-    """Signal the groups of live workers (catching processes forked after the scan) and every process found.
-
-    The group of a worker that already ended is not signalled by id (its number may be reused by now); members
-    left in it were found by the scan and get the signal through psutil, which checks for pid reuse.
-    """
-    for w in workers:
-        if w.pid and not w.exited.is_set():
-            try:
-                os.killpg(w.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-    for p in tree.values():
-        try:
-            p.send_signal(sig)  # psutil refuses when the pid was reused
-        except psutil.Error:
-            pass
-
-
-def _wait_gone(procs: list[psutil.Process], deadline: float) -> list[psutil.Process]:
-    """Wait until every process has ended (zombies count as ended) or the deadline; returns the survivors.
-
-    A pidfd becomes readable when its process ends, whoever the parent is, so no polling loop is needed; where
-    pidfds are missing (old kernels) psutil's own wait is the fallback.
-    """
-    fds: dict[int, psutil.Process] = {}
-    fallback: list[psutil.Process] = []
-    try:
-        for p in procs:
-            try:
-                fd = os.pidfd_open(p.pid)
-            except ProcessLookupError:
-                continue
-            except (OSError, AttributeError):
-                fallback.append(p)
-                continue
-            if _alive(p):  # checked after taking the pidfd: it cannot refer to a reused pid now
-                fds[fd] = p
-            else:
-                os.close(fd)
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        pending = set(fds)
-        while pending and (remaining := deadline - time.monotonic()) > 0:
-            for fd, _ in poller.poll(remaining * 1000):
-                poller.unregister(fd)
-                pending.discard(fd)
-        if fallback:
-            _, alive = psutil.wait_procs(fallback, timeout=max(0.0, deadline - time.monotonic()))
-            fallback = [p for p in alive if _alive(p)]
-        return [fds[fd] for fd in pending] + fallback
-    finally:
-        for fd in fds:
-            os.close(fd)

@@ -321,7 +321,7 @@ def test_configs_are_frozen():
 
 # --- txns.check_spec -------------------------------------------------------------------------------------------
 
-KEYS = Keys("/etcd-agent", "job1")
+KEYS = Keys("/etcd-agent", "job1", 1)
 SPEC = JobSpec(2, 4, "gpu", 3)
 
 

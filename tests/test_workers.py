@@ -22,8 +22,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from etcd_agent.config import WorkerConfig
+from etcd_agent import config
+from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
+from etcd_agent.worker_logs import Dest, line_prefix, route
 from etcd_agent.workers import Assignment, WorkerExit, WorkerGroup, worker_env
 
 WORKERS = Path(__file__).parent / "workers"
@@ -32,7 +34,7 @@ TORCHRUN_KEYS = {
     "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
     "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
     "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE",
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHELASTIC_ERROR_FILE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_SIGNALS_TO_HANDLE",
 }
 TIMEOUT = 10.0  # an upper bound on any wait; a passing test never gets near it
 
@@ -136,7 +138,7 @@ def kill_quietly(pids: list[int]) -> None:
 
 
 def rank_dir(tmp_path: Path, rank: int, round_: int = 3, run: str = "run1", node: str = "node-a") -> Path:
-    return tmp_path / "logs" / run / node / f"round_{round_:04d}" / f"rank_{rank}"
+    return tmp_path / "logs" / run / "job_0001" / node / f"round_{round_:04d}" / f"rank_{rank}"
 
 
 # -- environment -------------------------------------------------------------------------------------------------
@@ -154,7 +156,7 @@ def test_worker_env_has_exactly_torchruns_variables():
         "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400", "TORCHELASTIC_RESTART_COUNT": "2",
         "TORCHELASTIC_MAX_RESTARTS": "5", "TORCHELASTIC_RUN_ID": "run1", "TORCHELASTIC_USE_AGENT_STORE": "False",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": "/logs/error.json",
-        "ETCD_AGENT_ROUND": "3",
+        "ETCD_AGENT_ROUND": "3", "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT",
     }
 
 
@@ -165,9 +167,64 @@ def test_worker_env_keeps_what_the_user_set():
     assert worker_env(many, assignment(), 0, user, "e")["OMP_NUM_THREADS"] == "8"
     assert worker_env(many, assignment(), 0, user, "e")["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
     assert "OMP_NUM_THREADS" not in worker_env(one, assignment(), 0, {}, "e")
-    assert "PYTHONUNBUFFERED" not in worker_env(one, assignment(), 0, {}, "e")
-    tee = WorkerConfig(entrypoint="train.py", args=(), nproc=1, tee=True)
-    assert worker_env(tee, assignment(), 0, {}, "e")["PYTHONUNBUFFERED"] == "1"
+    tee = WorkerConfig(entrypoint="train.py", args=(), nproc=1, tee=StdSpec(3))
+    assert "PYTHONUNBUFFERED" not in worker_env(tee, assignment(), 0, {}, "e")  # torchrun never sets it
+
+
+def test_worker_env_role_and_signals_are_torchruns():
+    cfg = WorkerConfig(entrypoint="train.py", args=(), nproc=1, role="trainer", signals_to_handle="SIGUSR1")
+    env = worker_env(cfg, assignment(), 0, {"TORCHELASTIC_SIGNALS_TO_HANDLE": "stale"}, "e")
+    assert env["ROLE_NAME"] == "trainer"
+    assert env["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGUSR1"  # torchrun overwrites it in its own environment
+
+
+def test_worker_env_virtual_local_rank():
+    virtual = WorkerConfig(entrypoint="train.py", args=(), nproc=3, virtual_local_rank=True)
+    env = worker_env(virtual, assignment(), 1, {"CUDA_VISIBLE_DEVICES": "4, 6,7"}, "e")
+    assert (env["LOCAL_RANK"], env["CUDA_VISIBLE_DEVICES"], env["RANK"]) == ("0", "6", "5")
+    env = worker_env(virtual, assignment(), 2, {}, "e")
+    assert (env["LOCAL_RANK"], env["CUDA_VISIBLE_DEVICES"]) == ("0", "2")
+    with pytest.raises(ConfigError, match=r"local rank 2 .*CUDA_VISIBLE_DEVICES='4,6' lists 2"):
+        worker_env(virtual, assignment(), 2, {"CUDA_VISIBLE_DEVICES": "4,6"}, "e")
+    plain = WorkerConfig(entrypoint="train.py", args=(), nproc=3)
+    env = worker_env(plain, assignment(), 2, {"CUDA_VISIBLE_DEVICES": "4,6"}, "e")
+    assert (env["LOCAL_RANK"], env["CUDA_VISIBLE_DEVICES"]) == ("2", "4,6")
+    assert "CUDA_VISIBLE_DEVICES" not in worker_env(plain, assignment(), 2, {}, "e")
+
+
+def test_a_virtual_local_rank_without_a_device_fails_start_before_any_worker_runs(make_group, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    group, exits = make_group("hang.py", nproc=2, virtual_local_rank=True)
+    with pytest.raises(ConfigError, match="--virtual-local-rank"):
+        group.start(assignment())
+    assert group.pids == [] and not group.running and exits.items == []
+
+
+@pytest.fixture
+def grpc_env(monkeypatch):
+    """GRPC_ENABLE_FORK_SUPPORT absent and not marked as the agent's own; restored afterwards."""
+    name = "GRPC_ENABLE_FORK_SUPPORT"
+    was_own = name in config._AGENT_OWN_ENV
+    monkeypatch.delenv(name, raising=False)
+    config._AGENT_OWN_ENV.discard(name)
+    yield name
+    config._AGENT_OWN_ENV.discard(name)
+    if was_own:
+        config._AGENT_OWN_ENV.add(name)
+
+
+@pytest.mark.parametrize("user_value", [None, "true"])
+def test_what_the_agent_set_for_itself_is_not_inherited(make_group, tmp_path, monkeypatch, grpc_env, user_value):
+    if user_value is not None:
+        monkeypatch.setenv(grpc_env, user_value)
+    config.set_agent_env(grpc_env, "false")
+    assert os.environ[grpc_env] == (user_value or "false")
+    out = tmp_path / "out"
+    out.mkdir()
+    group, exits = make_group("record_env.py", str(out))
+    group.start(assignment())
+    exits.wait()
+    assert json.loads((out / "env_4.json").read_text())["env"].get(grpc_env) == user_value
 
 
 @pytest.mark.torch
@@ -182,8 +239,9 @@ def test_worker_env_keys_match_a_real_torchrun(tmp_path):
                    capture_output=True)
     theirs = json.loads((out / "env_1.json").read_text())["env"]
     ours = worker_env(WorkerConfig(entrypoint="x", args=(), nproc=2), assignment(), 1, base, "e")
-    agent_only = {"TORCHELASTIC_SIGNALS_TO_HANDLE"}  # set in torchrun's own environment, not per worker
-    assert set(theirs) - set(base) - agent_only == set(ours) - set(base) - {"ETCD_AGENT_ROUND"}
+    assert set(theirs) - set(base) == set(ours) - set(base) - {"ETCD_AGENT_ROUND"}
+    shared = {"ROLE_NAME", "TORCHELASTIC_SIGNALS_TO_HANDLE", "LOCAL_RANK", "OMP_NUM_THREADS", "LOCAL_WORLD_SIZE"}
+    assert {k: theirs[k] for k in shared} == {k: ours[k] for k in shared}
 
 
 # -- start and exits ---------------------------------------------------------------------------------------------
@@ -208,7 +266,7 @@ def test_start_runs_every_worker_with_its_environment(make_group, tmp_path):
         assert facts["env"]["ETCD_AGENT_ROUND"] == "3"
         d = rank_dir(tmp_path, e.rank)
         assert facts["env"]["TORCHELASTIC_ERROR_FILE"] == str(d / "error.json")
-        assert (d / "stdout.log").read_text() == f"recorded rank {e.rank}\n"
+        assert not (d / "stdout.log").exists()  # stdout went to the console, as under torchrun
         assert (d / "stderr.log").read_text() == ""
 
 
@@ -338,24 +396,177 @@ def test_an_unwritable_log_dir_fails_start_before_any_worker_runs(tmp_path):
     group.stop("nothing to stop")
 
 
-# -- tee, commands -----------------------------------------------------------------------------------------------
+# -- output: torchrun's routing -----------------------------------------------------------------------------------
+
+ECHO_OUT = "hello stdout\nsecond line\nno newline at end"
 
 
-def test_tee_prefixes_console_lines_and_keeps_plain_logs(make_group, tmp_path, capsys):
-    group, exits = make_group("echo.py", tee=True, nproc=2)
+def run_to_end(group, exits) -> list[WorkerExit]:
     group.start(assignment())
-    exits.wait()
-    group.stop("done")  # joins the tee threads
-    out, err = capsys.readouterr()
-    assert all(line.startswith("[rank ") for line in (out + err).splitlines())
+    done = exits.wait()
+    group.stop("done")  # joins the pumps: everything is on the console and in the files now
+    return done
+
+
+def lines_of(text: str, prefix: str) -> list[str]:
+    """The console lines with ``prefix`` (lines of different workers interleave; each line stays whole)."""
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+def test_route_is_torchruns_reify():
+    assert route(0, 0, True) == (Dest.CONSOLE, Dest.CONSOLE)
+    assert route(3, 0, True) == (Dest.FILE, Dest.FILE)
+    assert route(0, 3, True) == (Dest.TEE, Dest.TEE)
+    assert route(2, 1, True) == (Dest.TEE, Dest.FILE)  # the effective redirect is redirects | tee
+    assert route(0, 1, True) == (Dest.TEE, Dest.CONSOLE)
+    assert route(0, 0, False) == (Dest.NULL, Dest.NULL)  # a rank outside --local-ranks-filter
+    assert route(1, 2, False) == (Dest.FILE, Dest.FILE)  # teed streams go to the file only
+    assert line_prefix("trainer", 1, 5) == "[trainer1]:"
+    assert line_prefix("trainer", 1, 5, "<${role_name}|${rank}|${local_rank}|${other}> ") == "<trainer|5|1|${other}> "
+
+
+def test_default_output_reaches_the_console_unprefixed(make_group, tmp_path, capfd):
+    group, exits = make_group("echo.py")
+    run_to_end(group, exits)
+    out, err = capfd.readouterr()
+    assert (out, err) == (ECHO_OUT, "hello stderr\n")
+    d = rank_dir(tmp_path, 4)
+    assert not (d / "stdout.log").exists()
+    assert (d / "stderr.log").read_text() == "hello stderr\n"  # kept for failure reports
+
+
+def test_default_stderr_is_kept_for_the_failure_report(make_group, capfd):
+    group, exits = make_group("exit_code.py", "3")
+    (ex,) = run_to_end(group, exits)
+    _, err = capfd.readouterr()
+    assert err == "".join(f"stderr line {i}\n" for i in range(30)) + "about to end with 3\n"
+    report = group.failure_report(ex)
+    tail = report["stderr_tail"].splitlines()
+    assert len(tail) == 20 and tail[0] == "stderr line 11" and tail[-1] == "about to end with 3"
+    assert report["message"].endswith("about to end with 3")
+
+
+def test_redirects_keep_the_console_clean(make_group, tmp_path, capfd):
+    group, exits = make_group("echo.py", nproc=2, redirects=StdSpec(3))
+    run_to_end(group, exits)
+    assert capfd.readouterr() == ("", "")
     for rank in (4, 5):
-        prefix = f"[rank {rank}]: "  # lines of the two workers interleave; each line stays whole
-        assert [line for line in out.splitlines() if line.startswith(prefix)] == [
-            prefix + "hello stdout", prefix + "second line", prefix + "no newline at end"]
-        assert [line for line in err.splitlines() if line.startswith(prefix)] == [prefix + "hello stderr"]
         d = rank_dir(tmp_path, rank)
-        assert (d / "stdout.log").read_text() == "hello stdout\nsecond line\nno newline at end"
+        assert (d / "stdout.log").read_text() == ECHO_OUT
         assert (d / "stderr.log").read_text() == "hello stderr\n"
+
+
+def test_tee_prefixes_console_lines_and_keeps_plain_logs(make_group, tmp_path, capfd):
+    group, exits = make_group("echo.py", nproc=2, tee=StdSpec(3))
+    run_to_end(group, exits)
+    out, err = capfd.readouterr()
+    assert all(line.startswith(("[default0]:", "[default1]:")) for line in (out + err).splitlines())
+    for local_rank in (0, 1):
+        prefix = f"[default{local_rank}]:"  # torchrun's header: no space after the colon
+        assert lines_of(out, prefix) == [prefix + line for line in ECHO_OUT.splitlines()]
+        assert lines_of(err, prefix) == [prefix + "hello stderr"]
+        d = rank_dir(tmp_path, 4 + local_rank)
+        assert (d / "stdout.log").read_text() == ECHO_OUT
+        assert (d / "stderr.log").read_text() == "hello stderr\n"
+
+
+def test_a_per_rank_map(make_group, tmp_path, capfd):
+    group, exits = make_group("echo.py", nproc=2, tee=StdSpec.parse("0:3,1:1", "--tee"),
+                              redirects=StdSpec.parse("1:2", "--redirects"))
+    run_to_end(group, exits)
+    out, err = capfd.readouterr()
+    assert sorted(out.splitlines()) == sorted(f"[default{r}]:{line}" for r in (0, 1) for line in ECHO_OUT.splitlines())
+    assert err == "[default0]:hello stderr\n"  # rank 1's stderr is redirected: its file only
+    for rank in (4, 5):
+        assert (rank_dir(tmp_path, rank) / "stdout.log").read_text() == ECHO_OUT
+        assert (rank_dir(tmp_path, rank) / "stderr.log").read_text() == "hello stderr\n"
+
+
+def test_role_names_the_prefix_and_the_environment(make_group, tmp_path, capfd):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    group, exits = make_group("record_env.py", str(out_dir), role="trainer", tee=StdSpec(1))
+    run_to_end(group, exits)
+    assert capfd.readouterr().out == "[trainer0]:recorded rank 4\n"
+    assert json.loads((out_dir / "env_4.json").read_text())["env"]["ROLE_NAME"] == "trainer"
+
+
+def test_the_prefix_template_of_torchrun(make_group, capfd, monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[${role_name}-${rank}-${local_rank}] ")
+    group, exits = make_group("echo.py", tee=StdSpec(2))
+    run_to_end(group, exits)
+    assert capfd.readouterr() == (ECHO_OUT, "[default-4-0] hello stderr\n")
+
+
+@pytest.mark.parametrize("tee", [StdSpec(3), StdSpec()])
+def test_local_ranks_filter_hides_other_ranks_from_the_console(make_group, tmp_path, capfd, tee):
+    group, exits = make_group("echo.py", nproc=2, tee=tee, local_ranks_filter=frozenset({0}))
+    run_to_end(group, exits)
+    out, err = capfd.readouterr()
+    prefix = "[default0]:" if tee.value else ""
+    assert out.splitlines() == [prefix + line for line in ECHO_OUT.splitlines()]
+    assert err == prefix + "hello stderr\n"
+    hidden = rank_dir(tmp_path, 5)
+    assert (hidden / "stderr.log").read_text() == "hello stderr\n"
+    if tee.value:
+        assert (hidden / "stdout.log").read_text() == ECHO_OUT  # teed: the file only
+    else:
+        assert not (hidden / "stdout.log").exists()  # a console stream: /dev/null, as in torchrun
+
+
+def test_duplicate_filters_copy_matching_teed_lines(make_group, tmp_path, capfd):
+    group, exits = make_group("echo.py", nproc=3, tee=StdSpec(3), local_ranks_filter=frozenset({0, 1}),
+                              duplicate_stdout_filters=("second", "no newline"))
+    run_to_end(group, exits)
+    round_dir = rank_dir(tmp_path, 4).parent
+    filtered = (round_dir / "filtered_stdout.log").read_text()
+    assert sorted(filtered.splitlines()) == [  # the shown ranks' teed lines only, with their headers
+        "[default0]:no newline at end", "[default0]:second line", "[default1]:no newline at end",
+        "[default1]:second line"]
+    assert not (round_dir / "filtered_stderr.log").exists()
+    assert len(capfd.readouterr().out.splitlines()) == 6
+
+
+def test_duplicate_filters_without_tee_leave_an_empty_file(make_group, tmp_path, capfd):
+    group, exits = make_group("echo.py", duplicate_stderr_filters=("hello",))
+    run_to_end(group, exits)
+    assert (rank_dir(tmp_path, 4).parent / "filtered_stderr.log").read_text() == ""  # torchrun creates it too
+    assert capfd.readouterr() == (ECHO_OUT, "hello stderr\n")
+
+
+def read_until(fd: int, wanted: bytes, timeout: float) -> bytes:
+    """Read ``fd`` until ``wanted`` was seen (or end of file, or the timeout); returns all that was read."""
+    data, deadline = b"", time.monotonic() + timeout
+    while wanted not in data and (remaining := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], remaining)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_progress_bar_reaches_the_console_before_the_worker_ends(mailbox, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    agent = subprocess.Popen([sys.executable, str(WORKERS / "console_agent.py"), str(tmp_path / "logs"),
+                              str(WORKERS / "progress_bar.py")], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        conn, _ = mailbox.sock.accept()  # the worker drew its bar and now waits until we close this
+        with conn:
+            seen = read_until(agent.stderr.fileno(), b"\r", TIMEOUT)
+            assert seen == b"progress 50%\r", "a chunk without a newline did not reach the console at once"
+        out, err = agent.communicate(timeout=TIMEOUT)
+        assert (agent.returncode, out, err) == (0, b"", b"progress 100%\n")
+        log = tmp_path / "logs" / "console" / "job_0001" / "stub" / "round_0000" / "rank_0" / "stderr.log"
+        assert log.read_bytes() == b"progress 50%\rprogress 100%\n"
+    finally:
+        agent.kill()
+        agent.wait(TIMEOUT)
+
+
+# -- commands ----------------------------------------------------------------------------------------------
 
 
 def test_module_entrypoint(make_group, tmp_path, monkeypatch):
