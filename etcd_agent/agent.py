@@ -22,7 +22,7 @@ from . import txns
 from .config import AgentConfig
 from .errors import BadKeyData, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SessionLost
 from .etcd import Etcd
-from .keys import Keys
+from .keys import Keys, RunKeys
 from .rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
                          Wait, WriteExit, decide, how_it_ended)
 from .session import Session, fence_margin
@@ -55,14 +55,15 @@ class Agent:
     def __init__(self, cfg: AgentConfig, version: str = ""):
         self.cfg = cfg
         self.version = version
-        self.keys = Keys(cfg.root, cfg.run_id)
+        self.run_keys = RunKeys(cfg.root, cfg.run_id)
+        self.keys: Keys | None = None  # the keys of this agent's job of the run: known once _start found it
         self.params = Params(cfg.spec.min_nodes, cfg.spec.max_nodes, cfg.spec.max_restarts, cfg.last_call,
                              cfg.join_timeout, cfg.scale_settle)
         self.shutdown = threading.Event()
         # Retries stop as soon as the session is lost: the main loop must get back to fencing.
         self.etcd = Etcd(cfg.etcd, self.shutdown,
                          interrupt=lambda: self.session is not None and self.session.lost.is_set())
-        self.mirror = Mirror(self.keys)
+        self.mirror: Mirror | None = None  # of self.keys.prefix, from _start on
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe from a signal handler
         self.state = State.STARTING
         self.session: Session | None = None
@@ -102,7 +103,8 @@ class Agent:
         try:
             version = self.etcd.status()
             log.info("connected to etcd %s at %s", version, self.etcd.endpoints_text)
-            txns.init_job(self.etcd, self.keys, self.cfg.spec, time.time())
+            self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time())
+            self.mirror = Mirror(self.keys)
             self._new_session()
             kvs, rev = self.etcd.get_prefix(self.keys.prefix)
         except EtcdUnavailable as exc:
@@ -110,7 +112,8 @@ class Agent:
         self.mirror.reset(kvs, rev)
         self.watch = Watch(self.etcd, self.keys.prefix, rev + 1, lambda d: self.events.put(("watch", d)),
                            probe_interval=max(0.5, self.cfg.lease_ttl / 5), name=f"watch-{self.cfg.node_id}").start()
-        self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} (lease {self.session.lease_id:x})")
+        self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} in job {self.keys.gen} of the run "
+                    f"(lease {self.session.lease_id:x})")
 
     def _new_session(self, stale_lease: int = 0) -> None:
         session = Session(self.etcd, self.cfg.lease_ttl, lambda why: self._session_lost(session, why))
@@ -122,6 +125,12 @@ class Agent:
         info = {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
                 "pid": os.getpid(), "version": self.version, "nproc": self.cfg.workers.nproc,
                 "lease": f"{self.session.lease_id:x}", "started": time.time()}
+        if self.cfg.node_rank is not None:
+            # Before registering: a node refused for its rank never shows up in the registry, so a running job
+            # never scales up (or restarts) for it. Waits out a holder whose lease is ending.
+            claim = {k: info[k] for k in ("node", "host", "pid", "lease")} | {"rank": self.cfg.node_rank}
+            txns.claim_node_rank(self.etcd, self.keys, self.cfg.node_rank, claim, self.session.lease_id,
+                                 wait=self.cfg.lease_ttl + 1.0)
         txns.register(self.etcd, self.keys, self.cfg.node_id, info, self.session.lease_id)
 
     def _cleanup(self) -> None:
@@ -279,11 +288,13 @@ class Agent:
             self.mirror.reset(kvs, rev)
 
     def _join_info(self, view: View) -> dict:
-        """This node's join record; ``prev_rank`` is its group rank in the newest earlier plan, if it was in it."""
+        """This node's join record; ``prev_rank`` is its group rank in the newest earlier plan, if it was in it;
+        ``node_rank``, ``master_addr`` and ``master_port`` are the static-rendezvous flags (null when not given)."""
         before = view.last_plan.member(self.cfg.node_id) if view.last_plan else None
         return {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
                 "port": master_port(self.cfg.address), "nproc": self.cfg.workers.nproc,
-                "prev_rank": before.group_rank if before else None}
+                "prev_rank": before.group_rank if before else None, "node_rank": self.cfg.node_rank,
+                "master_addr": self.cfg.master_addr, "master_port": self.cfg.master_port}
 
     # --- workers -------------------------------------------------------------------------------------------
     def _start_workers(self, a: StartWorkers) -> None:
@@ -292,7 +303,7 @@ class Agent:
                                 group_world_size=len(plan.members), rank_offset=m.rank_offset,
                                 world_size=plan.world_size, master_addr=plan.master_addr,
                                 master_port=plan.master_port, restart_count=plan.restart_count,
-                                max_restarts=plan.max_restarts)
+                                max_restarts=plan.max_restarts, job=self.keys.gen)
         self.group = WorkerGroup(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
                                  node_id=self.cfg.node_id)
         self._exits: dict[int, WorkerExit] = {}
@@ -343,11 +354,13 @@ class Agent:
         return None
 
     def _stop_workers(self, why: str) -> None:
+        # Leaving on a --signals-to-handle signal forwards that signal, as torchrun does; otherwise SIGTERM.
+        sig = self.signalled or signal.SIGTERM
         if self.group is not None and self.local.workers_running:
             self._set(workers_running=False)
-            self.group.stop(why)
+            self.group.stop(why, sig=sig)
         elif self.group is not None:
-            self.group.stop(why)  # reaps anything a finished worker left behind
+            self.group.stop(why, sig=sig)  # reaps anything a finished worker left behind
 
     def _session_lost(self, session: Session, why: str) -> None:
         """On the keepalive thread, the moment the session is declared lost: the main loop may be blocked in an
@@ -407,12 +420,13 @@ def master_port(host: str) -> int:
         return free_port("0.0.0.0")
 
 
-def install_signal_handlers(agent: Agent) -> None:
-    """SIGTERM/SIGINT: stop the workers, revoke the lease, exit non-zero (from the main thread's loop)."""
+def install_signal_handlers(agent: Agent, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """``--signals-to-handle`` (torchrun's default SIGTERM, SIGINT, SIGHUP, SIGQUIT): stop the workers with that
+    same signal, revoke the lease, exit 128+N (from the main thread's loop)."""
     def handler(signum, _frame):
         agent.signalled = signum
         agent.events.put(("signal", signum))  # SimpleQueue.put is safe here
         # Event.set takes a lock the interrupted main thread may hold: set it from a thread of its own.
         threading.Thread(target=agent.shutdown.set, name="shutdown", daemon=True).start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals:
         signal.signal(sig, handler)

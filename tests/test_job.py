@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from agents import AgentProc, job_keys, records, start_agents, wait_all, wait_for_key, wait_records
+from agents import ROOT, AgentProc, job_keys, keys_of, records, start_agents, wait_all, wait_for_key, wait_records
+from etcd_agent.keys import RunKeys
 
 TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
                  "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
@@ -33,7 +34,7 @@ def test_job_succeeds_with_torchrun_environment(n, etcd_endpoint, run_id, tmp_pa
     assert len({(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs}) == 1
     keys = job_keys(etcd_endpoint, run_id)
     assert all(v["v"] == 1 for v in keys.values())
-    result = keys[f"/etcd-agent/{run_id}/result"]
+    result = keys[keys_of(run_id).result()]
     assert result["outcome"] == "succeeded" and result["round"] == 1
     assert not any("/nodes/" in k or "/join/" in k for k in keys), "leased keys outlived their agents"
 
@@ -48,13 +49,13 @@ def test_one_worker_failure_restarts_every_node_once(etcd_endpoint, run_id, tmp_
     assert len(second) == 6
     assert {e["TORCHELASTIC_RESTART_COUNT"] for e in second} == {"1"}
     keys = job_keys(etcd_endpoint, run_id)
-    assert keys[f"/etcd-agent/{run_id}/restarts"]["used"] == 1
-    reports = [v for k, v in keys.items() if "/r/00000001/failures/" in k]
+    assert keys[keys_of(run_id).restarts()]["used"] == 1
+    reports = [v for k, v in keys.items() if k.startswith(keys_of(run_id).failures(1))]
     assert len(reports) == 1, "only the failing node reports; stopped workers are not failures"
     failure = reports[0]
     assert failure["rank"] == 3 and failure["exitcode"] == 3
     assert "rank 3 fails in round 1" in failure["message"]
-    assert keys[f"/etcd-agent/{run_id}/result"]["outcome"] == "succeeded"
+    assert keys[keys_of(run_id).result()]["outcome"] == "succeeded"
 
 
 def test_restart_budget_exhausted_fails_every_agent_with_root_cause(etcd_endpoint, run_id, tmp_path):
@@ -67,10 +68,10 @@ def test_restart_budget_exhausted_fails_every_agent_with_root_cause(etcd_endpoin
         assert "root cause: rank 2 on node-" in err and "(exit code 3)" in err and "rank 2 always fails" in err
         assert "Traceback" not in err
     keys = job_keys(etcd_endpoint, run_id)
-    result = keys[f"/etcd-agent/{run_id}/result"]
+    result = keys[keys_of(run_id).result()]
     assert result["outcome"] == "failed" and result["round"] == 3
     assert result["root_cause"]["rank"] == 2 and result["root_cause"]["exitcode"] == 3
-    assert keys[f"/etcd-agent/{run_id}/restarts"] == {"v": 1, "used": 2, "max": 2}
+    assert keys[keys_of(run_id).restarts()] == {"v": 1, "used": 2, "max": 2}
 
 
 def test_exit_barrier_waits_for_every_node(etcd_endpoint, run_id, tmp_path):
@@ -81,7 +82,7 @@ def test_exit_barrier_waits_for_every_node(etcd_endpoint, run_id, tmp_path):
     slow = AgentProc(etcd_endpoint, run_id, "node-1", tmp_path, [str(out), "--hold", str(hold)], nnodes="2", nproc=2)
     agents = [fast, slow]
     # node-0's workers finish at once: wait for its exit key through a watch.
-    wait_for_key(etcd_endpoint, f"/etcd-agent/{run_id}/r/00000001/exit/node-0")
+    wait_for_key(etcd_endpoint, keys_of(run_id).exit(1, "node-0"))
     assert fast.proc.poll() is None, "node-0 left before node-1 finished"
     hold.touch()
     assert wait_all(agents) == [0, 0]
@@ -128,8 +129,10 @@ def test_unreachable_endpoint_fails_with_one_clear_line(tmp_path):
     from etcd_agent.standalone import free_port
 
     endpoint = f"127.0.0.1:{free_port()}"
+    script = tmp_path / "train.py"
+    script.write_text("")
     proc = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", "x",
-                           "--etcd-timeout", "1", "--log-level", "ERROR", "train.py"],
+                           "--etcd-timeout", "1", "--log-level", "ERROR", str(script)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert f"--etcd-endpoints {endpoint}: cannot reach etcd" in proc.stderr and "Traceback" not in proc.stderr
@@ -142,7 +145,7 @@ def test_status_and_stop_subcommands(etcd_endpoint, run_id, tmp_path):
 
     release = tmp_path / "release"
     agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)])
-    wait_for_key(etcd_endpoint, f"/etcd-agent/{run_id}/r/00000001/plan")
+    wait_for_key(etcd_endpoint, keys_of(run_id).plan(1))
     base = [sys.executable, "-m", "etcd_agent"]
     ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
     status = subprocess.run(base + ["status", *ep, "--json"], capture_output=True, text=True, timeout=30)
@@ -150,34 +153,79 @@ def test_status_and_stop_subcommands(etcd_endpoint, run_id, tmp_path):
     state = json.loads(status.stdout)
     assert state["round"]["phase"] == "running" and sorted(state["nodes"]) == ["node-0", "node-1"]
     assert state["plan"]["world_size"] == 4
+    assert state["generation"] == 1 and not state["ended"] and state["earlier"] == []
     text = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
-    assert "round 1: running" in text and "group rank 0" in text
+    assert f"run {run_id}, job 1 " in text and text.splitlines()[0].endswith(": running")
+    assert "round 1: running" in text and "group rank 0" in text and "earlier job" not in text
     stop = subprocess.run(base + ["stop", *ep, "--reason", "maintenance"], capture_output=True, text=True,
                           timeout=30)
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert wait_all(agents) == [1, 1]
     assert all("stopped: maintenance" in a.stderr() for a in agents)
-    result = job_keys(etcd_endpoint, run_id)[f"/etcd-agent/{run_id}/result"]
+    result = job_keys(etcd_endpoint, run_id)[keys_of(run_id).result()]
     assert result["outcome"] == "stopped"
     again = subprocess.run(base + ["stop", *ep], capture_output=True, text=True, timeout=30)
     assert again.returncode == 1 and "already ended" in again.stdout
     missing = subprocess.run(base + ["status", "--etcd-endpoints", etcd_endpoint, "--run-id", "no-such-job"],
                              capture_output=True, text=True, timeout=30)
-    assert missing.returncode == 2 and "no job under /etcd-agent/no-such-job/" in missing.stderr
+    assert missing.returncode == 2 and f"no job under {RunKeys(ROOT, 'no-such-job').prefix}" in missing.stderr
 
 
-def test_a_finished_run_id_is_refused(etcd_endpoint, run_id, tmp_path):
-    agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, [], nproc=1)
-    assert wait_all(agents) == [0]
-    again = AgentProc(etcd_endpoint, run_id, "node-9", tmp_path, [str(out)], nproc=1)
-    assert again.wait(30) == 2
-    assert "already ended (succeeded" in again.stderr() and "another --run-id" in again.stderr()
+def _status(endpoint: str, run_id: str, *flags: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", endpoint, "--run-id",
+                           run_id, *flags], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_finished_run_id_runs_again_as_a_new_job(etcd_endpoint, run_id, tmp_path):
+    import json
+
+    first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--always-fail-rank", "0"], nproc=1)
+    assert wait_all(first) == [1]
+    again, out = start_agents(1, etcd_endpoint, run_id, tmp_path, [], nproc=1)
+    assert wait_all(again) == [0], again[0].stderr()[-3000:]
+    err = again[0].stderr()
+    assert f"run {run_id} ended (failed: " in err and f"as job 1; starting job 2 of run {run_id}" in err, err[-3000:]
+    assert sorted(records(out)) == [(1, 0)]
+    gen1, gen2 = job_keys(etcd_endpoint, run_id, gen=1), job_keys(etcd_endpoint, run_id)
+    assert gen1[keys_of(run_id, 1).result()]["outcome"] == "failed", "the first job's record stays readable"
+    assert gen1[keys_of(run_id, 1).result()]["root_cause"]["rank"] == 0
+    assert gen2[keys_of(run_id, 2).result()]["outcome"] == "succeeded"
+    assert gen2[keys_of(run_id, 2).restarts()]["used"] == 0 and gen2[keys_of(run_id, 2).plan(1)]["round"] == 1
+    state = json.loads(_status(etcd_endpoint, run_id, "--json"))
+    assert state["generation"] == 2 and state["ended"] and state["result"]["outcome"] == "succeeded"
+    assert [(e["generation"], e["result"]["outcome"]) for e in state["earlier"]] == [(1, "failed")]
+    text = _status(etcd_endpoint, run_id)
+    assert f"run {run_id}, job 2 " in text and "ended, succeeded" in text
+    assert "earlier job 1: failed in round 1: " in text, text
+
+
+def test_agents_re_running_a_finished_run_at_once_share_one_new_job(etcd_endpoint, run_id, tmp_path):
+    first, out = start_agents(2, etcd_endpoint, run_id, tmp_path, [])
+    assert wait_all(first) == [0, 0]
+    gen1_records = records(out)
+    again, out = start_agents(2, etcd_endpoint, run_id, tmp_path, [])  # the exact same command lines, together
+    assert wait_all(again) == [0, 0], [a.stderr()[-3000:] for a in again]
+    starters = [a.node for a in again if f"starting job 2 of run {run_id}" in a.stderr()]
+    assert len(starters) == 1, f"exactly one agent starts the new job, not {starters}"
+    recs = records(out)
+    assert sorted(recs) == [(1, 0), (1, 1), (1, 2), (1, 3)]
+    assert {r["pid"] for r in recs.values()}.isdisjoint(r["pid"] for r in gen1_records.values())
+    keys = job_keys(etcd_endpoint, run_id)
+    assert keys[keys_of(run_id, 2).result()]["outcome"] == "succeeded"
+    assert sorted(m["node"] for m in keys[keys_of(run_id, 2).plan(1)]["members"]) == ["node-0", "node-1"]
+    assert job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id, 1).result()]["outcome"] == "succeeded"
+    assert not job_keys(etcd_endpoint, run_id, gen=3), "no third job was started"
 
 
 def test_duplicate_node_id_is_refused(etcd_endpoint, run_id, tmp_path):
     release = tmp_path / "release"
     agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="1:2")
-    wait_for_key(etcd_endpoint, f"/etcd-agent/{run_id}/r/00000001/plan")
+    wait_for_key(etcd_endpoint, keys_of(run_id).plan(1))
     twin = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(out)], nnodes="1:2", nproc=2)
     assert twin.wait(30) == 2
     assert "--node-id node-0 is already registered by a live agent" in twin.stderr()
@@ -191,7 +239,7 @@ def test_bad_data_under_the_prefix_is_named_and_leaves_the_job_running(etcd_endp
     release = tmp_path / "release"
     agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="1")
     wait_records(out, {(1, 0), (1, 1)}, agents)
-    key = f"/etcd-agent/{run_id}/round"
+    key = keys_of(run_id).round()
     good = etcdctl("get", key, "--print-value-only").stdout.strip()
     etcdctl("put", key, "this is not json")
     poll_until(lambda: f"bad data in etcd key {key}: not JSON" in agents[0].stderr(), 15, "the bad key was not named")
@@ -217,6 +265,6 @@ def test_standalone_runs_a_job_on_a_private_etcd_and_removes_it(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(records(out)) == [(1, 0), (1, 1)]
-    data_dir = re.search(r"standalone etcd serving at \S+ \(data in (\S+),", proc.stderr).group(1)
+    data_dir = re.search(r"embedded etcd serving at \S+ \(data in (\S+),", proc.stderr).group(1)
     assert not os.path.exists(data_dir), "the private etcd's data directory outlived the agent"
     assert not [p for p in psutil.process_iter(["cmdline"]) if data_dir in " ".join(p.info["cmdline"] or [])]
