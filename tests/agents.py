@@ -14,25 +14,19 @@ from etcd_agent.keys import Keys, RunKeys
 
 WORKERS = Path(__file__).parent / "workers"
 JOB = str(WORKERS / "job.py")
-STARTED: list["AgentProc"] = []  # every agent a test started, killed at teardown if still running
+STARTED: list["CommandLine"] = []  # every agent a test started, killed at teardown if still running
 
 
-class AgentProc:
-    """One ``python -m etcd_agent`` process with its output captured to files."""
+class CommandLine:
+    """One ``python -m etcd_agent ARGV`` process, as a user would type it, with its output captured to files."""
 
-    def __init__(self, endpoint: str, run_id: str, node: str, workdir: Path, worker_args: list[str],
-                 nnodes: str = "1", nproc: int = 1, extra: list[str] = (), entry: str = JOB):
+    def __init__(self, argv: list[str], workdir: Path, node: str, cwd: Path | None = None):
         self.node = node
         name = f"agent-{node}-{len(STARTED)}"  # two agents with one node id keep separate files
-        self.out = open(workdir / f"{name}.out", "w+")
-        self.err_path = workdir / f"{name}.err"
-        self.err = open(self.err_path, "w+")
-        args = [sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", run_id,
-                "--node-id", node, "--nnodes", nnodes, "--nproc-per-node", str(nproc), "--local-addr", "127.0.0.1",
-                "--log-dir", str(workdir / "logs"), "--stop-timeout", "3", "--last-call", "1", *extra, entry,
-                *worker_args]
-        self.proc = subprocess.Popen(args, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.out_path, self.err_path = workdir / f"{name}.out", workdir / f"{name}.err"
+        self.out, self.err = open(self.out_path, "w+"), open(self.err_path, "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "etcd_agent", *argv], stdout=self.out, stderr=self.err,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
         self.started = time.monotonic()
         STARTED.append(self)
 
@@ -40,9 +34,12 @@ class AgentProc:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
             raise AssertionError(f"agent {self.node} did not exit within {timeout} s:\n{self.stderr()[-4000:]}")
+
+    def stdout(self) -> str:
+        self.out.flush()
+        return self.out_path.read_text()
 
     def stderr(self) -> str:
         self.err.flush()
@@ -52,6 +49,17 @@ class AgentProc:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+class AgentProc(CommandLine):
+    """An agent of a test job: the etcd, run id, node id and quick timings filled in."""
+
+    def __init__(self, endpoint: str, run_id: str, node: str, workdir: Path, worker_args: list[str],
+                 nnodes: str = "1", nproc: int = 1, extra: list[str] = (), entry: str = JOB):
+        super().__init__(["--etcd-endpoints", endpoint, "--run-id", run_id, "--node-id", node, "--nnodes", nnodes,
+                          "--nproc-per-node", str(nproc), "--local-addr", "127.0.0.1", "--log-dir",
+                          str(workdir / "logs"), "--stop-timeout", "3", "--last-call", "1", *extra, entry,
+                          *worker_args], workdir, node)
 
 
 def wait_all(agents: list[AgentProc], timeout: float = 60.0) -> list[int]:

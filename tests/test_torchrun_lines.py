@@ -5,46 +5,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import agents
-from agents import JOB, WORKERS, job_keys, poll_until, records
+from agents import JOB, WORKERS, CommandLine, job_keys, poll_until, records
 
 from etcd_agent.standalone import free_port
-
-
-class Line:
-    """One ``python -m etcd_agent ARGV`` process, as a user would type it; output captured to files."""
-
-    def __init__(self, argv: list[str], workdir: Path, name: str):
-        self.node = name
-        self.out_path, self.err_path = workdir / f"{name}.out", workdir / f"{name}.err"
-        self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "etcd_agent", *argv], stdout=self._out, stderr=self._err,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=workdir)
-        agents.STARTED.append(self)
-
-    def wait(self, timeout: float = 60.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"{self.node} did not exit within {timeout} s:\n{self.stderr()[-3000:]}")
-
-    def stdout(self) -> str:
-        self._out.flush()
-        return self.out_path.read_text()
-
-    def stderr(self) -> str:
-        self._err.flush()
-        return self.err_path.read_text()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def common(tmp_path: Path, node: str) -> list[str]:
@@ -61,7 +26,7 @@ def outdir(tmp_path: Path) -> Path:
 def test_a_multi_node_c10d_line_runs_with_etcd_endpoints_added(etcd_endpoint, run_id, tmp_path):
     out = outdir(tmp_path)
     c10d = f"127.0.0.1:{free_port()}"  # what the user's line names; nothing listens there
-    lines = [Line(["--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", c10d,
+    lines = [CommandLine(["--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", c10d,
                    "--rdzv_id", run_id, "--etcd-endpoints", etcd_endpoint, *common(tmp_path, f"n{i}"), JOB, str(out)],
                   tmp_path, f"n{i}") for i in range(2)]
     assert [line.wait() for line in lines] == [0, 0], lines[0].stderr()[-3000:]
@@ -73,7 +38,7 @@ def test_a_multi_node_c10d_line_runs_with_etcd_endpoints_added(etcd_endpoint, ru
 
 def test_an_etcd_v3_line_takes_etcd_from_rdzv_endpoint(etcd_endpoint, run_id, tmp_path):
     out = outdir(tmp_path)
-    lines = [Line(["--nnodes", "1:2", "--rdzv-backend", "etcd-v3", spelling, etcd_endpoint, "--rdzv-id", run_id,
+    lines = [CommandLine(["--nnodes", "1:2", "--rdzv-backend", "etcd-v3", spelling, etcd_endpoint, "--rdzv-id", run_id,
                    *common(tmp_path, f"n{i}"), JOB, str(out)], tmp_path, f"n{i}")
              for i, spelling in enumerate(["--rdzv-endpoint", "--rdzv_endpoint"])]
     assert [line.wait() for line in lines] == [0, 0], lines[0].stderr()[-3000:]
@@ -86,7 +51,7 @@ def test_a_slurm_static_line_pins_ranks_and_master(etcd_endpoint, tmp_path):
     static = ["--nnodes", "2", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
               "--etcd-endpoints", etcd_endpoint]
     # Rank 1 starts first: without the pin it would lead and take group rank 0.
-    lines = [Line([*static, "--node_rank", str(rank), *common(tmp_path, f"slurm-{rank}"), JOB, str(out)], tmp_path,
+    lines = [CommandLine([*static, "--node_rank", str(rank), *common(tmp_path, f"slurm-{rank}"), JOB, str(out)], tmp_path,
                   f"slurm-{rank}") for rank in (1, 0)]
     assert [line.wait() for line in lines] == [0, 0], lines[0].stderr()[-3000:]
     found = records(out)
@@ -105,10 +70,10 @@ def test_two_live_nodes_with_one_node_rank_is_a_clear_error(etcd_endpoint, run_i
     static = ["--nnodes", "2", "--node-rank", "0", "--etcd-endpoints", etcd_endpoint, "--rdzv-id", run_id,
               "--lease-ttl", "2"]
     out = outdir(tmp_path)
-    first = Line([*static, *common(tmp_path, "a"), JOB, str(out), "--hold", str(hold)], tmp_path, "a")
+    first = CommandLine([*static, *common(tmp_path, "a"), JOB, str(out), "--hold", str(hold)], tmp_path, "a")
     poll_until(lambda: any(k.endswith("/nodes/a") for k in job_keys_or_none(etcd_endpoint, run_id) or {}), 30,
                "node a did not register")
-    second = Line([*static, *common(tmp_path, "b"), JOB, str(out)], tmp_path, "b")
+    second = CommandLine([*static, *common(tmp_path, "b"), JOB, str(out)], tmp_path, "b")
     assert second.wait() == 2
     err = second.stderr()
     assert "--node-rank 0 is already taken by node a" in err and "Traceback" not in err
@@ -118,7 +83,7 @@ def test_two_live_nodes_with_one_node_rank_is_a_clear_error(etcd_endpoint, run_i
 
 def test_a_handled_signal_is_forwarded_to_the_workers(tmp_path):
     out = outdir(tmp_path)
-    line = Line(["--nproc-per-node", "2", "--signals-to-handle", "SIGTERM,SIGUSR1", *common(tmp_path, "sig"),
+    line = CommandLine(["--nproc-per-node", "2", "--signals-to-handle", "SIGTERM,SIGUSR1", *common(tmp_path, "sig"),
                  str(WORKERS / "signal_recorder.py"), str(out)], tmp_path, "sig")
     poll_until(lambda: all((out / f"ready-{r}").exists() for r in (0, 1)), 30, "the workers did not start")
     line.proc.send_signal(signal.SIGUSR1)
@@ -130,7 +95,7 @@ def test_a_missing_entrypoint_is_refused_before_anything_starts(etcd_endpoint, r
     for argv, message in ((["nope.py"], "training script 'nope.py' not found"),
                           (["-m", "no_such_module_xyz"], "no module named 'no_such_module_xyz'"),
                           (["--no-python", "no-such-program-xyz"], "'no-such-program-xyz' is not on PATH")):
-        line = Line(["--etcd-endpoints", etcd_endpoint, "--rdzv-id", run_id, "--max-restarts", "3", *argv],
+        line = CommandLine(["--etcd-endpoints", etcd_endpoint, "--rdzv-id", run_id, "--max-restarts", "3", *argv],
                     tmp_path, "missing")
         assert line.wait() == 2
         err = line.stderr().strip()
@@ -146,7 +111,7 @@ def job_keys_or_none(endpoint: str, run_id: str):
 
 
 def test_one_node_output_reaches_the_console_by_default(tmp_path):
-    line = Line(["--nproc-per-node", "2", *common(tmp_path, "console"), str(WORKERS / "echo.py")], tmp_path, "console")
+    line = CommandLine(["--nproc-per-node", "2", *common(tmp_path, "console"), str(WORKERS / "echo.py")], tmp_path, "console")
     assert line.wait() == 0, line.stderr()[-3000:]
     assert line.stdout().count("hello stdout\n") == 2 and "[default" not in line.stdout()
     assert line.stderr().count("hello stderr\n") == 2
