@@ -358,9 +358,6 @@ def default_node_id() -> str:
 
 
 def default_address() -> str:
-    """The address peers reach this node at: the FQDN's address when it resolves, else the host name."""
-    name = socket.getfqdn() or socket.gethostname()
-    try:
-        return socket.gethostbyname(name)
-    except OSError:
-        return name
+    """The address peers (and workers, as MASTER_ADDR of group rank 0) reach this node at when --local-addr is not
+    given: the fully qualified host name, as torchrun's rendezvous uses (``socket.getfqdn(socket.gethostname())``)."""
+    return socket.getfqdn(socket.gethostname()) or socket.gethostname()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Callable
+from typing import Callable
 
 from .errors import ConfigError
 
@@ -33,12 +33,26 @@ def comma_separated_list(value: str) -> list[str]:
     return [item.replace(placeholder, ",") for item in value.replace(",,", placeholder).split(",")]
 
 
-def _check_default(env_name: str, value: Any, type_: Callable | None, flag: str) -> None:
-    if isinstance(value, str) and type_ is not None:
-        try:
-            type_(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"${env_name}={value!r}: not a valid value for {flag} ({exc})") from exc
+class _FromEnv:
+    """The ``type`` of a flag whose default came from its environment variable: the variable's value is checked
+    only when it is used (argparse converts a string default only when the flag is not given, as torch does), and
+    a bad one is an error naming the variable."""
+
+    def __init__(self, type_: Callable | None, env_name: str, raw: str, choices, flag: str):
+        self.type, self.env_name, self.raw, self.choices, self.flag = type_, env_name, raw, choices, flag
+        self.__name__ = getattr(type_, "__name__", "value")  # argparse names the type in its own messages
+
+    def __call__(self, value: str):
+        if value is self.raw:  # the default itself, not a value typed on the command line
+            if self.choices is not None and value not in self.choices:
+                raise argparse.ArgumentTypeError(f"${self.env_name}={value!r}: {self.flag} must be one of "
+                                                 f"{', '.join(self.choices)}")
+            try:
+                return self.type(value) if self.type else value
+            except (TypeError, ValueError) as exc:
+                raise argparse.ArgumentTypeError(f"${self.env_name}={value!r} is not a valid value for {self.flag} "
+                                                 f"({exc})") from exc
+        return self.type(value) if self.type else value
 
 
 class _Given(argparse.Action):
@@ -63,11 +77,8 @@ class Env(_Given):
         self.env_name = f"{env_prefix}{dest.upper()}"
         if self.env_name in os.environ:
             default = os.environ[self.env_name]
-            _check_default(self.env_name, default, kwargs.get("type"), option_strings[-1])
-            choices = kwargs.get("choices")
-            if choices is not None and default not in choices:
-                raise ConfigError(f"${self.env_name}={default!r}: {option_strings[-1]} must be one of "
-                                  f"{', '.join(choices)}")
+            kwargs["type"] = _FromEnv(kwargs.get("type"), self.env_name, default, kwargs.get("choices"),
+                                      option_strings[-1])
         if default:
             required = False
         super().__init__(option_strings, dest, default=default, required=required, **kwargs)
@@ -193,6 +204,8 @@ def _torchrun_flags(p: argparse.ArgumentParser) -> None:
                         "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT)")
     g.add_argument(*_both("--virtual-local-rank"), action=CheckEnv,
                    help="LOCAL_RANK=0 and one device per worker through CUDA_VISIBLE_DEVICES")
+    for action in g._group_actions:
+        action.torchrun = True  # see Parser
 
 
 def etcd_flags(p: argparse.ArgumentParser) -> None:
@@ -233,8 +246,21 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
                    help="agent log level (default INFO; env ETCD_AGENT_LOG_LEVEL)")
 
 
+class Parser(argparse.ArgumentParser):
+    """An abbreviation that torchrun's parser resolves (``--run-`` for ``--run-path``) resolves the same here, even
+    where etcd-agent's own flags (``--run-id``) would make it ambiguous."""
+
+    def _get_option_tuples(self, option_string):
+        found = super()._get_option_tuples(option_string)
+        if len(found) > 1:
+            torchrun = {id(t[0]): t for t in found if getattr(t[0], "torchrun", False)}
+            if len(torchrun) == 1:
+                return list(torchrun.values())
+        return found
+
+
 def build_parser(version: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="etcd-agent", description="Elastic launcher for multi-node PyTorch jobs, coordinated through etcd v3; "
         "takes torchrun's command line. Subcommands: 'etcd-agent status ...' and 'etcd-agent stop ...'.")
     _torchrun_flags(p)

@@ -8,9 +8,11 @@ The rules (the README's "Coming from torchrun" documents them for users):
   is not used for coordination. Two sources naming different clusters are an error naming both.
 - No etcd endpoint: a one-node job (``--nnodes`` at most 1, or ``--standalone``) runs on an embedded etcd; a
   multi-node job is refused with one line saying what to add.
-- The run id: ``--rdzv-id`` or ``--run-id`` (an error when they differ). Without one: the embedded etcd makes a
-  fresh id as torchrun does; a static line derives one from its master address and port; otherwise torchrun's
-  default ``none``.
+- The run id: ``--run-id`` (etcd-agent's) or ``--rdzv-id`` (an error when they differ). Where torchrun makes a
+  fresh uuid (``--standalone``; a one-node static line without endpoint or master port) a one-node job on the
+  embedded etcd does too, replacing ``--rdzv-id`` as torchrun does. Otherwise ``--rdzv-id``; without one a
+  multi-node static line derives an id from its master address and port (the same on every node, distinct per
+  job), and anything else gets torchrun's default ``none``.
 - Static lines (``--rdzv-backend static``, torchrun's default): a given ``--node-rank`` pins the group rank, a given
   ``--master-addr``/``--master-port`` become MASTER_ADDR/MASTER_PORT. Other backends ignore them with a note, as
   torchrun does.
@@ -174,17 +176,30 @@ def _missing_etcd(ns: argparse.Namespace, given: dict[str, str], hi: int) -> Con
                        "with --rdzv-endpoint HOST:2379")
 
 
-def _run_id(ns: argparse.Namespace, given: dict[str, str], embedded: bool, static_master: tuple | None) -> str:
+def _torchrun_makes_an_id(ns: argparse.Namespace, hi: int) -> bool:
+    """Where torchrun replaces the run id with a fresh uuid: ``--standalone``, and a one-node static line that
+    names no endpoint and no master port (torchrun switches it to a private c10d rendezvous)."""
+    return bool(ns.standalone or (ns.rdzv_backend == "static" and not ns.rdzv_endpoint and ns.master_port is None
+                                  and hi == 1))
+
+
+def _run_id(ns: argparse.Namespace, given: dict[str, str], embedded: bool, hi: int, static_master: tuple | None,
+            notes: list[str]) -> str:
     ours, theirs = ns.run_id, ns.rdzv_id if "rdzv_id" in given else None
     if ours and theirs and ours != theirs:
         raise ConfigError(f"{given.get('run_id', '--run-id')} {ours!r} and {given['rdzv_id']} {theirs!r} disagree; "
                           "give one")
-    if ours or theirs:
-        return ours or theirs
-    if embedded and static_master is None:
-        return str(uuid.uuid4())  # torchrun's one-node default: a c10d rendezvous with a fresh uuid
+    if ours:
+        return ours
+    if _torchrun_makes_an_id(ns, hi) and (embedded or not theirs):
+        if theirs:
+            notes.append(f"{given['rdzv_id']} {theirs} is replaced by a fresh run id, as torchrun does for this "
+                         "one-node line (--run-id keeps an id)")
+        return str(uuid.uuid4())
+    if theirs:
+        return theirs
     if static_master is not None and not embedded:
-        addr, port = static_master
+        addr, port = static_master  # the same on every node of the line, distinct for jobs sharing the etcd
         return re.sub(r"[^A-Za-z0-9_.-]", "-", f"static-{addr}-{port}").strip("-")[:128]
     return ns.rdzv_id  # torchrun's default, "none"
 
@@ -315,8 +330,8 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
                               "(--etcd-endpoints)")
         raise _missing_etcd(ns, given, hi)
     rank, master_addr, master_port = _static(ns, given, notes, multi=hi > 1)
-    run_id = _run_id(ns, given, embedded, None if master_addr is None and master_port is None
-                     else (master_addr or "any", master_port or "any"))
+    run_id = _run_id(ns, given, embedded, hi, None if master_addr is None and master_port is None
+                     else (master_addr or "any", master_port or "any"), notes)
     if run_id == "none" and not embedded:
         notes.append("no --rdzv-id given: using torchrun's default run id 'none'; jobs that share this etcd need "
                      "distinct --rdzv-id values")
@@ -335,7 +350,7 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         run_id=run_id, node_id=ns.node_id or default_node_id(),
         spec=JobSpec(lo, hi, ns.nproc_per_node.strip().lower(), ns.max_restarts), workers=workers,
         etcd=etcd_config(ns, *(endpoints or (EMBEDDED_ENDPOINT, "--etcd-endpoints")), lease_ttl=ns.lease_ttl),
-        root=ns.root, local_addr=ns.local_addr or ("127.0.0.1" if embedded else ""), lease_ttl=ns.lease_ttl,
+        root=ns.root, local_addr=ns.local_addr or "", lease_ttl=ns.lease_ttl,
         last_call=ns.last_call, join_timeout=ns.join_timeout, scale_settle=ns.scale_settle,
         worker_timeout=ns.worker_timeout, node_rank=rank, master_addr=master_addr, master_port=master_port,
         signals=signals)

@@ -45,7 +45,16 @@ def test_a_one_node_line_needs_no_etcd_flag(script):
     assert got.embedded and got.cfg.spec.min_nodes == got.cfg.spec.max_nodes == 1
     assert got.cfg.workers.nproc == 2 and got.cfg.workers.args == ("--lr", "3e-4")
     assert len(got.cfg.run_id) == 36  # a fresh uuid, as torchrun's one-node c10d default
-    assert launch("--rdzv-id", "job7", script).cfg.run_id == "job7"
+    assert got.cfg.local_addr == ""  # MASTER_ADDR is this host's name, as under torchrun
+
+
+def test_one_node_run_ids_follow_torchrun(script):
+    replaced = launch("--rdzv-id", "job7", script)  # torchrun replaces it with a uuid on this line
+    assert len(replaced.cfg.run_id) == 36 and [n for n in replaced.notes if "job7 is replaced" in n]
+    assert launch("--run-id", "job7", script).cfg.run_id == "job7"
+    assert launch("--rdzv-id", "job7", "--master-port", "29501", script).cfg.run_id == "job7"
+    assert launch("--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", script).cfg.run_id == "none"
+    assert launch("--nnodes", "1", "--etcd-endpoints", ETCD, "--rdzv-id", "job7", script).cfg.run_id == "job7"
 
 
 def test_a_multi_node_line_without_etcd_says_what_to_add(script):
@@ -108,15 +117,30 @@ def test_pet_variables_replace_defaults_and_flags_win(script, monkeypatch):
     assert launch("--nproc_per_node", "2", script).cfg.workers.nproc == 2
 
 
-def test_a_bad_pet_value_names_the_variable(script, monkeypatch):
+def refused(capsys, *argv: str) -> str:
+    """The one error line argparse prints for a bad value (after its usage line)."""
+    with pytest.raises(SystemExit) as info:
+        launch(*argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_bad_pet_value_names_the_variable(script, monkeypatch, capsys):
     monkeypatch.setenv("PET_MAX_RESTARTS", "three")
-    assert "$PET_MAX_RESTARTS='three'" in error(script)
+    assert "$PET_MAX_RESTARTS='three'" in refused(capsys, script)
+    assert launch("--max-restarts", "2", script).cfg.spec.max_restarts == 2  # the flag wins, as under torchrun
     monkeypatch.delenv("PET_MAX_RESTARTS")
-    monkeypatch.setenv("PET_STANDALONE", "yes")
-    assert "$PET_STANDALONE" in error(script)
-    monkeypatch.delenv("PET_STANDALONE")
     monkeypatch.setenv("PET_START_METHOD", "thread")
-    assert "$PET_START_METHOD" in error(script)
+    assert "$PET_START_METHOD='thread'" in refused(capsys, script)
+    monkeypatch.delenv("PET_START_METHOD")
+    monkeypatch.setenv("PET_STANDALONE", "yes")  # torch raises a ValueError traceback here
+    assert "$PET_STANDALONE" in error(script)
+
+
+def test_abbreviations_resolve_as_under_torchrun(script):
+    assert launch("--run-", script).cfg.workers.command()[-1] == script  # --run-path, not --run-id
+    assert launch("--node_", "0", "--nnodes", "2", "--etcd-endpoints", ETCD, script).cfg.node_rank == 0
+    assert launch("--redirect", "3", script).cfg.workers.redirects == StdSpec(STD_ALL)
 
 
 def test_tee_takes_a_value_and_never_eats_the_entrypoint(script):
