@@ -212,9 +212,8 @@ def run(line: Line, launcher: str, run_dir: Path, wrapper: Path, etcd_endpoint: 
                                   err.read().decode(errors="replace"), seconds))
         out.close()
         err.close()
-    # A launcher that exited may leave workers behind for a moment (or for good: a difference in itself); give
-    # records a little time to land, then read what is there.
-    time.sleep(0.05)
+    # Both launchers reap their workers before they exit, and a worker writes its record before its output: every
+    # record there is to read is there now (a worker left behind would be a difference of its own).
     records = []
     for path in sorted(records_dir.glob("*.json")):
         records.append(json.loads(path.read_text()))
