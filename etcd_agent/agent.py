@@ -17,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Callable
 
 from . import txns
 from .config import AgentConfig
@@ -52,8 +53,11 @@ _TRANSITIONS = {
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, version: str = ""):
+    def __init__(self, cfg: AgentConfig, version: str = "", group_factory: Callable[..., WorkerGroup] = WorkerGroup):
+        """``group_factory`` makes this node's worker group for a round (``WorkerGroup``; simulations of many nodes
+        pass a stand-in with the same methods)."""
         self.cfg = cfg
+        self._group_factory = group_factory
         self.version = version
         self.run_keys = RunKeys(cfg.root, cfg.run_id)
         self.keys: Keys | None = None  # the keys of this agent's job of the run: known once _start found it
@@ -304,8 +308,8 @@ class Agent:
                                 world_size=plan.world_size, master_addr=plan.master_addr,
                                 master_port=plan.master_port, restart_count=plan.restart_count,
                                 max_restarts=plan.max_restarts, job=self.keys.gen)
-        self.group = WorkerGroup(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
-                                 node_id=self.cfg.node_id)
+        self.group = self._group_factory(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
+                                         node_id=self.cfg.node_id)
         self._exits: dict[int, WorkerExit] = {}
         self._set(workers_round=plan.round, workers_running=True, outcome=None, failure=None)
         self.group.start(assignment)
