@@ -119,23 +119,40 @@ class Agent:
         self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} in job {self.keys.gen} of the run "
                     f"(lease {self.session.lease_id:x})")
 
-    def _new_session(self, stale_lease: int = 0) -> None:
+    def _new_session(self, stale: list[int] | None = None) -> None:
+        """Grant a lease, revoke the ``stale`` leases of earlier sessions (so their keys are gone before this one
+        registers: a retried registration never meets its own ghost), claim the node rank, register. If any step
+        fails, this session is closed again (no keepalive thread or lease is ever left behind) and its lease joins
+        ``stale`` for the next attempt to revoke."""
+        stale = [] if stale is None else stale
         session = Session(self.etcd, self.cfg.lease_ttl, lambda why: self._session_lost(session, why))
         self.session = session
-        self.session.start(deadline=self.cfg.join_timeout)
+        session.start(deadline=self.cfg.join_timeout)
         self._set(lease=session.lease_id)
-        if stale_lease:  # etcd is reachable again: make sure the old session's keys are gone before re-registering
-            self.etcd.lease_revoke(stale_lease, deadline=self.cfg.lease_ttl)
+        try:
+            while stale:  # etcd is reachable again: the old sessions' keys go first
+                self.etcd.lease_revoke(stale[0], deadline=self.cfg.lease_ttl)
+                stale.pop(0)
+            self._register(session)
+        except EtcdUnavailable:
+            session.close(revoke=False)  # etcd is unreachable: the next attempt revokes it
+            stale.append(session.lease_id)
+            raise
+        except BaseException:
+            session.close(revoke=True)  # refused (a duplicate node id or rank): nothing of it may stay
+            raise
+
+    def _register(self, session: Session) -> None:
         info = {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
                 "pid": os.getpid(), "version": self.version, "nproc": self.cfg.workers.nproc,
-                "lease": f"{self.session.lease_id:x}", "started": time.time()}
+                "lease": f"{session.lease_id:x}", "started": time.time()}
         if self.cfg.node_rank is not None:
             # Before registering: a node refused for its rank never shows up in the registry, so a running job
             # never scales up (or restarts) for it. Waits out a holder whose lease is ending.
             claim = {k: info[k] for k in ("node", "host", "pid", "lease")} | {"rank": self.cfg.node_rank}
-            txns.claim_node_rank(self.etcd, self.keys, self.cfg.node_rank, claim, self.session.lease_id,
+            txns.claim_node_rank(self.etcd, self.keys, self.cfg.node_rank, claim, session.lease_id,
                                  wait=self.cfg.lease_ttl + 1.0)
-        txns.register(self.etcd, self.keys, self.cfg.node_id, info, self.session.lease_id)
+        txns.register(self.etcd, self.keys, self.cfg.node_id, info, session.lease_id)
 
     def _cleanup(self) -> None:
         self.shutdown.set()
@@ -384,12 +401,12 @@ class Agent:
                 log.warning("%s could not record this node's failure report: etcd is unreachable", self._who())
         self._stop_workers(f"self-fencing: {why}")
         self._set(outcome=None, failure=None)
-        stale = self.session.lease_id
+        stale = [self.session.lease_id]
         self.session.close(revoke=False)  # etcd may be unreachable: the stale lease is revoked once it is back
         give_up = time.monotonic() + self.cfg.join_timeout
         while True:
             try:
-                self._new_session(stale_lease=stale)
+                self._new_session(stale)
                 break
             except EtcdUnavailable as exc:
                 if self.shutdown.is_set() or time.monotonic() >= give_up:

@@ -297,6 +297,11 @@ class Etcd:
             return 0
         return self.call("lease keepalive", once, deadline, attempt_timeout)
 
+    def lease_ttl(self, lease_id: int, deadline: float | None = None) -> int:
+        """The seconds the lease has left; -1 when it does not exist (expired or revoked)."""
+        req = rpc.LeaseTimeToLiveRequest(ID=lease_id)
+        return self.call("lease time-to-live", lambda c, kw: c.leasestub.LeaseTimeToLive(req, **kw), deadline).TTL
+
     def lease_revoke(self, lease_id: int, deadline: float | None = None) -> None:
         def revoke(c, kw):
             try:

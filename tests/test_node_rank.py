@@ -66,7 +66,7 @@ def test_a_re_created_session_claims_its_rank_again_on_the_new_lease(etcd_endpoi
         old = a.session.lease_id
         assert a.etcd.get(a.keys.node_rank(1))[0].lease == old
         a.session.close(revoke=False)  # as when fencing: the old lease is revoked by the new session
-        a._new_session(stale_lease=old)
+        a._new_session([old])
         kv, _ = a.etcd.get(a.keys.node_rank(1))
         assert kv.lease == a.session.lease_id != old
     finally:

@@ -1,0 +1,78 @@
+"""The agent's sessions, driven in-process against the real etcd: a session that fails half-way is never left
+behind (keepalive thread or lease), and a retried registration whose first attempt applied never meets its own
+ghost as a duplicate node."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from agents import JOB
+
+from etcd_agent import agent as agent_mod
+from etcd_agent import txns
+from etcd_agent.agent import Agent
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.errors import DuplicateNode, EtcdUnavailable
+
+
+def make_agent(endpoint: str, run_id: str, node: str = "node-a") -> Agent:
+    cfg = AgentConfig(run_id=run_id, node_id=node, spec=JobSpec(1, 2, "1", 0), workers=WorkerConfig(JOB, (), 1),
+                      etcd=EtcdConfig(parse_endpoints(endpoint), request_timeout=1.0), lease_ttl=3)
+    a = Agent(cfg)
+    a.keys = txns.init_job(a.etcd, a.run_keys, cfg.spec, time.time())
+    return a
+
+
+def lease_alive(a: Agent, lease: int) -> bool:
+    return a.etcd.lease_ttl(lease) > 0
+
+
+@pytest.fixture
+def agents_made():
+    made: list[Agent] = []
+    yield made
+    for a in made:
+        if a.session is not None:
+            a.session.close(revoke=True)
+        a.etcd.close()
+
+
+def test_a_retried_registration_never_meets_its_own_ghost(etcd_endpoint, run_id, monkeypatch, agents_made):
+    a = make_agent(etcd_endpoint, run_id)
+    agents_made.append(a)
+    real = txns.register
+    calls = []
+
+    def applied_then_lost(*args, **kwargs):
+        real(*args, **kwargs)  # the registration applies ...
+        calls.append(args[-1])
+        if len(calls) == 1:
+            raise EtcdUnavailable("the response was lost")  # ... and the agent never hears of it
+        return 0
+
+    monkeypatch.setattr(agent_mod.txns, "register", applied_then_lost)
+    stale: list[int] = []
+    with pytest.raises(EtcdUnavailable):
+        a._new_session(stale)
+    first = calls[0]
+    assert stale == [first]
+    assert not a.session._thread.is_alive(), "the failed session's keepalive thread still runs"
+    assert a.etcd.get(a.keys.node("node-a"))[0].lease == first  # its ghost is registered
+    a._new_session(stale)  # no DuplicateNode: the ghost's lease goes first
+    kv, _ = a.etcd.get(a.keys.node("node-a"))
+    assert kv.lease == a.session.lease_id != first and stale == []
+    assert not lease_alive(a, first)
+
+
+def test_a_refused_session_leaves_no_lease_and_no_thread(etcd_endpoint, run_id, agents_made):
+    holder = make_agent(etcd_endpoint, run_id)
+    agents_made.append(holder)
+    holder._new_session()
+    other = make_agent(etcd_endpoint, run_id)  # the same node id, a live holder: refused
+    agents_made.append(other)
+    with pytest.raises(DuplicateNode):
+        other._new_session()
+    assert not other.session._thread.is_alive()
+    assert not lease_alive(other, other.session.lease_id)
+    assert lease_alive(holder, holder.session.lease_id)
