@@ -373,3 +373,28 @@ def test_parse_endpoints_rejects_malformed_hosts(text):
 
 def test_parse_endpoints_accepts_a_bare_ipv6_address():
     assert parse_endpoints("::1") == (("::1", 2379),)
+
+
+def test_count_xpus_follows_ze_affinity_mask(monkeypatch, tmp_path):
+    from etcd_agent.config import count_xpus
+
+    monkeypatch.setenv("ZE_AFFINITY_MASK", "0,1.0,1.1,3")
+    assert count_xpus(str(tmp_path)) == 3  # devices 0, 1 (two tiles) and 3
+
+
+def test_count_xpus_reads_intel_render_nodes(monkeypatch, tmp_path):
+    from etcd_agent.config import count_xpus
+
+    monkeypatch.delenv("ZE_AFFINITY_MASK", raising=False)
+    for name, vendor in (("renderD128", "0x8086"), ("renderD129", "0x10de"), ("renderD130", "0x8086")):
+        (tmp_path / name / "device").mkdir(parents=True)
+        (tmp_path / name / "device" / "vendor").write_text(vendor + "\n")
+    (tmp_path / "card0").mkdir()
+    assert count_xpus(str(tmp_path)) == 2
+    assert count_xpus(str(tmp_path / "missing")) == 0
+
+
+def test_resolve_nproc_xpu_without_a_device_names_the_flag(monkeypatch):
+    monkeypatch.setenv("ZE_AFFINITY_MASK", "")
+    with pytest.raises(ConfigError, match="--nproc-per-node xpu"):
+        resolve_nproc("xpu")
