@@ -1,17 +1,23 @@
-"""The agent: one per node. Joins rounds through etcd, runs this node's workers, and reacts to every change.
+r"""The agent: one per node. A state machine over the coordination layer (``coordinator.Coordinator``: etcd,
+session, watch, mirror, guarded txns) and this node's worker group.
 
-States (an Enum, a transition table, one ``_enter``): STARTING -> RENDEZVOUS <-> RUNNING -> FINISHED, with FENCED
-when the session is lost (workers stopped before the lease can expire, then a new session rejoins). One queue
-carries everything that can happen (watch deliveries, worker exits, session loss, signals); the run loop
-applies it to the mirror, asks ``rendezvous.decide`` what to do and does it. Never sleeps to synchronize: it
-waits on the queue, bounded by the decision's deadline.
+States (an Enum, a transition table, one ``_enter``; the state picks what the run loop does next)::
+
+    STARTING --open--> RENDEZVOUS <--rounds--> RUNNING --the job ended--> FINISHED
+                           ^   \ session lost    / session lost
+                           |    v                v
+                           +---- FENCED: workers stopped before the lease can expire; a new session rejoins
+
+One queue carries everything that can happen (watch deliveries, worker exits, session loss, signals); in
+RENDEZVOUS and RUNNING the loop applies it to the mirror, asks ``rendezvous.decide`` what to do and does it: a
+worker action itself, an etcd action through the coordinator. Never sleeps to synchronize: it waits on the queue,
+bounded by the decision's deadline.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
 import queue
 import signal
 import socket
@@ -19,17 +25,13 @@ import threading
 import time
 from typing import Callable
 
-from . import txns
 from .config import AgentConfig
-from .errors import BadKeyData, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SessionLost
-from .etcd import Etcd
-from .keys import Keys, RunKeys
-from .rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
-                         Wait, WriteExit, decide, how_it_ended)
-from .session import Session, fence_margin
+from .coordinator import Coordinator
+from .errors import BadKeyData, EtcdUnavailable, JobFailed, JobStopped, SessionLost
+from .rendezvous import (Finish, Local, Params, StartWorkers, StopWorkers, Wait, decide, how_it_ended)
+from .session import Session
 from .standalone import free_port
-from .state import Mirror, View
-from .watch import Resync, Watch
+from .state import View
 from .workers import Assignment, WorkerExit, WorkerGroup
 
 log = logging.getLogger("etcd_agent.agent")
@@ -59,25 +61,27 @@ class Agent:
         self.cfg = cfg
         self._group_factory = group_factory
         self.version = version
-        self.run_keys = RunKeys(cfg.root, cfg.run_id)
-        self.keys: Keys | None = None  # the keys of this agent's job of the run: known once _start found it
         self.params = Params(cfg.spec.min_nodes, cfg.spec.max_nodes, cfg.spec.max_restarts, cfg.last_call,
                              cfg.join_timeout, cfg.scale_settle)
         self.shutdown = threading.Event()
-        # Retries stop as soon as the session is lost: the main loop must get back to fencing.
-        self.etcd = Etcd(cfg.etcd, self.shutdown,
-                         interrupt=lambda: self.session is not None and self.session.lost.is_set())
-        self.mirror: Mirror | None = None  # of self.keys.prefix, from _start on
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe from a signal handler
+        self.coord = Coordinator(cfg, version, self.events.put, self.shutdown)
         self.state = State.STARTING
-        self.session: Session | None = None
-        self.watch: Watch | None = None
         self.group: WorkerGroup | None = None
         self.local = Local(cfg.node_id, time.monotonic(), time.time())
         self._round_seen = 0
-        self._joined_round = 0
         self.signalled = 0
         self._bad_key = ""  # the key whose bad value was last reported (report each once)
+        self._stale: list[int] = []  # leases of lost sessions, revoked before the next one registers
+        self._give_up = 0.0  # when a fenced agent stops trying to open a new session
+
+    @property
+    def session(self) -> Session | None:
+        return self.coord.session
+
+    @property
+    def keys(self):
+        return self.coord.keys
 
     # --- state machine -------------------------------------------------------------------------------------
     def _enter(self, new: State, why: str) -> None:
@@ -96,99 +100,51 @@ class Agent:
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> int:
-        """Run the job on this node; returns the process exit code."""
+        """Run the job on this node; returns the process exit code (or raises the job's end as an AgentError)."""
         try:
-            self._start()
-            return self._loop()
+            while True:
+                code = self._run_state()
+                if code is not None:
+                    return code
         finally:
             self._cleanup()
 
-    def _start(self) -> None:
+    def _run_state(self) -> int | None:
+        """One turn of the loop, chosen by the state; etcd trouble and bad data never end the job from here."""
+        if self.state is State.STARTING:
+            self.coord.open(self._session_lost)
+            self._set(lease=self.session.lease_id)
+            self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} in job {self.keys.gen} of the run "
+                        f"(lease {self.session.lease_id:x})")
+            return None
         try:
-            version = self.etcd.status()
-            log.info("connected to etcd %s at %s", version, self.etcd.endpoints_text)
-            self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time())
-            self.mirror = Mirror(self.keys)
-            self._new_session()
-            kvs, rev = self.etcd.get_prefix(self.keys.prefix)
+            return self._rejoin() if self.state is State.FENCED else self._step()
+        except SessionLost as exc:  # our lease ended before the keepalive thread could say so
+            self._fence(str(exc))
         except EtcdUnavailable as exc:
-            raise ConfigError(f"--etcd-endpoints {self.etcd.endpoints_text}: {exc}") from exc
-        self.mirror.reset(kvs, rev)
-        self.watch = Watch(self.etcd, self.keys.prefix, rev + 1, lambda d: self.events.put(("watch", d)),
-                           probe_interval=max(0.5, self.cfg.lease_ttl / 5), name=f"watch-{self.cfg.node_id}").start()
-        self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} in job {self.keys.gen} of the run "
-                    f"(lease {self.session.lease_id:x})")
-
-    def _new_session(self, stale: list[int] | None = None) -> None:
-        """Grant a lease, revoke the ``stale`` leases of earlier sessions (so their keys are gone before this one
-        registers: a retried registration never meets its own ghost), claim the node rank, register. If any step
-        fails, this session is closed again (no keepalive thread or lease is ever left behind) and its lease joins
-        ``stale`` for the next attempt to revoke."""
-        stale = [] if stale is None else stale
-        session = Session(self.etcd, self.cfg.lease_ttl, lambda why: self._session_lost(session, why))
-        self.session = session
-        session.start(deadline=self.cfg.join_timeout)
-        self._set(lease=session.lease_id)
-        try:
-            while stale:  # etcd is reachable again: the old sessions' keys go first
-                self.etcd.lease_revoke(stale[0], deadline=self.cfg.lease_ttl)
-                stale.pop(0)
-            self._register(session)
-        except EtcdUnavailable:
-            session.close(revoke=False)  # etcd is unreachable: the next attempt revokes it
-            stale.append(session.lease_id)
-            raise
-        except BaseException:
-            session.close(revoke=True)  # refused (a duplicate node id or rank): nothing of it may stay
-            raise
-
-    def _register(self, session: Session) -> None:
-        info = {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
-                "pid": os.getpid(), "version": self.version, "nproc": self.cfg.workers.nproc,
-                "lease": f"{session.lease_id:x}", "started": time.time()}
-        if self.cfg.node_rank is not None:
-            # Before registering: a node refused for its rank never shows up in the registry, so a running job
-            # never scales up (or restarts) for it. Waits out a holder whose lease is ending.
-            claim = {k: info[k] for k in ("node", "host", "pid", "lease")} | {"rank": self.cfg.node_rank}
-            txns.claim_node_rank(self.etcd, self.keys, self.cfg.node_rank, claim, session.lease_id,
-                                 wait=self.cfg.lease_ttl + 1.0)
-        txns.register(self.etcd, self.keys, self.cfg.node_id, info, session.lease_id)
+            # Keep the workers; the session fences them if the outage outlasts the lease.
+            log.warning("%s etcd is unreachable, trying again: %s", self._who(), exc)
+            self._drain(block=True, deadline=time.monotonic() + 0.5)
+        except BadKeyData as exc:
+            # Never act on state we cannot read, and never harm the job for it: wait for a repair.
+            if exc.key != self._bad_key:
+                log.error("%s %s; leaving the workers as they are until the key is fixed", self._who(), exc)
+            self._bad_key = exc.key
+            self._drain(block=True)
+        else:
+            self._bad_key = ""
+        return None
 
     def _cleanup(self) -> None:
         self.shutdown.set()
         self._stop_workers("the agent is exiting")
-        if self.watch:
-            self.watch.cancel()
-        if self.session and not self.session.lost.is_set():
-            self.session.close(revoke=True)
-        self.etcd.close()
+        self.coord.close()
 
     # --- the loop ------------------------------------------------------------------------------------------
-    def _loop(self) -> int:
-        while True:
-            try:
-                result = self._step()
-            except SessionLost as exc:  # our lease ended before the keepalive thread could say so
-                self._fence(str(exc))
-            except EtcdUnavailable as exc:
-                # Keep the workers; the session fences them if the outage outlasts the lease.
-                log.warning("%s etcd is unreachable, trying again: %s", self._who(), exc)
-                self._drain(block=True, deadline=time.monotonic() + 0.5)
-            except BadKeyData as exc:
-                # Never act on state we cannot read, and never harm the job for it: wait for a repair.
-                if exc.key != self._bad_key:
-                    log.error("%s %s; leaving the workers as they are until the key is fixed", self._who(), exc)
-                self._bad_key = exc.key
-                self._drain(block=True)
-            else:
-                self._bad_key = ""
-                if result is not None:
-                    return result
-
     def _step(self) -> int | None:
         """Handle what happened, decide, act once; returns the exit code when the job is over."""
         self._drain(block=False)
-        view = self.mirror.view()
+        view = self.coord.view()
         self._track(view)
         action = decide(view, self.local, self.params)
         if isinstance(action, Finish):
@@ -220,16 +176,13 @@ class Agent:
 
     def _handle(self, kind: str, item) -> None:
         if kind == "watch":
-            if isinstance(item, Resync):
-                if item.revision > self.mirror.revision:  # an older re-list than what we already hold is no news
-                    self.mirror.reset(item.kvs, item.revision)
-            else:
-                self.mirror.apply(item)
+            self.coord.apply(item)
         elif kind == "worker":
             self._worker_exit(item)
         elif kind == "lost":
             session, why = item
-            if session is self.session:  # a late report from a session already replaced is old news
+            # A late report from a session already replaced, or already fenced for, is old news.
+            if session is self.session and self.state is not State.FENCED:
                 self._fence(why)
         elif kind == "signal":
             raise JobStopped(f"{self.cfg.node_id} received {signal.Signals(item).name}: stopped its workers and "
@@ -257,56 +210,28 @@ class Agent:
 
     # --- actions -------------------------------------------------------------------------------------------
     def _act(self, action, view: View) -> None:
-        node, wall = self.cfg.node_id, time.time()
         if isinstance(action, StopWorkers):
             if self.local.outcome == "failed":  # our failure lost the race to another node's bump or end
-                self._ensure_reported(self.local.failure)
+                self.coord.report_failure(self.local.failure)
             self._stop_workers(action.why)
-            if self.state is State.RUNNING:
+            if self.state is State.RUNNING and view.result is None:  # a new round: back to rendezvous
                 self._enter(State.RENDEZVOUS, action.why)
             return
         if isinstance(action, StartWorkers):
             self._start_workers(action)
             return
-        if isinstance(action, JoinRound):
-            res = txns.join(self.etcd, self.keys, action, node, self._join_info(view), self.session.lease_id,
-                            self._joined_round)
-            if res.succeeded:
-                self._joined_round = action.round.number
-                log.info("%s joined round %d", self._who(), action.round.number)
-        elif isinstance(action, ClosePlan):
-            res = txns.close(self.etcd, self.keys, action, wall)
-            if res.succeeded:
-                log.info("%s closed round %d with %d node(s) (%d workers): %s", self._who(), action.round.number,
-                         len(action.plan.members), action.plan.world_size, ", ".join(action.plan.nodes))
-        elif isinstance(action, Bump):
-            rs = view.restarts
-            res = txns.bump(self.etcd, self.keys, action, rs.used if rs else 0, rs.max if rs else 0,
-                            rs.mod_revision if rs else 0, node, wall)
-            if res.succeeded:
-                counted = f"restart {rs.used + 1} of {rs.max}" if action.counted and rs else "not counted"
-                log.warning("%s restarting the job: %s (%s)", self._who(), action.reason, counted)
-        elif isinstance(action, WriteExit):
-            res = txns.write_exit(self.etcd, self.keys, action, node, wall)
-        elif isinstance(action, End):
-            res = txns.end(self.etcd, self.keys, action, node, wall)
-        else:
-            raise AssertionError(f"unknown action {action!r}")
-        self._settle(res)
+        self._settle(self.coord.act(action, view, lambda: self._join_info(view), self._who()))
 
     def _settle(self, res) -> None:
         """After a txn: wait until the watch shows its revision; after a failed compare, re-read the prefix."""
         if not res.succeeded:
-            kvs, rev = self.etcd.get_prefix(self.keys.prefix)
-            if rev > self.mirror.revision:
-                self.mirror.reset(kvs, rev)
+            self.coord.resync()
             return
-        deadline = time.monotonic() + self.cfg.lease_ttl
-        while self.mirror.revision < res.revision and time.monotonic() < deadline:
+        deadline = time.monotonic() + self.coord.timings.settle_timeout
+        while not self.coord.caught_up(res.revision) and time.monotonic() < deadline:
             self._drain(block=True, deadline=deadline)
-        if self.mirror.revision < res.revision:
-            kvs, rev = self.etcd.get_prefix(self.keys.prefix)
-            self.mirror.reset(kvs, rev)
+        if not self.coord.caught_up(res.revision):
+            self.coord.resync()
 
     def _join_info(self, view: View) -> dict:
         """This node's join record; ``prev_rank`` is its group rank in the newest earlier plan, if it was in it;
@@ -338,7 +263,7 @@ class Agent:
         if self.group is None or ex.round != self.local.workers_round or not self.local.workers_running:
             if self.group is not None and ex.failed and self.group.ended_on_its_own(ex):
                 # It failed on its own just before we stopped the group for another reason: keep its report.
-                self._ensure_reported(self.group.failure_report(ex))
+                self.coord.report_failure(self.group.failure_report(ex))
             return  # otherwise: an exit of a group we stopped
         self._exits[ex.local_rank] = ex
         if ex.failed and self.local.outcome is None:
@@ -349,11 +274,6 @@ class Agent:
         elif len(self._exits) == self.cfg.workers.nproc and self.local.outcome is None:
             log.info("%s all %d local worker(s) finished successfully", self._who(), self.cfg.workers.nproc)
             self._set(outcome="succeeded", workers_running=False)
-
-    def _ensure_reported(self, report: dict) -> None:
-        """Write this node's failure report for its round unless one is there already."""
-        if self.mirror.get(self.keys.failure(report["round"], self.cfg.node_id)) is None:
-            txns.report_failure(self.etcd, self.keys, report["round"], self.cfg.node_id, report)
 
     def _check_progress(self) -> float | None:
         """Hang detection: a running worker silent for --worker-timeout fails the group; returns the next check."""
@@ -389,30 +309,34 @@ class Agent:
         self.events.put(("lost", (session, why)))
         group = self.group
         if group is not None and session is self.session:
-            group.stop(f"self-fencing: {why}", grace=max(0.0, fence_margin(self.cfg.lease_ttl) - 0.5))
+            group.stop(f"self-fencing: {why}", grace=self.coord.timings.fence_grace)
 
     def _fence(self, why: str) -> None:
-        """Our lease is (about to be) gone: stop the workers before peers re-form without us, then rejoin."""
+        """Our lease is (about to be) gone: stop the workers before peers re-form without us; FENCED rejoins."""
         self._enter(State.FENCED, f"session lost ({why}); stopping workers before the lease can expire")
         if self.local.outcome == "failed":
             try:
-                self._ensure_reported(self.local.failure)
+                self.coord.report_failure(self.local.failure)
             except EtcdUnavailable:
                 log.warning("%s could not record this node's failure report: etcd is unreachable", self._who())
         self._stop_workers(f"self-fencing: {why}")
         self._set(outcome=None, failure=None)
-        stale = [self.session.lease_id]
+        self._stale.append(self.session.lease_id)
         self.session.close(revoke=False)  # etcd may be unreachable: the stale lease is revoked once it is back
-        give_up = time.monotonic() + self.cfg.join_timeout
-        while True:
-            try:
-                self._new_session(stale)
-                break
-            except EtcdUnavailable as exc:
-                if self.shutdown.is_set() or time.monotonic() >= give_up:
-                    raise JobFailed(f"{self.cfg.node_id} lost its etcd session and could not open a new one within "
-                                    f"{self.cfg.join_timeout:g} s (--join-timeout): {exc}") from exc
-                log.warning("%s cannot open a new session yet: %s", self._who(), exc)
+        self._give_up = time.monotonic() + self.cfg.join_timeout
+
+    def _rejoin(self) -> None:
+        """FENCED: open a new session (its registration revokes the stale leases first); until --join-timeout."""
+        self._drain(block=False)  # a signal still ends the agent
+        try:
+            self.coord.new_session(self._session_lost, self._stale)
+        except EtcdUnavailable as exc:
+            if self.shutdown.is_set() or time.monotonic() >= self._give_up:
+                raise JobFailed(f"{self.cfg.node_id} lost its etcd session and could not open a new one within "
+                                f"{self.cfg.join_timeout:g} s (--join-timeout): {exc}") from exc
+            log.warning("%s cannot open a new session yet: %s", self._who(), exc)
+            return
+        self._set(lease=self.session.lease_id)
         self._enter(State.RENDEZVOUS, f"new session (lease {self.session.lease_id:x}); rejoining")
 
     def _finish(self, result: dict) -> int:

@@ -150,6 +150,76 @@ class WorkerConfig:
         return [python, "-u", self.entrypoint, *self.args]
 
 
+def fence_margin(ttl: float) -> float:
+    """How long before lease expiry a disconnected agent declares its session lost."""
+    return min(max(1.0, ttl * 0.25), ttl / 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """Every time the coordination depends on, and their relations, checked once here (client-go's leader election
+    validates lease duration, renew deadline and retry period the same way).
+
+    A lease of ``lease_ttl`` s is renewed every ``keepalive_period`` (TTL/3). An agent whose keepalives fail
+    declares its session lost ``fence_margin`` s before the lease can expire, and stops its workers within
+    ``fence_grace``, so peers never re-form while its workers still run. One etcd request attempt
+    (``request_timeout``) must fit in the TTL less the margin, or a single slow request could outlive the lease.
+    """
+
+    lease_ttl: int = 5
+    request_timeout: float = 1.667
+    last_call: float = 3.0
+    join_timeout: float = 600.0
+    scale_settle: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl < 2:
+            raise ConfigError(f"--lease-ttl must be at least 2 seconds (etcd's minimum TTL), got {self.lease_ttl}")
+        if self.last_call < 0:
+            raise ConfigError(f"--last-call must be 0 or more, got {self.last_call}")
+        if self.join_timeout <= 0:
+            raise ConfigError(f"--join-timeout must be positive, got {self.join_timeout}")
+        if self.scale_settle < 0:
+            raise ConfigError(f"--scale-settle must be 0 or more, got {self.scale_settle}")
+        if not 0 < self.request_timeout <= self.lease_ttl - self.fence_margin:
+            raise ConfigError(f"the etcd request timeout ({self.request_timeout:g} s) must be positive and at most "
+                              f"--lease-ttl {self.lease_ttl} less the fencing margin ({self.fence_margin:g} s)")
+
+    @property
+    def keepalive_period(self) -> float:
+        return self.lease_ttl / 3.0
+
+    @property
+    def fence_margin(self) -> float:
+        return fence_margin(self.lease_ttl)
+
+    @property
+    def fence_grace(self) -> float:
+        """How long workers get to stop when the agent fences itself: within the margin, with time to spare."""
+        return max(0.0, self.fence_margin - 0.5)
+
+    @property
+    def watch_probe(self) -> float:
+        """How often a silent watch stream is probed; three silent probes mark the member failed."""
+        return max(0.5, self.lease_ttl / 5)
+
+    @property
+    def holder_wait(self) -> float:
+        """How long a claim waits for a holder that may have just died: its lease ends within the TTL."""
+        return self.lease_ttl + 1.0
+
+    @property
+    def settle_timeout(self) -> float:
+        """How long an agent waits for its watch to show its own txn before it re-reads instead."""
+        return float(self.lease_ttl)
+
+
+def request_timeout_for(lease_ttl: int) -> float:
+    """The etcd request timeout for a lease TTL: a third of it, within 0.5-3 s, so that a request to a failed
+    member leaves time for another before the lease could suffer."""
+    return max(0.5, min(3.0, lease_ttl / 3))
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
     """Everything one agent needs."""
@@ -178,23 +248,19 @@ class AgentConfig:
             raise ConfigError(f"--node-id {self.node_id!r}: use 1-128 letters, digits, '.', '_' or '-'")
         if not self.root.startswith("/") or self.root.endswith("/") or "//" in self.root:
             raise ConfigError(f"--etcd-prefix {self.root!r}: must start with '/' and not end with '/'")
-        if self.lease_ttl < 2:
-            raise ConfigError(f"--lease-ttl must be at least 2 seconds (etcd's minimum TTL), got {self.lease_ttl}")
-        if self.last_call < 0:
-            raise ConfigError(f"--last-call must be 0 or more, got {self.last_call}")
-        if self.join_timeout <= 0:
-            raise ConfigError(f"--join-timeout must be positive, got {self.join_timeout}")
+        self.timings  # noqa: B018 - validates the timings and their relations
         if self.worker_timeout < 0:
             raise ConfigError(f"--worker-timeout must be 0 (off) or more, got {self.worker_timeout}")
-        if self.scale_settle < 0:
-            raise ConfigError(f"--scale-settle must be 0 or more, got {self.scale_settle}")
         if self.node_rank is not None and not 0 <= self.node_rank < self.spec.max_nodes:
             raise ConfigError(f"--node-rank {self.node_rank} is outside 0..{self.spec.max_nodes - 1} "
                               f"(--nnodes allows at most {self.spec.max_nodes} node(s))")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ConfigError(f"--master-port {self.master_port}: expected 1-65535")
-        if self.etcd.request_timeout >= self.lease_ttl:
-            raise ConfigError("the etcd request timeout must be shorter than --lease-ttl")
+
+    @property
+    def timings(self) -> Timings:
+        return Timings(self.lease_ttl, self.etcd.request_timeout, self.last_call, self.join_timeout,
+                       self.scale_settle)
 
     @property
     def address(self) -> str:

@@ -38,7 +38,7 @@ import sys
 import uuid
 
 from .config import (AgentConfig, EtcdConfig, JobSpec, StdSpec, WorkerConfig, default_node_id, parse_endpoints,
-                     parse_nnodes, resolve_nproc)
+                     parse_nnodes, request_timeout_for, resolve_nproc)
 from .errors import ConfigError
 from .flags import PASSWORD_ENV, sources
 
@@ -370,4 +370,4 @@ def etcd_config(ns: argparse.Namespace, text: str | None, flag: str = "--etcd-en
         raise ConfigError("--etcd-user needs TLS (--etcd-cacert): etcd refuses password auth on a plaintext channel")
     # One RPC attempt must leave time for another member before the lease (and the job) could suffer.
     return EtcdConfig(parse_endpoints(text, flag), ns.cacert, ns.cert, ns.key, ns.user, password,
-                      request_timeout=max(0.5, min(3.0, lease_ttl / 3)), connect_timeout=ns.etcd_timeout)
+                      request_timeout=request_timeout_for(lease_ttl), connect_timeout=ns.etcd_timeout)

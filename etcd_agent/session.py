@@ -16,15 +16,11 @@ import threading
 import time
 from typing import Callable
 
+from .config import fence_margin
 from .errors import EtcdError, EtcdUnavailable
 from .etcd import Etcd
 
 log = logging.getLogger("etcd_agent.session")
-
-
-def fence_margin(ttl: float) -> float:
-    """How long before lease expiry a disconnected agent declares its session lost."""
-    return min(max(1.0, ttl * 0.25), ttl / 2)
 
 
 class Session:

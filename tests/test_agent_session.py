@@ -1,36 +1,42 @@
-"""The agent's sessions, driven in-process against the real etcd: a session that fails half-way is never left
-behind (keepalive thread or lease), and a retried registration whose first attempt applied never meets its own
-ghost as a duplicate node."""
+"""Sessions of the coordination layer, driven in-process against the real etcd: a session that fails half-way is
+never left behind (keepalive thread or lease), and a retried registration whose first attempt applied never meets
+its own ghost as a duplicate node."""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 import pytest
 from agents import JOB
 
-from etcd_agent import agent as agent_mod
+from etcd_agent import coordinator as coordinator_mod
 from etcd_agent import txns
-from etcd_agent.agent import Agent
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.coordinator import Coordinator
 from etcd_agent.errors import DuplicateNode, EtcdUnavailable
 
 
-def make_agent(endpoint: str, run_id: str, node: str = "node-a") -> Agent:
+def make_agent(endpoint: str, run_id: str, node: str = "node-a") -> Coordinator:
     cfg = AgentConfig(run_id=run_id, node_id=node, spec=JobSpec(1, 2, "1", 0), workers=WorkerConfig(JOB, (), 1),
                       etcd=EtcdConfig(parse_endpoints(endpoint), request_timeout=1.0), lease_ttl=3)
-    a = Agent(cfg)
-    a.keys = txns.init_job(a.etcd, a.run_keys, cfg.spec, time.time())
-    return a
+    c = Coordinator(cfg, "test", queue.SimpleQueue().put, threading.Event())
+    c.keys = txns.init_job(c.etcd, c.run_keys, cfg.spec, time.time())
+    return c
 
 
-def lease_alive(a: Agent, lease: int) -> bool:
-    return a.etcd.lease_ttl(lease) > 0
+def lease_alive(c: Coordinator, lease: int) -> bool:
+    return c.etcd.lease_ttl(lease) > 0
+
+
+def ignore(session, why) -> None:
+    pass
 
 
 @pytest.fixture
 def agents_made():
-    made: list[Agent] = []
+    made: list[Coordinator] = []
     yield made
     for a in made:
         if a.session is not None:
@@ -51,15 +57,15 @@ def test_a_retried_registration_never_meets_its_own_ghost(etcd_endpoint, run_id,
             raise EtcdUnavailable("the response was lost")  # ... and the agent never hears of it
         return 0
 
-    monkeypatch.setattr(agent_mod.txns, "register", applied_then_lost)
+    monkeypatch.setattr(coordinator_mod.txns, "register", applied_then_lost)
     stale: list[int] = []
     with pytest.raises(EtcdUnavailable):
-        a._new_session(stale)
+        a.new_session(ignore, stale)
     first = calls[0]
     assert stale == [first]
     assert not a.session._thread.is_alive(), "the failed session's keepalive thread still runs"
     assert a.etcd.get(a.keys.node("node-a"))[0].lease == first  # its ghost is registered
-    a._new_session(stale)  # no DuplicateNode: the ghost's lease goes first
+    a.new_session(ignore, stale)  # no DuplicateNode: the ghost's lease goes first
     kv, _ = a.etcd.get(a.keys.node("node-a"))
     assert kv.lease == a.session.lease_id != first and stale == []
     assert not lease_alive(a, first)
@@ -68,11 +74,11 @@ def test_a_retried_registration_never_meets_its_own_ghost(etcd_endpoint, run_id,
 def test_a_refused_session_leaves_no_lease_and_no_thread(etcd_endpoint, run_id, agents_made):
     holder = make_agent(etcd_endpoint, run_id)
     agents_made.append(holder)
-    holder._new_session()
+    holder.new_session(ignore)
     other = make_agent(etcd_endpoint, run_id)  # the same node id, a live holder: refused
     agents_made.append(other)
     with pytest.raises(DuplicateNode):
-        other._new_session()
+        other.new_session(ignore)
     assert not other.session._thread.is_alive()
     assert not lease_alive(other, other.session.lease_id)
     assert lease_alive(holder, holder.session.lease_id)

@@ -301,6 +301,7 @@ def test_agent_config_defaults_are_valid():
     (dict(join_timeout=-5), "--join-timeout"),
     (dict(scale_settle=-1), "--scale-settle"),
     (dict(lease_ttl=3, etcd=EtcdConfig(LOCAL, request_timeout=3.0)), "--lease-ttl"),
+    (dict(lease_ttl=2, etcd=EtcdConfig(LOCAL, request_timeout=1.5)), "fencing margin"),
 ])
 def test_agent_config_validation_names_the_flag(kwargs, flag):
     with pytest.raises(ConfigError) as caught:
@@ -310,8 +311,8 @@ def test_agent_config_validation_names_the_flag(kwargs, flag):
 
 def test_agent_config_accepts_edge_values():
     cfg = _agent(run_id="a" * 128, node_id="n.1_x-2", root="/jobs/team-a", lease_ttl=2,
-                 etcd=EtcdConfig(LOCAL, request_timeout=1.5), last_call=0, scale_settle=0)
-    assert cfg.lease_ttl == 2
+                 etcd=EtcdConfig(LOCAL, request_timeout=1.0), last_call=0, scale_settle=0)
+    assert cfg.lease_ttl == 2 and cfg.timings.fence_margin == 1.0  # one request fits before fencing, exactly
 
 
 def test_configs_are_frozen():
@@ -398,3 +399,10 @@ def test_resolve_nproc_xpu_without_a_device_names_the_flag(monkeypatch):
     monkeypatch.setenv("ZE_AFFINITY_MASK", "")
     with pytest.raises(ConfigError, match="--nproc-per-node xpu"):
         resolve_nproc("xpu")
+
+
+@pytest.mark.parametrize("ttl", [2, 3, 5, 10, 60])
+def test_the_default_request_timeout_fits_every_lease_ttl(ttl):
+    t = config.Timings(ttl, config.request_timeout_for(ttl))
+    assert t.keepalive_period < t.lease_ttl - t.fence_margin  # a missed keepalive is retried before fencing
+    assert 0 <= t.fence_grace < t.fence_margin

@@ -3,12 +3,14 @@ cannot share one, and ``--master-addr``/``--master-port`` become the workers' MA
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 from agents import JOB, AgentProc, job_keys, keys_of, records, wait_all, wait_for_key
 
 from etcd_agent import txns
-from etcd_agent.agent import Agent
+from etcd_agent.coordinator import Coordinator
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
 from etcd_agent.standalone import free_port
 
@@ -59,16 +61,16 @@ def test_a_taken_rank_is_a_clear_error_and_is_free_again_once_its_holder_died(et
 def test_a_re_created_session_claims_its_rank_again_on_the_new_lease(etcd_endpoint, run_id):
     cfg = AgentConfig(run_id=run_id, node_id="node-a", spec=JobSpec(2, 2, "1", 0), workers=WorkerConfig(JOB, (), 1),
                       etcd=EtcdConfig(parse_endpoints(etcd_endpoint), request_timeout=1.0), lease_ttl=3, node_rank=1)
-    a = Agent(cfg)
+    c = Coordinator(cfg, "test", queue.SimpleQueue().put, threading.Event())
     try:
-        a.keys = txns.init_job(a.etcd, a.run_keys, cfg.spec, time.time())
-        a._new_session()
-        old = a.session.lease_id
-        assert a.etcd.get(a.keys.node_rank(1))[0].lease == old
-        a.session.close(revoke=False)  # as when fencing: the old lease is revoked by the new session
-        a._new_session([old])
-        kv, _ = a.etcd.get(a.keys.node_rank(1))
-        assert kv.lease == a.session.lease_id != old
+        c.keys = txns.init_job(c.etcd, c.run_keys, cfg.spec, time.time())
+        c.new_session(lambda session, why: None)
+        old = c.session.lease_id
+        assert c.etcd.get(c.keys.node_rank(1))[0].lease == old
+        c.session.close(revoke=False)  # as when fencing: the old lease is revoked by the new session
+        c.new_session(lambda session, why: None, [old])
+        kv, _ = c.etcd.get(c.keys.node_rank(1))
+        assert kv.lease == c.session.lease_id != old
     finally:
-        a.session.close(revoke=True)
-        a.etcd.close()
+        c.session.close(revoke=True)
+        c.etcd.close()
