@@ -1,0 +1,335 @@
+"""Simulated nodes: the production agent, many per process, with stand-in workers.
+
+Each simulated node is a real ``etcd_agent.agent.Agent`` calling ``run()`` in a thread of its own: its own etcd
+client, session lease and keepalive, watch of the job prefix, mirror, ``decide`` and guarded txns, exactly the code
+a node runs. Only the workers are replaced: ``StandInGroup`` implements what the agent uses of ``WorkerGroup``
+(see ``etcd_agent/workers.py``) without processes. A simulation runs the production code, never a model of it.
+
+- ``StandInGroup``: ``start(assignment)`` makes ``cfg.nproc`` stand-in workers that run until ``stop()`` ends them
+  (exit ``-sig``) or the scenario does (``Hub.end_workers``: exit 0, or any code). One waiter thread per stand-in
+  calls ``on_exit(WorkerExit)`` exactly once, also for the ones ``stop`` ended, never on the caller's thread, and
+  ``stop`` returns once every exit was delivered (as ``WorkerGroup.stop`` does). ``stop`` is idempotent.
+- ``Hub``: where the stand-in groups of one process report. It records the first start of each node in each round
+  (``Start``, with ``time.monotonic()``, which is system-wide on Linux, so times compare across processes) and each
+  agent's end, and lets callers wait for "these nodes started workers in round R" under one condition, each wait
+  bounded by a timeout (``SimTimeout`` says what was reached).
+- ``SimJob``: K agents of one job against a given etcd endpoint: ``start``, ``wait_round``, ``leave`` (the graceful
+  leave the agent's signal handler performs: it stops its workers, revokes its lease, ``run`` raises JobStopped),
+  ``end_workers``, ``wait_done``, ``close``.
+
+Imports the package only through its stable surface: ``Agent``, ``AgentConfig`` and the config dataclasses,
+``Assignment``/``WorkerExit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable, Iterable
+
+from etcd_agent.agent import Agent
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.workers import Assignment, WorkerExit
+
+log = logging.getLogger("etcd_agent.bench.sim")
+_JOIN_WAIT = 2.0  # bounded join of waiter threads that were just told to end
+ROOT = "/etcd-agent"
+
+
+class SimTimeout(AssertionError):
+    """A bounded wait of the simulation ran out; the message says what was reached."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """One node's stand-in workers started for one round."""
+
+    node: str
+    round: int
+    group_rank: int
+    group_world_size: int
+    rank_offset: int
+    world_size: int
+    restart_count: int
+    t: float  # time.monotonic() when the agent called start()
+
+
+@dataclasses.dataclass(frozen=True)
+class Done:
+    """How one agent's ``run()`` ended: its exit code, or the exception it raised."""
+
+    node: str
+    code: int | None
+    error: str | None
+    t: float
+
+
+class _StandIn:
+    """One stand-in worker: ends once, with a code and a cause ("own": the scenario ended it, "stop": stop() did)."""
+
+    def __init__(self, local_rank: int, rank: int, rnd: int):
+        self.local_rank, self.rank, self.round = local_rank, rank, rnd
+        self.started = time.time()
+        self.ended_at = 0.0
+        self.code: int | None = None
+        self.cause = ""
+        self.end_requested = threading.Event()
+        self.exited = threading.Event()
+        self.thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def end(self, code: int, cause: str) -> bool:
+        with self._lock:
+            if self.code is not None:
+                return False
+            self.code, self.cause = code, cause
+        self.end_requested.set()
+        return True
+
+
+class StandInGroup:
+    """``WorkerGroup``'s interface, as agent.py uses it, without processes (see the module doc)."""
+
+    def __init__(self, cfg: WorkerConfig, on_exit: Callable[[WorkerExit], None], node_id: str = "",
+                 logger: logging.Logger | None = None, hub: "Hub | None" = None):
+        self.cfg = cfg
+        self.node_id = node_id
+        self._on_exit = on_exit
+        self._log = logger or log
+        self._hub = hub
+        self._lock = threading.Lock()  # serializes start and stop, as in WorkerGroup
+        self._workers: list[_StandIn] = []
+        self._pid = os.getpid()  # the pid a stand-in reports: the process that hosts it
+
+    def start(self, a: Assignment) -> None:
+        t = time.monotonic()
+        with self._lock:
+            if self.running:
+                raise RuntimeError(f"round {a.round}: stop() the workers of round {self._workers[0].round} first")
+            self._workers = [_StandIn(i, a.rank_offset + i, a.round) for i in range(self.cfg.nproc)]
+            for w in self._workers:
+                w.thread = threading.Thread(target=self._wait, args=(w,), daemon=True,
+                                            name=f"stand-in-{self.node_id}-r{a.round}-rank{w.rank}")
+                w.thread.start()
+        if self._hub is not None:
+            self._hub.started(self, Start(self.node_id, a.round, a.group_rank, a.group_world_size, a.rank_offset,
+                                          a.world_size, a.restart_count, t))
+
+    def _wait(self, w: _StandIn) -> None:
+        w.end_requested.wait()
+        ex = WorkerExit(w.local_rank, w.rank, self._pid, w.code, time.time(), w.round)
+        w.ended_at = ex.time
+        w.exited.set()
+        try:
+            self._on_exit(ex)
+        except Exception:  # noqa: BLE001 - as WorkerGroup: a broken callback must not hide later exits
+            self._log.exception("stand-in %s: the exit callback failed for rank %d", self.node_id, ex.rank)
+
+    def end(self, code: int = 0) -> int:
+        """End the running stand-ins on their own with ``code`` (the scenario's doing); returns how many."""
+        return sum(w.end(code, "own") for w in list(self._workers))
+
+    def stop(self, reason: str = "", grace: float | None = None, sig: int = signal.SIGTERM) -> None:
+        with self._lock:
+            workers = list(self._workers)
+            for w in workers:
+                w.end(-int(sig), "stop")
+            deadline = time.monotonic() + _JOIN_WAIT
+            me = threading.current_thread()
+            for w in workers:
+                if w.thread is not None and w.thread is not me:
+                    w.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def failure_report(self, ex: WorkerExit) -> dict:
+        return {"rank": ex.rank, "local_rank": ex.local_rank, "pid": ex.pid, "exitcode": ex.returncode,
+                "signal": ex.signal_name, "message": f"stand-in worker exited with {ex.describe()}",
+                "error_file": "", "stderr_tail": "", "time": ex.time, "round": ex.round, "node": self.node_id}
+
+    def silent_for(self) -> list[tuple[float, WorkerExit]]:
+        """Stand-ins never beat: seconds since start, as WorkerGroup reports a worker without a heartbeat."""
+        now = time.time()
+        return [(now - w.started, WorkerExit(w.local_rank, w.rank, self._pid, 0, now, w.round))
+                for w in self._workers if not w.exited.is_set()]
+
+    def ended_on_its_own(self, ex: WorkerExit) -> bool:
+        return any(w.cause == "own" for w in self._workers if w.local_rank == ex.local_rank and w.round == ex.round)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self._pid for _ in self._workers]
+
+    @property
+    def running(self) -> bool:
+        return any(not w.exited.is_set() for w in self._workers)
+
+
+class Hub:
+    """What the stand-in groups and agent threads of one process report, and bounded waits on it."""
+
+    def __init__(self, on_start: Callable[[Start], None] | None = None,
+                 on_done: Callable[[Done], None] | None = None):
+        self._cond = threading.Condition()
+        self.starts: dict[int, dict[str, Start]] = {}  # round -> node -> its first start in that round
+        self.done: dict[str, Done] = {}
+        self._groups: dict[str, StandInGroup] = {}  # node -> its latest group
+        self._on_start, self._on_done = on_start, on_done
+
+    def group_factory(self) -> Callable[..., StandInGroup]:
+        return functools.partial(StandInGroup, hub=self)
+
+    def started(self, group: StandInGroup, s: Start) -> None:
+        with self._cond:
+            self._groups[s.node] = group
+            self.starts.setdefault(s.round, {}).setdefault(s.node, s)
+            self._cond.notify_all()
+        if self._on_start is not None:
+            self._on_start(s)
+
+    def finished(self, d: Done) -> None:
+        with self._cond:
+            self.done[d.node] = d
+            self._cond.notify_all()
+        if self._on_done is not None:
+            self._on_done(d)
+
+    def end_workers(self, nodes: Iterable[str] | None = None, code: int = 0) -> int:
+        """End the running stand-in workers of ``nodes`` (default: all) with ``code``; returns how many ended."""
+        with self._cond:
+            groups = [g for n, g in self._groups.items() if nodes is None or n in set(nodes)]
+        return sum(g.end(code) for g in groups)
+
+    def wait_for(self, ready: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
+        """Wait until ``ready()`` (called under the lock) holds; SimTimeout with ``what()`` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not ready():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SimTimeout(f"not within {timeout:g} s: {what()}")
+                self._cond.wait(left)
+
+    def wait_round(self, rnd: int, nodes: Iterable[str], timeout: float) -> dict[str, Start]:
+        """Wait until every node in ``nodes`` started workers in round ``rnd``; their starts."""
+        nodes = list(nodes)
+
+        def what() -> str:
+            have = self.starts.get(rnd, {})
+            missing = [n for n in nodes if n not in have]
+            latest = max(self.starts, default=0)
+            return (f"{len(nodes) - len(missing)} of {len(nodes)} node(s) started workers in round {rnd} (missing "
+                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; latest round seen {latest})")
+
+        self.wait_for(lambda: all(n in self.starts.get(rnd, {}) for n in nodes), timeout, what)
+        with self._cond:
+            return {n: self.starts[rnd][n] for n in nodes}
+
+    def wait_done(self, nodes: Iterable[str], timeout: float) -> dict[str, Done]:
+        nodes = list(nodes)
+        self.wait_for(lambda: all(n in self.done for n in nodes), timeout,
+                      lambda: f"{sum(n in self.done for n in nodes)} of {len(nodes)} agent(s) returned")
+        with self._cond:
+            return {n: self.done[n] for n in nodes}
+
+
+@dataclasses.dataclass(frozen=True)
+class JobParams:
+    """What every simulated agent of one job is started with (the flags of ``etcd-agent``)."""
+
+    endpoint: str
+    run_id: str
+    min_nodes: int
+    max_nodes: int
+    lease_ttl: int = 5
+    last_call: float = 1.0
+    join_timeout: float = 300.0
+    scale_settle: float = 1.0
+    max_restarts: int = 100
+    nproc: int = 1
+    stop_timeout: float = 1.0
+    etcd_timeout: float = 10.0  # --etcd-timeout: how long a call keeps retrying (the first contact included)
+    root: str = ROOT
+
+    def config(self, node: str) -> AgentConfig:
+        """The AgentConfig ``etcd-agent --etcd-endpoints E --run-id R --node-id NODE --nnodes MIN:MAX
+        --nproc-per-node NPROC --local-addr 127.0.0.1 ...`` would resolve to (launch.py's rules)."""
+        request_timeout = max(0.5, min(3.0, self.lease_ttl / 3))  # launch.py's request timeout for a TTL
+        workers = WorkerConfig("stand-in", (), self.nproc, stop_timeout=self.stop_timeout)
+        return AgentConfig(run_id=self.run_id, node_id=node,
+                           spec=JobSpec(self.min_nodes, self.max_nodes, str(self.nproc), self.max_restarts),
+                           workers=workers, etcd=EtcdConfig(parse_endpoints(self.endpoint),
+                                                            request_timeout=request_timeout,
+                                                            connect_timeout=self.etcd_timeout),
+                           root=self.root, local_addr="127.0.0.1", lease_ttl=self.lease_ttl,
+                           last_call=self.last_call, join_timeout=self.join_timeout, scale_settle=self.scale_settle)
+
+
+class SimJob:
+    """Agents of one job in threads of this process, with stand-in workers reporting to ``hub``."""
+
+    def __init__(self, params: JobParams, hub: Hub | None = None):
+        self.params = params
+        self.hub = hub or Hub()
+        self.agents: dict[str, Agent] = {}
+        self.threads: dict[str, threading.Thread] = {}
+
+    def start(self, nodes: Iterable[str]) -> tuple[float, float]:
+        """Make the agents, then start one thread per agent calling ``run()``; (first, last) start time."""
+        made = [(n, Agent(self.params.config(n), "sim", group_factory=self.hub.group_factory())) for n in nodes]
+        first = time.monotonic()
+        for node, agent in made:
+            self.agents[node] = agent
+            self.threads[node] = t = threading.Thread(target=self._run, args=(node, agent), daemon=True,
+                                                      name=f"agent-{node}")
+            t.start()
+        return first, time.monotonic()
+
+    def _run(self, node: str, agent: Agent) -> None:
+        try:
+            code, error = agent.run(), None
+        except BaseException as exc:  # noqa: BLE001 - JobStopped/JobFailed and any bug: the scenario reads it
+            code, error = None, f"{type(exc).__name__}: {exc}"
+        self.hub.finished(Done(node, code, error, time.monotonic()))
+
+    def lease_of(self, node: str) -> int:
+        session = self.agents[node].session
+        return session.lease_id if session is not None else 0
+
+    def leave(self, node: str) -> float:
+        """The graceful leave of agent.py's signal handler (SIGTERM); returns when it was asked to leave."""
+        agent, t = self.agents[node], time.monotonic()
+        agent.signalled = signal.SIGTERM
+        agent.events.put(("signal", signal.SIGTERM))
+        agent.shutdown.set()
+        return t
+
+    def wait_round(self, rnd: int, nodes: Iterable[str] | None = None, timeout: float = 60.0) -> dict[str, Start]:
+        return self.hub.wait_round(rnd, self.agents if nodes is None else nodes, timeout)
+
+    def end_workers(self, nodes: Iterable[str] | None = None, code: int = 0) -> int:
+        return self.hub.end_workers(nodes, code)
+
+    def wait_done(self, nodes: Iterable[str] | None = None, timeout: float = 60.0) -> dict[str, Done]:
+        return self.hub.wait_done(self.agents if nodes is None else nodes, timeout)
+
+    def close(self, timeout: float = 30.0) -> list[str]:
+        """Leave with every agent still running and join the threads (bounded); returns those still alive."""
+        for node, t in self.threads.items():
+            if t.is_alive():
+                self.leave(node)
+        deadline = time.monotonic() + timeout
+        for t in self.threads.values():
+            t.join(max(0.0, deadline - time.monotonic()))
+        return [n for n, t in self.threads.items() if t.is_alive()]
+
+    def __enter__(self) -> "SimJob":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        left = self.close()
+        if left:
+            log.error("simulated agents still running after close: %s", ", ".join(left))
