@@ -194,7 +194,12 @@ def decode(key: str, raw: bytes, required: tuple[str, ...] = ()) -> dict[str, An
         raise BadKeyData(key, "not a JSON object")
     if type(obj.get("v")) is not int or obj["v"] != SCHEMA_VERSION:
         raise BadKeyData(key, f"schema version {obj.get('v')!r}, this agent reads version {SCHEMA_VERSION}")
-    missing = [f for f in required if f not in obj]
+    return require(key, obj, required)
+
+
+def require(key: str, obj: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """``obj`` (decoded from ``key``) when it has every field; BadKeyData names the key and the missing ones."""
+    missing = [f for f in fields if f not in obj]
     if missing:
         raise BadKeyData(key, f"missing field(s) {', '.join(missing)}")
     return obj

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Iterable
 
 from .errors import BadKeyData
-from .keys import Keys, decode
+from .keys import Keys, decode, require
 
 JOINING, RUNNING, DONE, FAILED, STOPPED = "joining", "running", "done", "failed", "stopped"
 PHASES = (JOINING, RUNNING, DONE, FAILED, STOPPED)
@@ -105,16 +105,33 @@ class View:
 
 
 class Mirror:
-    """Every KV under the job prefix, kept current by watch events."""
+    """Every KV under the job prefix, kept current by watch events.
+
+    A view is built after every delivery, so what it parses is remembered per KV object (a KV is replaced, never
+    changed, when its key changes): building a view costs O(keys) string work, and JSON decoding only for the keys
+    that changed since the last view, not for every record of the job again.
+    """
 
     def __init__(self, keys: Keys):
         self.keys = keys
         self.kvs: dict[str, object] = {}
         self.revision = 0
+        self._memo: dict[tuple, tuple[object, object]] = {}  # (key, what) -> (the KV it was made from, result)
 
     def reset(self, kvs: Iterable, revision: int) -> None:
         self.kvs = {kv.key: kv for kv in kvs}
         self.revision = revision
+        self._memo.clear()
+
+    def _remembered(self, kv, what, make):
+        """``make(kv)``, computed once per KV object (errors are not remembered: they are raised again)."""
+        slot = (kv.key, what)
+        hit = self._memo.get(slot)
+        if hit is not None and hit[0] is kv:
+            return hit[1]
+        result = make(kv)
+        self._memo[slot] = (kv, result)
+        return result
 
     def apply(self, events: Iterable) -> bool:
         """Apply one watch delivery (etcd never splits a revision across deliveries); returns whether any was new."""
@@ -124,6 +141,8 @@ class Mirror:
                 continue  # replayed by a resumed watch, or already covered by a read
             if ev.kind == "delete":
                 self.kvs.pop(ev.kv.key, None)
+                for what in ("decode", "join", "parse", "plan"):
+                    self._memo.pop((ev.kv.key, what), None)
             else:
                 self.kvs[ev.kv.key] = ev.kv
             self.revision = ev.kv.mod_revision
@@ -135,7 +154,12 @@ class Mirror:
 
     def value(self, key: str, required: tuple[str, ...] = ()) -> dict | None:
         kv = self.kvs.get(key)
-        return None if kv is None else decode(key, kv.value, required)
+        if kv is None:
+            return None
+        return require(key, self._decoded(kv), required)
+
+    def _decoded(self, kv) -> dict:
+        return self._remembered(kv, "decode", lambda kv: decode(kv.key, kv.value))
 
     def under(self, prefix: str) -> list:
         return [kv for key, kv in self.kvs.items() if key.startswith(prefix)]
@@ -144,10 +168,11 @@ class Mirror:
         k = self.keys
         rnd = self.round()
         number = rnd.number if rnd else 0
-        nodes = {kv.key[len(k.nodes()):]: decode(kv.key, kv.value) for kv in self.under(k.nodes())}
-        joins = {j.node: j for j in (parse_join(kv) for kv in self.under(k.joins(number)))} if rnd else {}
+        nodes = {kv.key[len(k.nodes()):]: self._decoded(kv) for kv in self.under(k.nodes())}
+        joins = ({j.node: j for j in (self._remembered(kv, "join", parse_join) for kv in self.under(k.joins(number)))}
+                 if rnd else {})
         exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.under(k.exits(number))) if rnd else frozenset()
-        failures = ({kv.key[len(k.failures(number)):]: decode(kv.key, kv.value) for kv in self.under(k.failures(number))}
+        failures = ({kv.key[len(k.failures(number)):]: self._decoded(kv) for kv in self.under(k.failures(number))}
                     if rnd else {})
         return View(self.revision, self.value(k.spec()), rnd, nodes, joins,
                     self.plan(number) if rnd else None, self.last_plan(number), exits, failures, self.restarts(), self.value(k.result()))
@@ -171,7 +196,7 @@ class Mirror:
         return Restarts(obj["used"], obj["max"], self.kvs[key].mod_revision)
 
     def last_plan(self, before: int) -> Plan | None:
-        earlier = [p.round for p in map(self._parse, self.under(self.keys.rounds()))
+        earlier = [p.round for p in (self._remembered(kv, "parse", self._parse) for kv in self.under(self.keys.rounds()))
                    if p is not None and p.kind == "plan" and p.round < before]
         return self.plan(max(earlier)) if earlier else None
 
@@ -187,7 +212,7 @@ class Mirror:
         obj = self.value(key, ("round", "members", "master_addr", "master_port", "restart_count"))
         if obj is None:
             return None
-        return parse_plan(key, obj, self.kvs[key].mod_revision)
+        return self._remembered(self.kvs[key], "plan", lambda kv: parse_plan(key, obj, kv.mod_revision))
 
 
 def parse_join(kv) -> Join:

@@ -74,3 +74,26 @@ def test_join_records_without_the_static_flags_still_parse(extra):
 def test_bad_static_flags_in_a_join_record_name_the_key(extra):
     with pytest.raises(BadKeyData, match=K.join(1, "n")):
         joins_of({"node": "n", "addr": "a", "port": 1, "nproc": 2} | extra)
+
+
+def test_a_view_decodes_only_what_changed_and_never_serves_a_stale_value(monkeypatch):
+    import json
+
+    from etcd_agent import keys as keys_mod
+
+    nodes = [kv(K.node(f"n{i}"), encode({"host": f"h{i}"}), 10 + i) for i in range(5)]
+    m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 3), *nodes, revision=20)
+    assert m.view().nodes["n4"] == {"v": 1, "host": "h4"}
+    calls = []
+    real = json.loads
+    monkeypatch.setattr(keys_mod.json, "loads", lambda raw: calls.append(raw) or real(raw))
+    m.view()
+    assert calls == []  # nothing changed: nothing decoded again
+    m.apply([Event("put", kv(K.node("n4"), encode({"host": "moved"}), 21))])
+    assert m.view().nodes["n4"]["host"] == "moved" and len(calls) == 1
+    m.apply([Event("delete", kv(K.node("n3"), b"", 22))])
+    assert "n3" not in m.view().nodes
+    m.apply([Event("put", kv(K.node("n2"), b"not json", 23))])
+    for _ in range(2):  # a bad value is reported on every view until it is fixed
+        with pytest.raises(BadKeyData, match=K.node("n2")):
+            m.view()
