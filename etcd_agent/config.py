@@ -135,7 +135,7 @@ class WorkerConfig:
             raise ConfigError(f"--nproc-per-node must be at least 1, got {self.nproc}")
         if self.module and self.no_python:
             raise ConfigError("-m/--module and --no-python cannot be used together")
-        if self.stop_timeout < 0:
+        if not self.stop_timeout >= 0:  # also NaN
             raise ConfigError(f"--stop-timeout must be 0 or more, got {self.stop_timeout}")
         if not self.role:
             raise ConfigError("--role must not be empty")
@@ -173,6 +173,10 @@ class Timings:
     scale_settle: float = 1.0
 
     def __post_init__(self) -> None:
+        for flag, value in (("--last-call", self.last_call), ("--join-timeout", self.join_timeout),
+                            ("--scale-settle", self.scale_settle)):
+            if value != value:  # NaN compares false with everything, so no range check below would catch it
+                raise ConfigError(f"{flag} must be a number of seconds, got {value}")
         if self.lease_ttl < 2:
             raise ConfigError(f"--lease-ttl must be at least 2 seconds (etcd's minimum TTL), got {self.lease_ttl}")
         if self.last_call < 0:
@@ -249,7 +253,7 @@ class AgentConfig:
         if not self.root.startswith("/") or self.root.endswith("/") or "//" in self.root:
             raise ConfigError(f"--etcd-prefix {self.root!r}: must start with '/' and not end with '/'")
         self.timings  # noqa: B018 - validates the timings and their relations
-        if self.worker_timeout < 0:
+        if not self.worker_timeout >= 0:  # also NaN
             raise ConfigError(f"--worker-timeout must be 0 (off) or more, got {self.worker_timeout}")
         if self.node_rank is not None and not 0 <= self.node_rank < self.spec.max_nodes:
             raise ConfigError(f"--node-rank {self.node_rank} is outside 0..{self.spec.max_nodes - 1} "

@@ -55,28 +55,20 @@ class Launch:
     notes: tuple[str, ...] = ()  # warnings to log once logging is set up
 
 
-def _seconds(text: str) -> float:
-    return float(text)
-
-
-def _whole(text: str) -> int:
-    return int(text)
-
-
 # --rdzv-conf keys that mean something here: key -> (namespace dest, converter). torchrun's names first.
 _CONF_OPTIONS = {
-    "join_timeout": ("join_timeout", _seconds), "timeout": ("join_timeout", _seconds),
-    "last_call_timeout": ("last_call", _seconds),
+    "join_timeout": ("join_timeout", float), "timeout": ("join_timeout", float),
+    "last_call_timeout": ("last_call", float),
     "cacert": ("cacert", str), "ca_cert": ("cacert", str), "cert": ("cert", str), "ssl_cert": ("cert", str),
     "key": ("key", str), "ssl_cert_key": ("key", str),
     # etcd-agent's own options, by their flag names
-    "lease_ttl": ("lease_ttl", _whole), "last_call": ("last_call", _seconds), "scale_settle": ("scale_settle", _seconds),
-    "worker_timeout": ("worker_timeout", _seconds), "stop_timeout": ("stop_timeout", _seconds),
-    "node_id": ("node_id", str), "etcd_prefix": ("root", str), "etcd_timeout": ("etcd_timeout", _seconds),
+    "lease_ttl": ("lease_ttl", int), "last_call": ("last_call", float), "scale_settle": ("scale_settle", float),
+    "worker_timeout": ("worker_timeout", float), "stop_timeout": ("stop_timeout", float),
+    "node_id": ("node_id", str), "etcd_prefix": ("root", str), "etcd_timeout": ("etcd_timeout", float),
     "etcd_cacert": ("cacert", str), "etcd_cert": ("cert", str), "etcd_key": ("key", str),
     "etcd_user": ("user", str),
 }
-# torchrun keys that etcd-agent accepts and does not need, with the reason (logged at INFO).
+# torchrun keys that etcd-agent accepts and does not need, with the reason (one log line each).
 _CONF_NOT_NEEDED = {
     "close_timeout": "a round closes in one etcd txn",
     "read_timeout": "there is no c10d store to read from; etcd requests have their own timeout",
@@ -166,7 +158,7 @@ def _endpoints(ns: argparse.Namespace, given: dict[str, str], notes: list[str]) 
     return etcd
 
 
-def _missing_etcd(ns: argparse.Namespace, given: dict[str, str], hi: int) -> ConfigError:
+def _missing_etcd(ns: argparse.Namespace, given: dict[str, str]) -> ConfigError:
     hint = ""
     if ns.rdzv_endpoint:
         hint = (f" ({given.get('rdzv_endpoint', '--rdzv-endpoint')} {ns.rdzv_endpoint} is a {ns.rdzv_backend} "
@@ -264,7 +256,7 @@ def _stop_timeout(ns: argparse.Namespace, given: dict[str, str]) -> float:
     return ns.stop_timeout
 
 
-def _notes_for_accepted(ns: argparse.Namespace, given: dict[str, str], notes: list[str]) -> None:
+def _notes_for_accepted(ns: argparse.Namespace, notes: list[str]) -> None:
     if ns.numa_binding:
         notes.append(f"--numa-binding {ns.numa_binding}: etcd-agent does not bind workers to NUMA nodes; the workers "
                      "run unbound (use numactl in a --no-python wrapper to bind them)")
@@ -320,7 +312,7 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
     given = sources(parser, ns)
     notes: list[str] = []
     _apply_conf(ns, given, notes)
-    _notes_for_accepted(ns, given, notes)
+    _notes_for_accepted(ns, notes)
     lo, hi = parse_nnodes(ns.nnodes)
     endpoints = _endpoints(ns, given, notes)
     embedded = endpoints is None
@@ -328,7 +320,7 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         if ns.standalone:
             raise ConfigError(f"--standalone runs a one-node job; --nnodes {ns.nnodes} needs a shared etcd "
                               "(--etcd-endpoints)")
-        raise _missing_etcd(ns, given, hi)
+        raise _missing_etcd(ns, given)
     rank, master_addr, master_port = _static(ns, given, notes, multi=hi > 1)
     run_id = _run_id(ns, given, embedded, hi, None if master_addr is None and master_port is None
                      else (master_addr or "any", master_port or "any"), notes)

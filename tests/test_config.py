@@ -302,6 +302,9 @@ def test_agent_config_defaults_are_valid():
     (dict(scale_settle=-1), "--scale-settle"),
     (dict(lease_ttl=3, etcd=EtcdConfig(LOCAL, request_timeout=3.0)), "--lease-ttl"),
     (dict(lease_ttl=2, etcd=EtcdConfig(LOCAL, request_timeout=1.5)), "fencing margin"),
+    (dict(last_call=float("nan")), "--last-call"),
+    (dict(join_timeout=float("nan")), "--join-timeout"),
+    (dict(worker_timeout=float("nan")), "--worker-timeout"),
 ])
 def test_agent_config_validation_names_the_flag(kwargs, flag):
     with pytest.raises(ConfigError) as caught:
