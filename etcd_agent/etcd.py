@@ -96,6 +96,13 @@ def absent(key: str):
     return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, key=key.encode(), version=0)
 
 
+def unchanged_under(prefix: str, revision: int):
+    """Compare: no key under ``prefix`` was written after ``revision`` (a range compare, one op for any number of
+    keys; a deleted key is not seen by it)."""
+    return rpc.Compare(result=rpc.Compare.LESS, target=rpc.Compare.MOD, key=prefix.encode(),
+                       range_end=prefix_end(prefix), mod_revision=revision + 1)
+
+
 def none_under(prefix: str):
     """Compare: no key starts with ``prefix`` (etcd compares a range key by key; an empty range compares as absent)."""
     return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VERSION, key=prefix.encode(),

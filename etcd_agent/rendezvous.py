@@ -82,6 +82,7 @@ class ClosePlan:
     round: RoundInfo
     plan: Plan
     join_revisions: tuple[tuple[str, int], ...] = ()  # (member, create_revision of its join key): the txn's guard
+    seen_revision: int = 0  # the view's revision: no join key may have been written after it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +162,10 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
     # The first round waits out the last call for nodes that are still starting.
     if count >= p.max_nodes or (v.last_plan is not None and set(v.nodes) <= set(v.joins)):
-        return ClosePlan(r, plan, guard)
+        return ClosePlan(r, plan, guard, v.revision)
     close_at = (me.min_reached_at if me.min_reached_at is not None else me.now) + p.last_call
     if me.now >= close_at:
-        return ClosePlan(r, plan, guard)
+        return ClosePlan(r, plan, guard, v.revision)
     return Wait(f"round {r.number} has {count} node(s); last call for others", close_at)
 
 

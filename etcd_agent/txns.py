@@ -18,7 +18,8 @@ import time
 
 from .config import JobSpec
 from .errors import BadKeyData, DuplicateNode, NodeRankTaken, SpecMismatch
-from .etcd import Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_get, op_put
+from .etcd import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_get, op_put,
+                   unchanged_under)
 from .keys import Keys, RunKeys, decode, encode
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .state import JOINING, RUNNING, RoundInfo
@@ -159,12 +160,16 @@ MAX_GUARDED_MEMBERS = 100  # etcd allows 128 compares per txn
 
 
 def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
-    """Write the plan and start the round, if every member's join key is still the one the plan was made from
-    (a joiner that left in between would be a member lost at once and a restart spent)."""
+    """Write the plan and start the round, if the joins are still the ones the plan was made from: no join key of
+    the round was written after the view (one range compare, for any number of members: a node that re-joined
+    with a new session, or joined late, makes the leader decide again), and the first ``MAX_GUARDED_MEMBERS``
+    members' keys are still there (etcd caps a txn at 128 compares; a member beyond them that left in between is
+    found lost as soon as the round runs, and costs a restart)."""
     n = a.round.number
     reason = f"{len(a.plan.members)} node(s): {', '.join(a.plan.nodes)}"
     members = [created_at(keys.join(n, node), rev) for node, rev in a.join_revisions][:MAX_GUARDED_MEMBERS]
-    return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n)), *members],
+    seen = [unchanged_under(keys.joins(n), a.seen_revision)] if a.seen_revision else []
+    return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n)), *seen, *members],
                     [op_put(keys.plan(n), encode(a.plan.to_json())),
                      op_put(keys.round(), round_value(n, RUNNING, reason, wall, nodes=len(a.plan.members)))],
                     where=f"close round {n}")

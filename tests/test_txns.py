@@ -48,6 +48,22 @@ def test_close_refuses_a_plan_whose_member_left_in_between(etcd_endpoint, run_id
     assert v.plan is None and v.round.phase == "joining"
 
 
+def test_closing_with_more_members_than_a_txn_has_compares(etcd_endpoint, run_id):
+    """130 members (etcd allows 128 compares per txn): the close is guarded for every one of them."""
+    nodes = [f"n{i:03d}" for i in range(130)]
+    etcd, keys = setup(etcd_endpoint, run_id, nodes)
+    many = Params(130, 130, 3, 1.0, 60.0, 1.0)
+    action = decide(view(etcd, keys), Local("n000", now=0.0, wall=0.0), many)
+    assert len(action.plan.members) == 130
+    last = keys.join(1, nodes[-1])  # beyond the first 100 members: re-joins with a new session after the view
+    etcd.txn([], [op_delete(last)])
+    etcd.put(last, encode({"node": nodes[-1], "addr": "127.0.0.1", "port": 1, "nproc": 1}))
+    assert not txns.close(etcd, keys, action, time.time()).succeeded
+    again = decide(view(etcd, keys), Local("n000", now=0.0, wall=0.0), many)
+    assert txns.close(etcd, keys, again, time.time()).succeeded
+    assert len(view(etcd, keys).plan.members) == 130
+
+
 def test_bump_and_exit_cannot_both_happen(etcd_endpoint, run_id):
     etcd, keys = setup(etcd_endpoint, run_id)
     v = view(etcd, keys)
