@@ -4,63 +4,27 @@ states it passes through for a clean job, a worker failure with a restart, and a
 from __future__ import annotations
 
 import queue
+import sys
 import threading
-import time
+from pathlib import Path
 
 from etcd_agent.agent import Agent, State
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
 from etcd_agent.errors import JobFailed
-from etcd_agent.workers import WorkerExit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
+import sim  # noqa: E402
 
 
-class StandInGroup:
-    """What the agent uses of a WorkerGroup; its "workers" end when the test says so (``finish``)."""
+class StandInGroup(sim.StandInGroup):
+    """The simulation's stand-in worker group (tools/bench/sim.py); every group started goes to ``started``."""
 
-    started: "queue.Queue[StandInGroup]"  # set per test: every group that was started
-
-    def __init__(self, cfg, on_exit, node_id=""):
-        self.cfg, self._on_exit, self.node_id = cfg, on_exit, node_id
-        self.assignment = None
-        self._ended: set[int] = set()
-        self._lock = threading.Lock()
+    started: "queue.Queue[StandInGroup]"  # set per test
 
     def start(self, a) -> None:
+        super().start(a)
         self.assignment = a
         type(self).started.put(self)
-
-    def _end(self, local_rank: int, code: int) -> None:
-        with self._lock:
-            if local_rank in self._ended:
-                return
-            self._ended.add(local_rank)
-        a = self.assignment
-        ex = WorkerExit(local_rank, a.rank_offset + local_rank, 0, code, time.time(), a.round)
-        threading.Thread(target=self._on_exit, args=(ex,), daemon=True).start()  # never on the caller's thread
-
-    def finish(self, code: int = 0, local_rank: int | None = None) -> None:
-        for lr in range(self.cfg.nproc) if local_rank is None else [local_rank]:
-            self._end(lr, code)
-
-    def stop(self, reason: str = "", grace=None, sig: int = 15) -> None:
-        if self.assignment is not None:
-            self.finish(-sig)
-
-    def failure_report(self, ex: WorkerExit) -> dict:
-        return {"rank": ex.rank, "local_rank": ex.local_rank, "exitcode": ex.returncode, "signal": None,
-                "message": f"stand-in exit {ex.returncode}", "time": ex.time, "round": ex.round,
-                "node": self.node_id}
-
-    def silent_for(self) -> list:
-        return []
-
-    def ended_on_its_own(self, ex: WorkerExit) -> bool:
-        return False
-
-    pids: list[int] = []
-
-    @property
-    def running(self) -> bool:
-        return self.assignment is not None and len(self._ended) < self.cfg.nproc
 
 
 class Recorded(Agent):
@@ -103,7 +67,7 @@ def test_a_clean_job_goes_starting_rendezvous_running_finished(etcd_endpoint, ru
     agent, thread, outcome = start(etcd_endpoint, run_id, "n0")
     group = next_group()
     assert (group.assignment.round, group.assignment.world_size) == (1, 2)
-    group.finish(0)
+    group.end(0)
     thread.join(30)
     assert outcome == {"code": 0}
     assert agent.states == [State.STARTING, State.RENDEZVOUS, State.RUNNING, State.FINISHED]
@@ -112,10 +76,10 @@ def test_a_clean_job_goes_starting_rendezvous_running_finished(etcd_endpoint, ru
 def test_a_failed_worker_restarts_the_job_then_the_budget_ends_it(etcd_endpoint, run_id):
     StandInGroup.started = queue.Queue()
     agent, thread, outcome = start(etcd_endpoint, run_id, "n0", max_restarts=1)
-    next_group().finish(3, local_rank=1)
+    next_group().end(3, local_rank=1)
     second = next_group()
     assert (second.assignment.round, second.assignment.restart_count) == (2, 1)
-    second.finish(3, local_rank=0)
+    second.end(3, local_rank=0)
     thread.join(30)
     assert isinstance(outcome.get("error"), JobFailed) and "restart budget is spent" in str(outcome["error"])
     assert agent.states == [State.STARTING, State.RENDEZVOUS, State.RUNNING, State.RENDEZVOUS, State.RUNNING,
@@ -134,6 +98,6 @@ def test_a_lost_lease_fences_and_rejoins_with_a_new_session(etcd_endpoint, run_i
     assert State.FENCED in agent.states
     fenced = agent.states.index(State.FENCED)
     assert agent.states[fenced:fenced + 3] == [State.FENCED, State.RENDEZVOUS, State.RUNNING]
-    second.finish(0)
+    second.end(0)
     thread.join(30)
     assert outcome == {"code": 0}

@@ -130,9 +130,10 @@ class StandInGroup:
         except Exception:  # noqa: BLE001 - as WorkerGroup: a broken callback must not hide later exits
             self._log.exception("stand-in %s: the exit callback failed for rank %d", self.node_id, ex.rank)
 
-    def end(self, code: int = 0) -> int:
-        """End the running stand-ins on their own with ``code`` (the scenario's doing); returns how many."""
-        return sum(w.end(code, "own") for w in list(self._workers))
+    def end(self, code: int = 0, local_rank: int | None = None) -> int:
+        """End the running stand-ins (or the one of ``local_rank``) on their own with ``code`` (the scenario's
+        doing); returns how many."""
+        return sum(w.end(code, "own") for w in list(self._workers) if local_rank in (None, w.local_rank))
 
     def stop(self, reason: str = "", grace: float | None = None, sig: int = signal.SIGTERM) -> None:
         with self._lock:
