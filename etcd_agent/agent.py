@@ -144,6 +144,7 @@ class Agent:
     def _step(self) -> int | None:
         """Handle what happened, decide, act once; returns the exit code when the job is over."""
         self._drain(block=False)
+        self.coord.maintain()
         view = self.coord.view()
         self._track(view)
         action = decide(view, self.local, self.params)
@@ -223,14 +224,9 @@ class Agent:
         self._settle(self.coord.act(action, view, lambda: self._join_info(view), self._who()))
 
     def _settle(self, res) -> None:
-        """After a txn: wait until the watch shows its revision; after a failed compare, re-read the prefix."""
+        """After a txn: its own writes are in the mirror already (read back in the txn); after a failed compare,
+        re-read what it compared."""
         if not res.succeeded:
-            self.coord.resync()
-            return
-        deadline = time.monotonic() + self.coord.timings.settle_timeout
-        while not self.coord.caught_up(res.revision) and time.monotonic() < deadline:
-            self._drain(block=True, deadline=deadline)
-        if not self.coord.caught_up(res.revision):
             self.coord.resync()
 
     def _join_info(self, view: View) -> dict:

@@ -212,11 +212,6 @@ class Timings:
         """How long a claim waits for a holder that may have just died: its lease ends within the TTL."""
         return self.lease_ttl + 1.0
 
-    @property
-    def settle_timeout(self) -> float:
-        """How long an agent waits for its watch to show its own txn before it re-reads instead."""
-        return float(self.lease_ttl)
-
 
 def request_timeout_for(lease_ttl: int) -> float:
     """The etcd request timeout for a lease TTL: a third of it, within 0.5-3 s, so that a request to a failed

@@ -4,16 +4,18 @@ worker group; a torchrun rendezvous handler can be one too. There is no second c
 
 Invariants:
 
-- ``open`` finds this agent's job of the run (the running one, or a new one when the run's last job ended), then
-  opens a session, reads the job prefix and starts the watch from that read's revision + 1, so the mirror misses
-  no change. Every watch delivery reaches the owner through ``sink(("watch", delivery))``: the owner applies it
-  with ``apply`` on its own thread.
+- ``open`` finds this agent's job of the run (the running one, or a new one when the run's last job ended), opens
+  a session and starts the watch of the job-wide keys. ``maintain`` (before every decision) watches what this
+  agent's role in the current round needs, each range read first and watched from that read's revision + 1, so
+  no change is missed (see ``maintain`` for who watches what). Every watch delivery reaches the owner through
+  ``sink(("watch", item))``: the owner applies it with ``apply`` on its own thread.
 - A session is opened in one step with its registration (``new_session``): the leases of earlier sessions are
   revoked first, so a retried registration never meets its own ghost; a session that fails half-way is closed
   again, never left running.
-- Each action is one guarded txn (``txns``); ``act`` returns its result. After a success the owner waits until
-  the watch shows the txn's revision (``caught_up``) before deciding again; after a failed compare, or when the
-  watch lags more than ``Timings.settle_timeout``, it re-reads (``resync``).
+- Each action is one guarded txn (``txns``); ``act`` returns its result. A successful txn reads back what it
+  wrote, and the mirror takes that at once, so the next decision sees it without waiting for any watch; after a
+  failed compare the owner re-reads what was compared (``resync``: a few keys and ranges in one txn, never the
+  whole job).
 - Every timing comes from one ``Timings`` (``config.py``), whose relations were checked when it was made.
 
 Imports ``config``, ``errors``, ``etcd``, ``keys``, ``rendezvous``, ``session``, ``state``, ``txns`` and ``watch``;
@@ -31,12 +33,12 @@ from typing import Callable
 
 from . import txns
 from .config import AgentConfig
-from .errors import ConfigError, EtcdUnavailable
-from .etcd import Etcd, TxnResult
+from .errors import BadKeyData, ConfigError, EtcdUnavailable
+from .etcd import Etcd, TxnResult, op_get_range, prefix_end
 from .keys import Keys, RunKeys
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .session import Session
-from .state import Mirror, View
+from .state import FINAL_PHASES, JOINING, Mirror, Scope, View
 from .watch import Resync, Watch
 
 log = logging.getLogger("etcd_agent.coordinator")
@@ -57,25 +59,27 @@ class Coordinator:
         self.session: Session | None = None
         self.watch: Watch | None = None
         self.joined_round = 0  # the round whose join key this agent wrote last
+        self.scope = Scope(False)  # what the mirror covers, set by ``maintain``
+        self._watches: dict[str, tuple[Watch, str, bytes]] = {}  # name -> (watch, start, end)
+        self._known: dict[str, int] = {}  # name -> revision through which that watch's range is known
+        self._leaders: dict[int, str] = {}  # round -> its leader, as this agent's join txn (or a re-read) found
+        self._round = 0
         # Retries stop as soon as the session is lost: the owner must get back to fencing.
         self.etcd = Etcd(cfg.etcd, shutdown, interrupt=lambda: self.session is not None and self.session.lost.is_set())
 
     # --- opening and closing ---------------------------------------------------------------------------------
     def open(self, on_lost: Callable[[Session, str], None]) -> None:
-        """Find the job, open a session, read the prefix, start the watch. An unreachable etcd is a ConfigError
-        naming the endpoints (nothing of the job has changed then)."""
+        """Find the job, open a session, read the job-wide keys and start their watch. An unreachable etcd is a
+        ConfigError naming the endpoints (nothing of the job has changed then)."""
         try:
             version = self.etcd.status()
             log.info("connected to etcd %s at %s", version, self.etcd.endpoints_text)
             self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time())
             self.mirror = Mirror(self.keys)
             self.new_session(on_lost)
-            kvs, rev = self.etcd.get_prefix(self.keys.prefix)
+            self._ensure("control", *self.keys.control())
         except EtcdUnavailable as exc:
             raise ConfigError(f"--etcd-endpoints {self.etcd.endpoints_text}: {exc}") from exc
-        self.mirror.reset(kvs, rev)
-        self.watch = Watch(self.etcd, self.keys.prefix, rev + 1, lambda d: self._sink(("watch", d)),
-                           probe_interval=self.timings.watch_probe, name=f"watch-{self.node}").start()
 
     def new_session(self, on_lost: Callable[[Session, str], None], stale: list[int] | None = None) -> Session:
         """Grant a lease, revoke the ``stale`` leases of earlier sessions (so their keys are gone before this one
@@ -110,36 +114,182 @@ class Coordinator:
             claim = {k: info[k] for k in ("node", "host", "pid", "lease")} | {"rank": self.cfg.node_rank}
             txns.claim_node_rank(self.etcd, self.keys, self.cfg.node_rank, claim, session.lease_id,
                                  wait=self.timings.holder_wait)
-        txns.register(self.etcd, self.keys, self.node, info, session.lease_id)
+        res = txns.register(self.etcd, self.keys, self.node, info, session.lease_id)
+        if self.mirror is not None:
+            self.mirror.absorb(res.ranges[0], res.revision)
 
     def close(self) -> None:
-        """Stop the watch, revoke the lease (this node's keys vanish at once) unless it is lost, close the client."""
-        if self.watch:
-            self.watch.cancel()
+        """Stop the watches, revoke the lease (this node's keys vanish at once) unless it is lost, close the
+        client."""
+        for name in list(self._watches):
+            self._unwatch(name, wait=True)
         if self.session and not self.session.lost.is_set():
             self.session.close(revoke=True)
         self.etcd.close()
 
+    # --- what this agent watches -----------------------------------------------------------------------------
+    def _ensure(self, name: str, start: str, end: bytes, snapshot: tuple[list, int] | None = None) -> None:
+        """Watch ``[start, end)`` under ``name`` (an empty ``end``: the one key ``start``): read it (or take
+        ``snapshot``, a read made by a txn), put it into the mirror, and watch from that read's revision + 1, so
+        no change is missed. A watch of another range under the same name is stopped first."""
+        current = self._watches.get(name)
+        if current is not None and current[1:] == (start, end):
+            return
+        if current is not None:
+            self._unwatch(name)
+        kvs, rev = snapshot if snapshot is not None else self.etcd.get_range(start, end)
+        self.mirror.reset_range(start, end, kvs, rev)
+        self._known[name] = rev
+        watch = Watch(self.etcd, start, rev + 1, None, probe_interval=self.timings.watch_probe,
+                      name=f"watch-{name}-{self.node}", range_end=end)
+        watch.sink = lambda delivery, w=watch: self._sink(("watch", (name, w, delivery)))
+        self._watches[name] = (watch, start, end)
+        watch.start()
+
+    def _unwatch(self, name: str, wait: bool = False) -> None:
+        """Stop the watch ``name`` and forget what only it kept current (this node's own keys and plans stay)."""
+        current = self._watches.pop(name, None)
+        if current is None:
+            return
+        watch, start, end = current
+        watch.cancel(wait=wait)
+        self._known.pop(name, None)
+        if self.mirror is not None:
+            self.mirror.drop_range(start, end, keep=self._own)
+
+    def _own(self, key: str) -> bool:
+        """Keys the mirror keeps whatever it watches: this node's own and the plans (who ran, who runs)."""
+        try:
+            parsed = self.keys.parse(key)
+        except BadKeyData:
+            return False
+        return parsed.node == self.node or parsed.kind == "plan"
+
+    def maintain(self) -> None:
+        """Watch what this agent's role in the current round needs, before it decides (O(1) watch events per
+        write that concerns it, instead of every write of the job):
+
+        - every agent: the job-wide keys (round, restarts, result, spec), and its own keys through its txns;
+        - the round's leader (the joiner with the lowest create revision while joining; the plan's ``leader``
+          while running): the registry and every key of the round (joins, exits, failures);
+        - a joiner that does not lead: the leader's join key (it leads next if that key vanishes);
+        - a member that does not lead: the join key of its predecessor in rank order (a ring), so every member's
+          loss is seen by its successor and by the leader.
+        Reads here are one key or one range each; the plan is read once per round."""
+        m, k = self.mirror, self.keys
+        r = m.round()
+        if r is not None and r.number != self._round:
+            self._round = r.number
+            m.prune(r.number, r.last_plan)
+        if r is None or r.phase in FINAL_PHASES or m.get(k.result()) is not None:
+            self._role(False)
+            return
+        n = r.number
+        if r.last_plan and m.get(k.plan(r.last_plan)) is None:
+            self._read_key(k.plan(r.last_plan))  # who ran last: this node's prev_rank, the leader's fast path
+        if r.phase == JOINING:
+            mine = m.get(k.join(n, self.node))
+            if mine is None or mine.lease != self.session.lease_id:
+                self._role(False)  # not joined yet: the join txn tells who leads
+                return
+            for _ in range(3):
+                leader = self._leaders.get(n)
+                if leader == self.node:
+                    self._role(True, n)
+                    return
+                if leader is not None and m.get(k.join(n, leader)) is not None:
+                    self._role(False, peer=k.join(n, leader))
+                    return
+                self._find_leader(n)  # the leader's key vanished (or is not known): who leads now?
+            return
+        plan = m.plan(n)
+        if plan is None:
+            self._read_key(k.plan(n))
+            plan = m.plan(n)
+        if plan is None or plan.member(self.node) is None:
+            self._role(False)
+        elif plan.leader_node == self.node:
+            self._role(True, n)
+        else:
+            pred = plan.predecessor(self.node)
+            self._role(False, peer=k.join(n, pred) if pred else None)
+
+    def _role(self, full: bool, rnd: int = 0, peer: str | None = None) -> None:
+        k = self.keys
+        if full:
+            self._unwatch("peer")
+            self._ensure("registry", k.nodes(), prefix_end(k.nodes()))
+            self._ensure("round", k.round_dir(rnd), prefix_end(k.round_dir(rnd)))
+        else:
+            self._unwatch("registry")
+            self._unwatch("round")
+            if peer is None:
+                self._unwatch("peer")
+            else:
+                self._ensure("peer", peer, b"")
+        self.scope = Scope(full, frozenset() if full or peer is None else frozenset({peer.rsplit("/", 1)[1]}))
+
+    def _read_key(self, key: str) -> None:
+        kv, rev = self.etcd.get(key)
+        self.mirror.reset_range(key, b"", [kv] if kv else [], rev)
+
+    def _find_leader(self, rnd: int) -> None:
+        res = txns.leader(self.etcd, self.keys, rnd)
+        self._take_leader(rnd, res.ranges[0], res.revision)
+
+    def _take_leader(self, rnd: int, first: list, revision: int) -> None:
+        """The round's leader, from a read of the join key with the lowest create revision."""
+        if first:
+            self.mirror.absorb(first, revision)
+            self._leaders[rnd] = first[0].key.rsplit("/", 1)[1]
+            if self._leaders[rnd] != self.node:  # watch it from this read on: its vanishing is never missed
+                self._unwatch("peer")
+                self._ensure("peer", first[0].key, b"", (first, revision))
+        else:
+            self._leaders.pop(rnd, None)
+
     # --- the mirror ------------------------------------------------------------------------------------------
-    def apply(self, delivery) -> None:
-        """A watch delivery into the mirror; an older re-list than what the mirror holds is no news."""
+    def apply(self, item) -> None:
+        """A watch delivery into the mirror; a delivery of a watch stopped since is no news."""
+        name, watch, delivery = item
+        current = self._watches.get(name)
+        if current is None or current[0] is not watch:
+            return
+        _w, start, end = current
         if isinstance(delivery, Resync):
-            if delivery.revision > self.mirror.revision:
-                self.mirror.reset(delivery.kvs, delivery.revision)
+            self.mirror.reset_range(start, end, delivery.kvs, delivery.revision)
+            self._known[name] = delivery.revision
         else:
             self.mirror.apply(delivery)
+            if delivery:
+                self._known[name] = max(self._known.get(name, 0), delivery[-1].kv.mod_revision)
 
     def view(self) -> View:
-        return self.mirror.view()
-
-    def caught_up(self, revision: int) -> bool:
-        return self.mirror.revision >= revision
+        """What decide() sees; for the leader, the round's joins are known through the round watch's revision
+        (the close guard refuses a plan if any join key was written after it)."""
+        return self.mirror.view(self.scope, self._known.get("round") if self.scope.full else None)
 
     def resync(self) -> None:
-        """Read the prefix again and take it when it is newer than the mirror."""
-        kvs, rev = self.etcd.get_prefix(self.keys.prefix)
-        if rev > self.mirror.revision:
-            self.mirror.reset(kvs, rev)
+        """After a failed compare: read again what the compares were about (the job-wide keys, this node's join
+        key, the round's exits and failures; for the leader the registry and the round) in one txn, never the
+        whole job."""
+        k, m = self.keys, self.mirror
+        r = m.round()
+        n = r.number if r else 0
+        ranges = [k.control()]
+        if n:
+            ranges += [(k.join(n, self.node), b""), (k.exits(n), prefix_end(k.exits(n))),
+                       (k.failures(n), prefix_end(k.failures(n)))]
+        for name in ("registry", "round", "peer"):
+            if name in self._watches:
+                ranges.append(self._watches[name][1:])
+        res = self.etcd.txn([], [op_get_range(start, end) for start, end in ranges],
+                            where="re-read after a failed compare")
+        for (start, end), kvs in zip(ranges, res.ranges):
+            m.reset_range(start, end, kvs, res.revision)
+        for name in ("control", "registry", "round", "peer"):
+            if name in self._watches:
+                self._known[name] = max(self._known.get(name, 0), res.revision)
 
     # --- guarded txns ----------------------------------------------------------------------------------------
     def act(self, action, view: View, join_info: Callable[[], dict], who: str) -> TxnResult:
@@ -147,11 +297,16 @@ class Coordinator:
         record (only a join needs it). A failed compare is no error: the caller resyncs and decides again."""
         node, wall = self.node, time.time()
         if isinstance(action, JoinRound):
-            res = txns.join(self.etcd, self.keys, action, node, join_info(), self.session.lease_id,
-                            self.joined_round)
+            old = self.joined_round
+            res = txns.join(self.etcd, self.keys, action, node, join_info(), self.session.lease_id, old)
             if res.succeeded:
-                self.joined_round = action.round.number
-                log.info("%s joined round %d", who, action.round.number)
+                n = self.joined_round = action.round.number
+                if old and old != n:
+                    self.mirror.forget(self.keys.join(old, node), res.revision)
+                self.mirror.absorb(res.ranges[0], res.revision)
+                self._take_leader(n, res.ranges[1], res.revision)
+                log.info("%s joined round %d (%s leads it)", who, n, self._leaders.get(n, "nobody"))
+            return res
         elif isinstance(action, ClosePlan):
             res = txns.close(self.etcd, self.keys, action, wall)
             if res.succeeded:
@@ -170,6 +325,9 @@ class Coordinator:
             res = txns.end(self.etcd, self.keys, action, node, wall)
         else:
             raise TypeError(f"{action!r} is not an etcd action")
+        if res.succeeded:  # what the txn wrote, read back in it: the mirror has it before any watch shows it
+            for kvs in res.ranges:
+                self.mirror.absorb(kvs, res.revision)
         return res
 
     def report_failure(self, report: dict) -> None:

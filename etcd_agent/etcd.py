@@ -20,6 +20,7 @@ import time
 from typing import Callable, Iterable, Sequence, TypeVar
 
 from .config import set_agent_env  # noqa: E402  (imports nothing that loads grpc)
+from .keys import prefix_end  # noqa: E402,F401  (pure; re-exported for the watch)
 
 # The agent forks workers while gRPC threads run; gRPC's fork handlers only log noise then. Before importing grpc.
 set_agent_env("GRPC_ENABLE_FORK_SUPPORT", "false")  # workers do not inherit it
@@ -71,14 +72,6 @@ class TxnResult:
 
 # --- compares and ops: tiny builders over the generated messages ---------------------------------------------
 
-def prefix_end(prefix: str) -> bytes:
-    """The range end that makes ``[prefix, end)`` cover every key starting with ``prefix``."""
-    raw = bytearray(prefix.encode())
-    for i in reversed(range(len(raw))):
-        if raw[i] < 0xFF:
-            raw[i] += 1
-            return bytes(raw[: i + 1])
-    return b"\0"
 
 
 def mod_is(key: str, revision: int):
@@ -119,6 +112,22 @@ def op_delete(key: str):
 
 def op_get(key: str):
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
+
+
+def op_get_prefix(prefix: str):
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix)))
+
+
+def op_get_range(start: str, end: bytes):
+    """Every key in ``[start, end)``."""
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=start.encode(), range_end=end))
+
+
+def op_first_created(prefix: str):
+    """The key under ``prefix`` with the lowest create revision (etcd's election pattern: the leader)."""
+    return rpc.RequestOp(request_range=rpc.RangeRequest(
+        key=prefix.encode(), range_end=prefix_end(prefix), limit=1,
+        sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.CREATE))
 
 
 # --- error mapping -------------------------------------------------------------------------------------------
@@ -267,8 +276,13 @@ class Etcd:
         return (KV.from_pb(resp.kvs[0]) if resp.kvs else None), resp.header.revision
 
     def get_prefix(self, prefix: str, deadline: float | None = None) -> tuple[list[KV], int]:
-        req = rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix))
-        resp = self.call(f"get --prefix {prefix}", lambda c, kw: c.kvstub.Range(req, **kw), deadline)
+        return self.get_range(prefix, prefix_end(prefix), deadline)
+
+    def get_range(self, start: str, end: bytes, deadline: float | None = None) -> tuple[list[KV], int]:
+        """Every key in ``[start, end)`` and the revision of the read."""
+        req = rpc.RangeRequest(key=start.encode(), range_end=end)
+        resp = self.call(f"get {start}..{end.decode('utf-8', 'replace')}", lambda c, kw: c.kvstub.Range(req, **kw),
+                         deadline)
         return [KV.from_pb(kv) for kv in resp.kvs], resp.header.revision
 
     def txn(self, compare: Sequence, success: Iterable, failure: Iterable = (), where: str = "txn",

@@ -108,6 +108,11 @@ class Keys:
     def spec(self) -> str:
         return self.prefix + "spec"
 
+    def control(self) -> tuple[str, bytes]:
+        """The range ``[start, end)`` that holds exactly the job-wide keys every agent watches: restarts, result,
+        round and spec (in lexical order they are adjacent; ``r/`` sorts before ``restarts``)."""
+        return self.restarts(), (self.spec() + "\0").encode()
+
     def nodes(self) -> str:
         return self.prefix + "nodes/"
 
@@ -177,6 +182,16 @@ class Keys:
             if len(parts) == 4 and parts[2] in kinds and parts[3]:
                 return ParsedKey(kinds[parts[2]], round=rnd, node=parts[3])
         raise BadKeyData(key, "not a key of the etcd-agent schema")
+
+
+def prefix_end(prefix: str) -> bytes:
+    """The range end that makes ``[prefix, end)`` cover every key starting with ``prefix``."""
+    raw = bytearray(prefix.encode())
+    for i in reversed(range(len(raw))):
+        if raw[i] < 0xFF:
+            raw[i] += 1
+            return bytes(raw[: i + 1])
+    return b"\0"
 
 
 def encode(obj: dict[str, Any]) -> bytes:

@@ -144,6 +144,10 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         if me.node not in v.nodes:
             return Wait("this node's registration is not visible yet")
         return JoinRound(r)
+    if not v.full:  # only the leader watches the joins; this node watches the leader's key
+        others = [j for j in v.joins.values() if j.node != me.node]
+        leader = min(others, key=lambda j: j.create_revision).node if others else "the round's first joiner"
+        return Wait(f"joined round {r.number}; {leader} leads it")
     count = len(v.joins)
     timeout_at = me.round_seen_at + p.join_timeout
     ranking = rank_joiners(list(v.joins.values()), p.max_nodes)
@@ -157,7 +161,7 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return Wait(f"round {r.number} has {count} of {p.min_nodes} node(s)", timeout_at)
     if ranking.blocked:
         return Wait(f"round {r.number} has {count} node(s) but cannot close yet: {ranking.blocked}", timeout_at)
-    plan = _plan(r.number, ranking, p, v.restarts.used if v.restarts else 0)
+    plan = dataclasses.replace(_plan(r.number, ranking, p, v.restarts.used if v.restarts else 0), leader=me.node)
     guard = tuple((m.node, v.joins[m.node].create_revision) for m in plan.members)
     # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
     # The first round waits out the last call for nodes that are still starting.
@@ -187,7 +191,9 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if plan is None:
         return Wait(f"round {r.number} is running but its plan is not visible yet")
     member = plan.member(me.node)
-    lost = [n for n in plan.nodes if n not in v.exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
+    # Only a loss this view watches counts: the leader watches every member, the others one peer each (a ring).
+    lost = [n for n in plan.nodes if n not in v.exits and (v.watches(n) or n == me.node)
+            and (n not in v.joins or (n == me.node and _stale(v, me)))]
     if member is not None and me.outcome == "failed" and me.workers_round == r.number:
         return _fail_or_bump(v, r, me, p, f"{_describe(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
@@ -201,7 +207,7 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return WriteExit(r)
     if set(plan.nodes) <= v.exits:
         return End(r, DONE, result(r, "succeeded", me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
-    newcomers = sorted(n for n in v.nodes if plan.member(n) is None)
+    newcomers = sorted(n for n in v.nodes if plan.member(n) is None) if v.full else []
     if newcomers and len(plan.members) < p.max_nodes and not v.exits:
         settle_at = (me.newcomers_since if me.newcomers_since is not None else me.now) + p.scale_settle
         if me.now >= settle_at:

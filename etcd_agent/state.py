@@ -9,10 +9,11 @@ schema raises BadKeyData naming the key. Pure: no I/O. Imports keys, errors and 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+import functools
+from typing import Callable, Iterable
 
 from .errors import BadKeyData
-from .keys import Keys, decode, require
+from .keys import Keys, decode, prefix_end, require
 
 JOINING, RUNNING, DONE, FAILED, STOPPED = "joining", "running", "done", "failed", "stopped"
 PHASES = (JOINING, RUNNING, DONE, FAILED, STOPPED)
@@ -25,6 +26,7 @@ class RoundInfo:
     phase: str
     reason: str
     mod_revision: int
+    last_plan: int | None = None  # the newest earlier round that had a plan (0: none; None: not recorded)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +63,30 @@ class Plan:
     restart_count: int
     max_restarts: int
     mod_revision: int = 0
+    leader: str = ""  # the member that closed the round: it watches the registry and the round's keys
+
+    @property
+    def leader_node(self) -> str:
+        return self.leader or self.members[0].node
 
     @property
     def world_size(self) -> int:
         return sum(m.nproc for m in self.members)
 
     def member(self, node: str) -> Member | None:
-        return next((m for m in self.members if m.node == node), None)
+        return self._by_node.get(node)
+
+    @functools.cached_property
+    def _by_node(self) -> dict[str, Member]:
+        return {m.node: m for m in self.members}
+
+    def predecessor(self, node: str) -> str | None:
+        """The member before ``node`` in group-rank order, the last one for rank 0 (a ring): the one peer whose
+        loss ``node`` watches for. None when ``node`` is not a member or alone."""
+        m = self.member(node)
+        if m is None or len(self.members) < 2:
+            return None
+        return self.members[m.group_rank - 1].node
 
     @property
     def nodes(self) -> list[str]:
@@ -76,7 +95,7 @@ class Plan:
     def to_json(self) -> dict:
         return {"round": self.round, "world_size": self.world_size, "group_world_size": len(self.members),
                 "master_addr": self.master_addr, "master_port": self.master_port,
-                "restart_count": self.restart_count, "max_restarts": self.max_restarts,
+                "restart_count": self.restart_count, "max_restarts": self.max_restarts, "leader": self.leader,
                 "members": [dataclasses.asdict(m) for m in self.members]}
 
 
@@ -102,10 +121,49 @@ class View:
     failures: dict[str, dict]
     restarts: Restarts | None
     result: dict | None
+    scope: Scope = None  # what the mirror covers (None: everything, as FULL)
+
+    @property
+    def full(self) -> bool:
+        return self.scope is None or self.scope.full
+
+    def watches(self, node: str) -> bool:
+        """Whether this view would show ``node``'s join key vanishing."""
+        return self.full or node in self.scope.watched
+
+
+def in_range(key: str, start: str, end: bytes) -> bool:
+    """Whether ``key`` lies in the etcd range ``[start, end)``; an empty ``end`` is the single key ``start``."""
+    if not end:
+        return key == start
+    raw = key.encode()
+    return start.encode() <= raw and (end == b"\0" or raw < end)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """What an agent's mirror covers, so that decide() does not read an absence it never watched as a fact.
+
+    ``full``: the registry and the whole current round are watched (the round leader, or a full read such as
+    ``status``). Otherwise the mirror holds the job-wide keys, this node's own keys, the round's plan and the join
+    keys of ``watched`` peers only."""
+
+    full: bool = True
+    watched: frozenset = frozenset()
+
+
+FULL = Scope()
 
 
 class Mirror:
-    """Every KV under the job prefix, kept current by watch events.
+    """The KVs under the job prefix that this agent reads and watches, kept current by watch events and by the
+    results of its own txns.
+
+    Several watches over different ranges feed one mirror, so there is no single "revision up to which everything
+    is known": each key keeps its newest version (an event or txn result at or below what the mirror holds for
+    that key, or below the key's last delete, is old news: replays of a resumed watch and txn results that the
+    watch delivers again are harmless). A range is replaced as a whole by a read of it (``reset_range``).
 
     A view is built after every delivery, so what it parses is remembered per KV object (a KV is replaced, never
     changed, when its key changes): building a view costs O(keys) string work, and JSON decoding only for the keys
@@ -115,13 +173,100 @@ class Mirror:
     def __init__(self, keys: Keys):
         self.keys = keys
         self.kvs: dict[str, object] = {}
-        self.revision = 0
+        self.deleted: dict[str, int] = {}  # key -> revision of its newest delete seen
+        self.revision = 0  # the newest revision seen anywhere (a read, an event, a txn)
+        self.floors: dict[tuple[str, bytes], int] = {}  # range -> revision it was read at: older news is ignored
         self._memo: dict[tuple, tuple[object, object]] = {}  # (key, what) -> (the KV it was made from, result)
 
     def reset(self, kvs: Iterable, revision: int) -> None:
+        """The whole mirror is a read of the whole prefix at ``revision``."""
         self.kvs = {kv.key: kv for kv in kvs}
-        self.revision = revision
+        self.deleted.clear()
+        self.floors = {(self.keys.prefix, prefix_end(self.keys.prefix)): revision}
+        self.revision = max(self.revision, revision)
         self._memo.clear()
+
+    def reset_range(self, start: str, end: bytes, kvs: Iterable, revision: int) -> None:
+        """The keys in ``[start, end)`` are exactly ``kvs``, as read at ``revision`` (a key changed after the read,
+        already seen by an event, keeps its newer version)."""
+        fresh = {kv.key: kv for kv in kvs}
+        for key in [k for k in self.kvs if in_range(k, start, end) and k not in fresh]:
+            if self.kvs[key].mod_revision <= revision:
+                self._drop(key)
+                self.deleted[key] = max(self.deleted.get(key, 0), revision)
+        for kv in fresh.values():
+            self._put(kv)
+        self.floors[(start, end)] = max(self.floors.get((start, end), 0), revision)
+        self.revision = max(self.revision, revision)
+
+    def drop_range(self, start: str, end: bytes, keep: Callable[[str], bool] = lambda key: False) -> None:
+        """Forget the keys in ``[start, end)`` (no longer watched), except those ``keep`` names."""
+        for key in [k for k in self.kvs if in_range(k, start, end) and not keep(k)]:
+            self._drop(key)
+        for key in [k for k in self.deleted if in_range(k, start, end)]:
+            del self.deleted[key]
+        self.floors.pop((start, end), None)
+
+    def _old(self, key: str, revision: int) -> bool:
+        """Whether news of ``key`` at ``revision`` is older than a read that covered the key."""
+        return any(revision <= floor and in_range(key, start, end) for (start, end), floor in self.floors.items())
+
+    def _drop(self, key: str) -> None:
+        self.kvs.pop(key, None)
+        for what in ("decode", "join", "parse", "plan"):
+            self._memo.pop((key, what), None)
+
+    def _put(self, kv) -> bool:
+        if self._old(kv.key, kv.mod_revision):
+            return False
+        cur = self.kvs.get(kv.key)
+        if (cur is not None and cur.mod_revision >= kv.mod_revision) or self.deleted.get(kv.key, 0) >= kv.mod_revision:
+            return False
+        self.kvs[kv.key] = kv
+        self.deleted.pop(kv.key, None)
+        return True
+
+    def _delete(self, key: str, revision: int) -> bool:
+        if self._old(key, revision):
+            return False
+        cur = self.kvs.get(key)
+        if cur is not None and cur.mod_revision > revision:
+            return False  # created again after that delete
+        self.deleted[key] = max(self.deleted.get(key, 0), revision)
+        if cur is None:
+            return False
+        self._drop(key)
+        return True
+
+    def apply(self, events: Iterable) -> bool:
+        """Apply one watch delivery; returns whether anything in it was new."""
+        changed = False
+        for ev in events:
+            rev = ev.kv.mod_revision
+            changed |= self._delete(ev.kv.key, rev) if ev.kind == "delete" else self._put(ev.kv)
+            self.revision = max(self.revision, rev)
+        return changed
+
+    def absorb(self, kvs: Iterable, revision: int = 0) -> None:
+        """KVs this agent read or wrote itself (a txn's own reads): as if their events had arrived."""
+        for kv in kvs:
+            self._put(kv)
+        self.revision = max(self.revision, revision)
+
+    def forget(self, key: str, revision: int) -> None:
+        """A delete this agent made itself at ``revision``."""
+        self._delete(key, revision)
+        self.revision = max(self.revision, revision)
+
+    def prune(self, before: int, keep_plan: int | None) -> None:
+        """Forget the keys of rounds before ``before`` (nobody decides on them again), except the plan of round
+        ``keep_plan`` (who ran last: prev_rank, the fast path)."""
+        rounds = self.keys.rounds()
+        for key in [k for k in list(self.kvs) + list(self.deleted) if k.startswith(rounds)]:
+            parsed = self._parse_key(key)
+            if parsed is not None and parsed.round < before and not (parsed.kind == "plan" and parsed.round == keep_plan):
+                self._drop(key)
+                self.deleted.pop(key, None)
 
     def _remembered(self, kv, what, make):
         """``make(kv)``, computed once per KV object (errors are not remembered: they are raised again)."""
@@ -133,21 +278,11 @@ class Mirror:
         self._memo[slot] = (kv, result)
         return result
 
-    def apply(self, events: Iterable) -> bool:
-        """Apply one watch delivery (etcd never splits a revision across deliveries); returns whether any was new."""
-        changed, base = False, self.revision
-        for ev in events:
-            if ev.kv.mod_revision <= base:
-                continue  # replayed by a resumed watch, or already covered by a read
-            if ev.kind == "delete":
-                self.kvs.pop(ev.kv.key, None)
-                for what in ("decode", "join", "parse", "plan"):
-                    self._memo.pop((ev.kv.key, what), None)
-            else:
-                self.kvs[ev.kv.key] = ev.kv
-            self.revision = ev.kv.mod_revision
-            changed = True
-        return changed
+    def _parse_key(self, key: str):
+        try:
+            return self.keys.parse(key)
+        except BadKeyData:
+            return None
 
     def get(self, key: str):
         return self.kvs.get(key)
@@ -164,7 +299,9 @@ class Mirror:
     def under(self, prefix: str) -> list:
         return [kv for key, kv in self.kvs.items() if key.startswith(prefix)]
 
-    def view(self) -> View:
+    def view(self, scope: Scope = FULL, revision: int | None = None) -> View:
+        """The typed view; ``scope`` says what the mirror covers, ``revision`` through which revision the round's
+        joins are known (default: the newest revision seen)."""
         k = self.keys
         rnd = self.round()
         number = rnd.number if rnd else 0
@@ -174,8 +311,10 @@ class Mirror:
         exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.under(k.exits(number))) if rnd else frozenset()
         failures = ({kv.key[len(k.failures(number)):]: self._decoded(kv) for kv in self.under(k.failures(number))}
                     if rnd else {})
-        return View(self.revision, self.value(k.spec()), rnd, nodes, joins,
-                    self.plan(number) if rnd else None, self.last_plan(number), exits, failures, self.restarts(), self.value(k.result()))
+        last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
+        return View(self.revision if revision is None else revision, self.value(k.spec()), rnd, nodes, joins,
+                    self.plan(number) if rnd else None, last, exits, failures, self.restarts(),
+                    self.value(k.result()), scope)
 
     def round(self) -> RoundInfo | None:
         key = self.keys.round()
@@ -184,7 +323,11 @@ class Mirror:
             return None
         if not isinstance(obj["round"], int) or obj["round"] < 1 or obj["phase"] not in PHASES:
             raise BadKeyData(key, f"round must be a positive integer and phase one of {', '.join(PHASES)}")
-        return RoundInfo(obj["round"], obj["phase"], str(obj.get("reason", "")), self.kvs[key].mod_revision)
+        last = obj.get("last_plan")
+        if last is not None and (type(last) is not int or not 0 <= last < obj["round"]):
+            raise BadKeyData(key, f"last_plan must be a round before {obj['round']} (0: none), not {last!r}")
+        return RoundInfo(obj["round"], obj["phase"], str(obj.get("reason", "")), self.kvs[key].mod_revision,
+                         last)
 
     def restarts(self) -> Restarts | None:
         key = self.keys.restarts()
@@ -239,6 +382,7 @@ def parse_plan(key: str, obj: dict, mod_revision: int) -> Plan:
         members = tuple(Member(str(m["node"]), int(m["group_rank"]), str(m.get("host", "")), str(m["addr"]),
                                int(m["nproc"]), int(m["rank_offset"])) for m in obj["members"])
         return Plan(int(obj["round"]), members, str(obj["master_addr"]), int(obj["master_port"]),
-                    int(obj["restart_count"]), int(obj.get("max_restarts", 0)), mod_revision)
+                    int(obj["restart_count"]), int(obj.get("max_restarts", 0)), mod_revision,
+                    str(obj.get("leader") or ""))
     except (TypeError, ValueError, KeyError) as exc:
         raise BadKeyData(key, f"bad plan: {exc!r}") from exc

@@ -18,8 +18,8 @@ import time
 
 from .config import JobSpec
 from .errors import BadKeyData, DuplicateNode, NodeRankTaken, SpecMismatch
-from .etcd import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_get, op_put,
-                   unchanged_under)
+from .etcd import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
+                   op_get_prefix, op_put, unchanged_under)
 from .keys import Keys, RunKeys, decode, encode
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .state import JOINING, RUNNING, RoundInfo
@@ -69,7 +69,7 @@ def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: 
     res = etcd.txn([mod_is(run.job(), pointer_rev), absent(keys.spec())],
                    [op_put(run.job(), encode({"gen": gen, "time": wall})),
                     op_put(keys.spec(), encode(spec.to_json())),
-                    op_put(keys.round(), round_value(1, JOINING, "the job started", wall)),
+                    op_put(keys.round(), round_value(1, JOINING, "the job started", wall, last_plan=0)),
                     op_put(keys.restarts(), encode({"used": 0, "max": spec.max_restarts}))],
                    [op_get(run.job())], where=f"start job {gen} of run {run.run_id}")
     if res.succeeded:
@@ -111,17 +111,19 @@ def check_spec(keys: Keys, spec: JobSpec, stored: dict) -> None:
         raise SpecMismatch(f"this agent does not match job {keys.run_id} ({keys.spec()}): " + "; ".join(diffs))
 
 
-def register(etcd: Etcd, keys: Keys, node: str, info: dict, lease: int) -> int:
-    """Put ``P/nodes/<node>`` on our lease; another live agent with the same node id is an error."""
+def register(etcd: Etcd, keys: Keys, node: str, info: dict, lease: int) -> TxnResult:
+    """Put ``P/nodes/<node>`` on our lease; another live agent with the same node id is an error. The result's
+    one range is the registration as written (or as found, when a retried first attempt had applied)."""
     key = keys.node(node)
-    res = etcd.txn([absent(key)], [op_put(key, encode(info), lease)], [op_get(key)], where=f"register {key}")
+    res = etcd.txn([absent(key)], [op_put(key, encode(info), lease), op_get(key)], [op_get(key)],
+                   where=f"register {key}")
     if not res.succeeded:
         other = res.ranges[0][0]
         if other.lease != lease:
             holder = decode(key, other.value)
             raise DuplicateNode(f"--node-id {node} is already registered by a live agent (pid {holder.get('pid')} "
                                 f"on {holder.get('host')}, {key}); give each agent its own node id")
-    return res.revision
+    return res
 
 
 def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, info: dict, lease: int, wait: float) -> int:
@@ -149,11 +151,19 @@ def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, info: dict, lease: int, w
 
 
 def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: dict, lease: int, old_round: int) -> TxnResult:
-    ops = [op_put(keys.join(a.round.number, node), encode(info), lease)]
-    if old_round and old_round != a.round.number:
+    """Put this node's join key (and delete its key of the round it joined before). On success the result's
+    ranges are [this join key, the round's leader: the join key with the lowest create revision]."""
+    n = a.round.number
+    ops = [op_put(keys.join(n, node), encode(info), lease)]
+    if old_round and old_round != n:
         ops.append(op_delete(keys.join(old_round, node)))
-    return etcd.txn([mod_is(keys.round(), a.round.mod_revision)], ops,
-                    where=f"join round {a.round.number}")
+    return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
+                    ops + [op_get(keys.join(n, node)), op_first_created(keys.joins(n))], where=f"join round {n}")
+
+
+def leader(etcd: Etcd, keys: Keys, rnd: int) -> TxnResult:
+    """The round's leader as of now: its ranges are [the join key with the lowest create revision (or none)]."""
+    return etcd.txn([], [op_first_created(keys.joins(rnd))], where=f"find the leader of round {rnd}")
 
 
 MAX_GUARDED_MEMBERS = 100  # etcd allows 128 compares per txn
@@ -167,11 +177,15 @@ def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
     found lost as soon as the round runs, and costs a restart)."""
     n = a.round.number
     reason = f"{len(a.plan.members)} node(s): {', '.join(a.plan.nodes)}"
-    members = [created_at(keys.join(n, node), rev) for node, rev in a.join_revisions][:MAX_GUARDED_MEMBERS]
+    # The leader's own key first: a leader whose lease ended while it decided never closes a round.
+    guard = sorted(a.join_revisions, key=lambda nr: nr[0] != a.plan.leader)
+    members = [created_at(keys.join(n, node), rev) for node, rev in guard][:MAX_GUARDED_MEMBERS]
     seen = [unchanged_under(keys.joins(n), a.seen_revision)] if a.seen_revision else []
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n)), *seen, *members],
                     [op_put(keys.plan(n), encode(a.plan.to_json())),
-                     op_put(keys.round(), round_value(n, RUNNING, reason, wall, nodes=len(a.plan.members)))],
+                     op_put(keys.round(), round_value(n, RUNNING, reason, wall, nodes=len(a.plan.members),
+                                                      last_plan=a.round.last_plan or 0)),
+                     op_get(keys.round()), op_get(keys.plan(n))],
                     where=f"close round {n}")
 
 
@@ -179,12 +193,14 @@ def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int,
          node: str, wall: float) -> TxnResult:
     n = a.round.number
     compare = [mod_is(keys.round(), a.round.mod_revision), none_under(keys.exits(n))]
-    ops = [op_put(keys.round(), round_value(n + 1, JOINING, a.reason, wall))]
+    # Round n ran (a bump always leaves a running round): its plan is who ran last.
+    ops = [op_put(keys.round(), round_value(n + 1, JOINING, a.reason, wall, last_plan=n))]
     if a.counted:
         compare.append(mod_is(keys.restarts(), restarts_rev))
         ops.append(op_put(keys.restarts(), encode({"used": restarts_used + 1, "max": restarts_max})))
     report = [op_put(keys.failure(n, node), encode(a.failure))] if a.failure else []
-    return etcd.txn(compare, ops + report, report, where=f"restart round {n} -> {n + 1}")
+    reads = [op_get(keys.round()), op_get(keys.restarts())] + ([op_get(keys.failure(n, node))] if a.failure else [])
+    return etcd.txn(compare, ops + report + reads, report, where=f"restart round {n} -> {n + 1}")
 
 
 def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: dict) -> None:
@@ -195,8 +211,10 @@ def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: dict) -
 
 def write_exit(etcd: Etcd, keys: Keys, a: WriteExit, node: str, wall: float) -> TxnResult:
     n = a.round.number
+    # Reading the exits back makes the exit barrier O(1) per node: the last node to finish sees every exit.
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
-                    [op_put(keys.exit(n, node), encode({"node": node, "outcome": "succeeded", "time": wall}))],
+                    [op_put(keys.exit(n, node), encode({"node": node, "outcome": "succeeded", "time": wall})),
+                     op_get_prefix(keys.exits(n))],
                     where=f"exit barrier of round {n}")
 
 
@@ -205,7 +223,7 @@ def end(etcd: Etcd, keys: Keys, a: End, node: str, wall: float) -> TxnResult:
     report = [op_put(keys.failure(r.number, node), encode(a.failure))] if a.failure else []
     return etcd.txn([mod_is(keys.round(), r.mod_revision), absent(keys.result())],
                     [op_put(keys.round(), round_value(r.number, a.phase, a.result["reason"], wall)),
-                     op_put(keys.result(), encode(a.result))] + report,
+                     op_put(keys.result(), encode(a.result))] + report + [op_get(keys.round()), op_get(keys.result())],
                     report, where=f"end the job in round {r.number}")
 
 

@@ -56,9 +56,11 @@ Delivery = Union[list[Event], Resync]
 
 class Watch:
     def __init__(self, etcd: Etcd, prefix: str, start_revision: int, sink: Callable[[Delivery], None],
-                 probe_interval: float = 1.0, name: str = "watch"):
+                 probe_interval: float = 1.0, name: str = "watch", range_end: bytes | None = None):
+        """Watch every key starting with ``prefix``, or, with ``range_end``, every key in ``[prefix, range_end)``."""
         self.etcd = etcd
         self.prefix = prefix
+        self.range_end = prefix_end(prefix) if range_end is None else range_end
         self.next_revision = start_revision
         self.sink = sink
         self.probe_interval = probe_interval
@@ -72,12 +74,13 @@ class Watch:
         self._thread.start()
         return self
 
-    def cancel(self) -> None:
+    def cancel(self, wait: bool = True) -> None:
+        """Stop the watch; with ``wait``, until its thread has ended (otherwise a delivery may still follow)."""
         self._cancelled.set()
         call = self._call
         if call is not None:
             call.cancel()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
+        if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
@@ -106,7 +109,7 @@ class Watch:
 
     def _resync(self) -> bool:
         try:
-            kvs, rev = self.etcd.get_prefix(self.prefix, deadline=5.0)
+            kvs, rev = self.etcd.get_range(self.prefix, self.range_end, deadline=5.0)
         except EtcdError as exc:
             log.warning("watch on %s could not re-read the range: %s", self.prefix, exc)
             self._cancelled.wait(0.2)
@@ -117,7 +120,7 @@ class Watch:
 
     def _stream(self) -> None:
         requests: queue.Queue = queue.Queue()
-        create = rpc.WatchCreateRequest(key=self.prefix.encode(), range_end=prefix_end(self.prefix),
+        create = rpc.WatchCreateRequest(key=self.prefix.encode(), range_end=self.range_end,
                                         start_revision=self.next_revision, progress_notify=True)
         requests.put(rpc.WatchRequest(create_request=create))
         channel, auth = self.etcd.channel_and_auth()

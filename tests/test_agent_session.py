@@ -51,11 +51,11 @@ def test_a_retried_registration_never_meets_its_own_ghost(etcd_endpoint, run_id,
     calls = []
 
     def applied_then_lost(*args, **kwargs):
-        real(*args, **kwargs)  # the registration applies ...
+        res = real(*args, **kwargs)  # the registration applies ...
         calls.append(args[-1])
         if len(calls) == 1:
             raise EtcdUnavailable("the response was lost")  # ... and the agent never hears of it
-        return 0
+        return res
 
     monkeypatch.setattr(coordinator_mod.txns, "register", applied_then_lost)
     stale: list[int] = []

@@ -1,0 +1,92 @@
+"""What a round costs etcd, counted by etcd itself (its /metrics), for N in-process agents with stand-in workers.
+
+The round protocol is O(N): only the round's leader watches the joins and the registry; every other agent watches
+the job-wide keys (round, restarts, result, spec) and one peer's join key. So watch events and writes per round
+grow linearly with N. The bounds below are counts, not timings: they hold on a loaded machine too. Each test has
+an etcd of its own, so no other test's traffic is counted.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from etcd_agent.standalone import EtcdServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
+
+from etcd_metrics import diff, scrape  # noqa: E402
+from sim import JobParams, SimJob  # noqa: E402
+
+WAIT = 60.0
+
+
+@pytest.fixture
+def private_etcd():
+    server = EtcdServer(name="etcd-agent-counts")
+    server.start()
+    yield server
+    server.stop()
+
+
+def settle(job: SimJob, server: EtcdServer, quiet: float = 0.5, timeout: float = 10.0) -> dict:
+    """The metrics once nothing has been written for ``quiet`` seconds (late deletes and re-reads are counted)."""
+    deadline = time.monotonic() + timeout
+    last = scrape(server.client_url)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = scrape(server.client_url)
+        if now["revision"] == last["revision"] and now["watch_events"] == last["watch_events"]:
+            return now
+        last = now
+    return last
+
+
+def measure(server: EtcdServer, run_id: str, n: int) -> dict[str, dict]:
+    """First rendezvous, a worker crash (one restart), a graceful leave: etcd's counts for each."""
+    nodes = [f"n{i:03d}" for i in range(n)]
+    params = JobParams(server.endpoint, run_id, min_nodes=n - 1, max_nodes=n, lease_ttl=10, last_call=30.0,
+                       join_timeout=120.0, max_restarts=5)
+    costs = {}
+    with SimJob(params) as job:
+        before = scrape(server.client_url)
+        job.start(nodes)
+        first = job.wait_round(1, nodes, timeout=WAIT)
+        after = settle(job, server)
+        costs["first"] = diff(before, after)
+
+        crasher = next(node for node, s in first.items() if s.group_rank == n // 2)
+        before = after
+        assert job.end_workers([crasher], code=1) == 1
+        job.wait_round(2, nodes, timeout=WAIT)
+        after = settle(job, server)
+        costs["crash"] = diff(before, after)
+
+        leaver = next(node for node, s in first.items() if s.group_rank == 1)
+        before = after
+        job.leave(leaver)
+        survivors = [node for node in nodes if node != leaver]
+        job.wait_round(3, survivors, timeout=WAIT)
+        after = settle(job, server)
+        costs["leave"] = diff(before, after)
+    return costs
+
+
+@pytest.mark.parametrize("n", [8, 24])
+def test_watch_events_and_writes_per_round_are_linear_in_n(private_etcd, run_id, n):
+    costs = measure(private_etcd, run_id, n)
+    for what, c in costs.items():
+        print(f"N={n} {what}: events {c['watch_events']:.0f} puts {c['key_puts']:.0f} "
+              f"deletes {c['key_deletes']:.0f} txns {c['rpc_txn']:.0f} ranges {c['rpc_range']:.0f}")
+    # A restart (bump) and the round after it (joins, close): each node joins once, the leader sees every join,
+    # everyone sees the round key change (the bump writes round + restarts; the close writes the round).
+    assert costs["crash"]["watch_events"] <= 5 * n + 10, costs["crash"]
+    assert costs["leave"]["watch_events"] <= 5 * n + 10, costs["leave"]
+    # The first rendezvous also registers every node (the first leader reads the registry, then watches it).
+    assert costs["first"]["watch_events"] <= 5 * n + 10, costs["first"]
+    for what in ("crash", "leave"):
+        assert costs[what]["key_puts"] <= 2 * n + 10, (what, costs[what])
+        assert costs[what]["rpc_txn"] <= 3 * n + 10, (what, costs[what])
