@@ -3,9 +3,9 @@
     python tools/bench/bench.py [--reps N] [--out DIR] [--only NAME,...] [--kinds etcd-agent,torchrun]
 
 Scenarios live in ``scenarios.REGISTRY`` (``--list`` shows them); ``--only`` takes scenario names or groups
-(launch, crash, footprint, node-loss). Repetitions of the two launchers alternate (and alternate which goes first)
-so that the machine's noise hits both alike. etcd-agent uses one private etcd per scenario (etcd_agent.standalone)
-and a fresh run id per repetition; torchrun a fresh c10d port and rdzv id per repetition.
+(launch, crash, scale, footprint, node-loss). Repetitions of the two launchers alternate (and alternate which goes
+first) so that the machine's noise hits both alike. etcd-agent uses one private etcd per scenario
+(etcd_agent.standalone) and a fresh run id per repetition; torchrun a fresh c10d port and rdzv id per repetition.
 
 Writes into --out: results.json (every raw sample, failures with their reason and the launchers' last log lines),
 results.md (median and min-max per metric, ratio torchrun/etcd-agent), results.png (if matplotlib is installed),

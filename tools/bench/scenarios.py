@@ -70,13 +70,21 @@ def register(name: str, group: str, fn, needs_etcd: bool = True, doc: str = "", 
 
 
 # --- launch ------------------------------------------------------------------------------------------------------
+def load_factor(nodes: int) -> float:
+    """How much longer than 3 nodes' timeouts N launchers get: they start at once and share this machine's CPUs
+    (each torchrun imports torch), so a deadline grows with N. 1 for up to 3 nodes (the 60/90 s the launch and
+    crash scenarios always had), N/3 above."""
+    return max(1.0, nodes / 3)
+
+
 def launch(rep: Rep, nodes: int, nproc: int = 2) -> dict[str, float]:
     """N launchers start back to back; every worker exits 0 at once."""
     job = rep.job(str(nodes), nodes, nproc, 0, ["--mode", "exit"])
     launchers = start_all(job, rep.workdir / "logs")
+    slow = load_factor(nodes)
     try:
-        gen = wait_generation(rep.records, nodes * nproc, launchers, rep.deadline(60), FIRST, "the job")
-        wait_exit(launchers, rep.deadline(60))
+        gen = wait_generation(rep.records, nodes * nproc, launchers, rep.deadline(60 * slow), FIRST, "the job")
+        wait_exit(launchers, rep.deadline(60 * slow))
     finally:
         cleanup(launchers)
     return {
@@ -92,10 +100,11 @@ def crash(rep: Rep, nodes: int = 3, nproc: int = 2, crash_rank: int = 3) -> dict
     world = nodes * nproc
     job = rep.job(str(nodes), nodes, nproc, 1, ["--mode", "crash", "--crash-rank", str(crash_rank)])
     launchers = start_all(job, rep.workdir / "logs")
+    slow = load_factor(nodes)
     try:
-        wait_generation(rep.records, world, launchers, rep.deadline(60), FIRST, "the first attempt")
-        gen = wait_generation(rep.records, world, launchers, rep.deadline(90), RESTARTED, "the restart")
-        wait_exit(launchers, rep.deadline(60))
+        wait_generation(rep.records, world, launchers, rep.deadline(60 * slow), FIRST, "the first attempt")
+        gen = wait_generation(rep.records, world, launchers, rep.deadline(90 * slow), RESTARTED, "the restart")
+        wait_exit(launchers, rep.deadline(60 * slow))
     finally:
         cleanup(launchers)
     t_exit = [r["t_exit"] for r in records(rep.records) if r["full_gen"] == 0 and "t_exit" in r]
@@ -192,6 +201,12 @@ def vm_hwm(pid: int) -> int:
 for _n in (1, 2, 3):
     register(f"launch-{_n}x2", "launch", launch, doc=f"{_n} node(s) x 2 workers, all exit 0", nodes=_n)
 register("crash-3x2", "crash", crash, doc="3 nodes x 2, rank 3 exits 1 in restart 0, max-restarts 1")
+SCALE = (2, 4, 8, 16)  # scale: N launchers of one worker each; "x1" keeps the names apart from launch-Nx2
+for _n in SCALE:
+    register(f"launch-{_n}x1", "scale", launch, doc=f"{_n} nodes x 1 worker, all exit 0", nodes=_n, nproc=1)
+for _n in SCALE:
+    register(f"crash-{_n}x1", "scale", crash, doc=f"{_n} nodes x 1, rank 1 exits 1 in restart 0, max-restarts 1",
+             nodes=_n, nproc=1, crash_rank=1)
 register("footprint-import", "footprint", import_time, needs_etcd=False, doc="import of the launcher module")
 register("footprint-rss", "footprint", memory, doc="1 node x 2 workers that wait for a file")
 register("node-loss-sigkill", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) x 2, SIGKILL launcher 3 and its "
