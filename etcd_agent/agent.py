@@ -201,8 +201,8 @@ class Agent:
             changes["min_reached_at"] = None  # the last call starts again when MIN is reached again
         elif rnd and self.local.min_reached_at is None:
             changes["min_reached_at"] = now
-        plan_nodes = set(v.plan.nodes) if v.plan else set()
-        newcomers = bool(rnd and rnd.phase == "running" and set(v.nodes) - plan_nodes)
+        newcomers = bool(rnd and rnd.phase == "running" and v.plan
+                         and any(v.plan.member(n) is None for n in v.nodes))
         if not newcomers:
             changes["newcomers_since"] = None
         elif self.local.newcomers_since is None:

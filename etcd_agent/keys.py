@@ -23,6 +23,7 @@ numeric order. Imports only ``errors``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from typing import Any
@@ -55,7 +56,7 @@ class RunKeys:
     root: str
     run_id: str
 
-    @property
+    @functools.cached_property
     def prefix(self) -> str:
         """The run prefix with a trailing slash: every job of the run lies under it."""
         return f"{self.root}/{self.run_id}/"
@@ -100,7 +101,7 @@ class Keys:
     def job_pointer(self) -> str:
         return self.run.job()
 
-    @property
+    @functools.cached_property
     def prefix(self) -> str:
         """The job prefix with a trailing slash: every key of the job starts with it."""
         return f"{self.run.prefix}{self.gen:0{GEN_DIGITS}d}/"

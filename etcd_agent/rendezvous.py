@@ -150,7 +150,9 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return Wait(f"joined round {r.number}; {leader} leads it")
     count = len(v.joins)
     timeout_at = me.round_seen_at + p.join_timeout
-    ranking = rank_joiners(list(v.joins.values()), p.max_nodes)
+    # Below MIN the ranking is not needed (the leader sees every join: it must not sort them all each time).
+    ranking = rank_joiners(list(v.joins.values()), p.max_nodes) if count >= p.min_nodes or me.now >= timeout_at \
+        else None
     waiting = count < p.min_nodes or bool(ranking.blocked)  # the round cannot close yet: the join timeout runs
     if waiting and me.now >= timeout_at:
         return End(r, FAILED, result(r, FAILED, me.wall, v, _timed_out(v, r, p, ranking)))
@@ -192,8 +194,8 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return Wait(f"round {r.number} is running but its plan is not visible yet")
     member = plan.member(me.node)
     # Only a loss this view watches counts: the leader watches every member, the others one peer each (a ring).
-    lost = [n for n in plan.nodes if n not in v.exits and (v.watches(n) or n == me.node)
-            and (n not in v.joins or (n == me.node and _stale(v, me)))]
+    watched = plan.nodes if v.full else [n for n in (me.node, *sorted(v.scope.watched)) if plan.member(n)]
+    lost = [n for n in watched if n not in v.exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
     if member is not None and me.outcome == "failed" and me.workers_round == r.number:
         return _fail_or_bump(v, r, me, p, f"{_describe(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
@@ -205,7 +207,7 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return StartWorkers(plan, member)
     if me.outcome == "succeeded" and me.node not in v.exits:
         return WriteExit(r)
-    if set(plan.nodes) <= v.exits:
+    if len(v.exits) >= len(plan.members) and set(plan.nodes) <= v.exits:
         return End(r, DONE, result(r, "succeeded", me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
     newcomers = sorted(n for n in v.nodes if plan.member(n) is None) if v.full else []
     if newcomers and len(plan.members) < p.max_nodes and not v.exits:

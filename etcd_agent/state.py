@@ -127,10 +127,6 @@ class View:
     def full(self) -> bool:
         return self.scope is None or self.scope.full
 
-    def watches(self, node: str) -> bool:
-        """Whether this view would show ``node``'s join key vanishing."""
-        return self.full or node in self.scope.watched
-
 
 def in_range(key: str, start: str, end: bytes) -> bool:
     """Whether ``key`` lies in the etcd range ``[start, end)``; an empty ``end`` is the single key ``start``."""
