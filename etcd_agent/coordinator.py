@@ -39,7 +39,7 @@ from .keys import Keys, RunKeys
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .session import Session
 from .state import FINAL_PHASES, JOINING, Mirror, Scope, View
-from .watch import Resync, Watch
+from .watch import Resync, WatchStream
 
 log = logging.getLogger("etcd_agent.coordinator")
 
@@ -57,10 +57,10 @@ class Coordinator:
         self.keys: Keys | None = None  # this agent's job of the run, known once ``open`` found it
         self.mirror: Mirror | None = None
         self.session: Session | None = None
-        self.watch: Watch | None = None
         self.joined_round = 0  # the round whose join key this agent wrote last
         self.scope = Scope(False)  # what the mirror covers, set by ``maintain``
-        self._watches: dict[str, tuple[Watch, str, bytes]] = {}  # name -> (watch, start, end)
+        self.stream: WatchStream | None = None  # every range this agent watches, on one stream
+        self._watches: dict[str, tuple[int, str, bytes]] = {}  # name -> (token of the stream's range, start, end)
         self._known: dict[str, int] = {}  # name -> revision through which that watch's range is known
         self._leaders: dict[int, str] = {}  # round -> its leader, as this agent's join txn (or a re-read) found
         self._round = 0
@@ -121,8 +121,8 @@ class Coordinator:
     def close(self) -> None:
         """Stop the watches, revoke the lease (this node's keys vanish at once) unless it is lost, close the
         client."""
-        for name in list(self._watches):
-            self._unwatch(name, wait=True)
+        if self.stream is not None:
+            self.stream.cancel()
         if self.session and not self.session.lost.is_set():
             self.session.close(revoke=True)
         self.etcd.close()
@@ -131,7 +131,8 @@ class Coordinator:
     def _ensure(self, name: str, start: str, end: bytes, snapshot: tuple[list, int] | None = None) -> None:
         """Watch ``[start, end)`` under ``name`` (an empty ``end``: the one key ``start``): read it (or take
         ``snapshot``, a read made by a txn), put it into the mirror, and watch from that read's revision + 1, so
-        no change is missed. A watch of another range under the same name is stopped first."""
+        no change is missed. What was watched under that name before is dropped first. All of an agent's ranges
+        share one watch stream."""
         current = self._watches.get(name)
         if current is not None and current[1:] == (start, end):
             return
@@ -140,19 +141,18 @@ class Coordinator:
         kvs, rev = snapshot if snapshot is not None else self.etcd.get_range(start, end)
         self.mirror.reset_range(start, end, kvs, rev)
         self._known[name] = rev
-        watch = Watch(self.etcd, start, rev + 1, None, probe_interval=self.timings.watch_probe,
-                      name=f"watch-{name}-{self.node}", range_end=end)
-        watch.sink = lambda delivery, w=watch: self._sink(("watch", (name, w, delivery)))
-        self._watches[name] = (watch, start, end)
-        watch.start()
+        if self.stream is None:
+            self.stream = WatchStream(self.etcd, lambda n, token, d: self._sink(("watch", (n, token, d))),
+                                      probe_interval=self.timings.watch_probe, name=f"watch-{self.node}").start()
+        self._watches[name] = (self.stream.add(name, start, end, rev + 1), start, end)
 
-    def _unwatch(self, name: str, wait: bool = False) -> None:
-        """Stop the watch ``name`` and forget what only it kept current (this node's own keys and plans stay)."""
+    def _unwatch(self, name: str) -> None:
+        """Stop watching ``name`` and forget what only it kept current (this node's own keys and plans stay)."""
         current = self._watches.pop(name, None)
         if current is None:
             return
-        watch, start, end = current
-        watch.cancel(wait=wait)
+        _token, start, end = current
+        self.stream.remove(name)
         self._known.pop(name, None)
         if self.mirror is not None:
             self.mirror.drop_range(start, end, keep=self._own)
@@ -251,9 +251,9 @@ class Coordinator:
     # --- the mirror ------------------------------------------------------------------------------------------
     def apply(self, item) -> None:
         """A watch delivery into the mirror; a delivery of a watch stopped since is no news."""
-        name, watch, delivery = item
+        name, token, delivery = item
         current = self._watches.get(name)
-        if current is None or current[0] is not watch:
+        if current is None or current[0] != token:
             return
         _w, start, end = current
         if isinstance(delivery, Resync):

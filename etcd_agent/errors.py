@@ -54,14 +54,6 @@ class EtcdRequestError(EtcdError):
     """etcd rejected a request (too large, bad argument, ...)."""
 
 
-class Compacted(EtcdError):
-    """A watch asked for a revision that etcd already compacted away."""
-
-    def __init__(self, compact_revision: int):
-        super().__init__(f"revision compacted (oldest kept revision is {compact_revision})")
-        self.compact_revision = compact_revision
-
-
 class WatchBroken(EtcdError):
     """A watch stream ended or fell silent; the watch resumes from the last event's revision + 1."""
 

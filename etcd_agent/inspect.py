@@ -82,7 +82,7 @@ def snapshot(mirror: Mirror) -> dict:
     return {"revision": v.revision, "spec": v.spec, "nodes": v.nodes,
             "round": v.round and {"round": v.round.number, "phase": v.round.phase, "reason": v.round.reason},
             "restarts": v.restarts and {"used": v.restarts.used, "max": v.restarts.max},
-            "joined": sorted(v.joins), "plan": v.plan.to_json() if v.plan else None,
+            "joined": sorted(v.joins), "plan": v.plan.expanded() if v.plan else None,
             "exited": sorted(v.exits), "failures": failures(mirror), "result": v.result}
 
 

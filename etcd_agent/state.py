@@ -93,10 +93,16 @@ class Plan:
         return [m.node for m in self.members]
 
     def to_json(self) -> dict:
+        """The plan as stored in etcd. Every member reads it once per round, so it is compact: one
+        ``[node, nproc, addr]`` per member in group-rank order (group ranks and rank offsets follow from the order)."""
         return {"round": self.round, "world_size": self.world_size, "group_world_size": len(self.members),
                 "master_addr": self.master_addr, "master_port": self.master_port,
                 "restart_count": self.restart_count, "max_restarts": self.max_restarts, "leader": self.leader,
-                "members": [dataclasses.asdict(m) for m in self.members]}
+                "members": [[m.node, m.nproc, m.addr] for m in self.members]}
+
+    def expanded(self) -> dict:
+        """The plan with every member spelled out (``status --json``)."""
+        return {**self.to_json(), "members": [dataclasses.asdict(m) for m in self.members]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,10 +381,20 @@ def parse_join(kv) -> Join:
 
 def parse_plan(key: str, obj: dict, mod_revision: int) -> Plan:
     try:
-        members = tuple(Member(str(m["node"]), int(m["group_rank"]), str(m.get("host", "")), str(m["addr"]),
-                               int(m["nproc"]), int(m["rank_offset"])) for m in obj["members"])
-        return Plan(int(obj["round"]), members, str(obj["master_addr"]), int(obj["master_port"]),
+        members, offset = [], 0
+        for rank, m in enumerate(obj["members"]):
+            if isinstance(m, list):  # [node, nproc, addr]
+                node, nproc, addr = m
+                members.append(Member(str(node), rank, "", str(addr), int(nproc), offset))
+            else:  # spelled out, as plans were written before they became compact
+                members.append(Member(str(m["node"]), int(m["group_rank"]), str(m.get("host", "")), str(m["addr"]),
+                                      int(m["nproc"]), int(m["rank_offset"])))
+            offset += members[-1].nproc
+        plan = Plan(int(obj["round"]), tuple(members), str(obj["master_addr"]), int(obj["master_port"]),
                     int(obj["restart_count"]), int(obj.get("max_restarts", 0)), mod_revision,
                     str(obj.get("leader") or ""))
     except (TypeError, ValueError, KeyError) as exc:
         raise BadKeyData(key, f"bad plan: {exc!r}") from exc
+    if [m.group_rank for m in plan.members] != list(range(len(plan.members))):
+        raise BadKeyData(key, "bad plan: members are not in group-rank order 0..n-1")
+    return plan

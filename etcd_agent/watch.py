@@ -1,7 +1,9 @@
-"""A resumable watch over one key range that never silently stops.
+"""Resumable watches over key ranges that never silently stop.
 
 The library's own watcher thread dies without a sign after a stream break, so this module drives the Watch RPC
-itself over the client's stub. Guarantees:
+itself over the client's stub. ``WatchStream`` carries several ranges on one stream (an agent changes what it
+watches every round: that is a request on the open stream, not a new stream and its threads); ``Watch`` is one
+range on a stream of its own. Guarantees, for each range:
 - Events arrive in revision order through ``sink``; after any stream error the watch resumes from the
   mod_revision of the last EVENT received + 1 (never the header's revision), so nothing is lost. A resumed
   watch can replay an event: consumers must be idempotent.
@@ -26,7 +28,7 @@ from typing import Callable, Union
 
 import grpc
 
-from .errors import Compacted, EtcdError, WatchBroken
+from .errors import EtcdError, WatchBroken
 from .etcd import KV, Etcd, map_grpc_error, prefix_end, rpc
 
 log = logging.getLogger("etcd_agent.watch")
@@ -55,135 +57,28 @@ Delivery = Union[list[Event], Resync]
 
 
 class Watch:
+    """One key range on a stream of its own (``WatchStream`` with one range): ``sink(delivery)`` gets its events,
+    and a ``Resync`` after a compaction."""
+
     def __init__(self, etcd: Etcd, prefix: str, start_revision: int, sink: Callable[[Delivery], None],
                  probe_interval: float = 1.0, name: str = "watch", range_end: bytes | None = None):
         """Watch every key starting with ``prefix``, or, with ``range_end``, every key in ``[prefix, range_end)``."""
-        self.etcd = etcd
         self.prefix = prefix
         self.range_end = prefix_end(prefix) if range_end is None else range_end
-        self.next_revision = start_revision
-        self.sink = sink
-        self.probe_interval = probe_interval
-        self.resumes = 0
-        self._delivered = False  # the current stream answered at least once
-        self._cancelled = threading.Event()
-        self._call = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._stream = WatchStream(etcd, lambda _name, _token, delivery: sink(delivery), probe_interval, name)
+        self._stream.add("range", prefix, self.range_end, start_revision)
+
+    @property
+    def resumes(self) -> int:
+        return self._stream.resumes
 
     def start(self) -> "Watch":
-        self._thread.start()
+        self._stream.start()
         return self
 
     def cancel(self, wait: bool = True) -> None:
         """Stop the watch; with ``wait``, until its thread has ended (otherwise a delivery may still follow)."""
-        self._cancelled.set()
-        call = self._call
-        if call is not None:
-            call.cancel()
-        if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        backoff = 0.05
-        while not self._cancelled.is_set():
-            try:
-                self._stream()
-            except Compacted as exc:
-                log.warning("watch on %s: revision %d was compacted (oldest %d); re-reading the range",
-                            self.prefix, self.next_revision, exc.compact_revision)
-                if not self._resync():
-                    continue
-            except Exception as exc:  # noqa: BLE001 - whatever broke the stream, this thread must not die
-                if self._cancelled.is_set():
-                    return
-                self.resumes += 1
-                if not isinstance(exc, (WatchBroken, EtcdError)):
-                    log.exception("watch on %s failed unexpectedly; resuming", self.prefix)
-                log.info("watch on %s broke (%s); resuming from revision %d", self.prefix, exc, self.next_revision)
-                if self._delivered:
-                    backoff, self._delivered = 0.05, False  # it was healthy: the first retry is quick again
-                self._cancelled.wait(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            backoff = 0.05
-
-    def _resync(self) -> bool:
-        try:
-            kvs, rev = self.etcd.get_range(self.prefix, self.range_end, deadline=5.0)
-        except EtcdError as exc:
-            log.warning("watch on %s could not re-read the range: %s", self.prefix, exc)
-            self._cancelled.wait(0.2)
-            return False
-        self.next_revision = rev + 1
-        self.sink(Resync(kvs, rev))
-        return True
-
-    def _stream(self) -> None:
-        requests: queue.Queue = queue.Queue()
-        create = rpc.WatchCreateRequest(key=self.prefix.encode(), range_end=self.range_end,
-                                        start_revision=self.next_revision, progress_notify=True)
-        requests.put(rpc.WatchRequest(create_request=create))
-        channel, auth = self.etcd.channel_and_auth()
-        stub = rpc.WatchStub(channel)
-
-        def request_iter():
-            while True:
-                item = requests.get()
-                if item is None:
-                    return
-                yield item
-
-        call = stub.Watch(request_iter(), **auth)
-        self._call = call
-        last_seen = [time.monotonic()]
-        silent = threading.Event()
-        done = threading.Event()
-        probe = threading.Thread(target=self._probe, args=(call, requests, last_seen, silent, done),
-                                 name="watch-probe", daemon=True)
-        probe.start()
-        try:
-            for resp in call:
-                last_seen[0] = time.monotonic()
-                self._delivered = True
-                self._handle(resp)
-            raise WatchBroken("the stream ended")
-        except grpc.RpcError as exc:
-            if silent.is_set():
-                self.etcd.mark_failed()
-                raise WatchBroken(f"no answer for {3 * self.probe_interval:.1f} s") from exc
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.etcd.mark_failed()
-            raise map_grpc_error(exc, f"watch {self.prefix}") from exc
-        finally:
-            done.set()
-            requests.put(None)
-            self._call = None
-            call.cancel()
-
-    def _probe(self, call, requests: queue.Queue, last_seen: list, silent: threading.Event,
-               done: threading.Event) -> None:
-        """Ask for progress every interval; cancel the stream when it has been silent for three."""
-        while not done.wait(self.probe_interval):
-            if time.monotonic() - last_seen[0] > 3 * self.probe_interval:
-                silent.set()
-                call.cancel()
-                return
-            requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
-
-    def _handle(self, resp) -> None:
-        if resp.compact_revision:
-            raise Compacted(resp.compact_revision)
-        if resp.canceled:
-            raise WatchBroken(f"etcd canceled the watch: {resp.cancel_reason or 'no reason given'}")
-        if not resp.events:
-            # Created, or a progress notification. Its revision is never taken as "every event up to here was
-            # delivered": on etcd 3.4.23 a requested progress notification can overtake events still in the
-            # stream (etcd issue 15220; measured here), so the stream's liveness is all it proves.
-            return
-        events = [Event("delete" if ev.type == _DELETE else "put", KV.from_pb(ev.kv))
-                  for ev in resp.events]
-        self.next_revision = events[-1].kv.mod_revision + 1
-        self.sink(events)
+        self._stream.cancel(wait)
 
 
 def wait_deleted(etcd: Etcd, key: str, revision: int, timeout: float, probe_interval: float = 1.0) -> bool:
@@ -208,3 +103,210 @@ def wait_deleted(etcd: Etcd, key: str, revision: int, timeout: float, probe_inte
         return False
     finally:
         watch.cancel()
+
+
+@dataclasses.dataclass
+class _Range:
+    name: str
+    token: int
+    start: str
+    end: bytes
+    next_revision: int
+    watch_id: int | None = None  # etcd's id on the current stream, once created
+    removed: bool = False
+
+
+class WatchStream:
+    """Several key ranges watched over ONE Watch stream (etcd multiplexes watchers on a stream), so that an agent
+    changing what it watches each round costs a request on the open stream, not a new stream and its threads.
+
+    The guarantees of ``Watch`` hold for each range: its events arrive in revision order through
+    ``sink(name, token, delivery)``; after any stream error every range resumes from the mod_revision of its last
+    event + 1; a range whose revision was compacted is re-read and handed over as a ``Resync``; a stream silent for
+    three probe intervals is declared dead (the endpoint marked failed) and resumed. ``token`` is what ``add``
+    returned: a delivery for a token that was removed or replaced since is stale, and the consumer drops it.
+    """
+
+    def __init__(self, etcd: Etcd, sink: Callable[[str, int, Delivery], None], probe_interval: float = 1.0,
+                 name: str = "watch-stream"):
+        self.etcd = etcd
+        self.sink = sink
+        self.probe_interval = probe_interval
+        self.resumes = 0
+        self._lock = threading.Lock()
+        self._ranges: dict[str, _Range] = {}  # name -> the range watched under it
+        self._by_id: dict[int, _Range] = {}
+        self._pending: list[_Range] = []  # create requests sent on the current stream, not yet answered, in order
+        self._requests: queue.Queue | None = None  # the current stream's requests
+        self._tokens = 0
+        self._delivered = False
+        self._cancelled = threading.Event()
+        self._call = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "WatchStream":
+        self._thread.start()
+        return self
+
+    def add(self, name: str, start: str, end: bytes, start_revision: int) -> int:
+        """Watch ``[start, end)`` (an empty ``end``: the one key ``start``) from ``start_revision`` under ``name``,
+        replacing what was watched under that name; returns the token its deliveries carry."""
+        with self._lock:
+            self._remove_locked(name)
+            self._tokens += 1
+            r = _Range(name, self._tokens, start, end, start_revision)
+            self._ranges[name] = r
+            if self._requests is not None:
+                self._create_locked(r)
+            return r.token
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._remove_locked(name)
+
+    def _remove_locked(self, name: str) -> None:
+        r = self._ranges.pop(name, None)
+        if r is None:
+            return
+        r.removed = True
+        if r.watch_id is not None:
+            self._by_id.pop(r.watch_id, None)
+            if self._requests is not None:
+                self._requests.put(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(watch_id=r.watch_id)))
+        # still pending: cancelled as soon as etcd says which id it got
+
+    def _create_locked(self, r: _Range) -> None:
+        self._pending.append(r)
+        self._requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=r.start.encode(), range_end=r.end, start_revision=r.next_revision, progress_notify=True)))
+
+    def cancel(self, wait: bool = True) -> None:
+        self._cancelled.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._cancelled.is_set():
+            try:
+                self._stream()
+            except Exception as exc:  # noqa: BLE001 - whatever broke the stream, this thread must not die
+                if self._cancelled.is_set():
+                    return
+                self.resumes += 1
+                if not isinstance(exc, (WatchBroken, EtcdError)):
+                    log.exception("watch stream failed unexpectedly; resuming")
+                log.info("watch stream broke (%s); resuming %d range(s)", exc, len(self._ranges))
+                if self._delivered:
+                    backoff, self._delivered = 0.05, False
+                self._cancelled.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    def _stream(self) -> None:
+        requests: queue.Queue = queue.Queue()
+        channel, auth = self.etcd.channel_and_auth()
+        stub = rpc.WatchStub(channel)
+
+        def request_iter():
+            while True:
+                item = requests.get()
+                if item is None:
+                    return
+                yield item
+
+        call = stub.Watch(request_iter(), **auth)
+        self._call = call
+        with self._lock:
+            self._requests, self._pending, self._by_id = requests, [], {}
+            for r in self._ranges.values():
+                r.watch_id = None
+                self._create_locked(r)
+        last_seen = [time.monotonic()]
+        silent = threading.Event()
+        done = threading.Event()
+        probe = threading.Thread(target=self._probe, args=(call, requests, last_seen, silent, done),
+                                 name="watch-stream-probe", daemon=True)
+        probe.start()
+        try:
+            for resp in call:
+                last_seen[0] = time.monotonic()
+                self._delivered = True
+                self._handle(resp, requests)
+            raise WatchBroken("the stream ended")
+        except grpc.RpcError as exc:
+            if silent.is_set():
+                self.etcd.mark_failed()
+                raise WatchBroken(f"no answer for {3 * self.probe_interval:.1f} s") from exc
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.etcd.mark_failed()
+            raise map_grpc_error(exc, "watch") from exc
+        finally:
+            done.set()
+            with self._lock:
+                self._requests = None
+            requests.put(None)
+            self._call = None
+            call.cancel()
+
+    def _probe(self, call, requests: queue.Queue, last_seen: list, silent: threading.Event,
+               done: threading.Event) -> None:
+        while not done.wait(self.probe_interval):
+            if time.monotonic() - last_seen[0] > 3 * self.probe_interval:
+                silent.set()
+                call.cancel()
+                return
+            requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+
+    def _handle(self, resp, requests: queue.Queue) -> None:
+        with self._lock:
+            if resp.created:
+                r = self._pending.pop(0) if self._pending else None
+                if r is None:
+                    return
+                r.watch_id = resp.watch_id
+                if r.removed:
+                    requests.put(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(watch_id=resp.watch_id)))
+                    return
+                self._by_id[resp.watch_id] = r
+                if not resp.canceled:
+                    return
+            r = self._by_id.get(resp.watch_id)
+            if r is None or r.removed:
+                return  # a range removed since, or a progress notification for the whole stream
+            if resp.compact_revision or resp.canceled:
+                del self._by_id[resp.watch_id]
+                r.watch_id = None
+        if resp.compact_revision:
+            log.warning("watch on %s: revision %d was compacted (oldest %d); re-reading the range", r.start,
+                        r.next_revision, resp.compact_revision)
+            self._resync(r)
+            return
+        if resp.canceled:
+            raise WatchBroken(f"etcd canceled the watch on {r.start}: {resp.cancel_reason or 'no reason given'}")
+        if not resp.events:
+            return  # a progress notification: liveness only (etcd issue 15220, see Watch._handle)
+        events = [Event("delete" if ev.type == _DELETE else "put", KV.from_pb(ev.kv)) for ev in resp.events]
+        r.next_revision = events[-1].kv.mod_revision + 1
+        self.sink(r.name, r.token, events)
+
+    def _resync(self, r: _Range) -> None:
+        """Re-read a compacted range, hand it over, and watch it again from that read (on this stream)."""
+        while not self._cancelled.is_set():
+            try:
+                kvs, rev = self.etcd.get_range(r.start, r.end, deadline=5.0)
+                break
+            except EtcdError as exc:
+                log.warning("watch on %s could not re-read the range: %s", r.start, exc)
+                self._cancelled.wait(0.2)
+        else:
+            return
+        with self._lock:
+            if r.removed:
+                return
+            r.next_revision = rev + 1
+            if self._requests is not None:
+                self._create_locked(r)
+        self.sink(r.name, r.token, Resync(kvs, rev))

@@ -84,6 +84,13 @@ def keys_of(run_id: str, gen: int = 1) -> Keys:
     return Keys(ROOT, run_id, gen)
 
 
+def plan_nodes(plan: dict) -> list[str]:
+    """The members of a plan value read from etcd, in group-rank order."""
+    from etcd_agent.state import parse_plan
+
+    return parse_plan("plan", plan, 0).nodes
+
+
 def job_keys(endpoint: str, run_id: str, gen: int | None = None) -> dict[str, dict]:
     """Every key under the prefix of job ``gen`` of the run (default: the run's current job, from its pointer)
     with its JSON value (raises if any value is not JSON)."""

@@ -16,7 +16,8 @@ import time
 import psutil
 import pytest
 
-from agents import AgentProc, RoundWatcher, job_keys, keys_of, poll_until, start_agents, wait_all, wait_records
+from agents import (AgentProc, RoundWatcher, job_keys, keys_of, plan_nodes, poll_until, start_agents, wait_all,
+                    wait_records)
 from etcd_agent import txns
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd import Etcd
@@ -111,7 +112,7 @@ def test_graceful_leave_reforms_at_once(job, etcd_endpoint, run_id):
     assert wait_all(agents[:2]) == [0, 0]
     keys = job_keys(etcd_endpoint, run_id)
     plan = keys[keys_of(run_id).plan(r2)]
-    assert sorted(m["node"] for m in plan["members"]) == ["node-0", "node-1"]
+    assert sorted(plan_nodes(plan)) == ["node-0", "node-1"]
     assert keys[keys_of(run_id).restarts()]["used"] == 1
 
 
@@ -137,7 +138,7 @@ def test_hard_loss_and_freeze_reform_within_ttl(sig, job, etcd_endpoint, run_id)
     assert detect < TTL + 3 and "node-2 left" in bumped["reason"]
     gone_within(survivors_old, 5)  # the stuck workers of round 1 were killed, not left behind
     plan2 = job_keys(etcd_endpoint, run_id)[keys_of(run_id).plan(r2)]
-    assert sorted(m["node"] for m in plan2["members"]) == ["node-0", "node-1"]
+    assert sorted(plan_nodes(plan2)) == ["node-0", "node-1"]
     if sig == "SIGSTOP":
         frozen_workers = victims[1:]
         for p in victims:

@@ -142,3 +142,54 @@ def test_unreachable_etcd_is_our_error_naming_the_endpoint():
     with pytest.raises(EtcdUnavailable, match=endpoint):
         e.get("/x")
     e.close()
+
+
+def test_one_stream_carries_several_ranges_that_come_and_go(own_etcd):
+    """WatchStream: ranges added and removed on the open stream, each resumed after an etcd restart, a removed
+    range never delivers again, and a compacted range is re-read while the others go on."""
+    from etcd_agent.watch import WatchStream
+
+    e, writer = client(own_etcd.endpoint), client(own_etcd.endpoint)
+    rev = e.put("/m/start", b"0")
+    q: queue.Queue = queue.Queue()
+    stream = WatchStream(e, lambda name, token, d: q.put((name, token, d)), probe_interval=0.3).start()
+
+    def take(count: int, timeout: float = 15.0) -> list[tuple[str, str]]:
+        got, deadline = [], time.monotonic() + timeout
+        while len(got) < count:
+            name, _token, d = q.get(timeout=max(0.01, deadline - time.monotonic()))
+            got.extend((name, "resync") if isinstance(d, Resync) else (name, ev.key) for ev in
+                       ([d] if isinstance(d, Resync) else d))
+        return got
+
+    a = stream.add("a", "/m/a/", b"/m/a0", rev + 1)
+    stream.add("one", "/m/key", b"", rev + 1)  # a single key: /m/key2 is not it
+    writer.put("/m/a/1", b"x")
+    writer.put("/m/key2", b"x")
+    writer.put("/m/key", b"x")
+    assert sorted(take(2)) == [("a", "/m/a/1"), ("one", "/m/key")]
+    stream.remove("one")
+    b = stream.add("a", "/m/b/", b"/m/b0", writer.put("/m/b/0", b"x"))  # replaces "a": a new token
+    assert b != a
+    writer.put("/m/a/2", b"x")  # no longer watched
+    last = writer.put("/m/b/1", b"x")
+    writer.put("/m/key", b"y")
+    assert take(2) == [("a", "/m/b/0"), ("a", "/m/b/1")]
+
+    own_etcd.restart()
+    for i in range(3):  # written while the stream is reconnecting
+        writer.put(f"/m/b/r{i}", b"x", deadline=15)
+    assert take(3) == [("a", f"/m/b/r{i}") for i in range(3)]
+    assert stream.resumes >= 1
+
+    e.compact(writer.put("/m/b/c", b"x"))  # the stream already has /m/b/c or gets it; then a stale add
+    take(1)
+    stream.add("old", "/m/a/", b"/m/a0", last)  # a revision compacted away: re-read, then watched on
+    got = take(1)
+    assert got == [("old", "resync")]
+    writer.put("/m/a/3", b"x")
+    assert take(1) == [("old", "/m/a/3")]
+    assert q.empty()
+    stream.cancel()
+    e.close()
+    writer.close()

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from agents import ROOT, AgentProc, job_keys, keys_of, records, start_agents, wait_all, wait_for_key, wait_records
+from agents import (ROOT, AgentProc, job_keys, keys_of, plan_nodes, records, start_agents, wait_all, wait_for_key,
+                    wait_records)
 from etcd_agent.keys import RunKeys
 
 TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
@@ -217,7 +218,7 @@ def test_agents_re_running_a_finished_run_at_once_share_one_new_job(etcd_endpoin
     assert {r["pid"] for r in recs.values()}.isdisjoint(r["pid"] for r in gen1_records.values())
     keys = job_keys(etcd_endpoint, run_id)
     assert keys[keys_of(run_id, 2).result()]["outcome"] == "succeeded"
-    assert sorted(m["node"] for m in keys[keys_of(run_id, 2).plan(1)]["members"]) == ["node-0", "node-1"]
+    assert sorted(plan_nodes(keys[keys_of(run_id, 2).plan(1)])) == ["node-0", "node-1"]
     assert job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id, 1).result()]["outcome"] == "succeeded"
     assert not job_keys(etcd_endpoint, run_id, gen=3), "no third job was started"
 

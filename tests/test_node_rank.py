@@ -7,12 +7,13 @@ import queue
 import threading
 import time
 
-from agents import JOB, AgentProc, job_keys, keys_of, records, wait_all, wait_for_key
+from agents import JOB, AgentProc, job_keys, keys_of, plan_nodes, records, wait_all, wait_for_key
 
 from etcd_agent import txns
 from etcd_agent.coordinator import Coordinator
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
 from etcd_agent.standalone import free_port
+from etcd_agent.state import parse_plan
 
 
 def agent(etcd_endpoint, run_id, tmp_path, node: str, rank: int, *extra: str) -> AgentProc:
@@ -32,8 +33,8 @@ def test_pinned_ranks_and_master_address_are_what_the_flags_say(etcd_endpoint, r
     second = agent(etcd_endpoint, run_id, tmp_path, "node-b", 0, *static)
     assert wait_all([first, second]) == [0, 0], [a.stderr()[-3000:] for a in (first, second)]
     plan = job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id).plan(1)]
-    assert [(m["node"], m["group_rank"], m["rank_offset"]) for m in plan["members"]] == [("node-b", 0, 0),
-                                                                                         ("node-a", 1, 2)]
+    members = parse_plan("plan", plan, 0).members
+    assert [(m.node, m.group_rank, m.rank_offset) for m in members] == [("node-b", 0, 0), ("node-a", 1, 2)]
     envs = [r["env"] for r in records(tmp_path / "out").values()]
     assert len(envs) == 4
     assert {(e["MASTER_ADDR"], e["MASTER_PORT"]) for e in envs} == {("127.0.0.1", str(port))}
@@ -55,7 +56,7 @@ def test_a_taken_rank_is_a_clear_error_and_is_free_again_once_its_holder_died(et
     other = agent(etcd_endpoint, run_id, tmp_path, "node-d", 1)
     assert wait_all([replacement, other]) == [0, 0], [a.stderr()[-3000:] for a in (replacement, other)]
     plan = job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id).plan(1)]
-    assert [m["node"] for m in plan["members"]] == ["node-c", "node-d"]
+    assert plan_nodes(plan) == ["node-c", "node-d"]
 
 
 def test_a_re_created_session_claims_its_rank_again_on_the_new_lease(etcd_endpoint, run_id):

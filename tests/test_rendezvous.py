@@ -9,7 +9,7 @@ import pytest
 from etcd_agent.rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
                                    StopWorkers, Wait, WriteExit, build_plan, decide)
 from etcd_agent.state import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
-                              View)
+                              Scope, View)
 
 ME = "node-a"
 ROUND_REV = 500
@@ -641,3 +641,54 @@ def test_max_joiners_with_pins_close_at_once():
     assert isinstance(action, ClosePlan)
     assert action.plan.nodes == ["node-b", ME]
     assert action.plan.master_addr == "addr-node-b"
+
+
+# --- partial views: what an agent that does not lead the round sees -------------------------------------------
+
+def partial(v: View, *watched: str) -> View:
+    """``v`` as a non-leader's mirror shows it: only this node's keys and the ``watched`` peers' join keys."""
+    keep = {ME, *watched}
+    return dataclasses.replace(v, joins={n: j for n, j in v.joins.items() if n in keep},
+                               nodes={n: r for n, r in v.nodes.items() if n == ME}, scope=Scope(False, frozenset(watched)))
+
+
+def test_a_joiner_that_does_not_lead_waits_and_never_times_the_round_out():
+    v = partial(view(phase=JOINING, joins=["node-b", ME]), "node-b")
+    late = me(round_seen_at=NOW - 10 * PARAMS.join_timeout)
+    action = decide(v, late, PARAMS)
+    assert isinstance(action, Wait) and action.deadline is None and "node-b leads it" in action.why
+
+
+def test_the_leader_closes_with_the_leader_recorded_in_the_plan():
+    v = view(phase=JOINING, nodes=[ME, "node-b", "node-c", "node-d"], joins=[ME, "node-b", "node-c", "node-d"])
+    action = decide(v, me(), PARAMS)
+    assert isinstance(action, ClosePlan) and action.plan.leader == ME
+    assert action.plan.leader_node == ME
+
+
+def test_a_member_that_does_not_lead_sees_only_the_loss_of_the_peer_it_watches():
+    plan = mk_plan(3, [ME, "node-b", "node-c"])
+    unwatched_gone = partial(view(plan=plan, joins=[ME]), "node-c")
+    assert "node-c" not in unwatched_gone.joins
+    action = decide(unwatched_gone, running_here(), PARAMS)
+    assert isinstance(action, Bump) and "node-c" in action.reason  # its watched peer vanished: that is a loss
+    nothing_known = partial(view(plan=plan, joins=[ME, "node-c"]), "node-c")
+    assert isinstance(decide(nothing_known, running_here(), PARAMS), Wait)  # node-b is not watched here: no loss
+
+
+def test_only_the_leader_scales_up():
+    v = view(nodes=[ME, "node-b", "node-new"], plan=mk_plan(3, [ME, "node-b"]))
+    assert isinstance(decide(v, running_here(newcomers_since=NOW - 5), PARAMS), Bump)
+    assert isinstance(decide(partial(v, "node-b"), running_here(newcomers_since=NOW - 5), PARAMS), Wait)
+
+
+def test_the_last_node_to_exit_ends_the_job_from_the_exits_its_txn_read_back():
+    v = partial(view(exits=[ME, "node-b"]), "node-b")
+    action = decide(v, finished_here("succeeded"), PARAMS)
+    assert isinstance(action, End) and action.phase == DONE
+
+
+def test_the_ring_of_predecessors_covers_every_member():
+    plan = mk_plan(3, ["a", "b", "c", "d"])
+    assert [plan.predecessor(n) for n in plan.nodes] == ["d", "a", "b", "c"]
+    assert mk_plan(3, ["solo"]).predecessor("solo") is None and plan.predecessor("stranger") is None

@@ -97,3 +97,44 @@ def test_a_view_decodes_only_what_changed_and_never_serves_a_stale_value(monkeyp
     for _ in range(2):  # a bad value is reported on every view until it is fixed
         with pytest.raises(BadKeyData, match=K.node("n2")):
             m.view()
+
+
+def test_a_plan_is_stored_compactly_and_read_back_whole():
+    from etcd_agent.state import Member, Plan, parse_plan
+
+    members = (Member("a", 0, "", "10.0.0.1", 4, 0), Member("b", 1, "", "10.0.0.2", 2, 4))
+    plan = Plan(7, members, "10.0.0.1", 29500, 2, 3, 0, "b")
+    stored = plan.to_json()
+    assert stored["members"] == [["a", 4, "10.0.0.1"], ["b", 2, "10.0.0.2"]] and stored["leader"] == "b"
+    again = parse_plan("k", stored, 9)
+    assert again.members == members and again.leader == "b" and again.world_size == 6 and again.mod_revision == 9
+    assert plan.expanded()["members"][1] == {"node": "b", "group_rank": 1, "host": "", "addr": "10.0.0.2",
+                                             "nproc": 2, "rank_offset": 4}
+    assert parse_plan("k", plan.expanded(), 9).members == members  # the spelled-out form reads the same
+    with pytest.raises(BadKeyData, match="group-rank order"):
+        parse_plan("k", {**plan.expanded(), "members": list(reversed(plan.expanded()["members"]))}, 9)
+    with pytest.raises(BadKeyData, match="bad plan"):
+        parse_plan("k", {**stored, "members": [["a", 4]]}, 9)
+
+
+def test_news_older_than_what_the_mirror_holds_is_ignored_key_by_key():
+    m = Mirror(K)
+    join = encode({"node": "n", "addr": "a", "port": 1, "nproc": 1})
+    m.absorb([kv(K.join(1, "n"), join, 20)], 20)  # a txn's own read-back
+    assert not m.apply([Event("put", kv(K.join(1, "n"), join, 20))])  # the watch delivers the same write later
+    assert m.apply([Event("delete", kv(K.join(1, "n"), b"", 25))])
+    assert not m.apply([Event("put", kv(K.join(1, "n"), join, 20))])  # a replay from before the delete
+    assert m.get(K.join(1, "n")) is None
+    assert m.apply([Event("put", kv(K.join(1, "n"), join, 30))])  # created again after it
+
+
+def test_a_range_read_replaces_the_range_and_fences_older_news():
+    m = Mirror(K)
+    start, end = K.control()
+    m.absorb([kv(K.restarts(), encode({"used": 0, "max": 1}), 5), kv(K.join(1, "n"), b"{}", 6)], 6)
+    m.reset_range(start, end, [kv(K.round(), encode({"round": 2, "phase": "joining"}), 9)], 10)
+    assert m.get(K.restarts()) is None and m.round().number == 2  # gone from the range as read
+    assert m.get(K.join(1, "n")) is not None  # outside the range: untouched
+    assert not m.apply([Event("put", kv(K.restarts(), encode({"used": 0, "max": 1}), 8))])  # older than the read
+    m.drop_range(start, end)
+    assert m.get(K.round()) is None

@@ -119,6 +119,7 @@ def plot(result: dict, path: Path) -> str:
         ns = sorted({r["nodes"] for r in runs})
         if title.startswith("watch"):
             ax.plot(ns, [2 * n * n for n in ns], "k--", lw=0.8, label="2 N^2")
+            ax.plot(ns, [4 * n for n in ns], "k-.", lw=0.8, label="4 N")
             ax.plot(ns, [n for n in ns], "k:", lw=0.8, label="N")
         ax.set_xscale("log")
         ax.set_yscale("log")
