@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 from .errors import BadKeyData
 from .keys import Keys, decode, prefix_end, require
@@ -44,8 +44,9 @@ class Join:
     master_port: int | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Member:
+class Member(NamedTuple):
+    """One member of a plan (a tuple: every member reads the whole plan each round, so making one is cheap)."""
+
     node: str
     group_rank: int
     host: str
@@ -102,7 +103,7 @@ class Plan:
 
     def expanded(self) -> dict:
         """The plan with every member spelled out (``status --json``)."""
-        return {**self.to_json(), "members": [dataclasses.asdict(m) for m in self.members]}
+        return {**self.to_json(), "members": [m._asdict() for m in self.members]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +133,10 @@ class View:
     @property
     def full(self) -> bool:
         return self.scope is None or self.scope.full
+
+
+def _dir(key: str) -> str:
+    return key[: key.rfind("/") + 1]
 
 
 def in_range(key: str, start: str, end: bytes) -> bool:
@@ -175,6 +180,7 @@ class Mirror:
     def __init__(self, keys: Keys):
         self.keys = keys
         self.kvs: dict[str, object] = {}
+        self.dirs: dict[str, dict[str, object]] = {}  # "a/b/" -> the KVs directly under it: a view reads dirs
         self.deleted: dict[str, int] = {}  # key -> revision of its newest delete seen
         self.revision = 0  # the newest revision seen anywhere (a read, an event, a txn)
         self.floors: dict[tuple[str, bytes], int] = {}  # range -> revision it was read at: older news is ignored
@@ -183,6 +189,9 @@ class Mirror:
     def reset(self, kvs: Iterable, revision: int) -> None:
         """The whole mirror is a read of the whole prefix at ``revision``."""
         self.kvs = {kv.key: kv for kv in kvs}
+        self.dirs = {}
+        for kv in self.kvs.values():
+            self.dirs.setdefault(_dir(kv.key), {})[kv.key] = kv
         self.deleted.clear()
         self.floors = {(self.keys.prefix, prefix_end(self.keys.prefix)): revision}
         self.revision = max(self.revision, revision)
@@ -214,7 +223,12 @@ class Mirror:
         return any(revision <= floor and in_range(key, start, end) for (start, end), floor in self.floors.items())
 
     def _drop(self, key: str) -> None:
-        self.kvs.pop(key, None)
+        if self.kvs.pop(key, None) is not None:
+            d = self.dirs.get(_dir(key))
+            if d is not None:
+                d.pop(key, None)
+                if not d:
+                    del self.dirs[_dir(key)]
         for what in ("decode", "join", "parse", "plan"):
             self._memo.pop((key, what), None)
 
@@ -225,6 +239,7 @@ class Mirror:
         if (cur is not None and cur.mod_revision >= kv.mod_revision) or self.deleted.get(kv.key, 0) >= kv.mod_revision:
             return False
         self.kvs[kv.key] = kv
+        self.dirs.setdefault(_dir(kv.key), {})[kv.key] = kv
         self.deleted.pop(kv.key, None)
         return True
 
@@ -298,6 +313,10 @@ class Mirror:
     def _decoded(self, kv) -> dict:
         return self._remembered(kv, "decode", lambda kv: decode(kv.key, kv.value))
 
+    def children(self, directory: str) -> list:
+        """The KVs directly under ``directory`` (which ends with a slash): ``nodes/x`` but not ``nodes/x/y``."""
+        return list(self.dirs.get(directory, {}).values())
+
     def under(self, prefix: str) -> list:
         return [kv for key, kv in self.kvs.items() if key.startswith(prefix)]
 
@@ -307,11 +326,11 @@ class Mirror:
         k = self.keys
         rnd = self.round()
         number = rnd.number if rnd else 0
-        nodes = {kv.key[len(k.nodes()):]: self._decoded(kv) for kv in self.under(k.nodes())}
-        joins = ({j.node: j for j in (self._remembered(kv, "join", parse_join) for kv in self.under(k.joins(number)))}
+        nodes = {kv.key[len(k.nodes()):]: self._decoded(kv) for kv in self.children(k.nodes())}
+        joins = ({j.node: j for j in (self._remembered(kv, "join", parse_join) for kv in self.children(k.joins(number)))}
                  if rnd else {})
-        exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.under(k.exits(number))) if rnd else frozenset()
-        failures = ({kv.key[len(k.failures(number)):]: self._decoded(kv) for kv in self.under(k.failures(number))}
+        exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd else frozenset()
+        failures = ({kv.key[len(k.failures(number)):]: self._decoded(kv) for kv in self.children(k.failures(number))}
                     if rnd else {})
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
         return View(self.revision if revision is None else revision, self.value(k.spec()), rnd, nodes, joins,
