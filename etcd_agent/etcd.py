@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -49,8 +50,8 @@ GRPC_OPTIONS = [
 # handlers run). Every thread blocked on a stream (each watch, each keepalive) thus wakes 10 times a second for
 # nothing: measured with 1000 simulated agents on 2 cores, that alone kept the cores busy. The condition is notified
 # whenever a response arrives, so a longer slice delays nothing, and on CPython 3 a signal interrupts a timed lock
-# wait anyway (its handler runs at once). One slice per second keeps the wrapper's own guarantees.
-GRPC_WAIT_SLICE = 1.0
+# wait anyway (its handler runs at once), so a 5 s slice keeps the wrapper's own guarantees.
+GRPC_WAIT_SLICE = 5.0
 if getattr(grpc._common, "MAXIMUM_WAIT_TIMEOUT", 0) < GRPC_WAIT_SLICE:
     grpc._common.MAXIMUM_WAIT_TIMEOUT = GRPC_WAIT_SLICE
 _RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -318,14 +319,8 @@ class Etcd:
             raise EtcdRequestError(f"etcd lease grant failed: {resp.error}")
         return resp.ID
 
-    def lease_keepalive(self, lease_id: int, deadline: float | None = None,
-                        attempt_timeout: float | None = None) -> int:
-        """One keepalive; returns the TTL etcd granted (<= 0 means the lease no longer exists)."""
-        def once(c, kw):
-            for resp in c.leasestub.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]), **kw):
-                return resp.TTL
-            return 0
-        return self.call("lease keepalive", once, deadline, attempt_timeout)
+    def keepalive_stream(self, lease_id: int) -> "KeepAliveStream":
+        return KeepAliveStream(self, lease_id)
 
     def lease_ttl(self, lease_id: int, deadline: float | None = None) -> int:
         """The seconds the lease has left; -1 when it does not exist (expired or revoked)."""
@@ -340,3 +335,79 @@ class Etcd:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:  # already expired: nothing to revoke
                     raise
         self.call("lease revoke", revoke, deadline, final=True)
+
+
+class KeepAliveStream:
+    """Keepalives of one lease over ONE LeaseKeepAlive stream, as etcd's own clients send them: a request per
+    ``ping`` on the open stream instead of a new stream (and its threads) per keepalive. Any error or a missing
+    answer closes the stream; the next ``ping`` opens a new one, on the endpoint failover picks."""
+
+    def __init__(self, etcd: Etcd, lease_id: int):
+        self.etcd = etcd
+        self.lease_id = lease_id
+        self._requests: queue.SimpleQueue | None = None
+        self._answers: queue.SimpleQueue | None = None
+        self._call = None
+
+    def _open(self) -> None:
+        channel, auth = self.etcd.channel_and_auth()
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        answers: queue.SimpleQueue = queue.SimpleQueue()
+
+        def request_iter():
+            while (item := requests.get()) is not None:
+                yield item
+
+        call = rpc.LeaseStub(channel).LeaseKeepAlive(request_iter(), **auth)
+
+        def read():
+            try:
+                for resp in call:
+                    answers.put(resp)
+                answers.put(StreamEnded("etcd ended the keepalive stream"))
+            except grpc.RpcError as exc:
+                answers.put(exc)
+
+        threading.Thread(target=read, name=f"keepalive-stream-{self.lease_id:x}", daemon=True).start()
+        self._requests, self._answers, self._call = requests, answers, call
+
+    def ping(self, timeout: float) -> int:
+        """One keepalive; the TTL etcd granted (<= 0: the lease no longer exists). EtcdUnavailable when no answer
+        came within ``timeout`` seconds or the stream broke; another EtcdError when etcd refused."""
+        if self._call is None:
+            try:
+                self._open()
+            except ValueError as exc:  # "Cannot invoke RPC on closed channel!": another thread rebuilt the client
+                raise EtcdUnavailable(f"etcd lease keepalive: the connection was being rebuilt ({exc})") from exc
+        self._requests.put(rpc.LeaseKeepAliveRequest(ID=self.lease_id))
+        try:
+            answer = self._answers.get(timeout=max(0.01, timeout))
+        except queue.Empty:
+            self.close()
+            self.etcd.mark_failed()
+            raise EtcdUnavailable(f"no lease keepalive answer from etcd at {self.etcd.endpoints_text} within "
+                                  f"{timeout:.1f} s") from None
+        if isinstance(answer, grpc.RpcError):
+            self.close()
+            err = map_grpc_error(answer, "lease keepalive")
+            if answer.code() in _ENDPOINT_FAILED_CODES:
+                self.etcd.mark_failed()
+            if answer.code() == grpc.StatusCode.UNAUTHENTICATED and self.etcd.cfg.user:
+                self.etcd._reset()  # the token is not refreshed after an etcd restart: log in again (Etcd.call)
+                raise EtcdUnavailable(str(err)) from answer
+            raise err from answer
+        if isinstance(answer, StreamEnded):
+            self.close()
+            raise EtcdUnavailable(str(answer))
+        return answer.TTL
+
+    def close(self) -> None:
+        if self._requests is not None:
+            self._requests.put(None)
+        if self._call is not None:
+            self._call.cancel()
+        self._requests = self._answers = self._call = None
+
+
+class StreamEnded(Exception):
+    """The server ended a stream that should have stayed open."""

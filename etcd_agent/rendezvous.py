@@ -17,6 +17,9 @@ and decide again". Invariants this module keeps:
 - A plan member is lost when its leased join key vanishes without an exit key: a new session of the same node id
   can never hide the loss of the old one. An agent that fenced itself sees its own old join key (another lease)
   as lost too, so it never starts workers into a plan made with its old session.
+- Views may be partial (``View.scope``): a loss counts only where the view watches it (the leader watches every
+  member, the others their ring predecessor); only the leader times a round out, closes it or scales up; an
+  absence the view does not watch is never read as a fact.
 - Restarts are counted job-wide: worker failures and node losses count, scale-ups do not. Once any node's
   workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run.
 """

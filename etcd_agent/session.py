@@ -1,7 +1,7 @@
 """The agent's session: one etcd lease, kept alive by a thread, that every node-owned key is bound to.
 
 Invariants:
-- The keepalive runs every TTL/3. A keepalive sent at time t guarantees the lease lives until at least t + TTL.
+- The keepalive runs every TTL/3, over one LeaseKeepAlive stream kept open (re-opened after an error). A keepalive sent at time t guarantees the lease lives until at least t + TTL.
 - When no keepalive has succeeded for ``TTL - margin`` seconds, or etcd answers that the lease is gone, the
   session is lost: ``lost`` is set and ``on_lost(reason)`` runs once. The margin leaves the agent time to stop
   its workers before peers can see the lease expire (self-fencing). A lost session is never revived; the agent
@@ -47,6 +47,13 @@ class Session:
         period = self.ttl / 3.0
         margin = fence_margin(self.ttl)
         failed = False
+        stream = self.etcd.keepalive_stream(self.lease_id)  # one stream for the session's keepalives
+        try:
+            self._keep(stream, period, margin, failed)
+        finally:
+            stream.close()
+
+    def _keep(self, stream, period: float, margin: float, failed: bool) -> None:
         while not self._closed.wait(0.2 if failed else max(0.0, self._last_ok + period - time.monotonic())):
             fence_at = self._last_ok + self.ttl - margin
             left = fence_at - time.monotonic()
@@ -55,8 +62,7 @@ class Session:
                 return
             sent = time.monotonic()
             try:
-                granted = self.etcd.lease_keepalive(self.lease_id, deadline=min(left, period),
-                                                    attempt_timeout=period / 3)
+                granted = stream.ping(timeout=min(left, period / 3))
             except EtcdUnavailable as exc:
                 log.warning("lease %x keepalive failed, %.1f s left before self-fencing: %s", self.lease_id,
                             max(0.0, fence_at - time.monotonic()), exc)

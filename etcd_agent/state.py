@@ -1,8 +1,10 @@
-"""The job's state as this agent sees it: a mirror of every key under the prefix, and typed views of it.
+"""The job's state as this agent sees it: a mirror of the keys it reads and watches, and typed views of it.
 
-The mirror is filled by one read of the prefix and then kept current by the watch from that read's revision + 1
-("read, then watch"), so deciding never needs another read. Events at or below the mirror's revision are ignored,
-which makes replays after a resumed watch harmless. Records parse the JSON values; a value that does not fit the
+Each range in the mirror is filled by one read and then kept current by a watch from that read's revision + 1
+("read, then watch"), and by the read-backs of this agent's own txns, so deciding never needs another read. News
+of a key at or below what the mirror holds for it (or below its last delete, or below a read that covered it) is
+ignored, which makes replays after a resumed watch harmless. A ``Scope`` says what the mirror covers: the round's
+leader sees the registry and the whole round, the others only their own keys and one peer's. Records parse the JSON values; a value that does not fit the
 schema raises BadKeyData naming the key. Pure: no I/O. Imports keys, errors and the KV record only.
 """
 

@@ -193,3 +193,31 @@ def test_one_stream_carries_several_ranges_that_come_and_go(own_etcd):
     stream.cancel()
     e.close()
     writer.close()
+
+
+def test_a_session_keeps_its_lease_alive_over_one_stream_and_reopens_it_after_a_restart(own_etcd):
+    import re
+    import urllib.request
+
+    def streams_and_requests() -> tuple[float, float]:
+        text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            f"{own_etcd.client_url}/metrics", timeout=10).read().decode()
+
+        def total(metric: str) -> float:
+            return sum(float(v) for v in re.findall(rf'^{metric}{{[^}}]*grpc_method="LeaseKeepAlive"[^}}]*}} (\S+)',
+                                                     text, re.M))
+        return total("grpc_server_started_total"), total("grpc_server_msg_received_total")
+
+    e = client(own_etcd.endpoint, request_timeout=0.5)
+    s = Session(e, ttl=3).start()  # a keepalive every second
+    time.sleep(4.5)
+    streams, pings = streams_and_requests()
+    assert streams == 1 and pings >= 3, (streams, pings)
+    own_etcd.restart()
+    time.sleep(3.5)
+    assert not s.lost.is_set()
+    assert e.lease_ttl(s.lease_id) > 0
+    streams, pings = streams_and_requests()  # counters start again with the restarted etcd
+    assert streams >= 1 and pings >= 2, (streams, pings)
+    s.close(revoke=True)
+    e.close()
