@@ -144,6 +144,8 @@ class Agent:
     def _step(self) -> int | None:
         """Handle what happened, decide, act once; returns the exit code when the job is over."""
         self._drain(block=False)
+        if self.state is State.FENCED:
+            return None  # the session was lost just now: nothing is decided on its view; FENCED rejoins
         self.coord.maintain()
         view = self.coord.view()
         self._track(view)

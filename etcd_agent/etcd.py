@@ -339,8 +339,12 @@ class Etcd:
 
 class KeepAliveStream:
     """Keepalives of one lease over ONE LeaseKeepAlive stream, as etcd's own clients send them: a request per
-    ``ping`` on the open stream instead of a new stream (and its threads) per keepalive. Any error or a missing
-    answer closes the stream; the next ``ping`` opens a new one, on the endpoint failover picks."""
+    ``ping`` on the open stream instead of a new stream (and its threads) per keepalive. etcd answers in order, so
+    a late answer still counts for the request it answers (the lease was renewed when etcd read that request):
+    a busy agent that reads its answers late is not fenced for it. A stream that answered none of two pings in a
+    row, or broke, is closed; the next ``ping`` opens a new one, on the endpoint failover picks."""
+
+    MISSES = 2  # pings in a row without any answer before the stream is given up
 
     def __init__(self, etcd: Etcd, lease_id: int):
         self.etcd = etcd
@@ -348,6 +352,8 @@ class KeepAliveStream:
         self._requests: queue.SimpleQueue | None = None
         self._answers: queue.SimpleQueue | None = None
         self._call = None
+        self._sent: list[float] = []  # monotonic send times of the requests not answered yet, oldest first
+        self._misses = 0
 
     def _open(self) -> None:
         channel, auth = self.etcd.channel_and_auth()
@@ -369,22 +375,26 @@ class KeepAliveStream:
                 answers.put(exc)
 
         threading.Thread(target=read, name=f"keepalive-stream-{self.lease_id:x}", daemon=True).start()
-        self._requests, self._answers, self._call = requests, answers, call
+        self._requests, self._answers, self._call, self._sent, self._misses = requests, answers, call, [], 0
 
-    def ping(self, timeout: float) -> int:
-        """One keepalive; the TTL etcd granted (<= 0: the lease no longer exists). EtcdUnavailable when no answer
-        came within ``timeout`` seconds or the stream broke; another EtcdError when etcd refused."""
+    def ping(self, timeout: float) -> tuple[int, float]:
+        """One keepalive: (the TTL etcd granted, <= 0 when the lease no longer exists; the monotonic time the
+        answered request was sent, which the lease outlives by that TTL). EtcdUnavailable when no answer came
+        within ``timeout`` seconds or the stream broke; another EtcdError when etcd refused."""
         if self._call is None:
             try:
                 self._open()
             except ValueError as exc:  # "Cannot invoke RPC on closed channel!": another thread rebuilt the client
                 raise EtcdUnavailable(f"etcd lease keepalive: the connection was being rebuilt ({exc})") from exc
+        self._sent.append(time.monotonic())
         self._requests.put(rpc.LeaseKeepAliveRequest(ID=self.lease_id))
         try:
             answer = self._answers.get(timeout=max(0.01, timeout))
         except queue.Empty:
-            self.close()
-            self.etcd.mark_failed()
+            self._misses += 1
+            if self._misses >= self.MISSES:
+                self.close()
+                self.etcd.mark_failed()
             raise EtcdUnavailable(f"no lease keepalive answer from etcd at {self.etcd.endpoints_text} within "
                                   f"{timeout:.1f} s") from None
         if isinstance(answer, grpc.RpcError):
@@ -399,7 +409,17 @@ class KeepAliveStream:
         if isinstance(answer, StreamEnded):
             self.close()
             raise EtcdUnavailable(str(answer))
-        return answer.TTL
+        self._misses = 0
+        sent = self._sent.pop(0)
+        while True:  # answers that came in meanwhile are newer: the newest one counts
+            try:
+                later = self._answers.get_nowait()
+            except queue.Empty:
+                return answer.TTL, sent
+            if not hasattr(later, "TTL"):
+                self._answers.put(later)  # an error after the answer: the next ping sees it
+                return answer.TTL, sent
+            answer, sent = later, self._sent.pop(0)
 
     def close(self) -> None:
         if self._requests is not None:
@@ -407,6 +427,7 @@ class KeepAliveStream:
         if self._call is not None:
             self._call.cancel()
         self._requests = self._answers = self._call = None
+        self._sent, self._misses = [], 0
 
 
 class StreamEnded(Exception):

@@ -1,7 +1,8 @@
 """The agent's session: one etcd lease, kept alive by a thread, that every node-owned key is bound to.
 
 Invariants:
-- The keepalive runs every TTL/3, over one LeaseKeepAlive stream kept open (re-opened after an error). A keepalive sent at time t guarantees the lease lives until at least t + TTL.
+- The keepalive runs every TTL/3, over one LeaseKeepAlive stream kept open (re-opened after an error). A
+  keepalive sent at time t guarantees the lease lives until at least t + TTL, whenever its answer is read.
 - When no keepalive has succeeded for ``TTL - margin`` seconds, or etcd answers that the lease is gone, the
   session is lost: ``lost`` is set and ``on_lost(reason)`` runs once. The margin leaves the agent time to stop
   its workers before peers can see the lease expire (self-fencing). A lost session is never revived; the agent
@@ -60,9 +61,8 @@ class Session:
             if left <= 0:
                 self._lose(f"no lease keepalive succeeded for {self.ttl - margin:.1f} s (etcd unreachable)")
                 return
-            sent = time.monotonic()
             try:
-                granted = stream.ping(timeout=min(left, period / 3))
+                granted, sent = stream.ping(timeout=min(left, period / 3))
             except EtcdUnavailable as exc:
                 log.warning("lease %x keepalive failed, %.1f s left before self-fencing: %s", self.lease_id,
                             max(0.0, fence_at - time.monotonic()), exc)

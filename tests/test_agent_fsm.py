@@ -101,3 +101,42 @@ def test_a_lost_lease_fences_and_rejoins_with_a_new_session(etcd_endpoint, run_i
     second.end(0)
     thread.join(30)
     assert outcome == {"code": 0}
+
+
+class LosesItsSessionBeforeStarting(Recorded):
+    """Its session is declared lost at the worst moment: the round's plan is in its mirror and the very next
+    decision would start the workers."""
+
+    injected = False
+
+    def _drain(self, block, deadline=None):
+        super()._drain(block, deadline)
+        if (not self.injected and self.state is State.RENDEZVOUS and self.coord.mirror is not None
+                and self.coord.mirror.plan(1) is not None):
+            self.injected = True
+            self.coord.etcd.lease_revoke(self.session.lease_id)
+            self.events.put(("lost", (self.session, "lease revoked by the test")))
+            super()._drain(False)
+
+
+def test_a_session_lost_in_the_middle_of_a_step_never_starts_workers_on_the_old_view(etcd_endpoint, run_id):
+    StandInGroup.started = queue.Queue()
+    cfg = AgentConfig(run_id=run_id, node_id="n0", spec=JobSpec(1, 1, "2", 1), workers=WorkerConfig("unused.py", (), 2),
+                      etcd=EtcdConfig(parse_endpoints(etcd_endpoint), request_timeout=1.0), lease_ttl=3,
+                      local_addr="127.0.0.1", last_call=0.0)
+    agent = LosesItsSessionBeforeStarting(cfg, "test", group_factory=StandInGroup)
+    outcome: dict = {}
+
+    def body():
+        try:
+            outcome["code"] = agent.run()
+        except Exception as exc:  # noqa: BLE001
+            outcome["error"] = exc
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    group = next_group()
+    assert agent.injected and group.assignment.round == 2  # round 1's plan was never started into
+    group.end(0)
+    thread.join(30)
+    assert outcome == {"code": 0}, outcome
+    assert agent.states[:4] == [State.STARTING, State.RENDEZVOUS, State.FENCED, State.RENDEZVOUS]
