@@ -243,7 +243,6 @@ class Coordinator:
             self.mirror.absorb(first, revision)
             self._leaders[rnd] = first[0].key.rsplit("/", 1)[1]
             if self._leaders[rnd] != self.node:  # watch it from this read on: its vanishing is never missed
-                self._unwatch("peer")
                 self._ensure("peer", first[0].key, b"", (first, revision))
         else:
             self._leaders.pop(rnd, None)
@@ -303,10 +302,8 @@ class Coordinator:
                 n = self.joined_round = action.round.number
                 if old and old != n:
                     self.mirror.forget(self.keys.join(old, node), res.revision)
-                self.mirror.absorb(res.ranges[0], res.revision)
                 self._take_leader(n, res.ranges[1], res.revision)
                 log.info("%s joined round %d (%s leads it)", who, n, self._leaders.get(n, "nobody"))
-            return res
         elif isinstance(action, ClosePlan):
             res = txns.close(self.etcd, self.keys, action, wall)
             if res.succeeded:

@@ -124,13 +124,13 @@ def op_get(key: str):
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
 
 
-def op_get_prefix(prefix: str):
-    return rpc.RequestOp(request_range=rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix)))
-
-
 def op_get_range(start: str, end: bytes):
-    """Every key in ``[start, end)``."""
+    """Every key in ``[start, end)`` (an empty ``end``: the one key ``start``)."""
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=start.encode(), range_end=end))
+
+
+def op_get_prefix(prefix: str):
+    return op_get_range(prefix, prefix_end(prefix))
 
 
 def op_first_created(prefix: str):

@@ -45,16 +45,16 @@ class Session:
         return self
 
     def _run(self) -> None:
-        period = self.ttl / 3.0
-        margin = fence_margin(self.ttl)
-        failed = False
         stream = self.etcd.keepalive_stream(self.lease_id)  # one stream for the session's keepalives
         try:
-            self._keep(stream, period, margin, failed)
+            self._keep(stream)
         finally:
             stream.close()
 
-    def _keep(self, stream, period: float, margin: float, failed: bool) -> None:
+    def _keep(self, stream) -> None:
+        period = self.ttl / 3.0
+        margin = fence_margin(self.ttl)
+        failed = False
         while not self._closed.wait(0.2 if failed else max(0.0, self._last_ok + period - time.monotonic())):
             fence_at = self._last_ok + self.ttl - margin
             left = fence_at - time.monotonic()

@@ -4,8 +4,9 @@ Each range in the mirror is filled by one read and then kept current by a watch 
 ("read, then watch"), and by the read-backs of this agent's own txns, so deciding never needs another read. News
 of a key at or below what the mirror holds for it (or below its last delete, or below a read that covered it) is
 ignored, which makes replays after a resumed watch harmless. A ``Scope`` says what the mirror covers: the round's
-leader sees the registry and the whole round, the others only their own keys and one peer's. Records parse the JSON values; a value that does not fit the
-schema raises BadKeyData naming the key. Pure: no I/O. Imports keys, errors and the KV record only.
+leader sees the registry and the whole round, the others only their own keys and one peer's. Records parse the
+JSON values; a value that does not fit the schema raises BadKeyData naming the key. Pure: no I/O. Imports keys
+and errors only.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 from typing import Callable, Iterable, NamedTuple
 
 from .errors import BadKeyData
-from .keys import Keys, decode, prefix_end, require
+from .keys import ROUND_DIGITS, Keys, decode, prefix_end, require
 
 JOINING, RUNNING, DONE, FAILED, STOPPED = "joining", "running", "done", "failed", "stopped"
 PHASES = (JOINING, RUNNING, DONE, FAILED, STOPPED)
@@ -278,14 +279,26 @@ class Mirror:
         self.revision = max(self.revision, revision)
 
     def prune(self, before: int, keep_plan: int | None) -> None:
-        """Forget the keys of rounds before ``before`` (nobody decides on them again), except the plan of round
-        ``keep_plan`` (who ran last: prev_rank, the fast path)."""
+        """Forget the keys (and the reads) of rounds before ``before`` (nobody decides on them again), except the
+        plan of round ``keep_plan`` (who ran last: prev_rank, the fast path)."""
+        keep = self.keys.plan(keep_plan) if keep_plan else None
+
+        def old(key: str) -> bool:
+            rnd = self._round_of(key)
+            return rnd is not None and rnd < before and key != keep
+        for key in [k for k in list(self.kvs) + list(self.deleted) if old(k)]:
+            self._drop(key)
+            self.deleted.pop(key, None)
+        for rng in [rng for rng in self.floors if old(rng[0])]:
+            del self.floors[rng]
+
+    def _round_of(self, key: str) -> int | None:
+        """The round a key (or a range start) under ``r/`` belongs to; None for anything else."""
         rounds = self.keys.rounds()
-        for key in [k for k in list(self.kvs) + list(self.deleted) if k.startswith(rounds)]:
-            parsed = self._parse_key(key)
-            if parsed is not None and parsed.round < before and not (parsed.kind == "plan" and parsed.round == keep_plan):
-                self._drop(key)
-                self.deleted.pop(key, None)
+        digits = key[len(rounds):len(rounds) + ROUND_DIGITS]
+        if not key.startswith(rounds) or len(digits) != ROUND_DIGITS or not digits.isdigit():
+            return None
+        return int(digits)
 
     def _remembered(self, kv, what, make):
         """``make(kv)``, computed once per KV object (errors are not remembered: they are raised again)."""
@@ -296,12 +309,6 @@ class Mirror:
         result = make(kv)
         self._memo[slot] = (kv, result)
         return result
-
-    def _parse_key(self, key: str):
-        try:
-            return self.keys.parse(key)
-        except BadKeyData:
-            return None
 
     def get(self, key: str):
         return self.kvs.get(key)

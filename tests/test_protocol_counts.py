@@ -9,11 +9,11 @@ an etcd of its own, so no other test's traffic is counted.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from agents import poll_until
 from etcd_agent.standalone import EtcdServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
@@ -32,17 +32,17 @@ def private_etcd():
     server.stop()
 
 
-def settle(job: SimJob, server: EtcdServer, quiet: float = 0.5, timeout: float = 10.0) -> dict:
+def settle(server: EtcdServer, quiet: float = 0.5, timeout: float = 10.0) -> dict:
     """The metrics once nothing has been written for ``quiet`` seconds (late deletes and re-reads are counted)."""
-    deadline = time.monotonic() + timeout
-    last = scrape(server.client_url)
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
+    last = [scrape(server.client_url)]
+
+    def unchanged() -> bool:
         now = scrape(server.client_url)
-        if now["revision"] == last["revision"] and now["watch_events"] == last["watch_events"]:
-            return now
-        last = now
-    return last
+        same = now["revision"] == last[0]["revision"] and now["watch_events"] == last[0]["watch_events"]
+        last[0] = now
+        return same
+    poll_until(unchanged, timeout, "etcd's counters did not settle", interval=quiet)
+    return last[0]
 
 
 def measure(server: EtcdServer, run_id: str, n: int) -> dict[str, dict]:
@@ -55,14 +55,14 @@ def measure(server: EtcdServer, run_id: str, n: int) -> dict[str, dict]:
         before = scrape(server.client_url)
         job.start(nodes)
         first = job.wait_round(1, nodes, timeout=WAIT)
-        after = settle(job, server)
+        after = settle(server)
         costs["first"] = diff(before, after)
 
         crasher = next(node for node, s in first.items() if s.group_rank == n // 2)
         before = after
         assert job.end_workers([crasher], code=1) == 1
         job.wait_round(2, nodes, timeout=WAIT)
-        after = settle(job, server)
+        after = settle(server)
         costs["crash"] = diff(before, after)
 
         leaver = next(node for node, s in first.items() if s.group_rank == 1)
@@ -70,7 +70,7 @@ def measure(server: EtcdServer, run_id: str, n: int) -> dict[str, dict]:
         job.leave(leaver)
         survivors = [node for node in nodes if node != leaver]
         job.wait_round(3, survivors, timeout=WAIT)
-        after = settle(job, server)
+        after = settle(server)
         costs["leave"] = diff(before, after)
     return costs
 
