@@ -8,7 +8,8 @@ States (an Enum, a transition table, one ``_enter``; the state picks what the ru
                            |    v                v
                            +---- FENCED: workers stopped before the lease can expire; a new session rejoins
 
-One queue carries everything that can happen (watch deliveries, worker exits, session loss, signals); in
+One queue carries everything that can happen (watch deliveries, worker exits, session loss, signals, and
+``("leave", why)`` from an owner that runs the agent on a thread of its own); in
 RENDEZVOUS and RUNNING the loop applies it to the mirror, asks ``rendezvous.decide`` what to do and does it: a
 worker action itself, an etcd action through the coordinator. Never sleeps to synchronize: it waits on the queue,
 bounded by the decision's deadline.
@@ -28,7 +29,8 @@ from typing import Callable
 from .config import AgentConfig
 from .coordinator import Coordinator
 from .errors import BadKeyData, EtcdUnavailable, JobFailed, JobStopped, SessionLost
-from .rendezvous import (Finish, Local, Params, StartWorkers, StopWorkers, Wait, decide, how_it_ended)
+from .rendezvous import (Finish, Local, Params, StartWorkers, StopWorkers, Wait, decide, describe_failure,
+                         how_it_ended)
 from .session import Session
 from .standalone import free_port
 from .state import View
@@ -187,6 +189,8 @@ class Agent:
             # A late report from a session already replaced, or already fenced for, is old news.
             if session is self.session and self.state is not State.FENCED:
                 self._fence(why)
+        elif kind == "leave":  # the owner of an embedded agent (torchrun's backend) ends it
+            raise JobStopped(item)
         elif kind == "signal":
             raise JobStopped(f"{self.cfg.node_id} received {signal.Signals(item).name}: stopped its workers and "
                              "left the job")
@@ -266,8 +270,11 @@ class Agent:
         self._exits[ex.local_rank] = ex
         if ex.failed and self.local.outcome is None:
             report = self.group.failure_report(ex)
-            log.error("%s worker rank %d (pid %d) failed with %s%s", self._who(), ex.rank, ex.pid, ex.describe(),
-                      f": {report['message']}" if report.get("message") else "")
+            if report.get("rank") is None:  # the group as a whole (torchrun's agent restarted it)
+                log.error("%s %s", self._who(), describe_failure(report))
+            else:
+                log.error("%s worker rank %d (pid %d) failed with %s%s", self._who(), ex.rank, ex.pid, ex.describe(),
+                          f": {report['message']}" if report.get("message") else "")
             self._set(outcome="failed", failure=report)
         elif len(self._exits) == self.cfg.workers.nproc and self.local.outcome is None:
             log.info("%s all %d local worker(s) finished successfully", self._who(), self.cfg.workers.nproc)

@@ -124,6 +124,11 @@ def op_get(key: str):
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
 
 
+def value_is(key: str, value: bytes):
+    """Compare: the key exists and holds ``value`` (a compare on an absent key is false)."""
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, key=key.encode(), value=value)
+
+
 def op_get_range(start: str, end: bytes):
     """Every key in ``[start, end)`` (an empty ``end``: the one key ``start``)."""
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=start.encode(), range_end=end))
@@ -306,6 +311,22 @@ class Etcd:
     def put(self, key: str, value: bytes, lease: int = 0, deadline: float | None = None) -> int:
         req = rpc.PutRequest(key=key.encode(), value=value, lease=lease)
         return self.call(f"put {key}", lambda c, kw: c.kvstub.Put(req, **kw), deadline).header.revision
+
+    def delete_range(self, start: str, end: bytes = b"", deadline: float | None = None) -> int:
+        """Delete every key in ``[start, end)`` (an empty ``end``: the one key ``start``); returns how many were."""
+        req = rpc.DeleteRangeRequest(key=start.encode(), range_end=end)
+        return self.call(f"delete {start}", lambda c, kw: c.kvstub.DeleteRange(req, **kw), deadline).deleted
+
+    def count_range(self, start: str, end: bytes, deadline: float | None = None) -> int:
+        """How many keys ``[start, end)`` holds, without reading their values."""
+        req = rpc.RangeRequest(key=start.encode(), range_end=end, count_only=True)
+        return self.call(f"count {start}", lambda c, kw: c.kvstub.Range(req, **kw), deadline).count
+
+    def keys_in_range(self, start: str, end: bytes, deadline: float | None = None) -> list[str]:
+        """The keys of ``[start, end)``, without their values."""
+        req = rpc.RangeRequest(key=start.encode(), range_end=end, keys_only=True)
+        resp = self.call(f"list {start}", lambda c, kw: c.kvstub.Range(req, **kw), deadline)
+        return [kv.key.decode("utf-8", "replace") for kv in resp.kvs]
 
     def compact(self, revision: int) -> None:
         req = rpc.CompactionRequest(revision=revision, physical=True)

@@ -15,6 +15,8 @@ carrying ``"v": 1``::
     P/r/<round:08d>/exit/<node>     this node's workers all succeeded
     P/r/<round:08d>/failures/<node> this node's failure report
     P/result                        the job's final outcome
+    P/store/<round:08d>/<key>       the c10d Store of a round under torchrun's ``etcd-v3`` backend (any key torch
+                                    or the user writes; outside ``P/r/`` so that the round's watchers never see it)
 
 Earlier jobs of the run keep their keys under their own ``P``. Zero-padded numbers keep lexical order equal to
 numeric order. Imports only ``errors``.
@@ -41,7 +43,7 @@ _RANK_RE = re.compile("0|[1-9][0-9]*")
 @dataclasses.dataclass(frozen=True)
 class ParsedKey:
     """What a key under the prefix means: ``kind`` is one of spec, node, node_rank, round, restarts, result, join,
-    plan, exit, failure; ``round``, ``node`` and ``rank`` are set where the key carries them."""
+    plan, exit, failure, store; ``round``, ``node`` and ``rank`` are set where the key carries them."""
 
     kind: str
     round: int | None = None
@@ -163,6 +165,13 @@ class Keys:
     def failure(self, rnd: int, node: str) -> str:
         return self.failures(rnd) + node
 
+    def store(self, rnd: int) -> str:
+        """The prefix of round ``rnd``'s c10d Store: every key the store holds is this prefix plus torch's key."""
+        return f"{self.prefix}store/{rnd:0{ROUND_DIGITS}d}/"
+
+    def stores(self) -> str:
+        return self.prefix + "store/"
+
     def parse(self, key: str) -> ParsedKey:
         """Classify a key of this job; raises BadKeyData for anything the schema does not name."""
         if not key.startswith(self.prefix):
@@ -175,6 +184,8 @@ class Keys:
             return ParsedKey("node", node=parts[1])
         if len(parts) == 2 and parts[0] == "node_ranks" and _RANK_RE.fullmatch(parts[1]):
             return ParsedKey("node_rank", rank=int(parts[1]))
+        if len(parts) >= 3 and parts[0] == "store" and _ROUND_RE.fullmatch(parts[1]):
+            return ParsedKey("store", round=int(parts[1]))  # the rest is torch's key, whatever it is
         if len(parts) >= 3 and parts[0] == "r" and _ROUND_RE.fullmatch(parts[1]):
             rnd = int(parts[1])
             if parts[2:] == ["plan"]:

@@ -200,7 +200,7 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     watched = plan.nodes if v.full else [n for n in (me.node, *sorted(v.scope.watched)) if plan.member(n)]
     lost = [n for n in watched if n not in v.exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
     if member is not None and me.outcome == "failed" and me.workers_round == r.number:
-        return _fail_or_bump(v, r, me, p, f"{_describe(me.failure)} in round {r.number}", True, me.failure)
+        return _fail_or_bump(v, r, me, p, f"{describe_failure(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
         return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
     if member is None:
@@ -323,12 +323,16 @@ def how_it_ended(failure: dict) -> str:
     """``signal SIGKILL``, ``exit code 3`` or ``hung`` for a failure report."""
     if failure.get("hang"):
         return "hung"
-    return f"signal {failure['signal']}" if failure.get("signal") else f"exit code {failure.get('exitcode')}"
+    if failure.get("signal"):
+        return f"signal {failure['signal']}"
+    return "failed" if failure.get("exitcode") is None else f"exit code {failure['exitcode']}"
 
 
-def _describe(failure: dict | None) -> str:
+def describe_failure(failure: dict | None) -> str:
     if not failure:
         return "a worker failed"
+    if failure.get("rank") is None:  # torchrun's agent restarted its group: the worker's details are torch's
+        return f"the worker group on {failure.get('node')} failed ({failure.get('message')})"
     if failure.get("hang"):
         return f"worker rank {failure.get('rank')} on {failure.get('node')} hung ({failure.get('message')})"
     return f"worker rank {failure.get('rank')} on {failure.get('node')} failed with {how_it_ended(failure)}"

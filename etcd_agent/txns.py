@@ -229,17 +229,29 @@ def end(etcd: Etcd, keys: Keys, a: End, node: str, wall: float) -> TxnResult:
 
 def stop_job(etcd: Etcd, keys: Keys, reason: str, wall: float) -> bool:
     """The operator's ``etcd-agent stop``: end the job ``stopped`` unless it already has a result."""
+    return close_job(etcd, keys, "stopped", reason, wall)
+
+
+def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, root_cause: dict | None = None,
+              node: str | None = None) -> bool:
+    """End the job ``stopped`` or ``failed`` unless it already has a result (``etcd-agent stop``; torchrun's
+    backend closing the rendezvous). ``root_cause``, a failure report of ``node``, goes into the result and under
+    the round's failures. False when the job had ended already. Every agent of the job reacts through its watch."""
+    if outcome not in ("stopped", "failed"):
+        raise ValueError(f"a job is closed stopped or failed, not {outcome!r}")
     for _ in range(10):
         kv, _rev = etcd.get(keys.round())
         if kv is None:
             raise BadKeyData(keys.round(), f"no such key: is {keys.run_id} a job under {keys.root}?")
         rnd = decode(kv.key, kv.value, ("round",))
-        result = {"outcome": "stopped", "round": rnd["round"], "reason": reason, "root_cause": None, "time": wall}
+        result = {"outcome": outcome, "round": rnd["round"], "reason": reason, "root_cause": root_cause, "time": wall}
+        report = [op_put(keys.failure(rnd["round"], node), encode(root_cause))] if root_cause and node else []
         res = etcd.txn([mod_is(keys.round(), kv.mod_revision), absent(keys.result())],
-                       [op_put(keys.round(), round_value(rnd["round"], "stopped", reason, wall)),
-                        op_put(keys.result(), encode(result))], [op_get(keys.result())], where="stop the job")
+                       [op_put(keys.round(), round_value(rnd["round"], outcome, reason, wall)),
+                        op_put(keys.result(), encode(result))] + report, [op_get(keys.result())],
+                       where=f"end the job {outcome}")
         if res.succeeded:
             return True
         if res.ranges and res.ranges[0]:
             return False  # it already ended
-    raise BadKeyData(keys.round(), "kept changing while trying to stop the job; try again")
+    raise BadKeyData(keys.round(), "kept changing while trying to end the job; try again")

@@ -18,14 +18,16 @@ STARTED: list["CommandLine"] = []  # every agent a test started, killed at teard
 
 
 class CommandLine:
-    """One ``python -m etcd_agent ARGV`` process, as a user would type it, with its output captured to files."""
+    """One ``python -m etcd_agent ARGV`` process (or another ``module``: torchrun is ``torch.distributed.run``), as a
+    user would type it, with its output captured to files."""
 
-    def __init__(self, argv: list[str], workdir: Path, node: str, cwd: Path | None = None):
+    def __init__(self, argv: list[str], workdir: Path, node: str, cwd: Path | None = None,
+                 module: str = "etcd_agent"):
         self.node = node
         name = f"agent-{node}-{len(STARTED)}"  # two agents with one node id keep separate files
         self.out_path, self.err_path = workdir / f"{name}.out", workdir / f"{name}.err"
         self.out, self.err = open(self.out_path, "w+"), open(self.err_path, "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "etcd_agent", *argv], stdout=self.out, stderr=self.err,
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=self.out, stderr=self.err,
                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
         self.started = time.monotonic()
         STARTED.append(self)
@@ -101,7 +103,8 @@ def job_keys(endpoint: str, run_id: str, gen: int | None = None) -> dict[str, di
         keys = keys_of(run_id, gen) if gen else txns.current_job(etcd, RunKeys(ROOT, run_id))
         assert keys is not None, f"run {run_id} has no job under {RunKeys(ROOT, run_id).prefix}"
         kvs, _ = etcd.get_prefix(keys.prefix)
-        return {kv.key: json.loads(kv.value) for kv in kvs}
+        # the c10d store's keys (torchrun's backend) hold whatever torch writes: not JSON
+        return {kv.key: json.loads(kv.value) for kv in kvs if not kv.key.startswith(keys.stores())}
     finally:
         etcd.close()
 

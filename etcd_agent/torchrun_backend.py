@@ -1,0 +1,499 @@
+"""torchrun's ``etcd-v3`` rendezvous backend: torch's ``RendezvousHandler`` on etcd-agent's own protocol.
+
+``torchrun --rdzv-backend etcd-v3 --rdzv-endpoint HOST:2379 --rdzv-id JOB --nnodes 2:4 ...`` finds this through
+the ``torchrun.handlers`` entry point (``torchrun_plugin.py``). There is no second copy of the protocol: the
+handler runs an ``agent.Agent`` on a thread of its own, whose "worker group" is torch's agent. What torch calls
+maps onto that agent so:
+
+- ``next_rendezvous`` asks the agent for a round and blocks until it starts one with this node: it returns the
+  node's group rank, the number of nodes, the round's c10d store (``EtcdStore`` under ``P/store/<round>/``) and
+  the master address and port chosen by group rank 0 (``use_agent_store`` is False: rank 0's worker hosts the
+  workers' own TCPStore, as with torch's c10d backend). Called again while its round still runs, it means torch's
+  agent restarted its workers after a failure: the agent records that failure and restarts the round job-wide.
+- ``num_nodes_waiting`` turns positive the moment the agent stops "its workers": a round began elsewhere (a
+  failure, a lost node seen by a watch within the lease TTL, a node that scaled the job up), the job ended, or
+  this node's session was lost. torch's agent polls it and restarts its workers (not counted as a restart), and
+  its next ``next_rendezvous`` joins the new round. Nothing here polls etcd: the value is set by the watch.
+- Fencing: when the session is lost and torch's agent does not stop its workers within the fencing grace, the
+  handler kills them itself (the processes of this run that torch's agent started), before the lease can expire.
+- ``shutdown`` closes the rendezvous, as torch's own handlers do: the job ends (``failed`` when torch's agent gave
+  up on failed workers, with their first failure as the root cause; ``stopped`` otherwise) and every other node's
+  ``next_rendezvous`` raises ``RendezvousClosedError``. After this node's workers succeeded (torch's agent
+  entered its exit barrier on the store) it records the node's exit instead, and the job ends ``succeeded`` once
+  every member has. A node that was not a member of the running round just leaves. The lease is revoked.
+- ``set_closed`` ends the job ``stopped``; ``is_closed`` says whether the job has ended.
+
+``--rdzv-conf`` takes torch's usual keys and the agent's options (``RDZV_CONF``); an unknown key is an error.
+Imports torch; the agent never imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+from torch.distributed.elastic.rendezvous import (RendezvousClosedError, RendezvousConnectionError,
+                                                  RendezvousError, RendezvousHandler, RendezvousInfo,
+                                                  RendezvousParameters, RendezvousStateError,
+                                                  RendezvousStoreInfo, RendezvousTimeoutError)
+
+from . import __version__, txns
+from .agent import Agent
+from .c10d_store import EtcdStore
+from .config import DEFAULT_ROOT, AgentConfig, JobSpec, WorkerConfig, default_address, default_node_id
+from .errors import AgentError, ConfigError, JobFailed, JobStopped, SpecMismatch
+from .etcd import Etcd
+from .workers import Assignment, WorkerExit
+
+log = logging.getLogger("etcd_agent.torchrun")
+
+BACKEND = "etcd-v3"
+TORCHRUN_NPROC = "torchrun"  # the job spec's nproc_per_node: torch's agent sets it and assigns the worker ranks
+UNLIMITED_RESTARTS = 1_000_000_000  # no job-wide budget: torch's agent counts --max-restarts on each node
+
+try:  # the key torch's agent adds to when its workers succeeded (its exit barrier on the rendezvous store)
+    from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
+    from torch.distributed.elastic.utils.store import _NUM_MEMBERS
+    EXIT_BARRIER_KEY = _TERMINAL_STATE_SYNC_ID + _NUM_MEMBERS
+except ImportError:  # pragma: no cover - torch renamed them
+    EXIT_BARRIER_KEY = "torchelastic/agent/terminal_state/num_members"
+
+# --rdzv-conf: key -> (kind, what it sets). Aliases are torch's names for the same thing.
+RDZV_CONF = {
+    "join_timeout": ("seconds", "how long a round may take to form before the job fails (default 600)"),
+    "last_call_timeout": ("seconds", "wait for more nodes once MIN joined, before closing a round (default 3)"),
+    "last_call": ("seconds", "the same as last_call_timeout"),
+    "close_timeout": ("seconds", "how long shutdown waits for the job's end to be recorded (default 30)"),
+    "timeout": ("seconds", "the default timeout of the rendezvous store's get and wait (torchrun sets 900)"),
+    "lease_ttl": ("int", "seconds of the node's etcd lease: a node silent that long is lost (default 5)"),
+    "keep_alive_interval": ("int", "torch's heartbeat period; with keep_alive_max_attempt it sets lease_ttl"),
+    "keep_alive_max_attempt": ("int", "torch's missed heartbeats; lease_ttl = interval x attempts if not given"),
+    "scale_settle": ("seconds", "wait after a new node registers before the job scales up (default 1)"),
+    "max_restarts": ("int", "a job-wide restart budget counted in etcd (default: none beyond torchrun's own)"),
+    "node_id": ("str", "this node's id in etcd (default: host name plus a random suffix)"),
+    "etcd_prefix": ("str", f"the root of the job's keys in etcd (default {DEFAULT_ROOT})"),
+    "etcd_cacert": ("file", "CA bundle: talk TLS to etcd"), "cacert": ("file", "torch's name for etcd_cacert"),
+    "ca_cert": ("file", "torch's name for etcd_cacert"),
+    "etcd_cert": ("file", "client certificate (mutual TLS)"), "cert": ("file", "torch's name for etcd_cert"),
+    "ssl_cert": ("file", "torch's name for etcd_cert"),
+    "etcd_key": ("file", "client key (mutual TLS)"), "key": ("file", "torch's name for etcd_key"),
+    "ssl_cert_key": ("file", "torch's name for etcd_key"),
+    "etcd_user": ("str", "etcd user (TLS only); the password comes from $ETCD_AGENT_ETCD_PASSWORD"),
+    "protocol": ("str", "http or https (https needs etcd_cacert)"),
+    "etcd_timeout": ("seconds", "how long the first contact with etcd may take (default 10)"),
+    # torch's c10d backend's own keys: accepted, nothing to do here
+    "read_timeout": ("unused", "no TCPStore to read from: the rendezvous state lives in etcd"),
+    "heartbeat_timeout": ("unused", "liveness is the etcd lease: see lease_ttl"),
+    "is_host": ("unused", "no node hosts the rendezvous: etcd does"),
+    "store_type": ("unused", "the rendezvous store is always etcd"),
+    "use_libuv": ("unused", "the rendezvous store is etcd, not a TCPStore"),
+}
+_ALIASES = {"last_call": "last_call_timeout", "cacert": "etcd_cacert", "ca_cert": "etcd_cacert",
+            "cert": "etcd_cert", "ssl_cert": "etcd_cert", "key": "etcd_key", "ssl_cert_key": "etcd_key"}
+
+
+class BackendSettings:
+    """What ``--rdzv-conf`` and torch's parameters make: the agent's config plus the handler's own timeouts."""
+
+    def __init__(self, cfg: AgentConfig, store_timeout: datetime.timedelta, close_timeout: float):
+        self.cfg = cfg
+        self.store_timeout = store_timeout
+        self.close_timeout = close_timeout
+
+
+def _value(key: str, raw, kind: str):
+    text = str(raw).strip()
+    where = f"--rdzv-conf {key}={raw}"
+    try:
+        if kind == "seconds":
+            value = float(text)
+            if not value >= 0:  # also NaN
+                raise ValueError
+            return value
+        if kind == "int":
+            value = int(text)
+            if value < 0:
+                raise ValueError
+            return value
+    except ValueError:
+        expected = "a number of seconds, 0 or more" if kind == "seconds" else "a whole number, 0 or more"
+        raise ConfigError(f"{where}: expected {expected}") from None
+    if kind == "file":
+        if not os.path.isfile(text):
+            raise ConfigError(f"{where}: no such file: {text}")
+        return text
+    if not text:
+        raise ConfigError(f"{where}: must not be empty")
+    return text
+
+
+def settings(params: RendezvousParameters) -> BackendSettings:
+    """The backend's settings from torch's parameters; ConfigError names the ``--rdzv-*`` flag or conf key."""
+    from .flags import PASSWORD_ENV
+    from .launch import etcd_config
+
+    conf: dict = {}
+    for key, raw in params.config.items():
+        if key == "etcd_password":
+            raise ConfigError(f"--rdzv-conf etcd_password: a password on the command line is visible to every "
+                              f"user of the host; put it in ${PASSWORD_ENV}")
+        if key not in RDZV_CONF:
+            known = ", ".join(sorted(RDZV_CONF))
+            raise ConfigError(f"--rdzv-conf {key}: not a key the {BACKEND} backend knows (known: {known})")
+        kind = RDZV_CONF[key][0]
+        if kind == "unused":
+            log.info("--rdzv-conf %s is not used by the %s backend: %s", key, BACKEND, RDZV_CONF[key][1])
+            continue
+        name = _ALIASES.get(key, key)
+        if name in conf:
+            raise ConfigError(f"--rdzv-conf {key}: given twice (also as {name} or one of its aliases)")
+        conf[name] = _value(key, raw, kind)
+    if not params.endpoint:
+        raise ConfigError(f"--rdzv-endpoint: the {BACKEND} backend needs the etcd endpoints, HOST:PORT[,HOST:PORT]")
+    protocol = conf.get("protocol", "http").lower()
+    if protocol not in ("http", "https"):
+        raise ConfigError(f"--rdzv-conf protocol={protocol}: expected http or https")
+    if protocol == "https" and "etcd_cacert" not in conf:
+        raise ConfigError("--rdzv-conf protocol=https needs etcd_cacert=FILE (the CA that signed etcd's certificate)")
+    lease_ttl = conf.get("lease_ttl")
+    if lease_ttl is None and ("keep_alive_interval" in conf or "keep_alive_max_attempt" in conf):
+        lease_ttl = max(2, conf.get("keep_alive_interval", 5) * conf.get("keep_alive_max_attempt", 3))
+        log.info("lease TTL %d s from torch's keep_alive_interval x keep_alive_max_attempt", lease_ttl)
+    lease_ttl = 5 if lease_ttl is None else lease_ttl
+    ns = argparse.Namespace(cacert=conf.get("etcd_cacert"), cert=conf.get("etcd_cert"), key=conf.get("etcd_key"),
+                            user=conf.get("etcd_user"), etcd_timeout=conf.get("etcd_timeout", 10.0) or 10.0)
+    etcd = etcd_config(ns, params.endpoint, "--rdzv-endpoint", lease_ttl=lease_ttl)
+    run_id = str(params.run_id)
+    if run_id == "none":
+        log.warning("--rdzv-id is not set: torchrun's default run id 'none' is shared by every job under %s",
+                    conf.get("etcd_prefix", DEFAULT_ROOT))
+    cfg = AgentConfig(
+        run_id=run_id, node_id=conf.get("node_id") or default_node_id(),
+        spec=JobSpec(params.min_nodes, params.max_nodes, TORCHRUN_NPROC, conf.get("max_restarts", UNLIMITED_RESTARTS)),
+        # torch's agent runs the workers; the agent here only needs a group of one "worker" per node to track
+        workers=WorkerConfig(entrypoint="torchrun", args=(), nproc=1, stop_timeout=30.0),
+        etcd=etcd, root=conf.get("etcd_prefix", DEFAULT_ROOT), local_addr=params.local_addr or default_address(),
+        lease_ttl=lease_ttl, last_call=conf.get("last_call_timeout", 3.0), join_timeout=conf.get("join_timeout", 600.0),
+        scale_settle=conf.get("scale_settle", 1.0))
+    store_timeout = datetime.timedelta(seconds=conf.get("timeout", 300.0))
+    return BackendSettings(cfg, store_timeout, conf.get("close_timeout", 30.0))
+
+
+class TorchrunWorkers:
+    """The agent's "worker group" for one round: torch's agent and the workers it runs. ``start`` hands the round
+    to ``next_rendezvous``; ``stop`` asks torch's agent to stop its workers (``num_nodes_waiting``) and waits
+    until it came back for the next round, or kills the workers itself when that takes too long."""
+
+    def __init__(self, handler: "EtcdV3RendezvousHandler", on_exit, node_id: str):
+        self.handler = handler
+        self.on_exit = on_exit
+        self.node_id = node_id
+        self.round = 0
+        self.taken = False  # torch's agent has this round (next_rendezvous returned it)
+        self.stopping = False
+        self.ended = False  # a success or failure of this round was reported to the agent
+
+    # --- called by the agent ---
+    def start(self, a: Assignment) -> None:
+        self.round = a.round
+        self.handler._deliver(self, a)
+
+    def stop(self, reason: str = "", grace: float | None = None, sig: int = signal.SIGTERM) -> None:
+        self.handler._stop_torch(self, reason, self.handler.cfg.workers.stop_timeout if grace is None else grace)
+
+    def failure_report(self, ex: WorkerExit) -> dict:
+        return self.handler._failure_report(ex)
+
+    def ended_on_its_own(self, ex: WorkerExit) -> bool:
+        return False
+
+    def silent_for(self) -> list:
+        return []
+
+    # --- called by the handler ---
+    def report(self, ok: bool) -> None:
+        """torch's agent says how this round's workers ended here: all succeeded, or the group failed."""
+        if self.ended:
+            return
+        self.ended = True
+        self.on_exit(WorkerExit(local_rank=0, rank=-1, pid=0, returncode=0 if ok else 1, time=time.time(),
+                                round=self.round))
+
+
+class EtcdV3RendezvousHandler(RendezvousHandler):
+    """torch's rendezvous contract on etcd-agent's protocol (see the module doc)."""
+
+    def __init__(self, s: BackendSettings):
+        self.cfg = s.cfg
+        self._store_timeout = s.store_timeout
+        self._close_timeout = s.close_timeout
+        self._cond = threading.Condition()
+        self._request: concurrent.futures.Future | None = None  # a next_rendezvous waiting for its round
+        self._ready: RendezvousInfo | None = None  # a round that started while no next_rendezvous waited
+        self._group: TorchrunWorkers | None = None  # the round torch's agent runs (or ran) here
+        self._came = 0  # how many times torch's agent called next_rendezvous or shutdown: a stop waits for it
+        self._waiting = 0
+        self._ended: RendezvousError | None = None  # the job is over for this node: what next_rendezvous raises
+        self._shut = False
+        self._stores: list[EtcdStore] = []
+        self._etcd = Etcd(self.cfg.etcd)  # the stores' and closing's own connection: it outlives the agent's
+        self._closed_here = False  # set_closed or shutdown ended the job from this node
+        self.agent = Agent(self.cfg, __version__, group_factory=self._make_group)
+        self._thread: threading.Thread | None = None
+
+    # --- torch's contract --------------------------------------------------------------------------------------
+    def get_backend(self) -> str:
+        return BACKEND
+
+    def get_run_id(self) -> str:
+        return self.cfg.run_id
+
+    @property
+    def use_agent_store(self) -> bool:
+        """False: worker rank 0 hosts the workers' TCPStore at MASTER_ADDR:MASTER_PORT, as with torch's c10d."""
+        return False
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        with self._cond:
+            if self._ended is not None:
+                raise type(self._ended)(str(self._ended))
+            if self._shut:
+                raise RendezvousClosedError(f"the {BACKEND} rendezvous of {self.cfg.run_id} was shut down")
+            request = self._request = concurrent.futures.Future()
+            self._came += 1
+            self._waiting = 0
+            group = self._group
+            self._cond.notify_all()
+            if self._ready is not None:  # a round started while torch's agent was away: take it now
+                request.set_result(self._ready)
+                self._ready, group.taken, group = None, True, None
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run_agent, name=f"etcd-v3-{self.cfg.node_id}",
+                                                daemon=True)
+                self._thread.start()
+        if group is not None and group.taken and not group.stopping:
+            # torch's agent came back while its round still runs: it restarted its workers after a failure
+            group.report(ok=False)
+        started = time.monotonic()
+        info = request.result()
+        log.info("rendezvous of %s: group rank %d of %d in %.3f s, master %s:%d", self.cfg.node_id, info.rank,
+                 info.world_size, time.monotonic() - started, info.bootstrap_store_info.master_addr,
+                 info.bootstrap_store_info.master_port)
+        return info
+
+    def num_nodes_waiting(self) -> int:
+        return self._waiting
+
+    def is_closed(self) -> bool:
+        if self._ended is not None or self._closed_here:
+            return True
+        coord = self.agent.coord
+        return coord.mirror is not None and coord.mirror.get(coord.keys.result()) is not None
+
+    def set_closed(self) -> None:
+        self._close_job("stopped", f"the {BACKEND} rendezvous was closed by {self.cfg.node_id} (set_closed)")
+
+    def shutdown(self) -> bool:
+        exc = sys.exc_info()[1]  # called from torch's launcher's ``finally``: what ended torch's agent, if anything
+        with self._cond:
+            if self._shut:
+                return True
+            self._shut = True
+            self._came += 1
+            self._cond.notify_all()
+            group, thread = self._group, self._thread
+        try:
+            if thread is not None and thread.is_alive() and group is not None and not group.stopping:
+                if not group.ended:  # this node's round still runs and its workers did not succeed: close it
+                    outcome, reason, root = self._why_shut(exc)
+                    self._close_job(outcome, reason, root)
+                thread.join(self._close_timeout)  # the job's end (or this node's exit) is recorded meanwhile
+            if thread is not None and thread.is_alive():
+                self.agent.events.put(("leave", f"{self.cfg.node_id}: torchrun's agent shut the rendezvous down"))
+                thread.join(self.cfg.timings.lease_ttl + 5.0)
+            return True
+        finally:
+            for store in self._stores:
+                store.close()
+            self._etcd.close()
+
+    # --- the agent's thread ------------------------------------------------------------------------------------
+    def _make_group(self, _workers_cfg, on_exit, node_id: str = "") -> TorchrunWorkers:
+        return TorchrunWorkers(self, on_exit, node_id or self.cfg.node_id)
+
+    def _run_agent(self) -> None:
+        try:
+            self.agent.run()
+            err: RendezvousError = RendezvousClosedError(f"job {self.cfg.run_id} succeeded; its rendezvous is closed")
+        except JobFailed as exc:
+            timed_out = "rendezvous timed out" in str(exc)
+            err = (RendezvousTimeoutError if timed_out else RendezvousClosedError)(str(exc))
+        except JobStopped as exc:
+            err = RendezvousClosedError(str(exc))
+        except SpecMismatch as exc:
+            err = RendezvousStateError(str(exc))
+        except ConfigError as exc:
+            err = RendezvousConnectionError(str(exc)) if "--etcd-endpoints" in str(exc) or "--rdzv-endpoint" in str(
+                exc) else RendezvousError(str(exc))
+        except AgentError as exc:
+            err = RendezvousError(str(exc))
+        except BaseException as exc:  # noqa: BLE001 - torch's agent must hear of it, not hang
+            log.exception("the %s rendezvous agent of %s failed", BACKEND, self.cfg.node_id)
+            err = RendezvousError(f"the {BACKEND} rendezvous agent failed: {exc!r}")
+        with self._cond:
+            self._ended = err
+            self._waiting = max(self._waiting, 1) if self._group is not None and not self._shut else self._waiting
+            request, self._request = self._request, None
+            self._cond.notify_all()
+        if request is not None and not request.done():
+            request.set_exception(type(err)(str(err)))
+        if not isinstance(err, RendezvousClosedError) or "succeeded" not in str(err):
+            for store in self._stores:  # nobody is coming: waits of torch's agent (its exit barrier) end now
+                store.close(f"job {self.cfg.run_id} ended: {err}")
+
+    def _deliver(self, group: TorchrunWorkers, a: Assignment) -> None:
+        """The agent started round ``a.round`` with this node: hand it to ``next_rendezvous``."""
+        keys = self.agent.keys
+        store = EtcdStore(self._etcd, keys.store(a.round), self._store_timeout,
+                          on_add=lambda key, _value: self._on_store_add(group, key))
+        info = RendezvousInfo(store, a.group_rank, a.group_world_size,
+                              RendezvousStoreInfo(a.master_addr, a.master_port))
+        with self._cond:
+            old, self._stores = self._stores, [store]
+            self._group = group
+            request, self._request = self._request, None
+            if request is None or request.done():
+                self._ready = info  # torch's agent takes it when it comes
+            else:
+                group.taken = True
+            self._cond.notify_all()
+        for s in old:
+            s.close()
+        if request is not None and not request.done():
+            request.set_result(info)
+        if a.group_rank == 0 and a.round > 1:  # earlier rounds' stores: their agents have all moved on
+            self._etcd.delete_range(keys.stores(), keys.store(a.round).encode())
+
+    def _on_store_add(self, group: TorchrunWorkers, key: str) -> None:
+        if key == EXIT_BARRIER_KEY:  # torch's agent: every worker of this node succeeded; it waits for the others
+            group.report(ok=True)
+
+    def _stop_torch(self, group: TorchrunWorkers, reason: str, timeout: float) -> None:
+        """Make torch's agent stop its workers (``num_nodes_waiting``) and wait until it came back (its workers are
+        then gone); past ``timeout``, kill them here."""
+        with self._cond:
+            first = not group.stopping
+            group.stopping = True
+            came = self._came
+            back = self._request is not None or self._shut or self._ready is not None
+            if not back:
+                self._waiting = max(self._waiting, 1)
+        if back or not self._worker_processes():
+            return
+        if first:
+            log.info("%s: asking torchrun's agent to stop its workers (%s)", self.cfg.node_id, reason)
+        with self._cond:
+            self._cond.wait_for(lambda: self._came != came, timeout)
+            if self._came != came:
+                return
+        victims = self._worker_processes()
+        if victims:
+            log.warning("%s: torchrun's agent did not stop its workers within %.1f s (%s); killing pid(s) %s",
+                        self.cfg.node_id, timeout, reason, ", ".join(str(p.pid) for p in victims))
+        for p in victims:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # torch starts each worker in a session of its own
+            except OSError:
+                pass
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+    def _worker_processes(self) -> list[psutil.Process]:
+        """The live processes torch's agent started for this run: children of this process with its run id."""
+        found = []
+        try:
+            children = psutil.Process().children()
+        except psutil.Error:
+            return found
+        for p in children:
+            try:
+                if p.environ().get("TORCHELASTIC_RUN_ID") == self.cfg.run_id and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except psutil.Error:
+                continue
+        return found
+
+    def _failure_report(self, ex: WorkerExit) -> dict:
+        return {"rank": None, "local_rank": None, "pid": None, "exitcode": None, "signal": None,
+                "message": "torchrun's agent restarted its workers (a worker failed; its error is in torchrun's log "
+                           "and error files)", "error_file": "", "stderr_tail": "", "time": ex.time,
+                "round": ex.round, "node": self.cfg.node_id}
+
+    # --- ending the job ----------------------------------------------------------------------------------------
+    def _why_shut(self, exc: BaseException | None) -> tuple[str, str, dict | None]:
+        who = f"torchrun's agent on {self.cfg.node_id}"
+        if exc is not None and type(exc).__name__ == "ChildFailedError":
+            root = None
+            try:
+                rank, failure = exc.get_first_failure()
+                root = {"rank": rank, "local_rank": failure.local_rank, "pid": failure.pid,
+                        "exitcode": failure.exitcode if failure.exitcode >= 0 else None,
+                        "signal": failure.signal_name() if failure.exitcode < 0 else None,
+                        "message": str(failure.message), "error_file": failure.error_file, "stderr_tail": "",
+                        "time": float(failure.timestamp), "node": self.cfg.node_id,
+                        "round": self._group.round if self._group else None}
+            except Exception:  # noqa: BLE001 - a report without details beats none
+                pass
+            return "failed", f"{who} gave up: its workers failed and its restarts (--max-restarts) are spent", root
+        if exc is not None and type(exc).__name__ == "SignalException":
+            return "stopped", f"{who} received {getattr(exc, 'sigval', 'a signal')!s} and closed the rendezvous", None
+        if exc is not None:
+            return "failed", f"{who} closed the rendezvous after {type(exc).__name__}: {exc}", None
+        return "stopped", f"{who} closed the rendezvous (shutdown) before its workers finished", None
+
+    def _close_job(self, outcome: str, reason: str, root: dict | None = None) -> None:
+        keys = self.agent.keys
+        if keys is None:
+            return  # never reached etcd: nothing to close
+        try:
+            if txns.close_job(self._etcd, keys, outcome, reason, time.time(), root, self.cfg.node_id):
+                log.warning("%s: job %s %s: %s", self.cfg.node_id, self.cfg.run_id, outcome, reason)
+            self._closed_here = True  # by this call or before it: the job has its result either way
+        except AgentError as exc:
+            log.error("%s could not close job %s: %s", self.cfg.node_id, self.cfg.run_id, exc)
+
+
+def create_handler(params: RendezvousParameters) -> EtcdV3RendezvousHandler:
+    """torch's registry calls this with ``--rdzv-*``: a bad key or value is a ValueError naming it."""
+    try:
+        s = settings(params)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    _log_to_stderr()
+    log.info("%s rendezvous: run %s, node %s, nnodes %d:%d, etcd %s under %s", BACKEND, s.cfg.run_id, s.cfg.node_id,
+             params.min_nodes, params.max_nodes, ",".join(f"{h}:{p}" for h, p in s.cfg.etcd.endpoints), s.cfg.root)
+    return EtcdV3RendezvousHandler(s)
+
+
+def _log_to_stderr() -> None:
+    """torchrun configures only torch's loggers: give etcd-agent's a stderr handler (``ETCD_AGENT_LOG_LEVEL``,
+    default INFO) unless the application configured logging itself."""
+    logger = logging.getLogger("etcd_agent")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    level = logging.getLevelName(os.environ.get("ETCD_AGENT_LOG_LEVEL", "INFO").upper())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s etcd-agent: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level if isinstance(level, int) else logging.INFO)
+    logger.propagate = False

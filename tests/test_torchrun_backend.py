@@ -1,0 +1,227 @@
+"""torchrun's ``etcd-v3`` rendezvous handler in one process against the real etcd: torch's registry finds it,
+``--rdzv-conf`` is checked, and the handler keeps torch's ``RendezvousHandler`` contract (rounds, re-rendezvous
+after a failure, ``num_nodes_waiting`` from the watch, scale-up, closing, shutdown, fencing)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+from torch.distributed.elastic.rendezvous import (RendezvousClosedError, RendezvousConnectionError,  # noqa: E402
+                                                  RendezvousParameters)
+from torch.distributed.elastic.utils import store as store_util  # noqa: E402
+
+from agents import job_keys, keys_of, poll_until  # noqa: E402
+from etcd_agent.c10d_store import EtcdStore  # noqa: E402
+from etcd_agent.config import EtcdConfig, parse_endpoints  # noqa: E402
+from etcd_agent.etcd import Etcd  # noqa: E402
+from etcd_agent.torchrun_backend import BACKEND, EtcdV3RendezvousHandler, create_handler  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+def params(endpoint: str, run_id: str, nnodes=(2, 2), **conf) -> RendezvousParameters:
+    conf = {"timeout": 900, "last_call_timeout": "1", **conf}  # torchrun always passes timeout
+    return RendezvousParameters(BACKEND, endpoint, run_id, nnodes[0], nnodes[1], local_addr="127.0.0.1", **conf)
+
+
+@pytest.fixture
+def handlers():
+    made: list[EtcdV3RendezvousHandler] = []
+    yield made
+    for h in made:
+        h.shutdown()
+
+
+def make(handlers, endpoint, run_id, node, nnodes=(2, 2), **kw) -> EtcdV3RendezvousHandler:
+    h = create_handler(params(endpoint, run_id, nnodes, node_id=node, **kw))
+    handlers.append(h)
+    return h
+
+
+def background(fn) -> concurrent.futures.Future:
+    """``fn()`` on a daemon thread: a test that fails while it still blocks does not hang on it."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001
+            future.set_exception(exc)
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+def rendezvous(*hs, timeout=30.0):
+    futures = [background(h.next_rendezvous) for h in hs]
+    return [f.result(timeout=timeout) for f in futures]
+
+
+def test_torch_registry_finds_the_backend(etcd_endpoint, run_id):
+    from torch.distributed.elastic.rendezvous.registry import get_rendezvous_handler
+
+    h = get_rendezvous_handler(params(etcd_endpoint, run_id))
+    try:
+        assert isinstance(h, EtcdV3RendezvousHandler)
+        assert h.get_backend() == "etcd-v3" and h.get_run_id() == run_id and h.use_agent_store is False
+    finally:
+        h.shutdown()
+
+
+@pytest.mark.parametrize("conf, message", [
+    ({"bogus": "1"}, r"--rdzv-conf bogus: not a key the etcd-v3 backend knows \(known: .*join_timeout"),
+    ({"join_timeout": "soon"}, r"--rdzv-conf join_timeout=soon: expected a number of seconds"),
+    ({"lease_ttl": "-1"}, r"--rdzv-conf lease_ttl=-1: expected a whole number"),
+    ({"lease_ttl": "1"}, r"--lease-ttl must be at least 2"),
+    ({"etcd_password": "hunter2"}, r"etcd_password: a password on the command line .* \$ETCD_AGENT_ETCD_PASSWORD"),
+    ({"etcd_cacert": "/no/such/ca.pem"}, r"--rdzv-conf etcd_cacert=/no/such/ca.pem: no such file"),
+    ({"protocol": "https"}, r"protocol=https needs etcd_cacert"),
+    ({"protocol": "ftp"}, r"protocol=ftp: expected http or https"),
+    ({"last_call": "1", "last_call_timeout": "2"}, r"given twice"),
+    ({"etcd_user": "root"}, r"--etcd-user needs TLS"),
+])
+def test_bad_rdzv_conf_is_a_clear_error(etcd_endpoint, run_id, conf, message):
+    with pytest.raises(ValueError, match=message):
+        create_handler(params(etcd_endpoint, run_id, **conf))
+
+
+def test_missing_endpoint_and_bad_run_id(etcd_endpoint):
+    with pytest.raises(ValueError, match="--rdzv-endpoint: the etcd-v3 backend needs the etcd endpoints"):
+        create_handler(params("", "job"))
+    with pytest.raises(ValueError, match="--run-id 'a b'"):
+        create_handler(params(etcd_endpoint, "a b"))
+
+
+def test_torch_keys_of_other_backends_are_accepted(etcd_endpoint, run_id):
+    h = create_handler(params(etcd_endpoint, run_id, read_timeout="60", is_host="1", keep_alive_interval="2",
+                              keep_alive_max_attempt="4", join_timeout="30", close_timeout="5"))
+    try:
+        assert h.cfg.lease_ttl == 8  # torch's heartbeat settings: dead after interval x attempts
+        assert h.cfg.join_timeout == 30.0
+    finally:
+        h.shutdown()
+
+
+def test_an_unreachable_etcd_fails_the_rendezvous_with_a_connection_error():
+    h = create_handler(params("127.0.0.1:1", "job", etcd_timeout="1"))
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RendezvousConnectionError, match="127.0.0.1:1"):
+            h.next_rendezvous()
+        assert time.monotonic() - t0 < 15
+    finally:
+        h.shutdown()
+
+
+def test_rounds_restart_and_close(handlers, etcd_endpoint, run_id):
+    a, b = (make(handlers, etcd_endpoint, run_id, n) for n in ("n0", "n1"))
+    first = rendezvous(a, b)
+    assert sorted(i.rank for i in first) == [0, 1] and {i.world_size for i in first} == {2}
+    assert len({(i.bootstrap_store_info.master_addr, i.bootstrap_store_info.master_port) for i in first}) == 1
+    keys = keys_of(run_id)
+    assert all(isinstance(i.store, EtcdStore) and i.store.prefix == keys.store(1) for i in first)
+    first[0].store.set("hello", "world")
+    assert first[1].store.get("hello") == b"world"  # one store for the round
+    assert (a.num_nodes_waiting(), b.num_nodes_waiting()) == (0, 0)
+    assert not a.is_closed()
+    ranks = {h.cfg.node_id: i.rank for h, i in zip((a, b), first)}
+
+    # torch's agent on n1 restarted its workers after a failure: it calls next_rendezvous again
+    again = background(b.next_rendezvous)
+    poll_until(lambda: a.num_nodes_waiting() > 0, 10, "n0 to see that a new round began")
+    second = [a.next_rendezvous(), again.result(timeout=30)]
+    assert {h.cfg.node_id: i.rank for h, i in zip((a, b), second)} == ranks  # stable ranks
+    assert all(i.store.prefix == keys.store(2) for i in second)
+    state = job_keys(etcd_endpoint, run_id)
+    assert state[keys.restarts()]["used"] == 1
+    assert state[keys.failure(1, "n1")]["node"] == "n1"
+    assert a.num_nodes_waiting() == 0
+
+    # the leader of round 2 deleted round 1's store
+    etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
+    try:
+        poll_until(lambda: not etcd.get_prefix(keys.store(1))[0], 10, "round 1's store to be deleted")
+    finally:
+        etcd.close()
+
+    # n0's torch agent ends without its workers succeeding: shutdown closes the rendezvous for everyone
+    assert a.shutdown()
+    state = job_keys(etcd_endpoint, run_id)
+    assert state[keys.result()]["outcome"] == "stopped"
+    assert keys.node("n0") not in state  # its lease was revoked
+    poll_until(lambda: b.is_closed() and b.num_nodes_waiting() > 0, 10, "n1 to see the rendezvous closed")
+    with pytest.raises(RendezvousClosedError, match="closed the rendezvous"):
+        b.next_rendezvous()
+
+
+def test_exit_barrier_then_shutdown_ends_the_job_succeeded(handlers, etcd_endpoint, run_id):
+    hs = [make(handlers, etcd_endpoint, run_id, n) for n in ("n0", "n1")]
+    infos = rendezvous(*hs)
+    # torch's agent after its workers succeeded
+    done = [background(lambda i=i: store_util.barrier(i.store, 2, "torchelastic/agent/terminal_state", 30))
+            for i in infos]
+    for f in done:
+        f.result(timeout=30)
+    for h in hs:
+        assert h.shutdown()
+    state = job_keys(etcd_endpoint, run_id)
+    keys = keys_of(run_id)
+    assert state[keys.result()]["outcome"] == "succeeded"
+    assert {keys.exit(1, "n0"), keys.exit(1, "n1")} <= set(state)
+    with pytest.raises(RendezvousClosedError, match="succeeded"):
+        hs[0].next_rendezvous()
+
+
+def test_set_closed(handlers, etcd_endpoint, run_id):
+    a, b = (make(handlers, etcd_endpoint, run_id, n) for n in ("n0", "n1"))
+    rendezvous(a, b)
+    a.set_closed()
+    assert a.is_closed()
+    poll_until(b.is_closed, 10, "n1 to see the rendezvous closed")
+    result = job_keys(etcd_endpoint, run_id)[keys_of(run_id).result()]
+    assert result["outcome"] == "stopped" and "set_closed" in result["reason"]
+
+
+def test_a_late_node_scales_the_job_up(handlers, etcd_endpoint, run_id):
+    a, b, c = (make(handlers, etcd_endpoint, run_id, n, (2, 3), scale_settle="0.2") for n in ("n0", "n1", "n2"))
+    first = rendezvous(a, b)
+    assert {i.world_size for i in first} == {2}
+    late = background(c.next_rendezvous)
+    poll_until(lambda: a.num_nodes_waiting() > 0 and b.num_nodes_waiting() > 0, 15,
+               "the members to see the scale-up round")
+    second = rendezvous(a, b) + [late.result(timeout=30)]
+    assert [i.world_size for i in second] == [3, 3, 3]
+    assert [i.rank for i in second[:2]] == [i.rank for i in first]  # the members keep their ranks
+    assert second[2].rank == 2
+    assert job_keys(etcd_endpoint, run_id)[keys_of(run_id).restarts()]["used"] == 0  # scale-ups are not counted
+
+
+def test_lost_session_kills_workers_torch_does_not_stop(handlers, etcd_endpoint, run_id):
+    """Fencing: the session is lost while torch's agent does not react (a hung monitor loop): the handler kills
+    the run's worker processes itself, before the lease could expire, and asks for a new round."""
+    a, b = (make(handlers, etcd_endpoint, run_id, n, lease_ttl="3") for n in ("n0", "n1"))
+    rendezvous(a, b)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
+                              env={**os.environ, "TORCHELASTIC_RUN_ID": run_id})
+    try:
+        etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
+        try:
+            etcd.lease_revoke(a.agent.session.lease_id)  # the session ends under the agent
+        finally:
+            etcd.close()
+        t0 = time.monotonic()
+        worker.wait(timeout=15)
+        assert worker.returncode == -9
+        assert time.monotonic() - t0 < 10
+        assert a.num_nodes_waiting() > 0
+        poll_until(lambda: b.num_nodes_waiting() > 0, 15, "n1 to see n0 leave its round")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
