@@ -1,7 +1,8 @@
 """A gloo worker for the torchrun-backend tests: all_reduce, and record what this worker saw.
 
 ``--until-world W``: while the world is smaller than W, keep all-reducing (0.1 s apart) until torchrun's agent
-stops this worker for a new round (a node joined or left). ``--crash-once RANK``: that global rank exits 3 the
+stops this worker for a new round (a node joined); ``--while-world W``: the same while the world is W (until a
+node leaves). ``--crash-once RANK``: that global rank exits 3 the
 first time any worker of the job gets there (a marker file in ``--out``). ``--always-fail RANK``: that rank
 exits 3 every time. Each worker writes ``<out>/<pid>.json``: rank, world, group rank, restart count, master,
 the all_reduce sum.
@@ -22,6 +23,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--until-world", type=int, default=0)
+    p.add_argument("--while-world", type=int, default=0)
     p.add_argument("--crash-once", type=int, default=-1)
     p.add_argument("--always-fail", type=int, default=-1)
     a = p.parse_args()
@@ -32,7 +34,7 @@ def main() -> None:
         open(marker, "w").close()
         print(f"rank {rank}: failing on purpose", file=sys.stderr, flush=True)
         sys.exit(3)
-    while a.until_world and world < a.until_world:
+    while (a.until_world and world < a.until_world) or world == a.while_world:
         dist.all_reduce(torch.ones(1))
         time.sleep(0.1)
     total = torch.tensor([float(rank + 1)])

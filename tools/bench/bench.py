@@ -1,15 +1,18 @@
 """Benchmarks of etcd-agent side by side with torchrun, in the same run, with the same worker script.
 
-    python tools/bench/bench.py [--reps N] [--out DIR] [--only NAME,...] [--kinds etcd-agent,torchrun]
+    python tools/bench/bench.py [--reps N] [--out DIR] [--only NAME,...] [--kinds etcd-agent,torchrun,...]
 
 Scenarios live in ``scenarios.REGISTRY`` (``--list`` shows them); ``--only`` takes scenario names or groups
-(launch, crash, scale, footprint, node-loss). Repetitions of the two launchers alternate (and alternate which goes
-first) so that the machine's noise hits both alike. etcd-agent uses one private etcd per scenario
-(etcd_agent.standalone) and a fresh run id per repetition; torchrun a fresh c10d port and rdzv id per repetition.
+(launch, crash, scale, footprint, node-loss, torchrun-backend). Each scenario runs the two launcher kinds of its
+pair (etcd-agent and torchrun; torchrun-backend: torchrun-etcd-v3 and torchrun, i.e. c10d), less those --kinds
+leaves out. Repetitions of the two launchers alternate (and alternate which goes first) so that the machine's noise
+hits both alike. etcd-agent and torchrun-etcd-v3 use one private etcd per scenario (etcd_agent.standalone) and a
+fresh run id per repetition; torchrun (c10d) a fresh c10d port and rdzv id per repetition.
 
 Writes into --out: results.json (every raw sample, failures with their reason and the launchers' last log lines),
-results.md (median and min-max per metric, ratio torchrun/etcd-agent), results.png (if matplotlib is installed),
-and work/ (per repetition: launcher logs, worker records). A failed repetition is kept and reported, never dropped.
+results.md (median and min-max per metric, ratio torchrun/etcd-agent, for torchrun-backend c10d/etcd-v3),
+results.png (if matplotlib is installed), and work/ (per repetition: launcher logs, worker records). A failed
+repetition is kept and reported, never dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import report
 from procs import free_port
-from scenarios import KINDS, REGISTRY, Rep, Scenario
+from scenarios import ETCD_KINDS, KINDS, REGISTRY, Rep, Scenario
 
 from etcd_agent.standalone import EtcdServer
 
@@ -38,7 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="repetitions per scenario and launcher (default 5)")
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out/)")
     p.add_argument("--only", default="", help="comma-separated scenario names or groups (default: all)")
-    p.add_argument("--kinds", default=",".join(KINDS), help="launchers to measure (default: both)")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="launchers to measure (default: all; each scenario runs those of its pair)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every per-repetition timeout")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p.parse_args(argv)
@@ -77,9 +81,10 @@ def run_rep(scenario: Scenario, kind: str, index: int, base: Path, out: Path, et
     workdir = base / kind / f"rep-{index}"
     workdir.mkdir(parents=True, exist_ok=True)
     run_id = f"bench-{scenario.name}-{index}-{uuid.uuid4().hex[:6]}"
-    endpoint = etcd.endpoint if kind == "etcd-agent" and etcd else f"127.0.0.1:{free_port()}"
+    endpoint = etcd.endpoint if kind in ETCD_KINDS and etcd else f"127.0.0.1:{free_port()}"
     rep = Rep(kind, index, workdir, endpoint, run_id, scale)
-    sample = {"scenario": scenario.name, "group": scenario.group, "kind": kind, "rep": index, "run_id": run_id,
+    sample = {"scenario": scenario.name, "group": scenario.group, "kind": kind, "pair": list(scenario.kinds),
+              "rep": index, "run_id": run_id,
               "workdir": str(workdir.relative_to(out)), "ok": False, "metrics": {}, "error": None}
     t0 = time.monotonic()
     try:
@@ -97,7 +102,7 @@ def run_scenario(scenario: Scenario, kinds: list[str], args, out: Path, samples:
     base = out / "work" / scenario.name
     base.mkdir(parents=True, exist_ok=True)
     etcd = None
-    if "etcd-agent" in kinds and scenario.needs_etcd:
+    if set(kinds) & set(ETCD_KINDS) and scenario.needs_etcd:
         etcd = EtcdServer(name=f"bench-{scenario.name}", log_file=str(base / "etcd.log")).start()
     try:
         for index in range(args.reps):
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.list:
         for s in REGISTRY.values():
-            print(f"{s.name:22} {s.group:10} {s.doc}")
+            print(f"{s.name:22} {s.group:16} {s.doc}")
         return 0
     kinds = [k for k in args.kinds.split(",") if k]
     if set(kinds) - set(KINDS) or not kinds:
@@ -134,8 +139,13 @@ def main(argv=None) -> int:
         (out / "results.json").write_text(json.dumps(result, indent=1))
 
     for scenario in scenarios:
-        print(f"{scenario.name}: {scenario.doc}, {args.reps} repetition(s) per launcher", flush=True)
-        run_scenario(scenario, kinds, args, out, result["samples"], save)
+        mine = [k for k in scenario.kinds if k in kinds]  # the scenario's pair, in its order, less --kinds' omissions
+        if not mine:
+            print(f"{scenario.name}: skipped, --kinds leaves out both of {', '.join(scenario.kinds)}", flush=True)
+            continue
+        print(f"{scenario.name}: {scenario.doc}, {args.reps} repetition(s) per launcher ({', '.join(mine)})",
+              flush=True)
+        run_scenario(scenario, mine, args, out, result["samples"], save)
     rows = report.summarize(result["samples"])
     result["summary"] = rows
     save()

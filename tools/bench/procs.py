@@ -1,5 +1,9 @@
 """Launcher processes for the benchmark: build etcd-agent and torchrun command lines, start them, wait with deadlines.
 
+Three kinds of launcher: ``etcd-agent`` (python -m etcd_agent), ``torchrun`` (torch's c10d rendezvous backend, the
+first launcher hosting the store) and ``torchrun-etcd-v3`` (torchrun with etcd-agent's ``etcd-v3`` backend, against
+the benchmark's etcd). Both torchrun kinds use the backends' defaults; nothing is tuned.
+
 Every launcher runs in its own session with its output in a log file. ``Launcher.kill_tree`` SIGKILLs the launcher,
 its process group and every descendant found before the kill (etcd-agent puts each worker in its own group), so a
 hung or failed repetition leaves nothing behind. Imports only the standard library and psutil.
@@ -49,14 +53,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 @dataclass
 class Job:
     """What one repetition runs: N launchers of one kind with the same worker arguments."""
-    kind: str  # "etcd-agent" or "torchrun"
+    kind: str  # "etcd-agent", "torchrun" (c10d) or "torchrun-etcd-v3"
     nnodes: str  # "N" or "MIN:MAX"
     count: int  # launcher processes to start
     nproc: int
     max_restarts: int
     run_id: str
     worker_args: list[str]
-    endpoint: str = ""  # etcd endpoint (etcd-agent) or 127.0.0.1:PORT (torchrun)
+    endpoint: str = ""  # etcd endpoint (etcd-agent, torchrun-etcd-v3) or 127.0.0.1:PORT (torchrun's c10d store)
     extra: list[str] = field(default_factory=list)
 
     def command(self, i: int) -> list[str]:
@@ -65,6 +69,11 @@ class Job:
             return [python(), "-m", "etcd_agent", "--etcd-endpoints", self.endpoint, "--run-id", self.run_id,
                     "--node-id", f"node-{i}", "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
                     "--local-addr", "127.0.0.1", "--max-restarts", str(self.max_restarts), *self.extra, *wargs]
+        if self.kind == "torchrun-etcd-v3":  # node_id only names the node in etcd and the logs; no timing knob
+            return [*torchrun_cmd(), "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
+                    "--rdzv-backend", "etcd-v3", "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id,
+                    "--rdzv-conf", f"node_id=node-{i}", "--local-addr", "127.0.0.1",
+                    "--max-restarts", str(self.max_restarts), *self.extra, *wargs]
         host = "true" if i == 0 else "false"  # the first torchrun hosts the c10d store
         return [*torchrun_cmd(), "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id,

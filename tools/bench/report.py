@@ -1,5 +1,7 @@
-"""Summaries of the raw samples: median and min/max per (scenario, metric, launcher), a markdown table, a PNG chart.
+"""Summaries of the raw samples: median and min/max per (scenario, metric, launcher), markdown tables, a PNG chart.
 
+Each scenario compares the two kinds of its pair (a sample's ``pair``: base, other); there is one table per pair,
+with the ratio other/base: torchrun/etcd-agent, and for the torchrun-backend group c10d/etcd-v3.
 matplotlib is optional: without it ``plot`` returns a note instead of a file. Imports only the standard library.
 """
 
@@ -8,7 +10,19 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-KINDS = ("etcd-agent", "torchrun")
+KINDS = ("etcd-agent", "torchrun", "torchrun-etcd-v3")  # as scenarios.KINDS; the order fixes the plot's colours
+DEFAULT_PAIR = ("etcd-agent", "torchrun")  # samples written before pairs existed
+# pair -> (base's column name, other's column name, the line above its table or "")
+PAIRS = {
+    ("etcd-agent", "torchrun"): ("etcd-agent", "torchrun", ""),
+    ("torchrun-etcd-v3", "torchrun"): ("etcd-v3", "c10d", "torchrun --rdzv-backend c10d vs --rdzv-backend etcd-v3 "
+                                       "(the same torchrun and worker, fixed-size --nnodes N, both backends' "
+                                       "defaults):"),
+}
+
+
+def pair_of(sample: dict) -> tuple[str, str]:
+    return tuple(sample.get("pair") or DEFAULT_PAIR)
 
 
 def summarize(samples: list[dict]) -> list[dict]:
@@ -23,13 +37,15 @@ def summarize(samples: list[dict]) -> list[dict]:
             failed[key] = failed.get(key, 0) + 1
     for s in samples:
         for metric in s["metrics"]:
-            rows.setdefault((s["scenario"], metric), {"scenario": s["scenario"], "metric": metric, "kinds": {}})
+            rows.setdefault((s["scenario"], metric), {"scenario": s["scenario"], "metric": metric,
+                                                      "pair": pair_of(s), "kinds": {}})
     for s in samples:  # scenarios whose every rep failed still get a row
         if not any(k[0] == s["scenario"] for k in rows):
             rows[(s["scenario"], "(no metric: every repetition failed)")] = {
-                "scenario": s["scenario"], "metric": "(no metric: every repetition failed)", "kinds": {}}
+                "scenario": s["scenario"], "metric": "(no metric: every repetition failed)", "pair": pair_of(s),
+                "kinds": {}}
     for (scenario, metric), row in rows.items():
-        for kind in KINDS:
+        for kind in row["pair"]:
             values = [s["metrics"][metric] for s in samples
                       if s["scenario"] == scenario and s["kind"] == kind and s["ok"] and metric in s["metrics"]]
             row["kinds"][kind] = {
@@ -54,13 +70,22 @@ def _cell(st: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| scenario | etcd-agent median (min-max) | torchrun median (min-max) | ratio torchrun/etcd-agent |",
-             "|---|---|---|---|"]
-    for row in rows:
-        a, t = row["kinds"]["etcd-agent"], row["kinds"]["torchrun"]
-        ratio = f"{t['median'] / a['median']:.2f}" if a["median"] and t["median"] is not None else "-"
-        lines.append(f"| {row['scenario']}: {row['metric']} | {_cell(a)} | {_cell(t)} | {ratio} |")
-    return "\n".join(lines) + "\n"
+    """One table per pair, in first-seen order; the ratio is other/base (torchrun/etcd-agent, c10d/etcd-v3)."""
+    pairs = list(dict.fromkeys(tuple(r["pair"]) for r in rows))
+    tables = []
+    for pair in pairs:
+        base, other, title = PAIRS.get(pair, (*pair, ""))
+        lines = [title, ""] if title else []
+        lines += [f"| scenario | {base} median (min-max) | {other} median (min-max) | ratio {other}/{base} |",
+                  "|---|---|---|---|"]
+        for row in rows:
+            if tuple(row["pair"]) != pair:
+                continue
+            a, t = row["kinds"][pair[0]], row["kinds"][pair[1]]
+            ratio = f"{t['median'] / a['median']:.2f}" if a["median"] and t["median"] is not None else "-"
+            lines.append(f"| {row['scenario']}: {row['metric']} | {_cell(a)} | {_cell(t)} | {ratio} |")
+        tables.append("\n".join(lines) + "\n")
+    return "\n".join(tables)
 
 
 def plot(rows: list[dict], path: Path) -> str:
@@ -78,14 +103,15 @@ def plot(rows: list[dict], path: Path) -> str:
     fig, axes = plt.subplots(len(units), 1, figsize=(11, 1.2 + 0.75 * sum(len(p) for p in panels)),
                              gridspec_kw={"height_ratios": [len(p) for p in panels]}, squeeze=False)
     for ax, unit, panel in zip(axes[:, 0], units, panels):
-        height = 0.38
-        for j, kind in enumerate(KINDS):
-            ys = [i + (j - 0.5) * height for i in range(len(panel))]
-            st = [r["kinds"][kind] for r in panel]
+        height = 0.38  # two bars per row: its pair's base, then the other
+        for kind in dict.fromkeys(k for r in panel for k in r["pair"]):  # the pairs' order; colours from KINDS
+            at = [(i, r["pair"].index(kind)) for i, r in enumerate(panel) if kind in r["kinds"]]
+            ys = [i + (j - 0.5) * height for i, j in at]
+            st = [panel[i]["kinds"][kind] for i, _ in at]
             med = [s["median"] or 0.0 for s in st]
             err = [[(s["median"] - s["min"]) if s["median"] is not None else 0 for s in st],
                    [(s["max"] - s["median"]) if s["median"] is not None else 0 for s in st]]
-            ax.barh(ys, med, height=height, xerr=err, capsize=3, label=kind)
+            ax.barh(ys, med, height=height, xerr=err, capsize=3, label=kind, color=f"C{KINDS.index(kind)}")
             for y, s, m in zip(ys, st, med):  # the label sits past the whisker
                 ax.annotate(_fmt(m) if s["median"] is not None else "failed", (s["max"] or m, y), xytext=(4, 0),
                             textcoords="offset points", va="center", fontsize=7)
@@ -100,7 +126,8 @@ def plot(rows: list[dict], path: Path) -> str:
         ax.set_xlabel(unit + (" (log scale)" if log_scale else ""))
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="x", alpha=0.3)
-    axes[0, 0].set_title("etcd-agent vs torchrun: median, whiskers min-max (failed repetitions excluded)")
+    names = " / ".join(" vs ".join(PAIRS.get(p, (*p, ""))[:2]) for p in dict.fromkeys(tuple(r["pair"]) for r in rows))
+    axes[0, 0].set_title(f"{names}: median, whiskers min-max (failed repetitions excluded)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

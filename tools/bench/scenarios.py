@@ -4,6 +4,10 @@ A scenario function takes a ``Rep`` (which launcher, where to write, the endpoin
 ``{metric: value}`` for that one repetition, or raises ``RepFailed``. It must leave no process behind: every
 launcher it starts is killed in a ``finally``. Metric names carry their unit (``[s]``, ``[MiB]``).
 To add a scenario (SIGSTOP or SIGTERM of a launcher, scale-up), write a function and ``register`` it.
+
+Each scenario compares two launcher kinds, its ``kinds`` pair (base, other): the report's ratio is other/base. Most
+compare etcd-agent with torchrun (c10d); the torchrun-backend group compares torchrun's two rendezvous backends,
+etcd-v3 (base) and c10d, with the same torchrun, the same worker and the same nnodes, nothing tuned.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import psutil
 
 from procs import POLL_S, Job, RepFailed, cleanup, python, records, start_all, wait_exit, wait_generation
 
-KINDS = ("etcd-agent", "torchrun")
+KINDS = ("etcd-agent", "torchrun", "torchrun-etcd-v3")  # torchrun: torch's c10d backend
+ETCD_KINDS = ("etcd-agent", "torchrun-etcd-v3")  # the kinds that use the benchmark's private etcd
+AGENT_VS_TORCHRUN = ("etcd-agent", "torchrun")  # the default pair
+ETCD_V3_VS_C10D = ("torchrun-etcd-v3", "torchrun")  # torchrun-backend: ratio c10d/etcd-v3
 FIRST = lambda r: r["full_gen"] == 0  # noqa: E731  the first generation of the full world (worker.py)
 RESTARTED = lambda r: r["full_gen"] == 1  # noqa: E731  the one after it
 
@@ -30,7 +37,7 @@ class Rep:
     kind: str
     index: int
     workdir: Path  # this repetition's directory: logs/ and records/
-    endpoint: str  # etcd endpoint, or a fresh 127.0.0.1:PORT for torchrun's c10d store
+    endpoint: str  # etcd endpoint (ETCD_KINDS), or a fresh 127.0.0.1:PORT for torchrun's c10d store
     run_id: str
     timeout_scale: float = 1.0
 
@@ -54,9 +61,10 @@ class Scenario:
     name: str
     group: str
     fn: Callable[[Rep], dict[str, float]]
-    needs_etcd: bool = True  # etcd-agent reps of this scenario use the benchmark's private etcd
+    needs_etcd: bool = True  # reps of ETCD_KINDS in this scenario use the benchmark's private etcd
     doc: str = ""
     kwargs: dict = field(default_factory=dict)
+    kinds: tuple[str, str] = AGENT_VS_TORCHRUN  # (base, other) the runner runs and the report compares
 
     def run(self, rep: Rep) -> dict[str, float]:
         return self.fn(rep, **self.kwargs)
@@ -65,8 +73,10 @@ class Scenario:
 REGISTRY: dict[str, Scenario] = {}
 
 
-def register(name: str, group: str, fn, needs_etcd: bool = True, doc: str = "", **kwargs) -> None:
-    REGISTRY[name] = Scenario(name, group, fn, needs_etcd, doc, kwargs)
+def register(name: str, group: str, fn, needs_etcd: bool = True, doc: str = "",
+             kinds: tuple[str, str] = AGENT_VS_TORCHRUN, **kwargs) -> None:
+    assert set(kinds) <= set(KINDS) and len(kinds) == 2, kinds
+    REGISTRY[name] = Scenario(name, group, fn, needs_etcd, doc, kwargs, kinds)
 
 
 # --- launch ------------------------------------------------------------------------------------------------------
@@ -215,3 +225,11 @@ register("node-loss-sigterm", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) 
          "graceful leave: it stops its own workers)", sig=signal.SIGTERM, lose_workers=False)
 register("node-loss-sigstop", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) x 2, SIGSTOP launcher 3 and its "
          "workers (a frozen node; its sockets stay open); 90 s to recover", sig=signal.SIGSTOP, recover_s=90)
+# torchrun-backend: the same torchrun with --rdzv-backend c10d and with etcd-v3 (the benchmark's etcd), fixed-size
+# --nnodes N, both backends' defaults. rdzv-N: the launch metric "last launcher start -> all workers started" is the
+# rendezvous time (every launcher started -> every worker of the first round running).
+for _n in (2, 4):
+    register(f"rdzv-{_n}", "torchrun-backend", launch, doc=f"torchrun c10d vs etcd-v3: {_n} nodes x 1 worker, all "
+             "exit 0", kinds=ETCD_V3_VS_C10D, nodes=_n, nproc=1)
+register("crash-2", "torchrun-backend", crash, doc="torchrun c10d vs etcd-v3: 2 nodes x 1, rank 1 exits 1 in "
+         "restart 0, max-restarts 1", kinds=ETCD_V3_VS_C10D, nodes=2, nproc=1, crash_rank=1)
