@@ -17,6 +17,8 @@ from pathlib import Path
 from .errors import ConfigError
 
 DEFAULT_ROOT = "/etcd-agent"
+TORCHRUN_NPROC = "torchrun"  # a job spec's nproc_per_node under torchrun's etcd-v3 backend: torch assigns worker ranks
+NO_RESTART_LIMIT = 1_000_000_000  # a job-wide budget this large means none (torchrun counts restarts per node)
 DEFAULT_PORT = 2379
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _NODE_ID_RE = _RUN_ID_RE

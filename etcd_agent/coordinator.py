@@ -32,7 +32,7 @@ import time
 from typing import Callable
 
 from . import txns
-from .config import AgentConfig
+from .config import NO_RESTART_LIMIT, AgentConfig
 from .errors import BadKeyData, ConfigError, EtcdUnavailable
 from .etcd import Etcd, TxnResult, op_get_range, prefix_end
 from .keys import Keys, RunKeys
@@ -314,7 +314,8 @@ class Coordinator:
             res = txns.bump(self.etcd, self.keys, action, rs.used if rs else 0, rs.max if rs else 0,
                             rs.mod_revision if rs else 0, node, wall)
             if res.succeeded:
-                counted = f"restart {rs.used + 1} of {rs.max}" if action.counted and rs else "not counted"
+                limit = f" of {rs.max}" if rs and rs.max < NO_RESTART_LIMIT else ", no job-wide limit"
+                counted = f"restart {rs.used + 1}{limit}" if action.counted and rs else "not counted"
                 log.warning("%s restarting the job: %s (%s)", who, action.reason, counted)
         elif isinstance(action, WriteExit):
             res = txns.write_exit(self.etcd, self.keys, action, node, wall)

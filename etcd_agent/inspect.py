@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 from . import txns
+from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC
 from .errors import BadKeyData, ConfigError
 from .etcd import Etcd
 from .keys import RunKeys, decode
@@ -104,15 +105,19 @@ def describe(run_id: str, s: dict) -> str:
     if r:
         lines.append(f"  round {r['round']}: {r['phase']} ({r['reason']})")
     if rs:
-        lines.append(f"  restarts: {rs['used']} of {rs['max']} used")
+        limit = f"of {rs['max']} " if rs["max"] < NO_RESTART_LIMIT else "(no job-wide limit) "
+        lines.append(f"  restarts: {rs['used']} {limit}used")
     lines.append(f"  nodes alive: {', '.join(sorted(s['nodes'])) or 'none'}")
     plan = s["plan"]
+    torchrun = (s.get("spec") or {}).get("nproc_per_node") == TORCHRUN_NPROC  # torch's agent assigns worker ranks
     if plan:
-        lines.append(f"  plan: {plan['group_world_size']} node(s), {plan['world_size']} worker(s), master "
+        workers = "torchrun's agents assign the worker ranks" if torchrun else f"{plan['world_size']} worker(s)"
+        lines.append(f"  plan: {plan['group_world_size']} node(s), {workers}, master "
                      f"{plan['master_addr']}:{plan['master_port']}")
         for m in plan["members"]:
             last = m["rank_offset"] + m["nproc"] - 1
-            lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}) ranks {m['rank_offset']}-{last}")
+            ranks = "" if torchrun else f" ranks {m['rank_offset']}-{last}"
+            lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}){ranks}")
     elif r and r["phase"] == "joining":
         lines.append(f"  joined so far: {', '.join(s['joined']) or 'none'}")
     for rnd, reports in sorted(s["failures"].items(), key=lambda item: int(item[0])):

@@ -48,7 +48,8 @@ from torch.distributed.elastic.rendezvous import (RendezvousClosedError, Rendezv
 from . import __version__, txns
 from .agent import Agent
 from .c10d_store import EtcdStore
-from .config import DEFAULT_ROOT, AgentConfig, JobSpec, WorkerConfig, default_address, default_node_id
+from .config import (DEFAULT_ROOT, NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig, JobSpec, WorkerConfig,
+                     default_address, default_node_id)
 from .errors import AgentError, ConfigError, JobFailed, JobStopped, SpecMismatch
 from .etcd import Etcd
 from .workers import Assignment, WorkerExit
@@ -56,8 +57,6 @@ from .workers import Assignment, WorkerExit
 log = logging.getLogger("etcd_agent.torchrun")
 
 BACKEND = "etcd-v3"
-TORCHRUN_NPROC = "torchrun"  # the job spec's nproc_per_node: torch's agent sets it and assigns the worker ranks
-UNLIMITED_RESTARTS = 1_000_000_000  # no job-wide budget: torch's agent counts --max-restarts on each node
 
 try:  # the key torch's agent adds to when its workers succeeded (its exit barrier on the rendezvous store)
     from torch.distributed.elastic.agent.server.api import _TERMINAL_STATE_SYNC_ID
@@ -177,7 +176,7 @@ def settings(params: RendezvousParameters) -> BackendSettings:
                     conf.get("etcd_prefix", DEFAULT_ROOT))
     cfg = AgentConfig(
         run_id=run_id, node_id=conf.get("node_id") or default_node_id(),
-        spec=JobSpec(params.min_nodes, params.max_nodes, TORCHRUN_NPROC, conf.get("max_restarts", UNLIMITED_RESTARTS)),
+        spec=JobSpec(params.min_nodes, params.max_nodes, TORCHRUN_NPROC, conf.get("max_restarts", NO_RESTART_LIMIT)),
         # torch's agent runs the workers; the agent here only needs a group of one "worker" per node to track
         workers=WorkerConfig(entrypoint="torchrun", args=(), nproc=1, stop_timeout=30.0),
         etcd=etcd, root=conf.get("etcd_prefix", DEFAULT_ROOT), local_addr=params.local_addr or default_address(),
@@ -435,8 +434,8 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
 
     def _failure_report(self, ex: WorkerExit) -> dict:
         return {"rank": None, "local_rank": None, "pid": None, "exitcode": None, "signal": None,
-                "message": "torchrun's agent restarted its workers (a worker failed; its error is in torchrun's log "
-                           "and error files)", "error_file": "", "stderr_tail": "", "time": ex.time,
+                "message": "torchrun's agent restarted it after a worker failed; the worker's error is in that "
+                           "node's torchrun log", "error_file": "", "stderr_tail": "", "time": ex.time,
                 "round": ex.round, "node": self.cfg.node_id}
 
     # --- ending the job ----------------------------------------------------------------------------------------

@@ -225,3 +225,17 @@ def test_lost_session_kills_workers_torch_does_not_stop(handlers, etcd_endpoint,
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def test_status_reads_a_torchrun_job(handlers, etcd_endpoint, run_id):
+    """``etcd-agent status`` on a job of torchrun's backend: the store's keys (torch's own, not JSON) are skipped,
+    and the plan says that torchrun assigns the worker ranks."""
+    a, b = (make(handlers, etcd_endpoint, run_id, n) for n in ("n0", "n1"))
+    infos = rendezvous(a, b)
+    infos[0].store.set("torchelastic/role_info/0", b"\x80\x04binary")
+    out = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
+                          "--run-id", run_id], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "plan: 2 node(s), torchrun's agents assign the worker ranks" in out.stdout
+    assert "restarts: 0 (no job-wide limit) used" in out.stdout
+    assert "group rank 0: n" in out.stdout and "ranks 0-0" not in out.stdout
