@@ -21,6 +21,8 @@ maps onto that agent so:
   ``next_rendezvous`` raises ``RendezvousClosedError``. After this node's workers succeeded (torch's agent
   entered its exit barrier on the store) it records the node's exit instead, and the job ends ``succeeded`` once
   every member has. A node that was not a member of the running round just leaves. The lease is revoked.
+  torchrun stopped by a signal does not call ``shutdown`` (torch keeps the rendezvous open for the others): the
+  node leaves as the process exits (``atexit``), revoking its lease, and the others re-form without it.
 - ``set_closed`` ends the job ``stopped``; ``is_closed`` says whether the job has ended.
 
 ``--rdzv-conf`` takes torch's usual keys and the agent's options (``RDZV_CONF``); an unknown key is an error.
@@ -30,6 +32,7 @@ Imports torch; the agent never imports this module.
 from __future__ import annotations
 
 import argparse
+import atexit
 import concurrent.futures
 import datetime
 import logging
@@ -278,6 +281,7 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
                 self._thread = threading.Thread(target=self._run_agent, name=f"etcd-v3-{self.cfg.node_id}",
                                                 daemon=True)
                 self._thread.start()
+                atexit.register(self._at_exit)
         if group is not None and group.taken and not group.stopping:
             # torch's agent came back while its round still runs: it restarted its workers after a failure
             group.report(ok=False)
@@ -323,6 +327,20 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             for store in self._stores:
                 store.close()
             self._etcd.close()
+
+    def _at_exit(self) -> None:
+        """torchrun exits without ``shutdown`` when its agent got a signal (torch keeps the rendezvous open so that
+        the job can go on without this node): leave, revoking the lease, so that the others see it at once."""
+        with self._cond:
+            if self._shut:
+                return
+            self._shut = True
+            self._came += 1
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            self.agent.events.put(("leave", f"{self.cfg.node_id}: torchrun is exiting"))
+            thread.join(self.cfg.timings.lease_ttl)
 
     # --- the agent's thread ------------------------------------------------------------------------------------
     def _make_group(self, _workers_cfg, on_exit, node_id: str = "") -> TorchrunWorkers:
@@ -454,8 +472,6 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             except Exception:  # noqa: BLE001 - a report without details beats none
                 pass
             return "failed", f"{who} gave up: its workers failed and its restarts (--max-restarts) are spent", root
-        if exc is not None and type(exc).__name__ == "SignalException":
-            return "stopped", f"{who} received {getattr(exc, 'sigval', 'a signal')!s} and closed the rendezvous", None
         if exc is not None:
             return "failed", f"{who} closed the rendezvous after {type(exc).__name__}: {exc}", None
         return "stopped", f"{who} closed the rendezvous (shutdown) before its workers finished", None
