@@ -32,7 +32,7 @@ import time
 from typing import Callable
 
 from . import txns
-from .config import NO_RESTART_LIMIT, AgentConfig
+from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig
 from .errors import BadKeyData, ConfigError, EtcdUnavailable
 from .etcd import Etcd, TxnResult, op_get_range, prefix_end
 from .keys import Keys, RunKeys
@@ -307,8 +307,9 @@ class Coordinator:
         elif isinstance(action, ClosePlan):
             res = txns.close(self.etcd, self.keys, action, wall)
             if res.succeeded:
-                log.info("%s closed round %d with %d node(s) (%d workers): %s", who, action.round.number,
-                         len(action.plan.members), action.plan.world_size, ", ".join(action.plan.nodes))
+                workers = "" if self.cfg.spec.nproc_per_node == TORCHRUN_NPROC else f" ({action.plan.world_size} workers)"
+                log.info("%s closed round %d with %d node(s)%s: %s", who, action.round.number,
+                         len(action.plan.members), workers, ", ".join(action.plan.nodes))
         elif isinstance(action, Bump):
             rs = view.restarts
             res = txns.bump(self.etcd, self.keys, action, rs.used if rs else 0, rs.max if rs else 0,

@@ -53,7 +53,7 @@ from .agent import Agent
 from .c10d_store import EtcdStore
 from .config import (DEFAULT_ROOT, NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig, JobSpec, WorkerConfig,
                      default_address, default_node_id)
-from .errors import AgentError, ConfigError, JobFailed, JobStopped, SpecMismatch
+from .errors import AgentError, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SpecMismatch
 from .etcd import Etcd
 from .workers import Assignment, WorkerExit
 
@@ -351,15 +351,18 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             self.agent.run()
             err: RendezvousError = RendezvousClosedError(f"job {self.cfg.run_id} succeeded; its rendezvous is closed")
         except JobFailed as exc:
-            timed_out = "rendezvous timed out" in str(exc)
+            timed_out = "rendezvous timed out" in str(exc)  # the reason decide() gives a round that never formed
             err = (RendezvousTimeoutError if timed_out else RendezvousClosedError)(str(exc))
         except JobStopped as exc:
             err = RendezvousClosedError(str(exc))
         except SpecMismatch as exc:
             err = RendezvousStateError(str(exc))
         except ConfigError as exc:
-            err = RendezvousConnectionError(str(exc)) if "--etcd-endpoints" in str(exc) or "--rdzv-endpoint" in str(
-                exc) else RendezvousError(str(exc))
+            if isinstance(exc.__cause__, EtcdUnavailable):  # the first contact failed: say which flag to check
+                err = RendezvousConnectionError(f"--rdzv-endpoint {self.agent.coord.etcd.endpoints_text}: "
+                                                f"{exc.__cause__}")
+            else:
+                err = RendezvousError(str(exc))
         except AgentError as exc:
             err = RendezvousError(str(exc))
         except BaseException as exc:  # noqa: BLE001 - torch's agent must hear of it, not hang
@@ -367,7 +370,8 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             err = RendezvousError(f"the {BACKEND} rendezvous agent failed: {exc!r}")
         with self._cond:
             self._ended = err
-            self._waiting = max(self._waiting, 1) if self._group is not None and not self._shut else self._waiting
+            if self._group is not None and not self._shut:  # torch's agent still runs a round: make it come back
+                self._waiting = max(self._waiting, 1)
             request, self._request = self._request, None
             self._cond.notify_all()
         if request is not None and not request.done():

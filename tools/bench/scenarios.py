@@ -233,3 +233,8 @@ for _n in (2, 4):
              "exit 0", kinds=ETCD_V3_VS_C10D, nodes=_n, nproc=1)
 register("crash-2", "torchrun-backend", crash, doc="torchrun c10d vs etcd-v3: 2 nodes x 1, rank 1 exits 1 in "
          "restart 0, max-restarts 1", kinds=ETCD_V3_VS_C10D, nodes=2, nproc=1, crash_rank=1)
+register("kill-3", "torchrun-backend", node_loss, doc="torchrun c10d vs etcd-v3: 3 nodes (nnodes 2:3) x 1, SIGKILL "
+         "launcher 3 and its worker once all run", kinds=ETCD_V3_VS_C10D, sig=signal.SIGKILL, nproc=1)
+register("term-3", "torchrun-backend", node_loss, doc="torchrun c10d vs etcd-v3: 3 nodes (nnodes 2:3) x 1, SIGTERM "
+         "launcher 3 alone (torch stops its worker and keeps the rendezvous open)", kinds=ETCD_V3_VS_C10D,
+         sig=signal.SIGTERM, lose_workers=False, nproc=1)
