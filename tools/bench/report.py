@@ -16,8 +16,7 @@ DEFAULT_PAIR = ("etcd-agent", "torchrun")  # samples written before pairs existe
 PAIRS = {
     ("etcd-agent", "torchrun"): ("etcd-agent", "torchrun", ""),
     ("torchrun-etcd-v3", "torchrun"): ("etcd-v3", "c10d", "torchrun --rdzv-backend c10d vs --rdzv-backend etcd-v3 "
-                                       "(the same torchrun and worker, fixed-size --nnodes N, both backends' "
-                                       "defaults):"),
+                                       "(the same torchrun and worker, both backends' defaults):"),
 }
 
 
