@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
-from etcd_agent.c10d_store import EtcdStore  # noqa: E402
+from etcd_agent.torch.store import EtcdStore  # noqa: E402
 from etcd_agent.config import EtcdConfig, parse_endpoints  # noqa: E402
 from etcd_agent.etcd import Etcd  # noqa: E402
 from etcd_agent.keys import prefix_end  # noqa: E402

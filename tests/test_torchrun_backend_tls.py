@@ -18,7 +18,7 @@ from etcd_agent.config import EtcdConfig, parse_endpoints  # noqa: E402
 from etcd_agent.errors import EtcdError  # noqa: E402
 from etcd_agent.etcd import Etcd, rpc  # noqa: E402
 from etcd_agent.standalone import free_port  # noqa: E402
-from etcd_agent.torchrun_backend import BACKEND, create_handler  # noqa: E402
+from etcd_agent.torch.rendezvous import BACKEND, create_handler  # noqa: E402
 from test_torchrun_backend import background  # noqa: E402
 
 pytestmark = [pytest.mark.torch,

@@ -30,9 +30,9 @@ def test_the_agent_never_imports_torch():
 
 
 def test_the_entry_point_module_imports_nothing():
-    got = python("import json, sys\nimport etcd_agent.torchrun_plugin as p\n"
+    got = python("import json, sys\nimport etcd_agent.torch as p\n"
                  "creator = p.entry_point()\n"
-                 "heavy = [m for m in ('torch', 'grpc', 'etcd3', 'etcd_agent.torchrun_backend') if m in sys.modules]\n"
+                 "heavy = [m for m in ('torch', 'grpc', 'etcd3', 'etcd_agent.torch.rendezvous') if m in sys.modules]\n"
                  "print(json.dumps({'heavy': heavy, 'callable': callable(creator)}))")
     assert got == {"heavy": [], "callable": True}
 
@@ -58,6 +58,39 @@ def test_entry_point_is_found_from_a_fresh_install(tmp_path):
         "h = registry.create_handler(RendezvousParameters('etcd-v3', '127.0.0.1:2379', 'job', 1, 2))\n"
         "print(json.dumps({'eps': eps, 'from': etcd_agent.__file__, 'backend': h.get_backend(),\n"
         "                  'type': type(h).__name__}))", path=[str(target)])
-    assert got["eps"] == [["etcd-v3", "etcd_agent.torchrun_plugin:entry_point"]]
+    assert got["eps"] == [["etcd-v3", "etcd_agent.torch:entry_point"]]
     assert got["from"].startswith(str(target))  # the fresh install, not the checkout
     assert got["backend"] == "etcd-v3" and got["type"] == "EtcdV3RendezvousHandler"
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module a file imports at any level (relative imports resolved against the package)."""
+    import ast
+
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts)  # a package's own file ends in __init__
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:-node.level]
+                base = ".".join(parent + ([base] if base else []))
+            found += [base] + [f"{base}.{a.name}" for a in node.names]
+    return found
+
+
+def test_import_direction():
+    """torch is imported only under ``etcd_agent/torch/``, and nothing else in the package imports that."""
+    for path in sorted((ROOT / "etcd_agent").rglob("*.py")):
+        inside = path.parent.name == "torch"
+        for name in _imports(path):
+            top = name.split(".")[0]
+            if not inside:
+                assert top != "torch", f"{path.relative_to(ROOT)} imports {name}"
+                assert not name.startswith("etcd_agent.torch"), f"{path.relative_to(ROOT)} imports {name}"
+    # the entry point torch loads on every torchrun imports only the backend, and only when a handler is made
+    assert set(_imports(ROOT / "etcd_agent" / "torch" / "__init__.py")) == {
+        "__future__", "__future__.annotations", "etcd_agent.torch.rendezvous",
+        "etcd_agent.torch.rendezvous.create_handler"}

@@ -1,6 +1,6 @@
 """A c10d Store on etcd v3: ``EtcdStore``, a Python subclass of ``torch.distributed.Store``.
 
-torchrun's ``etcd-v3`` rendezvous backend (``torchrun_backend.py``) hands torch's elastic agent one of these per
+torchrun's ``etcd-v3`` rendezvous backend (``torch/rendezvous.py``) hands torch's elastic agent one of these per
 round (keys under ``P/store/<round>/``); it also works on its own, for example as the store of
 ``init_process_group("gloo", store=EtcdStore("127.0.0.1:2379", "/my/job/"), ...)``. Each key of the store is one
 etcd key, the store's prefix plus torch's key, so ``etcdctl get --prefix <prefix>`` shows them all.
@@ -37,10 +37,10 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from .config import EtcdConfig, parse_endpoints
-from .errors import EtcdError
-from .etcd import Etcd, absent, mod_is, op_get, op_put, prefix_end, value_is
-from .watch import Resync, WatchStream
+from ..config import EtcdConfig, parse_endpoints
+from ..errors import EtcdError
+from ..etcd import Etcd, absent, mod_is, op_get, op_put, prefix_end, value_is
+from ..watch import Resync, WatchStream
 
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 _NO_TIMEOUT = datetime.timedelta(0)

@@ -1,7 +1,7 @@
 """torchrun's ``etcd-v3`` rendezvous backend: torch's ``RendezvousHandler`` on etcd-agent's own protocol.
 
 ``torchrun --rdzv-backend etcd-v3 --rdzv-endpoint HOST:2379 --rdzv-id JOB --nnodes 2:4 ...`` finds this through
-the ``torchrun.handlers`` entry point (``torchrun_plugin.py``). There is no second copy of the protocol: the
+the ``torchrun.handlers`` entry point (``etcd_agent/torch/__init__.py``). There is no second copy of the protocol: the
 handler runs an ``agent.Agent`` on a thread of its own, whose "worker group" is torch's agent. What torch calls
 maps onto that agent so:
 
@@ -48,14 +48,14 @@ from torch.distributed.elastic.rendezvous import (RendezvousClosedError, Rendezv
                                                   RendezvousParameters, RendezvousStateError,
                                                   RendezvousStoreInfo, RendezvousTimeoutError)
 
-from . import __version__, txns
-from .agent import Agent
-from .c10d_store import EtcdStore
-from .config import (DEFAULT_ROOT, NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig, JobSpec, WorkerConfig,
+from .. import __version__, txns
+from ..agent import Agent
+from ..config import (DEFAULT_ROOT, NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig, JobSpec, WorkerConfig,
                      default_address, default_node_id)
-from .errors import AgentError, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SpecMismatch
-from .etcd import Etcd
-from .workers import Assignment, WorkerExit
+from ..errors import AgentError, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SpecMismatch
+from ..etcd import Etcd
+from ..workers import Assignment, WorkerExit
+from .store import EtcdStore
 
 log = logging.getLogger("etcd_agent.torchrun")
 
@@ -139,8 +139,8 @@ def _value(key: str, raw, kind: str):
 
 def settings(params: RendezvousParameters) -> BackendSettings:
     """The backend's settings from torch's parameters; ConfigError names the ``--rdzv-*`` flag or conf key."""
-    from .flags import PASSWORD_ENV
-    from .launch import etcd_config
+    from ..flags import PASSWORD_ENV
+    from ..launch import etcd_config
 
     conf: dict = {}
     for key, raw in params.config.items():
