@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Callable
 
-from .config import TORCHRUN_NPROC, AgentConfig
+from .config import AgentConfig
 from .coordinator import Coordinator
 from .errors import BadKeyData, EtcdUnavailable, JobFailed, JobStopped, SessionLost
 from .rendezvous import (Finish, Local, Params, StartWorkers, StopWorkers, Wait, decide, describe_failure,
@@ -257,12 +257,8 @@ class Agent:
         self._exits: dict[int, WorkerExit] = {}
         self._set(workers_round=plan.round, workers_running=True, outcome=None, failure=None)
         self.group.start(assignment)
-        if self.cfg.spec.nproc_per_node == TORCHRUN_NPROC:  # torchrun's backend: torch's agent runs the workers
-            what = f"handed group rank {m.group_rank} of {len(plan.members)} to torchrun's agent"
-        else:
-            what = f"started {m.nproc} worker(s), ranks {m.rank_offset}..{m.rank_offset + m.nproc - 1} of {plan.world_size}"
-        self._enter(State.RUNNING, f"{what}, master {plan.master_addr}:{plan.master_port}, restart count "
-                    f"{plan.restart_count}")
+        self._enter(State.RUNNING, f"{self.group.describe(assignment)}, master {plan.master_addr}:"
+                    f"{plan.master_port}, restart count {plan.restart_count}")
 
     def _worker_exit(self, ex: WorkerExit) -> None:
         if self.group is None or ex.round != self.local.workers_round or not self.local.workers_running:

@@ -181,6 +181,11 @@ class WorkerGroup:
         self._stopped = True
         self._stopping = False  # exits seen while stop() runs are expected and logged at INFO
 
+    def describe(self, a: Assignment) -> str:
+        """What ``start(a)`` runs, for the agent's log."""
+        return f"started {self.cfg.nproc} worker(s), ranks {a.rank_offset}..{a.rank_offset + self.cfg.nproc - 1} of " \
+               f"{a.world_size}"
+
     def start(self, a: Assignment) -> None:
         """Spawn ``cfg.nproc`` workers for round ``a.round``. Call from the agent's main thread (see module doc)."""
         if threading.current_thread().name.startswith(_THREAD_PREFIX):

@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
+from agents import poll_until  # noqa: E402
 from etcd_agent.torch.store import EtcdStore  # noqa: E402
 from etcd_agent.config import EtcdConfig, parse_endpoints  # noqa: E402
 from etcd_agent.etcd import Etcd  # noqa: E402
@@ -160,7 +161,7 @@ def test_close_ends_waits(store):
 
     t = threading.Thread(target=waiter)
     t.start()
-    time.sleep(0.3)
+    poll_until(lambda: store._waiters, 10, "the waiter to watch its key")
     store.close("the job ended")
     t.join(5)
     assert not t.is_alive()
@@ -283,7 +284,7 @@ def test_waits_share_one_watch_stream(store, etcd_endpoint, prefix):
     threads = [threading.Thread(target=lambda i=i: done.append(store.get(f"k{i}"))) for i in range(8)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    poll_until(lambda: len(store._waiters) == 8, 10, "the 8 waiters to watch their keys")
     assert len([t for t in threading.enumerate() if t.name.startswith("store-watch")]) == 1
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:

@@ -106,6 +106,9 @@ class StandInGroup:
         self._workers: list[_StandIn] = []
         self._pid = os.getpid()  # the pid a stand-in reports: the process that hosts it
 
+    def describe(self, a: Assignment) -> str:
+        return f"started {self.cfg.nproc} stand-in worker(s), ranks from {a.rank_offset} of {a.world_size}"
+
     def start(self, a: Assignment) -> None:
         t = time.monotonic()
         with self._lock:
