@@ -227,6 +227,25 @@ class Etcd:
             raise EtcdUnavailable(f"no etcd endpoint of {self.endpoints_text} is available") from exc
         return channel, {"credentials": client.call_credentials, "metadata": client.metadata}
 
+    def renew_auth(self, used=None) -> bool:
+        """etcd refused our auth token (an etcd restart forgets every token; simple tokens also expire when idle):
+        log in again, by rebuilding the client, unless this connection has no user or another caller already
+        rebuilt it since ``used`` (the client the refused call went through) was current. True if rebuilt."""
+        if not self.cfg.user:
+            return False
+        with self._lock:
+            if used is not None and self._client is not used:
+                return False
+            old, self._client = self._client, None
+        if old is not None:
+            old.close()
+        log.info("etcd refused the auth token of user %s; logging in again", self.cfg.user)
+        return True
+
+    def current_client(self):
+        """The client in use now (None before the first call): what ``renew_auth`` compares with."""
+        return self._client
+
     def mark_failed(self) -> None:
         """Tell failover that the endpoint in use misbehaved (refused, timed out, or its watch fell silent)."""
         client = self._client
@@ -271,7 +290,7 @@ class Etcd:
                 if exc.code() in _ENDPOINT_FAILED_CODES:
                     self.mark_failed()
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.cfg.user:
-                    self._reset()  # the token is not refreshed after an etcd restart: log in again
+                    self.renew_auth(client)  # the token is not refreshed after an etcd restart: log in again
                     raise EtcdUnavailable(str(err)) from exc
                 raise err from exc
 
@@ -373,11 +392,13 @@ class KeepAliveStream:
         self._requests: queue.SimpleQueue | None = None
         self._answers: queue.SimpleQueue | None = None
         self._call = None
+        self._used = None
         self._sent: list[float] = []  # monotonic send times of the requests not answered yet, oldest first
         self._misses = 0
 
     def _open(self) -> None:
         channel, auth = self.etcd.channel_and_auth()
+        self._used = self.etcd.current_client()  # the client whose token this stream carries
         requests: queue.SimpleQueue = queue.SimpleQueue()
         answers: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -424,7 +445,7 @@ class KeepAliveStream:
             if answer.code() in _ENDPOINT_FAILED_CODES:
                 self.etcd.mark_failed()
             if answer.code() == grpc.StatusCode.UNAUTHENTICATED and self.etcd.cfg.user:
-                self.etcd._reset()  # the token is not refreshed after an etcd restart: log in again (Etcd.call)
+                self.etcd.renew_auth(self._used)  # the token died with an etcd restart: log in again
                 raise EtcdUnavailable(str(err)) from answer
             raise err from answer
         if isinstance(answer, StreamEnded):

@@ -141,6 +141,7 @@ class EtcdServer:
     endpoint = property(lambda self: url(self.host, self.client_port).removeprefix("http://"))
     client_url = property(lambda self: url(self.host, self.client_port))
     peer_url = property(lambda self: url(self.host, self.peer_port))
+    health_url = property(lambda self: self.client_url)  # where /health answers (a TLS member's metrics URL)
     data_dir = property(lambda self: self._data_dir)
     log_path = property(lambda self: self.log_file or os.path.join(self._data_dir, "etcd.log"))
     running = property(lambda self: self._proc is not None and self._proc.returncode is None)
@@ -212,7 +213,7 @@ class EtcdServer:
             if proc.poll() is not None or (self._settled.is_set() and not self._ready.is_set()):
                 self._fail_start(None)
             left = deadline - time.monotonic()
-            if self._ready.is_set() and health(self.client_url, timeout=max(0.1, min(1.0, left))):
+            if self._ready.is_set() and health(self.health_url, timeout=max(0.1, min(1.0, left))):
                 break
             if left <= 0:
                 self._fail_start(f"was not ready within {timeout:g} s")

@@ -35,6 +35,10 @@ log = logging.getLogger("etcd_agent.watch")
 _DELETE = 1  # mvccpb.Event.EventType.DELETE
 
 
+class TokenRefused(WatchBroken):
+    """etcd canceled a watch because it no longer knows our auth token (it restarted, or the token expired)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
     kind: str  # "put" or "delete"
@@ -208,6 +212,7 @@ class WatchStream:
     def _stream(self) -> None:
         requests: queue.Queue = queue.Queue()
         channel, auth = self.etcd.channel_and_auth()
+        used = self.etcd.current_client()  # the client whose auth token this stream carries
         stub = rpc.WatchStub(channel)
 
         def request_iter():
@@ -242,7 +247,12 @@ class WatchStream:
                 raise WatchBroken(f"no answer for {3 * self.probe_interval:.1f} s") from exc
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self.etcd.mark_failed()
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self.etcd.renew_auth(used)
             raise map_grpc_error(exc, "watch") from exc
+        except TokenRefused:
+            self.etcd.renew_auth(used)  # the next stream logs in again: an etcd restart forgot every token
+            raise
         finally:
             done.set()
             with self._lock:
@@ -285,7 +295,10 @@ class WatchStream:
             self._resync(r)
             return
         if resp.canceled:
-            raise WatchBroken(f"etcd canceled the watch on {r.start}: {resp.cancel_reason or 'no reason given'}")
+            why = f"etcd canceled the watch on {r.start}: {resp.cancel_reason or 'no reason given'}"
+            if "invalid auth token" in resp.cancel_reason or "code = Unauthenticated" in resp.cancel_reason:
+                raise TokenRefused(why)
+            raise WatchBroken(why)
         if not resp.events:
             return  # a progress notification: liveness only (etcd issue 15220, see Watch._handle)
         events = [Event("delete" if ev.type == _DELETE else "put", KV.from_pb(ev.kv)) for ev in resp.events]

@@ -4,6 +4,7 @@ Every run records its environment to OUT/<round>-<rank>.json, then behaves as to
   --fail-rank R[,R...] --fail-round N   those ranks exit 3 in round N (torch-style error file written first),
                                         together, once every rank of the round has started; the other ranks
                                         block until stopped, like peers in a collective
+  --fail-when FILE                      with --fail-rank: those ranks fail only once FILE exists
   --always-fail-rank R                  rank R exits 3 in every round (the others block likewise)
   --hold FILE [--hold-rank R]           rank R (default: every rank) waits until FILE exists, then exits 0
   --run-until FILE                      every rank waits until FILE exists (a long job)
@@ -23,6 +24,7 @@ p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--fail-rank", type=lambda s: {int(x) for x in s.split(",")}, default=set())
 p.add_argument("--fail-round", type=int, default=1)
+p.add_argument("--fail-when")
 p.add_argument("--always-fail-rank", type=int)
 p.add_argument("--hold-rank", type=int)
 p.add_argument("--hold")
@@ -74,6 +76,8 @@ if failing_now:
 if a.always_fail_rank == rank:
     fail(f"RuntimeError: rank {rank} always fails")
 if rank in a.fail_rank and a.fail_round == rnd:
+    if a.fail_when:
+        wait_for(a.fail_when)
     fail(f"RuntimeError: rank {rank} fails in round {rnd}")
 if failing_now:
     while True:  # like a real job whose peer died: blocked in a "collective" until the agent stops it
