@@ -44,7 +44,7 @@ class EtcdConfig:
         if (self.cert is None) != (self.key is None):
             raise ConfigError("--etcd-cert and --etcd-key must be given together")
         if (self.user is None) != (self.password is None):
-            raise ConfigError("--etcd-user needs a password in $ETCD_AGENT_ETCD_PASSWORD")
+            raise ConfigError("--etcd-user needs a password: --etcd-password-file FILE or $ETCD_AGENT_ETCD_PASSWORD")
         if self.cert is not None and self.ca_cert is None:
             raise ConfigError("--etcd-cert/--etcd-key need --etcd-cacert: client certificates are only sent over TLS")
         for flag, path in (("--etcd-cacert", self.ca_cert), ("--etcd-cert", self.cert), ("--etcd-key", self.key)):
@@ -266,6 +266,29 @@ class AgentConfig:
     @property
     def address(self) -> str:
         return self.local_addr or default_address()
+
+
+_SECRETS: set[str] = set()  # values that must never reach a worker's report, a result, a log or etcd
+REDACTED = "[redacted]"
+
+
+def keep_secret(value: str | None) -> None:
+    """Remember ``value`` (a password) so that ``redact`` hides it wherever a worker might have printed it."""
+    if value:
+        _SECRETS.add(value)
+
+
+def redact(value):
+    """``value`` with every kept secret replaced by ``[redacted]``: a string, or the strings in a dict or list."""
+    if isinstance(value, str):
+        for secret in _SECRETS:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
 
 
 _AGENT_OWN_ENV: set[str] = set()  # variables the agent set for its own process; workers never inherit them

@@ -221,7 +221,9 @@ def etcd_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(*_both("--etcd-cert"), dest="cert", action=Store, help="client certificate (mutual TLS)")
     g.add_argument(*_both("--etcd-key"), dest="key", action=Store, help="client certificate key (mutual TLS)")
     g.add_argument(*_both("--etcd-user"), dest="user", action=Store,
-                   help=f"etcd user (TLS only); the password comes from ${PASSWORD_ENV}")
+                   help=f"etcd user (TLS only); the password comes from --etcd-password-file or ${PASSWORD_ENV}")
+    g.add_argument(*_both("--etcd-password-file"), dest="password_file", action=Store,
+                   help="file holding the etcd user's password (its first line); workers never see it")
     g.add_argument(*_both("--etcd-timeout"), dest="etcd_timeout", type=float, default=10.0, action=Store,
                    help="seconds to keep trying to reach etcd at start (default 10)")
 

@@ -37,8 +37,8 @@ import signal
 import sys
 import uuid
 
-from .config import (AgentConfig, EtcdConfig, JobSpec, StdSpec, WorkerConfig, default_node_id, parse_endpoints,
-                     parse_nnodes, request_timeout_for, resolve_nproc)
+from .config import (AgentConfig, EtcdConfig, JobSpec, StdSpec, WorkerConfig, default_node_id, keep_secret,
+                     parse_endpoints, parse_nnodes, request_timeout_for, resolve_nproc)
 from .errors import ConfigError
 from .flags import PASSWORD_ENV, sources
 
@@ -350,6 +350,36 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
     return Launch(cfg, embedded, tuple(notes))
 
 
+_env_password: str | None = None  # $ETCD_AGENT_ETCD_PASSWORD, once taken out of the environment
+
+
+def etcd_password(ns: argparse.Namespace, file_flag: str = "--etcd-password-file") -> str | None:
+    """The etcd user's password: the first line of ``--etcd-password-file``, else ``$ETCD_AGENT_ETCD_PASSWORD``.
+    Either way it leaves this process's environment at once (workers, and anything else started from here, never
+    inherit it) and is kept for ``redact`` (a worker that prints it anyway has it hidden in its failure report)."""
+    global _env_password
+    popped = os.environ.pop(PASSWORD_ENV, None)
+    if popped is not None:  # moved from the environment into this process's memory, for every later config
+        _env_password = popped
+        keep_secret(popped)
+    from_env = _env_password
+    path = getattr(ns, "password_file", None)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{file_flag} {path}: cannot read it: {exc.strerror}") from None
+        if not password:
+            raise ConfigError(f"{file_flag} {path}: the file's first line is empty")
+        keep_secret(password)
+    else:
+        password = from_env
+    if path and not ns.user:
+        raise ConfigError(f"{file_flag} {path}: a password file needs --etcd-user")
+    return password if ns.user else None
+
+
 def etcd_config(ns: argparse.Namespace, text: str | None, flag: str = "--etcd-endpoints",
                 lease_ttl: int = 5) -> EtcdConfig:
     """The etcd connection from the etcd flags (also used by the status and stop subcommands)."""
@@ -357,9 +387,10 @@ def etcd_config(ns: argparse.Namespace, text: str | None, flag: str = "--etcd-en
         raise ConfigError("--etcd-endpoints is required")
     if ns.etcd_timeout <= 0:
         raise ConfigError(f"--etcd-timeout must be positive, got {ns.etcd_timeout}")
-    password = os.environ.get(PASSWORD_ENV) if ns.user else None
+    password = etcd_password(ns)
     if ns.user and ns.cacert is None:
-        raise ConfigError("--etcd-user needs TLS (--etcd-cacert): etcd refuses password auth on a plaintext channel")
+        raise ConfigError("--etcd-user needs TLS (--etcd-cacert): over plaintext the password and the auth token "
+                          "would cross the network readable, so gRPC refuses to send them")
     # One RPC attempt must leave time for another member before the lease (and the job) could suffer.
     return EtcdConfig(parse_endpoints(text, flag), ns.cacert, ns.cert, ns.key, ns.user, password,
                       request_timeout=request_timeout_for(lease_ttl), connect_timeout=ns.etcd_timeout)

@@ -45,7 +45,7 @@ from typing import Callable, Mapping
 import psutil
 
 from . import proctree
-from .config import WorkerConfig, worker_base_env
+from .config import WorkerConfig, redact, worker_base_env
 from .errors import ConfigError
 from .progress import PROGRESS_ENV, last_progress
 from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all, read_error_message
@@ -353,6 +353,7 @@ class WorkerGroup:
             message = f"{lead}; the worker exited with {ex.describe()}"
             if tail:
                 message += "; last lines of its stderr:\n" + tail
-        return {"rank": ex.rank, "local_rank": ex.local_rank, "pid": ex.pid, "exitcode": ex.returncode,
-                "signal": ex.signal_name, "message": message, "error_file": error_file, "stderr_tail": tail,
-                "time": ex.time, "round": ex.round, "node": self.node_id}
+        # A worker may print a secret (the etcd password) on its way down: never into etcd, logs or status.
+        return redact({"rank": ex.rank, "local_rank": ex.local_rank, "pid": ex.pid, "exitcode": ex.returncode,
+                       "signal": ex.signal_name, "message": message, "error_file": error_file, "stderr_tail": tail,
+                       "time": ex.time, "round": ex.round, "node": self.node_id})

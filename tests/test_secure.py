@@ -4,11 +4,14 @@ endpoint schemes, certificate checks at start and handshakes that fail for a per
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from agents import job_keys, keys_of, start_agents, wait_all, wait_records
+from agents import keys_of, start_agents, wait_all, wait_records
 from etcd_agent.flags import PASSWORD_ENV
 from tls import HAVE_OPENSSL, PASSWORD, Pki, TlsEtcd
 
@@ -33,7 +36,6 @@ def secure_job_keys(server: TlsEtcd, run_id: str) -> dict:
     from etcd_agent import txns
     from etcd_agent.etcd import Etcd
     from etcd_agent.keys import RunKeys
-    import json
 
     etcd = Etcd(server.config(user="root", password=PASSWORD))
     try:
@@ -64,3 +66,50 @@ def test_etcd_restart_under_auth_then_a_crash(auth_etcd, pki, run_id, tmp_path, 
     assert state[keys.restarts()]["used"] == 1
     for a in agents:
         assert a.stderr().count("invalid auth token") < 5, a.stderr()[-3000:]
+
+
+def test_password_never_reaches_workers_etcd_or_status(auth_etcd, pki, run_id, tmp_path, monkeypatch):
+    """The password from --etcd-password-file (or $ETCD_AGENT_ETCD_PASSWORD, set here too) is not in any worker's
+    environment; a worker that prints it anyway has it redacted from its failure report, the job's result, every
+    etcd value, `status` and the agents' own log lines."""
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    secret = tmp_path / "password"
+    secret.write_text(PASSWORD + "\n")
+    extra = ["--etcd-cacert", pki.path("ca.pem"), "--etcd-user", "root", "--etcd-password-file", str(secret),
+             "--max-restarts", "0"]
+    agents, out = start_agents(2, auth_etcd.endpoint, run_id, tmp_path, ["--always-fail-rank", "1", "--say",
+                               str(secret)], nproc=1, extra=extra)
+    assert wait_all(agents, timeout=60) == [1, 1]
+    envs = [json.loads(p.read_text())["env"] for p in out.glob("*.json")]
+    assert len(envs) == 2
+    assert all(PASSWORD_ENV not in env and PASSWORD not in json.dumps(env) for env in envs)
+    state = secure_job_keys(auth_etcd, run_id)
+    result = state[keys_of(run_id).result()]
+    assert result["outcome"] == "failed" and "[redacted]" in result["root_cause"]["message"]
+    assert PASSWORD not in json.dumps(state)
+    status = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", auth_etcd.endpoint,
+                             "--run-id", run_id, "--etcd-cacert", pki.path("ca.pem"), "--etcd-user", "root",
+                             "--etcd-password-file", str(secret), "--json"], capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "[redacted]" in status.stdout and PASSWORD not in status.stdout + status.stderr
+    for a in agents:
+        own = [line for line in a.stderr().splitlines() if " etcd-agent: " in line]
+        assert own and not any(PASSWORD in line for line in own)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "--etcd-password-file {path}: cannot read it: No such file or directory"),
+    ("empty", "--etcd-password-file {path}: the file's first line is empty"),
+    ("no user", "--etcd-password-file {path}: a password file needs --etcd-user"),
+])
+def test_bad_password_file(case, message, tmp_path, pki):
+    path = tmp_path / "pw"
+    if case != "missing":
+        path.write_text("" if case == "empty" else "pw\n")
+    user = [] if case == "no user" else ["--etcd-user", "root"]
+    got = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", "127.0.0.1:1", "--run-id", "x",
+                          "--nnodes", "2", "--etcd-cacert", pki.path("ca.pem"), *user, "--etcd-password-file",
+                          str(path), "job.py"], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 2
+    assert message.format(path=path) in got.stderr

@@ -51,6 +51,7 @@ from .. import __version__, txns
 from ..agent import Agent
 from ..errors import AgentError, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SpecMismatch
 from ..etcd import Etcd
+from ..config import redact
 from ..workers import Assignment, WorkerExit
 from .settings import BACKEND, BackendSettings, settings
 from .store import EtcdStore
@@ -354,7 +355,8 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
                         "round": self._group.round if self._group else None}
             except Exception:  # noqa: BLE001 - a report without details beats none
                 pass
-            return "failed", f"{who} gave up: its workers failed and its restarts (--max-restarts) are spent", root
+            return "failed", f"{who} gave up: its workers failed and its restarts (--max-restarts) are spent", \
+                redact(root)
         if exc is not None:
             return "failed", f"{who} closed the rendezvous after {type(exc).__name__}: {exc}", None
         return "stopped", f"{who} closed the rendezvous (shutdown) before its workers finished", None

@@ -38,7 +38,9 @@ RDZV_CONF = {
     "ssl_cert": ("file", "torch's name for etcd_cert"),
     "etcd_key": ("file", "client key (mutual TLS)"), "key": ("file", "torch's name for etcd_key"),
     "ssl_cert_key": ("file", "torch's name for etcd_key"),
-    "etcd_user": ("str", "etcd user (TLS only); the password comes from $ETCD_AGENT_ETCD_PASSWORD"),
+    "etcd_user": ("str", "etcd user (TLS only); the password comes from etcd_password_file or "
+                         "$ETCD_AGENT_ETCD_PASSWORD"),
+    "etcd_password_file": ("file", "file holding the etcd user's password (its first line)"),
     "protocol": ("str", "http or https (https needs etcd_cacert)"),
     "etcd_timeout": ("seconds", "how long the first contact with etcd may take (default 10)"),
     # torch's c10d backend's own keys: accepted, nothing to do here
@@ -121,7 +123,8 @@ def settings(params) -> BackendSettings:
         log.info("lease TTL %d s from torch's keep_alive_interval x keep_alive_max_attempt", lease_ttl)
     lease_ttl = 5 if lease_ttl is None else lease_ttl
     ns = argparse.Namespace(cacert=conf.get("etcd_cacert"), cert=conf.get("etcd_cert"), key=conf.get("etcd_key"),
-                            user=conf.get("etcd_user"), etcd_timeout=conf.get("etcd_timeout", 10.0) or 10.0)
+                            user=conf.get("etcd_user"), password_file=conf.get("etcd_password_file"),
+                            etcd_timeout=conf.get("etcd_timeout", 10.0) or 10.0)
     etcd = etcd_config(ns, params.endpoint, "--rdzv-endpoint", lease_ttl=lease_ttl)
     run_id = str(params.run_id)
     if run_id == "none":

@@ -4,6 +4,7 @@ Every run records its environment to OUT/<round>-<rank>.json, then behaves as to
   --fail-rank R[,R...] --fail-round N   those ranks exit 3 in round N (torch-style error file written first),
                                         together, once every rank of the round has started; the other ranks
                                         block until stopped, like peers in a collective
+  --say FILE                            a failing rank prints FILE's content on stderr first (a secret, say)
   --fail-when FILE                      with --fail-rank: those ranks fail only once FILE exists
   --always-fail-rank R                  rank R exits 3 in every round (the others block likewise)
   --hold FILE [--hold-rank R]           rank R (default: every rank) waits until FILE exists, then exits 0
@@ -25,6 +26,7 @@ p.add_argument("out")
 p.add_argument("--fail-rank", type=lambda s: {int(x) for x in s.split(",")}, default=set())
 p.add_argument("--fail-round", type=int, default=1)
 p.add_argument("--fail-when")
+p.add_argument("--say")
 p.add_argument("--always-fail-rank", type=int)
 p.add_argument("--hold-rank", type=int)
 p.add_argument("--hold")
@@ -58,6 +60,9 @@ def wait_for(path: str) -> None:
 
 
 def fail(msg: str) -> None:
+    if a.say:
+        print(f"worker {rank} says: {open(a.say).read().strip()}", file=sys.stderr, flush=True)
+        msg += f" ({open(a.say).read().strip()})"
     with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
         json.dump({"message": {"message": msg, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
     print(msg, file=sys.stderr)
