@@ -37,6 +37,7 @@ class EtcdConfig:
     password: str | None = None
     request_timeout: float = 3.0  # one RPC attempt
     connect_timeout: float = 10.0  # total retry budget of the first contact
+    tls: bool = False  # https:// endpoints: TLS even without ca_cert (then with the system's CA bundle)
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -45,8 +46,9 @@ class EtcdConfig:
             raise ConfigError("--etcd-cert and --etcd-key must be given together")
         if (self.user is None) != (self.password is None):
             raise ConfigError("--etcd-user needs a password: --etcd-password-file FILE or $ETCD_AGENT_ETCD_PASSWORD")
-        if self.cert is not None and self.ca_cert is None:
-            raise ConfigError("--etcd-cert/--etcd-key need --etcd-cacert: client certificates are only sent over TLS")
+        if self.cert is not None and not self.secure:
+            raise ConfigError("--etcd-cert/--etcd-key need TLS: give --etcd-cacert or https:// endpoints (client "
+                              "certificates are only sent over TLS)")
         for flag, path in (("--etcd-cacert", self.ca_cert), ("--etcd-cert", self.cert), ("--etcd-key", self.key)):
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"{flag}: no such file: {path}")
@@ -55,7 +57,16 @@ class EtcdConfig:
 
     @property
     def secure(self) -> bool:
-        return self.ca_cert is not None
+        return self.tls or self.ca_cert is not None
+
+    def describe(self) -> str:
+        """How this connection is protected, for the log: plaintext, TLS or mutual TLS, and the auth."""
+        if not self.secure:
+            how = "plaintext (no TLS)"
+        else:
+            ca = f"CA {self.ca_cert}" if self.ca_cert else "the system's CA bundle"
+            how = f"mutual TLS (client certificate {self.cert}, {ca})" if self.cert else f"TLS ({ca})"
+        return how + (f", password auth as user {self.user}" if self.user else ", no password auth")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,13 +323,34 @@ def _sys_executable() -> str:
     return sys.executable
 
 
+def endpoint_scheme(text: str, flag: str = "--etcd-endpoints") -> str | None:
+    """The endpoints' scheme: ``"https"`` (TLS), ``"http"`` (plaintext) or None (bare HOST:PORT, plaintext unless
+    a CA is given). Any other scheme, or endpoints that disagree, is a ConfigError naming the flag."""
+    schemes = set()
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        m = re.match(r"^([a-z][a-z0-9+.-]*)://", item, flags=re.IGNORECASE)
+        scheme = m.group(1).lower() if m else None
+        if scheme not in (None, "http", "https"):
+            raise ConfigError(f"{flag}: {item!r}: the scheme {scheme}:// is not one etcd speaks; use https:// (TLS), "
+                              "http:// or a bare HOST:PORT (plaintext)")
+        schemes.add(scheme)
+    if "https" in schemes and len(schemes) > 1:
+        raise ConfigError(f"{flag}: {text!r} mixes https:// with plaintext endpoints; give every endpoint the same "
+                          "scheme")
+    return "https" if "https" in schemes else ("http" if "http" in schemes else None)
+
+
 def parse_endpoints(text: str, flag: str = "--etcd-endpoints") -> tuple[tuple[str, int], ...]:
-    """``host:port[,host:port...]``; a scheme (http:// or https://) is accepted and ignored; port defaults to 2379."""
+    """``host:port[,host:port...]``, each optionally with http:// or https:// (see ``endpoint_scheme``, which says
+    what the scheme means); port defaults to 2379."""
+    endpoint_scheme(text, flag)
     out = []
     for item in (p.strip() for p in text.split(",")):
         if not item:
             continue
-        item = re.sub(r"^[a-z][a-z0-9+.-]*://", "", item, flags=re.IGNORECASE).rstrip("/")
+        item = re.sub(r"^https?://", "", item, flags=re.IGNORECASE).rstrip("/")
         host, port = item, DEFAULT_PORT
         if item.startswith("["):  # [v6]:port
             host, bracket, rest = item[1:].partition("]")

@@ -73,7 +73,7 @@ class Coordinator:
         ConfigError naming the endpoints (nothing of the job has changed then)."""
         try:
             version = self.etcd.status()
-            log.info("connected to etcd %s at %s", version, self.etcd.endpoints_text)
+            log.info("connected to etcd %s at %s over %s", version, self.etcd.endpoints_text, self.cfg.etcd.describe())
             self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time())
             self.mirror = Mirror(self.keys)
             self.new_session(on_lost)

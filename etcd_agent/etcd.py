@@ -145,6 +145,13 @@ def op_first_created(prefix: str):
         sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.CREATE))
 
 
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 # --- error mapping -------------------------------------------------------------------------------------------
 
 def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:
@@ -195,8 +202,9 @@ class Etcd:
     # -- connection --
     def _build(self) -> etcd3.MultiEndpointEtcd3Client:
         creds = None
-        if self.cfg.secure:
-            creds = etcd3.MultiEndpointEtcd3Client.get_secure_creds(self.cfg.ca_cert, self.cfg.key, self.cfg.cert)
+        if self.cfg.secure:  # without a CA file: gRPC's default roots (the system's CA bundle)
+            creds = grpc.ssl_channel_credentials(*(_read(path) for path in (self.cfg.ca_cert, self.cfg.key,
+                                                                            self.cfg.cert)))
         endpoints = [etcd3.Endpoint(host, port, secure=self.cfg.secure, creds=creds, time_retry=1.0,
                                     opts=GRPC_OPTIONS) for host, port in self.cfg.endpoints]
         try:

@@ -37,8 +37,8 @@ import signal
 import sys
 import uuid
 
-from .config import (AgentConfig, EtcdConfig, JobSpec, StdSpec, WorkerConfig, default_node_id, keep_secret,
-                     parse_endpoints, parse_nnodes, request_timeout_for, resolve_nproc)
+from .config import (AgentConfig, EtcdConfig, JobSpec, StdSpec, WorkerConfig, default_node_id, endpoint_scheme,
+                     keep_secret, parse_endpoints, parse_nnodes, request_timeout_for, resolve_nproc)
 from .errors import ConfigError
 from .flags import PASSWORD_ENV, sources
 
@@ -388,9 +388,13 @@ def etcd_config(ns: argparse.Namespace, text: str | None, flag: str = "--etcd-en
     if ns.etcd_timeout <= 0:
         raise ConfigError(f"--etcd-timeout must be positive, got {ns.etcd_timeout}")
     password = etcd_password(ns)
-    if ns.user and ns.cacert is None:
-        raise ConfigError("--etcd-user needs TLS (--etcd-cacert): over plaintext the password and the auth token "
-                          "would cross the network readable, so gRPC refuses to send them")
+    scheme = endpoint_scheme(text, flag)
+    if scheme == "http" and ns.cacert:
+        raise ConfigError(f"{flag} {text}: http:// means plaintext, but --etcd-cacert asks for TLS; use https:// or "
+                          "a bare HOST:PORT")
+    if ns.user and ns.cacert is None and scheme != "https":
+        raise ConfigError("--etcd-user needs TLS (--etcd-cacert or https:// endpoints): over plaintext the password "
+                          "and the auth token would cross the network readable, so gRPC refuses to send them")
     # One RPC attempt must leave time for another member before the lease (and the job) could suffer.
     return EtcdConfig(parse_endpoints(text, flag), ns.cacert, ns.cert, ns.key, ns.user, password,
-                      request_timeout=request_timeout_for(lease_ttl), connect_timeout=ns.etcd_timeout)
+                      tls=scheme == "https", request_timeout=request_timeout_for(lease_ttl), connect_timeout=ns.etcd_timeout)

@@ -109,7 +109,7 @@ def test_spec_mismatch_is_refused_and_leaves_the_job_alone(etcd_endpoint, run_id
     (["--lease-ttl", "1"], "--lease-ttl must be at least 2"),
     (["--run-id", "bad id!"], "--run-id 'bad id!'"),
     (["--standalone"], "--standalone starts its own etcd: drop --etcd-endpoints"),
-    (["--etcd-cert", "/dev/null", "--etcd-key", "/dev/null"], "--etcd-cert/--etcd-key need --etcd-cacert"),
+    (["--etcd-cert", "/dev/null", "--etcd-key", "/dev/null"], "--etcd-cert/--etcd-key need TLS: give --etcd-cacert"),
 ])
 def test_bad_flags_fail_with_one_clear_line(flags, message, etcd_endpoint, tmp_path):
     import subprocess

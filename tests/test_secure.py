@@ -113,3 +113,31 @@ def test_bad_password_file(case, message, tmp_path, pki):
                           str(path), "job.py"], capture_output=True, text=True, timeout=60)
     assert got.returncode == 2
     assert message.format(path=path) in got.stderr
+
+
+@pytest.fixture(scope="module")
+def mtls_etcd(pki):
+    server = TlsEtcd(pki, client_cert_auth=True, name="mtls").start()
+    yield server
+    server.stop()
+
+
+def test_two_node_job_over_mutual_tls_says_how_it_connects(mtls_etcd, pki, run_id, tmp_path):
+    extra = ["--etcd-cacert", pki.path("ca.pem"), "--etcd-cert", pki.path("client.pem"), "--etcd-key",
+             pki.path("client.key")]
+    agents, out = start_agents(2, f"https://{mtls_etcd.endpoint}", run_id, tmp_path, [], nproc=1, extra=extra)
+    assert wait_all(agents, timeout=60) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    assert len(list(out.glob("*.json"))) == 2
+    for a in agents:
+        assert f"over mutual TLS (client certificate {pki.path('client.pem')}, CA {pki.path('ca.pem')}), no " \
+               "password auth" in a.stderr()
+
+
+def test_password_auth_over_https_endpoints(auth_etcd, pki, run_id, tmp_path, monkeypatch):
+    """https:// with --etcd-cacert; the log says TLS and the user."""
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    extra = ["--etcd-cacert", pki.path("ca.pem"), "--etcd-user", "root"]
+    agents, out = start_agents(2, f"https://{auth_etcd.endpoint}", run_id, tmp_path, [], nproc=1, extra=extra)
+    assert wait_all(agents, timeout=60) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    for a in agents:
+        assert f"over TLS (CA {pki.path('ca.pem')}), password auth as user root" in a.stderr()
