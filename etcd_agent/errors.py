@@ -50,6 +50,13 @@ class EtcdAuthError(EtcdError):
     exit_code = EXIT_USAGE
 
 
+class EtcdTlsError(EtcdError):
+    """The TLS handshake with etcd failed for a reason no retry can fix (unknown CA, expired certificate, wrong
+    host name, client certificate refused); the message says which, naming the flag and file to check."""
+
+    exit_code = EXIT_USAGE
+
+
 class EtcdRequestError(EtcdError):
     """etcd rejected a request (too large, bad argument, ...)."""
 

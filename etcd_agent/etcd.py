@@ -25,6 +25,9 @@ from .keys import prefix_end  # noqa: E402,F401  (pure; re-exported for the watc
 
 # The agent forks workers while gRPC threads run; gRPC's fork handlers only log noise then. Before importing grpc.
 set_agent_env("GRPC_ENABLE_FORK_SUPPORT", "false")  # workers do not inherit it
+# gRPC's C core logs every failed handshake and reconnect to stderr (dozens of lines for one bad certificate); the
+# wrapper reports each problem once, in its own words. GRPC_VERBOSITY=ERROR in the environment brings them back.
+set_agent_env("GRPC_VERBOSITY", "NONE")
 
 import grpc  # noqa: E402
 import grpc._common  # noqa: E402
@@ -35,7 +38,7 @@ from etcd3 import etcdrpc as rpc  # re-exported for watch.py: the generated mess
 from etcd3 import exceptions as etcd3_exc  # noqa: E402
 
 from .config import EtcdConfig  # noqa: E402
-from .errors import EtcdAuthError, EtcdError, EtcdRequestError, EtcdUnavailable, SessionLost
+from .errors import EtcdAuthError, EtcdError, EtcdRequestError, EtcdTlsError, EtcdUnavailable, SessionLost
 
 log = logging.getLogger("etcd_agent.etcd")
 T = TypeVar("T")
@@ -152,7 +155,31 @@ def _read(path: str | None) -> bytes | None:
         return f.read()
 
 
-# --- error mapping -------------------------------------------------------------------------------------------
+# --- error mapping ---
+
+def tls_problem(cfg: EtcdConfig, detail: str | None) -> str:
+    """What a gRPC error's details say went wrong in a TLS handshake, in words that name the flag and file to check;
+    '' when they describe no permanent TLS problem (a refused or reset connection may be an etcd restarting)."""
+    detail = detail or ""
+    if not cfg.secure:
+        return ""
+    ca = f"--etcd-cacert {cfg.ca_cert}" if cfg.ca_cert else "the system's CA bundle (no --etcd-cacert)"
+    if "certificate has expired" in detail:
+        return "etcd's certificate has expired (renew the server's certificate)"
+    if "certificate is not yet valid" in detail:
+        return "etcd's certificate is not valid yet (check the server's certificate and the clocks)"
+    if "CERTIFICATE_VERIFY_FAILED" in detail:
+        return f"etcd's certificate is not signed by a CA in {ca} (unknown CA)"
+    if "Hostname Verification Check failed" in detail or "Peer name" in detail:
+        hosts = ", ".join(h for h, _ in cfg.endpoints)
+        return f"etcd's certificate is not valid for {hosts} (the host in the endpoints; wrong host name)"
+    if "TSI_DATA_CORRUPTED" in detail or "CERTIFICATE_REQUIRED" in detail or "BAD_CERTIFICATE" in detail:
+        if cfg.cert:
+            return (f"etcd refused the client certificate --etcd-cert {cfg.cert} (not signed by a CA etcd trusts, "
+                    "or expired)")
+        return "etcd requires a client certificate (--etcd-cert and --etcd-key), or refused the connection"
+    return ""
+
 
 def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:
     """Our error type for a raw gRPC error; the message names the operation and etcd's own words."""
@@ -295,6 +322,9 @@ class Etcd:
                 raise EtcdUnavailable(f"etcd {where}: the connection was being rebuilt") from exc
             except grpc.RpcError as exc:
                 err = map_grpc_error(exc, where)
+                tls = tls_problem(self.cfg, exc.details() if hasattr(exc, "details") else "")
+                if tls:  # no retry fixes a certificate: say which one at once
+                    raise EtcdTlsError(f"TLS with etcd at {self.endpoints_text} failed: {tls}") from exc
                 if exc.code() in _ENDPOINT_FAILED_CODES:
                     self.mark_failed()
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.cfg.user:

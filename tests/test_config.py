@@ -318,11 +318,12 @@ def test_etcd_config_user_needs_a_password():
         EtcdConfig(LOCAL, user="alice")
 
 
-def test_etcd_config_with_tls_files(tmp_path):
+def test_etcd_config_reads_its_tls_files(tmp_path):
+    """Files that are not PEM are refused at once, naming the flag and the file (real certificates: test_secure)."""
     for name in ("ca.pem", "c.crt", "c.key"):
         (tmp_path / name).write_text("x")
-    cfg = EtcdConfig(LOCAL, str(tmp_path / "ca.pem"), str(tmp_path / "c.crt"), str(tmp_path / "c.key"))
-    assert cfg.secure
+    with pytest.raises(ConfigError, match=f"--etcd-cacert {tmp_path / 'ca.pem'}: not a PEM certificate bundle"):
+        EtcdConfig(LOCAL, str(tmp_path / "ca.pem"), str(tmp_path / "c.crt"), str(tmp_path / "c.key"))
     assert not EtcdConfig(LOCAL).secure
 
 

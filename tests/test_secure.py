@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from agents import keys_of, start_agents, wait_all, wait_records
+from agents import WORKERS, keys_of, start_agents, wait_all, wait_records
 from etcd_agent.flags import PASSWORD_ENV
 from tls import HAVE_OPENSSL, PASSWORD, Pki, TlsEtcd
 
@@ -141,3 +141,75 @@ def test_password_auth_over_https_endpoints(auth_etcd, pki, run_id, tmp_path, mo
     assert wait_all(agents, timeout=60) == [0, 0], [a.stderr()[-2000:] for a in agents]
     for a in agents:
         assert f"over TLS (CA {pki.path('ca.pem')}), password auth as user root" in a.stderr()
+
+
+@pytest.fixture(scope="module")
+def bad_servers(pki):
+    """etcd members whose certificates are wrong for the client: expired, and for another host."""
+    servers = {"expired": TlsEtcd(pki, cert="expired", name="expired"),
+               "wronghost": TlsEtcd(pki, cert="wronghost", name="wronghost")}
+    for s in servers.values():
+        s.start()
+    yield servers
+    for s in servers.values():
+        s.stop()
+
+
+def run_cli(endpoint: str, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
+    import time
+
+    t0 = time.monotonic()
+    got = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", "tls",
+                          "--nnodes", "2", "--etcd-timeout", "30", *flags, str(WORKERS / "job.py")],
+                         capture_output=True, text=True, timeout=90)
+    return got, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("unknown CA", "etcd's certificate is not signed by a CA in --etcd-cacert {otherca} (unknown CA)"),
+    ("expired server", "etcd's certificate has expired"),
+    ("wrong host", "etcd's certificate is not valid for 127.0.0.1"),
+    ("client cert from another CA", "etcd refused the client certificate --etcd-cert {othercert}"),
+    ("no client cert", "etcd requires a client certificate (--etcd-cert and --etcd-key)"),
+])
+def test_a_permanent_handshake_failure_fails_at_once_in_one_line(case, message, pki, mtls_etcd, auth_etcd,
+                                                               bad_servers):
+    ca, client = pki.path("ca.pem"), ["--etcd-cert", pki.path("client.pem"), "--etcd-key", pki.path("client.key")]
+    endpoint, flags = {
+        "unknown CA": (auth_etcd.endpoint, ["--etcd-cacert", pki.path("otherca.pem")]),
+        "expired server": (bad_servers["expired"].endpoint, ["--etcd-cacert", ca]),
+        "wrong host": (bad_servers["wronghost"].endpoint, ["--etcd-cacert", ca]),
+        "client cert from another CA": (mtls_etcd.endpoint, ["--etcd-cacert", ca, "--etcd-cert",
+                                        pki.path("otherca-client.pem"), "--etcd-key", pki.path("otherca-client.key")]),
+        "no client cert": (mtls_etcd.endpoint, ["--etcd-cacert", ca]),
+    }[case]
+    assert client  # the good pair, for contrast: test_two_node_job_over_mutual_tls_says_how_it_connects
+    got, took = run_cli(endpoint, *flags)
+    assert got.returncode == 2, got.stderr
+    expected = message.format(otherca=pki.path("otherca.pem"), othercert=pki.path("otherca-client.pem"))
+    assert expected in got.stderr
+    lines = [line for line in got.stderr.splitlines() if line.strip()]
+    assert len(lines) <= 3, got.stderr  # not dozens of gRPC C-core lines
+    assert took < 20  # the first attempt decides; --etcd-timeout 30 is not waited out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("expired client cert", "--etcd-cert {expired}: the certificate expired on Jan  2 00:00:00 2020 GMT"),
+    ("key of another cert", "--etcd-key {serverkey} is not the key of --etcd-cert {client}"),
+    ("garbage CA", "--etcd-cacert {garbage}: not a PEM certificate bundle"),
+    ("garbage key", "--etcd-key {garbage}: not a PEM private key"),
+    ("garbage cert", "--etcd-cert {garbage}: not a PEM certificate"),
+])
+def test_bad_certificate_files_are_refused_at_start(case, message, pki, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    ca, cert, key = pki.path("ca.pem"), pki.path("client.pem"), pki.path("client.key")
+    flags = {"expired client cert": (ca, pki.path("expired.pem"), pki.path("expired.key")),
+             "key of another cert": (ca, cert, pki.path("server.key")),
+             "garbage CA": (str(garbage), cert, key),
+             "garbage key": (ca, cert, str(garbage)),
+             "garbage cert": (ca, str(garbage), key)}[case]
+    got, _took = run_cli("127.0.0.1:1", "--etcd-cacert", flags[0], "--etcd-cert", flags[1], "--etcd-key", flags[2])
+    assert got.returncode == 2, got.stderr
+    assert message.format(expired=pki.path("expired.pem"), serverkey=pki.path("server.key"), client=cert,
+                          garbage=garbage) in got.stderr
