@@ -76,6 +76,7 @@ class Agent:
         self._bad_key = ""  # the key whose bad value was last reported (report each once)
         self._stale: list[int] = []  # leases of lost sessions, revoked before the next one registers
         self._give_up = 0.0  # when a fenced agent stops trying to open a new session
+        self._wait_said: tuple[str, float] = ("", 0.0)  # the wait reason last logged at INFO, and when
 
     @property
     def session(self) -> Session | None:
@@ -157,13 +158,27 @@ class Agent:
         if not isinstance(action, Wait):
             self._act(action, view)
             return None
-        log.debug("%s waiting: %s", self._who(), action.why)
+        self._say_wait(action)
         hang_check = self._check_progress()
         if self.local.outcome == "failed" and self.local.failure.get("hang"):
             return None  # decide again: the hung group fails now
         deadline = min((d for d in (action.deadline, hang_check) if d is not None), default=None)
         self._drain(block=True, deadline=deadline)
         return None
+
+    WAIT_NOTE_PERIOD = 30.0  # while a round forms, what it waits for is logged when it changes and this often
+
+    def _say_wait(self, action: Wait) -> None:
+        """What the agent waits for: at INFO while a round forms (a job that can never form says so, not silence
+        until --join-timeout), when the reason changes and every WAIT_NOTE_PERIOD seconds; DEBUG otherwise."""
+        now = time.monotonic()
+        forming = self.state is State.RENDEZVOUS
+        if forming and (action.why != self._wait_said[0] or now - self._wait_said[1] >= self.WAIT_NOTE_PERIOD):
+            left = f" (the round times out in {action.deadline - now:.0f} s)" if action.deadline else ""
+            log.info("%s waiting: %s%s", self._who(), action.why, left)
+            self._wait_said = (action.why, now)
+        else:
+            log.debug("%s waiting: %s", self._who(), action.why)
 
     def _drain(self, block: bool, deadline: float | None = None) -> None:
         """Handle queued events; when ``block``, first wait for one (until ``deadline``)."""

@@ -165,9 +165,9 @@ class StdSpec:
     def parse(cls, text: str, flag: str) -> "StdSpec":
         """``0``-``3`` or ``LOCAL_RANK:STD,...`` such as ``0:3,1:1`` (torchrun's ``Std.from_str``)."""
         text = text.strip()
-        if _STD_VALUE_RE.match(text):
+        if _STD_VALUE_RE.fullmatch(text):
             return cls(int(text))
-        if _STD_MAP_RE.match(text):
+        if _STD_MAP_RE.fullmatch(text):
             pairs = [tuple(int(x) for x in item.split(":")) for item in text.split(",")]
             return cls(STD_NONE, tuple(sorted(dict(pairs).items())))
         raise ConfigError(f"{flag} {text!r}: expected 0 (none), 1 (stdout), 2 (stderr), 3 (both) or a per-local-rank "
@@ -306,9 +306,9 @@ class AgentConfig:
     signals: tuple[int, ...] = (15, 2, 1, 3)  # --signals-to-handle: the agent leaves on these, forwarding each
 
     def __post_init__(self) -> None:
-        if not _RUN_ID_RE.match(self.run_id):
+        if not _RUN_ID_RE.fullmatch(self.run_id):  # fullmatch: "$" would let a trailing newline through
             raise ConfigError(f"--run-id {self.run_id!r}: use 1-128 letters, digits, '.', '_' or '-'")
-        if not _NODE_ID_RE.match(self.node_id):
+        if not _NODE_ID_RE.fullmatch(self.node_id):
             raise ConfigError(f"--node-id {self.node_id!r}: use 1-128 letters, digits, '.', '_' or '-'")
         if not self.root.startswith("/") or self.root.endswith("/") or "//" in self.root:
             raise ConfigError(f"--etcd-prefix {self.root!r}: must start with '/' and not end with '/'")

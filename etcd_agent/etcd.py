@@ -192,6 +192,10 @@ def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:
         return EtcdAuthError(text)
     if code == grpc.StatusCode.INVALID_ARGUMENT and detail and "authentication failed" in detail:
         return EtcdAuthError(text)
+    if detail and "user name is empty" in detail:  # etcd has auth enabled and we sent no credentials
+        return EtcdAuthError(f"etcd {where} failed: etcd has authentication enabled: give --etcd-user (with "
+                             "--etcd-password-file or $ETCD_AGENT_ETCD_PASSWORD) or a client certificate etcd maps to "
+                             "a user (--etcd-cert, --etcd-key)")
     if code == grpc.StatusCode.NOT_FOUND and detail and "lease not found" in detail:
         return SessionLost(text)
     return EtcdRequestError(text)

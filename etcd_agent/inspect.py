@@ -14,7 +14,7 @@ from typing import Callable
 
 from . import txns
 from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC
-from .errors import BadKeyData, ConfigError
+from .errors import BadKeyData, ConfigError, EtcdUnavailable
 from .etcd import Etcd
 from .keys import RunKeys, decode
 from .rendezvous import how_it_ended
@@ -36,25 +36,31 @@ def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_co
         raise ConfigError("--run-id is required")
     run = RunKeys(ns.root, ns.run_id)
     etcd = Etcd(etcd_config(ns))
-    no_job = ConfigError(f"--run-id {ns.run_id}: no job under {run.prefix} at {etcd.endpoints_text}")
     try:
-        if name == "stop":
-            keys = txns.current_job(etcd, run)
-            if keys is None:
-                raise no_job
-            if txns.stop_job(etcd, keys, ns.reason, time.time()):
-                print(f"job {ns.run_id} (job {keys.gen} of the run) stopped: every agent stops its workers and exits")
-                return 0
-            print(f"job {ns.run_id} (job {keys.gen} of the run) had already ended; nothing changed")
-            return 1
-        kvs, rev = etcd.get_prefix(run.prefix)
-        state = run_snapshot(run, kvs, rev)
-        if state is None:
-            raise no_job
-        print(json.dumps(state, indent=2, sort_keys=True) if ns.json else describe(ns.run_id, state))
-        return 0
+        return _run(name, ns, run, etcd)
+    except EtcdUnavailable as exc:  # nothing to show or stop: say where we looked, as a usage problem
+        raise ConfigError(f"--etcd-endpoints {etcd.endpoints_text}: {exc}") from exc
     finally:
         etcd.close()
+
+
+def _run(name: str, ns: argparse.Namespace, run: RunKeys, etcd: Etcd) -> int:
+    no_job = ConfigError(f"--run-id {ns.run_id}: no job under {run.prefix} at {etcd.endpoints_text}")
+    if name == "stop":
+        keys = txns.current_job(etcd, run)
+        if keys is None:
+            raise no_job
+        if txns.stop_job(etcd, keys, ns.reason, time.time()):
+            print(f"job {ns.run_id} (job {keys.gen} of the run) stopped: every agent stops its workers and exits")
+            return 0
+        print(f"job {ns.run_id} (job {keys.gen} of the run) had already ended; nothing changed")
+        return 1
+    kvs, rev = etcd.get_prefix(run.prefix)
+    state = run_snapshot(run, kvs, rev)
+    if state is None:
+        raise no_job
+    print(json.dumps(state, indent=2, sort_keys=True) if ns.json else describe(ns.run_id, state))
+    return 0
 
 
 def run_snapshot(run: RunKeys, kvs: list, revision: int) -> dict | None:

@@ -105,7 +105,7 @@ def check_spec(keys: Keys, spec: JobSpec, stored: dict) -> None:
     unknown = [k for k in _SPEC_FLAGS if k not in stored]
     if unknown:
         raise BadKeyData(keys.spec(), f"missing field(s) {', '.join(unknown)}")
-    diffs = [f"{flag} is {ours[k]!r} here but {stored[k]!r} in the running job"
+    diffs = [f"{flag} is {ours[k]!r} here but {stored[k]!r} in job {keys.gen} of the run"
              for k, flag in _SPEC_FLAGS.items() if ours[k] != stored[k]]
     if diffs:
         raise SpecMismatch(f"this agent does not match job {keys.run_id} ({keys.spec()}): " + "; ".join(diffs))

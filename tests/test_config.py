@@ -345,6 +345,8 @@ def test_agent_config_defaults_are_valid():
     (dict(run_id=""), "--run-id"),
     (dict(run_id="-job"), "--run-id"),
     (dict(run_id="j" * 129), "--run-id"),
+    (dict(run_id="job\n"), "--run-id"),  # it would land in keys and log paths
+    (dict(node_id="node-a\n"), "--node-id"),
     (dict(node_id=""), "--node-id"),
     (dict(node_id="node/a"), "--node-id"),
     (dict(root="etcd-agent"), "--etcd-prefix"),

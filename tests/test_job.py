@@ -269,3 +269,14 @@ def test_standalone_runs_a_job_on_a_private_etcd_and_removes_it(tmp_path):
     data_dir = re.search(r"embedded etcd serving at \S+ \(data in (\S+),", proc.stderr).group(1)
     assert not os.path.exists(data_dir), "the private etcd's data directory outlived the agent"
     assert not [p for p in psutil.process_iter(["cmdline"]) if data_dir in " ".join(p.info["cmdline"] or [])]
+
+
+def test_a_round_that_cannot_form_says_what_it_waits_for(etcd_endpoint, run_id, tmp_path):
+    """--nnodes larger than the nodes that come: the agent logs what the round waits for (and when it times out)
+    instead of staying silent until --join-timeout, then fails naming the timeout."""
+    agent = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(tmp_path)], nnodes="1000",
+                      extra=["--join-timeout", "3"])
+    assert agent.wait(60) == 1
+    err = agent.stderr()
+    assert "waiting: round 1 has 1 of 1000 node(s) (the round times out in" in err
+    assert "rendezvous timed out: 1 of at least 1000 node(s) joined round 1 within 3 s (--join-timeout)" in err

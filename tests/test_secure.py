@@ -213,3 +213,18 @@ def test_bad_certificate_files_are_refused_at_start(case, message, pki, tmp_path
     assert got.returncode == 2, got.stderr
     assert message.format(expired=pki.path("expired.pem"), serverkey=pki.path("server.key"), client=cert,
                           garbage=garbage) in got.stderr
+
+
+def test_auth_enabled_etcd_without_a_user_says_so(auth_etcd, pki, tmp_path):
+    got, _took = run_cli(auth_etcd.endpoint, "--etcd-cacert", pki.path("ca.pem"))
+    assert got.returncode == 2, got.stderr
+    assert "etcd has authentication enabled: give --etcd-user" in got.stderr
+    assert "user name is empty" not in got.stderr.replace("etcdserver: user name is empty", "")
+
+
+def test_status_and_stop_on_an_unreachable_etcd_name_the_endpoints():
+    for sub in ("status", "stop"):
+        got = subprocess.run([sys.executable, "-m", "etcd_agent", sub, "--etcd-endpoints", "127.0.0.1:1",
+                              "--run-id", "x", "--etcd-timeout", "1"], capture_output=True, text=True, timeout=60)
+        assert got.returncode == 2, got.stderr
+        assert "--etcd-endpoints 127.0.0.1:1: cannot reach etcd" in got.stderr
