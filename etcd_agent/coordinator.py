@@ -64,6 +64,7 @@ class Coordinator:
         self._known: dict[str, int] = {}  # name -> revision through which that watch's range is known
         self._leaders: dict[int, str] = {}  # round -> its leader, as this agent's join txn (or a re-read) found
         self._round = 0
+        self._strays: set[str] = set()  # keys outside the schema this agent has warned about
         # Retries stop as soon as the session is lost: the owner must get back to fencing.
         self.etcd = Etcd(cfg.etcd, shutdown, interrupt=lambda: self.session is not None and self.session.lost.is_set())
 
@@ -139,6 +140,7 @@ class Coordinator:
         if current is not None:
             self._unwatch(name)
         kvs, rev = snapshot if snapshot is not None else self.etcd.get_range(start, end)
+        self._note_strays(kvs)
         self.mirror.reset_range(start, end, kvs, rev)
         self._known[name] = rev
         if self.stream is None:
@@ -237,15 +239,39 @@ class Coordinator:
         res = txns.leader(self.etcd, self.keys, rnd)
         self._take_leader(rnd, res.ranges[0], res.revision)
 
-    def _take_leader(self, rnd: int, first: list, revision: int) -> None:
-        """The round's leader, from a read of the join key with the lowest create revision."""
-        if first:
-            self.mirror.absorb(first, revision)
-            self._leaders[rnd] = first[0].key.rsplit("/", 1)[1]
+    def _take_leader(self, rnd: int, oldest: list, revision: int) -> None:
+        """The round's leader, from a read of the oldest keys under its joins: the first that is a join key (keys
+        planted below the joins are not, and are ignored with a warning)."""
+        first = None
+        for kv in oldest:
+            if self._kind(kv.key) == "join":
+                first = kv
+                break
+            self._stray(kv.key)
+        if first is not None:
+            self.mirror.absorb([first], revision)
+            self._leaders[rnd] = first.key.rsplit("/", 1)[1]
             if self._leaders[rnd] != self.node:  # watch it from this read on: its vanishing is never missed
-                self._ensure("peer", first[0].key, b"", (first, revision))
+                self._ensure("peer", first.key, b"", ([first], revision))
         else:
             self._leaders.pop(rnd, None)
+
+    def _kind(self, key: str) -> str | None:
+        try:
+            return self.keys.parse(key).kind
+        except BadKeyData:
+            return None
+
+    def _note_strays(self, kvs) -> None:
+        for kv in kvs:
+            if kv.key not in self._strays and self._kind(kv.key) is None:
+                self._stray(kv.key)
+
+    def _stray(self, key: str) -> None:
+        """A key under the job's prefix that the schema does not name: nothing reads it; say so once."""
+        if key not in self._strays:
+            self._strays.add(key)
+            log.warning("ignoring %s: not a key of the etcd-agent schema (delete it with etcdctl del)", key)
 
     # --- the mirror ------------------------------------------------------------------------------------------
     def apply(self, item) -> None:
@@ -256,9 +282,11 @@ class Coordinator:
             return
         _w, start, end = current
         if isinstance(delivery, Resync):
+            self._note_strays(delivery.kvs)
             self.mirror.reset_range(start, end, delivery.kvs, delivery.revision)
             self._known[name] = delivery.revision
         else:
+            self._note_strays(ev.kv for ev in delivery if ev.kind == "put")
             self.mirror.apply(delivery)
             if delivery:
                 self._known[name] = max(self._known.get(name, 0), delivery[-1].kv.mod_revision)

@@ -141,10 +141,11 @@ def op_get_prefix(prefix: str):
     return op_get_range(prefix, prefix_end(prefix))
 
 
-def op_first_created(prefix: str):
-    """The key under ``prefix`` with the lowest create revision (etcd's election pattern: the leader)."""
+def op_first_created(prefix: str, limit: int = 1):
+    """The ``limit`` keys under ``prefix`` with the lowest create revisions, oldest first (etcd's election pattern:
+    the first is the leader)."""
     return rpc.RequestOp(request_range=rpc.RangeRequest(
-        key=prefix.encode(), range_end=prefix_end(prefix), limit=1,
+        key=prefix.encode(), range_end=prefix_end(prefix), limit=limit,
         sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.CREATE))
 
 

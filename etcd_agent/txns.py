@@ -150,20 +150,26 @@ def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, info: dict, lease: int, w
                                 "give each node its own --node-rank")
 
 
+LEADER_CANDIDATES = 16  # the oldest keys under a round's joins: the leader is the first that is a join key (a key
+#                         planted below it, such as join/a/b, is not, and must not make "b" the leader)
+
+
 def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: dict, lease: int, old_round: int) -> TxnResult:
     """Put this node's join key (and delete its key of the round it joined before). On success the result's
-    ranges are [this join key, the round's leader: the join key with the lowest create revision]."""
+    ranges are [this join key, the oldest keys under the round's joins: the first join key among them leads]."""
     n = a.round.number
     ops = [op_put(keys.join(n, node), encode(info), lease)]
     if old_round and old_round != n:
         ops.append(op_delete(keys.join(old_round, node)))
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
-                    ops + [op_get(keys.join(n, node)), op_first_created(keys.joins(n))], where=f"join round {n}")
+                    ops + [op_get(keys.join(n, node)), op_first_created(keys.joins(n), LEADER_CANDIDATES)],
+                    where=f"join round {n}")
 
 
 def leader(etcd: Etcd, keys: Keys, rnd: int) -> TxnResult:
-    """The round's leader as of now: its ranges are [the join key with the lowest create revision (or none)]."""
-    return etcd.txn([], [op_first_created(keys.joins(rnd))], where=f"find the leader of round {rnd}")
+    """The round's leader as of now: its ranges are [the oldest keys under the round's joins (the first join key
+    among them leads; none: nobody has joined)]."""
+    return etcd.txn([], [op_first_created(keys.joins(rnd), LEADER_CANDIDATES)], where=f"find the leader of round {rnd}")
 
 
 MAX_GUARDED_MEMBERS = 100  # etcd allows 128 compares per txn

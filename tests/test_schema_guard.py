@@ -1,0 +1,39 @@
+"""Keys the schema does not name, and keys that are there for no member: planted in a running job's prefix, they
+are ignored (with one warning) and never stall, restart or end the job; an --etcd-prefix nested in another run is
+refused before it writes anything."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from agents import JOB, job_keys, keys_of, records, start_agents, wait_all, wait_records
+from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.etcd import Etcd
+
+
+def put(endpoint: str, key: str, value: bytes = b'{"v": 1}') -> None:
+    etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
+    try:
+        etcd.put(key, value)
+    finally:
+        etcd.close()
+
+
+def test_keys_outside_the_schema_do_not_stall_a_job(etcd_endpoint, run_id, tmp_path):
+    release = tmp_path / "release"
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "1", "--fail-when",
+                               str(tmp_path / "crash"), "--run-until", str(release)], nproc=1,
+                               extra=["--max-restarts", "1"])
+    wait_records(out, {(1, 0), (1, 1)}, agents)
+    k = keys_of(run_id)
+    for key in (k.nodes() + "x/y", k.joins(1) + "a/b", k.joins(2) + "a/b", k.round_dir(1) + "junk",
+                k.prefix + "unknown"):
+        put(etcd_endpoint, key)
+    (tmp_path / "crash").touch()  # the job must still restart on the crash, with the junk in round 1 and 2
+    wait_records(out, {(2, 0), (2, 1)}, agents)
+    release.touch()
+    assert wait_all(agents) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    for key in (k.nodes() + "x/y", k.joins(2) + "a/b"):
+        said = [a.stderr().count(f"ignoring {key}: not a key of the etcd-agent schema") for a in agents]
+        assert max(said) == 1, said  # one warning per agent that reads it (the leader, at least), never a flood
