@@ -17,7 +17,7 @@ import logging
 import time
 
 from .config import JobSpec
-from .errors import BadKeyData, DuplicateNode, NodeRankTaken, SpecMismatch
+from .errors import BadKeyData, ConfigError, DuplicateNode, NodeRankTaken, SpecMismatch
 from .etcd import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
                    op_get_prefix, op_put, unchanged_under)
 from .keys import Keys, RunKeys, decode, encode
@@ -38,7 +38,9 @@ MAX_POINTER_TRIES = 100  # each failed compare means another agent moved the run
 def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float) -> Keys:
     """Find this agent's job of the run and return its keys: the running job (its spec checked), or a new job
     when the run has none yet (generation 1) or its current job has ended (generation K+1, as torchrun runs a
-    finished run id again). Concurrent starters agree: every move is one txn guarded by ``R/job``."""
+    finished run id again). Concurrent starters agree: every move is one txn guarded by ``R/job``. A run nested in
+    another run's prefix is refused first (``refuse_nested``)."""
+    refuse_nested(etcd, run)
     for _ in range(MAX_POINTER_TRIES):
         kv, _rev = etcd.get(run.job())
         if kv is None:
@@ -60,6 +62,20 @@ def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float) -> Keys:
                      done.get("reason"), keys.gen, keys.gen + 1, run.run_id)
             return run.generation(keys.gen + 1)
     raise BadKeyData(run.job(), "kept changing while this agent looked for the run's current job; try again")
+
+
+def refuse_nested(etcd: Etcd, run: RunKeys) -> None:
+    """A run whose prefix lies inside another run's (``--etcd-prefix`` pointing into a job) would leave keys that
+    job's agents trip over: refuse it before anything is written, naming the run it is inside."""
+    prefix = run.prefix
+    ancestors = [prefix[: i + 1] for i, ch in enumerate(prefix[:-1]) if ch == "/" and i > 0]
+    if not ancestors:
+        return
+    res = etcd.txn([], [op_get(a + "job") for a in ancestors], where=f"check that {prefix} is not inside a run")
+    for a, found in zip(ancestors, res.ranges):
+        if found:
+            raise ConfigError(f"--etcd-prefix {run.root}: run {run.run_id} would live inside the run at {a} "
+                              f"({a}job names its current job); choose a prefix outside every run's keys")
 
 
 def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: JobSpec, wall: float) -> bool:

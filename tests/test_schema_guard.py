@@ -37,3 +37,19 @@ def test_keys_outside_the_schema_do_not_stall_a_job(etcd_endpoint, run_id, tmp_p
     for key in (k.nodes() + "x/y", k.joins(2) + "a/b"):
         said = [a.stderr().count(f"ignoring {key}: not a key of the etcd-agent schema") for a in agents]
         assert max(said) == 1, said  # one warning per agent that reads it (the leader, at least), never a flood
+
+
+def test_a_prefix_inside_a_running_job_is_refused(etcd_endpoint, run_id, tmp_path):
+    release = tmp_path / "release"
+    agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1)
+    wait_records(out, {(1, 0)}, agents)
+    inside = keys_of(run_id).prefix.rstrip("/")  # /etcd-agent/<run>/0001
+    got = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", etcd_endpoint, "--etcd-prefix",
+                          inside, "--run-id", "intruder", "--nnodes", "1", JOB, str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert got.returncode == 2, got.stderr
+    assert f"--etcd-prefix {inside}: run intruder would live inside the run at /etcd-agent/{run_id}/" in got.stderr
+    assert not any("intruder" in key for key in job_keys(etcd_endpoint, run_id))  # nothing was written
+    release.touch()
+    assert wait_all(agents) == [0]
+    assert records(out).keys() == {(1, 0)}
