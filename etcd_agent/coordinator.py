@@ -264,14 +264,33 @@ class Coordinator:
 
     def _note_strays(self, kvs) -> None:
         for kv in kvs:
-            if kv.key not in self._strays and self._kind(kv.key) is None:
+            if kv.key in self._strays:
+                continue
+            kind = self._kind(kv.key)
+            if kind is None:
                 self._stray(kv.key)
+            elif kind == "node" and not kv.lease:
+                self._stray(kv.key, "a registry entry without a lease is no live agent's")
 
-    def _stray(self, key: str) -> None:
-        """A key under the job's prefix that the schema does not name: nothing reads it; say so once."""
+    def _stray(self, key: str, why: str = "not a key of the etcd-agent schema") -> None:
+        """A key under the job's prefix that nothing should read: say so once, and ignore it."""
         if key not in self._strays:
             self._strays.add(key)
-            log.warning("ignoring %s: not a key of the etcd-agent schema (delete it with etcdctl del)", key)
+            log.warning("ignoring %s: %s (delete it with etcdctl del)", key, why)
+
+    def _drop_ghost_exits(self, view: View) -> None:
+        """Exit keys of nodes outside the round's plan (planted by hand, or left by a job of another prefix) would
+        make every restart's guard fail (a restart requires the round to have no exit key): delete them, each
+        guarded by its revision, saying so once."""
+        plan = view.plan
+        if plan is None or not view.exits:
+            return
+        ghosts = [self.mirror.get(self.keys.exit(plan.round, n)) for n in sorted(view.exits) if plan.member(n) is None]
+        ghosts = [kv for kv in ghosts if kv is not None]
+        if ghosts:
+            for kv in ghosts:
+                self._stray(kv.key, f"an exit key of a node outside round {plan.round}'s plan")
+            txns.delete_strays(self.etcd, ghosts)
 
     # --- the mirror ------------------------------------------------------------------------------------------
     def apply(self, item) -> None:
@@ -339,6 +358,7 @@ class Coordinator:
                 log.info("%s closed round %d with %d node(s)%s: %s", who, action.round.number,
                          len(action.plan.members), workers, ", ".join(action.plan.nodes))
         elif isinstance(action, Bump):
+            self._drop_ghost_exits(view)
             rs = view.restarts
             res = txns.bump(self.etcd, self.keys, action, rs.used if rs else 0, rs.max if rs else 0,
                             rs.mod_revision if rs else 0, node, wall)

@@ -198,7 +198,8 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     member = plan.member(me.node)
     # Only a loss this view watches counts: the leader watches every member, the others one peer each (a ring).
     watched = plan.nodes if v.full else [n for n in (me.node, *sorted(v.scope.watched)) if plan.member(n)]
-    lost = [n for n in watched if n not in v.exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
+    exits = member_exits(v)  # an exit key of a node outside the plan is no member's: ignored
+    lost = [n for n in watched if n not in exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
     if member is not None and me.outcome == "failed" and me.workers_round == r.number:
         return _fail_or_bump(v, r, me, p, f"{describe_failure(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
@@ -208,12 +209,12 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return Wait(f"round {r.number} runs without this node{full}; waiting to be taken into the next round")
     if me.workers_round != r.number:
         return StartWorkers(plan, member)
-    if me.outcome == "succeeded" and me.node not in v.exits:
+    if me.outcome == "succeeded" and me.node not in exits:
         return WriteExit(r)
-    if len(v.exits) >= len(plan.members) and set(plan.nodes) <= v.exits:
+    if len(exits) >= len(plan.members) and set(plan.nodes) <= exits:
         return End(r, DONE, result(r, "succeeded", me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
     newcomers = sorted(n for n in v.nodes if plan.member(n) is None) if v.full else []
-    if newcomers and len(plan.members) < p.max_nodes and not v.exits:
+    if newcomers and len(plan.members) < p.max_nodes and not exits:
         settle_at = (me.newcomers_since if me.newcomers_since is not None else me.now) + p.scale_settle
         if me.now >= settle_at:
             return Bump(r, f"node(s) {', '.join(newcomers)} can join (scale-up)", counted=False)
@@ -221,10 +222,16 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     return Wait(f"round {r.number} running with {len(plan.members)} node(s)")
 
 
+def member_exits(v: View) -> frozenset[str]:
+    """The round's exit keys that belong to members of its plan (a key of any other node is no member's)."""
+    return frozenset(n for n in v.exits if v.plan is not None and v.plan.member(n) is not None)
+
+
 def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, counted: bool,
                   failure: dict | None) -> Action:
-    if v.exits:
-        why = f"{reason} after node(s) {', '.join(sorted(v.exits))} had finished; a partly finished job cannot be re-run"
+    exits = member_exits(v)
+    if exits:
+        why = f"{reason} after node(s) {', '.join(sorted(exits))} had finished; a partly finished job cannot be re-run"
         return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure), failure)
     used = v.restarts.used if v.restarts else 0
     limit = v.restarts.max if v.restarts else p.max_restarts
@@ -313,7 +320,9 @@ def _spans(ranks: tuple[int, ...]) -> str:
 
 def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: dict | None = None) -> dict:
     """The ``P/result`` value; the root cause is the earliest failure report of the round."""
-    reports = list(v.failures.values()) + ([failure] if failure else [])
+    # the root cause is a member's: a failure key of a node outside the plan is no member's and is ignored
+    reports = [f for n, f in v.failures.items() if v.plan is None or v.plan.member(n) is not None]
+    reports += [failure] if failure else []
     root = min(reports, key=lambda f: f.get("time", 0.0)) if reports and outcome != "succeeded" else None
     return {"outcome": outcome, "round": r.number, "reason": reason, "root_cause": root,
             "restarts": v.restarts.used if v.restarts else 0, "time": wall}

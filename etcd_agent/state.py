@@ -335,7 +335,8 @@ class Mirror:
         k = self.keys
         rnd = self.round()
         number = rnd.number if rnd else 0
-        nodes = {kv.key[len(k.nodes()):]: self._decoded(kv) for kv in self.children(k.nodes())}
+        # a registry entry without a lease is no live agent's (every agent registers on its session's lease)
+        nodes = {kv.key[len(k.nodes()):]: self._decoded(kv) for kv in self.children(k.nodes()) if kv.lease}
         joins = ({j.node: j for j in (self._remembered(kv, "join", parse_join) for kv in self.children(k.joins(number)))}
                  if rnd else {})
         exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd else frozenset()

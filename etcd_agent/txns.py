@@ -121,7 +121,7 @@ def check_spec(keys: Keys, spec: JobSpec, stored: dict) -> None:
     unknown = [k for k in _SPEC_FLAGS if k not in stored]
     if unknown:
         raise BadKeyData(keys.spec(), f"missing field(s) {', '.join(unknown)}")
-    diffs = [f"{flag} is {ours[k]!r} here but {stored[k]!r} in job {keys.gen} of the run"
+    diffs = [f"{flag} is {ours[k]!r} here but {stored[k]!r} in the running job"
              for k, flag in _SPEC_FLAGS.items() if ours[k] != stored[k]]
     if diffs:
         raise SpecMismatch(f"this agent does not match job {keys.run_id} ({keys.spec()}): " + "; ".join(diffs))
@@ -223,6 +223,13 @@ def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int,
     report = [op_put(keys.failure(n, node), encode(a.failure))] if a.failure else []
     reads = [op_get(keys.round()), op_get(keys.restarts())] + ([op_get(keys.failure(n, node))] if a.failure else [])
     return etcd.txn(compare, ops + report + reads, report, where=f"restart round {n} -> {n + 1}")
+
+
+def delete_strays(etcd: Etcd, kvs: list) -> bool:
+    """Delete keys that nothing should hold, each only if it is still the version read (``kvs``)."""
+    res = etcd.txn([mod_is(kv.key, kv.mod_revision) for kv in kvs], [op_delete(kv.key) for kv in kvs],
+                   where=f"delete {len(kvs)} stray key(s)")
+    return res.succeeded
 
 
 def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: dict) -> None:

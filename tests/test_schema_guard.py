@@ -53,3 +53,28 @@ def test_a_prefix_inside_a_running_job_is_refused(etcd_endpoint, run_id, tmp_pat
     release.touch()
     assert wait_all(agents) == [0]
     assert records(out).keys() == {(1, 0)}
+
+
+def test_keys_for_no_member_change_nothing(etcd_endpoint, run_id, tmp_path):
+    """An unleased registry entry (no live agent's) does not make a MIN:MAX job scale up forever; an exit key and a
+    failure report of a node outside the plan neither end the job at the next crash nor block its restart."""
+    release, crash = tmp_path / "release", tmp_path / "crash"
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "1", "--fail-when", str(crash),
+                               "--run-until", str(release)], nproc=1, nnodes="2:3",
+                               extra=["--max-restarts", "1", "--scale-settle", "0.2"])
+    wait_records(out, {(1, 0), (1, 1)}, agents)
+    k = keys_of(run_id)
+    put(etcd_endpoint, k.node("ghost"), b'{"v": 1, "node": "ghost"}')
+    put(etcd_endpoint, k.exit(1, "ghost"), b'{"v": 1, "node": "ghost", "outcome": "succeeded"}')
+    put(etcd_endpoint, k.failure(1, "ghost"), b'{"v": 1, "node": "ghost", "rank": 9, "time": 0}')
+    crash.touch()
+    wait_records(out, {(2, 0), (2, 1)}, agents)
+    release.touch()
+    assert wait_all(agents) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    state = job_keys(etcd_endpoint, run_id)
+    assert state[k.result()]["outcome"] == "succeeded" and state[k.result()]["round"] == 2  # no scale-up loop
+    assert state[k.restarts()]["used"] == 1
+    assert k.exit(1, "ghost") not in state  # deleted so that the restart's guard could pass
+    logs = "".join(a.stderr() for a in agents)
+    assert "a registry entry without a lease is no live agent's" in logs
+    assert "an exit key of a node outside round 1's plan" in logs

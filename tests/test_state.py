@@ -81,7 +81,7 @@ def test_a_view_decodes_only_what_changed_and_never_serves_a_stale_value(monkeyp
 
     from etcd_agent import keys as keys_mod
 
-    nodes = [kv(K.node(f"n{i}"), encode({"host": f"h{i}"}), 10 + i) for i in range(5)]
+    nodes = [kv(K.node(f"n{i}"), encode({"host": f"h{i}"}), 10 + i, lease=7) for i in range(5)]
     m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 3), *nodes, revision=20)
     assert m.view().nodes["n4"] == {"v": 1, "host": "h4"}
     calls = []
@@ -89,11 +89,11 @@ def test_a_view_decodes_only_what_changed_and_never_serves_a_stale_value(monkeyp
     monkeypatch.setattr(keys_mod.json, "loads", lambda raw: calls.append(raw) or real(raw))
     m.view()
     assert calls == []  # nothing changed: nothing decoded again
-    m.apply([Event("put", kv(K.node("n4"), encode({"host": "moved"}), 21))])
+    m.apply([Event("put", kv(K.node("n4"), encode({"host": "moved"}), 21, lease=7))])
     assert m.view().nodes["n4"]["host"] == "moved" and len(calls) == 1
     m.apply([Event("delete", kv(K.node("n3"), b"", 22))])
     assert "n3" not in m.view().nodes
-    m.apply([Event("put", kv(K.node("n2"), b"not json", 23))])
+    m.apply([Event("put", kv(K.node("n2"), b"not json", 23, lease=7))])
     for _ in range(2):  # a bad value is reported on every view until it is fixed
         with pytest.raises(BadKeyData, match=K.node("n2")):
             m.view()
@@ -138,3 +138,8 @@ def test_a_range_read_replaces_the_range_and_fences_older_news():
     assert not m.apply([Event("put", kv(K.restarts(), encode({"used": 0, "max": 1}), 8))])  # older than the read
     m.drop_range(start, end)
     assert m.get(K.round()) is None
+
+
+def test_a_registry_entry_without_a_lease_is_no_live_node():
+    m = mirror(kv(K.node("alive"), encode({"host": "h"}), 10, lease=7), kv(K.node("ghost"), encode({"host": "g"}), 11))
+    assert set(m.view().nodes) == {"alive"}
