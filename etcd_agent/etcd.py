@@ -81,6 +81,7 @@ class TxnResult:
     succeeded: bool
     revision: int
     ranges: list[list[KV]]  # one list per range op of the branch that ran, in order
+    counts: list[int] = dataclasses.field(default_factory=list)  # etcd's count for each range op, in order
 
 
 # --- compares and ops: tiny builders over the generated messages ---------------------------------------------
@@ -135,6 +136,12 @@ def value_is(key: str, value: bytes):
 def op_get_range(start: str, end: bytes):
     """Every key in ``[start, end)`` (an empty ``end``: the one key ``start``)."""
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=start.encode(), range_end=end))
+
+
+def op_count(prefix: str):
+    """How many keys start with ``prefix`` (the txn's answer for it is a count, not keys)."""
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=prefix.encode(), range_end=prefix_end(prefix),
+                                                       count_only=True))
 
 
 def op_get_prefix(prefix: str):
@@ -366,9 +373,9 @@ class Etcd:
             deadline: float | None = None) -> TxnResult:
         req = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
         resp = self.call(where, lambda c, kw: c.kvstub.Txn(req, **kw), deadline)
-        ranges = [[KV.from_pb(kv) for kv in r.response_range.kvs] for r in resp.responses
-                  if r.WhichOneof("response") == "response_range"]
-        return TxnResult(resp.succeeded, resp.header.revision, ranges)
+        found = [r.response_range for r in resp.responses if r.WhichOneof("response") == "response_range"]
+        return TxnResult(resp.succeeded, resp.header.revision, [[KV.from_pb(kv) for kv in r.kvs] for r in found],
+                         [r.count for r in found])
 
     def put(self, key: str, value: bytes, lease: int = 0, deadline: float | None = None) -> int:
         req = rpc.PutRequest(key=key.encode(), value=value, lease=lease)

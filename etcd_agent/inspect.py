@@ -15,7 +15,7 @@ from typing import Callable
 from . import txns
 from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC
 from .errors import BadKeyData, ConfigError, EtcdUnavailable
-from .etcd import Etcd
+from .etcd import Etcd, op_count, op_get, prefix_end
 from .keys import RunKeys, decode
 from .rendezvous import how_it_ended
 from .state import Mirror
@@ -24,7 +24,8 @@ from .state import Mirror
 def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_config: Callable,
                    setup_logging: Callable) -> int:
     p = argparse.ArgumentParser(prog=f"etcd-agent {name}",
-                                description="Show a job's state." if name == "status" else "Stop a running job.")
+                                description="Show a job's state (without --run-id: list the runs under the root)."
+                                if name == "status" else "Stop a running job.")
     add_etcd_flags(p)
     if name == "status":
         p.add_argument("--json", action="store_true", help="print the state as JSON")
@@ -32,12 +33,15 @@ def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_co
         p.add_argument("--reason", default="stopped by an operator", help="recorded in the job's result")
     ns = p.parse_args(argv)
     setup_logging("WARNING")
-    if not ns.run_id:
+    if not ns.run_id and name != "status":
         raise ConfigError("--run-id is required")
-    run = RunKeys(ns.root, ns.run_id)
     etcd = Etcd(etcd_config(ns))
     try:
-        return _run(name, ns, run, etcd)
+        if not ns.run_id:
+            runs = list_runs(etcd, ns.root)
+            print(json.dumps(runs, indent=2, sort_keys=True) if ns.json else describe_runs(ns.root, runs))
+            return 0
+        return _run(name, ns, RunKeys(ns.root, ns.run_id), etcd)
     except EtcdUnavailable as exc:  # nothing to show or stop: say where we looked, as a usage problem
         raise ConfigError(f"--etcd-endpoints {etcd.endpoints_text}: {exc}") from exc
     finally:
@@ -61,6 +65,63 @@ def _run(name: str, ns: argparse.Namespace, run: RunKeys, etcd: Etcd) -> int:
         raise no_job
     print(json.dumps(state, indent=2, sort_keys=True) if ns.json else describe(ns.run_id, state))
     return 0
+
+
+RUNS_PER_TXN = 40  # three reads per run; etcd allows 128 operations per txn
+
+
+def list_runs(etcd: Etcd, root: str) -> list[dict]:
+    """Every run under ``root`` (a ``<root>/<run>/job`` pointer) with its current job: generation, phase, round,
+    live nodes and result. One keys-only read of the root, then a few reads per run in batched txns."""
+    prefix = root + "/"
+    pointers = [k for k in etcd.keys_in_range(prefix, prefix_end(prefix))
+                if k.endswith("/job") and k[len(prefix):].count("/") == 1]
+    runs = []
+    for start in range(0, len(pointers), RUNS_PER_TXN):
+        batch = pointers[start:start + RUNS_PER_TXN]
+        res = etcd.txn([], [op_get(k) for k in batch], where="read the runs' pointers")
+        jobs = []
+        for key, kvs in zip(batch, res.ranges):
+            run = RunKeys(root, key[len(prefix):-len("/job")])
+            try:
+                jobs.append((run, run.generation(txns.pointer_generation(kvs[0])) if kvs else None))
+            except BadKeyData as exc:
+                runs.append({"run_id": run.run_id, "error": str(exc)})
+        ops = []
+        for _run, keys in jobs:
+            if keys is not None:
+                ops += [op_get(keys.round()), op_get(keys.result()), op_count(keys.nodes())]
+        res = etcd.txn([], ops, where="read the runs' jobs") if ops else None
+        answers = iter(zip(res.ranges, res.counts) if res else ())
+        for run, keys in jobs:
+            if keys is None:
+                continue
+            (rnd, _), (result, _), (_, nodes) = next(answers), next(answers), next(answers)
+            entry = {"run_id": run.run_id, "job": keys.gen, "nodes_alive": nodes}
+            try:
+                r = decode(keys.round(), rnd[0].value) if rnd else {}
+                done = decode(keys.result(), result[0].value) if result else None
+            except BadKeyData as exc:
+                entry["error"] = str(exc)
+            else:
+                entry.update(phase=r.get("phase"), round=r.get("round"),
+                             result=done and {"outcome": done.get("outcome"), "reason": done.get("reason")})
+            runs.append(entry)
+    return sorted(runs, key=lambda e: e["run_id"])
+
+
+def describe_runs(root: str, runs: list[dict]) -> str:
+    if not runs:
+        return f"no runs under {root}"
+    lines = [f"{'RUN':30} {'JOB':>4} {'PHASE':9} {'ROUND':>5} {'NODES':>5}  RESULT"]
+    for e in runs:
+        if "error" in e and "phase" not in e:
+            lines.append(f"{e['run_id']:30} unreadable: {e['error']}")
+            continue
+        res = e.get("result")
+        lines.append(f"{e['run_id']:30} {e['job']:>4} {e.get('phase') or '-':9} {e.get('round') or '-':>5} "
+                     f"{e['nodes_alive']:>5}  " + (f"{res['outcome']}: {res['reason']}" if res else "-"))
+    return "\n".join(lines)
 
 
 def run_snapshot(run: RunKeys, kvs: list, revision: int) -> dict | None:

@@ -280,3 +280,29 @@ def test_a_round_that_cannot_form_says_what_it_waits_for(etcd_endpoint, run_id, 
     err = agent.stderr()
     assert "waiting: round 1 has 1 of 1000 node(s) (the round times out in" in err
     assert "rendezvous timed out: 1 of at least 1000 node(s) joined round 1 within 3 s (--join-timeout)" in err
+
+
+def test_status_without_a_run_id_lists_the_runs(etcd_endpoint, run_id, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = f"/list-{run_id}"
+    (tmp_path / "a").mkdir()
+    done = start_agents(1, etcd_endpoint, "finished", tmp_path / "a", [], nproc=1, extra=["--etcd-prefix", root])[0]
+    assert wait_all(done) == [0]
+    release = tmp_path / "release"
+    running, out = start_agents(2, etcd_endpoint, "running", tmp_path, ["--run-until", str(release)], nproc=1,
+                                extra=["--etcd-prefix", root])
+    wait_records(out, {(1, 0), (1, 1)}, running)
+    base = [sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", root]
+    listed = json.loads(subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=30).stdout)
+    assert [(e["run_id"], e["job"], e["phase"], e["round"], e["nodes_alive"]) for e in listed] == [
+        ("finished", 1, "done", 1, 0), ("running", 1, "running", 1, 2)]
+    assert listed[0]["result"]["outcome"] == "succeeded" and listed[1]["result"] is None
+    text = subprocess.run(base, capture_output=True, text=True, timeout=30).stdout.splitlines()
+    assert text[0].split() == ["RUN", "JOB", "PHASE", "ROUND", "NODES", "RESULT"]
+    assert text[1].split()[:6] == ["finished", "1", "done", "1", "0", "succeeded:"]
+    assert text[2].split() == ["running", "1", "running", "1", "2", "-"]
+    release.touch()
+    assert wait_all(running) == [0, 0]
