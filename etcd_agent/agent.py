@@ -257,7 +257,7 @@ class Agent:
         return {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
                 "port": master_port(self.cfg.address), "nproc": self.cfg.workers.nproc,
                 "prev_rank": before.group_rank if before else None, "node_rank": self.cfg.node_rank,
-                "master_addr": self.cfg.master_addr, "master_port": self.cfg.master_port}
+                "master_addr": self.cfg.master_addr, "master_port": self.cfg.master_port, "time": time.time()}
 
     # --- workers -------------------------------------------------------------------------------------------
     def _start_workers(self, a: StartWorkers) -> None:

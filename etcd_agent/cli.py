@@ -19,7 +19,7 @@ from .errors import AgentError, ConfigError
 from .launch import etcd_config, resolve
 
 log = logging.getLogger("etcd_agent.cli")
-SUBCOMMANDS = ("status", "stop")
+SUBCOMMANDS = ("status", "stop", "events")
 
 
 def build_parser() -> argparse.ArgumentParser:

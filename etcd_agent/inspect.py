@@ -24,11 +24,15 @@ from .state import Mirror
 def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_config: Callable,
                    setup_logging: Callable) -> int:
     p = argparse.ArgumentParser(prog=f"etcd-agent {name}",
-                                description="Show a job's state (without --run-id: list the runs under the root)."
-                                if name == "status" else "Stop a running job.")
+                                description={"status": "Show a job's state (without --run-id: list the runs under "
+                                             "the root).", "events": "Replay a job's history from etcd's revisions.",
+                                             "stop": "Stop a running job."}[name])
     add_etcd_flags(p)
     if name == "status":
         p.add_argument("--json", action="store_true", help="print the state as JSON")
+    elif name == "events":
+        p.add_argument("--json", action="store_true", help="one JSON object per event")
+        p.add_argument("--follow", action="store_true", help="keep printing events until the job has a result")
     else:
         p.add_argument("--reason", default="stopped by an operator", help="recorded in the job's result")
     ns = p.parse_args(argv)
@@ -37,6 +41,10 @@ def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_co
         raise ConfigError("--run-id is required")
     etcd = Etcd(etcd_config(ns))
     try:
+        if name == "events":
+            from .events import run_events
+
+            return run_events(ns, etcd)
         if not ns.run_id:
             runs = list_runs(etcd, ns.root)
             print(json.dumps(runs, indent=2, sort_keys=True) if ns.json else describe_runs(ns.root, runs))
@@ -184,7 +192,11 @@ def describe(run_id: str, s: dict) -> str:
         for m in plan["members"]:
             last = m["rank_offset"] + m["nproc"] - 1
             ranks = "" if torchrun else f" ranks {m['rank_offset']}-{last}"
-            lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}){ranks}")
+            alive = "alive" if m["node"] in s["nodes"] else "gone (no registration)"
+            lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}){ranks}, {alive}")
+        waiting = sorted(set(s["nodes"]) - {m["node"] for m in plan["members"]})
+        if waiting:
+            lines.append(f"  waiting for the next round: {', '.join(waiting)}")
     elif r and r["phase"] == "joining":
         lines.append(f"  joined so far: {', '.join(s['joined']) or 'none'}")
     for rnd, reports in sorted(s["failures"].items(), key=lambda item: int(item[0])):

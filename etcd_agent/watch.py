@@ -65,11 +65,14 @@ class Watch:
     and a ``Resync`` after a compaction."""
 
     def __init__(self, etcd: Etcd, prefix: str, start_revision: int, sink: Callable[[Delivery], None],
-                 probe_interval: float = 1.0, name: str = "watch", range_end: bytes | None = None):
-        """Watch every key starting with ``prefix``, or, with ``range_end``, every key in ``[prefix, range_end)``."""
+                 probe_interval: float = 1.0, name: str = "watch", range_end: bytes | None = None,
+                 on_progress: Callable[[int], None] | None = None):
+        """Watch every key starting with ``prefix``, or, with ``range_end``, every key in ``[prefix, range_end)``;
+        ``on_progress`` as in ``WatchStream``."""
         self.prefix = prefix
         self.range_end = prefix_end(prefix) if range_end is None else range_end
-        self._stream = WatchStream(etcd, lambda _name, _token, delivery: sink(delivery), probe_interval, name)
+        self._stream = WatchStream(etcd, lambda _name, _token, delivery: sink(delivery), probe_interval, name,
+                                   on_progress)
         self._stream.add("range", prefix, self.range_end, start_revision)
 
     @property
@@ -132,9 +135,12 @@ class WatchStream:
     """
 
     def __init__(self, etcd: Etcd, sink: Callable[[str, int, Delivery], None], probe_interval: float = 1.0,
-                 name: str = "watch-stream"):
+                 name: str = "watch-stream", on_progress: Callable[[int], None] | None = None):
+        """``on_progress(revision)``, when given, hears etcd's progress answers on this stream's thread: etcd sends
+        them only once every range is synced, so every event up to ``revision`` has been delivered before it."""
         self.etcd = etcd
         self.sink = sink
+        self.on_progress = on_progress
         self.probe_interval = probe_interval
         self.resumes = 0
         self._lock = threading.Lock()
@@ -271,6 +277,9 @@ class WatchStream:
             requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
 
     def _handle(self, resp, requests: queue.Queue) -> None:
+        if (self.on_progress is not None and not resp.events and not resp.created and not resp.canceled
+                and not resp.compact_revision):
+            self.on_progress(resp.header.revision)
         with self._lock:
             if resp.created:
                 r = self._pending.pop(0) if self._pending else None

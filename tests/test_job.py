@@ -158,6 +158,7 @@ def test_status_and_stop_subcommands(etcd_endpoint, run_id, tmp_path):
     text = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
     assert f"run {run_id}, job 1 " in text and text.splitlines()[0].endswith(": running")
     assert "round 1: running" in text and "group rank 0" in text and "earlier job" not in text
+    assert text.count(", alive") == 2 and "waiting for the next round" not in text
     stop = subprocess.run(base + ["stop", *ep, "--reason", "maintenance"], capture_output=True, text=True,
                           timeout=30)
     assert stop.returncode == 0 and "stopped" in stop.stdout

@@ -233,9 +233,13 @@ def test_status_reads_a_torchrun_job(handlers, etcd_endpoint, run_id):
     a, b = (make(handlers, etcd_endpoint, run_id, n) for n in ("n0", "n1"))
     infos = rendezvous(a, b)
     infos[0].store.set("torchelastic/role_info/0", b"\x80\x04binary")
+    late = make(handlers, etcd_endpoint, run_id, "n2")  # the round is full (--nnodes 2): n2 waits for the next
+    background(late.next_rendezvous)
+    poll_until(lambda: keys_of(run_id).node("n2") in job_keys(etcd_endpoint, run_id), 10, "n2 to register")
     out = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
                           "--run-id", run_id], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "plan: 2 node(s), torchrun's agents assign the worker ranks" in out.stdout
     assert "restarts: 0 (no job-wide limit) used" in out.stdout
     assert "group rank 0: n" in out.stdout and "ranks 0-0" not in out.stdout
+    assert out.stdout.count(", alive") == 2 and "waiting for the next round: n2" in out.stdout

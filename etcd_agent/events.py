@@ -1,0 +1,192 @@
+"""``etcd-agent events``: a job's history, replayed from etcd's own revisions.
+
+Events are not keys of their own: every change of a job (a round opened or closed, a node registered or gone, a
+join, an exit, a failure report, a restart counted, the result) is already a revision of one of its keys, and etcd
+keeps each key's history until it is compacted. So the history costs no write on the job's path and cannot
+disagree with the job's state; its retention is etcd's (``--auto-compaction-retention``): after a compaction the
+replay starts at the oldest revision etcd still has and says so. ``events`` watches the job prefix from the
+revision that created the job's spec up to the current revision and prints one line per change (``--json``: one
+object per line); ``--follow`` keeps watching and prints each change as it happens until the job has a result.
+
+Imports ``etcd``, ``keys``, ``txns`` and ``watch``; reads only.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+
+from . import txns
+from .errors import BadKeyData, ConfigError
+from .etcd import Etcd
+from .keys import Keys, RunKeys, decode
+from .watch import Resync, Watch
+
+
+def describe(keys: Keys, kind: str, key: str, value: dict | None, prev_exists: bool) -> dict | None:
+    """One history entry for a change of ``key`` (``value`` None: deleted), or None for changes nobody needs."""
+    try:
+        parsed = keys.parse(key)
+    except BadKeyData:
+        return None
+    k = parsed.kind
+    if k == "round" and value is not None:
+        phase, n = value.get("phase"), value.get("round")
+        if phase == "joining":
+            return {"event": "round opened", "round": n, "reason": value.get("reason")}
+        if phase == "running":
+            return {"event": "round closed", "round": n, "members": value.get("reason")}
+        return {"event": "job ended", "round": n, "phase": phase, "reason": value.get("reason")}
+    if k == "node":
+        if value is None:
+            return {"event": "node gone", "node": parsed.node,
+                    "why": "its lease ended (it stopped, or was lost) or was revoked"}
+        if not prev_exists:
+            return {"event": "node registered", "node": parsed.node, "host": value.get("host"),
+                    "pid": value.get("pid")}
+        return None
+    if k == "join":
+        if value is None:
+            return {"event": "left round", "round": parsed.round, "node": parsed.node,
+                    "why": "its join key vanished (lease ended, or it moved to the next round)"}
+        return {"event": "joined round", "round": parsed.round, "node": parsed.node} if not prev_exists else None
+    if k == "plan" and value is not None:
+        members = [m[0] if isinstance(m, list) else m.get("node") for m in value.get("members", ())]
+        return {"event": "plan", "round": parsed.round, "members": members,
+                "master": f"{value.get('master_addr')}:{value.get('master_port')}"}
+    if k == "exit" and value is not None:
+        return {"event": "node finished", "round": parsed.round, "node": parsed.node}
+    if k == "failure" and value is not None:
+        how = (f"signal {value['signal']}" if value.get("signal") else
+               "hung" if value.get("hang") else
+               f"exit code {value['exitcode']}" if value.get("exitcode") is not None else "failed")
+        message = (value.get("message") or "").splitlines()[:1]
+        return {"event": "failure", "round": parsed.round, "node": parsed.node, "rank": value.get("rank"),
+                "how": how, "message": message[0] if message else ""}
+    if k == "restarts" and value is not None and value.get("used"):
+        return {"event": "restart counted", "used": value.get("used"), "max": value.get("max")}
+    if k == "result" and value is not None:
+        return {"event": "result", "outcome": value.get("outcome"), "round": value.get("round"),
+                "reason": value.get("reason")}
+    return None
+
+
+def line(entry: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"])) if entry.get("time") else "-"
+    e = entry["event"]
+    rev = f"rev {entry['revision']}"
+    if e == "round opened":
+        text = f"round {entry['round']} opened: {entry['reason']}"
+    elif e == "round closed":
+        text = f"round {entry['round']} running with {entry['members']}"
+    elif e == "plan":
+        text = f"round {entry['round']} plan: {', '.join(entry['members'])} (master {entry['master']})"
+    elif e == "job ended":
+        text = f"job ended {entry['phase']} in round {entry['round']}: {entry['reason']}"
+    elif e in ("node registered",):
+        text = f"node {entry['node']} registered (host {entry['host']}, pid {entry['pid']})"
+    elif e == "node gone":
+        text = f"node {entry['node']} gone: {entry['why']}"
+    elif e == "joined round":
+        text = f"{entry['node']} joined round {entry['round']}"
+    elif e == "left round":
+        text = f"{entry['node']} left round {entry['round']}: {entry['why']}"
+    elif e == "node finished":
+        text = f"{entry['node']} finished round {entry['round']} (its workers all exited 0)"
+    elif e == "failure":
+        text = (f"failure in round {entry['round']}: rank {entry['rank']} on {entry['node']} {entry['how']}"
+                + (f": {entry['message']}" if entry["message"] else ""))
+    elif e == "restart counted":
+        text = f"restart {entry['used']} of {entry['max']} counted"
+    elif e == "result":
+        text = f"result: {entry['outcome']} in round {entry['round']}: {entry['reason']}"
+    else:
+        text = json.dumps(entry)
+    return f"{when}  {rev:>10}  {text}"
+
+
+def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None = None) -> int:
+    """Emit the history of the run's current job (``emit(entry)``): every change from the revision that created
+    its spec. Without ``follow`` up to the revision current when the replay began (etcd's progress answer on the
+    watch says when every change up to it has arrived); with ``follow`` until the job has a result, or ``timeout``
+    seconds pass. Returns the number of entries emitted."""
+    keys = txns.current_job(etcd, run)
+    if keys is None:
+        raise ConfigError(f"--run-id {run.run_id}: no job under {run.prefix} at {etcd.endpoints_text}")
+    spec, head = etcd.get(keys.spec())
+    if spec is None:
+        raise BadKeyData(keys.spec(), "missing: the job has no spec")
+    deliveries: queue.SimpleQueue = queue.SimpleQueue()
+    watch = Watch(etcd, keys.prefix, spec.create_revision, deliveries.put, probe_interval=PROGRESS_PROBE,
+                  name="events", on_progress=lambda rev: deliveries.put(rev)).start()
+    known: set[str] = set()  # keys that exist, as far as the replay has seen
+    count = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                batch = deliveries.get(timeout=left)
+            except queue.Empty:
+                break
+            if isinstance(batch, int):  # a progress answer: every change up to that revision has arrived
+                if not follow and batch >= head:
+                    break
+                continue
+            if isinstance(batch, Resync):
+                emit({"event": "history compacted", "revision": batch.revision, "time": None,
+                      "note": "etcd compacted older revisions: the replay goes on from what it still has"})
+                known = {kv.key for kv in batch.kvs}
+                continue
+            ended = False
+            # a node's join of the next round deletes its join key of the last one in the same txn: not a leave
+            moved = {(ev.kv.mod_revision, ev.key.rsplit("/", 1)[1]) for ev in batch
+                     if ev.kind == "put" and "/join/" in ev.key}
+            times = {}
+            for ev in batch:
+                if ev.kind == "put" and ev.kv.mod_revision not in times:
+                    try:
+                        t = decode(ev.key, ev.kv.value).get("time")
+                    except BadKeyData:
+                        continue
+                    if t:
+                        times[ev.kv.mod_revision] = t
+            for ev in batch:
+                if ev.kind == "delete" and "/join/" in ev.key and \
+                        (ev.kv.mod_revision, ev.key.rsplit("/", 1)[1]) in moved:
+                    known.discard(ev.key)
+                    continue
+                value = None
+                if ev.kind == "put":
+                    try:
+                        value = decode(ev.key, ev.kv.value)
+                    except BadKeyData:
+                        continue  # not a value of the schema (the c10d store's, say): not history
+                entry = describe(keys, ev.kind, ev.key, value, ev.key in known)
+                (known.add if ev.kind == "put" else known.discard)(ev.key)
+                if entry is not None:
+                    own = (value or {}).get("time") or (value or {}).get("started")
+                    # a value without a time of its own (a plan, the budget) was written with one that has it
+                    entry.update(revision=ev.kv.mod_revision, time=own or times.get(ev.kv.mod_revision))
+                    emit(entry)
+                    count += 1
+                    ended = ended or entry["event"] == "result"
+            if follow and ended:
+                break
+    finally:
+        watch.cancel()
+    return count
+
+
+PROGRESS_PROBE = 0.2  # seconds between the replay's progress requests: how long it waits at the end
+
+
+def run_events(ns, etcd: Etcd) -> int:
+    """``etcd-agent events --run-id JOB [--follow] [--json]``."""
+    def emit(entry: dict) -> None:
+        print(json.dumps(entry, sort_keys=True) if ns.json else line(entry), flush=True)
+    replay(etcd, RunKeys(ns.root, ns.run_id), ns.follow, emit)
+    return 0
