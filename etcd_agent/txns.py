@@ -17,7 +17,7 @@ import logging
 import time
 
 from .config import JobSpec
-from .errors import BadKeyData, ConfigError, DuplicateNode, NodeRankTaken, SpecMismatch
+from .errors import BadKeyData, ConfigError, DuplicateNode, EtcdAuthError, NodeRankTaken, SpecMismatch
 from .etcd import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
                    op_get_prefix, op_put, unchanged_under)
 from .keys import Keys, RunKeys, decode, encode
@@ -71,7 +71,10 @@ def refuse_nested(etcd: Etcd, run: RunKeys) -> None:
     ancestors = [prefix[: i + 1] for i, ch in enumerate(prefix[:-1]) if ch == "/" and i > 0]
     if not ancestors:
         return
-    res = etcd.txn([], [op_get(a + "job") for a in ancestors], where=f"check that {prefix} is not inside a run")
+    try:
+        res = etcd.txn([], [op_get(a + "job") for a in ancestors], where=f"check that {prefix} is not inside a run")
+    except EtcdAuthError:
+        return  # a user limited to its own run's keys may not read above them (and cannot write there either)
     for a, found in zip(ancestors, res.ranges):
         if found:
             raise ConfigError(f"--etcd-prefix {run.root}: run {run.run_id} would live inside the run at {a} "

@@ -5,15 +5,19 @@ endpoint schemes, certificate checks at start and handshakes that fail for a per
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from agents import WORKERS, keys_of, start_agents, wait_all, wait_records
 from etcd_agent.flags import PASSWORD_ENV
 from tls import HAVE_OPENSSL, PASSWORD, Pki, TlsEtcd
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not HAVE_OPENSSL or not shutil.which("etcd"), reason="needs openssl and etcd")
 
@@ -228,3 +232,35 @@ def test_status_and_stop_on_an_unreachable_etcd_name_the_endpoints():
                               "--run-id", "x", "--etcd-timeout", "1"], capture_output=True, text=True, timeout=60)
         assert got.returncode == 2, got.stderr
         assert "--etcd-endpoints 127.0.0.1:1: cannot reach etcd" in got.stderr
+
+
+def test_a_per_job_user_runs_its_job_and_cannot_touch_another(auth_etcd, pki, run_id, tmp_path):
+    """deploy/etcd-job-user.sh makes a user limited to one run's prefix: its job runs; another run is refused with
+    etcd's permission error, and the user cannot read or write another job's keys."""
+    from etcd_agent.errors import EtcdAuthError
+    from etcd_agent.etcd import Etcd
+
+    pw = tmp_path / "job-password"
+    pw.write_text("job-secret\n")
+    env = {**os.environ, "ETCDCTL_ENDPOINTS": f"https://{auth_etcd.endpoint}", "ETCDCTL_CACERT": pki.path("ca.pem"),
+           "ETCDCTL_USER": f"root:{PASSWORD}"}
+    made = subprocess.run([str(ROOT / "deploy" / "etcd-job-user.sh"), run_id, str(pw)], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert made.returncode == 0, made.stderr
+    assert f"user job-{run_id} may read and write /etcd-agent/{run_id}/ and nothing else" in made.stdout
+    extra = ["--etcd-cacert", pki.path("ca.pem"), "--etcd-user", f"job-{run_id}", "--etcd-password-file", str(pw)]
+    agents, out = start_agents(2, auth_etcd.endpoint, run_id, tmp_path, [], nproc=1, extra=extra)
+    assert wait_all(agents, timeout=60) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    assert secure_job_keys(auth_etcd, run_id)[keys_of(run_id).result()]["outcome"] == "succeeded"
+    (tmp_path / "other").mkdir()
+    other = start_agents(1, auth_etcd.endpoint, f"{run_id}-other", tmp_path / "other", [], nproc=1, extra=extra)[0]
+    assert wait_all(other, timeout=60) != [0]
+    assert "permission denied" in other[0].stderr()
+    etcd = Etcd(auth_etcd.config(user=f"job-{run_id}", password="job-secret"))
+    try:
+        with pytest.raises(EtcdAuthError, match="permission denied"):
+            etcd.put(f"/etcd-agent/{run_id}-other/0001/round", b"{}")
+        with pytest.raises(EtcdAuthError, match="permission denied"):
+            etcd.get("/etcd-agent/someone-else/job")
+    finally:
+        etcd.close()
