@@ -72,38 +72,30 @@ def describe(keys: Keys, kind: str, key: str, value: dict | None, prev_exists: b
     return None
 
 
+FORMATS = {  # one line per kind of entry (``describe``'s fields)
+    "round opened": "round {round} opened: {reason}",
+    "round closed": "round {round} running with {members}",
+    "plan": "round {round} plan: {member_list} (master {master})",
+    "job ended": "job ended {phase} in round {round}: {reason}",
+    "node registered": "node {node} registered (host {host}, pid {pid})",
+    "node gone": "node {node} gone: {why}",
+    "joined round": "{node} joined round {round}",
+    "left round": "{node} left round {round}: {why}",
+    "node finished": "{node} finished round {round} (its workers all exited 0)",
+    "failure": "failure in round {round}: rank {rank} on {node} {how}{said}",
+    "restart counted": "restart {used} of {max} counted",
+    "result": "result: {outcome} in round {round}: {reason}",
+    "history compacted": "{note}",
+}
+
+
 def line(entry: dict) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"])) if entry.get("time") else "-"
-    e = entry["event"]
-    rev = f"rev {entry['revision']}"
-    if e == "round opened":
-        text = f"round {entry['round']} opened: {entry['reason']}"
-    elif e == "round closed":
-        text = f"round {entry['round']} running with {entry['members']}"
-    elif e == "plan":
-        text = f"round {entry['round']} plan: {', '.join(entry['members'])} (master {entry['master']})"
-    elif e == "job ended":
-        text = f"job ended {entry['phase']} in round {entry['round']}: {entry['reason']}"
-    elif e in ("node registered",):
-        text = f"node {entry['node']} registered (host {entry['host']}, pid {entry['pid']})"
-    elif e == "node gone":
-        text = f"node {entry['node']} gone: {entry['why']}"
-    elif e == "joined round":
-        text = f"{entry['node']} joined round {entry['round']}"
-    elif e == "left round":
-        text = f"{entry['node']} left round {entry['round']}: {entry['why']}"
-    elif e == "node finished":
-        text = f"{entry['node']} finished round {entry['round']} (its workers all exited 0)"
-    elif e == "failure":
-        text = (f"failure in round {entry['round']}: rank {entry['rank']} on {entry['node']} {entry['how']}"
-                + (f": {entry['message']}" if entry["message"] else ""))
-    elif e == "restart counted":
-        text = f"restart {entry['used']} of {entry['max']} counted"
-    elif e == "result":
-        text = f"result: {entry['outcome']} in round {entry['round']}: {entry['reason']}"
-    else:
-        text = json.dumps(entry)
-    return f"{when}  {rev:>10}  {text}"
+    fields = {**entry, "member_list": ", ".join(entry.get("members") or ()),
+              "said": f": {entry['message']}" if entry.get("message") else ""}
+    fmt = FORMATS.get(entry["event"])
+    text = fmt.format(**fields) if fmt else json.dumps(entry, sort_keys=True)
+    return f"{when}  {'rev ' + str(entry['revision']):>10}  {text}"
 
 
 def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None = None) -> int:
