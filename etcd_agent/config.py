@@ -2,7 +2,7 @@
 
 Everything the agent is told (flags, environment) becomes one of these dataclasses before anything runs. Invalid
 values raise ConfigError with a message naming the flag; nothing here asserts, touches etcd or starts processes.
-Imports only ``errors``.
+Imports only ``errors`` and ``secure`` (the TLS file checks).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from .errors import ConfigError
+from .secure import check_tls_files
 
 DEFAULT_ROOT = "/etcd-agent"
 TORCHRUN_NPROC = "torchrun"  # a job spec's nproc_per_node under torchrun's etcd-v3 backend: torch assigns worker ranks
@@ -68,57 +69,6 @@ class EtcdConfig:
             ca = f"CA {self.ca_cert}" if self.ca_cert else "the system's CA bundle"
             how = f"mutual TLS (client certificate {self.cert}, {ca})" if self.cert else f"TLS ({ca})"
         return how + (f", password auth as user {self.user}" if self.user else ", no password auth")
-
-
-def check_tls_files(ca: str | None, cert: str | None, key: str | None, now: float | None = None) -> None:
-    """Read the TLS files the way the handshake will, so that a bad one is a clear error at start naming the flag
-    and the file, not a connection that keeps failing: the CA bundle and the client certificate must be PEM
-    certificates in their validity period, the key a PEM private key that matches the certificate."""
-    import ssl
-    import time
-
-    now = time.time() if now is None else now
-    if ca is not None:
-        try:
-            ssl.create_default_context(cafile=ca)
-        except (ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"--etcd-cacert {ca}: not a PEM certificate bundle ({_ssl_reason(exc)})") from None
-        _check_dates("--etcd-cacert", ca, now)
-    if cert is not None and key is not None:
-        try:
-            ssl._ssl._test_decode_cert(cert)  # CPython's own PEM reader: no third-party dependency
-        except (ssl.SSLError, ValueError) as exc:
-            raise ConfigError(f"--etcd-cert {cert}: not a PEM certificate ({_ssl_reason(exc)})") from None
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
-        except (ssl.SSLError, ValueError) as exc:
-            reason = _ssl_reason(exc)
-            if "KEY_VALUES_MISMATCH" in reason or "key values mismatch" in reason:
-                raise ConfigError(f"--etcd-key {key} is not the key of --etcd-cert {cert}") from None
-            raise ConfigError(f"--etcd-key {key}: not a PEM private key ({reason})") from None
-        _check_dates("--etcd-cert", cert, now)
-
-
-def _ssl_reason(exc: Exception) -> str:
-    return str(getattr(exc, "reason", None) or exc)
-
-
-def _check_dates(flag: str, path: str, now: float) -> None:
-    """The first certificate of ``path`` must be valid now (a CA bundle's first certificate stands for it)."""
-    import ssl
-
-    try:
-        decoded = ssl._ssl._test_decode_cert(path)
-    except (ssl.SSLError, AttributeError, ValueError):
-        return  # unreadable here: the handshake reports it
-    try:
-        before, after = (ssl.cert_time_to_seconds(decoded[k]) for k in ("notBefore", "notAfter"))
-    except (KeyError, ValueError):
-        return
-    if now > after:
-        raise ConfigError(f"{flag} {path}: the certificate expired on {decoded['notAfter']}")
-    if now < before:
-        raise ConfigError(f"{flag} {path}: the certificate is not valid before {decoded['notBefore']}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,29 +279,6 @@ class AgentConfig:
     @property
     def address(self) -> str:
         return self.local_addr or default_address()
-
-
-_SECRETS: set[str] = set()  # values that must never reach a worker's report, a result, a log or etcd
-REDACTED = "[redacted]"
-
-
-def keep_secret(value: str | None) -> None:
-    """Remember ``value`` (a password) so that ``redact`` hides it wherever a worker might have printed it."""
-    if value:
-        _SECRETS.add(value)
-
-
-def redact(value):
-    """``value`` with every kept secret replaced by ``[redacted]``: a string, or the strings in a dict or list."""
-    if isinstance(value, str):
-        for secret in _SECRETS:
-            value = value.replace(secret, REDACTED)
-        return value
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
 
 
 _AGENT_OWN_ENV: set[str] = set()  # variables the agent set for its own process; workers never inherit them

@@ -38,8 +38,9 @@ import sys
 import uuid
 
 from .config import (AgentConfig, EtcdConfig, JobSpec, StdSpec, WorkerConfig, default_node_id, endpoint_scheme,
-                     keep_secret, parse_endpoints, parse_nnodes, request_timeout_for, resolve_nproc)
+                     parse_endpoints, parse_nnodes, request_timeout_for, resolve_nproc)
 from .errors import ConfigError
+from .secure import keep_secret
 from .flags import PASSWORD_ENV, sources
 
 ETCD_BACKENDS = ("etcd", "etcd-v2", "etcd-v3")

@@ -45,7 +45,8 @@ from typing import Callable, Mapping
 import psutil
 
 from . import proctree
-from .config import WorkerConfig, redact, worker_base_env
+from .config import WorkerConfig, worker_base_env
+from .secure import redact
 from .errors import ConfigError
 from .progress import PROGRESS_ENV, last_progress
 from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all, read_error_message

@@ -51,7 +51,7 @@ from .. import __version__, txns
 from ..agent import Agent
 from ..errors import AgentError, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SpecMismatch
 from ..etcd import Etcd
-from ..config import redact
+from ..secure import redact
 from ..workers import Assignment, WorkerExit
 from .settings import BACKEND, BackendSettings, settings
 from .store import EtcdStore
