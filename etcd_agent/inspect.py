@@ -71,8 +71,40 @@ def _run(name: str, ns: argparse.Namespace, run: RunKeys, etcd: Etcd) -> int:
     state = run_snapshot(run, kvs, rev)
     if state is None:
         raise no_job
+    state["rounds"] = round_times(etcd, run)
     print(json.dumps(state, indent=2, sort_keys=True) if ns.json else describe(ns.run_id, state))
     return 0
+
+
+def round_times(etcd: Etcd, run: RunKeys) -> list[dict]:
+    """When each round of the current job opened, closed (its plan written) and ended (the next round opened, or the
+    job ended), and how long it took to form and ran; from the job's history (``events``), as far as etcd still
+    keeps it."""
+    from .events import replay
+
+    rounds: dict[int, dict] = {}
+    last: dict | None = None
+
+    def take(entry: dict) -> None:
+        nonlocal last
+        e, t = entry["event"], entry.get("time")
+        if e == "round opened":
+            if last is not None and last.get("ended") is None:
+                last["ended"] = t
+            last = rounds.setdefault(entry["round"], {"round": entry["round"], "opened": t, "closed": None,
+                                                      "ended": None, "why": entry.get("reason")})
+        elif e == "round closed" and entry["round"] in rounds:
+            rounds[entry["round"]]["closed"] = t
+        elif e in ("job ended", "result") and last is not None and last.get("ended") is None:
+            last["ended"] = t
+
+    replay(etcd, run, False, take)
+    out = []
+    for r in sorted(rounds.values(), key=lambda r: r["round"]):
+        formed = r["closed"] - r["opened"] if r["closed"] and r["opened"] else None
+        ran = r["ended"] - r["closed"] if r["ended"] and r["closed"] else None
+        out.append({**r, "formed_s": formed, "ran_s": ran})
+    return out
 
 
 RUNS_PER_TXN = 40  # three reads per run; etcd allows 128 operations per txn
@@ -192,8 +224,8 @@ def describe(run_id: str, s: dict) -> str:
         for m in plan["members"]:
             last = m["rank_offset"] + m["nproc"] - 1
             ranks = "" if torchrun else f" ranks {m['rank_offset']}-{last}"
-            alive = "alive" if m["node"] in s["nodes"] else "gone (no registration)"
-            lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}){ranks}, {alive}")
+            alive = "" if res else (", alive" if m["node"] in s["nodes"] else ", gone (no registration)")
+            lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}){ranks}{alive}")
         waiting = sorted(set(s["nodes"]) - {m["node"] for m in plan["members"]})
         if waiting:
             lines.append(f"  waiting for the next round: {', '.join(waiting)}")
@@ -204,6 +236,13 @@ def describe(run_id: str, s: dict) -> str:
             message = (f.get("message") or "").splitlines()[:1]
             lines.append(f"  failures, round {rnd}: {node} rank {f.get('rank')} {how_it_ended(f)}"
                          + (f": {message[0]}" if message else ""))
+    for r in s.get("rounds", ()):
+        if r["closed"] is None:
+            took = "forming" if r["ended"] is None else "never formed"
+        else:
+            formed = f"formed in {r['formed_s']:.2f} s" if r["formed_s"] is not None else "formed"
+            took = formed + (f", ran {r['ran_s']:.1f} s" if r["ran_s"] is not None else ", running")
+        lines.append(f"  history, round {r['round']}: {took} (opened: {r['why']})")
     res = s["result"]
     if res:
         lines.append(f"  result: {res.get('outcome')} in round {res.get('round')}: {res.get('reason')}")

@@ -54,3 +54,13 @@ def test_history_of_a_job_with_a_restart_and_a_lost_node(etcd_endpoint, run_id, 
     text = events(etcd_endpoint, run_id)
     assert text.returncode == 0 and "failure in round 1: rank 1 on node-" in text.stdout
     print("\n" + text.stdout)
+    status = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
+                             "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=60)
+    rounds = json.loads(status.stdout)["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["formed_s"] is not None and r["formed_s"] >= 0 and r["ran_s"] >= 0 for r in rounds)
+    assert "node-2 left round 2" in rounds[2]["why"]
+    shown = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
+                            "--run-id", run_id], capture_output=True, text=True, timeout=60).stdout
+    assert "history, round 3: formed in " in shown and ", ran " in shown
+    print(shown)
