@@ -8,7 +8,7 @@ replay starts at the oldest revision etcd still has and says so. ``events`` watc
 revision that created the job's spec up to the current revision and prints one line per change (``--json``: one
 object per line); ``--follow`` keeps watching and prints each change as it happens until the job has a result.
 
-Imports ``etcd``, ``keys``, ``txns`` and ``watch``; reads only.
+Imports ``etcd``, ``keys``, ``rendezvous`` (how a failure ended), ``txns`` and ``watch``; reads only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from . import txns
 from .errors import BadKeyData, ConfigError
 from .etcd import Etcd
 from .keys import Keys, RunKeys, decode
+from .rendezvous import how_it_ended
 from .watch import Resync, Watch
 
 
@@ -58,9 +59,7 @@ def describe(keys: Keys, kind: str, key: str, value: dict | None, prev_exists: b
     if k == "exit" and value is not None:
         return {"event": "node finished", "round": parsed.round, "node": parsed.node}
     if k == "failure" and value is not None:
-        how = (f"signal {value['signal']}" if value.get("signal") else
-               "hung" if value.get("hang") else
-               f"exit code {value['exitcode']}" if value.get("exitcode") is not None else "failed")
+        how = how_it_ended(value)
         message = (value.get("message") or "").splitlines()[:1]
         return {"event": "failure", "round": parsed.round, "node": parsed.node, "rank": value.get("rank"),
                 "how": how, "message": message[0] if message else ""}

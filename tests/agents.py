@@ -93,12 +93,12 @@ def plan_nodes(plan: dict) -> list[str]:
     return parse_plan("plan", plan, 0).nodes
 
 
-def job_keys(endpoint: str, run_id: str, gen: int | None = None) -> dict[str, dict]:
+def job_keys(endpoint: str, run_id: str, gen: int | None = None, cfg: EtcdConfig | None = None) -> dict[str, dict]:
     """Every key under the prefix of job ``gen`` of the run (default: the run's current job, from its pointer)
-    with its JSON value (raises if any value is not JSON)."""
+    with its JSON value (raises if any value is not JSON); ``cfg`` connects another way (TLS, auth)."""
     from etcd_agent import txns
 
-    etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
+    etcd = Etcd(cfg or EtcdConfig(parse_endpoints(endpoint)))
     try:
         keys = keys_of(run_id, gen) if gen else txns.current_job(etcd, RunKeys(ROOT, run_id))
         assert keys is not None, f"run {run_id} has no job under {RunKeys(ROOT, run_id).prefix}"

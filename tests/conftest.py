@@ -125,3 +125,11 @@ def _no_agent_left_behind():
 
     while agents.STARTED:
         agents.STARTED.pop().kill()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    """A CA and certificates for TLS tests (``tls.Pki``), made once per session with openssl."""
+    from tls import Pki
+
+    return Pki(tmp_path_factory.mktemp("pki"))

@@ -13,18 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from agents import WORKERS, keys_of, start_agents, wait_all, wait_records
+from agents import WORKERS, job_keys, keys_of, start_agents, wait_all, wait_records
 from etcd_agent.flags import PASSWORD_ENV
-from tls import HAVE_OPENSSL, PASSWORD, Pki, TlsEtcd
+from tls import HAVE_OPENSSL, PASSWORD, TlsEtcd
 
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(not HAVE_OPENSSL or not shutil.which("etcd"), reason="needs openssl and etcd")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
@@ -37,17 +32,7 @@ def auth_etcd(pki):
 
 
 def secure_job_keys(server: TlsEtcd, run_id: str) -> dict:
-    from etcd_agent import txns
-    from etcd_agent.etcd import Etcd
-    from etcd_agent.keys import RunKeys
-
-    etcd = Etcd(server.config(user="root", password=PASSWORD))
-    try:
-        keys = txns.current_job(etcd, RunKeys("/etcd-agent", run_id))
-        kvs, _ = etcd.get_prefix(keys.prefix)
-        return {kv.key: json.loads(kv.value) for kv in kvs}
-    finally:
-        etcd.close()
+    return job_keys(server.endpoint, run_id, cfg=server.config(user="root", password=PASSWORD))
 
 
 def test_etcd_restart_under_auth_then_a_crash(auth_etcd, pki, run_id, tmp_path, monkeypatch):

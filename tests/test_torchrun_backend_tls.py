@@ -13,15 +13,10 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters  # noqa: E
 
 from etcd_agent.torch.rendezvous import BACKEND, create_handler  # noqa: E402
 from test_torchrun_backend import background  # noqa: E402
-from tls import HAVE_OPENSSL, PASSWORD, Pki, TlsEtcd  # noqa: E402
+from tls import HAVE_OPENSSL, PASSWORD, TlsEtcd  # noqa: E402
 
 pytestmark = [pytest.mark.torch,
               pytest.mark.skipif(not HAVE_OPENSSL or not shutil.which("etcd"), reason="needs openssl and etcd")]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
