@@ -17,8 +17,8 @@ bounded by the decision's deadline.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import logging
 import queue
 import signal
 import socket
@@ -26,17 +26,18 @@ import threading
 import time
 from typing import Callable
 
+from . import logs
 from .config import AgentConfig
 from .coordinator import Coordinator
 from .errors import BadKeyData, EtcdUnavailable, JobFailed, JobStopped, SessionLost
-from .rendezvous import (Finish, Local, Params, StartWorkers, StopWorkers, Wait, decide, describe_failure,
-                         how_it_ended)
+from .rendezvous import Finish, Local, Params, StartWorkers, StopWorkers, Wait, decide, describe_failure
 from .session import Session
 from .standalone import free_port
 from .state import View
+from .values import Join, Outcome, Result
 from .workers import Assignment, WorkerExit, WorkerGroup
 
-log = logging.getLogger("etcd_agent.agent")
+log = logs.get("etcd_agent.agent")
 
 
 class State(enum.Enum):
@@ -67,7 +68,9 @@ class Agent:
                              cfg.join_timeout, cfg.scale_settle)
         self.shutdown = threading.Event()
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe from a signal handler
-        self.coord = Coordinator(cfg, version, self.events.put, self.shutdown)
+        self.where = logs.Where(cfg.run_id, cfg.node_id)  # every line this agent logs says run, node and round
+        self.log = log.bound(self.where)
+        self.coord = Coordinator(cfg, version, self.events.put, self.shutdown, self.where)
         self.state = State.STARTING
         self.group: WorkerGroup | None = None
         self.local = Local(cfg.node_id, time.monotonic(), time.time())
@@ -92,11 +95,8 @@ class Agent:
             return
         if new not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"agent state {self.state.value} -> {new.value} is not allowed ({why})")
-        log.info("%s: %s -> %s: %s", self._who(), self.state.value, new.value, why)
+        self.log.info("%s -> %s: %s", self.state.value, new.value, why)
         self.state = new
-
-    def _who(self) -> str:
-        return f"[{self.cfg.run_id} {self.cfg.node_id} round {self._round_seen or '-'}]"
 
     def _set(self, **changes) -> None:
         self.local = Local(**{**self.local.__dict__, **changes})
@@ -104,6 +104,7 @@ class Agent:
     # --- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> int:
         """Run the job on this node; returns the process exit code (or raises the job's end as an AgentError)."""
+        logs.running(self.where)
         try:
             while True:
                 code = self._run_state()
@@ -111,6 +112,7 @@ class Agent:
                     return code
         finally:
             self._cleanup()
+            logs.stopped(self.where)
 
     def _run_state(self) -> int | None:
         """One turn of the loop, chosen by the state; etcd trouble and bad data never end the job from here."""
@@ -126,12 +128,12 @@ class Agent:
             self._fence(str(exc))
         except EtcdUnavailable as exc:
             # Keep the workers; the session fences them if the outage outlasts the lease.
-            log.warning("%s etcd is unreachable, trying again: %s", self._who(), exc)
+            self.log.warning("etcd is unreachable, trying again: %s", exc)
             self._drain(block=True, deadline=time.monotonic() + 0.5)
         except BadKeyData as exc:
             # Never act on state we cannot read, and never harm the job for it: wait for a repair.
             if exc.key != self._bad_key:
-                log.error("%s %s; leaving the workers as they are until the key is fixed", self._who(), exc)
+                self.log.error("%s; leaving the workers as they are until the key is fixed", exc)
             self._bad_key = exc.key
             self._drain(block=True)
         else:
@@ -160,7 +162,7 @@ class Agent:
             return None
         self._say_wait(action)
         hang_check = self._check_progress()
-        if self.local.outcome == "failed" and self.local.failure.get("hang"):
+        if self.local.outcome == Outcome.FAILED and self.local.failure.hang:
             return None  # decide again: the hung group fails now
         deadline = min((d for d in (action.deadline, hang_check) if d is not None), default=None)
         self._drain(block=True, deadline=deadline)
@@ -175,10 +177,10 @@ class Agent:
         forming = self.state is State.RENDEZVOUS
         if forming and (action.why != self._wait_said[0] or now - self._wait_said[1] >= self.WAIT_NOTE_PERIOD):
             left = f" (the round times out in {action.deadline - now:.0f} s)" if action.deadline else ""
-            log.info("%s waiting: %s%s", self._who(), action.why, left)
+            self.log.info("waiting: %s%s", action.why, left)
             self._wait_said = (action.why, now)
         else:
-            log.debug("%s waiting: %s", self._who(), action.why)
+            self.log.debug("waiting: %s", action.why)
 
     def _drain(self, block: bool, deadline: float | None = None) -> None:
         """Handle queued events; when ``block``, first wait for one (until ``deadline``)."""
@@ -216,7 +218,7 @@ class Agent:
         changes = {"now": now, "wall": time.time()}
         rnd = v.round
         if rnd and rnd.number != self._round_seen:
-            self._round_seen = rnd.number
+            self._round_seen = self.where.round = rnd.number
             changes.update(round_seen_at=now, min_reached_at=None)
         if rnd and len(v.joins) < self.params.min_nodes:
             changes["min_reached_at"] = None  # the last call starts again when MIN is reached again
@@ -233,7 +235,7 @@ class Agent:
     # --- actions -------------------------------------------------------------------------------------------
     def _act(self, action, view: View) -> None:
         if isinstance(action, StopWorkers):
-            if self.local.outcome == "failed":  # our failure lost the race to another node's bump or end
+            if self.local.outcome == Outcome.FAILED:  # our failure lost the race to another node's bump or end
                 self.coord.report_failure(self.local.failure)
             self._stop_workers(action.why)
             if self.state is State.RUNNING and view.result is None:  # a new round: back to rendezvous
@@ -242,7 +244,7 @@ class Agent:
         if isinstance(action, StartWorkers):
             self._start_workers(action)
             return
-        self._settle(self.coord.act(action, view, lambda: self._join_info(view), self._who()))
+        self._settle(self.coord.act(action, view, lambda: self._join_info(view)))
 
     def _settle(self, res) -> None:
         """After a txn: its own writes are in the mirror already (read back in the txn); after a failed compare,
@@ -250,14 +252,14 @@ class Agent:
         if not res.succeeded:
             self.coord.resync()
 
-    def _join_info(self, view: View) -> dict:
+    def _join_info(self, view: View) -> Join:
         """This node's join record; ``prev_rank`` is its group rank in the newest earlier plan, if it was in it;
         ``node_rank``, ``master_addr`` and ``master_port`` are the static-rendezvous flags (null when not given)."""
         before = view.last_plan.member(self.cfg.node_id) if view.last_plan else None
-        return {"node": self.cfg.node_id, "host": socket.gethostname(), "addr": self.cfg.address,
-                "port": master_port(self.cfg.address), "nproc": self.cfg.workers.nproc,
-                "prev_rank": before.group_rank if before else None, "node_rank": self.cfg.node_rank,
-                "master_addr": self.cfg.master_addr, "master_port": self.cfg.master_port, "time": time.time()}
+        return Join(self.cfg.node_id, host=socket.gethostname(), addr=self.cfg.address,
+                    port=master_port(self.cfg.address), nproc=self.cfg.workers.nproc,
+                    prev_rank=before.group_rank if before else None, node_rank=self.cfg.node_rank,
+                    master_addr=self.cfg.master_addr, master_port=self.cfg.master_port, time=time.time())
 
     # --- workers -------------------------------------------------------------------------------------------
     def _start_workers(self, a: StartWorkers) -> None:
@@ -268,7 +270,7 @@ class Agent:
                                 master_port=plan.master_port, restart_count=plan.restart_count,
                                 max_restarts=plan.max_restarts, job=self.keys.gen)
         self.group = self._group_factory(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
-                                         node_id=self.cfg.node_id)
+                                         node_id=self.cfg.node_id, logger=logs.get("etcd_agent.workers", self.where))
         self._exits: dict[int, WorkerExit] = {}
         self._set(workers_round=plan.round, workers_running=True, outcome=None, failure=None)
         self.group.start(assignment)
@@ -284,15 +286,18 @@ class Agent:
         self._exits[ex.local_rank] = ex
         if ex.failed and self.local.outcome is None:
             report = self.group.failure_report(ex)
-            if report.get("rank") is None:  # the group as a whole (torchrun's agent restarted it)
-                log.error("%s %s", self._who(), describe_failure(report))
+            if report.rank is None:  # the group as a whole (torchrun's agent restarted it)
+                self.log.error("%s", describe_failure(report))
             else:
-                log.error("%s worker rank %d (pid %d) failed with %s%s", self._who(), ex.rank, ex.pid, ex.describe(),
-                          f": {report['message']}" if report.get("message") else "")
-            self._set(outcome="failed", failure=report)
+                self.log.error("worker rank %d (pid %d) failed with %s%s", ex.rank, ex.pid, ex.describe(),
+                          f": {report.message}" if report.message else "")
+            self._set(outcome=Outcome.FAILED, failure=report)
+        elif ex.failed:  # the group failed already: this one is reported, once, but it is not the root cause
+            self.log.warning("worker rank %d (pid %d) failed too, with %s", ex.rank, ex.pid, ex.describe(),
+                             round=ex.round)
         elif len(self._exits) == self.cfg.workers.nproc and self.local.outcome is None:
-            log.info("%s all %d local worker(s) finished successfully", self._who(), self.cfg.workers.nproc)
-            self._set(outcome="succeeded", workers_running=False)
+            self.log.info("all %d local worker(s) finished successfully", self.cfg.workers.nproc)
+            self._set(outcome=Outcome.SUCCEEDED, workers_running=False)
 
     def _check_progress(self) -> float | None:
         """Hang detection: a running worker silent for --worker-timeout fails the group; returns the next check."""
@@ -305,12 +310,12 @@ class Agent:
         longest, ex = max(silent, key=lambda s: s[0])
         if longest < limit:
             return time.monotonic() + (limit - longest)
-        report = {**self.group.failure_report(ex), "exitcode": None, "signal": None, "hang": True,
-                  "message": f"no progress for {longest:.1f} s (--worker-timeout {limit:g}); the worker is "
-                             "considered hung"}
-        log.error("%s worker rank %d (pid %d) made no progress for %.1f s (--worker-timeout %g)", self._who(),
-                  ex.rank, ex.pid, longest, limit)
-        self._set(outcome="failed", failure=report)
+        report = dataclasses.replace(self.group.failure_report(ex), exitcode=None, signal=None, hang=True,
+                                     message=f"no progress for {longest:.1f} s (--worker-timeout {limit:g}); the "
+                                             "worker is considered hung")
+        self.log.error("worker rank %d (pid %d) made no progress for %.1f s (--worker-timeout %g)", ex.rank, ex.pid,
+                       longest, limit)
+        self._set(outcome=Outcome.FAILED, failure=report)
         return None
 
     def _stop_workers(self, why: str) -> None:
@@ -333,11 +338,11 @@ class Agent:
     def _fence(self, why: str) -> None:
         """Our lease is (about to be) gone: stop the workers before peers re-form without us; FENCED rejoins."""
         self._enter(State.FENCED, f"session lost ({why}); stopping workers before the lease can expire")
-        if self.local.outcome == "failed":
+        if self.local.outcome == Outcome.FAILED:
             try:
                 self.coord.report_failure(self.local.failure)
             except EtcdUnavailable:
-                log.warning("%s could not record this node's failure report: etcd is unreachable", self._who())
+                self.log.warning("could not record this node's failure report: etcd is unreachable")
         self._stop_workers(f"self-fencing: {why}")
         self._set(outcome=None, failure=None)
         self._stale.append(self.session.lease_id)
@@ -353,26 +358,24 @@ class Agent:
             if self.shutdown.is_set() or time.monotonic() >= self._give_up:
                 raise JobFailed(f"{self.cfg.node_id} lost its etcd session and could not open a new one within "
                                 f"{self.cfg.join_timeout:g} s (--join-timeout): {exc}") from exc
-            log.warning("%s cannot open a new session yet: %s", self._who(), exc)
+            self.log.warning("cannot open a new session yet: %s", exc)
             return
         self._set(lease=self.session.lease_id)
         self._enter(State.RENDEZVOUS, f"new session (lease {self.session.lease_id:x}); rejoining")
 
-    def _finish(self, result: dict) -> int:
+    def _finish(self, result: Result) -> int:
         self._stop_workers("the job ended")
-        self._enter(State.FINISHED, f"job {result.get('outcome')}: {result.get('reason')}")
-        outcome = result.get("outcome")
-        if outcome == "succeeded":
-            log.info("%s job succeeded in round %s after %s restart(s)", self._who(), result.get("round"),
-                     result.get("restarts"))
+        self._enter(State.FINISHED, f"job {result.outcome}: {result.reason}")
+        if result.outcome == Outcome.SUCCEEDED:
+            self.log.info("job succeeded in round %s after %s restart(s)", result.round, result.restarts)
             return 0
-        root = result.get("root_cause")
+        root = result.root_cause
         detail = ""
         if root:
-            detail = (f"; root cause: rank {root.get('rank')} on {root.get('node')} ({how_it_ended(root)}) in round "
-                      f"{root.get('round')}: {root.get('message') or 'no error message'}")
-        raise (JobStopped if outcome == "stopped" else JobFailed)(
-            f"job {self.cfg.run_id} {outcome}: {result.get('reason')}{detail}")
+            detail = (f"; root cause: rank {root.rank} on {root.node} ({root.how_it_ended()}) in round "
+                      f"{root.round}: {root.message or 'no error message'}")
+        raise (JobStopped if result.outcome == Outcome.STOPPED else JobFailed)(
+            f"job {self.cfg.run_id} {result.outcome}: {result.reason}{detail}")
 
 
 def master_port(host: str) -> int:

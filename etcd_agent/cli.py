@@ -13,12 +13,12 @@ import logging
 import sys
 
 from . import __version__
-from . import flags
+from . import flags, logs
 from .config import EtcdConfig, parse_endpoints
 from .errors import AgentError, ConfigError
 from .launch import etcd_config, resolve
 
-log = logging.getLogger("etcd_agent.cli")
+log = logs.get("etcd_agent.cli")
 SUBCOMMANDS = ("status", "stop", "events")
 
 
@@ -35,8 +35,7 @@ def _setup_logging(level: str) -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ConfigError(f"--log-level {level!r}: use DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(level=numeric, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s etcd-agent: %(message)s")
+    logging.basicConfig(level=numeric, stream=sys.stderr, format=logs.FORMAT)
 
 
 def run_agent(argv: list[str]) -> int:

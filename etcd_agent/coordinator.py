@@ -24,14 +24,13 @@ never the worker group.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
 import time
 from typing import Callable
 
-from . import txns
+from . import logs, txns
 from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig
 from .errors import BadKeyData, ConfigError, EtcdUnavailable
 from .etcd import Etcd, TxnResult, op_get_range, prefix_end
@@ -39,16 +38,19 @@ from .keys import Keys, RunKeys
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .session import Session
 from .state import FINAL_PHASES, JOINING, Mirror, Scope, View
+from .values import Failure, Join, NodeInfo, RankClaim
 from .watch import Resync, WatchStream
 
-log = logging.getLogger("etcd_agent.coordinator")
+log = logs.get("etcd_agent.coordinator")
 
 
 class Coordinator:
     """One agent's hand on its job in etcd."""
 
-    def __init__(self, cfg: AgentConfig, version: str, sink: Callable[[tuple], None], shutdown: threading.Event):
+    def __init__(self, cfg: AgentConfig, version: str, sink: Callable[[tuple], None], shutdown: threading.Event,
+                 where: logs.Where | None = None):
         self.cfg = cfg
+        self.log = log.bound(where)
         self.timings = cfg.timings
         self.version = version
         self.node = cfg.node_id
@@ -74,7 +76,7 @@ class Coordinator:
         ConfigError naming the endpoints (nothing of the job has changed then)."""
         try:
             version = self.etcd.status()
-            log.info("connected to etcd %s at %s over %s", version, self.etcd.endpoints_text, self.cfg.etcd.describe())
+            self.log.info("connected to etcd %s at %s over %s", version, self.etcd.endpoints_text, self.cfg.etcd.describe())
             self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time())
             self.mirror = Mirror(self.keys)
             self.new_session(on_lost)
@@ -106,13 +108,12 @@ class Coordinator:
         return session
 
     def _register(self, session: Session) -> None:
-        info = {"node": self.node, "host": socket.gethostname(), "addr": self.cfg.address,
-                "pid": os.getpid(), "version": self.version, "nproc": self.cfg.workers.nproc,
-                "lease": f"{session.lease_id:x}", "started": time.time()}
+        info = NodeInfo(self.node, socket.gethostname(), self.cfg.address, os.getpid(), self.version,
+                        self.cfg.workers.nproc, f"{session.lease_id:x}", time.time())
         if self.cfg.node_rank is not None:
             # Before registering: a node refused for its rank never shows up in the registry, so a running job
             # never scales up (or restarts) for it. Waits out a holder whose lease is ending.
-            claim = {k: info[k] for k in ("node", "host", "pid", "lease")} | {"rank": self.cfg.node_rank}
+            claim = RankClaim(info.node, self.cfg.node_rank, info.host, info.pid, info.lease)
             txns.claim_node_rank(self.etcd, self.keys, self.cfg.node_rank, claim, session.lease_id,
                                  wait=self.timings.holder_wait)
         res = txns.register(self.etcd, self.keys, self.node, info, session.lease_id)
@@ -276,7 +277,7 @@ class Coordinator:
         """A key under the job's prefix that nothing should read: say so once, and ignore it."""
         if key not in self._strays:
             self._strays.add(key)
-            log.warning("ignoring %s: %s (delete it with etcdctl del)", key, why)
+            self.log.warning("ignoring %s: %s (delete it with etcdctl del)", key, why)
 
     def _drop_ghost_exits(self, view: View) -> None:
         """Exit keys of nodes outside the round's plan (planted by hand, or left by a job of another prefix) would
@@ -338,7 +339,7 @@ class Coordinator:
                 self._known[name] = max(self._known.get(name, 0), res.revision)
 
     # --- guarded txns ----------------------------------------------------------------------------------------
-    def act(self, action, view: View, join_info: Callable[[], dict], who: str) -> TxnResult:
+    def act(self, action, view: View, join_info: Callable[[], Join]) -> TxnResult:
         """One guarded txn for a rendezvous action; logs what it changed. ``join_info`` makes this node's join
         record (only a join needs it). A failed compare is no error: the caller resyncs and decides again."""
         node, wall = self.node, time.time()
@@ -350,12 +351,12 @@ class Coordinator:
                 if old and old != n:
                     self.mirror.forget(self.keys.join(old, node), res.revision)
                 self._take_leader(n, res.ranges[1], res.revision)
-                log.info("%s joined round %d (%s leads it)", who, n, self._leaders.get(n, "nobody"))
+                self.log.info("joined round %d (%s leads it)", n, self._leaders.get(n, "nobody"))
         elif isinstance(action, ClosePlan):
             res = txns.close(self.etcd, self.keys, action, wall)
             if res.succeeded:
                 workers = "" if self.cfg.spec.nproc_per_node == TORCHRUN_NPROC else f" ({action.plan.world_size} workers)"
-                log.info("%s closed round %d with %d node(s)%s: %s", who, action.round.number,
+                self.log.info("closed round %d with %d node(s)%s: %s", action.round.number,
                          len(action.plan.members), workers, ", ".join(action.plan.nodes))
         elif isinstance(action, Bump):
             self._drop_ghost_exits(view)
@@ -365,7 +366,7 @@ class Coordinator:
             if res.succeeded:
                 limit = f" of {rs.max}" if rs and rs.max < NO_RESTART_LIMIT else ", no job-wide limit"
                 counted = f"restart {rs.used + 1}{limit}" if action.counted and rs else "not counted"
-                log.warning("%s restarting the job: %s (%s)", who, action.reason, counted)
+                self.log.warning("restarting the job: %s (%s)", action.reason, counted)
         elif isinstance(action, WriteExit):
             res = txns.write_exit(self.etcd, self.keys, action, node, wall)
         elif isinstance(action, End):
@@ -377,7 +378,7 @@ class Coordinator:
                 self.mirror.absorb(kvs, res.revision)
         return res
 
-    def report_failure(self, report: dict) -> None:
+    def report_failure(self, report: Failure) -> None:
         """Write this node's failure report for its round unless one is there already (create-if-absent)."""
-        if self.mirror.get(self.keys.failure(report["round"], self.node)) is None:
-            txns.report_failure(self.etcd, self.keys, report["round"], self.node, report)
+        if self.mirror.get(self.keys.failure(report.round, self.node)) is None:
+            txns.report_failure(self.etcd, self.keys, report.round, self.node, report)

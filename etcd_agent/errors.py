@@ -75,6 +75,7 @@ class BadKeyData(AgentError):
     def __init__(self, key: str, problem: str):
         super().__init__(f"bad data in etcd key {key}: {problem}")
         self.key = key
+        self.problem = problem
 
 
 class JobFailed(AgentError):

@@ -14,12 +14,12 @@ The session (``session.py``) and the resumable watch (``watch.py``) build on the
 from __future__ import annotations
 
 import dataclasses
-import logging
 import queue
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
 
+from . import logs
 from .config import set_agent_env  # noqa: E402  (imports nothing that loads grpc)
 from .keys import prefix_end  # noqa: E402,F401  (pure; re-exported for the watch)
 
@@ -40,7 +40,7 @@ from etcd3 import exceptions as etcd3_exc  # noqa: E402
 from .config import EtcdConfig  # noqa: E402
 from .errors import EtcdAuthError, EtcdError, EtcdRequestError, EtcdTlsError, EtcdUnavailable, SessionLost
 
-log = logging.getLogger("etcd_agent.etcd")
+log = logs.get("etcd_agent.etcd")
 T = TypeVar("T")
 
 GRPC_OPTIONS = [

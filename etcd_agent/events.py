@@ -8,7 +8,7 @@ replay starts at the oldest revision etcd still has and says so. ``events`` watc
 revision that created the job's spec up to the current revision and prints one line per change (``--json``: one
 object per line); ``--follow`` keeps watching and prints each change as it happens until the job has a result.
 
-Imports ``etcd``, ``keys``, ``rendezvous`` (how a failure ended), ``txns`` and ``watch``; reads only.
+Imports ``etcd``, ``keys``, ``values``, ``txns`` and ``watch``; reads only.
 """
 
 from __future__ import annotations
@@ -20,55 +20,50 @@ import time
 from . import txns
 from .errors import BadKeyData, ConfigError
 from .etcd import Etcd
-from .keys import Keys, RunKeys, decode
-from .rendezvous import how_it_ended
+from .keys import RunKeys
+from .values import Phase, Record, read_value
 from .watch import Resync, Watch
 
 
-def describe(keys: Keys, kind: str, key: str, value: dict | None, prev_exists: bool) -> dict | None:
-    """One history entry for a change of ``key`` (``value`` None: deleted), or None for changes nobody needs."""
-    try:
-        parsed = keys.parse(key)
-    except BadKeyData:
-        return None
-    k = parsed.kind
-    if k == "round" and value is not None:
-        phase, n = value.get("phase"), value.get("round")
-        if phase == "joining":
-            return {"event": "round opened", "round": n, "reason": value.get("reason")}
-        if phase == "running":
-            return {"event": "round closed", "round": n, "members": value.get("reason")}
-        return {"event": "job ended", "round": n, "phase": phase, "reason": value.get("reason")}
-    if k == "node":
+def describe(kind: str, parsed, value: Record | None, prev_exists: bool) -> dict | None:
+    """One history entry for a change of a key of ``kind`` (``value`` None: deleted), or None for changes nobody
+    needs."""
+    if kind == "round" and value is not None:
+        if value.phase == Phase.JOINING:
+            return {"event": "round opened", "round": value.number, "reason": value.reason}
+        if value.phase == Phase.RUNNING:
+            return {"event": "round closed", "round": value.number, "members": value.reason}
+        return {"event": "job ended", "round": value.number, "phase": value.phase.value, "reason": value.reason}
+    if kind == "node":
         if value is None:
             return {"event": "node gone", "node": parsed.node,
                     "why": "its lease ended (it stopped, or was lost) or was revoked"}
         if not prev_exists:
-            return {"event": "node registered", "node": parsed.node, "host": value.get("host"),
-                    "pid": value.get("pid")}
+            return {"event": "node registered", "node": parsed.node, "host": value.host, "pid": value.pid}
         return None
-    if k == "join":
+    if kind == "join":
         if value is None:
             return {"event": "left round", "round": parsed.round, "node": parsed.node,
                     "why": "its join key vanished (lease ended, or it moved to the next round)"}
         return {"event": "joined round", "round": parsed.round, "node": parsed.node} if not prev_exists else None
-    if k == "plan" and value is not None:
-        members = [m[0] if isinstance(m, list) else m.get("node") for m in value.get("members", ())]
-        return {"event": "plan", "round": parsed.round, "members": members,
-                "master": f"{value.get('master_addr')}:{value.get('master_port')}"}
-    if k == "exit" and value is not None:
+    if kind == "plan" and value is not None:
+        return {"event": "plan", "round": parsed.round, "members": value.nodes,
+                "master": f"{value.master_addr}:{value.master_port}"}
+    if kind == "exit" and value is not None:
         return {"event": "node finished", "round": parsed.round, "node": parsed.node}
-    if k == "failure" and value is not None:
-        how = how_it_ended(value)
-        message = (value.get("message") or "").splitlines()[:1]
-        return {"event": "failure", "round": parsed.round, "node": parsed.node, "rank": value.get("rank"),
-                "how": how, "message": message[0] if message else ""}
-    if k == "restarts" and value is not None and value.get("used"):
-        return {"event": "restart counted", "used": value.get("used"), "max": value.get("max")}
-    if k == "result" and value is not None:
-        return {"event": "result", "outcome": value.get("outcome"), "round": value.get("round"),
-                "reason": value.get("reason")}
+    if kind == "failure" and value is not None:
+        return {"event": "failure", "round": parsed.round, "node": parsed.node, "rank": value.rank,
+                "how": value.how_it_ended(), "message": value.headline}
+    if kind == "restarts" and value is not None and value.used:
+        return {"event": "restart counted", "used": value.used, "max": value.max}
+    if kind == "result" and value is not None:
+        return {"event": "result", "outcome": value.outcome.value, "round": value.round, "reason": value.reason}
     return None
+
+
+def _time_of(value: Record | None) -> float | None:
+    """When a value was written, as it says itself (a registration: when the agent started)."""
+    return getattr(value, "time", None) or getattr(value, "started", None)
 
 
 FORMATS = {  # one line per kind of entry (``describe``'s fields)
@@ -136,32 +131,29 @@ def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None =
             # a node's join of the next round deletes its join key of the last one in the same txn: not a leave
             moved = {(ev.kv.mod_revision, ev.key.rsplit("/", 1)[1]) for ev in batch
                      if ev.kind == "put" and "/join/" in ev.key}
+            changes = []
+            for ev in batch:
+                try:
+                    parsed = keys.parse(ev.key)
+                    value = read_value(parsed.kind, ev.kv) if ev.kind == "put" else None
+                except BadKeyData:
+                    continue  # not a key or value of the schema (planted by hand, say): not history
+                changes.append((ev, parsed, value))
             times = {}
-            for ev in batch:
-                if ev.kind == "put" and ev.kv.mod_revision not in times:
-                    try:
-                        t = decode(ev.key, ev.kv.value).get("time")
-                    except BadKeyData:
-                        continue
-                    if t:
-                        times[ev.kv.mod_revision] = t
-            for ev in batch:
-                if ev.kind == "delete" and "/join/" in ev.key and \
-                        (ev.kv.mod_revision, ev.key.rsplit("/", 1)[1]) in moved:
+            for ev, _parsed, value in changes:
+                t = _time_of(value)
+                if t and ev.kv.mod_revision not in times:
+                    times[ev.kv.mod_revision] = t
+            for ev, parsed, value in changes:
+                if ev.kind == "delete" and parsed.kind == "join" and \
+                        (ev.kv.mod_revision, parsed.node) in moved:
                     known.discard(ev.key)
                     continue
-                value = None
-                if ev.kind == "put":
-                    try:
-                        value = decode(ev.key, ev.kv.value)
-                    except BadKeyData:
-                        continue  # not a value of the schema (the c10d store's, say): not history
-                entry = describe(keys, ev.kind, ev.key, value, ev.key in known)
+                entry = describe(parsed.kind, parsed, value, ev.key in known)
                 (known.add if ev.kind == "put" else known.discard)(ev.key)
                 if entry is not None:
-                    own = (value or {}).get("time") or (value or {}).get("started")
                     # a value without a time of its own (a plan, the budget) was written with one that has it
-                    entry.update(revision=ev.kv.mod_revision, time=own or times.get(ev.kv.mod_revision))
+                    entry.update(revision=ev.kv.mod_revision, time=_time_of(value) or times.get(ev.kv.mod_revision))
                     emit(entry)
                     count += 1
                     ended = ended or entry["event"] == "result"

@@ -16,9 +16,9 @@ from . import txns
 from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC
 from .errors import BadKeyData, ConfigError, EtcdUnavailable
 from .etcd import Etcd, op_count, op_get, prefix_end
-from .keys import RunKeys, decode
-from .rendezvous import how_it_ended
+from .keys import RunKeys
 from .state import Mirror
+from .values import Failure, NodeInfo, Result, RoundInfo
 
 
 def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_config: Callable,
@@ -139,13 +139,13 @@ def list_runs(etcd: Etcd, root: str) -> list[dict]:
             (rnd, _), (result, _), (_, nodes) = next(answers), next(answers), next(answers)
             entry = {"run_id": run.run_id, "job": keys.gen, "nodes_alive": nodes}
             try:
-                r = decode(keys.round(), rnd[0].value) if rnd else {}
-                done = decode(keys.result(), result[0].value) if result else None
+                r = RoundInfo.from_kv(rnd[0]) if rnd else None
+                done = Result.from_kv(result[0]) if result else None
             except BadKeyData as exc:
                 entry["error"] = str(exc)
             else:
-                entry.update(phase=r.get("phase"), round=r.get("round"),
-                             result=done and {"outcome": done.get("outcome"), "reason": done.get("reason")})
+                entry.update(phase=r and r.phase, round=r and r.number,
+                             result=done and {"outcome": done.outcome, "reason": done.reason})
             runs.append(entry)
     return sorted(runs, key=lambda e: e["run_id"])
 
@@ -181,26 +181,57 @@ def run_snapshot(run: RunKeys, kvs: list, revision: int) -> dict | None:
     earlier = []
     for gen in sorted(g for g in gens if g != keys.gen):
         kv = results.get(run.generation(gen).result())
-        earlier.append({"generation": gen, "result": kv and decode(kv.key, kv.value)})
+        earlier.append({"generation": gen, "result": kv and Result.from_kv(kv).to_json()})
     return {**state, "generation": keys.gen, "ended": state["result"] is not None, "earlier": earlier}
 
 
 def snapshot(mirror: Mirror) -> dict:
-    v = mirror.view()
-    return {"revision": v.revision, "spec": v.spec, "nodes": v.nodes,
-            "round": v.round and {"round": v.round.number, "phase": v.round.phase, "reason": v.round.reason},
-            "restarts": v.restarts and {"used": v.restarts.used, "max": v.restarts.max},
-            "joined": sorted(v.joins), "plan": v.plan.expanded() if v.plan else None,
-            "exited": sorted(v.exits), "failures": failures(mirror), "result": v.result}
+    """The job's state as JSON. A key whose value does not fit the schema does not hide the rest: it is named under
+    ``problems`` and left out (a round key that cannot be read: the newest round with keys is shown instead)."""
+    k, problems = mirror.keys, []
+
+    def read(make, default=None):
+        try:
+            return make()
+        except BadKeyData as exc:
+            problems.append(str(exc))
+            return default
+
+    rnd = read(mirror.round)
+    number = rnd.number if rnd else newest_round(mirror)
+    restarts = read(mirror.restarts)
+    plan = read(lambda: mirror.plan(number))
+    nodes = {}
+    for kv in mirror.children(k.nodes()):
+        if kv.lease:  # an entry without a lease is no live agent's
+            info = read(lambda: mirror.record(kv, NodeInfo))
+            if info is not None:
+                nodes[kv.key[len(k.nodes()):]] = info.to_json()
+    result = read(lambda: mirror.record_at(k.result(), Result))
+    return {"revision": mirror.revision, "spec": read(lambda: mirror.value(k.spec())), "nodes": nodes,
+            "round": rnd and {"round": rnd.number, "phase": rnd.phase, "reason": rnd.reason},
+            "restarts": restarts and {"used": restarts.used, "max": restarts.max},
+            "joined": sorted(kv.key[len(k.joins(number)):] for kv in mirror.children(k.joins(number))),
+            "plan": plan.expanded() if plan else None,
+            "exited": sorted(kv.key[len(k.exits(number)):] for kv in mirror.children(k.exits(number))),
+            "failures": failures(mirror, read), "result": result and result.to_json(), "problems": problems}
 
 
-def failures(mirror: Mirror) -> dict[str, dict[str, dict]]:
+def newest_round(mirror: Mirror) -> int:
+    """The highest round number with keys under ``P/r/`` (1 when there are none)."""
+    rounds = [p.round for p in map(mirror.parse_key, mirror.under(mirror.keys.rounds())) if p and p.round]
+    return max(rounds, default=1)
+
+
+def failures(mirror: Mirror, read) -> dict[str, dict[str, dict]]:
     """Every failure report of the job: round number -> node -> report."""
     out: dict[str, dict[str, dict]] = {}
     for kv in mirror.under(mirror.keys.rounds()):
-        parsed = mirror.keys.parse(kv.key)
-        if parsed.kind == "failure":
-            out.setdefault(str(parsed.round), {})[parsed.node] = mirror.value(kv.key)
+        parsed = mirror.parse_key(kv)
+        if parsed is not None and parsed.kind == "failure":
+            report = read(lambda: mirror.record(kv, Failure))
+            if report is not None:
+                out.setdefault(str(parsed.round), {})[parsed.node] = report.to_json()
     return out
 
 
@@ -208,6 +239,7 @@ def describe(run_id: str, s: dict) -> str:
     res = s["result"]
     lines = [f"run {run_id}, job {s['generation']} (etcd revision {s['revision']}): "
              + (f"ended, {res.get('outcome')}" if res else "running")]
+    lines += [f"  unreadable: {problem}" for problem in s.get("problems", ())]
     r, rs = s["round"], s["restarts"]
     if r:
         lines.append(f"  round {r['round']}: {r['phase']} ({r['reason']})")
@@ -233,9 +265,9 @@ def describe(run_id: str, s: dict) -> str:
         lines.append(f"  joined so far: {', '.join(s['joined']) or 'none'}")
     for rnd, reports in sorted(s["failures"].items(), key=lambda item: int(item[0])):
         for node, f in sorted(reports.items()):
-            message = (f.get("message") or "").splitlines()[:1]
-            lines.append(f"  failures, round {rnd}: {node} rank {f.get('rank')} {how_it_ended(f)}"
-                         + (f": {message[0]}" if message else ""))
+            f = Failure.from_json(f"round {rnd} failure of {node}", f)
+            lines.append(f"  failures, round {rnd}: {node} rank {f.rank} {f.how_it_ended()}"
+                         + (f": {f.headline}" if f.headline else ""))
     for r in s.get("rounds", ()):
         if r["closed"] is None:
             took = "forming" if r["ended"] is None else "never formed"

@@ -2,7 +2,7 @@
 
 A run id names a run; each time its command line is started after the previous job ended, the run gets a new job
 (a generation). Run prefix ``R = <root>/<run_id>/``; job prefix ``P = R<gen:04d>/``. Every value is a JSON object
-carrying ``"v": 1``::
+carrying ``"v": 1``; ``values.py`` defines each one as a typed record, validated on read::
 
     R/job                           {gen}: the run's current job; unleased, moved only by a guarded txn
     P/spec                          job spec, created once, checked by every later agent

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .state import DONE, FAILED, FINAL_PHASES, JOINING, Join, Member, Plan, RoundInfo, View
+from .state import DONE, FAILED, FINAL_PHASES, JOINING, View
+from .values import Failure, Join, Member, Outcome, Phase, Plan, Result, RoundInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +51,8 @@ class Local:
     wall: float
     workers_round: int = 0  # the round whose workers run or ran here (0: none)
     workers_running: bool = False
-    outcome: str | None = None  # "succeeded" / "failed" once known for workers_round
-    failure: dict | None = None  # this node's failure report when outcome is "failed"
+    outcome: Outcome | None = None  # succeeded / failed once known for workers_round
+    failure: Failure | None = None  # this node's failure report when outcome is failed
     lease: int = 0  # this agent's current session lease: join keys of an older session of this node are stale
     round_seen_at: float = 0.0  # when this agent first saw the current round number
     min_reached_at: float | None = None  # when this agent first saw min_nodes joiners in the current round
@@ -93,7 +94,7 @@ class Bump:
     round: RoundInfo
     reason: str
     counted: bool
-    failure: dict | None = None
+    failure: Failure | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +105,14 @@ class WriteExit:
 @dataclasses.dataclass(frozen=True)
 class End:
     round: RoundInfo
-    phase: str
-    result: dict
-    failure: dict | None = None
+    phase: Phase
+    result: Result
+    failure: Failure | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Finish:
-    result: dict
+    result: Result
 
 
 Action = Wait | StopWorkers | StartWorkers | JoinRound | ClosePlan | Bump | WriteExit | End | Finish
@@ -127,7 +128,7 @@ def decide(v: View, me: Local, p: Params) -> Action:
         return Wait(f"round {r.number} is {r.phase}; waiting for its result key")
     if me.workers_running and me.workers_round != r.number:
         return StopWorkers(f"round {r.number} began ({r.reason or 'no reason given'})")
-    if me.outcome == "succeeded" and me.workers_round < r.number:
+    if me.outcome == Outcome.SUCCEEDED and me.workers_round < r.number:
         return End(r, FAILED, result(r, FAILED, me.wall, v, f"round {me.workers_round} was restarted ({r.reason}) "
                                      f"after the workers of {me.node} had finished; a partly finished job "
                                      "cannot be re-run"))
@@ -200,7 +201,7 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     watched = plan.nodes if v.full else [n for n in (me.node, *sorted(v.scope.watched)) if plan.member(n)]
     exits = member_exits(v)  # an exit key of a node outside the plan is no member's: ignored
     lost = [n for n in watched if n not in exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
-    if member is not None and me.outcome == "failed" and me.workers_round == r.number:
+    if member is not None and me.outcome == Outcome.FAILED and me.workers_round == r.number:
         return _fail_or_bump(v, r, me, p, f"{describe_failure(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
         return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
@@ -209,10 +210,10 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return Wait(f"round {r.number} runs without this node{full}; waiting to be taken into the next round")
     if me.workers_round != r.number:
         return StartWorkers(plan, member)
-    if me.outcome == "succeeded" and me.node not in exits:
+    if me.outcome == Outcome.SUCCEEDED and me.node not in exits:
         return WriteExit(r)
     if len(exits) >= len(plan.members) and set(plan.nodes) <= exits:
-        return End(r, DONE, result(r, "succeeded", me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
+        return End(r, DONE, result(r, Outcome.SUCCEEDED, me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
     newcomers = sorted(n for n in v.nodes if plan.member(n) is None) if v.full else []
     if newcomers and len(plan.members) < p.max_nodes and not exits:
         settle_at = (me.newcomers_since if me.newcomers_since is not None else me.now) + p.scale_settle
@@ -228,7 +229,7 @@ def member_exits(v: View) -> frozenset[str]:
 
 
 def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, counted: bool,
-                  failure: dict | None) -> Action:
+                  failure: Failure | None) -> Action:
     exits = member_exits(v)
     if exits:
         why = f"{reason} after node(s) {', '.join(sorted(exits))} had finished; a partly finished job cannot be re-run"
@@ -318,31 +319,15 @@ def _spans(ranks: tuple[int, ...]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: dict | None = None) -> dict:
+def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: Failure | None = None) -> Result:
     """The ``P/result`` value; the root cause is the earliest failure report of the round."""
     # the root cause is a member's: a failure key of a node outside the plan is no member's and is ignored
     reports = [f for n, f in v.failures.items() if v.plan is None or v.plan.member(n) is not None]
     reports += [failure] if failure else []
-    root = min(reports, key=lambda f: f.get("time", 0.0)) if reports and outcome != "succeeded" else None
-    return {"outcome": outcome, "round": r.number, "reason": reason, "root_cause": root,
-            "restarts": v.restarts.used if v.restarts else 0, "time": wall}
+    outcome = Outcome(str(outcome))
+    root = min(reports, key=lambda f: f.time) if reports and outcome != Outcome.SUCCEEDED else None
+    return Result(outcome, r.number, reason, root, v.restarts.used if v.restarts else 0, wall)
 
 
-def how_it_ended(failure: dict) -> str:
-    """``signal SIGKILL``, ``exit code 3`` or ``hung`` for a failure report."""
-    if failure.get("hang"):
-        return "hung"
-    if failure.get("signal"):
-        return f"signal {failure['signal']}"
-    return "failed" if failure.get("exitcode") is None else f"exit code {failure['exitcode']}"
-
-
-def describe_failure(failure: dict | None) -> str:
-    if not failure:
-        return "a worker failed"
-    if failure.get("rank") is None:  # torchrun's agent restarted its group: the worker's details are torch's
-        return f"the worker group on {failure.get('node')} failed ({failure.get('message')})"
-    if failure.get("hang"):
-        return f"worker rank {failure.get('rank')} on {failure.get('node')} hung ({failure.get('message')})"
-    return f"worker rank {failure.get('rank')} on {failure.get('node')} failed with {how_it_ended(failure)}"
-
+def describe_failure(failure: Failure | None) -> str:
+    return failure.describe() if failure else "a worker failed"

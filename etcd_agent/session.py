@@ -12,16 +12,16 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Callable
 
+from . import logs
 from .config import fence_margin
 from .errors import EtcdError, EtcdUnavailable
 from .etcd import Etcd
 
-log = logging.getLogger("etcd_agent.session")
+log = logs.get("etcd_agent.session")
 
 
 class Session:

@@ -4,116 +4,25 @@ Each range in the mirror is filled by one read and then kept current by a watch 
 ("read, then watch"), and by the read-backs of this agent's own txns, so deciding never needs another read. News
 of a key at or below what the mirror holds for it (or below its last delete, or below a read that covered it) is
 ignored, which makes replays after a resumed watch harmless. A ``Scope`` says what the mirror covers: the round's
-leader sees the registry and the whole round, the others only their own keys and one peer's. Records parse the
-JSON values; a value that does not fit the schema raises BadKeyData naming the key. Pure: no I/O. Imports keys
-and errors only.
+leader sees the registry and the whole round, the others only their own keys and one peer's. Values are read as
+the typed records of ``values.py``; a value that does not fit the schema raises BadKeyData naming the key. Pure:
+no I/O. Imports keys, values and errors only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable
 
 from .errors import BadKeyData
-from .keys import ROUND_DIGITS, Keys, decode, prefix_end, require
+from .keys import ROUND_DIGITS, Keys, decode, prefix_end
+from .values import Failure, Join, Member, NodeInfo, Phase, Plan, Restarts, Result, RoundInfo
 
-JOINING, RUNNING, DONE, FAILED, STOPPED = "joining", "running", "done", "failed", "stopped"
-PHASES = (JOINING, RUNNING, DONE, FAILED, STOPPED)
+__all__ = ["Failure", "Join", "Member", "NodeInfo", "Phase", "Plan", "Restarts", "Result", "RoundInfo"]
+
+JOINING, RUNNING, DONE, FAILED, STOPPED = Phase
+PHASES = tuple(Phase)
 FINAL_PHASES = (DONE, FAILED, STOPPED)
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundInfo:
-    number: int
-    phase: str
-    reason: str
-    mod_revision: int
-    last_plan: int | None = None  # the newest earlier round that had a plan (0: none; None: not recorded)
-
-
-@dataclasses.dataclass(frozen=True)
-class Join:
-    node: str
-    create_revision: int
-    host: str
-    addr: str
-    port: int
-    nproc: int
-    prev_rank: int | None
-    lease: int = 0  # the session lease the key is bound to: a node's old session shows up as another lease
-    node_rank: int | None = None  # --node-rank: this node's group rank in every plan (None: not pinned)
-    master_addr: str | None = None  # --master-addr/--master-port: the plan's master when this node is rank 0
-    master_port: int | None = None
-
-
-class Member(NamedTuple):
-    """One member of a plan (a tuple: every member reads the whole plan each round, so making one is cheap)."""
-
-    node: str
-    group_rank: int
-    host: str
-    addr: str
-    nproc: int
-    rank_offset: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    round: int
-    members: tuple[Member, ...]
-    master_addr: str
-    master_port: int
-    restart_count: int
-    max_restarts: int
-    mod_revision: int = 0
-    leader: str = ""  # the member that closed the round: it watches the registry and the round's keys
-
-    @property
-    def leader_node(self) -> str:
-        return self.leader or self.members[0].node
-
-    @property
-    def world_size(self) -> int:
-        return sum(m.nproc for m in self.members)
-
-    def member(self, node: str) -> Member | None:
-        return self._by_node.get(node)
-
-    @functools.cached_property
-    def _by_node(self) -> dict[str, Member]:
-        return {m.node: m for m in self.members}
-
-    def predecessor(self, node: str) -> str | None:
-        """The member before ``node`` in group-rank order, the last one for rank 0 (a ring): the one peer whose
-        loss ``node`` watches for. None when ``node`` is not a member or alone."""
-        m = self.member(node)
-        if m is None or len(self.members) < 2:
-            return None
-        return self.members[m.group_rank - 1].node
-
-    @property
-    def nodes(self) -> list[str]:
-        return [m.node for m in self.members]
-
-    def to_json(self) -> dict:
-        """The plan as stored in etcd. Every member reads it once per round, so it is compact: one
-        ``[node, nproc, addr]`` per member in group-rank order (group ranks and rank offsets follow from the order)."""
-        return {"round": self.round, "world_size": self.world_size, "group_world_size": len(self.members),
-                "master_addr": self.master_addr, "master_port": self.master_port,
-                "restart_count": self.restart_count, "max_restarts": self.max_restarts, "leader": self.leader,
-                "members": [[m.node, m.nproc, m.addr] for m in self.members]}
-
-    def expanded(self) -> dict:
-        """The plan with every member spelled out (``status --json``)."""
-        return {**self.to_json(), "members": [m._asdict() for m in self.members]}
-
-
-@dataclasses.dataclass(frozen=True)
-class Restarts:
-    used: int
-    max: int
-    mod_revision: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +32,14 @@ class View:
     revision: int
     spec: dict | None
     round: RoundInfo | None
-    nodes: dict[str, dict]
+    nodes: dict[str, NodeInfo]
     joins: dict[str, Join]
     plan: Plan | None
     last_plan: Plan | None  # the newest plan of an earlier round: who ran before
     exits: frozenset[str]
-    failures: dict[str, dict]
+    failures: dict[str, Failure]
     restarts: Restarts | None
-    result: dict | None
+    result: Result | None
     scope: Scope = None  # what the mirror covers (None: everything, as FULL)
 
     @property
@@ -232,7 +141,7 @@ class Mirror:
                 d.pop(key, None)
                 if not d:
                     del self.dirs[_dir(key)]
-        for what in ("decode", "join", "parse", "plan"):
+        for what in ("decode", "record", "parse"):
             self._memo.pop((key, what), None)
 
     def _put(self, kv) -> bool:
@@ -313,14 +222,18 @@ class Mirror:
     def get(self, key: str):
         return self.kvs.get(key)
 
-    def value(self, key: str, required: tuple[str, ...] = ()) -> dict | None:
+    def value(self, key: str) -> dict | None:
+        """The decoded JSON of ``key`` (the spec: the one value without a record of its own)."""
         kv = self.kvs.get(key)
-        if kv is None:
-            return None
-        return require(key, self._decoded(kv), required)
+        return None if kv is None else self._remembered(kv, "decode", lambda kv: decode(kv.key, kv.value))
 
-    def _decoded(self, kv) -> dict:
-        return self._remembered(kv, "decode", lambda kv: decode(kv.key, kv.value))
+    def record(self, kv, kind: type):
+        """The typed record of ``kv`` (validated once per KV)."""
+        return self._remembered(kv, "record", kind.from_kv)
+
+    def record_at(self, key: str, kind: type):
+        kv = self.kvs.get(key)
+        return None if kv is None else self.record(kv, kind)
 
     def children(self, directory: str) -> list:
         """The KVs directly under ``directory`` (which ends with a slash): ``nodes/x`` but not ``nodes/x/y``."""
@@ -336,45 +249,29 @@ class Mirror:
         rnd = self.round()
         number = rnd.number if rnd else 0
         # a registry entry without a lease is no live agent's (every agent registers on its session's lease)
-        nodes = {kv.key[len(k.nodes()):]: self._decoded(kv) for kv in self.children(k.nodes()) if kv.lease}
-        joins = ({j.node: j for j in (self._remembered(kv, "join", parse_join) for kv in self.children(k.joins(number)))}
+        nodes = {kv.key[len(k.nodes()):]: self.record(kv, NodeInfo) for kv in self.children(k.nodes()) if kv.lease}
+        joins = ({j.node: j for j in (self.record(kv, Join) for kv in self.children(k.joins(number)))}
                  if rnd else {})
         exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd else frozenset()
-        failures = ({kv.key[len(k.failures(number)):]: self._decoded(kv) for kv in self.children(k.failures(number))}
-                    if rnd else {})
+        failures = ({kv.key[len(k.failures(number)):]: self.record(kv, Failure)
+                     for kv in self.children(k.failures(number))} if rnd else {})
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
         return View(self.revision if revision is None else revision, self.value(k.spec()), rnd, nodes, joins,
                     self.plan(number) if rnd else None, last, exits, failures, self.restarts(),
-                    self.value(k.result()), scope)
+                    self.record_at(k.result(), Result), scope)
 
     def round(self) -> RoundInfo | None:
-        key = self.keys.round()
-        obj = self.value(key, ("round", "phase"))
-        if obj is None:
-            return None
-        if not isinstance(obj["round"], int) or obj["round"] < 1 or obj["phase"] not in PHASES:
-            raise BadKeyData(key, f"round must be a positive integer and phase one of {', '.join(PHASES)}")
-        last = obj.get("last_plan")
-        if last is not None and (type(last) is not int or not 0 <= last < obj["round"]):
-            raise BadKeyData(key, f"last_plan must be a round before {obj['round']} (0: none), not {last!r}")
-        return RoundInfo(obj["round"], obj["phase"], str(obj.get("reason", "")), self.kvs[key].mod_revision,
-                         last)
+        return self.record_at(self.keys.round(), RoundInfo)
 
     def restarts(self) -> Restarts | None:
-        key = self.keys.restarts()
-        obj = self.value(key, ("used", "max"))
-        if obj is None:
-            return None
-        if not all(type(obj[f]) is int and obj[f] >= 0 for f in ("used", "max")):
-            raise BadKeyData(key, "used and max must be whole numbers")
-        return Restarts(obj["used"], obj["max"], self.kvs[key].mod_revision)
+        return self.record_at(self.keys.restarts(), Restarts)
 
     def last_plan(self, before: int) -> Plan | None:
-        earlier = [p.round for p in (self._remembered(kv, "parse", self._parse) for kv in self.under(self.keys.rounds()))
+        earlier = [p.round for p in (self._remembered(kv, "parse", self.parse_key) for kv in self.under(self.keys.rounds()))
                    if p is not None and p.kind == "plan" and p.round < before]
         return self.plan(max(earlier)) if earlier else None
 
-    def _parse(self, kv):
+    def parse_key(self, kv):
         """The schema's reading of a key, or None for a key it does not name (ignored, never fatal)."""
         try:
             return self.keys.parse(kv.key)
@@ -382,48 +279,4 @@ class Mirror:
             return None
 
     def plan(self, number: int) -> Plan | None:
-        key = self.keys.plan(number)
-        obj = self.value(key, ("round", "members", "master_addr", "master_port", "restart_count"))
-        if obj is None:
-            return None
-        return self._remembered(self.kvs[key], "plan", lambda kv: parse_plan(key, obj, kv.mod_revision))
-
-
-def parse_join(kv) -> Join:
-    """A join record; ``node_rank``, ``master_addr`` and ``master_port`` are optional (older agents omit them)."""
-    obj = decode(kv.key, kv.value, ("node", "addr", "port", "nproc"))
-    try:
-        prev = obj.get("prev_rank")
-        pin, maddr, mport = obj.get("node_rank"), obj.get("master_addr"), obj.get("master_port")
-        join = Join(str(obj["node"]), kv.create_revision, str(obj.get("host", "")), str(obj["addr"]),
-                    int(obj["port"]), int(obj["nproc"]), None if prev is None else int(prev), kv.lease,
-                    None if pin is None else int(pin), None if maddr is None else str(maddr),
-                    None if mport is None else int(mport))
-    except (TypeError, ValueError) as exc:
-        raise BadKeyData(kv.key, f"bad field: {exc}") from exc
-    if join.node_rank is not None and join.node_rank < 0:
-        raise BadKeyData(kv.key, f"node_rank must be 0 or more, got {join.node_rank}")
-    if join.master_port is not None and not 0 < join.master_port < 65536:
-        raise BadKeyData(kv.key, f"master_port must be 1-65535, got {join.master_port}")
-    return join
-
-
-def parse_plan(key: str, obj: dict, mod_revision: int) -> Plan:
-    try:
-        members, offset = [], 0
-        for rank, m in enumerate(obj["members"]):
-            if isinstance(m, list):  # [node, nproc, addr]
-                node, nproc, addr = m
-                members.append(Member(str(node), rank, "", str(addr), int(nproc), offset))
-            else:  # spelled out, as plans were written before they became compact
-                members.append(Member(str(m["node"]), int(m["group_rank"]), str(m.get("host", "")), str(m["addr"]),
-                                      int(m["nproc"]), int(m["rank_offset"])))
-            offset += members[-1].nproc
-        plan = Plan(int(obj["round"]), tuple(members), str(obj["master_addr"]), int(obj["master_port"]),
-                    int(obj["restart_count"]), int(obj.get("max_restarts", 0)), mod_revision,
-                    str(obj.get("leader") or ""))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise BadKeyData(key, f"bad plan: {exc!r}") from exc
-    if [m.group_rank for m in plan.members] != list(range(len(plan.members))):
-        raise BadKeyData(key, "bad plan: members are not in group-rank order 0..n-1")
-    return plan
+        return self.record_at(self.keys.plan(number), Plan)

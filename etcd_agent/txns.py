@@ -13,23 +13,24 @@ finished run id together all land in the same new job.
 from __future__ import annotations
 
 import json
-import logging
 import time
 
+from . import logs
 from .config import JobSpec
 from .errors import BadKeyData, ConfigError, DuplicateNode, EtcdAuthError, NodeRankTaken, SpecMismatch
 from .etcd import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
                    op_get_prefix, op_put, unchanged_under)
-from .keys import Keys, RunKeys, decode, encode
+from .keys import Keys, RunKeys, decode, prefix_end
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
-from .state import JOINING, RUNNING, RoundInfo
+from .values import (Exit, Failure, Join, JobPointer, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result, RoundInfo,
+                     SpecValue)
 from .watch import wait_deleted
 
-log = logging.getLogger("etcd_agent.txns")
+log = logs.get("etcd_agent.txns")
 
 
-def round_value(number: int, phase: str, reason: str, wall: float, **extra) -> bytes:
-    return encode({"round": number, "phase": phase, "reason": reason, "time": wall, **extra})
+def round_value(number: int, phase: Phase, reason: str, wall: float, **extra) -> bytes:
+    return RoundInfo(number, Phase(phase), reason, time=wall, **extra).encode()
 
 
 MAX_POINTER_TRIES = 100  # each failed compare means another agent moved the run on: re-read and decide again
@@ -56,10 +57,10 @@ def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float) -> Keys:
         if not res.ranges[1]:
             check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
             return keys
-        done = decode(keys.result(), res.ranges[1][0].value)
+        done = Result.from_kv(res.ranges[1][0])
         if _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall):
-            log.info("run %s ended (%s: %s) as job %d; starting job %d of run %s", run.run_id, done.get("outcome"),
-                     done.get("reason"), keys.gen, keys.gen + 1, run.run_id)
+            log.info("run %s ended (%s: %s) as job %d; starting job %d of run %s", run.run_id, done.outcome,
+                     done.reason, keys.gen, keys.gen + 1, run.run_id)
             return run.generation(keys.gen + 1)
     raise BadKeyData(run.job(), "kept changing while this agent looked for the run's current job; try again")
 
@@ -86,10 +87,10 @@ def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: 
     ``pointer_rev`` (0: absent). False when another agent moved the run first."""
     keys = run.generation(gen)
     res = etcd.txn([mod_is(run.job(), pointer_rev), absent(keys.spec())],
-                   [op_put(run.job(), encode({"gen": gen, "time": wall})),
-                    op_put(keys.spec(), encode(spec.to_json())),
-                    op_put(keys.round(), round_value(1, JOINING, "the job started", wall, last_plan=0)),
-                    op_put(keys.restarts(), encode({"used": 0, "max": spec.max_restarts}))],
+                   [op_put(run.job(), JobPointer(gen, wall).encode()),
+                    op_put(keys.spec(), SpecValue.of(spec).encode()),
+                    op_put(keys.round(), round_value(1, Phase.JOINING, "the job started", wall, last_plan=0)),
+                    op_put(keys.restarts(), Restarts(0, spec.max_restarts).encode())],
                    [op_get(run.job())], where=f"start job {gen} of run {run.run_id}")
     if res.succeeded:
         return True
@@ -103,10 +104,7 @@ def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: 
 
 def pointer_generation(kv) -> int:
     """The generation ``R/job`` names; BadKeyData names the key when it is not a positive integer."""
-    gen = decode(kv.key, kv.value, ("gen",))["gen"]
-    if type(gen) is not int or gen < 1:
-        raise BadKeyData(kv.key, f"gen must be a positive integer, not {gen!r}")
-    return gen
+    return JobPointer.from_kv(kv).gen
 
 
 def current_job(etcd: Etcd, run: RunKeys) -> Keys | None:
@@ -120,32 +118,30 @@ _SPEC_FLAGS = {"min_nodes": "--nnodes (minimum)", "max_nodes": "--nnodes (maximu
 
 
 def check_spec(keys: Keys, spec: JobSpec, stored: dict) -> None:
-    ours = spec.to_json()
-    unknown = [k for k in _SPEC_FLAGS if k not in stored]
-    if unknown:
-        raise BadKeyData(keys.spec(), f"missing field(s) {', '.join(unknown)}")
-    diffs = [f"{flag} is {ours[k]!r} here but {stored[k]!r} in the running job"
-             for k, flag in _SPEC_FLAGS.items() if ours[k] != stored[k]]
+    """``stored`` (the decoded ``P/spec``) against this agent's spec: SpecMismatch names each flag that differs."""
+    theirs, ours = SpecValue.from_json(keys.spec(), stored).to_json(), SpecValue.of(spec).to_json()
+    diffs = [f"{flag} is {ours[k]!r} here but {theirs[k]!r} in the running job"
+             for k, flag in _SPEC_FLAGS.items() if ours[k] != theirs[k]]
     if diffs:
         raise SpecMismatch(f"this agent does not match job {keys.run_id} ({keys.spec()}): " + "; ".join(diffs))
 
 
-def register(etcd: Etcd, keys: Keys, node: str, info: dict, lease: int) -> TxnResult:
+def register(etcd: Etcd, keys: Keys, node: str, info: NodeInfo, lease: int) -> TxnResult:
     """Put ``P/nodes/<node>`` on our lease; another live agent with the same node id is an error. The result's
     one range is the registration as written (or as found, when a retried first attempt had applied)."""
     key = keys.node(node)
-    res = etcd.txn([absent(key)], [op_put(key, encode(info), lease), op_get(key)], [op_get(key)],
+    res = etcd.txn([absent(key)], [op_put(key, info.encode(), lease), op_get(key)], [op_get(key)],
                    where=f"register {key}")
     if not res.succeeded:
         other = res.ranges[0][0]
         if other.lease != lease:
-            holder = decode(key, other.value)
-            raise DuplicateNode(f"--node-id {node} is already registered by a live agent (pid {holder.get('pid')} "
-                                f"on {holder.get('host')}, {key}); give each agent its own node id")
+            holder = NodeInfo.from_kv(other)
+            raise DuplicateNode(f"--node-id {node} is already registered by a live agent (pid {holder.pid} "
+                                f"on {holder.host}, {key}); give each agent its own node id")
     return res
 
 
-def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, info: dict, lease: int, wait: float) -> int:
+def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, claim: RankClaim, lease: int, wait: float) -> int:
     """Hold ``P/node_ranks/<rank>`` on our lease (create-if-absent), so that no two live nodes share a
     ``--node-rank``; returns the revision of the claim. A key on our own lease is ours (a retried claim whose first
     attempt applied). Another agent's claim is waited out for up to ``wait`` seconds (a holder killed just now
@@ -154,12 +150,12 @@ def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, info: dict, lease: int, w
     key = keys.node_rank(rank)
     give_up = time.monotonic() + wait
     while True:
-        res = etcd.txn([absent(key)], [op_put(key, encode(info), lease)], [op_get(key)], where=f"claim {key}")
+        res = etcd.txn([absent(key)], [op_put(key, claim.encode(), lease)], [op_get(key)], where=f"claim {key}")
         if res.succeeded or res.ranges[0][0].lease == lease:
             return res.revision
-        holder, held = decode(key, res.ranges[0][0].value), res.ranges[0][0]
-        who = (f"node {holder.get('node')} (pid {holder.get('pid')} on host {holder.get('host')}, "
-               f"lease {held.lease:x})")
+        held = res.ranges[0][0]
+        holder = RankClaim.from_kv(held)
+        who = f"node {holder.node} (pid {holder.pid} on host {holder.host}, lease {held.lease:x})"
         left = give_up - time.monotonic()
         if left > 0:
             log.info("--node-rank %d of job %s is held by %s; waiting up to %.1f s in case that agent just died "
@@ -173,11 +169,11 @@ LEADER_CANDIDATES = 16  # the oldest keys under a round's joins: the leader is t
 #                         planted below it, such as join/a/b, is not, and must not make "b" the leader)
 
 
-def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: dict, lease: int, old_round: int) -> TxnResult:
+def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: Join, lease: int, old_round: int) -> TxnResult:
     """Put this node's join key (and delete its key of the round it joined before). On success the result's
     ranges are [this join key, the oldest keys under the round's joins: the first join key among them leads]."""
     n = a.round.number
-    ops = [op_put(keys.join(n, node), encode(info), lease)]
+    ops = [op_put(keys.join(n, node), info.encode(), lease)]
     if old_round and old_round != n:
         ops.append(op_delete(keys.join(old_round, node)))
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
@@ -207,8 +203,8 @@ def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
     members = [created_at(keys.join(n, node), rev) for node, rev in guard][:MAX_GUARDED_MEMBERS]
     seen = [unchanged_under(keys.joins(n), a.seen_revision)] if a.seen_revision else []
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n)), *seen, *members],
-                    [op_put(keys.plan(n), encode(a.plan.to_json())),
-                     op_put(keys.round(), round_value(n, RUNNING, reason, wall, nodes=len(a.plan.members),
+                    [op_put(keys.plan(n), a.plan.encode()),
+                     op_put(keys.round(), round_value(n, Phase.RUNNING, reason, wall, nodes=len(a.plan.members),
                                                       last_plan=a.round.last_plan or 0)),
                      op_get(keys.round()), op_get(keys.plan(n))],
                     where=f"close round {n}")
@@ -219,11 +215,11 @@ def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int,
     n = a.round.number
     compare = [mod_is(keys.round(), a.round.mod_revision), none_under(keys.exits(n))]
     # Round n ran (a bump always leaves a running round): its plan is who ran last.
-    ops = [op_put(keys.round(), round_value(n + 1, JOINING, a.reason, wall, last_plan=n))]
+    ops = [op_put(keys.round(), round_value(n + 1, Phase.JOINING, a.reason, wall, last_plan=n))]
     if a.counted:
         compare.append(mod_is(keys.restarts(), restarts_rev))
-        ops.append(op_put(keys.restarts(), encode({"used": restarts_used + 1, "max": restarts_max})))
-    report = [op_put(keys.failure(n, node), encode(a.failure))] if a.failure else []
+        ops.append(op_put(keys.restarts(), Restarts(restarts_used + 1, restarts_max).encode()))
+    report = [op_put(keys.failure(n, node), a.failure.encode())] if a.failure else []
     reads = [op_get(keys.round()), op_get(keys.restarts())] + ([op_get(keys.failure(n, node))] if a.failure else [])
     return etcd.txn(compare, ops + report + reads, report, where=f"restart round {n} -> {n + 1}")
 
@@ -235,27 +231,27 @@ def delete_strays(etcd: Etcd, kvs: list) -> bool:
     return res.succeeded
 
 
-def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: dict) -> None:
+def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: Failure) -> None:
     """A failure seen while the round was already moving on: recorded if the node has no report for it yet."""
     key = keys.failure(rnd, node)
-    etcd.txn([absent(key)], [op_put(key, encode(failure))], where=f"report failure {key}")
+    etcd.txn([absent(key)], [op_put(key, failure.encode())], where=f"report failure {key}")
 
 
 def write_exit(etcd: Etcd, keys: Keys, a: WriteExit, node: str, wall: float) -> TxnResult:
     n = a.round.number
     # Reading the exits back makes the exit barrier O(1) per node: the last node to finish sees every exit.
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
-                    [op_put(keys.exit(n, node), encode({"node": node, "outcome": "succeeded", "time": wall})),
+                    [op_put(keys.exit(n, node), Exit(node, Outcome.SUCCEEDED, wall).encode()),
                      op_get_prefix(keys.exits(n))],
                     where=f"exit barrier of round {n}")
 
 
 def end(etcd: Etcd, keys: Keys, a: End, node: str, wall: float) -> TxnResult:
     r: RoundInfo = a.round
-    report = [op_put(keys.failure(r.number, node), encode(a.failure))] if a.failure else []
+    report = [op_put(keys.failure(r.number, node), a.failure.encode())] if a.failure else []
     return etcd.txn([mod_is(keys.round(), r.mod_revision), absent(keys.result())],
-                    [op_put(keys.round(), round_value(r.number, a.phase, a.result["reason"], wall)),
-                     op_put(keys.result(), encode(a.result))] + report + [op_get(keys.round()), op_get(keys.result())],
+                    [op_put(keys.round(), round_value(r.number, a.phase, a.result.reason, wall)),
+                     op_put(keys.result(), a.result.encode())] + report + [op_get(keys.round()), op_get(keys.result())],
                     report, where=f"end the job in round {r.number}")
 
 
@@ -264,26 +260,47 @@ def stop_job(etcd: Etcd, keys: Keys, reason: str, wall: float) -> bool:
     return close_job(etcd, keys, "stopped", reason, wall)
 
 
-def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, root_cause: dict | None = None,
+def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, root_cause: Failure | None = None,
               node: str | None = None) -> bool:
     """End the job ``stopped`` or ``failed`` unless it already has a result (``etcd-agent stop``; torchrun's
     backend closing the rendezvous). ``root_cause``, a failure report of ``node``, goes into the result and under
-    the round's failures. False when the job had ended already. Every agent of the job reacts through its watch."""
-    if outcome not in ("stopped", "failed"):
+    the round's failures. False when the job had ended already. Every agent of the job reacts through its watch.
+    A round key that is not a valid value (written by hand, say) does not keep a job from being stopped: it is
+    replaced by the final round, numbered after the newest round with keys under ``P/r/``."""
+    outcome = Outcome(outcome)
+    if outcome not in (Outcome.STOPPED, Outcome.FAILED):
         raise ValueError(f"a job is closed stopped or failed, not {outcome!r}")
     for _ in range(10):
         kv, _rev = etcd.get(keys.round())
         if kv is None:
             raise BadKeyData(keys.round(), f"no such key: is {keys.run_id} a job under {keys.root}?")
-        rnd = decode(kv.key, kv.value, ("round",))
-        result = {"outcome": outcome, "round": rnd["round"], "reason": reason, "root_cause": root_cause, "time": wall}
-        report = [op_put(keys.failure(rnd["round"], node), encode(root_cause))] if root_cause and node else []
+        try:
+            number = RoundInfo.from_kv(kv).number
+        except BadKeyData as exc:
+            number = newest_round(etcd, keys)
+            log.warning("%s; ending the job in round %d and replacing the key with a valid one", exc, number)
+        result = Result(outcome, number, reason, root_cause, time=wall)
+        report = [op_put(keys.failure(number, node), root_cause.encode())] if root_cause and node else []
         res = etcd.txn([mod_is(keys.round(), kv.mod_revision), absent(keys.result())],
-                       [op_put(keys.round(), round_value(rnd["round"], outcome, reason, wall)),
-                        op_put(keys.result(), encode(result))] + report, [op_get(keys.result())],
+                       [op_put(keys.round(), round_value(number, Phase(outcome.value), reason, wall)),
+                        op_put(keys.result(), result.encode())] + report, [op_get(keys.result())],
                        where=f"end the job {outcome}")
         if res.succeeded:
             return True
         if res.ranges and res.ranges[0]:
             return False  # it already ended
     raise BadKeyData(keys.round(), "kept changing while trying to end the job; try again")
+
+
+def newest_round(etcd: Etcd, keys: Keys) -> int:
+    """The highest round number with keys under ``P/r/`` (1 when there are none)."""
+    rounds = [keys.parse(k).round for k in etcd.keys_in_range(keys.rounds(), prefix_end(keys.rounds()))
+              if _schema_round(keys, k)]
+    return max(rounds, default=1)
+
+
+def _schema_round(keys: Keys, key: str) -> bool:
+    try:
+        return keys.parse(key).round is not None
+    except BadKeyData:
+        return False

@@ -20,7 +20,6 @@ range on a stream of its own. Guarantees, for each range:
 from __future__ import annotations
 
 import dataclasses
-import logging
 import queue
 import threading
 import time
@@ -28,10 +27,11 @@ from typing import Callable, Union
 
 import grpc
 
+from . import logs
 from .errors import EtcdError, WatchBroken
 from .etcd import KV, Etcd, map_grpc_error, prefix_end, rpc
 
-log = logging.getLogger("etcd_agent.watch")
+log = logs.get("etcd_agent.watch")
 _DELETE = 1  # mvccpb.Event.EventType.DELETE
 
 

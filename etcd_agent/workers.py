@@ -46,12 +46,15 @@ import psutil
 
 from . import proctree
 from .config import WorkerConfig, worker_base_env
-from .secure import redact
 from .errors import ConfigError
+from .logs import Log, Where
+from .logs import get as get_logger
 from .progress import PROGRESS_ENV, last_progress
+from .secure import redact
+from .values import Failure
 from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all, read_error_message
 
-log = logging.getLogger("etcd_agent.workers")
+log = get_logger("etcd_agent.workers")
 
 _THREAD_PREFIX = "etcd-agent-workers-"  # every thread this module starts; start() refuses to run on one
 _KILL_WAIT = 10.0  # how long a SIGKILLed process may take to vanish (D state) before we give up and say so
@@ -150,7 +153,6 @@ class _Worker:
     local_rank: int
     rank: int
     round: int
-    tag: str  # "run R, node N, round K", the head of every log line about this worker
     logs: WorkerLogs
     proc: subprocess.Popen | None = None
     ps: psutil.Process | None = None  # taken right after spawn: signals through it are safe from pid reuse
@@ -170,7 +172,7 @@ class WorkerGroup:
     """The workers of this node; one round at a time."""
 
     def __init__(self, cfg: WorkerConfig, on_exit: Callable[[WorkerExit], None], node_id: str = "",
-                 logger: logging.Logger | None = None):
+                 logger: Log | None = None):
         self.cfg = cfg
         self.node_id = node_id
         self._on_exit = on_exit
@@ -192,17 +194,18 @@ class WorkerGroup:
         if threading.current_thread().name.startswith(_THREAD_PREFIX):
             raise RuntimeError("WorkerGroup.start was called from a worker waiter thread; the parent-death "
                                "signal would kill the workers when that thread ends")
-        tag = f"Run {a.run_id}, node {self.node_id or '-'}, round {a.round}"
+        if self._log.where is None:  # not an agent's group: its lines still say run, node and round
+            self._log = self._log.bound(Where(a.run_id, self.node_id or "-"))
         if threading.current_thread() is not threading.main_thread():
-            self._log.warning("%s: workers are started from thread %s; they get SIGKILL when it ends.",
-                              tag, threading.current_thread().name)
+            self._log.warning("workers are started from thread %s; they get SIGKILL when it ends.",
+                              threading.current_thread().name, round=a.round)
         with self._lock:
             if self.running:
                 raise RuntimeError(f"round {a.round}: stop() the workers of round {self._workers[0].round} first")
             base = worker_base_env()
             logs = plan_logs(self.cfg, self._ensure_log_root(), a.run_id, self.node_id, a.round, a.rank_offset,
                              base.get(PREFIX_TEMPLATE_ENV), job=a.job)
-            workers = [_Worker(i, a.rank_offset + i, a.round, tag, item) for i, item in enumerate(logs)]
+            workers = [_Worker(i, a.rank_offset + i, a.round, item) for i, item in enumerate(logs)]
             envs = [worker_env(self.cfg, a, w.local_rank, base, w.logs.error_file) for w in workers]
             streams = prepare_all(logs)  # all or none, before anything runs
             preexec = proctree.pdeathsig_preexec(os.getpid())
@@ -214,8 +217,8 @@ class WorkerGroup:
                 w.started = time.time()
                 self._spawn(w, env, preexec, stream_kwargs)
                 self._workers.append(w)
-            self._log.info("%s: started %d workers (ranks %d-%d, pids %s); logs in %s.", tag, len(self._workers),
-                           a.rank_offset, w.rank, self.pids, os.path.dirname(w.logs.directory))
+            self._log.info("started %d workers (ranks %d-%d, pids %s); logs in %s.", len(self._workers),
+                           a.rank_offset, w.rank, self.pids, os.path.dirname(w.logs.directory), round=a.round)
 
     def _spawn(self, w: _Worker, env: dict[str, str], preexec: Callable[[], None] | None, streams: dict) -> None:
         argv = self.cfg.command()
@@ -225,7 +228,7 @@ class WorkerGroup:
                                       preexec_fn=preexec, close_fds=True, **streams)
         except OSError as exc:
             error = f"etcd-agent could not start {argv[0]!r} for rank {w.rank}: {exc}"
-            self._log.error("%s: could not start worker rank %d (%s): %s.", w.tag, w.rank, argv[0], exc)
+            self._log.error("could not start worker rank %d (%s): %s.", w.rank, argv[0], exc, round=w.round)
             w.logs.spawn_failed(error)
             code = 127 if isinstance(exc, FileNotFoundError) else 126 if isinstance(exc, PermissionError) else 1
         else:
@@ -257,13 +260,14 @@ class WorkerGroup:
         ex = WorkerExit(w.local_rank, w.rank, w.pid, returncode, time.time(), w.round)
         w.ended_at = ex.time
         w.exited.set()
-        level = logging.WARNING if ex.failed and not self._stopping else logging.INFO
-        self._log.log(level, "%s: worker rank %d (local rank %d, pid %d) exited with %s.",
-                      w.tag, ex.rank, ex.local_rank, ex.pid, ex.describe())
+        # A failure is the agent's to report (once, with the worker's error): here it is a detail.
+        level = logging.DEBUG if ex.failed and not self._stopping else logging.INFO
+        self._log.log(level, "worker rank %d (local rank %d, pid %d) exited with %s.",
+                      ex.rank, ex.local_rank, ex.pid, ex.describe(), round=w.round)
         try:
             self._on_exit(ex)
         except Exception:  # noqa: BLE001 - a broken callback must not hide later exits
-            self._log.exception("%s: the exit callback failed for worker rank %d.", w.tag, ex.rank)
+            self._log.exception("the exit callback failed for worker rank %d.", ex.rank, round=w.round)
 
     def silent_for(self) -> list[tuple[float, WorkerExit]]:
         """For each running worker: seconds since its last progress beat (or start), with its identity."""
@@ -293,12 +297,12 @@ class WorkerGroup:
             if self._stopped and not self.running:
                 self._join(workers)
                 return
-            tag = workers[0].tag
+            rnd = workers[0].round
             self._stopping = True
             tree = proctree.descendants(workers)  # before any signal: afterwards orphans are harder to find
             live = [w for w in workers if not w.exited.is_set()]
-            self._log.info("%s: stopping the workers (%d still running, %d descendants) with %s: %s.",
-                           tag, len(live), len(tree), signal.Signals(sig).name, reason or "no reason given")
+            self._log.info("stopping the workers (%d still running, %d descendants) with %s: %s.",
+                           len(live), len(tree), signal.Signals(sig).name, reason or "no reason given", round=rnd)
             for w in workers:
                 w.ended_before_stop = w.exited.is_set() or proctree.is_zombie(w.ps)
             proctree.signal_all(workers, tree, signal.Signals(sig))
@@ -306,19 +310,19 @@ class WorkerGroup:
             for w in live:
                 w.exited.wait(max(0.0, deadline - time.monotonic()))
             survivors = proctree.wait_gone(list(tree.values()), deadline)
-            self._kill(workers, tag, survivors)
+            self._kill(workers, rnd, survivors)
             self._stopped = True
             self._join(workers)
 
-    def _kill(self, workers: list[_Worker], tag: str, survivors: list[psutil.Process]) -> None:
+    def _kill(self, workers: list[_Worker], rnd: int, survivors: list[psutil.Process]) -> None:
         """SIGKILL whatever is left of the round: workers, their groups, every descendant found."""
         live = [w for w in workers if not w.exited.is_set()]
         tree = proctree.descendants(workers)
         tree.update((p.pid, p) for p in survivors)
         if live or tree:
-            self._log.warning("%s: %d workers (ranks %s) and %d descendants outlived the %.1fs grace; "
-                              "sending SIGKILL.", tag, len(live), [w.rank for w in live], len(tree),
-                              self.cfg.stop_timeout)
+            self._log.warning("%d workers (ranks %s) and %d descendants outlived the %.1fs grace; "
+                              "sending SIGKILL.", len(live), [w.rank for w in live], len(tree),
+                              self.cfg.stop_timeout, round=rnd)
         proctree.signal_all(workers, tree, signal.SIGKILL)
         deadline = time.monotonic() + _KILL_WAIT
         for w in live:
@@ -326,10 +330,10 @@ class WorkerGroup:
         left = proctree.wait_gone(list(tree.values()), deadline) + [w.ps for w in workers
                                                             if w.ps and not w.exited.is_set()]
         if left:
-            self._log.error("%s: %d processes (pids %s) are still alive %.0fs after SIGKILL.",
-                            tag, len(left), [p.pid for p in left], _KILL_WAIT)
+            self._log.error("%d processes (pids %s) are still alive %.0fs after SIGKILL.",
+                            len(left), [p.pid for p in left], _KILL_WAIT, round=rnd)
         else:
-            self._log.info("%s: all workers and their descendants are gone.", tag)
+            self._log.info("all workers and their descendants are gone.", round=rnd)
 
     def _join(self, workers: list[_Worker]) -> None:
         me, deadline = threading.current_thread(), time.monotonic() + _JOIN_WAIT
@@ -337,10 +341,10 @@ class WorkerGroup:
             if w.waiter is not None and w.waiter is not me:
                 w.waiter.join(max(0.0, deadline - time.monotonic()))
             if not w.logs.join(max(0.0, deadline - time.monotonic())):
-                self._log.warning("%s: the output of worker rank %d is still open (a process outside "
-                                  "its tree holds it); its log may be incomplete.", w.tag, w.rank)
+                self._log.warning("the output of worker rank %d is still open (a process outside "
+                                  "its tree holds it); its log may be incomplete.", w.rank, round=w.round)
 
-    def failure_report(self, ex: WorkerExit) -> dict:
+    def failure_report(self, ex: WorkerExit) -> Failure:
         """What an operator needs about one exit; JSON-able, never raises on bad files."""
         logs = self._reports.get((ex.round, ex.local_rank))
         error_file = logs.error_file if logs else ""
@@ -355,6 +359,5 @@ class WorkerGroup:
             if tail:
                 message += "; last lines of its stderr:\n" + tail
         # A worker may print a secret (the etcd password) on its way down: never into etcd, logs or status.
-        return redact({"rank": ex.rank, "local_rank": ex.local_rank, "pid": ex.pid, "exitcode": ex.returncode,
-                       "signal": ex.signal_name, "message": message, "error_file": error_file, "stderr_tail": tail,
-                       "time": ex.time, "round": ex.round, "node": self.node_id})
+        return Failure(ex.rank, ex.local_rank, ex.pid, ex.returncode, ex.signal_name, message, error_file, tail,
+                       ex.time, ex.round, self.node_id).with_strings(redact)

@@ -88,9 +88,9 @@ def keys_of(run_id: str, gen: int = 1) -> Keys:
 
 def plan_nodes(plan: dict) -> list[str]:
     """The members of a plan value read from etcd, in group-rank order."""
-    from etcd_agent.state import parse_plan
+    from etcd_agent.values import Plan
 
-    return parse_plan("plan", plan, 0).nodes
+    return Plan.from_json("plan", plan, 0).nodes
 
 
 def job_keys(endpoint: str, run_id: str, gen: int | None = None, cfg: EtcdConfig | None = None) -> dict[str, dict]:

@@ -13,7 +13,7 @@ from etcd_agent import txns
 from etcd_agent.coordinator import Coordinator
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
 from etcd_agent.standalone import free_port
-from etcd_agent.state import parse_plan
+from etcd_agent.values import Plan
 
 
 def agent(etcd_endpoint, run_id, tmp_path, node: str, rank: int, *extra: str) -> AgentProc:
@@ -33,7 +33,7 @@ def test_pinned_ranks_and_master_address_are_what_the_flags_say(etcd_endpoint, r
     second = agent(etcd_endpoint, run_id, tmp_path, "node-b", 0, *static)
     assert wait_all([first, second]) == [0, 0], [a.stderr()[-3000:] for a in (first, second)]
     plan = job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id).plan(1)]
-    members = parse_plan("plan", plan, 0).members
+    members = Plan.from_json("plan", plan, 0).members
     assert [(m.node, m.group_rank, m.rank_offset) for m in members] == [("node-b", 0, 0), ("node-a", 1, 2)]
     envs = [r["env"] for r in records(tmp_path / "out").values()]
     assert len(envs) == 4

@@ -10,6 +10,7 @@ from etcd_agent.rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Loca
                                    StopWorkers, Wait, WriteExit, build_plan, decide)
 from etcd_agent.state import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
                               Scope, View)
+from etcd_agent.values import Failure, Outcome, Result
 
 ME = "node-a"
 ROUND_REV = 500
@@ -73,19 +74,19 @@ def finished_here(outcome: str, failure: dict | None = None, number: int = 3, **
     return me(workers_round=number, workers_running=outcome == "failed", outcome=outcome, failure=failure, **kwargs)
 
 
-def report(node: str = ME, time: float = 7.0, rank: int = 1, exitcode: int = 1) -> dict:
-    return {"node": node, "rank": rank, "exitcode": exitcode, "signal": None, "message": "boom", "time": time}
+def report(node: str = ME, time: float = 7.0, rank: int = 1, exitcode: int = 1) -> Failure:
+    return Failure(rank, exitcode=exitcode, message="boom", time=time, node=node)
 
 
 # --- the job's result and the round key ------------------------------------------------------------------------
 
 def test_result_present_finishes():
-    res = {"v": 1, "outcome": "succeeded", "round": 3}
+    res = Result(Outcome.SUCCEEDED, 3)
     assert decide(view(result=res), me(), PARAMS) == Finish(res)
 
 
 def test_result_present_stops_running_workers_first():
-    res = {"v": 1, "outcome": "stopped", "round": 3}
+    res = Result(Outcome.STOPPED, 3)
     action = decide(view(result=res), running_here(), PARAMS)
     assert isinstance(action, StopWorkers)
 
@@ -185,14 +186,14 @@ def test_fewer_than_min_past_the_join_timeout_fails_naming_the_missing_nodes():
     assert isinstance(action, End)
     assert action.phase == FAILED
     assert action.round == v.round
-    reason = action.result["reason"]
+    reason = action.result.reason
     assert "node-b" in reason and "node-c" in reason  # from the previous plan, gone from the registry
     assert "node-d" in reason  # registered but not joined
     assert "--join-timeout" in reason
     assert f"{ME}," not in reason and not reason.endswith(ME)
-    assert action.result["outcome"] == FAILED
-    assert action.result["round"] == 3
-    assert action.result["time"] == WALL
+    assert action.result.outcome == FAILED
+    assert action.result.round == 3
+    assert action.result.time == WALL
 
 
 def test_join_timeout_not_yet_reached_does_not_fail():
@@ -333,7 +334,7 @@ def test_local_failure_bumps_whether_or_not_the_other_local_workers_still_run():
 
 
 def test_local_failure_by_signal_names_the_signal():
-    failure = report() | {"signal": "SIGSEGV", "exitcode": -11}
+    failure = dataclasses.replace(report(), signal="SIGSEGV", exitcode=-11)
     action = decide(view(), finished_here("failed", failure), PARAMS)
     assert isinstance(action, Bump)
     assert "SIGSEGV" in action.reason
@@ -348,10 +349,10 @@ def test_spent_budget_ends_failed_with_the_earliest_failure_as_root_cause():
     assert isinstance(action, End)
     assert action.phase == FAILED
     assert action.failure == local
-    assert action.result["root_cause"] == earlier
-    assert action.result["outcome"] == FAILED
-    assert action.result["restarts"] == 3
-    assert "--max-restarts" in action.result["reason"]
+    assert action.result.root_cause == earlier
+    assert action.result.outcome == FAILED
+    assert action.result.restarts == 3
+    assert "--max-restarts" in action.result.reason
 
 
 def test_spent_budget_root_cause_can_be_the_local_failure():
@@ -359,7 +360,7 @@ def test_spent_budget_root_cause_can_be_the_local_failure():
     v = view(failures={"node-b": report("node-b", time=5.0)}, restarts=(3, 3))
     action = decide(v, finished_here("failed", local), PARAMS)
     assert isinstance(action, End)
-    assert action.result["root_cause"] == local
+    assert action.result.root_cause == local
 
 
 def test_zero_budget_ends_at_the_first_failure():
@@ -395,8 +396,8 @@ def test_lost_member_with_the_budget_spent_ends_failed():
     action = decide(v, running_here(), PARAMS)
     assert isinstance(action, End)
     assert action.phase == FAILED
-    assert "node-b" in action.result["reason"]
-    assert action.result["root_cause"] == report("node-b", 2.0)
+    assert "node-b" in action.result.reason
+    assert action.result.root_cause == report("node-b", 2.0)
 
 
 def test_member_with_an_exit_key_but_no_join_key_is_not_lost():
@@ -422,9 +423,9 @@ def test_every_member_exited_ends_done():
     action = decide(v, finished_here("succeeded"), PARAMS)
     assert isinstance(action, End)
     assert action.phase == DONE
-    assert action.result["outcome"] == "succeeded"
-    assert action.result["root_cause"] is None
-    assert action.result["round"] == 3
+    assert action.result.outcome == "succeeded"
+    assert action.result.root_cause is None
+    assert action.result.round == 3
     assert action.failure is None
 
 
@@ -434,10 +435,10 @@ def test_failure_after_a_node_finished_ends_failed_partly_finished():
     action = decide(v, finished_here("failed", failure), PARAMS)
     assert isinstance(action, End)
     assert action.phase == FAILED
-    assert "partly finished" in action.result["reason"]
-    assert "node-b" in action.result["reason"]
+    assert "partly finished" in action.result.reason
+    assert "node-b" in action.result.reason
     assert action.failure == failure
-    assert action.result["root_cause"] == failure
+    assert action.result.root_cause == failure
 
 
 def test_lost_node_after_another_finished_ends_failed_partly_finished():
@@ -445,7 +446,7 @@ def test_lost_node_after_another_finished_ends_failed_partly_finished():
     action = decide(v, running_here(), PARAMS)
     assert isinstance(action, End)
     assert action.phase == FAILED
-    assert "partly finished" in action.result["reason"]
+    assert "partly finished" in action.result.reason
 
 
 def test_newcomer_while_the_plan_has_room_waits_to_settle_then_bumps_free():
@@ -498,8 +499,8 @@ def test_local_success_but_the_round_moved_on_ends_failed():
     assert isinstance(action, End)
     assert action.phase == FAILED
     assert action.round == v.round
-    assert "partly finished" in action.result["reason"]
-    assert action.result["outcome"] == FAILED
+    assert "partly finished" in action.result.reason
+    assert action.result.outcome == FAILED
 
 
 def test_first_round_waits_out_the_last_call_even_when_every_registered_node_joined():
@@ -611,7 +612,7 @@ def test_missing_ranks_at_the_join_timeout_fail_the_job_naming_them():
              joins=[pin(ME, 11, None), pin("node-b", 12, None), pin("node-p", 13, 4)])
     action = decide(v, me(now=NOW, round_seen_at=NOW - 60.0, min_reached_at=NOW - 50), p)
     assert isinstance(action, End) and action.phase == FAILED
-    reason = action.result["reason"]
+    reason = action.result.reason
     assert "rendezvous timed out" in reason and "--join-timeout" in reason
     assert "group rank(s) 2-3 have no node yet (node-p has --node-rank 4)" in reason
     assert "missing: node-gone" in reason
@@ -622,8 +623,8 @@ def test_too_few_nodes_at_the_join_timeout_also_names_missing_ranks():
     v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[pin(ME, 11, 2)])
     action = decide(v, me(now=NOW, round_seen_at=NOW - 60.0), p)
     assert isinstance(action, End)
-    assert "1 of at least 3 node(s)" in action.result["reason"]
-    assert "group rank(s) 0-1 have no node yet (node-a has --node-rank 2)" in action.result["reason"]
+    assert "1 of at least 3 node(s)" in action.result.reason
+    assert "group rank(s) 0-1 have no node yet (node-a has --node-rank 2)" in action.result.reason
 
 
 def test_two_joiners_with_one_pin_block_the_round_naming_both():

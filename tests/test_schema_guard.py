@@ -78,3 +78,32 @@ def test_keys_for_no_member_change_nothing(etcd_endpoint, run_id, tmp_path):
     logs = "".join(a.stderr() for a in agents)
     assert "a registry entry without a lease is no live agent's" in logs
     assert "an exit key of a node outside round 1's plan" in logs
+
+
+def test_status_and_stop_work_while_the_round_key_is_corrupt(etcd_endpoint, run_id, tmp_path):
+    """A round key overwritten by hand holds the agents (they keep their workers and wait for it to be fixed);
+    ``status`` still shows the job and names the bad key, and ``stop`` ends the job and replaces the key."""
+    from agents import wait_for_key
+
+    release = tmp_path / "release"
+    agents, _out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)])
+    k = keys_of(run_id)
+    wait_for_key(etcd_endpoint, k.plan(1))
+    put(etcd_endpoint, k.round(), b'{"v": 1, "round": "one", "phase": "running"}')
+    base = [sys.executable, "-m", "etcd_agent"]
+    ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
+    status = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0, status.stderr
+    assert f"unreadable: bad data in etcd key {k.round()}: round must be a whole number, not 'one'" in status.stdout
+    assert "plan: 2 node(s), 4 worker(s)" in status.stdout and status.stdout.count(", alive") == 2, status.stdout
+    assert status.stdout.splitlines()[1].startswith("  unreadable: ")  # said first: it is why the job is held
+    stop = subprocess.run(base + ["stop", *ep, "--reason", "key repair"], capture_output=True, text=True, timeout=30)
+    assert stop.returncode == 0, stop.stderr
+    assert f"{k.round()}: round must be a whole number" in stop.stderr and "ending the job in round 1" in stop.stderr
+    assert wait_all(agents) == [1, 1], [a.stderr()[-2000:] for a in agents]
+    assert all("stopped: key repair" in a.stderr() for a in agents)
+    keys = job_keys(etcd_endpoint, run_id)
+    assert keys[k.round()]["round"] == 1 and keys[k.round()]["phase"] == "stopped"
+    assert keys[k.result()]["outcome"] == "stopped" and keys[k.result()]["round"] == 1
+    after = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30)
+    assert "unreadable" not in after.stdout and "result: stopped in round 1: key repair" in after.stdout

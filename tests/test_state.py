@@ -27,7 +27,7 @@ def test_replayed_events_are_ignored_and_one_revision_applies_whole():
     m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 5), revision=10)
     stale = Event("put", kv(K.round(), encode({"round": 9, "phase": "joining"}), 8))
     assert not m.apply([stale])
-    plan = encode({"round": 1, "members": [], "master_addr": "a", "master_port": 1, "restart_count": 0})
+    plan = encode({"round": 1, "members": [["a", 1, "a"]], "master_addr": "a", "master_port": 1, "restart_count": 0})
     batch = [Event("put", kv(K.plan(1), plan, 11)), Event("put", kv(K.round(), encode({"round": 1, "phase": "running"}), 11))]
     assert m.apply(batch)
     assert m.round().phase == "running" and m.plan(1) is not None and m.revision == 11
@@ -41,7 +41,7 @@ def test_a_bad_restart_budget_names_its_key(value):
 
 
 def test_keys_the_schema_does_not_name_are_ignored():
-    plan = encode({"round": 2, "members": [], "master_addr": "a", "master_port": 1, "restart_count": 0})
+    plan = encode({"round": 2, "members": [["a", 1, "a"]], "master_addr": "a", "master_port": 1, "restart_count": 0})
     m = mirror(kv(K.prefix + "r/xyz/plan", b"junk", 3), kv(K.plan(2), plan, 4), kv(K.prefix + "other", b"x", 5))
     assert m.last_plan(3).round == 2
 
@@ -83,14 +83,14 @@ def test_a_view_decodes_only_what_changed_and_never_serves_a_stale_value(monkeyp
 
     nodes = [kv(K.node(f"n{i}"), encode({"host": f"h{i}"}), 10 + i, lease=7) for i in range(5)]
     m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 3), *nodes, revision=20)
-    assert m.view().nodes["n4"] == {"v": 1, "host": "h4"}
+    assert m.view().nodes["n4"].host == "h4"
     calls = []
     real = json.loads
     monkeypatch.setattr(keys_mod.json, "loads", lambda raw: calls.append(raw) or real(raw))
     m.view()
     assert calls == []  # nothing changed: nothing decoded again
     m.apply([Event("put", kv(K.node("n4"), encode({"host": "moved"}), 21, lease=7))])
-    assert m.view().nodes["n4"]["host"] == "moved" and len(calls) == 1
+    assert m.view().nodes["n4"].host == "moved" and len(calls) == 1
     m.apply([Event("delete", kv(K.node("n3"), b"", 22))])
     assert "n3" not in m.view().nodes
     m.apply([Event("put", kv(K.node("n2"), b"not json", 23, lease=7))])
@@ -100,21 +100,21 @@ def test_a_view_decodes_only_what_changed_and_never_serves_a_stale_value(monkeyp
 
 
 def test_a_plan_is_stored_compactly_and_read_back_whole():
-    from etcd_agent.state import Member, Plan, parse_plan
+    from etcd_agent.values import Member, Plan
 
     members = (Member("a", 0, "", "10.0.0.1", 4, 0), Member("b", 1, "", "10.0.0.2", 2, 4))
     plan = Plan(7, members, "10.0.0.1", 29500, 2, 3, 0, "b")
     stored = plan.to_json()
     assert stored["members"] == [["a", 4, "10.0.0.1"], ["b", 2, "10.0.0.2"]] and stored["leader"] == "b"
-    again = parse_plan("k", stored, 9)
+    again = Plan.from_json("k", stored, 9)
     assert again.members == members and again.leader == "b" and again.world_size == 6 and again.mod_revision == 9
     assert plan.expanded()["members"][1] == {"node": "b", "group_rank": 1, "host": "", "addr": "10.0.0.2",
                                              "nproc": 2, "rank_offset": 4}
-    assert parse_plan("k", plan.expanded(), 9).members == members  # the spelled-out form reads the same
+    assert Plan.from_json("k", plan.expanded(), 9).members == members  # the spelled-out form reads the same
     with pytest.raises(BadKeyData, match="group-rank order"):
-        parse_plan("k", {**plan.expanded(), "members": list(reversed(plan.expanded()["members"]))}, 9)
+        Plan.from_json("k", {**plan.expanded(), "members": list(reversed(plan.expanded()["members"]))}, 9)
     with pytest.raises(BadKeyData, match="bad plan"):
-        parse_plan("k", {**stored, "members": [["a", 4]]}, 9)
+        Plan.from_json("k", {**stored, "members": [["a", 4]]}, 9)
 
 
 def test_news_older_than_what_the_mirror_holds_is_ignored_key_by_key():

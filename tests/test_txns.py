@@ -17,6 +17,7 @@ from etcd_agent.etcd import Etcd, op_delete
 from etcd_agent.keys import Keys, RunKeys, encode
 from etcd_agent.rendezvous import Bump, Local, Params, WriteExit, build_plan, decide
 from etcd_agent.state import Mirror
+from etcd_agent.values import Failure, RankClaim
 from etcd_agent.watch import wait_deleted
 
 
@@ -73,7 +74,7 @@ def test_bump_and_exit_cannot_both_happen(etcd_endpoint, run_id):
     assert running.plan.nodes == plan.nodes
     assert txns.write_exit(etcd, keys, WriteExit(running.round), "a", time.time()).succeeded
     rs = running.restarts
-    bump = Bump(running.round, "b failed", counted=True, failure={"rank": 1, "time": 1.0})
+    bump = Bump(running.round, "b failed", counted=True, failure=Failure(1, time=1.0))
     assert not txns.bump(etcd, keys, bump, rs.used, rs.max, rs.mod_revision, "b", time.time()).succeeded
     after = view(etcd, keys)
     assert after.round.number == 1 and after.restarts.used == 0
@@ -117,12 +118,12 @@ def test_a_finished_job_is_followed_by_a_new_one_and_stays_readable(etcd_endpoin
     other_spec = JobSpec(2, 2, "1", 1)  # a finished job's spec binds nothing
     second = txns.init_job(etcd, run, other_spec, time.time())
     assert second == run.generation(2) and pointer(etcd, run)["gen"] == 2
-    assert view(etcd, first).result["outcome"] == "failed"
+    assert view(etcd, first).result.outcome == "failed"
     v = view(etcd, second)
     assert v.result is None and v.spec["min_nodes"] == 2 and v.round.number == 1 and v.restarts.max == 1
     assert txns.current_job(etcd, run) == second
     assert txns.stop_job(etcd, second, "test", time.time())
-    assert view(etcd, second).result["outcome"] == "stopped" and view(etcd, first).result["outcome"] == "failed"
+    assert view(etcd, second).result.outcome == "stopped" and view(etcd, first).result.outcome == "failed"
 
 
 def test_concurrent_re_starters_all_land_in_one_new_job(etcd_endpoint, run_id):
@@ -160,8 +161,8 @@ def test_a_stale_pointer_cannot_start_a_second_new_job(etcd_endpoint, run_id):
 
 
 @pytest.mark.parametrize("value, problem", [
-    (b"junk", "not JSON"), (b'{"v":1}', "missing field(s) gen"), (b'{"v":1,"gen":"2"}', "positive integer"),
-    (b'{"v":1,"gen":0}', "positive integer"), (b'{"v":1,"gen":true}', "positive integer"),
+    (b"junk", "not JSON"), (b'{"v":1}', "missing field(s) gen"), (b'{"v":1,"gen":"2"}', "gen must be a whole number"),
+    (b'{"v":1,"gen":0}', "positive integer"), (b'{"v":1,"gen":true}', "gen must be a whole number"),
 ])
 def test_a_bad_pointer_names_its_key(etcd_endpoint, run_id, value, problem):
     etcd, run = client(etcd_endpoint), RunKeys("/etcd-agent", run_id)
@@ -191,8 +192,8 @@ def claim_setup(endpoint: str, run_id: str):
     return Etcd(EtcdConfig(parse_endpoints(endpoint))), RunKeys("/etcd-agent", run_id).generation(1)
 
 
-def holder(node: str, lease: int) -> dict:
-    return {"node": node, "host": f"host-{node}", "pid": 4242, "lease": f"{lease:x}", "rank": 1}
+def holder(node: str, lease: int) -> RankClaim:
+    return RankClaim(node, 1, f"host-{node}", 4242, f"{lease:x}")
 
 
 def test_a_node_rank_claim_is_held_on_the_claimers_lease(etcd_endpoint, run_id):

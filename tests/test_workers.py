@@ -346,27 +346,27 @@ def test_failure_report_reads_the_error_file(make_group, tmp_path, kind, message
     group, exits = make_group("write_error_file.py", kind, nproc=2)
     group.start(assignment())
     ex = exits.wait()[1]
-    report = group.failure_report(ex)
+    report = group.failure_report(ex).to_json()
     assert json.loads(json.dumps(report)) == report
     d = rank_dir(tmp_path, 5)
     assert report == {
         "rank": 5, "local_rank": 1, "pid": ex.pid, "exitcode": 1, "signal": None, "message": message,
         "error_file": str(d / "error.json"), "stderr_tail": "Traceback (most recent call last):\nRuntimeError: boom",
-        "time": ex.time, "round": 3, "node": "node-a",
+        "time": ex.time, "round": 3, "node": "node-a", "hang": False,
     }
 
 
 def test_failure_report_says_when_the_error_file_is_malformed(make_group):
     group, exits = make_group("write_error_file.py", "bad")
     group.start(assignment())
-    report = group.failure_report(exits.wait()[0])
+    report = group.failure_report(exits.wait()[0]).to_json()
     assert "not valid JSON" in report["message"] and "exit code 1" in report["message"]
 
 
 def test_failure_report_falls_back_to_the_stderr_tail(make_group, tmp_path):
     group, exits = make_group("exit_code.py", "SIGKILL")
     group.start(assignment())
-    report = group.failure_report(exits.wait()[0])
+    report = group.failure_report(exits.wait()[0]).to_json()
     assert report["signal"] == "SIGKILL" and report["exitcode"] == -9
     tail = report["stderr_tail"].splitlines()
     assert len(tail) == 20 and tail[0] == "stderr line 11" and tail[-1] == "about to end with SIGKILL"
@@ -381,7 +381,7 @@ def test_a_stale_error_file_is_removed_before_start(make_group, tmp_path):
     (d / "error.json").write_text(json.dumps({"message": "from an earlier attempt"}))
     group, exits = make_group("exit_code.py", "2")
     group.start(assignment())
-    assert "earlier" not in group.failure_report(exits.wait()[0])["message"]
+    assert "earlier" not in group.failure_report(exits.wait()[0]).to_json()["message"]
 
 
 def test_an_unwritable_log_dir_fails_start_before_any_worker_runs(tmp_path):
@@ -440,7 +440,7 @@ def test_default_stderr_is_kept_for_the_failure_report(make_group, capfd):
     (ex,) = run_to_end(group, exits)
     _, err = capfd.readouterr()
     assert err == "".join(f"stderr line {i}\n" for i in range(30)) + "about to end with 3\n"
-    report = group.failure_report(ex)
+    report = group.failure_report(ex).to_json()
     tail = report["stderr_tail"].splitlines()
     assert len(tail) == 20 and tail[0] == "stderr line 11" and tail[-1] == "about to end with 3"
     assert report["message"].endswith("about to end with 3")
@@ -591,7 +591,7 @@ def test_a_worker_that_cannot_start_is_reported_as_failed(make_group, tmp_path):
     group.start(assignment())
     done = exits.wait()
     assert [(e.returncode, e.pid) for e in done] == [(127, 0), (127, 0)]
-    report = group.failure_report(done[0])
+    report = group.failure_report(done[0]).to_json()
     assert "could not start 'no-such-program-here'" in report["stderr_tail"]
 
 

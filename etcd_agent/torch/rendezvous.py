@@ -47,16 +47,17 @@ from torch.distributed.elastic.rendezvous import (RendezvousClosedError, Rendezv
                                                   RendezvousParameters, RendezvousStateError,
                                                   RendezvousStoreInfo, RendezvousTimeoutError)
 
-from .. import __version__, txns
+from .. import __version__, logs, txns
 from ..agent import Agent
 from ..errors import AgentError, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SpecMismatch
 from ..etcd import Etcd
 from ..secure import redact
+from ..values import Failure
 from ..workers import Assignment, WorkerExit
 from .settings import BACKEND, BackendSettings, settings
 from .store import EtcdStore
 
-log = logging.getLogger("etcd_agent.torchrun")
+log = logs.get("etcd_agent.torchrun")
 
 
 try:  # the key torch's agent adds to when its workers succeeded (its exit barrier on the rendezvous store)
@@ -91,7 +92,7 @@ class TorchrunWorkers:
     def stop(self, reason: str = "", grace: float | None = None, sig: int = signal.SIGTERM) -> None:
         self.handler._stop_torch(self, reason, self.handler.cfg.workers.stop_timeout if grace is None else grace)
 
-    def failure_report(self, ex: WorkerExit) -> dict:
+    def failure_report(self, ex: WorkerExit) -> Failure:
         return self.handler._failure_report(ex)
 
     def ended_on_its_own(self, ex: WorkerExit) -> bool:
@@ -223,7 +224,7 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             thread.join(self.cfg.timings.lease_ttl)
 
     # --- the agent's thread ------------------------------------------------------------------------------------
-    def _make_group(self, _workers_cfg, on_exit, node_id: str = "") -> TorchrunWorkers:
+    def _make_group(self, _workers_cfg, on_exit, node_id: str = "", logger=None) -> TorchrunWorkers:
         return TorchrunWorkers(self, on_exit, node_id or self.cfg.node_id)
 
     def _run_agent(self) -> None:
@@ -334,34 +335,31 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
                 continue
         return found
 
-    def _failure_report(self, ex: WorkerExit) -> dict:
-        return {"rank": None, "local_rank": None, "pid": None, "exitcode": None, "signal": None,
-                "message": "torchrun's agent restarted it after a worker failed; the worker's error is in that "
-                           "node's torchrun log", "error_file": "", "stderr_tail": "", "time": ex.time,
-                "round": ex.round, "node": self.cfg.node_id}
+    def _failure_report(self, ex: WorkerExit) -> Failure:
+        return Failure(message="torchrun's agent restarted it after a worker failed; the worker's error is in that "
+                               "node's torchrun log", time=ex.time, round=ex.round, node=self.cfg.node_id)
 
     # --- ending the job ----------------------------------------------------------------------------------------
-    def _why_shut(self, exc: BaseException | None) -> tuple[str, str, dict | None]:
+    def _why_shut(self, exc: BaseException | None) -> tuple[str, str, Failure | None]:
         who = f"torchrun's agent on {self.cfg.node_id}"
         if exc is not None and type(exc).__name__ == "ChildFailedError":
             root = None
             try:
                 rank, failure = exc.get_first_failure()
-                root = {"rank": rank, "local_rank": failure.local_rank, "pid": failure.pid,
-                        "exitcode": failure.exitcode if failure.exitcode >= 0 else None,
-                        "signal": failure.signal_name() if failure.exitcode < 0 else None,
-                        "message": str(failure.message), "error_file": failure.error_file, "stderr_tail": "",
-                        "time": float(failure.timestamp), "node": self.cfg.node_id,
-                        "round": self._group.round if self._group else None}
+                root = Failure(rank, failure.local_rank, failure.pid,
+                               failure.exitcode if failure.exitcode >= 0 else None,
+                               failure.signal_name() if failure.exitcode < 0 else None, str(failure.message),
+                               str(failure.error_file or ""), "", float(failure.timestamp),
+                               self._group.round if self._group else None, self.cfg.node_id)
             except Exception:  # noqa: BLE001 - a report without details beats none
                 pass
             return "failed", f"{who} gave up: its workers failed and its restarts (--max-restarts) are spent", \
-                redact(root)
+                root and root.with_strings(redact)
         if exc is not None:
             return "failed", f"{who} closed the rendezvous after {type(exc).__name__}: {exc}", None
         return "stopped", f"{who} closed the rendezvous (shutdown) before its workers finished", None
 
-    def _close_job(self, outcome: str, reason: str, root: dict | None = None) -> None:
+    def _close_job(self, outcome: str, reason: str, root: Failure | None = None) -> None:
         keys = self.agent.keys
         if keys is None:
             return  # never reached etcd: nothing to close
@@ -392,8 +390,4 @@ def _log_to_stderr() -> None:
     if logger.handlers or logging.getLogger().handlers:
         return
     level = logging.getLevelName(os.environ.get("ETCD_AGENT_LOG_LEVEL", "INFO").upper())
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s etcd-agent: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level if isinstance(level, int) else logging.INFO)
-    logger.propagate = False
+    logs.configure(level if isinstance(level, int) else logging.INFO, sys.stderr)

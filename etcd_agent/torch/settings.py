@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import os
 
+from .. import logs
 from ..config import (DEFAULT_ROOT, NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig, JobSpec, WorkerConfig,
                       default_address, default_node_id)
 from ..errors import ConfigError
 
-log = logging.getLogger("etcd_agent.torchrun")
+log = logs.get("etcd_agent.torchrun")
 BACKEND = "etcd-v3"
 
 # --rdzv-conf: key -> (kind, what it sets). Aliases are torch's names for the same thing.

@@ -34,6 +34,7 @@ from typing import Callable, Iterable
 
 from etcd_agent.agent import Agent
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.values import Failure
 from etcd_agent.workers import Assignment, WorkerExit
 
 log = logging.getLogger("etcd_agent.bench.sim")
@@ -149,10 +150,9 @@ class StandInGroup:
                 if w.thread is not None and w.thread is not me:
                     w.thread.join(max(0.0, deadline - time.monotonic()))
 
-    def failure_report(self, ex: WorkerExit) -> dict:
-        return {"rank": ex.rank, "local_rank": ex.local_rank, "pid": ex.pid, "exitcode": ex.returncode,
-                "signal": ex.signal_name, "message": f"stand-in worker exited with {ex.describe()}",
-                "error_file": "", "stderr_tail": "", "time": ex.time, "round": ex.round, "node": self.node_id}
+    def failure_report(self, ex: WorkerExit) -> Failure:
+        return Failure(ex.rank, ex.local_rank, ex.pid, ex.returncode, ex.signal_name,
+                       f"stand-in worker exited with {ex.describe()}", time=ex.time, round=ex.round, node=self.node_id)
 
     def silent_for(self) -> list[tuple[float, WorkerExit]]:
         """Stand-ins never beat: seconds since start, as WorkerGroup reports a worker without a heartbeat."""
