@@ -18,7 +18,7 @@ from .errors import BadKeyData, ConfigError, EtcdUnavailable
 from .etcd import Etcd, op_count, op_get, prefix_end
 from .keys import RunKeys
 from .state import Mirror
-from .values import Failure, NodeInfo, Result, RoundInfo
+from .values import Failure, NodeInfo, Result, RoundInfo, SpecValue
 
 
 def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_config: Callable,
@@ -198,7 +198,7 @@ def snapshot(mirror: Mirror) -> dict:
             return default
 
     rnd = read(mirror.round)
-    number = rnd.number if rnd else newest_round(mirror)
+    number = rnd.number if rnd else k.newest_round(kv.key for kv in mirror.under(k.rounds()))
     restarts = read(mirror.restarts)
     plan = read(lambda: mirror.plan(number))
     nodes = {}
@@ -208,19 +208,14 @@ def snapshot(mirror: Mirror) -> dict:
             if info is not None:
                 nodes[kv.key[len(k.nodes()):]] = info.to_json()
     result = read(lambda: mirror.record_at(k.result(), Result))
-    return {"revision": mirror.revision, "spec": read(lambda: mirror.value(k.spec())), "nodes": nodes,
+    spec = read(lambda: mirror.record_at(k.spec(), SpecValue))
+    return {"revision": mirror.revision, "spec": spec and spec.to_json(), "nodes": nodes,
             "round": rnd and {"round": rnd.number, "phase": rnd.phase, "reason": rnd.reason},
             "restarts": restarts and {"used": restarts.used, "max": restarts.max},
             "joined": sorted(kv.key[len(k.joins(number)):] for kv in mirror.children(k.joins(number))),
             "plan": plan.expanded() if plan else None,
             "exited": sorted(kv.key[len(k.exits(number)):] for kv in mirror.children(k.exits(number))),
             "failures": failures(mirror, read), "result": result and result.to_json(), "problems": problems}
-
-
-def newest_round(mirror: Mirror) -> int:
-    """The highest round number with keys under ``P/r/`` (1 when there are none)."""
-    rounds = [p.round for p in map(mirror.parse_key, mirror.under(mirror.keys.rounds())) if p and p.round]
-    return max(rounds, default=1)
 
 
 def failures(mirror: Mirror, read) -> dict[str, dict[str, dict]]:

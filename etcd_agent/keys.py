@@ -141,6 +141,16 @@ class Keys:
     def rounds(self) -> str:
         return self.prefix + "r/"
 
+    def newest_round(self, names) -> int:
+        """The highest round number among the key names ``names`` (keys under ``rounds()``; 1 when none is)."""
+        found = []
+        for name in names:
+            try:
+                found.append(self.parse(name).round)
+            except BadKeyData:
+                continue  # not a key of the schema: it names no round
+        return max((r for r in found if r is not None), default=1)
+
     def round_dir(self, rnd: int) -> str:
         return f"{self.rounds()}{rnd:0{ROUND_DIGITS}d}/"
 

@@ -15,8 +15,8 @@ import dataclasses
 from typing import Callable, Iterable
 
 from .errors import BadKeyData
-from .keys import ROUND_DIGITS, Keys, decode, prefix_end
-from .values import Failure, Join, Member, NodeInfo, Phase, Plan, Restarts, Result, RoundInfo
+from .keys import ROUND_DIGITS, Keys, prefix_end
+from .values import Failure, Join, Member, NodeInfo, Phase, Plan, Restarts, Result, RoundInfo, SpecValue
 
 __all__ = ["Failure", "Join", "Member", "NodeInfo", "Phase", "Plan", "Restarts", "Result", "RoundInfo"]
 
@@ -30,7 +30,7 @@ class View:
     """What decide() sees: the current round and everything it needs of the job."""
 
     revision: int
-    spec: dict | None
+    spec: SpecValue | None
     round: RoundInfo | None
     nodes: dict[str, NodeInfo]
     joins: dict[str, Join]
@@ -141,7 +141,7 @@ class Mirror:
                 d.pop(key, None)
                 if not d:
                     del self.dirs[_dir(key)]
-        for what in ("decode", "record", "parse"):
+        for what in ("record", "parse"):
             self._memo.pop((key, what), None)
 
     def _put(self, kv) -> bool:
@@ -222,11 +222,6 @@ class Mirror:
     def get(self, key: str):
         return self.kvs.get(key)
 
-    def value(self, key: str) -> dict | None:
-        """The decoded JSON of ``key`` (the spec: the one value without a record of its own)."""
-        kv = self.kvs.get(key)
-        return None if kv is None else self._remembered(kv, "decode", lambda kv: decode(kv.key, kv.value))
-
     def record(self, kv, kind: type):
         """The typed record of ``kv`` (validated once per KV)."""
         return self._remembered(kv, "record", kind.from_kv)
@@ -256,7 +251,7 @@ class Mirror:
         failures = ({kv.key[len(k.failures(number)):]: self.record(kv, Failure)
                      for kv in self.children(k.failures(number))} if rnd else {})
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
-        return View(self.revision if revision is None else revision, self.value(k.spec()), rnd, nodes, joins,
+        return View(self.revision if revision is None else revision, self.record_at(k.spec(), SpecValue), rnd, nodes, joins,
                     self.plan(number) if rnd else None, last, exits, failures, self.restarts(),
                     self.record_at(k.result(), Result), scope)
 

@@ -277,7 +277,7 @@ def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, ro
         try:
             number = RoundInfo.from_kv(kv).number
         except BadKeyData as exc:
-            number = newest_round(etcd, keys)
+            number = keys.newest_round(etcd.keys_in_range(keys.rounds(), prefix_end(keys.rounds())))
             log.warning("%s; ending the job in round %d and replacing the key with a valid one", exc, number)
         result = Result(outcome, number, reason, root_cause, time=wall)
         report = [op_put(keys.failure(number, node), root_cause.encode())] if root_cause and node else []
@@ -290,17 +290,3 @@ def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, ro
         if res.ranges and res.ranges[0]:
             return False  # it already ended
     raise BadKeyData(keys.round(), "kept changing while trying to end the job; try again")
-
-
-def newest_round(etcd: Etcd, keys: Keys) -> int:
-    """The highest round number with keys under ``P/r/`` (1 when there are none)."""
-    rounds = [keys.parse(k).round for k in etcd.keys_in_range(keys.rounds(), prefix_end(keys.rounds()))
-              if _schema_round(keys, k)]
-    return max(rounds, default=1)
-
-
-def _schema_round(keys: Keys, key: str) -> bool:
-    try:
-        return keys.parse(key).round is not None
-    except BadKeyData:
-        return False

@@ -10,7 +10,7 @@ from etcd_agent.rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Loca
                                    StopWorkers, Wait, WriteExit, build_plan, decide)
 from etcd_agent.state import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
                               Scope, View)
-from etcd_agent.values import Failure, Outcome, Result
+from etcd_agent.values import Failure, NodeInfo, Outcome, Result, SpecValue
 
 ME = "node-a"
 ROUND_REV = 500
@@ -45,10 +45,9 @@ def view(number: int = 3, phase: str = RUNNING, nodes=(ME, "node-b"), joins=None
     records = [j if isinstance(j, Join) else jn(j, 100 + i) for i, j in enumerate(joins)]
     return View(
         revision=1000,
-        spec={"v": 1, "min_nodes": PARAMS.min_nodes, "max_nodes": PARAMS.max_nodes, "nproc_per_node": "2",
-              "max_restarts": PARAMS.max_restarts},
+        spec=SpecValue(PARAMS.min_nodes, PARAMS.max_nodes, "2", PARAMS.max_restarts),
         round=RoundInfo(number, phase, reason, ROUND_REV) if round_present else None,
-        nodes={n: {"v": 1, "host": f"host-{n}", "pid": 1} for n in nodes},
+        nodes={n: NodeInfo(n, f"host-{n}", pid=1) for n in nodes},
         joins={j.node: j for j in records},
         plan=plan,
         last_plan=last_plan,

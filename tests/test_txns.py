@@ -104,7 +104,7 @@ def test_the_first_agent_creates_job_1_and_later_ones_join_it(etcd_endpoint, run
     keys = txns.init_job(etcd, run, SPEC, time.time())
     assert keys == run.generation(1) and pointer(etcd, run)["gen"] == 1
     v = view(etcd, keys)
-    assert v.spec["max_nodes"] == 2 and (v.round.number, v.round.phase) == (1, "joining") and v.restarts.used == 0
+    assert v.spec.max_nodes == 2 and (v.round.number, v.round.phase) == (1, "joining") and v.restarts.used == 0
     assert txns.init_job(etcd, run, SPEC, time.time()) == keys, "a running job is joined, not replaced"
     with pytest.raises(SpecMismatch, match="--nnodes \\(maximum\\) is 3 here but 2 in the running job"):
         txns.init_job(etcd, run, JobSpec(1, 3, "1", 0), time.time())
@@ -120,7 +120,7 @@ def test_a_finished_job_is_followed_by_a_new_one_and_stays_readable(etcd_endpoin
     assert second == run.generation(2) and pointer(etcd, run)["gen"] == 2
     assert view(etcd, first).result.outcome == "failed"
     v = view(etcd, second)
-    assert v.result is None and v.spec["min_nodes"] == 2 and v.round.number == 1 and v.restarts.max == 1
+    assert v.result is None and v.spec.min_nodes == 2 and v.round.number == 1 and v.restarts.max == 1
     assert txns.current_job(etcd, run) == second
     assert txns.stop_job(etcd, second, "test", time.time())
     assert view(etcd, second).result.outcome == "stopped" and view(etcd, first).result.outcome == "failed"
