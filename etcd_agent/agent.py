@@ -74,7 +74,6 @@ class Agent:
         self.state = State.STARTING
         self.group: WorkerGroup | None = None
         self.local = Local(cfg.node_id, time.monotonic(), time.time())
-        self._round_seen = 0
         self.signalled = 0
         self._bad_key = ""  # the key whose bad value was last reported (report each once)
         self._stale: list[int] = []  # leases of lost sessions, revoked before the next one registers
@@ -217,8 +216,8 @@ class Agent:
         now = time.monotonic()
         changes = {"now": now, "wall": time.time()}
         rnd = v.round
-        if rnd and rnd.number != self._round_seen:
-            self._round_seen = self.where.round = rnd.number
+        if rnd and rnd.number != self.where.round:  # the round this agent is in: its log lines say it
+            self.where.round = rnd.number
             changes.update(round_seen_at=now, min_reached_at=None)
         if rnd and len(v.joins) < self.params.min_nodes:
             changes["min_reached_at"] = None  # the last call starts again when MIN is reached again
@@ -290,7 +289,7 @@ class Agent:
                 self.log.error("%s", describe_failure(report))
             else:
                 self.log.error("worker rank %d (pid %d) failed with %s%s", ex.rank, ex.pid, ex.describe(),
-                          f": {report.message}" if report.message else "")
+                               f": {report.message}" if report.message else "")
             self._set(outcome=Outcome.FAILED, failure=report)
         elif ex.failed:  # the group failed already: this one is reported, once, but it is not the root cause
             self.log.warning("worker rank %d (pid %d) failed too, with %s", ex.rank, ex.pid, ex.describe(),
