@@ -26,15 +26,16 @@ import threading
 import time
 from typing import Callable
 
-from . import logs
+from . import gpu, health, logs
 from .config import AgentConfig
 from .coordinator import Coordinator
 from .errors import BadKeyData, EtcdUnavailable, JobFailed, JobStopped, SessionLost
-from .rendezvous import Finish, Local, Params, StartWorkers, StopWorkers, Wait, decide, describe_failure
+from .rendezvous import (CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
+                         describe_failure)
 from .session import Session
 from .standalone import free_port
 from .state import View
-from .values import Join, Outcome, Result
+from .values import Failure, Join, Outcome, Result
 from .workers import Assignment, WorkerExit, WorkerGroup
 
 log = logs.get("etcd_agent.agent")
@@ -79,6 +80,8 @@ class Agent:
         self._stale: list[int] = []  # leases of lost sessions, revoked before the next one registers
         self._give_up = 0.0  # when a fenced agent stops trying to open a new session
         self._wait_said: tuple[str, float] = ("", 0.0)  # the wait reason last logged at INFO, and when
+        self._health_failures = 0  # failed health checks in a row
+        self._failed_at: float | None = None  # when this node's workers last failed, until its quarantine counts it
 
     @property
     def session(self) -> Session | None:
@@ -233,6 +236,12 @@ class Agent:
 
     # --- actions -------------------------------------------------------------------------------------------
     def _act(self, action, view: View) -> None:
+        if isinstance(action, CheckHealth):
+            self._healthy()
+            return
+        if isinstance(action, JoinRound) and (self.cfg.health.active or self.cfg.quarantine.active) \
+                and not self._healthy():
+            return  # it does not join; decide() waits until the next check is due
         if isinstance(action, StopWorkers):
             if self.local.outcome == Outcome.FAILED:  # our failure lost the race to another node's bump or end
                 self.coord.report_failure(self.local.failure)
@@ -244,6 +253,38 @@ class Agent:
             self._start_workers(action)
             return
         self._settle(self.coord.act(action, view, lambda: self._join_info(view)))
+
+    def _failed(self, report: Failure) -> None:
+        """This node's workers failed in their round (counted towards its quarantine at its next join)."""
+        self._set(outcome=Outcome.FAILED, failure=report)
+        self._failed_at = report.time or time.time()
+
+    def _healthy(self) -> bool:
+        """The health gate before a join (``health.py``): a quarantined or unhealthy node says why in its registry
+        entry and checks again after a backoff (or when its quarantine ends); it joins once a check passes."""
+        problem, wait = "", 0.0
+        if self.cfg.quarantine.active:
+            q = self.coord.quarantine(self.cfg.quarantine, self._failed_at, time.time())
+            self._failed_at = None
+            problem = health.quarantined(q, time.time())
+            wait = q.until - time.time() if problem else 0.0
+        problem = problem or health.check(self.cfg.health)
+        if problem:
+            self._health_failures += 1
+            wait = wait or health.backoff(self._health_failures)
+            if problem != self.coord.health:
+                self.log.warning("this node is unhealthy and does not join: %s (checking again every %g s or "
+                                 "less)", problem, wait)
+            self.coord.set_health(problem)
+            self._set(unhealthy=problem, health_retry_at=time.monotonic() + wait)
+            return False
+        if self.coord.health:
+            self.log.info("this node passed its health check after %d failed one(s); joining",
+                          self._health_failures)
+        self._health_failures = 0
+        self.coord.set_health("")
+        self._set(unhealthy="", health_retry_at=0.0)
+        return True
 
     def _settle(self, res) -> None:
         """After a txn: its own writes are in the mirror already (read back in the txn); after a failed compare,
@@ -268,6 +309,11 @@ class Agent:
                                 world_size=plan.world_size, master_addr=plan.master_addr,
                                 master_port=plan.master_port, restart_count=plan.restart_count,
                                 max_restarts=plan.max_restarts, job=self.keys.gen)
+        held = self._drain_gpu_memory()
+        if held:
+            self._set(workers_round=plan.round, workers_running=False)
+            self._failed(held)
+            return  # decide() counts it as this node's failure in this round
         self.group = self._group_factory(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
                                          node_id=self.cfg.node_id, logger=logs.get("etcd_agent.workers", self.where))
         self._exits: dict[int, WorkerExit] = {}
@@ -275,6 +321,25 @@ class Agent:
         self.group.start(assignment)
         self._enter(State.RUNNING, f"{self.group.describe(assignment)}, master {plan.master_addr}:"
                     f"{plan.master_port}, restart count {plan.restart_count}")
+
+    def _drain_gpu_memory(self) -> Failure | None:
+        """GPU jobs: before new workers start, wait until no process of the last group holds GPU memory (NVML), up to
+        --gpu-drain-timeout; a report naming the pids still holding it when they do not let go."""
+        pids = getattr(self.group, "stopped_pids", None) if self.group is not None else None
+        if not pids or self.cfg.health.gpus is None:
+            return None
+        started = time.monotonic()
+        held = gpu.wait_drained(pids, self.cfg.gpu_drain_timeout)
+        if not held:
+            waited = time.monotonic() - started
+            if waited >= 0.5:
+                self.log.info("the last workers' GPU memory was released after %.1f s", waited)
+            return None
+        who = ", ".join(f"pid {pid} ({size / 2**20:.0f} MiB)" for pid, size in sorted(held.items()))
+        message = (f"GPU memory of the previous workers is still held {self.cfg.gpu_drain_timeout:g} s after they "
+                   f"were stopped (--gpu-drain-timeout): {who}; new workers would run out of memory")
+        self.log.error("%s", message)
+        return Failure(message=message, time=time.time(), round=self.where.round, node=self.cfg.node_id)
 
     def _worker_exit(self, ex: WorkerExit) -> None:
         if self.group is None or ex.round != self.local.workers_round or not self.local.workers_running:
@@ -290,7 +355,7 @@ class Agent:
             else:
                 self.log.error("worker rank %d (pid %d) failed with %s%s", ex.rank, ex.pid, ex.describe(),
                                f": {report.message}" if report.message else "")
-            self._set(outcome=Outcome.FAILED, failure=report)
+            self._failed(report)
         elif ex.failed:  # the group failed already: this one is reported, once, but it is not the root cause
             self.log.warning("worker rank %d (pid %d) failed too, with %s", ex.rank, ex.pid, ex.describe(),
                              round=ex.round)
@@ -314,7 +379,7 @@ class Agent:
                                              "worker is considered hung")
         self.log.error("worker rank %d (pid %d) made no progress for %.1f s (--worker-timeout %g)", ex.rank, ex.pid,
                        longest, limit)
-        self._set(outcome=Outcome.FAILED, failure=report)
+        self._failed(report)
         return None
 
     def _stop_workers(self, why: str) -> None:

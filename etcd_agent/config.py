@@ -14,7 +14,9 @@ import socket
 import uuid
 from pathlib import Path
 
+from . import gpu
 from .errors import ConfigError
+from .health import HealthConfig, QuarantinePolicy
 from .secure import check_tls_files
 
 DEFAULT_ROOT = "/etcd-agent"
@@ -254,6 +256,9 @@ class AgentConfig:
     master_addr: str | None = None  # --master-addr/--master-port of a static line: the workers' MASTER_ADDR/PORT
     master_port: int | None = None
     signals: tuple[int, ...] = (15, 2, 1, 3)  # --signals-to-handle: the agent leaves on these, forwarding each
+    health: HealthConfig = HealthConfig()  # the health gate before each join (--health-check, GPUs through NVML)
+    quarantine: QuarantinePolicy = QuarantinePolicy()  # --quarantine-after/-window/-cooldown (off by default)
+    gpu_drain_timeout: float = 30.0  # GPU jobs: how long the last workers' GPU memory may take to be released
 
     def __post_init__(self) -> None:
         if not _RUN_ID_RE.fullmatch(self.run_id):  # fullmatch: "$" would let a trailing newline through
@@ -263,6 +268,8 @@ class AgentConfig:
         if not self.root.startswith("/") or self.root.endswith("/") or "//" in self.root:
             raise ConfigError(f"--etcd-prefix {self.root!r}: must start with '/' and not end with '/'")
         self.timings  # noqa: B018 - validates the timings and their relations
+        if not self.gpu_drain_timeout >= 0:
+            raise ConfigError(f"--gpu-drain-timeout must be 0 or more, got {self.gpu_drain_timeout}")
         if not self.worker_timeout >= 0:  # also NaN
             raise ConfigError(f"--worker-timeout must be 0 (off) or more, got {self.worker_timeout}")
         if self.node_rank is not None and not 0 <= self.node_rank < self.spec.max_nodes:
@@ -421,7 +428,8 @@ def count_xpus(drm: str = "/sys/class/drm") -> int:
 
 
 def count_gpus() -> int:
-    """Visible NVIDIA GPUs without importing torch: CUDA_VISIBLE_DEVICES wins, then the driver's view."""
+    """Visible NVIDIA GPUs without importing torch: CUDA_VISIBLE_DEVICES wins, then NVML (``gpu.py``, when
+    nvidia-ml-py is installed), then the driver's view."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         items = [v for v in visible.split(",") if v.strip()]
@@ -432,6 +440,9 @@ def count_gpus() -> int:
                 break
             count += 1
         return count
+    found = gpu.count()
+    if found is not None:
+        return found
     proc = Path("/proc/driver/nvidia/gpus")
     if proc.is_dir():
         return sum(1 for _ in proc.iterdir())

@@ -24,13 +24,14 @@ never the worker group.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
 import time
 from typing import Callable
 
-from . import logs, txns
+from . import health, logs, txns
 from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig
 from .errors import BadKeyData, ConfigError, EtcdUnavailable
 from .etcd import Etcd, TxnResult, op_get_range, prefix_end
@@ -38,7 +39,9 @@ from .keys import Keys, RunKeys
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .session import Session
 from .state import FINAL_PHASES, JOINING, Mirror, Scope, View
-from .values import Failure, Join, NodeInfo, RankClaim
+from .values import Failure, Join, NodeInfo, Quarantine, RankClaim
+
+MAX_QUARANTINE_TRIES = 5
 from .watch import Resync, WatchStream
 
 log = logs.get("etcd_agent.coordinator")
@@ -59,6 +62,9 @@ class Coordinator:
         self.keys: Keys | None = None  # this agent's job of the run, known once ``open`` found it
         self.mirror: Mirror | None = None
         self.session: Session | None = None
+        self.health = ""  # why this node failed its health check ("" healthy), kept in its registry entry
+        self._registration = None  # this node's registry KV as last written
+        self._quarantine = None  # (KV, record) of P/quarantine/<node> as last read
         self.joined_round = 0  # the round whose join key this agent wrote last
         self.scope = Scope(False)  # what the mirror covers, set by ``maintain``
         self.stream: WatchStream | None = None  # every range this agent watches, on one stream
@@ -109,7 +115,7 @@ class Coordinator:
 
     def _register(self, session: Session) -> None:
         info = NodeInfo(self.node, socket.gethostname(), self.cfg.address, os.getpid(), self.version,
-                        self.cfg.workers.nproc, f"{session.lease_id:x}", time.time())
+                        self.cfg.workers.nproc, f"{session.lease_id:x}", time.time(), self.health)
         if self.cfg.node_rank is not None:
             # Before registering: a node refused for its rank never shows up in the registry, so a running job
             # never scales up (or restarts) for it. Waits out a holder whose lease is ending.
@@ -117,7 +123,38 @@ class Coordinator:
             txns.claim_node_rank(self.etcd, self.keys, self.cfg.node_rank, claim, session.lease_id,
                                  wait=self.timings.holder_wait)
         res = txns.register(self.etcd, self.keys, self.node, info, session.lease_id)
+        self._registration = res.ranges[0][0]
         if self.mirror is not None:
+            self.mirror.absorb(res.ranges[0], res.revision)
+
+    def quarantine(self, policy, failed_at: float | None, wall: float) -> Quarantine | None:
+        """This node's quarantine record (``P/quarantine/<node>``), with the failure at ``failed_at`` added (one
+        guarded txn) when given. Read once per agent; only this node writes its record afterwards."""
+        key = self.keys.quarantine(self.node)
+        for _ in range(MAX_QUARANTINE_TRIES):
+            if self._quarantine is None or failed_at is not None:
+                kv, _rev = self.etcd.get(key)
+                self._quarantine = (kv, Quarantine.from_kv(kv) if kv else None)
+            kv, current = self._quarantine
+            if failed_at is None:
+                return current
+            new = health.record_failure(current, self.node, failed_at, policy, wall)
+            if txns.put_quarantine(self.etcd, key, kv, new):
+                self._quarantine = (None, new)  # the next change reads the key again for its revision
+                return new
+        raise BadKeyData(key, "kept changing while this agent counted its failure; is another agent using this "
+                              "node id?")
+
+    def set_health(self, problem: str) -> None:
+        """Say in this node's registry entry why it is unhealthy ("" healthy again), for the leader and ``status``."""
+        if problem == self.health:
+            return
+        self.health = problem
+        kv = self._registration
+        info = dataclasses.replace(NodeInfo.from_kv(kv), health=problem)
+        res = txns.update_registration(self.etcd, kv, info, self.session.lease_id)
+        if res.succeeded:
+            self._registration = res.ranges[0][0]
             self.mirror.absorb(res.ranges[0], res.revision)
 
     def close(self) -> None:

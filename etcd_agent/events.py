@@ -39,13 +39,18 @@ def describe(kind: str, parsed, value: Record | None, prev_exists: bool) -> dict
             return {"event": "node gone", "node": parsed.node,
                     "why": "its lease ended (it stopped, or was lost) or was revoked"}
         if not prev_exists:
-            return {"event": "node registered", "node": parsed.node, "host": value.host, "pid": value.pid}
-        return None
+            return {"event": "node registered", "node": parsed.node, "host": value.host, "pid": value.pid,
+                    **({"health": value.health} if value.health else {})}
+        if value.health:
+            return {"event": "node unhealthy", "node": parsed.node, "health": value.health}
+        return {"event": "node healthy", "node": parsed.node}
     if kind == "join":
         if value is None:
             return {"event": "left round", "round": parsed.round, "node": parsed.node,
                     "why": "its join key vanished (lease ended, or it moved to the next round)"}
         return {"event": "joined round", "round": parsed.round, "node": parsed.node} if not prev_exists else None
+    if kind == "quarantine" and value is not None and value.until and not value.failures:
+        return {"event": "quarantined", "node": parsed.node, "until": value.until, "reason": value.reason}
     if kind == "plan" and value is not None:
         return {"event": "plan", "round": parsed.round, "members": value.nodes,
                 "master": f"{value.master_addr}:{value.master_port}"}
@@ -73,6 +78,9 @@ FORMATS = {  # one line per kind of entry (``describe``'s fields)
     "job ended": "job ended {phase} in round {round}: {reason}",
     "node registered": "node {node} registered (host {host}, pid {pid})",
     "node gone": "node {node} gone: {why}",
+    "node unhealthy": "node {node} is unhealthy and does not join: {health}",
+    "node healthy": "node {node} passed its health check: it joins again",
+    "quarantined": "node {node} quarantined until {until_text}: {reason}",
     "joined round": "{node} joined round {round}",
     "left round": "{node} left round {round}: {why}",
     "node finished": "{node} finished round {round} (its workers all exited 0)",
@@ -86,6 +94,8 @@ FORMATS = {  # one line per kind of entry (``describe``'s fields)
 def line(entry: dict) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"])) if entry.get("time") else "-"
     fields = {**entry, "member_list": ", ".join(entry.get("members") or ()),
+              "until_text": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["until"])) if entry.get("until")
+              else "-",
               "said": f": {entry['message']}" if entry.get("message") else ""}
     fmt = FORMATS.get(entry["event"])
     text = fmt.format(**fields) if fmt else json.dumps(entry, sort_keys=True)

@@ -244,6 +244,21 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(*_both("--worker-timeout"), type=float, default=0.0, action=Store,
                    help="restart the job when a worker shows no progress for this many seconds (default 0: off; "
                         "see etcd_agent.progress.beat)")
+    g.add_argument(*_both("--health-check"), dest="health_check", action=Store, default=None,
+                   help="a command run before this node joins each round (no shell; exit 0 = healthy): an unhealthy "
+                        "node does not join, says why in etcd and checks again after a backoff")
+    g.add_argument(*_both("--health-check-timeout"), dest="health_check_timeout", type=float, default=60.0,
+                   action=Store, help="seconds the --health-check command may take; longer is unhealthy (default 60)")
+    g.add_argument(*_both("--quarantine-after"), dest="quarantine_after", type=int, default=0, action=Store,
+                   help="this node sits out for --quarantine-cooldown once its workers failed this many times within "
+                        "--quarantine-window (default 0: off)")
+    g.add_argument(*_both("--quarantine-window"), dest="quarantine_window", type=float, default=600.0, action=Store,
+                   help="seconds in which --quarantine-after failures count (default 600)")
+    g.add_argument(*_both("--quarantine-cooldown"), dest="quarantine_cooldown", type=float, default=600.0,
+                   action=Store, help="seconds a quarantined node sits out (default 600)")
+    g.add_argument(*_both("--gpu-drain-timeout"), dest="gpu_drain_timeout", type=float, default=30.0, action=Store,
+                   help="GPU jobs: seconds to wait for the stopped workers' GPU memory to be released before new "
+                        "workers start (default 30; needs nvidia-ml-py)")
     g.add_argument(*_both("--log-level"), action=Env, env_prefix="ETCD_AGENT_", default="INFO",
                    help="agent log level (default INFO; env ETCD_AGENT_LOG_LEVEL)")
 

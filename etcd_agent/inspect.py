@@ -18,7 +18,7 @@ from .errors import BadKeyData, ConfigError, EtcdUnavailable
 from .etcd import Etcd, op_count, op_get, prefix_end
 from .keys import RunKeys
 from .state import Mirror
-from .values import Failure, NodeInfo, Result, RoundInfo, SpecValue
+from .values import Failure, NodeInfo, Quarantine, Result, RoundInfo, SpecValue
 
 
 def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_config: Callable,
@@ -209,13 +209,19 @@ def snapshot(mirror: Mirror) -> dict:
                 nodes[kv.key[len(k.nodes()):]] = info.to_json()
     result = read(lambda: mirror.record_at(k.result(), Result))
     spec = read(lambda: mirror.record_at(k.spec(), SpecValue))
+    quarantined = {}
+    for kv in mirror.children(k.quarantines()):
+        q = read(lambda: mirror.record(kv, Quarantine))
+        if q is not None and q.until:
+            quarantined[kv.key[len(k.quarantines()):]] = {"until": q.until, "reason": q.reason}
     return {"revision": mirror.revision, "spec": spec and spec.to_json(), "nodes": nodes,
             "round": rnd and {"round": rnd.number, "phase": rnd.phase, "reason": rnd.reason},
             "restarts": restarts and {"used": restarts.used, "max": restarts.max},
             "joined": sorted(kv.key[len(k.joins(number)):] for kv in mirror.children(k.joins(number))),
             "plan": plan.expanded() if plan else None,
             "exited": sorted(kv.key[len(k.exits(number)):] for kv in mirror.children(k.exits(number))),
-            "failures": failures(mirror, read), "result": result and result.to_json(), "problems": problems}
+            "failures": failures(mirror, read), "result": result and result.to_json(), "problems": problems,
+            "quarantined": quarantined}
 
 
 def failures(mirror: Mirror, read) -> dict[str, dict[str, dict]]:
@@ -242,6 +248,12 @@ def describe(run_id: str, s: dict) -> str:
         limit = f"of {rs['max']} " if rs["max"] < NO_RESTART_LIMIT else "(no job-wide limit) "
         lines.append(f"  restarts: {rs['used']} {limit}used")
     lines.append(f"  nodes alive: {', '.join(sorted(s['nodes'])) or 'none'}")
+    lines += [f"  unhealthy, not joining: {n}: {info['health']}" for n, info in sorted(s["nodes"].items())
+              if info.get("health")]
+    now = time.time()
+    lines += [f"  quarantine{'d' if q['until'] > now else ' over'}: {n} until "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(q['until']))} ({q['reason']})"
+              for n, q in sorted(s.get("quarantined", {}).items())]
     plan = s["plan"]
     torchrun = (s.get("spec") or {}).get("nproc_per_node") == TORCHRUN_NPROC  # torch's agent assigns worker ranks
     if plan:

@@ -8,6 +8,7 @@ carrying ``"v": 1``; ``values.py`` defines each one as a typed record, validated
     P/spec                          job spec, created once, checked by every later agent
     P/nodes/<node>                  leased: the alive registry
     P/node_ranks/<rank>             leased: held by the node started with --node-rank <rank>, create-if-absent
+    P/quarantine/<node>             unleased: this node's recent worker failures, and until when it sits out
     P/round                         {round, phase, reason}; its mod_revision fences every round transition
     P/restarts                      {used, max}: the job-wide restart budget
     P/r/<round:08d>/join/<node>     leased: joined this round
@@ -125,6 +126,13 @@ class Keys:
     def node_ranks(self) -> str:
         return self.prefix + "node_ranks/"
 
+    def quarantines(self) -> str:
+        return self.prefix + "quarantine/"
+
+    def quarantine(self, node: str) -> str:
+        """A node's worker failures (job-wide, kept across its agent's restarts) and its quarantine."""
+        return self.quarantines() + node
+
     def node_rank(self, rank: int) -> str:
         """The claim of group rank ``rank`` by the one live node started with ``--node-rank <rank>``."""
         return f"{self.node_ranks()}{rank}"
@@ -192,6 +200,8 @@ class Keys:
         parts = rest.split("/")
         if len(parts) == 2 and parts[0] == "nodes" and parts[1]:
             return ParsedKey("node", node=parts[1])
+        if len(parts) == 2 and parts[0] == "quarantine" and parts[1]:
+            return ParsedKey("quarantine", node=parts[1])
         if len(parts) == 2 and parts[0] == "node_ranks" and _RANK_RE.fullmatch(parts[1]):
             return ParsedKey("node_rank", rank=int(parts[1]))
         if len(parts) >= 3 and parts[0] == "store" and _ROUND_RE.fullmatch(parts[1]):

@@ -40,8 +40,9 @@ import uuid
 from .config import (AgentConfig, EtcdConfig, JobSpec, StdSpec, WorkerConfig, default_node_id, endpoint_scheme,
                      parse_endpoints, parse_nnodes, request_timeout_for, resolve_nproc)
 from .errors import ConfigError
-from .secure import keep_secret
 from .flags import PASSWORD_ENV, sources
+from .health import HealthConfig, QuarantinePolicy
+from .secure import keep_secret
 
 ETCD_BACKENDS = ("etcd", "etcd-v2", "etcd-v3")
 EMBEDDED_ENDPOINT = "127.0.0.1:2379"  # placeholder until the embedded etcd has its port
@@ -67,7 +68,10 @@ _CONF_OPTIONS = {
     "worker_timeout": ("worker_timeout", float), "stop_timeout": ("stop_timeout", float),
     "node_id": ("node_id", str), "etcd_prefix": ("root", str), "etcd_timeout": ("etcd_timeout", float),
     "etcd_cacert": ("cacert", str), "etcd_cert": ("cert", str), "etcd_key": ("key", str),
-    "etcd_user": ("user", str),
+    "etcd_user": ("user", str), "health_check": ("health_check", str),
+    "health_check_timeout": ("health_check_timeout", float), "gpu_drain_timeout": ("gpu_drain_timeout", float),
+    "quarantine_after": ("quarantine_after", int), "quarantine_window": ("quarantine_window", float),
+    "quarantine_cooldown": ("quarantine_cooldown", float),
 }
 # torchrun keys that etcd-agent accepts and does not need, with the reason (one log line each).
 _CONF_NOT_NEEDED = {
@@ -346,7 +350,9 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         root=ns.root, local_addr=ns.local_addr or "", lease_ttl=ns.lease_ttl,
         last_call=ns.last_call, join_timeout=ns.join_timeout, scale_settle=ns.scale_settle,
         worker_timeout=ns.worker_timeout, node_rank=rank, master_addr=master_addr, master_port=master_port,
-        signals=signals)
+        signals=signals, gpu_drain_timeout=ns.gpu_drain_timeout,
+        quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown), health=HealthConfig.parse(ns.health_check, ns.health_check_timeout,
+                                                   workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
     check_entrypoint(workers)  # after the flags: a bad flag is named first
     return Launch(cfg, embedded, tuple(notes))
 

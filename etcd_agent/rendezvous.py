@@ -20,6 +20,8 @@ and decide again". Invariants this module keeps:
 - Views may be partial (``View.scope``): a loss counts only where the view watches it (the leader watches every
   member, the others their ring predecessor); only the leader times a round out, closes it or scales up; an
   absence the view does not watch is never read as a fact.
+- Health: a node whose health check failed (``health.py``) does not join until it passes again; its registry entry
+  says why, and the leader's fast path and scale-up count healthy nodes only, so nobody waits for it.
 - Restarts are counted job-wide: worker failures and node losses count, scale-ups do not. Once any node's
   workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run.
 """
@@ -57,6 +59,8 @@ class Local:
     round_seen_at: float = 0.0  # when this agent first saw the current round number
     min_reached_at: float | None = None  # when this agent first saw min_nodes joiners in the current round
     newcomers_since: float | None = None  # when this agent first saw a registered node outside the plan
+    unhealthy: str = ""  # why this node failed its last health check ("" healthy): it does not join
+    health_retry_at: float = 0.0  # when an unhealthy node checks itself again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +102,13 @@ class Bump:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckHealth:
+    """An unhealthy node outside the running round checks itself again (passing, it counts for the next round)."""
+
+    round: RoundInfo
+
+
+@dataclasses.dataclass(frozen=True)
 class WriteExit:
     round: RoundInfo
 
@@ -115,7 +126,7 @@ class Finish:
     result: Result
 
 
-Action = Wait | StopWorkers | StartWorkers | JoinRound | ClosePlan | Bump | WriteExit | End | Finish
+Action = Wait | StopWorkers | StartWorkers | JoinRound | ClosePlan | Bump | WriteExit | End | Finish | CheckHealth
 
 
 def decide(v: View, me: Local, p: Params) -> Action:
@@ -147,6 +158,9 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if me.node not in v.joins or _stale(v, me):
         if me.node not in v.nodes:
             return Wait("this node's registration is not visible yet")
+        if me.unhealthy and me.now < me.health_retry_at:
+            return Wait(f"this node is unhealthy ({me.unhealthy}); it does not join round {r.number} and checks "
+                        "again", me.health_retry_at)
         return JoinRound(r)
     if not v.full:  # only the leader watches the joins; this node watches the leader's key
         others = [j for j in v.joins.values() if j.node != me.node]
@@ -171,7 +185,7 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     guard = tuple((m.node, v.joins[m.node].create_revision) for m in plan.members)
     # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
     # The first round waits out the last call for nodes that are still starting.
-    if count >= p.max_nodes or (v.last_plan is not None and set(v.nodes) <= set(v.joins)):
+    if count >= p.max_nodes or (v.last_plan is not None and healthy(v) <= set(v.joins)):
         return ClosePlan(r, plan, guard, v.revision)
     close_at = (me.min_reached_at if me.min_reached_at is not None else me.now) + p.last_call
     if me.now >= close_at:
@@ -182,7 +196,8 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
 def _timed_out(v: View, r: RoundInfo, p: Params, ranking: Ranking) -> str:
     count = len(v.joins)
     before = set(v.last_plan.nodes) if v.last_plan else set()
-    missing = ", ".join(sorted((before | set(v.nodes)) - set(v.joins))) or "no other node registered"
+    missing = ", ".join(f"{n} (unhealthy: {v.nodes[n].health})" if n in v.nodes and v.nodes[n].health else n
+                        for n in sorted((before | set(v.nodes)) - set(v.joins))) or "no other node registered"
     if count < p.min_nodes:
         why = f"{count} of at least {p.min_nodes} node(s) joined round {r.number}"
     else:
@@ -205,6 +220,10 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return _fail_or_bump(v, r, me, p, f"{describe_failure(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
         return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
+    if member is None and me.unhealthy:
+        if me.now >= me.health_retry_at:
+            return CheckHealth(r)
+        return Wait(f"this node is unhealthy ({me.unhealthy}); round {r.number} runs without it", me.health_retry_at)
     if member is None:
         full = " (the round is full)" if len(plan.members) >= p.max_nodes else ""
         return Wait(f"round {r.number} runs without this node{full}; waiting to be taken into the next round")
@@ -214,13 +233,18 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return WriteExit(r)
     if len(exits) >= len(plan.members) and set(plan.nodes) <= exits:
         return End(r, DONE, result(r, Outcome.SUCCEEDED, me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
-    newcomers = sorted(n for n in v.nodes if plan.member(n) is None) if v.full else []
+    newcomers = sorted(n for n in healthy(v) if plan.member(n) is None) if v.full else []
     if newcomers and len(plan.members) < p.max_nodes and not exits:
         settle_at = (me.newcomers_since if me.newcomers_since is not None else me.now) + p.scale_settle
         if me.now >= settle_at:
             return Bump(r, f"node(s) {', '.join(newcomers)} can join (scale-up)", counted=False)
         return Wait(f"node(s) {', '.join(newcomers)} registered; settling before scaling up", settle_at)
     return Wait(f"round {r.number} running with {len(plan.members)} node(s)")
+
+
+def healthy(v: View) -> set[str]:
+    """The registered nodes that passed their health check (an unhealthy one joins no round until it passes)."""
+    return {n for n, info in v.nodes.items() if not info.health}
 
 
 def member_exits(v: View) -> frozenset[str]:

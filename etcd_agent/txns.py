@@ -141,6 +141,19 @@ def register(etcd: Etcd, keys: Keys, node: str, info: NodeInfo, lease: int) -> T
     return res
 
 
+def update_registration(etcd: Etcd, kv, info: NodeInfo, lease: int) -> TxnResult:
+    """Rewrite this node's registry entry (``kv``, as last written) with ``info``, on the same lease, if it is still
+    that version; the result's one range is the entry as written."""
+    return etcd.txn([mod_is(kv.key, kv.mod_revision)], [op_put(kv.key, info.encode(), lease), op_get(kv.key)],
+                    where=f"update {kv.key}")
+
+
+def put_quarantine(etcd: Etcd, key: str, kv, record) -> bool:
+    """Write this node's quarantine record if ``P/quarantine/<node>`` is still ``kv`` (None: absent)."""
+    return etcd.txn([mod_is(key, kv.mod_revision) if kv else absent(key)], [op_put(key, record.encode())],
+                    where=f"count a failure in {key}").succeeded
+
+
 def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, claim: RankClaim, lease: int, wait: float) -> int:
     """Hold ``P/node_ranks/<rank>`` on our lease (create-if-absent), so that no two live nodes share a
     ``--node-rank``; returns the revision of the claim. A key on our own lease is ours (a retried claim whose first

@@ -3,8 +3,9 @@
 One record per kind of key::
 
     R/job                      JobPointer   {gen, time}
-    P/nodes/<node>             NodeInfo     who runs the agent: host, address, pid, version, nproc, lease
+    P/nodes/<node>             NodeInfo     who runs the agent: host, address, pid, version, nproc, lease, health
     P/node_ranks/<rank>        RankClaim    the holder of a --node-rank
+    P/quarantine/<node>        Quarantine   its recent worker failures, and until when it sits out
     P/round                    RoundInfo    {round, phase, reason, time[, nodes][, last_plan]}
     P/restarts                 Restarts     {used, max}
     P/r/<n>/join/<node>        Join         address, free port, nproc, previous rank, static-rendezvous flags
@@ -116,6 +117,9 @@ def _convert(key: str, field: str, kind, value):
                 if not (isinstance(others[0], type) and issubclass(others[0], Record) and isinstance(value, dict)):
                     raise BadKeyData(key, f"{field} must be {_describe(kind)}, not {value!r}") from exc
                 raise
+    elif typing.get_origin(kind) is tuple and isinstance(value, list):
+        item = args[0]
+        return tuple(_convert(key, f"{field}[{i}]", item, v) for i, v in enumerate(value))
     elif kind is int and type(value) is int:
         return value
     elif kind is float and type(value) in (int, float):
@@ -157,7 +161,8 @@ class Record:
             value = getattr(self, s.name)
             if value is None and self.OMIT_NONE and not s.required:
                 continue
-            out[s.json] = value.to_json() if isinstance(value, Record) else value
+            out[s.json] = value.to_json() if isinstance(value, Record) else list(value) if isinstance(value, tuple) \
+                else value
         return out
 
     def encode(self) -> bytes:
@@ -226,6 +231,7 @@ class NodeInfo(Record):
     nproc: int | None = None
     lease: str = ""  # the session lease, in hex as etcdctl prints it
     started: float = 0.0
+    health: str = ""  # why the node failed its health check ("" healthy): it does not join until it passes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +243,20 @@ class RankClaim(Record):
     host: str = ""
     pid: int | None = None
     lease: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Quarantine(Record):
+    """``P/quarantine/<node>``: when this node's workers failed lately (wall times, within the window), and until
+    when it sits out (0: it does not)."""
+
+    node: str
+    failures: tuple[float, ...] = ()
+    until: float = 0.0
+    reason: str = ""
+
+    def sitting_out(self, wall: float) -> bool:
+        return self.until > wall
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,7 +479,7 @@ class Result(Record):
 
 
 RECORDS: dict[str, type[Record]] = {  # keys.ParsedKey.kind -> the record its values are
-    "spec": SpecValue, "node": NodeInfo, "node_rank": RankClaim, "round": RoundInfo, "restarts": Restarts, "join": Join,
+    "spec": SpecValue, "node": NodeInfo, "quarantine": Quarantine, "node_rank": RankClaim, "round": RoundInfo, "restarts": Restarts, "join": Join,
     "plan": Plan, "exit": Exit, "failure": Failure, "result": Result,
 }
 

@@ -181,6 +181,7 @@ class WorkerGroup:
         self._workers: list[_Worker] = []
         self._reports: dict[tuple[int, int], WorkerLogs] = {}  # (round, local_rank) -> logs, for failure_report
         self._log_root = cfg.log_dir
+        self.stopped_pids: set[int] = set()  # the workers and descendants the last stop ended (GPU memory drain)
         self._stopped = True
         self._stopping = False  # exits seen while stop() runs are expected and logged at INFO
 
@@ -311,6 +312,7 @@ class WorkerGroup:
                 w.exited.wait(max(0.0, deadline - time.monotonic()))
             survivors = proctree.wait_gone(list(tree.values()), deadline)
             self._kill(workers, rnd, survivors)
+            self.stopped_pids = {w.pid for w in workers if w.pid} | set(tree)
             self._stopped = True
             self._join(workers)
 

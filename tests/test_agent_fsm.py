@@ -40,12 +40,12 @@ class Recorded(Agent):
             self.states.append(new)
 
 
-def start(endpoint: str, run_id: str, node: str, **kw) -> tuple[Recorded, threading.Thread, dict]:
+def start(endpoint: str, run_id: str, node: str, group=StandInGroup, **kw) -> tuple[Recorded, threading.Thread, dict]:
     cfg = AgentConfig(run_id=run_id, node_id=node, spec=JobSpec(1, 1, "2", kw.pop("max_restarts", 0)),
                       workers=WorkerConfig("unused.py", (), 2),
                       etcd=EtcdConfig(parse_endpoints(endpoint), request_timeout=1.0), lease_ttl=3,
                       local_addr="127.0.0.1", last_call=0.0, **kw)
-    agent = Recorded(cfg, "test", group_factory=StandInGroup)
+    agent = Recorded(cfg, "test", group_factory=group)
     outcome: dict = {}
 
     def body():

@@ -52,8 +52,8 @@ def test_every_record_reads_back_what_it_wrote(key, record):
 
 
 def test_every_kind_of_key_with_a_value_has_a_record():
-    assert set(RECORDS) == {"spec", "node", "node_rank", "round", "restarts", "join", "plan", "exit", "failure",
-                            "result"}
+    assert set(RECORDS) == {"spec", "node", "node_rank", "quarantine", "round", "restarts", "join", "plan", "exit",
+                            "failure", "result"}
 
 
 def test_phases_and_outcomes_are_the_words_stored():

@@ -7,6 +7,7 @@ Every run records its environment to OUT/<round>-<rank>.json, then behaves as to
   --say FILE                            a failing rank prints FILE's content on stderr first (a secret, say)
   --fail-when FILE                      with --fail-rank: those ranks fail only once FILE exists
   --always-fail-rank R                  rank R exits 3 in every round (the others block likewise)
+  --always-fail                         every rank this agent starts exits 3 in every round (a node with a bad GPU)
   --hold FILE [--hold-rank R]           rank R (default: every rank) waits until FILE exists, then exits 0
   --run-until FILE                      every rank waits until FILE exists (a long job)
   --ignore-sigterm                      SIGTERM is ignored (a worker stuck in C code): only SIGKILL ends it
@@ -28,6 +29,7 @@ p.add_argument("--fail-round", type=int, default=1)
 p.add_argument("--fail-when")
 p.add_argument("--say")
 p.add_argument("--always-fail-rank", type=int)
+p.add_argument("--always-fail", action="store_true")
 p.add_argument("--hold-rank", type=int)
 p.add_argument("--hold")
 p.add_argument("--run-until")
@@ -69,7 +71,7 @@ def fail(msg: str) -> None:
     sys.exit(3)
 
 
-failing_now = a.always_fail_rank is not None or (a.fail_rank and a.fail_round == rnd)
+failing_now = a.always_fail or a.always_fail_rank is not None or (a.fail_rank and a.fail_round == rnd)
 if failing_now:
     mine = [os.path.join(a.out, n) for n in os.listdir(a.out) if n.startswith(f"{rnd}-") and n.endswith(".json")]
     while len(mine) < world:
@@ -80,6 +82,8 @@ if failing_now:
     time.sleep(max(0.0, go - time.time()))
 if a.always_fail_rank == rank:
     fail(f"RuntimeError: rank {rank} always fails")
+if a.always_fail:
+    fail(f"RuntimeError: rank {rank} fails on this node in every round")
 if rank in a.fail_rank and a.fail_round == rnd:
     if a.fail_when:
         wait_for(a.fail_when)

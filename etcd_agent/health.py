@@ -1,0 +1,140 @@
+"""The health gate: before joining a round an agent checks its node, and an unhealthy node does not join.
+
+Two checks, in order:
+- GPUs, through NVML (``gpu.py``), when the job's workers are GPU workers (``--nproc-per-node gpu``): the expected
+  number visible, none with pages pending retirement or uncorrectable ECC errors. Without NVML this check is skipped
+  (said once).
+- ``--health-check CMD``: the operator's own command, run without a shell (``shlex`` splits it), exit 0 = healthy,
+  killed after ``--health-check-timeout`` seconds (which counts as unhealthy); the first line of its output is
+  the reason given.
+
+An unhealthy node records why in its registry entry (``P/nodes/<node>`` ``health``), where ``status`` and ``events``
+show it; the round leader does not wait for it (the fast path and scale-up count healthy nodes only), and the node
+checks again after a backoff (``BACKOFF``).
+
+Quarantine (``QuarantinePolicy``): a node whose workers failed K times within a window sits out for a cooldown.
+Its failures are counted job-wide in ``P/quarantine/<node>`` (unleased: an agent started again on the node finds
+them), each one recorded by the node itself at its next join; while it sits out, the health gate says so.
+Imports ``gpu`` and ``values``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import signal
+import subprocess
+import time
+
+from . import gpu
+from .values import Quarantine
+
+BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)  # seconds until the next check after 1, 2, ... failed checks in a row
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait before checking again after ``failures`` (1 or more) failed checks in a row."""
+    return BACKOFF[min(max(failures, 1), len(BACKOFF)) - 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthConfig:
+    command: tuple[str, ...] = ()  # --health-check, split; () when not given
+    timeout: float = 60.0  # --health-check-timeout
+    gpus: int | None = None  # GPUs this node's workers use (--nproc-per-node gpu); None: not a GPU job
+
+    @property
+    def active(self) -> bool:
+        return bool(self.command) or self.gpus is not None
+
+    @classmethod
+    def parse(cls, command: str | None, timeout: float, gpus: int | None) -> HealthConfig:
+        from .errors import ConfigError
+
+        if not timeout > 0:
+            raise ConfigError(f"--health-check-timeout must be positive, got {timeout}")
+        try:
+            argv = tuple(shlex.split(command)) if command else ()
+        except ValueError as exc:
+            raise ConfigError(f"--health-check {command!r}: {exc}") from exc
+        if command is not None and not argv:
+            raise ConfigError("--health-check is empty: give a command, or leave the flag out")
+        return cls(argv, timeout, gpus)
+
+
+def check(cfg: HealthConfig, nvml=None, env: dict | None = None) -> str:
+    """``""`` when this node is healthy, else one line saying why."""
+    if cfg.gpus is not None:
+        found = gpu.problems(cfg.gpus, nvml)
+        if found:
+            return "; ".join(found)
+    if cfg.command:
+        return _run(cfg, env)
+    return ""
+
+
+def _run(cfg: HealthConfig, env: dict | None) -> str:
+    what = f"--health-check {shlex.join(cfg.command)}"
+    try:
+        proc = subprocess.Popen(cfg.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    except OSError as exc:
+        return f"{what} could not run: {exc.strerror or exc}"
+    try:
+        out, _ = proc.communicate(timeout=cfg.timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the command and whatever it started
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        return f"{what} did not finish within {cfg.timeout:g} s (--health-check-timeout)"
+    if proc.returncode == 0:
+        return ""
+    said = next((line.strip() for line in out.decode(errors="replace").splitlines() if line.strip()), "")
+    how = f"exit code {proc.returncode}" if proc.returncode > 0 else f"signal {signal.Signals(-proc.returncode).name}"
+    return f"{what} failed with {how}" + (f": {said[:200]}" if said else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuarantinePolicy:
+    """``--quarantine-after K`` failures of this node's workers within ``--quarantine-window`` seconds make it sit out
+    for ``--quarantine-cooldown`` seconds (K = 0: off)."""
+
+    after: int = 0
+    window: float = 600.0
+    cooldown: float = 600.0
+
+    @property
+    def active(self) -> bool:
+        return self.after > 0
+
+    def __post_init__(self) -> None:
+        from .errors import ConfigError
+
+        if self.after < 0:
+            raise ConfigError(f"--quarantine-after must be 0 (off) or more, got {self.after}")
+        if not self.window > 0 or not self.cooldown > 0:
+            raise ConfigError(f"--quarantine-window and --quarantine-cooldown must be positive, got "
+                              f"{self.window:g} and {self.cooldown:g}")
+
+
+def record_failure(q: Quarantine | None, node: str, failed_at: float, policy: QuarantinePolicy,
+                   wall: float) -> Quarantine:
+    """``q`` (this node's record, None: none yet) with one more failure at ``failed_at``: failures older than the
+    window are dropped, and the K-th within it starts a cooldown (and the count starts again)."""
+    recent = [t for t in (q.failures if q else ()) if t > wall - policy.window] + [failed_at]
+    if q is not None and q.sitting_out(wall):
+        return dataclasses.replace(q, failures=tuple(recent))
+    if len(recent) >= policy.after:
+        why = (f"{len(recent)} worker failure(s) within {policy.window:g} s (--quarantine-after {policy.after})")
+        return Quarantine(node, (), wall + policy.cooldown, why)
+    return Quarantine(node, tuple(recent), 0.0, q.reason if q else "")
+
+
+def quarantined(q: Quarantine | None, wall: float) -> str:
+    """Why this node sits out now ("" when it does not)."""
+    if q is None or not q.sitting_out(wall):
+        return ""
+    return f"quarantined until {time.strftime('%H:%M:%S', time.localtime(q.until))}: {q.reason}"

@@ -1,0 +1,341 @@
+"""The health gate (health.py, gpu.py): decisions over injected readings, the command check, NVML through a stand-in
+module, and a real job in which one node is unhealthy until its check passes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agents import poll_until, records, start_agents, wait_all
+from etcd_agent import gpu, health
+from etcd_agent.errors import ConfigError
+from etcd_agent.rendezvous import Bump, CheckHealth, ClosePlan, JoinRound, Params, Wait, decide
+from etcd_agent.state import JOINING
+from etcd_agent.values import NodeInfo
+from test_rendezvous import ME, NOW, PARAMS, jn, me, mk_plan, running_here, view
+
+
+def sick(v, node: str, why: str = "GPU 0 has 2 uncorrectable ECC error(s)"):
+    return dataclasses.replace(v, nodes={**v.nodes, node: NodeInfo(node, health=why)})
+
+
+# --- decisions -------------------------------------------------------------------------------------------------
+
+def test_an_unhealthy_node_waits_for_its_next_check_then_tries_to_join():
+    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn("node-b", 12)])
+    waiting = decide(v, me(unhealthy="bad GPU", health_retry_at=NOW + 5), PARAMS)
+    assert isinstance(waiting, Wait) and waiting.deadline == NOW + 5 and "unhealthy (bad GPU)" in waiting.why
+    assert isinstance(decide(v, me(unhealthy="bad GPU", health_retry_at=NOW), PARAMS), JoinRound)
+    assert isinstance(decide(v, me(), PARAMS), JoinRound)
+
+
+def test_an_unhealthy_node_outside_a_running_round_checks_again_when_due():
+    v = view(nodes=[ME, "node-b"], plan=mk_plan(3, ["node-b"]), joins=["node-b"])
+    waiting = decide(v, me(unhealthy="bad GPU", health_retry_at=NOW + 5), PARAMS)
+    assert isinstance(waiting, Wait) and waiting.deadline == NOW + 5
+    assert isinstance(decide(v, me(unhealthy="bad GPU", health_retry_at=NOW), PARAMS), CheckHealth)
+    assert isinstance(decide(v, me(), PARAMS), Wait)  # healthy: it waits to be taken into the next round
+
+
+def test_the_fast_path_does_not_wait_for_an_unhealthy_node():
+    p = Params(2, 4, 3, 30.0, 60.0, 1.0)
+    v = view(phase=JOINING, nodes=[ME, "node-b", "node-c"], joins=[jn(ME, 11), jn("node-b", 12)],
+             last_plan=mk_plan(2, [ME, "node-b", "node-c"]))
+    assert isinstance(decide(v, me(round_seen_at=NOW, min_reached_at=NOW), p), Wait)  # node-c may still come
+    action = decide(sick(v, "node-c"), me(round_seen_at=NOW, min_reached_at=NOW), p)
+    assert isinstance(action, ClosePlan) and action.plan.nodes == [ME, "node-b"]
+
+
+def test_an_unhealthy_newcomer_does_not_scale_the_job_up_and_a_healthy_one_does():
+    v = view(nodes=[ME, "node-b", "node-new"], plan=mk_plan(3, [ME, "node-b"]))
+    later = running_here(now=NOW + 10, newcomers_since=NOW)
+    assert isinstance(decide(v, later, PARAMS), Bump)
+    assert isinstance(decide(sick(v, "node-new"), later, PARAMS), Wait)
+
+
+def test_a_join_timeout_names_the_unhealthy_node_and_why():
+    v = sick(view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11)]), "node-b", "no GPU")
+    action = decide(v, me(round_seen_at=NOW - 60.0), PARAMS)
+    assert "missing: node-b (unhealthy: no GPU)" in action.result.reason
+
+
+def test_backoff_grows_to_a_minute():
+    assert [health.backoff(n) for n in (1, 2, 3, 4, 5, 9)] == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+def cmd(text: str, timeout: float = 10.0) -> health.HealthConfig:
+    return health.HealthConfig.parse(text, timeout, None)
+
+
+def test_a_command_that_exits_0_is_healthy():
+    assert health.check(cmd("true")) == ""
+    assert not health.HealthConfig().active and cmd("true").active
+
+
+def test_a_failing_command_says_its_exit_code_and_first_line():
+    script = f"{sys.executable} -c \"print(); print('ECC errors on GPU 3'); print('more'); raise SystemExit(4)\""
+    assert health.check(cmd(script)).endswith("failed with exit code 4: ECC errors on GPU 3")
+
+
+def test_a_command_past_its_timeout_is_unhealthy_and_killed_with_what_it_started(tmp_path):
+    marker, child, script = tmp_path / "child-alive", tmp_path / "child.py", tmp_path / "slow_check.py"
+    child.write_text(f"import time\ntime.sleep(3)\nopen({str(marker)!r}, 'w')\n")
+    script.write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(child)!r}])\n"
+                      "time.sleep(30)\n")
+    script = f"{sys.executable} {script}"
+    started = time.monotonic()
+    problem = health.check(cmd(script, timeout=0.5))
+    assert "did not finish within 0.5 s (--health-check-timeout)" in problem
+    assert time.monotonic() - started < 10
+    time.sleep(3.5)
+    assert not marker.exists()  # the grandchild went with the command's process group
+
+
+def test_a_command_that_cannot_run_is_unhealthy():
+    assert "could not run: No such file or directory" in health.check(cmd("/no/such/health-check"))
+
+
+@pytest.mark.parametrize("text, timeout, problem", [
+    ("", 5.0, "--health-check is empty"), ("check 'unclosed", 5.0, "--health-check"),
+    ("true", 0.0, "--health-check-timeout must be positive"),
+])
+def test_bad_health_flags_name_the_flag(text, timeout, problem):
+    with pytest.raises(ConfigError, match=problem):
+        health.HealthConfig.parse(text, timeout, None)
+
+
+def test_the_flags_reach_the_agent_config(tmp_path):
+    from etcd_agent.cli import build_parser
+    from etcd_agent.launch import resolve
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    parser = build_parser()
+    ns = parser.parse_args(["--health-check", "nvidia-smi -q", "--health-check-timeout", "7", str(script)])
+    cfg = resolve(parser, ns).cfg
+    assert cfg.health == health.HealthConfig(("nvidia-smi", "-q"), 7.0, None)
+
+
+# --- NVML, through a stand-in of pynvml -------------------------------------------------------------------------
+
+class FakeNVML:
+    NVML_MEMORY_ERROR_TYPE_UNCORRECTED, NVML_VOLATILE_ECC = 1, 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, gpus: int, pending=(), ecc=None, unsupported=()):
+        self.gpus, self.pending, self.ecc, self.unsupported = gpus, set(pending), dict(ecc or {}), set(unsupported)
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return self.gpus
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, h):
+        if h in self.unsupported:
+            raise self.NVMLError("Not Supported")
+        return 1 if h in self.pending else 0
+
+    def nvmlDeviceGetTotalEccErrors(self, h, kind, counter):
+        assert (kind, counter) == (1, 0)
+        if h in self.unsupported:
+            raise self.NVMLError("Not Supported")
+        return self.ecc.get(h, 0)
+
+
+def test_nvml_reports_missing_gpus_pending_retirement_and_ecc_errors():
+    assert gpu.problems(4, FakeNVML(4)) == []
+    assert gpu.problems(4, FakeNVML(4, unsupported={0, 1, 2, 3})) == []  # a GPU without those counters is fine
+    found = gpu.problems(4, FakeNVML(3, pending={1}, ecc={2: 5}))
+    assert found == ["3 GPU(s) visible, 4 expected", "GPU 1 has memory pages waiting to be retired (it needs a reset)",
+                     "GPU 2 has 5 uncorrectable ECC error(s) since the driver loaded"]
+    gate = health.HealthConfig(gpus=4)
+    assert health.check(gate, FakeNVML(3)) == "3 GPU(s) visible, 4 expected"
+    assert health.check(gate, FakeNVML(4)) == ""
+
+
+def test_without_nvml_the_gpu_check_is_skipped_and_says_so_once(caplog):
+    gpu.forget()
+
+    def missing():
+        raise ImportError("No module named 'pynvml'")
+    try:
+        with caplog.at_level(logging.INFO, logger="etcd_agent.gpu"):
+            assert gpu.nvml(missing) is None
+            assert gpu.nvml(missing) is None and gpu.problems(8) is None and gpu.count() is None
+        said = [r.getMessage() for r in caplog.records if "NVML is not available" in r.getMessage()]
+        assert len(said) == 1 and "No module named 'pynvml'" in said[0]
+        assert health.check(health.HealthConfig(gpus=8)) == ""  # unknown is not unhealthy
+    finally:
+        gpu.forget()
+
+
+# --- a real job ------------------------------------------------------------------------------------------------
+
+def test_an_unhealthy_node_stays_out_until_its_check_passes(etcd_endpoint, run_id, tmp_path):
+    """node-1's check fails until a file exists: node-0 runs the job alone, status and events say why node-1 is out;
+    once the check passes node-1 joins (a scale-up) and both finish."""
+    healthy_flag, release = tmp_path / "node-1-healthy", tmp_path / "release"
+    check = f"{sys.executable} -c \"import os, sys; os.path.exists({str(healthy_flag)!r}) or sys.exit('GPU 0 is lost')\""
+    first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                              nnodes="1:2")
+    second, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                             nnodes="1:2", first=1, extra=["--health-check", check])
+    agents = first + second
+    base = [sys.executable, "-m", "etcd_agent"]
+    ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
+
+    def status() -> str:
+        return subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
+    poll_until(lambda: (1, 0) in records(out) and "unhealthy, not joining: node-1" in status(), 30,
+               "node-0 running round 1 alone while status says node-1 is unhealthy", interval=0.3)
+    shown = status()
+    assert "round 1: running (1 node(s): node-0)" in shown
+    assert "unhealthy, not joining: node-1: --health-check" in shown and "exit code 1: GPU 0 is lost" in shown
+    healthy_flag.touch()
+    # the next check passed: the job scaled up to both nodes
+    poll_until(lambda: (2, 1) in records(out), 30, "node-1 running rank 1 in round 2")
+    release.touch()
+    assert wait_all(agents) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    err = second[0].stderr()
+    assert err.count("this node is unhealthy and does not join") == 1  # said once, however many checks failed
+    assert "passed its health check after" in err
+    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=30).stdout
+    assert "node node-1 is unhealthy and does not join: --health-check" in events
+    assert "node node-1 passed its health check: it joins again" in events
+    assert events.index("is unhealthy") < events.index("passed its health check") < events.index("node-1 joined round")
+
+
+def test_nproc_per_node_gpu_counts_through_nvml(monkeypatch):
+    from etcd_agent.config import count_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpu.forget()
+    try:
+        assert gpu.nvml(lambda: FakeNVML(3)) is not None
+        assert count_gpus() == 3
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+        assert count_gpus() == 1  # the job's own view wins
+    finally:
+        gpu.forget()
+
+
+# --- GPU memory drain ------------------------------------------------------------------------------------------
+
+class Proc:
+    def __init__(self, pid: int, used: int):
+        self.pid, self.usedGpuMemory = pid, used
+
+
+class HeldNVML(FakeNVML):
+    """Two GPUs; ``held`` pids hold 512 MiB on each until ``release_at`` (monotonic; None: never)."""
+
+    def __init__(self, held, release_at=None):
+        super().__init__(2)
+        self.held, self.release_at = set(held), release_at
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        if self.release_at is not None and time.monotonic() >= self.release_at:
+            return [Proc(1, 2**30)]  # someone else's process: never waited for
+        return [Proc(pid, 2**29) for pid in self.held] + [Proc(1, 2**30)]
+
+
+def test_drain_waits_for_the_old_workers_memory_and_names_the_pids_that_keep_it():
+    assert gpu.holders({7, 8}, HeldNVML({7})) == {7: 2**30}
+    assert gpu.wait_drained({7}, 5.0, HeldNVML({7}, release_at=time.monotonic() + 0.3)) == {}
+    started = time.monotonic()
+    assert gpu.wait_drained({7}, 0.3, HeldNVML({7})) == {7: 2**30}
+    assert 0.3 <= time.monotonic() - started < 3
+    assert gpu.wait_drained(set(), 5.0, HeldNVML({7})) == {}
+
+
+def test_a_restart_whose_old_workers_keep_gpu_memory_fails_naming_them(etcd_endpoint, run_id):
+    """The agent with stand-in workers: after a crash the stopped group's pid still holds GPU memory, so the next
+    round's workers never start; the failure report (and the job's root cause) names the pid and the flag."""
+    import os
+    import queue
+
+    from etcd_agent.errors import JobFailed
+    from test_agent_fsm import StandInGroup, next_group, start
+
+    class Holding(StandInGroup):
+        def stop(self, *args, **kwargs):
+            super().stop(*args, **kwargs)
+            self.stopped_pids = {os.getpid()}  # the stand-ins run in this process: its pid "holds" the memory
+
+    Holding.started = StandInGroup.started = queue.Queue()
+    gpu.forget()
+    gpu.nvml(lambda: HeldNVML({os.getpid()}))
+    try:
+        _agent, thread, outcome = start(etcd_endpoint, run_id, "n0", group=Holding, max_restarts=1,
+                                        health=health.HealthConfig(gpus=2), gpu_drain_timeout=0.5)
+        next_group().end(3, local_rank=0)
+        thread.join(30)
+        error = outcome.get("error")
+        assert isinstance(error, JobFailed), outcome
+        assert f"GPU memory of the previous workers is still held 0.5 s after they were stopped " \
+               f"(--gpu-drain-timeout): pid {os.getpid()} (1024 MiB)" in str(error)
+        assert StandInGroup.started.empty()  # round 2's workers never started
+    finally:
+        gpu.forget()
+
+
+# --- quarantine ------------------------------------------------------------------------------------------------
+
+def test_the_kth_failure_within_the_window_starts_a_cooldown():
+    policy = health.QuarantinePolicy(after=3, window=100.0, cooldown=50.0)
+    q = health.record_failure(None, "n2", 10.0, policy, 10.0)
+    assert q.failures == (10.0,) and not q.until
+    q = health.record_failure(q, "n2", 20.0, policy, 20.0)
+    assert health.quarantined(q, 20.0) == ""
+    late = health.record_failure(q, "n2", 200.0, policy, 200.0)  # the first two fell out of the window
+    assert late.failures == (200.0,) and not late.until
+    q = health.record_failure(q, "n2", 30.0, policy, 30.0)
+    assert q.until == 80.0 and q.failures == () and "3 worker failure(s) within 100 s (--quarantine-after 3)" in q.reason
+    assert health.quarantined(q, 79.0).startswith("quarantined until ") and health.quarantined(q, 80.0) == ""
+
+
+def test_quarantine_flags_are_checked():
+    assert not health.QuarantinePolicy().active and health.QuarantinePolicy(after=2).active
+    with pytest.raises(ConfigError, match="--quarantine-after must be 0"):
+        health.QuarantinePolicy(after=-1)
+    with pytest.raises(ConfigError, match="--quarantine-window and --quarantine-cooldown must be positive"):
+        health.QuarantinePolicy(after=2, cooldown=0)
+
+
+def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_rest(etcd_endpoint, run_id, tmp_path):
+    """node-2's workers fail in every round: after its second failure it quarantines itself, the two others re-form
+    at once without it (its restarts stop there) and finish; status and events say it sat out and until when."""
+    release = tmp_path / "release"
+    extra = ["--max-restarts", "5", "--quarantine-after", "2", "--quarantine-cooldown", "600"]
+    good, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                             nnodes="2:3", extra=extra)
+    bad, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--always-fail"], nproc=1, nnodes="2:3", first=2,
+                          extra=extra)
+    poll_until(lambda: len([k for k in records(out) if k[0] == 3]) == 2, 60, "round 3 running on two nodes")
+    base = [sys.executable, "-m", "etcd_agent"]
+    ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
+    shown = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
+    assert "round 3: running (2 node(s): " in shown and "node-2" not in shown.split("round 3: running")[1].split(")")[0]
+    assert "restarts: 2 of 5 used" in shown
+    assert "quarantined: node-2 until " in shown and "(2 worker failure(s) within 600 s (--quarantine-after 2))" in shown
+    assert "unhealthy, not joining: node-2: quarantined until " in shown
+    release.touch()
+    # the quarantined agent is still one of the job's: it leaves with the others when the job ends
+    assert wait_all(good + bad) == [0, 0, 0], [a.stderr()[-2000:] for a in good + bad]
+    assert "this node is unhealthy and does not join: quarantined until " in bad[0].stderr()
+    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=30).stdout
+    assert "node node-2 quarantined until " in events and "node node-2 is unhealthy and does not join" in events
+    assert "result: succeeded in round 3" in events
