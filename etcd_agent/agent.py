@@ -30,7 +30,7 @@ from . import gpu, health, logs
 from .config import AgentConfig
 from .coordinator import Coordinator
 from .errors import BadKeyData, EtcdUnavailable, JobFailed, JobStopped, SessionLost
-from .rendezvous import (CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
+from .rendezvous import (Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
                          describe_failure)
 from .session import Session
 from .standalone import free_port
@@ -252,12 +252,12 @@ class Agent:
         if isinstance(action, StartWorkers):
             self._start_workers(action)
             return
-        self._settle(self.coord.act(action, view, lambda: self._join_info(view)))
-
-    def _failed(self, report: Failure) -> None:
-        """This node's workers failed in their round (counted towards its quarantine at its next join)."""
-        self._set(outcome=Outcome.FAILED, failure=report)
-        self._failed_at = report.time or time.time()
+        res = self.coord.act(action, view, lambda: self._join_info(view))
+        if isinstance(action, Bump) and action.counted and action.failure is not None and res.succeeded:
+            # this node's failure moved the job on: it is the round's root cause, and counts for its quarantine
+            # (peers whose workers failed only because of it report theirs, but are not the cause)
+            self._failed_at = action.failure.time or time.time()
+        self._settle(res)
 
     def _healthy(self) -> bool:
         """The health gate before a join (``health.py``): a quarantined or unhealthy node says why in its registry
@@ -299,7 +299,8 @@ class Agent:
         return Join(self.cfg.node_id, host=socket.gethostname(), addr=self.cfg.address,
                     port=master_port(self.cfg.address), nproc=self.cfg.workers.nproc,
                     prev_rank=before.group_rank if before else None, node_rank=self.cfg.node_rank,
-                    master_addr=self.cfg.master_addr, master_port=self.cfg.master_port, time=time.time())
+                    master_addr=self.cfg.master_addr, master_port=self.cfg.master_port, time=time.time(),
+                    spare=self.cfg.spare)
 
     # --- workers -------------------------------------------------------------------------------------------
     def _start_workers(self, a: StartWorkers) -> None:
@@ -311,8 +312,7 @@ class Agent:
                                 max_restarts=plan.max_restarts, job=self.keys.gen)
         held = self._drain_gpu_memory()
         if held:
-            self._set(workers_round=plan.round, workers_running=False)
-            self._failed(held)
+            self._set(workers_round=plan.round, workers_running=False, outcome=Outcome.FAILED, failure=held)
             return  # decide() counts it as this node's failure in this round
         self.group = self._group_factory(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
                                          node_id=self.cfg.node_id, logger=logs.get("etcd_agent.workers", self.where))
@@ -355,7 +355,7 @@ class Agent:
             else:
                 self.log.error("worker rank %d (pid %d) failed with %s%s", ex.rank, ex.pid, ex.describe(),
                                f": {report.message}" if report.message else "")
-            self._failed(report)
+            self._set(outcome=Outcome.FAILED, failure=report)
         elif ex.failed:  # the group failed already: this one is reported, once, but it is not the root cause
             self.log.warning("worker rank %d (pid %d) failed too, with %s", ex.rank, ex.pid, ex.describe(),
                              round=ex.round)
@@ -379,7 +379,7 @@ class Agent:
                                              "worker is considered hung")
         self.log.error("worker rank %d (pid %d) made no progress for %.1f s (--worker-timeout %g)", ex.rank, ex.pid,
                        longest, limit)
-        self._failed(report)
+        self._set(outcome=Outcome.FAILED, failure=report)
         return None
 
     def _stop_workers(self, why: str) -> None:

@@ -257,6 +257,7 @@ class AgentConfig:
     master_port: int | None = None
     signals: tuple[int, ...] = (15, 2, 1, 3)  # --signals-to-handle: the agent leaves on these, forwarding each
     health: HealthConfig = HealthConfig()  # the health gate before each join (--health-check, GPUs through NVML)
+    spare: bool = False  # --spare: planned only in place of a lost or quarantined member
     quarantine: QuarantinePolicy = QuarantinePolicy()  # --quarantine-after/-window/-cooldown (off by default)
     gpu_drain_timeout: float = 30.0  # GPU jobs: how long the last workers' GPU memory may take to be released
 

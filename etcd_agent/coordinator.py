@@ -115,7 +115,7 @@ class Coordinator:
 
     def _register(self, session: Session) -> None:
         info = NodeInfo(self.node, socket.gethostname(), self.cfg.address, os.getpid(), self.version,
-                        self.cfg.workers.nproc, f"{session.lease_id:x}", time.time(), self.health)
+                        self.cfg.workers.nproc, f"{session.lease_id:x}", time.time(), self.health, self.cfg.spare)
         if self.cfg.node_rank is not None:
             # Before registering: a node refused for its rank never shows up in the registry, so a running job
             # never scales up (or restarts) for it. Waits out a holder whose lease is ending.

@@ -249,6 +249,9 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
                         "node does not join, says why in etcd and checks again after a backoff")
     g.add_argument(*_both("--health-check-timeout"), dest="health_check_timeout", type=float, default=60.0,
                    action=Store, help="seconds the --health-check command may take; longer is unhealthy (default 60)")
+    g.add_argument("--spare", action=StoreTrue,
+                   help="a hot spare: registers and joins rounds, but is planned only in place of a lost or "
+                        "quarantined member (nodes beyond --nnodes MAX wait the same way)")
     g.add_argument(*_both("--quarantine-after"), dest="quarantine_after", type=int, default=0, action=Store,
                    help="this node sits out for --quarantine-cooldown once its workers failed this many times within "
                         "--quarantine-window (default 0: off)")

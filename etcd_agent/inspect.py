@@ -265,7 +265,8 @@ def describe(run_id: str, s: dict) -> str:
             ranks = "" if torchrun else f" ranks {m['rank_offset']}-{last}"
             alive = "" if res else (", alive" if m["node"] in s["nodes"] else ", gone (no registration)")
             lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}){ranks}{alive}")
-        waiting = sorted(set(s["nodes"]) - {m["node"] for m in plan["members"]})
+        waiting = [n + (" (spare)" if s["nodes"][n].get("spare") else "")
+                   for n in sorted(set(s["nodes"]) - {m["node"] for m in plan["members"]})]
         if waiting:
             lines.append(f"  waiting for the next round: {', '.join(waiting)}")
     elif r and r["phase"] == "joining":

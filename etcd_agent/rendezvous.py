@@ -169,8 +169,8 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     count = len(v.joins)
     timeout_at = me.round_seen_at + p.join_timeout
     # Below MIN the ranking is not needed (the leader sees every join: it must not sort them all each time).
-    ranking = rank_joiners(list(v.joins.values()), p.max_nodes) if count >= p.min_nodes or me.now >= timeout_at \
-        else None
+    ranking = rank_joiners(list(v.joins.values()), p.max_nodes, plan_size(v, p)) \
+        if count >= p.min_nodes or me.now >= timeout_at else None
     waiting = count < p.min_nodes or bool(ranking.blocked)  # the round cannot close yet: the join timeout runs
     if waiting and me.now >= timeout_at:
         return End(r, FAILED, result(r, FAILED, me.wall, v, _timed_out(v, r, p, ranking)))
@@ -185,7 +185,8 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     guard = tuple((m.node, v.joins[m.node].create_revision) for m in plan.members)
     # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
     # The first round waits out the last call for nodes that are still starting.
-    if count >= p.max_nodes or (v.last_plan is not None and healthy(v) <= set(v.joins)):
+    regulars = sum(1 for j in v.joins.values() if not j.spare)
+    if regulars >= p.max_nodes or (v.last_plan is not None and healthy(v) <= set(v.joins)):
         return ClosePlan(r, plan, guard, v.revision)
     close_at = (me.min_reached_at if me.min_reached_at is not None else me.now) + p.last_call
     if me.now >= close_at:
@@ -233,13 +234,19 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return WriteExit(r)
     if len(exits) >= len(plan.members) and set(plan.nodes) <= exits:
         return End(r, DONE, result(r, Outcome.SUCCEEDED, me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
-    newcomers = sorted(n for n in healthy(v) if plan.member(n) is None) if v.full else []
+    newcomers = sorted(n for n in healthy(v) if plan.member(n) is None and not v.nodes[n].spare) if v.full else []
     if newcomers and len(plan.members) < p.max_nodes and not exits:
         settle_at = (me.newcomers_since if me.newcomers_since is not None else me.now) + p.scale_settle
         if me.now >= settle_at:
             return Bump(r, f"node(s) {', '.join(newcomers)} can join (scale-up)", counted=False)
         return Wait(f"node(s) {', '.join(newcomers)} registered; settling before scaling up", settle_at)
     return Wait(f"round {r.number} running with {len(plan.members)} node(s)")
+
+
+def plan_size(v: View, p: Params) -> int:
+    """How many members spares may fill a plan up to: as many as the last plan had (a spare takes a lost or
+    quarantined member's place), at least MIN."""
+    return max(p.min_nodes, len(v.last_plan.members) if v.last_plan else 0)
 
 
 def healthy(v: View) -> set[str]:
@@ -284,11 +291,14 @@ class Ranking:
         return "; ".join(why)
 
 
-def rank_joiners(joins: list[Join], max_nodes: int) -> Ranking:
+def rank_joiners(joins: list[Join], max_nodes: int, fill_to: int = 0) -> Ranking:
     """Group ranks. A pinned joiner (``--node-rank k``) gets rank k; the others fill the free ranks in stable order
-    (previous plan's order, then join order), up to ``max_nodes`` members. Ranks must be exactly 0..n-1, so while
-    a pin is >= the number of members the ranking is blocked (missing ranks). Of two joiners with one pin the
-    earlier keeps it and the later is left out, blocking too (the leased rank claim makes that unreachable)."""
+    (previous plan's order, then join order), up to ``max_nodes`` members. Spares (``--spare``) come last, and only
+    up to ``fill_to`` members: a plan with a spare keeps every previous member at its rank (``prev_rank``) and puts
+    the spares in the holes the lost members left. Ranks must be exactly
+    0..n-1, so while a pin is >= the number of members the ranking is blocked (missing ranks). Of two joiners with
+    one pin the earlier keeps it and the later is left out, blocking too (the leased rank claim makes that
+    unreachable)."""
     pinned: dict[int, Join] = {}
     conflicts = []
     for j in sorted((j for j in joins if j.node_rank is not None), key=lambda j: j.create_revision):
@@ -298,13 +308,24 @@ def rank_joiners(joins: list[Join], max_nodes: int) -> Ranking:
             conflicts.append(f"{j.node} and {pinned[j.node_rank].node} both have --node-rank {j.node_rank}")
         else:
             pinned[j.node_rank] = j
-    free = sorted((j for j in joins if j.node_rank is None),
-                  key=lambda j: (j.prev_rank is None, j.prev_rank or 0, j.create_revision))
+    order = lambda j: (j.prev_rank is None, j.prev_rank or 0, j.create_revision)  # noqa: E731
+    free = sorted((j for j in joins if j.node_rank is None and not j.spare), key=order)
+    spares = sorted((j for j in joins if j.node_rank is None and j.spare), key=order)
+    free += spares[: max(0, fill_to - len(pinned) - len(free))]
     size = min(len(pinned) + len(free), max_nodes)
-    fill = iter(free[: size - len(pinned)])
+    ranks = max(size, max(pinned, default=-1) + 1)
+    taken = free[: size - len(pinned)]
+    slots, rest = dict(pinned), []
+    keep = any(j.spare for j in taken)  # spares fill the holes: the others keep their ranks
+    for j in taken:
+        if keep and j.prev_rank is not None and j.prev_rank < ranks and j.prev_rank not in slots:
+            slots[j.prev_rank] = j
+        else:
+            rest.append(j)
+    fill = iter(rest)
     members, missing = [], []
-    for rank in range(max(size, max(pinned, default=-1) + 1)):
-        j = pinned.get(rank) or next(fill, None)
+    for rank in range(ranks):
+        j = slots.get(rank) or next(fill, None)
         if j is None:
             missing.append(rank)
         else:
@@ -316,7 +337,7 @@ def build_plan(number: int, joins: list[Join], p: Params, restart_count: int) ->
     """The plan of a ranking that is not blocked (see ``rank_joiners``). Worker ranks are prefix sums of nproc
     over group ranks. The master is group rank 0: its ``--master-addr``/``--master-port`` if it was given them,
     else its address and the port it found free."""
-    ranking = rank_joiners(joins, p.max_nodes)
+    ranking = rank_joiners(joins, p.max_nodes, p.min_nodes)
     if ranking.blocked:
         raise ValueError(f"no plan for round {number}: {ranking.blocked}")
     return _plan(number, ranking, p, restart_count)

@@ -232,6 +232,7 @@ class NodeInfo(Record):
     lease: str = ""  # the session lease, in hex as etcdctl prints it
     started: float = 0.0
     health: str = ""  # why the node failed its health check ("" healthy): it does not join until it passes
+    spare: bool = False  # --spare: a hot spare, taken into a plan only in place of a lost or quarantined member
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +307,7 @@ class Join(Record):
     master_addr: str | None = None  # --master-addr/--master-port: the plan's master when this node is rank 0
     master_port: int | None = None
     time: float = 0.0
+    spare: bool = False  # --spare: planned only in place of a lost or quarantined member
 
     def check(self, key: str) -> None:
         if self.node_rank is not None and self.node_rank < 0:

@@ -62,13 +62,16 @@ class Job:
     worker_args: list[str]
     endpoint: str = ""  # etcd endpoint (etcd-agent, torchrun-etcd-v3) or 127.0.0.1:PORT (torchrun's c10d store)
     extra: list[str] = field(default_factory=list)
+    spares: int = 0  # etcd-agent: the last ``spares`` launchers run with --spare (torchrun has no such flag)
 
     def command(self, i: int) -> list[str]:
         wargs = [WORKER, *self.worker_args]
         if self.kind == "etcd-agent":
+            spare = ["--spare"] if i >= self.count - self.spares else []
             return [python(), "-m", "etcd_agent", "--etcd-endpoints", self.endpoint, "--run-id", self.run_id,
                     "--node-id", f"node-{i}", "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
-                    "--local-addr", "127.0.0.1", "--max-restarts", str(self.max_restarts), *self.extra, *wargs]
+                    "--local-addr", "127.0.0.1", "--max-restarts", str(self.max_restarts), *self.extra, *spare,
+                    *wargs]
         if self.kind == "torchrun-etcd-v3":  # node_id only names the node in etcd and the logs; no timing knob
             return [*torchrun_cmd(), "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
                     "--rdzv-backend", "etcd-v3", "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id,

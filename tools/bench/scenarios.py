@@ -159,6 +159,39 @@ def node_loss(rep: Rep, sig: int = signal.SIGKILL, nodes: int = 3, nproc: int = 
     }
 
 
+def node_loss_with_spare(rep: Rep, nodes: int = 3, nproc: int = 1, recover_s: float = 180) -> dict[str, float]:
+    """A fixed-size job (nnodes N:N) with one launcher more than N: etcd-agent's runs with --spare, torchrun's waits
+    as torchrun's extra nodes do. Once all N run, one member launcher (not the first: it hosts torchrun's c10d store)
+    is SIGKILLed with its workers; the job must run at full size again, with the spare."""
+    world = nodes * nproc
+    job = rep.job(f"{nodes}:{nodes}", nodes + 1, nproc, 3, ["--mode", "peer-loss", "--world", str(world)])
+    job.spares = 1
+    launchers = start_all(job, rep.workdir / "logs")
+    try:
+        wait_generation(rep.records, world, launchers, rep.deadline(60), FIRST, "the full job")
+        members = [la for la in launchers[1:] if la.descendants()]
+        if not members:
+            raise RepFailed("no member launcher besides the first has workers")
+        victim = members[-1]
+        rest = [la for la in launchers if la is not victim]
+        tree = victim.descendants()
+        t_kill = time.time()
+        os.kill(victim.pid, signal.SIGKILL)
+        for p in tree:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+        gen = wait_generation(rep.records, world, rest, rep.deadline(recover_s), lambda r: r["t_start"] > t_kill,
+                              "the job at full size with the spare")
+        wait_exit(rest, rep.deadline(60))
+    finally:
+        cleanup(launchers)
+    return {"SIGKILL of a member, spare present -> full-size job's workers started [s]":
+            max(r["t_start"] for r in gen) - t_kill,
+            "SIGKILL of a member, spare present -> launchers exited [s]": max(la.t_exit for la in rest) - t_kill}
+
+
 # --- footprint ---------------------------------------------------------------------------------------------------
 IMPORTS = {"etcd-agent": "import etcd_agent.agent", "torchrun": "import torch.distributed.run"}
 
@@ -223,6 +256,8 @@ register("node-loss-sigkill", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) 
          "workers once all run", sig=signal.SIGKILL)
 register("node-loss-sigterm", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) x 2, SIGTERM launcher 3 alone (a "
          "graceful leave: it stops its own workers)", sig=signal.SIGTERM, lose_workers=False)
+register("node-loss-spare", "node-loss", node_loss_with_spare, doc="nnodes 3:3 x 1 plus one spare launcher "
+         "(etcd-agent: --spare), SIGKILL a member launcher and its worker once all run")
 register("node-loss-sigstop", "node-loss", node_loss, doc="3 nodes (nnodes 2:3) x 2, SIGSTOP launcher 3 and its "
          "workers (a frozen node; its sockets stay open); 90 s to recover", sig=signal.SIGSTOP, recover_s=90)
 # torchrun-backend: the same torchrun with --rdzv-backend c10d and with etcd-v3 (the benchmark's etcd), fixed-size

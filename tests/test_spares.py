@@ -1,0 +1,88 @@
+"""Hot spares (--spare): planned only in place of a lost or quarantined member, the others keeping their ranks."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+from agents import poll_until, records, start_agents, wait_all
+from etcd_agent.rendezvous import Bump, ClosePlan, Params, Wait, decide, rank_joiners
+from etcd_agent.state import JOINING
+from etcd_agent.values import NodeInfo
+from test_rendezvous import ME, NOW, jn, me, mk_plan, running_here, view
+
+
+def spare(j):
+    return dataclasses.replace(j, spare=True)
+
+
+def with_spares(v, *nodes):
+    return dataclasses.replace(v, nodes={**v.nodes, **{n: NodeInfo(n, spare=True) for n in nodes}})
+
+
+def test_a_spare_fills_a_lost_members_rank_and_the_others_keep_theirs():
+    joins = [jn("a", 11, prev_rank=0), jn("c", 12, prev_rank=2), spare(jn("s", 5))]
+    assert [j.node for j in rank_joiners(joins, 3, 3).members] == ["a", "s", "c"]
+    # without a spare the survivors close up in their old order, as before
+    assert [j.node for j in rank_joiners(joins[:2], 3, 3).members] == ["a", "c"]
+    # a spare is not taken while the regular nodes fill the plan
+    full = [jn("a", 11, prev_rank=0), jn("b", 13, prev_rank=1), jn("c", 12, prev_rank=2), spare(jn("s", 5))]
+    assert [j.node for j in rank_joiners(full, 3, 3).members] == ["a", "b", "c"]
+
+
+def test_after_a_loss_the_round_closes_at_once_with_the_spare():
+    p = Params(3, 3, 3, 30.0, 60.0, 1.0)
+    last = mk_plan(2, [ME, "node-b", "node-c"])
+    v = with_spares(view(phase=JOINING, nodes=[ME, "node-c"], last_plan=last,
+                         joins=[jn(ME, 11, prev_rank=0), jn("node-c", 12, prev_rank=2), spare(jn("node-s", 13))]),
+                    "node-s")
+    action = decide(v, me(round_seen_at=NOW, min_reached_at=NOW), p)
+    assert isinstance(action, ClosePlan) and action.plan.nodes == [ME, "node-s", "node-c"]
+
+
+def test_the_first_round_does_not_close_early_or_take_the_spare_while_regular_nodes_may_come():
+    p = Params(2, 3, 3, 30.0, 60.0, 1.0)
+    v = with_spares(view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12),
+                                                                     spare(jn("node-s", 13))]), "node-s")
+    waiting = decide(v, me(round_seen_at=NOW, min_reached_at=NOW), p)
+    assert isinstance(waiting, Wait) and "last call" in waiting.why  # 3 joins, but only 2 regular of MAX 3
+    closing = decide(v, me(now=NOW + 30, round_seen_at=NOW, min_reached_at=NOW), p)
+    assert isinstance(closing, ClosePlan) and closing.plan.nodes == [ME, "node-b"]
+
+
+def test_a_spare_does_not_scale_a_running_job_up():
+    v = view(nodes=[ME, "node-b", "node-s"], plan=mk_plan(3, [ME, "node-b"]))
+    later = running_here(now=NOW + 10, newcomers_since=NOW)
+    assert isinstance(decide(v, later, Params(2, 4, 3, 2.0, 60.0, 1.0)), Bump)
+    assert isinstance(decide(with_spares(v, "node-s"), later, Params(2, 4, 3, 2.0, 60.0, 1.0)), Wait)
+
+
+def node_of(record: dict) -> str:
+    """The node a worker ran on, from its error file's path (LOG_DIR/RUN/job_K/NODE/round_R/...)."""
+    return record["env"]["TORCHELASTIC_ERROR_FILE"].split("/job_0001/")[1].split("/")[0]
+
+
+def test_a_spare_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, run_id, tmp_path):
+    """nnodes 3:3 plus one --spare: the spare sits out round 1; node-1 is SIGKILLed; round 2 runs at once with
+    the spare as group rank 1 and node-0 and node-2 keeping ranks 0 and 2."""
+    release = tmp_path / "release"
+    members, out = start_agents(3, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                                nnodes="3:3", extra=["--max-restarts", "3"])
+    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 3, 60, "round 1 on the three members")
+    spares, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                             nnodes="3:3", first=3, extra=["--max-restarts", "3", "--spare"])
+    first = {rank: node_of(r) for (rnd, rank), r in records(out).items() if rnd == 1}
+    assert sorted(first.values()) == ["node-0", "node-1", "node-2"]
+    victim = next(a for a in members if a.node == first[1])
+    poll_until(lambda: "waiting to be taken into the next round" in spares[0].stderr(), 30, "the spare waiting")
+    shown = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
+                            "--run-id", run_id], capture_output=True, text=True, timeout=30).stdout
+    assert "waiting for the next round: node-3 (spare)" in shown, shown
+    victim.kill()
+    poll_until(lambda: len([k for k in records(out) if k[0] == 2]) == 3, 60, "round 2 with the spare")
+    second = {rank: node_of(r) for (rnd, rank), r in records(out).items() if rnd == 2}
+    assert second == {0: first[0], 1: "node-3", 2: first[2]}
+    release.touch()
+    rest = [a for a in members if a is not victim] + spares
+    assert wait_all(rest) == [0, 0, 0], [a.stderr()[-2000:] for a in rest]
