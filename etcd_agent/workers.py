@@ -32,6 +32,7 @@ directory that cannot be written, or a virtual local rank beyond ``CUDA_VISIBLE_
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import signal
@@ -168,8 +169,24 @@ class _Worker:
         return self.proc.pid if self.proc else 0
 
 
+class GroupState(enum.Enum):
+    """Where a worker group is; ``WorkerGroup._to`` is the one place that moves it."""
+
+    IDLE = "idle"  # nothing started yet
+    RUNNING = "running"  # started; workers may exit on their own (a success or a failure)
+    STOPPING = "stopping"  # stop() signalled the workers and waits for them: their exits are expected
+    STOPPED = "stopped"  # every worker and descendant of the round is gone
+
+
+_MOVES = {GroupState.IDLE: {GroupState.RUNNING}, GroupState.RUNNING: {GroupState.STOPPING},
+          GroupState.STOPPING: {GroupState.STOPPED}, GroupState.STOPPED: {GroupState.RUNNING}}
+_STOP_SLICE = 0.05  # seconds a stop waits between looks at its deadline (fencing may bring it forward)
+
+
 class WorkerGroup:
-    """The workers of this node; one round at a time."""
+    """The workers of this node; one round at a time. Its state is a ``GroupState``; a stop has one absolute
+    deadline (the SIGKILL moment), which a later, more urgent stop (self-fencing) brings forward even while the first
+    one is still waiting for the workers."""
 
     def __init__(self, cfg: WorkerConfig, on_exit: Callable[[WorkerExit], None], node_id: str = "",
                  logger: Log | None = None):
@@ -182,8 +199,9 @@ class WorkerGroup:
         self._reports: dict[tuple[int, int], WorkerLogs] = {}  # (round, local_rank) -> logs, for failure_report
         self._log_root = cfg.log_dir
         self.stopped_pids: set[int] = set()  # the workers and descendants the last stop ended (GPU memory drain)
-        self._stopped = True
-        self._stopping = False  # exits seen while stop() runs are expected and logged at INFO
+        self.state = GroupState.IDLE
+        self._deadline_lock = threading.Lock()
+        self._stop_deadline: float | None = None  # monotonic: SIGKILL for what is left of the round being stopped
 
     def describe(self, a: Assignment) -> str:
         """What ``start(a)`` runs, for the agent's log."""
@@ -211,7 +229,7 @@ class WorkerGroup:
             streams = prepare_all(logs)  # all or none, before anything runs
             preexec = proctree.pdeathsig_preexec(os.getpid())
             self._workers = []
-            self._stopped = self._stopping = False
+            self._to(GroupState.RUNNING)
             for w, env, stream_kwargs in zip(workers, envs, streams):
                 self._reports[(a.round, w.local_rank)] = w.logs
                 env[PROGRESS_ENV] = w.progress_file = os.path.join(w.logs.directory, "progress")
@@ -262,7 +280,7 @@ class WorkerGroup:
         w.ended_at = ex.time
         w.exited.set()
         # A failure is the agent's to report (once, with the worker's error): here it is a detail.
-        level = logging.DEBUG if ex.failed and not self._stopping else logging.INFO
+        level = logging.DEBUG if ex.failed and self.state is not GroupState.STOPPING else logging.INFO
         self._log.log(level, "worker rank %d (local rank %d, pid %d) exited with %s.",
                       ex.rank, ex.local_rank, ex.pid, ex.describe(), round=w.round)
         try:
@@ -289,17 +307,41 @@ class WorkerGroup:
     def running(self) -> bool:
         return any(not w.exited.is_set() for w in self._workers)
 
+    def _to(self, new: GroupState) -> None:
+        if new not in _MOVES[self.state]:
+            raise RuntimeError(f"worker group {self.state.value} -> {new.value} is not allowed")
+        self.state = new
+
     def stop(self, reason: str = "", grace: float | None = None, sig: int = signal.SIGTERM) -> None:
         """``sig`` (SIGTERM, or the signal the agent got from ``--signals-to-handle``), grace until
-        ``cfg.stop_timeout`` (or the shorter ``grace``), SIGKILL, kill surviving
-        descendants; idempotent and safe from any thread but a waiter's."""
+        ``cfg.stop_timeout`` (or the shorter ``grace``), SIGKILL, kill surviving descendants; idempotent and safe
+        from any thread but a waiter's. A call while another stop waits brings that stop's SIGKILL forward to its
+        own deadline, then returns when the group is stopped."""
+        limit = self.cfg.stop_timeout if grace is None else min(grace, self.cfg.stop_timeout)
+        with self._deadline_lock:
+            mine = time.monotonic() + limit
+            if self._stop_deadline is None or mine < self._stop_deadline:
+                self._stop_deadline = mine
+        try:
+            self._stop(reason, sig)
+        finally:
+            with self._deadline_lock:
+                if not self._lock.locked():
+                    self._stop_deadline = None
+
+    def _left(self) -> float:
+        """Seconds until the current stop's SIGKILL."""
+        with self._deadline_lock:
+            return (self._stop_deadline or 0.0) - time.monotonic()
+
+    def _stop(self, reason: str, sig: int) -> None:
         with self._lock:
             workers = list(self._workers)
-            if self._stopped and not self.running:
+            if self.state is not GroupState.RUNNING:
                 self._join(workers)
                 return
             rnd = workers[0].round
-            self._stopping = True
+            self._to(GroupState.STOPPING)
             tree = proctree.descendants(workers)  # before any signal: afterwards orphans are harder to find
             live = [w for w in workers if not w.exited.is_set()]
             self._log.info("stopping the workers (%d still running, %d descendants) with %s: %s.",
@@ -307,13 +349,16 @@ class WorkerGroup:
             for w in workers:
                 w.ended_before_stop = w.exited.is_set() or proctree.is_zombie(w.ps)
             proctree.signal_all(workers, tree, signal.Signals(sig))
-            deadline = time.monotonic() + min(self.cfg.stop_timeout, self.cfg.stop_timeout if grace is None else grace)
-            for w in live:
-                w.exited.wait(max(0.0, deadline - time.monotonic()))
-            survivors = proctree.wait_gone(list(tree.values()), deadline)
+            waiting = [w for w in live if not w.exited.is_set()]
+            while waiting and self._left() > 0:
+                waiting[0].exited.wait(min(_STOP_SLICE, self._left()))
+                waiting = [w for w in waiting if not w.exited.is_set()]
+            survivors = list(tree.values())
+            while survivors and self._left() > 0:
+                survivors = proctree.wait_gone(survivors, time.monotonic() + min(_STOP_SLICE, self._left()))
             self._kill(workers, rnd, survivors)
             self.stopped_pids = {w.pid for w in workers if w.pid} | set(tree)
-            self._stopped = True
+            self._to(GroupState.STOPPED)
             self._join(workers)
 
     def _kill(self, workers: list[_Worker], rnd: int, survivors: list[psutil.Process]) -> None:

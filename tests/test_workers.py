@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agents import poll_until
 from etcd_agent import config
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
@@ -321,6 +322,44 @@ def test_stop_kills_workers_that_ignore_sigterm_after_the_grace(make_group, mail
     assert 0.5 <= time.monotonic() - t0 < TIMEOUT / 2
     (ex,) = exits.wait()
     assert ex.signal_name == "SIGKILL"
+
+
+def test_a_fencing_stop_brings_a_slower_stops_sigkill_forward(make_group, mailbox):
+    """The main thread stops the group with the full 60 s grace; the keepalive thread, fencing, stops it with 0.5 s
+    while the first stop still waits: the worker (which ignores SIGTERM) is SIGKILLed at the fence's deadline, and
+    both calls return long before the first one's grace."""
+    from etcd_agent.workers import GroupState
+
+    group, exits = make_group("hang.py", "--ignore-term", stop_timeout=60)
+    group.start(assignment())
+    mailbox.ready(1)
+    slow = threading.Thread(target=group.stop, args=("a new round",), daemon=True)
+    slow.start()
+    poll_until(lambda: group.state is GroupState.STOPPING, TIMEOUT, "the first stop under way")
+    fence = threading.Thread(target=group.stop, args=("self-fencing",), kwargs={"grace": 0.5}, daemon=True)
+    fence.start()
+    fence.join(TIMEOUT)
+    slow.join(TIMEOUT)
+    assert not fence.is_alive() and not slow.is_alive()  # with the 60 s grace kept, both would still wait
+    (ex,) = exits.wait()
+    assert ex.signal_name == "SIGKILL" and group.state is GroupState.STOPPED
+
+
+def test_the_group_moves_through_its_states_only_forward(make_group, mailbox):
+    from etcd_agent.workers import GroupState
+
+    group, _exits = make_group("hang.py", stop_timeout=5)
+    assert group.state is GroupState.IDLE
+    group.stop("nothing runs")  # a stop before any start changes nothing
+    assert group.state is GroupState.IDLE
+    group.start(assignment())
+    assert group.state is GroupState.RUNNING
+    with pytest.raises(RuntimeError, match="stop"):
+        group.start(assignment())
+    group.stop("test")
+    assert group.state is GroupState.STOPPED
+    group.stop("again")  # idempotent
+    assert group.state is GroupState.STOPPED
 
 
 def test_no_descendant_survives_stop(make_group, mailbox):
