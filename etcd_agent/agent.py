@@ -273,8 +273,8 @@ class Agent:
             self._health_failures += 1
             wait = wait or health.backoff(self._health_failures)
             if problem != self.coord.health:
-                self.log.warning("this node is unhealthy and does not join: %s (checking again every %g s or "
-                                 "less)", problem, wait)
+                self.log.warning("this node is unhealthy and does not join: %s (next check in %.0f s)", problem,
+                                 wait)
             self.coord.set_health(problem)
             self._set(unhealthy=problem, health_retry_at=time.monotonic() + wait)
             return False

@@ -339,3 +339,27 @@ def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_re
     events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=30).stdout
     assert "node node-2 quarantined until " in events and "node node-2 is unhealthy and does not join" in events
     assert "result: succeeded in round 3" in events
+
+
+def _real_nvml():
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml if pynvml.nvmlDeviceGetCount() > 0 else None
+    except Exception:  # noqa: BLE001 - no binding, no driver, no GPU
+        return None
+
+
+@pytest.mark.skipif(_real_nvml() is None, reason="needs nvidia-ml-py and an NVIDIA GPU with its driver")
+def test_nvml_on_a_real_gpu():
+    """Where a GPU is: NVML counts it, a healthy GPU has no problem beyond what NVML reports, and the memory query
+    answers for this process (which holds none)."""
+    import os
+
+    module = _real_nvml()
+    found = gpu.count(module)
+    assert found >= 1
+    assert gpu.problems(found, module) == [] or all("GPU" in p for p in gpu.problems(found, module))
+    assert gpu.problems(found + 1, module)[0] == f"{found} GPU(s) visible, {found + 1} expected"
+    assert gpu.holders({os.getpid()}, module) == {}
