@@ -15,7 +15,7 @@ checks again after a backoff (``BACKOFF``).
 Quarantine (``QuarantinePolicy``): a node whose workers failed K times within a window sits out for a cooldown.
 Its failures are counted job-wide in ``P/quarantine/<node>`` (unleased: an agent started again on the node finds
 them), each one recorded by the node itself at its next join; while it sits out, the health gate says so.
-Imports ``gpu`` and ``values``.
+Imports ``errors``, ``gpu`` and ``values``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import subprocess
 import time
 
 from . import gpu
+from .errors import ConfigError
 from .values import Quarantine
 
 BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)  # seconds until the next check after 1, 2, ... failed checks in a row
@@ -50,8 +51,6 @@ class HealthConfig:
 
     @classmethod
     def parse(cls, command: str | None, timeout: float, gpus: int | None) -> HealthConfig:
-        from .errors import ConfigError
-
         if not timeout > 0:
             raise ConfigError(f"--health-check-timeout must be positive, got {timeout}")
         try:
@@ -111,8 +110,6 @@ class QuarantinePolicy:
         return self.after > 0
 
     def __post_init__(self) -> None:
-        from .errors import ConfigError
-
         if self.after < 0:
             raise ConfigError(f"--quarantine-after must be 0 (off) or more, got {self.after}")
         if not self.window > 0 or not self.cooldown > 0:

@@ -295,10 +295,9 @@ def rank_joiners(joins: list[Join], max_nodes: int, fill_to: int = 0) -> Ranking
     """Group ranks. A pinned joiner (``--node-rank k``) gets rank k; the others fill the free ranks in stable order
     (previous plan's order, then join order), up to ``max_nodes`` members. Spares (``--spare``) come last, and only
     up to ``fill_to`` members: a plan with a spare keeps every previous member at its rank (``prev_rank``) and puts
-    the spares in the holes the lost members left. Ranks must be exactly
-    0..n-1, so while a pin is >= the number of members the ranking is blocked (missing ranks). Of two joiners with
-    one pin the earlier keeps it and the later is left out, blocking too (the leased rank claim makes that
-    unreachable)."""
+    the spares in the holes the lost members left. Ranks must be exactly 0..n-1, so while a pin is >= the number of
+    members the ranking is blocked (missing ranks). Of two joiners with one pin the earlier keeps it and the later
+    is left out, blocking too (the leased rank claim makes that unreachable)."""
     pinned: dict[int, Join] = {}
     conflicts = []
     for j in sorted((j for j in joins if j.node_rank is not None), key=lambda j: j.create_revision):
