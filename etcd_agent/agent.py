@@ -27,7 +27,7 @@ import time
 from typing import Callable
 
 from . import gpu, health, logs
-from .config import AgentConfig
+from .config import AgentConfig, worker_base_env
 from .coordinator import Coordinator
 from .errors import BadKeyData, EtcdUnavailable, JobFailed, JobStopped, SessionLost
 from .rendezvous import (Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
@@ -36,7 +36,8 @@ from .session import Session
 from .standalone import free_port
 from .state import View
 from .values import Failure, Join, Outcome, Result
-from .workers import Assignment, WorkerExit, WorkerGroup
+from .warm import SparePool
+from .workers import Assignment, WorkerExit, WorkerGroup, log_root, worker_env
 
 log = logs.get("etcd_agent.agent")
 
@@ -82,6 +83,10 @@ class Agent:
         self._wait_said: tuple[str, float] = ("", 0.0)  # the wait reason last logged at INFO, and when
         self._health_failures = 0  # failed health checks in a row
         self._failed_at: float | None = None  # when this node's workers last failed, until its quarantine counts it
+        self.spares: SparePool | None = None  # --warm-restart: this node's pre-started interpreters
+        if cfg.workers.warm_restart:
+            self.spares = SparePool(cfg.workers, log_root(cfg.workers, self.log), cfg.run_id, cfg.node_id,
+                                    logs.get("etcd_agent.warm", self.where), gpus=cfg.health.gpus is not None)
 
     @property
     def session(self) -> Session | None:
@@ -119,6 +124,9 @@ class Agent:
     def _run_state(self) -> int | None:
         """One turn of the loop, chosen by the state; etcd trouble and bad data never end the job from here."""
         if self.state is State.STARTING:
+            if self.spares is not None:  # a --preload that cannot be imported is an error before the job is joined
+                self.spares.fill(self._first_envs())
+                self.spares.wait_ready()
             self.coord.open(self._session_lost)
             self._set(lease=self.session.lease_id)
             self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} in job {self.keys.gen} of the run "
@@ -145,7 +153,26 @@ class Agent:
     def _cleanup(self) -> None:
         self.shutdown.set()
         self._stop_workers("the agent is exiting")
+        if self.spares is not None:
+            self.spares.close()
         self.coord.close()
+
+    def _first_envs(self) -> dict[int, dict[str, str]]:
+        """--warm-restart at start: each local rank's worker environment as far as it is known before a round."""
+        a = Assignment(run_id=self.cfg.run_id, round=0, group_rank=0, group_world_size=1, rank_offset=0,
+                       world_size=self.cfg.workers.nproc, master_addr="", master_port=0, restart_count=0,
+                       max_restarts=self.cfg.spec.max_restarts)
+        base = worker_base_env()
+        return {i: worker_env(self.cfg.workers, a, i, base, "") for i in range(self.cfg.workers.nproc)}
+
+    def _refill_spares(self) -> float | None:
+        """--warm-restart: start the spares for the next round once they are due; returns when they are."""
+        if self.spares is None or self.spares.due is None:
+            return None
+        if time.monotonic() < self.spares.due:
+            return self.spares.due
+        self.spares.fill()
+        return None
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _step(self) -> int | None:
@@ -166,7 +193,8 @@ class Agent:
         hang_check = self._check_progress()
         if self.local.outcome == Outcome.FAILED and self.local.failure.hang:
             return None  # decide again: the hung group fails now
-        deadline = min((d for d in (action.deadline, hang_check) if d is not None), default=None)
+        refill = self._refill_spares()
+        deadline = min((d for d in (action.deadline, hang_check, refill) if d is not None), default=None)
         self._drain(block=True, deadline=deadline)
         return None
 
@@ -314,8 +342,10 @@ class Agent:
         if held:
             self._set(workers_round=plan.round, workers_running=False, outcome=Outcome.FAILED, failure=held)
             return  # decide() counts it as this node's failure in this round
+        warm = {"spares": self.spares} if self.spares is not None else {}
         self.group = self._group_factory(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
-                                         node_id=self.cfg.node_id, logger=logs.get("etcd_agent.workers", self.where))
+                                         node_id=self.cfg.node_id, logger=logs.get("etcd_agent.workers", self.where),
+                                         **warm)
         self._exits: dict[int, WorkerExit] = {}
         self._set(workers_round=plan.round, workers_running=True, outcome=None, failure=None)
         self.group.start(assignment)

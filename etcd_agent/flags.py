@@ -262,6 +262,13 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(*_both("--gpu-drain-timeout"), dest="gpu_drain_timeout", type=float, default=30.0, action=Store,
                    help="GPU jobs: seconds to wait for the stopped workers' GPU memory to be released before new "
                         "workers start (default 30; needs nvidia-ml-py)")
+    g.add_argument(*_both("--warm-restart"), dest="warm_restart", action=StoreTrue,
+                   help="keep one pre-started Python per local rank, with --preload imported, and start each round's "
+                        "workers from them (a restart skips the interpreter start and the imports); off by default")
+    g.add_argument("--preload", action=Store, default="torch,torch._dynamo",
+                   help="--warm-restart: comma-separated modules the pre-started interpreters import (default "
+                        "torch,torch._dynamo: DDP, FSDP and torch.compile import torch._dynamo on first use; '' for "
+                        "none)")
     g.add_argument(*_both("--log-level"), action=Env, env_prefix="ETCD_AGENT_", default="INFO",
                    help="agent log level (default INFO; env ETCD_AGENT_LOG_LEVEL)")
 

@@ -43,6 +43,7 @@ from .errors import ConfigError
 from .flags import PASSWORD_ENV, sources
 from .health import HealthConfig, QuarantinePolicy
 from .secure import keep_secret
+from .warm import parse_preload
 
 ETCD_BACKENDS = ("etcd", "etcd-v2", "etcd-v3")
 EMBEDDED_ENDPOINT = "127.0.0.1:2379"  # placeholder until the embedded etcd has its port
@@ -71,7 +72,7 @@ _CONF_OPTIONS = {
     "etcd_user": ("user", str), "health_check": ("health_check", str),
     "health_check_timeout": ("health_check_timeout", float), "gpu_drain_timeout": ("gpu_drain_timeout", float),
     "quarantine_after": ("quarantine_after", int), "quarantine_window": ("quarantine_window", float),
-    "quarantine_cooldown": ("quarantine_cooldown", float),
+    "quarantine_cooldown": ("quarantine_cooldown", float), "preload": ("preload", str),
 }
 # torchrun keys that etcd-agent accepts and does not need, with the reason (one log line each).
 _CONF_NOT_NEEDED = {
@@ -277,6 +278,13 @@ def _notes_for_accepted(ns: argparse.Namespace, notes: list[str]) -> None:
         notes.append("--run-path takes precedence over --no-python (as under torchrun): the script runs in Python")
 
 
+def _preload(ns: argparse.Namespace, given: dict[str, str]) -> tuple[str, ...]:
+    flag = given.get("preload", "--preload")
+    if "preload" in given and not ns.warm_restart:
+        raise ConfigError(f"{flag} {ns.preload!r} only matters with --warm-restart: add it, or drop {flag}")
+    return parse_preload(ns.preload, flag)
+
+
 def check_entrypoint(w: WorkerConfig) -> None:
     """The script, module or program the workers run must exist: a clear error before anything starts."""
     if w.no_python:
@@ -341,7 +349,7 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         duplicate_stdout_filters=tuple(ns.duplicate_stdout_filters),  # as torchrun: "" matches every line
         duplicate_stderr_filters=tuple(ns.duplicate_stderr_filters),
         role=ns.role, virtual_local_rank=ns.virtual_local_rank, signals_to_handle=ns.signals_to_handle,
-        stop_timeout=_stop_timeout(ns, given))
+        stop_timeout=_stop_timeout(ns, given), warm_restart=ns.warm_restart, preload=_preload(ns, given))
     signals = parse_signals(ns.signals_to_handle, given.get("signals_to_handle", "--signals-to-handle"))
     cfg = AgentConfig(
         run_id=run_id, node_id=ns.node_id or default_node_id(),

@@ -23,8 +23,12 @@ Guarantees:
 - ``stop`` is idempotent: SIGTERM to every group, grace until an absolute deadline, SIGKILL, then every
   descendant found by psutil (collected before the first signal, plus the group members) is killed and waited for.
 
-Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``progress``, ``proctree``
-and ``worker_logs``. A log
+- With ``--warm-restart`` (a ``SparePool``, ``warm.py``) a worker starts from its local rank's pre-started
+  interpreter when that one is usable, cold otherwise: the same environment, command line, stdout/stderr (the same
+  files or pipes), process group, parent-death signal, waiter, stop, reports and progress file either way.
+
+Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``logs``, ``progress``,
+``proctree``, ``secure``, ``values``, ``warm`` and ``worker_logs``. A log
 directory that cannot be written, or a virtual local rank beyond ``CUDA_VISIBLE_DEVICES``, raises ConfigError from
 ``start`` before any worker runs; a worker that cannot be spawned (missing program) is reported through
 ``on_exit`` with exit code 127 (126: not executable).
@@ -53,6 +57,7 @@ from .logs import get as get_logger
 from .progress import PROGRESS_ENV, last_progress
 from .secure import redact
 from .values import Failure
+from .warm import Spare, SparePool
 from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all, read_error_message
 
 log = get_logger("etcd_agent.workers")
@@ -110,6 +115,18 @@ class WorkerExit:
         """``exit code 3`` or ``signal SIGSEGV``."""
         name = self.signal_name
         return f"signal {name}" if name else f"exit code {self.returncode}"
+
+
+def log_root(cfg: WorkerConfig, logger: Log | None = None) -> str:
+    """``--log-dir``, or one temporary directory per agent process (made on first use, however many groups)."""
+    global _default_log_root
+    if cfg.log_dir:
+        return cfg.log_dir
+    with _default_lock:
+        if _default_log_root is None:
+            _default_log_root = tempfile.mkdtemp(prefix="etcd_agent_logs_")
+            (logger or log).info("No --log-dir was given; worker logs go to %s.", _default_log_root)
+    return _default_log_root
 
 
 def worker_env(cfg: WorkerConfig, a: Assignment, local_rank: int, base: Mapping[str, str],
@@ -189,11 +206,14 @@ class WorkerGroup:
     one is still waiting for the workers."""
 
     def __init__(self, cfg: WorkerConfig, on_exit: Callable[[WorkerExit], None], node_id: str = "",
-                 logger: Log | None = None):
+                 logger: Log | None = None, spares: SparePool | None = None):
+        """``spares`` (``--warm-restart``): workers start from its pre-started interpreters where it has a usable
+        one, cold otherwise."""
         self.cfg = cfg
         self.node_id = node_id
         self._on_exit = on_exit
         self._log = logger or log
+        self._spares = spares
         self._lock = threading.Lock()  # serializes start and stop
         self._workers: list[_Worker] = []
         self._reports: dict[tuple[int, int], WorkerLogs] = {}  # (round, local_rank) -> logs, for failure_report
@@ -230,14 +250,20 @@ class WorkerGroup:
             preexec = proctree.pdeathsig_preexec(os.getpid())
             self._workers = []
             self._to(GroupState.RUNNING)
+            warm = 0
             for w, env, stream_kwargs in zip(workers, envs, streams):
                 self._reports[(a.round, w.local_rank)] = w.logs
                 env[PROGRESS_ENV] = w.progress_file = os.path.join(w.logs.directory, "progress")
+                spare = self._spares.take(w.local_rank, env) if self._spares is not None else None
                 w.started = time.time()
-                self._spawn(w, env, preexec, stream_kwargs)
+                if spare is None or not self._hand(w, spare, env, stream_kwargs):
+                    self._spawn(w, env, preexec, stream_kwargs)
+                else:
+                    warm += 1
                 self._workers.append(w)
-            self._log.info("started %d workers (ranks %d-%d, pids %s); logs in %s.", len(self._workers),
-                           a.rank_offset, w.rank, self.pids, os.path.dirname(w.logs.directory), round=a.round)
+            how = f", {warm} of them warm" if self._spares is not None else ""
+            self._log.info("started %d workers (ranks %d-%d, pids %s%s); logs in %s.", len(self._workers),
+                           a.rank_offset, w.rank, self.pids, how, os.path.dirname(w.logs.directory), round=a.round)
 
     def _spawn(self, w: _Worker, env: dict[str, str], preexec: Callable[[], None] | None, streams: dict) -> None:
         argv = self.cfg.command()
@@ -251,25 +277,66 @@ class WorkerGroup:
             w.logs.spawn_failed(error)
             code = 127 if isinstance(exc, FileNotFoundError) else 126 if isinstance(exc, PermissionError) else 1
         else:
-            w.logs.attach(w.proc)
-            try:
-                w.ps = psutil.Process(w.proc.pid)
-            except psutil.Error:
-                w.ps = None  # already gone; its waiter reports it
+            self._running(w)
+            return
         # A spawn failure is reported like any failed worker, from a thread, so on_exit never runs inside start.
-        target, args = (self._wait, (w,)) if error is None else (self._report, (w, code))
-        w.waiter = threading.Thread(target=target, args=args, daemon=True,
-                                    name=f"{_THREAD_PREFIX}wait-rank{w.rank}")
+        self._watch(w, self._report, (w, code))
+
+    def _hand(self, w: _Worker, spare: Spare, env: dict[str, str], streams: dict) -> bool:
+        """Start ``w`` from a warm spare: its environment, command line and the round's stdout/stderr (the same
+        files and pipes a cold spawn gets). False when the spare could not take it (it is killed; start cold)."""
+        fds, ours, readers = [], [], {}
+        for name, inherited in (("stdout", 1), ("stderr", 2)):
+            arg = streams[name]
+            if arg is None:
+                fds.append(inherited)  # the agent's own stream, as a cold worker inherits it
+            elif arg == subprocess.PIPE:
+                r, wr = os.pipe()
+                readers[name] = open(r, "rb")  # noqa: SIM115 - the pump owns it, as Popen's own pipe
+                fds.append(wr)
+                ours.append(wr)
+            elif arg == subprocess.DEVNULL:
+                fd = os.open(os.devnull, os.O_WRONLY)
+                fds.append(fd)
+                ours.append(fd)
+            else:
+                fds.append(arg.fileno())
+        argv = self.cfg.command()
+        msg = {"entrypoint": self.cfg.entrypoint, "module": self.cfg.module, "args": list(self.cfg.args),
+               "orig_argv": argv, "env": env}
+        try:
+            spare.hand(msg, fds)
+        except OSError as exc:
+            self._log.warning("could not hand rank %d to its warm spare (pid %d): %s; starting it cold", w.rank,
+                              spare.pid, exc, round=w.round)
+            spare.kill()
+            for f in readers.values():
+                f.close()
+            return False
+        finally:
+            for fd in ours:
+                os.close(fd)
+        w.proc = spare.proc
+        w.proc.stdout, w.proc.stderr = readers.get("stdout"), readers.get("stderr")
+        self._running(w)
+        return True
+
+    def _running(self, w: _Worker) -> None:
+        """A worker process exists: its output pumps, its psutil handle, its waiter."""
+        w.logs.attach(w.proc)
+        try:
+            w.ps = psutil.Process(w.proc.pid)
+        except psutil.Error:
+            w.ps = None  # already gone; its waiter reports it
+        self._watch(w, self._wait, (w,))
+
+    def _watch(self, w: _Worker, target: Callable, args: tuple) -> None:
+        w.waiter = threading.Thread(target=target, args=args, daemon=True, name=f"{_THREAD_PREFIX}wait-rank{w.rank}")
         w.waiter.start()
 
     def _ensure_log_root(self) -> str:
-        global _default_log_root
         if not self._log_root:
-            with _default_lock:  # one directory per agent process, however many groups it makes
-                if _default_log_root is None:
-                    _default_log_root = tempfile.mkdtemp(prefix="etcd_agent_logs_")
-                    self._log.info("No --log-dir was given; worker logs go to %s.", _default_log_root)
-            self._log_root = _default_log_root
+            self._log_root = log_root(self.cfg, self._log)
         return self._log_root
 
     def _wait(self, w: _Worker) -> None:

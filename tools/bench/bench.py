@@ -3,9 +3,9 @@
     python tools/bench/bench.py [--reps N] [--out DIR] [--only NAME,...] [--kinds etcd-agent,torchrun,...]
 
 Scenarios live in ``scenarios.REGISTRY`` (``--list`` shows them); ``--only`` takes scenario names or groups
-(launch, crash, scale, footprint, node-loss, torchrun-backend). Each scenario runs the two launcher kinds of its
-pair (etcd-agent and torchrun; torchrun-backend: torchrun-etcd-v3 and torchrun, i.e. c10d), less those --kinds
-leaves out. Repetitions of the two launchers alternate (and alternate which goes first) so that the machine's noise
+(launch, crash, scale, footprint, node-loss, torchrun-backend, warm-restart). Each scenario runs the launcher
+kinds of its pair (etcd-agent and torchrun; torchrun-backend: torchrun-etcd-v3 and torchrun, i.e. c10d;
+warm-restart: etcd-agent-warm, etcd-agent and torchrun), less those --kinds leaves out. Repetitions of the two launchers alternate (and alternate which goes first) so that the machine's noise
 hits both alike. etcd-agent and torchrun-etcd-v3 use one private etcd per scenario (etcd_agent.standalone) and a
 fresh run id per repetition; torchrun (c10d) a fresh c10d port and rdzv id per repetition.
 
@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kinds", default=",".join(KINDS),
                    help="launchers to measure (default: all; each scenario runs those of its pair)")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every per-repetition timeout")
+    p.add_argument("--preload", default=None,
+                   help="etcd-agent-warm: its --preload (default: etcd-agent's own default, torch)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p.parse_args(argv)
 
@@ -66,7 +68,8 @@ def meta(args) -> dict:
             return "not installed"
     return {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "reps": args.reps, "python": platform.python_version(),
             "torch": version("torch"), "etcd-agent": version("etcd-agent"), "cpus": os.cpu_count(),
-            "platform": platform.platform(), "timeout_scale": args.timeout_scale}
+            "platform": platform.platform(), "timeout_scale": args.timeout_scale,
+            "preload": args.preload}
 
 
 def log_tails(workdir: Path, lines: int = 12) -> dict[str, list[str]]:
@@ -77,12 +80,12 @@ def log_tails(workdir: Path, lines: int = 12) -> dict[str, list[str]]:
 
 
 def run_rep(scenario: Scenario, kind: str, index: int, base: Path, out: Path, etcd: EtcdServer | None,
-            scale: float) -> dict:
+            scale: float, preload: str | None = None) -> dict:
     workdir = base / kind / f"rep-{index}"
     workdir.mkdir(parents=True, exist_ok=True)
     run_id = f"bench-{scenario.name}-{index}-{uuid.uuid4().hex[:6]}"
     endpoint = etcd.endpoint if kind in ETCD_KINDS and etcd else f"127.0.0.1:{free_port()}"
-    rep = Rep(kind, index, workdir, endpoint, run_id, scale)
+    rep = Rep(kind, index, workdir, endpoint, run_id, scale, preload)
     sample = {"scenario": scenario.name, "group": scenario.group, "kind": kind, "pair": list(scenario.kinds),
               "rep": index, "run_id": run_id,
               "workdir": str(workdir.relative_to(out)), "ok": False, "metrics": {}, "error": None}
@@ -108,7 +111,7 @@ def run_scenario(scenario: Scenario, kinds: list[str], args, out: Path, samples:
         for index in range(args.reps):
             order = kinds if index % 2 == 0 else kinds[::-1]
             for kind in order:
-                sample = run_rep(scenario, kind, index, base, out, etcd, args.timeout_scale)
+                sample = run_rep(scenario, kind, index, base, out, etcd, args.timeout_scale, args.preload)
                 samples.append(sample)
                 save()
                 status = "ok" if sample["ok"] else f"FAILED: {sample['error']}"
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     for scenario in scenarios:
         mine = [k for k in scenario.kinds if k in kinds]  # the scenario's pair, in its order, less --kinds' omissions
         if not mine:
-            print(f"{scenario.name}: skipped, --kinds leaves out both of {', '.join(scenario.kinds)}", flush=True)
+            print(f"{scenario.name}: skipped, --kinds leaves out all of {', '.join(scenario.kinds)}", flush=True)
             continue
         print(f"{scenario.name}: {scenario.doc}, {args.reps} repetition(s) per launcher ({', '.join(mine)})",
               flush=True)

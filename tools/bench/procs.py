@@ -1,6 +1,7 @@
 """Launcher processes for the benchmark: build etcd-agent and torchrun command lines, start them, wait with deadlines.
 
-Three kinds of launcher: ``etcd-agent`` (python -m etcd_agent), ``torchrun`` (torch's c10d rendezvous backend, the
+Four kinds of launcher: ``etcd-agent`` (python -m etcd_agent), ``etcd-agent-warm`` (the same with
+``--warm-restart``), ``torchrun`` (torch's c10d rendezvous backend, the
 first launcher hosting the store) and ``torchrun-etcd-v3`` (torchrun with etcd-agent's ``etcd-v3`` backend, against
 the benchmark's etcd). Both torchrun kinds use the backends' defaults; nothing is tuned.
 
@@ -28,6 +29,7 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "worker.py")
+DDP_WORKER = str(HERE / "ddp_worker.py")  # a real torch DDP training loop (gloo): the warm-restart scenarios
 POLL_S = 0.02  # the benchmark watches record files and exit codes of processes it does not own the events of
 
 
@@ -63,15 +65,17 @@ class Job:
     endpoint: str = ""  # etcd endpoint (etcd-agent, torchrun-etcd-v3) or 127.0.0.1:PORT (torchrun's c10d store)
     extra: list[str] = field(default_factory=list)
     spares: int = 0  # etcd-agent: the last ``spares`` launchers run with --spare (torchrun has no such flag)
+    worker: str = WORKER  # the script every worker runs
 
     def command(self, i: int) -> list[str]:
-        wargs = [WORKER, *self.worker_args]
-        if self.kind == "etcd-agent":
+        wargs = [self.worker, *self.worker_args]
+        if self.kind in ("etcd-agent", "etcd-agent-warm"):
             spare = ["--spare"] if i >= self.count - self.spares else []
+            warm = ["--warm-restart"] if self.kind == "etcd-agent-warm" else []
             return [python(), "-m", "etcd_agent", "--etcd-endpoints", self.endpoint, "--run-id", self.run_id,
                     "--node-id", f"node-{i}", "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
                     "--local-addr", "127.0.0.1", "--max-restarts", str(self.max_restarts), *self.extra, *spare,
-                    *wargs]
+                    *warm, *wargs]
         if self.kind == "torchrun-etcd-v3":  # node_id only names the node in etcd and the logs; no timing knob
             return [*torchrun_cmd(), "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
                     "--rdzv-backend", "etcd-v3", "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id,

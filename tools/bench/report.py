@@ -1,7 +1,8 @@
 """Summaries of the raw samples: median and min/max per (scenario, metric, launcher), markdown tables, a PNG chart.
 
-Each scenario compares the two kinds of its pair (a sample's ``pair``: base, other); there is one table per pair,
-with the ratio other/base: torchrun/etcd-agent, and for the torchrun-backend group c10d/etcd-v3.
+Each scenario compares the kinds of its ``pair`` (a sample's ``pair``: base first, then the others); there is one
+table per pair, with the ratio of each other kind to the base: torchrun/etcd-agent; for the torchrun-backend group
+c10d/etcd-v3; for the warm-restart group cold/warm and torchrun/warm.
 matplotlib is optional: without it ``plot`` returns a note instead of a file. Imports only the standard library.
 """
 
@@ -10,18 +11,25 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-KINDS = ("etcd-agent", "torchrun", "torchrun-etcd-v3")  # as scenarios.KINDS; the order fixes the plot's colours
+KINDS = ("etcd-agent", "torchrun", "torchrun-etcd-v3", "etcd-agent-warm")  # as scenarios.KINDS; fixes the colours
 DEFAULT_PAIR = ("etcd-agent", "torchrun")  # samples written before pairs existed
-# pair -> (base's column name, other's column name, the line above its table or "")
+# kinds of a scenario (base first) -> (the column names, the line above its table or "")
 PAIRS = {
-    ("etcd-agent", "torchrun"): ("etcd-agent", "torchrun", ""),
-    ("torchrun-etcd-v3", "torchrun"): ("etcd-v3", "c10d", "torchrun --rdzv-backend c10d vs --rdzv-backend etcd-v3 "
+    ("etcd-agent", "torchrun"): (("etcd-agent", "torchrun"), ""),
+    ("torchrun-etcd-v3", "torchrun"): (("etcd-v3", "c10d"), "torchrun --rdzv-backend c10d vs --rdzv-backend etcd-v3 "
                                        "(the same torchrun and worker, both backends' defaults):"),
+    ("etcd-agent-warm", "etcd-agent", "torchrun"): (("etcd-agent --warm-restart", "etcd-agent cold", "torchrun"),
+                                                    "Warm restarts (a real torch DDP job, gloo): etcd-agent "
+                                                    "--warm-restart vs etcd-agent without it (cold) vs torchrun:"),
 }
 
 
-def pair_of(sample: dict) -> tuple[str, str]:
+def pair_of(sample: dict) -> tuple[str, ...]:
     return tuple(sample.get("pair") or DEFAULT_PAIR)
+
+
+def names_of(pair: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    return PAIRS.get(pair, (pair, ""))
 
 
 def summarize(samples: list[dict]) -> list[dict]:
@@ -69,20 +77,26 @@ def _cell(st: dict) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """One table per pair, in first-seen order; the ratio is other/base (torchrun/etcd-agent, c10d/etcd-v3)."""
+    """One table per kinds tuple, in first-seen order; each ratio is other/base (torchrun/etcd-agent, c10d/etcd-v3,
+    cold/warm and torchrun/warm)."""
     pairs = list(dict.fromkeys(tuple(r["pair"]) for r in rows))
     tables = []
     for pair in pairs:
-        base, other, title = PAIRS.get(pair, (*pair, ""))
+        names, title = names_of(pair)
+        base = names[0]
         lines = [title, ""] if title else []
-        lines += [f"| scenario | {base} median (min-max) | {other} median (min-max) | ratio {other}/{base} |",
-                  "|---|---|---|---|"]
+        lines += ["| scenario | " + " | ".join(f"{n} median (min-max)" for n in names) + " | "
+                  + " | ".join(f"ratio {n}/{base}" for n in names[1:]) + " |",
+                  "|---|" + "---|" * (2 * len(names) - 1)]
         for row in rows:
             if tuple(row["pair"]) != pair:
                 continue
-            a, t = row["kinds"][pair[0]], row["kinds"][pair[1]]
-            ratio = f"{t['median'] / a['median']:.2f}" if a["median"] and t["median"] is not None else "-"
-            lines.append(f"| {row['scenario']}: {row['metric']} | {_cell(a)} | {_cell(t)} | {ratio} |")
+            stats = [row["kinds"][k] for k in pair]
+            a = stats[0]
+            ratios = [f"{t['median'] / a['median']:.2f}" if a["median"] and t["median"] is not None else "-"
+                      for t in stats[1:]]
+            lines.append(f"| {row['scenario']}: {row['metric']} | " + " | ".join(_cell(st) for st in stats) + " | "
+                         + " | ".join(ratios) + " |")
         tables.append("\n".join(lines) + "\n")
     return "\n".join(tables)
 
@@ -102,10 +116,11 @@ def plot(rows: list[dict], path: Path) -> str:
     fig, axes = plt.subplots(len(units), 1, figsize=(11, 1.2 + 0.75 * sum(len(p) for p in panels)),
                              gridspec_kw={"height_ratios": [len(p) for p in panels]}, squeeze=False)
     for ax, unit, panel in zip(axes[:, 0], units, panels):
-        height = 0.38  # two bars per row: its pair's base, then the other
+        bars = max(len(r["pair"]) for r in panel)
+        height = 0.76 / bars  # one bar per kind of the row: its base first
         for kind in dict.fromkeys(k for r in panel for k in r["pair"]):  # the pairs' order; colours from KINDS
             at = [(i, r["pair"].index(kind)) for i, r in enumerate(panel) if kind in r["kinds"]]
-            ys = [i + (j - 0.5) * height for i, j in at]
+            ys = [i + (j - (len(panel[i]["pair"]) - 1) / 2) * height for i, j in at]
             st = [panel[i]["kinds"][kind] for i, _ in at]
             med = [s["median"] or 0.0 for s in st]
             err = [[(s["median"] - s["min"]) if s["median"] is not None else 0 for s in st],
@@ -125,7 +140,7 @@ def plot(rows: list[dict], path: Path) -> str:
         ax.set_xlabel(unit + (" (log scale)" if log_scale else ""))
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.grid(axis="x", alpha=0.3)
-    names = " / ".join(" vs ".join(PAIRS.get(p, (*p, ""))[:2]) for p in dict.fromkeys(tuple(r["pair"]) for r in rows))
+    names = " / ".join(" vs ".join(names_of(p)[0]) for p in dict.fromkeys(tuple(r["pair"]) for r in rows))
     axes[0, 0].set_title(f"{names}: median, whiskers min-max (failed repetitions excluded)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

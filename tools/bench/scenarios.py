@@ -22,11 +22,12 @@ from typing import Callable
 
 import psutil
 
-from procs import POLL_S, Job, RepFailed, cleanup, python, records, start_all, wait_exit, wait_generation
+from procs import DDP_WORKER, POLL_S, Job, RepFailed, cleanup, python, records, start_all, wait_exit, wait_generation
 
-KINDS = ("etcd-agent", "torchrun", "torchrun-etcd-v3")  # torchrun: torch's c10d backend
-ETCD_KINDS = ("etcd-agent", "torchrun-etcd-v3")  # the kinds that use the benchmark's private etcd
+KINDS = ("etcd-agent", "torchrun", "torchrun-etcd-v3", "etcd-agent-warm")  # torchrun: torch's c10d backend
+ETCD_KINDS = ("etcd-agent", "torchrun-etcd-v3", "etcd-agent-warm")  # the kinds that use the benchmark's private etcd
 AGENT_VS_TORCHRUN = ("etcd-agent", "torchrun")  # the default pair
+WARM_COLD_TORCHRUN = ("etcd-agent-warm", "etcd-agent", "torchrun")  # warm-restart: ratios cold/warm, torchrun/warm
 ETCD_V3_VS_C10D = ("torchrun-etcd-v3", "torchrun")  # torchrun-backend: ratio c10d/etcd-v3
 FIRST = lambda r: r["full_gen"] == 0  # noqa: E731  the first generation of the full world (worker.py)
 RESTARTED = lambda r: r["full_gen"] == 1  # noqa: E731  the one after it
@@ -40,6 +41,7 @@ class Rep:
     endpoint: str  # etcd endpoint (ETCD_KINDS), or a fresh 127.0.0.1:PORT for torchrun's c10d store
     run_id: str
     timeout_scale: float = 1.0
+    preload: str | None = None  # etcd-agent-warm's --preload (None: etcd-agent's default)
 
     @property
     def records(self) -> Path:
@@ -47,10 +49,16 @@ class Rep:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def job(self, nnodes: str, count: int, nproc: int, max_restarts: int, worker_args: list[str]) -> Job:
+    def job(self, nnodes: str, count: int, nproc: int, max_restarts: int, worker_args: list[str],
+            worker: str = "") -> Job:
         extra = ["--log-dir", str(self.workdir / "worker-logs")]
-        return Job(self.kind, nnodes, count, nproc, max_restarts, self.run_id,
-                   ["--out", str(self.records), *worker_args], self.endpoint, extra)
+        if self.kind == "etcd-agent-warm" and self.preload is not None:
+            extra += ["--preload", self.preload]
+        job = Job(self.kind, nnodes, count, nproc, max_restarts, self.run_id,
+                  ["--out", str(self.records), *worker_args], self.endpoint, extra)
+        if worker:
+            job.worker = worker
+        return job
 
     def deadline(self, seconds: float) -> float:
         return time.monotonic() + seconds * self.timeout_scale
@@ -64,7 +72,7 @@ class Scenario:
     needs_etcd: bool = True  # reps of ETCD_KINDS in this scenario use the benchmark's private etcd
     doc: str = ""
     kwargs: dict = field(default_factory=dict)
-    kinds: tuple[str, str] = AGENT_VS_TORCHRUN  # (base, other) the runner runs and the report compares
+    kinds: tuple[str, ...] = AGENT_VS_TORCHRUN  # (base, others...) the runner runs and the report compares
 
     def run(self, rep: Rep) -> dict[str, float]:
         return self.fn(rep, **self.kwargs)
@@ -74,8 +82,8 @@ REGISTRY: dict[str, Scenario] = {}
 
 
 def register(name: str, group: str, fn, needs_etcd: bool = True, doc: str = "",
-             kinds: tuple[str, str] = AGENT_VS_TORCHRUN, **kwargs) -> None:
-    assert set(kinds) <= set(KINDS) and len(kinds) == 2, kinds
+             kinds: tuple[str, ...] = AGENT_VS_TORCHRUN, **kwargs) -> None:
+    assert set(kinds) <= set(KINDS) and len(kinds) >= 2, kinds
     REGISTRY[name] = Scenario(name, group, fn, needs_etcd, doc, kwargs, kinds)
 
 
@@ -123,6 +131,30 @@ def crash(rep: Rep, nodes: int = 3, nproc: int = 2, crash_rank: int = 3) -> dict
     return {
         "worker crash -> all restarted workers started [s]": max(r["t_start"] for r in gen) - t_exit[0],
         "worker crash -> all launchers exited [s]": max(la.t_exit for la in launchers) - t_exit[0],
+    }
+
+
+def warm_crash(rep: Rep, nodes: int = 1, nproc: int = 2, crash_after: float = 10.0) -> dict[str, float]:
+    """A real torch DDP job (gloo); rank 1 crashes ``crash_after`` s after its first training step (time for
+    etcd-agent --warm-restart's spares to import torch, which they start 5 s after a round did); one restart."""
+    world = nodes * nproc
+    job = rep.job(str(nodes), nodes, nproc, 1, ["--crash-rank", "1", "--crash-after", str(crash_after)],
+                  worker=DDP_WORKER)
+    launchers = start_all(job, rep.workdir / "logs")
+    slow = load_factor(nodes) * 2  # every process imports torch on two CPUs
+    try:
+        wait_generation(rep.records, world, launchers, rep.deadline(90 * slow), FIRST, "the first attempt")
+        gen = wait_generation(rep.records, world, launchers, rep.deadline((90 + crash_after) * slow), RESTARTED,
+                              "the restart")
+        wait_exit(launchers, rep.deadline(60 * slow))
+    finally:
+        cleanup(launchers)
+    t_exit = [r["t_exit"] for r in records(rep.records) if r["full_gen"] == 0 and "t_exit" in r]
+    if len(t_exit) != 1:
+        raise RepFailed(f"expected one crash record in the first attempt, found {len(t_exit)}")
+    return {
+        "worker crash -> first training step of the restarted job [s]": max(r["t_step"] for r in gen) - t_exit[0],
+        "worker crash -> all restarted workers started [s]": max(r["t_start"] for r in gen) - t_exit[0],
     }
 
 
@@ -244,6 +276,12 @@ def vm_hwm(pid: int) -> int:
 for _n in (1, 2, 3):
     register(f"launch-{_n}x2", "launch", launch, doc=f"{_n} node(s) x 2 workers, all exit 0", nodes=_n)
 register("crash-3x2", "crash", crash, doc="3 nodes x 2, rank 3 exits 1 in restart 0, max-restarts 1")
+register("warm-1x2", "warm-restart", warm_crash, doc="torch DDP (gloo) 1 node x 2, rank 1 crashes 10 s after its "
+         "first step; torchrun, etcd-agent cold, etcd-agent --warm-restart", kinds=WARM_COLD_TORCHRUN, nodes=1,
+         crash_after=10.0)
+register("warm-3x2", "warm-restart", warm_crash, doc="torch DDP (gloo) 3 nodes x 2, rank 1 crashes 20 s after its "
+         "first step; torchrun, etcd-agent cold, etcd-agent --warm-restart", kinds=WARM_COLD_TORCHRUN, nodes=3,
+         crash_after=20.0)
 SCALE = (2, 4, 8, 16)  # scale: N launchers of one worker each; "x1" keeps the names apart from launch-Nx2
 for _n in SCALE:
     register(f"launch-{_n}x1", "scale", launch, doc=f"{_n} nodes x 1 worker, all exit 0", nodes=_n, nproc=1)

@@ -1,0 +1,337 @@
+"""Warm restarts (--warm-restart): pre-started interpreters handed the next round, indistinguishable from cold
+workers; spares that died or are stale are replaced cold; a --preload that cannot be imported is an error at start."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agents import WORKERS, CommandLine, poll_until, records, start_agents, wait_all
+from etcd_agent.config import WorkerConfig, worker_base_env
+from etcd_agent.errors import ConfigError
+from etcd_agent.warm import ROUND_KEYS, SPARE_FILE, SparePool, known_env, parse_preload
+from etcd_agent.workers import Assignment, WorkerGroup, worker_env
+
+IDENTITY = WORKERS / "identity.py"
+JOB = WORKERS / "job.py"
+
+
+# --- flags ---------------------------------------------------------------------------------------------------
+def test_preload_names_are_checked():
+    assert parse_preload("torch, numpy.linalg,torch") == ("torch", "numpy.linalg")
+    assert parse_preload("") == ()
+    with pytest.raises(ConfigError, match=r"--preload 'torch,1x': '1x' is not a module name"):
+        parse_preload("torch,1x")
+
+
+def _resolve(*argv: str):
+    from etcd_agent.cli import build_parser
+    from etcd_agent.launch import resolve
+
+    parser = build_parser()
+    return resolve(parser, parser.parse_args(list(argv)))
+
+
+def test_warm_restart_flags_resolve_and_bad_combinations_are_named():
+    cfg = _resolve("--standalone", "--warm-restart", str(JOB)).cfg.workers
+    assert cfg.warm_restart and cfg.preload == ("torch", "torch._dynamo")
+    assert _resolve("--standalone", "--warm-restart", "--preload", "json", str(JOB)).cfg.workers.preload == ("json",)
+    assert not _resolve("--standalone", str(JOB)).cfg.workers.warm_restart
+    with pytest.raises(ConfigError, match="--preload 'json' only matters with --warm-restart"):
+        _resolve("--standalone", "--preload", "json", str(JOB))
+    with pytest.raises(ConfigError, match="--warm-restart pre-starts Python interpreters; --no-python"):
+        _resolve("--standalone", "--warm-restart", "--no-python", "true")
+
+
+def test_the_known_environment_leaves_out_what_depends_on_the_round():
+    cfg = WorkerConfig(str(JOB), (), 2)
+    a = Assignment("r", 3, 1, 2, 2, 4, "10.0.0.1", 1234, 2, 5)
+    env = worker_env(cfg, a, 1, {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}, "/logs/error.json")
+    known = known_env({**env, "ETCD_AGENT_PROGRESS_FILE": "/logs/progress"})
+    assert not set(known) & ROUND_KEYS
+    assert {k: known[k] for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_MAX_RESTARTS",
+                                  "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PATH")} == {
+        "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "r", "TORCHELASTIC_MAX_RESTARTS": "5",
+        "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/bin"}
+    b = Assignment("r", 9, 0, 3, 0, 6, "10.0.0.2", 999, 7, 5)  # another round, another rank: the same known part
+    assert known_env(worker_env(cfg, b, 1, {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0,1"}, "/x")) == known
+
+
+# --- the pool and the group, without etcd --------------------------------------------------------------------
+def _group_with_pool(tmp_path: Path, script: str, args=(), preload=("json",), nproc: int = 1):
+    cfg = WorkerConfig(script, tuple(args), nproc, log_dir=str(tmp_path / "logs"), warm_restart=True,
+                       preload=tuple(preload), stop_timeout=3)
+    pool = SparePool(cfg, cfg.log_dir, "run", "node")
+    exits = []
+    done = threading.Event()
+
+    def on_exit(ex):
+        exits.append(ex)
+        if len(exits) == nproc:
+            done.set()
+    return cfg, pool, WorkerGroup(cfg, on_exit, node_id="node", spares=pool), exits, done
+
+
+def _first_envs(cfg: WorkerConfig) -> dict[int, dict[str, str]]:
+    a = Assignment("run", 0, 0, 1, 0, cfg.nproc, "", 0, 0, 0)
+    return {i: worker_env(cfg, a, i, worker_base_env(), "") for i in range(cfg.nproc)}
+
+
+def _assignment(cfg: WorkerConfig, rnd: int = 1) -> Assignment:
+    return Assignment("run", rnd, 0, 1, 0, cfg.nproc, "127.0.0.1", 29500, 0, 0)
+
+
+def test_a_group_starts_from_its_spare_and_the_worker_runs_the_script(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg, pool, group, exits, done = _group_with_pool(tmp_path, str(JOB), [str(out)])
+    pool.fill(_first_envs(cfg))
+    pool.wait_ready(60)
+    spare_pid = pool.pids[0]
+    try:
+        group.start(_assignment(cfg))
+        assert group.pids == [spare_pid] and pool.handed == 1
+        assert done.wait(30), "the warm worker did not exit"
+        assert exits[0].returncode == 0 and exits[0].pid == spare_pid
+        assert records(out)[(1, 0)]["pid"] == spare_pid
+    finally:
+        group.stop("test over")
+        pool.close()
+
+
+def test_a_spare_still_importing_is_handed_the_round_and_runs_once_its_imports_finish(tmp_path, monkeypatch):
+    slow = tmp_path / "mods"
+    slow.mkdir()
+    (slow / "slow_import.py").write_text("import time\ntime.sleep(1.5)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(slow))
+    cfg, pool, group, exits, done = _group_with_pool(tmp_path, str(JOB), [str(out)], preload=("slow_import",))
+    pool.fill(_first_envs(cfg))
+    spare_pid = pool.pids[0]
+    try:
+        group.start(_assignment(cfg))  # at once: the spare is still in its 1.5 s import
+        assert group.pids == [spare_pid]
+        assert done.wait(30) and exits[0].returncode == 0
+        assert records(out)[(1, 0)]["pid"] == spare_pid
+    finally:
+        group.stop("test over")
+        pool.close()
+
+
+def test_a_stale_spare_is_killed_and_the_worker_starts_cold(tmp_path, caplog, monkeypatch):
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    mod = mods / "my_preload.py"
+    mod.write_text("VALUE = 1\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(mods))
+    try:
+        cfg, pool, group, exits, done = _group_with_pool(tmp_path, str(JOB), [str(out)], preload=("my_preload",))
+        pool.fill(_first_envs(cfg))
+        pool.wait_ready(60)
+        first = pool.pids[0]
+        stat = mod.stat()
+        os.utime(mod, (stat.st_atime, stat.st_mtime + 10))  # the module was upgraded after the spare imported it
+        caplog.set_level("INFO", logger="etcd_agent.warm")
+        group.start(_assignment(cfg))
+        assert group.pids != [first] and pool.handed == 0
+        assert "the files of my_preload changed since it imported them; the worker starts cold" in caplog.text
+        assert not psutil.pid_exists(first) or psutil.Process(first).status() == psutil.STATUS_ZOMBIE
+        assert done.wait(30) and exits[0].returncode == 0
+        group.stop("round over")
+        # the environment the next worker needs differs from the spare's: stale as well
+        pool.fill()
+        pool.wait_ready(60)
+        second = pool.pids[0]
+        monkeypatch.setenv("SOMETHING_NEW", "1")
+        group2 = WorkerGroup(cfg, lambda ex: None, node_id="node", spares=pool)
+        group2.start(_assignment(cfg, 2))
+        assert group2.pids != [second]
+        assert "is stale: the worker's environment changed since it started (SOMETHING_NEW)" in caplog.text
+        group2.stop("test over")
+    finally:
+        group.stop("test over")
+        pool.close()
+
+
+def test_a_preload_that_initialises_cuda_is_refused(tmp_path, monkeypatch):
+    """A spare must never touch a GPU before it is handed a round: a preload that initialised CUDA (a stand-in
+    torch whose cuda.is_initialized() is true) is a clear error at start."""
+    fake = tmp_path / "mods" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("class cuda:\n    @staticmethod\n    def is_initialized():\n        return True\n")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    cfg, pool, *_ = _group_with_pool(tmp_path, str(JOB), preload=("torch",))
+    pool.fill(_first_envs(cfg))
+    with pytest.raises(ConfigError, match="initialised CUDA; a spare must not touch a GPU"):
+        pool.wait_ready(60)
+
+
+# --- real agents ---------------------------------------------------------------------------------------------
+def _spares_of(agent: CommandLine, exclude=()) -> dict[int, int]:
+    """local rank -> pid of the agent's waiting spares (children running spare.py, not yet workers)."""
+    found = {}
+    try:
+        children = psutil.Process(agent.proc.pid).children()
+    except psutil.Error:
+        return {}
+    for p in children:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if SPARE_FILE in cmd and p.pid not in exclude:
+            found[json.loads(cmd[cmd.index(SPARE_FILE) + 2])["local_rank"]] = p.pid
+    return found
+
+
+def _standalone(tmp_path: Path, name: str, entry: list[str], extra=(), nproc: int = 2, cwd=None) -> CommandLine:
+    work = tmp_path / name
+    work.mkdir(exist_ok=True)
+    return CommandLine(["--standalone", "--run-id", "warm-test", "--node-id", "n0", "--nproc-per-node", str(nproc),
+                        "--max-restarts", "1", "--log-dir", str(tmp_path / "logs"), "--stop-timeout", "3", *extra,
+                        *entry], work, "n0", cwd=cwd)
+
+
+def _identity_run(tmp_path: Path, warm: bool, entry: list[str], cwd=None) -> tuple[dict, dict, CommandLine]:
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(tmp_path / "logs", ignore_errors=True)
+    out.mkdir()
+    go = tmp_path / "go"
+    go.unlink(missing_ok=True)
+    extra = ["--warm-restart", "--preload", "json"] if warm else []
+    agent = _standalone(tmp_path, "warm" if warm else "cold", [*entry, str(out), "--go", str(go)], extra, cwd=cwd)
+    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 2, 60, "round 1's two workers")
+    first = {r["pid"] for r in records(out).values()}
+    spares = {}
+    if warm:
+        spares = poll_until(lambda: (s := _spares_of(agent, first)) and len(s) == 2 and s, 60, "the next spares")
+    go.touch()
+    assert agent.wait(60) == 0, agent.stderr()[-3000:]
+    found = records(out)
+    if warm:  # round 2 ran in the spares that waited for it
+        assert {found[(2, r)]["pid"] for r in (0, 1)} == set(spares.values()), agent.stderr()[-3000:]
+        assert "started 2 workers (ranks 0-1, pids" in agent.stderr() and "2 of them warm" in agent.stderr()
+    stderr = (tmp_path / "logs" / "warm-test" / "job_0001" / "n0" / "round_0001" / "rank_1" / "stderr.log").read_text()
+    return found, {"stderr_rank1_round1": stderr}, agent
+
+
+def _normal(record: dict) -> dict:
+    rec = json.loads(json.dumps(record))
+    rec.pop("pid")
+    rec["env"].pop("MASTER_PORT")  # a free port, chosen per round
+    rec["fds"] = {fd: re.sub(r"/(cold|warm)/agent-n0-\d+\.out$", "/agent.out", t) for fd, t in rec["fds"].items()}
+    return rec
+
+
+@pytest.mark.parametrize("mode", ["script", "module"])
+def test_a_warm_worker_sees_exactly_what_a_cold_worker_sees(tmp_path, mode):
+    """The same job cold and with --warm-restart: every field the script records (sys.argv, __name__, __file__,
+    its globals, sys.path[0] and sys.path, sys.orig_argv, the whole environment, signal handlers, process group,
+    open descriptors, sys.flags, stdio), its traceback and its exit codes are the same, round by round."""
+    if mode == "script":
+        entry, cwd = [str(IDENTITY)], None
+    else:
+        mods = tmp_path / "mods"
+        mods.mkdir()
+        shutil.copy(IDENTITY, mods / "identity_mod.py")
+        entry, cwd = ["-m", "identity_mod"], mods
+    cold, cold_files, cold_agent = _identity_run(tmp_path, False, entry, cwd)
+    warm, warm_files, warm_agent = _identity_run(tmp_path, True, entry, cwd)
+    assert sorted(cold) == sorted(warm) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for key in sorted(cold):
+        a, b = _normal(cold[key]), _normal(warm[key])
+        for field in sorted(set(a) | set(b)):
+            assert a.get(field) == b.get(field), f"round {key[0]} rank {key[1]}: {field} differs cold vs warm"
+    assert cold[(2, 0)]["name"] == "__main__" and cold[(2, 0)]["main_is_this"]
+    assert cold_files == warm_files
+    assert "RuntimeError: rank 1 fails in round 1" in warm_files["stderr_rank1_round1"]
+    assert "spare.py" not in warm_files["stderr_rank1_round1"]
+    for agent in (cold_agent, warm_agent):
+        assert "worker rank 1 (pid" in agent.stderr() and "failed with exit code 1" in agent.stderr()
+        assert "rank 0 round 2: atexit ran" in agent.stdout() and "rank 1 round 2: atexit ran" in agent.stdout()
+
+
+def test_a_spare_killed_before_use_is_replaced_cold(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    go = tmp_path / "go"
+    agent = _standalone(tmp_path, "w", [str(JOB), str(out), "--fail-rank", "1", "--fail-when", str(go)],
+                        ["--warm-restart", "--preload", "json"])
+    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 2, 60, "round 1")
+    first = {r["pid"] for r in records(out).values()}
+    spares = poll_until(lambda: (s := _spares_of(agent, first)) and len(s) == 2 and s, 60, "the next spares")
+    os.kill(spares[0], signal.SIGKILL)
+    go.touch()
+    assert agent.wait(60) == 0, agent.stderr()[-3000:]
+    second = records(out)
+    assert second[(2, 0)]["pid"] != spares[0] and second[(2, 1)]["pid"] == spares[1]
+    err = agent.stderr()
+    assert (f"the warm spare for local rank 0 (pid {spares[0]}) died before use (signal SIGKILL); the worker starts "
+            "cold") in err, err[-3000:]
+    assert "1 of them warm" in err
+
+
+def test_a_preload_that_cannot_be_imported_is_a_clear_error_at_start(tmp_path):
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "broken_mod.py").write_text("raise RuntimeError('this module is broken')\n")
+    for preload, what in (("no_such_module_xyz", "ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+                          ("json,broken_mod", "RuntimeError: this module is broken")):
+        t0 = time.monotonic()
+        res = subprocess.run([sys.executable, "-m", "etcd_agent", "--standalone", "--warm-restart", "--preload", preload,
+                              str(JOB), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(mods)})
+        assert res.returncode == 2, res.stderr[-2000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"etcd-agent: error: --preload {preload}: the workers' Python"), last
+        assert what in last and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert "joined round" not in res.stderr  # nothing was joined or started
+        assert time.monotonic() - t0 < 30
+
+
+def test_no_spare_or_warm_worker_outlives_a_sigkilled_agent(tmp_path):
+    """The parent-death signal holds for spares and for the workers they became."""
+    out = tmp_path / "out"
+    out.mkdir()
+    agent = _standalone(tmp_path, "w", [str(JOB), str(out), "--run-until", str(tmp_path / "never")],
+                        ["--warm-restart", "--preload", "json"])
+    poll_until(lambda: len(records(out)) == 2, 60, "round 1")
+    workers = {r["pid"] for r in records(out).values()}
+    spares = set(poll_until(lambda: (s := _spares_of(agent, workers)) and len(s) == 2 and s, 60, "spares").values())
+    agent.proc.kill()
+    agent.proc.wait()
+    poll_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                               for p in workers | spares), 15, "workers and spares gone")
+
+
+def test_a_crash_restart_job_with_warm_restart_on_two_agents(etcd_endpoint, run_id, tmp_path):
+    """Two agents, --warm-restart with the default --preload (torch and torch._dynamo): rank 1 fails in round 1; every
+    worker of round 2 is one of the spares that waited for it, and the job succeeds."""
+    go = tmp_path / "go"
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "1", "--fail-when", str(go)],
+                               nproc=2, extra=["--warm-restart", "--max-restarts", "1"])
+    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 4, 120, "round 1 on both agents")
+    first = {r["pid"] for r in records(out).values()}
+    spares = [poll_until(lambda a=a: (s := _spares_of(a, first)) and len(s) == 2 and s, 120, f"{a.node}'s spares")
+              for a in agents]
+    go.touch()
+    assert wait_all(agents, 120) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    second = {r["pid"] for (rnd, _), r in records(out).items() if rnd == 2}
+    assert second == {p for s in spares for p in s.values()}
+    for a in agents:
+        assert "2 of them warm" in a.stderr() and "warm spare(s) ready after" in a.stderr()
