@@ -201,8 +201,9 @@ def _spares_of(agent: CommandLine, exclude=()) -> dict[int, int]:
 def _standalone(tmp_path: Path, name: str, entry: list[str], extra=(), nproc: int = 2, cwd=None) -> CommandLine:
     work = tmp_path / name
     work.mkdir(exist_ok=True)
+    restarts = [] if "--max-restarts" in extra else ["--max-restarts", "1"]
     return CommandLine(["--standalone", "--run-id", "warm-test", "--node-id", "n0", "--nproc-per-node", str(nproc),
-                        "--max-restarts", "1", "--log-dir", str(tmp_path / "logs"), "--stop-timeout", "3", *extra,
+                        *restarts, "--log-dir", str(tmp_path / "logs"), "--stop-timeout", "3", *extra,
                         *entry], work, "n0", cwd=cwd)
 
 
@@ -335,3 +336,17 @@ def test_a_crash_restart_job_with_warm_restart_on_two_agents(etcd_endpoint, run_
     assert second == {p for s in spares for p in s.values()}
     for a in agents:
         assert "2 of them warm" in a.stderr() and "warm spare(s) ready after" in a.stderr()
+    # the warm worker's torch-style error file made the failure report, as a cold worker's does
+    assert any("failed with exit code 3: RuntimeError: rank 1 fails in round 1" in a.stderr() for a in agents)
+
+
+def test_hang_detection_holds_for_warm_workers(tmp_path):
+    """Round 1 runs in the spares started with the agent; rank 1 never beats: --worker-timeout fails the job."""
+    out = tmp_path / "out"
+    out.mkdir()
+    agent = _standalone(tmp_path, "w", [str(JOB), str(out), "--beat", "--hang-rank", "1", "--run-until",
+                                        str(tmp_path / "never")],
+                        ["--warm-restart", "--preload", "json", "--worker-timeout", "2", "--max-restarts", "0"])
+    assert agent.wait(60) == 1
+    err = agent.stderr()
+    assert "2 of them warm" in err and "worker rank 1 (pid" in err and "made no progress for" in err, err[-3000:]

@@ -27,6 +27,7 @@ from etcd_agent import config
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
 from etcd_agent.worker_logs import Dest, line_prefix, route
+from etcd_agent.warm import SparePool
 from etcd_agent.workers import Assignment, WorkerExit, WorkerGroup, worker_env
 
 WORKERS = Path(__file__).parent / "workers"
@@ -38,6 +39,8 @@ TORCHRUN_KEYS = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_SIGNALS_TO_HANDLE",
 }
 TIMEOUT = 10.0  # an upper bound on any wait; a passing test never gets near it
+# The guarantees that hold for a cold worker hold for one started from a warm spare (--warm-restart) as well.
+COLD_AND_WARM = pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 
 
 def assignment(**kw) -> Assignment:
@@ -107,19 +110,30 @@ def mailbox(monkeypatch):
 @pytest.fixture
 def make_group(tmp_path):
     """``make_group(script, *args, nproc=1, n_exits=nproc, **cfg)`` -> (group, exits); stopped at teardown."""
-    groups = []
-
-    def make(script: str, *args: str, nproc: int = 1, n_exits: int | None = None, node: str = "node-a", **kw):
+    def make(script: str, *args: str, nproc: int = 1, n_exits: int | None = None, node: str = "node-a",
+             warm: bool = False, **kw):
+        """``warm``: the group's first start hands every worker to a spare of a SparePool (--warm-restart)."""
         entry = script if kw.get("no_python") or kw.get("module") else str(WORKERS / script)
-        cfg = WorkerConfig(entrypoint=entry, args=tuple(args), nproc=nproc, log_dir=str(tmp_path / "logs"), **kw)
+        cfg = WorkerConfig(entrypoint=entry, args=tuple(args), nproc=nproc, log_dir=str(tmp_path / "logs"),
+                           warm_restart=warm, preload=(), **kw)
         exits = Exits(nproc if n_exits is None else n_exits)
-        group = WorkerGroup(cfg, exits, node_id=node)
+        spares = None
+        if warm:
+            spares = SparePool(cfg, cfg.log_dir, "run1", node)
+            spares.fill({i: worker_env(cfg, assignment(), i, config.worker_base_env(), "") for i in range(nproc)})
+            spares.wait_ready(TIMEOUT)
+            pools.append((spares, nproc))
+        group = WorkerGroup(cfg, exits, node_id=node, spares=spares)
         groups.append(group)
         return group, exits
 
+    groups, pools = [], []
     yield make
     for g in groups:
         g.stop("test teardown")
+    for pool, nproc in pools:
+        pool.close()
+        assert pool.handed == nproc, "a warm test's workers did not start from their spares"
 
 
 def gone(pid: int) -> bool:
@@ -248,10 +262,11 @@ def test_worker_env_keys_match_a_real_torchrun(tmp_path):
 # -- start and exits ---------------------------------------------------------------------------------------------
 
 
-def test_start_runs_every_worker_with_its_environment(make_group, tmp_path):
+@COLD_AND_WARM
+def test_start_runs_every_worker_with_its_environment(make_group, tmp_path, warm):
     out = tmp_path / "out"
     out.mkdir()
-    group, exits = make_group("record_env.py", str(out), nproc=2)
+    group, exits = make_group("record_env.py", str(out), nproc=2, warm=warm)
     group.start(assignment())
     assert len(group.pids) == 2
     done = exits.wait()
@@ -299,8 +314,9 @@ def test_start_refuses_while_workers_run_and_restarts_after_stop(make_group, mai
 # -- stop --------------------------------------------------------------------------------------------------------
 
 
-def test_stop_ends_workers_with_sigterm(make_group, mailbox):
-    group, exits = make_group("hang.py", nproc=2, stop_timeout=TIMEOUT)
+@COLD_AND_WARM
+def test_stop_ends_workers_with_sigterm(make_group, mailbox, warm):
+    group, exits = make_group("hang.py", nproc=2, stop_timeout=TIMEOUT, warm=warm)
     group.start(assignment())
     assert sorted(pid for pid, _ in mailbox.ready(2)) == sorted(group.pids)
     assert group.running
@@ -313,8 +329,9 @@ def test_stop_ends_workers_with_sigterm(make_group, mailbox):
     assert len(exits.items) == 2
 
 
-def test_stop_kills_workers_that_ignore_sigterm_after_the_grace(make_group, mailbox):
-    group, exits = make_group("hang.py", "--ignore-term", stop_timeout=0.5)
+@COLD_AND_WARM
+def test_stop_kills_workers_that_ignore_sigterm_after_the_grace(make_group, mailbox, warm):
+    group, exits = make_group("hang.py", "--ignore-term", stop_timeout=0.5, warm=warm)
     group.start(assignment())
     mailbox.ready(1)
     t0 = time.monotonic()
@@ -362,8 +379,9 @@ def test_the_group_moves_through_its_states_only_forward(make_group, mailbox):
     assert group.state is GroupState.STOPPED
 
 
-def test_no_descendant_survives_stop(make_group, mailbox):
-    group, exits = make_group("spawn_child.py", stop_timeout=0.5)
+@COLD_AND_WARM
+def test_no_descendant_survives_stop(make_group, mailbox, warm):
+    group, exits = make_group("spawn_child.py", stop_timeout=0.5, warm=warm)
     group.start(assignment())
     (worker,) = group.pids
     kids = [pid for pid, ppid in mailbox.ready(2) if ppid == worker]
@@ -402,8 +420,9 @@ def test_failure_report_says_when_the_error_file_is_malformed(make_group):
     assert "not valid JSON" in report["message"] and "exit code 1" in report["message"]
 
 
-def test_failure_report_falls_back_to_the_stderr_tail(make_group, tmp_path):
-    group, exits = make_group("exit_code.py", "SIGKILL")
+@COLD_AND_WARM
+def test_failure_report_falls_back_to_the_stderr_tail(make_group, tmp_path, warm):
+    group, exits = make_group("exit_code.py", "SIGKILL", warm=warm)
     group.start(assignment())
     report = group.failure_report(exits.wait()[0]).to_json()
     assert report["signal"] == "SIGKILL" and report["exitcode"] == -9
@@ -464,8 +483,9 @@ def test_route_is_torchruns_reify():
     assert line_prefix("trainer", 1, 5, "<${role_name}|${rank}|${local_rank}|${other}> ") == "<trainer|5|1|${other}> "
 
 
-def test_default_output_reaches_the_console_unprefixed(make_group, tmp_path, capfd):
-    group, exits = make_group("echo.py")
+@COLD_AND_WARM
+def test_default_output_reaches_the_console_unprefixed(make_group, tmp_path, capfd, warm):
+    group, exits = make_group("echo.py", warm=warm)
     run_to_end(group, exits)
     out, err = capfd.readouterr()
     assert (out, err) == (ECHO_OUT, "hello stderr\n")
@@ -474,8 +494,9 @@ def test_default_output_reaches_the_console_unprefixed(make_group, tmp_path, cap
     assert (d / "stderr.log").read_text() == "hello stderr\n"  # kept for failure reports
 
 
-def test_default_stderr_is_kept_for_the_failure_report(make_group, capfd):
-    group, exits = make_group("exit_code.py", "3")
+@COLD_AND_WARM
+def test_default_stderr_is_kept_for_the_failure_report(make_group, capfd, warm):
+    group, exits = make_group("exit_code.py", "3", warm=warm)
     (ex,) = run_to_end(group, exits)
     _, err = capfd.readouterr()
     assert err == "".join(f"stderr line {i}\n" for i in range(30)) + "about to end with 3\n"
@@ -485,8 +506,9 @@ def test_default_stderr_is_kept_for_the_failure_report(make_group, capfd):
     assert report["message"].endswith("about to end with 3")
 
 
-def test_redirects_keep_the_console_clean(make_group, tmp_path, capfd):
-    group, exits = make_group("echo.py", nproc=2, redirects=StdSpec(3))
+@COLD_AND_WARM
+def test_redirects_keep_the_console_clean(make_group, tmp_path, capfd, warm):
+    group, exits = make_group("echo.py", nproc=2, redirects=StdSpec(3), warm=warm)
     run_to_end(group, exits)
     assert capfd.readouterr() == ("", "")
     for rank in (4, 5):
@@ -495,8 +517,9 @@ def test_redirects_keep_the_console_clean(make_group, tmp_path, capfd):
         assert (d / "stderr.log").read_text() == "hello stderr\n"
 
 
-def test_tee_prefixes_console_lines_and_keeps_plain_logs(make_group, tmp_path, capfd):
-    group, exits = make_group("echo.py", nproc=2, tee=StdSpec(3))
+@COLD_AND_WARM
+def test_tee_prefixes_console_lines_and_keeps_plain_logs(make_group, tmp_path, capfd, warm):
+    group, exits = make_group("echo.py", nproc=2, tee=StdSpec(3), warm=warm)
     run_to_end(group, exits)
     out, err = capfd.readouterr()
     assert all(line.startswith(("[default0]:", "[default1]:")) for line in (out + err).splitlines())
@@ -608,11 +631,12 @@ def test_a_progress_bar_reaches_the_console_before_the_worker_ends(mailbox, tmp_
 # -- commands ----------------------------------------------------------------------------------------------
 
 
-def test_module_entrypoint(make_group, tmp_path, monkeypatch):
+@COLD_AND_WARM
+def test_module_entrypoint(make_group, tmp_path, monkeypatch, warm):
     monkeypatch.setenv("PYTHONPATH", str(WORKERS))
     out = tmp_path / "out"
     out.mkdir()
-    group, exits = make_group("record_env", str(out), module=True)
+    group, exits = make_group("record_env", str(out), module=True, warm=warm)
     group.start(assignment())
     assert exits.wait()[0].returncode == 0
     argv = json.loads((out / "env_4.json").read_text())["argv"]
