@@ -20,7 +20,7 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from worker import load, write  # noqa: E402  (this directory is sys.path[0], as for any script)
+from worker import identity, write  # noqa: E402  (this directory is sys.path[0], as for any script)
 
 
 def main() -> int:
@@ -30,11 +30,8 @@ def main() -> int:
     p.add_argument("--crash-after", type=float, default=5.0)
     p.add_argument("--world", type=int, help="size of the full world (default: WORLD_SIZE)")
     a = p.parse_args()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    full = a.world or world
-    mine = [r for r in load(a.out) if r["rank"] == rank]
-    fulls = sum(r["world_size"] == full for r in mine)
+    rec, full, fulls = identity(a.out, a.world, T_START)
+    rank, world = rec["rank"], rec["world_size"]
 
     import torch
     import torch.distributed as dist
@@ -56,9 +53,7 @@ def main() -> int:
         opt.step()
 
     step()
-    rec = {"rank": rank, "world_size": world, "restart": restart, "attempt": max(restart, len(mine)),
-           "full_gen": fulls if world == full else None, "t_start": T_START, "t_imported": t_imported,
-           "t_group": t_group, "t_ddp": t_ddp, "t_step": time.time(), "pid": os.getpid()}
+    rec.update(t_imported=t_imported, t_group=t_group, t_ddp=t_ddp, t_step=time.time())
     write(a.out, rec)
     if fulls or world != full:
         os._exit(0)  # done; no process-group teardown, whose gloo destructor can abort a process at exit

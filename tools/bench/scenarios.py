@@ -115,46 +115,40 @@ def launch(rep: Rep, nodes: int, nproc: int = 2) -> dict[str, float]:
 # --- crash -------------------------------------------------------------------------------------------------------
 def crash(rep: Rep, nodes: int = 3, nproc: int = 2, crash_rank: int = 3) -> dict[str, float]:
     """Rank ``crash_rank`` exits 1 in attempt 0 while its peers block; one restart allowed."""
-    world = nodes * nproc
     job = rep.job(str(nodes), nodes, nproc, 1, ["--mode", "crash", "--crash-rank", str(crash_rank)])
+    gen, t_exit, launchers = crash_and_restart(rep, job, nodes * nproc, load_factor(nodes))
+    return {
+        "worker crash -> all restarted workers started [s]": max(r["t_start"] for r in gen) - t_exit,
+        "worker crash -> all launchers exited [s]": max(la.t_exit for la in launchers) - t_exit,
+    }
+
+
+def crash_and_restart(rep: Rep, job: Job, world: int, slow: float, first_s: float = 60, restart_s: float = 90):
+    """Run ``job`` (one worker crashes in the first full world, the job restarts once); returns the restarted
+    generation's records, the crash time and the launchers, all exited 0."""
     launchers = start_all(job, rep.workdir / "logs")
-    slow = load_factor(nodes)
     try:
-        wait_generation(rep.records, world, launchers, rep.deadline(60 * slow), FIRST, "the first attempt")
-        gen = wait_generation(rep.records, world, launchers, rep.deadline(90 * slow), RESTARTED, "the restart")
+        wait_generation(rep.records, world, launchers, rep.deadline(first_s * slow), FIRST, "the first attempt")
+        gen = wait_generation(rep.records, world, launchers, rep.deadline(restart_s * slow), RESTARTED, "the restart")
         wait_exit(launchers, rep.deadline(60 * slow))
     finally:
         cleanup(launchers)
     t_exit = [r["t_exit"] for r in records(rep.records) if r["full_gen"] == 0 and "t_exit" in r]
     if len(t_exit) != 1:
         raise RepFailed(f"expected one crash record in the first attempt, found {len(t_exit)}")
-    return {
-        "worker crash -> all restarted workers started [s]": max(r["t_start"] for r in gen) - t_exit[0],
-        "worker crash -> all launchers exited [s]": max(la.t_exit for la in launchers) - t_exit[0],
-    }
+    return gen, t_exit[0], launchers
 
 
 def warm_crash(rep: Rep, nodes: int = 1, nproc: int = 2, crash_after: float = 10.0) -> dict[str, float]:
     """A real torch DDP job (gloo); rank 1 crashes ``crash_after`` s after its first training step (time for
     etcd-agent --warm-restart's spares to import torch, which they start 5 s after a round did); one restart."""
-    world = nodes * nproc
     job = rep.job(str(nodes), nodes, nproc, 1, ["--crash-rank", "1", "--crash-after", str(crash_after)],
                   worker=DDP_WORKER)
-    launchers = start_all(job, rep.workdir / "logs")
     slow = load_factor(nodes) * 2  # every process imports torch on two CPUs
-    try:
-        wait_generation(rep.records, world, launchers, rep.deadline(90 * slow), FIRST, "the first attempt")
-        gen = wait_generation(rep.records, world, launchers, rep.deadline((90 + crash_after) * slow), RESTARTED,
-                              "the restart")
-        wait_exit(launchers, rep.deadline(60 * slow))
-    finally:
-        cleanup(launchers)
-    t_exit = [r["t_exit"] for r in records(rep.records) if r["full_gen"] == 0 and "t_exit" in r]
-    if len(t_exit) != 1:
-        raise RepFailed(f"expected one crash record in the first attempt, found {len(t_exit)}")
+    gen, t_exit, _ = crash_and_restart(rep, job, nodes * nproc, slow, 90, 90 + crash_after)
     return {
-        "worker crash -> first training step of the restarted job [s]": max(r["t_step"] for r in gen) - t_exit[0],
-        "worker crash -> all restarted workers started [s]": max(r["t_start"] for r in gen) - t_exit[0],
+        "worker crash -> first training step of the restarted job [s]": max(r["t_step"] for r in gen) - t_exit,
+        "worker crash -> all restarted workers started [s]": max(r["t_start"] for r in gen) - t_exit,
     }
 
 

@@ -72,6 +72,18 @@ def block() -> None:
         time.sleep(3600)
 
 
+def identity(out: str, world_arg: int | None, t_start: float) -> tuple[dict, int, int]:
+    """``(record, full world size, earlier full-world records of this rank)``; the record has rank, world_size,
+    restart, attempt, full_gen, t_start and pid (see the module doc)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    full = world_arg or world
+    mine = [r for r in load(out) if r["rank"] == rank]
+    fulls = sum(r["world_size"] == full for r in mine)
+    return ({"rank": rank, "world_size": world, "restart": restart, "attempt": max(restart, len(mine)),
+             "full_gen": fulls if world == full else None, "t_start": t_start, "pid": os.getpid()}, full, fulls)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -80,13 +92,8 @@ def main() -> int:
     p.add_argument("--world", type=int, help="size of the full world (default: WORLD_SIZE)")
     p.add_argument("--hold")
     a = p.parse_args()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    full = a.world or world
-    mine = [r for r in load(a.out) if r["rank"] == rank]
-    fulls = sum(r["world_size"] == full for r in mine)
-    rec = {"rank": rank, "world_size": world, "restart": restart, "attempt": max(restart, len(mine)),
-           "full_gen": fulls if world == full else None, "t_start": T_START, "pid": os.getpid()}
+    rec, full, fulls = identity(a.out, a.world, T_START)
+    rank, world = rec["rank"], rec["world_size"]
     write(a.out, rec)
     if a.mode == "hold":
         while not os.path.exists(a.hold):
