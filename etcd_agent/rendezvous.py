@@ -169,8 +169,9 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     count = len(v.joins)
     timeout_at = me.round_seen_at + p.join_timeout
     # Below MIN the ranking is not needed (the leader sees every join: it must not sort them all each time).
-    ranking = rank_joiners(list(v.joins.values()), p.max_nodes, plan_size(v, p)) \
-        if count >= p.min_nodes or me.now >= timeout_at else None
+    joins = as_spares(v, p)
+    ranking = rank_joiners(joins, p.max_nodes, plan_size(v, p)) if count >= p.min_nodes or me.now >= timeout_at \
+        else None
     waiting = count < p.min_nodes or bool(ranking.blocked)  # the round cannot close yet: the join timeout runs
     if waiting and me.now >= timeout_at:
         return End(r, FAILED, result(r, FAILED, me.wall, v, _timed_out(v, r, p, ranking)))
@@ -185,7 +186,7 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     guard = tuple((m.node, v.joins[m.node].create_revision) for m in plan.members)
     # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
     # The first round waits out the last call for nodes that are still starting.
-    regulars = sum(1 for j in v.joins.values() if not j.spare)
+    regulars = sum(1 for j in joins if not j.spare)
     if regulars >= p.max_nodes or (v.last_plan is not None and healthy(v) <= set(v.joins)):
         return ClosePlan(r, plan, guard, v.revision)
     close_at = (me.min_reached_at if me.min_reached_at is not None else me.now) + p.last_call
@@ -247,6 +248,18 @@ def plan_size(v: View, p: Params) -> int:
     """How many members spares may fill a plan up to: as many as the last plan had (a spare takes a lost or
     quarantined member's place), at least MIN."""
     return max(p.min_nodes, len(v.last_plan.members) if v.last_plan else 0)
+
+
+def as_spares(v: View, p: Params) -> list[Join]:
+    """The round's joiners, a node beyond MAX counted as a spare: when the newest earlier plan was full (MAX
+    members), a joiner that was not in it waited outside a full job, and it comes in only in place of a lost (or
+    quarantined) member, taking that member's group rank while every other member keeps its own, exactly as a
+    ``--spare`` does. Other newcomers (a job below MAX) follow in join order."""
+    joins = list(v.joins.values())
+    last = v.last_plan
+    if last is None or len(last.members) < p.max_nodes:
+        return joins
+    return [j if j.spare or last.member(j.node) is not None else dataclasses.replace(j, spare=True) for j in joins]
 
 
 def healthy(v: View) -> set[str]:

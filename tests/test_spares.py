@@ -86,3 +86,43 @@ def test_a_spare_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, run_id, tm
     release.touch()
     rest = [a for a in members if a is not victim] + spares
     assert wait_all(rest) == [0, 0, 0], [a.stderr()[-2000:] for a in rest]
+
+
+def test_a_node_beyond_max_takes_a_lost_members_rank_as_a_spare_does():
+    """--nnodes 2 and a third agent without --spare: after the loss of group rank 0 the third node takes rank 0 and
+    the survivor keeps rank 1 (the README: a node beyond MAX is a spare)."""
+    p = Params(2, 2, 3, 30.0, 60.0, 1.0)
+    last = mk_plan(2, [ME, "node-b"])
+    v = view(phase=JOINING, nodes=["node-b", "node-c"], last_plan=last,
+             joins=[jn("node-b", 11, prev_rank=1), jn("node-c", 12)])
+    action = decide(v, me(node="node-b", round_seen_at=NOW, min_reached_at=NOW), p)
+    assert isinstance(action, ClosePlan) and action.plan.nodes == ["node-c", "node-b"]
+    # a job below MAX takes a newcomer as a newcomer: members close up in their order, it follows
+    below = dataclasses.replace(p, max_nodes=3)
+    last3 = mk_plan(2, [ME, "node-b"])
+    v3 = view(phase=JOINING, nodes=["node-b", "node-c"], last_plan=last3,
+              joins=[jn("node-b", 11, prev_rank=1), jn("node-c", 12)])
+    action = decide(v3, me(node="node-b", round_seen_at=NOW, min_reached_at=NOW), below)
+    assert isinstance(action, ClosePlan) and action.plan.nodes == ["node-b", "node-c"]
+
+
+def test_a_node_beyond_max_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, run_id, tmp_path):
+    """--nnodes 2 and a third agent with the same flags (no --spare): it waits out round 1; the group-rank-0
+    member is SIGKILLed; round 2 runs with the third node as group rank 0 and the survivor keeping rank 1."""
+    release = tmp_path / "release"
+    members, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                                nnodes="2", extra=["--max-restarts", "3"])
+    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 2, 60, "round 1 on the two members")
+    extra, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                            nnodes="2", first=2, extra=["--max-restarts", "3"])
+    first = {rank: node_of(r) for (rnd, rank), r in records(out).items() if rnd == 1}
+    assert sorted(first.values()) == ["node-0", "node-1"]
+    poll_until(lambda: "waiting to be taken into the next round" in extra[0].stderr(), 30, "the third node waiting")
+    victim = next(a for a in members if a.node == first[0])
+    victim.kill()
+    poll_until(lambda: len([k for k in records(out) if k[0] == 2]) == 2, 60, "round 2 with the third node")
+    second = {rank: node_of(r) for (rnd, rank), r in records(out).items() if rnd == 2}
+    assert second == {0: "node-2", 1: first[1]}
+    release.touch()
+    rest = [a for a in members if a is not victim] + extra
+    assert wait_all(rest) == [0, 0], [a.stderr()[-2000:] for a in rest]
