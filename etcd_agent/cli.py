@@ -1,6 +1,7 @@
 """Command line: torchrun-compatible flags -> AgentConfig -> Agent -> exit code; plus ``status`` and ``stop``.
 
-Exit codes: 0 the job succeeded, 1 the job failed or was stopped, 2 bad usage (flags, spec mismatch, unreachable
+Exit codes: 0 the job succeeded, 1 the job failed or was stopped (an agent that arrives while the run's ended job
+still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, unreachable
 etcd at start), 128+N when the agent itself was ended by signal N. Every error is one line naming the flag, key
 or file; never a traceback.
 """
@@ -15,7 +16,7 @@ import sys
 from . import __version__
 from . import flags, logs
 from .config import EtcdConfig, parse_endpoints
-from .errors import AgentError, ConfigError
+from .errors import EXIT_OK, AgentError, ConfigError, JobEnded
 from .launch import etcd_config, resolve
 
 log = logs.get("etcd_agent.cli")
@@ -63,6 +64,11 @@ def run_agent(argv: list[str]) -> int:
         install_signal_handlers(agent, cfg.signals)
         try:
             return agent.run()
+        except JobEnded as exc:  # the run's job ended and some of its nodes are still registered: its end is ours
+            if exc.exit_code != EXIT_OK:
+                raise
+            log.info("%s; this agent started nothing", exc)
+            return EXIT_OK
         except AgentError as exc:
             if agent.signalled:
                 _error(str(exc))

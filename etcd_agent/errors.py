@@ -84,3 +84,15 @@ class JobFailed(AgentError):
 
 class JobStopped(AgentError):
     """The job was stopped by an operator (``etcd-agent stop``) or this agent received a signal."""
+
+
+class JobEnded(AgentError):
+    """The run's current job has ended and some of its nodes are still registered: an agent arriving now gets that
+    job's end (its message, and its exit code: 0 when the job succeeded) instead of starting a new job of the run.
+    ``outcome`` is the job's (``succeeded``, ``failed`` or ``stopped``); ``registered`` names the nodes found."""
+
+    def __init__(self, message: str, outcome: str, registered: list[str]):
+        super().__init__(message)
+        self.outcome = outcome
+        self.registered = registered
+        self.exit_code = EXIT_OK if outcome == "succeeded" else EXIT_JOB_FAILED

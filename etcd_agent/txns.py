@@ -7,17 +7,21 @@ requires that no node has written its exit key for the round, so "finished" and 
 happen; closing a round requires every member's join key to be the one the plan was made from. Failure reports are written whichever branch runs: a report is never lost to a race.
 Which job of a run an agent belongs to is fenced the same way, by the mod_revision of ``R/job``: starting a new
 job (the first, or the next after the current one ended) is one txn guarded by it, so agents that re-run a
-finished run id together all land in the same new job.
+finished run id together all land in the same new job. An ended job stays the run's job while any node of it is
+still registered (a newcomer gets its end, ``JobEnded``): the next job is started only if the ended job's registry
+was not written since the read that found it empty.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 from . import logs
 from .config import JobSpec
-from .errors import BadKeyData, ConfigError, DuplicateNode, EtcdAuthError, NodeRankTaken, SpecMismatch
+from .errors import (BadKeyData, ConfigError, DuplicateNode, EtcdAuthError, JobEnded, NodeRankTaken,
+                     SpecMismatch)
 from .etcd import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
                    op_get_prefix, op_put, unchanged_under)
 from .keys import Keys, RunKeys, decode, prefix_end
@@ -38,8 +42,10 @@ MAX_POINTER_TRIES = 100  # each failed compare means another agent moved the run
 
 def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float) -> Keys:
     """Find this agent's job of the run and return its keys: the running job (its spec checked), or a new job
-    when the run has none yet (generation 1) or its current job has ended (generation K+1, as torchrun runs a
-    finished run id again). Concurrent starters agree: every move is one txn guarded by ``R/job``. A run nested in
+    when the run has none yet (generation 1) or its current job has ended and none of its nodes is registered any
+    more (generation K+1, as torchrun runs a finished run id again). While a node of the ended job is still
+    registered, the job stays closed: JobEnded carries its end to this agent (``newcomer_end``). Concurrent
+    starters agree: every move is one txn guarded by ``R/job`` (and by the ended job's registry). A run nested in
     another run's prefix is refused first (``refuse_nested``)."""
     refuse_nested(etcd, run)
     for _ in range(MAX_POINTER_TRIES):
@@ -58,11 +64,58 @@ def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float) -> Keys:
             check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
             return keys
         done = Result.from_kv(res.ranges[1][0])
-        if _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall):
+        registry, seen = etcd.get_prefix(keys.nodes())  # read only for an ended job: a running one's can be large
+        ended = newcomer_end(keys, done, registry)
+        if ended is not None:
+            log.warning("job %d of run %s ended (%s) and %d of its nodes %s still registered (%s): this agent does "
+                        "not start a new job, it ends as that job did; start it again once they are gone to run "
+                        "the job anew", keys.gen, run.run_id, done.outcome, len(ended.registered),
+                        "is" if len(ended.registered) == 1 else "are", _names(ended.registered))
+            raise ended
+        if _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall, seen):
             log.info("run %s ended (%s: %s) as job %d; starting job %d of run %s", run.run_id, done.outcome,
                      done.reason, keys.gen, keys.gen + 1, run.run_id)
             return run.generation(keys.gen + 1)
     raise BadKeyData(run.job(), "kept changing while this agent looked for the run's current job; try again")
+
+
+NAMED_NODES = 8  # registered nodes of an ended job a log line names (the count is always given)
+
+
+def _names(nodes: list[str]) -> str:
+    more = f" and {len(nodes) - NAMED_NODES} more" if len(nodes) > NAMED_NODES else ""
+    return ", ".join(nodes[:NAMED_NODES]) + more
+
+
+def newcomer_end(keys: Keys, done: Result, registry: list) -> JobEnded | None:
+    """What an agent arriving at the run gets instead of a new job while job ``keys`` has ended (``done``) and
+    ``registry`` (the job's ``P/nodes/`` as read) still holds a live node: an agent still in its exit, or
+    torchrun's handler that closed the rendezvous and was not shut down. None when nobody is left (an entry without
+    a lease is no live agent's)."""
+    nodes = [kv.key[len(keys.nodes()):] for kv in registry if kv.lease]
+    return JobEnded(end_message(keys.run_id, done), done.outcome.value, nodes) if nodes else None
+
+
+def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
+    """The end an agent arriving at the run now would get (``newcomer_end``): None when the run has no job, its
+    current job still runs, or nobody of its ended job is registered. Two reads, no write."""
+    keys = current_job(etcd, run)
+    if keys is None:
+        return None
+    res = etcd.txn([], [op_get(keys.result()), op_get_prefix(keys.nodes())], where=f"read {keys.result()}")
+    return newcomer_end(keys, Result.from_kv(res.ranges[0][0]), res.ranges[1]) if res.ranges[0] else None
+
+
+def end_message(run_id: str, result: Result) -> str:
+    """The job's end as its agents reported it: how it failed or was stopped (with the root cause), or that it
+    succeeded."""
+    if result.outcome == Outcome.SUCCEEDED:
+        return f"job {run_id} already succeeded in round {result.round} after {result.restarts} restart(s)"
+    root, detail = result.root_cause, ""
+    if root:
+        detail = (f"; root cause: rank {root.rank} on {root.node} ({root.how_it_ended()}) in round "
+                  f"{root.round}: {root.message or 'no error message'}")
+    return f"job {run_id} {result.outcome}: {result.reason}{detail}"
 
 
 def refuse_nested(etcd: Etcd, run: RunKeys) -> None:
@@ -82,22 +135,25 @@ def refuse_nested(etcd: Etcd, run: RunKeys) -> None:
                               f"({a}job names its current job); choose a prefix outside every run's keys")
 
 
-def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: JobSpec, wall: float) -> bool:
+def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: JobSpec, wall: float,
+                    seen: int = 0) -> bool:
     """Make job ``gen`` the run's current one with its spec, round 1 and restart budget, if ``R/job`` is still at
-    ``pointer_rev`` (0: absent). False when another agent moved the run first."""
+    ``pointer_rev`` (0: absent) and no registry entry of job ``gen - 1`` was written after revision ``seen`` (the
+    read that found nobody registered). False when another agent moved the run, or registered, first."""
     keys = run.generation(gen)
-    res = etcd.txn([mod_is(run.job(), pointer_rev), absent(keys.spec())],
+    quiet = [unchanged_under(run.generation(gen - 1).nodes(), seen)] if gen > 1 else []
+    res = etcd.txn([mod_is(run.job(), pointer_rev), absent(keys.spec()), *quiet],
                    [op_put(run.job(), JobPointer(gen, wall).encode()),
                     op_put(keys.spec(), SpecValue.of(spec).encode()),
                     op_put(keys.round(), round_value(1, Phase.JOINING, "the job started", wall, last_plan=0)),
                     op_put(keys.restarts(), Restarts(0, spec.max_restarts).encode())],
-                   [op_get(run.job())], where=f"start job {gen} of run {run.run_id}")
+                   [op_get(run.job()), op_get(keys.spec())], where=f"start job {gen} of run {run.run_id}")
     if res.succeeded:
         return True
     pointer = res.ranges[0][0] if res.ranges[0] else None
     if pointer is None and pointer_rev == 0:
         raise BadKeyData(run.job(), f"missing, but job {gen} of the run exists ({keys.spec()})")
-    if pointer is not None and pointer.mod_revision == pointer_rev:
+    if pointer is not None and pointer.mod_revision == pointer_rev and res.ranges[1]:
         raise BadKeyData(keys.spec(), f"exists, but {run.job()} names job {gen - 1} as the run's current one")
     return False
 
@@ -273,18 +329,43 @@ def stop_job(etcd: Etcd, keys: Keys, reason: str, wall: float) -> bool:
     return close_job(etcd, keys, "stopped", reason, wall)
 
 
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """A registry entry that keeps a closed job closed to newcomers (``init_job``) while its holder lives:
+    ``value`` put at ``key`` on ``lease`` in the txn that ends the job (torchrun's ``set_closed``). An entry found
+    there is replaced only when it is on ``replaces`` (this node's agent's session, whose lease ends when that agent
+    exits) or has no lease; another live agent's is left alone (it keeps the job closed while it lives)."""
+
+    key: str
+    value: bytes
+    lease: int
+    replaces: int = 0
+
+
+def _holding(hold: Hold | None, found: list) -> tuple[list, list]:
+    """The compare and the put that take ``hold`` in the ending txn, given the entry ``found`` at its key."""
+    if hold is None:
+        return [], []
+    current = found[0] if found else None
+    if current is not None and current.lease not in (0, hold.lease, hold.replaces):
+        return [], []
+    return [mod_is(hold.key, current.mod_revision if current else 0)], [op_put(hold.key, hold.value, hold.lease)]
+
+
 def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, root_cause: Failure | None = None,
-              node: str | None = None) -> bool:
+              node: str | None = None, hold: Hold | None = None) -> bool:
     """End the job ``stopped`` or ``failed`` unless it already has a result (``etcd-agent stop``; torchrun's
     backend closing the rendezvous). ``root_cause``, a failure report of ``node``, goes into the result and under
-    the round's failures. False when the job had ended already. Every agent of the job reacts through its watch.
+    the round's failures; ``hold``, a registry entry, is written in the same txn. False when the job had ended
+    already. Every agent of the job reacts through its watch.
     A round key that is not a valid value (written by hand, say) does not keep a job from being stopped: it is
     replaced by the final round, numbered after the newest round with keys under ``P/r/``."""
     outcome = Outcome(outcome)
     if outcome not in (Outcome.STOPPED, Outcome.FAILED):
         raise ValueError(f"a job is closed stopped or failed, not {outcome!r}")
     for _ in range(10):
-        kv, _rev = etcd.get(keys.round())
+        got = etcd.txn([], [op_get(keys.round())] + ([op_get(hold.key)] if hold else []), where=f"read {keys.round()}")
+        kv = got.ranges[0][0] if got.ranges[0] else None
         if kv is None:
             raise BadKeyData(keys.round(), f"no such key: is {keys.run_id} a job under {keys.root}?")
         try:
@@ -294,12 +375,25 @@ def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, ro
             log.warning("%s; ending the job in round %d and replacing the key with a valid one", exc, number)
         result = Result(outcome, number, reason, root_cause, time=wall)
         report = [op_put(keys.failure(number, node), root_cause.encode())] if root_cause and node else []
-        res = etcd.txn([mod_is(keys.round(), kv.mod_revision), absent(keys.result())],
+        held, hold_ops = _holding(hold, got.ranges[1] if hold else [])
+        res = etcd.txn([mod_is(keys.round(), kv.mod_revision), absent(keys.result()), *held],
                        [op_put(keys.round(), round_value(number, Phase(outcome.value), reason, wall)),
-                        op_put(keys.result(), result.encode())] + report, [op_get(keys.result())],
+                        op_put(keys.result(), result.encode())] + report + hold_ops, [op_get(keys.result())],
                        where=f"end the job {outcome}")
         if res.succeeded:
             return True
         if res.ranges and res.ranges[0]:
             return False  # it already ended
     raise BadKeyData(keys.round(), "kept changing while trying to end the job; try again")
+
+
+def hold_ended(etcd: Etcd, keys: Keys, hold: Hold) -> bool:
+    """Take ``hold`` for job ``keys``, which has ended already, if it is still the run's current job (a new job of
+    the run is never closed by it). False when the run moved on, or another live agent holds the key."""
+    run = keys.run
+    got = etcd.txn([], [op_get(run.job()), op_get(hold.key)], where=f"read {run.job()}")
+    pointer = got.ranges[0][0] if got.ranges[0] else None
+    held, hold_ops = _holding(hold, got.ranges[1])
+    if pointer is None or pointer_generation(pointer) != keys.gen or not hold_ops:
+        return False
+    return etcd.txn([mod_is(run.job(), pointer.mod_revision), *held], hold_ops, where=f"hold {hold.key}").succeeded

@@ -1,0 +1,116 @@
+"""A run's ended job stays closed while any node of it is registered: an agent that comes to the run then gets that
+job's end (the message and exit code its agents ended with) instead of starting a new job; once nobody of it is
+registered, the same run id starts a new job. Real agents (the CLI) against the real etcd."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agents import AgentProc, job_keys, keys_of
+from etcd_agent import errors, txns
+from etcd_agent.config import EtcdConfig, JobSpec, parse_endpoints
+from etcd_agent.etcd import Etcd
+from etcd_agent.keys import RunKeys
+from etcd_agent.values import NodeInfo
+
+ROOT = "/etcd-agent"
+SPEC = JobSpec(1, 1, "1", 0)
+
+
+@pytest.fixture
+def etcd(etcd_endpoint):
+    client = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
+    yield client
+    client.close()
+
+
+def error_line(agent: AgentProc) -> str:
+    lines = [line for line in agent.stderr().splitlines() if line.startswith("etcd-agent: error: ")]
+    assert len(lines) == 1, agent.stderr()[-3000:]
+    return lines[0]
+
+
+def status(endpoint: str, run_id: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", endpoint, "--run-id",
+                           run_id], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_newcomer_gets_the_failed_job_while_one_of_its_agents_is_still_exiting(etcd_endpoint, run_id, tmp_path):
+    out, release = tmp_path / "out", tmp_path / "release"
+    out.mkdir()
+    once = ["--max-restarts", "0"]
+    failing = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(out), "--always-fail"], nnodes="2",
+                        extra=once)
+    # node-1's worker ignores SIGTERM: its agent stays registered, stopping it, until the test releases it
+    exiting = AgentProc(etcd_endpoint, run_id, "node-1", tmp_path,
+                        [str(out), "--run-until", str(release), "--ignore-sigterm"], nnodes="2",
+                        extra=once + ["--stop-timeout", "300"])
+    assert failing.wait(60) == 1, failing.stderr()[-3000:]
+    ended = error_line(failing)
+    keys = keys_of(run_id)
+    state = job_keys(etcd_endpoint, run_id)
+    assert state[keys.result()]["outcome"] == "failed" and keys.node("node-1") in state
+
+    newcomer = AgentProc(etcd_endpoint, run_id, "node-2", tmp_path, [str(out)], nnodes="2", extra=once)
+    assert newcomer.wait(30) == 1  # before: it started job 2 and waited there for a second node
+    assert error_line(newcomer) == ended  # the same end, in the same words, as the job's own agent
+    assert (f"job 1 of run {run_id} ended (failed) and 1 of its nodes is still registered (node-1): this agent "
+            "does not start a new job") in newcomer.stderr()
+    assert not job_keys(etcd_endpoint, run_id, gen=2), "no second job was started"
+    text = status(etcd_endpoint, run_id)
+    assert f"run {run_id}, job 1 " in text and "ended, failed" in text and "nodes alive: node-1" in text, text
+
+    release.touch()  # node-1's worker exits, its agent leaves: nobody of job 1 is registered any more
+    assert exiting.wait(60) == 1
+    again = AgentProc(etcd_endpoint, run_id, "node-2", tmp_path, [str(out)], nnodes="1", extra=once)
+    assert again.wait(60) == 0, again.stderr()[-3000:]
+    assert f"as job 1; starting job 2 of run {run_id}" in again.stderr()
+    assert job_keys(etcd_endpoint, run_id)[keys_of(run_id, 2).result()]["outcome"] == "succeeded"
+
+
+def test_a_newcomer_to_a_succeeded_job_exits_0_while_a_node_of_it_is_registered(etcd, etcd_endpoint, run_id,
+                                                                                 tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    first = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(out)])
+    assert first.wait(60) == 0, first.stderr()[-3000:]
+    keys = keys_of(run_id)
+    # a node of the job still registered (as an agent still in its exit is), on a lease the test holds
+    lease = etcd.lease_grant(60)
+    etcd.put(keys.node("node-1"), NodeInfo("node-1", lease=f"{lease:x}").encode(), lease)
+
+    newcomer = AgentProc(etcd_endpoint, run_id, "node-2", tmp_path, [str(out)])
+    assert newcomer.wait(30) == 0, newcomer.stderr()[-3000:]
+    err = newcomer.stderr()
+    assert f"job {run_id} already succeeded in round 1 after 0 restart(s)" in err and "error" not in err, err
+    assert not job_keys(etcd_endpoint, run_id, gen=2), "no second job was started"
+
+    etcd.lease_revoke(lease)  # the last node of job 1 is gone: the run id starts job 2
+    again = AgentProc(etcd_endpoint, run_id, "node-2", tmp_path, [str(out)])
+    assert again.wait(60) == 0, again.stderr()[-3000:]
+    assert job_keys(etcd_endpoint, run_id)[keys_of(run_id, 2).result()]["outcome"] == "succeeded"
+
+
+def test_no_new_job_starts_over_a_node_that_registered_after_the_read(etcd, run_id):
+    """The registry read that found nobody guards the new job: a node of the ended job that registers in between
+    (an agent of it re-opening its session) makes the newcomer read again, and get the job's end."""
+    run = RunKeys(ROOT, run_id)
+    keys = txns.init_job(etcd, run, SPEC, time.time())
+    assert txns.close_job(etcd, keys, "stopped", "the test stopped it", time.time())
+    pointer, _ = etcd.get(run.job())
+    _nobody, seen = etcd.get_prefix(keys.nodes())
+    lease = etcd.lease_grant(60)
+    etcd.put(keys.node("n0"), NodeInfo("n0", lease=f"{lease:x}").encode(), lease)
+    assert not txns._new_generation(etcd, run, 2, pointer.mod_revision, SPEC, time.time(), seen)
+    assert txns.current_job(etcd, run) == keys
+    with pytest.raises(errors.JobEnded, match="stopped: the test stopped it") as ended:
+        txns.init_job(etcd, run, SPEC, time.time())
+    assert ended.value.registered == ["n0"] and ended.value.exit_code == 1
+    etcd.lease_revoke(lease)
+    assert txns.init_job(etcd, run, SPEC, time.time()) == run.generation(2)
