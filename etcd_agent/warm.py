@@ -19,13 +19,22 @@ Rules:
   imported them. Any other spare is killed and the worker starts cold; the reason is logged. A spare still
   importing is used: it runs the entrypoint as soon as its imports finish, which is never later than a cold start.
 - ``fill`` (the agent's main thread only) starts the missing spares: at start, where ``wait_ready`` makes a
-  ``--preload`` that cannot be imported a ConfigError before the job is joined, and ``REFILL_DELAY`` s after each
-  round started, so the new spares' imports do not compete with the new workers' first steps for CPU.
+  ``--preload`` that cannot be imported a ConfigError before the job is joined (these run at normal priority: the
+  agent waits for them, and they become round 1's workers), and again as soon as a round started (``due`` is then
+  now; the last warm handoff of the round starts them itself), so that a worker that fails in its first seconds
+  restarts warm too. These spares run at the lowest CPU and I/O priority (``priority.py``: ``SCHED_IDLE``, the
+  idle I/O class, their autogroup at nice 19) from their first instruction, so they never take a cycle or a disk
+  request the workers want; ``take`` gives a spare the agent's own priority back before its handoff, and a spare
+  whose priority could not be given back is killed (its worker starts cold).
+- Where this agent may not give a process its priority back (``priority.probe`` at pool creation: no
+  CAP_SYS_NICE and too low an RLIMIT_NICE), spares run at normal priority and are started ``REFILL_DELAY`` s after
+  each round started, so their imports do not compete with the new workers' first steps for CPU; one log line says
+  why.
 - A preload that fails later (the module became unimportable mid-job) turns warm restarts off for the rest of the
   job, with one warning; workers then start cold.
 - ``close`` kills every spare; the agent calls it when it exits.
 
-Imports ``config``, ``errors``, ``gpu``, ``logs`` and ``proctree`` from the package; never torch.
+Imports ``config``, ``errors``, ``gpu``, ``logs``, ``priority`` and ``proctree`` from the package; never torch.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from . import gpu, proctree
+from . import gpu, priority, proctree
 from .config import WorkerConfig
 from .errors import ConfigError
 from .logs import Log
@@ -57,7 +66,7 @@ ROUND_KEYS = frozenset({
     "ETCD_AGENT_PROGRESS_FILE",
 })
 READY_WAIT = 120.0  # at start: how long the first spares may take to import --preload before the job goes on
-REFILL_DELAY = 5.0  # seconds after a round started before its spares for the next round are started
+REFILL_DELAY = 5.0  # without idle priority: seconds after a round started before the next round's spares start
 _HAND_TIMEOUT = 5.0  # a handoff that cannot be written in this time (the spare does not read) goes cold
 _KILL_WAIT = 5.0
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -89,6 +98,7 @@ class Spare:
     proc: subprocess.Popen
     sock: socket.socket
     env: dict[str, str]  # the known environment it was started with
+    idle: bool = False  # started at the lowest CPU and I/O priority (priority.py)
     started: float = field(default_factory=time.monotonic)
     ready_after: float | None = None  # seconds from its start to "ready", once it said so
     error: str | None = None
@@ -183,6 +193,11 @@ class SparePool:
         self.due: float | None = None  # monotonic time of the next fill, when spares are missing
         self.disabled = ""  # why warm restarts are off for the rest of the job
         self.handed = 0  # workers started warm, for the logs and tests
+        self.not_idle = priority.probe()  # why spares cannot run at idle priority ("" when they can)
+        if self.not_idle:
+            self._log.info("warm spares run at normal priority and start %.0f s after each round started, because "
+                           "this agent cannot give a process its priority back after SCHED_IDLE: %s", REFILL_DELAY,
+                           self.not_idle)
 
     @property
     def pids(self) -> dict[int, int]:
@@ -191,36 +206,53 @@ class SparePool:
 
     def fill(self, envs: Mapping[int, Mapping[str, str]] | None = None) -> None:
         """Start a spare for every local rank without one; ``envs`` (local rank -> a worker environment) at start,
-        later the environments of the last workers. Call from the agent's main thread (the parent-death signal)."""
+        later the environments of the last workers. Spares started with ``envs`` run at normal priority (the agent
+        waits for them), the others at idle priority unless ``not_idle``. Call from the agent's main thread (the
+        parent-death signal)."""
         self.due = None
         if self.disabled:
             return
+        idle = envs is None and not self.not_idle
         for rank, env in (envs or {}).items():
             self._known[rank] = known_env(env)
         for rank in range(self.cfg.nproc):
             if rank not in self._spares and rank in self._known:
-                self._spares[rank] = self._spawn(rank, self._known[rank])
+                self._spares[rank] = self._spawn(rank, self._known[rank], idle)
 
-    def _spawn(self, rank: int, env: dict[str, str]) -> Spare:
+    def fill_due(self) -> None:
+        """Start the missing spares now if they are due (the last warm handoff of a round calls it, inside the
+        group's start: a spare that cannot be started is logged, and the agent's loop tries again later)."""
+        if self.due is None or self.due > time.monotonic():
+            return
+        try:
+            self.fill()
+        except OSError as exc:
+            self.due = time.monotonic() + REFILL_DELAY
+            self._log.warning("could not start the warm spares for the next round (%s); trying again in %.0f s",
+                              exc, REFILL_DELAY)
+
+    def _spawn(self, rank: int, env: dict[str, str], idle: bool = False) -> Spare:
         os.makedirs(self.directory, exist_ok=True)
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         conf = {"preload": list(self.preload), "module": self.cfg.module, "entrypoint": self.cfg.entrypoint,
                 "local_rank": rank}
         argv = [self.cfg.command()[0], "-u", SPARE_FILE, str(child.fileno()), json.dumps(conf)]
+        steps = [proctree.pdeathsig_preexec(os.getpid()), priority.idle_preexec() if idle else None]
+        steps = [step for step in steps if step is not None]
         try:
             with open(os.path.join(self.directory, f"local_rank_{rank}.log"), "ab", buffering=0) as out:
                 proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                         start_new_session=True, close_fds=True, pass_fds=(child.fileno(),),
-                                        preexec_fn=proctree.pdeathsig_preexec(os.getpid()))
+                                        preexec_fn=_chain(steps))
         except BaseException:
             parent.close()
             raise
         finally:
             child.close()
         parent.setblocking(False)
-        self._log.debug("started warm spare pid %d for local rank %d (preload: %s)", proc.pid, rank,
-                        ", ".join(self.preload) or "nothing")
-        return Spare(rank, proc, parent, env)
+        self._log.debug("started warm spare pid %d for local rank %d at %s priority (preload: %s)", proc.pid,
+                        rank, "idle" if idle else "normal", ", ".join(self.preload) or "nothing")
+        return Spare(rank, proc, parent, env, idle)
 
     def wait_ready(self, timeout: float = READY_WAIT) -> None:
         """At start: wait until every spare reported; a preload that failed is a ConfigError naming --preload."""
@@ -255,13 +287,13 @@ class SparePool:
     def take(self, local_rank: int, env: Mapping[str, str]) -> Spare | None:
         """The spare to hand ``env``'s worker to, or None (the worker starts cold; the reason is logged)."""
         self._known[local_rank] = known_env(env)
-        self.due = time.monotonic() + REFILL_DELAY
+        self.due = time.monotonic() + (REFILL_DELAY if self.not_idle else 0.0)
         spare = self._spares.pop(local_rank, None)
         if spare is None:
             if not self.disabled:
                 self._log.info("no warm spare for local rank %d yet: it starts cold", local_rank)
             return None
-        why = self._unusable(spare, env)
+        why = self._unusable(spare, env) or self._restore(spare)
         if why:
             self._log.warning("the warm spare for local rank %d (pid %d) %s; the worker starts cold", local_rank,
                               spare.pid, why)
@@ -291,12 +323,35 @@ class SparePool:
                 return f"holds GPU memory ({held[s.pid] / 2**20:.0f} MiB) before it was handed a round"
         return ""
 
+    def _restore(self, s: Spare) -> str:
+        """Give an idle spare the agent's own priority, before it is handed a round; what went wrong, or ""."""
+        if not s.idle:
+            return ""
+        try:
+            priority.restore(s.pid, priority.own())
+        except OSError as exc:
+            return f"could not be given the agent's CPU and I/O priority back ({exc})"
+        s.idle = False
+        return ""
+
     def close(self) -> None:
         spares, self._spares = list(self._spares.values()), {}
         for s in spares:
             s.kill()
         if spares:
             self._log.debug("stopped %d warm spare(s)", len(spares))
+
+
+def _chain(steps: list):
+    """One preexec_fn that runs ``steps`` in order (each resolved in the parent); None for none."""
+    if not steps:
+        return None
+
+    def preexec() -> None:
+        for step in steps:
+            step()
+
+    return preexec
 
 
 def _how(code: int) -> str:

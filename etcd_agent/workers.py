@@ -25,7 +25,8 @@ Guarantees:
 
 - With ``--warm-restart`` (a ``SparePool``, ``warm.py``) a worker starts from its local rank's pre-started
   interpreter when that one is usable, cold otherwise: the same environment, command line, stdout/stderr (the same
-  files or pipes), process group, parent-death signal, waiter, stop, reports and progress file either way.
+  files or pipes), process group, CPU and I/O priority (an idle spare gets the agent's back before its handoff),
+  parent-death signal, waiter, stop, reports and progress file either way.
 
 Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``logs``, ``progress``,
 ``proctree``, ``secure``, ``values``, ``warm`` and ``worker_logs``. A log
@@ -319,6 +320,8 @@ class WorkerGroup:
         w.proc = spare.proc
         w.proc.stdout, w.proc.stderr = readers.get("stdout"), readers.get("stderr")
         self._running(w)
+        if w.local_rank == self.cfg.nproc - 1 and self._spares is not None:
+            self._spares.fill_due()  # the next round's idle spares start now, before a crash can be handled
         return True
 
     def _running(self, w: _Worker) -> None:

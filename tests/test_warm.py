@@ -17,10 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agents import WORKERS, CommandLine, poll_until, records, start_agents, wait_all
+from agents import WORKERS, AgentProc, CommandLine, poll_until, records, start_agents, wait_all
+from etcd_agent import priority, warm
 from etcd_agent.config import WorkerConfig, worker_base_env
 from etcd_agent.errors import ConfigError
-from etcd_agent.warm import ROUND_KEYS, SPARE_FILE, SparePool, known_env, parse_preload
+from etcd_agent.warm import REFILL_DELAY, ROUND_KEYS, SPARE_FILE, SparePool, known_env, parse_preload
 from etcd_agent.workers import Assignment, WorkerGroup, worker_env
 
 IDENTITY = WORKERS / "identity.py"
@@ -350,3 +351,190 @@ def test_hang_detection_holds_for_warm_workers(tmp_path):
     assert agent.wait(60) == 1
     err = agent.stderr()
     assert "2 of them warm" in err and "worker rank 1 (pid" in err and "made no progress for" in err, err[-3000:]
+
+
+# --- priority: idle spares, the agent's priority at the handoff ------------------------------------------------
+# A worker that records, at its first line, its pid, parent, command line (a warm one shows spare.py) and the CPU and
+# I/O priority of each of its threads; rank 1 exits 1 in the rounds given after OUT, the other ranks of those rounds
+# wait to be stopped; in any other round every rank exits 0.
+PRIO_WORKER = """\
+import json, os, signal, sys
+from etcd_agent import priority
+out, fail_rounds = sys.argv[1], {int(r) for r in sys.argv[2:]}
+rnd, rank = int(os.environ["ETCD_AGENT_ROUND"]), int(os.environ["RANK"])
+tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
+rec = {"pid": os.getpid(), "ppid": os.getppid(), "cmdline": open("/proc/self/cmdline", "rb").read().decode(),
+       "policies": [os.sched_getscheduler(t) for t in tids],
+       "nices": [os.getpriority(os.PRIO_PROCESS, t) for t in tids],
+       "ioprios": [priority.ioprio_get(t) for t in tids], "autogroup": priority.autogroup_nice(os.getpid())}
+with open(os.path.join(out, f"{rnd}-{rank}.json.tmp"), "w") as f:
+    json.dump(rec, f)
+os.replace(os.path.join(out, f"{rnd}-{rank}.json.tmp"), os.path.join(out, f"{rnd}-{rank}.json"))
+if rnd in fail_rounds:
+    if rank == 1:
+        sys.exit(1)
+    signal.pause()
+"""
+# A --preload module that starts a thread at import, as torch does: every thread of a spare is idle, and every thread
+# of the worker it becomes gets the agent's priority back.
+THREADED_PRELOAD = "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+IDLE_OK = priority.probe()
+needs_idle = pytest.mark.skipif(bool(IDLE_OK), reason=f"this test process cannot leave SCHED_IDLE: {IDLE_OK}")
+
+
+def _priority_of(pid: int) -> dict:
+    """The scheduling policy, nice and I/O priority of every thread of ``pid``, and its autogroup's nice."""
+    tids = priority.threads(pid)
+    return {"policies": [os.sched_getscheduler(t) for t in tids], "nices": [os.getpriority(os.PRIO_PROCESS, t)
+                                                                           for t in tids],
+            "ioprios": [priority.ioprio_get(t) for t in tids], "autogroup": priority.autogroup_nice(pid)}
+
+
+def _assert_agents_priority(rec: dict, agent: priority.Priority, what: str) -> None:
+    n = len(rec["policies"])
+    assert rec["policies"] == [agent.policy] * n, f"{what}: policies {rec['policies']}"
+    assert rec["nices"] == [agent.nice] * n, f"{what}: nice {rec['nices']}"
+    assert rec["ioprios"] == [agent.ioprio] * n, f"{what}: I/O priorities {rec['ioprios']}"
+    assert rec["autogroup"] in (None, priority.AUTOGROUP_NEW_NICE), f"{what}: autogroup nice {rec['autogroup']}"
+
+
+def _prio_group(tmp_path: Path, out: Path, monkeypatch, fail_rounds=()):
+    script = tmp_path / "prio_worker.py"
+    script.write_text(PRIO_WORKER)
+    mods = tmp_path / "mods"
+    mods.mkdir(exist_ok=True)
+    (mods / "threaded_preload.py").write_text(THREADED_PRELOAD)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(mods), os.environ.get("PYTHONPATH", "")]))
+    return _group_with_pool(tmp_path, str(script), [str(out), *map(str, fail_rounds)], preload=("threaded_preload",))
+
+
+@needs_idle
+def test_a_waiting_spare_is_idle_and_the_worker_it_becomes_runs_at_the_agents_priority(tmp_path, monkeypatch):
+    """The first spares (the agent waits for them) run at normal priority; those started once a round started run
+    at SCHED_IDLE and the idle I/O class, every thread; the worker such a spare becomes runs, from its first line,
+    every thread at the agent's own policy, nice and I/O priority."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg, pool, group, exits, done = _prio_group(tmp_path, out, monkeypatch)
+    agent = priority.own()
+    try:
+        pool.fill(_first_envs(cfg))
+        pool.wait_ready(60)
+        first = pool.pids[0]
+        assert set(_priority_of(first)["policies"]) == {agent.policy}
+        group.start(_assignment(cfg))
+        assert group.pids == [first]
+        spare = pool.pids.get(0)  # the round's start started the next round's spare, at once
+        assert spare is not None and spare != first and pool.due is None
+        assert done.wait(30) and exits[0].returncode == 0
+        group.stop("round over")
+        pool.wait_ready(60)
+        waiting = _priority_of(spare)
+        assert len(waiting["policies"]) >= 2, "the preload's thread is missing"
+        assert waiting["policies"] == [os.SCHED_IDLE] * len(waiting["policies"]), waiting
+        assert waiting["ioprios"] == [priority.IDLE_IOPRIO] * len(waiting["ioprios"]), waiting
+        assert waiting["autogroup"] in (None, priority.AUTOGROUP_IDLE_NICE), waiting
+        exits.clear()
+        done.clear()
+        group.start(_assignment(cfg, 2))
+        assert group.pids == [spare] and pool.handed == 2
+        assert done.wait(30) and exits[0].returncode == 0
+        rec = records(out)[(2, 0)]
+        assert rec["pid"] == spare and SPARE_FILE in rec["cmdline"]
+        _assert_agents_priority(rec, agent, "the warm worker at its first line")
+    finally:
+        group.stop("test over")
+        pool.close()
+
+
+@needs_idle
+def test_a_spare_whose_priority_cannot_be_given_back_is_not_used(tmp_path, monkeypatch, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg, pool, group, exits, done = _prio_group(tmp_path, out, monkeypatch)
+    try:
+        pool.due = time.monotonic()
+        pool._known[0] = known_env(_first_envs(cfg)[0])  # what take() leaves behind after a round
+        pool.fill()
+        spare = pool.pids[0]
+        assert _priority_of(spare)["policies"][0] == os.SCHED_IDLE
+
+        def refuse(pid, prio):
+            raise PermissionError(1, "Operation not permitted")
+        monkeypatch.setattr(warm.priority, "restore", refuse)
+        caplog.set_level("INFO", logger="etcd_agent.warm")
+        group.start(_assignment(cfg))
+        assert group.pids != [spare] and pool.handed == 0
+        assert (f"the warm spare for local rank 0 (pid {spare}) could not be given the agent's CPU and I/O priority "
+                "back ([Errno 1] Operation not permitted); the worker starts cold") in caplog.text
+        assert not psutil.pid_exists(spare) or psutil.Process(spare).status() == psutil.STATUS_ZOMBIE
+        assert done.wait(30) and exits[0].returncode == 0
+        assert SPARE_FILE not in records(out)[(1, 0)]["cmdline"]
+    finally:
+        group.stop("test over")
+        pool.close()
+
+
+def test_an_agent_that_cannot_leave_sched_idle_keeps_spares_at_normal_priority_and_starts_them_later(
+        tmp_path, monkeypatch, caplog):
+    """The probe failed (forced here): one log line says why; spares run at normal priority and the next ones are
+    due REFILL_DELAY s after a round started, as before idle spares."""
+    monkeypatch.setattr(warm.priority, "probe", lambda: "forced for the test")
+    out = tmp_path / "out"
+    out.mkdir()
+    caplog.set_level("INFO", logger="etcd_agent.warm")
+    cfg, pool, group, exits, done = _prio_group(tmp_path, out, monkeypatch)
+    try:
+        assert ("warm spares run at normal priority and start 5 s after each round started, because this agent "
+                "cannot give a process its priority back after SCHED_IDLE: forced for the test") in caplog.text
+        pool.fill(_first_envs(cfg))
+        group.start(_assignment(cfg))
+        assert pool.due is not None and pool.due > time.monotonic() + REFILL_DELAY / 2
+        assert done.wait(30) and exits[0].returncode == 0
+        group.stop("round over")
+        pool.fill()
+        assert set(_priority_of(pool.pids[0])["policies"]) == {priority.own().policy}
+    finally:
+        group.stop("test over")
+        pool.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv") or not shutil.which("prlimit"),
+                    reason="needs root, setpriv and prlimit to run the probe as an unprivileged user")
+def test_the_probe_says_what_an_unprivileged_agent_lacks():
+    """The real probe, run as nobody without capabilities and with RLIMIT_NICE 0 (most systems' default)."""
+    code = "from etcd_agent import priority; print(priority.probe())"
+    res = subprocess.run(["prlimit", "--nice=0", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == ("leaving SCHED_IDLE needs CAP_SYS_NICE or an RLIMIT_NICE of at least 20 (ulimit -e; "
+                                  "it is 0): Operation not permitted")
+
+
+@needs_idle
+def test_a_worker_that_crashes_in_its_first_second_restarts_warm(etcd_endpoint, run_id, tmp_path):
+    """1 node x 2 with --warm-restart on a real etcd: rank 1 exits 1 as soon as it starts, in round 1 and again in
+    round 2. The spares for the next round start as soon as a round does (not 5 s later), so rounds 2 and 3 run
+    entirely in them: every worker is a child of the agent running spare.py that no earlier round used, and it runs
+    at the agent's priority from its first line."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "prio_worker.py"
+    script.write_text(PRIO_WORKER)
+    agent = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(out), "1", "2"], nproc=2,
+                      extra=["--warm-restart", "--preload", "json", "--max-restarts", "2"], entry=str(script))
+    assert agent.wait(120) == 0, agent.stderr()[-3000:]
+    found = records(out)
+    assert sorted(found) == [(r, k) for r in (1, 2, 3) for k in (0, 1)], agent.stderr()[-3000:]
+    err = agent.stderr()
+    assert err.count("2 of them warm") == 3, err[-3000:]
+    mine = priority.own()  # the agent's, which it inherited from this test
+    for rnd in (2, 3):
+        earlier = {found[(r, k)]["pid"] for r in range(1, rnd) for k in (0, 1)}
+        for rank in (0, 1):
+            rec = found[(rnd, rank)]
+            assert SPARE_FILE in rec["cmdline"] and rec["ppid"] == agent.proc.pid, (rnd, rank, rec["cmdline"])
+            assert rec["pid"] not in earlier
+            _assert_agents_priority(rec, mine, f"round {rnd} rank {rank}")
+    assert "could not be given the agent's CPU and I/O priority back" not in err
