@@ -9,13 +9,12 @@ or file; never a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 
 from . import __version__
 from . import flags, logs
-from .config import EtcdConfig, parse_endpoints
+from .config import EtcdConfig
 from .errors import EXIT_OK, AgentError, ConfigError, JobEnded
 from .launch import etcd_config, resolve
 
@@ -41,6 +40,7 @@ def _setup_logging(level: str) -> None:
 
 def run_agent(argv: list[str]) -> int:
     from .agent import Agent, install_signal_handlers
+    from .job_etcd import JobEtcd
 
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -48,15 +48,9 @@ def run_agent(argv: list[str]) -> int:
     launch = resolve(parser, ns)  # every flag and the entrypoint checked before etcd starts
     for note in launch.notes:
         log.warning("%s", note)
-    cfg, server = launch.cfg, None
+    job_etcd, agent = JobEtcd(launch.embedded, launch.serve), None
     try:
-        if launch.embedded:
-            from .standalone import EtcdServer
-
-            server = EtcdServer(name="etcd-agent-standalone").start()
-            cfg = dataclasses.replace(cfg, etcd=dataclasses.replace(cfg.etcd, endpoints=parse_endpoints(server.endpoint)))
-            log.info("one-node job: embedded etcd serving at %s (data in %s, removed on exit)", server.endpoint,
-                     server.data_dir)
+        cfg = job_etcd.start(launch.cfg)  # a one-node job's embedded etcd, or the one a c10d line's endpoint names
         log.info("run %s, node %s, %d worker(s), nnodes %d:%d, worker logs under %s", cfg.run_id, cfg.node_id,
                  cfg.workers.nproc, cfg.spec.min_nodes, cfg.spec.max_nodes,
                  cfg.workers.log_dir or "a temporary directory")
@@ -75,8 +69,7 @@ def run_agent(argv: list[str]) -> int:
                 return 128 + agent.signalled
             raise
     finally:
-        if server is not None:
-            server.stop()
+        job_etcd.stop(agent.keys if agent is not None else None)  # a served etcd: after the other agents left
 
 
 def _error(msg: str) -> None:

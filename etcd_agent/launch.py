@@ -6,8 +6,11 @@ The rules (the README's "Coming from torchrun" documents them for users):
 - Where etcd is: ``--etcd-endpoints`` (or ``$ETCD_AGENT_ENDPOINTS``), or ``--rdzv-endpoint`` when
   ``--rdzv-backend`` is ``etcd``, ``etcd-v2`` or ``etcd-v3``. With another backend ``--rdzv-endpoint`` is not etcd and
   is not used for coordination. Two sources naming different clusters are an error naming both.
-- No etcd endpoint: a one-node job (``--nnodes`` at most 1, or ``--standalone``) runs on an embedded etcd; a
-  multi-node job is refused with one line saying what to add.
+- No etcd endpoint: a one-node job (``--nnodes`` at most 1, or ``--standalone``) runs on an embedded etcd. A
+  multi-node c10d line (``--rdzv-backend c10d --rdzv-endpoint HOST[:PORT]``, torchrun's port 29400 by default) runs
+  on the etcd that the agent able to bind HOST:PORT serves there for the job (``job_etcd``), as torchrun's c10d
+  backend hosts its store; one warning says it is a single point of failure. Any other multi-node job is refused
+  with one line saying what to add.
 - The run id: ``--run-id`` (etcd-agent's) or ``--rdzv-id`` (an error when they differ). Where torchrun makes a
   fresh uuid (``--standalone``; a one-node static line without endpoint or master port) a one-node job on the
   embedded etcd does too, replacing ``--rdzv-id`` as torchrun does. Otherwise ``--rdzv-id``; without one a
@@ -48,6 +51,7 @@ from .warm import parse_preload
 ETCD_BACKENDS = ("etcd", "etcd-v2", "etcd-v3")
 EMBEDDED_ENDPOINT = "127.0.0.1:2379"  # placeholder until the embedded etcd has its port
 TORCHRUN_MASTER_PORT = 29500  # torchrun's MASTER_PORT for a static line that names no port
+C10D_PORT = 29400  # torchrun's c10d rendezvous port when --rdzv-endpoint names none
 SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 
 
@@ -55,6 +59,7 @@ SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 class Launch:
     cfg: AgentConfig
     embedded: bool  # start a private etcd for this one-node job
+    serve: tuple[str, int] | None = None  # a c10d line's HOST, PORT: serve the job's etcd there, or use the one there
     notes: tuple[str, ...] = ()  # warnings to log once logging is set up
 
 
@@ -171,7 +176,27 @@ def _missing_etcd(ns: argparse.Namespace, given: dict[str, str]) -> ConfigError:
                 "endpoint, not etcd)")
     return ConfigError(f"--nnodes {ns.nnodes} is a multi-node job and etcd-agent coordinates nodes through etcd{hint}: "
                        f"add --etcd-endpoints HOST:2379 (the same etcd on every node), or --rdzv-backend etcd-v3 "
-                       "with --rdzv-endpoint HOST:2379")
+                       "with --rdzv-endpoint HOST:2379, or (one node then serves an etcd for the job) --rdzv-backend "
+                       "c10d with --rdzv-endpoint HOST:PORT")
+
+
+def _c10d_endpoint(ns: argparse.Namespace, given: dict[str, str], notes: list[str]) -> tuple[str, int]:
+    """A multi-node c10d line without etcd: the ``(host, port)`` where one of its agents serves the job's etcd."""
+    flag = given.get("rdzv_endpoint", "--rdzv-endpoint")
+    text = (ns.rdzv_endpoint or "").strip()
+    if ns.rdzv_backend != "c10d" or not text:
+        raise _missing_etcd(ns, given)
+    (host, port), *more = parse_endpoints(text, flag)
+    if more:
+        raise ConfigError(f"{flag} {text}: a c10d endpoint is one HOST:PORT (where one node serves the job's etcd); "
+                          "to name an etcd cluster use --etcd-endpoints")
+    if not re.search(r"(^[^:]*|\]):[0-9]+$", re.sub(r"^https?://", "", text, flags=re.IGNORECASE).rstrip("/")):
+        port = C10D_PORT  # as torchrun's c10d backend
+    notes.append(f"{flag} {text} (--rdzv-backend c10d) without an etcd cluster: the agent that can bind {host}:{port} "
+                 "serves the job's etcd there, a single point of failure like torchrun's c10d store (if that node "
+                 "goes, the job ends); to survive any node, run an etcd cluster and add --etcd-endpoints "
+                 "HOST:2379[,HOST:2379...] on every node")
+    return host, port
 
 
 def _torchrun_makes_an_id(ns: argparse.Namespace, hi: int) -> bool:
@@ -327,17 +352,18 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
     _apply_conf(ns, given, notes)
     _notes_for_accepted(ns, notes)
     lo, hi = parse_nnodes(ns.nnodes)
-    endpoints = _endpoints(ns, given, notes)
-    embedded = endpoints is None
-    if embedded and hi > 1:
+    endpoints, serve = _endpoints(ns, given, notes), None
+    if endpoints is None and hi > 1:
         if ns.standalone:
             raise ConfigError(f"--standalone runs a one-node job; --nnodes {ns.nnodes} needs a shared etcd "
                               "(--etcd-endpoints)")
-        raise _missing_etcd(ns, given)
+        serve = _c10d_endpoint(ns, given, notes)
+        endpoints = (_host_port(*serve), given.get("rdzv_endpoint", "--rdzv-endpoint"))
+    embedded = endpoints is None
     rank, master_addr, master_port = _static(ns, given, notes, multi=hi > 1)
     run_id = _run_id(ns, given, embedded, hi, None if master_addr is None and master_port is None
                      else (master_addr or "any", master_port or "any"), notes)
-    if run_id == "none" and not embedded:
+    if run_id == "none" and not embedded and serve is None:  # an etcd served for this job is shared by no other
         notes.append("no --rdzv-id given: using torchrun's default run id 'none'; jobs that share this etcd need "
                      "distinct --rdzv-id values")
     workers = WorkerConfig(
@@ -362,7 +388,11 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown), health=HealthConfig.parse(ns.health_check, ns.health_check_timeout,
                                                    workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
     check_entrypoint(workers)  # after the flags: a bad flag is named first
-    return Launch(cfg, embedded, tuple(notes))
+    return Launch(cfg, embedded, serve, tuple(notes))
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _env_password: str | None = None  # $ETCD_AGENT_ETCD_PASSWORD, once taken out of the environment

@@ -1,4 +1,5 @@
-"""Private etcd processes on free loopback ports: one implementation for ``--standalone``, test fixtures, benchmarks.
+"""Private etcd processes: one implementation for ``--standalone``, the etcd a c10d line's endpoint names (see
+``job_etcd``), test fixtures, benchmarks.
 
 - ``EtcdServer.start()`` returns once the process it spawned (not another one on the port) logged that it serves
   clients and answers ``/health``; if it exits first (port taken, bad flag), ``EtcdUnavailable`` carries its log tail.
@@ -41,6 +42,7 @@ FAST_ELECTION_ARGS = ("--heartbeat-interval=50", "--election-timeout=500")
 # What etcd logs once it serves clients: capnslog (3.4's default) and zap (3.5+) say the first, 3.4's zap the second.
 _READY_MARKERS = ("ready to serve client requests", "serving client traffic")
 _HEALTH_POLL_S = 0.05  # /health and leader queries have no event to wait on; they are polled with a deadline
+WILDCARD = "0.0.0.0"
 _TAIL_LINES = 40
 
 _lock = threading.Lock()
@@ -77,6 +79,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def reachable(host: str) -> str:
+    """Where this machine reaches a server listening on ``host`` (a wildcard listener: on loopback)."""
+    return {WILDCARD: "127.0.0.1", "::": "::1"}.get(host, host)
 
 
 def _get_json(address: str, body: bytes | None, timeout: float) -> dict:
@@ -117,16 +124,19 @@ def _pump(stream, sink, tail, ready, settled) -> None:
 
 
 class EtcdServer:
-    """One etcd member on loopback ports, started and stopped by this process."""
+    """One etcd member, started and stopped by this process: on loopback ports unless told otherwise. ``host`` is
+    the address it listens on (a wildcard listens on every interface, its peer port then on loopback);
+    ``advertise_host`` the name it gives clients (default: where this machine reaches ``host``)."""
 
     def __init__(self, name="etcd-agent", data_dir=None, host="127.0.0.1", client_port=None, peer_port=None,
                  initial_cluster=None, cluster_state="new", extra_args=(), binary=None, log_file=None,
-                 cluster_token=None):
+                 cluster_token=None, advertise_host=None):
         self.name = name
         self.host = host
+        self.advertise_host = advertise_host or reachable(host)
         self._pick_ports = client_port is None and peer_port is None and initial_cluster is None
         self.client_port = client_port or free_port(host)
-        self.peer_port = peer_port or free_port(host)
+        self.peer_port = peer_port or free_port(reachable(host))
         self.initial_cluster = initial_cluster  # None: this member alone
         self.cluster_state = cluster_state
         self.cluster_token = cluster_token or f"{name}-{uuid.uuid4().hex[:12]}"
@@ -138,9 +148,9 @@ class EtcdServer:
         # Set by each spawn(): output reader thread, log tail, "ready line seen", "ready line seen or output ended".
         self._reader = self._tail = self._ready = self._settled = None
 
-    endpoint = property(lambda self: url(self.host, self.client_port).removeprefix("http://"))
-    client_url = property(lambda self: url(self.host, self.client_port))
-    peer_url = property(lambda self: url(self.host, self.peer_port))
+    endpoint = property(lambda self: url(reachable(self.host), self.client_port).removeprefix("http://"))
+    client_url = property(lambda self: url(reachable(self.host), self.client_port))
+    peer_url = property(lambda self: url(reachable(self.host), self.peer_port))
     health_url = property(lambda self: self.client_url)  # where /health answers (a TLS member's metrics URL)
     data_dir = property(lambda self: self._data_dir)
     log_path = property(lambda self: self.log_file or os.path.join(self._data_dir, "etcd.log"))
@@ -154,7 +164,8 @@ class EtcdServer:
     def command(self, binary: str) -> list[str]:
         return [
             binary, f"--name={self.name}", f"--data-dir={os.path.join(self._data_dir, 'etcd')}",
-            f"--listen-client-urls={self.client_url}", f"--advertise-client-urls={self.client_url}",
+            f"--listen-client-urls={url(self.host, self.client_port)}",
+            f"--advertise-client-urls={url(self.advertise_host, self.client_port)}",
             f"--listen-peer-urls={self.peer_url}", f"--initial-advertise-peer-urls={self.peer_url}",
             f"--initial-cluster={self.initial_cluster or f'{self.name}={self.peer_url}'}",
             f"--initial-cluster-state={self.cluster_state}", f"--initial-cluster-token={self.cluster_token}",
@@ -172,7 +183,7 @@ class EtcdServer:
                 if attempt == attempts or "address already in use" not in str(exc):
                     raise
                 log.info("etcd %s lost its chosen ports to another process; trying fresh ones", self.name)
-                self.client_port, self.peer_port = free_port(self.host), free_port(self.host)
+                self.client_port, self.peer_port = free_port(self.host), free_port(reachable(self.host))
         return self
 
     def spawn(self) -> None:

@@ -60,8 +60,8 @@ def test_one_node_run_ids_follow_torchrun(script):
 def test_a_multi_node_line_without_etcd_says_what_to_add(script):
     msg = error("--nnodes", "2", script)
     assert "--nnodes 2" in msg and "--etcd-endpoints HOST:2379" in msg and "\n" not in msg
-    msg = error("--nnodes", "1:4", "--rdzv-backend", "c10d", "--rdzv-endpoint", "head:29400", script)
-    assert "--rdzv-endpoint head:29400 is a c10d endpoint, not etcd" in msg
+    msg = error("--nnodes", "1:4", "--rdzv-backend", "static", "--rdzv-endpoint", "head:29400", script)
+    assert "--rdzv-endpoint head:29400 is a static endpoint, not etcd" in msg  # c10d: see test_c10d_endpoint.py
 
 
 @pytest.mark.parametrize("backend", ["etcd", "etcd-v2", "etcd-v3"])
