@@ -26,7 +26,8 @@ import threading
 import time
 from typing import Callable
 
-from . import gpu, health, logs
+from . import health, logs
+from .checks import Checks
 from .config import AgentConfig, worker_base_env
 from .coordinator import Coordinator
 from .errors import BadKeyData, EtcdUnavailable, JobFailed, JobStopped, SessionLost
@@ -35,7 +36,7 @@ from .rendezvous import (Bump, CheckHealth, Finish, JoinRound, Local, Params, St
 from .session import Session
 from .standalone import free_port
 from .state import View
-from .values import Failure, Join, Outcome, Result
+from .values import Join, Outcome, Result
 from .warm import SparePool
 from .workers import Assignment, WorkerExit, WorkerGroup, log_root, worker_env
 
@@ -83,6 +84,7 @@ class Agent:
         self._wait_said: tuple[str, float] = ("", 0.0)  # the wait reason last logged at INFO, and when
         self._health_failures = 0  # failed health checks in a row
         self._failed_at: float | None = None  # when this node's workers last failed, until its quarantine counts it
+        self.checks = Checks(cfg, self.events.put, self.log)  # health check and GPU drain, off this loop
         self.spares: SparePool | None = None  # --warm-restart: this node's pre-started interpreters
         if cfg.workers.warm_restart:
             self.spares = SparePool(cfg.workers, log_root(cfg.workers, self.log), cfg.run_id, cfg.node_id,
@@ -153,6 +155,7 @@ class Agent:
     def _cleanup(self) -> None:
         self.shutdown.set()
         self._stop_workers("the agent is exiting")
+        self.checks.close()
         if self.spares is not None:
             self.spares.close()
         self.coord.close()
@@ -236,6 +239,10 @@ class Agent:
             # A late report from a session already replaced, or already fenced for, is old news.
             if session is self.session and self.state is not State.FENCED:
                 self._fence(why)
+        elif kind == "health":
+            self.checks.health_done(item)
+        elif kind == "drained":
+            self.checks.drain_done(item, self.where.round)
         elif kind == "leave":  # the owner of an embedded agent (torchrun's backend) ends it
             raise JobStopped(item)
         elif kind == "signal":
@@ -245,7 +252,7 @@ class Agent:
     def _track(self, v: View) -> None:
         """Update this agent's timers from what it sees (first sight of a round, of min joiners, of newcomers)."""
         now = time.monotonic()
-        changes = {"now": now, "wall": time.time()}
+        changes = {"now": now, "wall": time.time(), "checking": self.checks.checking, "draining": self.checks.draining}
         rnd = v.round
         if rnd and rnd.number != self.where.round:  # the round this agent is in: its log lines say it
             self.where.round = rnd.number
@@ -289,14 +296,20 @@ class Agent:
 
     def _healthy(self) -> bool:
         """The health gate before a join (``health.py``): a quarantined or unhealthy node says why in its registry
-        entry and checks again after a backoff (or when its quarantine ends); it joins once a check passes."""
+        entry and checks again after a backoff (or when its quarantine ends); it joins once a check passes. The
+        check itself runs off the loop (``checks.py``): False until its verdict is in."""
         problem, wait = "", 0.0
         if self.cfg.quarantine.active:
             q = self.coord.quarantine(self.cfg.quarantine, self._failed_at, time.time())
             self._failed_at = None
             problem = health.quarantined(q, time.time())
             wait = q.until - time.time() if problem else 0.0
-        problem = problem or health.check(self.cfg.health)
+        if not problem and self.cfg.health.active:
+            verdict = self.checks.health()
+            if verdict is None:
+                self._set(checking=True)  # decide() waits for the verdict, which wakes the loop
+                return False
+            problem = verdict
         if problem:
             self._health_failures += 1
             wait = wait or health.backoff(self._health_failures)
@@ -338,10 +351,13 @@ class Agent:
                                 world_size=plan.world_size, master_addr=plan.master_addr,
                                 master_port=plan.master_port, restart_count=plan.restart_count,
                                 max_restarts=plan.max_restarts, job=self.keys.gen)
-        held = self._drain_gpu_memory()
-        if held:
+        if self.checks.held is not None:  # the last workers' GPU memory was not released in time
+            held, self.checks.held = dataclasses.replace(self.checks.held, round=plan.round), None
             self._set(workers_round=plan.round, workers_running=False, outcome=Outcome.FAILED, failure=held)
             return  # decide() counts it as this node's failure in this round
+        if self.checks.must_drain(self.group):
+            self._set(draining=True)  # the drain runs off the loop; decide() waits for its verdict
+            return
         warm = {"spares": self.spares} if self.spares is not None else {}
         self.group = self._group_factory(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
                                          node_id=self.cfg.node_id, logger=logs.get("etcd_agent.workers", self.where),
@@ -351,25 +367,6 @@ class Agent:
         self.group.start(assignment)
         self._enter(State.RUNNING, f"{self.group.describe(assignment)}, master {plan.master_addr}:"
                     f"{plan.master_port}, restart count {plan.restart_count}")
-
-    def _drain_gpu_memory(self) -> Failure | None:
-        """GPU jobs: before new workers start, wait until no process of the last group holds GPU memory (NVML), up to
-        --gpu-drain-timeout; a report naming the pids still holding it when they do not let go."""
-        pids = getattr(self.group, "stopped_pids", None) if self.group is not None else None
-        if not pids or self.cfg.health.gpus is None:
-            return None
-        started = time.monotonic()
-        held = gpu.wait_drained(pids, self.cfg.gpu_drain_timeout)
-        if not held:
-            waited = time.monotonic() - started
-            if waited >= 0.5:
-                self.log.info("the last workers' GPU memory was released after %.1f s", waited)
-            return None
-        who = ", ".join(f"pid {pid} ({size / 2**20:.0f} MiB)" for pid, size in sorted(held.items()))
-        message = (f"GPU memory of the previous workers is still held {self.cfg.gpu_drain_timeout:g} s after they "
-                   f"were stopped (--gpu-drain-timeout): {who}; new workers would run out of memory")
-        self.log.error("%s", message)
-        return Failure(message=message, time=time.time(), round=self.where.round, node=self.cfg.node_id)
 
     def _worker_exit(self, ex: WorkerExit) -> None:
         if self.group is None or ex.round != self.local.workers_round or not self.local.workers_running:
@@ -484,10 +481,20 @@ def master_port(host: str) -> int:
 def install_signal_handlers(agent: Agent, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
     """``--signals-to-handle`` (torchrun's default SIGTERM, SIGINT, SIGHUP, SIGQUIT): stop the workers with that
     same signal, revoke the lease, exit 128+N (from the main thread's loop)."""
-    def handler(signum, _frame):
+    relay: queue.SimpleQueue = queue.SimpleQueue()
+
+    def shut_down() -> None:
+        # Event.set takes a lock the interrupted main thread may hold, so the handler never calls it: this thread,
+        # started here and not in the handler (starting a thread there can deadlock too), sets it for the handler.
+        while True:
+            relay.get()
+            agent.shutdown.set()  # etcd retries stop waiting
+
+    threading.Thread(target=shut_down, name="signals", daemon=True).start()
+
+    def handler(signum, _frame):  # only posts: SimpleQueue.put is reentrant, safe in a signal handler
         agent.signalled = signum
-        agent.events.put(("signal", signum))  # SimpleQueue.put is safe here
-        # Event.set takes a lock the interrupted main thread may hold: set it from a thread of its own.
-        threading.Thread(target=agent.shutdown.set, name="shutdown", daemon=True).start()
+        agent.events.put(("signal", signum))
+        relay.put(signum)
     for sig in signals:
         signal.signal(sig, handler)

@@ -62,24 +62,27 @@ class HealthConfig:
         return cls(argv, timeout, gpus)
 
 
-def check(cfg: HealthConfig, nvml=None, env: dict | None = None) -> str:
-    """``""`` when this node is healthy, else one line saying why."""
+def check(cfg: HealthConfig, nvml=None, env: dict | None = None, started=None) -> str:
+    """``""`` when this node is healthy, else one line saying why. ``started(proc)`` is told the command's process
+    (its own process group) as soon as it runs, so that an owner that exits first can kill it."""
     if cfg.gpus is not None:
         found = gpu.problems(cfg.gpus, nvml)
         if found:
             return "; ".join(found)
     if cfg.command:
-        return _run(cfg, env)
+        return _run(cfg, env, started)
     return ""
 
 
-def _run(cfg: HealthConfig, env: dict | None) -> str:
+def _run(cfg: HealthConfig, env: dict | None, started=None) -> str:
     what = f"--health-check {shlex.join(cfg.command)}"
     try:
         proc = subprocess.Popen(cfg.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
     except OSError as exc:
         return f"{what} could not run: {exc.strerror or exc}"
+    if started is not None:
+        started(proc)
     try:
         out, _ = proc.communicate(timeout=cfg.timeout)
     except subprocess.TimeoutExpired:
