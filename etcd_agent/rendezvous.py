@@ -61,6 +61,8 @@ class Local:
     newcomers_since: float | None = None  # when this agent first saw a registered node outside the plan
     unhealthy: str = ""  # why this node failed its last health check ("" healthy): it does not join
     health_retry_at: float = 0.0  # when an unhealthy node checks itself again
+    checking: bool = False  # its health check runs (off the loop): it joins when the verdict is in
+    draining: bool = False  # the GPU memory drain of its last workers runs (off the loop): nothing starts yet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +160,8 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if me.node not in v.joins or _stale(v, me):
         if me.node not in v.nodes:
             return Wait("this node's registration is not visible yet")
+        if me.checking:
+            return Wait(f"this node's health check is running; it joins round {r.number} once the check passes")
         if me.unhealthy and me.now < me.health_retry_at:
             return Wait(f"this node is unhealthy ({me.unhealthy}); it does not join round {r.number} and checks "
                         "again", me.health_retry_at)
@@ -223,6 +227,8 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
         return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
     if member is None and me.unhealthy:
+        if me.checking:
+            return Wait(f"this node's health check is running; round {r.number} runs without it")
         if me.now >= me.health_retry_at:
             return CheckHealth(r)
         return Wait(f"this node is unhealthy ({me.unhealthy}); round {r.number} runs without it", me.health_retry_at)
@@ -230,6 +236,9 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         full = " (the round is full)" if len(plan.members) >= p.max_nodes else ""
         return Wait(f"round {r.number} runs without this node{full}; waiting to be taken into the next round")
     if me.workers_round != r.number:
+        if me.draining:
+            return Wait(f"the previous workers' GPU memory is not released yet; round {r.number}'s workers start "
+                        "once it is (--gpu-drain-timeout)")
         return StartWorkers(plan, member)
     if me.outcome == Outcome.SUCCEEDED and me.node not in exits:
         return WriteExit(r)
