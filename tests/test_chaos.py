@@ -145,9 +145,10 @@ def test_hard_loss_and_freeze_reform_within_ttl(sig, job, etcd_endpoint, run_id)
             p.send_signal(signal.SIGCONT)
         # The thawed agent finds its session lost, stops its stale workers and comes back as a new member.
         gone_within(frozen_workers, TTL + 5)
-        assert "session lost" in victim.stderr() or "lease" in victim.stderr()
+        assert "-> fenced: session lost" in victim.stderr(), victim.stderr()[-3000:]
         r3 = running(rounds, 3, after=r2)
         wait_records(out, ranks(r3, 6), agents)
+        assert "fenced -> rendezvous: new session (lease" in victim.stderr(), victim.stderr()[-3000:]
         release.touch()
         assert wait_all(agents) == [0, 0, 0]
     else:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -87,6 +90,14 @@ def test_exit_barrier_waits_for_every_node(etcd_endpoint, run_id, tmp_path):
     assert fast.proc.poll() is None, "node-0 left before node-1 finished"
     hold.touch()
     assert wait_all(agents) == [0, 0]
+    # The barrier, from etcd's history: node-0's registration (its lease) ended only after the job's result was
+    # written, that is after node-1 finished; an agent that left at its own exit key would have gone before it.
+    history = subprocess.run([sys.executable, "-m", "etcd_agent", "events", "--etcd-endpoints", etcd_endpoint,
+                              "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=30)
+    events = [json.loads(line) for line in history.stdout.splitlines()]
+    at = {(e["event"], e.get("node")): e["revision"] for e in events}
+    assert at[("node finished", "node-0")] < at[("node finished", "node-1")], events
+    assert at[("node finished", "node-1")] <= at[("job ended", None)] < at[("node gone", "node-0")], events
 
 
 def test_spec_mismatch_is_refused_and_leaves_the_job_alone(etcd_endpoint, run_id, tmp_path):
