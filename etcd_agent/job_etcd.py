@@ -42,9 +42,9 @@ def names_this_host(host: str) -> bool:
     return host.lower().rstrip(".") in names | {n.split(".")[0] for n in names}
 
 
-def _can_bind(address: str, port: int) -> bool:
-    """Whether a listener could take ``address:port`` now; False when the port is taken or the address is not this
-    machine's. SO_REUSEADDR as etcd's own listener sets it, so a port with connections in TIME_WAIT counts free."""
+def _bind_probe(address: str, port: int) -> int:
+    """0 when a listener could take ``address:port`` now, else EADDRINUSE (taken) or EADDRNOTAVAIL (not this
+    machine's address). SO_REUSEADDR as etcd's own listener sets it, so a port with connections in TIME_WAIT is free."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -52,24 +52,27 @@ def _can_bind(address: str, port: int) -> bool:
             sock.bind((address, port))
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
-                return False
+                return exc.errno
             raise ConfigError(f"--rdzv-endpoint: cannot serve etcd at {address}:{port}: {exc.strerror}") from None
-    return True
+    return 0
 
 
 def listen_address(host: str, port: int) -> str | None:
     """Where to serve ``host:port``, or None when this machine cannot: every interface when ``host`` is this
-    machine's name, else the first address ``host`` resolves to that this machine can bind ``port`` on."""
+    machine's name, else the first address ``host`` resolves to that is this machine's. None as soon as one of
+    them is taken (``localhost`` as ::1 and 127.0.0.1: one etcd serves the name, never two)."""
     if names_this_host(host):
-        return WILDCARD if _can_bind(WILDCARD, port) else None
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise ConfigError(f"--rdzv-endpoint: cannot resolve {host!r}: {exc.strerror}") from None
-    for address in dict.fromkeys(info[4][0] for info in infos):
-        if _can_bind(address, port):
-            return address
-    return None
+        addresses = [WILDCARD]
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConfigError(f"--rdzv-endpoint: cannot resolve {host!r}: {exc.strerror}") from None
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    probes = {address: _bind_probe(address, port) for address in addresses}
+    if errno.EADDRINUSE in probes.values():
+        return None
+    return next((address for address, probe in probes.items() if probe == 0), None)
 
 
 def serve_at(host: str, port: int, timeout: float = 30.0) -> EtcdServer | None:

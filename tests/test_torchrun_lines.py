@@ -34,6 +34,7 @@ def test_a_multi_node_c10d_line_runs_with_etcd_endpoints_added(etcd_endpoint, ru
     assert sorted(found) == [(1, r) for r in range(4)]
     assert {f["env"]["WORLD_SIZE"] for f in found.values()} == {"4"}
     assert all("is not an etcd endpoint and is not used for coordination" in line.stderr() for line in lines)
+    assert not [line for line in lines if "serves the job's etcd" in line.stderr()]  # the explicit etcd wins
 
 
 def test_an_etcd_v3_line_takes_etcd_from_rdzv_endpoint(etcd_endpoint, run_id, tmp_path):

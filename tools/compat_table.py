@@ -3,7 +3,8 @@
 
 Every line runs under real torchrun (``python -m torch.distributed.run``) and under etcd-agent (``python -m
 etcd_agent``), with the recording worker as the training script; the comparison is the one
-``tests/test_torchrun_compat.py`` asserts. Multi-node lines use a private etcd this tool starts on loopback.
+``tests/test_torchrun_compat.py`` asserts. Multi-node static lines use a private etcd this tool starts on loopback;
+multi-node c10d lines run as written (one of their launchers serves etcd at the line's endpoint).
 
     .venv/bin/python tools/compat_table.py                  # every line
     .venv/bin/python tools/compat_table.py -k nanogpt -k tee  # lines whose label contains any of these

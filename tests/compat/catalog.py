@@ -16,8 +16,11 @@ Adaptations (``note``): worker counts are cut to what 2 CPU cores run quickly, f
 addresses become loopback, ``$VARIABLES`` get the value shown. ``--nproc-per-node gpu`` lines are kept: this machine
 has no GPU, so torchrun refuses them, and etcd-agent must refuse them too with a clear error.
 
-``multinode``: the line describes a job of more than one node (``--nnodes`` maximum above 1), so etcd-agent gets
-``--etcd-endpoints`` added; ``nodes``: how many launcher processes the runner starts for it (all on 127.0.0.1).
+``multinode``: the line describes a job of more than one node (``--nnodes`` maximum above 1) whose rendezvous
+names no endpoint etcd-agent can serve etcd at (a static line), so etcd-agent gets ``--etcd-endpoints`` of the
+session etcd added. A multi-node c10d line runs as written: the launcher that can bind its ``--rdzv-endpoint`` serves
+the job's etcd there, as torchrun's serves its store. ``nodes``: how many launcher processes the runner starts for
+it (all on 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class Line:
     source: str
     cmd: str
     nodes: int = 1  # launcher processes to start
-    multinode: bool = False  # etcd-agent needs --etcd-endpoints
+    multinode: bool = False  # etcd-agent needs --etcd-endpoints (a multi-node static line)
     expect: str = "works"  # what torchrun does here: "works" or "refused" (checked, so a broken line is seen)
     note: str = ""
 
@@ -120,7 +123,7 @@ CATALOG: tuple[Line, ...] = (
          "torchrun --nnodes=1:2 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=localhost:{port} "
          "--rdzv-conf='join_timeout=5,last_call_timeout=1,timeout=5' --rdzv-id=1234 --monitor-interval=1 "
          "--start-method=spawn {script} --touch-file-dir=/tmp/compat-touch",
-         multinode=True, note="an elastic 1:2 job on one node: it starts after the last call"),
+         note="an elastic 1:2 job on one node: it starts after the last call; etcd-agent serves etcd at the endpoint"),
     Line("torch-test-standalone", TORCH_TEST_RUN + " test_launch_standalone",
          "torchrun --nnodes=1 --nproc-per-node=4 --standalone --monitor-interval=1 --start-method=spawn "
          "{script} --touch-file-dir=/tmp/compat-touch"),
@@ -145,22 +148,26 @@ CATALOG: tuple[Line, ...] = (
          "torchrun --nproc-per-node=2 --signals-to-handle=SIGTERM,SIGUSR1 {script}"),
     Line("argparse-util-env-vs-flag", "pytorch/pytorch torch/distributed/argparse_util.py (env docstring)",
          "PET_NPROC_PER_NODE=4 torchrun --nproc-per-node=2 {script}", note="the flag wins over PET_*"),
-    # --- multi-node: two launchers on 127.0.0.1 ---------------------------------------------------------------------
+    # --- multi-node: two launchers on 127.0.0.1; a c10d line as written, a static one with --etcd-endpoints added ---
     Line("nanogpt-two-node-static", "karpathy/nanoGPT README.md",
          "torchrun --nproc_per_node=2 --nnodes=2 --node_rank={node_rank} --master_addr={head} --master_port={port} "
          "{script}", nodes=2, multinode=True,
          note="8 workers per node -> 2; 123.456.123.456:1234 -> loopback, free port"),
     Line("accelerate-two-node-c10d", "huggingface/accelerate examples/README.md",
          "torchrun --nproc_per_node 2 --nnodes 2 --rdzv_id 2299 --rdzv_backend c10d --rdzv_endpoint {head}:{port} "
-         "{script}", nodes=2, multinode=True, note="master_node_ip_address:29500 -> loopback, free port"),
+         "{script}", nodes=2, note="master_node_ip_address:29500 -> loopback, free port"),
     Line("torch-docs-fault-tolerant", TORCH_RUN_DOCS + " (Fault tolerant)",
          "torchrun --nnodes=2 --nproc-per-node=2 --max-restarts=3 --rdzv-id=job42 --rdzv-backend=c10d "
-         "--rdzv-endpoint={head}:{port} {script}", nodes=2, multinode=True,
+         "--rdzv-endpoint={head}:{port} {script}", nodes=2,
          note="$NUM_NODES=2, $NUM_TRAINERS=2, $JOB_ID=job42, $HOST_NODE_ADDR=loopback:free port"),
+    Line("torch-docs-fault-tolerant-hostname", TORCH_RUN_DOCS + " (Fault tolerant)",
+         "torchrun --nnodes=2 --nproc-per-node=2 --max-restarts=3 --rdzv-id=job43 --rdzv-backend=c10d "
+         "--rdzv-endpoint={hostname}:{port} {script}", nodes=2,
+         note="as above with $HOST_NODE_ADDR=$(hostname):free port: the host's own name"),
     Line("torch-test-elastic-two-agents", TORCH_TEST_RUN + " test_launch_elastic_multiple_agents",
          "torchrun --nnodes=1:2 --nproc-per-node=2 --rdzv-backend=c10d --rdzv-endpoint=localhost:{port} "
          "--rdzv_conf=timeout=5 --rdzv-id=4711 --monitor-interval=1 --start-method=spawn {script} "
-         "--touch-file-dir=/tmp/compat-touch", nodes=2, multinode=True, note="4 workers per node -> 2"),
+         "--touch-file-dir=/tmp/compat-touch", nodes=2, note="4 workers per node -> 2"),
 )
 
 BY_LABEL = {line.label: line for line in CATALOG}
