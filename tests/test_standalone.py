@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import psutil
 import pytest
@@ -126,3 +127,14 @@ def test_find_etcd_binary_prefers_the_env(monkeypatch, tmp_path):
     monkeypatch.setenv(standalone.BINARY_ENV, str(fake))
     assert standalone.find_etcd_binary() == str(fake)
 
+
+
+@pytest.mark.timeout(30)
+def test_a_server_on_every_interface_advertises_the_given_name():
+    port = standalone.free_port()
+    with standalone.EtcdServer(name="wildcard", host=standalone.WILDCARD, client_port=port,
+                               advertise_host=socket.gethostname()) as server:
+        assert server.client_url == f"http://127.0.0.1:{port}" and standalone.health(server.client_url)
+        assert f"--advertise-client-urls=http://{socket.gethostname()}:{port}" in server.command("etcd")
+        assert f"--listen-client-urls=http://0.0.0.0:{port}" in server.command("etcd")
+        assert server.peer_url.startswith("http://127.0.0.1:")
