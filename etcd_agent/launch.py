@@ -84,7 +84,7 @@ _CONF_NOT_NEEDED = {
     "close_timeout": "a round closes in one etcd txn",
     "read_timeout": "there is no c10d store to read from; etcd requests have their own timeout",
     "heartbeat_timeout": "liveness is the etcd lease (--lease-ttl, or keep_alive_interval x keep_alive_max_attempt)",
-    "is_host": "no node hosts the rendezvous: etcd does",
+    "is_host": "etcd hosts the rendezvous (without an etcd cluster, the agent that can bind a c10d endpoint serves it)",
     "use_libuv": "there is no c10d store",
     "store_type": "there is no c10d store",
     "rank": "use --node-rank",
