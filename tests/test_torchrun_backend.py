@@ -189,6 +189,45 @@ def test_set_closed(handlers, etcd_endpoint, run_id):
     assert result["outcome"] == "stopped" and "set_closed" in result["reason"]
 
 
+def test_a_closed_rendezvous_stays_closed_for_later_handlers(handlers, etcd_endpoint, run_id):
+    """torch's contract: closed stays closed for the run. After ``set_closed`` a handler that comes later sees
+    ``is_closed`` and gets RendezvousClosedError (it does not start a new job), as long as the closing handler
+    lives: its node stays registered. After its ``shutdown`` nobody is, and the run id starts a new job."""
+    a, b = (make(handlers, etcd_endpoint, run_id, n) for n in ("n0", "n1"))
+    rendezvous(a, b)
+    a.set_closed()
+    keys = keys_of(run_id)
+    poll_until(lambda: not a._thread.is_alive() and not b._thread.is_alive(), 15, "both agents to end")
+    late = make(handlers, etcd_endpoint, run_id, "n2")
+    assert late.is_closed()
+    with pytest.raises(RendezvousClosedError, match=r"job \S+ stopped: .*closed by n0 \(set_closed\)"):
+        background(late.next_rendezvous).result(timeout=30)
+    assert late.is_closed()
+    state = job_keys(etcd_endpoint, run_id)
+    assert keys.result() in state  # still the run's current job: none was started
+    assert keys.node("n1") not in state and keys.node("n0") in state  # n0's entry outlived its agent's lease
+
+    assert a.shutdown()  # n0's entry goes: the run id starts a new job, as torchrun runs a finished run id again
+    fresh = make(handlers, etcd_endpoint, run_id, "n3", (1, 1))
+    assert not fresh.is_closed()
+    assert rendezvous(fresh)[0].world_size == 1
+    assert keys_of(run_id, 2).node("n3") in job_keys(etcd_endpoint, run_id)
+    assert not fresh.is_closed()
+
+
+def test_set_closed_before_joining_closes_the_run(handlers, etcd_endpoint, run_id):
+    """A handler that closes the rendezvous before it joined closes the run for later handlers too."""
+    a = make(handlers, etcd_endpoint, run_id, "n0")
+    a.set_closed()
+    assert a.is_closed()
+    with pytest.raises(RendezvousClosedError, match="set_closed"):
+        background(a.next_rendezvous).result(timeout=30)
+    late = make(handlers, etcd_endpoint, run_id, "n1")
+    assert late.is_closed()
+    with pytest.raises(RendezvousClosedError, match="set_closed"):
+        background(late.next_rendezvous).result(timeout=30)
+
+
 def test_a_late_node_scales_the_job_up(handlers, etcd_endpoint, run_id):
     a, b, c = (make(handlers, etcd_endpoint, run_id, n, (2, 3), scale_settle="0.2") for n in ("n0", "n1", "n2"))
     first = rendezvous(a, b)

@@ -2,8 +2,8 @@
 
 ``torchrun --rdzv-backend etcd-v3 --rdzv-endpoint HOST:2379 --rdzv-id JOB --nnodes 2:4 ...`` finds this through
 the ``torchrun.handlers`` entry point (``etcd_agent/torch/__init__.py``). There is no second copy of the protocol: the
-handler runs an ``agent.Agent`` on a thread of its own, whose "worker group" is torch's agent. What torch calls
-maps onto that agent so:
+handler runs an ``agent.Agent`` on a thread of its own, whose "worker group" is torch's agent (``group.py``). What
+torch calls maps onto that agent so:
 
 - ``next_rendezvous`` asks the agent for a round and blocks until it starts one with this node: it returns the
   node's group rank, the number of nodes, the round's c10d store (``EtcdStore`` under ``P/store/<round>/``) and
@@ -23,7 +23,11 @@ maps onto that agent so:
   every member has. A node that was not a member of the running round just leaves. The lease is revoked.
   torchrun stopped by a signal does not call ``shutdown`` (torch keeps the rendezvous open for the others): the
   node leaves as the process exits (``atexit``), revoking its lease, and the others re-form without it.
-- ``set_closed`` ends the job ``stopped``; ``is_closed`` says whether the job has ended.
+- ``set_closed`` ends the job ``stopped`` and keeps this node's registry entry, on a lease of the handler's own,
+  until ``shutdown`` (or the process exits): closed stays closed. A handler that comes to the run meanwhile (a
+  newcomer) sees ``is_closed`` True and gets ``RendezvousClosedError`` from ``next_rendezvous``, as while any node
+  of an ended job is still registered (``txns.init_job``); once none is, the run id starts a new job.
+  ``is_closed`` says whether the job has ended, or, before this handler joined, whether a newcomer gets an end.
 
 ``--rdzv-conf`` takes torch's usual keys and the agent's options (``settings.RDZV_CONF``); an unknown key is
 an error.
@@ -37,6 +41,7 @@ import concurrent.futures
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -49,11 +54,14 @@ from torch.distributed.elastic.rendezvous import (RendezvousClosedError, Rendezv
 
 from .. import __version__, logs, txns
 from ..agent import Agent
-from ..errors import AgentError, ConfigError, EtcdUnavailable, JobFailed, JobStopped, SpecMismatch
+from ..errors import (AgentError, BadKeyData, ConfigError, EtcdUnavailable, JobEnded, JobFailed, JobStopped,
+                      SpecMismatch)
 from ..etcd import Etcd
 from ..secure import redact
-from ..values import Failure
+from ..session import Session
+from ..values import Failure, NodeInfo
 from ..workers import Assignment, WorkerExit
+from .group import TorchrunWorkers
 from .settings import BACKEND, BackendSettings, settings
 from .store import EtcdStore
 
@@ -66,49 +74,6 @@ try:  # the key torch's agent adds to when its workers succeeded (its exit barri
     EXIT_BARRIER_KEY = _TERMINAL_STATE_SYNC_ID + _NUM_MEMBERS
 except ImportError:  # pragma: no cover - torch renamed them
     EXIT_BARRIER_KEY = "torchelastic/agent/terminal_state/num_members"
-
-class TorchrunWorkers:
-    """The agent's "worker group" for one round: torch's agent and the workers it runs. ``start`` hands the round
-    to ``next_rendezvous``; ``stop`` asks torch's agent to stop its workers (``num_nodes_waiting``) and waits
-    until it came back for the next round, or kills the workers itself when that takes too long."""
-
-    def __init__(self, handler: "EtcdV3RendezvousHandler", on_exit, node_id: str):
-        self.handler = handler
-        self.on_exit = on_exit
-        self.node_id = node_id
-        self.round = 0
-        self.taken = False  # torch's agent has this round (next_rendezvous returned it)
-        self.stopping = False
-        self.ended = False  # a success or failure of this round was reported to the agent
-
-    # --- called by the agent ---
-    def describe(self, a: Assignment) -> str:
-        return f"handed group rank {a.group_rank} of {a.group_world_size} to torchrun's agent"
-
-    def start(self, a: Assignment) -> None:
-        self.round = a.round
-        self.handler._deliver(self, a)
-
-    def stop(self, reason: str = "", grace: float | None = None, sig: int = signal.SIGTERM) -> None:
-        self.handler._stop_torch(self, reason, self.handler.cfg.workers.stop_timeout if grace is None else grace)
-
-    def failure_report(self, ex: WorkerExit) -> Failure:
-        return self.handler._failure_report(ex)
-
-    def ended_on_its_own(self, ex: WorkerExit) -> bool:
-        return False
-
-    def silent_for(self) -> list:
-        return []
-
-    # --- called by the handler ---
-    def report(self, ok: bool) -> None:
-        """torch's agent says how this round's workers ended here: all succeeded, or the group failed."""
-        if self.ended:
-            return
-        self.ended = True
-        self.on_exit(WorkerExit(local_rank=0, rank=-1, pid=0, returncode=0 if ok else 1, time=time.time(),
-                                round=self.round))
 
 
 class EtcdV3RendezvousHandler(RendezvousHandler):
@@ -129,6 +94,7 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
         self._stores: list[EtcdStore] = []
         self._etcd = Etcd(self.cfg.etcd)  # the stores' and closing's own connection: it outlives the agent's
         self._closed_here = False  # set_closed or shutdown ended the job from this node
+        self._holder: Session | None = None  # set_closed's lease: this node's registry entry keeps the job closed
         self.agent = Agent(self.cfg, __version__, group_factory=self._make_group)
         self._thread: threading.Thread | None = None
 
@@ -180,10 +146,18 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
         if self._ended is not None or self._closed_here:
             return True
         coord = self.agent.coord
-        return coord.mirror is not None and coord.mirror.get(coord.keys.result()) is not None
+        if coord.mirror is not None:
+            return coord.mirror.get(coord.keys.result()) is not None
+        try:  # not in the job yet: closed if joining now would get the end of the run's job
+            return txns.run_end(self._etcd, coord.run_keys) is not None
+        except EtcdUnavailable as exc:
+            raise RendezvousConnectionError(f"--rdzv-endpoint {self._etcd.endpoints_text}: {exc}") from exc
+        except BadKeyData as exc:
+            raise RendezvousStateError(str(exc)) from exc
 
     def set_closed(self) -> None:
-        self._close_job("stopped", f"the {BACKEND} rendezvous was closed by {self.cfg.node_id} (set_closed)")
+        self._close_job("stopped", f"the {BACKEND} rendezvous was closed by {self.cfg.node_id} (set_closed)",
+                        hold=True)
 
     def shutdown(self) -> bool:
         exc = sys.exc_info()[1]  # called from torch's launcher's ``finally``: what ended torch's agent, if anything
@@ -207,6 +181,7 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
         finally:
             for store in self._stores:
                 store.close()
+            self._release()
             self._etcd.close()
 
     def _at_exit(self) -> None:
@@ -231,6 +206,8 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
         try:
             self.agent.run()
             err: RendezvousError = RendezvousClosedError(f"job {self.cfg.run_id} succeeded; its rendezvous is closed")
+        except JobEnded as exc:  # this node came to the run after its job ended, while a node of it was registered
+            err = RendezvousClosedError(str(exc))
         except JobFailed as exc:
             timed_out = "rendezvous timed out" in str(exc)  # the reason decide() gives a round that never formed
             err = (RendezvousTimeoutError if timed_out else RendezvousClosedError)(str(exc))
@@ -249,6 +226,8 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
         except BaseException as exc:  # noqa: BLE001 - torch's agent must hear of it, not hang
             log.exception("the %s rendezvous agent of %s failed", BACKEND, self.cfg.node_id)
             err = RendezvousError(f"the {BACKEND} rendezvous agent failed: {exc!r}")
+        if self._closed_here and not isinstance(err, RendezvousClosedError):  # a node id refused for our own hold
+            err = RendezvousClosedError(f"the {BACKEND} rendezvous of {self.cfg.run_id} was closed by this node")
         with self._cond:
             self._ended = err
             if self._group is not None and not self._shut:  # torch's agent still runs a round: make it come back
@@ -359,16 +338,48 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             return "failed", f"{who} closed the rendezvous after {type(exc).__name__}: {exc}", None
         return "stopped", f"{who} closed the rendezvous (shutdown) before its workers finished", None
 
-    def _close_job(self, outcome: str, reason: str, root: Failure | None = None) -> None:
-        keys = self.agent.keys
-        if keys is None:
-            return  # never reached etcd: nothing to close
+    def _close_job(self, outcome: str, reason: str, root: Failure | None = None, hold: bool = False) -> None:
+        """End the job (``txns.close_job``); with ``hold``, keep this node registered in it until ``shutdown``."""
         try:
-            if txns.close_job(self._etcd, keys, outcome, reason, time.time(), root, self.cfg.node_id):
+            keys = self.agent.keys or (self._job_to_close() if hold else None)
+            if keys is None:
+                return  # never reached etcd: nothing to close
+            holding = self._hold(keys) if hold else None
+            if txns.close_job(self._etcd, keys, outcome, reason, time.time(), root, self.cfg.node_id, holding):
                 log.warning("%s: job %s %s: %s", self.cfg.node_id, self.cfg.run_id, outcome, reason)
+            elif holding is not None:
+                txns.hold_ended(self._etcd, keys, holding)
             self._closed_here = True  # by this call or before it: the job has its result either way
         except AgentError as exc:
             log.error("%s could not close job %s: %s", self.cfg.node_id, self.cfg.run_id, exc)
+
+    def _job_to_close(self):
+        """The run's job, for ``set_closed`` before this handler joined: the running one, an ended one that is
+        still closed, or a new one (closed at once: a run closed before anyone joined stays closed)."""
+        run = self.agent.coord.run_keys
+        try:
+            return txns.init_job(self._etcd, run, self.cfg.spec, time.time())
+        except JobEnded:
+            return txns.current_job(self._etcd, run)
+
+    def _hold(self, keys) -> txns.Hold:
+        """This node's registry entry on the handler's own lease (granted once, kept alive until ``shutdown``),
+        replacing the agent's entry, whose lease ends when the agent exits."""
+        if self._holder is None:
+            self._holder = Session(self._etcd, self.cfg.timings.lease_ttl, lambda why: log.warning(
+                "%s: the closed rendezvous of %s is no longer held by this node: %s", self.cfg.node_id,
+                self.cfg.run_id, why)).start(deadline=self.cfg.timings.join_timeout)
+            atexit.register(self._release)
+        lease, session = self._holder.lease_id, self.agent.coord.session
+        info = NodeInfo(self.cfg.node_id, socket.gethostname(), self.cfg.address, os.getpid(), __version__,
+                        self.cfg.workers.nproc, f"{lease:x}", time.time())
+        return txns.Hold(keys.node(self.cfg.node_id), info.encode(), lease, session.lease_id if session else 0)
+
+    def _release(self) -> None:
+        """Revoke ``set_closed``'s lease: this node's entry goes, and with the last one the run can start anew."""
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            holder.close(revoke=True)
 
 
 def create_handler(params: RendezvousParameters) -> EtcdV3RendezvousHandler:
