@@ -8,7 +8,9 @@ worker.py (counted from this rank's earlier records, because torchrun's restart 
 
 - In the first full world, rank ``--crash-rank`` trains for ``--crash-after`` seconds after its first step, then
   adds ``t_exit`` to its record and exits 1, as a worker that crashes mid-training; the other ranks train on until
-  their next collective fails or their launcher stops them.
+  their next collective fails or their launcher stops them. With ``--crash-at S`` instead it crashes S seconds
+  after its own start, or right after its first step where that comes later (an early crash: a bad first batch,
+  an out-of-memory at the first step), so that it crashes as long into the round under every launcher.
 - After the first full world (the restarted job) every rank exits 0 after its first step.
 """
 
@@ -28,6 +30,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--crash-rank", type=int, default=1)
     p.add_argument("--crash-after", type=float, default=5.0)
+    p.add_argument("--crash-at", type=float, help="crash this long after the start, not before the first step")
     p.add_argument("--world", type=int, help="size of the full world (default: WORLD_SIZE)")
     a = p.parse_args()
     rec, full, fulls = identity(a.out, a.world, T_START)
@@ -57,7 +60,10 @@ def main() -> int:
     write(a.out, rec)
     if fulls or world != full:
         os._exit(0)  # done; no process-group teardown, whose gloo destructor can abort a process at exit
-    crash_at = time.monotonic() + a.crash_after
+    if a.crash_at is not None:
+        crash_at = time.monotonic() + max(0.0, T_START + a.crash_at - time.time())
+    else:
+        crash_at = time.monotonic() + a.crash_after
     while True:
         if rank == a.crash_rank and time.monotonic() >= crash_at:
             write(a.out, {**rec, "t_exit": time.time()})

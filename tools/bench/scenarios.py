@@ -139,13 +139,19 @@ def crash_and_restart(rep: Rep, job: Job, world: int, slow: float, first_s: floa
     return gen, t_exit[0], launchers
 
 
-def warm_crash(rep: Rep, nodes: int = 1, nproc: int = 2, crash_after: float = 10.0) -> dict[str, float]:
-    """A real torch DDP job (gloo); rank 1 crashes ``crash_after`` s after its first training step (time for
-    etcd-agent --warm-restart's spares to import torch, which they start 5 s after a round did); one restart."""
-    job = rep.job(str(nodes), nodes, nproc, 1, ["--crash-rank", "1", "--crash-after", str(crash_after)],
-                  worker=DDP_WORKER)
+def warm_crash(rep: Rep, nodes: int = 1, nproc: int = 2, crash_after: float = 10.0,
+               crash_at: float | None = None) -> dict[str, float]:
+    """A real torch DDP job (gloo); rank 1 crashes ``crash_after`` s after its first training step, or with
+    ``crash_at`` that long after its start but not before its first step (an early crash, equally far into the
+    round under every launcher; etcd-agent --warm-restart's first round runs in the spares started with the agent,
+    so its first step comes in milliseconds); one restart. With a late crash the next round's spares have long
+    finished their imports; with an early one they started with the round, at idle priority, and may still be
+    importing (or, where the agent may not leave SCHED_IDLE, not be started yet)."""
+    when = ["--crash-at", str(crash_at)] if crash_at is not None else ["--crash-after", str(crash_after)]
+    job = rep.job(str(nodes), nodes, nproc, 1, ["--crash-rank", "1", *when], worker=DDP_WORKER)
     slow = load_factor(nodes) * 2  # every process imports torch on two CPUs
-    gen, t_exit, _ = crash_and_restart(rep, job, nodes * nproc, slow, 90, 90 + crash_after)
+    late = crash_at if crash_at is not None else crash_after
+    gen, t_exit, _ = crash_and_restart(rep, job, nodes * nproc, slow, 90, 90 + late)
     return {
         "worker crash -> first training step of the restarted job [s]": max(r["t_step"] for r in gen) - t_exit,
         "worker crash -> all restarted workers started [s]": max(r["t_start"] for r in gen) - t_exit,
@@ -273,6 +279,9 @@ register("crash-3x2", "crash", crash, doc="3 nodes x 2, rank 3 exits 1 in restar
 register("warm-1x2", "warm-restart", warm_crash, doc="torch DDP (gloo) 1 node x 2, rank 1 crashes 10 s after its "
          "first step; torchrun, etcd-agent cold, etcd-agent --warm-restart", kinds=WARM_COLD_TORCHRUN, nodes=1,
          crash_after=10.0)
+register("warm-early-1x2", "warm-restart", warm_crash, doc="torch DDP (gloo) 1 node x 2, rank 1 crashes 2 s into the "
+         "round (right after its first step where that comes later, as in a cold start); torchrun, etcd-agent cold, "
+         "etcd-agent --warm-restart", kinds=WARM_COLD_TORCHRUN, nodes=1, crash_at=2.0)
 register("warm-3x2", "warm-restart", warm_crash, doc="torch DDP (gloo) 3 nodes x 2, rank 1 crashes 20 s after its "
          "first step; torchrun, etcd-agent cold, etcd-agent --warm-restart", kinds=WARM_COLD_TORCHRUN, nodes=3,
          crash_after=20.0)
