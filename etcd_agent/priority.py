@@ -16,6 +16,7 @@ Imports nothing from the package.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -44,14 +45,14 @@ class Priority:
 
 
 def _syscall() -> Callable[..., int] | None:
-    nums = _SYSCALLS.get(platform.machine().lower())
-    if not _LINUX or nums is None:
+    if not _LINUX or _NUMS is None:
         return None
     fn = ctypes.CDLL(None, use_errno=True).syscall
     fn.restype = ctypes.c_long
     return fn
 
 
+_NUMS = _SYSCALLS.get(platform.machine().lower())  # resolved here: a preexec_fn must not look anything up
 _SYS = _syscall()
 
 
@@ -59,7 +60,7 @@ def ioprio_get(tid: int) -> int | None:
     """The I/O priority of a thread (``class << 13 | data``); None where there is no ioprio syscall."""
     if _SYS is None:
         return None
-    value = _SYS(_SYSCALLS[platform.machine().lower()][1], IOPRIO_WHO_PROCESS, tid)
+    value = _SYS(_NUMS[1], IOPRIO_WHO_PROCESS, tid)
     if value < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"ioprio_get({tid}): {os.strerror(err)}")
@@ -69,7 +70,7 @@ def ioprio_get(tid: int) -> int | None:
 def ioprio_set(tid: int, value: int) -> None:
     if _SYS is None:
         return
-    if _SYS(_SYSCALLS[platform.machine().lower()][0], IOPRIO_WHO_PROCESS, tid, value) < 0:
+    if _SYS(_NUMS[0], IOPRIO_WHO_PROCESS, tid, value) < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"ioprio_set({tid}, {value:#x}): {os.strerror(err)}")
 
@@ -106,13 +107,13 @@ def idle_preexec() -> Callable[[], None] | None:
     autogroups = os.path.exists("/proc/self/autogroup")
 
     def preexec() -> None:
-        for step in (lambda: os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0)),
-                     lambda: ioprio_set(0, IDLE_IOPRIO),
-                     lambda: autogroups and _set_autogroup("self", AUTOGROUP_IDLE_NICE)):
-            try:
-                step()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        with contextlib.suppress(OSError):
+            ioprio_set(0, IDLE_IOPRIO)
+        if autogroups:
+            with contextlib.suppress(OSError):
+                _set_autogroup("self", AUTOGROUP_IDLE_NICE)
 
     return preexec
 
