@@ -77,8 +77,8 @@ def free_port(host: str = "127.0.0.1") -> int:
                 return port
 
 
-def url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def url(host: str, port: int, scheme: str = "http") -> str:
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def reachable(host: str) -> str:
@@ -149,7 +149,8 @@ class EtcdServer:
         self._reader = self._tail = self._ready = self._settled = None
 
     endpoint = property(lambda self: url(reachable(self.host), self.client_port).removeprefix("http://"))
-    client_url = property(lambda self: url(reachable(self.host), self.client_port))
+    scheme = "http"  # a TLS member (tests' TlsEtcd) says https: every client URL it listens on uses it
+    client_url = property(lambda self: url(reachable(self.host), self.client_port, self.scheme))
     peer_url = property(lambda self: url(reachable(self.host), self.peer_port))
     health_url = property(lambda self: self.client_url)  # where /health answers (a TLS member's metrics URL)
     data_dir = property(lambda self: self._data_dir)
@@ -164,8 +165,8 @@ class EtcdServer:
     def command(self, binary: str) -> list[str]:
         return [
             binary, f"--name={self.name}", f"--data-dir={os.path.join(self._data_dir, 'etcd')}",
-            f"--listen-client-urls={url(self.host, self.client_port)}",
-            f"--advertise-client-urls={url(self.advertise_host, self.client_port)}",
+            f"--listen-client-urls={url(self.host, self.client_port, self.scheme)}",
+            f"--advertise-client-urls={url(self.advertise_host, self.client_port, self.scheme)}",
             f"--listen-peer-urls={self.peer_url}", f"--initial-advertise-peer-urls={self.peer_url}",
             f"--initial-cluster={self.initial_cluster or f'{self.name}={self.peer_url}'}",
             f"--initial-cluster-state={self.cluster_state}", f"--initial-cluster-token={self.cluster_token}",

@@ -68,7 +68,7 @@ class TlsEtcd(EtcdServer):
         self.metrics_port = free_port("127.0.0.1")
         super().__init__(**kwargs)
 
-    client_url = property(lambda self: f"https://{self.host}:{self.client_port}")
+    scheme = "https"
     health_url = property(lambda self: f"http://{self.host}:{self.metrics_port}")
     endpoint = property(lambda self: f"{self.host}:{self.client_port}")
 
