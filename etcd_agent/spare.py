@@ -3,7 +3,9 @@ then becomes one worker (``--warm-restart``; the agent's side is ``warm.py``).
 
 Run by the agent as ``python -u <this file> FD CONFIG`` with the part of the worker's environment that is known
 before the round (``warm.known_env``). FD is its end of a Unix socket pair; CONFIG a JSON object with ``preload``
-(module names), ``module`` (the entrypoint is a ``-m`` module), ``entrypoint`` and ``local_rank``.
+(module names), ``module`` (the entrypoint is a ``-m`` module), ``entrypoint`` and ``local_rank``. A spare for a
+later round runs at the lowest CPU and I/O priority from its first instruction (the agent sets it between fork and
+exec, ``priority.py``) and is given the agent's own back, every thread, before the agent sends it the handoff.
 
 1. It sets ``sys.path[0]`` as ``python script.py`` (the script's real directory) or ``python -m module`` (the
    current directory) would, so the preloaded modules are found where the worker would find them, then imports
