@@ -460,13 +460,7 @@ class Agent:
         if result.outcome == Outcome.SUCCEEDED:
             self.log.info("job succeeded in round %s after %s restart(s)", result.round, result.restarts)
             return 0
-        root = result.root_cause
-        detail = ""
-        if root:
-            detail = (f"; root cause: rank {root.rank} on {root.node} ({root.how_it_ended()}) in round "
-                      f"{root.round}: {root.message or 'no error message'}")
-        raise (JobStopped if result.outcome == Outcome.STOPPED else JobFailed)(
-            f"job {self.cfg.run_id} {result.outcome}: {result.reason}{detail}")
+        raise (JobStopped if result.outcome == Outcome.STOPPED else JobFailed)(result.ended(self.cfg.run_id))
 
 
 def master_port(host: str) -> int:

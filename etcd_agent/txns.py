@@ -93,7 +93,7 @@ def newcomer_end(keys: Keys, done: Result, registry: list) -> JobEnded | None:
     torchrun's handler that closed the rendezvous and was not shut down. None when nobody is left (an entry without
     a lease is no live agent's)."""
     nodes = [kv.key[len(keys.nodes()):] for kv in registry if kv.lease]
-    return JobEnded(end_message(keys.run_id, done), done.outcome.value, nodes) if nodes else None
+    return JobEnded(done.ended(keys.run_id, already=True), done.outcome.value, nodes) if nodes else None
 
 
 def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
@@ -104,18 +104,6 @@ def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
         return None
     res = etcd.txn([], [op_get(keys.result()), op_get_prefix(keys.nodes())], where=f"read {keys.result()}")
     return newcomer_end(keys, Result.from_kv(res.ranges[0][0]), res.ranges[1]) if res.ranges[0] else None
-
-
-def end_message(run_id: str, result: Result) -> str:
-    """The job's end as its agents reported it: how it failed or was stopped (with the root cause), or that it
-    succeeded."""
-    if result.outcome == Outcome.SUCCEEDED:
-        return f"job {run_id} already succeeded in round {result.round} after {result.restarts} restart(s)"
-    root, detail = result.root_cause, ""
-    if root:
-        detail = (f"; root cause: rank {root.rank} on {root.node} ({root.how_it_ended()}) in round "
-                  f"{root.round}: {root.message or 'no error message'}")
-    return f"job {run_id} {result.outcome}: {result.reason}{detail}"
 
 
 def refuse_nested(etcd: Etcd, run: RunKeys) -> None:

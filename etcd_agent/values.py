@@ -479,6 +479,18 @@ class Result(Record):
     restarts: int = 0
     time: float = 0.0
 
+    def ended(self, run_id: str, already: bool = False) -> str:
+        """The job's end as its agents report it: that it succeeded, or how it failed or was stopped (with the
+        root cause); ``already``: said to an agent that came after the end."""
+        if self.outcome == Outcome.SUCCEEDED:
+            when = "already " if already else ""
+            return f"job {run_id} {when}succeeded in round {self.round} after {self.restarts} restart(s)"
+        root, detail = self.root_cause, ""
+        if root:
+            detail = (f"; root cause: rank {root.rank} on {root.node} ({root.how_it_ended()}) in round "
+                      f"{root.round}: {root.message or 'no error message'}")
+        return f"job {run_id} {self.outcome}: {self.reason}{detail}"
+
 
 RECORDS: dict[str, type[Record]] = {  # keys.ParsedKey.kind -> the record its values are
     "spec": SpecValue, "node": NodeInfo, "quarantine": Quarantine, "node_rank": RankClaim, "round": RoundInfo, "restarts": Restarts, "join": Join,
