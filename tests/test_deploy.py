@@ -19,11 +19,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import ssl
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from agents import job_keys, keys_of, poll_until, start_agents, wait_all
@@ -304,6 +307,21 @@ def test_etcd_unit_runs_etcd_from_the_members_environment_file():
     assert settings["StateDirectory"] == "etcd"  # /var/lib/etcd, the .env files' data directories
 
 
+def test_agent_unit_runs_training_unprivileged_from_a_virtualenv():
+    """The agent's unit: a non-root user, PATH that looks in the virtualenv first (an .env file's PATH overrides it:
+    systemd gives EnvironmentFile= precedence), and the log directory made for that user."""
+    unit = (DEPLOY / "etcd-agent@.service").read_text()
+    settings: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if "=" in line and not line.startswith(("#", "[", " ")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    assert settings["User"] == ["etcd-agent"] and settings["Group"] == ["etcd-agent"]
+    assert "PATH=/opt/etcd-agent/venv/bin:/usr/local/bin:/usr/bin:/bin" in settings["Environment"]
+    assert settings["LogsDirectory"] == ["etcd-agent"] and "--log-dir /var/log/etcd-agent" in unit
+    assert settings["ExecStart"][0].startswith("/usr/bin/env etcd-agent ")
+
+
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 @pytest.mark.parametrize("unit, instance", [("etcd-cluster/etcd@.service", "etcd1"),
                                             ("etcd-agent@.service", "myjob")])
@@ -520,6 +538,50 @@ def test_every_deploy_shell_script_is_found():
 def test_deploy_shell_script_parses(script):
     done = subprocess.run(["bash", "-n", str(DEPLOY / script)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
+
+
+REMOTE_WORKER = """import json, os, sys, time
+out = os.environ["SSH_TEST_OUT"]
+with open(os.path.join(out, f"rank_{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"cwd": os.getcwd(), "argv": sys.argv[1:], "host": os.environ.get("FAKE_SSH_HOST")}, f)
+while not os.path.exists(os.path.join(out, "release")):
+    time.sleep(0.1)
+"""
+
+
+def test_ssh_launch_passes_arguments_as_given_and_stops_every_agent(etcd_endpoint, run_id, tmp_path):
+    """deploy/ssh-launch.sh over a stand-in ssh (a pseudo-terminal per host, hung up when ssh ends): the agents run
+    in REMOTE_DIR, the worker gets its arguments exactly as given (spaces, quotes, a dollar sign), and SIGTERM to the
+    launcher stops every agent (the hangup reaches it as SIGHUP): their registrations leave etcd, the script exits."""
+    remote = tmp_path / "remote dir"
+    remote.mkdir()
+    (remote / "w.py").write_text(REMOTE_WORKER)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "ETCD_AGENT_ENDPOINTS": etcd_endpoint, "NPROC_PER_NODE": "1", "REMOTE_DIR": str(remote),
+           "SSH": f"{sys.executable} {ROOT / 'tests' / 'deploy_tools' / 'fake_ssh.py'}", "SSH_TEST_OUT": str(out),
+           "ETCD_AGENT_BIN": str(Path(sys.executable).parent / "etcd-agent")}
+    args = ["--local-addr", "127.0.0.1", "--log-dir", str(tmp_path / "logs"), "w.py", "a b", "$HOME", "it's"]
+    launcher = subprocess.Popen(["bash", str(DEPLOY / "ssh-launch.sh"), "h1 h2", run_id, *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        poll_until(lambda: len(list(out.glob("rank_*.json"))) == 2, 60, "both workers running")
+        seen = [json.loads(p.read_text()) for p in sorted(out.glob("rank_*.json"))]
+        assert {r["host"] for r in seen} == {"h1", "h2"}
+        for r in seen:
+            assert r["cwd"] == str(remote) and r["argv"] == ["a b", "$HOME", "it's"], r
+        launcher.send_signal(signal.SIGTERM)
+        output, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0, output
+    assert "[h1] " in output and "[h2] " in output, output[-3000:]
+    # ssh ends once its remote command has exited: both agents left (their leases revoked) and their workers stopped
+    nodes = keys_of(run_id).nodes()
+    assert not [k for k in job_keys(etcd_endpoint, run_id) if k.startswith(nodes)], output[-3000:]
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(remote / "w.py") in " ".join(p.info["cmdline"] or [])
+                or "w.py" in (p.info["cmdline"] or [])]
 
 
 def _compose_command() -> list[str] | None:
