@@ -30,7 +30,7 @@ from . import health, logs
 from .checks import Checks
 from .config import AgentConfig, worker_base_env
 from .coordinator import Coordinator
-from .errors import BadKeyData, EtcdUnavailable, JobFailed, JobStopped, SessionLost
+from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobFailed, JobStopped, SessionLost
 from .rendezvous import (Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
                          describe_failure)
 from .session import Session
@@ -79,6 +79,7 @@ class Agent:
         self.local = Local(cfg.node_id, time.monotonic(), time.time())
         self.signalled = 0
         self._bad_key = ""  # the key whose bad value was last reported (report each once)
+        self._no_space = False  # etcd's NOSPACE alarm refused this agent's last write
         self._stale: list[int] = []  # leases of lost sessions, revoked before the next one registers
         self._give_up = 0.0  # when a fenced agent stops trying to open a new session
         self._wait_said: tuple[str, float] = ("", 0.0)  # the wait reason last logged at INFO, and when
@@ -138,6 +139,8 @@ class Agent:
             return self._rejoin() if self.state is State.FENCED else self._step()
         except SessionLost as exc:  # our lease ended before the keepalive thread could say so
             self._fence(str(exc))
+        except EtcdNoSpace as exc:
+            self._hold_for_space(exc)
         except EtcdUnavailable as exc:
             # Keep the workers; the session fences them if the outage outlasts the lease.
             self.log.warning("etcd is unreachable, trying again: %s", exc)
@@ -151,6 +154,24 @@ class Agent:
         else:
             self._bad_key = ""
         return None
+
+    NOSPACE_RETRY = 2.0  # seconds between writes tried while etcd's NOSPACE alarm refuses them
+
+    def _hold_for_space(self, exc: EtcdNoSpace) -> None:
+        """etcd is full and refuses writes until an operator repairs it: keep the workers as they are, say once what
+        etcd needs, and try the same decision again every NOSPACE_RETRY seconds (sooner when something happens).
+        A worker failure or a finished node meanwhile is acted on once a write succeeds (``_space_back``)."""
+        if not self._no_space:
+            self.log.error("etcd refuses writes, so this node keeps its workers as they are and tries again every "
+                           "%g s until it can write: %s", self.NOSPACE_RETRY, exc)
+        self._no_space = True
+        self._drain(block=True, deadline=time.monotonic() + self.NOSPACE_RETRY)
+
+    def _space_back(self) -> None:
+        """A write succeeded: if etcd refused writes before, say that the job goes on."""
+        if self._no_space:
+            self._no_space = False
+            self.log.info("etcd accepts writes again (its NOSPACE alarm was cleared); the job goes on")
 
     def _cleanup(self) -> None:
         self.shutdown.set()
@@ -288,6 +309,7 @@ class Agent:
             self._start_workers(action)
             return
         res = self.coord.act(action, view, lambda: self._join_info(view))
+        self._space_back()
         if isinstance(action, Bump) and action.counted and action.failure is not None and res.succeeded:
             # this node's failure moved the job on: it is the round's root cause, and counts for its quarantine
             # (peers whose workers failed only because of it report theirs, but are not the cause)
@@ -445,6 +467,8 @@ class Agent:
         self._drain(block=False)  # a signal still ends the agent
         try:
             self.coord.new_session(self._session_lost, self._stale)
+        except EtcdNoSpace:
+            raise  # no lease until etcd is repaired: held by _run_state, however long that takes
         except EtcdUnavailable as exc:
             if self.shutdown.is_set() or time.monotonic() >= self._give_up:
                 raise JobFailed(f"{self.cfg.node_id} lost its etcd session and could not open a new one within "

@@ -33,7 +33,7 @@ from typing import Callable
 
 from . import health, logs, txns
 from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig
-from .errors import BadKeyData, ConfigError, EtcdUnavailable
+from .errors import BadKeyData, ConfigError, EtcdNoSpace, EtcdUnavailable
 from .etcd import Etcd, TxnResult, op_get_range, prefix_end
 from .keys import Keys, RunKeys
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
@@ -87,6 +87,8 @@ class Coordinator:
             self.mirror = Mirror(self.keys)
             self.new_session(on_lost)
             self._ensure("control", *self.keys.control())
+        except EtcdNoSpace:
+            raise  # etcd answered: its message says what the operator must do, not which endpoints to check
         except EtcdUnavailable as exc:
             raise ConfigError(f"--etcd-endpoints {self.etcd.endpoints_text}: {exc}") from exc
 
@@ -418,4 +420,7 @@ class Coordinator:
     def report_failure(self, report: Failure) -> None:
         """Write this node's failure report for its round unless one is there already (create-if-absent)."""
         if self.mirror.get(self.keys.failure(report.round, self.node)) is None:
-            txns.report_failure(self.etcd, self.keys, report.round, self.node, report)
+            try:
+                txns.report_failure(self.etcd, self.keys, report.round, self.node, report)
+            except EtcdNoSpace as exc:  # a late report is not worth holding a stop (or the agent) for
+                self.log.warning("could not record this node's failure report for round %d: %s", report.round, exc)

@@ -44,6 +44,13 @@ class EtcdUnavailable(EtcdError):
     """No etcd endpoint answered within the deadline."""
 
 
+class EtcdNoSpace(EtcdUnavailable):
+    """etcd raised its NOSPACE alarm: its database reached ``--quota-backend-bytes``. It still answers reads,
+    deletes and lease keepalives, but refuses every write (and lease grant) until an operator frees space and
+    disarms the alarm; the message says how. No retry helps sooner: running agents hold their workers and try
+    again at a slow pace (``agent.py``), everything else reports it as it does an unreachable etcd."""
+
+
 class EtcdAuthError(EtcdError):
     """etcd refused our credentials or permissions."""
 

@@ -38,7 +38,8 @@ from etcd3 import etcdrpc as rpc  # re-exported for watch.py: the generated mess
 from etcd3 import exceptions as etcd3_exc  # noqa: E402
 
 from .config import EtcdConfig  # noqa: E402
-from .errors import EtcdAuthError, EtcdError, EtcdRequestError, EtcdTlsError, EtcdUnavailable, SessionLost
+from .errors import (EtcdAuthError, EtcdError, EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailable,
+                     SessionLost)
 
 log = logs.get("etcd_agent.etcd")
 T = TypeVar("T")
@@ -206,7 +207,16 @@ def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:
                              "a user (--etcd-cert, --etcd-key)")
     if code == grpc.StatusCode.NOT_FOUND and detail and "lease not found" in detail:
         return SessionLost(text)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and detail and "database space exceeded" in detail:
+        return EtcdNoSpace(f"{text}. {NOSPACE_FIX}")
     return EtcdRequestError(text)
+
+
+# What an operator does about etcd's NOSPACE alarm (etcd's "space quota" maintenance guide, in one sentence).
+NOSPACE_FIX = ("etcd's database reached its --quota-backend-bytes and etcd refuses every write until an operator "
+               "frees space: compact its history (etcdctl compact <revision>, the revision `etcdctl endpoint status "
+               "-w json` shows), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl "
+               "alarm disarm); or restart etcd with a larger --quota-backend-bytes and disarm")
 
 
 def retry_policy(deadline: float, stop_event: threading.Event | None,
@@ -221,7 +231,7 @@ def retry_policy(deadline: float, stop_event: threading.Event | None,
     return tenacity.Retrying(
         stop=stop,
         wait=tenacity.wait_exponential(multiplier=0.05, min=0.05, max=0.5),
-        retry=tenacity.retry_if_exception_type(EtcdUnavailable),
+        retry=tenacity.retry_if_exception_type(EtcdUnavailable) & tenacity.retry_if_not_exception_type(EtcdNoSpace),
         sleep=(stop_event.wait if stop_event is not None else tenacity.nap.sleep),
         reraise=True,
     )
@@ -346,6 +356,8 @@ class Etcd:
 
         try:
             return retry_policy(limit, None if final else self.stop_event, None if final else self.interrupt)(attempt)
+        except EtcdNoSpace:
+            raise  # etcd answered: it is full, not unreachable, and no retry empties it
         except EtcdUnavailable as exc:
             raise EtcdUnavailable(f"cannot reach etcd at {self.endpoints_text} within {limit:.1f} s: {exc}") from exc
 
