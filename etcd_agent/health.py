@@ -5,8 +5,11 @@ Two checks, in order:
   number visible, none with pages pending retirement or uncorrectable ECC errors. Without NVML this check is skipped
   (said once).
 - ``--health-check CMD``: the operator's own command, run without a shell (``shlex`` splits it), exit 0 = healthy,
-  killed after ``--health-check-timeout`` seconds (which counts as unhealthy); the first line of its output is
-  the reason given.
+  killed with its process group after ``--health-check-timeout`` seconds (which counts as unhealthy); the first line
+  of its output is the reason given. Its output is read against that same deadline, never beyond it: a check whose
+  output a process it started still holds at the deadline (one that left its process group, so the kill misses it)
+  has not finished, whatever its own exit status. Its program must be found (``shutil.which``) when the agent
+  starts: a ConfigError naming the flag otherwise.
 
 An unhealthy node records why in its registry entry (``P/nodes/<node>`` ``health``), where ``status`` and ``events``
 show it; the round leader does not wait for it (the fast path and scale-up count healthy nodes only), and the node
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -59,6 +63,9 @@ class HealthConfig:
             raise ConfigError(f"--health-check {command!r}: {exc}") from exc
         if command is not None and not argv:
             raise ConfigError("--health-check is empty: give a command, or leave the flag out")
+        if argv and shutil.which(argv[0]) is None:
+            where = "is not an executable file" if os.sep in argv[0] else "is not found on PATH"
+            raise ConfigError(f"--health-check {command!r}: the program {argv[0]!r} {where}")
         return cls(argv, timeout, gpus)
 
 
@@ -86,17 +93,42 @@ def _run(cfg: HealthConfig, env: dict | None, started=None) -> str:
     try:
         out, _ = proc.communicate(timeout=cfg.timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the command and whatever it started
-        except ProcessLookupError:
-            pass
-        proc.communicate()
-        return f"{what} did not finish within {cfg.timeout:g} s (--health-check-timeout)"
+        return _timed_out(proc, what, cfg.timeout)
     if proc.returncode == 0:
         return ""
     said = next((line.strip() for line in out.decode(errors="replace").splitlines() if line.strip()), "")
     how = f"exit code {proc.returncode}" if proc.returncode > 0 else f"signal {signal.Signals(-proc.returncode).name}"
     return f"{what} failed with {how}" + (f": {said[:200]}" if said else "")
+
+
+DRAIN = 0.5  # seconds the output of a killed check may take to close: a process outside its group may hold it
+
+
+def _timed_out(proc: subprocess.Popen, what: str, timeout: float) -> str:
+    """The check ran past its deadline: kill its process group, give its output DRAIN seconds to close, then let
+    go of it (a process that left the group keeps it open, and is none of the agent's business)."""
+    exited = proc.poll() is not None  # the command itself had finished: something it started held the output
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command and whatever it started in its group
+    except ProcessLookupError:
+        pass
+    held = False
+    try:
+        proc.communicate(timeout=DRAIN)
+    except subprocess.TimeoutExpired:
+        held = True
+        proc.stdout.close()
+        try:
+            proc.wait(timeout=DRAIN)
+        except subprocess.TimeoutExpired:
+            pass
+    said = f"{what} did not finish within {timeout:g} s (--health-check-timeout)"
+    if held:
+        return said + (": a process it started still holds its output (it left the check's process group, so it "
+                       "was not killed)")
+    if exited:
+        return said + ": it exited, but a process it started held its output open until it was killed"
+    return said
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -98,8 +100,45 @@ def test_a_command_past_its_timeout_is_unhealthy_and_killed_with_what_it_started
     assert not marker.exists()  # the grandchild went with the command's process group
 
 
-def test_a_command_that_cannot_run_is_unhealthy():
-    assert "could not run: No such file or directory" in health.check(cmd("/no/such/health-check"))
+def test_a_check_whose_output_an_escaped_process_holds_is_a_timeout_within_the_limit(tmp_path):
+    """The command exits 0 at once, but a process it started in a session of its own (beyond the kill of the
+    command's process group) keeps its output open: the check ends at its limit (plus a short drain), a timeout
+    that says why, instead of blocking on the output until that process ends."""
+    pidfile = tmp_path / "escaped.pid"
+    script = f"sh -c 'setsid sh -c \"echo \\$\\$ > {pidfile}; exec sleep 60\" & echo ok'"
+    started = time.monotonic()
+    try:
+        problem = health.check(cmd(script, timeout=1.0))
+        took = time.monotonic() - started
+    finally:
+        pid = poll_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the escaped process's pid")
+        os.kill(int(pid), signal.SIGKILL)
+    assert problem.endswith("did not finish within 1 s (--health-check-timeout): a process it started still holds "
+                            "its output (it left the check's process group, so it was not killed)"), problem
+    assert 1.0 <= took < 2.0
+
+
+def test_a_command_that_cannot_run_is_unhealthy(tmp_path):
+    """A program that was there at start and is gone when the check runs: unhealthy, saying why."""
+    gone = health.HealthConfig((str(tmp_path / "removed-check"),), 5.0)
+    assert "could not run: No such file or directory" in health.check(gone)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("/no/such/health-check --quick", "the program '/no/such/health-check' is not an executable file"),
+    ("no-such-health-check-program", "the program 'no-such-health-check-program' is not found on PATH"),
+])
+def test_a_check_program_that_is_not_there_is_refused_at_start(text, problem):
+    with pytest.raises(ConfigError, match=f"--health-check '{text}': {problem}"):
+        cmd(text)
+
+
+def test_an_agent_whose_check_program_is_missing_exits_2_naming_the_flag(etcd_endpoint, run_id, tmp_path):
+    agents, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, [], nproc=1,
+                             extra=["--health-check", "/no/such/health-check"])
+    assert agents[0].wait(30) == 2
+    assert "--health-check '/no/such/health-check': the program '/no/such/health-check' is not an executable " \
+           "file" in agents[0].stderr()
 
 
 @pytest.mark.parametrize("text, timeout, problem", [
