@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepares a checkout for development and tests: etcd and etcdctl (installed with apt when missing), a virtualenv
+# Prepares a checkout for development and tests: etcd and etcdctl, and for the cluster tests Slurm, munge and
+# nftables (each installed with apt when missing; the cluster bed starts daemons of its own), a virtualenv
 # .venv in the repository, torch 2.13.0 first (so the bare `torch` requirement of the test extras never resolves on
 # its own), then the project itself, editable, with its test extras.
 #
@@ -13,6 +14,11 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+# the cluster tests (tests/cluster/): Slurm's daemons and clients, munge, nft for network faults
+command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v sbatch >/dev/null 2>&1 \
+    || missing+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || missing+=(munge)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     sudo=()
