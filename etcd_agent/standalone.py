@@ -6,7 +6,9 @@
 - A stopped server leaves no etcd behind: etcd runs in its own process group and starts no children; stop is SIGTERM,
   a grace period, SIGKILL; an ``atexit`` hook stops what still runs; an etcd started from the main thread also gets
   SIGKILL when this process dies (PR_SET_PDEATHSIG).
-- etcd's own defaults are kept; other tunings (fast elections, progress notify) come only through ``extra_args``.
+- etcd's own defaults are kept, but for its history and space (``SPACE_ARGS``: compaction and an explicit quota, so
+  that a long job on an etcd nobody maintains never meets the NOSPACE alarm); other tunings (fast elections,
+  progress notify) come only through ``extra_args``, which also override ``SPACE_ARGS`` flag by flag.
 
 A server owns one directory: etcd's data in ``<data_dir>/etcd``, its output in ``<data_dir>/etcd.log`` (or
 ``log_file``). Servers are not thread-safe. Imports only the standard library, psutil (through ``proctree``), ``etcd_agent.errors``
@@ -41,6 +43,12 @@ INSTALL_HINT = "apt-get install etcd-server"
 FAST_ELECTION_ARGS = ("--heartbeat-interval=50", "--election-timeout=500")
 # What etcd logs once it serves clients: capnslog (3.4's default) and zap (3.5+) say the first, 3.4's zap the second.
 _READY_MARKERS = ("ready to serve client requests", "serving client traffic")
+# etcd keeps every revision until it is compacted and refuses all writes once its database reaches the quota (the
+# NOSPACE alarm, which only an operator clears). So every etcd started here compacts by itself, every 5 minutes down
+# to the last 100,000 revisions (`events` then still shows thousands of rounds of a job's history), under an explicit
+# quota of 4 GiB: twice etcd's default, and far above what that much history takes (a few hundred bytes a revision).
+SPACE_ARGS = ("--auto-compaction-mode=revision", "--auto-compaction-retention=100000",
+              "--quota-backend-bytes=4294967296")
 _HEALTH_POLL_S = 0.05  # /health and leader queries have no event to wait on; they are polled with a deadline
 WILDCARD = "0.0.0.0"
 _TAIL_LINES = 40
@@ -123,6 +131,12 @@ def _pump(stream, sink, tail, ready, settled) -> None:
     settled.set()
 
 
+def _unless_given(defaults: tuple[str, ...], given: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``--flag=value`` defaults whose flag ``given`` does not set."""
+    names = {arg.split("=", 1)[0] for arg in given}
+    return tuple(arg for arg in defaults if arg.split("=", 1)[0] not in names)
+
+
 class EtcdServer:
     """One etcd member, started and stopped by this process: on loopback ports unless told otherwise. ``host`` is
     the address it listens on (a wildcard listens on every interface, its peer port then on loopback);
@@ -170,7 +184,7 @@ class EtcdServer:
             f"--listen-peer-urls={self.peer_url}", f"--initial-advertise-peer-urls={self.peer_url}",
             f"--initial-cluster={self.initial_cluster or f'{self.name}={self.peer_url}'}",
             f"--initial-cluster-state={self.cluster_state}", f"--initial-cluster-token={self.cluster_token}",
-            *self.extra_args,
+            *self.extra_args, *_unless_given(SPACE_ARGS, self.extra_args),
         ]
 
     def start(self, timeout: float = 30.0) -> EtcdServer:

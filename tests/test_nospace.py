@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,41 @@ def psutil_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_an_agent_starting_on_a_full_etcd_exits_saying_what_etcd_needs(small_etcd, run_id, tmp_path):
+    fill(small_etcd.endpoint)
+    agent = AgentProc(small_etcd.endpoint, run_id, "node-0", tmp_path, [str(tmp_path)])
+    assert agent.wait(30) == 1
+    err = agent.stderr()
+    assert "database space exceeded" in err and "etcdctl alarm disarm" in err, err
+    assert "--etcd-endpoints" not in err and "Traceback" not in err, err
+
+
+def test_every_etcd_started_here_compacts_and_has_an_explicit_quota(etcd_server, tmp_path):
+    """--standalone, one-node jobs and a c10d endpoint's etcd are EtcdServers: they compact by themselves under a
+    quota; a flag given in extra_args wins over the default."""
+    command = standalone.EtcdServer(name="x", data_dir=str(tmp_path)).command("etcd")
+    for arg in ("--auto-compaction-mode=revision", "--auto-compaction-retention=100000",
+                "--quota-backend-bytes=4294967296"):
+        assert arg in command, command
+    mine = standalone.EtcdServer(name="x", data_dir=str(tmp_path),
+                                 extra_args=("--quota-backend-bytes=1000",)).command("etcd")
+    assert [a for a in mine if a.startswith("--quota-backend-bytes")] == ["--quota-backend-bytes=1000"]
+    if not isinstance(etcd_server, standalone.EtcdServer):
+        pytest.skip("the session etcd runs in a container")
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{etcd_server.client_url}/metrics") as r:
+        assert "etcd_server_quota_backend_bytes 4.294967296e+09" in r.read().decode()
+
+
+def test_the_shipped_etcd_recipes_compact_and_set_a_quota():
+    deploy = Path(__file__).parent.parent / "deploy"
+    wanted = {"ETCD_AUTO_COMPACTION_MODE": "periodic", "ETCD_AUTO_COMPACTION_RETENTION": "24h",
+              "ETCD_QUOTA_BACKEND_BYTES": "8589934592"}
+    for member in ("etcd1", "etcd2", "etcd3"):
+        lines = (deploy / "etcd-cluster" / f"{member}.env").read_text().splitlines()
+        env = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+        assert {k: env.get(k) for k in wanted} == wanted, member
+    compose = (deploy / "docker-compose.yml").read_text()
+    for key, value in wanted.items():
+        assert re.search(rf'^\s+{key}: "?{value}"?$', compose, re.M), key
