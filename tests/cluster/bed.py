@@ -285,6 +285,7 @@ class Bed:
         self.slurmd: dict[str, subprocess.Popen] = {}
         self.etcd: list[NamespacedEtcd] = []
         self.build_seconds: float | None = None
+        self.crashed: set[int] = set()  # pids of the daemons crash() killed
 
     # paths in the bed's directory
     conf = property(lambda self: self.root / "slurm.conf")
@@ -343,7 +344,7 @@ class Bed:
         self.spawn_root("munged", ["munged", "--foreground", "--force", f"--key-file={key}",
                                    f"--socket={self.munge_socket}", f"--pid-file={d / 'munged.pid'}",
                                    f"--seed-file={d / 'munged.seed'}", f"--log-file={self.logs / 'munged.log'}"])
-        poll(lambda: self.munge_socket.exists(), READY_S, "munged made its socket", self.procs[-1:])
+        poll(lambda: self.munge_socket.exists(), READY_S, "munged made its socket", self.daemons())
 
     def _slurm(self) -> None:
         self.conf.write_text(slurm_conf(self.root, self.munge_socket))
@@ -393,7 +394,7 @@ class Bed:
         def ready():
             states = self.node_states()
             return all(states.get(n, "").split("+")[0].rstrip("*~#!%$@^-") == state for n in nodes)
-        poll(ready, timeout, f"{', '.join(nodes)} {state} in Slurm ({self.node_states()})", self.procs)
+        poll(ready, timeout, f"{', '.join(nodes)} {state} in Slurm ({self.node_states()})", self.daemons())
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment for Slurm's clients (and anything submitted): SLURM_CONF set, the caller's other
@@ -408,6 +409,11 @@ class Bed:
     def crash(self, host: str) -> None:
         """The host dies: SIGKILL to every process in its network namespace, its slurmd included."""
         kill_namespace(host, self.procs)
+        self.crashed.update(p.pid for p in self.procs if p.args[1] == f"--net=/run/netns/{host}")
+
+    def daemons(self) -> list[subprocess.Popen]:
+        """The daemons that should be running: every one started, but those of crashed hosts."""
+        return [p for p in self.procs if p.pid not in self.crashed]
 
     def teardown(self) -> None:
         if self.record.items["pids"] or self.record.items["netns"] or self.record.items["root"]:

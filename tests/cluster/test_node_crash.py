@@ -1,0 +1,73 @@
+"""A node crash under Slurm: every process of node3 (slurmd, the agent, its workers) gets SIGKILL while the job
+of deploy/slurm.sbatch trains on node1..node3.
+
+What must hold: the Slurm job goes on (the recipe's --no-kill) after Slurm took node3 DOWN; the survivors run
+the next round, on node1 and node2 only, within the lease TTL plus a few seconds; the job then finishes and
+succeeded in etcd; no failure report blames a healthy node.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import bed as cluster_bed
+import slurm
+from test_slurm_recipes import NPROC, job_output, records, status, submit
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
+
+LEASE_TTL_S = 5.0  # the agent's default --lease-ttl (the recipe keeps it)
+NOTICE_S = LEASE_TTL_S + 5.0  # what "within the lease TTL plus a few seconds" means here
+
+
+def wait_records(out, wanted: set[tuple[int, int]], timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while not wanted <= set(found := records(out)):
+        assert time.monotonic() < deadline, f"records {sorted(wanted)} within {timeout} s: {sorted(found)}"
+        time.sleep(0.02)  # workers leave files, not events
+    return found
+
+
+@pytest.fixture
+def crashable(healthy):
+    """The bed, given back with node3 restarted and idle after the test."""
+    yield healthy
+    if healthy.slurmd["node3"].poll() is not None:
+        healthy.start_slurmd("node3")
+    healthy.wait_nodes("IDLE", timeout=60)
+
+
+def test_node_crash_under_slurm(crashable, tmp_path):
+    bed, stop = crashable, tmp_path / "stop"
+    job_id, out = submit(bed, "slurm.sbatch", tmp_path, "--until", str(stop))
+    run_id = f"slurm-{job_id}"
+    try:
+        first = wait_records(out, {(1, r) for r in range(3 * NPROC)}, timeout=60)
+        victim = "node3"
+        assert sum(rec["host"] == victim for rec in first.values()) == NPROC
+        crashed = time.monotonic()
+        bed.crash(victim)
+
+        wanted = {(2, r) for r in range(2 * NPROC)}
+        second = wait_records(out, wanted, timeout=60)
+        noticed = time.monotonic() - crashed
+        assert {second[k]["host"] for k in wanted} == {"node1", "node2"}
+        assert not any(rnd == 2 and rank >= 2 * NPROC for rnd, rank in second), sorted(second)
+        assert noticed < NOTICE_S, f"round 2 started {noticed:.1f} s after the crash"
+
+        bed.wait_nodes("DOWN", [victim], timeout=60)  # Slurm saw the node fail (SlurmdTimeout)
+        assert slurm.job(bed, job_id)["JobState"] == "RUNNING", job_output(tmp_path, job_id)
+        stop.touch()
+        end = slurm.wait_end(bed, job_id, timeout=120)
+    finally:
+        stop.touch()
+        slurm.cancel(bed, job_id)
+    state = status(run_id)
+    assert state["result"]["outcome"] == "succeeded" and state["result"]["round"] == 2, state
+    blamed = {node for reports in state["failures"].values() for node in reports}
+    assert blamed <= {victim}, f"failure reports of healthy nodes: {state['failures']}"
+    print(f"round 2 started {noticed:.1f} s after the crash; Slurm job {end['JobState']} {end['ExitCode']}; "
+          f"failure reports {state['failures']}\n{job_output(tmp_path, job_id)}")
+    assert end["JobState"] == "COMPLETED", f"{end}\n{job_output(tmp_path, job_id)}"
