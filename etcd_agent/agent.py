@@ -38,7 +38,7 @@ from .standalone import free_port
 from .state import View
 from .values import Join, Outcome, Result
 from .warm import SparePool
-from .workers import Assignment, WorkerExit, WorkerGroup, log_root, worker_env
+from .workers import Assignment, WorkerExit, WorkerGroup, check_log_tree, log_root, worker_env
 
 log = logs.get("etcd_agent.agent")
 
@@ -127,6 +127,7 @@ class Agent:
     def _run_state(self) -> int | None:
         """One turn of the loop, chosen by the state; etcd trouble and bad data never end the job from here."""
         if self.state is State.STARTING:
+            check_log_tree(self.cfg.workers, self.cfg.run_id, self.log)  # a log tree not ours: an error before joining
             if self.spares is not None:  # a --preload that cannot be imported is an error before the job is joined
                 self.spares.fill(self._first_envs())
                 self.spares.wait_ready()

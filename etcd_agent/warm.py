@@ -11,9 +11,11 @@ start; on a GPU machine the CUDA context and NCCL set-up still happen after the 
 Rules:
 
 - A spare is a worker in waiting: its own session and process group, the agent's parent-death signal (it is
-  spawned on the agent's main thread, like workers), its output in ``spares/<node>/local_rank_<n>.log`` under the
-  log directory until the handoff. It never imports anything but ``--preload`` before the handoff, and a preload
-  that initialised CUDA is refused (``spare.py``); with NVML, a spare that holds GPU memory is not used.
+  spawned on the agent's main thread, like workers), its output in ``<run>/spares/<node>/local_rank_<n>.log`` under
+  the log directory until the handoff (made as ``logtree`` says: private, never through a symlink; a tree that is
+  not the agent's is a ConfigError at start, and later turns warm restarts off with one warning). It never imports
+  anything but ``--preload`` before the handoff, and a preload that initialised CUDA is refused (``spare.py``); with
+  NVML, a spare that holds GPU memory is not used.
 - ``take`` gives a spare only when it is alive, has not reported a failed preload, was started with exactly the
   known part of the worker's environment, and the files of its preloaded modules have not changed since it
   imported them. Any other spare is killed and the worker starts cold; the reason is logged. A spare still
@@ -34,7 +36,8 @@ Rules:
   job, with one warning; workers then start cold.
 - ``close`` kills every spare; the agent calls it when it exits.
 
-Imports ``config``, ``errors``, ``gpu``, ``logs``, ``priority`` and ``proctree`` from the package; never torch.
+Imports ``config``, ``errors``, ``gpu``, ``logs``, ``logtree``, ``priority`` and ``proctree`` from the package; never
+torch.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from . import gpu, priority, proctree
+from . import gpu, logtree, priority, proctree
 from .config import WorkerConfig
 from .errors import ConfigError
 from .logs import Log
@@ -185,7 +188,8 @@ class SparePool:
                  gpus: bool = False):
         self.cfg = cfg
         self.preload = tuple(cfg.preload)
-        self.directory = os.path.join(log_dir, run_id, "spares", node_id or "-")
+        self._root, self._parts = log_dir, [run_id, "spares", node_id or "-"]
+        self.directory = os.path.join(log_dir, *self._parts)
         self._log = logger or log
         self._gpus = gpus  # a GPU job: a spare holding GPU memory (NVML) is not used
         self._spares: dict[int, Spare] = {}
@@ -217,7 +221,14 @@ class SparePool:
             self._known[rank] = known_env(env)
         for rank in range(self.cfg.nproc):
             if rank not in self._spares and rank in self._known:
-                self._spares[rank] = self._spawn(rank, self._known[rank], idle)
+                try:
+                    self._spares[rank] = self._spawn(rank, self._known[rank], idle)
+                except ConfigError as exc:  # the log tree is not the agent's: at start an error, later no spares
+                    if envs is not None:
+                        raise
+                    self.disabled = str(exc)
+                    self._log.warning("warm restarts are off for the rest of the job: %s", exc)
+                    return
 
     def fill_due(self) -> None:
         """Start the missing spares now if they are due (the last warm handoff of a round calls it, inside the
@@ -232,7 +243,13 @@ class SparePool:
                               exc, REFILL_DELAY)
 
     def _spawn(self, rank: int, env: dict[str, str], idle: bool = False) -> Spare:
-        os.makedirs(self.directory, exist_ok=True)
+        with logtree.opened(self._root, self._parts) as fd:
+            name = f"local_rank_{rank}.log"
+            out = logtree.open_append(fd, name, os.path.join(self.directory, name))
+        with out:
+            return self._start(rank, env, idle, out)
+
+    def _start(self, rank: int, env: dict[str, str], idle: bool, out) -> Spare:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         conf = {"preload": list(self.preload), "module": self.cfg.module, "entrypoint": self.cfg.entrypoint,
                 "local_rank": rank}
@@ -240,10 +257,9 @@ class SparePool:
         steps = [proctree.pdeathsig_preexec(os.getpid()), priority.idle_preexec() if idle else None]
         steps = [step for step in steps if step is not None]
         try:
-            with open(os.path.join(self.directory, f"local_rank_{rank}.log"), "ab", buffering=0) as out:
-                proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True, close_fds=True, pass_fds=(child.fileno(),),
-                                        preexec_fn=_chain(steps))
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, close_fds=True, pass_fds=(child.fileno(),),
+                                    preexec_fn=_chain(steps))
         except BaseException:
             parent.close()
             raise

@@ -6,8 +6,11 @@ the global rank on purpose, so logs of different nodes and rounds never collide)
     <log_dir>/<run_id>/job_<job:04d>/<node_id>/round_<round:04d>/rank_<global rank>/{stdout.log, stderr.log, error.json}
     <log_dir>/<run_id>/job_<job:04d>/<node_id>/round_<round:04d>/{filtered_stdout.log, filtered_stderr.log}
 
-(``<node_id>/`` is left out when the node id is empty.) Files are opened for appending; a stale error file is
-deleted before each start.
+(``<node_id>/`` is left out when the node id is empty.) The tree is private and never followed through a symlink
+(``logtree``): directories 0700, files 0600, every one made by the agent and opened relative to its parent's
+descriptor; a symlink, another user's entry or one that others may write is refused with a ConfigError naming it.
+Files are opened for appending; a stale error file is deleted (the name itself, never what it points to) before
+each start, and files read back are opened without following a symlink.
 
 Routing is torchrun 2.13's (``DefaultLogsSpecs.reify``), per local rank (``route``): a stream in
 ``--redirects | --tee`` goes to its log file and not the console; a teed stream also goes to the console line by
@@ -32,7 +35,7 @@ Guarantees:
   pipe).
 - ``prepare_all`` opens every worker's files, all or none. Reading back (stderr tail, error file) never raises.
 
-Imports only ``config`` and ``errors`` from the package.
+Imports only ``config``, ``errors`` and ``logtree`` from the package.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import threading
 from contextlib import ExitStack
 from typing import IO
 
+from . import logtree
 from .config import STD_ERR, STD_OUT, WorkerConfig
 from .errors import ConfigError
 
@@ -95,12 +99,11 @@ def line_prefix(role: str, local_rank: int, rank: int, template: str | None = No
     return f"[{role}{local_rank}]:"
 
 
-def rank_dir(log_dir: str, run_id: str, node_id: str, round_: int, rank: int, job: int = 1) -> str:
-    """The directory of one worker's files for one round of one job of the run (the only place this layout is
-    spelled out): a re-run of a finished run id is a new job and never overwrites the earlier job's files."""
-    parts = [log_dir, run_id, f"job_{job:04d}"] + ([node_id] if node_id else []) + [f"round_{round_:04d}",
-                                                                                 f"rank_{rank}"]
-    return os.path.join(*parts)
+def rank_parts(run_id: str, node_id: str, round_: int, rank: int, job: int = 1) -> list[str]:
+    """The directories, below ``--log-dir``, of one worker's files for one round of one job of the run (the only
+    place this layout is spelled out): a re-run of a finished run id is a new job and never overwrites the earlier
+    job's files."""
+    return [run_id, f"job_{job:04d}"] + ([node_id] if node_id else []) + [f"round_{round_:04d}", f"rank_{rank}"]
 
 
 def plan_logs(cfg: WorkerConfig, log_dir: str, run_id: str, node_id: str, round_: int, rank_offset: int,
@@ -113,20 +116,23 @@ def plan_logs(cfg: WorkerConfig, log_dir: str, run_id: str, node_id: str, round_
         rank = rank_offset + local_rank
         stdout, stderr = route(cfg.redirects.for_rank(local_rank), cfg.tee.for_rank(local_rank),
                                not shown or local_rank in shown)  # an empty filter shows all, as in torchrun
-        out.append(WorkerLogs(rank_dir(log_dir, run_id, node_id, round_, rank, job), rank, stdout, stderr,
+        out.append(WorkerLogs(log_dir, rank_parts(run_id, node_id, round_, rank, job), rank, stdout, stderr,
                               line_prefix(cfg.role, local_rank, rank, template), filters))
     return out
 
 
 def prepare_all(logs: list[WorkerLogs]) -> list[dict]:
-    """Prepare every worker's directory and files, all or none: on failure close what was opened, raise ConfigError."""
+    """Prepare every worker's directory and files, all or none: on failure close what was opened, raise ConfigError
+    (naming the path: one that cannot be written, or one that is not the agent's, see ``logtree``)."""
     streams: list[dict] = []
     for item in logs:
         try:
             streams.append(item.prepare())
-        except OSError as exc:
+        except (OSError, ConfigError) as exc:
             for opened in logs:
                 opened.close()
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"--log-dir: cannot write worker logs under {item.directory}: {exc}") from exc
     return streams
 
@@ -134,16 +140,19 @@ def prepare_all(logs: list[WorkerLogs]) -> list[dict]:
 class WorkerLogs:
     """One worker's log files and the pump threads that copy the streams passing through the agent."""
 
-    def __init__(self, directory: str, rank: int, stdout: Dest = Dest.FILE, stderr: Dest = Dest.FILE,
+    def __init__(self, root: str, parts: list[str], rank: int, stdout: Dest = Dest.FILE, stderr: Dest = Dest.FILE,
                  prefix: str = "", filters: dict[str, tuple[str, ...]] | None = None):
-        self.directory = directory
+        """``root``: --log-dir; ``parts``: the directories below it (``rank_parts``)."""
+        self.root = root
+        self.parts = list(parts)
+        self.directory = os.path.join(root, *parts)
         self.rank = rank
         self.dests = {"stdout": stdout, "stderr": stderr}
         self.prefix = prefix
         self.filters = {name: tuple((filters or {}).get(name, ())) for name in _STREAMS}
-        self.stdout_path = os.path.join(directory, STDOUT_LOG)
-        self.stderr_path = os.path.join(directory, STDERR_LOG)
-        self.error_file = os.path.join(directory, ERROR_FILE)
+        self.stdout_path = os.path.join(self.directory, STDOUT_LOG)
+        self.stderr_path = os.path.join(self.directory, STDERR_LOG)
+        self.error_file = os.path.join(self.directory, ERROR_FILE)
         self._files: dict[str, IO[bytes]] = {}  # our copies until attach(); then the pumps own theirs
         self._filtered: dict[str, IO[bytes]] = {}
         self._threads: list[threading.Thread] = []
@@ -152,24 +161,30 @@ class WorkerLogs:
         return os.path.join(os.path.dirname(self.directory), f"filtered_{name}.log")
 
     def prepare(self) -> dict:
-        """Create the directory, drop a stale error file, open the logs; returns the Popen stdout/stderr kwargs."""
-        os.makedirs(self.directory, exist_ok=True)
-        try:
-            os.unlink(self.error_file)
-        except FileNotFoundError:
-            pass
+        """Create the directory, drop a stale error file, open the logs; returns the Popen stdout/stderr kwargs.
+        Everything is made or opened relative to the round's directory descriptor (``logtree``)."""
         self._files, self._filtered = {}, {}
+        with logtree.opened(self.root, self.parts[:-1]) as round_fd:
+            fd = logtree.subdir(round_fd, self.parts[-1], self.directory)
+            try:
+                self._open(fd, round_fd)
+            finally:
+                os.close(fd)
+        return {name: self._popen_arg(name) for name in _STREAMS}
+
+    def _open(self, fd: int, round_fd: int) -> None:
+        logtree.unlink(fd, ERROR_FILE)
         for name, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path)):
             dest = self.dests[name]
             if name == "stderr" or dest in (Dest.FILE, Dest.TEE):
-                self._files[name] = open(path, "ab", buffering=0)  # noqa: SIM115 - closed by close() or a pump
+                self._files[name] = logtree.open_append(fd, os.path.basename(path), path)
             if self.filters[name]:
-                filtered = open(self.filtered_path(name), "ab", buffering=0)  # noqa: SIM115 - created in any case
+                path = self.filtered_path(name)
+                filtered = logtree.open_append(round_fd, os.path.basename(path), path)  # created in any case
                 if dest is Dest.TEE:
                     self._filtered[name] = filtered
                 else:
                     filtered.close()
-        return {name: self._popen_arg(name) for name in _STREAMS}
 
     def _popen_arg(self, name: str):
         dest = self.dests[name]
@@ -275,7 +290,7 @@ def _to_console(name: str, data: bytes) -> None:
 def read_tail(path: str, lines: int = TAIL_LINES) -> str:
     """The last ``lines`` lines of a text file, or "" when it is missing or unreadable."""
     try:
-        with open(path, "rb") as f:
+        with logtree.open_read(path) as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - _TAIL_BYTES))
@@ -292,8 +307,8 @@ def read_error_message(path: str) -> tuple[str | None, str | None]:
     cannot be read or parsed gives ``(None, "<what is wrong>")`` instead of raising.
     """
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        with logtree.open_read(path) as f:  # the worker's file: never through a symlink
+            text = f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return None, None
     except OSError as exc:

@@ -28,11 +28,11 @@ Guarantees:
   files or pipes), process group, CPU and I/O priority (an idle spare gets the agent's back before its handoff),
   parent-death signal, waiter, stop, reports and progress file either way.
 
-Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``logs``, ``progress``,
-``proctree``, ``secure``, ``values``, ``warm`` and ``worker_logs``. A log
-directory that cannot be written, or a virtual local rank beyond ``CUDA_VISIBLE_DEVICES``, raises ConfigError from
-``start`` before any worker runs; a worker that cannot be spawned (missing program) is reported through
-``on_exit`` with exit code 127 (126: not executable).
+Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``logs``, ``logtree``,
+``progress``, ``proctree``, ``secure``, ``values``, ``warm`` and ``worker_logs``. A log directory that cannot be
+written, a log tree that is not the agent's (``logtree``), or a virtual local rank beyond ``CUDA_VISIBLE_DEVICES``,
+raises ConfigError from ``start`` before any worker runs; a worker that cannot be spawned (missing program) is
+reported through ``on_exit`` with exit code 127 (126: not executable).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import Callable, Mapping
 
 import psutil
 
-from . import proctree
+from . import logtree, proctree
 from .config import WorkerConfig, worker_base_env
 from .errors import ConfigError
 from .logs import Log, Where
@@ -128,6 +128,15 @@ def log_root(cfg: WorkerConfig, logger: Log | None = None) -> str:
             _default_log_root = tempfile.mkdtemp(prefix="etcd_agent_logs_")
             (logger or log).info("No --log-dir was given; worker logs go to %s.", _default_log_root)
     return _default_log_root
+
+
+def check_log_tree(cfg: WorkerConfig, run_id: str, logger: Log | None = None) -> str:
+    """At start: make (or check) the run's private directory under the log root (``logtree``); its path, or
+    ConfigError when it is not the agent's."""
+    root = log_root(cfg, logger)
+    with logtree.opened(root, [run_id]):
+        pass
+    return os.path.join(root, run_id)
 
 
 def worker_env(cfg: WorkerConfig, a: Assignment, local_rank: int, base: Mapping[str, str],

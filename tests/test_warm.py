@@ -4,10 +4,12 @@ workers; spares that died or are stale are replaced cold; a --preload that canno
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -538,3 +540,44 @@ def test_a_worker_that_crashes_in_its_first_second_restarts_warm(etcd_endpoint, 
             assert rec["pid"] not in earlier
             _assert_agents_priority(rec, mine, f"round {rnd} rank {rank}")
     assert "could not be given the agent's CPU and I/O priority back" not in err
+
+
+# --- the spares' logs: private, never through a symlink ------------------------------------------------------------
+@pytest.mark.skipif(os.geteuid() != 0, reason="plants another user's symlink with chown (root only)")
+def test_a_spares_log_is_private_and_never_written_through_a_planted_symlink(tmp_path, caplog):
+    """A spare's log is 0600 in 0700 directories. Another user's symlink at a spare's log path is refused at start
+    (ConfigError naming it) and the file it points to is untouched; a spare directory that became writable by others
+    mid-job turns warm restarts off with one warning instead of ending the job."""
+    secret = tmp_path / "secret"
+    secret.write_text("root only\n")
+    secret.chmod(0o600)
+    cfg, pool, _group, _exits, _done = _group_with_pool(tmp_path, str(JOB), [str(tmp_path)], nproc=2)
+    spares = tmp_path / "logs" / "run" / "spares" / "node"
+    for d in (*reversed(spares.parents[:3]), spares):  # the agent's own tree, as an earlier agent made it
+        d.mkdir(mode=0o700, exist_ok=True)
+    (spares / "local_rank_1.log").symlink_to(secret)
+    os.lchown(spares / "local_rank_1.log", 65534, 65534)
+    try:
+        with pytest.raises(ConfigError, match=re.escape(f"--log-dir: {spares}/local_rank_1.log is a symbolic link;")):
+            pool.fill(_first_envs(cfg))
+        assert secret.read_text() == "root only\n"
+        (spares / "local_rank_1.log").unlink()
+        pool.fill(_first_envs(cfg))
+        pool.wait_ready(60)
+        shutil.rmtree(tmp_path / "logs" / "run")  # the next spares make the tree themselves
+        pool.close()
+        pool.fill(_first_envs(cfg))
+        pool.wait_ready(60)
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "logs" / "run").rglob("*")}
+        assert modes == {"spares": 0o700, "node": 0o700, "local_rank_0.log": 0o600, "local_rank_1.log": 0o600}
+        pool.take(0, _first_envs(cfg)[0]).kill()  # round 1 took it; the next fill is a mid-job one
+        spares.chmod(0o777)
+        with caplog.at_level(logging.WARNING, logger="etcd_agent.warm"):
+            pool.fill()
+        assert pool.disabled and pool.pids.keys() == {1}
+        assert [r.getMessage() for r in caplog.records if "off for the rest" in r.getMessage()] == [
+            f"warm restarts are off for the rest of the job: --log-dir: {spares} may be written by other users (mode "
+            "0777); the agent writes worker logs only into directories it made itself (remove it, or choose another "
+            "--log-dir)"]
+    finally:
+        pool.close()
