@@ -13,7 +13,11 @@ exec, ``priority.py``) and is given the agent's own back, every thread, before t
    is handed a round), is reported instead of "ready".
 2. It sends one JSON line: ``{"ready": true, "modules": {name: file}}`` or ``{"error": "..."}``.
 3. It waits for the handoff: ``<length>\\n<JSON>`` with the worker's stdout and stderr as two file descriptors
-   (SCM_RIGHTS). The socket closing first ends it quietly (exit 0).
+   (SCM_RIGHTS). The socket closing first ends it quietly (exit 0). A thread of its own receives the handoff while
+   the imports still run: when they have not finished ``cold_after`` seconds (the handoff says how many) after the
+   handoff arrived, that thread sends ``{"cold": "..."}`` and makes this process the cold worker: the handed
+   descriptors become its stdout and stderr and it ``exec``s the cold command line with the worker's environment
+   (the same pid, process group, parent-death signal and priority; the hung import is gone with the old image).
 4. It becomes the worker, as the cold command line would have started it: the two descriptors replace its stdout
    and stderr, ``os.environ`` becomes exactly the worker's environment, the signal handlers are those the
    interpreter started with, ``sys.argv``/``sys.orig_argv`` are the cold command line's, and the entrypoint runs
@@ -34,6 +38,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 _HANDOFF_MAX = 64 * 1024 * 1024  # a handoff message larger than this is not one the agent sent
 
@@ -107,6 +112,76 @@ def _receive(sock: socket.socket) -> tuple[dict | None, list]:
     return json.loads(body[:length]), fds
 
 
+class _Handoff:
+    """Receives the round on a thread of its own while the main thread imports; a round whose ``cold_after`` passes
+    before the imports finish makes this process the cold worker instead (``_exec_cold``)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.msg: dict | None = None
+        self.fds: list = []
+        self.received = threading.Event()
+        self.finished = threading.Event()  # the imports finished and were reported
+        self._lock = threading.Lock()
+        self._cold = False
+        self.thread = threading.Thread(target=self._run, name="etcd-agent-spare-handoff", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.msg, self.fds = _receive(self.sock)
+        except (OSError, ValueError):
+            self.msg, self.fds = None, []  # the agent is gone or discarded this spare
+        self.received.set()
+        limit = (self.msg or {}).get("cold_after")
+        if limit is None or self.finished.wait(float(limit)):
+            return
+        with self._lock:
+            if self.finished.is_set():
+                return
+            self._cold = True
+        _exec_cold(self.msg, self.fds, self.sock, float(limit))
+
+    def report(self, report: dict) -> None:
+        """The imports finished: tell the agent, unless the round already went cold (then wait for the exec)."""
+        with self._lock:
+            cold = self._cold
+            if not cold:
+                try:
+                    self.sock.sendall(json.dumps(report).encode() + b"\n")
+                except OSError:
+                    pass  # the agent handed this spare a round and closed its end: the handoff is readable
+                self.finished.set()
+        if cold:
+            threading.Event().wait()  # the handoff thread replaces this process
+
+    def wait(self) -> tuple[dict | None, list]:
+        self.received.wait()
+        self.thread.join()
+        return self.msg, self.fds
+
+
+def _exec_cold(msg: dict, fds: list, sock: socket.socket, limit: float) -> None:
+    """Become the cold worker: tell the agent why, take the worker's stdout and stderr, exec its command line."""
+    word = {"cold": f"had not finished importing --preload {limit:.1f} s after it was handed the round"}
+    try:
+        sock.sendall(json.dumps(word).encode() + b"\n")
+    except OSError:
+        pass
+    sock.close()
+    for target, fd in zip((1, 2), fds):
+        os.dup2(fd, target)
+        if fd not in (1, 2):
+            os.close(fd)
+    argv = list(msg["orig_argv"])
+    try:
+        os.execvpe(argv[0], argv, msg["env"])
+    except OSError as exc:
+        print(f"etcd-agent: this warm spare could not start the worker cold ({argv[0]}): {exc}", file=sys.stderr,
+              flush=True)
+    os._exit(127)
+
+
 def _become(msg: dict, fds: list, handlers: dict) -> None:
     """Take the worker's streams, environment, signal handlers and command line."""
     for target, fd in zip((1, 2), fds):
@@ -161,29 +236,24 @@ def _run(conf: dict, args: list) -> None:
 def main() -> int:
     handlers = _handlers()
     sock = socket.socket(fileno=int(sys.argv[1]))
+    sock.set_inheritable(False)  # a process a preload starts must not keep the agent's end from seeing our exit
     conf = json.loads(sys.argv[2])
     path0 = _path0(conf)
     if path0 is not None and sys.path:
         sys.path[0] = path0  # was this file's directory
+    handoff = _Handoff(sock)
     modules, error = _preload(conf["preload"])
-    report = {"ready": True, "modules": modules} if error is None else {"error": error}
-    try:
-        sock.sendall(json.dumps(report).encode() + b"\n")
-    except OSError:
-        pass  # the agent handed this spare a round while it was importing, and closed its end: read the handoff
-    try:
-        msg, fds = _receive(sock)
-    except OSError:
-        return 0  # the agent is gone or discarded this spare
+    handoff.report({"ready": True, "modules": modules} if error is None else {"error": error})
+    msg, fds = handoff.wait()
+    sock.close()
     if msg is None:
         return 0
-    sock.close()
     if msg.get("entrypoint") != conf["entrypoint"] or bool(msg.get("module")) != conf["module"]:
         print(f"etcd-agent: this warm spare was started for {conf['entrypoint']!r} and was handed "
               f"{msg.get('entrypoint')!r}", file=sys.stderr)
         return 1
     _become(msg, fds, handlers)
-    del handlers, sock, fds, modules, report
+    del handlers, sock, fds, modules, handoff
     if error is not None:  # handed over before the agent read the failure: fail as the worker, with the reason
         print(f"etcd-agent: this warm worker could not preload (--preload): {error}", file=sys.stderr, flush=True)
         return 1

@@ -19,7 +19,11 @@ Rules:
 - ``take`` gives a spare only when it is alive, has not reported a failed preload, was started with exactly the
   known part of the worker's environment, and the files of its preloaded modules have not changed since it
   imported them. Any other spare is killed and the worker starts cold; the reason is logged. A spare still
-  importing is used: it runs the entrypoint as soon as its imports finish, which is never later than a cold start.
+  importing is used: it runs the entrypoint as soon as its imports finish, if they finish within ``cold_after``
+  seconds of the handoff (``COLD_FACTOR`` times the longest the first spares' imports took at start, at least
+  ``COLD_AFTER_MIN``); otherwise it makes itself the cold worker (``spare.py``: the same process ``exec``s the cold
+  command line) and the agent logs one warning. A warm start is so never later than a cold one by more than
+  ``cold_after``, and a ``--preload`` that hangs never leaves a worker unstarted.
 - ``fill`` (the agent's main thread only) starts the missing spares: at start, where ``wait_ready`` makes a
   ``--preload`` that cannot be imported a ConfigError before the job is joined (these run at normal priority: the
   agent waits for them, and they become round 1's workers), and again as soon as a round started (``due`` is then
@@ -71,6 +75,8 @@ ROUND_KEYS = frozenset({
 READY_WAIT = 120.0  # at start: how long the first spares may take to import --preload before the job goes on
 REFILL_DELAY = 5.0  # without idle priority: seconds after a round started before the next round's spares start
 _HAND_TIMEOUT = 5.0  # a handoff that cannot be written in this time (the spare does not read) goes cold
+COLD_FACTOR = 2.0  # a spare handed a round while importing goes cold after this many times the first imports took
+COLD_AFTER_MIN = 5.0  # ... and never sooner than this many seconds after the handoff
 _KILL_WAIT = 5.0
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
@@ -153,12 +159,41 @@ class Spare:
         payload = json.dumps(msg).encode()
         data = b"%d\n" % len(payload) + payload
         self.sock.settimeout(_HAND_TIMEOUT)
+        keep = False
         try:
             sent = socket.send_fds(self.sock, [data], fds)
             if sent < len(data):
                 self.sock.sendall(data[sent:])
+            keep = not self.said  # still importing: its next word says whether it went cold (``word``)
         finally:
-            self.sock.close()  # what was sent stays readable for the spare
+            if not keep:
+                self.sock.close()  # what was sent stays readable for the spare
+
+    def word(self, timeout: float) -> dict | None:
+        """After a handoff while it was importing: its next report (``{"ready": ...}``, ``{"cold": why}``, ...),
+        ``{}`` when it ended without one, None when it said nothing for ``timeout`` s. Closes the socket."""
+        deadline = time.monotonic() + timeout
+        buf = b""
+        try:
+            while b"\n" not in buf and (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    return {}
+                buf += chunk
+        except socket.timeout:
+            return None
+        except OSError:
+            return {}
+        finally:
+            self.sock.close()
+        if b"\n" not in buf:
+            return None
+        try:
+            msg = json.loads(buf.split(b"\n", 1)[0])
+        except ValueError:
+            return {}
+        return msg if isinstance(msg, dict) else {}
 
     def kill(self) -> None:
         """SIGKILL its process group and reap it."""
@@ -197,6 +232,7 @@ class SparePool:
         self.due: float | None = None  # monotonic time of the next fill, when spares are missing
         self.disabled = ""  # why warm restarts are off for the rest of the job
         self.handed = 0  # workers started warm, for the logs and tests
+        self.import_time = 0.0  # the longest the spares started at normal priority took to import --preload
         self.not_idle = priority.probe()  # why spares cannot run at idle priority ("" when they can)
         if self.not_idle:
             self._log.info("warm spares run at normal priority and start %.0f s after each round started, because "
@@ -229,6 +265,11 @@ class SparePool:
                     self.disabled = str(exc)
                     self._log.warning("warm restarts are off for the rest of the job: %s", exc)
                     return
+
+    @property
+    def cold_after(self) -> float:
+        """Seconds a spare handed a round while importing may take to finish before it starts the worker cold."""
+        return max(COLD_FACTOR * self.import_time, COLD_AFTER_MIN)
 
     def fill_due(self) -> None:
         """Start the missing spares now if they are due (the last warm handoff of a round calls it, inside the
@@ -290,6 +331,7 @@ class SparePool:
                     waiting.append(s)
             if not waiting:
                 took = max((s.ready_after or 0.0) for s in self._spares.values()) if self._spares else 0.0
+                self.import_time = max(self.import_time, took)
                 self._log.info("%d warm spare(s) ready after %.1f s (preloaded: %s)", len(self._spares), took,
                                ", ".join(self.preload) or "nothing")
                 return

@@ -32,7 +32,8 @@ Must not import torch, etcd3 or any package module other than ``config``, ``erro
 ``progress``, ``proctree``, ``secure``, ``values``, ``warm`` and ``worker_logs``. A log directory that cannot be
 written, a log tree that is not the agent's (``logtree``), or a virtual local rank beyond ``CUDA_VISIBLE_DEVICES``,
 raises ConfigError from ``start`` before any worker runs; a worker that cannot be spawned (missing program) is
-reported through ``on_exit`` with exit code 127 (126: not executable).
+reported through ``on_exit`` with exit code 127 (126: not executable). A worker handed to a warm spare that was still
+importing ``--preload`` and had to start it cold (``warm.py``) gets one warning from its waiter.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _THREAD_PREFIX = "etcd-agent-workers-"  # every thread this module starts; start
 _KILL_WAIT = 10.0  # how long a SIGKILLed process may take to vanish (D state) before we give up and say so
 _JOIN_WAIT = 2.0  # bounded join of threads that should already be done
 _REPORT_FLUSH_WAIT = 1.0  # how long a report waits for the pump threads to finish writing the stderr log
+_HANDOFF_WORD_MARGIN = 10.0  # beyond cold_after: how long a waiter waits for a spare's word before it warns
 _default_log_root: str | None = None  # made on first use when no --log-dir was given
 _default_lock = threading.Lock()
 
@@ -190,6 +192,7 @@ class _Worker:
     ended_before_stop: bool = False  # it had exited when stop() sent its first signal
     ended_at: float = 0.0  # wall time its exit was seen (0 while it runs)
     started: float = 0.0  # wall time of the spawn
+    importing: Spare | None = None  # the warm spare it was handed to while that one still imported --preload
 
     @property
     def pid(self) -> int:
@@ -313,7 +316,7 @@ class WorkerGroup:
                 fds.append(arg.fileno())
         argv = self.cfg.command()
         msg = {"entrypoint": self.cfg.entrypoint, "module": self.cfg.module, "args": list(self.cfg.args),
-               "orig_argv": argv, "env": env}
+               "orig_argv": argv, "env": env, "cold_after": self._spares.cold_after}  # type: ignore[union-attr]
         try:
             spare.hand(msg, fds)
         except OSError as exc:
@@ -328,6 +331,7 @@ class WorkerGroup:
                 os.close(fd)
         w.proc = spare.proc
         w.proc.stdout, w.proc.stderr = readers.get("stdout"), readers.get("stderr")
+        w.importing = None if spare.said else spare  # its waiter hears whether it finished in time (_imported)
         self._running(w)
         if w.local_rank == self.cfg.nproc - 1 and self._spares is not None:
             self._spares.fill_due()  # the next round's idle spares start now, before a crash can be handled
@@ -352,7 +356,22 @@ class WorkerGroup:
         return self._log_root
 
     def _wait(self, w: _Worker) -> None:
+        if w.importing is not None:
+            self._imported(w, w.importing)
         self._report(w, w.proc.wait())  # type: ignore[union-attr]  (only started with a process)
+
+    def _imported(self, w: _Worker, spare: Spare) -> None:
+        """A worker handed to a spare still importing: say so once when the spare had to start it cold."""
+        limit = self._spares.cold_after if self._spares is not None else 0.0
+        word = spare.word(limit + _HANDOFF_WORD_MARGIN)
+        if word is None:
+            self._log.warning("the warm spare of worker rank %d (pid %d) has neither finished importing --preload "
+                              "nor started the worker cold %.0f s after its handoff; the worker has not started.",
+                              w.rank, w.pid, limit + _HANDOFF_WORD_MARGIN, round=w.round)
+        elif word.get("cold"):
+            self._log.warning("the warm spare of worker rank %d (pid %d) %s; it started the worker cold (the same "
+                              "process now runs the worker's command line).", w.rank, w.pid, word["cold"],
+                              round=w.round)
 
     def _report(self, w: _Worker, returncode: int) -> None:
         ex = WorkerExit(w.local_rank, w.rank, w.pid, returncode, time.time(), w.round)

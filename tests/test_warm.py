@@ -542,6 +542,47 @@ def test_a_worker_that_crashes_in_its_first_second_restarts_warm(etcd_endpoint, 
     assert "could not be given the agent's CPU and I/O priority back" not in err
 
 
+# A --preload module whose second import hangs (as an import stuck on a lock or a network file system would): the
+# spares started with the agent import it fine, the next round's spare never finishes.
+HANG_ON_SECOND_IMPORT = """import os, threading
+with open({count!r}, "a") as f:
+    f.write("imported\\n")
+with open({count!r}) as f:
+    if len(f.read().splitlines()) >= 2:
+        threading.Event().wait()
+"""
+
+
+@needs_idle
+def test_a_spare_whose_preload_hangs_starts_its_worker_cold_with_one_warning(tmp_path, monkeypatch):
+    """1 node x 1, --warm-restart: round 1 runs in the spare started with the agent; the spare for round 2 hangs in
+    its --preload import. Handed round 2 while still importing, it does not wait forever: after cold_after s it
+    replaces itself (the same pid) with the cold worker, the agent says so once, and the job ends."""
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    count = tmp_path / "imports"
+    (mods / "hang_second.py").write_text(HANG_ON_SECOND_IMPORT.format(count=str(count)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(mods), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out"
+    out.mkdir()
+    go = tmp_path / "go"
+    agent = _standalone(tmp_path, "w", [str(JOB), str(out), "--fail-rank", "0", "--fail-when", str(go)],
+                        ["--warm-restart", "--preload", "hang_second"], nproc=1)
+    poll_until(lambda: (1, 0) in records(out), 60, "round 1")
+    first = {r["pid"] for r in records(out).values()}
+    spare = poll_until(lambda: _spares_of(agent, first).get(0), 60, "the spare for round 2")
+    poll_until(lambda: count.exists() and len(count.read_text().splitlines()) == 2, 60, "its hanging import")
+    go.touch()
+    assert agent.wait(60) == 0, agent.stderr()[-3000:]
+    second = records(out)[(2, 0)]
+    assert second["pid"] == spare and second["env"]["ETCD_AGENT_ROUND"] == "2"
+    err = agent.stderr()
+    said = [line for line in err.splitlines() if "started the worker cold" in line]
+    assert len(said) == 1 and " WARNING " in said[0], err[-3000:]
+    assert (f"the warm spare of worker rank 0 (pid {spare}) had not finished importing --preload "
+            f"{warm.COLD_AFTER_MIN:.1f} s after it was handed the round; it started the worker cold") in said[0]
+
+
 # --- the spares' logs: private, never through a symlink ------------------------------------------------------------
 @pytest.mark.skipif(os.geteuid() != 0, reason="plants another user's symlink with chown (root only)")
 def test_a_spares_log_is_private_and_never_written_through_a_planted_symlink(tmp_path, caplog):
