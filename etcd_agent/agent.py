@@ -147,12 +147,16 @@ class Agent:
             self.log.warning("etcd is unreachable, trying again: %s", exc)
             self._drain(block=True, deadline=time.monotonic() + 0.5)
         except BadKeyData as exc:
-            # Never act on state we cannot read, and never harm the job for it: wait for a repair.
+            # Never act on state we cannot read, and never harm the job for it: wait for a repair (the key is
+            # watched while it holds the agent, so its repair or deletion always arrives) or for the job's end.
             if exc.key != self._bad_key:
                 self.log.error("%s; leaving the workers as they are until the key is fixed", exc)
             self._bad_key = exc.key
-            self._drain(block=True)
+            if not self.coord.watch_bad(exc.key):  # True: repaired already, decide again at once
+                self._drain(block=True)
         else:
+            if self._bad_key:
+                self.coord.watch_bad(None)
             self._bad_key = ""
         return None
 

@@ -18,8 +18,8 @@ Invariants:
   whole job).
 - Every timing comes from one ``Timings`` (``config.py``), whose relations were checked when it was made.
 
-Imports ``config``, ``errors``, ``etcd``, ``keys``, ``rendezvous``, ``session``, ``state``, ``txns`` and ``watch``;
-never the worker group.
+Imports ``config``, ``errors``, ``etcd``, ``keys``, ``rendezvous``, ``session``, ``state``, ``strays``, ``txns`` and
+``watch``; never the worker group.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .keys import Keys, RunKeys
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .session import Session
 from .state import FINAL_PHASES, JOINING, Mirror, Scope, View
+from .strays import Strays
 from .values import Failure, Join, NodeInfo, Quarantine, RankClaim
 
 MAX_QUARANTINE_TRIES = 5
@@ -72,7 +73,7 @@ class Coordinator:
         self._known: dict[str, int] = {}  # name -> revision through which that watch's range is known
         self._leaders: dict[int, str] = {}  # round -> its leader, as this agent's join txn (or a re-read) found
         self._round = 0
-        self._strays: set[str] = set()  # keys outside the schema this agent has warned about
+        self.strays: Strays | None = None  # the keys nothing should hold that this agent met, once ``open``
         # Retries stop as soon as the session is lost: the owner must get back to fencing.
         self.etcd = Etcd(cfg.etcd, shutdown, interrupt=lambda: self.session is not None and self.session.lost.is_set())
 
@@ -85,6 +86,7 @@ class Coordinator:
             self.log.info("connected to etcd %s at %s over %s", version, self.etcd.endpoints_text, self.cfg.etcd.describe())
             self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time())
             self.mirror = Mirror(self.keys)
+            self.strays = Strays(self.keys, self.mirror, self.log)
             self.new_session(on_lost)
             self._ensure("control", *self.keys.control())
         except EtcdNoSpace:
@@ -180,24 +182,43 @@ class Coordinator:
         if current is not None:
             self._unwatch(name)
         kvs, rev = snapshot if snapshot is not None else self.etcd.get_range(start, end)
-        self._note_strays(kvs)
         self.mirror.reset_range(start, end, kvs, rev)
+        self.strays.note(kvs)
         self._known[name] = rev
         if self.stream is None:
             self.stream = WatchStream(self.etcd, lambda n, token, d: self._sink(("watch", (n, token, d))),
                                       probe_interval=self.timings.watch_probe, name=f"watch-{self.node}").start()
         self._watches[name] = (self.stream.add(name, start, end, rev + 1), start, end)
 
-    def _unwatch(self, name: str) -> None:
-        """Stop watching ``name`` and forget what only it kept current (this node's own keys and plans stay)."""
+    def _unwatch(self, name: str, drop: bool = True) -> None:
+        """Stop watching ``name`` and, when ``drop``, forget what only it kept current (this node's own keys and
+        plans stay)."""
         current = self._watches.pop(name, None)
         if current is None:
             return
         _token, start, end = current
         self.stream.remove(name)
         self._known.pop(name, None)
-        if self.mirror is not None:
+        if drop and self.mirror is not None:
             self.mirror.drop_range(start, end, keep=self._own)
+
+    def watch_bad(self, key: str | None) -> bool:
+        """Watch ``key``, whose bad value holds this agent (None: nothing holds it any more), whatever its role
+        watches: its repair or deletion always reaches the agent, also where the key was read only once (after a
+        failed compare). True when the read that starts the watch found the key changed already (no event is
+        coming then). The key stays in the mirror when the watch ends (another watch may cover it)."""
+        if key is None or not key.startswith(self.keys.prefix):
+            self._unwatch("bad", drop=False)
+            return False
+        if self._watches.get("bad", (0, None))[1] != key:
+            self._unwatch("bad", drop=False)
+        before = self.mirror.get(key)
+        try:
+            self._ensure("bad", key, b"")
+        except EtcdUnavailable as exc:
+            self.log.warning("cannot watch %s yet, trying again: %s", key, exc)
+            return True  # decide again: the key is read (and watched) again on the next hold
+        return self.mirror.get(key) is not before
 
     def _own(self, key: str) -> bool:
         """Keys the mirror keeps whatever it watches: this node's own and the plans (who ran, who runs)."""
@@ -287,7 +308,7 @@ class Coordinator:
             if self._kind(kv.key) == "join":
                 first = kv
                 break
-            self._stray(kv.key)
+            self.strays.say(kv.key)
         if first is not None:
             self.mirror.absorb([first], revision)
             self._leaders[rnd] = first.key.rsplit("/", 1)[1]
@@ -302,35 +323,17 @@ class Coordinator:
         except BadKeyData:
             return None
 
-    def _note_strays(self, kvs) -> None:
-        for kv in kvs:
-            if kv.key in self._strays:
-                continue
-            kind = self._kind(kv.key)
-            if kind is None:
-                self._stray(kv.key)
-            elif kind == "node" and not kv.lease:
-                self._stray(kv.key, "a registry entry without a lease is no live agent's")
-
-    def _stray(self, key: str, why: str = "not a key of the etcd-agent schema") -> None:
-        """A key under the job's prefix that nothing should read: say so once, and ignore it."""
-        if key not in self._strays:
-            self._strays.add(key)
-            self.log.warning("ignoring %s: %s (delete it with etcdctl del)", key, why)
-
     def _drop_ghost_exits(self, view: View) -> None:
-        """Exit keys of nodes outside the round's plan (planted by hand, or left by a job of another prefix) would
-        make every restart's guard fail (a restart requires the round to have no exit key): delete them, each
-        guarded by its revision, saying so once."""
-        plan = view.plan
-        if plan is None or not view.exits:
-            return
-        ghosts = [self.mirror.get(self.keys.exit(plan.round, n)) for n in sorted(view.exits) if plan.member(n) is None]
-        ghosts = [kv for kv in ghosts if kv is not None]
+        """Keys under the round's exits that are no member's exit (a node outside the plan's, planted by hand or left
+        by a job of another prefix; junk below the exits such as ``exit/a/b``) would make every restart's guard fail
+        (a restart requires the round to have no key under its exits): delete them, each guarded by its revision,
+        saying so once. A non-leader knows the round's exits only after a failed compare re-read them."""
+        ghosts = self.strays.ghost_exits(view.plan) if view.plan is not None else []
         if ghosts:
-            for kv in ghosts:
-                self._stray(kv.key, f"an exit key of a node outside round {plan.round}'s plan")
-            txns.delete_strays(self.etcd, ghosts)
+            res = txns.delete_strays(self.etcd, ghosts)
+            if res.succeeded:
+                for kv in ghosts[:txns.MAX_STRAYS]:
+                    self.mirror.forget(kv.key, res.revision)
 
     # --- the mirror ------------------------------------------------------------------------------------------
     def apply(self, item) -> None:
@@ -341,19 +344,27 @@ class Coordinator:
             return
         _w, start, end = current
         if isinstance(delivery, Resync):
-            self._note_strays(delivery.kvs)
             self.mirror.reset_range(start, end, delivery.kvs, delivery.revision)
+            self.strays.note(delivery.kvs)
             self._known[name] = delivery.revision
         else:
-            self._note_strays(ev.kv for ev in delivery if ev.kind == "put")
-            self.mirror.apply(delivery)
+            self.mirror.apply(delivery)  # first: a plan in the same delivery tells whose exits and failures count
+            self.strays.note(ev.kv for ev in delivery if ev.kind == "put")
             if delivery:
                 self._known[name] = max(self._known.get(name, 0), delivery[-1].kv.mod_revision)
 
     def view(self) -> View:
         """What decide() sees; for the leader, the round's joins are known through the round watch's revision
-        (the close guard refuses a plan if any join key was written after it)."""
-        return self.mirror.view(self.scope, self._known.get("round") if self.scope.full else None)
+        (the close guard refuses a plan if any join key was written after it). A key whose value cannot be read
+        raises BadKeyData (the agent holds until it is repaired), unless the job has ended: then the view is the
+        result alone, so that an ``etcd-agent stop`` always reaches the agent."""
+        try:
+            return self.mirror.view(self.scope, self._known.get("round") if self.scope.full else None)
+        except BadKeyData:
+            ended = self.mirror.ended(self.scope)
+            if ended is None:
+                raise
+            return ended
 
     def resync(self) -> None:
         """After a failed compare: read again what the compares were about (the job-wide keys, this node's join

@@ -248,12 +248,30 @@ class Mirror:
         joins = ({j.node: j for j in (self.record(kv, Join) for kv in self.children(k.joins(number)))}
                  if rnd else {})
         exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd else frozenset()
-        failures = ({kv.key[len(k.failures(number)):]: self.record(kv, Failure)
-                     for kv in self.children(k.failures(number))} if rnd else {})
+        plan = self.plan(number) if rnd else None
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
         return View(self.revision if revision is None else revision, self.record_at(k.spec(), SpecValue), rnd, nodes, joins,
-                    self.plan(number) if rnd else None, last, exits, failures, self.restarts(),
-                    self.record_at(k.result(), Result), scope)
+                    plan, last, exits, self._member_failures(plan), self.restarts(), self.record_at(k.result(), Result),
+                    scope)
+
+    def _member_failures(self, plan: Plan | None) -> dict[str, Failure]:
+        """The failure reports of the plan's members. A key under the round's failures of any other node (or below
+        them, ``failures/a/b``) is no member's report: nothing decides on it, so its value is never read (a bad one
+        must not hold the job)."""
+        if plan is None:
+            return {}
+        where = self.keys.failures(plan.round)
+        return {kv.key[len(where):]: self.record(kv, Failure) for kv in self.children(where)
+                if plan.member(kv.key[len(where):]) is not None}
+
+    def ended(self, scope: Scope = FULL) -> View | None:
+        """A view of a job that has a result and nothing else (None while it has none): once the job has ended
+        nothing else of it is decided, so a bad value in any other key never keeps an agent from seeing the end
+        (``etcd-agent stop``)."""
+        result = self.record_at(self.keys.result(), Result)
+        if result is None:
+            return None
+        return View(self.revision, None, None, {}, {}, None, None, frozenset(), {}, None, result, scope)
 
     def round(self) -> RoundInfo | None:
         return self.record_at(self.keys.round(), RoundInfo)

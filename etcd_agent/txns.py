@@ -270,6 +270,9 @@ def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
 def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int, restarts_rev: int,
          node: str, wall: float) -> TxnResult:
     n = a.round.number
+    # No key at all under the round's exits: one compare for any number of members. A key there that is no
+    # member's exit (a node outside the plan, junk below the exits) fails it too: the coordinator deletes those
+    # first (``Coordinator._drop_ghost_exits``), and again after a failed compare showed it new ones.
     compare = [mod_is(keys.round(), a.round.mod_revision), none_under(keys.exits(n))]
     # Round n ran (a bump always leaves a running round): its plan is who ran last.
     ops = [op_put(keys.round(), round_value(n + 1, Phase.JOINING, a.reason, wall, last_plan=n))]
@@ -281,11 +284,15 @@ def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int,
     return etcd.txn(compare, ops + report + reads, report, where=f"restart round {n} -> {n + 1}")
 
 
-def delete_strays(etcd: Etcd, kvs: list) -> bool:
-    """Delete keys that nothing should hold, each only if it is still the version read (``kvs``)."""
-    res = etcd.txn([mod_is(kv.key, kv.mod_revision) for kv in kvs], [op_delete(kv.key) for kv in kvs],
-                   where=f"delete {len(kvs)} stray key(s)")
-    return res.succeeded
+MAX_STRAYS = 100  # etcd allows 128 compares per txn: more stray keys are deleted over more bumps
+
+
+def delete_strays(etcd: Etcd, kvs: list) -> TxnResult:
+    """Delete keys that nothing should hold (the first ``MAX_STRAYS`` of ``kvs``), each only if it is still the
+    version read."""
+    kvs = kvs[:MAX_STRAYS]
+    return etcd.txn([mod_is(kv.key, kv.mod_revision) for kv in kvs], [op_delete(kv.key) for kv in kvs],
+                    where=f"delete {len(kvs)} stray key(s)")
 
 
 def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: Failure) -> None:

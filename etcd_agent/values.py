@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import types
 import typing
 from typing import Any, ClassVar, NamedTuple
@@ -100,7 +101,14 @@ def _describe(kind) -> str:
         return "one of " + ", ".join(m.value for m in kind)
     if isinstance(kind, type) and issubclass(kind, Record):
         return "an object"
-    return {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))
+    return {int: "a whole number", float: "a finite number", str: "a string", bool: "true or false"}.get(kind, str(kind))
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _convert(key: str, field: str, kind, value):
@@ -122,7 +130,7 @@ def _convert(key: str, field: str, kind, value):
         return tuple(_convert(key, f"{field}[{i}]", item, v) for i, v in enumerate(value))
     elif kind is int and type(value) is int:
         return value
-    elif kind is float and type(value) in (int, float):
+    elif kind is float and type(value) in (int, float) and _finite(value):  # JSON's Infinity and NaN are no time
         return float(value)
     elif kind is str and isinstance(value, str):
         return value
@@ -246,6 +254,9 @@ class RankClaim(Record):
     lease: str = ""
 
 
+MAX_WALL_TIME = 253402300799.0  # 9999-12-31 23:59:59 UTC: the last second Python's time and datetime print
+
+
 @dataclasses.dataclass(frozen=True)
 class Quarantine(Record):
     """``P/quarantine/<node>``: when this node's workers failed lately (wall times, within the window), and until
@@ -258,6 +269,13 @@ class Quarantine(Record):
 
     def sitting_out(self, wall: float) -> bool:
         return self.until > wall
+
+    def check(self, key: str) -> None:
+        # wall times that status, events and the agent's log print: a time no calendar shows is bad data
+        for name, t in [("until", self.until)] + [(f"failures[{i}]", t) for i, t in enumerate(self.failures)]:
+            if not 0 <= t <= MAX_WALL_TIME:
+                raise BadKeyData(key, f"{name} must be a wall time in seconds since 1970, from 0 to "
+                                      f"{MAX_WALL_TIME:.0f} (the end of the year 9999), not {t!r}")
 
 
 @dataclasses.dataclass(frozen=True)

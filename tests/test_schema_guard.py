@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from agents import JOB, job_keys, keys_of, records, start_agents, wait_all, wait_records
+from agents import JOB, job_keys, keys_of, poll_until, records, start_agents, wait_all, wait_for_key, wait_records
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd import Etcd
 
@@ -107,3 +107,94 @@ def test_status_and_stop_work_while_the_round_key_is_corrupt(etcd_endpoint, run_
     assert keys[k.result()]["outcome"] == "stopped" and keys[k.result()]["round"] == 1
     after = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30)
     assert "unreadable" not in after.stdout and "result: stopped in round 1: key repair" in after.stdout
+
+
+def delete(endpoint: str, key: str) -> None:
+    etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
+    try:
+        etcd.delete_range(key)
+    finally:
+        etcd.close()
+
+
+def raw_keys(endpoint: str, prefix: str) -> set[str]:
+    etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
+    try:
+        return {kv.key for kv in etcd.get_prefix(prefix)[0]}
+    finally:
+        etcd.close()
+
+
+def _members(endpoint: str, run_id: str, rnd: int) -> list[str]:
+    """The plan's members of round ``rnd`` in group-rank order (the first one leads the first round)."""
+    from agents import plan_nodes
+
+    return plan_nodes(job_keys(endpoint, run_id)[keys_of(run_id).plan(rnd)])
+
+
+def _failing_non_leader(etcd_endpoint, run_id, tmp_path):
+    """Two agents of one worker each, --max-restarts 1; the worker of group rank 1 (not the leader) fails once the
+    file ``crash`` exists. Returns the agents, their output folder, the release file and round 1's members."""
+    release = tmp_path / "release"
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "1", "--fail-when",
+                               str(tmp_path / "crash"), "--run-until", str(release)], nproc=1,
+                               extra=["--max-restarts", "1"])
+    wait_records(out, {(1, 0), (1, 1)}, agents)
+    return agents, out, release, _members(etcd_endpoint, run_id, 1)
+
+
+def test_junk_under_a_rounds_exits_and_failures_blocks_no_restart(etcd_endpoint, run_id, tmp_path):
+    """A key nested under the round's exits (``exit/a/b``) and a failure key of a node outside the plan with a
+    value that is no failure report: the failing non-leader still restarts the job (the junk under the exits is
+    deleted like an exit key of a node outside the plan), spending one restart, and nobody is held."""
+    agents, out, release, _ = _failing_non_leader(etcd_endpoint, run_id, tmp_path)
+    k = keys_of(run_id)
+    nested, ghost = k.exits(1) + "a/b", k.failure(1, "ghost")
+    put(etcd_endpoint, nested)
+    put(etcd_endpoint, ghost, b"garbage")
+    (tmp_path / "crash").touch()
+    wait_records(out, {(2, 0), (2, 1)}, agents)
+    release.touch()
+    assert wait_all(agents) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    assert raw_keys(etcd_endpoint, k.rounds()) >= {ghost} and nested not in raw_keys(etcd_endpoint, k.rounds())
+    delete(etcd_endpoint, ghost)  # ignored, not deleted: gone only so that the job's keys can be read as JSON
+    state = job_keys(etcd_endpoint, run_id)
+    assert state[k.result()]["outcome"] == "succeeded" and state[k.result()]["round"] == 2
+    assert state[k.restarts()]["used"] == 1
+    logs = "".join(a.stderr() for a in agents)
+    assert f"ignoring {nested}: not a key of the etcd-agent schema" in logs
+    assert f"ignoring {ghost}: a failure report of a node outside round 1's plan" in logs
+    assert "bad data" not in logs and "leaving the workers as they are" not in logs
+
+
+def _held_non_leader(etcd_endpoint, run_id, tmp_path):
+    """A bad value in the leader's failure key (holds the leader at once) and junk under the exits (the failing
+    non-leader's restart fails its compare, so it re-reads the round's failures and is held too)."""
+    agents, out, release, members = _failing_non_leader(etcd_endpoint, run_id, tmp_path)
+    k = keys_of(run_id)
+    bad = k.failure(1, members[0])
+    put(etcd_endpoint, k.exits(1) + "a/b")
+    put(etcd_endpoint, bad, b"garbage")
+    (tmp_path / "crash").touch()
+    follower = next(a for a in agents if a.node == members[1])
+    poll_until(lambda: f"bad data in etcd key {bad}" in follower.stderr(), 30, "the non-leader was not held")
+    return agents, out, release, bad
+
+
+def test_an_agent_held_by_a_key_it_does_not_watch_sees_its_deletion(etcd_endpoint, run_id, tmp_path):
+    agents, out, release, bad = _held_non_leader(etcd_endpoint, run_id, tmp_path)
+    delete(etcd_endpoint, bad)  # the repair: the non-leader watches the round's failures only while held by one
+    wait_records(out, {(2, 0), (2, 1)}, agents)
+    release.touch()
+    assert wait_all(agents) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    assert job_keys(etcd_endpoint, run_id)[keys_of(run_id).restarts()]["used"] == 1
+
+
+def test_stop_reaches_agents_held_by_a_bad_key(etcd_endpoint, run_id, tmp_path):
+    agents, _out, _release, bad = _held_non_leader(etcd_endpoint, run_id, tmp_path)
+    stop = subprocess.run([sys.executable, "-m", "etcd_agent", "stop", "--etcd-endpoints", etcd_endpoint, "--run-id",
+                           run_id, "--reason", "bad key"], capture_output=True, text=True, timeout=30)
+    assert stop.returncode == 0, stop.stderr
+    assert wait_all(agents) == [1, 1], [a.stderr()[-2000:] for a in agents]
+    assert all("stopped: bad key" in a.stderr() for a in agents)
+
