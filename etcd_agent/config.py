@@ -73,6 +73,12 @@ class EtcdConfig:
         return how + (f", password auth as user {self.user}" if self.user else ", no password auth")
 
 
+# The most nodes a job may have: a round's plan is one etcd value (one [node, nproc, address] per member), and etcd
+# refuses a request over 1.5 MiB; 10,000 members with long names and IPv6 addresses stay well under that.
+MAX_NODES = 10_000
+_MAX_NODES_WHY = f"at most {MAX_NODES} (a round's plan, one etcd value, holds every member)"
+
+
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
     """What every agent of one run must agree on; stored once under ``P/spec``."""
@@ -87,6 +93,8 @@ class JobSpec:
             raise ConfigError(f"--nnodes: the minimum must be at least 1, got {self.min_nodes}")
         if self.max_nodes < self.min_nodes:
             raise ConfigError(f"--nnodes {self.min_nodes}:{self.max_nodes}: the maximum is below the minimum")
+        if self.max_nodes > MAX_NODES:
+            raise ConfigError(f"--nnodes {self.min_nodes}:{self.max_nodes}: the maximum must be {_MAX_NODES_WHY}")
         if self.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
 
@@ -389,6 +397,8 @@ def parse_nnodes(text: str) -> tuple[int, int]:
         raise ConfigError(f"--nnodes {text!r}: the minimum must be at least 1")
     if hi < lo:
         raise ConfigError(f"--nnodes {text!r}: the maximum {hi} is below the minimum {lo}")
+    if hi > MAX_NODES:
+        raise ConfigError(f"--nnodes {text!r}: the number of nodes must be {_MAX_NODES_WHY}")
     return lo, hi
 
 

@@ -91,15 +91,23 @@ FORMATS = {  # one line per kind of entry (``describe``'s fields)
 }
 
 
+def when(wall: float | None) -> str:
+    """A wall time as a person reads it ("-": none); one no calendar shows (a time written by hand, say) as the
+    number it is."""
+    if not wall:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
+    except (OverflowError, ValueError, OSError):
+        return f"{wall:g} s after 1970"
+
+
 def line(entry: dict) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"])) if entry.get("time") else "-"
-    fields = {**entry, "member_list": ", ".join(entry.get("members") or ()),
-              "until_text": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["until"])) if entry.get("until")
-              else "-",
+    fields = {**entry, "member_list": ", ".join(entry.get("members") or ()), "until_text": when(entry.get("until")),
               "said": f": {entry['message']}" if entry.get("message") else ""}
     fmt = FORMATS.get(entry["event"])
     text = fmt.format(**fields) if fmt else json.dumps(entry, sort_keys=True)
-    return f"{when}  {'rev ' + str(entry['revision']):>10}  {text}"
+    return f"{when(entry.get('time'))}  {'rev ' + str(entry['revision']):>10}  {text}"
 
 
 def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None = None) -> int:
@@ -180,6 +188,7 @@ PROGRESS_PROBE = 0.2  # seconds between the replay's progress requests: how long
 def run_events(ns, etcd: Etcd) -> int:
     """``etcd-agent events --run-id JOB [--follow] [--json]``."""
     def emit(entry: dict) -> None:
-        print(json.dumps(entry, sort_keys=True) if ns.json else line(entry), flush=True)
+        # allow_nan=False: JSON has no Infinity or NaN (the records refuse them when they read a value)
+        print(json.dumps(entry, sort_keys=True, allow_nan=False) if ns.json else line(entry), flush=True)
     replay(etcd, RunKeys(ns.root, ns.run_id), ns.follow, emit)
     return 0

@@ -131,6 +131,9 @@ def _timed_out(proc: subprocess.Popen, what: str, timeout: float) -> str:
     return said
 
 
+MAX_PERIOD = 365 * 24 * 3600.0  # the longest quarantine window and cooldown: a quarantine's end is a time to print
+
+
 @dataclasses.dataclass(frozen=True)
 class QuarantinePolicy:
     """``--quarantine-after K`` failures of this node's workers within ``--quarantine-window`` seconds make it sit out
@@ -147,9 +150,9 @@ class QuarantinePolicy:
     def __post_init__(self) -> None:
         if self.after < 0:
             raise ConfigError(f"--quarantine-after must be 0 (off) or more, got {self.after}")
-        if not self.window > 0 or not self.cooldown > 0:
-            raise ConfigError(f"--quarantine-window and --quarantine-cooldown must be positive, got "
-                              f"{self.window:g} and {self.cooldown:g}")
+        if not 0 < self.window <= MAX_PERIOD or not 0 < self.cooldown <= MAX_PERIOD:  # inf, nan: no wall time
+            raise ConfigError(f"--quarantine-window and --quarantine-cooldown must be positive and at most "
+                              f"{MAX_PERIOD:.0f} s (a year), got {self.window:g} and {self.cooldown:g}")
 
 
 def record_failure(q: Quarantine | None, node: str, failed_at: float, policy: QuarantinePolicy,

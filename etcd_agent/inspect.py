@@ -14,7 +14,7 @@ from typing import Callable
 
 from . import txns
 from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC
-from .errors import BadKeyData, ConfigError, EtcdUnavailable
+from .errors import BadKeyData, ConfigError, EtcdAuthError, EtcdUnavailable
 from .etcd import Etcd, op_count, op_get, prefix_end
 from .keys import RunKeys
 from .state import Mirror
@@ -46,7 +46,7 @@ def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_co
 
             return run_events(ns, etcd)
         if not ns.run_id:
-            runs = list_runs(etcd, ns.root)
+            runs = list_all_runs(etcd, ns.root)
             print(json.dumps(runs, indent=2, sort_keys=True) if ns.json else describe_runs(ns.root, runs))
             return 0
         return _run(name, ns, RunKeys(ns.root, ns.run_id), etcd)
@@ -72,7 +72,8 @@ def _run(name: str, ns: argparse.Namespace, run: RunKeys, etcd: Etcd) -> int:
     if state is None:
         raise no_job
     state["rounds"] = round_times(etcd, run)
-    print(json.dumps(state, indent=2, sort_keys=True) if ns.json else describe(ns.run_id, state))
+    # allow_nan=False: JSON has no Infinity or NaN (the records refuse them when they read a value)
+    print(json.dumps(state, indent=2, sort_keys=True, allow_nan=False) if ns.json else describe(ns.run_id, state))
     return 0
 
 
@@ -105,6 +106,18 @@ def round_times(etcd: Etcd, run: RunKeys) -> list[dict]:
         ran = r["ended"] - r["closed"] if r["ended"] and r["closed"] else None
         out.append({**r, "formed_s": formed, "ran_s": ran})
     return out
+
+
+def list_all_runs(etcd: Etcd, root: str) -> list[dict]:
+    """``list_runs``; an etcd user that may not read all of ``root`` (a per-job user) is told to give --run-id."""
+    try:
+        return list_runs(etcd, root)
+    except EtcdAuthError as exc:
+        if "permission denied" not in str(exc):
+            raise
+        raise EtcdAuthError(f"{exc}: without --run-id, status lists every run under {root}/, which this etcd user "
+                            f"may not read (a per-job user may read only its own run's keys, {root}/RUN_ID/): give "
+                            "--run-id RUN_ID") from exc
 
 
 RUNS_PER_TXN = 40  # three reads per run; etcd allows 128 operations per txn

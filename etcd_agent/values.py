@@ -101,7 +101,8 @@ def _describe(kind) -> str:
         return "one of " + ", ".join(m.value for m in kind)
     if isinstance(kind, type) and issubclass(kind, Record):
         return "an object"
-    return {int: "a whole number", float: "a finite number", str: "a string", bool: "true or false"}.get(kind, str(kind))
+    words = {int: "a whole number", float: "a finite number", str: "a string", bool: "true or false"}
+    return words.get(kind, str(kind))
 
 
 def _finite(number: int | float) -> bool:
