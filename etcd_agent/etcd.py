@@ -129,6 +129,12 @@ def op_get(key: str):
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode()))
 
 
+def op_get_at(key: str, revision: int):
+    """The key as of ``revision`` (0: the latest): the later txns of a read split over several, pinned to the first
+    one's revision, read one consistent state (a compacted revision fails with etcd's "compacted" error)."""
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=key.encode(), revision=revision))
+
+
 def value_is(key: str, value: bytes):
     """Compare: the key exists and holds ``value`` (a compare on an absent key is false)."""
     return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, key=key.encode(), value=value)

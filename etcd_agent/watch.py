@@ -121,6 +121,7 @@ class _Range:
     next_revision: int
     watch_id: int | None = None  # etcd's id on the current stream, once created
     removed: bool = False
+    deletes_only: bool = False  # etcd filters the puts out (NOPUT): only deletes are delivered
 
 
 class WatchStream:
@@ -158,13 +159,14 @@ class WatchStream:
         self._thread.start()
         return self
 
-    def add(self, name: str, start: str, end: bytes, start_revision: int) -> int:
+    def add(self, name: str, start: str, end: bytes, start_revision: int, deletes_only: bool = False) -> int:
         """Watch ``[start, end)`` (an empty ``end``: the one key ``start``) from ``start_revision`` under ``name``,
-        replacing what was watched under that name; returns the token its deliveries carry."""
+        replacing what was watched under that name; returns the token its deliveries carry. ``deletes_only``: etcd
+        sends only the range's deletes (a ``Resync`` after a compaction still holds the whole range)."""
         with self._lock:
             self._remove_locked(name)
             self._tokens += 1
-            r = _Range(name, self._tokens, start, end, start_revision)
+            r = _Range(name, self._tokens, start, end, start_revision, deletes_only=deletes_only)
             self._ranges[name] = r
             if self._requests is not None:
                 self._create_locked(r)
@@ -188,7 +190,8 @@ class WatchStream:
     def _create_locked(self, r: _Range) -> None:
         self._pending.append(r)
         self._requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=r.start.encode(), range_end=r.end, start_revision=r.next_revision, progress_notify=True)))
+            key=r.start.encode(), range_end=r.end, start_revision=r.next_revision, progress_notify=True,
+            filters=[rpc.WatchCreateRequest.NOPUT] if r.deletes_only else [])))
 
     def cancel(self, wait: bool = True) -> None:
         self._cancelled.set()
