@@ -280,6 +280,8 @@ class Agent:
         now = time.monotonic()
         changes = {"now": now, "wall": time.time(), "checking": self.checks.checking, "draining": self.checks.draining}
         rnd = v.round
+        if self.local.unhealthy and self.coord.quarantine_lifted():
+            changes["health_retry_at"] = now  # its quarantine key was deleted (or rewritten): check again now
         if rnd and rnd.number != self.where.round:  # the round this agent is in: its log lines say it
             self.where.round = rnd.number
             changes.update(round_seen_at=now, min_reached_at=None)

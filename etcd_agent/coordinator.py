@@ -65,7 +65,7 @@ class Coordinator:
         self.session: Session | None = None
         self.health = ""  # why this node failed its health check ("" healthy), kept in its registry entry
         self._registration = None  # this node's registry KV as last written
-        self._quarantine = None  # (KV, record) of P/quarantine/<node> as last read
+        self._held_by = None  # the KV of P/quarantine/<node> that last held this node out (None: none did)
         self.joined_round = 0  # the round whose join key this agent wrote last
         self.scope = Scope(False)  # what the mirror covers, set by ``maintain``
         self.stream: WatchStream | None = None  # every range this agent watches, on one stream
@@ -133,21 +133,39 @@ class Coordinator:
 
     def quarantine(self, policy, failed_at: float | None, wall: float) -> Quarantine | None:
         """This node's quarantine record (``P/quarantine/<node>``), with the failure at ``failed_at`` added (one
-        guarded txn) when given. Read once per agent; only this node writes its record afterwards."""
+        guarded txn) when given. The key is watched from the first call on (read, then watch), so the record is
+        always the one in etcd: an operator who deletes it lets the node in at once (``quarantine_lifted``)."""
         key = self.keys.quarantine(self.node)
+        self._ensure("quarantine", key, b"")
         for _ in range(MAX_QUARANTINE_TRIES):
-            if self._quarantine is None or failed_at is not None:
-                kv, _rev = self.etcd.get(key)
-                self._quarantine = (kv, Quarantine.from_kv(kv) if kv else None)
-            kv, current = self._quarantine
-            if failed_at is None:
-                return current
-            new = health.record_failure(current, self.node, failed_at, policy, wall)
-            if txns.put_quarantine(self.etcd, key, kv, new):
-                self._quarantine = (None, new)  # the next change reads the key again for its revision
-                return new
+            kv = self.mirror.get(key)
+            current = self.mirror.record(kv, Quarantine) if kv else None
+            if failed_at is not None:
+                new = health.record_failure(current, self.node, failed_at, policy, wall)
+                res = txns.put_quarantine(self.etcd, key, kv, new)
+                if not res.succeeded:
+                    self._read_key(key)  # written by someone else since: count on what is there now
+                    continue
+                self.mirror.absorb(res.ranges[0], res.revision)
+                kv, current = res.ranges[0][0], new
+            self._held_by = kv if health.quarantined(current, wall) else None
+            return current
         raise BadKeyData(key, "kept changing while this agent counted its failure; is another agent using this "
                               "node id?")
+
+    def quarantine_lifted(self) -> bool:
+        """Whether this node's quarantine record changed (an operator deleted or rewrote it) since it last held the
+        node out: the node checks itself again now, not when that record's cooldown would have ended."""
+        held = self._held_by
+        if held is None:
+            return False
+        now = self.mirror.get(held.key)
+        if now is not None and now.mod_revision == held.mod_revision:
+            return False
+        self._held_by = None
+        self.log.info("%s was %s while it held this node out; checking again whether it may join", held.key,
+                      "deleted" if now is None else "rewritten")
+        return True
 
     def set_health(self, problem: str) -> None:
         """Say in this node's registry entry why it is unhealthy ("" healthy again), for the leader and ``status``."""

@@ -192,10 +192,11 @@ def update_registration(etcd: Etcd, kv, info: NodeInfo, lease: int) -> TxnResult
                     where=f"update {kv.key}")
 
 
-def put_quarantine(etcd: Etcd, key: str, kv, record) -> bool:
-    """Write this node's quarantine record if ``P/quarantine/<node>`` is still ``kv`` (None: absent)."""
-    return etcd.txn([mod_is(key, kv.mod_revision) if kv else absent(key)], [op_put(key, record.encode())],
-                    where=f"count a failure in {key}").succeeded
+def put_quarantine(etcd: Etcd, key: str, kv, record) -> TxnResult:
+    """Write this node's quarantine record if ``P/quarantine/<node>`` is still ``kv`` (None: absent). On success the
+    result's one range is the record as written."""
+    return etcd.txn([mod_is(key, kv.mod_revision) if kv else absent(key)], [op_put(key, record.encode()), op_get(key)],
+                    where=f"count a failure in {key}")
 
 
 def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, claim: RankClaim, lease: int, wait: float) -> int:

@@ -198,3 +198,25 @@ def test_stop_reaches_agents_held_by_a_bad_key(etcd_endpoint, run_id, tmp_path):
     assert wait_all(agents) == [1, 1], [a.stderr()[-2000:] for a in agents]
     assert all("stopped: bad key" in a.stderr() for a in agents)
 
+
+def test_deleting_a_quarantine_key_lets_its_node_in_at_once(etcd_endpoint, run_id, tmp_path):
+    """--quarantine-after 1 with a 600 s cooldown: the node whose worker failed in round 1 sits out round 2; an
+    operator deletes its quarantine key and the running job takes it in (a scale-up), not 600 s later."""
+    release = tmp_path / "release"
+    agents, out = start_agents(3, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "2", "--run-until", str(release)],
+                               nproc=1, nnodes="2:3", extra=["--max-restarts", "3", "--quarantine-after", "1",
+                                                             "--quarantine-cooldown", "600", "--scale-settle", "0.2",
+                                                             "--last-call", "30"])
+    wait_records(out, {(1, 0), (1, 1), (1, 2)}, agents)
+    bad = _members(etcd_endpoint, run_id, 1)[2]
+    key = keys_of(run_id).quarantine(bad)
+    wait_records(out, {(2, 0), (2, 1)}, agents)
+    assert wait_for_key(etcd_endpoint, key)["until"] > 0
+    assert bad not in _members(etcd_endpoint, run_id, 2)
+    delete(etcd_endpoint, key)
+    wait_records(out, {(3, 0), (3, 1), (3, 2)}, agents)
+    assert bad in _members(etcd_endpoint, run_id, 3)
+    release.touch()
+    assert wait_all(agents) == [0, 0, 0], [a.stderr()[-2000:] for a in agents]
+    held = next(a for a in agents if a.node == bad)
+    assert f"{key} was deleted while it held this node out; checking again whether it may join" in held.stderr()
