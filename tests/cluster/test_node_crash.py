@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-import bed as cluster_bed
 import slurm
 from test_slurm_recipes import NPROC, job_output, records, status, submit
 
