@@ -32,7 +32,7 @@ from .config import AgentConfig, worker_base_env
 from .coordinator import Coordinator
 from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobFailed, JobStopped, SessionLost
 from .rendezvous import (Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
-                         describe_failure)
+                         describe_failure, newcomers, passed_over)
 from .session import Session
 from .standalone import free_port
 from .state import View
@@ -76,7 +76,7 @@ class Agent:
         self.coord = Coordinator(cfg, version, self.events.put, self.shutdown, self.where)
         self.state = State.STARTING
         self.group: WorkerGroup | None = None
-        self.local = Local(cfg.node_id, time.monotonic(), time.time())
+        self.local = Local(cfg.node_id, time.monotonic(), time.time(), ready=not cfg.health.active)
         self.signalled = 0
         self._bad_key = ""  # the key whose bad value was last reported (report each once)
         self._no_space = False  # etcd's NOSPACE alarm refused this agent's last write
@@ -84,6 +84,7 @@ class Agent:
         self._give_up = 0.0  # when a fenced agent stops trying to open a new session
         self._wait_said: tuple[str, float] = ("", 0.0)  # the wait reason last logged at INFO, and when
         self._health_failures = 0  # failed health checks in a row
+        self._passed_said: set[tuple[str, int]] = set()  # (node, registry revision) said to be passed over
         self._failed_at: float | None = None  # when this node's workers last failed, until its quarantine counts it
         self.checks = Checks(cfg, self.events.put, self.log)  # health check and GPU drain, off this loop
         self.spares: SparePool | None = None  # --warm-restart: this node's pre-started interpreters
@@ -235,7 +236,7 @@ class Agent:
         now = time.monotonic()
         forming = self.state is State.RENDEZVOUS
         if forming and (action.why != self._wait_said[0] or now - self._wait_said[1] >= self.WAIT_NOTE_PERIOD):
-            left = f" (the round times out in {action.deadline - now:.0f} s)" if action.deadline else ""
+            left = f" (the round times out in {action.timeout_at - now:.0f} s)" if action.timeout_at else ""
             self.log.info("waiting: %s%s", action.why, left)
             self._wait_said = (action.why, now)
         else:
@@ -289,18 +290,28 @@ class Agent:
             changes["min_reached_at"] = None  # the last call starts again when MIN is reached again
         elif rnd and self.local.min_reached_at is None:
             changes["min_reached_at"] = now
-        newcomers = bool(rnd and rnd.phase == "running" and v.plan
-                         and any(v.plan.member(n) is None for n in v.nodes))
-        if not newcomers:
+        if v.full:
+            self._say_passed_over(v)
+        if not newcomers(v):
             changes["newcomers_since"] = None
         elif self.local.newcomers_since is None:
             changes["newcomers_since"] = now
         self._set(**changes)
 
+    def _say_passed_over(self, v: View) -> None:
+        """The leader says once per registry entry that a scale-up did not admit the node it was made for."""
+        for n in sorted(passed_over(v)):
+            seen = (n, v.nodes[n].mod_revision)
+            if seen not in self._passed_said:
+                self._passed_said.add(seen)
+                self.log.warning("%s was not taken into round %d, the scale-up made for it; the job does not scale "
+                                 "up for it again until its registry entry changes (a live agent rewrites it when "
+                                 "it passes its health check again)", n, v.round.number)
+
     # --- actions -------------------------------------------------------------------------------------------
     def _act(self, action, view: View) -> None:
         if isinstance(action, CheckHealth):
-            self._healthy()
+            self._healthy(action.announce)
             return
         if isinstance(action, JoinRound) and (self.cfg.health.active or self.cfg.quarantine.active) \
                 and not self._healthy():
@@ -323,10 +334,11 @@ class Agent:
             self._failed_at = action.failure.time or time.time()
         self._settle(res)
 
-    def _healthy(self) -> bool:
+    def _healthy(self, announce: bool = False) -> bool:
         """The health gate before a join (``health.py``): a quarantined or unhealthy node says why in its registry
         entry and checks again after a backoff (or when its quarantine ends); it joins once a check passes. The
-        check itself runs off the loop (``checks.py``): False until its verdict is in."""
+        check itself runs off the loop (``checks.py``): False until its verdict is in. The first pass ends the
+        registry's ``checking``; ``announce`` writes the entry on a pass even when nothing changed there."""
         problem, wait = "", 0.0
         if self.cfg.quarantine.active:
             q = self.coord.quarantine(self.cfg.quarantine, self._failed_at, time.time())
@@ -351,9 +363,12 @@ class Agent:
         if self.coord.health:
             self.log.info("this node passed its health check after %d failed one(s); joining",
                           self._health_failures)
+        if announce:
+            self.log.info("round %d's scale-up did not take this node in; it is ready and says so again in its "
+                          "registry entry", self.where.round)
         self._health_failures = 0
-        self.coord.set_health("")
-        self._set(unhealthy="", health_retry_at=0.0)
+        self.coord.set_health("", announce)
+        self._set(unhealthy="", health_retry_at=0.0, ready=True)
         return True
 
     def _settle(self, res) -> None:

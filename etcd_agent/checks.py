@@ -20,7 +20,7 @@ from . import gpu, health, logs
 from .config import AgentConfig
 from .values import Failure
 
-FRESH = 5.0  # seconds a passing or failing health verdict may wait for the join it was made for
+FRESH = 5.0  # seconds a health verdict may wait for the join it was made for (a pass: plus --scale-settle)
 
 
 class Checks:
@@ -46,11 +46,18 @@ class Checks:
 
     # --- health, before a join -----------------------------------------------------------------------------
     def health(self) -> str | None:
-        """The problem a health check just found ("": healthy), once; None when there is no fresh verdict yet, in
-        which case a check is started (if none runs) and its verdict arrives through the queue."""
-        verdict, self._verdict = self._verdict, None
-        if verdict is not None and time.monotonic() - verdict[1] <= FRESH:
-            return verdict[0]
+        """The problem a health check just found ("": healthy); None when there is no fresh verdict yet, in which
+        case a check is started (if none runs) and its verdict arrives through the queue. A problem is told once;
+        a pass holds for FRESH + --scale-settle seconds, long enough for the scale-up that a pass made outside the
+        running round brings about (the join then needs no second check, which would miss that round)."""
+        verdict = self._verdict
+        if verdict is not None:
+            problem, at = verdict
+            if not problem and time.monotonic() - at <= FRESH + self.cfg.scale_settle:
+                return ""
+            self._verdict = None
+            if problem and time.monotonic() - at <= FRESH:
+                return problem
         if not self.checking:
             self.checking = True
             self._run("health", lambda: health.check(self.cfg.health, started=self._started))

@@ -64,6 +64,7 @@ class Coordinator:
         self.mirror: Mirror | None = None
         self.session: Session | None = None
         self.health = ""  # why this node failed its health check ("" healthy), kept in its registry entry
+        self.checking = cfg.health.active  # no health check has passed yet: its registry entry says so
         self._registration = None  # this node's registry KV as last written
         self._held_by = None  # the KV of P/quarantine/<node> that last held this node out (None: none did)
         self.joined_round = 0  # the round whose join key this agent wrote last
@@ -119,7 +120,8 @@ class Coordinator:
 
     def _register(self, session: Session) -> None:
         info = NodeInfo(self.node, socket.gethostname(), self.cfg.address, os.getpid(), self.version,
-                        self.cfg.workers.nproc, f"{session.lease_id:x}", time.time(), self.health, self.cfg.spare)
+                        self.cfg.workers.nproc, f"{session.lease_id:x}", time.time(), self.health, self.cfg.spare,
+                        self.checking)
         if self.cfg.node_rank is not None:
             # Before registering: a node refused for its rank never shows up in the registry, so a running job
             # never scales up (or restarts) for it. Waits out a holder whose lease is ending.
@@ -167,13 +169,17 @@ class Coordinator:
                       "deleted" if now is None else "rewritten")
         return True
 
-    def set_health(self, problem: str) -> None:
-        """Say in this node's registry entry why it is unhealthy ("" healthy again), for the leader and ``status``."""
-        if problem == self.health:
+    def set_health(self, problem: str, announce: bool = False) -> None:
+        """Say in this node's registry entry why it is unhealthy ("" healthy again), for the leader and ``status``;
+        the first pass also ends ``checking`` (the node counts from then on), in the same write. ``announce``: write
+        the entry even when nothing changed (a scale-up passed this node over: the leader may scale up for it once
+        more)."""
+        checking = self.checking and bool(problem)
+        if problem == self.health and checking == self.checking and not announce:
             return
-        self.health = problem
+        self.health, self.checking = problem, checking
         kv = self._registration
-        info = dataclasses.replace(NodeInfo.from_kv(kv), health=problem)
+        info = dataclasses.replace(NodeInfo.from_kv(kv), health=problem, checking=checking)
         res = txns.update_registration(self.etcd, kv, info, self.session.lease_id)
         if res.succeeded:
             self._registration = res.ranges[0][0]
@@ -254,6 +260,8 @@ class Coordinator:
         - the round's leader (the joiner with the lowest create revision while joining; the plan's ``leader``
           while running): the registry and every key of the round (joins, exits, failures);
         - a joiner that does not lead: the leader's join key (it leads next if that key vanishes);
+        - an unhealthy node that does not join a forming round: the registry and every key of the round, as the
+          leader does (if nobody joins by the join timeout, it ends the job; the timeout names the unhealthy nodes);
         - a member that does not lead: the join key of its predecessor in rank order (a ring), so every member's
           loss is seen by its successor and by the leader.
         Reads here are one key or one range each; the plan is read once per round."""
@@ -271,7 +279,9 @@ class Coordinator:
         if r.phase == JOINING:
             mine = m.get(k.join(n, self.node))
             if mine is None or mine.lease != self.session.lease_id:
-                self._role(False)  # not joined yet: the join txn tells who leads
+                # Not joined yet: the join txn tells who leads. An unhealthy node watches the registry and the round
+                # (it fails the job if nobody joins by the join timeout, naming the unhealthy nodes).
+                self._role(bool(self.health), n)
                 return
             for _ in range(3):
                 leader = self._leaders.get(n)

@@ -263,6 +263,9 @@ def describe(run_id: str, s: dict) -> str:
     lines.append(f"  nodes alive: {', '.join(sorted(s['nodes'])) or 'none'}")
     lines += [f"  unhealthy, not joining: {n}: {info['health']}" for n, info in sorted(s["nodes"].items())
               if info.get("health")]
+    checking = [n for n, info in sorted(s["nodes"].items()) if info.get("checking") and not info.get("health")]
+    if checking:
+        lines.append(f"  checking its health, not joining yet: {', '.join(checking)}")
     now = time.time()
     lines += [f"  quarantine{'d' if q['until'] > now else ' over'}: {n} until "
               f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(q['until']))} ({q['reason']})"

@@ -21,7 +21,13 @@ and decide again". Invariants this module keeps:
   member, the others their ring predecessor); only the leader times a round out, closes it or scales up; an
   absence the view does not watch is never read as a fact.
 - Health: a node whose health check failed (``health.py``) does not join until it passes again; its registry entry
-  says why, and the leader's fast path and scale-up count healthy nodes only, so nobody waits for it.
+  says why, and the leader's fast path and scale-up count healthy nodes only, so nobody waits for it. A node with a
+  check to pass registers ``checking`` and counts only once one passed (it checks while the job runs without it),
+  so a slow check never makes the leader scale up for a node that cannot join yet. An unhealthy node outside a
+  forming round watches it (``Coordinator.maintain``): when nobody joined by the join timeout, it fails the job.
+- Scale-ups: one is made for the newcomers registered as of a revision (``RoundInfo.scaled_for``); one that did
+  not admit a node is not repeated for it until its registry entry changes (a live node that passes its check
+  again says so by writing it), so a forged or stuck registration costs one uncounted restart, not one per round.
 - Restarts are counted job-wide: worker failures and node losses count, scale-ups do not. Once any node's
   workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run.
 """
@@ -62,6 +68,7 @@ class Local:
     unhealthy: str = ""  # why this node failed its last health check ("" healthy): it does not join
     health_retry_at: float = 0.0  # when an unhealthy node checks itself again
     checking: bool = False  # its health check runs (off the loop): it joins when the verdict is in
+    ready: bool = True  # a health check passed since it registered (False: it checks before it is counted)
     draining: bool = False  # the GPU memory drain of its last workers runs (off the loop): nothing starts yet
 
 
@@ -69,6 +76,7 @@ class Local:
 class Wait:
     why: str
     deadline: float | None = None  # monotonic; None: until something changes
+    timeout_at: float | None = None  # when the forming round times out (--join-timeout), for the log; None: not timed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +109,18 @@ class Bump:
     reason: str
     counted: bool
     failure: Failure | None = None
+    scaled_for: int | None = None  # a scale-up: the newest registry revision of the newcomers it is made for
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckHealth:
-    """An unhealthy node outside the running round checks itself again (passing, it counts for the next round)."""
+    """A node outside the running round checks itself (again): an unhealthy one when its retry is due, one that has
+    not passed a check yet at once; passing, it counts for the next round. ``announce``: a scale-up passed it over,
+    so a pass is written into its registry entry even when nothing else changed there (the leader then scales up for
+    it once more)."""
 
     round: RoundInfo
+    announce: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +134,7 @@ class End:
     phase: Phase
     result: Result
     failure: Failure | None = None
+    unjoined: bool = False  # a join timeout decided by a node that did not join: only if nobody joined the round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,14 +172,7 @@ def _stale(v: View, me: Local) -> bool:
 
 def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if me.node not in v.joins or _stale(v, me):
-        if me.node not in v.nodes:
-            return Wait("this node's registration is not visible yet")
-        if me.checking:
-            return Wait(f"this node's health check is running; it joins round {r.number} once the check passes")
-        if me.unhealthy and me.now < me.health_retry_at:
-            return Wait(f"this node is unhealthy ({me.unhealthy}); it does not join round {r.number} and checks "
-                        "again", me.health_retry_at)
-        return JoinRound(r)
+        return _outside(v, r, me, p)
     if not v.full:  # only the leader watches the joins; this node watches the leader's key
         others = [j for j in v.joins.values() if j.node != me.node]
         leader = min(others, key=lambda j: j.create_revision).node if others else "the round's first joiner"
@@ -181,11 +188,13 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return End(r, FAILED, result(r, FAILED, me.wall, v, _timed_out(v, r, p, ranking)))
     leader = min(v.joins.values(), key=lambda j: j.create_revision)
     if leader.node != me.node:
-        return Wait(f"joined round {r.number}; {leader.node} leads it", timeout_at if waiting else None)
+        at = timeout_at if waiting else None
+        return Wait(f"joined round {r.number}; {leader.node} leads it", at, at)
     if count < p.min_nodes:
-        return Wait(f"round {r.number} has {count} of {p.min_nodes} node(s)", timeout_at)
+        return Wait(f"round {r.number} has {count} of {p.min_nodes} node(s)", timeout_at, timeout_at)
     if ranking.blocked:
-        return Wait(f"round {r.number} has {count} node(s) but cannot close yet: {ranking.blocked}", timeout_at)
+        return Wait(f"round {r.number} has {count} node(s) but cannot close yet: {ranking.blocked}", timeout_at,
+                    timeout_at)
     plan = dataclasses.replace(_plan(r.number, ranking, p, v.restarts.used if v.restarts else 0), leader=me.node)
     guard = tuple((m.node, v.joins[m.node].create_revision) for m in plan.members)
     # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
@@ -199,7 +208,27 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     return Wait(f"round {r.number} has {count} node(s); last call for others", close_at)
 
 
-def _timed_out(v: View, r: RoundInfo, p: Params, ranking: Ranking) -> str:
+def _outside(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
+    """A forming round this node has not joined: it joins, unless its health check runs or failed. An unhealthy node
+    watches the round (a full view): if nobody joined it by the join timeout, it fails the job, naming the
+    unhealthy nodes (a joiner would lead the round and time it out itself)."""
+    if me.node not in v.nodes:
+        return Wait("this node's registration is not visible yet")
+    timeout_at = me.round_seen_at + p.join_timeout
+    nobody = v.full and all(j.node == me.node for j in v.joins.values())
+    if me.unhealthy and nobody and me.now >= timeout_at:
+        return End(r, FAILED, result(r, FAILED, me.wall, v, _timed_out(v, r, p, None)), unjoined=True)
+    if me.checking:
+        return Wait(f"this node's health check is running; it joins round {r.number} once the check passes")
+    if me.unhealthy and me.now < me.health_retry_at:
+        why = f"this node is unhealthy ({me.unhealthy}); it does not join round {r.number} and checks again"
+        if nobody:  # the wait says when the round times out, and ends then at the latest
+            return Wait(why, min(me.health_retry_at, timeout_at), timeout_at)
+        return Wait(why, me.health_retry_at)
+    return JoinRound(r)
+
+
+def _timed_out(v: View, r: RoundInfo, p: Params, ranking: Ranking | None) -> str:
     count = len(v.joins)
     before = set(v.last_plan.nodes) if v.last_plan else set()
     missing = ", ".join(f"{n} (unhealthy: {v.nodes[n].health})" if n in v.nodes and v.nodes[n].health else n
@@ -208,7 +237,7 @@ def _timed_out(v: View, r: RoundInfo, p: Params, ranking: Ranking) -> str:
         why = f"{count} of at least {p.min_nodes} node(s) joined round {r.number}"
     else:
         why = f"round {r.number} could not close with the {count} node(s) that joined"
-    blocked = f": {ranking.blocked}" if ranking.blocked else ""
+    blocked = f": {ranking.blocked}" if ranking is not None and ranking.blocked else ""
     return (f"rendezvous timed out: {why} within {p.join_timeout:g} s (--join-timeout){blocked}; "
             f"missing: {missing}")
 
@@ -226,11 +255,12 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return _fail_or_bump(v, r, me, p, f"{describe_failure(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
         return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
-    if member is None and me.unhealthy:
+    passed = member is None and me.node in passed_over(v)
+    if member is None and (me.unhealthy or not me.ready or passed):
         if me.checking:
             return Wait(f"this node's health check is running; round {r.number} runs without it")
-        if me.now >= me.health_retry_at:
-            return CheckHealth(r)
+        if not me.unhealthy or me.now >= me.health_retry_at:
+            return CheckHealth(r, announce=passed)
         return Wait(f"this node is unhealthy ({me.unhealthy}); round {r.number} runs without it", me.health_retry_at)
     if member is None:
         full = " (the round is full)" if len(plan.members) >= p.max_nodes else ""
@@ -244,12 +274,13 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return WriteExit(r)
     if len(exits) >= len(plan.members) and set(plan.nodes) <= exits:
         return End(r, DONE, result(r, Outcome.SUCCEEDED, me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
-    newcomers = sorted(n for n in healthy(v) if plan.member(n) is None and not v.nodes[n].spare) if v.full else []
-    if newcomers and len(plan.members) < p.max_nodes and not exits:
+    joinable = newcomers(v) if v.full else []
+    if joinable and len(plan.members) < p.max_nodes and not exits:
         settle_at = (me.newcomers_since if me.newcomers_since is not None else me.now) + p.scale_settle
         if me.now >= settle_at:
-            return Bump(r, f"node(s) {', '.join(newcomers)} can join (scale-up)", counted=False)
-        return Wait(f"node(s) {', '.join(newcomers)} registered; settling before scaling up", settle_at)
+            return Bump(r, f"node(s) {', '.join(joinable)} can join (scale-up)", counted=False,
+                        scaled_for=max(v.nodes[n].mod_revision for n in joinable))
+        return Wait(f"node(s) {', '.join(joinable)} registered; settling before scaling up", settle_at)
     return Wait(f"round {r.number} running with {len(plan.members)} node(s)")
 
 
@@ -272,8 +303,29 @@ def as_spares(v: View, p: Params) -> list[Join]:
 
 
 def healthy(v: View) -> set[str]:
-    """The registered nodes that passed their health check (an unhealthy one joins no round until it passes)."""
-    return {n for n, info in v.nodes.items() if not info.health}
+    """The registered nodes that passed their health check (an unhealthy one joins no round until it passes, and
+    one still checking counts only once a check passed)."""
+    return {n for n, info in v.nodes.items() if not info.health and not info.checking}
+
+
+def newcomers(v: View) -> list[str]:
+    """The healthy nodes (not spares) outside a running round's plan that a scale-up is for: all of them, except
+    those a scale-up already passed over (``passed_over``)."""
+    if v.plan is None or v.round is None or v.round.phase != Phase.RUNNING:
+        return []
+    over = passed_over(v)
+    return sorted(n for n in healthy(v) if v.plan.member(n) is None and not v.nodes[n].spare and n not in over)
+
+
+def passed_over(v: View) -> set[str]:
+    """The nodes outside the plan of a running scale-up round whose registry entry was not written since the
+    scale-up was decided: it was made for them and did not admit them (a forged entry, a node that could not
+    join in time). No scale-up is made for them again until their entry changes."""
+    r = v.round
+    if v.plan is None or r is None or r.scaled_for is None or r.phase != Phase.RUNNING:
+        return set()
+    return {n for n, info in v.nodes.items()
+            if v.plan.member(n) is None and not info.spare and info.mod_revision <= r.scaled_for}
 
 
 def member_exits(v: View) -> frozenset[str]:

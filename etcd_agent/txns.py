@@ -263,7 +263,8 @@ def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n)), *seen, *members],
                     [op_put(keys.plan(n), a.plan.encode()),
                      op_put(keys.round(), round_value(n, Phase.RUNNING, reason, wall, nodes=len(a.plan.members),
-                                                      last_plan=a.round.last_plan or 0)),
+                                                      last_plan=a.round.last_plan or 0,
+                                                      scaled_for=a.round.scaled_for)),
                      op_get(keys.round()), op_get(keys.plan(n))],
                     where=f"close round {n}")
 
@@ -276,7 +277,8 @@ def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int,
     # first (``Coordinator._drop_ghost_exits``), and again after a failed compare showed it new ones.
     compare = [mod_is(keys.round(), a.round.mod_revision), none_under(keys.exits(n))]
     # Round n ran (a bump always leaves a running round): its plan is who ran last.
-    ops = [op_put(keys.round(), round_value(n + 1, Phase.JOINING, a.reason, wall, last_plan=n))]
+    ops = [op_put(keys.round(), round_value(n + 1, Phase.JOINING, a.reason, wall, last_plan=n,
+                                            scaled_for=a.scaled_for))]
     if a.counted:
         compare.append(mod_is(keys.restarts(), restarts_rev))
         ops.append(op_put(keys.restarts(), Restarts(restarts_used + 1, restarts_max).encode()))
@@ -314,7 +316,8 @@ def write_exit(etcd: Etcd, keys: Keys, a: WriteExit, node: str, wall: float) -> 
 def end(etcd: Etcd, keys: Keys, a: End, node: str, wall: float) -> TxnResult:
     r: RoundInfo = a.round
     report = [op_put(keys.failure(r.number, node), a.failure.encode())] if a.failure else []
-    return etcd.txn([mod_is(keys.round(), r.mod_revision), absent(keys.result())],
+    nobody = [none_under(keys.joins(r.number))] if a.unjoined else []  # a timeout decided outside the round
+    return etcd.txn([mod_is(keys.round(), r.mod_revision), absent(keys.result()), *nobody],
                     [op_put(keys.round(), round_value(r.number, a.phase, a.result.reason, wall)),
                      op_put(keys.result(), a.result.encode())] + report + [op_get(keys.round()), op_get(keys.result())],
                     report, where=f"end the job in round {r.number}")

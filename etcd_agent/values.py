@@ -3,10 +3,11 @@
 One record per kind of key::
 
     R/job                      JobPointer   {gen, time}
-    P/nodes/<node>             NodeInfo     who runs the agent: host, address, pid, version, nproc, lease, health
+    P/nodes/<node>             NodeInfo     who runs the agent: host, address, pid, version, nproc, lease, health,
+                                            checking (no health check passed yet)
     P/node_ranks/<rank>        RankClaim    the holder of a --node-rank
     P/quarantine/<node>        Quarantine   its recent worker failures, and until when it sits out
-    P/round                    RoundInfo    {round, phase, reason, time[, nodes][, last_plan]}
+    P/round                    RoundInfo    {round, phase, reason, time[, nodes][, last_plan][, scaled_for]}
     P/restarts                 Restarts     {used, max}
     P/r/<n>/join/<node>        Join         address, free port, nproc, previous rank, static-rendezvous flags
     P/r/<n>/plan               Plan         compact: one [node, nproc, addr] per member in group-rank order
@@ -242,6 +243,8 @@ class NodeInfo(Record):
     started: float = 0.0
     health: str = ""  # why the node failed its health check ("" healthy): it does not join until it passes
     spare: bool = False  # --spare: a hot spare, taken into a plan only in place of a lost or quarantined member
+    checking: bool = False  # it has a health check to pass and none has passed yet: not counted as joinable
+    mod_revision: int = kv_field()  # when the entry was last written (a scale-up records whom it was for by it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,10 +293,15 @@ class RoundInfo(Record):
     last_plan: int | None = None  # the newest earlier round that had a plan (0: none; None: not recorded)
     time: float = 0.0
     nodes: int | None = None  # how many nodes the round runs with (running rounds)
+    # A scale-up's round (joining, then running): the newest registry revision of the newcomers it was made for.
+    # A node outside its plan whose entry is not newer was passed over: no scale-up for it until the entry changes.
+    scaled_for: int | None = None
 
     def check(self, key: str) -> None:
         if self.number < 1:
             raise BadKeyData(key, f"round must be a positive integer, not {self.number}")
+        if self.scaled_for is not None and self.scaled_for < 1:
+            raise BadKeyData(key, f"scaled_for must be a positive revision, not {self.scaled_for}")
         if self.last_plan is not None and not 0 <= self.last_plan < self.number:
             raise BadKeyData(key, f"last_plan must be a round before {self.number} (0: none), not {self.last_plan!r}")
 

@@ -157,9 +157,9 @@ def test_the_flags_reach_the_agent_config(tmp_path):
     script = tmp_path / "train.py"
     script.write_text("")
     parser = build_parser()
-    ns = parser.parse_args(["--health-check", "nvidia-smi -q", "--health-check-timeout", "7", str(script)])
+    ns = parser.parse_args(["--health-check", "true -q", "--health-check-timeout", "7", str(script)])
     cfg = resolve(parser, ns).cfg
-    assert cfg.health == health.HealthConfig(("nvidia-smi", "-q"), 7.0, None)
+    assert cfg.health == health.HealthConfig(("true", "-q"), 7.0, None)
 
 
 # --- NVML, through a stand-in of pynvml -------------------------------------------------------------------------
@@ -402,3 +402,87 @@ def test_nvml_on_a_real_gpu():
     assert gpu.problems(found, module) == [] or all("GPU" in p for p in gpu.problems(found, module))
     assert gpu.problems(found + 1, module)[0] == f"{found} GPU(s) visible, {found + 1} expected"
     assert gpu.holders({os.getpid()}, module) == {}
+
+
+# --- a slow check, a forged registration: no endless scale-ups ----------------------------------------------------
+
+def _events(etcd_endpoint: str, run_id: str) -> list[dict]:
+    import json
+
+    done = subprocess.run([sys.executable, "-m", "etcd_agent", "events", "--etcd-endpoints", etcd_endpoint,
+                           "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=30)
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def _scale_ups(etcd_endpoint: str, run_id: str) -> list[dict]:
+    return [e for e in _events(etcd_endpoint, run_id)
+            if e.get("event") == "round opened" and "(scale-up)" in e.get("reason", "")]
+
+
+def test_a_newcomer_whose_passing_check_outlasts_the_last_call_joins_after_one_scale_up(etcd_endpoint, run_id,
+                                                                                          tmp_path):
+    """A 1:2 job runs on node-0; node-1 comes with a passing check that takes 5 s (the last call is 1 s). It is
+    counted only once the check passed: one scale-up takes it in, and the workers are not restarted for it again
+    and again."""
+    release = tmp_path / "release"
+    check = f"{sys.executable} -c \"import time; time.sleep(5)\""
+    first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                              nnodes="1:2")
+    poll_until(lambda: (1, 0) in records(out), 30, "node-0 running round 1 alone")
+    second, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                             nnodes="1:2", first=1, extra=["--health-check", check, "--health-check-timeout", "30"])
+    status = [sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
+    poll_until(lambda: "checking its health, not joining yet: node-1" in subprocess.run(
+        status, capture_output=True, text=True, timeout=30).stdout, 30, "status showing node-1 checking its health")
+    joined = poll_until(lambda: [k for k in records(out) if k[1] == 1], 60, "node-1 running as rank 1")
+    release.touch()
+    assert wait_all(first + second) == [0, 0], [a.stderr()[-2000:] for a in first + second]
+    scale_ups = _scale_ups(etcd_endpoint, run_id)
+    assert 1 <= len(scale_ups) <= 2, scale_ups
+    assert joined[0][0] <= 3
+
+
+def test_a_forged_registration_costs_at_most_one_scale_up(etcd_endpoint, run_id, tmp_path):
+    """A registry entry on a live lease that no agent stands behind (it never joins): the leader scales up for it
+    once, says it was passed over, and never again; a real newcomer after it still gets in."""
+    from agents import keys_of
+    from etcd_agent.config import EtcdConfig, parse_endpoints
+    from etcd_agent.etcd import Etcd
+
+    release = tmp_path / "release"
+    first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                              nnodes="1:3")
+    poll_until(lambda: (1, 0) in records(out), 30, "node-0 running round 1 alone")
+    etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
+    try:
+        lease = etcd.lease_grant(300)
+        etcd.put(keys_of(run_id).node("node-x"), NodeInfo("node-x", "nowhere", "10.9.9.9", 1).encode(), lease)
+        said = "node-x was not taken into round 2, the scale-up made for it; the job does not scale up for it again"
+        poll_until(lambda: said in first[0].stderr(), 30, "node-0 saying node-x was passed over", interval=0.2)
+        second, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                                 nnodes="1:3", first=1)
+        poll_until(lambda: [k for k in records(out) if k[1] == 1], 60, "node-1 running as rank 1")
+        scale_ups = _scale_ups(etcd_endpoint, run_id)
+        release.touch()
+        assert wait_all(first + second) == [0, 0], [a.stderr()[-2000:] for a in first + second]
+    finally:
+        etcd.close()
+    assert [e["reason"] for e in scale_ups] == ["node(s) node-x can join (scale-up)",
+                                                "node(s) node-1 can join (scale-up)"]
+    assert first[0].stderr().count("node-x was not taken into round") == 1
+
+
+def test_when_every_node_is_unhealthy_the_join_timeout_fails_the_job_naming_them(etcd_endpoint, run_id, tmp_path):
+    """Nobody can join: the join timeout still fires, counted from the round's start, and the job fails naming
+    each unhealthy node and why; the wait lines say when the round times out."""
+    check = f"{sys.executable} -c \"import sys; sys.exit('GPU 0 is lost')\""
+    agents, _ = start_agents(2, etcd_endpoint, run_id, tmp_path, [], nproc=1,
+                             extra=["--health-check", check, "--join-timeout", "6"])
+    started = time.monotonic()
+    assert [a.wait(60) for a in agents] == [1, 1], [a.stderr()[-2000:] for a in agents]
+    assert time.monotonic() - started < 6 + 20
+    err = agents[0].stderr() + agents[1].stderr()
+    assert "rendezvous timed out: 0 of at least 2 node(s) joined round 1 within 6 s (--join-timeout); missing: " \
+           "node-0 (unhealthy: --health-check" in err
+    assert "node-1 (unhealthy: --health-check" in err and "failed with exit code 1: GPU 0 is lost" in err
+    assert "checks again (the round times out in " in err

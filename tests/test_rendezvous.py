@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from etcd_agent.rendezvous import (Bump, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
-                                   StopWorkers, Wait, WriteExit, build_plan, decide)
+from etcd_agent.rendezvous import (Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
+                                   StopWorkers, Wait, WriteExit, build_plan, decide, newcomers, passed_over)
 from etcd_agent.state import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
                               Scope, View)
 from etcd_agent.values import Failure, NodeInfo, Outcome, Result, SpecValue
@@ -692,3 +692,85 @@ def test_the_ring_of_predecessors_covers_every_member():
     plan = mk_plan(3, ["a", "b", "c", "d"])
     assert [plan.predecessor(n) for n in plan.nodes] == ["d", "a", "b", "c"]
     assert mk_plan(3, ["solo"]).predecessor("solo") is None and plan.predecessor("stranger") is None
+
+
+# --- health readiness and scale-ups that did not admit their newcomers --------------------------------------------
+
+def registry(v: View, node: str, rev: int, **fields) -> View:
+    """``v`` with ``node``'s registry entry written at revision ``rev`` (and the given NodeInfo fields)."""
+    return dataclasses.replace(v, nodes={**v.nodes, node: NodeInfo(node, f"host-{node}", pid=1, mod_revision=rev,
+                                                                   **fields)})
+
+
+def scaled_for(v: View, rev: int | None) -> View:
+    return dataclasses.replace(v, round=dataclasses.replace(v.round, scaled_for=rev))
+
+
+def test_a_newcomer_still_checking_its_health_does_not_scale_the_job_up_until_a_check_passed():
+    v = view(nodes=[ME, "node-b"], plan=mk_plan(3, [ME, "node-b"]))
+    later = running_here(now=NOW + 10, newcomers_since=NOW)
+    assert isinstance(decide(registry(v, "node-new", 40, checking=True), later, PARAMS), Wait)
+    action = decide(registry(v, "node-new", 41), later, PARAMS)
+    assert isinstance(action, Bump) and not action.counted and action.scaled_for == 41
+
+
+def test_a_scale_up_that_did_not_admit_its_newcomer_is_not_repeated_until_its_entry_changes():
+    v = scaled_for(registry(view(nodes=[ME, "node-b"], plan=mk_plan(3, [ME, "node-b"])), "node-x", 41), 41)
+    later = running_here(now=NOW + 10, newcomers_since=NOW)
+    assert passed_over(v) == {"node-x"} and newcomers(v) == []
+    assert isinstance(decide(v, later, PARAMS), Wait)
+    again = registry(v, "node-x", 57)  # it rewrote its entry: ready again
+    assert passed_over(again) == set()
+    assert isinstance(decide(again, later, PARAMS), Bump)
+    other = registry(v, "node-new", 60)  # another newcomer: the scale-up is for it only
+    action = decide(other, later, PARAMS)
+    assert isinstance(action, Bump) and "node-new" in action.reason and "node-x" not in action.reason
+    assert action.scaled_for == 60
+
+
+def test_a_node_outside_the_running_round_checks_before_it_counts_and_says_so_again_when_passed_over():
+    v = view(nodes=[ME, "node-b"], plan=mk_plan(3, ["node-b"]), joins=["node-b"])
+    assert decide(registry(v, ME, 40, checking=True), me(ready=False), PARAMS) == CheckHealth(v.round)
+    assert isinstance(decide(registry(v, ME, 40, checking=True), me(ready=False, checking=True), PARAMS), Wait)
+    assert isinstance(decide(registry(v, ME, 40), me(), PARAMS), Wait)  # ready: the leader scales up for it
+    passed = scaled_for(registry(v, ME, 40), 40)
+    assert decide(passed, me(), PARAMS) == CheckHealth(passed.round, announce=True)
+    assert isinstance(decide(registry(passed, ME, 45), me(), PARAMS), Wait)  # it said so: waiting again
+
+
+def test_the_fast_path_does_not_wait_for_a_node_still_checking():
+    p = Params(2, 4, 3, 30.0, 60.0, 1.0)
+    v = view(phase=JOINING, nodes=[ME, "node-b"], joins=[jn(ME, 11), jn("node-b", 12)],
+             last_plan=mk_plan(2, [ME, "node-b"]))
+    assert isinstance(decide(v, me(round_seen_at=NOW, min_reached_at=NOW), p), ClosePlan)
+    assert isinstance(decide(registry(v, "node-c", 40), me(round_seen_at=NOW, min_reached_at=NOW), p), Wait)
+    action = decide(registry(v, "node-c", 40, checking=True), me(round_seen_at=NOW, min_reached_at=NOW), p)
+    assert isinstance(action, ClosePlan) and action.plan.nodes == [ME, "node-b"]
+
+
+def test_when_nobody_joins_an_unhealthy_node_times_the_round_out_naming_the_unhealthy_nodes():
+    v = view(phase=JOINING, number=1, nodes=[ME, "node-b"], joins=[])
+    v = registry(registry(v, ME, 40, health="no GPU"), "node-b", 41, health="exit code 1: disk full")
+    sick = dict(unhealthy="no GPU", health_retry_at=NOW + 5)
+    early = decide(v, me(round_seen_at=NOW - 30, **sick), PARAMS)
+    assert isinstance(early, Wait) and early.deadline == NOW + 5 and early.timeout_at == NOW + 30
+    soon = decide(v, me(round_seen_at=NOW - 58, **sick), PARAMS)
+    assert soon.deadline == soon.timeout_at == NOW + 2  # it wakes for the timeout, not only for its next check
+    action = decide(v, me(round_seen_at=NOW - 60, **sick), PARAMS)
+    assert isinstance(action, End) and action.phase == FAILED and action.unjoined
+    assert action.result.reason == ("rendezvous timed out: 0 of at least 2 node(s) joined round 1 within 60 s "
+                                    "(--join-timeout); missing: node-a (unhealthy: no GPU), node-b (unhealthy: "
+                                    "exit code 1: disk full)")
+    joined = dataclasses.replace(v, joins={"node-b": jn("node-b", 12)})  # a joiner leads, and times the round out
+    waiting = decide(joined, me(round_seen_at=NOW - 60, **sick), PARAMS)
+    assert isinstance(waiting, Wait) and waiting.deadline == NOW + 5 and waiting.timeout_at is None
+    unwatched = partial(v, "node-b")  # a node that does not watch the round never reads an absence as a fact
+    assert isinstance(decide(unwatched, me(round_seen_at=NOW - 60, **sick), PARAMS), Wait)
+
+
+def test_only_a_wait_the_join_timeout_bounds_says_when_the_round_times_out():
+    v = view(phase=JOINING, number=1, joins=[jn(ME, 11)])
+    few = decide(v, me(round_seen_at=NOW - 1), Params(2, 4, 3, 2.0, 60.0, 1.0))
+    assert few.timeout_at == few.deadline == NOW - 1 + 60.0
+    last_call = decide(v, me(round_seen_at=NOW - 1, min_reached_at=NOW), Params(1, 4, 3, 2.0, 60.0, 1.0))
+    assert last_call.deadline == NOW + 2.0 and last_call.timeout_at is None
