@@ -118,6 +118,23 @@ def test_a_check_whose_output_an_escaped_process_holds_is_a_timeout_within_the_l
     assert 1.0 <= took < 2.0
 
 
+def test_a_check_that_exits_0_while_its_child_holds_the_output_is_a_timeout_and_the_child_is_killed(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    problem = health.check(cmd(f"sh -c 'sh -c \"echo \\$\\$ > {pidfile}; exec sleep 60\" & echo ok'", timeout=1.0))
+    assert problem.endswith("did not finish within 1 s (--health-check-timeout): it exited, but a process it "
+                            "started held its output open until it was killed"), problem
+    pid = int(pidfile.read_text())
+    poll_until(lambda: not _alive(pid), 10, "the check's child killed with its process group")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"  # a zombie waits for its parent (init) only
+    except FileNotFoundError:
+        return False
+
+
 def test_a_command_that_cannot_run_is_unhealthy(tmp_path):
     """A program that was there at start and is gone when the check runs: unhealthy, saying why."""
     gone = health.HealthConfig((str(tmp_path / "removed-check"),), 5.0)
