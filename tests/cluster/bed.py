@@ -40,7 +40,7 @@ from pathlib import Path
 import psutil
 
 from etcd_agent import standalone
-from record import BedError, Record, clean_stale, edit_hosts, kill_namespace, remove, run
+from .record import BedError, Record, clean_stale, edit_hosts, kill_namespace, remove, run
 
 log = logging.getLogger("cluster-bed")
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-import bed as cluster_bed
+from . import bed as cluster_bed
 
 
 def _interrupted(signum, frame):

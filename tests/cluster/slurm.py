@@ -1,4 +1,5 @@
-"""Slurm's clients against the bed: submit a batch job, read a job's state, wait for its end.
+"""Slurm's clients against the bed: submit a recipe as a user would, read a job's state, wait for its end; what
+the job left (the workers' records, `etcd-agent status`).
 
 Jobs leave no event a client can watch (no accounting database runs in the bed), so a job's end is polled from
 slurmctld with `scontrol show job`, which keeps an ended job for MinJobAge (300 s).
@@ -6,13 +7,17 @@ slurmctld with `scontrol show job`, which keeps an ended job for MinJobAge (300 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
 
-from bed import Bed, scontrol_fields
+from .bed import NODES, Bed, etcd_endpoints, scontrol_fields
 
 ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+WORKER = Path(__file__).resolve().parent / "worker.py"
+NPROC = 2  # workers per node (NPROC_PER_NODE)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE"}
 POLL_S = 0.2
@@ -51,3 +56,40 @@ def wait_end(bed: Bed, job_id: str, timeout: float) -> dict[str, str]:
 
 def cancel(bed: Bed, job_id: str) -> None:
     subprocess.run(["scancel", job_id], env=bed.env(), capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+
+
+def submit(bed: Bed, recipe: str, tmp_path: Path, *worker_args: str, **env: str) -> tuple[str, Path]:
+    """``sbatch --nodes=3 --gpus-per-node=0 deploy/RECIPE worker.py OUT WORKER_ARGS`` with the environment a user
+    gives the recipe (the project's install first on PATH, the bed's etcd, NPROC_PER_NODE, LOG_DIR; ``env`` on
+    top). Returns the job id and OUT, where the workers leave their records."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = bed.env(ETCD_AGENT_ENDPOINTS=etcd_endpoints(), NPROC_PER_NODE=str(NPROC), LOG_DIR=str(tmp_path / "logs"),
+                  **env)
+    job_id = sbatch(bed, [f"--nodes={len(NODES)}", "--gpus-per-node=0", f"--output={tmp_path}/slurm-%j.out",
+                          str(DEPLOY / recipe), str(WORKER), str(out), *worker_args], env)
+    return job_id, out
+
+
+def job_output(tmp_path: Path, job_id: str) -> str:
+    """What the batch script and srun printed (the agents' logs)."""
+    path = tmp_path / f"slurm-{job_id}.out"
+    return path.read_text() if path.exists() else "(no output file)"
+
+
+def records(out: Path) -> dict[tuple[int, int], dict]:
+    """(round, rank) -> what worker.py recorded."""
+    found = {}
+    for path in out.glob("*.json"):
+        rnd, rank = path.stem.split("-")
+        found[(int(rnd), int(rank))] = json.loads(path.read_text())
+    return found
+
+
+def status(bed: Bed, run_id: str) -> dict:
+    """`etcd-agent status --run-id RUN_ID --json` against the bed's etcd."""
+    done = subprocess.run(["etcd-agent", "status", "--run-id", run_id, "--json"],
+                          env=bed.env(ETCD_AGENT_ENDPOINTS=etcd_endpoints()), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60)
+    assert done.returncode == 0, f"etcd-agent status --run-id {run_id}: {done.stderr.strip()}"
+    return json.loads(done.stdout)

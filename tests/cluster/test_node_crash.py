@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-import slurm
-from test_slurm_recipes import NPROC, job_output, records, status, submit
+from . import slurm
+from .slurm import NPROC, job_output, records, status, submit
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -63,7 +63,7 @@ def test_node_crash_under_slurm(crashable, tmp_path):
     finally:
         stop.touch()
         slurm.cancel(bed, job_id)
-    state = status(run_id)
+    state = status(bed, run_id)
     assert state["result"]["outcome"] == "succeeded" and state["result"]["round"] == 2, state
     blamed = {node for reports in state["failures"].values() for node in reports}
     assert blamed <= {victim}, f"failure reports of healthy nodes: {state['failures']}"

@@ -8,56 +8,17 @@ Slurm job to end, then checks etcd (the job succeeded, one plan of node1..node3)
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
-import bed as cluster_bed
-import slurm
 from agents import job_keys
 
+from . import bed as cluster_bed
+from .slurm import NPROC, job_output, records, status, submit, wait_end
+
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
-
-DEPLOY = slurm.ROOT / "deploy"
-WORKER = Path(__file__).resolve().parent / "worker.py"
-NPROC = 2
-
-
-def submit(bed, recipe: str, tmp_path: Path, *worker_args: str, **env: str) -> tuple[str, Path]:
-    out = tmp_path / "out"
-    out.mkdir()
-    env = bed.env(ETCD_AGENT_ENDPOINTS=cluster_bed.etcd_endpoints(), NPROC_PER_NODE=str(NPROC),
-                  LOG_DIR=str(tmp_path / "logs"), **env)
-    job_id = slurm.sbatch(bed, [f"--nodes={len(cluster_bed.NODES)}", "--gpus-per-node=0",
-                                f"--output={tmp_path}/slurm-%j.out", str(DEPLOY / recipe), str(WORKER), str(out),
-                                *worker_args], env)
-    return job_id, out
-
-
-def job_output(tmp_path: Path, job_id: str) -> str:
-    path = tmp_path / f"slurm-{job_id}.out"
-    return path.read_text() if path.exists() else "(no output file)"
-
-
-def records(out: Path) -> dict[tuple[int, int], dict]:
-    """(round, rank) -> what worker.py recorded."""
-    found = {}
-    for path in out.glob("*.json"):
-        rnd, rank = path.stem.split("-")
-        found[(int(rnd), int(rank))] = json.loads(path.read_text())
-    return found
-
-
-def status(run_id: str) -> dict:
-    done = subprocess.run(["etcd-agent", "status", "--run-id", run_id, "--json"],
-                          env=cluster_bed.Bed().env(ETCD_AGENT_ENDPOINTS=cluster_bed.etcd_endpoints()),
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
-    assert done.returncode == 0, f"etcd-agent status --run-id {run_id}: {done.stderr.strip()}"
-    return json.loads(done.stdout)
-
 
 def check_one_round_on_every_host(out: Path, run_id: str) -> dict[tuple[int, int], dict]:
     """Round 1 only, ranks 0..5, two on each host, under that host's name; one plan in etcd, whose member at each
@@ -83,10 +44,10 @@ def check_one_round_on_every_host(out: Path, run_id: str) -> dict[tuple[int, int
 
 def test_slurm_sbatch_runs_one_agent_per_host(healthy, tmp_path):
     job_id, out = submit(healthy, "slurm.sbatch", tmp_path)
-    end = slurm.wait_end(healthy, job_id, timeout=120)
+    end = wait_end(healthy, job_id, timeout=120)
     assert end["JobState"] == "COMPLETED", f"{end}\n{job_output(tmp_path, job_id)}"
     run_id = f"slurm-{job_id}"
-    state = status(run_id)
+    state = status(healthy, run_id)
     assert state["result"]["outcome"] == "succeeded", state
     assert state["spec"]["min_nodes"] == 2 and state["spec"]["max_nodes"] == 3, state["spec"]  # NNODES_MIN: N-1
     found = check_one_round_on_every_host(out, run_id)
@@ -95,13 +56,13 @@ def test_slurm_sbatch_runs_one_agent_per_host(healthy, tmp_path):
 
 def test_slurm_torchrun_sbatch_pins_ranks_from_slurm(healthy, tmp_path):
     job_id, out = submit(healthy, "slurm-torchrun.sbatch", tmp_path)
-    end = slurm.wait_end(healthy, job_id, timeout=120)
+    end = wait_end(healthy, job_id, timeout=120)
     assert end["JobState"] == "COMPLETED", f"{end}\n{job_output(tmp_path, job_id)}"
     found = records(out)
     run_ids = {rec["env"]["TORCHELASTIC_RUN_ID"] for rec in found.values()}
     assert len(run_ids) == 1, run_ids
     run_id = run_ids.pop()
-    state = status(run_id)
+    state = status(healthy, run_id)
     assert state["result"]["outcome"] == "succeeded", state
     found = check_one_round_on_every_host(out, run_id)
     for rec in found.values():
