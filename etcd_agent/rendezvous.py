@@ -215,7 +215,7 @@ def _outside(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if me.node not in v.nodes:
         return Wait("this node's registration is not visible yet")
     timeout_at = me.round_seen_at + p.join_timeout
-    nobody = v.full and all(j.node == me.node for j in v.joins.values())
+    nobody = v.full and not v.joins  # (the End's txn is guarded by that: no key under the round's joins)
     if me.unhealthy and nobody and me.now >= timeout_at:
         return End(r, FAILED, result(r, FAILED, me.wall, v, _timed_out(v, r, p, None)), unjoined=True)
     if me.checking:
