@@ -77,7 +77,7 @@ def unusable() -> str | None:
         return "the cluster bed needs root (network namespaces, daemons, /etc/hosts lines)"
     missing = [b for b in NEEDED if shutil.which(b) is None]
     if missing:
-        return f"the cluster bed needs {', '.join(missing)}, not installed: {INSTALL_HINT}"
+        return f"the cluster bed needs {', '.join(missing)}, not found on PATH: {INSTALL_HINT}"
     probe = f"eabed-probe-{os.getpid()}"
     try:
         run("ip", "netns", "add", probe)
