@@ -64,8 +64,8 @@ def submit(bed: Bed, recipe: str, tmp_path: Path, *worker_args: str, **env: str)
     top). Returns the job id and OUT, where the workers leave their records."""
     out = tmp_path / "out"
     out.mkdir()
-    env = bed.env(ETCD_AGENT_ENDPOINTS=etcd_endpoints(), NPROC_PER_NODE=str(NPROC), LOG_DIR=str(tmp_path / "logs"),
-                  **env)
+    env = bed.env(**{"ETCD_AGENT_ENDPOINTS": etcd_endpoints(), "NPROC_PER_NODE": str(NPROC),
+                     "LOG_DIR": str(tmp_path / "logs"), **env})
     job_id = sbatch(bed, [f"--nodes={len(NODES)}", "--gpus-per-node=0", f"--output={tmp_path}/slurm-%j.out",
                           str(DEPLOY / recipe), str(WORKER), str(out), *worker_args], env)
     return job_id, out
@@ -86,10 +86,10 @@ def records(out: Path) -> dict[tuple[int, int], dict]:
     return found
 
 
-def status(bed: Bed, run_id: str) -> dict:
-    """`etcd-agent status --run-id RUN_ID --json` against the bed's etcd."""
-    done = subprocess.run(["etcd-agent", "status", "--run-id", run_id, "--json"],
-                          env=bed.env(ETCD_AGENT_ENDPOINTS=etcd_endpoints()), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=60)
+def status(bed: Bed, run_id: str, *flags: str, endpoints: str | None = None) -> dict:
+    """`etcd-agent status --run-id RUN_ID --json FLAGS` against the bed's etcd (or ``endpoints``)."""
+    done = subprocess.run(["etcd-agent", "status", "--run-id", run_id, "--json", *flags],
+                          env=bed.env(ETCD_AGENT_ENDPOINTS=endpoints or etcd_endpoints()), capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert done.returncode == 0, f"etcd-agent status --run-id {run_id}: {done.stderr.strip()}"
     return json.loads(done.stdout)
