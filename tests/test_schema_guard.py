@@ -1,6 +1,8 @@
 """Keys the schema does not name, and keys that are there for no member: planted in a running job's prefix, they
 are ignored (with one warning) and never stall, restart or end the job; an --etcd-prefix nested in another run is
-refused before it writes anything."""
+refused before it writes anything. A bad value in a key the schema names holds an agent until the key is repaired
+(its repair or deletion reaches the agent whatever it watches) or the job is stopped; a deleted quarantine key lets
+its node in at once."""
 
 from __future__ import annotations
 
