@@ -241,15 +241,20 @@ class Bed:
         return [p for p in self.procs if p.pid not in self.crashed]
 
     def teardown(self) -> None:
-        if self.record.items["pids"] or self.record.items["netns"] or self.record.items["root"]:
-            for member in self.etcd:
-                member.stop(timeout=5.0)
-            failures = remove(self.record.items, self.procs)
-            if failures:
-                self.record.unlock()  # the record stays for the next build, or `bed.py clean`, to try again
-                raise BedError("the cluster bed was not removed entirely: " + "; ".join(failures))
-        self.record.forget()
-        self.record.unlock()
+        """Remove what build made. A bed that never got the lock made nothing (the record there is another's);
+        one whose removal failed leaves its record for the next build, or `record.py clean`, to try again."""
+        if not self.record.locked:
+            return
+        try:
+            if self.record.made_anything:
+                for member in self.etcd:
+                    member.stop(timeout=5.0)
+                failures = remove(self.record.items, self.procs)
+                if failures:
+                    raise BedError("the cluster bed was not removed entirely: " + "; ".join(failures))
+                self.record.forget()
+        finally:
+            self.record.unlock()
 
 
 def poll(check, timeout: float, what: str, procs=()):

@@ -69,6 +69,9 @@ class Record:
         self._lock = sock
         STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
 
+    locked = property(lambda self: self._lock is not None)
+    made_anything = property(lambda self: any(self.items.values()))
+
     def unlock(self) -> None:
         if self._lock is not None:
             if not self.path.exists():
