@@ -16,12 +16,14 @@ import pytest
 pytest.importorskip("torch")
 from torch.distributed.elastic.rendezvous import (RendezvousClosedError, RendezvousConnectionError,  # noqa: E402
                                                   RendezvousParameters)
+from torch.distributed import DistStoreError  # noqa: E402
 from torch.distributed.elastic.utils import store as store_util  # noqa: E402
 
 from agents import job_keys, keys_of, poll_until  # noqa: E402
 from etcd_agent.torch.store import EtcdStore  # noqa: E402
 from etcd_agent.config import EtcdConfig, parse_endpoints  # noqa: E402
 from etcd_agent.etcd import Etcd  # noqa: E402
+from etcd_agent.keys import prefix_end  # noqa: E402
 from etcd_agent.torch.rendezvous import BACKEND, EtcdV3RendezvousHandler, create_handler  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -177,6 +179,34 @@ def test_exit_barrier_then_shutdown_ends_the_job_succeeded(handlers, etcd_endpoi
     assert {keys.exit(1, "n0"), keys.exit(1, "n1")} <= set(state)
     with pytest.raises(RendezvousClosedError, match="succeeded"):
         hs[0].next_rendezvous()
+
+
+def test_deleted_store_keys_end_the_exit_barrier_and_the_job_succeeds(handlers, etcd_endpoint, run_id):
+    """A user or a cleanup deletes the round's store keys while torch's agent waits in its exit barrier (300 s, as
+    torch's default): the barrier ends within seconds with an error naming a deleted key, as on torch's c10d backend
+    when its store goes away; a node that reaches its barrier later ends at once too, and the job still ends
+    succeeded (each node's exit is recorded when its workers succeeded)."""
+    hs = [make(handlers, etcd_endpoint, run_id, n) for n in ("n0", "n1")]
+    infos = rendezvous(*hs)
+    first = background(lambda: store_util.barrier(infos[0].store, 2, "torchelastic/agent/terminal_state", 300))
+    poll_until(lambda: infos[0].store._waiters, 30, "n0 to wait in its exit barrier")
+    t0 = time.monotonic()
+    etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
+    try:
+        prefix = keys_of(run_id).store(1)
+        assert etcd.delete_range(prefix, prefix_end(prefix)) >= 1  # etcdctl del --prefix P/store/00000001/
+    finally:
+        etcd.close()
+    deleted = "the store's key torchelastic/agent/terminal_state/num_members was deleted at revision"
+    with pytest.raises(DistStoreError, match=deleted):
+        first.result(timeout=60)
+    with pytest.raises(DistStoreError, match=deleted):
+        store_util.barrier(infos[1].store, 2, "torchelastic/agent/terminal_state", 300)
+    assert time.monotonic() - t0 < 30
+    for h in hs:
+        assert h.shutdown()
+    state = job_keys(etcd_endpoint, run_id)
+    assert state[keys_of(run_id).result()]["outcome"] == "succeeded"
 
 
 def test_set_closed(handlers, etcd_endpoint, run_id):

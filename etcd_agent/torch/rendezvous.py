@@ -243,8 +243,10 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
     def _deliver(self, group: TorchrunWorkers, a: Assignment) -> None:
         """The agent started round ``a.round`` with this node: hand it to ``next_rendezvous``."""
         keys = self.agent.keys
+        mirror = self.agent.coord.mirror  # its revision: this round started, none of its store keys written yet
         store = EtcdStore(self._etcd, keys.store(a.round), self._store_timeout,
-                          on_add=lambda key, _value: self._on_store_add(group, key))
+                          on_add=lambda key, _value: self._on_store_add(group, key),
+                          since=mirror.revision if mirror is not None else 0)
         info = RendezvousInfo(store, a.group_rank, a.group_world_size,
                               RendezvousStoreInfo(a.master_addr, a.master_port))
         with self._cond:

@@ -26,11 +26,11 @@ Semantics are those of torch's ``TCPStore``:
   revisions; a revision compacted in between starts the read over); ``multi_set`` writes in txns of at most 128
   puts and 1 MiB, each atomic on its own.
 - A key deleted by anyone but this store object (``etcdctl del``, a cleanup, another process's ``delete_key``)
-  after this store was first used ends every wait of the store that has to wait, at once (within the watch's
-  latency), with ``DistStoreError`` naming the deleted key: a count or barrier on the store (torch's exit
-  barrier counts with ``add``, then waits for its last member's key) cannot complete after that, and the wait
-  would otherwise sit out its whole timeout. The store sees deletes through a watch that etcd filters to deletes
-  only, from the revision of its first call. Its own ``delete_key`` ends no wait, as in TCPStore.
+  after ``since`` (by default: after the store's first call) ends every wait of the store that has to wait, at
+  once (within the watch's latency), with ``DistStoreError`` naming the deleted key: a count or barrier on the
+  store (torch's exit barrier counts with ``add``, then waits for its last member's key) cannot complete after
+  that, and the wait would otherwise sit out its whole timeout. The store sees deletes through one watch that
+  etcd filters to deletes only. Its own ``delete_key`` ends no wait, as in TCPStore.
 
 Every etcd error leaves as ``DistStoreError`` naming the operation and the key. Imports torch (the agent never
 imports this module).
@@ -100,9 +100,11 @@ class EtcdStore(dist.Store):
 
     def __init__(self, etcd: Etcd | EtcdConfig | str, prefix: str,
                  timeout: datetime.timedelta = datetime.timedelta(seconds=300),
-                 on_add: Callable[[str, int], None] | None = None):
+                 on_add: Callable[[str, int], None] | None = None, since: int = 0):
         """``etcd``: a connection, its config, or ``HOST:PORT[,HOST:PORT...]`` (plaintext). ``on_add(key, value)``
-        is called after every successful ``add`` (the rendezvous backend learns of torch's exit barrier so)."""
+        is called after every successful ``add`` (the rendezvous backend learns of torch's exit barrier so).
+        ``since``: a revision from before the store's first key was written (the rendezvous backend gives the
+        round's); a delete of a key after it ends the store's waits. 0: the revision of the store's first call."""
         super().__init__()
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise ValueError(f"EtcdStore prefix {prefix!r}: must start and end with '/'")
@@ -118,7 +120,7 @@ class EtcdStore(dist.Store):
         self._waiters: dict[str, queue.SimpleQueue] = {}
         self._names = itertools.count()
         self._closed = ""  # why the store was closed ('' while open)
-        self._first = 0  # the revision of the store's first answer from etcd: deletes are watched from after it
+        self._first = since  # deletes are watched from after it (0: the revision of the store's first answer)
         self._deleted: dict[str, int] = {}  # keys someone else deleted -> the revision they were deleted at
         self._deleting: dict[str, int] = {}  # keys this store is deleting now -> how many calls
         self._own_deletes: set[int] = set()  # revisions of this store's own deletes
