@@ -219,7 +219,7 @@ class Bed:
         def ready():
             states = self.node_states()
             return all(states.get(n, "").split("+")[0].rstrip("*~#!%$@^-") == state for n in nodes)
-        poll(ready, timeout, f"{', '.join(nodes)} {state} in Slurm ({self.node_states()})", self.daemons())
+        poll(ready, timeout, lambda: f"{', '.join(nodes)} {state} in Slurm (now {self.node_states()})", self.daemons())
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment for Slurm's clients (and anything submitted): SLURM_CONF set, the caller's other
@@ -257,15 +257,15 @@ class Bed:
             self.record.unlock()
 
 
-def poll(check, timeout: float, what: str, procs=()):
-    """Call ``check`` until it is truthy; fail naming ``what`` after ``timeout``, or at once when a daemon died."""
+def poll(check, timeout: float, what, procs=()):
+    """Call ``check`` until it is truthy; fail naming ``what`` (a string, or a function that says it then) after
+    ``timeout``, or at once when one of the daemons ``procs`` died."""
     deadline = time.monotonic() + timeout
     while not (value := check()):
         dead = [p.args for p in procs if p.poll() is not None]
-        if dead:
-            raise BedError(f"waiting for {what}: exited: {dead}")
-        if time.monotonic() > deadline:
-            raise BedError(f"waiting for {what}: not within {timeout:g} s")
+        if dead or time.monotonic() > deadline:
+            said = what() if callable(what) else what
+            raise BedError(f"waiting for {said}: " + (f"exited: {dead}" if dead else f"not within {timeout:g} s"))
         time.sleep(POLL_S)
     return value
 

@@ -4,6 +4,7 @@ namespaces, Slurm or munge not installed) skips those tests with the reason."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 
 import pytest
@@ -16,22 +17,34 @@ def _interrupted(signum, frame):
 
 
 @pytest.fixture(scope="session")
-def cluster():
+def cluster(request, tmp_path_factory):
+    """The bed. When a test failed, its daemons' logs (slurmctld, slurmd, munged, etcd) are kept in pytest's
+    temporary directory, under cluster-bed-logs/."""
     why = cluster_bed.unusable()
     if why:
         pytest.skip(why)
     bed = cluster_bed.Bed()
     # SIGTERM (a CI job's timeout, say) unwinds like Ctrl-C, so that the bed is removed either way.
     previous = signal.signal(signal.SIGTERM, _interrupted)
+    built = False
     try:
         bed.build()
+        built = True
         yield bed
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # teardown takes a second: let it finish
         try:
+            if not built or request.session.testsfailed:
+                keep_logs(bed, tmp_path_factory.getbasetemp() / "cluster-bed-logs")
             bed.teardown()
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def keep_logs(bed: cluster_bed.Bed, where) -> None:
+    if bed.root is not None and bed.logs.is_dir():
+        shutil.copytree(bed.logs, where, dirs_exist_ok=True)
+        print(f"\ncluster bed: the daemons' logs are kept in {where}")
 
 
 @pytest.fixture
