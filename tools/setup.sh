@@ -14,11 +14,12 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
-# the cluster tests (tests/cluster/): Slurm's daemons and clients, munge, nft for network faults
-command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v sbatch >/dev/null 2>&1 \
-    || missing+=(slurm-wlm)
-command -v munged >/dev/null 2>&1 || missing+=(munge)
-command -v nft >/dev/null 2>&1 || missing+=(nftables)
+# the cluster tests (tests/cluster/): Slurm's daemons and clients, munge, nft for network faults (daemons live in
+# /usr/sbin, which a user's PATH may lack)
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+have slurmctld && have slurmd && have sbatch || missing+=(slurm-wlm)
+have munged || missing+=(munge)
+have nft || missing+=(nftables)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     sudo=()
