@@ -8,13 +8,17 @@ Guarantees:
   fails its compare and the caller re-reads and decides again.
 - Every gRPC or library error leaves this module as one of our own ``EtcdError`` types.
 - Password auth: the token is renewed by rebuilding the client on UNAUTHENTICATED.
-The session (``session.py``) and the resumable watch (``watch.py``) build on the primitives here.
+- Failover moves calls off a member as soon as a call to it times out, to the member that failed longest ago (or
+  never), blaming the member the failed call went to, never the one in use by then (``mark_failed``).
+The session (``session.py``), its keepalives (``keepalive.py``) and the resumable watch (``watch.py``) build on the
+primitives here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import queue
+import socket
+import ssl
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -60,7 +64,7 @@ if getattr(grpc._common, "MAXIMUM_WAIT_TIMEOUT", 0) < GRPC_WAIT_SLICE:
     grpc._common.MAXIMUM_WAIT_TIMEOUT = GRPC_WAIT_SLICE
 _RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                     grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
-_ENDPOINT_FAILED_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+ENDPOINT_FAILED_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +200,33 @@ def tls_problem(cfg: EtcdConfig, detail: str | None) -> str:
     return ""
 
 
+def speaks_tls(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when the server at ``host:port`` answers a TLS handshake (it completes, or the server sends a TLS alert):
+    what a plaintext client's "Socket closed" means when it meets a TLS etcd."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with context.wrap_socket(raw, server_hostname=host):
+                return True
+    except ssl.SSLError as exc:
+        return "ALERT" in (exc.reason or "")
+    except OSError:
+        return False
+
+
+def plaintext_to_tls(cfg: EtcdConfig, label: str | None, detail: str | None) -> str:
+    """The one-line error for a plaintext endpoint whose etcd speaks TLS; '' when that is not what happened."""
+    if cfg.secure or "Socket closed" not in (detail or ""):
+        return ""
+    for host, port in cfg.endpoints:
+        if f"{host}:{port}" == label and speaks_tls(host, port):
+            return (f"--etcd-endpoints {label}: etcd at {label} speaks TLS, and a bare HOST:PORT means plaintext: "
+                    f"give https://{label} (with --etcd-cacert and the CA that signed etcd's certificate, unless the "
+                    "system's CA bundle has it)")
+    return ""
+
+
 def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:
     """Our error type for a raw gRPC error; the message names the operation and etcd's own words."""
     code = exc.code() if hasattr(exc, "code") else None
@@ -252,6 +283,8 @@ class Etcd:
         self.stop_event = stop_event
         self.interrupt = interrupt
         self._lock = threading.Lock()
+        self._failover_lock = threading.Lock()
+        self._probed: set[str | None] = set()  # members already checked for TLS after a "Socket closed"
         self._client: etcd3.MultiEndpointEtcd3Client | None = None
 
     # -- connection --
@@ -309,12 +342,31 @@ class Etcd:
         """The client in use now (None before the first call): what ``renew_auth`` compares with."""
         return self._client
 
-    def mark_failed(self) -> None:
-        """Tell failover that the endpoint in use misbehaved (refused, timed out, or its watch fell silent)."""
+    def endpoint_label(self) -> str | None:
+        """``HOST:PORT`` of the member calls go to now (None before the first call): what ``mark_failed`` takes."""
         client = self._client
-        if client is not None and len(client.endpoints) > 1:
-            client.endpoint_in_use.fail()
-            client._clear_old_stubs()
+        return None if client is None else client._current_endpoint_label
+
+    def mark_failed(self, label: str | None = None) -> None:
+        """Tell failover that the member ``label`` (default: the one in use) misbehaved: it refused, timed out, or
+        its stream fell silent. Pass the member the failed call went to, never whatever is in use by now: a late
+        timeout must not blame the member another call already moved to. When that member is still in use, calls
+        move at once to the member that failed longest ago (or never): etcd3's own choice, the first member not
+        failed within its 1 s retry time, would go back to a frozen member after a second."""
+        client = self._client
+        if client is None or len(client.endpoints) < 2:
+            return
+        with self._failover_lock:
+            endpoint = client.endpoints.get(label or client._current_endpoint_label)
+            if endpoint is None:
+                return
+            endpoint.fail()
+            if endpoint.netloc != client._current_endpoint_label:
+                return  # calls already moved on
+            best = min((e for e in client.endpoints.values() if e is not endpoint), key=lambda e: e.last_failed)
+            best.last_failed = 0  # tried again now, even if it too failed within the last second
+            client._current_endpoint_label = best.netloc  # drops the cached stubs of the failed member
+        log.info("etcd member %s failed or did not answer in time; calls go to %s now", endpoint.netloc, best.netloc)
 
     @property
     def endpoints_text(self) -> str:
@@ -340,6 +392,7 @@ class Etcd:
             timeout = max(0.05, min(per_attempt, end - time.monotonic()))
             kwargs = {"timeout": timeout, "credentials": client.call_credentials,
                       "metadata": client.metadata}
+            label = client._current_endpoint_label
             try:
                 return fn(client, kwargs)
             except etcd3_exc.NoServerAvailableError as exc:
@@ -353,8 +406,12 @@ class Etcd:
                 tls = tls_problem(self.cfg, exc.details() if hasattr(exc, "details") else "")
                 if tls:  # no retry fixes a certificate: say which one at once
                     raise EtcdTlsError(f"TLS with etcd at {self.endpoints_text} failed: {tls}") from exc
-                if exc.code() in _ENDPOINT_FAILED_CODES:
-                    self.mark_failed()
+                if label not in self._probed:  # a plaintext client meeting a TLS etcd: say so at once
+                    self._probed.add(label)
+                    if wrong := plaintext_to_tls(self.cfg, label, exc.details() if hasattr(exc, "details") else ""):
+                        raise EtcdTlsError(wrong) from exc
+                if exc.code() in ENDPOINT_FAILED_CODES:
+                    self.mark_failed(label)
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.cfg.user:
                     self.renew_auth(client)  # the token is not refreshed after an etcd restart: log in again
                     raise EtcdUnavailable(str(err)) from exc
@@ -427,9 +484,6 @@ class Etcd:
             raise EtcdRequestError(f"etcd lease grant failed: {resp.error}")
         return resp.ID
 
-    def keepalive_stream(self, lease_id: int) -> "KeepAliveStream":
-        return KeepAliveStream(self, lease_id)
-
     def lease_ttl(self, lease_id: int, deadline: float | None = None) -> int:
         """The seconds the lease has left; -1 when it does not exist (expired or revoked)."""
         req = rpc.LeaseTimeToLiveRequest(ID=lease_id)
@@ -443,102 +497,3 @@ class Etcd:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:  # already expired: nothing to revoke
                     raise
         self.call("lease revoke", revoke, deadline, final=True)
-
-
-class KeepAliveStream:
-    """Keepalives of one lease over ONE LeaseKeepAlive stream, as etcd's own clients send them: a request per
-    ``ping`` on the open stream instead of a new stream (and its threads) per keepalive. etcd answers in order, so
-    a late answer still counts for the request it answers (the lease was renewed when etcd read that request):
-    a busy agent that reads its answers late is not fenced for it. A stream that answered none of two pings in a
-    row, or broke, is closed; the next ``ping`` opens a new one, on the endpoint failover picks."""
-
-    MISSES = 2  # pings in a row without any answer before the stream is given up
-
-    def __init__(self, etcd: Etcd, lease_id: int):
-        self.etcd = etcd
-        self.lease_id = lease_id
-        self._requests: queue.SimpleQueue | None = None
-        self._answers: queue.SimpleQueue | None = None
-        self._call = None
-        self._used = None
-        self._sent: list[float] = []  # monotonic send times of the requests not answered yet, oldest first
-        self._misses = 0
-
-    def _open(self) -> None:
-        channel, auth = self.etcd.channel_and_auth()
-        self._used = self.etcd.current_client()  # the client whose token this stream carries
-        requests: queue.SimpleQueue = queue.SimpleQueue()
-        answers: queue.SimpleQueue = queue.SimpleQueue()
-
-        def request_iter():
-            while (item := requests.get()) is not None:
-                yield item
-
-        call = rpc.LeaseStub(channel).LeaseKeepAlive(request_iter(), **auth)
-
-        def read():
-            try:
-                for resp in call:
-                    answers.put(resp)
-                answers.put(StreamEnded("etcd ended the keepalive stream"))
-            except grpc.RpcError as exc:
-                answers.put(exc)
-
-        threading.Thread(target=read, name=f"keepalive-stream-{self.lease_id:x}", daemon=True).start()
-        self._requests, self._answers, self._call, self._sent, self._misses = requests, answers, call, [], 0
-
-    def ping(self, timeout: float) -> tuple[int, float]:
-        """One keepalive: (the TTL etcd granted, <= 0 when the lease no longer exists; the monotonic time the
-        answered request was sent, which the lease outlives by that TTL). EtcdUnavailable when no answer came
-        within ``timeout`` seconds or the stream broke; another EtcdError when etcd refused."""
-        if self._call is None:
-            try:
-                self._open()
-            except ValueError as exc:  # "Cannot invoke RPC on closed channel!": another thread rebuilt the client
-                raise EtcdUnavailable(f"etcd lease keepalive: the connection was being rebuilt ({exc})") from exc
-        self._sent.append(time.monotonic())
-        self._requests.put(rpc.LeaseKeepAliveRequest(ID=self.lease_id))
-        try:
-            answer = self._answers.get(timeout=max(0.01, timeout))
-        except queue.Empty:
-            self._misses += 1
-            if self._misses >= self.MISSES:
-                self.close()
-                self.etcd.mark_failed()
-            raise EtcdUnavailable(f"no lease keepalive answer from etcd at {self.etcd.endpoints_text} within "
-                                  f"{timeout:.1f} s") from None
-        if isinstance(answer, grpc.RpcError):
-            self.close()
-            err = map_grpc_error(answer, "lease keepalive")
-            if answer.code() in _ENDPOINT_FAILED_CODES:
-                self.etcd.mark_failed()
-            if answer.code() == grpc.StatusCode.UNAUTHENTICATED and self.etcd.cfg.user:
-                self.etcd.renew_auth(self._used)  # the token died with an etcd restart: log in again
-                raise EtcdUnavailable(str(err)) from answer
-            raise err from answer
-        if isinstance(answer, StreamEnded):
-            self.close()
-            raise EtcdUnavailable(str(answer))
-        self._misses = 0
-        sent = self._sent.pop(0)
-        while True:  # answers that came in meanwhile are newer: the newest one counts
-            try:
-                later = self._answers.get_nowait()
-            except queue.Empty:
-                return answer.TTL, sent
-            if not hasattr(later, "TTL"):
-                self._answers.put(later)  # an error after the answer: the next ping sees it
-                return answer.TTL, sent
-            answer, sent = later, self._sent.pop(0)
-
-    def close(self) -> None:
-        if self._requests is not None:
-            self._requests.put(None)
-        if self._call is not None:
-            self._call.cancel()
-        self._requests = self._answers = self._call = None
-        self._sent, self._misses = [], 0
-
-
-class StreamEnded(Exception):
-    """The server ended a stream that should have stayed open."""

@@ -3,6 +3,11 @@
 Invariants:
 - The keepalive runs every TTL/3, over one LeaseKeepAlive stream kept open (re-opened after an error). A
   keepalive sent at time t guarantees the lease lives until at least t + TTL, whenever its answer is read.
+- With several etcd members it runs every TTL/6, each try waits at most TTL/18 for its answer, and an unanswered
+  try is retried at once on another member (``keepalive.py``): a frozen leader is replaced after etcd's election
+  timeout (1-2 s by default), and a keepalive sent after that election must still land before the fencing
+  deadline, however the freeze fell between two keepalives (at TTL 5: 0.8 s until the next keepalive, 2 s of
+  election, two tries of 0.3 s, one of them perhaps on the frozen member: 3.4 s < 3.75 s).
 - When no keepalive has succeeded for ``TTL - margin`` seconds, or etcd answers that the lease is gone, the
   session is lost: ``lost`` is set and ``on_lost(reason)`` runs once. The margin leaves the agent time to stop
   its workers before peers can see the lease expire (self-fencing). A lost session is never revived; the agent
@@ -20,6 +25,7 @@ from . import logs
 from .config import fence_margin
 from .errors import EtcdError, EtcdUnavailable
 from .etcd import Etcd
+from .keepalive import KeepAliveStream
 
 log = logs.get("etcd_agent.session")
 
@@ -44,25 +50,32 @@ class Session:
         log.debug("session lease %x granted with TTL %d s", self.lease_id, self.ttl)
         return self
 
+    @property
+    def renewed(self) -> float:
+        """The monotonic time the newest answered keepalive (or the grant) was sent: the lease lives TTL past it."""
+        return self._last_ok
+
     def _run(self) -> None:
-        stream = self.etcd.keepalive_stream(self.lease_id)  # one stream for the session's keepalives
+        stream = KeepAliveStream(self.etcd, self.lease_id)  # one stream for the session's keepalives
         try:
             self._keep(stream)
         finally:
             stream.close()
 
     def _keep(self, stream) -> None:
-        period = self.ttl / 3.0
+        several = len(self.etcd.cfg.endpoints) > 1  # another member can answer: notice and move on sooner
+        period = self.ttl / (6.0 if several else 3.0)
+        attempt, pause = period / 3, (0.05 if several else 0.2)
         margin = fence_margin(self.ttl)
         failed = False
-        while not self._closed.wait(0.2 if failed else max(0.0, self._last_ok + period - time.monotonic())):
+        while not self._closed.wait(pause if failed else max(0.0, self._last_ok + period - time.monotonic())):
             fence_at = self._last_ok + self.ttl - margin
             left = fence_at - time.monotonic()
             if left <= 0:
                 self._lose(f"no lease keepalive succeeded for {self.ttl - margin:.1f} s (etcd unreachable)")
                 return
             try:
-                granted, sent = stream.ping(timeout=min(left, period / 3))
+                granted, sent = stream.ping(timeout=min(left, attempt))
             except EtcdUnavailable as exc:
                 log.warning("lease %x keepalive failed, %.1f s left before self-fencing: %s", self.lease_id,
                             max(0.0, fence_at - time.monotonic()), exc)

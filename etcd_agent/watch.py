@@ -222,6 +222,7 @@ class WatchStream:
         requests: queue.Queue = queue.Queue()
         channel, auth = self.etcd.channel_and_auth()
         used = self.etcd.current_client()  # the client whose auth token this stream carries
+        label = self.etcd.endpoint_label()  # the member this stream goes to: the one blamed if it falls silent
         stub = rpc.WatchStub(channel)
 
         def request_iter():
@@ -252,10 +253,10 @@ class WatchStream:
             raise WatchBroken("the stream ended")
         except grpc.RpcError as exc:
             if silent.is_set():
-                self.etcd.mark_failed()
+                self.etcd.mark_failed(label)
                 raise WatchBroken(f"no answer for {3 * self.probe_interval:.1f} s") from exc
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.etcd.mark_failed()
+                self.etcd.mark_failed(label)
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self.etcd.renew_auth(used)
             raise map_grpc_error(exc, "watch") from exc
