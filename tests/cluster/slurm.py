@@ -17,6 +17,7 @@ from .bed import NODES, Bed, etcd_endpoints, scontrol_fields
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 WORKER = Path(__file__).resolve().parent / "worker.py"
+BEAT_WORKER = Path(__file__).resolve().parent / "beat_worker.py"  # heartbeats, ends, and a TCP ring
 NPROC = 2  # workers per node (NPROC_PER_NODE)
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE"}
@@ -58,16 +59,19 @@ def cancel(bed: Bed, job_id: str) -> None:
     subprocess.run(["scancel", job_id], env=bed.env(), capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
 
 
-def submit(bed: Bed, recipe: str, tmp_path: Path, *worker_args: str, **env: str) -> tuple[str, Path]:
-    """``sbatch --nodes=3 --gpus-per-node=0 deploy/RECIPE worker.py OUT WORKER_ARGS`` with the environment a user
-    gives the recipe (the project's install first on PATH, the bed's etcd, NPROC_PER_NODE, LOG_DIR; ``env`` on
-    top). Returns the job id and OUT, where the workers leave their records."""
+def submit(bed: Bed, recipe: str, tmp_path: Path, *worker_args: str, agent_args: tuple[str, ...] = (),
+           worker: Path = WORKER, **env: str) -> tuple[str, Path]:
+    """``sbatch --nodes=3 --gpus-per-node=0 deploy/RECIPE AGENT_ARGS WORKER OUT WORKER_ARGS`` with the environment a
+    user gives the recipe (the project's install first on PATH, the bed's etcd, NPROC_PER_NODE, LOG_DIR; ``env``
+    on top). ``agent_args`` (etcd-agent's own flags, before the script: the recipe passes its arguments on after
+    its flags) and ``worker`` (default worker.py) are optional. Returns the job id and OUT, where the workers leave
+    their records."""
     out = tmp_path / "out"
     out.mkdir()
     env = bed.env(**{"ETCD_AGENT_ENDPOINTS": etcd_endpoints(), "NPROC_PER_NODE": str(NPROC),
                      "LOG_DIR": str(tmp_path / "logs"), **env})
     job_id = sbatch(bed, [f"--nodes={len(NODES)}", "--gpus-per-node=0", f"--output={tmp_path}/slurm-%j.out",
-                          str(DEPLOY / recipe), str(WORKER), str(out), *worker_args], env)
+                          str(DEPLOY / recipe), *agent_args, str(worker), str(out), *worker_args], env)
     return job_id, out
 
 
@@ -93,3 +97,29 @@ def status(bed: Bed, run_id: str, *flags: str, endpoints: str | None = None) -> 
                           text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert done.returncode == 0, f"etcd-agent status --run-id {run_id}: {done.stderr.strip()}"
     return json.loads(done.stdout)
+
+
+class LongJob:
+    """A slurm.sbatch job of beat_worker.py that trains until the test calls ``finish`` (it touches the workers'
+    stop file); as a context manager it is cancelled if the test leaves without finishing it."""
+
+    def __init__(self, bed: Bed, tmp_path: Path, *worker_args: str, agent_args: tuple[str, ...] = (), **env: str):
+        self.bed, self.tmp_path, self.stop = bed, tmp_path, tmp_path / "stop"
+        self.job_id, self.out = submit(bed, "slurm.sbatch", tmp_path, "--until", str(self.stop), *worker_args,
+                                       agent_args=agent_args, worker=BEAT_WORKER, **env)
+        self.run_id = f"slurm-{self.job_id}"
+
+    def output(self) -> str:
+        return job_output(self.tmp_path, self.job_id)
+
+    def finish(self, timeout: float = 120) -> dict[str, str]:
+        """Let the workers end; returns the Slurm job's fields once it ended."""
+        self.stop.touch()
+        return wait_end(self.bed, self.job_id, timeout)
+
+    def __enter__(self) -> "LongJob":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.touch()
+        cancel(self.bed, self.job_id)
