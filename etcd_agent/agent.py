@@ -26,12 +26,12 @@ import threading
 import time
 from typing import Callable
 
-from . import health, logs
+from . import blame, health, logs
 from .checks import Checks
 from .config import AgentConfig, worker_base_env
 from .coordinator import Coordinator
 from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobFailed, JobStopped, SessionLost
-from .rendezvous import (Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
+from .rendezvous import (Attribute, Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
                          describe_failure, newcomers, passed_over)
 from .session import Session
 from .standalone import free_port
@@ -68,7 +68,7 @@ class Agent:
         self._group_factory = group_factory
         self.version = version
         self.params = Params(cfg.spec.min_nodes, cfg.spec.max_nodes, cfg.spec.max_restarts, cfg.last_call,
-                             cfg.join_timeout, cfg.scale_settle)
+                             cfg.join_timeout, cfg.scale_settle, cfg.timings.lease_ttl)
         self.shutdown = threading.Event()
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe from a signal handler
         self.where = logs.Where(cfg.run_id, cfg.node_id)  # every line this agent logs says run, node and round
@@ -116,13 +116,18 @@ class Agent:
     def run(self) -> int:
         """Run the job on this node; returns the process exit code (or raises the job's end as an AgentError)."""
         logs.running(self.where)
+        why = ""  # why this agent leaves a job that may have no result yet (then, if it is the last, it ends it)
         try:
             while True:
                 code = self._run_state()
                 if code is not None:
                     return code
+        except BaseException as exc:
+            why = f"received {signal.Signals(self.signalled).name}" if self.signalled else \
+                f"exited ({type(exc).__name__}: {exc})"
+            raise
         finally:
-            self._cleanup()
+            self._cleanup(why)
             logs.stopped(self.where)
 
     def _run_state(self) -> int | None:
@@ -179,13 +184,13 @@ class Agent:
             self._no_space = False
             self.log.info("etcd accepts writes again (its NOSPACE alarm was cleared); the job goes on")
 
-    def _cleanup(self) -> None:
+    def _cleanup(self, why: str = "") -> None:
         self.shutdown.set()
         self._stop_workers("the agent is exiting")
         self.checks.close()
         if self.spares is not None:
             self.spares.close()
-        self.coord.close()
+        self.coord.close(why)
 
     def _first_envs(self) -> dict[int, dict[str, str]]:
         """--warm-restart at start: each local rank's worker environment as far as it is known before a round."""
@@ -313,6 +318,9 @@ class Agent:
         if isinstance(action, CheckHealth):
             self._healthy(action.announce)
             return
+        if isinstance(action, Attribute):
+            self._attribute(action, view)
+            return
         if isinstance(action, JoinRound) and (self.cfg.health.active or self.cfg.quarantine.active) \
                 and not self._healthy():
             return  # it does not join; decide() waits until the next check is due
@@ -328,11 +336,23 @@ class Agent:
             return
         res = self.coord.act(action, view, lambda: self._join_info(view))
         self._space_back()
-        if isinstance(action, Bump) and action.counted and action.failure is not None and res.succeeded:
-            # this node's failure moved the job on: it is the round's root cause, and counts for its quarantine
-            # (peers whose workers failed only because of it report theirs, but are not the cause)
-            self._failed_at = action.failure.time or time.time()
+        if isinstance(action, Bump) and action.counted and action.failure is not None and res.succeeded \
+                and self.cfg.quarantine.active:
+            # this node's failure moved the job on: it counts for its quarantine (peers whose workers failed only
+            # because of it report theirs, but are not the cause) unless a lost node caused it (``blame.verdict``)
+            self._set(pending=dataclasses.replace(action.failure, time=action.failure.time or time.time()))
+            self.coord.awaiting = True
         self._settle(res)
+
+    def _attribute(self, a: Attribute, view: View) -> None:
+        """Whether this node's failure that restarted the job counts toward its quarantine is known now."""
+        self._set(pending=None)
+        self.coord.awaiting = False
+        if a.counted:
+            self._failed_at = a.failure.time
+            return
+        self.log.info("%s; this node's failure there does not count toward its quarantine",
+                      blame.attribution((view.last_failures or {}).values()))
 
     def _healthy(self, announce: bool = False) -> bool:
         """The health gate before a join (``health.py``): a quarantined or unhealthy node says why in its registry

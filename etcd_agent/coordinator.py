@@ -31,11 +31,12 @@ import threading
 import time
 from typing import Callable
 
-from . import health, logs, txns
+from . import abandon, blame, health, logs, txns
 from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig
-from .errors import BadKeyData, ConfigError, EtcdNoSpace, EtcdUnavailable
+from .errors import AgentError, BadKeyData, ConfigError, EtcdNoSpace, EtcdUnavailable
 from .etcd import Etcd, TxnResult, op_get_range, prefix_end
 from .keys import Keys, RunKeys
+from .blame import ReportLoss
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .session import Session
 from .state import FINAL_PHASES, JOINING, Mirror, Scope, View
@@ -68,6 +69,7 @@ class Coordinator:
         self._registration = None  # this node's registry KV as last written
         self._held_by = None  # the KV of P/quarantine/<node> that last held this node out (None: none did)
         self.joined_round = 0  # the round whose join key this agent wrote last
+        self.awaiting = False  # its failure restarted the job and may be a lost node's: it watches as a leader does
         self.scope = Scope(False)  # what the mirror covers, set by ``maintain``
         self.stream: WatchStream | None = None  # every range this agent watches, on one stream
         self._watches: dict[str, tuple[int, str, bytes]] = {}  # name -> (token of the stream's range, start, end)
@@ -85,7 +87,9 @@ class Coordinator:
         try:
             version = self.etcd.status()
             self.log.info("connected to etcd %s at %s over %s", version, self.etcd.endpoints_text, self.cfg.etcd.describe())
-            self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time())
+            grace = max(abandon.ABANDONED_GRACE, 3 * self.timings.lease_ttl)
+            self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time(),
+                                      lambda keys: abandon.end_if_abandoned(self.etcd, keys, grace, self.log.info))
             self.mirror = Mirror(self.keys)
             self.strays = Strays(self.keys, self.mirror, self.log)
             self.new_session(on_lost)
@@ -185,14 +189,25 @@ class Coordinator:
             self._registration = res.ranges[0][0]
             self.mirror.absorb(res.ranges[0], res.revision)
 
-    def close(self) -> None:
+    def close(self, why: str = "") -> None:
         """Stop the watches, revoke the lease (this node's keys vanish at once) unless it is lost, close the
-        client."""
+        client. ``why`` this agent leaves (``received SIGTERM``): when it is the last live agent of a job that has
+        no result, it ends the job ``stopped`` with that reason (``abandon.end_if_last``)."""
         if self.stream is not None:
             self.stream.cancel()
         if self.session and not self.session.lost.is_set():
             self.session.close(revoke=True)
+        if why and self.keys is not None and not self.mirror_has_result():
+            try:
+                abandon.end_if_last(self.etcd, self.keys, self.node, why, time.time())
+            except AgentError as exc:  # etcd unreachable or refusing: the next agent or status ends the job
+                self.log.warning("could not tell whether this node was the job's last (%s): if it was, the next "
+                                 "agent of the run or etcd-agent status ends the job", exc)
         self.etcd.close()
+
+    def mirror_has_result(self) -> bool:
+        """Whether this agent has seen the job's result (then nothing is left to end)."""
+        return self.mirror is not None and self.mirror.get(self.keys.result()) is not None
 
     # --- what this agent watches -----------------------------------------------------------------------------
     def _ensure(self, name: str, start: str, end: bytes, snapshot: tuple[list, int] | None = None) -> None:
@@ -281,7 +296,7 @@ class Coordinator:
             if mine is None or mine.lease != self.session.lease_id:
                 # Not joined yet: the join txn tells who leads. An unhealthy node watches the registry and the round
                 # (it fails the job if nobody joins by the join timeout, naming the unhealthy nodes).
-                self._role(bool(self.health), n)
+                self._role(bool(self.health) or self.awaiting, n)
                 return
             for _ in range(3):
                 leader = self._leaders.get(n)
@@ -298,7 +313,7 @@ class Coordinator:
             self._read_key(k.plan(n))
             plan = m.plan(n)
         if plan is None or plan.member(self.node) is None:
-            self._role(False)
+            self._role(self.awaiting, n)
         elif plan.leader_node == self.node:
             self._role(True, n)
         else:
@@ -307,13 +322,17 @@ class Coordinator:
 
     def _role(self, full: bool, rnd: int = 0, peer: str | None = None) -> None:
         k = self.keys
+        r = self.mirror.round()
         if full:
             self._unwatch("peer")
             self._ensure("registry", k.nodes(), prefix_end(k.nodes()))
             self._ensure("round", k.round_dir(rnd), prefix_end(k.round_dir(rnd)))
+            if r is not None and r.last_plan:  # who is blamed for the last round (``blame.py``)
+                self._ensure("blame", k.failures(r.last_plan), prefix_end(k.failures(r.last_plan)))
         else:
             self._unwatch("registry")
             self._unwatch("round")
+            self._unwatch("blame")
             if peer is None:
                 self._unwatch("peer")
             else:
@@ -449,11 +468,25 @@ class Coordinator:
             res = txns.write_exit(self.etcd, self.keys, action, node, wall)
         elif isinstance(action, End):
             res = txns.end(self.etcd, self.keys, action, node, wall)
+        elif isinstance(action, ReportLoss):
+            res = self._report_loss(action, view)
         else:
             raise TypeError(f"{action!r} is not an etcd action")
         if res.succeeded:  # what the txn wrote, read back in it: the mirror has it before any watch shows it
             for kvs in res.ranges:
                 self.mirror.absorb(kvs, res.revision)
+        return res
+
+    def _report_loss(self, action: ReportLoss, view: View) -> TxnResult:
+        """Write loss reports for the last plan's round; whatever the compare found is read back into the mirror (a
+        report there already is not written over, and is not tried again)."""
+        res = txns.report_loss(self.etcd, self.keys, action)
+        for kvs in res.ranges:
+            self.mirror.absorb(kvs, res.revision)
+        if res.succeeded:
+            reports = [*(view.last_failures or {}).values(), *action.reports]
+            self.log.warning("%s; that failure and this loss are one restart, counted already",
+                             blame.attribution(reports))
         return res
 
     def report_failure(self, report: Failure) -> None:

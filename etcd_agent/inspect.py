@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Callable
 
-from . import txns
+from . import abandon, blame, txns
 from .config import NO_RESTART_LIMIT, TORCHRUN_NPROC
 from .errors import BadKeyData, ConfigError, EtcdAuthError, EtcdUnavailable
 from .etcd import Etcd, op_count, op_get, prefix_end
@@ -71,10 +72,24 @@ def _run(name: str, ns: argparse.Namespace, run: RunKeys, etcd: Etcd) -> int:
     state = run_snapshot(run, kvs, rev)
     if state is None:
         raise no_job
+    if not state["ended"] and not state["nodes"] and _ended_abandoned(etcd, run):
+        kvs, rev = etcd.get_prefix(run.prefix)
+        state = run_snapshot(run, kvs, rev)
     state["rounds"] = round_times(etcd, run)
     # allow_nan=False: JSON has no Infinity or NaN (the records refuse them when they read a value)
     print(json.dumps(state, indent=2, sort_keys=True, allow_nan=False) if ns.json else describe(ns.run_id, state))
     return 0
+
+
+def _ended_abandoned(etcd: Etcd, run: RunKeys) -> bool:
+    """The run's current job has no result and no live node: end it as abandoned unless an agent registers within
+    ``abandon.ABANDONED_GRACE`` seconds (said on stderr, so that a --json answer stays JSON)."""
+    keys = txns.current_job(etcd, run)
+    say = lambda fmt, *args: print(fmt % args, file=sys.stderr, flush=True)  # noqa: E731
+    if keys is None or not abandon.end_if_abandoned(etcd, keys, abandon.ABANDONED_GRACE, say):
+        return False
+    say("job %s (job %d of the run) had no node left: it is ended now (stopped, abandoned)", run.run_id, keys.gen)
+    return True
 
 
 def round_times(etcd: Etcd, run: RunKeys) -> list[dict]:
@@ -233,7 +248,8 @@ def snapshot(mirror: Mirror) -> dict:
             "joined": sorted(kv.key[len(k.joins(number)):] for kv in mirror.children(k.joins(number))),
             "plan": plan.expanded() if plan else None,
             "exited": sorted(kv.key[len(k.exits(number)):] for kv in mirror.children(k.exits(number))),
-            "failures": failures(mirror, read), "result": result and result.to_json(), "problems": problems,
+            "failures": failures(mirror, read), "causes": causes(mirror, read), "result": result and result.to_json(),
+            "problems": problems,
             "quarantined": quarantined}
 
 
@@ -246,6 +262,18 @@ def failures(mirror: Mirror, read) -> dict[str, dict[str, dict]]:
             report = read(lambda: mirror.record(kv, Failure))
             if report is not None:
                 out.setdefault(str(parsed.round), {})[parsed.node] = report.to_json()
+    return out
+
+
+def causes(mirror: Mirror, read) -> dict[str, dict]:
+    """Each round's cause, as ``blame.root_cause`` has it: round number -> {node, lost, why}."""
+    out = {}
+    for rnd, reports in failures(mirror, read).items():
+        found = [Failure.from_json(f"round {rnd} failure of {node}", f) for node, f in reports.items()]
+        cause = blame.root_cause(found)
+        if cause is not None:
+            out[rnd] = {"node": cause.node, "lost": cause.lost, "rank": cause.rank,
+                        "why": blame.attribution(found) or cause.describe()}
     return out
 
 
@@ -288,10 +316,13 @@ def describe(run_id: str, s: dict) -> str:
     elif r and r["phase"] == "joining":
         lines.append(f"  joined so far: {', '.join(s['joined']) or 'none'}")
     for rnd, reports in sorted(s["failures"].items(), key=lambda item: int(item[0])):
+        reports = {node: Failure.from_json(f"round {rnd} failure of {node}", f) for node, f in reports.items()}
         for node, f in sorted(reports.items()):
-            f = Failure.from_json(f"round {rnd} failure of {node}", f)
-            lines.append(f"  failures, round {rnd}: {node} rank {f.rank} {f.how_it_ended()}"
-                         + (f": {f.headline}" if f.headline else ""))
+            rank = "" if f.lost else f" rank {f.rank}"
+            lines.append(f"  failures, round {rnd}: {node}{rank} {f.how_it_ended()}" + (f": {f.headline}" if f.headline else ""))
+        said = blame.attribution(reports.values())
+        if said:
+            lines.append(f"  cause, round {rnd}: {said}")
     for r in s.get("rounds", ()):
         if r["closed"] is None:
             took = "forming" if r["ended"] is None else "never formed"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from typing import Callable
 
 from . import logs
 from .config import JobSpec
@@ -25,6 +26,7 @@ from .errors import (BadKeyData, ConfigError, DuplicateNode, EtcdAuthError, JobE
 from .etcd import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
                    op_get_prefix, op_put, unchanged_under)
 from .keys import Keys, RunKeys, decode, prefix_end
+from .blame import ReportLoss
 from .rendezvous import Bump, ClosePlan, End, JoinRound, WriteExit
 from .values import (Exit, Failure, Join, JobPointer, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result, RoundInfo,
                      SpecValue)
@@ -40,13 +42,16 @@ def round_value(number: int, phase: Phase, reason: str, wall: float, **extra) ->
 MAX_POINTER_TRIES = 100  # each failed compare means another agent moved the run on: re-read and decide again
 
 
-def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float) -> Keys:
+def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float,
+             abandoned: Callable[[Keys], bool] | None = None) -> Keys:
     """Find this agent's job of the run and return its keys: the running job (its spec checked), or a new job
     when the run has none yet (generation 1) or its current job has ended and none of its nodes is registered any
     more (generation K+1, as torchrun runs a finished run id again). While a node of the ended job is still
     registered, the job stays closed: JobEnded carries its end to this agent (``newcomer_end``). Concurrent
     starters agree: every move is one txn guarded by ``R/job`` (and by the ended job's registry). A run nested in
-    another run's prefix is refused first (``refuse_nested``)."""
+    another run's prefix is refused first (``refuse_nested``). ``abandoned(keys)``, asked about a running job before
+    it is joined, ends it when none of its agents is left (``abandon.end_if_abandoned``) and says so: the run then
+    moves on to its next job."""
     refuse_nested(etcd, run)
     for _ in range(MAX_POINTER_TRIES):
         kv, _rev = etcd.get(run.job())
@@ -61,6 +66,8 @@ def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float) -> Keys:
         if not res.ranges[0]:
             raise BadKeyData(keys.spec(), f"missing, but {run.job()} names job {keys.gen} as the run's current one")
         if not res.ranges[1]:
+            if abandoned is not None and abandoned(keys):
+                continue  # nobody was left in it and it is ended now: the run's next job starts
             check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
             return keys
         done = Result.from_kv(res.ranges[1][0])
@@ -284,7 +291,24 @@ def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int,
         ops.append(op_put(keys.restarts(), Restarts(restarts_used + 1, restarts_max).encode()))
     report = [op_put(keys.failure(n, node), a.failure.encode())] if a.failure else []
     reads = [op_get(keys.round()), op_get(keys.restarts())] + ([op_get(keys.failure(n, node))] if a.failure else [])
-    return etcd.txn(compare, ops + report + reads, report, where=f"restart round {n} -> {n + 1}")
+    lost, lost_ops = _losses(keys, n, a.losses)
+    return etcd.txn(compare + lost, ops + report + lost_ops + reads, report, where=f"restart round {n} -> {n + 1}")
+
+
+def _losses(keys: Keys, rnd: int, reports) -> tuple[list, list]:
+    """The compares and puts that write loss reports under round ``rnd``'s failures, each only where the node has
+    no report (its own, or one written already): a failed compare re-reads the round's failures."""
+    return ([absent(keys.failure(rnd, f.node)) for f in reports],
+            [op_put(keys.failure(rnd, f.node), f.encode()) for f in reports])
+
+
+def report_loss(etcd: Etcd, keys: Keys, a: ReportLoss) -> TxnResult:
+    """Write the loss reports of ``a`` under their round's failures, once: only if none of those nodes has a report
+    there (its own, or another agent's loss report). Either way the result's ranges are those keys as they are now."""
+    rnd = a.reports[0].round
+    compare, ops = _losses(keys, rnd, a.reports)
+    reads = [op_get(keys.failure(rnd, f.node)) for f in a.reports]
+    return etcd.txn(compare, ops + reads, reads, where=f"report the loss of {', '.join(f.node for f in a.reports)}")
 
 
 MAX_STRAYS = 100  # etcd allows 128 compares per txn: more stray keys are deleted over more bumps
@@ -317,10 +341,11 @@ def end(etcd: Etcd, keys: Keys, a: End, node: str, wall: float) -> TxnResult:
     r: RoundInfo = a.round
     report = [op_put(keys.failure(r.number, node), a.failure.encode())] if a.failure else []
     nobody = [none_under(keys.joins(r.number))] if a.unjoined else []  # a timeout decided outside the round
-    return etcd.txn([mod_is(keys.round(), r.mod_revision), absent(keys.result()), *nobody],
+    lost, lost_ops = _losses(keys, r.number, a.losses)
+    return etcd.txn([mod_is(keys.round(), r.mod_revision), absent(keys.result()), *nobody, *lost],
                     [op_put(keys.round(), round_value(r.number, a.phase, a.result.reason, wall)),
-                     op_put(keys.result(), a.result.encode())] + report + [op_get(keys.round()), op_get(keys.result())],
-                    report, where=f"end the job in round {r.number}")
+                     op_put(keys.result(), a.result.encode())] + report + lost_ops
+                    + [op_get(keys.round()), op_get(keys.result())], report, where=f"end the job in round {r.number}")
 
 
 def stop_job(etcd: Etcd, keys: Keys, reason: str, wall: float) -> bool:
@@ -352,11 +377,12 @@ def _holding(hold: Hold | None, found: list) -> tuple[list, list]:
 
 
 def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, root_cause: Failure | None = None,
-              node: str | None = None, hold: Hold | None = None) -> bool:
+              node: str | None = None, hold: Hold | None = None, guards: list = ()) -> bool:
     """End the job ``stopped`` or ``failed`` unless it already has a result (``etcd-agent stop``; torchrun's
     backend closing the rendezvous). ``root_cause``, a failure report of ``node``, goes into the result and under
     the round's failures; ``hold``, a registry entry, is written in the same txn. False when the job had ended
-    already. Every agent of the job reacts through its watch.
+    already, or when one of the caller's ``guards`` (compares) failed: the caller decides again. Every agent of the
+    job reacts through its watch.
     A round key that is not a valid value (written by hand, say) does not keep a job from being stopped: it is
     replaced by the final round, numbered after the newest round with keys under ``P/r/``."""
     outcome = Outcome(outcome)
@@ -375,14 +401,14 @@ def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, ro
         result = Result(outcome, number, reason, root_cause, time=wall)
         report = [op_put(keys.failure(number, node), root_cause.encode())] if root_cause and node else []
         held, hold_ops = _holding(hold, got.ranges[1] if hold else [])
-        res = etcd.txn([mod_is(keys.round(), kv.mod_revision), absent(keys.result()), *held],
+        res = etcd.txn([mod_is(keys.round(), kv.mod_revision), absent(keys.result()), *held, *guards],
                        [op_put(keys.round(), round_value(number, Phase(outcome.value), reason, wall)),
                         op_put(keys.result(), result.encode())] + report + hold_ops, [op_get(keys.result())],
                        where=f"end the job {outcome}")
         if res.succeeded:
             return True
-        if res.ranges and res.ranges[0]:
-            return False  # it already ended
+        if (res.ranges and res.ranges[0]) or guards:
+            return False  # it already ended, or the caller's condition no longer holds
     raise BadKeyData(keys.round(), "kept changing while trying to end the job; try again")
 
 

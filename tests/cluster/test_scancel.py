@@ -51,8 +51,10 @@ def test_scancel_ends_the_job_everywhere(healthy, tmp_path):
         time.sleep(0.05)  # slurmstepd ends the tasks' processes after the job's end
 
     state = status(bed, f"slurm-{job_id}")
-    if state["result"] is None or state["nodes"]:
-        pytest.xfail(f"known agent bug (issue 'Real clusters'): a job whose agents all got SIGTERM at once stays "
-                     f"{state['round']} in etcd with no result (nodes alive: {sorted(state['nodes']) or 'none'})")
-    assert state["result"]["outcome"] != "succeeded", state["result"]
+    assert state["result"] is not None, f"the cancelled job has no result in etcd: {state}"
+    reason = state["result"]["reason"]
+    assert state["result"]["outcome"] == "stopped", state["result"]
+    # the last agent to leave ended it, saying why and which Slurm job it was
+    assert reason.startswith("every node of the job left; the last, node") and "received SIGTERM" in reason and \
+        f"(Slurm job {job_id})" in reason, reason
     assert not state["nodes"], state["nodes"]

@@ -1,0 +1,98 @@
+"""Jobs nobody runs any more end: the last agent to leave ends its job (scancel sends SIGTERM to every agent at
+once), and a job whose agents were all killed is ended by the next agent of the run or by ``status``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+from agents import job_keys, keys_of, poll_until, records, start_agents, wait_all
+
+from etcd_agent.abandon import ABANDONED_GRACE
+
+TTL = ["--lease-ttl", "2"]
+
+
+def registered(endpoint: str, run_id: str, gen: int = 1) -> list[str]:
+    nodes = keys_of(run_id, gen).nodes()
+    return [k[len(nodes):] for k in job_keys(endpoint, run_id, gen) if k.startswith(nodes)]
+
+
+def result(endpoint: str, run_id: str, gen: int = 1) -> dict | None:
+    return job_keys(endpoint, run_id, gen).get(keys_of(run_id, gen).result())
+
+
+def status(endpoint: str, run_id: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", endpoint, "--run-id",
+                           run_id, "--json"], capture_output=True, text=True, timeout=60)
+
+
+def test_agents_that_all_leave_at_once_end_their_job(etcd_endpoint, run_id, tmp_path):
+    """SIGTERM to every agent at once (scancel): the job ends stopped, saying that every node left."""
+    release = tmp_path / "release"
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1)
+    poll_until(lambda: len(records(out)) == 2, 60, "both workers running")
+    for a in agents:
+        a.proc.send_signal(signal.SIGTERM)
+    assert wait_all(agents) == [128 + signal.SIGTERM] * 2, [a.stderr()[-2000:] for a in agents]
+    ended = result(etcd_endpoint, run_id)
+    assert ended is not None and ended["outcome"] == "stopped", ended
+    assert ended["reason"].startswith("every node of the job left; the last, node-") and \
+        ended["reason"].endswith("received SIGTERM"), ended
+    shown = json.loads(status(etcd_endpoint, run_id).stdout)
+    assert shown["ended"] and not shown["nodes"]
+
+
+def test_one_agent_leaving_does_not_end_a_job_that_goes_on(etcd_endpoint, run_id, tmp_path):
+    release = tmp_path / "release"
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                               nnodes="1:2", extra=["--max-restarts", "2"])
+    poll_until(lambda: len(records(out)) == 2, 60, "both workers running")
+    agents[1].proc.send_signal(signal.SIGTERM)
+    assert agents[1].wait() == 128 + signal.SIGTERM
+    assert result(etcd_endpoint, run_id) is None  # node-0 is still registered: the job goes on
+    poll_until(lambda: (2, 0) in records(out), 60, "node-0 running round 2 alone")
+    release.touch()
+    assert agents[0].wait() == 0, agents[0].stderr()[-2000:]
+    assert result(etcd_endpoint, run_id)["outcome"] == "succeeded"
+
+
+def kill_all(agents) -> None:
+    for a in agents:
+        a.kill()  # SIGKILL: the workers follow (parent-death signal); the leases end by themselves
+
+
+def test_the_next_agent_ends_a_job_whose_agents_were_killed_and_starts_the_next(etcd_endpoint, run_id, tmp_path):
+    release = tmp_path / "release"
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                               extra=TTL)
+    poll_until(lambda: len(records(out)) == 2, 60, "both workers running")
+    kill_all(agents)
+    poll_until(lambda: not registered(etcd_endpoint, run_id), 30, "both leases ended", interval=0.2)
+    assert result(etcd_endpoint, run_id) is None  # nobody could end it
+    release.touch()
+    again, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                            nnodes="1", extra=TTL)
+    assert again[0].wait(ABANDONED_GRACE + 60) == 0, again[0].stderr()[-3000:]
+    err = again[0].stderr()
+    assert "waiting up to 15 s for one before ending the job as abandoned" in err, err[-3000:]
+    ended = result(etcd_endpoint, run_id)
+    assert ended["outcome"] == "stopped" and ended["reason"].startswith("abandoned: no node of the job"), ended
+    assert result(etcd_endpoint, run_id, gen=2)["outcome"] == "succeeded"
+
+
+def test_status_ends_a_job_whose_agents_were_killed(etcd_endpoint, run_id, tmp_path):
+    release = tmp_path / "release"
+    agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
+                               extra=TTL)
+    poll_until(lambda: len(records(out)) == 1, 60, "the worker running")
+    kill_all(agents)
+    poll_until(lambda: not registered(etcd_endpoint, run_id), 30, "the lease ended", interval=0.2)
+    shown = status(etcd_endpoint, run_id)
+    assert shown.returncode == 0, shown.stderr
+    state = json.loads(shown.stdout)
+    assert state["ended"] and state["result"]["outcome"] == "stopped", state
+    assert state["result"]["reason"].startswith("abandoned:")
+    assert "had no node left: it is ended now (stopped, abandoned)" in shown.stderr
