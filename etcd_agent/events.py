@@ -56,6 +56,9 @@ def describe(kind: str, parsed, value: Record | None, prev_exists: bool) -> dict
                 "master": f"{value.master_addr}:{value.master_port}"}
     if kind == "exit" and value is not None:
         return {"event": "node finished", "round": parsed.round, "node": parsed.node}
+    if kind == "failure" and value is not None and value.lost:
+        return {"event": "node lost", "round": parsed.round, "node": parsed.node, "lost": True,
+                "message": value.message, "cause": f"round {parsed.round}'s failure is attributed to {parsed.node}"}
     if kind == "failure" and value is not None:
         return {"event": "failure", "round": parsed.round, "node": parsed.node, "rank": value.rank,
                 "how": value.how_it_ended(), "message": value.headline}
@@ -85,6 +88,7 @@ FORMATS = {  # one line per kind of entry (``describe``'s fields)
     "left round": "{node} left round {round}: {why}",
     "node finished": "{node} finished round {round} (its workers all exited 0)",
     "failure": "failure in round {round}: rank {rank} on {node} {how}{said}",
+    "node lost": "{cause}, lost: {message}",
     "restart counted": "restart {used} of {max} counted",
     "result": "result: {outcome} in round {round}: {reason}",
     "history compacted": "{note}",

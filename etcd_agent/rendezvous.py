@@ -30,12 +30,17 @@ and decide again". Invariants this module keeps:
   again says so by writing it), so a forged or stuck registration costs one uncounted restart, not one per round.
 - Restarts are counted job-wide: worker failures and node losses count, scale-ups do not. Once any node's
   workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run.
+- Blame (``blame.py``): a node lost within a lease TTL of its round's failures is that round's cause. A full view
+  writes the loss report (``ReportLoss``) of a member of the last plan lost after its round restarted; a restart for
+  a loss writes the lost nodes' reports with it. A loss and the failures it caused are one restart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from . import blame
+from .blame import Attribute, ReportLoss
 from .state import DONE, FAILED, FINAL_PHASES, JOINING, View
 from .values import Failure, Join, Member, Outcome, Phase, Plan, Result, RoundInfo
 
@@ -48,6 +53,7 @@ class Params:
     last_call: float
     join_timeout: float
     scale_settle: float
+    lease_ttl: float = 5.0  # how soon a dead node's lease ends: a loss that near a failure is blamed for it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Local:
     checking: bool = False  # its health check runs (off the loop): it joins when the verdict is in
     ready: bool = True  # a health check passed since it registered (False: it checks before it is counted)
     draining: bool = False  # the GPU memory drain of its last workers runs (off the loop): nothing starts yet
+    pending: Failure | None = None  # its failure that restarted the job, until it is known whether it counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +117,7 @@ class Bump:
     counted: bool
     failure: Failure | None = None
     scaled_for: int | None = None  # a scale-up: the newest registry revision of the newcomers it is made for
+    losses: tuple[Failure, ...] = ()  # loss reports of the lost members (a restart for a loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +143,7 @@ class End:
     result: Result
     failure: Failure | None = None
     unjoined: bool = False  # a join timeout decided by a node that did not join: only if nobody joined the round
+    losses: tuple[Failure, ...] = ()  # loss reports of the lost members (an end for a loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +151,8 @@ class Finish:
     result: Result
 
 
-Action = Wait | StopWorkers | StartWorkers | JoinRound | ClosePlan | Bump | WriteExit | End | Finish | CheckHealth
+Action = (Wait | StopWorkers | StartWorkers | JoinRound | ClosePlan | Bump | WriteExit | End | Finish | CheckHealth
+          | ReportLoss | Attribute)
 
 
 def decide(v: View, me: Local, p: Params) -> Action:
@@ -159,9 +169,28 @@ def decide(v: View, me: Local, p: Params) -> Action:
         return End(r, FAILED, result(r, FAILED, me.wall, v, f"round {me.workers_round} was restarted ({r.reason}) "
                                      f"after the workers of {me.node} had finished; a partly finished job "
                                      "cannot be re-run"))
+    blamed = _blame(v, r, me, p)
+    if blamed is not None:
+        return blamed
     if r.phase == JOINING:
         return _joining(v, r, me, p)
     return _running(v, r, me, p)
+
+
+def _blame(v: View, r: RoundInfo, me: Local, p: Params) -> Action | None:
+    """Loss reports for the last plan's round first; then, for a node whose failure restarted the job, whether it
+    counts toward its quarantine (it joins nothing until that is known: ``blame.verdict``)."""
+    lost = blame.unreported_losses(v, me.wall, p.lease_ttl)
+    if lost:
+        return ReportLoss(tuple(blame.loss_report(n, v.last_plan.round, me.wall) for n in lost))
+    f = me.pending
+    if f is None or f.round is None or f.round >= r.number or (v.plan and v.plan.member(me.node)):
+        return None
+    counted = blame.verdict(v, f, me.wall, p.lease_ttl)
+    if counted is None:
+        due = me.now + max(0.0, f.time + blame.window(p.lease_ttl) - me.wall)
+        return Wait(f"waiting to know whether round {f.round}'s failure was caused by a lost node before joining", due)
+    return Attribute(f, counted)
 
 
 def _stale(v: View, me: Local) -> bool:
@@ -254,7 +283,8 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if member is not None and me.outcome == Outcome.FAILED and me.workers_round == r.number:
         return _fail_or_bump(v, r, me, p, f"{describe_failure(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
-        return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None)
+        losses = tuple(blame.loss_report(n, r.number, me.wall) for n in lost if n not in v.failures)
+        return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None, losses)
     passed = member is None and me.node in passed_over(v)
     if member is None and (me.unhealthy or not me.ready or passed):
         if me.checking:
@@ -334,17 +364,17 @@ def member_exits(v: View) -> frozenset[str]:
 
 
 def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, counted: bool,
-                  failure: Failure | None) -> Action:
+                  failure: Failure | None, losses: tuple[Failure, ...] = ()) -> Action:
     exits = member_exits(v)
     if exits:
         why = f"{reason} after node(s) {', '.join(sorted(exits))} had finished; a partly finished job cannot be re-run"
-        return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure), failure)
+        return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure, losses), failure, losses=losses)
     used = v.restarts.used if v.restarts else 0
     limit = v.restarts.max if v.restarts else p.max_restarts
     if counted and used >= limit:
         why = f"{reason}; the restart budget is spent ({used} of {limit} restarts used, --max-restarts)"
-        return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure), failure)
-    return Bump(r, reason, counted, failure)
+        return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure, losses), failure, losses=losses)
+    return Bump(r, reason, counted, failure, losses=losses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -437,13 +467,15 @@ def _spans(ranks: tuple[int, ...]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: Failure | None = None) -> Result:
-    """The ``P/result`` value; the root cause is the earliest failure report of the round."""
+def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: Failure | None = None,
+           losses: tuple[Failure, ...] = ()) -> Result:
+    """The ``P/result`` value; the root cause is the round's (``blame.root_cause``: a loss report if it has one,
+    else its earliest failure report)."""
     # the root cause is a member's: a failure key of a node outside the plan is no member's and is ignored
     reports = [f for n, f in v.failures.items() if v.plan is None or v.plan.member(n) is not None]
-    reports += [failure] if failure else []
+    reports += ([failure] if failure else []) + list(losses)
     outcome = Outcome(str(outcome))
-    root = min(reports, key=lambda f: f.time) if reports and outcome != Outcome.SUCCEEDED else None
+    root = blame.root_cause(reports) if outcome != Outcome.SUCCEEDED else None
     return Result(outcome, r.number, reason, root, v.restarts.used if v.restarts else 0, wall)
 
 

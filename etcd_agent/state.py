@@ -41,6 +41,7 @@ class View:
     restarts: Restarts | None
     result: Result | None
     scope: Scope = None  # what the mirror covers (None: everything, as FULL)
+    last_failures: dict[str, Failure] | None = None  # the last plan's round's reports (full views; None: not known)
 
     @property
     def full(self) -> bool:
@@ -189,12 +190,12 @@ class Mirror:
 
     def prune(self, before: int, keep_plan: int | None) -> None:
         """Forget the keys (and the reads) of rounds before ``before`` (nobody decides on them again), except the
-        plan of round ``keep_plan`` (who ran last: prev_rank, the fast path)."""
-        keep = self.keys.plan(keep_plan) if keep_plan else None
+        plan and the failures of round ``keep_plan`` (who ran last: prev_rank, the fast path; who is blamed for it)."""
+        keep = (self.keys.plan(keep_plan), self.keys.failures(keep_plan)) if keep_plan else None
 
         def old(key: str) -> bool:
             rnd = self._round_of(key)
-            return rnd is not None and rnd < before and key != keep
+            return rnd is not None and rnd < before and not (keep and (key == keep[0] or key.startswith(keep[1])))
         for key in [k for k in list(self.kvs) + list(self.deleted) if old(k)]:
             self._drop(key)
             self.deleted.pop(key, None)
@@ -250,9 +251,11 @@ class Mirror:
         exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd else frozenset()
         plan = self.plan(number) if rnd else None
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
+        # a full view watches the last plan's round's failures too: who is blamed for it (``blame.py``)
+        last_failures = self._member_failures(last) if scope.full and last is not None else None
         return View(self.revision if revision is None else revision, self.record_at(k.spec(), SpecValue), rnd, nodes, joins,
                     plan, last, exits, self._member_failures(plan), self.restarts(), self.record_at(k.result(), Result),
-                    scope)
+                    scope, last_failures)
 
     def _member_failures(self, plan: Plan | None) -> dict[str, Failure]:
         """The failure reports of the plan's members. A key under the round's failures of any other node (or below

@@ -454,7 +454,8 @@ class Exit(Record):
 @dataclasses.dataclass(frozen=True)
 class Failure(Record):
     """One node's failure report for a round: a worker that exited non-zero, died of a signal or hung; ``rank`` is
-    None when the report is of a worker group as a whole (torchrun's agent restarted it)."""
+    None when the report is of a worker group as a whole (torchrun's agent restarted it). ``lost``: a loss report,
+    written by a peer that saw the node's lease end (``blame.py``); ``time`` is when the loss was seen."""
 
     rank: int | None = None
     local_rank: int | None = None
@@ -468,9 +469,12 @@ class Failure(Record):
     round: int | None = None
     node: str = ""
     hang: bool = False
+    lost: bool = False
 
     def how_it_ended(self) -> str:
-        """``signal SIGKILL``, ``exit code 3``, ``hung`` or ``failed``."""
+        """``signal SIGKILL``, ``exit code 3``, ``hung``, ``lost`` or ``failed``."""
+        if self.lost:
+            return "lost"
         if self.hang:
             return "hung"
         if self.signal:
@@ -478,6 +482,8 @@ class Failure(Record):
         return "failed" if self.exitcode is None else f"exit code {self.exitcode}"
 
     def describe(self) -> str:
+        if self.lost:
+            return f"node {self.node} was lost"
         if self.rank is None:  # torchrun's agent restarted its group: the worker's details are torch's
             return f"the worker group on {self.node} failed ({self.message})"
         if self.hang:
@@ -497,7 +503,8 @@ class Failure(Record):
 
 @dataclasses.dataclass(frozen=True)
 class Result(Record):
-    """``P/result``: how the job ended; ``root_cause`` is the earliest failure report of the final round."""
+    """``P/result``: how the job ended; ``root_cause`` is the final round's cause (``blame.root_cause``: a loss
+    report when the round has one, else its earliest failure report)."""
 
     outcome: Outcome
     round: int
@@ -513,7 +520,9 @@ class Result(Record):
             when = "already " if already else ""
             return f"job {run_id} {when}succeeded in round {self.round} after {self.restarts} restart(s)"
         root, detail = self.root_cause, ""
-        if root:
+        if root and root.lost:
+            detail = f"; root cause: {root.message} (round {root.round})"
+        elif root:
             detail = (f"; root cause: rank {root.rank} on {root.node} ({root.how_it_ended()}) in round "
                       f"{root.round}: {root.message or 'no error message'}")
         return f"job {run_id} {self.outcome}: {self.reason}{detail}"

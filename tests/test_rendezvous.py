@@ -6,8 +6,10 @@ import dataclasses
 
 import pytest
 
+from etcd_agent import blame
+from etcd_agent.blame import Attribute, ReportLoss
 from etcd_agent.rendezvous import (Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
-                                   StopWorkers, Wait, WriteExit, build_plan, decide, newcomers, passed_over)
+                                   StopWorkers, Wait, WriteExit, build_plan, decide, newcomers, passed_over, result)
 from etcd_agent.state import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
                               Scope, View)
 from etcd_agent.values import Failure, NodeInfo, Outcome, Result, SpecValue
@@ -774,3 +776,89 @@ def test_only_a_wait_the_join_timeout_bounds_says_when_the_round_times_out():
     assert few.timeout_at == few.deadline == NOW - 1 + 60.0
     last_call = decide(v, me(round_seen_at=NOW - 1, min_reached_at=NOW), Params(1, 4, 3, 2.0, 60.0, 1.0))
     assert last_call.deadline == NOW + 2.0 and last_call.timeout_at is None
+
+
+# --- blame: a lost node is its round's cause, never a survivor ---------------------------------------------------
+
+def lost_view(phase: str = JOINING, registered=(ME, "node-b"), joins=(ME, "node-b"), failures=None, **kwargs) -> View:
+    """Round 4 after round 3 (node-a, node-b, node-c) restarted for node-a's worker failure at WALL - 2."""
+    reports = {ME: report(ME, time=WALL - 2.0)} if failures is None else failures
+    v = view(4, phase, nodes=registered, joins=joins, last_plan=mk_plan(3, [ME, "node-b", "node-c"]), **kwargs)
+    return dataclasses.replace(v, last_failures={n: dataclasses.replace(f, round=3) for n, f in reports.items()})
+
+
+def test_a_member_lost_just_after_its_rounds_failure_gets_a_loss_report():
+    action = decide(lost_view(), me(), PARAMS)
+    assert isinstance(action, ReportLoss)
+    (loss,) = action.reports
+    assert (loss.node, loss.round, loss.lost, loss.time) == ("node-c", 3, True, WALL)
+    assert "node node-c was lost: its lease ended" in loss.message and loss.how_it_ended() == "lost"
+
+
+def test_a_loss_report_also_comes_while_the_next_round_runs():
+    v = lost_view(RUNNING)
+    assert isinstance(decide(v, running_here(4), PARAMS), ReportLoss)
+
+
+@pytest.mark.parametrize("case", ["long after", "still registered", "own report", "partial view", "loss reported",
+                                  "no failure"])
+def test_no_loss_report_where_none_is_due(case):
+    kwargs = {
+        "long after": dict(failures={ME: report(ME, time=WALL - 60.0)}),
+        "still registered": dict(registered=(ME, "node-b", "node-c")),
+        "own report": dict(failures={ME: report(ME, time=WALL - 2), "node-c": report("node-c", time=WALL - 3)}),
+        "loss reported": dict(failures={ME: report(ME, time=WALL - 2),
+                                        "node-c": blame.loss_report("node-c", 3, WALL - 1)}),
+        "no failure": dict(failures={}),
+    }.get(case, {})
+    v = lost_view(**kwargs)
+    if case == "partial view":
+        v = dataclasses.replace(v, scope=Scope(False))
+    assert not isinstance(decide(v, me(), PARAMS), ReportLoss)
+
+
+def test_a_loss_report_is_the_rounds_cause_over_worker_failures_near_it():
+    worker = report("node-b", time=WALL - 2.0)
+    loss = blame.loss_report("node-c", 3, WALL)
+    assert blame.root_cause([worker, loss]) is loss and blame.root_cause([worker]) is worker
+    assert blame.attribution([worker, loss]) == ("round 3's failure is attributed to node-c, lost (its lease ended "
+                                                 "2.0 s after node-b's worker rank 1 failed)")
+    assert blame.attribution([worker]) == ""
+    # the job's result too: the final round's loss report is its root cause
+    v = view(3, failures={"node-b": worker, "node-c": loss}, nodes=(ME, "node-b", "node-c"))
+    assert result(v.round, FAILED, WALL, v, "why", report(ME, time=WALL - 1.0)).root_cause == loss
+
+
+def test_a_restart_for_a_lost_member_writes_its_loss_report_with_it():
+    plan = mk_plan(3, [ME, "node-b", "node-c"])
+    v = view(3, nodes=(ME, "node-b"), plan=plan, joins=(ME, "node-b"))
+    action = decide(v, running_here(3), PARAMS)
+    assert isinstance(action, Bump) and action.counted and [f.node for f in action.losses] == ["node-c"]
+    assert action.losses[0].lost and action.losses[0].round == 3
+    # not over a report of its own; and with the budget spent, the end's root cause is the loss
+    v2 = view(3, nodes=(ME, "node-b"), plan=plan, joins=(ME, "node-b"), failures={"node-c": report("node-c")})
+    assert decide(v2, running_here(3), PARAMS).losses == ()
+    spent = view(3, nodes=(ME, "node-b"), plan=plan, joins=(ME, "node-b"), restarts=(3, 3),
+                 failures={"node-b": report("node-b", time=WALL - 1)})
+    end = decide(spent, running_here(3), PARAMS)
+    assert isinstance(end, End) and end.result.root_cause.node == "node-c" and end.result.root_cause.lost
+
+
+def pending_view(**kwargs) -> View:
+    return lost_view(registered=(ME, "node-b", "node-c"), **kwargs)
+
+
+def test_a_failure_that_restarted_the_job_counts_once_no_loss_can_have_caused_it():
+    mine = dataclasses.replace(report(ME, time=WALL - 2.0), round=3)
+    waiting = me(pending=mine)
+    # node-c is still registered but has not joined round 4: not known yet; it waits until the window ends
+    action = decide(pending_view(joins=("node-b",)), waiting, PARAMS)
+    assert isinstance(action, Wait) and action.deadline == pytest.approx(NOW - 2.0 + blame.window(PARAMS.lease_ttl))
+    # every other member joined round 4: they were alive after the failure, so it counts
+    assert decide(pending_view(joins=("node-b", "node-c")), waiting, PARAMS) == Attribute(mine, True)
+    # a loss report in round 3: it does not count
+    lost = {ME: mine, "node-c": blame.loss_report("node-c", 3, WALL - 1)}
+    assert decide(pending_view(joins=("node-b",), failures=lost), waiting, PARAMS) == Attribute(mine, False)
+    # the window passed with no loss: it counts
+    late = me(pending=mine, wall=WALL + blame.window(PARAMS.lease_ttl))
+    assert decide(pending_view(joins=("node-b",)), late, PARAMS) == Attribute(mine, True)
