@@ -3,7 +3,8 @@ of deploy/slurm.sbatch trains on node1..node3.
 
 What must hold: the Slurm job goes on (the recipe's --no-kill) after Slurm took node3 DOWN; the survivors run
 the next round, on node1 and node2 only, within the lease TTL plus a few seconds; the job then finishes and
-succeeded in etcd; no failure report blames a healthy node.
+succeeded in etcd; no failure report blames a healthy node; and the invariants of history.check (one plan per
+round, no worker of round 1 alive once one of round 2 started, the restart counted once, no process left).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import time
 
 import pytest
 
-from . import slurm
-from .slurm import NPROC, job_output, records, status, submit
+from . import history, slurm
+from .slurm import BEAT_WORKER, NPROC, job_output, records, status, submit
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -40,7 +41,7 @@ def crashable(healthy):
 
 def test_node_crash_under_slurm(crashable, tmp_path):
     bed, stop = crashable, tmp_path / "stop"
-    job_id, out = submit(bed, "slurm.sbatch", tmp_path, "--until", str(stop))
+    job_id, out = submit(bed, "slurm.sbatch", tmp_path, "--until", str(stop), worker=BEAT_WORKER)
     run_id = f"slurm-{job_id}"
     try:
         first = wait_records(out, {(1, r) for r in range(3 * NPROC)}, timeout=60)
@@ -70,3 +71,5 @@ def test_node_crash_under_slurm(crashable, tmp_path):
     print(f"round 2 started {noticed:.1f} s after the crash; Slurm job {end['JobState']} {end['ExitCode']}; "
           f"failure reports {state['failures']}\n{job_output(tmp_path, job_id)}")
     assert end["JobState"] == "COMPLETED", f"{end}\n{job_output(tmp_path, job_id)}"
+    checked = history.check(bed, run_id, out)
+    assert checked.restarts == 1 and checked.rounds[2].counted, checked.describe()
