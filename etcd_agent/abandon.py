@@ -20,14 +20,13 @@ A registry entry without a lease (a key put by hand) is nobody's and does not ke
 from __future__ import annotations
 
 import os
-import queue
 import time
 
 from . import logs, txns
 from .errors import EtcdUnavailable
 from .etcd import Etcd, op_first_created, unchanged_under
 from .keys import Keys
-from .watch import Resync, Watch
+from .watch import Resync, wait_for
 
 log = logs.get("etcd_agent.abandon")
 
@@ -83,20 +82,10 @@ def end_if_abandoned(etcd: Etcd, keys: Keys, grace: float = ABANDONED_GRACE, say
 
 def _registers_within(etcd: Etcd, keys: Keys, rev: int, grace: float) -> bool:
     """Whether a live agent registers in job ``keys`` within ``grace`` seconds (watched from ``rev`` + 1)."""
-    deliveries: queue.SimpleQueue = queue.SimpleQueue()
-    watch = Watch(etcd, keys.nodes(), rev + 1, deliveries.put, name=f"abandoned-{keys.run_id}").start()
-    deadline = time.monotonic() + grace
+    def registered(batch) -> bool:
+        return bool(live_nodes(batch.kvs if isinstance(batch, Resync) else
+                               [ev.kv for ev in batch if ev.kind == "put"]))
     try:
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                batch = deliveries.get(timeout=left)
-            except queue.Empty:
-                return False
-            kvs = batch.kvs if isinstance(batch, Resync) else [ev.kv for ev in batch if ev.kind == "put"]
-            if live_nodes(kvs):
-                return True
-        return False
+        return wait_for(etcd, keys.nodes(), rev, grace, registered, name=f"abandoned-{keys.run_id}")
     except EtcdUnavailable:
         return True  # nothing is ended on what could not be watched
-    finally:
-        watch.cancel()

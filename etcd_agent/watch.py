@@ -88,28 +88,34 @@ class Watch:
         self._stream.cancel(wait)
 
 
-def wait_deleted(etcd: Etcd, key: str, revision: int, timeout: float, probe_interval: float = 1.0) -> bool:
-    """Wait at most ``timeout`` seconds for ``key``, read as present at ``revision``, to be deleted; True when it
-    was. The second half of "read, then watch from the read's revision + 1": a delete after the read is never
-    missed. A re-read after a compaction that no longer finds the key counts as the delete."""
+def wait_for(etcd: Etcd, prefix: str, revision: int, timeout: float, seen: Callable[[Delivery], bool],
+             probe_interval: float = 1.0, name: str = "wait") -> bool:
+    """Watch the keys under ``prefix`` from ``revision`` + 1 (the second half of "read, then watch from the read's
+    revision + 1": nothing after the read is missed) for at most ``timeout`` seconds, until ``seen(delivery)``
+    says what was waited for came; True when it did."""
     deliveries: queue.SimpleQueue = queue.SimpleQueue()
-    watch = Watch(etcd, key, revision + 1, deliveries.put, probe_interval=probe_interval,
-                  name=f"wait-deleted-{key}").start()
+    watch = Watch(etcd, prefix, revision + 1, deliveries.put, probe_interval=probe_interval, name=name).start()
     deadline = time.monotonic() + timeout
     try:
         while (left := deadline - time.monotonic()) > 0:
             try:
-                batch = deliveries.get(timeout=left)
+                if seen(deliveries.get(timeout=left)):
+                    return True
             except queue.Empty:
                 return False
-            if isinstance(batch, Resync):
-                if all(kv.key != key for kv in batch.kvs):
-                    return True
-            elif any(ev.key == key and ev.kind == "delete" for ev in batch):  # the range also covers key + suffix
-                return True
         return False
     finally:
         watch.cancel()
+
+
+def wait_deleted(etcd: Etcd, key: str, revision: int, timeout: float, probe_interval: float = 1.0) -> bool:
+    """Wait at most ``timeout`` seconds for ``key``, read as present at ``revision``, to be deleted; True when it
+    was. A re-read after a compaction that no longer finds the key counts as the delete."""
+    def deleted(batch: Delivery) -> bool:
+        if isinstance(batch, Resync):
+            return all(kv.key != key for kv in batch.kvs)
+        return any(ev.key == key and ev.kind == "delete" for ev in batch)  # the range also covers key + suffix
+    return wait_for(etcd, key, revision, timeout, deleted, probe_interval, f"wait-deleted-{key}")
 
 
 @dataclasses.dataclass

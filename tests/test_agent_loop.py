@@ -15,7 +15,7 @@ import psutil
 
 from agents import keys_of, poll_until, start_agents, wait_all
 
-from etcd_agent import gpu, health, txns
+from etcd_agent import health, txns
 from etcd_agent.agent import install_signal_handlers
 from etcd_agent.errors import JobStopped
 
@@ -67,18 +67,10 @@ def test_a_stop_during_a_gpu_memory_drain_is_handled_at_once(etcd_endpoint, run_
     """After a crash the stopped worker's pid still holds GPU memory and --gpu-drain-timeout is 60 s: while the
     agent waits for the memory, ``stop`` ends the job within seconds, not after the drain."""
     from test_agent_fsm import StandInGroup, next_group, start
-    from test_health import HeldNVML
+    from test_health import stopped_workers_keep_gpu_memory
 
-    class Holding(StandInGroup):
-        def stop(self, *args, **kwargs):
-            super().stop(*args, **kwargs)
-            self.stopped_pids = {os.getpid()}  # the stand-ins run in this process: its pid "holds" the memory
-
-    Holding.started = StandInGroup.started = queue.Queue()
-    gpu.forget()
-    gpu.nvml(lambda: HeldNVML({os.getpid()}))
-    try:
-        agent, thread, outcome = start(etcd_endpoint, run_id, "n0", group=Holding, max_restarts=1,
+    with stopped_workers_keep_gpu_memory() as holding:
+        agent, thread, outcome = start(etcd_endpoint, run_id, "n0", group=holding, max_restarts=1,
                                        health=health.HealthConfig(gpus=2), gpu_drain_timeout=60.0)
         next_group().end(3, local_rank=0)
         poll_until(lambda: agent.checks.draining, 30, "the agent draining the old workers' GPU memory")
@@ -88,8 +80,6 @@ def test_a_stop_during_a_gpu_memory_drain_is_handled_at_once(etcd_endpoint, run_
         assert not thread.is_alive() and time.monotonic() - asked < 20
         assert isinstance(outcome.get("error"), JobStopped), outcome
         assert StandInGroup.started.empty()  # round 2's workers never started
-    finally:
-        gpu.forget()
 
 
 class Posted:

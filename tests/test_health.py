@@ -3,9 +3,11 @@ module, and a real job in which one node is unhealthy until its check passes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -317,14 +319,11 @@ def test_drain_waits_for_the_old_workers_memory_and_names_the_pids_that_keep_it(
     assert gpu.wait_drained(set(), 5.0, HeldNVML({7})) == {}
 
 
-def test_a_restart_whose_old_workers_keep_gpu_memory_fails_naming_them(etcd_endpoint, run_id):
-    """The agent with stand-in workers: after a crash the stopped group's pid still holds GPU memory, so the next
-    round's workers never start; the failure report (and the job's root cause) names the pid and the flag."""
-    import os
-    import queue
-
-    from etcd_agent.errors import JobFailed
-    from test_agent_fsm import StandInGroup, next_group, start
+@contextlib.contextmanager
+def stopped_workers_keep_gpu_memory():
+    """A stand-in worker group (in-process agents, ``test_agent_fsm``) whose stopped workers keep holding GPU memory
+    for good, as NVML (a stand-in) reports it; yields the group class to give the agent."""
+    from test_agent_fsm import StandInGroup
 
     class Holding(StandInGroup):
         def stop(self, *args, **kwargs):
@@ -335,7 +334,19 @@ def test_a_restart_whose_old_workers_keep_gpu_memory_fails_naming_them(etcd_endp
     gpu.forget()
     gpu.nvml(lambda: HeldNVML({os.getpid()}))
     try:
-        _agent, thread, outcome = start(etcd_endpoint, run_id, "n0", group=Holding, max_restarts=1,
+        yield Holding
+    finally:
+        gpu.forget()
+
+
+def test_a_restart_whose_old_workers_keep_gpu_memory_fails_naming_them(etcd_endpoint, run_id):
+    """The agent with stand-in workers: after a crash the stopped group's pid still holds GPU memory, so the next
+    round's workers never start; the failure report (and the job's root cause) names the pid and the flag."""
+    from etcd_agent.errors import JobFailed
+    from test_agent_fsm import StandInGroup, next_group, start
+
+    with stopped_workers_keep_gpu_memory() as holding:
+        _agent, thread, outcome = start(etcd_endpoint, run_id, "n0", group=holding, max_restarts=1,
                                         health=health.HealthConfig(gpus=2), gpu_drain_timeout=0.5)
         next_group().end(3, local_rank=0)
         thread.join(30)
@@ -344,8 +355,6 @@ def test_a_restart_whose_old_workers_keep_gpu_memory_fails_naming_them(etcd_endp
         assert f"GPU memory of the previous workers is still held 0.5 s after they were stopped " \
                f"(--gpu-drain-timeout): pid {os.getpid()} (1024 MiB)" in str(error)
         assert StandInGroup.started.empty()  # round 2's workers never started
-    finally:
-        gpu.forget()
 
 
 # --- quarantine ------------------------------------------------------------------------------------------------
