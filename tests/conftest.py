@@ -1,8 +1,9 @@
 """Shared fixtures: a real etcd for the session, a fresh run id per test, a 3-member cluster for fault tests.
 
-The session etcd is the ``etcd`` binary on free loopback ports (``etcd_agent.standalone``). With
-``ETCD_AGENT_TEST_DOCKER=1`` it runs in a container through testcontainers instead (image ``quay.io/coreos/etcd:v3.4.23``
-or ``$ETCD_AGENT_TEST_IMAGE``), published on a loopback port only.
+The session etcd and the 3-member cluster are ``etcd`` processes on free loopback ports (``etcd_agent.standalone``).
+With ``ETCD_AGENT_TEST_DOCKER=1`` they run in containers instead (``containers.py``: testcontainers, a locally built
+image, host networking on the same loopback ports); the tests that start an etcd of their own get the same switch
+through ``containers.member_class`` and ``containers.cluster``.
 """
 
 from __future__ import annotations
@@ -15,51 +16,17 @@ import subprocess
 
 import pytest
 
+import containers
 from etcd_agent import standalone
 
 # Watch progress notifications let tests see a watch's revision advance while nothing under their prefix changes.
 SESSION_ETCD_ARGS = ("--experimental-watch-progress-notify-interval=500ms",)
-DEFAULT_IMAGE = "quay.io/coreos/etcd:v3.4.23"
-
-
-class ContainerEtcd:
-    """The session etcd in a container, with the attributes tests use from ``EtcdServer``."""
-
-    def __init__(self, image: str, args: tuple[str, ...]):
-        from testcontainers.core.container import DockerContainer
-        from testcontainers.core.wait_strategies import LogMessageWaitStrategy
-
-        command = [
-            "/usr/local/bin/etcd", "--name=etcd-agent-test", "--data-dir=/tmp/etcd",
-            "--listen-client-urls=http://0.0.0.0:2379", "--advertise-client-urls=http://127.0.0.1:2379", *args,
-        ]
-        self._container = DockerContainer(image).with_command(command).waiting_for(
-            LogMessageWaitStrategy("ready to serve client requests").with_startup_timeout(60)
-        )
-        self._container.ports["2379/tcp"] = ("127.0.0.1", None)  # a random host port, on loopback only
-        self.endpoint = self.client_url = None
-
-    def start(self, timeout: float = 30.0) -> ContainerEtcd:
-        self._container.start()
-        self.endpoint = f"127.0.0.1:{self._container.get_exposed_port(2379)}"
-        self.client_url = f"http://{self.endpoint}"
-        from agents import poll_until
-
-        poll_until(lambda: standalone.health(self.client_url), timeout,
-                   f"containerized etcd at {self.client_url} is not healthy", interval=0.05)
-        return self
-
-    def stop(self) -> None:
-        self._container.stop()
 
 
 @pytest.fixture(scope="session")
 def etcd_server():
-    """A started etcd for the whole session (binary by default, a container with ETCD_AGENT_TEST_DOCKER=1)."""
-    if os.environ.get("ETCD_AGENT_TEST_DOCKER") == "1":
-        server = ContainerEtcd(os.environ.get("ETCD_AGENT_TEST_IMAGE", DEFAULT_IMAGE), SESSION_ETCD_ARGS)
-    else:
-        server = standalone.EtcdServer(name="etcd-agent-test", extra_args=SESSION_ETCD_ARGS)
+    """A started etcd for the whole session (a process by default, a container with ETCD_AGENT_TEST_DOCKER=1)."""
+    server = containers.member_class()(name="etcd-agent-test", extra_args=SESSION_ETCD_ARGS)
     server.start()
     yield server
     server.stop()
@@ -81,7 +48,7 @@ def run_id(request) -> str:
 @pytest.fixture
 def etcd_cluster3():
     """A started 3-member etcd cluster with fast elections, fresh for each test (fault tests break it)."""
-    cluster = standalone.EtcdCluster(3, name_prefix="etcd-test", extra_args=SESSION_ETCD_ARGS + standalone.FAST_ELECTION_ARGS)
+    cluster = containers.cluster(3, name_prefix="etcd-test", extra_args=SESSION_ETCD_ARGS + standalone.FAST_ELECTION_ARGS)
     with cluster.start():
         yield cluster
 

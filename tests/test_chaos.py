@@ -18,6 +18,7 @@ import pytest
 
 from agents import (AgentProc, RoundWatcher, job_keys, keys_of, plan_nodes, poll_until, start_agents, wait_all,
                     wait_records)
+from containers import member_class
 from etcd_agent import txns
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd import Etcd
@@ -244,7 +245,7 @@ def test_hung_worker_restarts_the_group(job, etcd_endpoint, run_id):
 
 @pytest.fixture
 def own_etcd():
-    server = EtcdServer(name="etcd-chaos", extra_args=FAST_ELECTION_ARGS).start()
+    server = member_class(EtcdServer)(name="etcd-chaos", extra_args=FAST_ELECTION_ARGS).start()
     yield server
     server.stop()
 

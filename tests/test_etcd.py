@@ -10,6 +10,7 @@ import time
 import pytest
 
 from agents import poll_until
+from containers import member_class
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.errors import EtcdUnavailable
 from etcd_agent.etcd import Etcd, absent, mod_is, none_under, op_get, op_put
@@ -25,7 +26,7 @@ def client(endpoint: str, **kw) -> Etcd:
 @pytest.fixture
 def own_etcd():
     """A private etcd this test may restart, freeze or compact."""
-    server = EtcdServer(name="etcd-fault", extra_args=FAST_ELECTION_ARGS).start()
+    server = member_class(EtcdServer)(name="etcd-fault", extra_args=FAST_ELECTION_ARGS).start()
     yield server
     server.stop()
 
@@ -230,7 +231,7 @@ def test_a_bare_host_port_against_a_tls_etcd_says_so_at_once(pki, tmp_path):
 
     if not HAVE_OPENSSL:
         pytest.skip("openssl is needed to make the certificates")
-    server = TlsEtcd(pki, name="tls-bare").start()
+    server = member_class(TlsEtcd)(pki, name="tls-bare").start()
     try:
         t0 = time.monotonic()
         got = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", server.endpoint, "--run-id",

@@ -15,6 +15,7 @@ import time
 import psutil
 import pytest
 
+import containers
 from agents import AgentProc, RoundWatcher, job_keys, keys_of, poll_until, start_agents, wait_all, wait_records
 from etcd_agent.config import EtcdConfig, parse_endpoints, request_timeout_for
 from etcd_agent.etcd import Etcd
@@ -28,7 +29,7 @@ FREEZE_S = 8.0  # longer than the default lease TTL (5 s): no lease may depend o
 @pytest.fixture
 def default_cluster(tmp_path):
     """Three members with etcd's default heartbeat (100 ms), election timeout (1000 ms) and no progress notify."""
-    cluster = EtcdCluster(3, name_prefix="etcd-default", fast_elections=False)
+    cluster = containers.cluster(3, name_prefix="etcd-default", fast_elections=False)
     with cluster.start():
         yield cluster
 

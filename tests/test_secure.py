@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agents import WORKERS, job_keys, keys_of, start_agents, wait_all, wait_records
+from containers import member_class
 from etcd_agent.flags import PASSWORD_ENV
 from tls import HAVE_OPENSSL, PASSWORD, TlsEtcd
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(not HAVE_OPENSSL or not shutil.which("etcd"), re
 @pytest.fixture
 def auth_etcd(pki):
     """TLS with password auth on (user root); one per test: tests restart it."""
-    server = TlsEtcd(pki, name="auth").start()
+    server = member_class(TlsEtcd)(pki, name="auth").start()
     server.enable_auth()
     yield server
     server.stop()
@@ -106,7 +107,7 @@ def test_bad_password_file(case, message, tmp_path, pki):
 
 @pytest.fixture(scope="module")
 def mtls_etcd(pki):
-    server = TlsEtcd(pki, client_cert_auth=True, name="mtls").start()
+    server = member_class(TlsEtcd)(pki, client_cert_auth=True, name="mtls").start()
     yield server
     server.stop()
 
@@ -135,8 +136,8 @@ def test_password_auth_over_https_endpoints(auth_etcd, pki, run_id, tmp_path, mo
 @pytest.fixture(scope="module")
 def bad_servers(pki):
     """etcd members whose certificates are wrong for the client: expired, and for another host."""
-    servers = {"expired": TlsEtcd(pki, cert="expired", name="expired"),
-               "wronghost": TlsEtcd(pki, cert="wronghost", name="wronghost")}
+    servers = {"expired": member_class(TlsEtcd)(pki, cert="expired", name="expired"),
+               "wronghost": member_class(TlsEtcd)(pki, cert="wronghost", name="wronghost")}
     for s in servers.values():
         s.start()
     yield servers
