@@ -607,23 +607,26 @@ def test_docker_compose_config():
 
 
 def test_docker_compose_file_is_a_three_member_cluster_on_loopback():
+    """Host networking (no compose network, so no bridge), every URL on 127.0.0.1; the image etcd's own unless
+    ETCD_IMAGE names another. tests/test_compose.py brings it up."""
     yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
     spec = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = spec["services"]
     assert sorted(services) == list(MEMBERS)
-    host_ports = {}
+    assert "networks" not in spec
+    client_ports = {}
     for name, svc in services.items():
         env = svc["environment"]
-        assert svc["image"] in ("quay.io/coreos/etcd:v3.4.23", "gcr.io/etcd-development/etcd:v3.4.23")
+        assert svc["image"] == "${ETCD_IMAGE:-quay.io/coreos/etcd:v3.4.23}"
+        assert svc["network_mode"] == "host" and "ports" not in svc
         assert env["ETCD_NAME"] == name
         initial = dict(item.split("=", 1) for item in env["ETCD_INITIAL_CLUSTER"].split(","))
-        assert initial == {m: f"http://{m}:2380" for m in MEMBERS}
-        assert initial[name] == env["ETCD_INITIAL_ADVERTISE_PEER_URLS"]
-        [port] = svc["ports"]
-        ip, host_port, container_port = port.split(":")
-        assert ip == "127.0.0.1" and container_port == "2379", port
-        host_ports[name] = int(host_port)
+        assert initial[name] == env["ETCD_INITIAL_ADVERTISE_PEER_URLS"] == env["ETCD_LISTEN_PEER_URLS"]
+        assert env["ETCD_LISTEN_CLIENT_URLS"] == env["ETCD_ADVERTISE_CLIENT_URLS"] == env["ETCDCTL_ENDPOINTS"]
+        for url in [*initial.values(), env["ETCD_LISTEN_CLIENT_URLS"]]:
+            assert url.startswith("http://127.0.0.1:"), url
+        client_ports[name] = int(env["ETCD_LISTEN_CLIENT_URLS"].rsplit(":", 1)[1])
         [volume] = svc["volumes"]
         assert volume == f"{name}-data:{env['ETCD_DATA_DIR']}"
-    assert host_ports == {"etcd1": 12379, "etcd2": 22379, "etcd3": 32379}
+    assert client_ports == {"etcd1": 12379, "etcd2": 22379, "etcd3": 32379}
     assert sorted(spec["volumes"]) == [f"{m}-data" for m in MEMBERS]
