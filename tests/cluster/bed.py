@@ -51,6 +51,8 @@ NODES = ("node1", "node2", "node3")
 ETCDS = ("etcd1", "etcd2", "etcd3")
 HOST_NUMBERS = {CTL: 2, **{n: 11 + i for i, n in enumerate(NODES)}, **{e: 21 + i for i, e in enumerate(ETCDS)}}
 ETCD_CLIENT_PORT, ETCD_PEER_PORT = 2379, 2380
+URGENT = "urgent"  # a partition whose jobs preempt (requeue) the default partition's jobs
+CRED_EXPIRE_S = 10  # Slurm's step credential lifetime, and how long a requeued job waits to start again (120 s)
 READY_S = 30.0
 POLL_S = 0.05  # slurmctld's node states have no event to wait on: they are polled
 NEEDED = ("ip", "nsenter", "unshare", "etcd", "munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
@@ -290,7 +292,7 @@ def slurm_conf(root: Path, munge_socket: Path) -> str:
 ClusterName=etcdagentbed
 SlurmctldHost={CTL}({address(CTL)})
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire={CRED_EXPIRE_S}
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -313,5 +315,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 {nodes}
-PartitionName=bed Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=bed Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName={URGENT} Nodes={','.join(NODES)} MaxTime=INFINITE State=UP PriorityTier=2
 """

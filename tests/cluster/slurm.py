@@ -60,18 +60,18 @@ def cancel(bed: Bed, job_id: str) -> None:
 
 
 def submit(bed: Bed, recipe: str, tmp_path: Path, *worker_args: str, agent_args: tuple[str, ...] = (),
-           worker: Path = WORKER, **env: str) -> tuple[str, Path]:
+           worker: Path = WORKER, sbatch_args: tuple[str, ...] = (), **env: str) -> tuple[str, Path]:
     """``sbatch --nodes=3 --gpus-per-node=0 deploy/RECIPE AGENT_ARGS WORKER OUT WORKER_ARGS`` with the environment a
     user gives the recipe (the project's install first on PATH, the bed's etcd, NPROC_PER_NODE, LOG_DIR; ``env``
     on top). ``agent_args`` (etcd-agent's own flags, before the script: the recipe passes its arguments on after
     its flags) and ``worker`` (default worker.py) are optional. Returns the job id and OUT, where the workers leave
-    their records."""
+    their records. ``sbatch_args`` go to sbatch before the recipe (--time=5, --requeue, ...)."""
     out = tmp_path / "out"
     out.mkdir()
     env = bed.env(**{"ETCD_AGENT_ENDPOINTS": etcd_endpoints(), "NPROC_PER_NODE": str(NPROC),
                      "LOG_DIR": str(tmp_path / "logs"), **env})
     job_id = sbatch(bed, [f"--nodes={len(NODES)}", "--gpus-per-node=0", f"--output={tmp_path}/slurm-%j.out",
-                          str(DEPLOY / recipe), *agent_args, str(worker), str(out), *worker_args], env)
+                          *sbatch_args, str(DEPLOY / recipe), *agent_args, str(worker), str(out), *worker_args], env)
     return job_id, out
 
 
