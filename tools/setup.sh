@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Prepares a checkout for development and tests: etcd and etcdctl, and for the cluster tests Slurm, munge and
-# nftables (each installed with apt when missing; the cluster bed starts daemons of its own), a virtualenv
-# .venv in the repository, torch 2.13.0 first (so the bare `torch` requirement of the test extras never resolves on
-# its own), then the project itself, editable, with its test extras.
+# Prepares a checkout for development and tests: etcd and etcdctl, and for the cluster tests Slurm, munge,
+# nftables and OpenSSH's server and client (each installed with apt when missing; the cluster bed starts daemons
+# of its own), a virtualenv .venv in the repository, torch 2.13.0 first (so the bare `torch` requirement of the
+# test extras never resolves on its own), then the project itself, editable, with its test extras.
 #
 # Usage: tools/setup.sh            (environment: PYTHON, default python3; TORCH_VERSION, default 2.13.0)
 set -euo pipefail
@@ -20,6 +20,8 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 have slurmctld && have slurmd && have sbatch || missing+=(slurm-wlm)
 have munged || missing+=(munge)
 have nft || missing+=(nftables)
+have sshd || missing+=(openssh-server)  # tests/cluster/test_ssh_launch.py: an sshd in each node's namespaces
+command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if ((${#missing[@]})); then
     sudo=()
