@@ -17,8 +17,8 @@ the nodes (no agent or worker left on any of them):
   PreemptMode=REQUEUE): an exclusive job there takes a node of the running job, which is requeued as above: job 1
   ends `stopped` with the SIGTERM reason, job 2 of the run runs once the urgent job is done, and succeeds.
 
-Costs (on the 2-core test machine): the time limit about 35-45 s (mostly the wait for slurmctld's time-limit
-check), the requeue and the preemption about 20 s each.
+Costs (on the 2-core test machine): about 30 s each: the time limit waits for slurmctld's time-limit check (up to
+30 s), a requeued job for the bed's requeue delay (cred_expire, 10 s, plus 1) and the next scheduling pass.
 """
 
 from __future__ import annotations

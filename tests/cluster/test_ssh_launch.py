@@ -13,7 +13,7 @@ What must hold:
   from its hung-up terminal, stops its workers and leaves; no agent or worker is left on any node, and etcd says
   the job ended (the last agent ended it `stopped`: `every node of the job left; the last, NODE, received SIGHUP`).
 
-Costs: the sshds start in well under a second; each run takes about 5-10 s.
+Costs: the sshds start in about a second; each test takes about 2 s.
 """
 
 from __future__ import annotations
