@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from agents import records  # noqa: F401 - the workers here write the records tests/workers/job.py does
+
 from .bed import NODES, Bed, etcd_endpoints, scontrol_fields
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,15 +81,6 @@ def job_output(tmp_path: Path, job_id: str) -> str:
     """What the batch script and srun printed (the agents' logs)."""
     path = tmp_path / f"slurm-{job_id}.out"
     return path.read_text() if path.exists() else "(no output file)"
-
-
-def records(out: Path) -> dict[tuple[int, int], dict]:
-    """(round, rank) -> what worker.py recorded."""
-    found = {}
-    for path in out.glob("*.json"):
-        rnd, rank = path.stem.split("-")
-        found[(int(rnd), int(rank))] = json.loads(path.read_text())
-    return found
 
 
 def status(bed: Bed, run_id: str, *flags: str, endpoints: str | None = None) -> dict:

@@ -8,28 +8,14 @@ from __future__ import annotations
 
 import time
 
-import psutil
 import pytest
 
 from . import slurm
 from .bed import NODES
-from .record import namespace_pids
+from .history import left_on
 from .slurm import NPROC, job_output, records, status, submit
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
-
-
-def left_on(host: str) -> list[str]:
-    """The command lines of the processes on ``host`` other than its slurmd."""
-    found = []
-    for pid in namespace_pids(host):
-        try:
-            cmd = " ".join(psutil.Process(pid).cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        if "slurmd -D" not in cmd:
-            found.append(cmd)
-    return found
 
 
 def test_scancel_ends_the_job_everywhere(healthy, tmp_path):
