@@ -48,7 +48,8 @@ def run_id(request) -> str:
 @pytest.fixture
 def etcd_cluster3():
     """A started 3-member etcd cluster with fast elections, fresh for each test (fault tests break it)."""
-    cluster = containers.cluster(3, name_prefix="etcd-test", extra_args=SESSION_ETCD_ARGS + standalone.FAST_ELECTION_ARGS)
+    cluster = containers.cluster(3, name_prefix="etcd-test",
+                                 extra_args=SESSION_ETCD_ARGS + standalone.FAST_ELECTION_ARGS)
     with cluster.start():
         yield cluster
 

@@ -24,8 +24,8 @@ COMPOSE_FILE = Path(__file__).resolve().parent.parent / "deploy" / "docker-compo
 MEMBERS = {"etcd1": "127.0.0.1:12379", "etcd2": "127.0.0.1:22379", "etcd3": "127.0.0.1:32379"}
 PORTS = (12379, 12380, 22379, 22380, 32379, 32380)  # the file's client and peer ports
 
-pytestmark = [pytest.mark.chaos,
-              pytest.mark.skipif(not containers.enabled(), reason=f"runs in the container pass ({containers.SWITCH}=1)")]
+pytestmark = [pytest.mark.chaos, pytest.mark.skipif(not containers.enabled(),
+                                                    reason=f"runs in the container pass ({containers.SWITCH}=1)")]
 
 
 def compose_command() -> list[str] | None:

@@ -26,7 +26,10 @@ fi
 
 answers && exit 0
 [ "$(id -u)" -eq 0 ] || { echo "dockerd.sh: starting dockerd needs root" >&2; exit 1; }
-command -v dockerd >/dev/null 2>&1 || { echo "dockerd.sh: no dockerd; install it with \`apt-get install docker.io\`" >&2; exit 1; }
+if ! command -v dockerd >/dev/null 2>&1; then
+    echo "dockerd.sh: no dockerd; install it with \`apt-get install docker.io\`" >&2
+    exit 1
+fi
 if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
     echo "dockerd.sh: dockerd (pid $(cat "$PIDFILE")) runs but does not answer yet; waiting" >&2
 else

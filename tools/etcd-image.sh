@@ -10,7 +10,10 @@ set -euo pipefail
 
 etcd="${1:-${ETCD_AGENT_ETCD_BIN:-$(command -v etcd || true)}}"
 etcd="$(command -v "$etcd" || true)"
-[ -n "$etcd" ] && [ -x "$etcd" ] || { echo "etcd-image.sh: no etcd binary (give one, or install etcd-server)" >&2; exit 1; }
+if [ -z "$etcd" ] || [ ! -x "$etcd" ]; then
+    echo "etcd-image.sh: no etcd binary (give one, or install etcd-server)" >&2
+    exit 1
+fi
 etcd="$(readlink -f "$etcd")"
 dir="$(dirname "$etcd")"
 version="$("$etcd" --version | sed -n 's/^etcd Version: //p')"
@@ -28,7 +31,8 @@ done
 
 tag="etcd-agent/etcd:$version"
 sum="$(cat "${binaries[@]}" | sha256sum | cut -c1-64)"
-if [ "$(docker image inspect --format '{{index .Config.Labels "etcd-agent.binaries"}}' "$tag" 2>/dev/null)" = "$sum" ]; then
+label='{{index .Config.Labels "etcd-agent.binaries"}}'
+if [ "$(docker image inspect --format "$label" "$tag" 2>/dev/null)" = "$sum" ]; then
     echo "$tag"
     exit 0
 fi

