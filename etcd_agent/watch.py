@@ -35,6 +35,15 @@ log = logs.get("etcd_agent.watch")
 _DELETE = 1  # mvccpb.Event.EventType.DELETE
 
 
+def _stale_token(reason: str, with_user: bool) -> bool:
+    """Whether etcd canceled a watch because its auth token went stale (an etcd restart forgets its simple tokens).
+    etcd before 3.4.22 and 3.5.6 says "permission denied" for that (etcd issue 12385), so with a user that counts
+    too: the next stream logs in again, and a user that really lacks the permission is refused at that login's
+    first call."""
+    return "invalid auth token" in reason or "code = Unauthenticated" in reason or \
+        (with_user and "permission denied" in reason.lower())
+
+
 class TokenRefused(WatchBroken):
     """etcd canceled a watch because it no longer knows our auth token (it restarted, or the token expired)."""
 
@@ -254,8 +263,9 @@ class WatchStream:
         try:
             for resp in call:
                 last_seen[0] = time.monotonic()
-                self._delivered = True
                 self._handle(resp, requests)
+                if resp.events:
+                    self._delivered = True  # a stream that delivered: a later break resumes without backoff
             raise WatchBroken("the stream ended")
         except grpc.RpcError as exc:
             if silent.is_set():
@@ -315,7 +325,7 @@ class WatchStream:
             return
         if resp.canceled:
             why = f"etcd canceled the watch on {r.start}: {resp.cancel_reason or 'no reason given'}"
-            if "invalid auth token" in resp.cancel_reason or "code = Unauthenticated" in resp.cancel_reason:
+            if _stale_token(resp.cancel_reason, bool(self.etcd.cfg.user)):
                 raise TokenRefused(why)
             raise WatchBroken(why)
         if not resp.events:

@@ -16,7 +16,6 @@ import pytest
 from agents import WORKERS, job_keys, keys_of, start_agents, wait_all, wait_records
 from containers import member_class
 from etcd_agent.flags import PASSWORD_ENV
-from etcd_agent.standalone import find_etcd_binary
 from tls import HAVE_OPENSSL, PASSWORD, TlsEtcd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,19 +36,6 @@ def secure_job_keys(server: TlsEtcd, run_id: str) -> dict:
     return job_keys(server.endpoint, run_id, cfg=server.config(user="root", password=PASSWORD))
 
 
-def denies_stale_watch_tokens() -> bool:
-    """etcd before 3.4.22 and 3.5.6 cancels a watch whose auth token went stale (an etcd restart forgets its simple
-    tokens) with "permission denied" instead of "invalid auth token" (etcd issue 12385, fixed by etcd pull 14547)."""
-    if not shutil.which("etcd") and not os.environ.get("ETCD_AGENT_ETCD_BIN"):
-        return False
-    out = subprocess.run([find_etcd_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
-    version = tuple(int(x) for x in out.split()[2].split(".")[:3])  # "etcd Version: 3.5.1"
-    return version < (3, 4, 22) or (3, 5, 0) <= version < (3, 5, 6)
-
-
-@pytest.mark.xfail(denies_stale_watch_tokens(), strict=True, reason="this etcd cancels a watch whose token an etcd "
-                   "restart made stale with 'permission denied' (etcd issue 12385, fixed in 3.4.22 and 3.5.6): the "
-                   "agent resumes that watch with the same token again and again and never logs in anew")
 def test_etcd_restart_under_auth_then_a_crash(auth_etcd, pki, run_id, tmp_path, monkeypatch):
     """The job survives an etcd restart under password auth exactly as without auth: after the restart every
     agent's watch, txns and keepalives work again (new tokens), so a crash then restarts the job and it succeeds."""
