@@ -26,19 +26,21 @@ import threading
 import time
 from typing import Callable
 
-from . import blame, health, logs
-from .checks import Checks
+from . import logs
+from .coord import blame
+from .node import health
+from .node.checks import Checks
 from .config import AgentConfig, worker_base_env
-from .coordinator import Coordinator
+from .coord.coordinator import Coordinator
 from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobFailed, JobStopped, SessionLost
-from .rendezvous import (Attribute, Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
+from .coord.decide import (Attribute, Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
                          describe_failure, newcomers, passed_over)
-from .session import Session
-from .standalone import free_port
-from .state import View
-from .values import Join, Outcome, Result
-from .warm import SparePool
-from .workers import Assignment, WorkerExit, WorkerGroup, check_log_tree, log_root, worker_env
+from .etcd.session import Session
+from .etcd.server import free_port
+from .coord.mirror import View
+from .schema.values import Join, Outcome, Result
+from .node.warm import SparePool
+from .node.workers import Assignment, WorkerExit, WorkerGroup, check_log_tree, log_root, worker_env
 
 log = logs.get("etcd_agent.agent")
 
@@ -90,7 +92,7 @@ class Agent:
         self.spares: SparePool | None = None  # --warm-restart: this node's pre-started interpreters
         if cfg.workers.warm_restart:
             self.spares = SparePool(cfg.workers, log_root(cfg.workers, self.log), cfg.run_id, cfg.node_id,
-                                    logs.get("etcd_agent.warm", self.where), gpus=cfg.health.gpus is not None)
+                                    logs.get("etcd_agent.node.warm", self.where), gpus=cfg.health.gpus is not None)
 
     @property
     def session(self) -> Session | None:
@@ -424,7 +426,7 @@ class Agent:
             return
         warm = {"spares": self.spares} if self.spares is not None else {}
         self.group = self._group_factory(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
-                                         node_id=self.cfg.node_id, logger=logs.get("etcd_agent.workers", self.where),
+                                         node_id=self.cfg.node_id, logger=logs.get("etcd_agent.node.workers", self.where),
                                          **warm)
         self._exits: dict[int, WorkerExit] = {}
         self._set(workers_round=plan.round, workers_running=True, outcome=None, failure=None)

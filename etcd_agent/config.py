@@ -14,9 +14,9 @@ import socket
 import uuid
 from pathlib import Path
 
-from . import gpu
+from .node import gpu
 from .errors import ConfigError
-from .health import HealthConfig, QuarantinePolicy
+from .node.health import HealthConfig, QuarantinePolicy
 from .secure import check_tls_files
 
 DEFAULT_ROOT = "/etcd-agent"

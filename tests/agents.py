@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from etcd_agent.config import EtcdConfig, parse_endpoints
-from etcd_agent.etcd import Etcd
-from etcd_agent.keys import Keys, RunKeys
+from etcd_agent.etcd.client import Etcd
+from etcd_agent.schema.keys import Keys, RunKeys
 
 WORKERS = Path(__file__).parent / "workers"
 JOB = str(WORKERS / "job.py")
@@ -88,7 +88,7 @@ def keys_of(run_id: str, gen: int = 1) -> Keys:
 
 def plan_nodes(plan: dict) -> list[str]:
     """The members of a plan value read from etcd, in group-rank order."""
-    from etcd_agent.values import Plan
+    from etcd_agent.schema.values import Plan
 
     return Plan.from_json("plan", plan, 0).nodes
 
@@ -96,7 +96,7 @@ def plan_nodes(plan: dict) -> list[str]:
 def job_keys(endpoint: str, run_id: str, gen: int | None = None, cfg: EtcdConfig | None = None) -> dict[str, dict]:
     """Every key under the prefix of job ``gen`` of the run (default: the run's current job, from its pointer)
     with its JSON value (raises if any value is not JSON); ``cfg`` connects another way (TLS, auth)."""
-    from etcd_agent import txns
+    from etcd_agent.coord import txns
 
     etcd = Etcd(cfg or EtcdConfig(parse_endpoints(endpoint)))
     try:
@@ -113,7 +113,7 @@ def wait_for_key(endpoint: str, key: str, timeout: float = 30.0) -> dict:
     """Read the key, else watch it from the read's revision + 1 until it is written; returns its JSON value."""
     import queue
 
-    from etcd_agent.watch import Watch
+    from etcd_agent.etcd.watch import Watch
 
     etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
     try:
@@ -147,7 +147,7 @@ class RoundWatcher:
     def __init__(self, endpoint: str, run_id: str, gen: int = 1):
         import threading
 
-        from etcd_agent.watch import Watch
+        from etcd_agent.etcd.watch import Watch
 
         self.key = keys_of(run_id, gen).round()
         self.values: list[tuple[float, dict]] = []

@@ -1,6 +1,6 @@
 """Shared fixtures: a real etcd for the session, a fresh run id per test, a 3-member cluster for fault tests.
 
-The session etcd and the 3-member cluster are ``etcd`` processes on free loopback ports (``etcd_agent.standalone``).
+The session etcd and the 3-member cluster are ``etcd`` processes on free loopback ports (``etcd_agent.etcd.server``).
 With ``ETCD_AGENT_TEST_DOCKER=1`` they run in containers instead (``containers.py``: testcontainers, a locally built
 image, host networking on the same loopback ports); the tests that start an etcd of their own get the same switch
 through ``containers.member_class`` and ``containers.cluster``.
@@ -17,7 +17,7 @@ import subprocess
 import pytest
 
 import containers
-from etcd_agent import standalone
+from etcd_agent.etcd import server as standalone
 
 # Watch progress notifications let tests see a watch's revision advance while nothing under their prefix changes.
 SESSION_ETCD_ARGS = ("--experimental-watch-progress-notify-interval=500ms",)

@@ -1,4 +1,4 @@
-"""etcd members in containers for the tests, behind the interface of ``etcd_agent.standalone``.
+"""etcd members in containers for the tests, behind the interface of ``etcd_agent.etcd.server``.
 
 With ``ETCD_AGENT_TEST_DOCKER=1``, ``member_class(EtcdServer)`` (or of ``tls.TlsEtcd``) is a subclass whose etcd runs
 in a container started through testcontainers, and ``cluster(...)`` an ``EtcdCluster`` of such members; without
@@ -32,7 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from etcd_agent import errors, standalone
+from etcd_agent import errors
+from etcd_agent.etcd import server as standalone
+from etcd_agent.testing.cluster import EtcdCluster
 
 SWITCH = "ETCD_AGENT_TEST_DOCKER"
 IMAGE_ENV = "ETCD_AGENT_TEST_IMAGE"
@@ -92,9 +94,9 @@ def member_class(base: type = standalone.EtcdServer) -> type:
     return _classes[base]
 
 
-def cluster(*args, **kwargs) -> standalone.EtcdCluster:
+def cluster(*args, **kwargs) -> EtcdCluster:
     """``EtcdCluster(*args, **kwargs)``, its members in containers when the switch is on."""
-    made = standalone.EtcdCluster(*args, **kwargs)
+    made = EtcdCluster(*args, **kwargs)
     if enabled():
         for member in made.members:
             member.__class__ = member_class(type(member))

@@ -10,7 +10,7 @@ import sys
 
 from agents import job_keys, keys_of, poll_until, records, start_agents, wait_all
 
-from etcd_agent.abandon import ABANDONED_GRACE
+from etcd_agent.coord.abandon import ABANDONED_GRACE
 
 TTL = ["--lease-ttl", "2"]
 

@@ -15,7 +15,8 @@ import psutil
 
 from agents import keys_of, poll_until, start_agents, wait_all
 
-from etcd_agent import health, txns
+from etcd_agent.node import health
+from etcd_agent.coord import txns
 from etcd_agent.agent import install_signal_handlers
 from etcd_agent.errors import JobStopped
 

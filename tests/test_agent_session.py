@@ -11,10 +11,10 @@ import time
 import pytest
 from agents import JOB
 
-from etcd_agent import coordinator as coordinator_mod
-from etcd_agent import txns
+from etcd_agent.coord import coordinator as coordinator_mod
+from etcd_agent.coord import txns
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
-from etcd_agent.coordinator import Coordinator
+from etcd_agent.coord.coordinator import Coordinator
 from etcd_agent.errors import DuplicateNode, EtcdUnavailable
 
 

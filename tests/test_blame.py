@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agents import AgentProc, keys_of, poll_until, wait_all
 from etcd_agent.config import EtcdConfig, parse_endpoints
-from etcd_agent.etcd import Etcd
+from etcd_agent.etcd.client import Etcd
 
 WORKER = str(Path(__file__).parent.parent / "tools" / "bench" / "worker.py")
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from agents import JOB, CommandLine, poll_until, records
 
-from etcd_agent import flags, job_etcd, standalone
+from etcd_agent.cli import flags, job_etcd
+from etcd_agent.etcd import server as standalone
 from etcd_agent.errors import ConfigError
-from etcd_agent.launch import resolve
-from etcd_agent.standalone import free_port
+from etcd_agent.cli.launch import resolve
+from etcd_agent.etcd.server import free_port
 
 SERVES = "this agent serves the job's etcd at"
 ALL_LEFT = "every agent of the job has left; stopping the job's etcd"

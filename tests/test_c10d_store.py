@@ -19,8 +19,8 @@ import torch.distributed as dist  # noqa: E402
 from agents import poll_until  # noqa: E402
 from etcd_agent.torch.store import EtcdStore  # noqa: E402
 from etcd_agent.config import EtcdConfig, parse_endpoints  # noqa: E402
-from etcd_agent.etcd import Etcd  # noqa: E402
-from etcd_agent.keys import prefix_end  # noqa: E402
+from etcd_agent.etcd.client import Etcd  # noqa: E402
+from etcd_agent.schema.keys import prefix_end  # noqa: E402
 
 pytestmark = pytest.mark.torch
 SECOND = datetime.timedelta(seconds=1)

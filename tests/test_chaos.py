@@ -19,10 +19,10 @@ import pytest
 from agents import (AgentProc, RoundWatcher, job_keys, keys_of, plan_nodes, poll_until, start_agents, wait_all,
                     wait_records)
 from containers import member_class
-from etcd_agent import txns
+from etcd_agent.coord import txns
 from etcd_agent.config import EtcdConfig, parse_endpoints
-from etcd_agent.etcd import Etcd
-from etcd_agent.standalone import FAST_ELECTION_ARGS, EtcdServer
+from etcd_agent.etcd.client import Etcd
+from etcd_agent.etcd.server import FAST_ELECTION_ARGS, EtcdServer
 
 pytestmark = pytest.mark.chaos
 TTL = 3  # short leases keep these tests fast; the defaults are measured by the benchmarks

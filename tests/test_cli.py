@@ -7,10 +7,10 @@ import signal
 
 import pytest
 
-from etcd_agent import flags
+from etcd_agent.cli import flags
 from etcd_agent.config import STD_ALL, STD_OUT, StdSpec
 from etcd_agent.errors import ConfigError
-from etcd_agent.launch import parse_rdzv_conf, resolve
+from etcd_agent.cli.launch import parse_rdzv_conf, resolve
 
 ETCD = "127.0.0.1:2379"
 

@@ -18,7 +18,7 @@ import pytest
 
 import containers
 from agents import RoundWatcher, job_keys, keys_of, poll_until, start_agents, wait_all, wait_records
-from etcd_agent.standalone import health, is_leader
+from etcd_agent.etcd.server import health, is_leader
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "deploy" / "docker-compose.yml"
 MEMBERS = {"etcd1": "127.0.0.1:12379", "etcd2": "127.0.0.1:22379", "etcd3": "127.0.0.1:32379"}

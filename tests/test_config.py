@@ -12,8 +12,8 @@ from etcd_agent.config import (AgentConfig, EtcdConfig, JobSpec, WorkerConfig, e
                                parse_nnodes,
                                resolve_nproc)
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, ConfigError, SpecMismatch
-from etcd_agent.keys import Keys
-from etcd_agent.txns import check_spec
+from etcd_agent.schema.keys import Keys
+from etcd_agent.coord.txns import check_spec
 
 LOCAL = (("127.0.0.1", 2379),)
 
@@ -88,7 +88,7 @@ def _ns(**kw):
 
 
 def test_https_means_tls_with_the_system_cas():
-    from etcd_agent.launch import etcd_config
+    from etcd_agent.cli.launch import etcd_config
 
     cfg = etcd_config(_ns(), "https://etcd.example:2379")
     assert cfg.secure and cfg.tls and cfg.ca_cert is None
@@ -98,14 +98,14 @@ def test_https_means_tls_with_the_system_cas():
 
 
 def test_http_with_a_ca_is_a_contradiction():
-    from etcd_agent.launch import etcd_config
+    from etcd_agent.cli.launch import etcd_config
 
     with pytest.raises(ConfigError, match="http:// means plaintext, but --etcd-cacert asks for TLS"):
         etcd_config(_ns(cacert=__file__), "http://etcd.example:2379")
 
 
 def test_password_auth_over_https_needs_no_ca_file(monkeypatch):
-    from etcd_agent.launch import etcd_config
+    from etcd_agent.cli.launch import etcd_config
 
     monkeypatch.setenv("ETCD_AGENT_ETCD_PASSWORD", "pw")
     cfg = etcd_config(_ns(user="root"), "https://etcd.example:2379")

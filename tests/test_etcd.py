@@ -13,10 +13,10 @@ from agents import poll_until
 from containers import member_class
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.errors import EtcdUnavailable
-from etcd_agent.etcd import Etcd, absent, mod_is, none_under, op_get, op_put
-from etcd_agent.session import Session
-from etcd_agent.standalone import FAST_ELECTION_ARGS, EtcdServer, free_port
-from etcd_agent.watch import Resync, Watch
+from etcd_agent.etcd.client import Etcd, absent, mod_is, none_under, op_get, op_put
+from etcd_agent.etcd.session import Session
+from etcd_agent.etcd.server import FAST_ELECTION_ARGS, EtcdServer, free_port
+from etcd_agent.etcd.watch import Resync, Watch
 
 
 def client(endpoint: str, **kw) -> Etcd:
@@ -150,7 +150,7 @@ def test_unreachable_etcd_is_our_error_naming_the_endpoint():
 def test_one_stream_carries_several_ranges_that_come_and_go(own_etcd):
     """WatchStream: ranges added and removed on the open stream, each resumed after an etcd restart, a removed
     range never delivers again, and a compacted range is re-read while the others go on."""
-    from etcd_agent.watch import WatchStream
+    from etcd_agent.etcd.watch import WatchStream
 
     e, writer = client(own_etcd.endpoint), client(own_etcd.endpoint)
     rev = e.put("/m/start", b"0")

@@ -18,9 +18,10 @@ import pytest
 import containers
 from agents import AgentProc, RoundWatcher, job_keys, keys_of, poll_until, start_agents, wait_all, wait_records
 from etcd_agent.config import EtcdConfig, parse_endpoints, request_timeout_for
-from etcd_agent.etcd import Etcd
-from etcd_agent.session import Session
-from etcd_agent.standalone import EtcdCluster, find_etcd_binary
+from etcd_agent.etcd.client import Etcd
+from etcd_agent.etcd.session import Session
+from etcd_agent.etcd.server import find_etcd_binary
+from etcd_agent.testing.cluster import EtcdCluster
 
 pytestmark = pytest.mark.chaos
 FREEZE_S = 8.0  # longer than the default lease TTL (5 s): no lease may depend on the frozen member

@@ -16,11 +16,11 @@ import time
 import pytest
 
 from agents import poll_until, records, start_agents, wait_all
-from etcd_agent import gpu, health
+from etcd_agent.node import gpu, health
 from etcd_agent.errors import ConfigError
-from etcd_agent.rendezvous import Bump, CheckHealth, ClosePlan, JoinRound, Params, Wait, decide
-from etcd_agent.state import JOINING
-from etcd_agent.values import NodeInfo
+from etcd_agent.coord.decide import Bump, CheckHealth, ClosePlan, JoinRound, Params, Wait, decide
+from etcd_agent.coord.mirror import JOINING
+from etcd_agent.schema.values import NodeInfo
 from test_rendezvous import ME, NOW, PARAMS, jn, me, mk_plan, running_here, view
 
 
@@ -170,8 +170,8 @@ def test_bad_health_flags_name_the_flag(text, timeout, problem):
 
 
 def test_the_flags_reach_the_agent_config(tmp_path):
-    from etcd_agent.cli import build_parser
-    from etcd_agent.launch import resolve
+    from etcd_agent.cli.main import build_parser
+    from etcd_agent.cli.launch import resolve
 
     script = tmp_path / "train.py"
     script.write_text("")
@@ -230,7 +230,7 @@ def test_without_nvml_the_gpu_check_is_skipped_and_says_so_once(caplog):
     def missing():
         raise ImportError("No module named 'pynvml'")
     try:
-        with caplog.at_level(logging.INFO, logger="etcd_agent.gpu"):
+        with caplog.at_level(logging.INFO, logger="etcd_agent.node.gpu"):
             assert gpu.nvml(missing) is None
             assert gpu.nvml(missing) is None and gpu.problems(8) is None and gpu.count() is None
         said = [r.getMessage() for r in caplog.records if "NVML is not available" in r.getMessage()]
@@ -473,7 +473,7 @@ def test_a_forged_registration_costs_at_most_one_scale_up(etcd_endpoint, run_id,
     once, says it was passed over, and never again; a real newcomer after it still gets in."""
     from agents import keys_of
     from etcd_agent.config import EtcdConfig, parse_endpoints
-    from etcd_agent.etcd import Etcd
+    from etcd_agent.etcd.client import Etcd
 
     release = tmp_path / "release"
     first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,

@@ -11,7 +11,7 @@ import pytest
 
 from agents import (ROOT, AgentProc, job_keys, keys_of, plan_nodes, records, start_agents, wait_all, wait_for_key,
                     wait_records)
-from etcd_agent.keys import RunKeys
+from etcd_agent.schema.keys import RunKeys
 
 TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
                  "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
@@ -138,7 +138,7 @@ def test_unreachable_endpoint_fails_with_one_clear_line(tmp_path):
     import subprocess
     import sys
 
-    from etcd_agent.standalone import free_port
+    from etcd_agent.etcd.server import free_port
 
     endpoint = f"127.0.0.1:{free_port()}"
     script = tmp_path / "train.py"

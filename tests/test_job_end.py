@@ -11,11 +11,12 @@ import time
 import pytest
 
 from agents import AgentProc, job_keys, keys_of
-from etcd_agent import errors, txns
+from etcd_agent import errors
+from etcd_agent.coord import txns
 from etcd_agent.config import EtcdConfig, JobSpec, parse_endpoints
-from etcd_agent.etcd import Etcd
-from etcd_agent.keys import RunKeys
-from etcd_agent.values import NodeInfo
+from etcd_agent.etcd.client import Etcd
+from etcd_agent.schema.keys import RunKeys
+from etcd_agent.schema.values import NodeInfo
 
 ROOT = "/etcd-agent"
 SPEC = JobSpec(1, 1, "1", 0)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from etcd_agent.errors import BadKeyData
-from etcd_agent.keys import SCHEMA_VERSION, Keys, ParsedKey, RunKeys, decode, encode
+from etcd_agent.schema.keys import SCHEMA_VERSION, Keys, ParsedKey, RunKeys, decode, encode
 
 K = Keys("/etcd-agent", "job1", 1)
 P = "/etcd-agent/job1/0001/"

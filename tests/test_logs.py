@@ -16,7 +16,7 @@ from agents import JOB, CommandLine, job_keys, keys_of, start_agents, wait_all
 from etcd_agent import logs
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
-from etcd_agent.workers import Assignment, WorkerGroup
+from etcd_agent.node.workers import Assignment, WorkerGroup
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) etcd-agent: (.*)$")
 STAMP = re.compile(r"^\[run (\S+) node (\S+) round (\d+|-)\] ")

@@ -9,11 +9,11 @@ import time
 
 from agents import JOB, AgentProc, job_keys, keys_of, plan_nodes, records, wait_all, wait_for_key
 
-from etcd_agent import txns
-from etcd_agent.coordinator import Coordinator
+from etcd_agent.coord import txns
+from etcd_agent.coord.coordinator import Coordinator
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
-from etcd_agent.standalone import free_port
-from etcd_agent.values import Plan
+from etcd_agent.etcd.server import free_port
+from etcd_agent.schema.values import Plan
 
 
 def agent(etcd_endpoint, run_id, tmp_path, node: str, rank: int, *extra: str) -> AgentProc:

@@ -18,10 +18,10 @@ import pytest
 from agents import AgentProc, keys_of, poll_until, wait_records
 from etcd_agent.config import MAX_NODES, EtcdConfig, JobSpec, parse_endpoints, parse_nnodes
 from etcd_agent.errors import BadKeyData, ConfigError
-from etcd_agent.etcd import Etcd
-from etcd_agent.events import line
-from etcd_agent.health import QuarantinePolicy
-from etcd_agent.values import Quarantine
+from etcd_agent.etcd.client import Etcd
+from etcd_agent.ops.events import line
+from etcd_agent.node.health import QuarantinePolicy
+from etcd_agent.schema.values import Quarantine
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "/etcd-agent/r/0001/quarantine/a"

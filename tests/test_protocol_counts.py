@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agents import poll_until
-from etcd_agent.standalone import EtcdServer
+from etcd_agent.etcd.server import EtcdServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
 

@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 
-from etcd_agent import blame
-from etcd_agent.blame import Attribute, ReportLoss
-from etcd_agent.rendezvous import (Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
+from etcd_agent.coord import blame
+from etcd_agent.coord.blame import Attribute, ReportLoss
+from etcd_agent.coord.decide import (Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
                                    StopWorkers, Wait, WriteExit, build_plan, decide, newcomers, passed_over, result)
-from etcd_agent.state import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
+from etcd_agent.coord.mirror import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
                               Scope, View)
-from etcd_agent.values import Failure, NodeInfo, Outcome, Result, SpecValue
+from etcd_agent.schema.values import Failure, NodeInfo, Outcome, Result, SpecValue
 
 ME = "node-a"
 ROUND_REV = 500

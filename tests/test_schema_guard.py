@@ -11,7 +11,7 @@ import sys
 
 from agents import JOB, job_keys, keys_of, poll_until, records, start_agents, wait_all, wait_for_key, wait_records
 from etcd_agent.config import EtcdConfig, parse_endpoints
-from etcd_agent.etcd import Etcd
+from etcd_agent.etcd.client import Etcd
 
 
 def put(endpoint: str, key: str, value: bytes = b'{"v": 1}') -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from agents import WORKERS, job_keys, keys_of, start_agents, wait_all, wait_records
 from containers import member_class
-from etcd_agent.flags import PASSWORD_ENV
+from etcd_agent.cli.flags import PASSWORD_ENV
 from tls import HAVE_OPENSSL, PASSWORD, TlsEtcd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -224,7 +224,7 @@ def test_a_per_job_user_runs_its_job_and_cannot_touch_another(auth_etcd, pki, ru
     """deploy/etcd-job-user.sh makes a user limited to one run's prefix: its job runs; another run is refused with
     etcd's permission error, and the user cannot read or write another job's keys."""
     from etcd_agent.errors import EtcdAuthError
-    from etcd_agent.etcd import Etcd
+    from etcd_agent.etcd.client import Etcd
 
     pw = tmp_path / "job-password"
     pw.write_text("job-secret\n")

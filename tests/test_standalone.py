@@ -8,7 +8,8 @@ import socket
 import psutil
 import pytest
 
-from etcd_agent import errors, standalone
+from etcd_agent import errors
+from etcd_agent.etcd import server as standalone
 
 
 def _gone(pid: int) -> bool:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from etcd_agent.errors import BadKeyData
-from etcd_agent.etcd import KV
-from etcd_agent.keys import Keys, encode
-from etcd_agent.state import Mirror
-from etcd_agent.watch import Event
+from etcd_agent.etcd.client import KV
+from etcd_agent.schema.keys import Keys, encode
+from etcd_agent.coord.mirror import Mirror
+from etcd_agent.etcd.watch import Event
 
 K = Keys("/etcd-agent", "job1", 1)
 
@@ -79,7 +79,7 @@ def test_bad_static_flags_in_a_join_record_name_the_key(extra):
 def test_a_view_decodes_only_what_changed_and_never_serves_a_stale_value(monkeypatch):
     import json
 
-    from etcd_agent import keys as keys_mod
+    from etcd_agent.schema import keys as keys_mod
 
     nodes = [kv(K.node(f"n{i}"), encode({"host": f"h{i}"}), 10 + i, lease=7) for i in range(5)]
     m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 3), *nodes, revision=20)
@@ -100,7 +100,7 @@ def test_a_view_decodes_only_what_changed_and_never_serves_a_stale_value(monkeyp
 
 
 def test_a_plan_is_stored_compactly_and_read_back_whole():
-    from etcd_agent.values import Member, Plan
+    from etcd_agent.schema.values import Member, Plan
 
     members = (Member("a", 0, "", "10.0.0.1", 4, 0), Member("b", 1, "", "10.0.0.2", 2, 4))
     plan = Plan(7, members, "10.0.0.1", 29500, 2, 3, 0, "b")

@@ -1,5 +1,5 @@
 """etcd-agent's parser against torch's own: every flag of ``torch.distributed.run.get_args_parser()``, walked action by
-action, must exist in ``etcd_agent.cli.build_parser()`` with the same spellings, dest, arity, default, choices and
+action, must exist in ``etcd_agent.cli.main.build_parser()`` with the same spellings, dest, arity, default, choices and
 parsed values, and take its ``PET_<DEST>`` environment form exactly as torch's ``env``/``check_env`` actions do
 (the variable replaces the default; it is read when the parser is built, so every test rebuilds both parsers after
 setting the environment). Flags without an environment form in torch (``--logs-specs``, ``--numa-binding``) must
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.torch
 run = pytest.importorskip("torch.distributed.run")
 from torch.distributed.argparse_util import check_env, env  # noqa: E402
 
-from etcd_agent import cli  # noqa: E402
+from etcd_agent.cli import main as cli
 
 
 def _clean_env() -> None:

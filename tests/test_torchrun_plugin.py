@@ -24,7 +24,7 @@ def python(code: str, *, path: list[str] | None = None, timeout: float = 120) ->
 
 def test_the_agent_never_imports_torch():
     got = python("import json, sys\n"
-                 "import etcd_agent.cli, etcd_agent.agent, etcd_agent.coordinator, etcd_agent.inspect\n"
+                 "import etcd_agent.cli.main, etcd_agent.agent, etcd_agent.coord.coordinator, etcd_agent.ops.status\n"
                  "print(json.dumps({'torch': sorted(m for m in sys.modules if m.split('.')[0] == 'torch')}))")
     assert got == {"torch": []}
 

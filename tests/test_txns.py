@@ -10,15 +10,15 @@ import time
 
 import pytest
 
-from etcd_agent import txns
+from etcd_agent.coord import txns
 from etcd_agent.config import EtcdConfig, JobSpec, parse_endpoints
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, NodeRankTaken, SpecMismatch
-from etcd_agent.etcd import Etcd, op_delete
-from etcd_agent.keys import Keys, RunKeys, encode
-from etcd_agent.rendezvous import Bump, Local, Params, WriteExit, build_plan, decide
-from etcd_agent.state import Mirror
-from etcd_agent.values import Failure, RankClaim
-from etcd_agent.watch import wait_deleted
+from etcd_agent.etcd.client import Etcd, op_delete
+from etcd_agent.schema.keys import Keys, RunKeys, encode
+from etcd_agent.coord.decide import Bump, Local, Params, WriteExit, build_plan, decide
+from etcd_agent.coord.mirror import Mirror
+from etcd_agent.schema.values import Failure, RankClaim
+from etcd_agent.etcd.watch import wait_deleted
 
 
 def setup(endpoint: str, run_id: str, nodes=("a", "b")):
@@ -252,7 +252,7 @@ def test_a_claim_waits_for_a_holder_whose_lease_is_revoked(etcd_endpoint, run_id
                 threading.Thread(target=etcd.lease_revoke, args=(theirs,)).start()
 
     handler = RevokeWhenWaiting()
-    log = logging.getLogger("etcd_agent.txns")
+    log = logging.getLogger("etcd_agent.coord.txns")
     log.addHandler(handler)
     old_level = log.level
     log.setLevel(logging.INFO)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from etcd_agent.errors import BadKeyData
-from etcd_agent.keys import Keys, encode
-from etcd_agent.values import (RECORDS, Exit, Failure, Join, JobPointer, Member, NodeInfo, Outcome, Phase, Plan,
+from etcd_agent.schema.keys import Keys, encode
+from etcd_agent.schema.values import (RECORDS, Exit, Failure, Join, JobPointer, Member, NodeInfo, Outcome, Phase, Plan,
                                RankClaim, Restarts, Result, RoundInfo, SpecValue, read_value)
 
 PACKAGE = Path(__file__).resolve().parent.parent / "etcd_agent"

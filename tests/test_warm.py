@@ -20,11 +20,11 @@ import psutil
 import pytest
 
 from agents import WORKERS, AgentProc, CommandLine, poll_until, records, start_agents, wait_all
-from etcd_agent import priority, warm
+from etcd_agent.node import priority, warm
 from etcd_agent.config import WorkerConfig, worker_base_env
 from etcd_agent.errors import ConfigError
-from etcd_agent.warm import REFILL_DELAY, ROUND_KEYS, SPARE_FILE, SparePool, known_env, parse_preload
-from etcd_agent.workers import Assignment, WorkerGroup, worker_env
+from etcd_agent.node.warm import REFILL_DELAY, ROUND_KEYS, SPARE_FILE, SparePool, known_env, parse_preload
+from etcd_agent.node.workers import Assignment, WorkerGroup, worker_env
 
 IDENTITY = WORKERS / "identity.py"
 JOB = WORKERS / "job.py"
@@ -39,8 +39,8 @@ def test_preload_names_are_checked():
 
 
 def _resolve(*argv: str):
-    from etcd_agent.cli import build_parser
-    from etcd_agent.launch import resolve
+    from etcd_agent.cli.main import build_parser
+    from etcd_agent.cli.launch import resolve
 
     parser = build_parser()
     return resolve(parser, parser.parse_args(list(argv)))
@@ -148,7 +148,7 @@ def test_a_stale_spare_is_killed_and_the_worker_starts_cold(tmp_path, caplog, mo
         first = pool.pids[0]
         stat = mod.stat()
         os.utime(mod, (stat.st_atime, stat.st_mtime + 10))  # the module was upgraded after the spare imported it
-        caplog.set_level("INFO", logger="etcd_agent.warm")
+        caplog.set_level("INFO", logger="etcd_agent.node.warm")
         group.start(_assignment(cfg))
         assert group.pids != [first] and pool.handed == 0
         assert "the files of my_preload changed since it imported them; the worker starts cold" in caplog.text
@@ -464,7 +464,7 @@ def test_a_spare_whose_priority_cannot_be_given_back_is_not_used(tmp_path, monke
         def refuse(pid, prio):
             raise PermissionError(1, "Operation not permitted")
         monkeypatch.setattr(warm.priority, "restore", refuse)
-        caplog.set_level("INFO", logger="etcd_agent.warm")
+        caplog.set_level("INFO", logger="etcd_agent.node.warm")
         group.start(_assignment(cfg))
         assert group.pids != [spare] and pool.handed == 0
         assert (f"the warm spare for local rank 0 (pid {spare}) could not be given the agent's CPU and I/O priority "
@@ -484,7 +484,7 @@ def test_an_agent_that_cannot_leave_sched_idle_keeps_spares_at_normal_priority_a
     monkeypatch.setattr(warm.priority, "probe", lambda: "forced for the test")
     out = tmp_path / "out"
     out.mkdir()
-    caplog.set_level("INFO", logger="etcd_agent.warm")
+    caplog.set_level("INFO", logger="etcd_agent.node.warm")
     cfg, pool, group, exits, done = _prio_group(tmp_path, out, monkeypatch)
     try:
         assert ("warm spares run at normal priority and start 5 s after each round started, because this agent "
@@ -613,7 +613,7 @@ def test_a_spares_log_is_private_and_never_written_through_a_planted_symlink(tmp
         assert modes == {"spares": 0o700, "node": 0o700, "local_rank_0.log": 0o600, "local_rank_1.log": 0o600}
         pool.take(0, _first_envs(cfg)[0]).kill()  # round 1 took it; the next fill is a mid-job one
         spares.chmod(0o777)
-        with caplog.at_level(logging.WARNING, logger="etcd_agent.warm"):
+        with caplog.at_level(logging.WARNING, logger="etcd_agent.node.warm"):
             pool.fill()
         assert pool.disabled and pool.pids.keys() == {1}
         assert [r.getMessage() for r in caplog.records if "off for the rest" in r.getMessage()] == [

@@ -1,4 +1,4 @@
-"""Tests of etcd_agent.workers with real processes: tiny plain-Python workers from tests/workers/.
+"""Tests of etcd_agent.node.workers with real processes: tiny plain-Python workers from tests/workers/.
 
 Every wait is on an event (exit callbacks, a Unix-socket mailbox the workers write to, pidfds), never a sleep.
 """
@@ -26,9 +26,9 @@ from agents import poll_until
 from etcd_agent import config
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
-from etcd_agent.worker_logs import Dest, line_prefix, route
-from etcd_agent.warm import SparePool
-from etcd_agent.workers import Assignment, WorkerExit, WorkerGroup, worker_env
+from etcd_agent.node.worker_logs import Dest, line_prefix, route
+from etcd_agent.node.warm import SparePool
+from etcd_agent.node.workers import Assignment, WorkerExit, WorkerGroup, worker_env
 
 WORKERS = Path(__file__).parent / "workers"
 REPO = Path(__file__).parent.parent
@@ -345,7 +345,7 @@ def test_a_fencing_stop_brings_a_slower_stops_sigkill_forward(make_group, mailbo
     """The main thread stops the group with the full 60 s grace; the keepalive thread, fencing, stops it with 0.5 s
     while the first stop still waits: the worker (which ignores SIGTERM) is SIGKILLed at the fence's deadline, and
     both calls return long before the first one's grace."""
-    from etcd_agent.workers import GroupState
+    from etcd_agent.node.workers import GroupState
 
     group, exits = make_group("hang.py", "--ignore-term", stop_timeout=60)
     group.start(assignment())
@@ -363,7 +363,7 @@ def test_a_fencing_stop_brings_a_slower_stops_sigkill_forward(make_group, mailbo
 
 
 def test_the_group_moves_through_its_states_only_forward(make_group, mailbox):
-    from etcd_agent.workers import GroupState
+    from etcd_agent.node.workers import GroupState
 
     group, _exits = make_group("hang.py", stop_timeout=5)
     assert group.state is GroupState.IDLE

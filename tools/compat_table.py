@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         if any(x.multinode for x in lines):
-            from etcd_agent.standalone import EtcdServer
+            from etcd_agent.etcd.server import EtcdServer
 
             server = EtcdServer(name="compat-table").start()
         for x in lines:

@@ -10,8 +10,8 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from ..values import Failure
-from ..workers import Assignment, WorkerExit
+from ..schema.values import Failure
+from ..node.workers import Assignment, WorkerExit
 
 if TYPE_CHECKING:
     from .rendezvous import EtcdV3RendezvousHandler

@@ -52,15 +52,16 @@ from torch.distributed.elastic.rendezvous import (RendezvousClosedError, Rendezv
                                                   RendezvousParameters, RendezvousStateError,
                                                   RendezvousStoreInfo, RendezvousTimeoutError)
 
-from .. import __version__, logs, txns
+from .. import __version__, logs
+from ..coord import txns
 from ..agent import Agent
 from ..errors import (AgentError, BadKeyData, ConfigError, EtcdUnavailable, JobEnded, JobFailed, JobStopped,
                       SpecMismatch)
-from ..etcd import Etcd
+from ..etcd.client import Etcd
 from ..secure import redact
-from ..session import Session
-from ..values import Failure, NodeInfo
-from ..workers import Assignment, WorkerExit
+from ..etcd.session import Session
+from ..schema.values import Failure, NodeInfo
+from ..node.workers import Assignment, WorkerExit
 from .group import TorchrunWorkers
 from .settings import BACKEND, BackendSettings, settings
 from .store import EtcdStore

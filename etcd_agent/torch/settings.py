@@ -91,8 +91,8 @@ def _value(key: str, raw, kind: str):
 
 def settings(params) -> BackendSettings:
     """The backend's settings from torch's parameters; ConfigError names the ``--rdzv-*`` flag or conf key."""
-    from ..flags import PASSWORD_ENV
-    from ..launch import etcd_config
+    from ..cli.flags import PASSWORD_ENV
+    from ..cli.launch import etcd_config
 
     conf: dict = {}
     for key, raw in params.config.items():

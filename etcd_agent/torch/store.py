@@ -50,8 +50,8 @@ import torch.distributed as dist
 from .. import logs
 from ..config import EtcdConfig, parse_endpoints
 from ..errors import EtcdError, EtcdRequestError
-from ..etcd import Etcd, absent, mod_is, op_delete, op_get, op_get_at, op_put, prefix_end, value_is
-from ..watch import Resync, WatchStream
+from ..etcd.client import Etcd, absent, mod_is, op_delete, op_get, op_get_at, op_put, prefix_end, value_is
+from ..etcd.watch import Resync, WatchStream
 
 log = logs.get("etcd_agent.torch.store")
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops

@@ -22,7 +22,7 @@ and raises at the end naming what it could not remove. What it made is recorded 
 a bed whose test session was killed is removed by the next build, or by `python tests/cluster/record.py clean`;
 a second bed on this machine waits for the first to go.
 
-Imports the project only for its embedded etcd (``etcd_agent.standalone``).
+Imports the project only for its embedded etcd (``etcd_agent.etcd.server``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import psutil
 
-from etcd_agent import standalone
+from etcd_agent.etcd import server as standalone
 from .record import BedError, Record, clean_stale, edit_hosts, kill_namespace, remove, run
 
 log = logging.getLogger("cluster-bed")

@@ -8,7 +8,7 @@ import sys
 import threading
 
 from etcd_agent.config import WorkerConfig
-from etcd_agent.workers import Assignment, WorkerGroup
+from etcd_agent.node.workers import Assignment, WorkerGroup
 
 codes: list[int] = []
 ended = threading.Event()

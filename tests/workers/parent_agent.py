@@ -8,7 +8,7 @@ import sys
 import threading
 
 from etcd_agent.config import WorkerConfig
-from etcd_agent.workers import Assignment, WorkerGroup
+from etcd_agent.node.workers import Assignment, WorkerGroup
 
 here = os.path.dirname(os.path.abspath(__file__))
 cfg = WorkerConfig(entrypoint=os.path.join(here, "hang.py"), args=(), nproc=1, log_dir=sys.argv[1])

@@ -6,7 +6,7 @@
 What runs. Every simulated node is the production ``etcd_agent.agent.Agent`` in a thread of its own calling
 ``run()``: a real etcd client, session lease and keepalive thread, watch, mirror, ``decide`` and guarded txns
 (``sim.py``). Only the workers are stand-ins that run until stopped or until the scenario ends them. For each N the
-benchmark starts a fresh etcd (``etcd_agent.standalone.EtcdServer``, etcd's defaults plus a 4 GiB backend quota;
+benchmark starts a fresh etcd (``etcd_agent.etcd.server.EtcdServer``, etcd's defaults plus a 4 GiB backend quota;
 data on tmpfs unless ``--etcd-dir`` says otherwise, so that this VM's disk does not set the pace), ceil((N-1)/K)
 processes (``sim_proc.py``) of at most K agents, and one more process holding only the victim of scenario 3. All N
 form one job: ``--nnodes (N-2):N --max-restarts 10 --lease-ttl 60 --nproc-per-node 1``.
@@ -92,9 +92,9 @@ from scale_procs import Board, Fleet, count_lines, cpu_of, prioritize, schedstat
 
 import etcd_agent
 from etcd_agent.config import EtcdConfig, parse_endpoints
-from etcd_agent.etcd import Etcd
-from etcd_agent.keys import Keys
-from etcd_agent.standalone import EtcdServer
+from etcd_agent.etcd.client import Etcd
+from etcd_agent.schema.keys import Keys
+from etcd_agent.etcd.server import EtcdServer
 
 HERE = Path(__file__).resolve().parent
 ETCD_ARGS = ("--quota-backend-bytes=4294967296",)

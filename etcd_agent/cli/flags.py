@@ -1,0 +1,300 @@
+"""The agent's command line: every flag of torch 2.13's torchrun, with torchrun's spellings, arity, defaults and
+``PET_<DEST>`` environment forms, plus etcd-agent's own flags.
+
+Guarantees:
+
+- A torchrun flag parses to the same ``dest`` and the same value as under ``torch.distributed.run``; its
+  ``PET_<DEST>`` variable replaces the default exactly as torch's ``env``/``check_env`` actions do (read when the
+  parser is built), but a bad value is a ConfigError naming the variable instead of a traceback.
+- ``sources(ns)`` tells, for every dest, where its value came from: the option string used on the command line,
+  the environment variable, or nothing (the default). Callers use it to refuse contradicting flags with an error
+  naming both, instead of letting one silently override the other.
+
+Imports only ``config`` and ``errors``; never torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Callable
+
+from ..errors import ConfigError
+
+_SOURCES = "_etcd_agent_sources"  # namespace attribute: dest -> the option string given on the command line
+PASSWORD_ENV = "ETCD_AGENT_ETCD_PASSWORD"
+NUMA_MODES = ("node", "socket", "exclusive", "core-complex")  # torch.numa.binding.AffinityMode in torch 2.13
+START_METHODS = ("spawn", "fork", "forkserver")
+
+
+def comma_separated_list(value: str) -> list[str]:
+    """torchrun's type for the duplicate filters: items split on ``,``; ``,,`` stands for a literal comma."""
+    placeholder = "\0"
+    return [item.replace(placeholder, ",") for item in value.replace(",,", placeholder).split(",")]
+
+
+class _FromEnv:
+    """The ``type`` of a flag whose default came from its environment variable: the variable's value is checked
+    only when it is used (argparse converts a string default only when the flag is not given, as torch does), and
+    a bad one is an error naming the variable."""
+
+    def __init__(self, type_: Callable | None, env_name: str, raw: str, choices, flag: str):
+        self.type, self.env_name, self.raw, self.choices, self.flag = type_, env_name, raw, choices, flag
+        self.__name__ = getattr(type_, "__name__", "value")  # argparse names the type in its own messages
+
+    def __call__(self, value: str):
+        if value is self.raw:  # the default itself, not a value typed on the command line
+            if self.choices is not None and value not in self.choices:
+                raise argparse.ArgumentTypeError(f"${self.env_name}={value!r}: {self.flag} must be one of "
+                                                 f"{', '.join(self.choices)}")
+            try:
+                return self.type(value) if self.type else value
+            except (TypeError, ValueError) as exc:
+                raise argparse.ArgumentTypeError(f"${self.env_name}={value!r} is not a valid value for {self.flag} "
+                                                 f"({exc})") from exc
+        return self.type(value) if self.type else value
+
+
+class _Given(argparse.Action):
+    """Stores the value and remembers which option string gave it."""
+
+    env_name = ""  # the environment variable that can replace the default; "" when there is none
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = _given(namespace).get(self.dest)
+        if before is not None and before not in self.option_strings and getattr(namespace, self.dest) != values:
+            # Two different flags for one setting (an alias): never let the later one silently win.
+            raise ConfigError(f"{before} {getattr(namespace, self.dest)!r} and {option_string} {values!r} disagree; "
+                              "give one")
+        setattr(namespace, self.dest, values)
+        _given(namespace)[self.dest] = option_string
+
+
+class Env(_Given):
+    """torch's ``env`` action: ``PET_<DEST>`` replaces the default."""
+
+    def __init__(self, option_strings, dest, default=None, required=False, env_prefix="PET_", **kwargs):
+        self.env_name = f"{env_prefix}{dest.upper()}"
+        if self.env_name in os.environ:
+            default = os.environ[self.env_name]
+            kwargs["type"] = _FromEnv(kwargs.get("type"), self.env_name, default, kwargs.get("choices"),
+                                      option_strings[-1])
+        if default:
+            required = False
+        super().__init__(option_strings, dest, default=default, required=required, **kwargs)
+
+
+class CheckEnv(_Given):
+    """torch's ``check_env`` action: a switch; ``PET_<DEST>=1`` (any non-zero integer) turns it on by default."""
+
+    def __init__(self, option_strings, dest, default=False, **kwargs):
+        self.env_name = f"PET_{dest.upper()}"
+        raw = os.environ.get(self.env_name, "1" if default else "0")
+        try:
+            default = bool(int(raw))
+        except ValueError as exc:
+            raise ConfigError(f"${self.env_name}={raw!r}: {option_strings[-1]} takes 0 or 1 from the "
+                              "environment") from exc
+        super().__init__(option_strings, dest, const=True, default=default, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, self.const, option_string)
+
+
+class Store(_Given):
+    """A plain option (no environment form), remembering that it was given."""
+
+
+class StoreTrue(_Given):
+    def __init__(self, option_strings, dest, default=False, **kwargs):
+        super().__init__(option_strings, dest, const=True, default=default, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, self.const, option_string)
+
+
+def subcommand_flags(p: argparse.ArgumentParser) -> None:
+    """The etcd flags of ``status`` and ``stop``, with torchrun's names for the endpoint and the id as aliases."""
+    etcd_flags(p)
+    p.add_argument(*_both("--rdzv-endpoint"), dest="endpoints", action=Store, help="alias of --etcd-endpoints")
+    p.add_argument(*_both("--rdzv-id"), dest="run_id", action=Store, help="alias of --run-id")
+
+
+def _given(ns: argparse.Namespace) -> dict[str, str]:
+    if not hasattr(ns, _SOURCES):
+        setattr(ns, _SOURCES, {})
+    return getattr(ns, _SOURCES)
+
+
+def sources(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> dict[str, str]:
+    """dest -> where its value came from (``--flag``, ``$PET_FLAG``); dests left at their default are absent."""
+    out = {}
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public list of actions
+        env_name = getattr(action, "env_name", "")
+        if env_name and env_name in os.environ:
+            out[action.dest] = f"${env_name}"
+    out.update(_given(ns))
+    return out
+
+
+def _both(*names: str) -> list[str]:
+    """A flag's dashed names plus their underscored spellings (torchrun accepts both)."""
+    out = list(names)
+    for n in names:
+        if n.startswith("--") and "-" in n[2:]:
+            out.append("--" + n[2:].replace("-", "_"))
+    return out
+
+
+def _torchrun_flags(p: argparse.ArgumentParser) -> None:
+    """torch 2.13's ``torch.distributed.run.get_args_parser()``, flag for flag (tests compare the two)."""
+    g = p.add_argument_group("torchrun flags (same names, defaults and PET_* variables as torchrun)")
+    g.add_argument("--nnodes", action=Env, type=str, default="1:1", help="N or MIN:MAX nodes (default 1:1)")
+    g.add_argument(*_both("--nproc-per-node"), action=Env, type=str, default="1",
+                   help="workers per node: N, gpu, cpu, xpu or auto (default 1)")
+    g.add_argument(*_both("--rdzv-backend"), action=Env, type=str, default="static",
+                   help="accepted for any value; with etcd, etcd-v2 or etcd-v3 --rdzv-endpoint is the etcd cluster")
+    g.add_argument(*_both("--rdzv-endpoint"), action=Env, type=str, default="",
+                   help="with an etcd backend: the etcd endpoints; otherwise not used for coordination")
+    g.add_argument(*_both("--rdzv-id"), action=Env, type=str, default="none", help="the job's id (alias --run-id)")
+    g.add_argument(*_both("--rdzv-conf"), action=Env, type=str, default="",
+                   help="KEY=VALUE,...: torchrun's rendezvous keys and etcd-agent's own options (see README)")
+    g.add_argument("--standalone", action=CheckEnv, help="one-node job on a private, embedded etcd")
+    g.add_argument(*_both("--max-restarts"), action=Env, type=int, default=0, help="job-wide restart budget")
+    g.add_argument(*_both("--monitor-interval"), action=Env, type=float, default=0.1,
+                   help="accepted; not needed: worker exits are seen the moment they happen")
+    g.add_argument(*_both("--start-method"), action=Env, type=str, default="spawn", choices=list(START_METHODS),
+                   help="accepted; workers are always started as new processes, as torchrun does for scripts")
+    g.add_argument(*_both("--event-log-handler"), action=Env, type=str, default="null",
+                   help="accepted; etcd-agent's events are its log lines and its etcd keys")
+    g.add_argument("--role", action=Env, type=str, default="default", help="the workers' ROLE_NAME")
+    g.add_argument("-m", "--module", action=CheckEnv, help="run the entrypoint as a module (python -m)")
+    g.add_argument(*_both("--no-python"), action=CheckEnv, help="run the entrypoint as a program")
+    g.add_argument(*_both("--run-path"), action=CheckEnv,
+                   help="run the script as a Python script even with --no-python (torchrun's runpy.run_path)")
+    g.add_argument(*_both("--log-dir"), action=Env, type=str, default=None,
+                   help="worker logs and error files go here (default: a temporary directory)")
+    g.add_argument("-r", "--redirects", action=Env, type=str, default="0",
+                   help="streams to log files only: 0-3 or LOCAL_RANK:STD,... (1 stdout, 2 stderr, 3 both)")
+    g.add_argument("-t", "--tee", action=Env, type=str, default="0",
+                   help="streams to log files and the console, prefixed [<role><local rank>]:")
+    g.add_argument(*_both("--local-ranks-filter"), action=Env, type=str, default="",
+                   help="only these local ranks reach the console, e.g. 0,1")
+    g.add_argument(*_both("--duplicate-stdout-filters"), action=Env, type=comma_separated_list, default=[],
+                   help="stdout lines containing any of these also go to filtered_stdout.log")
+    g.add_argument(*_both("--duplicate-stderr-filters"), action=Env, type=comma_separated_list, default=[],
+                   help="stderr lines containing any of these also go to filtered_stderr.log")
+    g.add_argument(*_both("--node-rank"), type=int, action=Env, default=0,
+                   help="static lines: pins this node's group rank")
+    g.add_argument(*_both("--master-addr"), default="127.0.0.1", type=str, action=Env,
+                   help="static lines: the workers' MASTER_ADDR (given with --node-rank)")
+    g.add_argument(*_both("--master-port"), default=None, type=int, action=Env,
+                   help="static lines: the workers' MASTER_PORT (default: a free port on group rank 0)")
+    g.add_argument(*_both("--local-addr"), default=None, type=str, action=Env,
+                   help="the address peers reach this node at (default: this host's FQDN address)")
+    g.add_argument(*_both("--logs-specs"), default=None, type=str, action=Store,
+                   help="accepted when the torchrun.logs_specs entry point exists; etcd-agent's own log layout "
+                        "is used")
+    g.add_argument(*_both("--numa-binding"), type=str, choices=list(NUMA_MODES), default=None, action=Store,
+                   help="accepted; etcd-agent does not bind workers to NUMA nodes (a warning says so)")
+    g.add_argument(*_both("--signals-to-handle"), action=Env, type=str, default="SIGTERM,SIGINT,SIGHUP,SIGQUIT",
+                   help="signals that make the agent stop its workers with that same signal and leave")
+    g.add_argument(*_both("--shutdown-timeout"), action=Env, type=int, default=None,
+                   help="grace between the stop signal and SIGKILL (alias of --stop-timeout; also "
+                        "$TORCH_ELASTIC_SHUTDOWN_TIMEOUT)")
+    g.add_argument(*_both("--virtual-local-rank"), action=CheckEnv,
+                   help="LOCAL_RANK=0 and one device per worker through CUDA_VISIBLE_DEVICES")
+    for action in g._group_actions:
+        action.torchrun = True  # see Parser
+
+
+def etcd_flags(p: argparse.ArgumentParser) -> None:
+    """How to reach etcd and which job: shared by the agent and the status/stop subcommands."""
+    g = p.add_argument_group("etcd")
+    g.add_argument(*_both("--etcd-endpoints"), action=Env, env_prefix="ETCD_AGENT_", dest="endpoints", default=None,
+                   help="etcd client endpoints HOST:PORT[,...] (env ETCD_AGENT_ENDPOINTS)")
+    g.add_argument(*_both("--run-id"), action=Env, env_prefix="ETCD_AGENT_", dest="run_id", default=None,
+                   help="the job's id, the same on every node (alias of --rdzv-id; env ETCD_AGENT_RUN_ID)")
+    g.add_argument(*_both("--etcd-prefix"), dest="root", default="/etcd-agent", action=Store,
+                   help="root of all keys (default /etcd-agent)")
+    g.add_argument(*_both("--etcd-cacert"), dest="cacert", action=Store, help="CA bundle: talk TLS to etcd")
+    g.add_argument(*_both("--etcd-cert"), dest="cert", action=Store, help="client certificate (mutual TLS)")
+    g.add_argument(*_both("--etcd-key"), dest="key", action=Store, help="client certificate key (mutual TLS)")
+    g.add_argument(*_both("--etcd-user"), dest="user", action=Store,
+                   help=f"etcd user (TLS only); the password comes from --etcd-password-file or ${PASSWORD_ENV}")
+    g.add_argument(*_both("--etcd-password-file"), dest="password_file", action=Store,
+                   help="file holding the etcd user's password (its first line); workers never see it")
+    g.add_argument(*_both("--etcd-timeout"), dest="etcd_timeout", type=float, default=10.0, action=Store,
+                   help="seconds to keep trying to reach etcd at start (default 10)")
+
+
+def _agent_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("etcd-agent options (also accepted as --rdzv-conf keys)")
+    g.add_argument(*_both("--node-id"), action=Store, help="this node's id (default: host name plus a short suffix)")
+    g.add_argument(*_both("--lease-ttl"), type=int, default=5, action=Store,
+                   help="session lease TTL in seconds: a lost node is seen within it (default 5)")
+    g.add_argument(*_both("--last-call"), type=float, default=3.0, action=Store,
+                   help="seconds a round waits for more nodes once MIN joined (default 3)")
+    g.add_argument(*_both("--join-timeout"), type=float, default=600.0, action=Store,
+                   help="seconds to wait for MIN nodes (default 600)")
+    g.add_argument(*_both("--stop-timeout"), type=float, default=10.0, action=Store,
+                   help="grace between the stop signal and SIGKILL for workers (default 10)")
+    g.add_argument(*_both("--scale-settle"), type=float, default=1.0, action=Store,
+                   help="seconds new nodes are batched before scaling up (default 1)")
+    g.add_argument(*_both("--worker-timeout"), type=float, default=0.0, action=Store,
+                   help="restart the job when a worker shows no progress for this many seconds (default 0: off; "
+                        "see etcd_agent.progress.beat)")
+    g.add_argument(*_both("--health-check"), dest="health_check", action=Store, default=None,
+                   help="a command run before this node joins each round (no shell; exit 0 = healthy): an unhealthy "
+                        "node does not join, says why in etcd and checks again after a backoff")
+    g.add_argument(*_both("--health-check-timeout"), dest="health_check_timeout", type=float, default=60.0,
+                   action=Store, help="seconds the --health-check command may take; longer is unhealthy (default 60)")
+    g.add_argument("--spare", action=StoreTrue,
+                   help="a hot spare: registers and joins rounds, but is planned only in place of a lost or "
+                        "quarantined member (nodes beyond --nnodes MAX wait the same way)")
+    g.add_argument(*_both("--quarantine-after"), dest="quarantine_after", type=int, default=0, action=Store,
+                   help="this node sits out for --quarantine-cooldown once its workers failed this many times within "
+                        "--quarantine-window (default 0: off)")
+    g.add_argument(*_both("--quarantine-window"), dest="quarantine_window", type=float, default=600.0, action=Store,
+                   help="seconds in which --quarantine-after failures count (default 600)")
+    g.add_argument(*_both("--quarantine-cooldown"), dest="quarantine_cooldown", type=float, default=600.0,
+                   action=Store, help="seconds a quarantined node sits out (default 600)")
+    g.add_argument(*_both("--gpu-drain-timeout"), dest="gpu_drain_timeout", type=float, default=30.0, action=Store,
+                   help="GPU jobs: seconds to wait for the stopped workers' GPU memory to be released before new "
+                        "workers start (default 30; needs nvidia-ml-py)")
+    g.add_argument(*_both("--warm-restart"), dest="warm_restart", action=StoreTrue,
+                   help="keep one pre-started Python per local rank, with --preload imported, and start each round's "
+                        "workers from them (a restart skips the interpreter start and the imports); off by default")
+    g.add_argument("--preload", action=Store, default="torch,torch._dynamo",
+                   help="--warm-restart: comma-separated modules the pre-started interpreters import (default "
+                        "torch,torch._dynamo: DDP, FSDP and torch.compile import torch._dynamo on first use; '' for "
+                        "none)")
+    g.add_argument(*_both("--log-level"), action=Env, env_prefix="ETCD_AGENT_", default="INFO",
+                   help="agent log level (default INFO; env ETCD_AGENT_LOG_LEVEL)")
+
+
+class Parser(argparse.ArgumentParser):
+    """An abbreviation that torchrun's parser resolves (``--run-`` for ``--run-path``) resolves the same here, even
+    where etcd-agent's own flags (``--run-id``) would make it ambiguous."""
+
+    def _get_option_tuples(self, option_string):
+        found = super()._get_option_tuples(option_string)
+        if len(found) > 1:
+            torchrun = {id(t[0]): t for t in found if getattr(t[0], "torchrun", False)}
+            if len(torchrun) == 1:
+                return list(torchrun.values())
+        return found
+
+
+def build_parser(version: str = "") -> argparse.ArgumentParser:
+    p = Parser(
+        prog="etcd-agent", description="Elastic launcher for multi-node PyTorch jobs, coordinated through etcd v3; "
+        "takes torchrun's command line. Subcommands: 'etcd-agent status ...' and 'etcd-agent stop ...'.")
+    _torchrun_flags(p)
+    etcd_flags(p)
+    _agent_flags(p)
+    p.add_argument("--version", action="version", version=f"etcd-agent {version}")
+    p.add_argument("training_script", type=str,
+                   help="training script (or module with -m, or program with --no-python)")
+    p.add_argument("training_script_args", nargs=argparse.REMAINDER, help="arguments for the training script")
+    return p

@@ -1,0 +1,97 @@
+"""Command line: torchrun-compatible flags -> AgentConfig -> Agent -> exit code; plus ``status`` and ``stop``.
+
+Exit codes: 0 the job succeeded, 1 the job failed or was stopped (an agent that arrives while the run's ended job
+still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, unreachable
+etcd at start), 128+N when the agent itself was ended by signal N. Every error is one line naming the flag, key
+or file; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .. import __version__
+from .. import logs
+from . import flags
+from ..config import EtcdConfig
+from ..errors import EXIT_OK, AgentError, ConfigError, JobEnded
+from .launch import etcd_config, resolve
+
+log = logs.get("etcd_agent.cli.main")
+SUBCOMMANDS = ("status", "stop", "events")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """torchrun's whole command line plus etcd-agent's own flags (see ``flags``)."""
+    return flags.build_parser(__version__)
+
+
+def _subcommand_config(ns: argparse.Namespace) -> EtcdConfig:
+    return etcd_config(ns, ns.endpoints, "--etcd-endpoints")
+
+
+def _setup_logging(level: str) -> None:
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ConfigError(f"--log-level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(level=numeric, stream=sys.stderr, format=logs.FORMAT)
+
+
+def run_agent(argv: list[str]) -> int:
+    from ..agent import Agent, install_signal_handlers
+    from .job_etcd import JobEtcd
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    _setup_logging(ns.log_level)
+    launch = resolve(parser, ns)  # every flag and the entrypoint checked before etcd starts
+    for note in launch.notes:
+        log.warning("%s", note)
+    job_etcd, agent = JobEtcd(launch.embedded, launch.serve), None
+    try:
+        cfg = job_etcd.start(launch.cfg)  # a one-node job's embedded etcd, or the one a c10d line's endpoint names
+        log.info("run %s, node %s, %d worker(s), nnodes %d:%d, worker logs under %s", cfg.run_id, cfg.node_id,
+                 cfg.workers.nproc, cfg.spec.min_nodes, cfg.spec.max_nodes,
+                 cfg.workers.log_dir or "a temporary directory")
+        agent = Agent(cfg, __version__)
+        install_signal_handlers(agent, cfg.signals)
+        try:
+            return agent.run()
+        except JobEnded as exc:  # the run's job ended and some of its nodes are still registered: its end is ours
+            if exc.exit_code != EXIT_OK:
+                raise
+            log.info("%s; this agent started nothing", exc)
+            return EXIT_OK
+        except AgentError as exc:
+            if agent.signalled:
+                _error(str(exc))
+                return 128 + agent.signalled
+            raise
+    finally:
+        job_etcd.stop(agent.keys if agent is not None else None)  # a served etcd: after the other agents left
+
+
+def _error(msg: str) -> None:
+    print(f"etcd-agent: error: {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            from ..ops.status import run_subcommand
+
+            return run_subcommand(argv[0], argv[1:], flags.subcommand_flags, _subcommand_config, _setup_logging)
+        return run_agent(argv)
+    except AgentError as exc:
+        _error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug must still end in one clear line; the traceback goes to DEBUG
+        log.debug("unexpected error", exc_info=True)
+        _error(f"unexpected {type(exc).__name__}: {exc} (run with --log-level DEBUG for the traceback)")
+        return 1

@@ -1,0 +1,483 @@
+"""Rendezvous and job lifecycle decisions: ``decide(view, local, params) -> Action``, pure and I/O free.
+
+The agent turns each action into one guarded txn (``txns.py``) or one local step; a failed compare means "re-read
+and decide again". Invariants this module keeps:
+- Round leader: the joiner with the lowest join create_revision (etcd's election pattern). Only it closes a
+  round: at once with ``max_nodes`` joiners; at once with ``min_nodes`` when the job ran before and every
+  registered node has joined (the fast path that makes a re-rendezvous after a failure immediate); otherwise ``last_call`` seconds after
+  ``min_nodes`` was reached. Fewer than ``min_nodes``, or ranks still missing, at ``join_timeout`` fails the job.
+- Ranks: a node started with ``--node-rank k`` (its join record's ``node_rank``) has group rank k in every plan;
+  the others fill the free ranks in stable order: members of the previous plan keep their relative order,
+  newcomers follow in join order. Ranks are exactly 0..n-1: while a pin is >= the number of members the plan
+  would have, the leader waits instead of closing (the last call and the join timeout still apply; the timeout
+  names the missing ranks). The leased claim ``P/node_ranks/<k>`` keeps two live nodes from sharing a pin.
+  Worker ranks are prefix sums of nproc over group ranks.
+- The master is group rank 0: the ``--master-addr``/``--master-port`` its join record carries, else its address
+  and the port it found free.
+- A plan member is lost when its leased join key vanishes without an exit key: a new session of the same node id
+  can never hide the loss of the old one. An agent that fenced itself sees its own old join key (another lease)
+  as lost too, so it never starts workers into a plan made with its old session.
+- Views may be partial (``View.scope``): a loss counts only where the view watches it (the leader watches every
+  member, the others their ring predecessor); only the leader times a round out, closes it or scales up; an
+  absence the view does not watch is never read as a fact.
+- Health: a node whose health check failed (``health.py``) does not join until it passes again; its registry entry
+  says why, and the leader's fast path and scale-up count healthy nodes only, so nobody waits for it. A node with a
+  check to pass registers ``checking`` and counts only once one passed (it checks while the job runs without it),
+  so a slow check never makes the leader scale up for a node that cannot join yet. An unhealthy node outside a
+  forming round watches it (``Coordinator.maintain``): when nobody joined by the join timeout, it fails the job.
+- Scale-ups: one is made for the newcomers registered as of a revision (``RoundInfo.scaled_for``); one that did
+  not admit a node is not repeated for it until its registry entry changes (a live node that passes its check
+  again says so by writing it), so a forged or stuck registration costs one uncounted restart, not one per round.
+- Restarts are counted job-wide: worker failures and node losses count, scale-ups do not. Once any node's
+  workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run.
+- Blame (``blame.py``): a node lost within a lease TTL of its round's failures is that round's cause. A full view
+  writes the loss report (``ReportLoss``) of a member of the last plan lost after its round restarted; a restart for
+  a loss writes the lost nodes' reports with it. A loss and the failures it caused are one restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import blame
+from .blame import Attribute, ReportLoss
+from .mirror import DONE, FAILED, FINAL_PHASES, JOINING, View
+from ..schema.values import Failure, Join, Member, Outcome, Phase, Plan, Result, RoundInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    min_nodes: int
+    max_nodes: int
+    max_restarts: int
+    last_call: float
+    join_timeout: float
+    scale_settle: float
+    lease_ttl: float = 5.0  # how soon a dead node's lease ends: a loss that near a failure is blamed for it
+
+
+@dataclasses.dataclass(frozen=True)
+class Local:
+    """What only this agent knows: its workers and its timers (monotonic seconds)."""
+
+    node: str
+    now: float
+    wall: float
+    workers_round: int = 0  # the round whose workers run or ran here (0: none)
+    workers_running: bool = False
+    outcome: Outcome | None = None  # succeeded / failed once known for workers_round
+    failure: Failure | None = None  # this node's failure report when outcome is failed
+    lease: int = 0  # this agent's current session lease: join keys of an older session of this node are stale
+    round_seen_at: float = 0.0  # when this agent first saw the current round number
+    min_reached_at: float | None = None  # when this agent first saw min_nodes joiners in the current round
+    newcomers_since: float | None = None  # when this agent first saw a registered node outside the plan
+    unhealthy: str = ""  # why this node failed its last health check ("" healthy): it does not join
+    health_retry_at: float = 0.0  # when an unhealthy node checks itself again
+    checking: bool = False  # its health check runs (off the loop): it joins when the verdict is in
+    ready: bool = True  # a health check passed since it registered (False: it checks before it is counted)
+    draining: bool = False  # the GPU memory drain of its last workers runs (off the loop): nothing starts yet
+    pending: Failure | None = None  # its failure that restarted the job, until it is known whether it counts
+
+
+@dataclasses.dataclass(frozen=True)
+class Wait:
+    why: str
+    deadline: float | None = None  # monotonic; None: until something changes
+    timeout_at: float | None = None  # when the forming round times out (--join-timeout), for the log; None: not timed
+
+
+@dataclasses.dataclass(frozen=True)
+class StopWorkers:
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StartWorkers:
+    plan: Plan
+    member: Member
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinRound:
+    round: RoundInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class ClosePlan:
+    round: RoundInfo
+    plan: Plan
+    join_revisions: tuple[tuple[str, int], ...] = ()  # (member, create_revision of its join key): the txn's guard
+    seen_revision: int = 0  # the view's revision: no join key may have been written after it
+
+
+@dataclasses.dataclass(frozen=True)
+class Bump:
+    round: RoundInfo
+    reason: str
+    counted: bool
+    failure: Failure | None = None
+    scaled_for: int | None = None  # a scale-up: the newest registry revision of the newcomers it is made for
+    losses: tuple[Failure, ...] = ()  # loss reports of the lost members (a restart for a loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckHealth:
+    """A node outside the running round checks itself (again): an unhealthy one when its retry is due, one that has
+    not passed a check yet at once; passing, it counts for the next round. ``announce``: a scale-up passed it over,
+    so a pass is written into its registry entry even when nothing else changed there (the leader then scales up for
+    it once more)."""
+
+    round: RoundInfo
+    announce: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteExit:
+    round: RoundInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class End:
+    round: RoundInfo
+    phase: Phase
+    result: Result
+    failure: Failure | None = None
+    unjoined: bool = False  # a join timeout decided by a node that did not join: only if nobody joined the round
+    losses: tuple[Failure, ...] = ()  # loss reports of the lost members (an end for a loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    result: Result
+
+
+Action = (Wait | StopWorkers | StartWorkers | JoinRound | ClosePlan | Bump | WriteExit | End | Finish | CheckHealth
+          | ReportLoss | Attribute)
+
+
+def decide(v: View, me: Local, p: Params) -> Action:
+    r = v.round
+    if v.result is not None:
+        return StopWorkers("the job ended") if me.workers_running else Finish(v.result)
+    if r is None:
+        return Wait("the job's round key is not there yet")
+    if r.phase in FINAL_PHASES:
+        return Wait(f"round {r.number} is {r.phase}; waiting for its result key")
+    if me.workers_running and me.workers_round != r.number:
+        return StopWorkers(f"round {r.number} began ({r.reason or 'no reason given'})")
+    if me.outcome == Outcome.SUCCEEDED and me.workers_round < r.number:
+        return End(r, FAILED, result(r, FAILED, me.wall, v, f"round {me.workers_round} was restarted ({r.reason}) "
+                                     f"after the workers of {me.node} had finished; a partly finished job "
+                                     "cannot be re-run"))
+    blamed = _blame(v, r, me, p)
+    if blamed is not None:
+        return blamed
+    if r.phase == JOINING:
+        return _joining(v, r, me, p)
+    return _running(v, r, me, p)
+
+
+def _blame(v: View, r: RoundInfo, me: Local, p: Params) -> Action | None:
+    """Loss reports for the last plan's round first; then, for a node whose failure restarted the job, whether it
+    counts toward its quarantine (it joins nothing until that is known: ``blame.verdict``)."""
+    lost = blame.unreported_losses(v, me.wall, p.lease_ttl)
+    if lost:
+        return ReportLoss(tuple(blame.loss_report(n, v.last_plan.round, me.wall) for n in lost))
+    f = me.pending
+    if f is None or f.round is None or f.round >= r.number or (v.plan and v.plan.member(me.node)):
+        return None
+    counted = blame.verdict(v, f, me.wall, p.lease_ttl)
+    if counted is None:
+        due = me.now + max(0.0, f.time + blame.window(p.lease_ttl) - me.wall)
+        return Wait(f"waiting to know whether round {f.round}'s failure was caused by a lost node before joining", due)
+    return Attribute(f, counted)
+
+
+def _stale(v: View, me: Local) -> bool:
+    """Our join key of this round belongs to a session we lost (we fenced and came back): it does not count."""
+    mine = v.joins.get(me.node)
+    return mine is not None and mine.lease != me.lease
+
+
+def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
+    if me.node not in v.joins or _stale(v, me):
+        return _outside(v, r, me, p)
+    if not v.full:  # only the leader watches the joins; this node watches the leader's key
+        others = [j for j in v.joins.values() if j.node != me.node]
+        leader = min(others, key=lambda j: j.create_revision).node if others else "the round's first joiner"
+        return Wait(f"joined round {r.number}; {leader} leads it")
+    count = len(v.joins)
+    timeout_at = me.round_seen_at + p.join_timeout
+    # Below MIN the ranking is not needed (the leader sees every join: it must not sort them all each time).
+    joins = as_spares(v, p)
+    ranking = rank_joiners(joins, p.max_nodes, plan_size(v, p)) if count >= p.min_nodes or me.now >= timeout_at \
+        else None
+    waiting = count < p.min_nodes or bool(ranking.blocked)  # the round cannot close yet: the join timeout runs
+    if waiting and me.now >= timeout_at:
+        return End(r, FAILED, result(r, FAILED, me.wall, v, _timed_out(v, r, p, ranking)))
+    leader = min(v.joins.values(), key=lambda j: j.create_revision)
+    if leader.node != me.node:
+        at = timeout_at if waiting else None
+        return Wait(f"joined round {r.number}; {leader.node} leads it", at, at)
+    if count < p.min_nodes:
+        return Wait(f"round {r.number} has {count} of {p.min_nodes} node(s)", timeout_at, timeout_at)
+    if ranking.blocked:
+        return Wait(f"round {r.number} has {count} node(s) but cannot close yet: {ranking.blocked}", timeout_at,
+                    timeout_at)
+    plan = dataclasses.replace(_plan(r.number, ranking, p, v.restarts.used if v.restarts else 0), leader=me.node)
+    guard = tuple((m.node, v.joins[m.node].create_revision) for m in plan.members)
+    # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
+    # The first round waits out the last call for nodes that are still starting.
+    regulars = sum(1 for j in joins if not j.spare)
+    if regulars >= p.max_nodes or (v.last_plan is not None and healthy(v) <= set(v.joins)):
+        return ClosePlan(r, plan, guard, v.revision)
+    close_at = (me.min_reached_at if me.min_reached_at is not None else me.now) + p.last_call
+    if me.now >= close_at:
+        return ClosePlan(r, plan, guard, v.revision)
+    return Wait(f"round {r.number} has {count} node(s); last call for others", close_at)
+
+
+def _outside(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
+    """A forming round this node has not joined: it joins, unless its health check runs or failed. An unhealthy node
+    watches the round (a full view): if nobody joined it by the join timeout, it fails the job, naming the
+    unhealthy nodes (a joiner would lead the round and time it out itself)."""
+    if me.node not in v.nodes:
+        return Wait("this node's registration is not visible yet")
+    timeout_at = me.round_seen_at + p.join_timeout
+    nobody = v.full and not v.joins  # (the End's txn is guarded by that: no key under the round's joins)
+    if me.unhealthy and nobody and me.now >= timeout_at:
+        return End(r, FAILED, result(r, FAILED, me.wall, v, _timed_out(v, r, p, None)), unjoined=True)
+    if me.checking:
+        return Wait(f"this node's health check is running; it joins round {r.number} once the check passes")
+    if me.unhealthy and me.now < me.health_retry_at:
+        why = f"this node is unhealthy ({me.unhealthy}); it does not join round {r.number} and checks again"
+        if nobody:  # the wait says when the round times out, and ends then at the latest
+            return Wait(why, min(me.health_retry_at, timeout_at), timeout_at)
+        return Wait(why, me.health_retry_at)
+    return JoinRound(r)
+
+
+def _timed_out(v: View, r: RoundInfo, p: Params, ranking: Ranking | None) -> str:
+    count = len(v.joins)
+    before = set(v.last_plan.nodes) if v.last_plan else set()
+    missing = ", ".join(f"{n} (unhealthy: {v.nodes[n].health})" if n in v.nodes and v.nodes[n].health else n
+                        for n in sorted((before | set(v.nodes)) - set(v.joins))) or "no other node registered"
+    if count < p.min_nodes:
+        why = f"{count} of at least {p.min_nodes} node(s) joined round {r.number}"
+    else:
+        why = f"round {r.number} could not close with the {count} node(s) that joined"
+    blocked = f": {ranking.blocked}" if ranking is not None and ranking.blocked else ""
+    return (f"rendezvous timed out: {why} within {p.join_timeout:g} s (--join-timeout){blocked}; "
+            f"missing: {missing}")
+
+
+def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
+    plan = v.plan
+    if plan is None:
+        return Wait(f"round {r.number} is running but its plan is not visible yet")
+    member = plan.member(me.node)
+    # Only a loss this view watches counts: the leader watches every member, the others one peer each (a ring).
+    watched = plan.nodes if v.full else [n for n in (me.node, *sorted(v.scope.watched)) if plan.member(n)]
+    exits = member_exits(v)  # an exit key of a node outside the plan is no member's: ignored
+    lost = [n for n in watched if n not in exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
+    if member is not None and me.outcome == Outcome.FAILED and me.workers_round == r.number:
+        return _fail_or_bump(v, r, me, p, f"{describe_failure(me.failure)} in round {r.number}", True, me.failure)
+    if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
+        losses = tuple(blame.loss_report(n, r.number, me.wall) for n in lost if n not in v.failures)
+        return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None, losses)
+    passed = member is None and me.node in passed_over(v)
+    if member is None and (me.unhealthy or not me.ready or passed):
+        if me.checking:
+            return Wait(f"this node's health check is running; round {r.number} runs without it")
+        if not me.unhealthy or me.now >= me.health_retry_at:
+            return CheckHealth(r, announce=passed)
+        return Wait(f"this node is unhealthy ({me.unhealthy}); round {r.number} runs without it", me.health_retry_at)
+    if member is None:
+        full = " (the round is full)" if len(plan.members) >= p.max_nodes else ""
+        return Wait(f"round {r.number} runs without this node{full}; waiting to be taken into the next round")
+    if me.workers_round != r.number:
+        if me.draining:
+            return Wait(f"the previous workers' GPU memory is not released yet; round {r.number}'s workers start "
+                        "once it is (--gpu-drain-timeout)")
+        return StartWorkers(plan, member)
+    if me.outcome == Outcome.SUCCEEDED and me.node not in exits:
+        return WriteExit(r)
+    if len(exits) >= len(plan.members) and set(plan.nodes) <= exits:
+        return End(r, DONE, result(r, Outcome.SUCCEEDED, me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
+    joinable = newcomers(v) if v.full else []
+    if joinable and len(plan.members) < p.max_nodes and not exits:
+        settle_at = (me.newcomers_since if me.newcomers_since is not None else me.now) + p.scale_settle
+        if me.now >= settle_at:
+            return Bump(r, f"node(s) {', '.join(joinable)} can join (scale-up)", counted=False,
+                        scaled_for=max(v.nodes[n].mod_revision for n in joinable))
+        return Wait(f"node(s) {', '.join(joinable)} registered; settling before scaling up", settle_at)
+    return Wait(f"round {r.number} running with {len(plan.members)} node(s)")
+
+
+def plan_size(v: View, p: Params) -> int:
+    """How many members spares may fill a plan up to: as many as the last plan had (a spare takes a lost or
+    quarantined member's place), at least MIN."""
+    return max(p.min_nodes, len(v.last_plan.members) if v.last_plan else 0)
+
+
+def as_spares(v: View, p: Params) -> list[Join]:
+    """The round's joiners, a node beyond MAX counted as a spare: when the newest earlier plan was full (MAX
+    members), a joiner that was not in it waited outside a full job, and it comes in only in place of a lost (or
+    quarantined) member, taking that member's group rank while every other member keeps its own, exactly as a
+    ``--spare`` does. Other newcomers (a job below MAX) follow in join order."""
+    joins = list(v.joins.values())
+    last = v.last_plan
+    if last is None or len(last.members) < p.max_nodes:
+        return joins
+    return [j if j.spare or last.member(j.node) is not None else dataclasses.replace(j, spare=True) for j in joins]
+
+
+def healthy(v: View) -> set[str]:
+    """The registered nodes that passed their health check (an unhealthy one joins no round until it passes, and
+    one still checking counts only once a check passed)."""
+    return {n for n, info in v.nodes.items() if not info.health and not info.checking}
+
+
+def newcomers(v: View) -> list[str]:
+    """The healthy nodes (not spares) outside a running round's plan that a scale-up is for: all of them, except
+    those a scale-up already passed over (``passed_over``)."""
+    if v.plan is None or v.round is None or v.round.phase != Phase.RUNNING:
+        return []
+    over = passed_over(v)
+    return sorted(n for n in healthy(v) if v.plan.member(n) is None and not v.nodes[n].spare and n not in over)
+
+
+def passed_over(v: View) -> set[str]:
+    """The nodes outside the plan of a running scale-up round whose registry entry was not written since the
+    scale-up was decided: it was made for them and did not admit them (a forged entry, a node that could not
+    join in time). No scale-up is made for them again until their entry changes."""
+    r = v.round
+    if v.plan is None or r is None or r.scaled_for is None or r.phase != Phase.RUNNING:
+        return set()
+    return {n for n, info in v.nodes.items()
+            if v.plan.member(n) is None and not info.spare and info.mod_revision <= r.scaled_for}
+
+
+def member_exits(v: View) -> frozenset[str]:
+    """The round's exit keys that belong to members of its plan (a key of any other node is no member's)."""
+    return frozenset(n for n in v.exits if v.plan is not None and v.plan.member(n) is not None)
+
+
+def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, counted: bool,
+                  failure: Failure | None, losses: tuple[Failure, ...] = ()) -> Action:
+    exits = member_exits(v)
+    if exits:
+        why = f"{reason} after node(s) {', '.join(sorted(exits))} had finished; a partly finished job cannot be re-run"
+        return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure, losses), failure, losses=losses)
+    used = v.restarts.used if v.restarts else 0
+    limit = v.restarts.max if v.restarts else p.max_restarts
+    if counted and used >= limit:
+        why = f"{reason}; the restart budget is spent ({used} of {limit} restarts used, --max-restarts)"
+        return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure, losses), failure, losses=losses)
+    return Bump(r, reason, counted, failure, losses=losses)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """Who gets which group rank; ``blocked`` says why no valid plan can be made yet ('' when one can)."""
+
+    members: tuple[Join, ...]  # in group-rank order: members[k] gets group rank k (when not blocked)
+    missing: tuple[int, ...] = ()  # group ranks below a pinned one that no joiner can fill yet
+    conflicts: tuple[str, ...] = ()  # pins no plan can honour (two joiners with one rank, a rank >= max_nodes)
+
+    @property
+    def blocked(self) -> str:
+        why = list(self.conflicts)
+        if self.missing:
+            pins = ", ".join(f"{j.node} has --node-rank {j.node_rank}" for j in self.members
+                             if j.node_rank is not None and j.node_rank > self.missing[0])
+            why.append(f"group rank(s) {_spans(self.missing)} have no node yet ({pins})")
+        return "; ".join(why)
+
+
+def rank_joiners(joins: list[Join], max_nodes: int, fill_to: int = 0) -> Ranking:
+    """Group ranks. A pinned joiner (``--node-rank k``) gets rank k; the others fill the free ranks in stable order
+    (previous plan's order, then join order), up to ``max_nodes`` members. Spares (``--spare``) come last, and only
+    up to ``fill_to`` members: a plan with a spare keeps every previous member at its rank (``prev_rank``) and puts
+    the spares in the holes the lost members left. Ranks must be exactly 0..n-1, so while a pin is >= the number of
+    members the ranking is blocked (missing ranks). Of two joiners with one pin the earlier keeps it and the later
+    is left out, blocking too (the leased rank claim makes that unreachable)."""
+    pinned: dict[int, Join] = {}
+    conflicts = []
+    for j in sorted((j for j in joins if j.node_rank is not None), key=lambda j: j.create_revision):
+        if j.node_rank >= max_nodes:
+            conflicts.append(f"{j.node} has --node-rank {j.node_rank}, outside 0..{max_nodes - 1}")
+        elif j.node_rank in pinned:
+            conflicts.append(f"{j.node} and {pinned[j.node_rank].node} both have --node-rank {j.node_rank}")
+        else:
+            pinned[j.node_rank] = j
+    order = lambda j: (j.prev_rank is None, j.prev_rank or 0, j.create_revision)  # noqa: E731
+    free = sorted((j for j in joins if j.node_rank is None and not j.spare), key=order)
+    spares = sorted((j for j in joins if j.node_rank is None and j.spare), key=order)
+    free += spares[: max(0, fill_to - len(pinned) - len(free))]
+    size = min(len(pinned) + len(free), max_nodes)
+    ranks = max(size, max(pinned, default=-1) + 1)
+    taken = free[: size - len(pinned)]
+    slots, rest = dict(pinned), []
+    keep = any(j.spare for j in taken)  # spares fill the holes: the others keep their ranks
+    for j in taken:
+        if keep and j.prev_rank is not None and j.prev_rank < ranks and j.prev_rank not in slots:
+            slots[j.prev_rank] = j
+        else:
+            rest.append(j)
+    fill = iter(rest)
+    members, missing = [], []
+    for rank in range(ranks):
+        j = slots.get(rank) or next(fill, None)
+        if j is None:
+            missing.append(rank)
+        else:
+            members.append(j)
+    return Ranking(tuple(members), tuple(missing), tuple(conflicts))
+
+
+def build_plan(number: int, joins: list[Join], p: Params, restart_count: int) -> Plan:
+    """The plan of a ranking that is not blocked (see ``rank_joiners``). Worker ranks are prefix sums of nproc
+    over group ranks. The master is group rank 0: its ``--master-addr``/``--master-port`` if it was given them,
+    else its address and the port it found free."""
+    ranking = rank_joiners(joins, p.max_nodes, p.min_nodes)
+    if ranking.blocked:
+        raise ValueError(f"no plan for round {number}: {ranking.blocked}")
+    return _plan(number, ranking, p, restart_count)
+
+
+def _plan(number: int, ranking: Ranking, p: Params, restart_count: int) -> Plan:
+    members, offset = [], 0
+    for rank, j in enumerate(ranking.members):
+        members.append(Member(j.node, rank, j.host, j.addr, j.nproc, offset))
+        offset += j.nproc
+    first = ranking.members[0]
+    return Plan(number, tuple(members), first.master_addr or first.addr, first.master_port or first.port,
+                restart_count, p.max_restarts)
+
+
+def _spans(ranks: tuple[int, ...]) -> str:
+    """``1, 3-5`` for (1, 3, 4, 5)."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: Failure | None = None,
+           losses: tuple[Failure, ...] = ()) -> Result:
+    """The ``P/result`` value; the root cause is the round's (``blame.root_cause``: a loss report if it has one,
+    else its earliest failure report)."""
+    # the root cause is a member's: a failure key of a node outside the plan is no member's and is ignored
+    reports = [f for n, f in v.failures.items() if v.plan is None or v.plan.member(n) is not None]
+    reports += ([failure] if failure else []) + list(losses)
+    outcome = Outcome(str(outcome))
+    root = blame.root_cause(reports) if outcome != Outcome.SUCCEEDED else None
+    return Result(outcome, r.number, reason, root, v.restarts.used if v.restarts else 0, wall)
+
+
+def describe_failure(failure: Failure | None) -> str:
+    return failure.describe() if failure else "a worker failed"

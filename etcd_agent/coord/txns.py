@@ -1,0 +1,424 @@
+"""One guarded etcd txn per rendezvous action, plus the job's first-contact txns (run pointer, spec, round,
+registry, ``--node-rank`` claim).
+
+Every txn that moves the job is guarded by the mod_revision of ``P/round`` (the fence), so two agents acting on
+the same view cannot both succeed: the loser's compare fails and it re-reads and decides again. A bump also
+requires that no node has written its exit key for the round, so "finished" and "restarted" can never both
+happen; closing a round requires every member's join key to be the one the plan was made from. Failure reports are written whichever branch runs: a report is never lost to a race.
+Which job of a run an agent belongs to is fenced the same way, by the mod_revision of ``R/job``: starting a new
+job (the first, or the next after the current one ended) is one txn guarded by it, so agents that re-run a
+finished run id together all land in the same new job. An ended job stays the run's job while any node of it is
+still registered (a newcomer gets its end, ``JobEnded``): the next job is started only if the ended job's registry
+was not written since the read that found it empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Callable
+
+from .. import logs
+from ..config import JobSpec
+from ..errors import (BadKeyData, ConfigError, DuplicateNode, EtcdAuthError, JobEnded, NodeRankTaken,
+                     SpecMismatch)
+from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
+                   op_get_prefix, op_put, unchanged_under)
+from ..schema.keys import Keys, RunKeys, decode, prefix_end
+from .blame import ReportLoss
+from .decide import Bump, ClosePlan, End, JoinRound, WriteExit
+from ..schema.values import (Exit, Failure, Join, JobPointer, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result, RoundInfo,
+                     SpecValue)
+from ..etcd.watch import wait_deleted
+
+log = logs.get("etcd_agent.coord.txns")
+
+
+def round_value(number: int, phase: Phase, reason: str, wall: float, **extra) -> bytes:
+    return RoundInfo(number, Phase(phase), reason, time=wall, **extra).encode()
+
+
+MAX_POINTER_TRIES = 100  # each failed compare means another agent moved the run on: re-read and decide again
+
+
+def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float,
+             abandoned: Callable[[Keys], bool] | None = None) -> Keys:
+    """Find this agent's job of the run and return its keys: the running job (its spec checked), or a new job
+    when the run has none yet (generation 1) or its current job has ended and none of its nodes is registered any
+    more (generation K+1, as torchrun runs a finished run id again). While a node of the ended job is still
+    registered, the job stays closed: JobEnded carries its end to this agent (``newcomer_end``). Concurrent
+    starters agree: every move is one txn guarded by ``R/job`` (and by the ended job's registry). A run nested in
+    another run's prefix is refused first (``refuse_nested``). ``abandoned(keys)``, asked about a running job before
+    it is joined, ends it when none of its agents is left (``abandon.end_if_abandoned``) and says so: the run then
+    moves on to its next job."""
+    refuse_nested(etcd, run)
+    for _ in range(MAX_POINTER_TRIES):
+        kv, _rev = etcd.get(run.job())
+        if kv is None:
+            if _new_generation(etcd, run, 1, 0, spec, wall):
+                log.info("created job spec %s: %s", run.generation(1).spec(),
+                         json.dumps(spec.to_json(), sort_keys=True))
+                return run.generation(1)
+            continue
+        keys = run.generation(pointer_generation(kv))
+        res = etcd.txn([], [op_get(keys.spec()), op_get(keys.result())], where=f"read {keys.spec()}")
+        if not res.ranges[0]:
+            raise BadKeyData(keys.spec(), f"missing, but {run.job()} names job {keys.gen} as the run's current one")
+        if not res.ranges[1]:
+            if abandoned is not None and abandoned(keys):
+                continue  # nobody was left in it and it is ended now: the run's next job starts
+            check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
+            return keys
+        done = Result.from_kv(res.ranges[1][0])
+        registry, seen = etcd.get_prefix(keys.nodes())  # read only for an ended job: a running one's can be large
+        ended = newcomer_end(keys, done, registry)
+        if ended is not None:
+            log.warning("job %d of run %s ended (%s) and %d of its nodes %s still registered (%s): this agent does "
+                        "not start a new job, it ends as that job did; start it again once they are gone to run "
+                        "the job anew", keys.gen, run.run_id, done.outcome, len(ended.registered),
+                        "is" if len(ended.registered) == 1 else "are", _names(ended.registered))
+            raise ended
+        if _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall, seen):
+            log.info("run %s ended (%s: %s) as job %d; starting job %d of run %s", run.run_id, done.outcome,
+                     done.reason, keys.gen, keys.gen + 1, run.run_id)
+            return run.generation(keys.gen + 1)
+    raise BadKeyData(run.job(), "kept changing while this agent looked for the run's current job; try again")
+
+
+NAMED_NODES = 8  # registered nodes of an ended job a log line names (the count is always given)
+
+
+def _names(nodes: list[str]) -> str:
+    more = f" and {len(nodes) - NAMED_NODES} more" if len(nodes) > NAMED_NODES else ""
+    return ", ".join(nodes[:NAMED_NODES]) + more
+
+
+def newcomer_end(keys: Keys, done: Result, registry: list) -> JobEnded | None:
+    """What an agent arriving at the run gets instead of a new job while job ``keys`` has ended (``done``) and
+    ``registry`` (the job's ``P/nodes/`` as read) still holds a live node: an agent still in its exit, or
+    torchrun's handler that closed the rendezvous and was not shut down. None when nobody is left (an entry without
+    a lease is no live agent's)."""
+    nodes = [kv.key[len(keys.nodes()):] for kv in registry if kv.lease]
+    return JobEnded(done.ended(keys.run_id, already=True), done.outcome.value, nodes) if nodes else None
+
+
+def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
+    """The end an agent arriving at the run now would get (``newcomer_end``): None when the run has no job, its
+    current job still runs, or nobody of its ended job is registered. Two reads, no write."""
+    keys = current_job(etcd, run)
+    if keys is None:
+        return None
+    res = etcd.txn([], [op_get(keys.result()), op_get_prefix(keys.nodes())], where=f"read {keys.result()}")
+    return newcomer_end(keys, Result.from_kv(res.ranges[0][0]), res.ranges[1]) if res.ranges[0] else None
+
+
+def refuse_nested(etcd: Etcd, run: RunKeys) -> None:
+    """A run whose prefix lies inside another run's (``--etcd-prefix`` pointing into a job) would leave keys that
+    job's agents trip over: refuse it before anything is written, naming the run it is inside."""
+    prefix = run.prefix
+    ancestors = [prefix[: i + 1] for i, ch in enumerate(prefix[:-1]) if ch == "/" and i > 0]
+    if not ancestors:
+        return
+    try:
+        res = etcd.txn([], [op_get(a + "job") for a in ancestors], where=f"check that {prefix} is not inside a run")
+    except EtcdAuthError:
+        return  # a user limited to its own run's keys may not read above them (and cannot write there either)
+    for a, found in zip(ancestors, res.ranges):
+        if found:
+            raise ConfigError(f"--etcd-prefix {run.root}: run {run.run_id} would live inside the run at {a} "
+                              f"({a}job names its current job); choose a prefix outside every run's keys")
+
+
+def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: JobSpec, wall: float,
+                    seen: int = 0) -> bool:
+    """Make job ``gen`` the run's current one with its spec, round 1 and restart budget, if ``R/job`` is still at
+    ``pointer_rev`` (0: absent) and no registry entry of job ``gen - 1`` was written after revision ``seen`` (the
+    read that found nobody registered). False when another agent moved the run, or registered, first."""
+    keys = run.generation(gen)
+    quiet = [unchanged_under(run.generation(gen - 1).nodes(), seen)] if gen > 1 else []
+    res = etcd.txn([mod_is(run.job(), pointer_rev), absent(keys.spec()), *quiet],
+                   [op_put(run.job(), JobPointer(gen, wall).encode()),
+                    op_put(keys.spec(), SpecValue.of(spec).encode()),
+                    op_put(keys.round(), round_value(1, Phase.JOINING, "the job started", wall, last_plan=0)),
+                    op_put(keys.restarts(), Restarts(0, spec.max_restarts).encode())],
+                   [op_get(run.job()), op_get(keys.spec())], where=f"start job {gen} of run {run.run_id}")
+    if res.succeeded:
+        return True
+    pointer = res.ranges[0][0] if res.ranges[0] else None
+    if pointer is None and pointer_rev == 0:
+        raise BadKeyData(run.job(), f"missing, but job {gen} of the run exists ({keys.spec()})")
+    if pointer is not None and pointer.mod_revision == pointer_rev and res.ranges[1]:
+        raise BadKeyData(keys.spec(), f"exists, but {run.job()} names job {gen - 1} as the run's current one")
+    return False
+
+
+def pointer_generation(kv) -> int:
+    """The generation ``R/job`` names; BadKeyData names the key when it is not a positive integer."""
+    return JobPointer.from_kv(kv).gen
+
+
+def current_job(etcd: Etcd, run: RunKeys) -> Keys | None:
+    """The keys of the run's current job, or None when the run has none."""
+    kv, _rev = etcd.get(run.job())
+    return None if kv is None else run.generation(pointer_generation(kv))
+
+
+_SPEC_FLAGS = {"min_nodes": "--nnodes (minimum)", "max_nodes": "--nnodes (maximum)",
+               "nproc_per_node": "--nproc-per-node", "max_restarts": "--max-restarts"}
+
+
+def check_spec(keys: Keys, spec: JobSpec, stored: dict) -> None:
+    """``stored`` (the decoded ``P/spec``) against this agent's spec: SpecMismatch names each flag that differs."""
+    theirs, ours = SpecValue.from_json(keys.spec(), stored).to_json(), SpecValue.of(spec).to_json()
+    diffs = [f"{flag} is {ours[k]!r} here but {theirs[k]!r} in the running job"
+             for k, flag in _SPEC_FLAGS.items() if ours[k] != theirs[k]]
+    if diffs:
+        raise SpecMismatch(f"this agent does not match job {keys.run_id} ({keys.spec()}): " + "; ".join(diffs))
+
+
+def register(etcd: Etcd, keys: Keys, node: str, info: NodeInfo, lease: int) -> TxnResult:
+    """Put ``P/nodes/<node>`` on our lease; another live agent with the same node id is an error. The result's
+    one range is the registration as written (or as found, when a retried first attempt had applied)."""
+    key = keys.node(node)
+    res = etcd.txn([absent(key)], [op_put(key, info.encode(), lease), op_get(key)], [op_get(key)],
+                   where=f"register {key}")
+    if not res.succeeded:
+        other = res.ranges[0][0]
+        if other.lease != lease:
+            holder = NodeInfo.from_kv(other)
+            raise DuplicateNode(f"--node-id {node} is already registered by a live agent (pid {holder.pid} "
+                                f"on {holder.host}, {key}); give each agent its own node id")
+    return res
+
+
+def update_registration(etcd: Etcd, kv, info: NodeInfo, lease: int) -> TxnResult:
+    """Rewrite this node's registry entry (``kv``, as last written) with ``info``, on the same lease, if it is still
+    that version; the result's one range is the entry as written."""
+    return etcd.txn([mod_is(kv.key, kv.mod_revision)], [op_put(kv.key, info.encode(), lease), op_get(kv.key)],
+                    where=f"update {kv.key}")
+
+
+def put_quarantine(etcd: Etcd, key: str, kv, record) -> TxnResult:
+    """Write this node's quarantine record if ``P/quarantine/<node>`` is still ``kv`` (None: absent). On success the
+    result's one range is the record as written."""
+    return etcd.txn([mod_is(key, kv.mod_revision) if kv else absent(key)], [op_put(key, record.encode()), op_get(key)],
+                    where=f"count a failure in {key}")
+
+
+def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, claim: RankClaim, lease: int, wait: float) -> int:
+    """Hold ``P/node_ranks/<rank>`` on our lease (create-if-absent), so that no two live nodes share a
+    ``--node-rank``; returns the revision of the claim. A key on our own lease is ours (a retried claim whose first
+    attempt applied). Another agent's claim is waited out for up to ``wait`` seconds (a holder killed just now
+    loses its lease within a TTL): read, then watch the key from that revision + 1 for its delete, and claim
+    again. Still held then: NodeRankTaken names the holder."""
+    key = keys.node_rank(rank)
+    give_up = time.monotonic() + wait
+    while True:
+        res = etcd.txn([absent(key)], [op_put(key, claim.encode(), lease)], [op_get(key)], where=f"claim {key}")
+        if res.succeeded or res.ranges[0][0].lease == lease:
+            return res.revision
+        held = res.ranges[0][0]
+        holder = RankClaim.from_kv(held)
+        who = f"node {holder.node} (pid {holder.pid} on host {holder.host}, lease {held.lease:x})"
+        left = give_up - time.monotonic()
+        if left > 0:
+            log.info("--node-rank %d of job %s is held by %s; waiting up to %.1f s in case that agent just died "
+                     "(its lease then ends)", rank, keys.run_id, who, left)
+        if left <= 0 or not wait_deleted(etcd, key, res.revision, left):
+            raise NodeRankTaken(f"--node-rank {rank} is already taken by {who} in job {keys.run_id} ({key}); "
+                                "give each node its own --node-rank")
+
+
+LEADER_CANDIDATES = 16  # the oldest keys under a round's joins: the leader is the first that is a join key (a key
+#                         planted below it, such as join/a/b, is not, and must not make "b" the leader)
+
+
+def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: Join, lease: int, old_round: int) -> TxnResult:
+    """Put this node's join key (and delete its key of the round it joined before). On success the result's
+    ranges are [this join key, the oldest keys under the round's joins: the first join key among them leads]."""
+    n = a.round.number
+    ops = [op_put(keys.join(n, node), info.encode(), lease)]
+    if old_round and old_round != n:
+        ops.append(op_delete(keys.join(old_round, node)))
+    return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
+                    ops + [op_get(keys.join(n, node)), op_first_created(keys.joins(n), LEADER_CANDIDATES)],
+                    where=f"join round {n}")
+
+
+def leader(etcd: Etcd, keys: Keys, rnd: int) -> TxnResult:
+    """The round's leader as of now: its ranges are [the oldest keys under the round's joins (the first join key
+    among them leads; none: nobody has joined)]."""
+    return etcd.txn([], [op_first_created(keys.joins(rnd), LEADER_CANDIDATES)], where=f"find the leader of round {rnd}")
+
+
+MAX_GUARDED_MEMBERS = 100  # etcd allows 128 compares per txn
+
+
+def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
+    """Write the plan and start the round, if the joins are still the ones the plan was made from: no join key of
+    the round was written after the view (one range compare, for any number of members: a node that re-joined
+    with a new session, or joined late, makes the leader decide again), and the first ``MAX_GUARDED_MEMBERS``
+    members' keys are still there (etcd caps a txn at 128 compares; a member beyond them that left in between is
+    found lost as soon as the round runs, and costs a restart)."""
+    n = a.round.number
+    reason = f"{len(a.plan.members)} node(s): {', '.join(a.plan.nodes)}"
+    # The leader's own key first: a leader whose lease ended while it decided never closes a round.
+    guard = sorted(a.join_revisions, key=lambda nr: nr[0] != a.plan.leader)
+    members = [created_at(keys.join(n, node), rev) for node, rev in guard][:MAX_GUARDED_MEMBERS]
+    seen = [unchanged_under(keys.joins(n), a.seen_revision)] if a.seen_revision else []
+    return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n)), *seen, *members],
+                    [op_put(keys.plan(n), a.plan.encode()),
+                     op_put(keys.round(), round_value(n, Phase.RUNNING, reason, wall, nodes=len(a.plan.members),
+                                                      last_plan=a.round.last_plan or 0,
+                                                      scaled_for=a.round.scaled_for)),
+                     op_get(keys.round()), op_get(keys.plan(n))],
+                    where=f"close round {n}")
+
+
+def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int, restarts_rev: int,
+         node: str, wall: float) -> TxnResult:
+    n = a.round.number
+    # No key at all under the round's exits: one compare for any number of members. A key there that is no
+    # member's exit (a node outside the plan, junk below the exits) fails it too: the coordinator deletes those
+    # first (``Coordinator._drop_ghost_exits``), and again after a failed compare showed it new ones.
+    compare = [mod_is(keys.round(), a.round.mod_revision), none_under(keys.exits(n))]
+    # Round n ran (a bump always leaves a running round): its plan is who ran last.
+    ops = [op_put(keys.round(), round_value(n + 1, Phase.JOINING, a.reason, wall, last_plan=n,
+                                            scaled_for=a.scaled_for))]
+    if a.counted:
+        compare.append(mod_is(keys.restarts(), restarts_rev))
+        ops.append(op_put(keys.restarts(), Restarts(restarts_used + 1, restarts_max).encode()))
+    report = [op_put(keys.failure(n, node), a.failure.encode())] if a.failure else []
+    reads = [op_get(keys.round()), op_get(keys.restarts())] + ([op_get(keys.failure(n, node))] if a.failure else [])
+    lost, lost_ops = _losses(keys, n, a.losses)
+    return etcd.txn(compare + lost, ops + report + lost_ops + reads, report, where=f"restart round {n} -> {n + 1}")
+
+
+def _losses(keys: Keys, rnd: int, reports) -> tuple[list, list]:
+    """The compares and puts that write loss reports under round ``rnd``'s failures, each only where the node has
+    no report (its own, or one written already): a failed compare re-reads the round's failures."""
+    return ([absent(keys.failure(rnd, f.node)) for f in reports],
+            [op_put(keys.failure(rnd, f.node), f.encode()) for f in reports])
+
+
+def report_loss(etcd: Etcd, keys: Keys, a: ReportLoss) -> TxnResult:
+    """Write the loss reports of ``a`` under their round's failures, once: only if none of those nodes has a report
+    there (its own, or another agent's loss report). Either way the result's ranges are those keys as they are now."""
+    rnd = a.reports[0].round
+    compare, ops = _losses(keys, rnd, a.reports)
+    reads = [op_get(keys.failure(rnd, f.node)) for f in a.reports]
+    return etcd.txn(compare, ops + reads, reads, where=f"report the loss of {', '.join(f.node for f in a.reports)}")
+
+
+MAX_STRAYS = 100  # etcd allows 128 compares per txn: more stray keys are deleted over more bumps
+
+
+def delete_strays(etcd: Etcd, kvs: list) -> TxnResult:
+    """Delete keys that nothing should hold (the first ``MAX_STRAYS`` of ``kvs``), each only if it is still the
+    version read."""
+    kvs = kvs[:MAX_STRAYS]
+    return etcd.txn([mod_is(kv.key, kv.mod_revision) for kv in kvs], [op_delete(kv.key) for kv in kvs],
+                    where=f"delete {len(kvs)} stray key(s)")
+
+
+def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: Failure) -> None:
+    """A failure seen while the round was already moving on: recorded if the node has no report for it yet."""
+    key = keys.failure(rnd, node)
+    etcd.txn([absent(key)], [op_put(key, failure.encode())], where=f"report failure {key}")
+
+
+def write_exit(etcd: Etcd, keys: Keys, a: WriteExit, node: str, wall: float) -> TxnResult:
+    n = a.round.number
+    # Reading the exits back makes the exit barrier O(1) per node: the last node to finish sees every exit.
+    return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
+                    [op_put(keys.exit(n, node), Exit(node, Outcome.SUCCEEDED, wall).encode()),
+                     op_get_prefix(keys.exits(n))],
+                    where=f"exit barrier of round {n}")
+
+
+def end(etcd: Etcd, keys: Keys, a: End, node: str, wall: float) -> TxnResult:
+    r: RoundInfo = a.round
+    report = [op_put(keys.failure(r.number, node), a.failure.encode())] if a.failure else []
+    nobody = [none_under(keys.joins(r.number))] if a.unjoined else []  # a timeout decided outside the round
+    lost, lost_ops = _losses(keys, r.number, a.losses)
+    return etcd.txn([mod_is(keys.round(), r.mod_revision), absent(keys.result()), *nobody, *lost],
+                    [op_put(keys.round(), round_value(r.number, a.phase, a.result.reason, wall)),
+                     op_put(keys.result(), a.result.encode())] + report + lost_ops
+                    + [op_get(keys.round()), op_get(keys.result())], report, where=f"end the job in round {r.number}")
+
+
+def stop_job(etcd: Etcd, keys: Keys, reason: str, wall: float) -> bool:
+    """The operator's ``etcd-agent stop``: end the job ``stopped`` unless it already has a result."""
+    return close_job(etcd, keys, "stopped", reason, wall)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """A registry entry that keeps a closed job closed to newcomers (``init_job``) while its holder lives:
+    ``value`` put at ``key`` on ``lease`` in the txn that ends the job (torchrun's ``set_closed``). An entry found
+    there is replaced only when it is on ``replaces`` (this node's agent's session, whose lease ends when that agent
+    exits) or has no lease; another live agent's is left alone (it keeps the job closed while it lives)."""
+
+    key: str
+    value: bytes
+    lease: int
+    replaces: int = 0
+
+
+def _holding(hold: Hold | None, found: list) -> tuple[list, list]:
+    """The compare and the put that take ``hold`` in the ending txn, given the entry ``found`` at its key."""
+    if hold is None:
+        return [], []
+    current = found[0] if found else None
+    if current is not None and current.lease not in (0, hold.lease, hold.replaces):
+        return [], []
+    return [mod_is(hold.key, current.mod_revision if current else 0)], [op_put(hold.key, hold.value, hold.lease)]
+
+
+def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, root_cause: Failure | None = None,
+              node: str | None = None, hold: Hold | None = None, guards: list = ()) -> bool:
+    """End the job ``stopped`` or ``failed`` unless it already has a result (``etcd-agent stop``; torchrun's
+    backend closing the rendezvous). ``root_cause``, a failure report of ``node``, goes into the result and under
+    the round's failures; ``hold``, a registry entry, is written in the same txn. False when the job had ended
+    already, or when one of the caller's ``guards`` (compares) failed: the caller decides again. Every agent of the
+    job reacts through its watch.
+    A round key that is not a valid value (written by hand, say) does not keep a job from being stopped: it is
+    replaced by the final round, numbered after the newest round with keys under ``P/r/``."""
+    outcome = Outcome(outcome)
+    if outcome not in (Outcome.STOPPED, Outcome.FAILED):
+        raise ValueError(f"a job is closed stopped or failed, not {outcome!r}")
+    for _ in range(10):
+        got = etcd.txn([], [op_get(keys.round())] + ([op_get(hold.key)] if hold else []), where=f"read {keys.round()}")
+        kv = got.ranges[0][0] if got.ranges[0] else None
+        if kv is None:
+            raise BadKeyData(keys.round(), f"no such key: is {keys.run_id} a job under {keys.root}?")
+        try:
+            number = RoundInfo.from_kv(kv).number
+        except BadKeyData as exc:
+            number = keys.newest_round(etcd.keys_in_range(keys.rounds(), prefix_end(keys.rounds())))
+            log.warning("%s; ending the job in round %d and replacing the key with a valid one", exc, number)
+        result = Result(outcome, number, reason, root_cause, time=wall)
+        report = [op_put(keys.failure(number, node), root_cause.encode())] if root_cause and node else []
+        held, hold_ops = _holding(hold, got.ranges[1] if hold else [])
+        res = etcd.txn([mod_is(keys.round(), kv.mod_revision), absent(keys.result()), *held, *guards],
+                       [op_put(keys.round(), round_value(number, Phase(outcome.value), reason, wall)),
+                        op_put(keys.result(), result.encode())] + report + hold_ops, [op_get(keys.result())],
+                       where=f"end the job {outcome}")
+        if res.succeeded:
+            return True
+        if (res.ranges and res.ranges[0]) or guards:
+            return False  # it already ended, or the caller's condition no longer holds
+    raise BadKeyData(keys.round(), "kept changing while trying to end the job; try again")
+
+
+def hold_ended(etcd: Etcd, keys: Keys, hold: Hold) -> bool:
+    """Take ``hold`` for job ``keys``, which has ended already, if it is still the run's current job (a new job of
+    the run is never closed by it). False when the run moved on, or another live agent holds the key."""
+    run = keys.run
+    got = etcd.txn([], [op_get(run.job()), op_get(hold.key)], where=f"read {run.job()}")
+    pointer = got.ranges[0][0] if got.ranges[0] else None
+    held, hold_ops = _holding(hold, got.ranges[1])
+    if pointer is None or pointer_generation(pointer) != keys.gen or not hold_ops:
+        return False
+    return etcd.txn([mod_is(run.job(), pointer.mod_revision), *held], hold_ops, where=f"hold {hold.key}").succeeded

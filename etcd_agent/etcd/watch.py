@@ -1,0 +1,354 @@
+"""Resumable watches over key ranges that never silently stop.
+
+The library's own watcher thread dies without a sign after a stream break, so this module drives the Watch RPC
+itself over the client's stub. ``WatchStream`` carries several ranges on one stream (an agent changes what it
+watches every round: that is a request on the open stream, not a new stream and its threads); ``Watch`` is one
+range on a stream of its own. Guarantees, for each range:
+- Events arrive in revision order through ``sink``; after any stream error the watch resumes from the
+  mod_revision of the last EVENT received + 1 (never the header's revision), so nothing is lost. A resumed
+  watch can replay an event: consumers must be idempotent.
+- When etcd has compacted the revision we need, the watch re-reads the range, hands the consumer a ``Resync``
+  with that snapshot, and continues from the read's revision + 1.
+- A stream that says nothing for three probe intervals (a frozen or partitioned member keeps the TCP socket
+  open) is declared dead: the endpoint is marked failed so failover picks another member, and the watch resumes.
+  Liveness comes from progress requests this side sends every interval (etcd >= 3.4) plus etcd's own
+  progress notifications.
+- ``sink`` runs on the watch thread: keep it non-blocking (push to a queue).
+- ``wait_deleted`` waits for one key's delete (another holder's lease ending) on such a watch, never by polling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from typing import Callable, Union
+
+import grpc
+
+from .. import logs
+from ..errors import EtcdError, WatchBroken
+from .client import KV, Etcd, map_grpc_error, prefix_end, rpc
+
+log = logs.get("etcd_agent.etcd.watch")
+_DELETE = 1  # mvccpb.Event.EventType.DELETE
+
+
+def _stale_token(reason: str, with_user: bool) -> bool:
+    """Whether etcd canceled a watch because its auth token went stale (an etcd restart forgets its simple tokens).
+    etcd before 3.4.22 and 3.5.6 says "permission denied" for that (etcd issue 12385), so with a user that counts
+    too: the next stream logs in again, and a user that really lacks the permission is refused at that login's
+    first call."""
+    return "invalid auth token" in reason or "code = Unauthenticated" in reason or \
+        (with_user and "permission denied" in reason.lower())
+
+
+class TokenRefused(WatchBroken):
+    """etcd canceled a watch because it no longer knows our auth token (it restarted, or the token expired)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    kind: str  # "put" or "delete"
+    kv: KV
+
+    @property
+    def key(self) -> str:
+        return self.kv.key
+
+
+@dataclasses.dataclass(frozen=True)
+class Resync:
+    """The watch lost its place (compaction): here is the whole range as of ``revision``."""
+
+    kvs: list[KV]
+    revision: int
+
+
+Delivery = Union[list[Event], Resync]
+
+
+class Watch:
+    """One key range on a stream of its own (``WatchStream`` with one range): ``sink(delivery)`` gets its events,
+    and a ``Resync`` after a compaction."""
+
+    def __init__(self, etcd: Etcd, prefix: str, start_revision: int, sink: Callable[[Delivery], None],
+                 probe_interval: float = 1.0, name: str = "watch", range_end: bytes | None = None,
+                 on_progress: Callable[[int], None] | None = None):
+        """Watch every key starting with ``prefix``, or, with ``range_end``, every key in ``[prefix, range_end)``;
+        ``on_progress`` as in ``WatchStream``."""
+        self.prefix = prefix
+        self.range_end = prefix_end(prefix) if range_end is None else range_end
+        self._stream = WatchStream(etcd, lambda _name, _token, delivery: sink(delivery), probe_interval, name,
+                                   on_progress)
+        self._stream.add("range", prefix, self.range_end, start_revision)
+
+    @property
+    def resumes(self) -> int:
+        return self._stream.resumes
+
+    def start(self) -> "Watch":
+        self._stream.start()
+        return self
+
+    def cancel(self, wait: bool = True) -> None:
+        """Stop the watch; with ``wait``, until its thread has ended (otherwise a delivery may still follow)."""
+        self._stream.cancel(wait)
+
+
+def wait_for(etcd: Etcd, prefix: str, revision: int, timeout: float, seen: Callable[[Delivery], bool],
+             probe_interval: float = 1.0, name: str = "wait") -> bool:
+    """Watch the keys under ``prefix`` from ``revision`` + 1 (the second half of "read, then watch from the read's
+    revision + 1": nothing after the read is missed) for at most ``timeout`` seconds, until ``seen(delivery)``
+    says what was waited for came; True when it did."""
+    deliveries: queue.SimpleQueue = queue.SimpleQueue()
+    watch = Watch(etcd, prefix, revision + 1, deliveries.put, probe_interval=probe_interval, name=name).start()
+    deadline = time.monotonic() + timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                if seen(deliveries.get(timeout=left)):
+                    return True
+            except queue.Empty:
+                return False
+        return False
+    finally:
+        watch.cancel()
+
+
+def wait_deleted(etcd: Etcd, key: str, revision: int, timeout: float, probe_interval: float = 1.0) -> bool:
+    """Wait at most ``timeout`` seconds for ``key``, read as present at ``revision``, to be deleted; True when it
+    was. A re-read after a compaction that no longer finds the key counts as the delete."""
+    def deleted(batch: Delivery) -> bool:
+        if isinstance(batch, Resync):
+            return all(kv.key != key for kv in batch.kvs)
+        return any(ev.key == key and ev.kind == "delete" for ev in batch)  # the range also covers key + suffix
+    return wait_for(etcd, key, revision, timeout, deleted, probe_interval, f"wait-deleted-{key}")
+
+
+@dataclasses.dataclass
+class _Range:
+    name: str
+    token: int
+    start: str
+    end: bytes
+    next_revision: int
+    watch_id: int | None = None  # etcd's id on the current stream, once created
+    removed: bool = False
+    deletes_only: bool = False  # etcd filters the puts out (NOPUT): only deletes are delivered
+
+
+class WatchStream:
+    """Several key ranges watched over ONE Watch stream (etcd multiplexes watchers on a stream), so that an agent
+    changing what it watches each round costs a request on the open stream, not a new stream and its threads.
+
+    The guarantees of ``Watch`` hold for each range: its events arrive in revision order through
+    ``sink(name, token, delivery)``; after any stream error every range resumes from the mod_revision of its last
+    event + 1; a range whose revision was compacted is re-read and handed over as a ``Resync``; a stream silent for
+    three probe intervals is declared dead (the endpoint marked failed) and resumed. ``token`` is what ``add``
+    returned: a delivery for a token that was removed or replaced since is stale, and the consumer drops it.
+    """
+
+    def __init__(self, etcd: Etcd, sink: Callable[[str, int, Delivery], None], probe_interval: float = 1.0,
+                 name: str = "watch-stream", on_progress: Callable[[int], None] | None = None):
+        """``on_progress(revision)``, when given, hears etcd's progress answers on this stream's thread: etcd sends
+        them only once every range is synced, so every event up to ``revision`` has been delivered before it."""
+        self.etcd = etcd
+        self.sink = sink
+        self.on_progress = on_progress
+        self.probe_interval = probe_interval
+        self.resumes = 0
+        self._lock = threading.Lock()
+        self._ranges: dict[str, _Range] = {}  # name -> the range watched under it
+        self._by_id: dict[int, _Range] = {}
+        self._pending: list[_Range] = []  # create requests sent on the current stream, not yet answered, in order
+        self._requests: queue.Queue | None = None  # the current stream's requests
+        self._tokens = 0
+        self._delivered = False
+        self._cancelled = threading.Event()
+        self._call = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "WatchStream":
+        self._thread.start()
+        return self
+
+    def add(self, name: str, start: str, end: bytes, start_revision: int, deletes_only: bool = False) -> int:
+        """Watch ``[start, end)`` (an empty ``end``: the one key ``start``) from ``start_revision`` under ``name``,
+        replacing what was watched under that name; returns the token its deliveries carry. ``deletes_only``: etcd
+        sends only the range's deletes (a ``Resync`` after a compaction still holds the whole range)."""
+        with self._lock:
+            self._remove_locked(name)
+            self._tokens += 1
+            r = _Range(name, self._tokens, start, end, start_revision, deletes_only=deletes_only)
+            self._ranges[name] = r
+            if self._requests is not None:
+                self._create_locked(r)
+            return r.token
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._remove_locked(name)
+
+    def _remove_locked(self, name: str) -> None:
+        r = self._ranges.pop(name, None)
+        if r is None:
+            return
+        r.removed = True
+        if r.watch_id is not None:
+            self._by_id.pop(r.watch_id, None)
+            if self._requests is not None:
+                self._requests.put(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(watch_id=r.watch_id)))
+        # still pending: cancelled as soon as etcd says which id it got
+
+    def _create_locked(self, r: _Range) -> None:
+        self._pending.append(r)
+        self._requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=r.start.encode(), range_end=r.end, start_revision=r.next_revision, progress_notify=True,
+            filters=[rpc.WatchCreateRequest.NOPUT] if r.deletes_only else [])))
+
+    def cancel(self, wait: bool = True) -> None:
+        self._cancelled.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+        if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._cancelled.is_set():
+            try:
+                self._stream()
+            except Exception as exc:  # noqa: BLE001 - whatever broke the stream, this thread must not die
+                if self._cancelled.is_set():
+                    return
+                self.resumes += 1
+                if not isinstance(exc, (WatchBroken, EtcdError)):
+                    log.exception("watch stream failed unexpectedly; resuming")
+                log.info("watch stream broke (%s); resuming %d range(s)", exc, len(self._ranges))
+                if self._delivered:
+                    backoff, self._delivered = 0.05, False
+                self._cancelled.wait(backoff)
+                backoff = min(backoff * 2, 1.0)
+
+    def _stream(self) -> None:
+        requests: queue.Queue = queue.Queue()
+        channel, auth = self.etcd.channel_and_auth()
+        used = self.etcd.current_client()  # the client whose auth token this stream carries
+        label = self.etcd.endpoint_label()  # the member this stream goes to: the one blamed if it falls silent
+        stub = rpc.WatchStub(channel)
+
+        def request_iter():
+            while True:
+                item = requests.get()
+                if item is None:
+                    return
+                yield item
+
+        call = stub.Watch(request_iter(), **auth)
+        self._call = call
+        with self._lock:
+            self._requests, self._pending, self._by_id = requests, [], {}
+            for r in self._ranges.values():
+                r.watch_id = None
+                self._create_locked(r)
+        last_seen = [time.monotonic()]
+        silent = threading.Event()
+        done = threading.Event()
+        probe = threading.Thread(target=self._probe, args=(call, requests, last_seen, silent, done),
+                                 name="watch-stream-probe", daemon=True)
+        probe.start()
+        try:
+            for resp in call:
+                last_seen[0] = time.monotonic()
+                self._handle(resp, requests)
+                if resp.events:
+                    self._delivered = True  # a stream that delivered: a later break resumes without backoff
+            raise WatchBroken("the stream ended")
+        except grpc.RpcError as exc:
+            if silent.is_set():
+                self.etcd.mark_failed(label)
+                raise WatchBroken(f"no answer for {3 * self.probe_interval:.1f} s") from exc
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.etcd.mark_failed(label)
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self.etcd.renew_auth(used)
+            raise map_grpc_error(exc, "watch") from exc
+        except TokenRefused:
+            self.etcd.renew_auth(used)  # the next stream logs in again: an etcd restart forgot every token
+            raise
+        finally:
+            done.set()
+            with self._lock:
+                self._requests = None
+            requests.put(None)
+            self._call = None
+            call.cancel()
+
+    def _probe(self, call, requests: queue.Queue, last_seen: list, silent: threading.Event,
+               done: threading.Event) -> None:
+        while not done.wait(self.probe_interval):
+            if time.monotonic() - last_seen[0] > 3 * self.probe_interval:
+                silent.set()
+                call.cancel()
+                return
+            requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
+
+    def _handle(self, resp, requests: queue.Queue) -> None:
+        if (self.on_progress is not None and not resp.events and not resp.created and not resp.canceled
+                and not resp.compact_revision):
+            self.on_progress(resp.header.revision)
+        with self._lock:
+            if resp.created:
+                r = self._pending.pop(0) if self._pending else None
+                if r is None:
+                    return
+                r.watch_id = resp.watch_id
+                if r.removed:
+                    requests.put(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(watch_id=resp.watch_id)))
+                    return
+                self._by_id[resp.watch_id] = r
+                if not resp.canceled:
+                    return
+            r = self._by_id.get(resp.watch_id)
+            if r is None or r.removed:
+                return  # a range removed since, or a progress notification for the whole stream
+            if resp.compact_revision or resp.canceled:
+                del self._by_id[resp.watch_id]
+                r.watch_id = None
+        if resp.compact_revision:
+            log.warning("watch on %s: revision %d was compacted (oldest %d); re-reading the range", r.start,
+                        r.next_revision, resp.compact_revision)
+            self._resync(r)
+            return
+        if resp.canceled:
+            why = f"etcd canceled the watch on {r.start}: {resp.cancel_reason or 'no reason given'}"
+            if _stale_token(resp.cancel_reason, bool(self.etcd.cfg.user)):
+                raise TokenRefused(why)
+            raise WatchBroken(why)
+        if not resp.events:
+            return  # a progress notification: liveness only (etcd issue 15220, see Watch._handle)
+        events = [Event("delete" if ev.type == _DELETE else "put", KV.from_pb(ev.kv)) for ev in resp.events]
+        r.next_revision = events[-1].kv.mod_revision + 1
+        self.sink(r.name, r.token, events)
+
+    def _resync(self, r: _Range) -> None:
+        """Re-read a compacted range, hand it over, and watch it again from that read (on this stream)."""
+        while not self._cancelled.is_set():
+            try:
+                kvs, rev = self.etcd.get_range(r.start, r.end, deadline=5.0)
+                break
+            except EtcdError as exc:
+                log.warning("watch on %s could not re-read the range: %s", r.start, exc)
+                self._cancelled.wait(0.2)
+        else:
+            return
+        with self._lock:
+            if r.removed:
+                return
+            r.next_revision = rev + 1
+            if self._requests is not None:
+                self._create_locked(r)
+        self.sink(r.name, r.token, Resync(kvs, rev))

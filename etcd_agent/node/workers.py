@@ -1,0 +1,509 @@
+"""This node's worker processes for one round: spawn, watch, stop.
+
+Guarantees:
+
+- Every worker gets exactly torchrun 2.13's environment (``worker_env``) plus ``ETCD_AGENT_ROUND`` for fencing and
+  ``ETCD_AGENT_PROGRESS_FILE``, its heartbeat file for hang detection (``progress.py``). It starts from the agent's
+  environment less what the agent set only for itself (``config.set_agent_env``, e.g. ``GRPC_ENABLE_FORK_SUPPORT``);
+  like torchrun it gets ``ROLE_NAME`` = ``--role`` and ``TORCHELASTIC_SIGNALS_TO_HANDLE``, and never
+  ``PYTHONUNBUFFERED`` (workers run ``python -u``). With ``--virtual-local-rank`` it gets ``LOCAL_RANK=0`` and the
+  local-rank-th entry of the agent's ``CUDA_VISIBLE_DEVICES`` (or the local rank when that is unset); otherwise
+  ``CUDA_VISIBLE_DEVICES`` is inherited unchanged.
+- Its output goes where torchrun sends it (``worker_logs``): by default straight to the console, unprefixed;
+  ``--redirects``/``--tee``/``--local-ranks-filter`` as in torchrun; stderr is always also kept in ``stderr.log``
+  for the failure report.
+- Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL``, so it cannot outlive the agent.
+  The kernel sends that signal when the *thread* that forked the child exits, not the process: ``start`` must be
+  called from a thread that lives as long as the workers (the agent's main thread), never from a short-lived one.
+- An exit is seen the moment it happens: one waiter thread per worker blocks in ``Popen.wait`` and calls
+  ``on_exit(WorkerExit)`` exactly once per worker, also for workers that ``stop`` ended. ``on_exit`` runs on that
+  waiter thread: it must return quickly and must not call ``start`` or ``stop``.
+- ``start`` and ``stop`` hold one lock; do not call them from a signal handler (which may interrupt them on the
+  same thread): set an event there and call ``stop`` from the agent's loop.
+- ``stop`` is idempotent: SIGTERM to every group, grace until an absolute deadline, SIGKILL, then every
+  descendant found by psutil (collected before the first signal, plus the group members) is killed and waited for.
+
+- With ``--warm-restart`` (a ``SparePool``, ``warm.py``) a worker starts from its local rank's pre-started
+  interpreter when that one is usable, cold otherwise: the same environment, command line, stdout/stderr (the same
+  files or pipes), process group, CPU and I/O priority (an idle spare gets the agent's back before its handoff),
+  parent-death signal, waiter, stop, reports and progress file either way.
+
+Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``logs``, ``logtree``,
+``progress``, ``proctree``, ``secure``, ``values``, ``warm`` and ``worker_logs``. A log directory that cannot be
+written, a log tree that is not the agent's (``logtree``), or a virtual local rank beyond ``CUDA_VISIBLE_DEVICES``,
+raises ConfigError from ``start`` before any worker runs; a worker that cannot be spawned (missing program) is
+reported through ``on_exit`` with exit code 127 (126: not executable). A worker handed to a warm spare that was still
+importing ``--preload`` and had to start it cold (``warm.py``) gets one warning from its waiter.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import psutil
+
+from .. import proctree
+from . import logtree
+from ..config import WorkerConfig, worker_base_env
+from ..errors import ConfigError
+from ..logs import Log, Where
+from ..logs import get as get_logger
+from ..progress import PROGRESS_ENV, last_progress
+from ..secure import redact
+from ..schema.values import Failure
+from .warm import Spare, SparePool
+from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all, read_error_message
+
+log = get_logger("etcd_agent.node.workers")
+
+_THREAD_PREFIX = "etcd-agent-workers-"  # every thread this module starts; start() refuses to run on one
+_KILL_WAIT = 10.0  # how long a SIGKILLed process may take to vanish (D state) before we give up and say so
+_JOIN_WAIT = 2.0  # bounded join of threads that should already be done
+_REPORT_FLUSH_WAIT = 1.0  # how long a report waits for the pump threads to finish writing the stderr log
+_HANDOFF_WORD_MARGIN = 10.0  # beyond cold_after: how long a waiter waits for a spare's word before it warns
+_default_log_root: str | None = None  # made on first use when no --log-dir was given
+_default_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What this node's workers get for one round."""
+
+    run_id: str
+    round: int
+    group_rank: int
+    group_world_size: int
+    rank_offset: int  # global rank of local_rank 0
+    world_size: int
+    master_addr: str
+    master_port: int
+    restart_count: int  # job-wide, the same on every node
+    max_restarts: int
+    job: int = 1  # which job of the run (a re-run of a finished run id is the next one): its own log tree
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """One worker's end; ``returncode`` < 0 means killed by signal ``-returncode``."""
+
+    local_rank: int
+    rank: int
+    pid: int
+    returncode: int
+    time: float  # wall clock when the exit was seen
+    round: int
+
+    @property
+    def failed(self) -> bool:
+        return self.returncode != 0
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.returncode >= 0:
+            return None
+        try:
+            return signal.Signals(-self.returncode).name
+        except ValueError:
+            return f"SIG{-self.returncode}"
+
+    def describe(self) -> str:
+        """``exit code 3`` or ``signal SIGSEGV``."""
+        name = self.signal_name
+        return f"signal {name}" if name else f"exit code {self.returncode}"
+
+
+def log_root(cfg: WorkerConfig, logger: Log | None = None) -> str:
+    """``--log-dir``, or one temporary directory per agent process (made on first use, however many groups)."""
+    global _default_log_root
+    if cfg.log_dir:
+        return cfg.log_dir
+    with _default_lock:
+        if _default_log_root is None:
+            _default_log_root = tempfile.mkdtemp(prefix="etcd_agent_logs_")
+            (logger or log).info("No --log-dir was given; worker logs go to %s.", _default_log_root)
+    return _default_log_root
+
+
+def check_log_tree(cfg: WorkerConfig, run_id: str, logger: Log | None = None) -> str:
+    """At start: make (or check) the run's private directory under the log root (``logtree``); its path, or
+    ConfigError when it is not the agent's."""
+    root = log_root(cfg, logger)
+    with logtree.opened(root, [run_id]):
+        pass
+    return os.path.join(root, run_id)
+
+
+def worker_env(cfg: WorkerConfig, a: Assignment, local_rank: int, base: Mapping[str, str],
+               error_file: str) -> dict[str, str]:
+    """The environment of one worker: ``base`` plus exactly what torchrun sets. Pure; ConfigError when
+    ``cfg.virtual_local_rank`` finds no device for ``local_rank`` in ``base``'s CUDA_VISIBLE_DEVICES."""
+    env = dict(base)
+    rank = a.rank_offset + local_rank
+    env.update({
+        "RANK": str(rank), "LOCAL_RANK": str(local_rank), "GROUP_RANK": str(a.group_rank),
+        "ROLE_RANK": str(rank), "ROLE_NAME": cfg.role, "LOCAL_WORLD_SIZE": str(cfg.nproc),
+        "WORLD_SIZE": str(a.world_size), "GROUP_WORLD_SIZE": str(a.group_world_size),
+        "ROLE_WORLD_SIZE": str(a.world_size), "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(a.master_port),
+        "TORCHELASTIC_RESTART_COUNT": str(a.restart_count), "TORCHELASTIC_MAX_RESTARTS": str(a.max_restarts),
+        "TORCHELASTIC_RUN_ID": a.run_id, "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "TORCHELASTIC_ERROR_FILE": error_file, "ETCD_AGENT_ROUND": str(a.round),
+        "TORCHELASTIC_SIGNALS_TO_HANDLE": cfg.signals_to_handle,  # torchrun exports it in its own environment
+    })
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if cfg.nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    if cfg.virtual_local_rank:  # torchrun's _set_local_rank_env
+        env["LOCAL_RANK"] = "0"
+        env["CUDA_VISIBLE_DEVICES"] = _visible_device(base.get("CUDA_VISIBLE_DEVICES"), local_rank)
+    return env
+
+
+def _visible_device(visible: str | None, local_rank: int) -> str:
+    if visible is None:
+        return str(local_rank)
+    devices = visible.split(",")
+    if local_rank >= len(devices):
+        raise ConfigError(f"--virtual-local-rank: local rank {local_rank} has no device of its own: "
+                          f"CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)}")
+    return devices[local_rank].strip()
+
+
+@dataclass
+class _Worker:
+    """One spawned (or failed to spawn) worker of the current round."""
+
+    local_rank: int
+    rank: int
+    round: int
+    logs: WorkerLogs
+    proc: subprocess.Popen | None = None
+    ps: psutil.Process | None = None  # taken right after spawn: signals through it are safe from pid reuse
+    exited: threading.Event = field(default_factory=threading.Event)
+    waiter: threading.Thread | None = None
+    progress_file: str = ""  # $ETCD_AGENT_PROGRESS_FILE: the worker's heartbeat (see progress.py)
+    ended_before_stop: bool = False  # it had exited when stop() sent its first signal
+    ended_at: float = 0.0  # wall time its exit was seen (0 while it runs)
+    started: float = 0.0  # wall time of the spawn
+    importing: Spare | None = None  # the warm spare it was handed to while that one still imported --preload
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+
+class GroupState(enum.Enum):
+    """Where a worker group is; ``WorkerGroup._to`` is the one place that moves it."""
+
+    IDLE = "idle"  # nothing started yet
+    RUNNING = "running"  # started; workers may exit on their own (a success or a failure)
+    STOPPING = "stopping"  # stop() signalled the workers and waits for them: their exits are expected
+    STOPPED = "stopped"  # every worker and descendant of the round is gone
+
+
+_MOVES = {GroupState.IDLE: {GroupState.RUNNING}, GroupState.RUNNING: {GroupState.STOPPING},
+          GroupState.STOPPING: {GroupState.STOPPED}, GroupState.STOPPED: {GroupState.RUNNING}}
+_STOP_SLICE = 0.05  # seconds a stop waits between looks at its deadline (fencing may bring it forward)
+
+
+class WorkerGroup:
+    """The workers of this node; one round at a time. Its state is a ``GroupState``; a stop has one absolute
+    deadline (the SIGKILL moment), which a later, more urgent stop (self-fencing) brings forward even while the first
+    one is still waiting for the workers."""
+
+    def __init__(self, cfg: WorkerConfig, on_exit: Callable[[WorkerExit], None], node_id: str = "",
+                 logger: Log | None = None, spares: SparePool | None = None):
+        """``spares`` (``--warm-restart``): workers start from its pre-started interpreters where it has a usable
+        one, cold otherwise."""
+        self.cfg = cfg
+        self.node_id = node_id
+        self._on_exit = on_exit
+        self._log = logger or log
+        self._spares = spares
+        self._lock = threading.Lock()  # serializes start and stop
+        self._workers: list[_Worker] = []
+        self._reports: dict[tuple[int, int], WorkerLogs] = {}  # (round, local_rank) -> logs, for failure_report
+        self._log_root = cfg.log_dir
+        self.stopped_pids: set[int] = set()  # the workers and descendants the last stop ended (GPU memory drain)
+        self.state = GroupState.IDLE
+        self._deadline_lock = threading.Lock()
+        self._stop_deadline: float | None = None  # monotonic: SIGKILL for what is left of the round being stopped
+
+    def describe(self, a: Assignment) -> str:
+        """What ``start(a)`` runs, for the agent's log."""
+        return f"started {self.cfg.nproc} worker(s), ranks {a.rank_offset}..{a.rank_offset + self.cfg.nproc - 1} of " \
+               f"{a.world_size}"
+
+    def start(self, a: Assignment) -> None:
+        """Spawn ``cfg.nproc`` workers for round ``a.round``. Call from the agent's main thread (see module doc)."""
+        if threading.current_thread().name.startswith(_THREAD_PREFIX):
+            raise RuntimeError("WorkerGroup.start was called from a worker waiter thread; the parent-death "
+                               "signal would kill the workers when that thread ends")
+        if self._log.where is None:  # not an agent's group: its lines still say run, node and round
+            self._log = self._log.bound(Where(a.run_id, self.node_id or "-"))
+        if threading.current_thread() is not threading.main_thread():
+            self._log.warning("workers are started from thread %s; they get SIGKILL when it ends.",
+                              threading.current_thread().name, round=a.round)
+        with self._lock:
+            if self.running:
+                raise RuntimeError(f"round {a.round}: stop() the workers of round {self._workers[0].round} first")
+            base = worker_base_env()
+            logs = plan_logs(self.cfg, self._ensure_log_root(), a.run_id, self.node_id, a.round, a.rank_offset,
+                             base.get(PREFIX_TEMPLATE_ENV), job=a.job)
+            workers = [_Worker(i, a.rank_offset + i, a.round, item) for i, item in enumerate(logs)]
+            envs = [worker_env(self.cfg, a, w.local_rank, base, w.logs.error_file) for w in workers]
+            streams = prepare_all(logs)  # all or none, before anything runs
+            preexec = proctree.pdeathsig_preexec(os.getpid())
+            self._workers = []
+            self._to(GroupState.RUNNING)
+            warm = 0
+            for w, env, stream_kwargs in zip(workers, envs, streams):
+                self._reports[(a.round, w.local_rank)] = w.logs
+                env[PROGRESS_ENV] = w.progress_file = os.path.join(w.logs.directory, "progress")
+                spare = self._spares.take(w.local_rank, env) if self._spares is not None else None
+                w.started = time.time()
+                if spare is None or not self._hand(w, spare, env, stream_kwargs):
+                    self._spawn(w, env, preexec, stream_kwargs)
+                else:
+                    warm += 1
+                self._workers.append(w)
+            how = f", {warm} of them warm" if self._spares is not None else ""
+            self._log.info("started %d workers (ranks %d-%d, pids %s%s); logs in %s.", len(self._workers),
+                           a.rank_offset, w.rank, self.pids, how, os.path.dirname(w.logs.directory), round=a.round)
+
+    def _spawn(self, w: _Worker, env: dict[str, str], preexec: Callable[[], None] | None, streams: dict) -> None:
+        argv = self.cfg.command()
+        error: str | None = None
+        try:
+            w.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=preexec, close_fds=True, **streams)
+        except OSError as exc:
+            error = f"etcd-agent could not start {argv[0]!r} for rank {w.rank}: {exc}"
+            self._log.error("could not start worker rank %d (%s): %s.", w.rank, argv[0], exc, round=w.round)
+            w.logs.spawn_failed(error)
+            code = 127 if isinstance(exc, FileNotFoundError) else 126 if isinstance(exc, PermissionError) else 1
+        else:
+            self._running(w)
+            return
+        # A spawn failure is reported like any failed worker, from a thread, so on_exit never runs inside start.
+        self._watch(w, self._report, (w, code))
+
+    def _hand(self, w: _Worker, spare: Spare, env: dict[str, str], streams: dict) -> bool:
+        """Start ``w`` from a warm spare: its environment, command line and the round's stdout/stderr (the same
+        files and pipes a cold spawn gets). False when the spare could not take it (it is killed; start cold)."""
+        fds, ours, readers = [], [], {}
+        for name, inherited in (("stdout", 1), ("stderr", 2)):
+            arg = streams[name]
+            if arg is None:
+                fds.append(inherited)  # the agent's own stream, as a cold worker inherits it
+            elif arg == subprocess.PIPE:
+                r, wr = os.pipe()
+                readers[name] = open(r, "rb")  # noqa: SIM115 - the pump owns it, as Popen's own pipe
+                fds.append(wr)
+                ours.append(wr)
+            elif arg == subprocess.DEVNULL:
+                fd = os.open(os.devnull, os.O_WRONLY)
+                fds.append(fd)
+                ours.append(fd)
+            else:
+                fds.append(arg.fileno())
+        argv = self.cfg.command()
+        msg = {"entrypoint": self.cfg.entrypoint, "module": self.cfg.module, "args": list(self.cfg.args),
+               "orig_argv": argv, "env": env, "cold_after": self._spares.cold_after}  # type: ignore[union-attr]
+        try:
+            spare.hand(msg, fds)
+        except OSError as exc:
+            self._log.warning("could not hand rank %d to its warm spare (pid %d): %s; starting it cold", w.rank,
+                              spare.pid, exc, round=w.round)
+            spare.kill()
+            for f in readers.values():
+                f.close()
+            return False
+        finally:
+            for fd in ours:
+                os.close(fd)
+        w.proc = spare.proc
+        w.proc.stdout, w.proc.stderr = readers.get("stdout"), readers.get("stderr")
+        w.importing = None if spare.said else spare  # its waiter hears whether it finished in time (_imported)
+        self._running(w)
+        if w.local_rank == self.cfg.nproc - 1 and self._spares is not None:
+            self._spares.fill_due()  # the next round's idle spares start now, before a crash can be handled
+        return True
+
+    def _running(self, w: _Worker) -> None:
+        """A worker process exists: its output pumps, its psutil handle, its waiter."""
+        w.logs.attach(w.proc)
+        try:
+            w.ps = psutil.Process(w.proc.pid)
+        except psutil.Error:
+            w.ps = None  # already gone; its waiter reports it
+        self._watch(w, self._wait, (w,))
+
+    def _watch(self, w: _Worker, target: Callable, args: tuple) -> None:
+        w.waiter = threading.Thread(target=target, args=args, daemon=True, name=f"{_THREAD_PREFIX}wait-rank{w.rank}")
+        w.waiter.start()
+
+    def _ensure_log_root(self) -> str:
+        if not self._log_root:
+            self._log_root = log_root(self.cfg, self._log)
+        return self._log_root
+
+    def _wait(self, w: _Worker) -> None:
+        if w.importing is not None:
+            self._imported(w, w.importing)
+        self._report(w, w.proc.wait())  # type: ignore[union-attr]  (only started with a process)
+
+    def _imported(self, w: _Worker, spare: Spare) -> None:
+        """A worker handed to a spare still importing: say so once when the spare had to start it cold."""
+        limit = self._spares.cold_after if self._spares is not None else 0.0
+        word = spare.word(limit + _HANDOFF_WORD_MARGIN)
+        if word is None:
+            self._log.warning("the warm spare of worker rank %d (pid %d) has neither finished importing --preload "
+                              "nor started the worker cold %.0f s after its handoff; the worker has not started.",
+                              w.rank, w.pid, limit + _HANDOFF_WORD_MARGIN, round=w.round)
+        elif word.get("cold"):
+            self._log.warning("the warm spare of worker rank %d (pid %d) %s; it started the worker cold (the same "
+                              "process now runs the worker's command line).", w.rank, w.pid, word["cold"],
+                              round=w.round)
+
+    def _report(self, w: _Worker, returncode: int) -> None:
+        ex = WorkerExit(w.local_rank, w.rank, w.pid, returncode, time.time(), w.round)
+        w.ended_at = ex.time
+        w.exited.set()
+        # A failure is the agent's to report (once, with the worker's error): here it is a detail.
+        level = logging.DEBUG if ex.failed and self.state is not GroupState.STOPPING else logging.INFO
+        self._log.log(level, "worker rank %d (local rank %d, pid %d) exited with %s.",
+                      ex.rank, ex.local_rank, ex.pid, ex.describe(), round=w.round)
+        try:
+            self._on_exit(ex)
+        except Exception:  # noqa: BLE001 - a broken callback must not hide later exits
+            self._log.exception("the exit callback failed for worker rank %d.", ex.rank, round=w.round)
+
+    def silent_for(self) -> list[tuple[float, WorkerExit]]:
+        """For each running worker: seconds since its last progress beat (or start), with its identity."""
+        now = time.time()
+        return [(now - last_progress(w.progress_file, w.started),
+                 WorkerExit(w.local_rank, w.rank, w.pid, 0, now, w.round))
+                for w in self._workers if w.proc and not w.exited.is_set()]
+
+    def ended_on_its_own(self, ex: WorkerExit) -> bool:
+        """Whether this exit happened before stop() signalled the group (a failure of its own, not our SIGTERM)."""
+        return any(w.ended_before_stop for w in self._workers if w.local_rank == ex.local_rank and w.round == ex.round)
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.pid for w in self._workers if w.proc]
+
+    @property
+    def running(self) -> bool:
+        return any(not w.exited.is_set() for w in self._workers)
+
+    def _to(self, new: GroupState) -> None:
+        if new not in _MOVES[self.state]:
+            raise RuntimeError(f"worker group {self.state.value} -> {new.value} is not allowed")
+        self.state = new
+
+    def stop(self, reason: str = "", grace: float | None = None, sig: int = signal.SIGTERM) -> None:
+        """``sig`` (SIGTERM, or the signal the agent got from ``--signals-to-handle``), grace until
+        ``cfg.stop_timeout`` (or the shorter ``grace``), SIGKILL, kill surviving descendants; idempotent and safe
+        from any thread but a waiter's. A call while another stop waits brings that stop's SIGKILL forward to its
+        own deadline, then returns when the group is stopped."""
+        limit = self.cfg.stop_timeout if grace is None else min(grace, self.cfg.stop_timeout)
+        with self._deadline_lock:
+            mine = time.monotonic() + limit
+            if self._stop_deadline is None or mine < self._stop_deadline:
+                self._stop_deadline = mine
+        try:
+            self._stop(reason, sig)
+        finally:
+            with self._deadline_lock:
+                if not self._lock.locked():
+                    self._stop_deadline = None
+
+    def _left(self) -> float:
+        """Seconds until the current stop's SIGKILL."""
+        with self._deadline_lock:
+            return (self._stop_deadline or 0.0) - time.monotonic()
+
+    def _stop(self, reason: str, sig: int) -> None:
+        with self._lock:
+            workers = list(self._workers)
+            if self.state is not GroupState.RUNNING:
+                self._join(workers)
+                return
+            rnd = workers[0].round
+            self._to(GroupState.STOPPING)
+            tree = proctree.descendants(workers)  # before any signal: afterwards orphans are harder to find
+            live = [w for w in workers if not w.exited.is_set()]
+            self._log.info("stopping the workers (%d still running, %d descendants) with %s: %s.",
+                           len(live), len(tree), signal.Signals(sig).name, reason or "no reason given", round=rnd)
+            for w in workers:
+                w.ended_before_stop = w.exited.is_set() or proctree.is_zombie(w.ps)
+            proctree.signal_all(workers, tree, signal.Signals(sig))
+            waiting = [w for w in live if not w.exited.is_set()]
+            while waiting and self._left() > 0:
+                waiting[0].exited.wait(min(_STOP_SLICE, self._left()))
+                waiting = [w for w in waiting if not w.exited.is_set()]
+            survivors = list(tree.values())
+            while survivors and self._left() > 0:
+                survivors = proctree.wait_gone(survivors, time.monotonic() + min(_STOP_SLICE, self._left()))
+            self._kill(workers, rnd, survivors)
+            self.stopped_pids = {w.pid for w in workers if w.pid} | set(tree)
+            self._to(GroupState.STOPPED)
+            self._join(workers)
+
+    def _kill(self, workers: list[_Worker], rnd: int, survivors: list[psutil.Process]) -> None:
+        """SIGKILL whatever is left of the round: workers, their groups, every descendant found."""
+        live = [w for w in workers if not w.exited.is_set()]
+        tree = proctree.descendants(workers)
+        tree.update((p.pid, p) for p in survivors)
+        if live or tree:
+            self._log.warning("%d workers (ranks %s) and %d descendants outlived the %.1fs grace; "
+                              "sending SIGKILL.", len(live), [w.rank for w in live], len(tree),
+                              self.cfg.stop_timeout, round=rnd)
+        proctree.signal_all(workers, tree, signal.SIGKILL)
+        deadline = time.monotonic() + _KILL_WAIT
+        for w in live:
+            w.exited.wait(max(0.0, deadline - time.monotonic()))
+        left = proctree.wait_gone(list(tree.values()), deadline) + [w.ps for w in workers
+                                                            if w.ps and not w.exited.is_set()]
+        if left:
+            self._log.error("%d processes (pids %s) are still alive %.0fs after SIGKILL.",
+                            len(left), [p.pid for p in left], _KILL_WAIT, round=rnd)
+        else:
+            self._log.info("all workers and their descendants are gone.", round=rnd)
+
+    def _join(self, workers: list[_Worker]) -> None:
+        me, deadline = threading.current_thread(), time.monotonic() + _JOIN_WAIT
+        for w in workers:
+            if w.waiter is not None and w.waiter is not me:
+                w.waiter.join(max(0.0, deadline - time.monotonic()))
+            if not w.logs.join(max(0.0, deadline - time.monotonic())):
+                self._log.warning("the output of worker rank %d is still open (a process outside "
+                                  "its tree holds it); its log may be incomplete.", w.rank, round=w.round)
+
+    def failure_report(self, ex: WorkerExit) -> Failure:
+        """What an operator needs about one exit; JSON-able, never raises on bad files."""
+        logs = self._reports.get((ex.round, ex.local_rank))
+        error_file = logs.error_file if logs else ""
+        tail = ""
+        if logs:
+            logs.join(_REPORT_FLUSH_WAIT)  # let the stderr pump put the last lines in the file
+            tail = logs.stderr_tail()
+        message, problem = read_error_message(error_file) if error_file else (None, None)
+        if message is None:
+            lead = problem or "no error file was written"
+            message = f"{lead}; the worker exited with {ex.describe()}"
+            if tail:
+                message += "; last lines of its stderr:\n" + tail
+        # A worker may print a secret (the etcd password) on its way down: never into etcd, logs or status.
+        return Failure(ex.rank, ex.local_rank, ex.pid, ex.returncode, ex.signal_name, message, error_file, tail,
+                       ex.time, ex.round, self.node_id).with_strings(redact)

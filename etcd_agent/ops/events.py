@@ -1,0 +1,198 @@
+"""``etcd-agent events``: a job's history, replayed from etcd's own revisions.
+
+Events are not keys of their own: every change of a job (a round opened or closed, a node registered or gone, a
+join, an exit, a failure report, a restart counted, the result) is already a revision of one of its keys, and etcd
+keeps each key's history until it is compacted. So the history costs no write on the job's path and cannot
+disagree with the job's state; its retention is etcd's (``--auto-compaction-retention``): after a compaction the
+replay starts at the oldest revision etcd still has and says so. ``events`` watches the job prefix from the
+revision that created the job's spec up to the current revision and prints one line per change (``--json``: one
+object per line); ``--follow`` keeps watching and prints each change as it happens until the job has a result.
+
+Imports ``etcd``, ``keys``, ``values``, ``txns`` and ``watch``; reads only.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+
+from ..coord import txns
+from ..errors import BadKeyData, ConfigError
+from ..etcd.client import Etcd
+from ..schema.keys import RunKeys
+from ..schema.values import Phase, Record, read_value
+from ..etcd.watch import Resync, Watch
+
+
+def describe(kind: str, parsed, value: Record | None, prev_exists: bool) -> dict | None:
+    """One history entry for a change of a key of ``kind`` (``value`` None: deleted), or None for changes nobody
+    needs."""
+    if kind == "round" and value is not None:
+        if value.phase == Phase.JOINING:
+            return {"event": "round opened", "round": value.number, "reason": value.reason}
+        if value.phase == Phase.RUNNING:
+            return {"event": "round closed", "round": value.number, "members": value.reason}
+        return {"event": "job ended", "round": value.number, "phase": value.phase.value, "reason": value.reason}
+    if kind == "node":
+        if value is None:
+            return {"event": "node gone", "node": parsed.node,
+                    "why": "its lease ended (it stopped, or was lost) or was revoked"}
+        if not prev_exists:
+            return {"event": "node registered", "node": parsed.node, "host": value.host, "pid": value.pid,
+                    **({"health": value.health} if value.health else {})}
+        if value.health:
+            return {"event": "node unhealthy", "node": parsed.node, "health": value.health}
+        return {"event": "node healthy", "node": parsed.node}
+    if kind == "join":
+        if value is None:
+            return {"event": "left round", "round": parsed.round, "node": parsed.node,
+                    "why": "its join key vanished (lease ended, or it moved to the next round)"}
+        return {"event": "joined round", "round": parsed.round, "node": parsed.node} if not prev_exists else None
+    if kind == "quarantine" and value is not None and value.until and not value.failures:
+        return {"event": "quarantined", "node": parsed.node, "until": value.until, "reason": value.reason}
+    if kind == "plan" and value is not None:
+        return {"event": "plan", "round": parsed.round, "members": value.nodes,
+                "master": f"{value.master_addr}:{value.master_port}"}
+    if kind == "exit" and value is not None:
+        return {"event": "node finished", "round": parsed.round, "node": parsed.node}
+    if kind == "failure" and value is not None and value.lost:
+        return {"event": "node lost", "round": parsed.round, "node": parsed.node, "lost": True,
+                "message": value.message, "cause": f"round {parsed.round}'s failure is attributed to {parsed.node}"}
+    if kind == "failure" and value is not None:
+        return {"event": "failure", "round": parsed.round, "node": parsed.node, "rank": value.rank,
+                "how": value.how_it_ended(), "message": value.headline}
+    if kind == "restarts" and value is not None and value.used:
+        return {"event": "restart counted", "used": value.used, "max": value.max}
+    if kind == "result" and value is not None:
+        return {"event": "result", "outcome": value.outcome.value, "round": value.round, "reason": value.reason}
+    return None
+
+
+def _time_of(value: Record | None) -> float | None:
+    """When a value was written, as it says itself (a registration: when the agent started)."""
+    return getattr(value, "time", None) or getattr(value, "started", None)
+
+
+FORMATS = {  # one line per kind of entry (``describe``'s fields)
+    "round opened": "round {round} opened: {reason}",
+    "round closed": "round {round} running with {members}",
+    "plan": "round {round} plan: {member_list} (master {master})",
+    "job ended": "job ended {phase} in round {round}: {reason}",
+    "node registered": "node {node} registered (host {host}, pid {pid})",
+    "node gone": "node {node} gone: {why}",
+    "node unhealthy": "node {node} is unhealthy and does not join: {health}",
+    "node healthy": "node {node} passed its health check: it joins again",
+    "quarantined": "node {node} quarantined until {until_text}: {reason}",
+    "joined round": "{node} joined round {round}",
+    "left round": "{node} left round {round}: {why}",
+    "node finished": "{node} finished round {round} (its workers all exited 0)",
+    "failure": "failure in round {round}: rank {rank} on {node} {how}{said}",
+    "node lost": "{cause}, lost: {message}",
+    "restart counted": "restart {used} of {max} counted",
+    "result": "result: {outcome} in round {round}: {reason}",
+    "history compacted": "{note}",
+}
+
+
+def when(wall: float | None) -> str:
+    """A wall time as a person reads it ("-": none); one no calendar shows (a time written by hand, say) as the
+    number it is."""
+    if not wall:
+        return "-"
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
+    except (OverflowError, ValueError, OSError):
+        return f"{wall:g} s after 1970"
+
+
+def line(entry: dict) -> str:
+    fields = {**entry, "member_list": ", ".join(entry.get("members") or ()), "until_text": when(entry.get("until")),
+              "said": f": {entry['message']}" if entry.get("message") else ""}
+    fmt = FORMATS.get(entry["event"])
+    text = fmt.format(**fields) if fmt else json.dumps(entry, sort_keys=True)
+    return f"{when(entry.get('time'))}  {'rev ' + str(entry['revision']):>10}  {text}"
+
+
+def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None = None) -> int:
+    """Emit the history of the run's current job (``emit(entry)``): every change from the revision that created
+    its spec. Without ``follow`` up to the revision current when the replay began (etcd's progress answer on the
+    watch says when every change up to it has arrived); with ``follow`` until the job has a result, or ``timeout``
+    seconds pass. Returns the number of entries emitted."""
+    keys = txns.current_job(etcd, run)
+    if keys is None:
+        raise ConfigError(f"--run-id {run.run_id}: no job under {run.prefix} at {etcd.endpoints_text}")
+    spec, head = etcd.get(keys.spec())
+    if spec is None:
+        raise BadKeyData(keys.spec(), "missing: the job has no spec")
+    deliveries: queue.SimpleQueue = queue.SimpleQueue()
+    watch = Watch(etcd, keys.prefix, spec.create_revision, deliveries.put, probe_interval=PROGRESS_PROBE,
+                  name="events", on_progress=lambda rev: deliveries.put(rev)).start()
+    known: set[str] = set()  # keys that exist, as far as the replay has seen
+    count = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                batch = deliveries.get(timeout=left)
+            except queue.Empty:
+                break
+            if isinstance(batch, int):  # a progress answer: every change up to that revision has arrived
+                if not follow and batch >= head:
+                    break
+                continue
+            if isinstance(batch, Resync):
+                emit({"event": "history compacted", "revision": batch.revision, "time": None,
+                      "note": "etcd compacted older revisions: the replay goes on from what it still has"})
+                known = {kv.key for kv in batch.kvs}
+                continue
+            ended = False
+            # a node's join of the next round deletes its join key of the last one in the same txn: not a leave
+            moved = {(ev.kv.mod_revision, ev.key.rsplit("/", 1)[1]) for ev in batch
+                     if ev.kind == "put" and "/join/" in ev.key}
+            changes = []
+            for ev in batch:
+                try:
+                    parsed = keys.parse(ev.key)
+                    value = read_value(parsed.kind, ev.kv) if ev.kind == "put" else None
+                except BadKeyData:
+                    continue  # not a key or value of the schema (planted by hand, say): not history
+                changes.append((ev, parsed, value))
+            times = {}
+            for ev, _parsed, value in changes:
+                t = _time_of(value)
+                if t and ev.kv.mod_revision not in times:
+                    times[ev.kv.mod_revision] = t
+            for ev, parsed, value in changes:
+                if ev.kind == "delete" and parsed.kind == "join" and \
+                        (ev.kv.mod_revision, parsed.node) in moved:
+                    known.discard(ev.key)
+                    continue
+                entry = describe(parsed.kind, parsed, value, ev.key in known)
+                (known.add if ev.kind == "put" else known.discard)(ev.key)
+                if entry is not None:
+                    # a value without a time of its own (a plan, the budget) was written with one that has it
+                    entry.update(revision=ev.kv.mod_revision, time=_time_of(value) or times.get(ev.kv.mod_revision))
+                    emit(entry)
+                    count += 1
+                    ended = ended or entry["event"] == "result"
+            if follow and ended:
+                break
+    finally:
+        watch.cancel()
+    return count
+
+
+PROGRESS_PROBE = 0.2  # seconds between the replay's progress requests: how long it waits at the end
+
+
+def run_events(ns, etcd: Etcd) -> int:
+    """``etcd-agent events --run-id JOB [--follow] [--json]``."""
+    def emit(entry: dict) -> None:
+        # allow_nan=False: JSON has no Infinity or NaN (the records refuse them when they read a value)
+        print(json.dumps(entry, sort_keys=True, allow_nan=False) if ns.json else line(entry), flush=True)
+    replay(etcd, RunKeys(ns.root, ns.run_id), ns.follow, emit)
+    return 0

@@ -1,0 +1,540 @@
+"""Every value of the key schema (``keys.py``) as a typed record: how it is written, and how it is read back.
+
+One record per kind of key::
+
+    R/job                      JobPointer   {gen, time}
+    P/nodes/<node>             NodeInfo     who runs the agent: host, address, pid, version, nproc, lease, health,
+                                            checking (no health check passed yet)
+    P/node_ranks/<rank>        RankClaim    the holder of a --node-rank
+    P/quarantine/<node>        Quarantine   its recent worker failures, and until when it sits out
+    P/round                    RoundInfo    {round, phase, reason, time[, nodes][, last_plan][, scaled_for]}
+    P/restarts                 Restarts     {used, max}
+    P/r/<n>/join/<node>        Join         address, free port, nproc, previous rank, static-rendezvous flags
+    P/r/<n>/plan               Plan         compact: one [node, nproc, addr] per member in group-rank order
+    P/r/<n>/exit/<node>        Exit         {node, outcome, time}
+    P/r/<n>/failures/<node>    Failure      one worker's (or worker group's) failure report
+    P/result                   Result       {outcome, round, reason, root_cause, restarts, time}
+
+    P/spec                     SpecValue    config.JobSpec as stored: --nnodes, --nproc-per-node, --max-restarts
+
+(``P/store/...`` holds torch's own bytes, no record.) ``encode()`` writes a record as
+compact JSON with the schema version; ``read(key, raw)`` and ``from_kv(kv)`` validate what they read, field by
+field against the record's annotations, and raise BadKeyData naming the key and the field: a bad value is never
+half-read. Fields a record does not know are ignored (a newer agent may add some); fields without a default are
+required. Fields marked ``kv`` are not in the value: they come from the KV (its revisions, its lease).
+
+``Phase`` (a round's) and ``Outcome`` (a node's workers, the job's) are string enums, so a record compares equal
+to, and serialises as, the plain words an operator sees in etcdctl. Pure: imports ``errors`` and ``keys`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import math
+import types
+import typing
+from typing import Any, ClassVar, NamedTuple
+
+from ..errors import BadKeyData
+from .keys import decode, encode
+
+
+class _Word(str, enum.Enum):
+    """An enum whose members are the words stored in etcd (``str()`` and f-strings give the word)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class Phase(_Word):
+    """A round's phase (``P/round``): joining, then running, then the next round or a final phase."""
+
+    JOINING = "joining"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def final(self) -> bool:
+        return self in (Phase.DONE, Phase.FAILED, Phase.STOPPED)
+
+
+class Outcome(_Word):
+    """How a node's workers (``Exit``) or the whole job (``Result``) ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+def kv_field(default: int = 0):
+    """A field that comes from the KV (a revision, a lease), not from the stored value."""
+    return dataclasses.field(default=default, metadata={"kv": True})
+
+
+def stored_as(name: str, **kwargs):
+    """A field stored under another JSON name (``RoundInfo.number`` is ``round``)."""
+    return dataclasses.field(metadata={"json": name}, **kwargs)
+
+
+def required(default: Any):
+    """A field that every written value has, though the class gives it a default (for positional builders)."""
+    return dataclasses.field(default=default, metadata={"required": True})
+
+
+class _Spec(NamedTuple):
+    name: str  # the attribute
+    json: str  # the name in the stored value
+    kind: Any  # the resolved annotation
+    required: bool
+
+
+def _describe(kind) -> str:
+    args = typing.get_args(kind)
+    if args and type(None) in args:
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return "one of " + ", ".join(m.value for m in kind)
+    if isinstance(kind, type) and issubclass(kind, Record):
+        return "an object"
+    words = {int: "a whole number", float: "a finite number", str: "a string", bool: "true or false"}
+    return words.get(kind, str(kind))
+
+
+def _finite(number: int | float) -> bool:
+    try:
+        return math.isfinite(number)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
+def _convert(key: str, field: str, kind, value):
+    """``value`` as ``kind``, or BadKeyData naming the key and the field."""
+    args = typing.get_args(kind)
+    if args and (typing.get_origin(kind) in (typing.Union, types.UnionType)):
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1 and value is not None:
+            try:
+                return _convert(key, field, others[0], value)
+            except BadKeyData as exc:
+                if not (isinstance(others[0], type) and issubclass(others[0], Record) and isinstance(value, dict)):
+                    raise BadKeyData(key, f"{field} must be {_describe(kind)}, not {value!r}") from exc
+                raise
+    elif typing.get_origin(kind) is tuple and isinstance(value, list):
+        item = args[0]
+        return tuple(_convert(key, f"{field}[{i}]", item, v) for i, v in enumerate(value))
+    elif kind is int and type(value) is int:
+        return value
+    elif kind is float and type(value) in (int, float) and _finite(value):  # JSON's Infinity and NaN are no time
+        return float(value)
+    elif kind is str and isinstance(value, str):
+        return value
+    elif kind is bool and type(value) is bool:
+        return value
+    elif isinstance(kind, type) and issubclass(kind, enum.Enum) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    elif isinstance(kind, type) and issubclass(kind, Record) and isinstance(value, dict):
+        try:
+            return kind.from_json(key, value)
+        except BadKeyData as exc:
+            raise BadKeyData(key, f"{field}: {exc.problem}") from exc
+    raise BadKeyData(key, f"{field} must be {_describe(kind)}, not {value!r}")
+
+
+class Record:
+    """Base of the value records (frozen dataclasses)."""
+
+    OMIT_NONE: ClassVar[bool] = False  # leave fields that are None out of the stored value
+
+    @classmethod
+    @functools.cache
+    def _specs(cls) -> tuple[_Spec, ...]:
+        hints = typing.get_type_hints(cls)
+        return tuple(_Spec(f.name, f.metadata.get("json", f.name), hints[f.name],
+                           f.metadata.get("required", False) or (f.default is dataclasses.MISSING
+                                                                 and f.default_factory is dataclasses.MISSING))
+                     for f in dataclasses.fields(cls) if not f.metadata.get("kv"))
+
+    def to_json(self) -> dict[str, Any]:
+        out = {}
+        for s in self._specs():
+            value = getattr(self, s.name)
+            if value is None and self.OMIT_NONE and not s.required:
+                continue
+            out[s.json] = value.to_json() if isinstance(value, Record) else list(value) if isinstance(value, tuple) \
+                else value
+        return out
+
+    def encode(self) -> bytes:
+        return encode(self.to_json())
+
+    @classmethod
+    def from_json(cls, key: str, obj: dict[str, Any], **kv):
+        """The record in ``obj`` (decoded from ``key``), with the KV fields ``kv``; validated."""
+        if not isinstance(obj, dict):
+            raise BadKeyData(key, "not a JSON object")
+        missing = [s.json for s in cls._specs() if s.required and s.json not in obj]
+        if missing:
+            raise BadKeyData(key, f"missing field(s) {', '.join(missing)}")
+        fields = {s.name: _convert(key, s.json, s.kind, obj[s.json]) for s in cls._specs() if s.json in obj}
+        record = cls(**fields, **kv)
+        record.check(key)
+        return record
+
+    @classmethod
+    def read(cls, key: str, raw: bytes, **kv):
+        return cls.from_json(key, decode(key, raw), **kv)
+
+    @classmethod
+    def from_kv(cls, kv):
+        """The record in an etcd KV, with the KV fields the record has (mod_revision, create_revision, lease)."""
+        meta = {f.name: getattr(kv, f.name) for f in dataclasses.fields(cls) if f.metadata.get("kv")}
+        return cls.read(kv.key, kv.value, **meta)
+
+    def check(self, key: str) -> None:
+        """Rules between fields or on ranges; raises BadKeyData naming ``key``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPointer(Record):
+    gen: int
+    time: float = 0.0
+
+    def check(self, key: str) -> None:
+        if self.gen < 1:
+            raise BadKeyData(key, f"gen must be a positive integer, not {self.gen!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecValue(Record):
+    """``P/spec``: what every agent of the job must agree on (``config.JobSpec``, as stored)."""
+
+    min_nodes: int
+    max_nodes: int
+    nproc_per_node: str  # as given: a number, gpu, cpu, auto (or torchrun: torch's agent assigns worker ranks)
+    max_restarts: int
+
+    @classmethod
+    def of(cls, spec) -> SpecValue:
+        return cls(spec.min_nodes, spec.max_nodes, spec.nproc_per_node, spec.max_restarts)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo(Record):
+    """A registry entry: the live agent of one node (leased to its session)."""
+
+    node: str = ""
+    host: str = ""
+    addr: str = ""
+    pid: int | None = None
+    version: str = ""
+    nproc: int | None = None
+    lease: str = ""  # the session lease, in hex as etcdctl prints it
+    started: float = 0.0
+    health: str = ""  # why the node failed its health check ("" healthy): it does not join until it passes
+    spare: bool = False  # --spare: a hot spare, taken into a plan only in place of a lost or quarantined member
+    checking: bool = False  # it has a health check to pass and none has passed yet: not counted as joinable
+    mod_revision: int = kv_field()  # when the entry was last written (a scale-up records whom it was for by it)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankClaim(Record):
+    """``P/node_ranks/<rank>``: the node started with ``--node-rank <rank>``."""
+
+    node: str
+    rank: int
+    host: str = ""
+    pid: int | None = None
+    lease: str = ""
+
+
+MAX_WALL_TIME = 253402300799.0  # 9999-12-31 23:59:59 UTC: the last second Python's time and datetime print
+
+
+@dataclasses.dataclass(frozen=True)
+class Quarantine(Record):
+    """``P/quarantine/<node>``: when this node's workers failed lately (wall times, within the window), and until
+    when it sits out (0: it does not)."""
+
+    node: str
+    failures: tuple[float, ...] = ()
+    until: float = 0.0
+    reason: str = ""
+
+    def sitting_out(self, wall: float) -> bool:
+        return self.until > wall
+
+    def check(self, key: str) -> None:
+        # wall times that status, events and the agent's log print: a time no calendar shows is bad data
+        for name, t in [("until", self.until)] + [(f"failures[{i}]", t) for i, t in enumerate(self.failures)]:
+            if not 0 <= t <= MAX_WALL_TIME:
+                raise BadKeyData(key, f"{name} must be a wall time in seconds since 1970, from 0 to "
+                                      f"{MAX_WALL_TIME:.0f} (the end of the year 9999), not {t!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundInfo(Record):
+    OMIT_NONE: ClassVar[bool] = True
+
+    number: int = stored_as("round")
+    phase: Phase = required(Phase.JOINING)
+    reason: str = ""
+    mod_revision: int = kv_field()
+    last_plan: int | None = None  # the newest earlier round that had a plan (0: none; None: not recorded)
+    time: float = 0.0
+    nodes: int | None = None  # how many nodes the round runs with (running rounds)
+    # A scale-up's round (joining, then running): the newest registry revision of the newcomers it was made for.
+    # A node outside its plan whose entry is not newer was passed over: no scale-up for it until the entry changes.
+    scaled_for: int | None = None
+
+    def check(self, key: str) -> None:
+        if self.number < 1:
+            raise BadKeyData(key, f"round must be a positive integer, not {self.number}")
+        if self.scaled_for is not None and self.scaled_for < 1:
+            raise BadKeyData(key, f"scaled_for must be a positive revision, not {self.scaled_for}")
+        if self.last_plan is not None and not 0 <= self.last_plan < self.number:
+            raise BadKeyData(key, f"last_plan must be a round before {self.number} (0: none), not {self.last_plan!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Restarts(Record):
+    used: int
+    max: int
+    mod_revision: int = kv_field()
+
+    def check(self, key: str) -> None:
+        if self.used < 0 or self.max < 0:
+            raise BadKeyData(key, "used and max must be whole numbers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Join(Record):
+    """A join record; ``node_rank``, ``master_addr`` and ``master_port`` are the static-rendezvous flags (None: not
+    given)."""
+
+    node: str
+    create_revision: int = kv_field()
+    host: str = ""
+    addr: str = required("")
+    port: int = required(0)
+    nproc: int = required(1)
+    prev_rank: int | None = None  # its group rank in the newest earlier plan, if it was in it
+    lease: int = kv_field()  # the session lease the key is bound to: a node's old session shows up as another lease
+    node_rank: int | None = None  # --node-rank: this node's group rank in every plan (None: not pinned)
+    master_addr: str | None = None  # --master-addr/--master-port: the plan's master when this node is rank 0
+    master_port: int | None = None
+    time: float = 0.0
+    spare: bool = False  # --spare: planned only in place of a lost or quarantined member
+
+    def check(self, key: str) -> None:
+        if self.node_rank is not None and self.node_rank < 0:
+            raise BadKeyData(key, f"node_rank must be 0 or more, got {self.node_rank}")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise BadKeyData(key, f"master_port must be 1-65535, got {self.master_port}")
+        if self.nproc < 1:
+            raise BadKeyData(key, f"nproc must be at least 1, got {self.nproc}")
+
+
+class Member(NamedTuple):
+    """One member of a plan (a tuple: every member reads the whole plan each round, so making one is cheap)."""
+
+    node: str
+    group_rank: int
+    host: str
+    addr: str
+    nproc: int
+    rank_offset: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan(Record):
+    round: int
+    members: tuple[Member, ...]
+    master_addr: str
+    master_port: int
+    restart_count: int
+    max_restarts: int = 0
+    mod_revision: int = kv_field()
+    leader: str = ""  # the member that closed the round: it watches the registry and the round's keys
+
+    @property
+    def leader_node(self) -> str:
+        return self.leader or self.members[0].node
+
+    @property
+    def world_size(self) -> int:
+        return sum(m.nproc for m in self.members)
+
+    def member(self, node: str) -> Member | None:
+        return self._by_node.get(node)
+
+    @functools.cached_property
+    def _by_node(self) -> dict[str, Member]:
+        return {m.node: m for m in self.members}
+
+    def predecessor(self, node: str) -> str | None:
+        """The member before ``node`` in group-rank order, the last one for rank 0 (a ring): the one peer whose
+        loss ``node`` watches for. None when ``node`` is not a member or alone."""
+        m = self.member(node)
+        if m is None or len(self.members) < 2:
+            return None
+        return self.members[m.group_rank - 1].node
+
+    @property
+    def nodes(self) -> list[str]:
+        return [m.node for m in self.members]
+
+    def to_json(self) -> dict:
+        """The plan as stored in etcd. Every member reads it once per round, so it is compact: one
+        ``[node, nproc, addr]`` per member in group-rank order (group ranks and rank offsets follow from the order)."""
+        return {"round": self.round, "world_size": self.world_size, "group_world_size": len(self.members),
+                "master_addr": self.master_addr, "master_port": self.master_port,
+                "restart_count": self.restart_count, "max_restarts": self.max_restarts, "leader": self.leader,
+                "members": [[m.node, m.nproc, m.addr] for m in self.members]}
+
+    def expanded(self) -> dict:
+        """The plan with every member spelled out (``status --json``)."""
+        return {**self.to_json(), "members": [m._asdict() for m in self.members]}
+
+    @classmethod
+    def from_json(cls, key: str, obj: dict, mod_revision: int = 0) -> Plan:
+        if not isinstance(obj, dict):
+            raise BadKeyData(key, "not a JSON object")
+        missing = [f for f in ("round", "members", "master_addr", "master_port", "restart_count") if f not in obj]
+        if missing:
+            raise BadKeyData(key, f"missing field(s) {', '.join(missing)}")
+        if not isinstance(obj["members"], list) or not obj["members"]:
+            raise BadKeyData(key, f"bad plan: members must be a non-empty list, not {obj['members']!r}")
+        members, offset = [], 0
+        for rank, m in enumerate(obj["members"]):
+            if isinstance(m, list) and len(m) == 3:  # [node, nproc, addr]
+                node, nproc, addr = m
+                host, group_rank = "", rank
+            elif isinstance(m, dict):  # spelled out, as plans were written before they became compact
+                node, nproc, addr = m.get("node"), m.get("nproc"), m.get("addr")
+                host, group_rank = m.get("host", ""), m.get("group_rank")
+            else:
+                raise BadKeyData(key, f"bad plan: member {rank} must be [node, nproc, addr], not {m!r}")
+            where = f"members[{rank}]"
+            member = Member(_convert(key, f"{where} node", str, node), _convert(key, f"{where} group_rank", int, group_rank),
+                            _convert(key, f"{where} host", str, host), _convert(key, f"{where} addr", str, addr),
+                            _convert(key, f"{where} nproc", int, nproc), offset)
+            if member.nproc < 1:
+                raise BadKeyData(key, f"{where} nproc must be at least 1, got {member.nproc}")
+            members.append(member)
+            offset += member.nproc
+        if [m.group_rank for m in members] != list(range(len(members))):
+            raise BadKeyData(key, "bad plan: members are not in group-rank order 0..n-1")
+        fields = {f: _convert(key, f, kind, obj.get(f, default))
+                  for f, kind, default in (("round", int, None), ("master_addr", str, None), ("master_port", int, None),
+                                           ("restart_count", int, None), ("max_restarts", int, 0))}
+        return cls(members=tuple(members), mod_revision=mod_revision, leader=_convert(key, "leader", str,
+                                                                                     obj.get("leader") or ""), **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exit(Record):
+    """``P/r/<n>/exit/<node>``: this node's workers all exited 0 in round n."""
+
+    node: str
+    outcome: Outcome = Outcome.SUCCEEDED
+    time: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure(Record):
+    """One node's failure report for a round: a worker that exited non-zero, died of a signal or hung; ``rank`` is
+    None when the report is of a worker group as a whole (torchrun's agent restarted it). ``lost``: a loss report,
+    written by a peer that saw the node's lease end (``blame.py``); ``time`` is when the loss was seen."""
+
+    rank: int | None = None
+    local_rank: int | None = None
+    pid: int | None = None
+    exitcode: int | None = None
+    signal: str | None = None
+    message: str = ""
+    error_file: str = ""
+    stderr_tail: str = ""
+    time: float = 0.0
+    round: int | None = None
+    node: str = ""
+    hang: bool = False
+    lost: bool = False
+
+    def how_it_ended(self) -> str:
+        """``signal SIGKILL``, ``exit code 3``, ``hung``, ``lost`` or ``failed``."""
+        if self.lost:
+            return "lost"
+        if self.hang:
+            return "hung"
+        if self.signal:
+            return f"signal {self.signal}"
+        return "failed" if self.exitcode is None else f"exit code {self.exitcode}"
+
+    def describe(self) -> str:
+        if self.lost:
+            return f"node {self.node} was lost"
+        if self.rank is None:  # torchrun's agent restarted its group: the worker's details are torch's
+            return f"the worker group on {self.node} failed ({self.message})"
+        if self.hang:
+            return f"worker rank {self.rank} on {self.node} hung ({self.message})"
+        return f"worker rank {self.rank} on {self.node} failed with {self.how_it_ended()}"
+
+    @property
+    def headline(self) -> str:
+        """The first line of the message ('' when there is none)."""
+        return (self.message or "").split("\n", 1)[0]
+
+    def with_strings(self, change) -> Failure:
+        """The report with ``change`` applied to every text field (``secure.redact``)."""
+        return dataclasses.replace(self, **{f: change(getattr(self, f))
+                                            for f in ("message", "error_file", "stderr_tail")})
+
+
+@dataclasses.dataclass(frozen=True)
+class Result(Record):
+    """``P/result``: how the job ended; ``root_cause`` is the final round's cause (``blame.root_cause``: a loss
+    report when the round has one, else its earliest failure report)."""
+
+    outcome: Outcome
+    round: int
+    reason: str = ""
+    root_cause: Failure | None = None
+    restarts: int = 0
+    time: float = 0.0
+
+    def ended(self, run_id: str, already: bool = False) -> str:
+        """The job's end as its agents report it: that it succeeded, or how it failed or was stopped (with the
+        root cause); ``already``: said to an agent that came after the end."""
+        if self.outcome == Outcome.SUCCEEDED:
+            when = "already " if already else ""
+            return f"job {run_id} {when}succeeded in round {self.round} after {self.restarts} restart(s)"
+        root, detail = self.root_cause, ""
+        if root and root.lost:
+            detail = f"; root cause: {root.message} (round {root.round})"
+        elif root:
+            detail = (f"; root cause: rank {root.rank} on {root.node} ({root.how_it_ended()}) in round "
+                      f"{root.round}: {root.message or 'no error message'}")
+        return f"job {run_id} {self.outcome}: {self.reason}{detail}"
+
+
+RECORDS: dict[str, type[Record]] = {  # keys.ParsedKey.kind -> the record its values are
+    "spec": SpecValue, "node": NodeInfo, "quarantine": Quarantine, "node_rank": RankClaim, "round": RoundInfo, "restarts": Restarts, "join": Join,
+    "plan": Plan, "exit": Exit, "failure": Failure, "result": Result,
+}
+
+
+def read_value(kind: str, kv) -> Record | None:
+    """The record of a KV whose key is of ``kind`` (None for the c10d store's keys, which have none)."""
+    record = RECORDS.get(kind)
+    return record.from_kv(kv) if record else None
