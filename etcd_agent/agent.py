@@ -27,7 +27,7 @@ import time
 from typing import Callable
 
 from . import logs
-from .coord import blame
+from .coord import blame, quarantine
 from .node import health
 from .node.checks import Checks
 from .config import AgentConfig, worker_base_env
@@ -365,7 +365,7 @@ class Agent:
         if self.cfg.quarantine.active:
             q = self.coord.quarantine(self.cfg.quarantine, self._failed_at, time.time())
             self._failed_at = None
-            problem = health.quarantined(q, time.time())
+            problem = quarantine.quarantined(q, time.time())
             wait = q.until - time.time() if problem else 0.0
         if not problem and self.cfg.health.active:
             verdict = self.checks.health()

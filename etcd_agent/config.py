@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
+import shutil
 import socket
 import uuid
-from pathlib import Path
 
-from .node import gpu
 from .errors import ConfigError
-from .node.health import HealthConfig, QuarantinePolicy
 from .secure import check_tls_files
 
 DEFAULT_ROOT = "/etcd-agent"
@@ -251,6 +250,56 @@ def request_timeout_for(lease_ttl: int) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class HealthConfig:
+    command: tuple[str, ...] = ()  # --health-check, split; () when not given
+    timeout: float = 60.0  # --health-check-timeout
+    gpus: int | None = None  # GPUs this node's workers use (--nproc-per-node gpu); None: not a GPU job
+
+    @property
+    def active(self) -> bool:
+        return bool(self.command) or self.gpus is not None
+
+    @classmethod
+    def parse(cls, command: str | None, timeout: float, gpus: int | None) -> HealthConfig:
+        if not timeout > 0:
+            raise ConfigError(f"--health-check-timeout must be positive, got {timeout}")
+        try:
+            argv = tuple(shlex.split(command)) if command else ()
+        except ValueError as exc:
+            raise ConfigError(f"--health-check {command!r}: {exc}") from exc
+        if command is not None and not argv:
+            raise ConfigError("--health-check is empty: give a command, or leave the flag out")
+        if argv and shutil.which(argv[0]) is None:
+            where = "is not an executable file" if os.sep in argv[0] else "is not found on PATH"
+            raise ConfigError(f"--health-check {command!r}: the program {argv[0]!r} {where}")
+        return cls(argv, timeout, gpus)
+
+
+MAX_PERIOD = 365 * 24 * 3600.0  # the longest quarantine window and cooldown: a quarantine's end is a time to print
+
+
+@dataclasses.dataclass(frozen=True)
+class QuarantinePolicy:
+    """``--quarantine-after K`` failures of this node's workers within ``--quarantine-window`` seconds make it sit out
+    for ``--quarantine-cooldown`` seconds (K = 0: off)."""
+
+    after: int = 0
+    window: float = 600.0
+    cooldown: float = 600.0
+
+    @property
+    def active(self) -> bool:
+        return self.after > 0
+
+    def __post_init__(self) -> None:
+        if self.after < 0:
+            raise ConfigError(f"--quarantine-after must be 0 (off) or more, got {self.after}")
+        if not 0 < self.window <= MAX_PERIOD or not 0 < self.cooldown <= MAX_PERIOD:  # inf, nan: no wall time
+            raise ConfigError(f"--quarantine-window and --quarantine-cooldown must be positive and at most "
+                              f"{MAX_PERIOD:.0f} s (a year), got {self.window:g} and {self.cooldown:g}")
+
+
+@dataclasses.dataclass(frozen=True)
 class AgentConfig:
     """Everything one agent needs."""
 
@@ -400,84 +449,6 @@ def parse_nnodes(text: str) -> tuple[int, int]:
     if hi > MAX_NODES:
         raise ConfigError(f"--nnodes {text!r}: the number of nodes must be {_MAX_NODES_WHY}")
     return lo, hi
-
-
-def resolve_nproc(text: str) -> int:
-    """``N``, ``gpu`` (visible GPUs), ``cpu`` (CPU count), ``xpu`` (Intel GPUs) or ``auto`` (GPUs if any, else CPUs),
-    like torchrun."""
-    value = text.strip().lower()
-    if _NUMBER_RE.fullmatch(value):
-        if int(value) < 1:
-            raise ConfigError(f"--nproc-per-node must be at least 1, got {text!r}")
-        return int(value)
-    if value == "cpu":
-        return os.cpu_count() or 1
-    if value in ("gpu", "auto"):
-        count = count_gpus()
-        if count:
-            return count
-        if value == "auto":
-            return count_xpus() or os.cpu_count() or 1
-        raise ConfigError("--nproc-per-node gpu: no visible GPU (checked CUDA_VISIBLE_DEVICES, "
-                          "/proc/driver/nvidia/gpus and nvidia-smi)")
-    if value == "xpu":
-        count = count_xpus()
-        if count:
-            return count
-        raise ConfigError("--nproc-per-node xpu: no visible Intel GPU (checked ZE_AFFINITY_MASK and /sys/class/drm)")
-    raise ConfigError(f"--nproc-per-node {text!r}: expected a number, 'gpu', 'cpu', 'xpu' or 'auto'")
-
-
-def count_xpus(drm: str = "/sys/class/drm") -> int:
-    """Visible Intel GPUs without importing torch: ZE_AFFINITY_MASK wins, then the render nodes of vendor 0x8086."""
-    mask = os.environ.get("ZE_AFFINITY_MASK")
-    if mask is not None:
-        return len({item.split(".")[0].strip() for item in mask.split(",") if item.strip()})
-    root = Path(drm)
-    count = 0
-    for node in root.glob("renderD*") if root.is_dir() else ():
-        try:
-            if (node / "device" / "vendor").read_text().strip().lower() == "0x8086":
-                count += 1
-        except OSError:
-            continue
-    return count
-
-
-def count_gpus() -> int:
-    """Visible NVIDIA GPUs without importing torch: CUDA_VISIBLE_DEVICES wins, then NVML (``gpu.py``, when
-    nvidia-ml-py is installed), then the driver's view."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        items = [v for v in visible.split(",") if v.strip()]
-        # CUDA stops at the first invalid entry such as -1.
-        count = 0
-        for item in items:
-            if item.strip().startswith("-"):
-                break
-            count += 1
-        return count
-    found = gpu.count()
-    if found is not None:
-        return found
-    proc = Path("/proc/driver/nvidia/gpus")
-    if proc.is_dir():
-        return sum(1 for _ in proc.iterdir())
-    return _nvidia_smi_count()
-
-
-def _nvidia_smi_count() -> int:
-    import shutil
-    import subprocess
-
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return 0
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def default_node_id() -> str:

@@ -9,11 +9,12 @@ import pytest
 
 from etcd_agent import config
 from etcd_agent.config import (AgentConfig, EtcdConfig, JobSpec, WorkerConfig, endpoint_scheme, parse_endpoints,
-                               parse_nnodes,
-                               resolve_nproc)
+                               parse_nnodes)
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, ConfigError, SpecMismatch
 from etcd_agent.schema.keys import Keys
 from etcd_agent.coord.txns import check_spec
+from etcd_agent.node import hostinfo
+from etcd_agent.node.hostinfo import resolve_nproc
 
 LOCAL = (("127.0.0.1", 2379),)
 
@@ -158,8 +159,8 @@ def test_resolve_nproc_superscript_is_a_config_error():
 
 def _no_driver_gpus(monkeypatch, tmp_path, smi: int = 0) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(config, "Path", lambda _path: tmp_path / "no-such-dir")
-    monkeypatch.setattr(config, "_nvidia_smi_count", lambda: smi)
+    monkeypatch.setattr(hostinfo, "Path", lambda _path: tmp_path / "no-such-dir")
+    monkeypatch.setattr(hostinfo, "_nvidia_smi_count", lambda: smi)
 
 
 def test_resolve_nproc_number():
@@ -181,7 +182,7 @@ def test_resolve_nproc_unknown_names_the_flag(text):
 
 
 def test_resolve_nproc_cpu(monkeypatch):
-    monkeypatch.setattr(config.os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(hostinfo.os, "cpu_count", lambda: 6)
     assert resolve_nproc("cpu") == 6
     assert resolve_nproc("CPU") == 6
 
@@ -207,8 +208,8 @@ def test_resolve_nproc_gpu_on_a_machine_without_gpus(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("gpus, expected", [(0, 6), (3, 3)])
 def test_resolve_nproc_auto_prefers_gpus_else_cpus(monkeypatch, gpus, expected):
-    monkeypatch.setattr(config, "count_gpus", lambda: gpus)
-    monkeypatch.setattr(config.os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(hostinfo, "count_gpus", lambda: gpus)
+    monkeypatch.setattr(hostinfo.os, "cpu_count", lambda: 6)
     assert resolve_nproc("auto") == expected
 
 
@@ -216,21 +217,21 @@ def test_resolve_nproc_auto_prefers_gpus_else_cpus(monkeypatch, gpus, expected):
                                                ("GPU-aaa,GPU-bbb", 2), ("0, 1,", 2)])
 def test_count_gpus_follows_cuda_visible_devices(monkeypatch, visible, expected):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    monkeypatch.setattr(config, "_nvidia_smi_count", lambda: pytest.fail("nvidia-smi asked although the env wins"))
-    assert config.count_gpus() == expected
+    monkeypatch.setattr(hostinfo, "_nvidia_smi_count", lambda: pytest.fail("nvidia-smi asked although the env wins"))
+    assert hostinfo.count_gpus() == expected
 
 
 def test_count_gpus_reads_the_driver_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     for bus in ("0000:01:00.0", "0000:02:00.0", "0000:03:00.0"):
         (tmp_path / bus).mkdir()
-    monkeypatch.setattr(config, "Path", lambda _path: tmp_path)
-    assert config.count_gpus() == 3
+    monkeypatch.setattr(hostinfo, "Path", lambda _path: tmp_path)
+    assert hostinfo.count_gpus() == 3
 
 
 def test_count_gpus_falls_back_to_nvidia_smi(monkeypatch, tmp_path):
     _no_driver_gpus(monkeypatch, tmp_path, smi=4)
-    assert config.count_gpus() == 4
+    assert hostinfo.count_gpus() == 4
 
 
 # --- JobSpec / WorkerConfig / EtcdConfig / AgentConfig ---------------------------------------------------------
@@ -437,14 +438,14 @@ def test_parse_endpoints_accepts_a_bare_ipv6_address():
 
 
 def test_count_xpus_follows_ze_affinity_mask(monkeypatch, tmp_path):
-    from etcd_agent.config import count_xpus
+    from etcd_agent.node.hostinfo import count_xpus
 
     monkeypatch.setenv("ZE_AFFINITY_MASK", "0,1.0,1.1,3")
     assert count_xpus(str(tmp_path)) == 3  # devices 0, 1 (two tiles) and 3
 
 
 def test_count_xpus_reads_intel_render_nodes(monkeypatch, tmp_path):
-    from etcd_agent.config import count_xpus
+    from etcd_agent.node.hostinfo import count_xpus
 
     monkeypatch.delenv("ZE_AFFINITY_MASK", raising=False)
     for name, vendor in (("renderD128", "0x8086"), ("renderD129", "0x10de"), ("renderD130", "0x8086")):

@@ -16,6 +16,8 @@ import time
 import pytest
 
 from agents import poll_until, records, start_agents, wait_all
+from etcd_agent.config import HealthConfig, QuarantinePolicy
+from etcd_agent.coord import quarantine
 from etcd_agent.node import gpu, health
 from etcd_agent.errors import ConfigError
 from etcd_agent.coord.decide import Bump, CheckHealth, ClosePlan, JoinRound, Params, Wait, decide
@@ -74,13 +76,13 @@ def test_backoff_grows_to_a_minute():
 
 # --- the command ------------------------------------------------------------------------------------------------
 
-def cmd(text: str, timeout: float = 10.0) -> health.HealthConfig:
-    return health.HealthConfig.parse(text, timeout, None)
+def cmd(text: str, timeout: float = 10.0) -> HealthConfig:
+    return HealthConfig.parse(text, timeout, None)
 
 
 def test_a_command_that_exits_0_is_healthy():
     assert health.check(cmd("true")) == ""
-    assert not health.HealthConfig().active and cmd("true").active
+    assert not HealthConfig().active and cmd("true").active
 
 
 def test_a_failing_command_says_its_exit_code_and_first_line():
@@ -139,7 +141,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_command_that_cannot_run_is_unhealthy(tmp_path):
     """A program that was there at start and is gone when the check runs: unhealthy, saying why."""
-    gone = health.HealthConfig((str(tmp_path / "removed-check"),), 5.0)
+    gone = HealthConfig((str(tmp_path / "removed-check"),), 5.0)
     assert "could not run: No such file or directory" in health.check(gone)
 
 
@@ -166,7 +168,7 @@ def test_an_agent_whose_check_program_is_missing_exits_2_naming_the_flag(etcd_en
 ])
 def test_bad_health_flags_name_the_flag(text, timeout, problem):
     with pytest.raises(ConfigError, match=problem):
-        health.HealthConfig.parse(text, timeout, None)
+        HealthConfig.parse(text, timeout, None)
 
 
 def test_the_flags_reach_the_agent_config(tmp_path):
@@ -178,7 +180,7 @@ def test_the_flags_reach_the_agent_config(tmp_path):
     parser = build_parser()
     ns = parser.parse_args(["--health-check", "true -q", "--health-check-timeout", "7", str(script)])
     cfg = resolve(parser, ns).cfg
-    assert cfg.health == health.HealthConfig(("true", "-q"), 7.0, None)
+    assert cfg.health == HealthConfig(("true", "-q"), 7.0, None)
 
 
 # --- NVML, through a stand-in of pynvml -------------------------------------------------------------------------
@@ -219,7 +221,7 @@ def test_nvml_reports_missing_gpus_pending_retirement_and_ecc_errors():
     found = gpu.problems(4, FakeNVML(3, pending={1}, ecc={2: 5}))
     assert found == ["3 GPU(s) visible, 4 expected", "GPU 1 has memory pages waiting to be retired (it needs a reset)",
                      "GPU 2 has 5 uncorrectable ECC error(s) since the driver loaded"]
-    gate = health.HealthConfig(gpus=4)
+    gate = HealthConfig(gpus=4)
     assert health.check(gate, FakeNVML(3)) == "3 GPU(s) visible, 4 expected"
     assert health.check(gate, FakeNVML(4)) == ""
 
@@ -235,7 +237,7 @@ def test_without_nvml_the_gpu_check_is_skipped_and_says_so_once(caplog):
             assert gpu.nvml(missing) is None and gpu.problems(8) is None and gpu.count() is None
         said = [r.getMessage() for r in caplog.records if "NVML is not available" in r.getMessage()]
         assert len(said) == 1 and "No module named 'pynvml'" in said[0]
-        assert health.check(health.HealthConfig(gpus=8)) == ""  # unknown is not unhealthy
+        assert health.check(HealthConfig(gpus=8)) == ""  # unknown is not unhealthy
     finally:
         gpu.forget()
 
@@ -277,7 +279,7 @@ def test_an_unhealthy_node_stays_out_until_its_check_passes(etcd_endpoint, run_i
 
 
 def test_nproc_per_node_gpu_counts_through_nvml(monkeypatch):
-    from etcd_agent.config import count_gpus
+    from etcd_agent.node.hostinfo import count_gpus
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpu.forget()
@@ -347,7 +349,7 @@ def test_a_restart_whose_old_workers_keep_gpu_memory_fails_naming_them(etcd_endp
 
     with stopped_workers_keep_gpu_memory() as holding:
         _agent, thread, outcome = start(etcd_endpoint, run_id, "n0", group=holding, max_restarts=1,
-                                        health=health.HealthConfig(gpus=2), gpu_drain_timeout=0.5)
+                                        health=HealthConfig(gpus=2), gpu_drain_timeout=0.5)
         next_group().end(3, local_rank=0)
         thread.join(30)
         error = outcome.get("error")
@@ -360,24 +362,24 @@ def test_a_restart_whose_old_workers_keep_gpu_memory_fails_naming_them(etcd_endp
 # --- quarantine ------------------------------------------------------------------------------------------------
 
 def test_the_kth_failure_within_the_window_starts_a_cooldown():
-    policy = health.QuarantinePolicy(after=3, window=100.0, cooldown=50.0)
-    q = health.record_failure(None, "n2", 10.0, policy, 10.0)
+    policy = QuarantinePolicy(after=3, window=100.0, cooldown=50.0)
+    q = quarantine.record_failure(None, "n2", 10.0, policy, 10.0)
     assert q.failures == (10.0,) and not q.until
-    q = health.record_failure(q, "n2", 20.0, policy, 20.0)
-    assert health.quarantined(q, 20.0) == ""
-    late = health.record_failure(q, "n2", 200.0, policy, 200.0)  # the first two fell out of the window
+    q = quarantine.record_failure(q, "n2", 20.0, policy, 20.0)
+    assert quarantine.quarantined(q, 20.0) == ""
+    late = quarantine.record_failure(q, "n2", 200.0, policy, 200.0)  # the first two fell out of the window
     assert late.failures == (200.0,) and not late.until
-    q = health.record_failure(q, "n2", 30.0, policy, 30.0)
+    q = quarantine.record_failure(q, "n2", 30.0, policy, 30.0)
     assert q.until == 80.0 and q.failures == () and "3 worker failure(s) within 100 s (--quarantine-after 3)" in q.reason
-    assert health.quarantined(q, 79.0).startswith("quarantined until ") and health.quarantined(q, 80.0) == ""
+    assert quarantine.quarantined(q, 79.0).startswith("quarantined until ") and quarantine.quarantined(q, 80.0) == ""
 
 
 def test_quarantine_flags_are_checked():
-    assert not health.QuarantinePolicy().active and health.QuarantinePolicy(after=2).active
+    assert not QuarantinePolicy().active and QuarantinePolicy(after=2).active
     with pytest.raises(ConfigError, match="--quarantine-after must be 0"):
-        health.QuarantinePolicy(after=-1)
+        QuarantinePolicy(after=-1)
     with pytest.raises(ConfigError, match="--quarantine-window and --quarantine-cooldown must be positive"):
-        health.QuarantinePolicy(after=2, cooldown=0)
+        QuarantinePolicy(after=2, cooldown=0)
 
 
 def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_rest(etcd_endpoint, run_id, tmp_path):

@@ -20,7 +20,7 @@ from etcd_agent.config import MAX_NODES, EtcdConfig, JobSpec, parse_endpoints, p
 from etcd_agent.errors import BadKeyData, ConfigError
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.ops.events import line
-from etcd_agent.node.health import QuarantinePolicy
+from etcd_agent.config import QuarantinePolicy
 from etcd_agent.schema.values import Quarantine
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,11 +40,11 @@ import signal
 import sys
 import uuid
 
-from ..config import (AgentConfig, EtcdConfig, JobSpec, StdSpec, WorkerConfig, default_node_id, endpoint_scheme,
-                     parse_endpoints, parse_nnodes, request_timeout_for, resolve_nproc)
+from ..config import (AgentConfig, EtcdConfig, HealthConfig, QuarantinePolicy, JobSpec, StdSpec, WorkerConfig, default_node_id, endpoint_scheme,
+                     parse_endpoints, parse_nnodes, request_timeout_for)
 from ..errors import ConfigError
 from .flags import PASSWORD_ENV, sources
-from ..node.health import HealthConfig, QuarantinePolicy
+from ..node.hostinfo import resolve_nproc
 from ..secure import keep_secret
 from ..node.warm import parse_preload
 

@@ -32,8 +32,7 @@ import time
 from typing import Callable
 
 from .. import logs
-from . import abandon, blame, txns
-from ..node import health
+from . import abandon, blame, quarantine, txns
 from ..config import NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig
 from ..errors import AgentError, BadKeyData, ConfigError, EtcdNoSpace, EtcdUnavailable
 from ..etcd.client import Etcd, TxnResult, op_get_range, prefix_end
@@ -149,14 +148,14 @@ class Coordinator:
             kv = self.mirror.get(key)
             current = self.mirror.record(kv, Quarantine) if kv else None
             if failed_at is not None:
-                new = health.record_failure(current, self.node, failed_at, policy, wall)
+                new = quarantine.record_failure(current, self.node, failed_at, policy, wall)
                 res = txns.put_quarantine(self.etcd, key, kv, new)
                 if not res.succeeded:
                     self._read_key(key)  # written by someone else since: count on what is there now
                     continue
                 self.mirror.absorb(res.ranges[0], res.revision)
                 kv, current = res.ranges[0][0], new
-            self._held_by = kv if health.quarantined(current, wall) else None
+            self._held_by = kv if quarantine.quarantined(current, wall) else None
             return current
         raise BadKeyData(key, "kept changing while this agent counted its failure; is another agent using this "
                               "node id?")

@@ -18,22 +18,19 @@ checks again after a backoff (``BACKOFF``).
 Quarantine (``QuarantinePolicy``): a node whose workers failed K times within a window sits out for a cooldown.
 Its failures are counted job-wide in ``P/quarantine/<node>`` (unleased: an agent started again on the node finds
 them), each one recorded by the node itself at its next join; while it sits out, the health gate says so.
-Imports ``errors``, ``gpu`` and ``values``.
+The records (``HealthConfig``, ``QuarantinePolicy``) are in ``config``, the quarantine arithmetic in
+``coord.quarantine``. Imports ``config`` and ``node.gpu``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shlex
-import shutil
 import signal
 import subprocess
-import time
 
+from ..config import HealthConfig
 from . import gpu
-from ..errors import ConfigError
-from ..schema.values import Quarantine
 
 BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)  # seconds until the next check after 1, 2, ... failed checks in a row
 
@@ -41,32 +38,6 @@ BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)  # seconds until the next check after 1,
 def backoff(failures: int) -> float:
     """Seconds to wait before checking again after ``failures`` (1 or more) failed checks in a row."""
     return BACKOFF[min(max(failures, 1), len(BACKOFF)) - 1]
-
-
-@dataclasses.dataclass(frozen=True)
-class HealthConfig:
-    command: tuple[str, ...] = ()  # --health-check, split; () when not given
-    timeout: float = 60.0  # --health-check-timeout
-    gpus: int | None = None  # GPUs this node's workers use (--nproc-per-node gpu); None: not a GPU job
-
-    @property
-    def active(self) -> bool:
-        return bool(self.command) or self.gpus is not None
-
-    @classmethod
-    def parse(cls, command: str | None, timeout: float, gpus: int | None) -> HealthConfig:
-        if not timeout > 0:
-            raise ConfigError(f"--health-check-timeout must be positive, got {timeout}")
-        try:
-            argv = tuple(shlex.split(command)) if command else ()
-        except ValueError as exc:
-            raise ConfigError(f"--health-check {command!r}: {exc}") from exc
-        if command is not None and not argv:
-            raise ConfigError("--health-check is empty: give a command, or leave the flag out")
-        if argv and shutil.which(argv[0]) is None:
-            where = "is not an executable file" if os.sep in argv[0] else "is not found on PATH"
-            raise ConfigError(f"--health-check {command!r}: the program {argv[0]!r} {where}")
-        return cls(argv, timeout, gpus)
 
 
 def check(cfg: HealthConfig, nvml=None, env: dict | None = None, started=None) -> str:
@@ -129,47 +100,3 @@ def _timed_out(proc: subprocess.Popen, what: str, timeout: float) -> str:
     if exited:
         return said + ": it exited, but a process it started held its output open until it was killed"
     return said
-
-
-MAX_PERIOD = 365 * 24 * 3600.0  # the longest quarantine window and cooldown: a quarantine's end is a time to print
-
-
-@dataclasses.dataclass(frozen=True)
-class QuarantinePolicy:
-    """``--quarantine-after K`` failures of this node's workers within ``--quarantine-window`` seconds make it sit out
-    for ``--quarantine-cooldown`` seconds (K = 0: off)."""
-
-    after: int = 0
-    window: float = 600.0
-    cooldown: float = 600.0
-
-    @property
-    def active(self) -> bool:
-        return self.after > 0
-
-    def __post_init__(self) -> None:
-        if self.after < 0:
-            raise ConfigError(f"--quarantine-after must be 0 (off) or more, got {self.after}")
-        if not 0 < self.window <= MAX_PERIOD or not 0 < self.cooldown <= MAX_PERIOD:  # inf, nan: no wall time
-            raise ConfigError(f"--quarantine-window and --quarantine-cooldown must be positive and at most "
-                              f"{MAX_PERIOD:.0f} s (a year), got {self.window:g} and {self.cooldown:g}")
-
-
-def record_failure(q: Quarantine | None, node: str, failed_at: float, policy: QuarantinePolicy,
-                   wall: float) -> Quarantine:
-    """``q`` (this node's record, None: none yet) with one more failure at ``failed_at``: failures older than the
-    window are dropped, and the K-th within it starts a cooldown (and the count starts again)."""
-    recent = [t for t in (q.failures if q else ()) if t > wall - policy.window] + [failed_at]
-    if q is not None and q.sitting_out(wall):
-        return dataclasses.replace(q, failures=tuple(recent))
-    if len(recent) >= policy.after:
-        why = (f"{len(recent)} worker failure(s) within {policy.window:g} s (--quarantine-after {policy.after})")
-        return Quarantine(node, (), wall + policy.cooldown, why)
-    return Quarantine(node, tuple(recent), 0.0, q.reason if q else "")
-
-
-def quarantined(q: Quarantine | None, wall: float) -> str:
-    """Why this node sits out now ("" when it does not)."""
-    if q is None or not q.sitting_out(wall):
-        return ""
-    return f"quarantined until {time.strftime('%H:%M:%S', time.localtime(q.until))}: {q.reason}"
