@@ -33,8 +33,8 @@ from .node.checks import Checks
 from .config import AgentConfig, worker_base_env
 from .coord.coordinator import Coordinator
 from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobFailed, JobStopped, SessionLost
-from .coord.decide import (Attribute, Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers, Wait, decide,
-                         describe_failure, newcomers, passed_over)
+from .coord.decide import (Attribute, Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
+                           Wait, decide, describe_failure, newcomers, passed_over)
 from .etcd.session import Session
 from .etcd.server import free_port
 from .coord.mirror import View
@@ -426,7 +426,8 @@ class Agent:
             return
         warm = {"spares": self.spares} if self.spares is not None else {}
         self.group = self._group_factory(self.cfg.workers, lambda ex: self.events.put(("worker", ex)),
-                                         node_id=self.cfg.node_id, logger=logs.get("etcd_agent.node.workers", self.where),
+                                         node_id=self.cfg.node_id,
+                                         logger=logs.get("etcd_agent.node.workers", self.where),
                                          **warm)
         self._exits: dict[int, WorkerExit] = {}
         self._set(workers_round=plan.round, workers_running=True, outcome=None, failure=None)

@@ -94,7 +94,8 @@ def test_keys_are_plain_etcd_keys(store, etcd_endpoint, prefix):
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:
         kvs, _ = etcd.get_prefix(prefix)
-        assert {kv.key: kv.value for kv in kvs} == {prefix + "n": b"3", prefix + "torchelastic/role_info/0": b"\x80payload"}
+        assert {kv.key: kv.value for kv in kvs} == {prefix + "n": b"3",
+                                                    prefix + "torchelastic/role_info/0": b"\x80payload"}
     finally:
         etcd.close()
 

@@ -248,7 +248,8 @@ def test_an_unhealthy_node_stays_out_until_its_check_passes(etcd_endpoint, run_i
     """node-1's check fails until a file exists: node-0 runs the job alone, status and events say why node-1 is out;
     once the check passes node-1 joins (a scale-up) and both finish."""
     healthy_flag, release = tmp_path / "node-1-healthy", tmp_path / "release"
-    check = f"{sys.executable} -c \"import os, sys; os.path.exists({str(healthy_flag)!r}) or sys.exit('GPU 0 is lost')\""
+    code = f"import os, sys; os.path.exists({str(healthy_flag)!r}) or sys.exit('GPU 0 is lost')"
+    check = f"{sys.executable} -c \"{code}\""
     first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                               nnodes="1:2")
     second, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
@@ -370,7 +371,8 @@ def test_the_kth_failure_within_the_window_starts_a_cooldown():
     late = quarantine.record_failure(q, "n2", 200.0, policy, 200.0)  # the first two fell out of the window
     assert late.failures == (200.0,) and not late.until
     q = quarantine.record_failure(q, "n2", 30.0, policy, 30.0)
-    assert q.until == 80.0 and q.failures == () and "3 worker failure(s) within 100 s (--quarantine-after 3)" in q.reason
+    assert q.until == 80.0 and q.failures == ()
+    assert "3 worker failure(s) within 100 s (--quarantine-after 3)" in q.reason
     assert quarantine.quarantined(q, 79.0).startswith("quarantined until ") and quarantine.quarantined(q, 80.0) == ""
 
 
@@ -397,7 +399,8 @@ def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_re
     shown = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
     assert "round 3: running (2 node(s): " in shown and "node-2" not in shown.split("round 3: running")[1].split(")")[0]
     assert "restarts: 2 of 5 used" in shown
-    assert "quarantined: node-2 until " in shown and "(2 worker failure(s) within 600 s (--quarantine-after 2))" in shown
+    assert "quarantined: node-2 until " in shown
+    assert "(2 worker failure(s) within 600 s (--quarantine-after 2))" in shown
     assert "unhealthy, not joining: node-2: quarantined until " in shown
     release.touch()
     # the quarantined agent is still one of the job's: it leaves with the others when the job ends

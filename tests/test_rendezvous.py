@@ -9,9 +9,9 @@ import pytest
 from etcd_agent.coord import blame
 from etcd_agent.coord.blame import Attribute, ReportLoss
 from etcd_agent.coord.decide import (Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
-                                   StopWorkers, Wait, WriteExit, build_plan, decide, newcomers, passed_over, result)
+                                     StopWorkers, Wait, WriteExit, build_plan, decide, newcomers, passed_over, result)
 from etcd_agent.coord.mirror import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
-                              Scope, View)
+                                     Scope, View)
 from etcd_agent.schema.values import Failure, NodeInfo, Outcome, Result, SpecValue
 
 ME = "node-a"
@@ -651,7 +651,8 @@ def partial(v: View, *watched: str) -> View:
     """``v`` as a non-leader's mirror shows it: only this node's keys and the ``watched`` peers' join keys."""
     keep = {ME, *watched}
     return dataclasses.replace(v, joins={n: j for n, j in v.joins.items() if n in keep},
-                               nodes={n: r for n, r in v.nodes.items() if n == ME}, scope=Scope(False, frozenset(watched)))
+                               nodes={n: r for n, r in v.nodes.items() if n == ME},
+                               scope=Scope(False, frozenset(watched)))
 
 
 def test_a_joiner_that_does_not_lead_waits_and_never_times_the_round_out():

@@ -46,7 +46,8 @@ def test_second_server_on_a_taken_port_fails_naming_the_port(etcd_server):
 
 @pytest.mark.timeout(60)
 def test_restart_keeps_data_and_stop_leaves_nothing(etcdctl, tmp_path):
-    server = standalone.EtcdServer(name="restart", extra_args=standalone.FAST_ELECTION_ARGS, log_file=str(tmp_path / "etcd.log"))
+    server = standalone.EtcdServer(name="restart", extra_args=standalone.FAST_ELECTION_ARGS,
+                                   log_file=str(tmp_path / "etcd.log"))
     with server:
         ports = (server.client_port, server.peer_port)
         etcdctl("put", "/k", "v1", endpoints=server.endpoint)
@@ -100,7 +101,8 @@ def test_cluster3_elects_a_leader_and_survives_losing_it(etcd_cluster3, etcdctl,
     assert etcdctl("get", key, "--print-value-only", endpoints=survivors).stdout.strip() == "after"
 
     cluster.member(leader).restart(timeout=30)
-    assert etcdctl("get", key, "--print-value-only", endpoints=cluster.member(leader).endpoint).stdout.strip() == "after"
+    assert etcdctl("get", key, "--print-value-only",
+                   endpoints=cluster.member(leader).endpoint).stdout.strip() == "after"
 
 
 def test_find_etcd_binary_names_a_missing_file(monkeypatch, tmp_path):

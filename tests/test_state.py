@@ -28,7 +28,8 @@ def test_replayed_events_are_ignored_and_one_revision_applies_whole():
     stale = Event("put", kv(K.round(), encode({"round": 9, "phase": "joining"}), 8))
     assert not m.apply([stale])
     plan = encode({"round": 1, "members": [["a", 1, "a"]], "master_addr": "a", "master_port": 1, "restart_count": 0})
-    batch = [Event("put", kv(K.plan(1), plan, 11)), Event("put", kv(K.round(), encode({"round": 1, "phase": "running"}), 11))]
+    batch = [Event("put", kv(K.plan(1), plan, 11)),
+             Event("put", kv(K.round(), encode({"round": 1, "phase": "running"}), 11))]
     assert m.apply(batch)
     assert m.round().phase == "running" and m.plan(1) is not None and m.revision == 11
 

@@ -50,8 +50,9 @@ def table(compat_dir):
 
 
 def _rdzv_id(line: catalog.Line) -> str:
-    env, args = runner.split_line(runner.expand(line.cmd, {"script": "train.py", "module": "m", "exe": "x", "head": "127.0.0.1",
-                                                           "port": "1", "node_rank": "0", "log_dir": "/tmp"}))
+    names = {"script": "train.py", "module": "m", "exe": "x", "head": "127.0.0.1", "port": "1", "node_rank": "0",
+             "log_dir": "/tmp"}
+    env, args = runner.split_line(runner.expand(line.cmd, names))
     ns = run_module.get_args_parser().parse_args(args)
     return env.get("PET_RDZV_ID", ns.rdzv_id)
 
@@ -82,6 +83,7 @@ def test_multinode_line_without_etcd_is_refused(line, compat_dir, wrapper):
     assert not got.records, "workers started without an etcd"
     stderr = got.nodes[0].stderr
     errors = [x for x in stderr.splitlines() if "error" in x.lower()]
-    assert len(errors) == 1 and "--etcd-endpoints" in errors[0], f"expected one error line naming --etcd-endpoints:\n{stderr}"
+    assert len(errors) == 1 and "--etcd-endpoints" in errors[0], \
+        f"expected one error line naming --etcd-endpoints:\n{stderr}"
     assert "Traceback" not in stderr
     assert got.nodes[0].seconds < 15, f"took {got.nodes[0].seconds:.1f} s to refuse"

@@ -52,8 +52,8 @@ def test_a_slurm_static_line_pins_ranks_and_master(etcd_endpoint, tmp_path):
     static = ["--nnodes", "2", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
               "--etcd-endpoints", etcd_endpoint]
     # Rank 1 starts first: without the pin it would lead and take group rank 0.
-    lines = [CommandLine([*static, "--node_rank", str(rank), *common(tmp_path, f"slurm-{rank}"), JOB, str(out)], tmp_path,
-                  f"slurm-{rank}") for rank in (1, 0)]
+    lines = [CommandLine([*static, "--node_rank", str(rank), *common(tmp_path, f"slurm-{rank}"), JOB, str(out)],
+                         tmp_path, f"slurm-{rank}") for rank in (1, 0)]
     assert [line.wait() for line in lines] == [0, 0], lines[0].stderr()[-3000:]
     found = records(out)
     assert sorted(found) == [(1, r) for r in range(4)]
@@ -112,7 +112,8 @@ def job_keys_or_none(endpoint: str, run_id: str):
 
 
 def test_one_node_output_reaches_the_console_by_default(tmp_path):
-    line = CommandLine(["--nproc-per-node", "2", *common(tmp_path, "console"), str(WORKERS / "echo.py")], tmp_path, "console")
+    line = CommandLine(["--nproc-per-node", "2", *common(tmp_path, "console"), str(WORKERS / "echo.py")], tmp_path,
+                       "console")
     assert line.wait() == 0, line.stderr()[-3000:]
     assert line.stdout().count("hello stdout\n") == 2 and "[default" not in line.stdout()
     assert line.stderr().count("hello stderr\n") == 2

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.torch
 run = pytest.importorskip("torch.distributed.run")
 from torch.distributed.argparse_util import check_env, env  # noqa: E402
 
-from etcd_agent.cli import main as cli
+from etcd_agent.cli import main as cli  # noqa: E402
 
 
 def _clean_env() -> None:

@@ -11,7 +11,7 @@ import pytest
 from etcd_agent.errors import BadKeyData
 from etcd_agent.schema.keys import Keys, encode
 from etcd_agent.schema.values import (RECORDS, Exit, Failure, Join, JobPointer, Member, NodeInfo, Outcome, Phase, Plan,
-                               RankClaim, Restarts, Result, RoundInfo, SpecValue, read_value)
+                                      RankClaim, Restarts, Result, RoundInfo, SpecValue, read_value)
 
 PACKAGE = Path(__file__).resolve().parent.parent / "etcd_agent"
 K = Keys("/etcd-agent", "job1", 1)

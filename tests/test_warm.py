@@ -175,7 +175,8 @@ def test_a_preload_that_initialises_cuda_is_refused(tmp_path, monkeypatch):
     torch whose cuda.is_initialized() is true) is a clear error at start."""
     fake = tmp_path / "mods" / "torch"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("class cuda:\n    @staticmethod\n    def is_initialized():\n        return True\n")
+    (fake / "__init__.py").write_text("class cuda:\n    @staticmethod\n"
+                                      "    def is_initialized():\n        return True\n")
     monkeypatch.setenv("PYTHONPATH", str(fake.parent))
     cfg, pool, *_ = _group_with_pool(tmp_path, str(JOB), preload=("torch",))
     pool.fill(_first_envs(cfg))
@@ -297,9 +298,9 @@ def test_a_preload_that_cannot_be_imported_is_a_clear_error_at_start(tmp_path):
     for preload, what in (("no_such_module_xyz", "ModuleNotFoundError: No module named 'no_such_module_xyz'"),
                           ("json,broken_mod", "RuntimeError: this module is broken")):
         t0 = time.monotonic()
-        res = subprocess.run([sys.executable, "-m", "etcd_agent", "--standalone", "--warm-restart", "--preload", preload,
-                              str(JOB), str(tmp_path)], capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "PYTHONPATH": str(mods)})
+        res = subprocess.run([sys.executable, "-m", "etcd_agent", "--standalone", "--warm-restart",
+                              "--preload", preload, str(JOB), str(tmp_path)],
+                             capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(mods)})
         assert res.returncode == 2, res.stderr[-2000:]
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith(f"etcd-agent: error: --preload {preload}: the workers' Python"), last

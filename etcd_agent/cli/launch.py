@@ -40,8 +40,8 @@ import signal
 import sys
 import uuid
 
-from ..config import (AgentConfig, EtcdConfig, HealthConfig, QuarantinePolicy, JobSpec, StdSpec, WorkerConfig, default_node_id, endpoint_scheme,
-                     parse_endpoints, parse_nnodes, request_timeout_for)
+from ..config import (AgentConfig, EtcdConfig, HealthConfig, QuarantinePolicy, JobSpec, StdSpec, WorkerConfig,
+                      default_node_id, endpoint_scheme, parse_endpoints, parse_nnodes, request_timeout_for)
 from ..errors import ConfigError
 from .flags import PASSWORD_ENV, sources
 from ..node.hostinfo import resolve_nproc
@@ -371,7 +371,8 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         ns.no_python and not ns.run_path, ns.log_dir or "",
         redirects=StdSpec.parse(ns.redirects, given.get("redirects", "--redirects")),
         tee=StdSpec.parse(ns.tee, given.get("tee", "--tee")),
-        local_ranks_filter=_ranks_filter(ns.local_ranks_filter, given.get("local_ranks_filter", "--local-ranks-filter")),
+        local_ranks_filter=_ranks_filter(ns.local_ranks_filter,
+                                         given.get("local_ranks_filter", "--local-ranks-filter")),
         duplicate_stdout_filters=tuple(ns.duplicate_stdout_filters),  # as torchrun: "" matches every line
         duplicate_stderr_filters=tuple(ns.duplicate_stderr_filters),
         role=ns.role, virtual_local_rank=ns.virtual_local_rank, signals_to_handle=ns.signals_to_handle,
@@ -385,8 +386,9 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         last_call=ns.last_call, join_timeout=ns.join_timeout, scale_settle=ns.scale_settle,
         worker_timeout=ns.worker_timeout, node_rank=rank, master_addr=master_addr, master_port=master_port,
         signals=signals, gpu_drain_timeout=ns.gpu_drain_timeout, spare=ns.spare,
-        quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown), health=HealthConfig.parse(ns.health_check, ns.health_check_timeout,
-                                                   workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
+        quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown),
+        health=HealthConfig.parse(ns.health_check, ns.health_check_timeout,
+                                  workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
     check_entrypoint(workers)  # after the flags: a bad flag is named first
     return Launch(cfg, embedded, serve, tuple(notes))
 
@@ -442,4 +444,5 @@ def etcd_config(ns: argparse.Namespace, text: str | None, flag: str = "--etcd-en
                           "and the auth token would cross the network readable, so gRPC refuses to send them")
     # One RPC attempt must leave time for another member before the lease (and the job) could suffer.
     return EtcdConfig(parse_endpoints(text, flag), ns.cacert, ns.cert, ns.key, ns.user, password,
-                      tls=scheme == "https", request_timeout=request_timeout_for(lease_ttl), connect_timeout=ns.etcd_timeout)
+                      tls=scheme == "https", request_timeout=request_timeout_for(lease_ttl),
+                      connect_timeout=ns.etcd_timeout)

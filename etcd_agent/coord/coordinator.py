@@ -43,9 +43,9 @@ from ..etcd.session import Session
 from .mirror import FINAL_PHASES, JOINING, Mirror, Scope, View
 from .strays import Strays
 from ..schema.values import Failure, Join, NodeInfo, Quarantine, RankClaim
+from ..etcd.watch import Resync, WatchStream
 
 MAX_QUARANTINE_TRIES = 5
-from ..etcd.watch import Resync, WatchStream
 
 log = logs.get("etcd_agent.coord.coordinator")
 
@@ -87,7 +87,8 @@ class Coordinator:
         ConfigError naming the endpoints (nothing of the job has changed then)."""
         try:
             version = self.etcd.status()
-            self.log.info("connected to etcd %s at %s over %s", version, self.etcd.endpoints_text, self.cfg.etcd.describe())
+            self.log.info("connected to etcd %s at %s over %s", version, self.etcd.endpoints_text,
+                          self.cfg.etcd.describe())
             grace = max(abandon.ABANDONED_GRACE, 3 * self.timings.lease_ttl)
             self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time(),
                                       lambda keys: abandon.end_if_abandoned(self.etcd, keys, grace, self.log.info))
@@ -453,7 +454,8 @@ class Coordinator:
         elif isinstance(action, ClosePlan):
             res = txns.close(self.etcd, self.keys, action, wall)
             if res.succeeded:
-                workers = "" if self.cfg.spec.nproc_per_node == TORCHRUN_NPROC else f" ({action.plan.world_size} workers)"
+                torchrun = self.cfg.spec.nproc_per_node == TORCHRUN_NPROC
+                workers = "" if torchrun else f" ({action.plan.world_size} workers)"
                 self.log.info("closed round %d with %d node(s)%s: %s", action.round.number,
                          len(action.plan.members), workers, ", ".join(action.plan.nodes))
         elif isinstance(action, Bump):

@@ -4,7 +4,8 @@ The agent turns each action into one guarded txn (``txns.py``) or one local step
 and decide again". Invariants this module keeps:
 - Round leader: the joiner with the lowest join create_revision (etcd's election pattern). Only it closes a
   round: at once with ``max_nodes`` joiners; at once with ``min_nodes`` when the job ran before and every
-  registered node has joined (the fast path that makes a re-rendezvous after a failure immediate); otherwise ``last_call`` seconds after
+  registered node has joined (the fast path that makes a re-rendezvous after a failure immediate); otherwise
+  ``last_call`` seconds after
   ``min_nodes`` was reached. Fewer than ``min_nodes``, or ranks still missing, at ``join_timeout`` fails the job.
 - Ranks: a node started with ``--node-rank k`` (its join record's ``node_rank``) has group rank k in every plan;
   the others fill the free ranks in stable order: members of the previous plan keep their relative order,

@@ -248,12 +248,14 @@ class Mirror:
         nodes = {kv.key[len(k.nodes()):]: self.record(kv, NodeInfo) for kv in self.children(k.nodes()) if kv.lease}
         joins = ({j.node: j for j in (self.record(kv, Join) for kv in self.children(k.joins(number)))}
                  if rnd else {})
-        exits = frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd else frozenset()
+        exits = (frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd
+                 else frozenset())
         plan = self.plan(number) if rnd else None
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
         # a full view watches the last plan's round's failures too: who is blamed for it (``blame.py``)
         last_failures = self._member_failures(last) if scope.full and last is not None else None
-        return View(self.revision if revision is None else revision, self.record_at(k.spec(), SpecValue), rnd, nodes, joins,
+        return View(self.revision if revision is None else revision, self.record_at(k.spec(), SpecValue), rnd, nodes,
+                    joins,
                     plan, last, exits, self._member_failures(plan), self.restarts(), self.record_at(k.result(), Result),
                     scope, last_failures)
 
@@ -283,7 +285,8 @@ class Mirror:
         return self.record_at(self.keys.restarts(), Restarts)
 
     def last_plan(self, before: int) -> Plan | None:
-        earlier = [p.round for p in (self._remembered(kv, "parse", self.parse_key) for kv in self.under(self.keys.rounds()))
+        earlier = [p.round for p in (self._remembered(kv, "parse",
+                                                      self.parse_key) for kv in self.under(self.keys.rounds()))
                    if p is not None and p.kind == "plan" and p.round < before]
         return self.plan(max(earlier)) if earlier else None
 

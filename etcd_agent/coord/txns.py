@@ -4,7 +4,8 @@ registry, ``--node-rank`` claim).
 Every txn that moves the job is guarded by the mod_revision of ``P/round`` (the fence), so two agents acting on
 the same view cannot both succeed: the loser's compare fails and it re-reads and decides again. A bump also
 requires that no node has written its exit key for the round, so "finished" and "restarted" can never both
-happen; closing a round requires every member's join key to be the one the plan was made from. Failure reports are written whichever branch runs: a report is never lost to a race.
+happen; closing a round requires every member's join key to be the one the plan was made from. Failure reports are
+written whichever branch runs: a report is never lost to a race.
 Which job of a run an agent belongs to is fenced the same way, by the mod_revision of ``R/job``: starting a new
 job (the first, or the next after the current one ended) is one txn guarded by it, so agents that re-run a
 finished run id together all land in the same new job. An ended job stays the run's job while any node of it is
@@ -21,15 +22,14 @@ from typing import Callable
 
 from .. import logs
 from ..config import JobSpec
-from ..errors import (BadKeyData, ConfigError, DuplicateNode, EtcdAuthError, JobEnded, NodeRankTaken,
-                     SpecMismatch)
+from ..errors import BadKeyData, ConfigError, DuplicateNode, EtcdAuthError, JobEnded, NodeRankTaken, SpecMismatch
 from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
-                   op_get_prefix, op_put, unchanged_under)
+                           op_get_prefix, op_put, unchanged_under)
 from ..schema.keys import Keys, RunKeys, decode, prefix_end
 from .blame import ReportLoss
 from .decide import Bump, ClosePlan, End, JoinRound, WriteExit
-from ..schema.values import (Exit, Failure, Join, JobPointer, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result, RoundInfo,
-                     SpecValue)
+from ..schema.values import (Exit, Failure, Join, JobPointer, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result,
+                             RoundInfo, SpecValue)
 from ..etcd.watch import wait_deleted
 
 log = logs.get("etcd_agent.coord.txns")

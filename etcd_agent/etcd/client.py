@@ -38,12 +38,13 @@ import grpc._common  # noqa: E402
 import tenacity  # noqa: E402
 
 import etcd3  # noqa: E402
-from etcd3 import etcdrpc as rpc  # re-exported for watch.py: the generated messages and stubs
+# etcdrpc is re-exported for watch.py: the generated messages and stubs
+from etcd3 import etcdrpc as rpc  # noqa: E402
 from etcd3 import exceptions as etcd3_exc  # noqa: E402
 
 from ..config import EtcdConfig  # noqa: E402
-from ..errors import (EtcdAuthError, EtcdError, EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailable,
-                     SessionLost)
+from ..errors import (EtcdAuthError, EtcdError, EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailable,  # noqa: E402
+                      SessionLost)
 
 log = logs.get("etcd_agent.etcd.client")
 T = TypeVar("T")
@@ -78,7 +79,8 @@ class KV:
 
     @classmethod
     def from_pb(cls, kv) -> "KV":
-        return cls(kv.key.decode("utf-8", "replace"), bytes(kv.value), kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+        return cls(kv.key.decode("utf-8", "replace"), bytes(kv.value), kv.create_revision, kv.mod_revision, kv.version,
+                   kv.lease)
 
 
 @dataclasses.dataclass(frozen=True)

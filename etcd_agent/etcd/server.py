@@ -11,7 +11,8 @@
   progress notify) come only through ``extra_args``, which also override ``SPACE_ARGS`` flag by flag.
 
 A server owns one directory: etcd's data in ``<data_dir>/etcd``, its output in ``<data_dir>/etcd.log`` (or
-``log_file``). Servers are not thread-safe. Imports only the standard library, psutil (through ``proctree``), ``etcd_agent.errors``
+``log_file``). Servers are not thread-safe. Imports only the standard library, psutil (through ``proctree``),
+``etcd_agent.errors``
 and ``etcd_agent.proctree``.
 """
 

@@ -2,7 +2,8 @@
 
 While a round runs, the agent keeps one *spare* per local rank: a ``python -u`` started with the part of that
 rank's worker environment that is known before the next round (``known_env``: everything but ``ROUND_KEYS``),
-which has already imported the ``--preload`` modules (default ``torch`` and ``torch._dynamo``; ``spare.py`` is its side). When the next
+which has already imported the ``--preload`` modules (default ``torch`` and ``torch._dynamo``; ``spare.py`` is its
+side). When the next
 round starts, ``WorkerGroup.start`` hands each spare its worker's final environment, command line, stdout and
 stderr (``Spare.hand``), and the spare runs the entrypoint as ``python script.py`` / ``python -m module`` would.
 A restarted worker so skips the interpreter start and the imports: on this machine's CPU torch, most of a cold

@@ -319,7 +319,8 @@ def describe(run_id: str, s: dict) -> str:
         reports = {node: Failure.from_json(f"round {rnd} failure of {node}", f) for node, f in reports.items()}
         for node, f in sorted(reports.items()):
             rank = "" if f.lost else f" rank {f.rank}"
-            lines.append(f"  failures, round {rnd}: {node}{rank} {f.how_it_ended()}" + (f": {f.headline}" if f.headline else ""))
+            headline = f": {f.headline}" if f.headline else ""
+            lines.append(f"  failures, round {rnd}: {node}{rank} {f.how_it_ended()}{headline}")
         said = blame.attribution(reports.values())
         if said:
             lines.append(f"  cause, round {rnd}: {said}")

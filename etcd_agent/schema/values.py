@@ -426,7 +426,8 @@ class Plan(Record):
             else:
                 raise BadKeyData(key, f"bad plan: member {rank} must be [node, nproc, addr], not {m!r}")
             where = f"members[{rank}]"
-            member = Member(_convert(key, f"{where} node", str, node), _convert(key, f"{where} group_rank", int, group_rank),
+            member = Member(_convert(key, f"{where} node", str, node),
+                            _convert(key, f"{where} group_rank", int, group_rank),
                             _convert(key, f"{where} host", str, host), _convert(key, f"{where} addr", str, addr),
                             _convert(key, f"{where} nproc", int, nproc), offset)
             if member.nproc < 1:
@@ -529,7 +530,8 @@ class Result(Record):
 
 
 RECORDS: dict[str, type[Record]] = {  # keys.ParsedKey.kind -> the record its values are
-    "spec": SpecValue, "node": NodeInfo, "quarantine": Quarantine, "node_rank": RankClaim, "round": RoundInfo, "restarts": Restarts, "join": Join,
+    "spec": SpecValue, "node": NodeInfo, "quarantine": Quarantine, "node_rank": RankClaim, "round": RoundInfo,
+    "restarts": Restarts, "join": Join,
     "plan": Plan, "exit": Exit, "failure": Failure, "result": Result,
 }
 

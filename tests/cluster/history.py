@@ -159,7 +159,8 @@ def _workers(s: Summary, found: dict[tuple[int, int], dict]) -> None:
             a, b = s.rounds[n], s.rounds[later]
             assert a.last_alive < b.started, (
                 f"a worker of round {n} was alive {a.last_alive - b.started:.2f} s after a worker of round "
-                f"{later} started: {sorted((k, v.get('start'), v.get('beat'), v.get('end')) for k, v in found.items())}")
+                f"{later} started: "
+                f"{sorted((k, v.get('start'), v.get('beat'), v.get('end')) for k, v in found.items())}")
 
 
 def wait_round(out, number: int, world: int, timeout: float, steps: int = 0) -> dict[tuple[int, int], dict]:

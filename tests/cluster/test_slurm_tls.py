@@ -64,8 +64,9 @@ def tls_etcd(cluster, tmp_path_factory):
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
         env.update(ETCDCTL_API="3", ETCDCTL_ENDPOINTS=endpoints, ETCDCTL_CACERT=str(pki / "ca.pem"),
                    ETCDCTL_CERT=str(pki / "root.pem"), ETCDCTL_KEY=str(pki / "root-key.pem"))
-        for step in (["user", "add", "root:root-secret"], ["role", "add", "root"], ["user", "grant-role", "root", "root"],
-                     ["role", "add", USER], ["role", "grant-permission", USER, "--prefix=true", "readwrite", "/etcd-agent/"],
+        for step in (["user", "add", "root:root-secret"], ["role", "add", "root"],
+                     ["user", "grant-role", "root", "root"], ["role", "add", USER],
+                     ["role", "grant-permission", USER, "--prefix=true", "readwrite", "/etcd-agent/"],
                      ["user", "add", f"{USER}:{PASSWORD}"], ["user", "grant-role", USER, USER], ["auth", "enable"]):
             done = subprocess.run(["etcdctl", *step], env=env, capture_output=True, text=True, timeout=60,
                                   stdin=subprocess.DEVNULL)
@@ -89,7 +90,8 @@ def test_slurm_sbatch_over_mutual_tls_with_password_auth(healthy, tls_etcd, tmp_
     output = job_output(tmp_path, job_id)
     assert end["JobState"] == "COMPLETED", f"{end}\n{output}"
     assert sorted(records(out)) == [(1, r) for r in range(6)]
-    said = f"over mutual TLS (client certificate {pki / 'client.pem'}, CA {pki / 'ca.pem'}), password auth as user {USER}"
+    said = (f"over mutual TLS (client certificate {pki / 'client.pem'}, CA {pki / 'ca.pem'}), "
+            f"password auth as user {USER}")
     assert output.count(said) == len(cluster_bed.NODES), output  # every agent connected that way
     assert PASSWORD not in output
     as_root = ["--etcd-cacert", str(pki / "ca.pem"), "--etcd-cert", str(pki / "root.pem"), "--etcd-key",

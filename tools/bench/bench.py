@@ -5,7 +5,8 @@
 Scenarios live in ``scenarios.REGISTRY`` (``--list`` shows them); ``--only`` takes scenario names or groups
 (launch, crash, scale, footprint, node-loss, torchrun-backend, warm-restart). Each scenario runs the launcher
 kinds of its pair (etcd-agent and torchrun; torchrun-backend: torchrun-etcd-v3 and torchrun, i.e. c10d;
-warm-restart: etcd-agent-warm, etcd-agent and torchrun), less those --kinds leaves out. Repetitions of the two launchers alternate (and alternate which goes first) so that the machine's noise
+warm-restart: etcd-agent-warm, etcd-agent and torchrun), less those --kinds leaves out. Repetitions of the two
+launchers alternate (and alternate which goes first) so that the machine's noise
 hits both alike. etcd-agent and torchrun-etcd-v3 use one private etcd per scenario (etcd_agent.etcd.server) and a
 fresh run id per repetition; torchrun (c10d) a fresh c10d port and rdzv id per repetition.
 

@@ -3,7 +3,8 @@
 Its first line takes the start time. It then imports torch, joins the process group (torchrun's environment:
 MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE), wraps a small model in DistributedDataParallel and trains. After its
 first training step (forward, backward with DDP's allreduce, optimizer step) it writes ``OUT/<rank>-<pid>.json`` =
-{rank, world_size, restart, attempt, full_gen, t_start, t_imported, t_group, t_ddp, t_step, pid}; ``attempt`` and ``full_gen`` as in
+{rank, world_size, restart, attempt, full_gen, t_start, t_imported, t_group, t_ddp, t_step, pid}; ``attempt`` and
+``full_gen`` as in
 worker.py (counted from this rank's earlier records, because torchrun's restart count is per node).
 
 - In the first full world, rank ``--crash-rank`` trains for ``--crash-after`` seconds after its first step, then

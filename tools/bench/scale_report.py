@@ -43,7 +43,8 @@ def markdown(result: dict) -> str:
     m = result["meta"]
     lines = ["# Simulated scale: N agents against one etcd\n",
              f"{m['started']}; {m['cpus']} CPUs, Python {m['python']}; etcd_agent imported from {m['etcd_agent']} "
-             f"(repository HEAD {m['repo_head'][:12] or '?'}); lease TTL {m['args']['lease_ttl']} s; each scenario capped at "
+             f"(repository HEAD {m['repo_head'][:12] or '?'}); lease TTL {m['args']['lease_ttl']} s; "
+             "each scenario capped at "
              f"{m['args']['cap']:g} s. Times in seconds. Counters are etcd's, as differences around each scenario "
              "(see tools/bench/etcd_metrics.py); CPU is user+sys seconds.\n",
              "| N | procs x agents | scenario | time | round | Txn | Put | Delete | LeaseRevoke | key puts | "
@@ -83,7 +84,8 @@ def markdown(result: dict) -> str:
     legend = ["", "Scenarios: " + "; ".join(f"{k}: {v}" for k, v in LABELS.items()) + ".", "",
               "Columns: Txn/Put/Delete/LeaseRevoke/Range are RPCs etcd served; key puts and key deletes are what "
               "its MVCC store applied (a lease revoke deletes each attached key); watch events are summed over "
-              "all watchers; MiB sent is everything etcd sent to clients; etcd runqueue wait is the time etcd's threads were "
+              "all watchers; MiB sent is everything etcd sent to clients; etcd runqueue wait is the time etcd's "
+              "threads were "
               "runnable but not running (CPU-starved by the agents). A scenario that did not finish shows what "
               "happened within the cap."]
     return "\n".join(lines + legend + ([""] + notes if notes else [])) + "\n"
