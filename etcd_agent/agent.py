@@ -13,6 +13,9 @@ One queue carries everything that can happen (watch deliveries, worker exits, se
 RENDEZVOUS and RUNNING the loop applies it to the mirror, asks ``rendezvous.decide`` what to do and does it: a
 worker action itself, an etcd action through the coordinator. Never sleeps to synchronize: it waits on the queue,
 bounded by the decision's deadline.
+
+The one module that combines ``coord/`` (the coordinator, decisions, mirror) and ``node/`` (the worker group, spares,
+the health gate); imports ``etcd/`` and the base modules too, never ``ops/``, ``cli/``, ``torch/`` or ``testing/``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ signal a reused pid.
 
 A "worker" here is any object with ``pid`` (0 when it never started), ``ps`` (its ``psutil.Process`` or None),
 ``exited`` (a ``threading.Event`` set once it was reaped) and ``ended_at`` (wall time of that exit, 0 while it runs).
-Imports only the standard library and psutil; standalone.py uses ``pdeathsig_preexec`` for its etcd processes.
+A base module (used by ``etcd.server``, ``node/`` and the tools): imports only the standard library and psutil;
+``etcd/server.py`` uses ``pdeathsig_preexec`` for its etcd processes.
 """
 
 from __future__ import annotations

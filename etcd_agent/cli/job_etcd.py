@@ -12,7 +12,7 @@
   expires within its TTL), for at most the lease TTL plus ``LEAVE_GRACE_S``.
 - The data lives in a temporary directory, removed on stop.
 
-Imports ``config``, ``errors``, ``etcd``, ``keys``, ``logs``, ``standalone`` and ``watch``; never torch.
+Imports ``config``, ``errors``, ``logs``, ``etcd/`` (client, server, watch) and ``schema.keys``; never torch.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Exit codes: 0 the job succeeded, 1 the job failed or was stopped (an agent that 
 still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, unreachable
 etcd at start), 128+N when the agent itself was ended by signal N. Every error is one line naming the flag, key
 or file; never a traceback.
+
+Imports ``cli/``, the base modules, and lazily the agent, ``ops.status`` and ``cli.job_etcd``; never ``torch/``.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import argparse
 import logging
 import sys
 
-from .. import __version__
-from .. import logs
+from .. import __version__, logs
 from . import flags
 from ..config import EtcdConfig
 from ..errors import EXIT_OK, AgentError, ConfigError, JobEnded

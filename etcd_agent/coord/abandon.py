@@ -13,8 +13,8 @@ Who ends it:
   the registry for ``grace`` seconds; only when nobody registered in that time is the job ended, guarded by the
   registry read.
 
-A registry entry without a lease (a key put by hand) is nobody's and does not keep a job alive. Imports ``txns``,
-``watch``, ``etcd``, ``keys`` and ``logs``.
+A registry entry without a lease (a key put by hand) is nobody's and does not keep a job alive. Imports ``coord.txns``,
+``etcd/`` (client, watch), ``schema.keys`` and ``logs``.
 """
 
 from __future__ import annotations

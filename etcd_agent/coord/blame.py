@@ -11,7 +11,7 @@ restarts the round, and the dead node's lease ends only up to a lease TTL later.
   A worker failure more than ``window`` before the loss stays the cause (no loss report is written then).
 - A node's own failure counts toward its quarantine only once it is known not to be a loss's (``verdict``): the
   round has no loss report and every other member of it was seen alive after the failure, or ``window`` passed.
-Imports ``values`` and ``state`` only.
+Imports ``schema.values`` and ``coord.mirror`` only.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ Invariants:
   whole job).
 - Every timing comes from one ``Timings`` (``config.py``), whose relations were checked when it was made.
 
-Imports ``config``, ``errors``, ``etcd``, ``keys``, ``rendezvous``, ``session``, ``state``, ``strays``, ``txns`` and
-``watch``; never the worker group.
+Imports the base modules, ``schema/``, ``etcd/`` (client, session, watch) and the rest of ``coord/``; never
+``node/`` (the worker group, the health gate), the agent or anything above.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ and decide again". Invariants this module keeps:
 - Blame (``blame.py``): a node lost within a lease TTL of its round's failures is that round's cause. A full view
   writes the loss report (``ReportLoss``) of a member of the last plan lost after its round restarted; a restart for
   a loss writes the lost nodes' reports with it. A loss and the failures it caused are one restart.
+
+Pure: no I/O, time passed in. Imports ``coord.mirror``, ``coord.blame`` and ``schema.values`` only.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ of a key at or below what the mirror holds for it (or below its last delete, or 
 ignored, which makes replays after a resumed watch harmless. A ``Scope`` says what the mirror covers: the round's
 leader sees the registry and the whole round, the others only their own keys and one peer's. Values are read as
 the typed records of ``values.py``; a value that does not fit the schema raises BadKeyData naming the key. Pure:
-no I/O. Imports keys, values and errors only.
+no I/O. Imports ``schema/`` and ``errors`` only.
 """
 
 from __future__ import annotations

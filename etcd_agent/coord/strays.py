@@ -2,8 +2,8 @@
 (``nodes/x/y``, ``r/<N>/exit/a/b``), a registry entry without a lease, an exit key or failure report of a node outside
 its round's plan. Each is ignored, with one warning per agent that reads it, and never stalls, restarts or ends the
 job. A restart's guard requires the round to have no key at all under its exits, so the ones there that are no
-member's exit are handed to the coordinator to delete (``ghost_exits``). Pure: no I/O. Imports errors, keys and
-state only.
+member's exit are handed to the coordinator to delete (``ghost_exits``). Pure: no I/O. Imports ``errors``,
+``schema.keys`` and ``coord.mirror`` only.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ job (the first, or the next after the current one ended) is one txn guarded by i
 finished run id together all land in the same new job. An ended job stays the run's job while any node of it is
 still registered (a newcomer gets its end, ``JobEnded``): the next job is started only if the ended job's registry
 was not written since the read that found it empty.
+
+Imports the base modules, ``schema/``, ``etcd/`` (client, watch), ``coord.decide`` and ``coord.blame``; never ``node/``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The etcd v3 client layer: the only module that imports ``etcd3``.
+"""The etcd v3 client: with the rest of ``etcd/``, the only code that imports ``etcd3``.
 
 Guarantees:
 - Connects through ``MultiEndpointEtcd3Client`` with failover and a 1 s endpoint retry, even for one endpoint,

@@ -12,8 +12,7 @@
 
 A server owns one directory: etcd's data in ``<data_dir>/etcd``, its output in ``<data_dir>/etcd.log`` (or
 ``log_file``). Servers are not thread-safe. Imports only the standard library, psutil (through ``proctree``),
-``etcd_agent.errors``
-and ``etcd_agent.proctree``.
+``errors`` and ``proctree``. Clusters of servers for tests are ``testing.cluster``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ Invariants:
   its workers before peers can see the lease expire (self-fencing). A lost session is never revived; the agent
   starts a new one.
 - ``close()`` revokes the lease, so peers see this node's keys deleted at once.
+
+Imports ``etcd.client``, ``etcd.keepalive``, ``config``, ``errors`` and ``logs``; nothing above ``etcd/``.
 """
 
 from __future__ import annotations

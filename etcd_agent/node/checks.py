@@ -5,7 +5,7 @@ Each check runs on a thread of its own and posts its verdict to the agent's queu
 ``("drained", (group, held))``; while one runs, ``rendezvous.decide`` waits (``Local.checking``,
 ``Local.draining``) on that same queue, so a signal, ``etcd-agent stop``, a watch event or a peer's loss is handled
 at once, never after the check. A check that raises is a verdict too (unhealthy, or a warning for the drain): it
-never ends the agent. Imports ``gpu``, ``health``, ``config``, ``values`` and ``logs`` only.
+never ends the agent. Imports ``node.gpu``, ``node.health``, ``config``, ``schema.values`` and ``logs`` only.
 """
 
 from __future__ import annotations

@@ -62,8 +62,7 @@ from .. import proctree
 from . import gpu, logtree, priority
 from ..config import WorkerConfig
 from ..errors import ConfigError
-from ..logs import Log
-from ..logs import get as get_logger
+from ..logs import Log, get as get_logger
 
 log = get_logger("etcd_agent.node.warm")
 

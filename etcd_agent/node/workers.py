@@ -55,8 +55,7 @@ from .. import proctree
 from . import logtree
 from ..config import WorkerConfig, worker_base_env
 from ..errors import ConfigError
-from ..logs import Log, Where
-from ..logs import get as get_logger
+from ..logs import Log, Where, get as get_logger
 from ..progress import PROGRESS_ENV, last_progress
 from ..secure import redact
 from ..schema.values import Failure

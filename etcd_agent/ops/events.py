@@ -8,7 +8,7 @@ replay starts at the oldest revision etcd still has and says so. ``events`` watc
 revision that created the job's spec up to the current revision and prints one line per change (``--json``: one
 object per line); ``--follow`` keeps watching and prints each change as it happens until the job has a result.
 
-Imports ``etcd``, ``keys``, ``values``, ``txns`` and ``watch``; reads only.
+Imports ``etcd/`` (client, watch), ``schema/`` and ``coord.txns``; reads only; never ``node/`` or the agent.
 """
 
 from __future__ import annotations

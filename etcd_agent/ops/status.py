@@ -3,6 +3,9 @@
 ``status`` reads the run prefix once and prints the run's current job, whether and how it ended, and the outcome of
 every earlier job of the run (or ``--json``); ``stop`` ends the current job ``stopped`` with one guarded txn, and
 every agent of the job reacts through its watch. Neither touches a job's data otherwise.
+
+Imports the base modules, ``schema/``, ``etcd.client``, ``coord/`` (mirror, txns, blame, abandon) and ``ops.events``;
+never ``node/``, the agent or ``torch/``.
 """
 
 from __future__ import annotations
