@@ -39,7 +39,7 @@ from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobFailed, JobStop
 from .coord.decide import (Attribute, Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
                            Wait, decide, describe_failure, newcomers, passed_over)
 from .etcd.session import Session
-from .etcd.server import free_port
+from .proctree import free_port
 from .coord.mirror import View
 from .schema.values import Join, Outcome, Result
 from .node.warm import SparePool

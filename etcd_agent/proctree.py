@@ -1,5 +1,6 @@
 """Process-tree helpers for the worker group: the parent-death signal, finding every descendant, signalling and
-waiting without polling. Safe from pid reuse: processes are held as ``psutil.Process`` objects, which refuse to
+waiting without polling; and ``free_port``, the one way to pick a free TCP port (etcd's ports, the workers' master
+port, tests and tools). Safe from pid reuse: processes are held as ``psutil.Process`` objects, which refuse to
 signal a reused pid.
 
 A "worker" here is any object with ``pid`` (0 when it never started), ``ps`` (its ``psutil.Process`` or None),
@@ -14,7 +15,9 @@ import ctypes
 import os
 import select
 import signal
+import socket
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -134,3 +137,20 @@ def wait_gone(procs: list[psutil.Process], deadline: float) -> list[psutil.Proce
     finally:
         for fd in fds:
             os.close(fd)
+
+
+_ports_lock = threading.Lock()
+_ports_given: set[tuple[str, int]] = set()  # (host, port) handed out by free_port in this process
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on ``host`` a moment ago and that this process has not handed out before."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        with _ports_lock:
+            if (host, port) not in _ports_given:
+                _ports_given.add((host, port))
+                return port

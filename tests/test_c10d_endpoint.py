@@ -14,7 +14,7 @@ from etcd_agent.cli import flags, job_etcd
 from etcd_agent.etcd import server as standalone
 from etcd_agent.errors import ConfigError
 from etcd_agent.cli.launch import resolve
-from etcd_agent.etcd.server import free_port
+from etcd_agent.proctree import free_port
 
 SERVES = "this agent serves the job's etcd at"
 ALL_LEFT = "every agent of the job has left; stopping the job's etcd"

@@ -31,7 +31,8 @@ import pytest
 
 from agents import job_keys, keys_of, poll_until, start_agents, wait_all
 from etcd_agent.config import EtcdConfig, parse_endpoints
-from etcd_agent.etcd.server import EtcdServer, free_port
+from etcd_agent.etcd.server import EtcdServer
+from etcd_agent.proctree import free_port
 from etcd_agent.testing.cluster import EtcdCluster
 from tls import HAVE_OPENSSL
 

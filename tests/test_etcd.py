@@ -15,7 +15,8 @@ from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.errors import EtcdUnavailable
 from etcd_agent.etcd.client import Etcd, absent, mod_is, none_under, op_get, op_put
 from etcd_agent.etcd.session import Session
-from etcd_agent.etcd.server import FAST_ELECTION_ARGS, EtcdServer, free_port
+from etcd_agent.etcd.server import FAST_ELECTION_ARGS, EtcdServer
+from etcd_agent.proctree import free_port
 from etcd_agent.etcd.watch import Resync, Watch
 
 

@@ -138,7 +138,7 @@ def test_unreachable_endpoint_fails_with_one_clear_line(tmp_path):
     import subprocess
     import sys
 
-    from etcd_agent.etcd.server import free_port
+    from etcd_agent.proctree import free_port
 
     endpoint = f"127.0.0.1:{free_port()}"
     script = tmp_path / "train.py"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agents import JOB, WORKERS, CommandLine, job_keys, poll_until, records
 
-from etcd_agent.etcd.server import free_port
+from etcd_agent.proctree import free_port
 
 
 def common(tmp_path: Path, node: str) -> list[str]:

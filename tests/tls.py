@@ -10,7 +10,8 @@ from pathlib import Path
 
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd.client import Etcd, rpc
-from etcd_agent.etcd.server import EtcdServer, free_port
+from etcd_agent.etcd.server import EtcdServer
+from etcd_agent.proctree import free_port
 
 HAVE_OPENSSL = shutil.which("openssl") is not None
 PASSWORD = "s3cret-pass"

@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -33,7 +32,7 @@ import urllib.request
 import uuid
 
 from .. import errors
-from ..proctree import pdeathsig_preexec
+from ..proctree import free_port, pdeathsig_preexec
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,6 @@ _TAIL_LINES = 40
 
 _lock = threading.Lock()
 _live: set[EtcdServer] = set()
-_ports_given: set[tuple[str, int]] = set()
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
 
 
@@ -70,19 +68,6 @@ def find_etcd_binary() -> str:
                                  f"etcd binary, or unset it to use `etcd` on PATH (install: `{INSTALL_HINT}`)")
     raise errors.ConfigError(f"no etcd binary: ${BINARY_ENV} is not set and there is no `etcd` on PATH; "
                              f"install one with `{INSTALL_HINT}` or set ${BINARY_ENV}")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago and that this process has not handed out before."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    while True:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        with _lock:
-            if (host, port) not in _ports_given:
-                _ports_given.add((host, port))
-                return port
 
 
 def url(host: str, port: int, scheme: str = "http") -> str:

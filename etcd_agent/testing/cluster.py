@@ -3,7 +3,7 @@
 ``EtcdCluster``: ``size`` etcd members on loopback sharing one initial cluster, for fault tests (freeze, stop and
 restart a member; find the leader). Its members are ``etcd.server.EtcdServer`` processes, so they share that
 module's guarantees: nothing is left running when the test process exits.
-Imports ``errors`` and ``etcd.server`` only; nothing in the package imports this module.
+Imports ``errors``, ``proctree`` and ``etcd.server`` only; nothing in the package imports this module.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import time
 import uuid
 
 from .. import errors
-from ..etcd.server import _HEALTH_POLL_S, FAST_ELECTION_ARGS, EtcdServer, free_port, is_leader, url
+from ..etcd.server import _HEALTH_POLL_S, FAST_ELECTION_ARGS, EtcdServer, is_leader, url
+from ..proctree import free_port
 
 
 class EtcdCluster:

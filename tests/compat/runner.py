@@ -35,6 +35,8 @@ import time
 import uuid
 from pathlib import Path
 
+from etcd_agent.proctree import free_port
+
 from .catalog import Line
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,12 +67,6 @@ _SPAWN_FDS = re.compile(r"spawn_main\(tracker_fd=\d+, pipe_handle=\d+\)")
 
 def base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(_DROP_PREFIXES) and k not in _DROP_NAMES}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def split_line(cmd: str) -> tuple[dict[str, str], list[str]]:

@@ -31,10 +31,10 @@ from importlib import metadata
 from pathlib import Path
 
 import report
-from procs import free_port
 from scenarios import ETCD_KINDS, KINDS, REGISTRY, Rep, Scenario
 
 from etcd_agent.etcd.server import EtcdServer
+from etcd_agent.proctree import free_port
 
 
 def parse_args(argv=None) -> argparse.Namespace:

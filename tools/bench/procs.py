@@ -16,7 +16,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,12 +43,6 @@ def python() -> str:
 def torchrun_cmd() -> list[str]:
     script = Path(sys.executable).parent / "torchrun"
     return [str(script)] if script.exists() else [python(), "-m", "torch.distributed.run"]
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
