@@ -1,7 +1,7 @@
 """Process-tree helpers for the worker group: the parent-death signal, finding every descendant, signalling and
 waiting without polling; and ``free_port``, the one way to pick a free TCP port (etcd's ports, the workers' master
-port, tests and tools). Safe from pid reuse: processes are held as ``psutil.Process`` objects, which refuse to
-signal a reused pid.
+port, tests and tools); ``describe_exit``, the one wording of a process's exit code or signal. Safe from pid reuse:
+processes are held as ``psutil.Process`` objects, which refuse to signal a reused pid.
 
 A "worker" here is any object with ``pid`` (0 when it never started), ``ps`` (its ``psutil.Process`` or None),
 ``exited`` (a ``threading.Event`` set once it was reaped) and ``ended_at`` (wall time of that exit, 0 while it runs).
@@ -154,3 +154,17 @@ def free_port(host: str = "127.0.0.1") -> int:
             if (host, port) not in _ports_given:
                 _ports_given.add((host, port))
                 return port
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM``; ``SIG40`` for a signal without a name (a real-time one)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIG{signum}"
+
+
+def describe_exit(returncode: int) -> str:
+    """A process's end as the logs and failure reports say it: ``exit code 3`` or ``signal SIGSEGV`` (a negative
+    ``returncode`` is the signal that ended it, as ``subprocess`` reports it)."""
+    return f"signal {signal_name(-returncode)}" if returncode < 0 else f"exit code {returncode}"

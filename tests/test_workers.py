@@ -679,3 +679,11 @@ def test_a_worker_dies_with_its_agent(mailbox, tmp_path):
         agent.kill()
         agent.wait(TIMEOUT)
         kill_quietly([worker] if worker else [])
+
+
+def test_one_wording_for_an_exit_code_or_a_signal():
+    from etcd_agent.proctree import describe_exit
+
+    assert describe_exit(3) == "exit code 3" and describe_exit(0) == "exit code 0"
+    assert describe_exit(-signal.SIGKILL) == "signal SIGKILL"
+    assert describe_exit(-40) == "signal SIG40"  # a real-time signal has no name: still said, never a ValueError

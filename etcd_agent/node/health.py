@@ -29,6 +29,7 @@ import shlex
 import signal
 import subprocess
 
+from .. import proctree
 from ..config import HealthConfig
 from . import gpu
 
@@ -68,8 +69,7 @@ def _run(cfg: HealthConfig, env: dict | None, started=None) -> str:
     if proc.returncode == 0:
         return ""
     said = next((line.strip() for line in out.decode(errors="replace").splitlines() if line.strip()), "")
-    how = f"exit code {proc.returncode}" if proc.returncode > 0 else f"signal {signal.Signals(-proc.returncode).name}"
-    return f"{what} failed with {how}" + (f": {said[:200]}" if said else "")
+    return f"{what} failed with {proctree.describe_exit(proc.returncode)}" + (f": {said[:200]}" if said else "")
 
 
 DRAIN = 0.5  # seconds the output of a killed check may take to close: a process outside its group may hold it

@@ -365,7 +365,7 @@ class SparePool:
         s.read()
         code = s.proc.poll()
         if code is not None:
-            return f"died before use ({_how(code)})"
+            return f"died before use ({proctree.describe_exit(code)})"
         if s.error is not None:
             self.disabled = s.error
             self._log.warning("warm restarts are off for the rest of the job: %s", s.error)
@@ -411,12 +411,3 @@ def _chain(steps: list):
             step()
 
     return preexec
-
-
-def _how(code: int) -> str:
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"

@@ -107,17 +107,11 @@ class WorkerExit:
 
     @property
     def signal_name(self) -> str | None:
-        if self.returncode >= 0:
-            return None
-        try:
-            return signal.Signals(-self.returncode).name
-        except ValueError:
-            return f"SIG{-self.returncode}"
+        return proctree.signal_name(-self.returncode) if self.returncode < 0 else None
 
     def describe(self) -> str:
         """``exit code 3`` or ``signal SIGSEGV``."""
-        name = self.signal_name
-        return f"signal {name}" if name else f"exit code {self.returncode}"
+        return proctree.describe_exit(self.returncode)
 
 
 def log_root(cfg: WorkerConfig, logger: Log | None = None) -> str:
