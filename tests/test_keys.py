@@ -179,7 +179,7 @@ def test_encode_adds_the_schema_version_as_compact_json():
 
 def test_encode_then_decode_round_trips():
     obj = {"node": "node-a", "port": 29500, "prev_rank": None, "nested": {"a": [1, 2]}}
-    assert decode(K.join(3, "node-a"), encode(obj), ("node", "port")) == {"v": 1, **obj}
+    assert decode(K.join(3, "node-a"), encode(obj)) == {"v": 1, **obj}
 
 
 @pytest.mark.parametrize("raw, problem", [
@@ -202,21 +202,6 @@ def test_decode_errors_name_the_key(raw, problem):
     assert caught.value.key == key
     assert key in str(caught.value)
     assert problem in str(caught.value)
-
-
-def test_decode_names_every_missing_field():
-    key = K.plan(3)
-    with pytest.raises(BadKeyData) as caught:
-        decode(key, encode({"round": 3}), ("round", "members", "master_addr"))
-    message = str(caught.value)
-    assert key in message
-    assert "members" in message and "master_addr" in message
-    assert "round," not in message  # only the missing ones are listed
-
-
-def test_decode_with_every_required_field_returns_the_object():
-    assert decode(K.round(), encode({"round": 1, "phase": "running"}), ("round", "phase")) == {
-        "v": 1, "round": 1, "phase": "running"}
 
 
 def test_encode_always_writes_the_schema_version():

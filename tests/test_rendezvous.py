@@ -10,9 +10,9 @@ from etcd_agent.coord import blame
 from etcd_agent.coord.blame import Attribute, ReportLoss
 from etcd_agent.coord.decide import (Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
                                      StopWorkers, Wait, WriteExit, build_plan, decide, newcomers, passed_over, result)
-from etcd_agent.coord.mirror import (DONE, FAILED, JOINING, RUNNING, STOPPED, Join, Member, Plan, Restarts, RoundInfo,
-                                     Scope, View)
-from etcd_agent.schema.values import Failure, NodeInfo, Outcome, Result, SpecValue
+from etcd_agent.coord.mirror import DONE, FAILED, JOINING, RUNNING, STOPPED, Scope, View
+from etcd_agent.schema.values import (Failure, Join, Member, NodeInfo, Outcome, Plan, Restarts, Result, RoundInfo,
+                                      SpecValue)
 
 ME = "node-a"
 ROUND_REV = 500

@@ -16,12 +16,9 @@ from typing import Callable, Iterable
 
 from ..errors import BadKeyData
 from ..schema.keys import ROUND_DIGITS, Keys, prefix_end
-from ..schema.values import Failure, Join, Member, NodeInfo, Phase, Plan, Restarts, Result, RoundInfo, SpecValue
-
-__all__ = ["Failure", "Join", "Member", "NodeInfo", "Phase", "Plan", "Restarts", "Result", "RoundInfo"]
+from ..schema.values import Failure, Join, NodeInfo, Phase, Plan, Restarts, Result, RoundInfo, SpecValue
 
 JOINING, RUNNING, DONE, FAILED, STOPPED = Phase
-PHASES = tuple(Phase)
 FINAL_PHASES = (DONE, FAILED, STOPPED)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from ..errors import BadKeyData
 from ..schema.keys import Keys
-from .mirror import Mirror, Plan
+from ..schema.values import Plan
+from .mirror import Mirror
 
 
 class Strays:

@@ -231,7 +231,7 @@ def encode(obj: dict[str, Any]) -> bytes:
     return json.dumps({**obj, "v": SCHEMA_VERSION}, sort_keys=True, separators=(",", ":")).encode()
 
 
-def decode(key: str, raw: bytes, required: tuple[str, ...] = ()) -> dict[str, Any]:
+def decode(key: str, raw: bytes) -> dict[str, Any]:
     """Parse a value read from ``key``; BadKeyData names the key when it is not a schema-v1 JSON object."""
     try:
         obj = json.loads(raw)
@@ -241,12 +241,4 @@ def decode(key: str, raw: bytes, required: tuple[str, ...] = ()) -> dict[str, An
         raise BadKeyData(key, "not a JSON object")
     if type(obj.get("v")) is not int or obj["v"] != SCHEMA_VERSION:
         raise BadKeyData(key, f"schema version {obj.get('v')!r}, this agent reads version {SCHEMA_VERSION}")
-    return require(key, obj, required)
-
-
-def require(key: str, obj: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
-    """``obj`` (decoded from ``key``) when it has every field; BadKeyData names the key and the missing ones."""
-    missing = [f for f in fields if f not in obj]
-    if missing:
-        raise BadKeyData(key, f"missing field(s) {', '.join(missing)}")
     return obj
