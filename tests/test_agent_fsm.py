@@ -4,20 +4,16 @@ states it passes through for a clean job, a worker failure with a restart, and a
 from __future__ import annotations
 
 import queue
-import sys
 import threading
-from pathlib import Path
 
 from etcd_agent.agent import Agent, State
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
 from etcd_agent.errors import JobFailed
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
-import sim  # noqa: E402
+from etcd_agent.testing import sim
 
 
 class StandInGroup(sim.StandInGroup):
-    """The simulation's stand-in worker group (tools/bench/sim.py); every group started goes to ``started``."""
+    """The simulation's stand-in worker group (etcd_agent/testing/sim.py); every group started goes to ``started``."""
 
     started: "queue.Queue[StandInGroup]"  # set per test
 

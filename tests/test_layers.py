@@ -21,7 +21,8 @@ LAYERS_BELOW = {
     "ops": {"base", "schema", "etcd", "coord"},
     "cli": {"base", "schema", "etcd", "coord", "node", "agent", "ops"},
     "torch": {"base", "schema", "etcd", "coord", "node", "agent", "cli"},
-    "testing": {"base", "schema", "etcd"},  # for tests and tools: nothing in the package imports it
+    # for tests and tools (embedded clusters; the simulation: real agents, stand-in workers); nothing imports it
+    "testing": {"base", "schema", "etcd", "coord", "node", "agent"},
 }
 # Third-party packages a layer alone may import (every other layer: none of them).
 ONLY_IN = {"etcd3": "etcd", "grpc": "etcd", "torch": "torch"}

@@ -19,7 +19,7 @@ from etcd_agent.etcd.server import EtcdServer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
 
 from etcd_metrics import diff, scrape  # noqa: E402
-from sim import JobParams, SimJob  # noqa: E402
+from etcd_agent.testing.sim import JobParams, SimJob
 
 WAIT = 60.0
 

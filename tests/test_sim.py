@@ -1,13 +1,8 @@
-"""Smoke test of the simulation library (tools/bench/sim.py): real in-process agents with stand-in workers."""
+"""Smoke test of the simulation library (etcd_agent/testing/sim.py): real in-process agents with stand-in workers."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
-
-from sim import JobParams, SimJob  # noqa: E402
+from etcd_agent.testing.sim import JobParams, SimJob
 
 WAIT = 30.0  # every wait is bounded; a healthy run takes about a second
 

@@ -5,7 +5,8 @@
 
 What runs. Every simulated node is the production ``etcd_agent.agent.Agent`` in a thread of its own calling
 ``run()``: a real etcd client, session lease and keepalive thread, watch, mirror, ``decide`` and guarded txns
-(``sim.py``). Only the workers are stand-ins that run until stopped or until the scenario ends them. For each N the
+(``etcd_agent/testing/sim.py``). Only the workers are stand-ins that run until stopped or until the scenario ends
+them. For each N the
 benchmark starts a fresh etcd (``etcd_agent.etcd.server.EtcdServer``, etcd's defaults plus a 4 GiB backend quota;
 data on tmpfs unless ``--etcd-dir`` says otherwise, so that this VM's disk does not set the pace), ceil((N-1)/K)
 processes (``sim_proc.py``) of at most K agents, and one more process holding only the victim of scenario 3. All N

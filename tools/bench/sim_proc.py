@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from sim import Done, Hub, JobParams, SimJob, Start
+from etcd_agent.testing.sim import Done, Hub, JobParams, SimJob, Start
 
 _out_lock = threading.Lock()
 

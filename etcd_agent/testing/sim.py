@@ -3,7 +3,7 @@
 Each simulated node is a real ``etcd_agent.agent.Agent`` calling ``run()`` in a thread of its own: its own etcd
 client, session lease and keepalive, watch of the job prefix, mirror, ``decide`` and guarded txns, exactly the code
 a node runs. Only the workers are replaced: ``StandInGroup`` implements what the agent uses of ``WorkerGroup``
-(see ``etcd_agent/workers.py``) without processes. A simulation runs the production code, never a model of it.
+(see ``etcd_agent/node/workers.py``) without processes. A simulation runs the production code, never a model of it.
 
 - ``StandInGroup``: ``start(assignment)`` makes ``cfg.nproc`` stand-in workers that run until ``stop()`` ends them
   (exit ``-sig``) or the scenario does (``Hub.end_workers``: exit 0, or any code). One waiter thread per stand-in
@@ -17,8 +17,9 @@ a node runs. Only the workers are replaced: ``StandInGroup`` implements what the
   leave the agent's signal handler performs: it stops its workers, revokes its lease, ``run`` raises JobStopped),
   ``end_workers``, ``wait_done``, ``close``.
 
-Imports the package only through its stable surface: ``Agent``, ``AgentConfig`` and the config dataclasses,
-``Assignment``/``WorkerExit``.
+For tests (tests/test_sim.py, test_agent_fsm.py, test_protocol_counts.py) and tools/bench (scale.py through
+sim_proc.py); the product never imports it. Imports the package only through its stable surface: ``Agent``,
+``AgentConfig`` and the config dataclasses, ``Assignment``/``WorkerExit``.
 """
 
 from __future__ import annotations
