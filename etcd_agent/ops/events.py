@@ -21,7 +21,8 @@ from ..coord import txns
 from ..errors import BadKeyData, ConfigError
 from ..etcd.client import Etcd
 from ..schema.keys import RunKeys
-from ..schema.values import Phase, Record, read_value
+from ..schema.codec import Record
+from ..schema.values import Phase, read_value
 from ..etcd.watch import Resync, Watch
 
 
