@@ -362,7 +362,7 @@ def test_hang_detection_holds_for_warm_workers(tmp_path):
 # wait to be stopped; in any other round every rank exits 0.
 PRIO_WORKER = """\
 import json, os, signal, sys
-from etcd_agent import priority
+from etcd_agent.node import priority
 out, fail_rounds = sys.argv[1], {int(r) for r in sys.argv[2:]}
 rnd, rank = int(os.environ["ETCD_AGENT_ROUND"]), int(os.environ["RANK"])
 tids = sorted(int(t) for t in os.listdir("/proc/self/task"))
@@ -506,7 +506,7 @@ def test_an_agent_that_cannot_leave_sched_idle_keeps_spares_at_normal_priority_a
                     reason="needs root, setpriv and prlimit to run the probe as an unprivileged user")
 def test_the_probe_says_what_an_unprivileged_agent_lacks():
     """The real probe, run as nobody without capabilities and with RLIMIT_NICE 0 (most systems' default)."""
-    code = "from etcd_agent import priority; print(priority.probe())"
+    code = "from etcd_agent.node import priority; print(priority.probe())"
     res = subprocess.run(["prlimit", "--nice=0", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                           "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c", code],
                          capture_output=True, text=True, timeout=60, cwd="/")
