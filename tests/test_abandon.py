@@ -59,19 +59,21 @@ def test_one_agent_leaving_does_not_end_a_job_that_goes_on(etcd_endpoint, run_id
     assert result(etcd_endpoint, run_id)["outcome"] == "succeeded"
 
 
-def kill_all(agents) -> None:
+def killed_job(endpoint: str, run_id: str, tmp_path, n: int):
+    """``n`` agents (lease TTL 2 s) run their workers until ``release`` exists; then every agent is SIGKILLed (the
+    workers follow: parent-death signal) and their leases end by themselves. Returns ``release``."""
+    release = tmp_path / "release"
+    agents, out = start_agents(n, endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1, extra=TTL)
+    poll_until(lambda: len(records(out)) == n, 60, "the workers running")
     for a in agents:
-        a.kill()  # SIGKILL: the workers follow (parent-death signal); the leases end by themselves
+        a.kill()
+    poll_until(lambda: not registered(endpoint, run_id), 30, "every lease ended", interval=0.2)
+    assert result(endpoint, run_id) is None  # nobody could end it
+    return release
 
 
 def test_the_next_agent_ends_a_job_whose_agents_were_killed_and_starts_the_next(etcd_endpoint, run_id, tmp_path):
-    release = tmp_path / "release"
-    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
-                               extra=TTL)
-    poll_until(lambda: len(records(out)) == 2, 60, "both workers running")
-    kill_all(agents)
-    poll_until(lambda: not registered(etcd_endpoint, run_id), 30, "both leases ended", interval=0.2)
-    assert result(etcd_endpoint, run_id) is None  # nobody could end it
+    release = killed_job(etcd_endpoint, run_id, tmp_path, 2)
     release.touch()
     again, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                             nnodes="1", extra=TTL)
@@ -84,12 +86,7 @@ def test_the_next_agent_ends_a_job_whose_agents_were_killed_and_starts_the_next(
 
 
 def test_status_ends_a_job_whose_agents_were_killed(etcd_endpoint, run_id, tmp_path):
-    release = tmp_path / "release"
-    agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
-                               extra=TTL)
-    poll_until(lambda: len(records(out)) == 1, 60, "the worker running")
-    kill_all(agents)
-    poll_until(lambda: not registered(etcd_endpoint, run_id), 30, "the lease ended", interval=0.2)
+    killed_job(etcd_endpoint, run_id, tmp_path, 1)
     shown = status(etcd_endpoint, run_id)
     assert shown.returncode == 0, shown.stderr
     state = json.loads(shown.stdout)

@@ -9,7 +9,6 @@ Runs where a compose tool answers (``docker compose`` or Debian's ``docker-compo
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import containers
 from agents import RoundWatcher, job_keys, keys_of, poll_until, start_agents, wait_all, wait_records
 from etcd_agent.etcd.server import health, is_leader
+from test_deploy import compose_command
 
 COMPOSE_FILE = Path(__file__).resolve().parent.parent / "deploy" / "docker-compose.yml"
 MEMBERS = {"etcd1": "127.0.0.1:12379", "etcd2": "127.0.0.1:22379", "etcd3": "127.0.0.1:32379"}
@@ -26,16 +26,6 @@ PORTS = (12379, 12380, 22379, 22380, 32379, 32380)  # the file's client and peer
 
 pytestmark = [pytest.mark.chaos, pytest.mark.skipif(not containers.enabled(),
                                                     reason=f"runs in the container pass ({containers.SWITCH}=1)")]
-
-
-def compose_command() -> list[str] | None:
-    """``docker compose`` (the plugin) or ``docker-compose``, whichever answers ``version``; None if neither."""
-    candidates = [["docker", "compose"]] if shutil.which("docker") else []
-    candidates += [["docker-compose"]] if shutil.which("docker-compose") else []
-    for cmd in candidates:
-        if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
-            return cmd
-    return None
 
 
 def port_taken(port: int) -> bool:

@@ -586,7 +586,7 @@ def test_ssh_launch_passes_arguments_as_given_and_stops_every_agent(etcd_endpoin
                 or "w.py" in (p.info["cmdline"] or [])]
 
 
-def _compose_command() -> list[str] | None:
+def compose_command() -> list[str] | None:
     """``docker compose`` (the plugin) or ``docker-compose``, whichever answers ``version``; None if neither."""
     candidates = [["docker", "compose"]] if shutil.which("docker") else []
     candidates += [["docker-compose"]] if shutil.which("docker-compose") else []
@@ -599,7 +599,7 @@ def _compose_command() -> list[str] | None:
 def test_docker_compose_config():
     if not shutil.which("docker") and not shutil.which("docker-compose"):
         pytest.skip("docker is not on PATH")
-    compose = _compose_command()
+    compose = compose_command()
     if compose is None:
         pytest.skip("docker is on PATH but neither `docker compose` nor `docker-compose` works here")
     done = subprocess.run([*compose, "-f", str(DEPLOY / "docker-compose.yml"), "config", "--services"],

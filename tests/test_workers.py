@@ -409,7 +409,7 @@ def test_failure_report_reads_the_error_file(make_group, tmp_path, kind, message
     assert report == {
         "rank": 5, "local_rank": 1, "pid": ex.pid, "exitcode": 1, "signal": None, "message": message,
         "error_file": str(d / "error.json"), "stderr_tail": "Traceback (most recent call last):\nRuntimeError: boom",
-        "time": ex.time, "round": 3, "node": "node-a", "hang": False,
+        "time": ex.time, "round": 3, "node": "node-a", "hang": False, "lost": False,
     }
 
 

@@ -43,16 +43,16 @@ def events(bed: Bed, run_id: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
-def left_on(host: str) -> list[str]:
-    """The command lines of the processes on ``host`` other than its slurmd."""
+def left_on(host: str, keep: frozenset[int] | set[int] = frozenset()) -> list[str]:
+    """The processes on ``host`` other than its slurmd and the ``keep`` pids (an sshd, say), as ``PID COMMAND``."""
     found = []
     for pid in namespace_pids(host):
         try:
             cmd = " ".join(psutil.Process(pid).cmdline())
         except psutil.NoSuchProcess:
             continue
-        if "slurmd -D" not in cmd:
-            found.append(cmd)
+        if pid not in keep and "slurmd -D" not in cmd:
+            found.append(f"{pid} {cmd}")
     return found
 
 

@@ -26,12 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from . import history
 from .bed import NODES, address, etcd_endpoints, on_host
-from .record import namespace_pids
 from .slurm import NPROC, ROOT, WORKER, records, status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
@@ -138,23 +136,10 @@ def launch(sshds: Sshds, tmp_path: Path, run_id: str, *worker_args: str) -> tupl
     return proc, out, remote_dir
 
 
-def left_on(host: str, keep: set[int]) -> list[str]:
-    """The command lines of the processes on ``host`` other than slurmd and the ``keep`` pids (its sshd)."""
-    found = []
-    for pid in namespace_pids(host):
-        try:
-            cmd = " ".join(psutil.Process(pid).cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        if pid not in keep and "slurmd -D" not in cmd:
-            found.append(f"{pid} {cmd}")
-    return found
-
-
 def wait_nothing_left(sshds: Sshds, timeout: float) -> None:
     keep = {p.pid for p in sshds.procs.values()}
     deadline = time.monotonic() + timeout
-    while leftovers := {h: cmds for h in NODES if (cmds := left_on(h, keep))}:
+    while leftovers := {h: cmds for h in NODES if (cmds := history.left_on(h, keep))}:
         assert time.monotonic() < deadline, f"left running: {leftovers}"
         time.sleep(0.05)  # process exits in another namespace have no event to wait on
 
