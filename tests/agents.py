@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,8 +29,10 @@ class CommandLine:
         name = f"agent-{node}-{len(STARTED)}"  # two agents with one node id keep separate files
         self.out_path, self.err_path = workdir / f"{name}.out", workdir / f"{name}.err"
         self.out, self.err = open(self.out_path, "w+"), open(self.err_path, "w+")
+        # faulthandler: an agent that outlives a test's wait dumps every thread's stack on SIGABRT (see wait)
         self.proc = subprocess.Popen([sys.executable, "-m", module, *argv], stdout=self.out, stderr=self.err,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd,
+                                     env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         self.started = time.monotonic()
         STARTED.append(self)
 
@@ -36,8 +40,13 @@ class CommandLine:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler prints where each thread is stuck, then it ends
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
             self.kill()
-            raise AssertionError(f"agent {self.node} did not exit within {timeout} s:\n{self.stderr()[-4000:]}")
+            raise AssertionError(f"agent {self.node} did not exit within {timeout} s:\n{self.stderr()[-8000:]}")
 
     def stdout(self) -> str:
         self.out.flush()
