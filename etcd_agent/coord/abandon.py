@@ -49,8 +49,8 @@ def scheduler() -> str:
 def end_if_last(etcd: Etcd, keys: Keys, node: str, why: str, wall: float) -> bool:
     """After this agent left (its lease revoked): end the job ``stopped`` when no live agent of it is registered
     and it has no result. True when this call ended it."""
-    kvs, rev = etcd.get_prefix(keys.nodes())
-    if live_nodes(kvs):
+    rev = _nobody_registered(etcd, keys)
+    if rev is None:
         return False  # the job goes on without this node
     where = f" ({scheduler()})" if scheduler() else ""
     reason = f"every node of the job left; the last, {node}, {why}{where}"
@@ -63,11 +63,8 @@ def end_if_last(etcd: Etcd, keys: Keys, node: str, why: str, wall: float) -> boo
 def end_if_abandoned(etcd: Etcd, keys: Keys, grace: float = ABANDONED_GRACE, say=log.info) -> bool:
     """Job ``keys`` has no result: end it ``stopped`` (abandoned) when no live agent registers in it within
     ``grace`` seconds from now. True when this call ended it; False as soon as a live agent is registered."""
-    first = etcd.txn([], [op_first_created(keys.nodes(), FIRST_ENTRIES)], where=f"read {keys.nodes()}")
-    if live_nodes(first.ranges[0]):
-        return False  # the usual case, one small read however large the registry is
-    kvs, rev = etcd.get_prefix(keys.nodes())
-    if live_nodes(kvs):
+    rev = _nobody_registered(etcd, keys)
+    if rev is None:
         return False
     say("no node of job %s is registered; waiting up to %.0f s for one before ending the job as abandoned",
         keys.run_id, grace)
@@ -79,6 +76,17 @@ def end_if_abandoned(etcd: Etcd, keys: Keys, grace: float = ABANDONED_GRACE, say
     if ended:
         log.warning("job %s ended: %s", keys.run_id, reason)
     return ended
+
+
+def _nobody_registered(etcd: Etcd, keys: Keys) -> int | None:
+    """The revision of a read of job ``keys``' registry that found no live agent, or None when one is there. The
+    usual case, a live job, costs one small read however large its registry is (every agent of a job that ends
+    asks this as it leaves)."""
+    first = etcd.txn([], [op_first_created(keys.nodes(), FIRST_ENTRIES)], where=f"read {keys.nodes()}")
+    if live_nodes(first.ranges[0]):
+        return None
+    kvs, rev = etcd.get_prefix(keys.nodes())
+    return None if live_nodes(kvs) else rev
 
 
 def _registers_within(etcd: Etcd, keys: Keys, rev: int, grace: float) -> bool:
