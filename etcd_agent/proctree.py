@@ -1,12 +1,14 @@
-"""Process-tree helpers for the worker group: the parent-death signal, finding every descendant, signalling and
-waiting without polling; and ``free_port``, the one way to pick a free TCP port (etcd's ports, the workers' master
-port, tests and tools); ``describe_exit``, the one wording of a process's exit code or signal. Safe from pid reuse:
-processes are held as ``psutil.Process`` objects, which refuse to signal a reused pid.
+"""Process-tree helpers: the parent-death signal, finding every descendant, signalling and waiting without polling;
+``kill_group``, the one way to signal a process group; ``free_port``, the one way to pick a free TCP port (etcd's
+ports, the workers' master port, tests and tools); ``describe_exit``/``signal_name``, the one wording of a process's
+exit code or signal (logs, failure reports, health checks). Safe from pid reuse: processes are held as
+``psutil.Process`` objects, which refuse to signal a reused pid, and a group is signalled by id only while its
+leader is unreaped (the caller's promise, see ``kill_group``).
 
 A "worker" here is any object with ``pid`` (0 when it never started), ``ps`` (its ``psutil.Process`` or None),
 ``exited`` (a ``threading.Event`` set once it was reaped) and ``ended_at`` (wall time of that exit, 0 while it runs).
-A base module (used by ``etcd.server``, ``node/`` and the tools): imports only the standard library and psutil;
-``etcd/server.py`` uses ``pdeathsig_preexec`` for its etcd processes.
+A base module (used by ``schema.values``, ``etcd.server``, ``node/`` and the tools): imports only the standard library
+and psutil, never anything of the package.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import psutil
 _PR_SET_PDEATHSIG = 1
 
 
-
 def pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
     """A preexec_fn that sets PR_SET_PDEATHSIG=SIGKILL; everything it needs is resolved here, in the parent."""
     if not sys.platform.startswith("linux"):
@@ -42,6 +43,32 @@ def pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+def chain_preexec(steps: list) -> Callable[[], None] | None:
+    """One preexec_fn that runs ``steps`` in order (None entries skipped; each resolved in the parent); None when
+    there is nothing to run."""
+    steps = [step for step in steps if step is not None]
+    if not steps:
+        return None
+
+    def preexec() -> None:
+        for step in steps:
+            step()
+
+    return preexec
+
+
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
+    """Send ``sig`` to the process group ``pgid`` (a leader started with ``start_new_session``); False when there is
+    no such group any more or it is not ours to signal. Call it only while the group's leader is unreaped (its
+    ``Popen.poll()`` is None, or its worker's exit not yet seen): until then its pid, the group's id, cannot be
+    reused by another process."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def descendants(workers: list) -> dict[int, psutil.Process]:
@@ -90,10 +117,7 @@ def signal_all(workers: list, tree: dict[int, psutil.Process], sig: signal.Signa
     """
     for w in workers:
         if w.pid and not w.exited.is_set():
-            try:
-                os.killpg(w.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
+            kill_group(w.pid, sig)
     for p in tree.values():
         try:
             p.send_signal(sig)  # psutil refuses when the pid was reused
@@ -164,7 +188,12 @@ def signal_name(signum: int) -> str:
         return f"SIG{signum}"
 
 
-def describe_exit(returncode: int) -> str:
+def describe_exit(returncode: int | None, signal_named: str | None = None) -> str:
     """A process's end as the logs and failure reports say it: ``exit code 3`` or ``signal SIGSEGV`` (a negative
-    ``returncode`` is the signal that ended it, as ``subprocess`` reports it)."""
+    ``returncode`` is the signal that ended it, as ``subprocess`` reports it; ``signal_named``, a signal's name as a
+    report recorded it, is used as given)."""
+    if signal_named:
+        return f"signal {signal_named}"
+    if returncode is None:
+        return "an unknown exit status"
     return f"signal {signal_name(-returncode)}" if returncode < 0 else f"exit code {returncode}"

@@ -113,6 +113,9 @@ def test_a_failure_describes_how_it_ended_and_its_first_line():
     assert FAILURE.how_it_ended() == "exit code 3" and FAILURE.headline == "boom"
     assert Failure(1, signal="SIGKILL").how_it_ended() == "signal SIGKILL"
     assert Failure(1, hang=True, exitcode=None).how_it_ended() == "hung"
+    assert Failure(1, exitcode=-9).how_it_ended() == "signal SIGKILL"  # the one wording of proctree.describe_exit
+    assert Failure(1, exitcode=-40).how_it_ended() == "signal SIG40"  # a real-time signal has no name
+    assert Failure(1).how_it_ended() == "failed"
     assert Failure(None, node="n", message="m").describe() == "the worker group on n failed (m)"
     redacted = FAILURE.with_strings(lambda text: text.replace("boom", "[redacted]"))
     assert redacted.message == "[redacted]\nmore" and redacted.rank == 2

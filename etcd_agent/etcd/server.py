@@ -32,7 +32,7 @@ import urllib.request
 import uuid
 
 from .. import errors
-from ..proctree import free_port, pdeathsig_preexec
+from ..proctree import free_port, kill_group, pdeathsig_preexec
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +243,7 @@ class EtcdServer:
     def _signal(self, sig: int) -> None:
         # Only while the leader is unreaped: its pid, the group id, cannot be reused until then.
         if self.running:
-            try:
-                os.killpg(self._proc.pid, sig)
-            except ProcessLookupError:
-                pass
+            kill_group(self._proc.pid, sig)
 
     def _end(self, sig: int, grace: float) -> None:
         """Send ``sig`` to the group (waking it if frozen), wait ``grace``, then SIGKILL; reap and drain output."""

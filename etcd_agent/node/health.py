@@ -19,12 +19,11 @@ Quarantine (``QuarantinePolicy``): a node whose workers failed K times within a 
 Its failures are counted job-wide in ``P/quarantine/<node>`` (unleased: an agent started again on the node finds
 them), each one recorded by the node itself at its next join; while it sits out, the health gate says so.
 The records (``HealthConfig``, ``QuarantinePolicy``) are in ``config``, the quarantine arithmetic in
-``coord.quarantine``. Imports ``config`` and ``node.gpu``.
+``coord.quarantine``. Imports ``config``, ``proctree`` and ``node.gpu``; never ``etcd/`` or ``coord/``.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
 import signal
 import subprocess
@@ -79,10 +78,9 @@ def _timed_out(proc: subprocess.Popen, what: str, timeout: float) -> str:
     """The check ran past its deadline: kill its process group, give its output DRAIN seconds to close, then let
     go of it (a process that left the group keeps it open, and is none of the agent's business)."""
     exited = proc.poll() is not None  # the command itself had finished: something it started held the output
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the command and whatever it started in its group
-    except ProcessLookupError:
-        pass
+    # The command and whatever it started in its group. Reaped, its pid may belong to another process by now; but the
+    # group's id cannot be reused while a process it started (the one holding the output) is still in the group.
+    proctree.kill_group(proc.pid, signal.SIGKILL)
     held = False
     try:
         proc.communicate(timeout=DRAIN)

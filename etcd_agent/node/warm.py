@@ -42,7 +42,7 @@ Rules:
 - ``close`` kills every spare; the agent calls it when it exits.
 
 Imports ``config``, ``errors``, ``gpu``, ``logs``, ``logtree``, ``priority`` and ``proctree`` from the package; never
-torch.
+torch, ``etcd/`` or ``coord/``.
 """
 
 from __future__ import annotations
@@ -198,11 +198,9 @@ class Spare:
 
     def kill(self) -> None:
         """SIGKILL its process group and reap it."""
-        for target in (lambda: os.killpg(self.pid, signal.SIGKILL), lambda: self.proc.kill()):
-            try:
-                target()
-            except (ProcessLookupError, PermissionError, OSError):
-                pass
+        if self.proc.poll() is None:  # unreaped: its pid, the group's id, is still its own
+            proctree.kill_group(self.pid, signal.SIGKILL)
+            self.proc.kill()  # the spare itself, should it have left its group
         try:
             self.proc.wait(_KILL_WAIT)
         except subprocess.TimeoutExpired:
@@ -297,11 +295,10 @@ class SparePool:
                 "local_rank": rank}
         argv = [self.cfg.command()[0], "-u", SPARE_FILE, str(child.fileno()), json.dumps(conf)]
         steps = [proctree.pdeathsig_preexec(os.getpid()), priority.idle_preexec() if idle else None]
-        steps = [step for step in steps if step is not None]
         try:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True, close_fds=True, pass_fds=(child.fileno(),),
-                                    preexec_fn=_chain(steps))
+                                    preexec_fn=proctree.chain_preexec(steps))
         except BaseException:
             parent.close()
             raise
@@ -326,8 +323,8 @@ class SparePool:
                 if not s.said and s.proc.poll() is not None:
                     code = s.proc.returncode
                     self.close()
-                    raise ConfigError(f"--warm-restart: the warm spare for local rank {s.local_rank} exited with "
-                                      f"{code} before it was ready; see {self.directory}")
+                    raise ConfigError(f"--warm-restart: the warm spare for local rank {s.local_rank} ended with "
+                                      f"{proctree.describe_exit(code)} before it was ready; see {self.directory}")
                 if not s.said:
                     waiting.append(s)
             if not waiting:
@@ -400,14 +397,3 @@ class SparePool:
         if spares:
             self._log.debug("stopped %d warm spare(s)", len(spares))
 
-
-def _chain(steps: list):
-    """One preexec_fn that runs ``steps`` in order (each resolved in the parent); None for none."""
-    if not steps:
-        return None
-
-    def preexec() -> None:
-        for step in steps:
-            step()
-
-    return preexec

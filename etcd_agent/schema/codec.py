@@ -5,7 +5,8 @@ field by field against their annotations.
 ``Record.from_kv(kv)`` validate what they read and raise BadKeyData naming the key and the field: a bad value is
 never half-read. Fields a record does not know are ignored; fields without a default (or marked ``required``) are
 required; fields marked ``kv_field`` come from the KV (its revisions, its lease), ``stored_as`` names a field's JSON
-key. The records themselves are ``values.py``. Pure: imports ``errors`` and ``schema.keys`` only.
+key; ``Word`` is an enum stored as its word. The records themselves are ``values.py``. Pure: imports ``errors``
+and ``schema.keys`` only; never ``etcd/`` or anything above.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def stored_as(name: str, **kwargs):
 def required(default: Any):
     """A field that every written value has, though the class gives it a default (for positional builders)."""
     return dataclasses.field(default=default, metadata={"required": True})
+
+
+class Word(str, enum.Enum):
+    """An enum whose members are the words stored in etcd (``str()`` and f-strings give the word)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 
 class _Spec(NamedTuple):

@@ -17,38 +17,27 @@ One record per kind of key::
 
     P/spec                     SpecValue    config.JobSpec as stored: --nnodes, --nproc-per-node, --max-restarts
 
-(``P/store/...`` holds torch's own bytes, no record.) ``encode()`` writes a record as
-compact JSON with the schema version; ``read(key, raw)`` and ``from_kv(kv)`` validate what they read, field by
-field against the record's annotations, and raise BadKeyData naming the key and the field: a bad value is never
-half-read. Fields a record does not know are ignored (a newer agent may add some); fields without a default are
-required. Fields marked ``kv`` are not in the value: they come from the KV (its revisions, its lease).
-
-``Phase`` (a round's) and ``Outcome`` (a node's workers, the job's) are string enums, so a record compares equal
-to, and serialises as, the plain words an operator sees in etcdctl. The generic record codec is ``codec.py``.
-Pure: imports ``errors`` and ``schema.codec`` only.
+(``P/store/...`` holds torch's own bytes, no record.) How a record is written (compact JSON with the schema
+version) and read back (validated field by field against its annotations; BadKeyData names the key and the field,
+so a bad value is never half-read; unknown fields are ignored, fields without a default required, ``kv`` fields
+taken from the KV) is the generic codec, ``codec.py``. ``Phase`` (a round's) and ``Outcome`` (a node's workers,
+the job's) are string enums, so a record compares equal to, and serialises as, the words an operator sees in
+etcdctl. Pure: imports ``errors``, ``proctree`` (the wording of an exit) and ``schema.codec``; never ``etcd/`` or
+anything above.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 from typing import ClassVar, NamedTuple
 
 from ..errors import BadKeyData
-from .codec import Record, convert, kv_field, required, stored_as
+from ..proctree import describe_exit
+from .codec import Record, Word, convert, kv_field, required, stored_as
 
 
-class _Word(str, enum.Enum):
-    """An enum whose members are the words stored in etcd (``str()`` and f-strings give the word)."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
-
-
-class Phase(_Word):
+class Phase(Word):
     """A round's phase (``P/round``): joining, then running, then the next round or a final phase."""
 
     JOINING = "joining"
@@ -62,7 +51,7 @@ class Phase(_Word):
         return self in (Phase.DONE, Phase.FAILED, Phase.STOPPED)
 
 
-class Outcome(_Word):
+class Outcome(Word):
     """How a node's workers (``Exit``) or the whole job (``Result``) ended."""
 
     SUCCEEDED = "succeeded"
@@ -278,34 +267,37 @@ class Plan(Record):
         missing = [f for f in ("round", "members", "master_addr", "master_port", "restart_count") if f not in obj]
         if missing:
             raise BadKeyData(key, f"missing field(s) {', '.join(missing)}")
-        if not isinstance(obj["members"], list) or not obj["members"]:
-            raise BadKeyData(key, f"bad plan: members must be a non-empty list, not {obj['members']!r}")
-        members, offset = [], 0
-        for rank, m in enumerate(obj["members"]):
-            if isinstance(m, list) and len(m) == 3:  # [node, nproc, addr]
-                node, nproc, addr = m
-                host, group_rank = "", rank
-            elif isinstance(m, dict):  # spelled out, as plans were written before they became compact
-                node, nproc, addr = m.get("node"), m.get("nproc"), m.get("addr")
-                host, group_rank = m.get("host", ""), m.get("group_rank")
-            else:
-                raise BadKeyData(key, f"bad plan: member {rank} must be [node, nproc, addr], not {m!r}")
-            where = f"members[{rank}]"
-            member = Member(convert(key, f"{where} node", str, node),
-                            convert(key, f"{where} group_rank", int, group_rank),
-                            convert(key, f"{where} host", str, host), convert(key, f"{where} addr", str, addr),
-                            convert(key, f"{where} nproc", int, nproc), offset)
-            if member.nproc < 1:
-                raise BadKeyData(key, f"{where} nproc must be at least 1, got {member.nproc}")
-            members.append(member)
-            offset += member.nproc
-        if [m.group_rank for m in members] != list(range(len(members))):
-            raise BadKeyData(key, "bad plan: members are not in group-rank order 0..n-1")
-        fields = {f: convert(key, f, kind, obj.get(f, default))
-                  for f, kind, default in (("round", int, None), ("master_addr", str, None), ("master_port", int, None),
-                                           ("restart_count", int, None), ("max_restarts", int, 0))}
-        return cls(members=tuple(members), mod_revision=mod_revision, leader=convert(key, "leader", str,
-                                                                                     obj.get("leader") or ""), **fields)
+        fields = {f: convert(key, f, kind, obj.get(f, 0)) for f, kind in (
+            ("round", int), ("master_addr", str), ("master_port", int), ("restart_count", int), ("max_restarts", int))}
+        return cls(members=_members(key, obj["members"]), mod_revision=mod_revision,
+                   leader=convert(key, "leader", str, obj.get("leader") or ""), **fields)
+
+
+def _members(key: str, raw) -> tuple[Member, ...]:
+    """A plan's members: compact ``[node, nproc, addr]`` lists in group-rank order, or spelled-out objects (as plans
+    were written before they became compact)."""
+    if not isinstance(raw, list) or not raw:
+        raise BadKeyData(key, f"bad plan: members must be a non-empty list, not {raw!r}")
+    members, offset = [], 0
+    for rank, m in enumerate(raw):
+        if isinstance(m, list) and len(m) == 3:
+            (node, nproc, addr), host, group_rank = m, "", rank
+        elif isinstance(m, dict):
+            node, nproc, addr, host, group_rank = (m.get("node"), m.get("nproc"), m.get("addr"), m.get("host", ""),
+                                                   m.get("group_rank"))
+        else:
+            raise BadKeyData(key, f"bad plan: member {rank} must be [node, nproc, addr], not {m!r}")
+        where = f"members[{rank}]"
+        member = Member(convert(key, f"{where} node", str, node), convert(key, f"{where} group_rank", int, group_rank),
+                        convert(key, f"{where} host", str, host), convert(key, f"{where} addr", str, addr),
+                        convert(key, f"{where} nproc", int, nproc), offset)
+        if member.nproc < 1:
+            raise BadKeyData(key, f"{where} nproc must be at least 1, got {member.nproc}")
+        members.append(member)
+        offset += member.nproc
+    if [m.group_rank for m in members] != list(range(len(members))):
+        raise BadKeyData(key, "bad plan: members are not in group-rank order 0..n-1")
+    return tuple(members)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,9 +335,9 @@ class Failure(Record):
             return "lost"
         if self.hang:
             return "hung"
-        if self.signal:
-            return f"signal {self.signal}"
-        return "failed" if self.exitcode is None else f"exit code {self.exitcode}"
+        if self.exitcode is None and not self.signal:
+            return "failed"
+        return describe_exit(self.exitcode, self.signal)
 
     def describe(self) -> str:
         if self.lost:
@@ -396,8 +388,7 @@ class Result(Record):
 
 RECORDS: dict[str, type[Record]] = {  # keys.ParsedKey.kind -> the record its values are
     "spec": SpecValue, "node": NodeInfo, "quarantine": Quarantine, "node_rank": RankClaim, "round": RoundInfo,
-    "restarts": Restarts, "join": Join,
-    "plan": Plan, "exit": Exit, "failure": Failure, "result": Result,
+    "restarts": Restarts, "join": Join, "plan": Plan, "exit": Exit, "failure": Failure, "result": Result,
 }
 
 
