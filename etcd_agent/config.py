@@ -1,8 +1,14 @@
-"""Frozen configuration objects and their validation.
+"""Frozen configuration records and their validation: a base module.
 
-Everything the agent is told (flags, environment) becomes one of these dataclasses before anything runs. Invalid
-values raise ConfigError with a message naming the flag; nothing here asserts, touches etcd or starts processes.
-Imports only ``errors`` and ``secure`` (the TLS file checks).
+Guarantees:
+- Everything the agent is told (flags, environment) becomes one of these records before anything runs. Invalid
+  values raise ConfigError with a message naming the flag; nothing here asserts, touches etcd or starts processes.
+- Every default (timings, timeouts, the quarantine policy) is stated once, as a field default of these records:
+  the flags (``cli/flags.py``), the torchrun backend (``torch/settings.py``) and the tools read it from there
+  (``Timings.lease_ttl``, ``WorkerConfig.stop_timeout``, ...). ``Timings`` also holds the rules the etcd session
+  and the agent derive their periods by.
+
+Imports only ``errors`` and ``secure`` (the TLS file checks); never anything above the base modules.
 """
 
 from __future__ import annotations
@@ -10,21 +16,25 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shlex
-import shutil
 import socket
-import uuid
+import sys
+from typing import NamedTuple
 
 from .errors import ConfigError
 from .secure import check_tls_files
 
 DEFAULT_ROOT = "/etcd-agent"
 TORCHRUN_NPROC = "torchrun"  # a job spec's nproc_per_node under torchrun's etcd-v3 backend: torch assigns worker ranks
+TORCHRUN_STOP_TIMEOUT = 30.0  # that backend: how long torch's agent may take to stop its workers
+TORCHRUN_CLOSE_TIMEOUT = 30.0  # that backend: how long shutdown waits for the job's end to be recorded
+TORCHRUN_STORE_TIMEOUT = 300.0  # that backend: the store's get/wait timeout when torchrun gives none
 NO_RESTART_LIMIT = 1_000_000_000  # a job-wide budget this large means none (torchrun counts restarts per node)
 DEFAULT_PORT = 2379
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _NODE_ID_RE = _RUN_ID_RE
 _NUMBER_RE = re.compile(r"[0-9]+")
+MAX_REQUEST_TIMEOUT = 3.0  # the longest etcd request attempt; a client outside any session (status, the store) uses it
+MIN_LEASE_TTL = 2  # etcd's minimum lease TTL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +47,7 @@ class EtcdConfig:
     key: str | None = None
     user: str | None = None
     password: str | None = None
-    request_timeout: float = 3.0  # one RPC attempt
+    request_timeout: float = MAX_REQUEST_TIMEOUT  # one RPC attempt; an agent's: request_timeout_for(its lease TTL)
     connect_timeout: float = 10.0  # total retry budget of the first contact
     tls: bool = False  # https:// endpoints: TLS even without ca_cert (then with the system's CA bundle)
 
@@ -75,7 +85,7 @@ class EtcdConfig:
 # The most nodes a job may have: a round's plan is one etcd value (one [node, nproc, address] per member), and etcd
 # refuses a request over 1.5 MiB; 10,000 members with long names and IPv6 addresses stay well under that.
 MAX_NODES = 10_000
-_MAX_NODES_WHY = f"at most {MAX_NODES} (a round's plan, one etcd value, holds every member)"
+MAX_NODES_WHY = f"at most {MAX_NODES} (a round's plan, one etcd value, holds every member)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,13 +103,9 @@ class JobSpec:
         if self.max_nodes < self.min_nodes:
             raise ConfigError(f"--nnodes {self.min_nodes}:{self.max_nodes}: the maximum is below the minimum")
         if self.max_nodes > MAX_NODES:
-            raise ConfigError(f"--nnodes {self.min_nodes}:{self.max_nodes}: the maximum must be {_MAX_NODES_WHY}")
+            raise ConfigError(f"--nnodes {self.min_nodes}:{self.max_nodes}: the maximum must be {MAX_NODES_WHY}")
         if self.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
-
-    def to_json(self) -> dict:
-        return {"min_nodes": self.min_nodes, "max_nodes": self.max_nodes,
-                "nproc_per_node": self.nproc_per_node, "max_restarts": self.max_restarts}
 
 
 STD_NONE, STD_OUT, STD_ERR, STD_ALL = 0, 1, 2, 3  # torchrun's Std flags: which of stdout/stderr a setting covers
@@ -174,15 +180,18 @@ class WorkerConfig:
         """The argv every worker runs (torchrun's rules for -m and --no-python)."""
         if self.no_python:
             return [self.entrypoint, *self.args]
-        python = self.python or os.environ.get("PYTHON_EXEC") or _sys_executable()
+        python = self.python or os.environ.get("PYTHON_EXEC") or sys.executable
         if self.module:
             return [python, "-u", "-m", self.entrypoint, *self.args]
         return [python, "-u", self.entrypoint, *self.args]
 
 
-def fence_margin(ttl: float) -> float:
-    """How long before lease expiry a disconnected agent declares its session lost."""
-    return min(max(1.0, ttl * 0.25), ttl / 2)
+class KeepAlive(NamedTuple):
+    """How the session renews its lease (``Timings.keepalive``)."""
+
+    period: float  # from one keepalive to the next
+    attempt: float  # the longest a keepalive waits for its answer
+    pause: float  # before a failed keepalive is tried again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,25 +199,31 @@ class Timings:
     """Every time the coordination depends on, and their relations, checked once here (client-go's leader election
     validates lease duration, renew deadline and retry period the same way).
 
-    A lease of ``lease_ttl`` s is renewed every ``keepalive_period`` (TTL/3). An agent whose keepalives fail
-    declares its session lost ``fence_margin`` s before the lease can expire, and stops its workers within
-    ``fence_grace``, so peers never re-form while its workers still run. One etcd request attempt
-    (``request_timeout``) must fit in the TTL less the margin, or a single slow request could outlive the lease.
+    A lease of ``lease_ttl`` s is renewed by the rule of ``keepalive(members)``, which ``etcd/session.py`` runs by
+    (and says why): every TTL/3, or every TTL/6 when etcd has several members; each try waits at most a third of
+    that period for its answer; a failed one is tried again after 0.2 s (0.05 s with several members). An agent
+    whose keepalives fail declares its session lost ``fence_margin`` s before the lease can expire, and stops its
+    workers within ``fence_grace``, so peers never re-form while its workers still run.
+    One etcd request attempt (``request_timeout``, by default ``request_timeout_for(lease_ttl)``) must fit in the
+    TTL less the margin, or a single slow request could outlive the lease.
     """
 
     lease_ttl: int = 5
-    request_timeout: float = 1.667
+    request_timeout: float | None = None  # None: request_timeout_for(lease_ttl)
     last_call: float = 3.0
     join_timeout: float = 600.0
     scale_settle: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.request_timeout is None:
+            object.__setattr__(self, "request_timeout", request_timeout_for(self.lease_ttl))
         for flag, value in (("--last-call", self.last_call), ("--join-timeout", self.join_timeout),
                             ("--scale-settle", self.scale_settle)):
             if value != value:  # NaN compares false with everything, so no range check below would catch it
                 raise ConfigError(f"{flag} must be a number of seconds, got {value}")
-        if self.lease_ttl < 2:
-            raise ConfigError(f"--lease-ttl must be at least 2 seconds (etcd's minimum TTL), got {self.lease_ttl}")
+        if self.lease_ttl < MIN_LEASE_TTL:
+            raise ConfigError(f"--lease-ttl must be at least {MIN_LEASE_TTL} seconds (etcd's minimum TTL), got "
+                              f"{self.lease_ttl}")
         if self.last_call < 0:
             raise ConfigError(f"--last-call must be 0 or more, got {self.last_call}")
         if self.join_timeout <= 0:
@@ -219,13 +234,17 @@ class Timings:
             raise ConfigError(f"the etcd request timeout ({self.request_timeout:g} s) must be positive and at most "
                               f"--lease-ttl {self.lease_ttl} less the fencing margin ({self.fence_margin:g} s)")
 
-    @property
-    def keepalive_period(self) -> float:
-        return self.lease_ttl / 3.0
+    def keepalive(self, members: int = 1) -> KeepAlive:
+        """The session's keepalive rule for an etcd of ``members`` endpoints (another member can answer: the session
+        notices a silent one and moves on sooner)."""
+        several = members > 1
+        period = self.lease_ttl / (6.0 if several else 3.0)
+        return KeepAlive(period, period / 3, 0.05 if several else 0.2)
 
     @property
     def fence_margin(self) -> float:
-        return fence_margin(self.lease_ttl)
+        """How long before lease expiry a disconnected agent declares its session lost."""
+        return min(max(1.0, self.lease_ttl * 0.25), self.lease_ttl / 2)
 
     @property
     def fence_grace(self) -> float:
@@ -246,7 +265,7 @@ class Timings:
 def request_timeout_for(lease_ttl: int) -> float:
     """The etcd request timeout for a lease TTL: a third of it, within 0.5-3 s, so that a request to a failed
     member leaves time for another before the lease could suffer."""
-    return max(0.5, min(3.0, lease_ttl / 3))
+    return max(0.5, min(MAX_REQUEST_TIMEOUT, lease_ttl / 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,21 +277,6 @@ class HealthConfig:
     @property
     def active(self) -> bool:
         return bool(self.command) or self.gpus is not None
-
-    @classmethod
-    def parse(cls, command: str | None, timeout: float, gpus: int | None) -> HealthConfig:
-        if not timeout > 0:
-            raise ConfigError(f"--health-check-timeout must be positive, got {timeout}")
-        try:
-            argv = tuple(shlex.split(command)) if command else ()
-        except ValueError as exc:
-            raise ConfigError(f"--health-check {command!r}: {exc}") from exc
-        if command is not None and not argv:
-            raise ConfigError("--health-check is empty: give a command, or leave the flag out")
-        if argv and shutil.which(argv[0]) is None:
-            where = "is not an executable file" if os.sep in argv[0] else "is not found on PATH"
-            raise ConfigError(f"--health-check {command!r}: the program {argv[0]!r} {where}")
-        return cls(argv, timeout, gpus)
 
 
 MAX_PERIOD = 365 * 24 * 3600.0  # the longest quarantine window and cooldown: a quarantine's end is a time to print
@@ -310,10 +314,10 @@ class AgentConfig:
     etcd: EtcdConfig
     root: str = DEFAULT_ROOT
     local_addr: str = ""
-    lease_ttl: int = 5
-    last_call: float = 3.0
-    join_timeout: float = 600.0
-    scale_settle: float = 1.0
+    lease_ttl: int = Timings.lease_ttl
+    last_call: float = Timings.last_call
+    join_timeout: float = Timings.join_timeout
+    scale_settle: float = Timings.scale_settle
     worker_timeout: float = 0.0  # 0: hang detection off
     node_rank: int | None = None  # --node-rank of a static line: pins this node's group rank
     master_addr: str | None = None  # --master-addr/--master-port of a static line: the workers' MASTER_ADDR/PORT
@@ -365,12 +369,6 @@ def set_agent_env(name: str, value: str) -> None:
 def worker_base_env() -> dict[str, str]:
     """The environment workers start from: the agent's, less what the agent set only for itself."""
     return {k: v for k, v in os.environ.items() if k not in _AGENT_OWN_ENV}
-
-
-def _sys_executable() -> str:
-    import sys
-
-    return sys.executable
 
 
 def endpoint_scheme(text: str, flag: str = "--etcd-endpoints") -> str | None:
@@ -434,27 +432,6 @@ def _port(text: str, flag: str, item: str) -> int:
     if not _NUMBER_RE.fullmatch(text) or not 0 < int(text) < 65536:
         raise ConfigError(f"{flag}: {item!r} has a bad port {text!r}")
     return int(text)
-
-
-def parse_nnodes(text: str) -> tuple[int, int]:
-    """``N`` or ``MIN:MAX`` like torchrun."""
-    parts = text.split(":")
-    if len(parts) not in (1, 2) or not all(_NUMBER_RE.fullmatch(p.strip()) for p in parts):
-        raise ConfigError(f"--nnodes {text!r}: expected N or MIN:MAX with whole numbers")
-    lo, hi = int(parts[0]), int(parts[-1])
-    if lo < 1:
-        raise ConfigError(f"--nnodes {text!r}: the minimum must be at least 1")
-    if hi < lo:
-        raise ConfigError(f"--nnodes {text!r}: the maximum {hi} is below the minimum {lo}")
-    if hi > MAX_NODES:
-        raise ConfigError(f"--nnodes {text!r}: the number of nodes must be {_MAX_NODES_WHY}")
-    return lo, hi
-
-
-def default_node_id() -> str:
-    """Host name plus a short unique suffix, so two agents on one host never collide."""
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:100] or "node"
-    return f"{host}-{uuid.uuid4().hex[:6]}"
 
 
 def default_address() -> str:

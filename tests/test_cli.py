@@ -10,7 +10,8 @@ import pytest
 from etcd_agent.cli import flags
 from etcd_agent.config import STD_ALL, STD_OUT, StdSpec
 from etcd_agent.errors import ConfigError
-from etcd_agent.cli.launch import parse_rdzv_conf, resolve
+from etcd_agent.cli.launch import resolve
+from etcd_agent.cli.rdzv_conf import parse as parse_rdzv_conf
 
 ETCD = "127.0.0.1:2379"
 
@@ -214,7 +215,7 @@ def test_rdzv_conf_takes_the_agents_own_options(script):
 
 def test_rdzv_conf_unknown_and_unneeded_keys_are_named_in_notes(script):
     got = launch("--rdzv-conf", "is_host=1,close_timeout=10,colour=blue", script)
-    assert [n for n in got.notes if "'colour'" in n] and [n for n in got.notes if "is_host" in n]
+    assert [n for n in got.notes if "colour" in n] and [n for n in got.notes if "is_host" in n]
 
 
 def test_rdzv_conf_contradicting_a_flag_is_an_error(script):
@@ -224,6 +225,58 @@ def test_rdzv_conf_contradicting_a_flag_is_an_error(script):
     assert "join_timeout" in error("--rdzv-conf", "join_timeout=5,timeout=6", script)
 
 
+def backend_settings(text: str):
+    """The torchrun backend's settings for the same ``--rdzv-conf`` (torch's parameters as attributes; no torch)."""
+    from types import SimpleNamespace
+
+    from etcd_agent.torch.settings import settings
+
+    return settings(SimpleNamespace(config=parse_rdzv_conf(text), endpoint=ETCD, run_id="job", min_nodes=1,
+                                    max_nodes=1, local_addr="127.0.0.1"))
+
+
+@pytest.mark.parametrize("text, ttl", [
+    ("keep_alive_interval=1,keep_alive_max_attempt=3", 3),
+    ("keep_alive_interval=2.5,keep_alive_max_attempt=3", 8),  # rounded up to whole seconds
+    ("keep_alive_interval=0.5,keep_alive_max_attempt=1", 2),  # at least etcd's minimum TTL
+    ("keep_alive_max_attempt=2", 10),  # torch's default interval, 5 s
+    ("keep_alive_interval=4", 12),  # torch's default attempts, 3
+    ("lease_ttl=7", 7),
+    ("lease_ttl=15,keep_alive_interval=5", 15),  # they agree
+])
+def test_both_readers_of_rdzv_conf_make_the_same_lease_ttl(script, text, ttl):
+    assert launch("--rdzv-conf", text, "--etcd-endpoints", ETCD, script).cfg.lease_ttl == ttl
+    assert backend_settings(text).cfg.lease_ttl == ttl
+
+
+@pytest.mark.parametrize("text", ["lease_ttl=4,keep_alive_interval=5", "keep_alive_interval=0",
+                                  "keep_alive_max_attempt=1.5"])
+def test_both_readers_of_rdzv_conf_refuse_the_same_keep_alive(script, text):
+    assert "keep_alive" in error("--rdzv-conf", text, "--etcd-endpoints", ETCD, script)
+    with pytest.raises(ConfigError, match="keep_alive"):
+        backend_settings(text)
+
+
+def test_a_keep_alive_ttl_must_agree_with_the_flag(script):
+    msg = error("--lease-ttl", "4", "--rdzv-conf", "keep_alive_interval=2,keep_alive_max_attempt=3", script)
+    assert "--lease-ttl 4" in msg and "keep_alive_interval x keep_alive_max_attempt=6" in msg
+
+
+def test_the_readers_differ_only_where_the_table_says(script):
+    """``timeout`` is the join timeout on etcd-agent's command line and the store's timeout under torchrun; the
+    launcher's worker options are an error there, naming who reads them."""
+    assert launch("--rdzv-conf", "timeout=30", script).cfg.join_timeout == 30
+    got = backend_settings("timeout=30")
+    assert got.store_timeout.total_seconds() == 30 and got.cfg.join_timeout == 600
+    with pytest.raises(ConfigError, match="worker_timeout: not read by the etcd-v3 backend, only by etcd-agent"):
+        backend_settings("worker_timeout=5")
+    assert [n for n in launch("--rdzv-conf", "close_timeout=5", script).notes if "not needed" in n]
+
+
+def test_a_password_is_never_taken_from_rdzv_conf(script):
+    assert "visible to every user" in error("--rdzv-conf", "etcd_password=hunter2", script)
+
+
 @pytest.mark.parametrize("text", ["a", "a=", "=1", "a=1,,b=2"])
 def test_rdzv_conf_syntax_errors_name_the_flag(text):
     with pytest.raises(ConfigError, match="--rdzv-conf"):
@@ -231,7 +284,7 @@ def test_rdzv_conf_syntax_errors_name_the_flag(text):
 
 
 def test_rdzv_conf_bad_value_names_the_key(script):
-    assert "join_timeout='soon'" in error("--rdzv-conf", "join_timeout=soon", script)
+    assert "join_timeout=soon: expected a number of seconds" in error("--rdzv-conf", "join_timeout=soon", script)
 
 
 # -- the rest of torchrun's flags ------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ import sys
 import pytest
 
 from etcd_agent import config
-from etcd_agent.config import (AgentConfig, EtcdConfig, JobSpec, WorkerConfig, endpoint_scheme, parse_endpoints,
-                               parse_nnodes)
+from etcd_agent.cli.flags import parse_nnodes
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, endpoint_scheme, parse_endpoints
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, ConfigError, SpecMismatch
 from etcd_agent.schema.keys import Keys
+from etcd_agent.schema.values import SpecValue
 from etcd_agent.coord.txns import check_spec
 from etcd_agent.node import hostinfo
 from etcd_agent.node.hostinfo import resolve_nproc
@@ -247,9 +248,9 @@ def test_job_spec_validation_names_the_flag(kwargs, flag):
         JobSpec(**values)
 
 
-def test_job_spec_to_json():
-    assert JobSpec(2, 4, "gpu", 3).to_json() == {"min_nodes": 2, "max_nodes": 4, "nproc_per_node": "gpu",
-                                                 "max_restarts": 3}
+def test_job_spec_as_stored():
+    assert SpecValue.of(JobSpec(2, 4, "gpu", 3)).to_json() == {"min_nodes": 2, "max_nodes": 4, "nproc_per_node": "gpu",
+                                                               "max_restarts": 3}
 
 
 @pytest.mark.parametrize("kwargs, flag", [
@@ -385,11 +386,12 @@ def test_configs_are_frozen():
 
 KEYS = Keys("/etcd-agent", "job1", 1)
 SPEC = JobSpec(2, 4, "gpu", 3)
+STORED = SpecValue.of(SPEC).to_json()
 
 
 def test_check_spec_identical_passes():
-    check_spec(KEYS, SPEC, {"v": 1, **SPEC.to_json()})
-    check_spec(KEYS, SPEC, {"v": 1, **SPEC.to_json(), "extra": "ignored"})
+    check_spec(KEYS, SPEC, {"v": 1, **STORED})
+    check_spec(KEYS, SPEC, {"v": 1, **STORED, "extra": "ignored"})
 
 
 @pytest.mark.parametrize("field, value, flag", [
@@ -399,12 +401,12 @@ def test_check_spec_identical_passes():
     ("max_restarts", 0, "--max-restarts"),
 ])
 def test_check_spec_each_difference_names_its_flag(field, value, flag):
-    stored = {"v": 1, **SPEC.to_json(), field: value}
+    stored = {"v": 1, **STORED, field: value}
     with pytest.raises(SpecMismatch) as caught:
         check_spec(KEYS, SPEC, stored)
     message = str(caught.value)
     assert flag in message
-    assert repr(value) in message and repr(SPEC.to_json()[field]) in message
+    assert repr(value) in message and repr(STORED[field]) in message
     assert "job1" in message and KEYS.spec() in message
     assert isinstance(caught.value, ConfigError) and caught.value.exit_code == EXIT_USAGE
 
@@ -419,7 +421,7 @@ def test_check_spec_lists_every_difference():
 
 @pytest.mark.parametrize("missing", ["min_nodes", "max_nodes", "nproc_per_node", "max_restarts"])
 def test_check_spec_stored_spec_missing_fields_is_bad_data(missing):
-    stored = {"v": 1, **SPEC.to_json()}
+    stored = {"v": 1, **STORED}
     del stored[missing]
     with pytest.raises(BadKeyData) as caught:
         check_spec(KEYS, SPEC, stored)
@@ -464,6 +466,10 @@ def test_resolve_nproc_xpu_without_a_device_names_the_flag(monkeypatch):
 
 @pytest.mark.parametrize("ttl", [2, 3, 5, 10, 60])
 def test_the_default_request_timeout_fits_every_lease_ttl(ttl):
-    t = config.Timings(ttl, config.request_timeout_for(ttl))
-    assert t.keepalive_period < t.lease_ttl - t.fence_margin  # a missed keepalive is retried before fencing
+    t = config.Timings(ttl)
+    assert t.request_timeout == config.request_timeout_for(ttl)
+    for members in (1, 3):  # a missed keepalive is retried before fencing
+        period, attempt, pause = t.keepalive(members)
+        assert period < t.lease_ttl - t.fence_margin and attempt < period and pause < period
+    assert t.keepalive(3).period < t.keepalive(1).period  # several members: notice a silent one sooner
     assert 0 <= t.fence_grace < t.fence_margin

@@ -11,7 +11,7 @@ import pytest
 
 from agents import poll_until
 from containers import member_class
-from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.config import EtcdConfig, Timings, parse_endpoints
 from etcd_agent.errors import EtcdUnavailable
 from etcd_agent.etcd.client import Etcd, absent, mod_is, none_under, op_get, op_put
 from etcd_agent.etcd.session import Session
@@ -114,7 +114,7 @@ def test_a_silent_watch_stream_is_detected(own_etcd):
 
 def test_session_keeps_its_lease_and_revokes_it(own_etcd):
     e = client(own_etcd.endpoint)
-    s = Session(e, ttl=2).start()
+    s = Session(e, Timings(2)).start()
     e.put("/l/k", b"1", lease=s.lease_id)
     lost = s.lost.wait(3.5)  # longer than the TTL: only keepalives keep the key
     assert not lost and e.get("/l/k")[0] is not None
@@ -126,7 +126,7 @@ def test_session_keeps_its_lease_and_revokes_it(own_etcd):
 def test_session_is_lost_before_the_lease_can_expire(own_etcd):
     e = client(own_etcd.endpoint, request_timeout=0.5)
     reasons: list[str] = []
-    s = Session(e, ttl=3, on_lost=reasons.append).start()
+    s = Session(e, Timings(3), on_lost=reasons.append).start()
     own_etcd.freeze()
     try:
         granted_at = time.monotonic()
@@ -213,7 +213,7 @@ def test_a_session_keeps_its_lease_alive_over_one_stream_and_reopens_it_after_a_
         return total("grpc_server_started_total"), total("grpc_server_msg_received_total")
 
     e = client(own_etcd.endpoint, request_timeout=0.5)
-    s = Session(e, ttl=3).start()  # a keepalive every second
+    s = Session(e, Timings(3)).start()  # a keepalive every second
     poll_until(lambda: streams_and_requests()[1] >= 3, 10, "fewer than 3 keepalives within 10 s")
     assert streams_and_requests()[0] == 1  # all of them on one stream
     own_etcd.restart()

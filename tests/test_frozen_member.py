@@ -17,7 +17,7 @@ import pytest
 
 import containers
 from agents import AgentProc, RoundWatcher, job_keys, keys_of, poll_until, start_agents, wait_all, wait_records
-from etcd_agent.config import EtcdConfig, parse_endpoints, request_timeout_for
+from etcd_agent.config import EtcdConfig, Timings, parse_endpoints, request_timeout_for
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.etcd.session import Session
 from etcd_agent.etcd.server import find_etcd_binary
@@ -84,7 +84,7 @@ def test_a_session_outlives_its_member_frozen_just_before_a_keepalive(role, tria
 
 def freeze_before_a_keepalive(cluster: EtcdCluster, etcd: Etcd, victim: int, what: str, ttl: int = 5) -> None:
     lost: list[str] = []
-    session = Session(etcd, ttl, lost.append).start()
+    session = Session(etcd, Timings(ttl), lost.append).start()
     first = session.renewed
     poll_until(lambda: session.renewed > first, 10, f"{what}: no keepalive was answered")
     time.sleep(max(0.0, session.renewed + 1.6 - time.monotonic()))  # the moment of the fault: a keepalive

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from agents import AgentProc, keys_of, poll_until, wait_records
-from etcd_agent.config import MAX_NODES, EtcdConfig, JobSpec, parse_endpoints, parse_nnodes
+from etcd_agent.cli.flags import parse_nnodes
+from etcd_agent.config import MAX_NODES, EtcdConfig, JobSpec, parse_endpoints
 from etcd_agent.errors import BadKeyData, ConfigError
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.ops.events import line

@@ -10,6 +10,9 @@ Guarantees:
   the environment variable, or nothing (the default). Callers use it to refuse contradicting flags with an error
   naming both, instead of letting one silently override the other.
 
+Every default that is etcd-agent's own (timings, timeouts, the quarantine policy) is read from the configuration
+records (``config.py``), which state each once; torchrun's flags keep torchrun's defaults.
+
 Imports only ``config`` and ``errors``; never torch.
 """
 
@@ -17,14 +20,32 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Callable
 
+from ..config import (DEFAULT_ROOT, MAX_NODES, MAX_NODES_WHY, AgentConfig, EtcdConfig, HealthConfig, QuarantinePolicy,
+                      Timings, WorkerConfig)
 from ..errors import ConfigError
 
 _SOURCES = "_etcd_agent_sources"  # namespace attribute: dest -> the option string given on the command line
 PASSWORD_ENV = "ETCD_AGENT_ETCD_PASSWORD"
 NUMA_MODES = ("node", "socket", "exclusive", "core-complex")  # torch.numa.binding.AffinityMode in torch 2.13
 START_METHODS = ("spawn", "fork", "forkserver")
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """``--nnodes``: ``N`` or ``MIN:MAX`` like torchrun."""
+    parts = text.split(":")
+    if len(parts) not in (1, 2) or not all(re.fullmatch(r"[0-9]+", p.strip()) for p in parts):
+        raise ConfigError(f"--nnodes {text!r}: expected N or MIN:MAX with whole numbers")
+    lo, hi = int(parts[0]), int(parts[-1])
+    if lo < 1:
+        raise ConfigError(f"--nnodes {text!r}: the minimum must be at least 1")
+    if hi < lo:
+        raise ConfigError(f"--nnodes {text!r}: the maximum {hi} is below the minimum {lo}")
+    if hi > MAX_NODES:
+        raise ConfigError(f"--nnodes {text!r}: the number of nodes must be {MAX_NODES_WHY}")
+    return lo, hi
 
 
 def comma_separated_list(value: str) -> list[str]:
@@ -215,8 +236,8 @@ def etcd_flags(p: argparse.ArgumentParser) -> None:
                    help="etcd client endpoints HOST:PORT[,...] (env ETCD_AGENT_ENDPOINTS)")
     g.add_argument(*_both("--run-id"), action=Env, env_prefix="ETCD_AGENT_", dest="run_id", default=None,
                    help="the job's id, the same on every node (alias of --rdzv-id; env ETCD_AGENT_RUN_ID)")
-    g.add_argument(*_both("--etcd-prefix"), dest="root", default="/etcd-agent", action=Store,
-                   help="root of all keys (default /etcd-agent)")
+    g.add_argument(*_both("--etcd-prefix"), dest="root", default=DEFAULT_ROOT, action=Store,
+                   help="root of all keys (default %(default)s)")
     g.add_argument(*_both("--etcd-cacert"), dest="cacert", action=Store, help="CA bundle: talk TLS to etcd")
     g.add_argument(*_both("--etcd-cert"), dest="cert", action=Store, help="client certificate (mutual TLS)")
     g.add_argument(*_both("--etcd-key"), dest="key", action=Store, help="client certificate key (mutual TLS)")
@@ -224,51 +245,54 @@ def etcd_flags(p: argparse.ArgumentParser) -> None:
                    help=f"etcd user (TLS only); the password comes from --etcd-password-file or ${PASSWORD_ENV}")
     g.add_argument(*_both("--etcd-password-file"), dest="password_file", action=Store,
                    help="file holding the etcd user's password (its first line); workers never see it")
-    g.add_argument(*_both("--etcd-timeout"), dest="etcd_timeout", type=float, default=10.0, action=Store,
-                   help="seconds to keep trying to reach etcd at start (default 10)")
+    g.add_argument(*_both("--etcd-timeout"), dest="etcd_timeout", type=float, default=EtcdConfig.connect_timeout,
+                   action=Store, help="seconds to keep trying to reach etcd at start (default %(default)g)")
 
 
 def _agent_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("etcd-agent options (also accepted as --rdzv-conf keys)")
     g.add_argument(*_both("--node-id"), action=Store, help="this node's id (default: host name plus a short suffix)")
-    g.add_argument(*_both("--lease-ttl"), type=int, default=5, action=Store,
-                   help="session lease TTL in seconds: a lost node is seen within it (default 5)")
-    g.add_argument(*_both("--last-call"), type=float, default=3.0, action=Store,
-                   help="seconds a round waits for more nodes once MIN joined (default 3)")
-    g.add_argument(*_both("--join-timeout"), type=float, default=600.0, action=Store,
-                   help="seconds to wait for MIN nodes (default 600)")
-    g.add_argument(*_both("--stop-timeout"), type=float, default=10.0, action=Store,
-                   help="grace between the stop signal and SIGKILL for workers (default 10)")
-    g.add_argument(*_both("--scale-settle"), type=float, default=1.0, action=Store,
-                   help="seconds new nodes are batched before scaling up (default 1)")
-    g.add_argument(*_both("--worker-timeout"), type=float, default=0.0, action=Store,
-                   help="restart the job when a worker shows no progress for this many seconds (default 0: off; "
-                        "see etcd_agent.progress.beat)")
+    g.add_argument(*_both("--lease-ttl"), type=int, default=Timings.lease_ttl, action=Store,
+                   help="session lease TTL in seconds: a lost node is seen within it (default %(default)s)")
+    g.add_argument(*_both("--last-call"), type=float, default=Timings.last_call, action=Store,
+                   help="seconds a round waits for more nodes once MIN joined (default %(default)g)")
+    g.add_argument(*_both("--join-timeout"), type=float, default=Timings.join_timeout, action=Store,
+                   help="seconds to wait for MIN nodes (default %(default)g)")
+    g.add_argument(*_both("--stop-timeout"), type=float, default=WorkerConfig.stop_timeout, action=Store,
+                   help="grace between the stop signal and SIGKILL for workers (default %(default)g)")
+    g.add_argument(*_both("--scale-settle"), type=float, default=Timings.scale_settle, action=Store,
+                   help="seconds new nodes are batched before scaling up (default %(default)g)")
+    g.add_argument(*_both("--worker-timeout"), type=float, default=AgentConfig.worker_timeout, action=Store,
+                   help="restart the job when a worker shows no progress for this many seconds (default "
+                        "%(default)g: off; see etcd_agent.progress.beat)")
     g.add_argument(*_both("--health-check"), dest="health_check", action=Store, default=None,
                    help="a command run before this node joins each round (no shell; exit 0 = healthy): an unhealthy "
                         "node does not join, says why in etcd and checks again after a backoff")
-    g.add_argument(*_both("--health-check-timeout"), dest="health_check_timeout", type=float, default=60.0,
-                   action=Store, help="seconds the --health-check command may take; longer is unhealthy (default 60)")
+    g.add_argument(*_both("--health-check-timeout"), dest="health_check_timeout", type=float,
+                   default=HealthConfig.timeout, action=Store,
+                   help="seconds the --health-check command may take; longer is unhealthy (default %(default)g)")
     g.add_argument("--spare", action=StoreTrue,
                    help="a hot spare: registers and joins rounds, but is planned only in place of a lost or "
                         "quarantined member (nodes beyond --nnodes MAX wait the same way)")
-    g.add_argument(*_both("--quarantine-after"), dest="quarantine_after", type=int, default=0, action=Store,
-                   help="this node sits out for --quarantine-cooldown once its workers failed this many times within "
-                        "--quarantine-window (default 0: off)")
-    g.add_argument(*_both("--quarantine-window"), dest="quarantine_window", type=float, default=600.0, action=Store,
-                   help="seconds in which --quarantine-after failures count (default 600)")
-    g.add_argument(*_both("--quarantine-cooldown"), dest="quarantine_cooldown", type=float, default=600.0,
-                   action=Store, help="seconds a quarantined node sits out (default 600)")
-    g.add_argument(*_both("--gpu-drain-timeout"), dest="gpu_drain_timeout", type=float, default=30.0, action=Store,
+    g.add_argument(*_both("--quarantine-after"), dest="quarantine_after", type=int, default=QuarantinePolicy.after,
+                   action=Store, help="this node sits out for --quarantine-cooldown once its workers failed this many "
+                                      "times within --quarantine-window (default %(default)s: off)")
+    g.add_argument(*_both("--quarantine-window"), dest="quarantine_window", type=float,
+                   default=QuarantinePolicy.window, action=Store,
+                   help="seconds in which --quarantine-after failures count (default %(default)g)")
+    g.add_argument(*_both("--quarantine-cooldown"), dest="quarantine_cooldown", type=float,
+                   default=QuarantinePolicy.cooldown, action=Store,
+                   help="seconds a quarantined node sits out (default %(default)g)")
+    g.add_argument(*_both("--gpu-drain-timeout"), dest="gpu_drain_timeout", type=float,
+                   default=AgentConfig.gpu_drain_timeout, action=Store,
                    help="GPU jobs: seconds to wait for the stopped workers' GPU memory to be released before new "
-                        "workers start (default 30; needs nvidia-ml-py)")
+                        "workers start (default %(default)g; needs nvidia-ml-py)")
     g.add_argument(*_both("--warm-restart"), dest="warm_restart", action=StoreTrue,
                    help="keep one pre-started Python per local rank, with --preload imported, and start each round's "
                         "workers from them (a restart skips the interpreter start and the imports); off by default")
-    g.add_argument("--preload", action=Store, default="torch,torch._dynamo",
+    g.add_argument("--preload", action=Store, default=",".join(WorkerConfig.preload),
                    help="--warm-restart: comma-separated modules the pre-started interpreters import (default "
-                        "torch,torch._dynamo: DDP, FSDP and torch.compile import torch._dynamo on first use; '' for "
-                        "none)")
+                        "%(default)s: DDP, FSDP and torch.compile import torch._dynamo on first use; '' for none)")
     g.add_argument(*_both("--log-level"), action=Env, env_prefix="ETCD_AGENT_", default="INFO",
                    help="agent log level (default INFO; env ETCD_AGENT_LOG_LEVEL)")
 

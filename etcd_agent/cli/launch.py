@@ -19,12 +19,13 @@ The rules (the README's "Coming from torchrun" documents them for users):
 - Static lines (``--rdzv-backend static``, torchrun's default): a given ``--node-rank`` pins the group rank, a given
   ``--master-addr``/``--master-port`` become MASTER_ADDR/MASTER_PORT. Other backends ignore them with a note, as
   torchrun does.
-- ``--rdzv-conf``: torchrun's keys map onto the agent's options where they mean something; the agent's own options
-  may be given there too; an unknown key gets a warning naming it. A value given both as a flag and as a key must
-  agree.
+- ``--rdzv-conf`` (its one table and rules: ``rdzv_conf.py``): torchrun's keys map onto the agent's options where
+  they mean something; the agent's own options may be given there too; an unknown key gets a warning naming it. A
+  value given both as a flag and as a key must agree.
 - The entrypoint (script, module or program) must exist before anything starts.
 
-Imports ``config``, ``errors`` and ``flags``; never torch or etcd.
+Imports the base modules, ``cli.flags``, ``cli.rdzv_conf`` and, from ``node/``, the flag parsers of ``hostinfo``,
+``health`` and ``warm``; never torch, ``etcd/`` or ``coord/``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.machinery
-import math
 import os
 import re
 import shutil
@@ -40,13 +40,15 @@ import signal
 import sys
 import uuid
 
-from ..config import (AgentConfig, EtcdConfig, HealthConfig, QuarantinePolicy, JobSpec, StdSpec, WorkerConfig,
-                      default_node_id, endpoint_scheme, parse_endpoints, parse_nnodes, request_timeout_for)
+from ..config import (AgentConfig, EtcdConfig, JobSpec, QuarantinePolicy, StdSpec, Timings, WorkerConfig,
+                      endpoint_scheme, parse_endpoints, request_timeout_for)
 from ..errors import ConfigError
-from .flags import PASSWORD_ENV, sources
-from ..node.hostinfo import resolve_nproc
-from ..secure import keep_secret
+from ..node import health
+from ..node.hostinfo import default_node_id, resolve_nproc
 from ..node.warm import parse_preload
+from ..secure import keep_secret
+from . import rdzv_conf
+from .flags import PASSWORD_ENV, parse_nnodes, sources
 
 ETCD_BACKENDS = ("etcd", "etcd-v2", "etcd-v3")
 EMBEDDED_ENDPOINT = "127.0.0.1:2379"  # placeholder until the embedded etcd has its port
@@ -63,88 +65,20 @@ class Launch:
     notes: tuple[str, ...] = ()  # warnings to log once logging is set up
 
 
-# --rdzv-conf keys that mean something here: key -> (namespace dest, converter). torchrun's names first.
-_CONF_OPTIONS = {
-    "join_timeout": ("join_timeout", float), "timeout": ("join_timeout", float),
-    "last_call_timeout": ("last_call", float),
-    "cacert": ("cacert", str), "ca_cert": ("cacert", str), "cert": ("cert", str), "ssl_cert": ("cert", str),
-    "key": ("key", str), "ssl_cert_key": ("key", str),
-    # etcd-agent's own options, by their flag names
-    "lease_ttl": ("lease_ttl", int), "last_call": ("last_call", float), "scale_settle": ("scale_settle", float),
-    "worker_timeout": ("worker_timeout", float), "stop_timeout": ("stop_timeout", float),
-    "node_id": ("node_id", str), "etcd_prefix": ("root", str), "etcd_timeout": ("etcd_timeout", float),
-    "etcd_cacert": ("cacert", str), "etcd_cert": ("cert", str), "etcd_key": ("key", str),
-    "etcd_user": ("user", str), "health_check": ("health_check", str),
-    "health_check_timeout": ("health_check_timeout", float), "gpu_drain_timeout": ("gpu_drain_timeout", float),
-    "quarantine_after": ("quarantine_after", int), "quarantine_window": ("quarantine_window", float),
-    "quarantine_cooldown": ("quarantine_cooldown", float), "preload": ("preload", str),
-}
-# torchrun keys that etcd-agent accepts and does not need, with the reason (one log line each).
-_CONF_NOT_NEEDED = {
-    "close_timeout": "a round closes in one etcd txn",
-    "read_timeout": "there is no c10d store to read from; etcd requests have their own timeout",
-    "heartbeat_timeout": "liveness is the etcd lease (--lease-ttl, or keep_alive_interval x keep_alive_max_attempt)",
-    "is_host": "etcd hosts the rendezvous (without an etcd cluster, the agent that can bind a c10d endpoint serves it)",
-    "use_libuv": "there is no c10d store",
-    "store_type": "there is no c10d store",
-    "rank": "use --node-rank",
-}
-
-
-def parse_rdzv_conf(text: str, source: str = "--rdzv-conf") -> dict[str, str]:
-    """``KEY=VALUE,...`` as torchrun parses it (keys and values stripped, both required); dashes in keys read as _."""
-    out: dict[str, str] = {}
-    for item in (text or "").strip().split(",") if (text or "").strip() else []:
-        key, eq, value = item.partition("=")
-        key, value = key.strip().replace("-", "_"), value.strip()
-        if not key or not eq or not value:
-            raise ConfigError(f"{source} {text!r}: expected KEY=VALUE[,KEY=VALUE...], got {item.strip()!r}")
-        out[key] = value
-    return out
-
-
 def _apply_conf(ns: argparse.Namespace, given: dict[str, str], notes: list[str]) -> None:
     """Fold ``--rdzv-conf`` into the namespace; a key that contradicts a flag given explicitly is an error."""
     source = given.get("rdzv_conf", "--rdzv-conf")
-    conf = parse_rdzv_conf(ns.rdzv_conf, source)
-    interval, attempts = conf.pop("keep_alive_interval", None), conf.pop("keep_alive_max_attempt", None)
-    settings: dict[str, tuple[str, object]] = {}
-    for key, raw in conf.items():
-        if key == "protocol":
-            if raw not in ("http", "https"):
-                raise ConfigError(f"{source}: protocol={raw!r}: expected http or https")
-            if raw == "https" and not (conf.get("cacert") or conf.get("ca_cert") or ns.cacert):
-                raise ConfigError(f"{source}: protocol=https needs cacert=FILE (or --etcd-cacert)")
-            continue
-        if key in _CONF_NOT_NEEDED:
-            notes.append(f"{source}: {key}={raw} is accepted and not needed: {_CONF_NOT_NEEDED[key]}")
-            continue
-        if key not in _CONF_OPTIONS:
-            notes.append(f"{source}: unknown key {key!r} (={raw}) is ignored; see the README for the keys etcd-agent "
-                         "reads")
-            continue
-        dest, conv = _CONF_OPTIONS[key]
-        try:
-            value = conv(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: {key}={raw!r} is not a valid value ({exc})") from exc
-        _set_once(ns, given, settings, dest, value, f"{source} {key}")
-    if interval is not None or attempts is not None:
-        try:
-            ttl = math.ceil(float(interval or 5) * float(attempts or 3))
-        except ValueError as exc:
-            raise ConfigError(f"{source}: keep_alive_interval/keep_alive_max_attempt must be numbers") from exc
-        _set_once(ns, given, settings, "lease_ttl", ttl, f"{source} keep_alive_interval x keep_alive_max_attempt")
-
-
-def _set_once(ns, given: dict[str, str], settings: dict, dest: str, value, where: str) -> None:
-    if dest in settings and settings[dest][1] != value:
-        raise ConfigError(f"{settings[dest][0]} and {where} disagree ({settings[dest][1]!r} vs {value!r})")
-    if dest in given and getattr(ns, dest) != value and dest not in settings:
-        raise ConfigError(f"{given[dest]} {getattr(ns, dest)!r} and {where}={value!r} disagree; give one")
-    settings[dest] = (where, value)
-    setattr(ns, dest, value)
-    given.setdefault(dest, where)
+    conf = rdzv_conf.read(rdzv_conf.parse(ns.rdzv_conf, source), rdzv_conf.LAUNCH, unknown="warn", source=source)
+    rdzv_conf.check_protocol(conf, bool(ns.cacert), "--etcd-cacert", source)
+    notes += conf.notes
+    for dest, value in conf.values.items():
+        if dest == "protocol":
+            continue  # checked: TLS follows from the CA and the endpoints' scheme
+        where = conf.given[dest]
+        if dest in given and getattr(ns, dest) != value:
+            raise ConfigError(f"{given[dest]} {getattr(ns, dest)!r} and {where}={value!r} disagree; give one")
+        setattr(ns, dest, value)
+        given.setdefault(dest, where)
 
 
 def _endpoints(ns: argparse.Namespace, given: dict[str, str], notes: list[str]) -> tuple[str, str] | None:
@@ -387,8 +321,8 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         worker_timeout=ns.worker_timeout, node_rank=rank, master_addr=master_addr, master_port=master_port,
         signals=signals, gpu_drain_timeout=ns.gpu_drain_timeout, spare=ns.spare,
         quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown),
-        health=HealthConfig.parse(ns.health_check, ns.health_check_timeout,
-                                  workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
+        health=health.parse(ns.health_check, ns.health_check_timeout,
+                            workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
     check_entrypoint(workers)  # after the flags: a bad flag is named first
     return Launch(cfg, embedded, serve, tuple(notes))
 
@@ -428,7 +362,7 @@ def etcd_password(ns: argparse.Namespace, file_flag: str = "--etcd-password-file
 
 
 def etcd_config(ns: argparse.Namespace, text: str | None, flag: str = "--etcd-endpoints",
-                lease_ttl: int = 5) -> EtcdConfig:
+                lease_ttl: int = Timings.lease_ttl) -> EtcdConfig:
     """The etcd connection from the etcd flags (also used by the status and stop subcommands)."""
     if not text:
         raise ConfigError("--etcd-endpoints is required")

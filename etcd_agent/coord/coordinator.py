@@ -107,7 +107,7 @@ class Coordinator:
         etcd leaves its lease in ``stale`` for the next attempt to revoke; a refusal (duplicate node id or rank)
         revokes it at once."""
         stale = [] if stale is None else stale
-        session = Session(self.etcd, self.timings.lease_ttl, lambda why: on_lost(session, why))
+        session = Session(self.etcd, self.timings, lambda why: on_lost(session, why))
         self.session = session
         session.start(deadline=self.timings.join_timeout)
         try:

@@ -60,7 +60,7 @@ def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float,
         if kv is None:
             if _new_generation(etcd, run, 1, 0, spec, wall):
                 log.info("created job spec %s: %s", run.generation(1).spec(),
-                         json.dumps(spec.to_json(), sort_keys=True))
+                         json.dumps(SpecValue.of(spec).to_json(), sort_keys=True))
                 return run.generation(1)
             continue
         keys = run.generation(pointer_generation(kv))

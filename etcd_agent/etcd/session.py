@@ -1,8 +1,10 @@
 """The agent's session: one etcd lease, kept alive by a thread, that every node-owned key is bound to.
 
 Invariants:
-- The keepalive runs every TTL/3, over one LeaseKeepAlive stream kept open (re-opened after an error). A
-  keepalive sent at time t guarantees the lease lives until at least t + TTL, whenever its answer is read.
+- Every period comes from the ``Timings`` it is given (``Timings.keepalive``, ``Timings.fence_margin``): one rule
+  for the agent, torchrun's backend and the tests. The keepalive runs every TTL/3 over one LeaseKeepAlive stream
+  kept open (re-opened after an error). A keepalive sent at time t guarantees the lease lives until at least
+  t + TTL, whenever its answer is read.
 - With several etcd members it runs every TTL/6, each try waits at most TTL/18 for its answer, and an unanswered
   try is retried at once on another member (``keepalive.py``): a frozen leader is replaced after etcd's election
   timeout (1-2 s by default), and a keepalive sent after that election must still land before the fencing
@@ -24,7 +26,7 @@ import time
 from typing import Callable
 
 from .. import logs
-from ..config import fence_margin
+from ..config import Timings
 from ..errors import EtcdError, EtcdUnavailable
 from .client import Etcd
 from .keepalive import KeepAliveStream
@@ -33,9 +35,10 @@ log = logs.get("etcd_agent.etcd.session")
 
 
 class Session:
-    def __init__(self, etcd: Etcd, ttl: int, on_lost: Callable[[str], None] = lambda why: None):
+    def __init__(self, etcd: Etcd, timings: Timings, on_lost: Callable[[str], None] = lambda why: None):
         self.etcd = etcd
-        self.ttl = ttl
+        self.timings = timings
+        self.ttl = timings.lease_ttl
         self.on_lost = on_lost
         self.lease_id = 0
         self.lost = threading.Event()
@@ -65,10 +68,8 @@ class Session:
             stream.close()
 
     def _keep(self, stream) -> None:
-        several = len(self.etcd.cfg.endpoints) > 1  # another member can answer: notice and move on sooner
-        period = self.ttl / (6.0 if several else 3.0)
-        attempt, pause = period / 3, (0.05 if several else 0.2)
-        margin = fence_margin(self.ttl)
+        period, attempt, pause = self.timings.keepalive(members=len(self.etcd.cfg.endpoints))
+        margin = self.timings.fence_margin
         failed = False
         while not self._closed.wait(pause if failed else max(0.0, self._last_ok + period - time.monotonic())):
             fence_at = self._last_ok + self.ttl - margin

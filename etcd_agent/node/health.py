@@ -19,20 +19,40 @@ Quarantine (``QuarantinePolicy``): a node whose workers failed K times within a 
 Its failures are counted job-wide in ``P/quarantine/<node>`` (unleased: an agent started again on the node finds
 them), each one recorded by the node itself at its next join; while it sits out, the health gate says so.
 The records (``HealthConfig``, ``QuarantinePolicy``) are in ``config``, the quarantine arithmetic in
-``coord.quarantine``. Imports ``config``, ``proctree`` and ``node.gpu``; never ``etcd/`` or ``coord/``.
+``coord.quarantine``. Imports ``config``, ``errors``, ``proctree`` and ``node.gpu``; never ``etcd/`` or ``coord/``.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 import signal
 import subprocess
 
 from .. import proctree
 from ..config import HealthConfig
+from ..errors import ConfigError
 from . import gpu
 
 BACKOFF = (5.0, 10.0, 20.0, 40.0, 60.0)  # seconds until the next check after 1, 2, ... failed checks in a row
+
+
+def parse(command: str | None, timeout: float, gpus: int | None) -> HealthConfig:
+    """The health gate of ``--health-check`` and ``--health-check-timeout`` (``gpus``: the GPUs a GPU job's workers
+    use); ConfigError names the flag, and a program that is not there is one at start."""
+    if not timeout > 0:
+        raise ConfigError(f"--health-check-timeout must be positive, got {timeout}")
+    try:
+        argv = tuple(shlex.split(command)) if command else ()
+    except ValueError as exc:
+        raise ConfigError(f"--health-check {command!r}: {exc}") from exc
+    if command is not None and not argv:
+        raise ConfigError("--health-check is empty: give a command, or leave the flag out")
+    if argv and shutil.which(argv[0]) is None:
+        where = "is not an executable file" if os.sep in argv[0] else "is not found on PATH"
+        raise ConfigError(f"--health-check {command!r}: the program {argv[0]!r} {where}")
+    return HealthConfig(argv, timeout, gpus)
 
 
 def backoff(failures: int) -> float:

@@ -1,13 +1,15 @@
 """This host's accelerators, without importing torch: ``--nproc-per-node`` as torchrun resolves it (``N``, ``gpu``,
 ``cpu``, ``xpu``, ``auto``), from CUDA_VISIBLE_DEVICES, NVML (``gpu``), the NVIDIA driver, nvidia-smi,
-ZE_AFFINITY_MASK and the Intel render nodes. Invalid values raise ConfigError naming the flag.
-Imports ``errors``, ``config`` (the number pattern) and ``node.gpu``.
+ZE_AFFINITY_MASK and the Intel render nodes; and ``default_node_id``, this host's name made a node id. Invalid values
+raise ConfigError naming the flag. Imports ``errors`` and ``node.gpu``; never ``etcd/`` or ``coord/``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
+import uuid
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -92,3 +94,10 @@ def _nvidia_smi_count() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def default_node_id() -> str:
+    """``--node-id`` when none is given: the host name plus a short unique suffix, so two agents on one host never
+    collide."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:100] or "node"
+    return f"{host}-{uuid.uuid4().hex[:6]}"

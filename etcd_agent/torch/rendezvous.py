@@ -369,7 +369,7 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
         """This node's registry entry on the handler's own lease (granted once, kept alive until ``shutdown``),
         replacing the agent's entry, whose lease ends when the agent exits."""
         if self._holder is None:
-            self._holder = Session(self._etcd, self.cfg.timings.lease_ttl, lambda why: log.warning(
+            self._holder = Session(self._etcd, self.cfg.timings, lambda why: log.warning(
                 "%s: the closed rendezvous of %s is no longer held by this node: %s", self.cfg.node_id,
                 self.cfg.run_id, why)).start(deadline=self.cfg.timings.join_timeout)
             atexit.register(self._release)
