@@ -13,7 +13,7 @@ from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, en
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, ConfigError, SpecMismatch
 from etcd_agent.schema.keys import Keys
 from etcd_agent.schema.values import SpecValue
-from etcd_agent.coord.txns import check_spec
+from etcd_agent.coord.runs import check_spec
 from etcd_agent.node import hostinfo
 from etcd_agent.node.hostinfo import resolve_nproc
 
@@ -382,7 +382,7 @@ def test_configs_are_frozen():
         _agent().lease_ttl = 10
 
 
-# --- txns.check_spec -------------------------------------------------------------------------------------------
+# --- runs.check_spec -------------------------------------------------------------------------------------------
 
 KEYS = Keys("/etcd-agent", "job1", 1)
 SPEC = JobSpec(2, 4, "gpu", 3)

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from etcd_agent.coord import txns
+from etcd_agent.coord import cas, txns
 from etcd_agent.config import EtcdConfig, JobSpec, parse_endpoints
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, NodeRankTaken, SpecMismatch
-from etcd_agent.etcd.client import Etcd, op_delete
+from etcd_agent.etcd.client import Etcd, op_delete, op_put
 from etcd_agent.schema.keys import Keys, RunKeys, encode
 from etcd_agent.coord.decide import Bump, Local, Params, WriteExit, build_plan, decide
 from etcd_agent.coord.mirror import Mirror
@@ -265,3 +265,28 @@ def test_a_claim_waits_for_a_holder_whose_lease_is_revoked(etcd_endpoint, run_id
     assert time.monotonic() - started < 10.0, "the delete was seen through the watch, not at the deadline"
     kv, _ = etcd.get(keys.node_rank(0))
     assert kv.lease == ours and b'"node":"n1"' in kv.value
+
+
+def test_a_compare_and_swap_reads_again_until_it_wins_and_gives_up_naming_the_key():
+    answers = iter([cas.AGAIN, cas.AGAIN, "done"])
+    assert cas.swap(lambda: next(answers), "/k", "do it") == "done"
+    assert cas.swap(lambda: False, "/k", "do it") is False  # any answer but AGAIN ends the loop
+    tries = []
+    with pytest.raises(BadKeyData, match=r"etcd key /k: kept changing while this agent tried to do it \(3 tries"):
+        cas.swap(lambda: tries.append(1) or cas.AGAIN, "/k", "do it", tries=3)
+    assert len(tries) == 3
+
+
+def test_close_job_reads_the_round_again_after_losing_its_compare(etcd_endpoint, run_id):
+    etcd, keys = setup(etcd_endpoint, run_id)
+    real, calls = etcd.txn, []
+
+    def txn(compare, success, failure=(), where="txn", deadline=None):
+        calls.append(where)
+        if where.startswith("end the job") and calls.count(where) == 1:  # another writer moves the round first
+            real([], [op_put(keys.round(), txns.round_value(1, "joining", "moved", time.time()))])
+        return real(compare, success, failure, where, deadline)
+
+    etcd.txn = txn
+    assert txns.stop_job(etcd, keys, "the test", time.time())
+    assert calls.count(f"read {keys.round()}") == 2 and txns.current_job(etcd, keys.run) == keys

@@ -10,9 +10,11 @@ Which job of a run an agent belongs to is fenced the same way, by the mod_revisi
 job (the first, or the next after the current one ended) is one txn guarded by it, so agents that re-run a
 finished run id together all land in the same new job. An ended job stays the run's job while any node of it is
 still registered (a newcomer gets its end, ``JobEnded``): the next job is started only if the ended job's registry
-was not written since the read that found it empty.
+was not written since the read that found it empty (the checks on arrival are ``runs.py``). A read-modify-write
+that lost its compare reads again through ``cas.swap``, a bounded number of times.
 
-Imports the base modules, ``schema/``, ``etcd/`` (client, watch), ``coord.decide`` and ``coord.blame``; never ``node/``.
+Imports the base modules, ``schema/``, ``etcd/`` (client, watch) and ``coord.decide``, ``blame``, ``cas``, ``runs``;
+never ``node/``.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from typing import Callable
 
 from .. import logs
 from ..config import JobSpec
-from ..errors import BadKeyData, ConfigError, DuplicateNode, EtcdAuthError, JobEnded, NodeRankTaken, SpecMismatch
+from ..errors import BadKeyData, DuplicateNode, JobEnded, NodeRankTaken
 from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
                            op_get_prefix, op_put, unchanged_under)
 from ..schema.keys import Keys, RunKeys, decode, prefix_end
 from .blame import ReportLoss
+from .cas import AGAIN, Again, swap
+from .runs import check_spec, names, newcomer_end, refuse_nested
 from .decide import Bump, ClosePlan, End, JoinRound, WriteExit
 from ..schema.values import (Exit, Failure, Join, JobPointer, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result,
                              RoundInfo, SpecValue)
@@ -41,68 +45,52 @@ def round_value(number: int, phase: Phase, reason: str, wall: float, **extra) ->
     return RoundInfo(number, Phase(phase), reason, time=wall, **extra).encode()
 
 
-MAX_POINTER_TRIES = 100  # each failed compare means another agent moved the run on: re-read and decide again
-
-
 def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float,
              abandoned: Callable[[Keys], bool] | None = None) -> Keys:
     """Find this agent's job of the run and return its keys: the running job (its spec checked), or a new job
     when the run has none yet (generation 1) or its current job has ended and none of its nodes is registered any
     more (generation K+1, as torchrun runs a finished run id again). While a node of the ended job is still
     registered, the job stays closed: JobEnded carries its end to this agent (``newcomer_end``). Concurrent
-    starters agree: every move is one txn guarded by ``R/job`` (and by the ended job's registry). A run nested in
-    another run's prefix is refused first (``refuse_nested``). ``abandoned(keys)``, asked about a running job before
-    it is joined, ends it when none of its agents is left (``abandon.end_if_abandoned``) and says so: the run then
-    moves on to its next job."""
+    starters agree: every move is one txn guarded by ``R/job`` (and by the ended job's registry), retried by
+    ``cas.swap``. A run nested in another run's prefix is refused first (``refuse_nested``). ``abandoned(keys)``,
+    asked about a running job before it is joined, ends it when none of its agents is left
+    (``abandon.end_if_abandoned``) and says so: the run then moves on to its next job."""
     refuse_nested(etcd, run)
-    for _ in range(MAX_POINTER_TRIES):
-        kv, _rev = etcd.get(run.job())
-        if kv is None:
-            if _new_generation(etcd, run, 1, 0, spec, wall):
-                log.info("created job spec %s: %s", run.generation(1).spec(),
-                         json.dumps(SpecValue.of(spec).to_json(), sort_keys=True))
-                return run.generation(1)
-            continue
-        keys = run.generation(pointer_generation(kv))
-        res = etcd.txn([], [op_get(keys.spec()), op_get(keys.result())], where=f"read {keys.spec()}")
-        if not res.ranges[0]:
-            raise BadKeyData(keys.spec(), f"missing, but {run.job()} names job {keys.gen} as the run's current one")
-        if not res.ranges[1]:
-            if abandoned is not None and abandoned(keys):
-                continue  # nobody was left in it and it is ended now: the run's next job starts
-            check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
-            return keys
-        done = Result.from_kv(res.ranges[1][0])
-        registry, seen = etcd.get_prefix(keys.nodes())  # read only for an ended job: a running one's can be large
-        ended = newcomer_end(keys, done, registry)
-        if ended is not None:
-            log.warning("job %d of run %s ended (%s) and %d of its nodes %s still registered (%s): this agent does "
-                        "not start a new job, it ends as that job did; start it again once they are gone to run "
-                        "the job anew", keys.gen, run.run_id, done.outcome, len(ended.registered),
-                        "is" if len(ended.registered) == 1 else "are", _names(ended.registered))
-            raise ended
-        if _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall, seen):
-            log.info("run %s ended (%s: %s) as job %d; starting job %d of run %s", run.run_id, done.outcome,
-                     done.reason, keys.gen, keys.gen + 1, run.run_id)
-            return run.generation(keys.gen + 1)
-    raise BadKeyData(run.job(), "kept changing while this agent looked for the run's current job; try again")
+    return swap(lambda: _find_job(etcd, run, spec, wall, abandoned), run.job(), "find the run's current job")
 
 
-NAMED_NODES = 8  # registered nodes of an ended job a log line names (the count is always given)
-
-
-def _names(nodes: list[str]) -> str:
-    more = f" and {len(nodes) - NAMED_NODES} more" if len(nodes) > NAMED_NODES else ""
-    return ", ".join(nodes[:NAMED_NODES]) + more
-
-
-def newcomer_end(keys: Keys, done: Result, registry: list) -> JobEnded | None:
-    """What an agent arriving at the run gets instead of a new job while job ``keys`` has ended (``done``) and
-    ``registry`` (the job's ``P/nodes/`` as read) still holds a live node: an agent still in its exit, or
-    torchrun's handler that closed the rendezvous and was not shut down. None when nobody is left (an entry without
-    a lease is no live agent's)."""
-    nodes = [kv.key[len(keys.nodes()):] for kv in registry if kv.lease]
-    return JobEnded(done.ended(keys.run_id, already=True), done.outcome.value, nodes) if nodes else None
+def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned) -> Keys | Again:
+    """One try of ``init_job``: the job's keys, or AGAIN when another agent moved the run on first."""
+    kv, _rev = etcd.get(run.job())
+    if kv is None:
+        if not _new_generation(etcd, run, 1, 0, spec, wall):
+            return AGAIN
+        log.info("created job spec %s: %s", run.generation(1).spec(),
+                 json.dumps(SpecValue.of(spec).to_json(), sort_keys=True))
+        return run.generation(1)
+    keys = run.generation(pointer_generation(kv))
+    res = etcd.txn([], [op_get(keys.spec()), op_get(keys.result())], where=f"read {keys.spec()}")
+    if not res.ranges[0]:
+        raise BadKeyData(keys.spec(), f"missing, but {run.job()} names job {keys.gen} as the run's current one")
+    if not res.ranges[1]:
+        if abandoned is not None and abandoned(keys):
+            return AGAIN  # nobody was left in it and it is ended now: the run's next job starts
+        check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
+        return keys
+    done = Result.from_kv(res.ranges[1][0])
+    registry, seen = etcd.get_prefix(keys.nodes())  # read only for an ended job: a running one's can be large
+    ended = newcomer_end(keys, done, registry)
+    if ended is not None:
+        log.warning("job %d of run %s ended (%s) and %d of its nodes %s still registered (%s): this agent does "
+                    "not start a new job, it ends as that job did; start it again once they are gone to run "
+                    "the job anew", keys.gen, run.run_id, done.outcome, len(ended.registered),
+                    "is" if len(ended.registered) == 1 else "are", names(ended.registered))
+        raise ended
+    if not _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall, seen):
+        return AGAIN
+    log.info("run %s ended (%s: %s) as job %d; starting job %d of run %s", run.run_id, done.outcome,
+             done.reason, keys.gen, keys.gen + 1, run.run_id)
+    return run.generation(keys.gen + 1)
 
 
 def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
@@ -113,23 +101,6 @@ def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
         return None
     res = etcd.txn([], [op_get(keys.result()), op_get_prefix(keys.nodes())], where=f"read {keys.result()}")
     return newcomer_end(keys, Result.from_kv(res.ranges[0][0]), res.ranges[1]) if res.ranges[0] else None
-
-
-def refuse_nested(etcd: Etcd, run: RunKeys) -> None:
-    """A run whose prefix lies inside another run's (``--etcd-prefix`` pointing into a job) would leave keys that
-    job's agents trip over: refuse it before anything is written, naming the run it is inside."""
-    prefix = run.prefix
-    ancestors = [prefix[: i + 1] for i, ch in enumerate(prefix[:-1]) if ch == "/" and i > 0]
-    if not ancestors:
-        return
-    try:
-        res = etcd.txn([], [op_get(a + "job") for a in ancestors], where=f"check that {prefix} is not inside a run")
-    except EtcdAuthError:
-        return  # a user limited to its own run's keys may not read above them (and cannot write there either)
-    for a, found in zip(ancestors, res.ranges):
-        if found:
-            raise ConfigError(f"--etcd-prefix {run.root}: run {run.run_id} would live inside the run at {a} "
-                              f"({a}job names its current job); choose a prefix outside every run's keys")
 
 
 def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: JobSpec, wall: float,
@@ -164,19 +135,6 @@ def current_job(etcd: Etcd, run: RunKeys) -> Keys | None:
     """The keys of the run's current job, or None when the run has none."""
     kv, _rev = etcd.get(run.job())
     return None if kv is None else run.generation(pointer_generation(kv))
-
-
-_SPEC_FLAGS = {"min_nodes": "--nnodes (minimum)", "max_nodes": "--nnodes (maximum)",
-               "nproc_per_node": "--nproc-per-node", "max_restarts": "--max-restarts"}
-
-
-def check_spec(keys: Keys, spec: JobSpec, stored: dict) -> None:
-    """``stored`` (the decoded ``P/spec``) against this agent's spec: SpecMismatch names each flag that differs."""
-    theirs, ours = SpecValue.from_json(keys.spec(), stored).to_json(), SpecValue.of(spec).to_json()
-    diffs = [f"{flag} is {ours[k]!r} here but {theirs[k]!r} in the running job"
-             for k, flag in _SPEC_FLAGS.items() if ours[k] != theirs[k]]
-    if diffs:
-        raise SpecMismatch(f"this agent does not match job {keys.run_id} ({keys.spec()}): " + "; ".join(diffs))
 
 
 def register(etcd: Etcd, keys: Keys, node: str, info: NodeInfo, lease: int) -> TxnResult:
@@ -390,7 +348,8 @@ def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, ro
     outcome = Outcome(outcome)
     if outcome not in (Outcome.STOPPED, Outcome.FAILED):
         raise ValueError(f"a job is closed stopped or failed, not {outcome!r}")
-    for _ in range(10):
+
+    def attempt() -> bool | Again:
         got = etcd.txn([], [op_get(keys.round())] + ([op_get(hold.key)] if hold else []), where=f"read {keys.round()}")
         kv = got.ranges[0][0] if got.ranges[0] else None
         if kv is None:
@@ -411,7 +370,9 @@ def close_job(etcd: Etcd, keys: Keys, outcome: str, reason: str, wall: float, ro
             return True
         if (res.ranges and res.ranges[0]) or guards:
             return False  # it already ended, or the caller's condition no longer holds
-    raise BadKeyData(keys.round(), "kept changing while trying to end the job; try again")
+        return AGAIN
+
+    return swap(attempt, keys.round(), f"end the job {outcome}")
 
 
 def hold_ended(etcd: Etcd, keys: Keys, hold: Hold) -> bool:
