@@ -247,3 +247,30 @@ def test_a_bare_host_port_against_a_tls_etcd_says_so_at_once(pki, tmp_path):
     assert f"--etcd-endpoints {server.endpoint}: etcd at {server.endpoint} speaks TLS" in errors[0]
     assert f"give https://{server.endpoint}" in errors[0] and "--etcd-cacert" in errors[0]
     assert took < 20, f"took {took:.1f} s: --etcd-timeout 30 must not be waited out"
+
+
+def test_a_retried_call_says_so_at_debug_and_once_at_info_when_slow(caplog):
+    """Each retry is a DEBUG line naming the call and the error; the first past ``retry.SLOW`` seconds one INFO."""
+    import logging
+
+    import tenacity
+
+    from etcd_agent.etcd import retry
+
+    say = retry.retry_policy(10.0, None, where="get /k").before_sleep
+
+    def state(attempt: int, took: float) -> tenacity.RetryCallState:
+        s = tenacity.RetryCallState(None, None, (), {})
+        s.attempt_number, s.start_time, s.outcome_timestamp = attempt, 0.0, took
+        s.outcome = tenacity.Future(attempt)
+        s.outcome.set_exception(EtcdUnavailable("etcd get /k failed: UNAVAILABLE: connection refused"))
+        s.next_action = tenacity.RetryAction(0.1)
+        return s
+
+    with caplog.at_level(logging.DEBUG, logger="etcd_agent.etcd.retry"):
+        for attempt, took in [(1, 0.1), (2, 0.5), (3, 1.2), (4, 1.8), (5, 2.5)]:
+            say(state(attempt, took))
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    debugs = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(infos) == 1 and "etcd get /k is still failing after 1.2 s" in infos[0] and "UNAVAILABLE" in infos[0]
+    assert len(debugs) == 4 and all("etcd get /k failed (try" in line for line in debugs)

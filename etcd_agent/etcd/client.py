@@ -6,45 +6,37 @@ Guarantees:
 - Every unary call is retried on connection errors and timeouts with a tenacity policy bounded by the caller's
   deadline and the shutdown event. Our txns are all guarded by compares, so a retried txn that already applied
   fails its compare and the caller re-reads and decides again.
-- Every gRPC or library error leaves this module as one of our own ``EtcdError`` types.
+- Every gRPC or library error leaves this module as one of our own ``EtcdError`` types (``diagnose.py`` says which,
+  and what a TLS failure means). A call that retries says so: each retry in the debug log, and once per call at
+  INFO when it has kept retrying past a second (etcd slow or away, not a blip).
 - Password auth: the token is renewed by rebuilding the client on UNAUTHENTICATED.
 - Failover moves calls off a member as soon as a call to it times out, to the member that failed longest ago (or
   never), blaming the member the failed call went to, never the one in use by then (``mark_failed``).
 The session (``session.py``), its keepalives (``keepalive.py``) and the resumable watch (``watch.py``) build on the
-primitives here.
+primitives here. gRPC's environment is set by ``etcd/__init__.py`` before grpc is imported. Imports the base modules,
+``schema.keys``, ``etcd.diagnose`` and ``etcd.retry``; nothing above ``etcd/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import socket
-import ssl
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
 
-from .. import logs
-from ..config import set_agent_env  # noqa: E402  (imports nothing that loads grpc)
-from ..schema.keys import prefix_end  # noqa: E402,F401  (pure; re-exported for the watch)
-
-# The agent forks workers while gRPC threads run; gRPC's fork handlers only log noise then. Before importing grpc.
-set_agent_env("GRPC_ENABLE_FORK_SUPPORT", "false")  # workers do not inherit it
-# gRPC's C core logs every failed handshake and reconnect to stderr (dozens of lines for one bad certificate); the
-# wrapper reports each problem once, in its own words. GRPC_VERBOSITY=ERROR in the environment brings them back.
-set_agent_env("GRPC_VERBOSITY", "NONE")
-
-import grpc  # noqa: E402
-import grpc._common  # noqa: E402
-import tenacity  # noqa: E402
-
-import etcd3  # noqa: E402
+import etcd3
+import grpc
+import grpc._common
 # etcdrpc is re-exported for watch.py: the generated messages and stubs
-from etcd3 import etcdrpc as rpc  # noqa: E402
-from etcd3 import exceptions as etcd3_exc  # noqa: E402
+from etcd3 import etcdrpc as rpc
+from etcd3 import exceptions as etcd3_exc
 
-from ..config import EtcdConfig  # noqa: E402
-from ..errors import (EtcdAuthError, EtcdError, EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailable,  # noqa: E402
-                      SessionLost)
+from .. import logs
+from ..config import EtcdConfig
+from ..errors import EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailable
+from ..schema.keys import prefix_end  # noqa: F401  (pure; re-exported for the watch)
+from .diagnose import ENDPOINT_FAILED_CODES, map_grpc_error, plaintext_to_tls, tls_problem
+from .retry import retry_policy
 
 log = logs.get("etcd_agent.etcd.client")
 T = TypeVar("T")
@@ -63,9 +55,6 @@ GRPC_OPTIONS = [
 GRPC_WAIT_SLICE = 5.0
 if getattr(grpc._common, "MAXIMUM_WAIT_TIMEOUT", 0) < GRPC_WAIT_SLICE:
     grpc._common.MAXIMUM_WAIT_TIMEOUT = GRPC_WAIT_SLICE
-_RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
-ENDPOINT_FAILED_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,106 +163,6 @@ def _read(path: str | None) -> bytes | None:
         return None
     with open(path, "rb") as f:
         return f.read()
-
-
-# --- error mapping ---
-
-def tls_problem(cfg: EtcdConfig, detail: str | None) -> str:
-    """What a gRPC error's details say went wrong in a TLS handshake, in words that name the flag and file to check;
-    '' when they describe no permanent TLS problem (a refused or reset connection may be an etcd restarting)."""
-    detail = detail or ""
-    if not cfg.secure:
-        return ""
-    ca = f"--etcd-cacert {cfg.ca_cert}" if cfg.ca_cert else "the system's CA bundle (no --etcd-cacert)"
-    if "certificate has expired" in detail:
-        return "etcd's certificate has expired (renew the server's certificate)"
-    if "certificate is not yet valid" in detail:
-        return "etcd's certificate is not valid yet (check the server's certificate and the clocks)"
-    if "CERTIFICATE_VERIFY_FAILED" in detail:
-        return f"etcd's certificate is not signed by a CA in {ca} (unknown CA)"
-    if "Hostname Verification Check failed" in detail or "Peer name" in detail:
-        hosts = ", ".join(h for h, _ in cfg.endpoints)
-        return f"etcd's certificate is not valid for {hosts} (the host in the endpoints; wrong host name)"
-    if "TSI_DATA_CORRUPTED" in detail or "CERTIFICATE_REQUIRED" in detail or "BAD_CERTIFICATE" in detail:
-        if cfg.cert:
-            return (f"etcd refused the client certificate --etcd-cert {cfg.cert} (not signed by a CA etcd trusts, "
-                    "or expired)")
-        return "etcd requires a client certificate (--etcd-cert and --etcd-key), or refused the connection"
-    return ""
-
-
-def speaks_tls(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True when the server at ``host:port`` answers a TLS handshake (it completes, or the server sends a TLS alert):
-    what a plaintext client's "Socket closed" means when it meets a TLS etcd."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-            with context.wrap_socket(raw, server_hostname=host):
-                return True
-    except ssl.SSLError as exc:
-        return "ALERT" in (exc.reason or "")
-    except OSError:
-        return False
-
-
-def plaintext_to_tls(cfg: EtcdConfig, label: str | None, detail: str | None) -> str:
-    """The one-line error for a plaintext endpoint whose etcd speaks TLS; '' when that is not what happened."""
-    if cfg.secure or "Socket closed" not in (detail or ""):
-        return ""
-    for host, port in cfg.endpoints:
-        if f"{host}:{port}" == label and speaks_tls(host, port):
-            return (f"--etcd-endpoints {label}: etcd at {label} speaks TLS, and a bare HOST:PORT means plaintext: "
-                    f"give https://{label} (with --etcd-cacert and the CA that signed etcd's certificate, unless the "
-                    "system's CA bundle has it)")
-    return ""
-
-
-def map_grpc_error(exc: grpc.RpcError, where: str) -> EtcdError:
-    """Our error type for a raw gRPC error; the message names the operation and etcd's own words."""
-    code = exc.code() if hasattr(exc, "code") else None
-    detail = exc.details() if hasattr(exc, "details") else str(exc)
-    text = f"etcd {where} failed: {code.name if code else 'error'}: {detail}"
-    if code in _RETRYABLE_CODES:
-        return EtcdUnavailable(text)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return EtcdAuthError(text)
-    if code == grpc.StatusCode.INVALID_ARGUMENT and detail and "authentication failed" in detail:
-        return EtcdAuthError(text)
-    if detail and "user name is empty" in detail:  # etcd has auth enabled and we sent no credentials
-        return EtcdAuthError(f"etcd {where} failed: etcd has authentication enabled: give --etcd-user (with "
-                             "--etcd-password-file or $ETCD_AGENT_ETCD_PASSWORD) or a client certificate etcd maps to "
-                             "a user (--etcd-cert, --etcd-key)")
-    if code == grpc.StatusCode.NOT_FOUND and detail and "lease not found" in detail:
-        return SessionLost(text)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and detail and "database space exceeded" in detail:
-        return EtcdNoSpace(f"{text}. {NOSPACE_FIX}")
-    return EtcdRequestError(text)
-
-
-# What an operator does about etcd's NOSPACE alarm (etcd's "space quota" maintenance guide, in one sentence).
-NOSPACE_FIX = ("etcd's database reached its --quota-backend-bytes and etcd refuses every write until an operator "
-               "frees space: compact its history (etcdctl compact <revision>, the revision `etcdctl endpoint status "
-               "-w json` shows), defragment every member (etcdctl defrag --cluster), then clear the alarm (etcdctl "
-               "alarm disarm); or restart etcd with a larger --quota-backend-bytes and disarm")
-
-
-def retry_policy(deadline: float, stop_event: threading.Event | None,
-                 interrupt: Callable[[], bool] | None = None) -> tenacity.Retrying:
-    """Retry EtcdUnavailable with short exponential backoff until ``deadline`` seconds pass, shutdown, or
-    ``interrupt()`` says the caller has better things to do (its session was lost)."""
-    stop = tenacity.stop_after_delay(deadline)
-    if stop_event is not None:
-        stop = stop | (lambda state: stop_event.is_set())
-    if interrupt is not None:
-        stop = stop | (lambda state: interrupt())
-    return tenacity.Retrying(
-        stop=stop,
-        wait=tenacity.wait_exponential(multiplier=0.05, min=0.05, max=0.5),
-        retry=tenacity.retry_if_exception_type(EtcdUnavailable) & tenacity.retry_if_not_exception_type(EtcdNoSpace),
-        sleep=(stop_event.wait if stop_event is not None else tenacity.nap.sleep),
-        reraise=True,
-    )
 
 
 class Etcd:
@@ -420,7 +309,8 @@ class Etcd:
                 raise err from exc
 
         try:
-            return retry_policy(limit, None if final else self.stop_event, None if final else self.interrupt)(attempt)
+            return retry_policy(limit, None if final else self.stop_event, None if final else self.interrupt,
+                                where=where)(attempt)
         except EtcdNoSpace:
             raise  # etcd answered: it is full, not unreachable, and no retry empties it
         except EtcdUnavailable as exc:

@@ -22,7 +22,8 @@ import time
 import grpc
 
 from ..errors import EtcdUnavailable
-from .client import ENDPOINT_FAILED_CODES, Etcd, map_grpc_error, rpc
+from .client import Etcd, rpc
+from .diagnose import ENDPOINT_FAILED_CODES, map_grpc_error
 
 SPARES = 2  # given-up streams still listened to, newest first
 

@@ -31,7 +31,8 @@ import grpc
 
 from .. import logs
 from ..errors import EtcdError, WatchBroken
-from .client import KV, Etcd, map_grpc_error, prefix_end, rpc
+from .client import KV, Etcd, prefix_end, rpc
+from .diagnose import map_grpc_error
 
 log = logs.get("etcd_agent.etcd.watch")
 _DELETE = 1  # mvccpb.Event.EventType.DELETE

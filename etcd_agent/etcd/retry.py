@@ -1,0 +1,61 @@
+"""The retry policy of every unary etcd call (``Etcd.call``): what is retried, for how long, and what is said.
+
+Guarantees: only ``EtcdUnavailable`` is retried (never ``EtcdNoSpace``: etcd answered, and no retry empties it),
+with short exponential backoff (0.05 s doubling to 0.5 s), until the caller's deadline, the shutdown event or the
+caller's ``interrupt()`` (its session was lost). Every retry is logged at DEBUG naming the call and the error, and
+the first retry of a call that has already tried for more than ``SLOW`` seconds once at INFO (etcd slow or away,
+not a blip of failover), so a stuck call is visible without one line per try. Imports tenacity, ``errors`` and
+``logs``; nothing above ``etcd/``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import tenacity
+
+from .. import logs
+from ..errors import EtcdNoSpace, EtcdUnavailable
+
+log = logs.get("etcd_agent.etcd.retry")
+SLOW = 1.0  # seconds of retrying after which a call says so at INFO, once
+
+
+def retry_policy(deadline: float, stop_event: threading.Event | None,
+                 interrupt: Callable[[], bool] | None = None, where: str = "call") -> tenacity.Retrying:
+    """Retry EtcdUnavailable with short exponential backoff until ``deadline`` seconds pass, shutdown, or
+    ``interrupt()`` says the caller has better things to do (its session was lost); ``where`` names the call."""
+    stop = tenacity.stop_after_delay(deadline)
+    if stop_event is not None:
+        stop = stop | (lambda state: stop_event.is_set())
+    if interrupt is not None:
+        stop = stop | (lambda state: interrupt())
+    return tenacity.Retrying(
+        stop=stop,
+        wait=tenacity.wait_exponential(multiplier=0.05, min=0.05, max=0.5),
+        retry=tenacity.retry_if_exception_type(EtcdUnavailable) & tenacity.retry_if_not_exception_type(EtcdNoSpace),
+        sleep=(stop_event.wait if stop_event is not None else tenacity.nap.sleep),
+        before_sleep=_say_retry(where, deadline),
+        reraise=True,
+    )
+
+
+def _say_retry(where: str, deadline: float) -> Callable[[tenacity.RetryCallState], None]:
+    """tenacity's ``before_sleep`` for one call: DEBUG for each retry, INFO once when it is past ``SLOW``."""
+    said = False
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        nonlocal said
+        exc = state.outcome.exception() if state.outcome is not None else None
+        pause = state.next_action.sleep if state.next_action is not None else 0.0
+        took = state.seconds_since_start or 0.0
+        if not said and took > SLOW:
+            said = True
+            log.info("etcd %s is still failing after %.1f s (%d tries; it gives up after %.1f s): %s", where, took,
+                     state.attempt_number, deadline, exc)
+        else:
+            log.debug("etcd %s failed (try %d, %.2f s in), retrying in %.2f s: %s", where, state.attempt_number, took,
+                      pause, exc)
+
+    return before_sleep
