@@ -16,8 +16,8 @@ R = RunKeys("/etcd-agent", "job1")
 
 @pytest.mark.parametrize("built, expected", [
     (K.prefix, "/etcd-agent/job1/0001/"),
-    (K.run_prefix, "/etcd-agent/job1/"),
-    (K.job_pointer(), "/etcd-agent/job1/job"),
+    (K.run.prefix, "/etcd-agent/job1/"),
+    (K.run.job(), "/etcd-agent/job1/job"),
     (R.prefix, "/etcd-agent/job1/"),
     (R.job(), "/etcd-agent/job1/job"),
     (R.generation(12).spec(), "/etcd-agent/job1/0012/spec"),
@@ -85,7 +85,7 @@ def test_every_generation_lies_under_the_run_prefix_and_the_pointer_under_none()
     for gen in (1, 2, 10, 9999, 10000):
         keys = R.generation(gen)
         assert keys == Keys("/etcd-agent", "job1", gen) and keys.run == R
-        assert keys.prefix.startswith(R.prefix) and keys.job_pointer() == R.job()
+        assert keys.prefix.startswith(R.prefix) and keys.run.job() == R.job()
         for key in (keys.spec(), keys.result(), keys.join(3, "n")):
             assert R.generation_of(key) == gen
     assert not R.job().startswith(K.prefix)

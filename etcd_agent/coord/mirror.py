@@ -19,7 +19,7 @@ from ..schema.keys import ROUND_DIGITS, Keys, prefix_end
 from ..schema.values import Failure, Join, NodeInfo, Phase, Plan, Restarts, Result, RoundInfo, SpecValue
 
 JOINING, RUNNING, DONE, FAILED, STOPPED = Phase
-FINAL_PHASES = (DONE, FAILED, STOPPED)
+FINAL_PHASES = tuple(p for p in Phase if p.final)  # one rule: Phase.final
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ Guarantees:
   leader holds every later request of that stream, so only a new stream on another member renews the lease in time.
 - A given-up stream that did not break is still listened to until a newer stream answers: a member that was only
   slow (a busy machine) still renews the lease with its late answer.
-Imports grpc and the generated messages through ``etcd.client`` only; nothing above ``etcd/``.
+Imports grpc, the generated messages through ``etcd.client``, and ``etcd.diagnose``; nothing above ``etcd/``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ range on a stream of its own. Guarantees, for each range:
 - ``sink`` runs on the watch thread: keep it non-blocking (push to a queue).
 - ``wait_deleted`` waits for one key's delete (another holder's lease ending) on such a watch, never by polling.
 
-Imports grpc and the generated messages through ``etcd.client``; ``errors`` and ``logs``; nothing above ``etcd/``.
+Imports grpc, the generated messages through ``etcd.client``, ``etcd.diagnose``, ``errors`` and ``logs``; nothing
+above ``etcd/``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ or without a GPU driver, every function here says "unknown" (None) and the agent
 A failed state is what NVML reports where the GPU supports it: pages waiting to be retired (a reset is due) and
 uncorrectable ECC errors since the last driver load. XID errors arrive as NVML events only while a process listens
 for them, so they are not read here (a node's ``--health-check`` command can read them from the kernel log).
-Imports ``logs`` only.
+Imports ``logs`` only; never ``etcd/`` or ``coord/``.
 """
 
 from __future__ import annotations

@@ -97,13 +97,6 @@ class Keys:
     def run(self) -> RunKeys:
         return RunKeys(self.root, self.run_id)
 
-    @property
-    def run_prefix(self) -> str:
-        return self.run.prefix
-
-    def job_pointer(self) -> str:
-        return self.run.job()
-
     @functools.cached_property
     def prefix(self) -> str:
         """The job prefix with a trailing slash: every key of the job starts with it."""

@@ -33,7 +33,7 @@ Semantics are those of torch's ``TCPStore``:
   etcd filters to deletes only. Its own ``delete_key`` ends no wait, as in TCPStore.
 
 Every etcd error leaves as ``DistStoreError`` naming the operation and the key. Imports torch (the agent never
-imports this module).
+imports this module), the base modules and ``etcd/`` (client, watch); never ``coord/``, ``node/`` or the agent.
 """
 
 from __future__ import annotations
