@@ -374,16 +374,7 @@ def worker_base_env() -> dict[str, str]:
 def endpoint_scheme(text: str, flag: str = "--etcd-endpoints") -> str | None:
     """The endpoints' scheme: ``"https"`` (TLS), ``"http"`` (plaintext) or None (bare HOST:PORT, plaintext unless
     a CA is given). Any other scheme, or endpoints that disagree, is a ConfigError naming the flag."""
-    schemes = set()
-    for item in (p.strip() for p in text.split(",")):
-        if not item:
-            continue
-        m = re.match(r"^([a-z][a-z0-9+.-]*)://", item, flags=re.IGNORECASE)
-        scheme = m.group(1).lower() if m else None
-        if scheme not in (None, "http", "https"):
-            raise ConfigError(f"{flag}: {item!r}: the scheme {scheme}:// is not one etcd speaks; use https:// (TLS), "
-                              "http:// or a bare HOST:PORT (plaintext)")
-        schemes.add(scheme)
+    schemes = {scheme for scheme, _ in _endpoint_items(text, flag)}
     if "https" in schemes and len(schemes) > 1:
         raise ConfigError(f"{flag}: {text!r} mixes https:// with plaintext endpoints; give every endpoint the same "
                           "scheme")
@@ -395,10 +386,7 @@ def parse_endpoints(text: str, flag: str = "--etcd-endpoints") -> tuple[tuple[st
     what the scheme means); port defaults to 2379."""
     endpoint_scheme(text, flag)
     out = []
-    for item in (p.strip() for p in text.split(",")):
-        if not item:
-            continue
-        item = re.sub(r"^https?://", "", item, flags=re.IGNORECASE).rstrip("/")
+    for _, item in _endpoint_items(text, flag):
         host, port = item, DEFAULT_PORT
         if item.startswith("["):  # [v6]:port
             host, bracket, rest = item[1:].partition("]")
@@ -417,6 +405,19 @@ def parse_endpoints(text: str, flag: str = "--etcd-endpoints") -> tuple[tuple[st
     if not out:
         raise ConfigError(f"{flag}: at least one HOST:PORT is required")
     return tuple(out)
+
+
+def _endpoint_items(text: str, flag: str) -> list[tuple[str | None, str]]:
+    """``(scheme or None, the endpoint without it)`` for each endpoint; a scheme etcd does not speak is an error."""
+    out = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        m = re.match(r"^([a-z][a-z0-9+.-]*)://", item, flags=re.IGNORECASE)
+        scheme = m.group(1).lower() if m else None
+        if scheme not in (None, "http", "https"):
+            raise ConfigError(f"{flag}: {item!r}: the scheme {scheme}:// is not one etcd speaks; use https:// (TLS), "
+                              "http:// or a bare HOST:PORT (plaintext)")
+        out.append((scheme, item[m.end() if m else 0:].rstrip("/")))
+    return out
 
 
 def _is_ipv6(text: str) -> bool:
