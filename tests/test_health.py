@@ -77,7 +77,7 @@ def test_backoff_grows_to_a_minute():
 # --- the command ------------------------------------------------------------------------------------------------
 
 def cmd(text: str, timeout: float = 10.0) -> HealthConfig:
-    return HealthConfig.parse(text, timeout, None)
+    return health.parse(text, timeout, None)
 
 
 def test_a_command_that_exits_0_is_healthy():
@@ -168,7 +168,7 @@ def test_an_agent_whose_check_program_is_missing_exits_2_naming_the_flag(etcd_en
 ])
 def test_bad_health_flags_name_the_flag(text, timeout, problem):
     with pytest.raises(ConfigError, match=problem):
-        HealthConfig.parse(text, timeout, None)
+        health.parse(text, timeout, None)
 
 
 def test_the_flags_reach_the_agent_config(tmp_path):
