@@ -272,5 +272,7 @@ def test_a_retried_call_says_so_at_debug_and_once_at_info_when_slow(caplog):
             say(state(attempt, took))
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     debugs = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
-    assert len(infos) == 1 and "etcd get /k is still failing after 1.2 s" in infos[0] and "UNAVAILABLE" in infos[0]
-    assert len(debugs) == 4 and all("etcd get /k failed (try" in line for line in debugs)
+    assert len(infos) == 1 and infos[0].startswith("etcd get /k failed: UNAVAILABLE: connection refused; still "
+                                                   "retrying after 1.2 s (try 3;")
+    assert len(debugs) == 4 and all(line.startswith("etcd get /k failed: UNAVAILABLE") and "retrying in" in line
+                                    for line in debugs)

@@ -157,9 +157,9 @@ def read(items: Mapping[str, object], reader: str, unknown: str, source: str = "
         elif key in NOT_NEEDED:
             conf.notes.append(f"{source}: {key}={raw} is accepted and not needed: {NOT_NEEDED[key]}")
         elif unknown == "error":
-            raise ConfigError(_unknown(key, reader, table, source))
+            raise ConfigError(_unknown(key, reader, f"known: {', '.join(sorted(table))}", source))
         else:
-            conf.notes.append(f"{_unknown(key, reader, table, source)}; it is ignored")
+            conf.notes.append(f"{_unknown(key, reader, 'see the README', source)}; it is ignored")
     keep_alive = [conf.values.pop(k, None) for k in KEEP_ALIVE]
     if keep_alive != [None, None]:
         if 0 in keep_alive:
@@ -180,11 +180,11 @@ def check_protocol(conf: Conf, has_ca: bool, other: str = "", source: str = "--r
                           "certificate")
 
 
-def _unknown(key: str, reader: str, table: dict[str, Key], source: str) -> str:
+def _unknown(key: str, reader: str, known: str, source: str) -> str:
     others = [k for k in KEYS if k.name == key]
     if others:
         return f"{source} {key}: not read by {reader}, only by {others[0].readers[0]} ({others[0].help})"
-    return f"{source} {key}: not a key {reader} knows (known: {', '.join(sorted(table))})"
+    return f"{source} {key}: not a key {reader} knows ({known})"
 
 
 def _value(key: str, raw, kind: str, source: str):

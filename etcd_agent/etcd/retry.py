@@ -48,14 +48,14 @@ def _say_retry(where: str, deadline: float) -> Callable[[tenacity.RetryCallState
     def before_sleep(state: tenacity.RetryCallState) -> None:
         nonlocal said
         exc = state.outcome.exception() if state.outcome is not None else None
+        text = str(exc) if where in str(exc) else f"etcd {where}: {exc}"  # the call's errors name it already
         pause = state.next_action.sleep if state.next_action is not None else 0.0
         took = state.seconds_since_start or 0.0
         if not said and took > SLOW:
             said = True
-            log.info("etcd %s is still failing after %.1f s (%d tries; it gives up after %.1f s): %s", where, took,
-                     state.attempt_number, deadline, exc)
+            log.info("%s; still retrying after %.1f s (try %d; it gives up after %.1f s)", text, took,
+                     state.attempt_number, deadline)
         else:
-            log.debug("etcd %s failed (try %d, %.2f s in), retrying in %.2f s: %s", where, state.attempt_number, took,
-                      pause, exc)
+            log.debug("%s; retrying in %.2f s (try %d, %.2f s in)", text, pause, state.attempt_number, took)
 
     return before_sleep
