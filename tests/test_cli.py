@@ -238,6 +238,7 @@ def backend_settings(text: str):
 @pytest.mark.parametrize("text, ttl", [
     ("keep_alive_interval=1,keep_alive_max_attempt=3", 3),
     ("keep_alive_interval=2.5,keep_alive_max_attempt=3", 8),  # rounded up to whole seconds
+    ("keep_alive_interval=0.1,keep_alive_max_attempt=30", 3),  # but not for a float's last digit
     ("keep_alive_interval=0.5,keep_alive_max_attempt=1", 2),  # at least etcd's minimum TTL
     ("keep_alive_max_attempt=2", 10),  # torch's default interval, 5 s
     ("keep_alive_interval=4", 12),  # torch's default attempts, 3

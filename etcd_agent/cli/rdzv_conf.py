@@ -114,7 +114,7 @@ def lease_ttl_for(interval: float | None, attempts: int | None) -> int:
     seconds (etcd's TTLs are) and at least etcd's minimum TTL."""
     interval = TORCH_KEEP_ALIVE[0] if interval is None else interval
     attempts = TORCH_KEEP_ALIVE[1] if attempts is None else attempts
-    return max(MIN_LEASE_TTL, math.ceil(interval * attempts))
+    return max(MIN_LEASE_TTL, math.ceil(round(interval * attempts, 6)))  # 0.1 x 30 is 3 s, not 3.0000000000000004
 
 
 def parse(text: str, source: str = "--rdzv-conf") -> dict[str, str]:
