@@ -43,7 +43,9 @@ from .proctree import free_port
 from .coord.mirror import View
 from .schema.values import Join, Outcome, Result
 from .node.warm import SparePool
-from .node.workers import Assignment, WorkerExit, WorkerGroup, check_log_tree, log_root, worker_env
+from .node.api import Assignment, WorkerExit
+from .node.env import check_log_tree, log_root, worker_env
+from .node.workers import WorkerGroup
 
 log = logs.get("etcd_agent.agent")
 

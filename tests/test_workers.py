@@ -28,7 +28,9 @@ from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
 from etcd_agent.node.worker_logs import Dest, line_prefix, route
 from etcd_agent.node.warm import SparePool
-from etcd_agent.node.workers import Assignment, WorkerExit, WorkerGroup, worker_env
+from etcd_agent.node.api import Assignment, WorkerExit
+from etcd_agent.node.env import worker_env
+from etcd_agent.node.workers import WorkerGroup
 
 WORKERS = Path(__file__).parent / "workers"
 REPO = Path(__file__).parent.parent

@@ -2,13 +2,8 @@
 
 Guarantees:
 
-- Every worker gets exactly torchrun 2.13's environment (``worker_env``) plus ``ETCD_AGENT_ROUND`` for fencing and
-  ``ETCD_AGENT_PROGRESS_FILE``, its heartbeat file for hang detection (``progress.py``). It starts from the agent's
-  environment less what the agent set only for itself (``config.set_agent_env``, e.g. ``GRPC_ENABLE_FORK_SUPPORT``);
-  like torchrun it gets ``ROLE_NAME`` = ``--role`` and ``TORCHELASTIC_SIGNALS_TO_HANDLE``, and never
-  ``PYTHONUNBUFFERED`` (workers run ``python -u``). With ``--virtual-local-rank`` it gets ``LOCAL_RANK=0`` and the
-  local-rank-th entry of the agent's ``CUDA_VISIBLE_DEVICES`` (or the local rank when that is unset); otherwise
-  ``CUDA_VISIBLE_DEVICES`` is inherited unchanged.
+- Every worker gets ``env.worker_env`` (exactly torchrun 2.13's environment, plus ``ETCD_AGENT_ROUND`` for
+  fencing) and ``ETCD_AGENT_PROGRESS_FILE``, its heartbeat file for hang detection (``progress.py``).
 - Its output goes where torchrun sends it (``worker_logs``): by default straight to the console, unprefixed;
   ``--redirects``/``--tee``/``--local-ranks-filter`` as in torchrun; stderr is always also kept in ``stderr.log``
   for the failure report.
@@ -26,14 +21,15 @@ Guarantees:
 - With ``--warm-restart`` (a ``SparePool``, ``warm.py``) a worker starts from its local rank's pre-started
   interpreter when that one is usable, cold otherwise: the same environment, command line, stdout/stderr (the same
   files or pipes), process group, CPU and I/O priority (an idle spare gets the agent's back before its handoff),
-  parent-death signal, waiter, stop, reports and progress file either way.
+  parent-death signal, waiter, stop, reports and progress file either way (the handoff: ``handoff.py``).
+- A failure report (``reports.py``) never raises on bad files and is redacted.
 
-Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``logs``, ``logtree``,
-``progress``, ``proctree``, ``secure``, ``values``, ``warm`` and ``worker_logs``. A log directory that cannot be
-written, a log tree that is not the agent's (``logtree``), or a virtual local rank beyond ``CUDA_VISIBLE_DEVICES``,
-raises ConfigError from ``start`` before any worker runs; a worker that cannot be spawned (missing program) is
-reported through ``on_exit`` with exit code 127 (126: not executable). A worker handed to a warm spare that was still
-importing ``--preload`` and had to start it cold (``warm.py``) gets one warning from its waiter.
+Must not import torch, etcd3 or any package module other than ``config``, ``logs``, ``progress``, ``proctree``,
+``schema.values`` and ``node/`` (``api``, ``env``, ``handoff``, ``reports``, ``warm``, ``worker_logs``). A log
+directory that cannot be written, a log tree that is not the agent's (``logtree``), or a virtual local rank beyond
+``CUDA_VISIBLE_DEVICES``, raises ConfigError from ``start`` before any worker runs; a worker that cannot be spawned
+(missing program) is reported through ``on_exit`` with exit code 127 (126: not executable). A worker handed to a warm
+spare that was still importing ``--preload`` and had to start it cold (``warm.py``) gets one warning from its waiter.
 """
 
 from __future__ import annotations
@@ -43,131 +39,29 @@ import logging
 import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 
 import psutil
 
 from .. import proctree
-from . import logtree
 from ..config import WorkerConfig, worker_base_env
-from ..errors import ConfigError
 from ..logs import Log, Where, get as get_logger
 from ..progress import PROGRESS_ENV, last_progress
-from ..secure import redact
 from ..schema.values import Failure
+from . import handoff, reports
+from .api import Assignment, WorkerExit
+from .env import log_root, worker_env
 from .warm import Spare, SparePool
-from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all, read_error_message
+from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all
 
 log = get_logger("etcd_agent.node.workers")
 
 _THREAD_PREFIX = "etcd-agent-workers-"  # every thread this module starts; start() refuses to run on one
 _KILL_WAIT = 10.0  # how long a SIGKILLed process may take to vanish (D state) before we give up and say so
 _JOIN_WAIT = 2.0  # bounded join of threads that should already be done
-_REPORT_FLUSH_WAIT = 1.0  # how long a report waits for the pump threads to finish writing the stderr log
-_HANDOFF_WORD_MARGIN = 10.0  # beyond cold_after: how long a waiter waits for a spare's word before it warns
-_default_log_root: str | None = None  # made on first use when no --log-dir was given
-_default_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """What this node's workers get for one round."""
-
-    run_id: str
-    round: int
-    group_rank: int
-    group_world_size: int
-    rank_offset: int  # global rank of local_rank 0
-    world_size: int
-    master_addr: str
-    master_port: int
-    restart_count: int  # job-wide, the same on every node
-    max_restarts: int
-    job: int = 1  # which job of the run (a re-run of a finished run id is the next one): its own log tree
-
-
-@dataclass(frozen=True)
-class WorkerExit:
-    """One worker's end; ``returncode`` < 0 means killed by signal ``-returncode``."""
-
-    local_rank: int
-    rank: int
-    pid: int
-    returncode: int
-    time: float  # wall clock when the exit was seen
-    round: int
-
-    @property
-    def failed(self) -> bool:
-        return self.returncode != 0
-
-    @property
-    def signal_name(self) -> str | None:
-        return proctree.signal_name(-self.returncode) if self.returncode < 0 else None
-
-    def describe(self) -> str:
-        """``exit code 3`` or ``signal SIGSEGV``."""
-        return proctree.describe_exit(self.returncode)
-
-
-def log_root(cfg: WorkerConfig, logger: Log | None = None) -> str:
-    """``--log-dir``, or one temporary directory per agent process (made on first use, however many groups)."""
-    global _default_log_root
-    if cfg.log_dir:
-        return cfg.log_dir
-    with _default_lock:
-        if _default_log_root is None:
-            _default_log_root = tempfile.mkdtemp(prefix="etcd_agent_logs_")
-            (logger or log).info("No --log-dir was given; worker logs go to %s.", _default_log_root)
-    return _default_log_root
-
-
-def check_log_tree(cfg: WorkerConfig, run_id: str, logger: Log | None = None) -> str:
-    """At start: make (or check) the run's private directory under the log root (``logtree``); its path, or
-    ConfigError when it is not the agent's."""
-    root = log_root(cfg, logger)
-    with logtree.opened(root, [run_id]):
-        pass
-    return os.path.join(root, run_id)
-
-
-def worker_env(cfg: WorkerConfig, a: Assignment, local_rank: int, base: Mapping[str, str],
-               error_file: str) -> dict[str, str]:
-    """The environment of one worker: ``base`` plus exactly what torchrun sets. Pure; ConfigError when
-    ``cfg.virtual_local_rank`` finds no device for ``local_rank`` in ``base``'s CUDA_VISIBLE_DEVICES."""
-    env = dict(base)
-    rank = a.rank_offset + local_rank
-    env.update({
-        "RANK": str(rank), "LOCAL_RANK": str(local_rank), "GROUP_RANK": str(a.group_rank),
-        "ROLE_RANK": str(rank), "ROLE_NAME": cfg.role, "LOCAL_WORLD_SIZE": str(cfg.nproc),
-        "WORLD_SIZE": str(a.world_size), "GROUP_WORLD_SIZE": str(a.group_world_size),
-        "ROLE_WORLD_SIZE": str(a.world_size), "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(a.master_port),
-        "TORCHELASTIC_RESTART_COUNT": str(a.restart_count), "TORCHELASTIC_MAX_RESTARTS": str(a.max_restarts),
-        "TORCHELASTIC_RUN_ID": a.run_id, "TORCHELASTIC_USE_AGENT_STORE": "False",
-        "TORCHELASTIC_ERROR_FILE": error_file, "ETCD_AGENT_ROUND": str(a.round),
-        "TORCHELASTIC_SIGNALS_TO_HANDLE": cfg.signals_to_handle,  # torchrun exports it in its own environment
-    })
-    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    if cfg.nproc > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")
-    if cfg.virtual_local_rank:  # torchrun's _set_local_rank_env
-        env["LOCAL_RANK"] = "0"
-        env["CUDA_VISIBLE_DEVICES"] = _visible_device(base.get("CUDA_VISIBLE_DEVICES"), local_rank)
-    return env
-
-
-def _visible_device(visible: str | None, local_rank: int) -> str:
-    if visible is None:
-        return str(local_rank)
-    devices = visible.split(",")
-    if local_rank >= len(devices):
-        raise ConfigError(f"--virtual-local-rank: local rank {local_rank} has no device of its own: "
-                          f"CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)}")
-    return devices[local_rank].strip()
 
 
 @dataclass
@@ -290,42 +184,17 @@ class WorkerGroup:
         self._watch(w, self._report, (w, code))
 
     def _hand(self, w: _Worker, spare: Spare, env: dict[str, str], streams: dict) -> bool:
-        """Start ``w`` from a warm spare: its environment, command line and the round's stdout/stderr (the same
-        files and pipes a cold spawn gets). False when the spare could not take it (it is killed; start cold)."""
-        fds, ours, readers = [], [], {}
-        for name, inherited in (("stdout", 1), ("stderr", 2)):
-            arg = streams[name]
-            if arg is None:
-                fds.append(inherited)  # the agent's own stream, as a cold worker inherits it
-            elif arg == subprocess.PIPE:
-                r, wr = os.pipe()
-                readers[name] = open(r, "rb")  # noqa: SIM115 - the pump owns it, as Popen's own pipe
-                fds.append(wr)
-                ours.append(wr)
-            elif arg == subprocess.DEVNULL:
-                fd = os.open(os.devnull, os.O_WRONLY)
-                fds.append(fd)
-                ours.append(fd)
-            else:
-                fds.append(arg.fileno())
-        argv = self.cfg.command()
-        msg = {"entrypoint": self.cfg.entrypoint, "module": self.cfg.module, "args": list(self.cfg.args),
-               "orig_argv": argv, "env": env, "cold_after": self._spares.cold_after}  # type: ignore[union-attr]
+        """Start ``w`` from a warm spare (``handoff``). False when the spare could not take it (it is killed; start
+        cold)."""
         try:
-            spare.hand(msg, fds)
+            readers = handoff.hand(spare, self.cfg, env, streams, self._spares.cold_after)  # type: ignore[union-attr]
         except OSError as exc:
             self._log.warning("could not hand rank %d to its warm spare (pid %d): %s; starting it cold", w.rank,
                               spare.pid, exc, round=w.round)
-            spare.kill()
-            for f in readers.values():
-                f.close()
             return False
-        finally:
-            for fd in ours:
-                os.close(fd)
         w.proc = spare.proc
         w.proc.stdout, w.proc.stderr = readers.get("stdout"), readers.get("stderr")
-        w.importing = None if spare.said else spare  # its waiter hears whether it finished in time (_imported)
+        w.importing = None if spare.said else spare  # its waiter hears whether it finished in time
         self._running(w)
         if w.local_rank == self.cfg.nproc - 1 and self._spares is not None:
             self._spares.fill_due()  # the next round's idle spares start now, before a crash can be handled
@@ -351,21 +220,9 @@ class WorkerGroup:
 
     def _wait(self, w: _Worker) -> None:
         if w.importing is not None:
-            self._imported(w, w.importing)
+            limit = self._spares.cold_after if self._spares is not None else 0.0
+            handoff.say_how_it_started(w.importing, limit, self._log, w.rank, w.pid, w.round)
         self._report(w, w.proc.wait())  # type: ignore[union-attr]  (only started with a process)
-
-    def _imported(self, w: _Worker, spare: Spare) -> None:
-        """A worker handed to a spare still importing: say so once when the spare had to start it cold."""
-        limit = self._spares.cold_after if self._spares is not None else 0.0
-        word = spare.word(limit + _HANDOFF_WORD_MARGIN)
-        if word is None:
-            self._log.warning("the warm spare of worker rank %d (pid %d) has neither finished importing --preload "
-                              "nor started the worker cold %.0f s after its handoff; the worker has not started.",
-                              w.rank, w.pid, limit + _HANDOFF_WORD_MARGIN, round=w.round)
-        elif word.get("cold"):
-            self._log.warning("the warm spare of worker rank %d (pid %d) %s; it started the worker cold (the same "
-                              "process now runs the worker's command line).", w.rank, w.pid, word["cold"],
-                              round=w.round)
 
     def _report(self, w: _Worker, returncode: int) -> None:
         ex = WorkerExit(w.local_rank, w.rank, w.pid, returncode, time.time(), w.round)
@@ -484,19 +341,5 @@ class WorkerGroup:
                                   "its tree holds it); its log may be incomplete.", w.rank, round=w.round)
 
     def failure_report(self, ex: WorkerExit) -> Failure:
-        """What an operator needs about one exit; JSON-able, never raises on bad files."""
-        logs = self._reports.get((ex.round, ex.local_rank))
-        error_file = logs.error_file if logs else ""
-        tail = ""
-        if logs:
-            logs.join(_REPORT_FLUSH_WAIT)  # let the stderr pump put the last lines in the file
-            tail = logs.stderr_tail()
-        message, problem = read_error_message(error_file) if error_file else (None, None)
-        if message is None:
-            lead = problem or "no error file was written"
-            message = f"{lead}; the worker exited with {ex.describe()}"
-            if tail:
-                message += "; last lines of its stderr:\n" + tail
-        # A worker may print a secret (the etcd password) on its way down: never into etcd, logs or status.
-        return Failure(ex.rank, ex.local_rank, ex.pid, ex.returncode, ex.signal_name, message, error_file, tail,
-                       ex.time, ex.round, self.node_id).with_strings(redact)
+        """What an operator needs about one exit (``reports``); JSON-able, never raises on bad files."""
+        return reports.exit_report(self._reports.get((ex.round, ex.local_rank)), ex, self.node_id)

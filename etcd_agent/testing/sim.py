@@ -36,7 +36,7 @@ from typing import Callable, Iterable
 from etcd_agent.agent import Agent
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
 from etcd_agent.schema.values import Failure
-from etcd_agent.node.workers import Assignment, WorkerExit
+from etcd_agent.node.api import Assignment, WorkerExit
 
 log = logging.getLogger("etcd_agent.bench.sim")
 _JOIN_WAIT = 2.0  # bounded join of waiter threads that were just told to end

@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..schema.values import Failure
-from ..node.workers import Assignment, WorkerExit
+from ..node.api import Assignment, WorkerExit
 
 if TYPE_CHECKING:
     from .rendezvous import EtcdV3RendezvousHandler

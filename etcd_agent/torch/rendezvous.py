@@ -61,7 +61,7 @@ from ..etcd.client import Etcd
 from ..secure import redact
 from ..etcd.session import Session
 from ..schema.values import Failure, NodeInfo
-from ..node.workers import Assignment, WorkerExit
+from ..node.api import Assignment, WorkerExit
 from .group import TorchrunWorkers
 from .settings import BACKEND, BackendSettings, settings
 from .store import EtcdStore
