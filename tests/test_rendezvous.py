@@ -9,7 +9,8 @@ import pytest
 from etcd_agent.coord import blame
 from etcd_agent.coord.blame import Attribute, ReportLoss
 from etcd_agent.coord.decide import (Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
-                                     StopWorkers, Wait, WriteExit, build_plan, decide, newcomers, passed_over, result)
+                                     StopWorkers, Wait, WriteExit, decide, newcomers, passed_over, result)
+from etcd_agent.coord.ranks import build_plan
 from etcd_agent.coord.mirror import DONE, FAILED, JOINING, RUNNING, STOPPED, Scope, View
 from etcd_agent.schema.values import (Failure, Join, Member, NodeInfo, Outcome, Plan, Restarts, Result, RoundInfo,
                                       SpecValue)
