@@ -37,7 +37,7 @@ from .config import AgentConfig, worker_base_env
 from .coord.coordinator import Coordinator
 from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobFailed, JobStopped, SessionLost
 from .coord.decide import (Attribute, Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
-                           Wait, decide, describe_failure, newcomers, passed_over)
+                           Wait, decide, describe_failure, job_error, newcomers, passed_over)
 from .etcd.session import Session
 from .proctree import free_port
 from .coord.mirror import View
@@ -534,7 +534,7 @@ class Agent:
         if result.outcome == Outcome.SUCCEEDED:
             self.log.info("job succeeded in round %s after %s restart(s)", result.round, result.restarts)
             return 0
-        raise (JobStopped if result.outcome == Outcome.STOPPED else JobFailed)(result.ended(self.cfg.run_id))
+        raise job_error(result)(result.ended(self.cfg.run_id))
 
 
 def master_port(host: str) -> int:

@@ -6,7 +6,7 @@ and decide again". Invariants this module keeps:
   round: at once with ``max_nodes`` joiners; at once with ``min_nodes`` when the job ran before and every
   registered node has joined (the fast path that makes a re-rendezvous after a failure immediate); otherwise
   ``last_call`` seconds after ``min_nodes`` was reached. Fewer than ``min_nodes``, or ranks still missing, at
-  ``join_timeout`` fails the job.
+  ``join_timeout`` fails the job (``RendezvousTimeout``).
 - Ranks (``ranks.py``): a pinned node (``--node-rank k``) has group rank k in every plan, the others keep a stable
   order; while a pin is >= the number of members the plan would have, the leader waits instead of closing (the
   timeout names the missing ranks). The leased claim ``P/node_ranks/<k>`` keeps two live nodes from sharing a pin.
@@ -26,22 +26,25 @@ and decide again". Invariants this module keeps:
 - Scale-ups: one is made for the newcomers registered as of a revision (``RoundInfo.scaled_for``); one that did
   not admit a node is not repeated for it until its registry entry changes (a live node that passes its check
   again says so by writing it), so a forged or stuck registration costs one uncounted restart, not one per round.
-- Restarts are counted job-wide: worker failures and node losses count, scale-ups do not. Once any node's
-  workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run.
+- Restarts are counted job-wide: worker failures and node losses count, scale-ups do not; one past the budget ends
+  the job (``RestartBudgetSpent``). Once any node's workers have finished, a failure ends the job ``failed``: a
+  partly finished job cannot be re-run. ``job_error`` names the error an agent raises for the job's result.
 - Blame (``blame.py``): a node lost within a lease TTL of its round's failures is that round's cause. A full view
   writes the loss report (``ReportLoss``) of a member of the last plan lost after its round restarted; a restart for
   a loss writes the lost nodes' reports with it. A loss and the failures it caused are one restart.
 
-Pure: no I/O, time passed in. Imports ``schema.values`` and ``coord/`` (``mirror``, ``blame``, ``ranks``) only;
-never ``etcd/`` or ``node/``.
+Pure: no I/O, time passed in. Imports ``errors``, ``schema.values`` and ``coord/`` (``mirror``, ``blame``,
+``ranks``) only; never ``etcd/`` or ``node/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from . import blame
 from .blame import Attribute, ReportLoss
+from ..errors import JobFailed, JobStopped, RendezvousTimeout, RestartBudgetSpent
 from .mirror import DONE, FAILED, FINAL_PHASES, JOINING, View
 from .ranks import Ranking, as_spares, make_plan, plan_size, rank_joiners
 from ..schema.values import Failure, Member, Outcome, Phase, Plan, Result, RoundInfo
@@ -269,7 +272,7 @@ def _timed_out(v: View, r: RoundInfo, p: Params, ranking: Ranking | None) -> str
     else:
         why = f"round {r.number} could not close with the {count} node(s) that joined"
     blocked = f": {ranking.blocked}" if ranking is not None and ranking.blocked else ""
-    return (f"rendezvous timed out: {why} within {p.join_timeout:g} s (--join-timeout){blocked}; "
+    return (f"{TIMED_OUT}{why} within {p.join_timeout:g} s (--join-timeout){blocked}; "
             f"missing: {missing}")
 
 
@@ -356,7 +359,7 @@ def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, coun
     used = v.restarts.used if v.restarts else 0
     limit = v.restarts.max if v.restarts else p.max_restarts
     if counted and used >= limit:
-        why = f"{reason}; the restart budget is spent ({used} of {limit} restarts used, --max-restarts)"
+        why = f"{reason}; {BUDGET_SPENT} ({used} of {limit} restarts used, --max-restarts)"
         return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure, losses), failure, losses=losses)
     return Bump(r, reason, counted, failure, losses=losses)
 
@@ -376,3 +379,19 @@ def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failur
 def describe_failure(failure: Failure | None) -> str:
     return failure.describe() if failure else "a worker failed"
 
+
+TIMED_OUT = "rendezvous timed out: "  # how the reason of a round that never formed begins
+BUDGET_SPENT = "the restart budget is spent"  # how the reason of a restart past the budget ends, with the counts
+_BUDGET_SPENT_END = re.compile(rf"; {BUDGET_SPENT} \(\d+ of \d+ restarts used, --max-restarts\)$")
+
+
+def job_error(result: Result) -> type[JobFailed] | type[JobStopped]:
+    """The error an agent raises for a job that did not succeed: what ended it, from the reason ``decide`` gave
+    (whichever agent wrote the result)."""
+    if result.outcome == Outcome.STOPPED:
+        return JobStopped
+    if result.reason.startswith(TIMED_OUT):
+        return RendezvousTimeout
+    if _BUDGET_SPENT_END.search(result.reason):
+        return RestartBudgetSpent
+    return JobFailed

@@ -51,12 +51,13 @@ from torch.distributed.elastic.rendezvous import (RendezvousClosedError, Rendezv
                                                   RendezvousError, RendezvousHandler, RendezvousInfo,
                                                   RendezvousParameters, RendezvousStateError,
                                                   RendezvousStoreInfo, RendezvousTimeoutError)
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from .. import __version__, logs
 from ..coord import txns
 from ..agent import Agent
 from ..errors import (AgentError, BadKeyData, ConfigError, EtcdUnavailable, JobEnded, JobFailed, JobStopped,
-                      SpecMismatch)
+                      RendezvousTimeout, SpecMismatch)
 from ..etcd.client import Etcd
 from ..secure import redact
 from ..etcd.session import Session
@@ -209,9 +210,10 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             err: RendezvousError = RendezvousClosedError(f"job {self.cfg.run_id} succeeded; its rendezvous is closed")
         except JobEnded as exc:  # this node came to the run after its job ended, while a node of it was registered
             err = RendezvousClosedError(str(exc))
+        except RendezvousTimeout as exc:  # a round never formed
+            err = RendezvousTimeoutError(str(exc))
         except JobFailed as exc:
-            timed_out = "rendezvous timed out" in str(exc)  # the reason decide() gives a round that never formed
-            err = (RendezvousTimeoutError if timed_out else RendezvousClosedError)(str(exc))
+            err = RendezvousClosedError(str(exc))
         except JobStopped as exc:
             err = RendezvousClosedError(str(exc))
         except SpecMismatch as exc:
@@ -324,7 +326,7 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
     # --- ending the job ----------------------------------------------------------------------------------------
     def _why_shut(self, exc: BaseException | None) -> tuple[str, str, Failure | None]:
         who = f"torchrun's agent on {self.cfg.node_id}"
-        if exc is not None and type(exc).__name__ == "ChildFailedError":
+        if isinstance(exc, ChildFailedError):
             root = None
             try:
                 rank, failure = exc.get_first_failure()
