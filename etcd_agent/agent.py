@@ -37,7 +37,8 @@ from .config import AgentConfig, worker_base_env
 from .coord.coordinator import Coordinator
 from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobFailed, JobStopped, SessionLost
 from .coord.decide import (Attribute, Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
-                           Wait, decide, describe_failure, job_error, newcomers, passed_over)
+                           Wait, decide, describe_failure, job_error)
+from .coord.observe import observe, wait_note
 from .etcd.session import Session
 from .proctree import free_port
 from .coord.mirror import View
@@ -224,7 +225,7 @@ class Agent:
             return None  # the session was lost just now: nothing is decided on its view; FENCED rejoins
         self.coord.maintain()
         view = self.coord.view()
-        self._track(view)
+        self._observe(view)
         action = decide(view, self.local, self.params)
         if isinstance(action, Finish):
             return self._finish(action.result)
@@ -240,17 +241,14 @@ class Agent:
         self._drain(block=True, deadline=deadline)
         return None
 
-    WAIT_NOTE_PERIOD = 30.0  # while a round forms, what it waits for is logged when it changes and this often
-
     def _say_wait(self, action: Wait) -> None:
-        """What the agent waits for: at INFO while a round forms (a job that can never form says so, not silence
-        until --join-timeout), when the reason changes and every WAIT_NOTE_PERIOD seconds; DEBUG otherwise."""
+        """What the agent waits for: at INFO when ``observe.wait_note`` says so, DEBUG otherwise."""
         now = time.monotonic()
-        forming = self.state is State.RENDEZVOUS
-        if forming and (action.why != self._wait_said[0] or now - self._wait_said[1] >= self.WAIT_NOTE_PERIOD):
+        said = wait_note(action, self.state is State.RENDEZVOUS, self._wait_said, now)
+        if said is not None:
             left = f" (the round times out in {action.timeout_at - now:.0f} s)" if action.timeout_at else ""
             self.log.info("waiting: %s%s", action.why, left)
-            self._wait_said = (action.why, now)
+            self._wait_said = said
         else:
             self.log.debug("waiting: %s", action.why)
 
@@ -288,37 +286,19 @@ class Agent:
             raise JobStopped(f"{self.cfg.node_id} received {signal.Signals(item).name}: stopped its workers and "
                              "left the job")
 
-    def _track(self, v: View) -> None:
-        """Update this agent's timers from what it sees (first sight of a round, of min joiners, of newcomers)."""
-        now = time.monotonic()
-        changes = {"now": now, "wall": time.time(), "checking": self.checks.checking, "draining": self.checks.draining}
-        rnd = v.round
-        if self.local.unhealthy and self.coord.quarantine_lifted():
-            changes["health_retry_at"] = now  # its quarantine key was deleted (or rewritten): check again now
-        if rnd and rnd.number != self.where.round:  # the round this agent is in: its log lines say it
-            self.where.round = rnd.number
-            changes.update(round_seen_at=now, min_reached_at=None)
-        if rnd and len(v.joins) < self.params.min_nodes:
-            changes["min_reached_at"] = None  # the last call starts again when MIN is reached again
-        elif rnd and self.local.min_reached_at is None:
-            changes["min_reached_at"] = now
-        if v.full:
-            self._say_passed_over(v)
-        if not newcomers(v):
-            changes["newcomers_since"] = None
-        elif self.local.newcomers_since is None:
-            changes["newcomers_since"] = now
-        self._set(**changes)
-
-    def _say_passed_over(self, v: View) -> None:
-        """The leader says once per registry entry that a scale-up did not admit the node it was made for."""
-        for n in sorted(passed_over(v)):
-            seen = (n, v.nodes[n].mod_revision)
+    def _observe(self, v: View) -> None:
+        """Note what the view says (``coord.observe``: first sightings, this agent's round) and log it."""
+        self._set(checking=self.checks.checking, draining=self.checks.draining)
+        lifted = bool(self.local.unhealthy) and self.coord.quarantine_lifted()
+        self.local, notes = observe(v, self.local, self.params, time.monotonic(), time.time(), lifted)
+        if notes.new_round is not None:  # the round this agent is in: its log lines say it
+            self.where.round = notes.new_round
+        for seen in notes.passed_over:  # the leader says once per registry entry that a scale-up passed a node over
             if seen not in self._passed_said:
                 self._passed_said.add(seen)
                 self.log.warning("%s was not taken into round %d, the scale-up made for it; the job does not scale "
                                  "up for it again until its registry entry changes (a live agent rewrites it when "
-                                 "it passes its health check again)", n, v.round.number)
+                                 "it passes its health check again)", seen[0], v.round.number)
 
     # --- actions -------------------------------------------------------------------------------------------
     def _act(self, action, view: View) -> None:

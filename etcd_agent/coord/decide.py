@@ -68,6 +68,7 @@ class Local:
     node: str
     now: float
     wall: float
+    round: int = 0  # the round this agent is in: the newest it has seen (``observe``; its log lines say it)
     workers_round: int = 0  # the round whose workers run or ran here (0: none)
     workers_running: bool = False
     outcome: Outcome | None = None  # succeeded / failed once known for workers_round
