@@ -24,25 +24,22 @@ import dataclasses
 import enum
 import queue
 import signal
-import socket
 import threading
 import time
 from typing import Callable
 
 from . import logs
-from .coord import blame, quarantine
 from .node import health
 from .node.checks import Checks
 from .config import AgentConfig, worker_base_env
-from .coord.coordinator import Coordinator
-from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobFailed, JobStopped, SessionLost
-from .coord.decide import (Attribute, Bump, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
+from .coord.coordinator import NOSPACE_RETRY, Coordinator
+from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobStopped, SessionLost
+from .coord.decide import (Attribute, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
                            Wait, decide, describe_failure, job_error)
 from .coord.observe import observe, wait_note
 from .etcd.session import Session
-from .proctree import free_port
 from .coord.mirror import View
-from .schema.values import Join, Outcome, Result
+from .schema.values import Outcome, Result
 from .node.warm import SparePool
 from .node.api import Assignment, WorkerExit
 from .node.env import check_log_tree, log_root, worker_env
@@ -81,19 +78,14 @@ class Agent:
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # put() is safe from a signal handler
         self.where = logs.Where(cfg.run_id, cfg.node_id)  # every line this agent logs says run, node and round
         self.log = log.bound(self.where)
-        self.coord = Coordinator(cfg, version, self.events.put, self.shutdown, self.where)
+        self.coord = Coordinator(cfg, version, lambda d: self.events.put(("watch", d)), self.shutdown, self.where)
         self.state = State.STARTING
         self.group: WorkerGroup | None = None
         self.local = Local(cfg.node_id, time.monotonic(), time.time(), ready=not cfg.health.active)
         self.signalled = 0
-        self._bad_key = ""  # the key whose bad value was last reported (report each once)
-        self._no_space = False  # etcd's NOSPACE alarm refused this agent's last write
-        self._stale: list[int] = []  # leases of lost sessions, revoked before the next one registers
-        self._give_up = 0.0  # when a fenced agent stops trying to open a new session
         self._wait_said: tuple[str, float] = ("", 0.0)  # the wait reason last logged at INFO, and when
         self._health_failures = 0  # failed health checks in a row
         self._passed_said: set[tuple[str, int]] = set()  # (node, registry revision) said to be passed over
-        self._failed_at: float | None = None  # when this node's workers last failed, until its quarantine counts it
         self.checks = Checks(cfg, self.events.put, self.log)  # health check and GPU drain, off this loop
         self.spares: SparePool | None = None  # --warm-restart: this node's pre-started interpreters
         if cfg.workers.warm_restart:
@@ -155,7 +147,10 @@ class Agent:
         except SessionLost as exc:  # our lease ended before the keepalive thread could say so
             self._fence(str(exc))
         except EtcdNoSpace as exc:
-            self._hold_for_space(exc)
+            # Keep the workers as they are and try the same decision again every NOSPACE_RETRY seconds (sooner when
+            # something happens); a worker failure or a finished node meanwhile is acted on once a write succeeds.
+            self.coord.refused(exc)
+            self._drain(block=True, deadline=time.monotonic() + NOSPACE_RETRY)
         except EtcdUnavailable as exc:
             # Keep the workers; the session fences them if the outage outlasts the lease.
             self.log.warning("etcd is unreachable, trying again: %s", exc)
@@ -163,34 +158,11 @@ class Agent:
         except BadKeyData as exc:
             # Never act on state we cannot read, and never harm the job for it: wait for a repair (the key is
             # watched while it holds the agent, so its repair or deletion always arrives) or for the job's end.
-            if exc.key != self._bad_key:
-                self.log.error("%s; leaving the workers as they are until the key is fixed", exc)
-            self._bad_key = exc.key
-            if not self.coord.watch_bad(exc.key):  # True: repaired already, decide again at once
+            if not self.coord.hold_for(exc):  # True: repaired already, decide again at once
                 self._drain(block=True)
         else:
-            if self._bad_key:
-                self.coord.watch_bad(None)
-            self._bad_key = ""
+            self.coord.readable()
         return None
-
-    NOSPACE_RETRY = 2.0  # seconds between writes tried while etcd's NOSPACE alarm refuses them
-
-    def _hold_for_space(self, exc: EtcdNoSpace) -> None:
-        """etcd is full and refuses writes until an operator repairs it: keep the workers as they are, say once what
-        etcd needs, and try the same decision again every NOSPACE_RETRY seconds (sooner when something happens).
-        A worker failure or a finished node meanwhile is acted on once a write succeeds (``_space_back``)."""
-        if not self._no_space:
-            self.log.error("etcd refuses writes, so this node keeps its workers as they are and tries again every "
-                           "%g s until it can write: %s", self.NOSPACE_RETRY, exc)
-        self._no_space = True
-        self._drain(block=True, deadline=time.monotonic() + self.NOSPACE_RETRY)
-
-    def _space_back(self) -> None:
-        """A write succeeded: if etcd refused writes before, say that the job goes on."""
-        if self._no_space:
-            self._no_space = False
-            self.log.info("etcd accepts writes again (its NOSPACE alarm was cleared); the job goes on")
 
     def _cleanup(self, why: str = "") -> None:
         self.shutdown.set()
@@ -288,8 +260,8 @@ class Agent:
 
     def _observe(self, v: View) -> None:
         """Note what the view says (``coord.observe``: first sightings, this agent's round) and log it."""
-        self._set(checking=self.checks.checking, draining=self.checks.draining)
-        lifted = bool(self.local.unhealthy) and self.coord.quarantine_lifted()
+        self._set(checking=self.checks.checking, draining=self.checks.draining, pending=self.coord.pending)
+        lifted = bool(self.local.unhealthy) and self.coord.quarantine.lifted()
         self.local, notes = observe(v, self.local, self.params, time.monotonic(), time.time(), lifted)
         if notes.new_round is not None:  # the round this agent is in: its log lines say it
             self.where.round = notes.new_round
@@ -306,7 +278,7 @@ class Agent:
             self._healthy(action.announce)
             return
         if isinstance(action, Attribute):
-            self._attribute(action, view)
+            self.coord.attribute(action, view)
             return
         if isinstance(action, JoinRound) and (self.cfg.health.active or self.cfg.quarantine.active) \
                 and not self._healthy():
@@ -321,25 +293,8 @@ class Agent:
         if isinstance(action, StartWorkers):
             self._start_workers(action)
             return
-        res = self.coord.act(action, view, lambda: self._join_info(view))
-        self._space_back()
-        if isinstance(action, Bump) and action.counted and action.failure is not None and res.succeeded \
-                and self.cfg.quarantine.active:
-            # this node's failure moved the job on: it counts for its quarantine (peers whose workers failed only
-            # because of it report theirs, but are not the cause) unless a lost node caused it (``blame.verdict``)
-            self._set(pending=dataclasses.replace(action.failure, time=action.failure.time or time.time()))
-            self.coord.awaiting = True
+        res = self.coord.act(action, view)
         self._settle(res)
-
-    def _attribute(self, a: Attribute, view: View) -> None:
-        """Whether this node's failure that restarted the job counts toward its quarantine is known now."""
-        self._set(pending=None)
-        self.coord.awaiting = False
-        if a.counted:
-            self._failed_at = a.failure.time
-            return
-        self.log.info("%s; this node's failure there does not count toward its quarantine",
-                      blame.attribution((view.last_failures or {}).values()))
 
     def _healthy(self, announce: bool = False) -> bool:
         """The health gate before a join (``health.py``): a quarantined or unhealthy node says why in its registry
@@ -348,10 +303,7 @@ class Agent:
         registry's ``checking``; ``announce`` writes the entry on a pass even when nothing changed there."""
         problem, wait = "", 0.0
         if self.cfg.quarantine.active:
-            q = self.coord.quarantine(self.cfg.quarantine, self._failed_at, time.time())
-            self._failed_at = None
-            problem = quarantine.quarantined(q, time.time())
-            wait = q.until - time.time() if problem else 0.0
+            problem, wait = self.coord.quarantine.holds(self.cfg.quarantine, time.time())
         if not problem and self.cfg.health.active:
             verdict = self.checks.health()
             if verdict is None:
@@ -361,13 +313,13 @@ class Agent:
         if problem:
             self._health_failures += 1
             wait = wait or health.backoff(self._health_failures)
-            if problem != self.coord.health:
+            if problem != self.coord.registry.health:
                 self.log.warning("this node is unhealthy and does not join: %s (next check in %.0f s)", problem,
                                  wait)
             self.coord.set_health(problem)
             self._set(unhealthy=problem, health_retry_at=time.monotonic() + wait)
             return False
-        if self.coord.health:
+        if self.coord.registry.health:
             self.log.info("this node passed its health check after %d failed one(s); joining",
                           self._health_failures)
         if announce:
@@ -383,16 +335,6 @@ class Agent:
         re-read what it compared."""
         if not res.succeeded:
             self.coord.resync()
-
-    def _join_info(self, view: View) -> Join:
-        """This node's join record; ``prev_rank`` is its group rank in the newest earlier plan, if it was in it;
-        ``node_rank``, ``master_addr`` and ``master_port`` are the static-rendezvous flags (null when not given)."""
-        before = view.last_plan.member(self.cfg.node_id) if view.last_plan else None
-        return Join(self.cfg.node_id, host=socket.gethostname(), addr=self.cfg.address,
-                    port=master_port(self.cfg.address), nproc=self.cfg.workers.nproc,
-                    prev_rank=before.group_rank if before else None, node_rank=self.cfg.node_rank,
-                    master_addr=self.cfg.master_addr, master_port=self.cfg.master_port, time=time.time(),
-                    spare=self.cfg.spare)
 
     # --- workers -------------------------------------------------------------------------------------------
     def _start_workers(self, a: StartWorkers) -> None:
@@ -488,25 +430,14 @@ class Agent:
                 self.log.warning("could not record this node's failure report: etcd is unreachable")
         self._stop_workers(f"self-fencing: {why}")
         self._set(outcome=None, failure=None)
-        self._stale.append(self.session.lease_id)
-        self.session.close(revoke=False)  # etcd may be unreachable: the stale lease is revoked once it is back
-        self._give_up = time.monotonic() + self.cfg.join_timeout
+        self.coord.drop_session()  # etcd may be unreachable: the stale lease is revoked once it is back
 
     def _rejoin(self) -> None:
         """FENCED: open a new session (its registration revokes the stale leases first); until --join-timeout."""
         self._drain(block=False)  # a signal still ends the agent
-        try:
-            self.coord.new_session(self._session_lost, self._stale)
-        except EtcdNoSpace:
-            raise  # no lease until etcd is repaired: held by _run_state, however long that takes
-        except EtcdUnavailable as exc:
-            if self.shutdown.is_set() or time.monotonic() >= self._give_up:
-                raise JobFailed(f"{self.cfg.node_id} lost its etcd session and could not open a new one within "
-                                f"{self.cfg.join_timeout:g} s (--join-timeout): {exc}") from exc
-            self.log.warning("cannot open a new session yet: %s", exc)
-            return
-        self._set(lease=self.session.lease_id)
-        self._enter(State.RENDEZVOUS, f"new session (lease {self.session.lease_id:x}); rejoining")
+        if self.coord.rejoin(self._session_lost):
+            self._set(lease=self.session.lease_id)
+            self._enter(State.RENDEZVOUS, f"new session (lease {self.session.lease_id:x}); rejoining")
 
     def _finish(self, result: Result) -> int:
         self._stop_workers("the job ended")
@@ -515,15 +446,6 @@ class Agent:
             self.log.info("job succeeded in round %s after %s restart(s)", result.round, result.restarts)
             return 0
         raise job_error(result)(result.ended(self.cfg.run_id))
-
-
-def master_port(host: str) -> int:
-    """A port free on ``host`` now: the plan's MASTER_PORT if this node becomes group rank 0. An address this
-    host cannot bind (behind NAT, say) falls back to any interface."""
-    try:
-        return free_port(host)
-    except OSError:
-        return free_port("0.0.0.0")
 
 
 def install_signal_handlers(agent: Agent, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
