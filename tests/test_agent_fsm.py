@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 
-from etcd_agent.agent import Agent, State
+from etcd_agent.agent import Agent, LostSession, State
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
 from etcd_agent.errors import RestartBudgetSpent
 from etcd_agent.testing import sim
@@ -111,7 +111,7 @@ class LosesItsSessionBeforeStarting(Recorded):
                 and self.coord.mirror.plan(1) is not None):
             self.injected = True
             self.coord.etcd.lease_revoke(self.session.lease_id)
-            self.events.put(("lost", (self.session, "lease revoked by the test")))
+            self.events.put(LostSession(self.session, "lease revoked by the test"))
             super()._drain(False)
 
 
