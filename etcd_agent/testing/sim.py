@@ -3,7 +3,8 @@
 Each simulated node is a real ``etcd_agent.agent.Agent`` calling ``run()`` in a thread of its own: its own etcd
 client, session lease and keepalive, watch of the job prefix, mirror, ``decide`` and guarded txns, exactly the code
 a node runs. Only the workers are replaced: ``StandInGroup`` implements the worker-group contract
-(``etcd_agent/node/api.py``) without processes. A simulation runs the production code, never a model of it.
+(``etcd_agent/node/api.py``) without processes. A simulation runs the production code, never a model of it, and its
+agents are configured by the production command line (``JobParams.config``: ``cli.launch.resolve``).
 
 - ``StandInGroup``: ``start(assignment)`` makes ``cfg.nproc`` stand-in workers that run until ``stop()`` ends them
   (exit ``-sig``) or the scenario does (``Hub.end_workers``: exit 0, or any code). One waiter thread per stand-in
@@ -20,8 +21,8 @@ a node runs. Only the workers are replaced: ``StandInGroup`` implements the work
   JobStopped), ``end_workers``, ``wait_done``, ``close``.
 
 For tests (tests/test_sim.py, test_agent_fsm.py, test_protocol_counts.py) and tools/bench (scale.py through
-sim_proc.py); the product never imports it. Imports the package only through its stable surface: ``Agent``,
-``config``, ``logs`` and the worker-group contract (``node.api``).
+sim_proc.py); the product never imports it. Imports the package only through its stable surface: ``Agent``, the
+command line (``cli.flags``, ``cli.launch``), ``config``, ``logs`` and the worker-group contract (``node.api``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from typing import Callable, Iterable
 
 from etcd_agent import logs
 from etcd_agent.agent import Agent
-from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.cli import flags, launch
+from etcd_agent.config import AgentConfig, WorkerConfig
 from etcd_agent.node.api import Assignment, ExitTally, GroupEvent, GroupFailed, WorkerExit
 from etcd_agent.schema.values import Failure
 
@@ -278,18 +280,26 @@ class JobParams:
     etcd_timeout: float = 10.0  # --etcd-timeout: how long a call keeps retrying (the first contact included)
     root: str = ROOT
 
+    def argv(self, node: str) -> list[str]:
+        """The command line of the simulated agent ``node`` (``true`` stands for the training script)."""
+        return ["--etcd-endpoints", self.endpoint, "--rdzv-id", self.run_id, "--node-id", node,
+                "--nnodes", f"{self.min_nodes}:{self.max_nodes}", "--nproc-per-node", str(self.nproc),
+                "--max-restarts", str(self.max_restarts), "--etcd-prefix", self.root, "--local-addr", "127.0.0.1",
+                "--lease-ttl", str(self.lease_ttl), "--last-call", repr(self.last_call),
+                "--join-timeout", repr(self.join_timeout), "--scale-settle", repr(self.scale_settle),
+                "--stop-timeout", repr(self.stop_timeout), "--etcd-timeout", repr(self.etcd_timeout),
+                "--no-python", "true"]
+
     def config(self, node: str) -> AgentConfig:
-        """The AgentConfig ``etcd-agent --etcd-endpoints E --run-id R --node-id NODE --nnodes MIN:MAX
-        --nproc-per-node NPROC --local-addr 127.0.0.1 ...`` would resolve to (launch.py's rules)."""
-        request_timeout = max(0.5, min(3.0, self.lease_ttl / 3))  # launch.py's request timeout for a TTL
-        workers = WorkerConfig("stand-in", (), self.nproc, stop_timeout=self.stop_timeout)
-        return AgentConfig(run_id=self.run_id, node_id=node,
-                           spec=JobSpec(self.min_nodes, self.max_nodes, str(self.nproc), self.max_restarts),
-                           workers=workers, etcd=EtcdConfig(parse_endpoints(self.endpoint),
-                                                            request_timeout=request_timeout,
-                                                            connect_timeout=self.etcd_timeout),
-                           root=self.root, local_addr="127.0.0.1", lease_ttl=self.lease_ttl,
-                           last_call=self.last_call, join_timeout=self.join_timeout, scale_settle=self.scale_settle)
+        """The AgentConfig that ``etcd-agent`` resolves from ``argv(node)`` (``cli.launch.resolve``: the same
+        defaults and derived timings as a real agent's)."""
+        parser = _parser()
+        return launch.resolve(parser, parser.parse_args(self.argv(node))).cfg
+
+
+@functools.lru_cache(maxsize=1)
+def _parser():
+    return flags.build_parser("sim")
 
 
 class SimJob:
