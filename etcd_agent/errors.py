@@ -89,6 +89,14 @@ class JobFailed(AgentError):
     """The job ended with a non-success result written by some agent."""
 
 
+class RendezvousTimeout(JobFailed):
+    """The job failed because a round did not form within ``--join-timeout`` (too few nodes, or ranks missing)."""
+
+
+class RestartBudgetSpent(JobFailed):
+    """The job failed because a failure or a loss needed a restart and its restarts (``--max-restarts``) were spent."""
+
+
 class JobStopped(AgentError):
     """The job was stopped by an operator (``etcd-agent stop``) or this agent received a signal."""
 

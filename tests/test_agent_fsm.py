@@ -6,9 +6,9 @@ from __future__ import annotations
 import queue
 import threading
 
-from etcd_agent.agent import Agent, State
+from etcd_agent.agent import Agent, LostSession, State
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
-from etcd_agent.errors import JobFailed
+from etcd_agent.errors import RestartBudgetSpent
 from etcd_agent.testing import sim
 
 
@@ -77,7 +77,7 @@ def test_a_failed_worker_restarts_the_job_then_the_budget_ends_it(etcd_endpoint,
     assert (second.assignment.round, second.assignment.restart_count) == (2, 1)
     second.end(3, local_rank=0)
     thread.join(30)
-    assert isinstance(outcome.get("error"), JobFailed) and "restart budget is spent" in str(outcome["error"])
+    assert isinstance(outcome.get("error"), RestartBudgetSpent) and "restart budget is spent" in str(outcome["error"])
     assert agent.states == [State.STARTING, State.RENDEZVOUS, State.RUNNING, State.RENDEZVOUS, State.RUNNING,
                             State.FINISHED]
 
@@ -111,7 +111,7 @@ class LosesItsSessionBeforeStarting(Recorded):
                 and self.coord.mirror.plan(1) is not None):
             self.injected = True
             self.coord.etcd.lease_revoke(self.session.lease_id)
-            self.events.put(("lost", (self.session, "lease revoked by the test")))
+            self.events.put(LostSession(self.session, "lease revoked by the test"))
             super()._drain(False)
 
 

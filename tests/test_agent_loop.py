@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -17,7 +16,8 @@ from agents import keys_of, poll_until, start_agents, wait_all
 
 from etcd_agent.node import health
 from etcd_agent.coord import txns
-from etcd_agent.agent import install_signal_handlers
+from etcd_agent.agent import Agent, Signalled, install_signal_handlers
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
 from etcd_agent.errors import JobStopped
 
 SLOW_CHECK = ["--health-check", "sleep 90", "--health-check-timeout", "100"]  # far longer than any wait below
@@ -83,26 +83,19 @@ def test_a_stop_during_a_gpu_memory_drain_is_handled_at_once(etcd_endpoint, run_
         assert StandInGroup.started.empty()  # round 2's workers never started
 
 
-class Posted:
-    """What install_signal_handlers needs of an agent."""
-
-    def __init__(self):
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.shutdown = threading.Event()
-        self.signalled = 0
-
-
 def test_the_signal_handler_only_posts(monkeypatch):
-    """The handler neither starts a thread nor takes a lock: it posts the signal to the agent's queue and to a
-    thread started beforehand, which sets the shutdown event."""
-    agent = Posted()
+    """The handler (``Agent.leave``) neither starts a thread nor takes a lock: it posts the signal to the agent's
+    queue and to the relay thread started beforehand, which sets the shutdown event."""
+    cfg = AgentConfig(run_id="r", node_id="n0", spec=JobSpec(1, 1, "1", 0), workers=WorkerConfig("unused.py", (), 1),
+                      etcd=EtcdConfig(parse_endpoints("127.0.0.1:1")))
+    agent = Agent(cfg, "test")  # never run: nothing here talks to etcd
     before = signal.getsignal(signal.SIGUSR1)
     install_signal_handlers(agent, (signal.SIGUSR1,))
     try:
         started = []
         monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self.name))
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert agent.events.get(timeout=5) == ("signal", signal.SIGUSR1)
+        assert agent.events.get(timeout=5) == Signalled(signal.SIGUSR1)
         assert agent.shutdown.wait(5) and agent.signalled == signal.SIGUSR1
         assert started == []
     finally:

@@ -22,7 +22,7 @@ LAYERS_BELOW = {
     "cli": {"base", "schema", "etcd", "coord", "node", "agent", "ops"},
     "torch": {"base", "schema", "etcd", "coord", "node", "agent", "cli"},
     # for tests and tools (embedded clusters; the simulation: real agents, stand-in workers); nothing imports it
-    "testing": {"base", "schema", "etcd", "coord", "node", "agent"},
+    "testing": {"base", "schema", "etcd", "coord", "node", "agent", "cli"},  # the simulation resolves command lines
 }
 # Third-party packages a layer alone may import (every other layer: none of them).
 ONLY_IN = {"etcd3": "etcd", "grpc": "etcd", "torch": "torch"}

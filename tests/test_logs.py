@@ -16,7 +16,8 @@ from agents import JOB, CommandLine, job_keys, keys_of, start_agents, wait_all
 from etcd_agent import logs
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
-from etcd_agent.node.workers import Assignment, WorkerGroup
+from etcd_agent.node.api import Assignment
+from etcd_agent.node.workers import WorkerGroup
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) etcd-agent: (.*)$")
 STAMP = re.compile(r"^\[run (\S+) node (\S+) round (\d+|-)\] ")
@@ -122,7 +123,7 @@ def _group(log_dir: Path, node: str = "n0", **kw) -> tuple[WorkerGroup, threadin
     cfg = WorkerConfig(entrypoint=JOB, args=(str(log_dir.parent / "out"),), nproc=1, log_dir=str(log_dir),
                        stop_timeout=3, **kw)
     (log_dir.parent / "out").mkdir(exist_ok=True)
-    return WorkerGroup(cfg, lambda ex: done.set(), node_id=node), done
+    return WorkerGroup(cfg, on_exit=lambda ex: done.set(), node_id=node), done
 
 
 def _start(group: WorkerGroup) -> None:

@@ -9,7 +9,9 @@ import pytest
 from etcd_agent.coord import blame
 from etcd_agent.coord.blame import Attribute, ReportLoss
 from etcd_agent.coord.decide import (Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
-                                     StopWorkers, Wait, WriteExit, build_plan, decide, newcomers, passed_over, result)
+                                     StopWorkers, Wait, WriteExit, decide, job_error, newcomers, passed_over, result)
+from etcd_agent.coord.ranks import build_plan
+from etcd_agent.errors import JobFailed, JobStopped, RendezvousTimeout, RestartBudgetSpent
 from etcd_agent.coord.mirror import DONE, FAILED, JOINING, RUNNING, STOPPED, Scope, View
 from etcd_agent.schema.values import (Failure, Join, Member, NodeInfo, Outcome, Plan, Restarts, Result, RoundInfo,
                                       SpecValue)
@@ -863,3 +865,31 @@ def test_a_failure_that_restarted_the_job_counts_once_no_loss_can_have_caused_it
     # the window passed with no loss: it counts
     late = me(pending=mine, wall=WALL + blame.window(PARAMS.lease_ttl))
     assert decide(pending_view(joins=("node-b",)), late, PARAMS) == Attribute(mine, True)
+
+
+# --- what an agent raises for the job's end (typed errors) ------------------------------------------------------
+
+def test_a_round_that_never_formed_ends_in_a_rendezvous_timeout():
+    v = view(phase=JOINING, nodes=[ME, "node-d"], joins=[jn(ME, 11)])
+    action = decide(v, me(now=NOW, round_seen_at=NOW - 60.0), Params(3, 4, 3, 2.0, 60.0, 1.0))
+    assert isinstance(action, End) and job_error(action.result) is RendezvousTimeout
+    unjoined = decide(view(phase=JOINING, nodes=[ME, "node-b"], joins=()),
+                      me(now=NOW, round_seen_at=NOW - 60.0, unhealthy="GPU 0 is lost"), PARAMS)
+    assert isinstance(unjoined, End) and unjoined.unjoined and job_error(unjoined.result) is RendezvousTimeout
+
+
+def test_a_failure_or_a_loss_past_the_budget_ends_in_restart_budget_spent():
+    failed = decide(view(restarts=(3, 3)), finished_here("failed", report()), PARAMS)
+    lost = decide(view(nodes=[ME, "node-b"], joins=[ME], restarts=(3, 3)), running_here(), PARAMS)
+    for action in (failed, lost):
+        assert isinstance(action, End) and job_error(action.result) is RestartBudgetSpent, action.result.reason
+
+
+def test_other_ends_are_plain_job_failures_or_stops_whatever_the_root_cause_says():
+    partly = decide(view(exits=["node-b"], restarts=(0, 3)), finished_here("failed", report()), PARAMS)
+    assert isinstance(partly, End) and job_error(partly.result) is JobFailed
+    quoted = Failure(1, message="rendezvous timed out: the restart budget is spent (1 of 1 restarts used, "
+                     "--max-restarts)", node="node-b")  # a worker's own words are no decision
+    by_torch = Result(Outcome.FAILED, 3, "torchrun's agent on node-b gave up", quoted)
+    assert job_error(by_torch) is JobFailed
+    assert job_error(Result(Outcome.STOPPED, 3, "stopped by the operator")) is JobStopped

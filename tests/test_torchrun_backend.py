@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("torch")
 from torch.distributed.elastic.rendezvous import (RendezvousClosedError, RendezvousConnectionError,  # noqa: E402
-                                                  RendezvousParameters)
+                                                  RendezvousParameters, RendezvousTimeoutError)
 from torch.distributed import DistStoreError  # noqa: E402
 from torch.distributed.elastic.utils import store as store_util  # noqa: E402
 
@@ -120,6 +120,13 @@ def test_an_unreachable_etcd_fails_the_rendezvous_with_a_connection_error():
         assert time.monotonic() - t0 < 15
     finally:
         h.shutdown()
+
+
+def test_a_round_that_never_forms_is_torchs_rendezvous_timeout(handlers, etcd_endpoint, run_id):
+    """The agent's RendezvousTimeout (a type, not its message) becomes torch's RendezvousTimeoutError."""
+    h = make(handlers, etcd_endpoint, run_id, "node-a", join_timeout="1")
+    with pytest.raises(RendezvousTimeoutError, match="rendezvous timed out: 1 of at least 2 node"):
+        h.next_rendezvous()
 
 
 def test_rounds_restart_and_close(handlers, etcd_endpoint, run_id):

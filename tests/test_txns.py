@@ -15,7 +15,8 @@ from etcd_agent.config import EtcdConfig, JobSpec, parse_endpoints
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, NodeRankTaken, SpecMismatch
 from etcd_agent.etcd.client import Etcd, op_delete, op_put
 from etcd_agent.schema.keys import Keys, RunKeys, encode
-from etcd_agent.coord.decide import Bump, Local, Params, WriteExit, build_plan, decide
+from etcd_agent.coord.decide import Bump, Local, Params, WriteExit, decide
+from etcd_agent.coord.ranks import build_plan
 from etcd_agent.coord.mirror import Mirror
 from etcd_agent.schema.values import Failure, RankClaim
 from etcd_agent.etcd.watch import wait_deleted

@@ -24,7 +24,9 @@ from etcd_agent.node import priority, warm
 from etcd_agent.config import WorkerConfig, worker_base_env
 from etcd_agent.errors import ConfigError
 from etcd_agent.node.warm import REFILL_DELAY, ROUND_KEYS, SPARE_FILE, SparePool, known_env, parse_preload
-from etcd_agent.node.workers import Assignment, WorkerGroup, worker_env
+from etcd_agent.node.api import Assignment
+from etcd_agent.node.env import worker_env
+from etcd_agent.node.workers import WorkerGroup
 
 IDENTITY = WORKERS / "identity.py"
 JOB = WORKERS / "job.py"
@@ -83,7 +85,7 @@ def _group_with_pool(tmp_path: Path, script: str, args=(), preload=("json",), np
         exits.append(ex)
         if len(exits) == nproc:
             done.set()
-    return cfg, pool, WorkerGroup(cfg, on_exit, node_id="node", spares=pool), exits, done
+    return cfg, pool, WorkerGroup(cfg, on_exit=on_exit, node_id="node", spares=pool), exits, done
 
 
 def _first_envs(cfg: WorkerConfig) -> dict[int, dict[str, str]]:
@@ -160,7 +162,7 @@ def test_a_stale_spare_is_killed_and_the_worker_starts_cold(tmp_path, caplog, mo
         pool.wait_ready(60)
         second = pool.pids[0]
         monkeypatch.setenv("SOMETHING_NEW", "1")
-        group2 = WorkerGroup(cfg, lambda ex: None, node_id="node", spares=pool)
+        group2 = WorkerGroup(cfg, on_exit=lambda ex: None, node_id="node", spares=pool)
         group2.start(_assignment(cfg, 2))
         assert group2.pids != [second]
         assert "is stale: the worker's environment changed since it started (SOMETHING_NEW)" in caplog.text

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import queue
 import select
 import shutil
 import signal
@@ -28,7 +30,9 @@ from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
 from etcd_agent.node.worker_logs import Dest, line_prefix, route
 from etcd_agent.node.warm import SparePool
-from etcd_agent.node.workers import Assignment, WorkerExit, WorkerGroup, worker_env
+from etcd_agent.node.api import Assignment, GroupFailed, GroupSucceeded, WorkerExit
+from etcd_agent.node.env import worker_env
+from etcd_agent.node.workers import WorkerGroup
 
 WORKERS = Path(__file__).parent / "workers"
 REPO = Path(__file__).parent.parent
@@ -51,10 +55,12 @@ def assignment(**kw) -> Assignment:
 
 
 class Exits:
-    """An on_exit callback that records exits and sets an event once ``n`` arrived."""
+    """An on_exit callback that records exits and sets an event once ``n`` arrived; ``events`` holds what the group
+    posted (``GroupSucceeded``/``GroupFailed``)."""
 
     def __init__(self, n: int):
         self.n = n
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.items: list[WorkerExit] = []
         self.threads: list[str] = []
         self.done = threading.Event()
@@ -70,6 +76,13 @@ class Exits:
     def wait(self) -> list[WorkerExit]:
         assert self.done.wait(TIMEOUT), f"only {len(self.items)} of {self.n} exits were reported"
         return sorted(self.items, key=lambda e: e.local_rank)
+
+    def posted(self) -> list:
+        """The group's events so far (call once the group is stopped: its waiters have posted by then)."""
+        found = []
+        while not self.events.empty():
+            found.append(self.events.get())
+        return found
 
 
 class Mailbox:
@@ -111,7 +124,7 @@ def mailbox(monkeypatch):
 def make_group(tmp_path):
     """``make_group(script, *args, nproc=1, n_exits=nproc, **cfg)`` -> (group, exits); stopped at teardown."""
     def make(script: str, *args: str, nproc: int = 1, n_exits: int | None = None, node: str = "node-a",
-             warm: bool = False, **kw):
+             warm: bool = False, worker_timeout: float = 0.0, **kw):
         """``warm``: the group's first start hands every worker to a spare of a SparePool (--warm-restart)."""
         entry = script if kw.get("no_python") or kw.get("module") else str(WORKERS / script)
         cfg = WorkerConfig(entrypoint=entry, args=tuple(args), nproc=nproc, log_dir=str(tmp_path / "logs"),
@@ -123,7 +136,8 @@ def make_group(tmp_path):
             spares.fill({i: worker_env(cfg, assignment(), i, config.worker_base_env(), "") for i in range(nproc)})
             spares.wait_ready(TIMEOUT)
             pools.append((spares, nproc))
-        group = WorkerGroup(cfg, exits, node_id=node, spares=spares)
+        group = WorkerGroup(cfg, exits.events.put, node_id=node, spares=spares, worker_timeout=worker_timeout,
+                            on_exit=exits)
         groups.append(group)
         return group, exits
 
@@ -311,6 +325,83 @@ def test_start_refuses_while_workers_run_and_restarts_after_stop(make_group, mai
     assert [e.round for e in exits.wait()] == [1, 2]
 
 
+# -- the group's events (node.api) ---------------------------------------------------------------------------------
+
+def test_workers_that_all_exit_0_make_one_success(make_group):
+    group, exits = make_group("exit_code.py", "0", nproc=2)
+    group.start(assignment())
+    exits.wait()
+    group.stop("the round is over")
+    assert exits.posted() == [GroupSucceeded(3)]
+
+
+def test_the_first_failure_is_the_groups_and_a_later_one_is_said_once(make_group, caplog):
+    group, exits = make_group("exit_code.py", "3", nproc=2)
+    with caplog.at_level(logging.WARNING, logger="etcd_agent.node.workers"):
+        group.start(assignment())
+        exits.wait()
+        group.stop("the round is over")
+    (failed,) = exits.posted()
+    assert isinstance(failed, GroupFailed) and failed.round == 3
+    r = failed.report
+    assert (r.exitcode, r.node, r.round, r.hang) == (3, "node-a", 3, False) and r.rank in (4, 5)
+    assert "the worker exited with exit code 3" in r.message
+    other, pids = 9 - r.rank, {e.rank: e.pid for e in exits.items}  # ranks 4 and 5
+    assert [m for m in caplog.messages if "failed too" in m] == [
+        f"[run run1 node node-a round 3] worker rank {other} (pid {pids[other]}) failed too, with "
+        "exit code 3"]
+
+
+def test_the_workers_a_stop_ends_make_no_event(make_group, mailbox):
+    group, exits = make_group("hang.py", nproc=2, stop_timeout=TIMEOUT)
+    group.start(assignment())
+    mailbox.ready(2)
+    group.stop("another node failed")
+    assert [e.returncode for e in exits.wait()] == [-signal.SIGTERM] * 2
+    assert exits.posted() == []
+
+
+def test_a_failure_just_before_a_stop_keeps_its_report(make_group):
+    """The worker fails on its own; its waiter has not told the group yet when a stop (for another reason) begins:
+    the failure ended before the stop's first signal, so it is still the group's."""
+    group, exits = make_group("exit_code.py", "3", stop_timeout=TIMEOUT)
+    reaped, release = threading.Event(), threading.Event()
+    report = group._report
+
+    def held(w, returncode):  # the worker is reaped; its waiter waits here until the stop has begun
+        reaped.set()
+        release.wait(TIMEOUT)
+        report(w, returncode)
+    group._report = held
+    group.start(assignment())
+    assert reaped.wait(TIMEOUT)
+    stopping = threading.Thread(target=group.stop, args=("another node failed",))
+    stopping.start()
+    poll_until(lambda: group.state.value == "stopping", TIMEOUT, "the stop begun")
+    release.set()
+    stopping.join(TIMEOUT)
+    (failed,) = exits.posted()
+    assert isinstance(failed, GroupFailed) and failed.report.exitcode == 3
+
+
+def test_a_worker_that_makes_no_progress_fails_the_group_from_the_group(make_group, mailbox):
+    """--worker-timeout is the group's own check: a worker that never beats (hang.py) fails the group with a hang
+    report, with no agent polling it; the hung worker runs until the group is stopped, and its stop is no second
+    failure."""
+    group, exits = make_group("hang.py", stop_timeout=TIMEOUT, worker_timeout=0.5)
+    group.start(assignment())
+    mailbox.ready(1)
+    failed = exits.events.get(timeout=TIMEOUT)
+    assert isinstance(failed, GroupFailed) and failed.round == 3
+    r = failed.report
+    assert (r.hang, r.exitcode, r.signal, r.rank, r.node) == (True, None, None, 4, "node-a")
+    assert "(--worker-timeout 0.5); the worker is considered hung" in r.message
+    assert group.running and exits.items == []
+    group.stop("the group hung")
+    assert [e.returncode for e in exits.wait()] == [-signal.SIGTERM]
+    assert exits.posted() == []
+
+
 # -- stop --------------------------------------------------------------------------------------------------------
 
 
@@ -447,7 +538,7 @@ def test_an_unwritable_log_dir_fails_start_before_any_worker_runs(tmp_path):
     blocker.write_text("")
     cfg = WorkerConfig(entrypoint=str(WORKERS / "hang.py"), args=(), nproc=2, log_dir=str(blocker))
     exits = Exits(1)
-    group = WorkerGroup(cfg, exits, node_id="node-a")
+    group = WorkerGroup(cfg, on_exit=exits, node_id="node-a")
     with pytest.raises(ConfigError, match="--log-dir"):
         group.start(assignment())
     assert group.pids == [] and not group.running and exits.items == []

@@ -5,15 +5,12 @@ and decide again". Invariants this module keeps:
 - Round leader: the joiner with the lowest join create_revision (etcd's election pattern). Only it closes a
   round: at once with ``max_nodes`` joiners; at once with ``min_nodes`` when the job ran before and every
   registered node has joined (the fast path that makes a re-rendezvous after a failure immediate); otherwise
-  ``last_call`` seconds after
-  ``min_nodes`` was reached. Fewer than ``min_nodes``, or ranks still missing, at ``join_timeout`` fails the job.
-- Ranks: a node started with ``--node-rank k`` (its join record's ``node_rank``) has group rank k in every plan;
-  the others fill the free ranks in stable order: members of the previous plan keep their relative order,
-  newcomers follow in join order. Ranks are exactly 0..n-1: while a pin is >= the number of members the plan
-  would have, the leader waits instead of closing (the last call and the join timeout still apply; the timeout
-  names the missing ranks). The leased claim ``P/node_ranks/<k>`` keeps two live nodes from sharing a pin.
-  Worker ranks are prefix sums of nproc over group ranks.
-- The master is group rank 0: the ``--master-addr``/``--master-port`` its join record carries, else its address
+  ``last_call`` seconds after ``min_nodes`` was reached. Fewer than ``min_nodes``, or ranks still missing, at
+  ``join_timeout`` fails the job (``RendezvousTimeout``).
+- Ranks (``ranks.py``): a pinned node (``--node-rank k``) has group rank k in every plan, the others keep a stable
+  order; while a pin is >= the number of members the plan would have, the leader waits instead of closing (the
+  timeout names the missing ranks). The leased claim ``P/node_ranks/<k>`` keeps two live nodes from sharing a pin.
+  The master is group rank 0: the ``--master-addr``/``--master-port`` its join record carries, else its address
   and the port it found free.
 - A plan member is lost when its leased join key vanishes without an exit key: a new session of the same node id
   can never hide the loss of the old one. An agent that fenced itself sees its own old join key (another lease)
@@ -29,23 +26,28 @@ and decide again". Invariants this module keeps:
 - Scale-ups: one is made for the newcomers registered as of a revision (``RoundInfo.scaled_for``); one that did
   not admit a node is not repeated for it until its registry entry changes (a live node that passes its check
   again says so by writing it), so a forged or stuck registration costs one uncounted restart, not one per round.
-- Restarts are counted job-wide: worker failures and node losses count, scale-ups do not. Once any node's
-  workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run.
+- Restarts are counted job-wide: worker failures and node losses count, scale-ups do not; one past the budget ends
+  the job (``RestartBudgetSpent``). Once any node's workers have finished, a failure ends the job ``failed``: a
+  partly finished job cannot be re-run. ``job_error`` names the error an agent raises for the job's result.
 - Blame (``blame.py``): a node lost within a lease TTL of its round's failures is that round's cause. A full view
   writes the loss report (``ReportLoss``) of a member of the last plan lost after its round restarted; a restart for
   a loss writes the lost nodes' reports with it. A loss and the failures it caused are one restart.
 
-Pure: no I/O, time passed in. Imports ``coord.mirror``, ``coord.blame`` and ``schema.values`` only.
+Pure: no I/O, time passed in. Imports ``errors``, ``schema.values`` and ``coord/`` (``mirror``, ``blame``,
+``ranks``) only; never ``etcd/`` or ``node/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from . import blame
 from .blame import Attribute, ReportLoss
+from ..errors import JobFailed, JobStopped, RendezvousTimeout, RestartBudgetSpent
 from .mirror import DONE, FAILED, FINAL_PHASES, JOINING, View
-from ..schema.values import Failure, Join, Member, Outcome, Phase, Plan, Result, RoundInfo
+from .ranks import Ranking, as_spares, make_plan, plan_size, rank_joiners
+from ..schema.values import Failure, Member, Outcome, Phase, Plan, Result, RoundInfo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Local:
     node: str
     now: float
     wall: float
+    round: int = 0  # the round this agent is in: the newest it has seen (``observe``; its log lines say it)
     workers_round: int = 0  # the round whose workers run or ran here (0: none)
     workers_running: bool = False
     outcome: Outcome | None = None  # succeeded / failed once known for workers_round
@@ -227,7 +230,7 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if ranking.blocked:
         return Wait(f"round {r.number} has {count} node(s) but cannot close yet: {ranking.blocked}", timeout_at,
                     timeout_at)
-    plan = dataclasses.replace(_plan(r.number, ranking, p, v.restarts.used if v.restarts else 0), leader=me.node)
+    plan = dataclasses.replace(make_plan(r.number, ranking, p, v.restarts.used if v.restarts else 0), leader=me.node)
     guard = tuple((m.node, v.joins[m.node].create_revision) for m in plan.members)
     # Fast path, for re-rendezvous only: a job that ran before closes as soon as every registered node joined.
     # The first round waits out the last call for nodes that are still starting.
@@ -270,7 +273,7 @@ def _timed_out(v: View, r: RoundInfo, p: Params, ranking: Ranking | None) -> str
     else:
         why = f"round {r.number} could not close with the {count} node(s) that joined"
     blocked = f": {ranking.blocked}" if ranking is not None and ranking.blocked else ""
-    return (f"rendezvous timed out: {why} within {p.join_timeout:g} s (--join-timeout){blocked}; "
+    return (f"{TIMED_OUT}{why} within {p.join_timeout:g} s (--join-timeout){blocked}; "
             f"missing: {missing}")
 
 
@@ -317,24 +320,6 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     return Wait(f"round {r.number} running with {len(plan.members)} node(s)")
 
 
-def plan_size(v: View, p: Params) -> int:
-    """How many members spares may fill a plan up to: as many as the last plan had (a spare takes a lost or
-    quarantined member's place), at least MIN."""
-    return max(p.min_nodes, len(v.last_plan.members) if v.last_plan else 0)
-
-
-def as_spares(v: View, p: Params) -> list[Join]:
-    """The round's joiners, a node beyond MAX counted as a spare: when the newest earlier plan was full (MAX
-    members), a joiner that was not in it waited outside a full job, and it comes in only in place of a lost (or
-    quarantined) member, taking that member's group rank while every other member keeps its own, exactly as a
-    ``--spare`` does. Other newcomers (a job below MAX) follow in join order."""
-    joins = list(v.joins.values())
-    last = v.last_plan
-    if last is None or len(last.members) < p.max_nodes:
-        return joins
-    return [j if j.spare or last.member(j.node) is not None else dataclasses.replace(j, spare=True) for j in joins]
-
-
 def healthy(v: View) -> set[str]:
     """The registered nodes that passed their health check (an unhealthy one joins no round until it passes, and
     one still checking counts only once a check passed)."""
@@ -375,99 +360,9 @@ def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, coun
     used = v.restarts.used if v.restarts else 0
     limit = v.restarts.max if v.restarts else p.max_restarts
     if counted and used >= limit:
-        why = f"{reason}; the restart budget is spent ({used} of {limit} restarts used, --max-restarts)"
+        why = f"{reason}; {BUDGET_SPENT} ({used} of {limit} restarts used, --max-restarts)"
         return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure, losses), failure, losses=losses)
     return Bump(r, reason, counted, failure, losses=losses)
-
-
-@dataclasses.dataclass(frozen=True)
-class Ranking:
-    """Who gets which group rank; ``blocked`` says why no valid plan can be made yet ('' when one can)."""
-
-    members: tuple[Join, ...]  # in group-rank order: members[k] gets group rank k (when not blocked)
-    missing: tuple[int, ...] = ()  # group ranks below a pinned one that no joiner can fill yet
-    conflicts: tuple[str, ...] = ()  # pins no plan can honour (two joiners with one rank, a rank >= max_nodes)
-
-    @property
-    def blocked(self) -> str:
-        why = list(self.conflicts)
-        if self.missing:
-            pins = ", ".join(f"{j.node} has --node-rank {j.node_rank}" for j in self.members
-                             if j.node_rank is not None and j.node_rank > self.missing[0])
-            why.append(f"group rank(s) {_spans(self.missing)} have no node yet ({pins})")
-        return "; ".join(why)
-
-
-def rank_joiners(joins: list[Join], max_nodes: int, fill_to: int = 0) -> Ranking:
-    """Group ranks. A pinned joiner (``--node-rank k``) gets rank k; the others fill the free ranks in stable order
-    (previous plan's order, then join order), up to ``max_nodes`` members. Spares (``--spare``) come last, and only
-    up to ``fill_to`` members: a plan with a spare keeps every previous member at its rank (``prev_rank``) and puts
-    the spares in the holes the lost members left. Ranks must be exactly 0..n-1, so while a pin is >= the number of
-    members the ranking is blocked (missing ranks). Of two joiners with one pin the earlier keeps it and the later
-    is left out, blocking too (the leased rank claim makes that unreachable)."""
-    pinned: dict[int, Join] = {}
-    conflicts = []
-    for j in sorted((j for j in joins if j.node_rank is not None), key=lambda j: j.create_revision):
-        if j.node_rank >= max_nodes:
-            conflicts.append(f"{j.node} has --node-rank {j.node_rank}, outside 0..{max_nodes - 1}")
-        elif j.node_rank in pinned:
-            conflicts.append(f"{j.node} and {pinned[j.node_rank].node} both have --node-rank {j.node_rank}")
-        else:
-            pinned[j.node_rank] = j
-    order = lambda j: (j.prev_rank is None, j.prev_rank or 0, j.create_revision)  # noqa: E731
-    free = sorted((j for j in joins if j.node_rank is None and not j.spare), key=order)
-    spares = sorted((j for j in joins if j.node_rank is None and j.spare), key=order)
-    free += spares[: max(0, fill_to - len(pinned) - len(free))]
-    size = min(len(pinned) + len(free), max_nodes)
-    ranks = max(size, max(pinned, default=-1) + 1)
-    taken = free[: size - len(pinned)]
-    slots, rest = dict(pinned), []
-    keep = any(j.spare for j in taken)  # spares fill the holes: the others keep their ranks
-    for j in taken:
-        if keep and j.prev_rank is not None and j.prev_rank < ranks and j.prev_rank not in slots:
-            slots[j.prev_rank] = j
-        else:
-            rest.append(j)
-    fill = iter(rest)
-    members, missing = [], []
-    for rank in range(ranks):
-        j = slots.get(rank) or next(fill, None)
-        if j is None:
-            missing.append(rank)
-        else:
-            members.append(j)
-    return Ranking(tuple(members), tuple(missing), tuple(conflicts))
-
-
-def build_plan(number: int, joins: list[Join], p: Params, restart_count: int) -> Plan:
-    """The plan of a ranking that is not blocked (see ``rank_joiners``). Worker ranks are prefix sums of nproc
-    over group ranks. The master is group rank 0: its ``--master-addr``/``--master-port`` if it was given them,
-    else its address and the port it found free."""
-    ranking = rank_joiners(joins, p.max_nodes, p.min_nodes)
-    if ranking.blocked:
-        raise ValueError(f"no plan for round {number}: {ranking.blocked}")
-    return _plan(number, ranking, p, restart_count)
-
-
-def _plan(number: int, ranking: Ranking, p: Params, restart_count: int) -> Plan:
-    members, offset = [], 0
-    for rank, j in enumerate(ranking.members):
-        members.append(Member(j.node, rank, j.host, j.addr, j.nproc, offset))
-        offset += j.nproc
-    first = ranking.members[0]
-    return Plan(number, tuple(members), first.master_addr or first.addr, first.master_port or first.port,
-                restart_count, p.max_restarts)
-
-
-def _spans(ranks: tuple[int, ...]) -> str:
-    """``1, 3-5`` for (1, 3, 4, 5)."""
-    spans: list[list[int]] = []
-    for r in ranks:
-        if spans and r == spans[-1][1] + 1:
-            spans[-1][1] = r
-        else:
-            spans.append([r, r])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: Failure | None = None,
@@ -484,3 +379,20 @@ def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failur
 
 def describe_failure(failure: Failure | None) -> str:
     return failure.describe() if failure else "a worker failed"
+
+
+TIMED_OUT = "rendezvous timed out: "  # how the reason of a round that never formed begins
+BUDGET_SPENT = "the restart budget is spent"  # how the reason of a restart past the budget ends, with the counts
+_BUDGET_SPENT_END = re.compile(rf"; {BUDGET_SPENT} \(\d+ of \d+ restarts used, --max-restarts\)$")
+
+
+def job_error(result: Result) -> type[JobFailed] | type[JobStopped]:
+    """The error an agent raises for a job that did not succeed: what ended it, from the reason ``decide`` gave
+    (whichever agent wrote the result)."""
+    if result.outcome == Outcome.STOPPED:
+        return JobStopped
+    if result.reason.startswith(TIMED_OUT):
+        return RendezvousTimeout
+    if _BUDGET_SPENT_END.search(result.reason):
+        return RestartBudgetSpent
+    return JobFailed

@@ -1,39 +1,31 @@
-"""This node's worker processes for one round: spawn, watch, stop.
+"""This node's worker processes for one round: spawn, watch, stop. The ``node.api.Group`` contract, with processes.
 
 Guarantees:
 
-- Every worker gets exactly torchrun 2.13's environment (``worker_env``) plus ``ETCD_AGENT_ROUND`` for fencing and
-  ``ETCD_AGENT_PROGRESS_FILE``, its heartbeat file for hang detection (``progress.py``). It starts from the agent's
-  environment less what the agent set only for itself (``config.set_agent_env``, e.g. ``GRPC_ENABLE_FORK_SUPPORT``);
-  like torchrun it gets ``ROLE_NAME`` = ``--role`` and ``TORCHELASTIC_SIGNALS_TO_HANDLE``, and never
-  ``PYTHONUNBUFFERED`` (workers run ``python -u``). With ``--virtual-local-rank`` it gets ``LOCAL_RANK=0`` and the
-  local-rank-th entry of the agent's ``CUDA_VISIBLE_DEVICES`` (or the local rank when that is unset); otherwise
-  ``CUDA_VISIBLE_DEVICES`` is inherited unchanged.
-- Its output goes where torchrun sends it (``worker_logs``): by default straight to the console, unprefixed;
-  ``--redirects``/``--tee``/``--local-ranks-filter`` as in torchrun; stderr is always also kept in ``stderr.log``
-  for the failure report.
+- Every worker gets ``env.worker_env`` (torchrun 2.13's environment) plus ``ETCD_AGENT_PROGRESS_FILE``, its
+  heartbeat file (``progress.py``). Its output goes where torchrun sends it (``worker_logs``); stderr is always also
+  kept in ``stderr.log`` for the failure report.
 - Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL``, so it cannot outlive the agent.
   The kernel sends that signal when the *thread* that forked the child exits, not the process: ``start`` must be
   called from a thread that lives as long as the workers (the agent's main thread), never from a short-lived one.
-- An exit is seen the moment it happens: one waiter thread per worker blocks in ``Popen.wait`` and calls
-  ``on_exit(WorkerExit)`` exactly once per worker, also for workers that ``stop`` ended. ``on_exit`` runs on that
-  waiter thread: it must return quickly and must not call ``start`` or ``stop``.
-- ``start`` and ``stop`` hold one lock; do not call them from a signal handler (which may interrupt them on the
-  same thread): set an event there and call ``stop`` from the agent's loop.
-- ``stop`` is idempotent: SIGTERM to every group, grace until an absolute deadline, SIGKILL, then every
-  descendant found by psutil (collected before the first signal, plus the group members) is killed and waited for.
+- An exit is seen the moment it happens: one waiter thread per worker blocks in ``Popen.wait`` and turns it into
+  the contract's events (``api.ExitTally``): ``GroupSucceeded``, or ``GroupFailed`` with the report of the first
+  failure of its own (one that ended before a stop signalled it). ``on_exit`` (optional: tests, tools) hears every
+  ``WorkerExit`` once, also of the workers ``stop`` ended. Callbacks run on waiter threads: they must return at
+  once and never call ``start`` or ``stop``. A worker that cannot be spawned exits 127 (126: not executable).
+- ``--worker-timeout``: a thread of the group watches the heartbeats while the round runs; a worker silent that long
+  fails the group (``GroupFailed``, ``hang=True``) unless it failed already.
+- ``start`` and ``stop`` hold one lock; never call them from a signal handler. ``stop`` is idempotent: SIGTERM to
+  every group, grace until an absolute deadline, SIGKILL, then every descendant found by psutil (collected before
+  the first signal, plus the group members) is killed and waited for.
+- With ``--warm-restart`` (``warm.py``, ``handoff.py``) a worker starts from its local rank's pre-started
+  interpreter when that one is usable, cold otherwise, with the same environment, command line, streams, process
+  group, priority, parent-death signal, waiter, stop, reports and progress file either way.
+- A log directory that cannot be written, a log tree not the agent's (``logtree``), or a virtual local rank beyond
+  ``CUDA_VISIBLE_DEVICES`` is a ConfigError from ``start`` before any worker runs.
 
-- With ``--warm-restart`` (a ``SparePool``, ``warm.py``) a worker starts from its local rank's pre-started
-  interpreter when that one is usable, cold otherwise: the same environment, command line, stdout/stderr (the same
-  files or pipes), process group, CPU and I/O priority (an idle spare gets the agent's back before its handoff),
-  parent-death signal, waiter, stop, reports and progress file either way.
-
-Must not import torch, etcd3 or any package module other than ``config``, ``errors``, ``logs``, ``logtree``,
-``progress``, ``proctree``, ``secure``, ``values``, ``warm`` and ``worker_logs``. A log directory that cannot be
-written, a log tree that is not the agent's (``logtree``), or a virtual local rank beyond ``CUDA_VISIBLE_DEVICES``,
-raises ConfigError from ``start`` before any worker runs; a worker that cannot be spawned (missing program) is
-reported through ``on_exit`` with exit code 127 (126: not executable). A worker handed to a warm spare that was still
-importing ``--preload`` and had to start it cold (``warm.py``) gets one warning from its waiter.
+Must not import torch, etcd3 or any package module but ``config``, ``errors``, ``logs``, ``progress``,
+``proctree``, ``secure``, ``schema.values`` and ``node/``; never ``etcd/``, ``coord/`` or the agent.
 """
 
 from __future__ import annotations
@@ -43,131 +35,29 @@ import logging
 import os
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 
 import psutil
 
 from .. import proctree
-from . import logtree
 from ..config import WorkerConfig, worker_base_env
-from ..errors import ConfigError
 from ..logs import Log, Where, get as get_logger
 from ..progress import PROGRESS_ENV, last_progress
-from ..secure import redact
 from ..schema.values import Failure
+from . import handoff, reports
+from .api import Assignment, ExitTally, GroupEvent, GroupFailed, WorkerExit
+from .env import log_root, worker_env
 from .warm import Spare, SparePool
-from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all, read_error_message
+from .worker_logs import PREFIX_TEMPLATE_ENV, WorkerLogs, plan_logs, prepare_all
 
 log = get_logger("etcd_agent.node.workers")
 
 _THREAD_PREFIX = "etcd-agent-workers-"  # every thread this module starts; start() refuses to run on one
 _KILL_WAIT = 10.0  # how long a SIGKILLed process may take to vanish (D state) before we give up and say so
 _JOIN_WAIT = 2.0  # bounded join of threads that should already be done
-_REPORT_FLUSH_WAIT = 1.0  # how long a report waits for the pump threads to finish writing the stderr log
-_HANDOFF_WORD_MARGIN = 10.0  # beyond cold_after: how long a waiter waits for a spare's word before it warns
-_default_log_root: str | None = None  # made on first use when no --log-dir was given
-_default_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """What this node's workers get for one round."""
-
-    run_id: str
-    round: int
-    group_rank: int
-    group_world_size: int
-    rank_offset: int  # global rank of local_rank 0
-    world_size: int
-    master_addr: str
-    master_port: int
-    restart_count: int  # job-wide, the same on every node
-    max_restarts: int
-    job: int = 1  # which job of the run (a re-run of a finished run id is the next one): its own log tree
-
-
-@dataclass(frozen=True)
-class WorkerExit:
-    """One worker's end; ``returncode`` < 0 means killed by signal ``-returncode``."""
-
-    local_rank: int
-    rank: int
-    pid: int
-    returncode: int
-    time: float  # wall clock when the exit was seen
-    round: int
-
-    @property
-    def failed(self) -> bool:
-        return self.returncode != 0
-
-    @property
-    def signal_name(self) -> str | None:
-        return proctree.signal_name(-self.returncode) if self.returncode < 0 else None
-
-    def describe(self) -> str:
-        """``exit code 3`` or ``signal SIGSEGV``."""
-        return proctree.describe_exit(self.returncode)
-
-
-def log_root(cfg: WorkerConfig, logger: Log | None = None) -> str:
-    """``--log-dir``, or one temporary directory per agent process (made on first use, however many groups)."""
-    global _default_log_root
-    if cfg.log_dir:
-        return cfg.log_dir
-    with _default_lock:
-        if _default_log_root is None:
-            _default_log_root = tempfile.mkdtemp(prefix="etcd_agent_logs_")
-            (logger or log).info("No --log-dir was given; worker logs go to %s.", _default_log_root)
-    return _default_log_root
-
-
-def check_log_tree(cfg: WorkerConfig, run_id: str, logger: Log | None = None) -> str:
-    """At start: make (or check) the run's private directory under the log root (``logtree``); its path, or
-    ConfigError when it is not the agent's."""
-    root = log_root(cfg, logger)
-    with logtree.opened(root, [run_id]):
-        pass
-    return os.path.join(root, run_id)
-
-
-def worker_env(cfg: WorkerConfig, a: Assignment, local_rank: int, base: Mapping[str, str],
-               error_file: str) -> dict[str, str]:
-    """The environment of one worker: ``base`` plus exactly what torchrun sets. Pure; ConfigError when
-    ``cfg.virtual_local_rank`` finds no device for ``local_rank`` in ``base``'s CUDA_VISIBLE_DEVICES."""
-    env = dict(base)
-    rank = a.rank_offset + local_rank
-    env.update({
-        "RANK": str(rank), "LOCAL_RANK": str(local_rank), "GROUP_RANK": str(a.group_rank),
-        "ROLE_RANK": str(rank), "ROLE_NAME": cfg.role, "LOCAL_WORLD_SIZE": str(cfg.nproc),
-        "WORLD_SIZE": str(a.world_size), "GROUP_WORLD_SIZE": str(a.group_world_size),
-        "ROLE_WORLD_SIZE": str(a.world_size), "MASTER_ADDR": a.master_addr, "MASTER_PORT": str(a.master_port),
-        "TORCHELASTIC_RESTART_COUNT": str(a.restart_count), "TORCHELASTIC_MAX_RESTARTS": str(a.max_restarts),
-        "TORCHELASTIC_RUN_ID": a.run_id, "TORCHELASTIC_USE_AGENT_STORE": "False",
-        "TORCHELASTIC_ERROR_FILE": error_file, "ETCD_AGENT_ROUND": str(a.round),
-        "TORCHELASTIC_SIGNALS_TO_HANDLE": cfg.signals_to_handle,  # torchrun exports it in its own environment
-    })
-    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    if cfg.nproc > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")
-    if cfg.virtual_local_rank:  # torchrun's _set_local_rank_env
-        env["LOCAL_RANK"] = "0"
-        env["CUDA_VISIBLE_DEVICES"] = _visible_device(base.get("CUDA_VISIBLE_DEVICES"), local_rank)
-    return env
-
-
-def _visible_device(visible: str | None, local_rank: int) -> str:
-    if visible is None:
-        return str(local_rank)
-    devices = visible.split(",")
-    if local_rank >= len(devices):
-        raise ConfigError(f"--virtual-local-rank: local rank {local_rank} has no device of its own: "
-                          f"CUDA_VISIBLE_DEVICES={visible!r} lists {len(devices)}")
-    return devices[local_rank].strip()
 
 
 @dataclass
@@ -184,7 +74,7 @@ class _Worker:
     waiter: threading.Thread | None = None
     progress_file: str = ""  # $ETCD_AGENT_PROGRESS_FILE: the worker's heartbeat (see progress.py)
     ended_before_stop: bool = False  # it had exited when stop() sent its first signal
-    ended_at: float = 0.0  # wall time its exit was seen (0 while it runs)
+    ended_at: float = 0.0  # wall time its exit was seen (0 while it runs; proctree's pid-reuse guard reads it)
     started: float = 0.0  # wall time of the spawn
     importing: Spare | None = None  # the warm spare it was handed to while that one still imported --preload
 
@@ -212,17 +102,25 @@ class WorkerGroup:
     deadline (the SIGKILL moment), which a later, more urgent stop (self-fencing) brings forward even while the first
     one is still waiting for the workers."""
 
-    def __init__(self, cfg: WorkerConfig, on_exit: Callable[[WorkerExit], None], node_id: str = "",
-                 logger: Log | None = None, spares: SparePool | None = None):
-        """``spares`` (``--warm-restart``): workers start from its pre-started interpreters where it has a usable
-        one, cold otherwise."""
+    def __init__(self, cfg: WorkerConfig, post: Callable[[GroupEvent], None] | None = None, node_id: str = "",
+                 logger: Log | None = None, spares: SparePool | None = None, worker_timeout: float = 0.0,
+                 on_exit: Callable[[WorkerExit], None] | None = None):
+        """``post`` takes the group's events; ``spares`` (``--warm-restart``): workers start from its pre-started
+        interpreters where it has a usable one, cold otherwise; ``worker_timeout`` (``--worker-timeout``, 0: off):
+        a worker silent that long fails the group; ``on_exit`` hears every worker's exit."""
         self.cfg = cfg
         self.node_id = node_id
+        self._post = post
         self._on_exit = on_exit
         self._log = logger or log
         self._spares = spares
+        self._worker_timeout = worker_timeout
         self._lock = threading.Lock()  # serializes start and stop
+        self._state_lock = threading.Lock()  # the state, and which exits ended before a stop (short, never waits)
+        self._tally_lock = threading.Lock()  # the round's exits (a report is made under it: never taken by stop)
         self._workers: list[_Worker] = []
+        self._tally: ExitTally | None = None  # the current round's exits
+        self._awake = threading.Event()  # set by stop: the hang check of the round ends
         self._reports: dict[tuple[int, int], WorkerLogs] = {}  # (round, local_rank) -> logs, for failure_report
         self._log_root = cfg.log_dir
         self.stopped_pids: set[int] = set()  # the workers and descendants the last stop ended (GPU memory drain)
@@ -256,6 +154,8 @@ class WorkerGroup:
             streams = prepare_all(logs)  # all or none, before anything runs
             preexec = proctree.pdeathsig_preexec(os.getpid())
             self._workers = []
+            self._tally = ExitTally(a.round, len(workers), self._log)
+            self._awake = threading.Event()
             self._to(GroupState.RUNNING)
             warm = 0
             for w, env, stream_kwargs in zip(workers, envs, streams):
@@ -271,6 +171,9 @@ class WorkerGroup:
             how = f", {warm} of them warm" if self._spares is not None else ""
             self._log.info("started %d workers (ranks %d-%d, pids %s%s); logs in %s.", len(self._workers),
                            a.rank_offset, w.rank, self.pids, how, os.path.dirname(w.logs.directory), round=a.round)
+            if self._worker_timeout:
+                threading.Thread(target=self._check_progress, args=(self._tally, self._awake), daemon=True,
+                                 name=f"{_THREAD_PREFIX}progress-r{a.round}").start()
 
     def _spawn(self, w: _Worker, env: dict[str, str], preexec: Callable[[], None] | None, streams: dict) -> None:
         argv = self.cfg.command()
@@ -290,42 +193,17 @@ class WorkerGroup:
         self._watch(w, self._report, (w, code))
 
     def _hand(self, w: _Worker, spare: Spare, env: dict[str, str], streams: dict) -> bool:
-        """Start ``w`` from a warm spare: its environment, command line and the round's stdout/stderr (the same
-        files and pipes a cold spawn gets). False when the spare could not take it (it is killed; start cold)."""
-        fds, ours, readers = [], [], {}
-        for name, inherited in (("stdout", 1), ("stderr", 2)):
-            arg = streams[name]
-            if arg is None:
-                fds.append(inherited)  # the agent's own stream, as a cold worker inherits it
-            elif arg == subprocess.PIPE:
-                r, wr = os.pipe()
-                readers[name] = open(r, "rb")  # noqa: SIM115 - the pump owns it, as Popen's own pipe
-                fds.append(wr)
-                ours.append(wr)
-            elif arg == subprocess.DEVNULL:
-                fd = os.open(os.devnull, os.O_WRONLY)
-                fds.append(fd)
-                ours.append(fd)
-            else:
-                fds.append(arg.fileno())
-        argv = self.cfg.command()
-        msg = {"entrypoint": self.cfg.entrypoint, "module": self.cfg.module, "args": list(self.cfg.args),
-               "orig_argv": argv, "env": env, "cold_after": self._spares.cold_after}  # type: ignore[union-attr]
+        """Start ``w`` from a warm spare (``handoff``). False when the spare could not take it (it is killed; start
+        cold)."""
         try:
-            spare.hand(msg, fds)
+            readers = handoff.hand(spare, self.cfg, env, streams, self._spares.cold_after)  # type: ignore[union-attr]
         except OSError as exc:
             self._log.warning("could not hand rank %d to its warm spare (pid %d): %s; starting it cold", w.rank,
                               spare.pid, exc, round=w.round)
-            spare.kill()
-            for f in readers.values():
-                f.close()
             return False
-        finally:
-            for fd in ours:
-                os.close(fd)
         w.proc = spare.proc
         w.proc.stdout, w.proc.stderr = readers.get("stdout"), readers.get("stderr")
-        w.importing = None if spare.said else spare  # its waiter hears whether it finished in time (_imported)
+        w.importing = None if spare.said else spare  # its waiter hears whether it finished in time
         self._running(w)
         if w.local_rank == self.cfg.nproc - 1 and self._spares is not None:
             self._spares.fill_due()  # the next round's idle spares start now, before a crash can be handled
@@ -351,45 +229,63 @@ class WorkerGroup:
 
     def _wait(self, w: _Worker) -> None:
         if w.importing is not None:
-            self._imported(w, w.importing)
+            limit = self._spares.cold_after if self._spares is not None else 0.0
+            handoff.say_how_it_started(w.importing, limit, self._log, w.rank, w.pid, w.round)
         self._report(w, w.proc.wait())  # type: ignore[union-attr]  (only started with a process)
 
-    def _imported(self, w: _Worker, spare: Spare) -> None:
-        """A worker handed to a spare still importing: say so once when the spare had to start it cold."""
-        limit = self._spares.cold_after if self._spares is not None else 0.0
-        word = spare.word(limit + _HANDOFF_WORD_MARGIN)
-        if word is None:
-            self._log.warning("the warm spare of worker rank %d (pid %d) has neither finished importing --preload "
-                              "nor started the worker cold %.0f s after its handoff; the worker has not started.",
-                              w.rank, w.pid, limit + _HANDOFF_WORD_MARGIN, round=w.round)
-        elif word.get("cold"):
-            self._log.warning("the warm spare of worker rank %d (pid %d) %s; it started the worker cold (the same "
-                              "process now runs the worker's command line).", w.rank, w.pid, word["cold"],
-                              round=w.round)
-
     def _report(self, w: _Worker, returncode: int) -> None:
+        """On the worker's waiter: its exit, and the group's event it makes (``api.ExitTally``)."""
         ex = WorkerExit(w.local_rank, w.rank, w.pid, returncode, time.time(), w.round)
         w.ended_at = ex.time
         w.exited.set()
+        with self._state_lock:  # a stop marks what ended before its first signal under this lock
+            own = self.state is GroupState.RUNNING or w.ended_before_stop
+            stopping = self.state is GroupState.STOPPING
         # A failure is the agent's to report (once, with the worker's error): here it is a detail.
-        level = logging.DEBUG if ex.failed and self.state is not GroupState.STOPPING else logging.INFO
+        level = logging.DEBUG if ex.failed and not stopping else logging.INFO
         self._log.log(level, "worker rank %d (local rank %d, pid %d) exited with %s.",
                       ex.rank, ex.local_rank, ex.pid, ex.describe(), round=w.round)
+        self._call(self._on_exit, ex, w)
+        with self._tally_lock:
+            tally = self._tally if self._tally is not None and self._tally.round == w.round else None
+            event = tally.exit(ex, own, lambda: self.failure_report(ex)) if tally is not None else None
+        if event is not None:
+            self._call(self._post, event, w)
+
+    def _call(self, callback: Callable | None, item, w: _Worker) -> None:
+        if callback is None:
+            return
         try:
-            self._on_exit(ex)
+            callback(item)
         except Exception:  # noqa: BLE001 - a broken callback must not hide later exits
-            self._log.exception("the exit callback failed for worker rank %d.", ex.rank, round=w.round)
+            what = "exit" if isinstance(item, WorkerExit) else "event"
+            self._log.exception("the %s callback failed for worker rank %d.", what, w.rank, round=w.round)
 
-    def silent_for(self) -> list[tuple[float, WorkerExit]]:
-        """For each running worker: seconds since its last progress beat (or start), with its identity."""
-        now = time.time()
-        return [(now - last_progress(w.progress_file, w.started),
-                 WorkerExit(w.local_rank, w.rank, w.pid, 0, now, w.round))
-                for w in self._workers if w.proc and not w.exited.is_set()]
-
-    def ended_on_its_own(self, ex: WorkerExit) -> bool:
-        """Whether this exit happened before stop() signalled the group (a failure of its own, not our SIGTERM)."""
-        return any(w.ended_before_stop for w in self._workers if w.local_rank == ex.local_rank and w.round == ex.round)
+    def _check_progress(self, tally: ExitTally, awake: threading.Event) -> None:
+        """--worker-timeout, on a thread of its own while the round runs: a running worker silent that long fails
+        the group (``GroupFailed``, hang=True), unless the group failed already or a stop ended the round."""
+        limit = self._worker_timeout
+        while True:
+            with self._state_lock:
+                if self.state is not GroupState.RUNNING or tally is not self._tally:
+                    return
+                now = time.time()
+                silent = [(now - last_progress(w.progress_file, w.started), w) for w in self._workers
+                          if w.proc and not w.exited.is_set()]
+            if not silent:
+                return
+            longest, w = max(silent, key=lambda s: s[0])
+            if longest >= limit:
+                break
+            awake.wait(limit - longest)
+        with self._tally_lock:
+            if not tally.hung():
+                return  # it failed already: that failure is the round's
+        report = reports.hang_report(self._reports.get((w.round, w.local_rank)), w.rank, w.local_rank, w.pid,
+                                     w.round, longest, limit, now, self.node_id)
+        self._log.error("worker rank %d (pid %d) made no progress for %.1f s (--worker-timeout %g)", w.rank, w.pid,
+                        longest, limit, round=w.round)
+        self._call(self._post, GroupFailed(w.round, report), w)
 
     @property
     def pids(self) -> list[int]:
@@ -400,6 +296,11 @@ class WorkerGroup:
         return any(not w.exited.is_set() for w in self._workers)
 
     def _to(self, new: GroupState) -> None:
+        with self._state_lock:
+            self._move(new)
+
+    def _move(self, new: GroupState) -> None:
+        """The one place that moves the state; under ``_state_lock``."""
         if new not in _MOVES[self.state]:
             raise RuntimeError(f"worker group {self.state.value} -> {new.value} is not allowed")
         self.state = new
@@ -433,13 +334,15 @@ class WorkerGroup:
                 self._join(workers)
                 return
             rnd = workers[0].round
-            self._to(GroupState.STOPPING)
             tree = proctree.descendants(workers)  # before any signal: afterwards orphans are harder to find
             live = [w for w in workers if not w.exited.is_set()]
+            with self._state_lock:  # what ended before this point ended on its own (its failure is the group's)
+                self._move(GroupState.STOPPING)
+                for w in workers:
+                    w.ended_before_stop = w.exited.is_set() or proctree.is_zombie(w.ps)
+            self._awake.set()
             self._log.info("stopping the workers (%d still running, %d descendants) with %s: %s.",
                            len(live), len(tree), signal.Signals(sig).name, reason or "no reason given", round=rnd)
-            for w in workers:
-                w.ended_before_stop = w.exited.is_set() or proctree.is_zombie(w.ps)
             proctree.signal_all(workers, tree, signal.Signals(sig))
             waiting = [w for w in live if not w.exited.is_set()]
             while waiting and self._left() > 0:
@@ -484,19 +387,5 @@ class WorkerGroup:
                                   "its tree holds it); its log may be incomplete.", w.rank, round=w.round)
 
     def failure_report(self, ex: WorkerExit) -> Failure:
-        """What an operator needs about one exit; JSON-able, never raises on bad files."""
-        logs = self._reports.get((ex.round, ex.local_rank))
-        error_file = logs.error_file if logs else ""
-        tail = ""
-        if logs:
-            logs.join(_REPORT_FLUSH_WAIT)  # let the stderr pump put the last lines in the file
-            tail = logs.stderr_tail()
-        message, problem = read_error_message(error_file) if error_file else (None, None)
-        if message is None:
-            lead = problem or "no error file was written"
-            message = f"{lead}; the worker exited with {ex.describe()}"
-            if tail:
-                message += "; last lines of its stderr:\n" + tail
-        # A worker may print a secret (the etcd password) on its way down: never into etcd, logs or status.
-        return Failure(ex.rank, ex.local_rank, ex.pid, ex.returncode, ex.signal_name, message, error_file, tail,
-                       ex.time, ex.round, self.node_id).with_strings(redact)
+        """What an operator needs about one exit (``reports``); JSON-able, never raises on bad files."""
+        return reports.exit_report(self._reports.get((ex.round, ex.local_rank)), ex, self.node_id)

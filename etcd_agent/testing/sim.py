@@ -2,43 +2,47 @@
 
 Each simulated node is a real ``etcd_agent.agent.Agent`` calling ``run()`` in a thread of its own: its own etcd
 client, session lease and keepalive, watch of the job prefix, mirror, ``decide`` and guarded txns, exactly the code
-a node runs. Only the workers are replaced: ``StandInGroup`` implements what the agent uses of ``WorkerGroup``
-(see ``etcd_agent/node/workers.py``) without processes. A simulation runs the production code, never a model of it.
+a node runs. Only the workers are replaced: ``StandInGroup`` implements the worker-group contract
+(``etcd_agent/node/api.py``) without processes. A simulation runs the production code, never a model of it, and its
+agents are configured by the production command line (``JobParams.config``: ``cli.launch.resolve``).
 
 - ``StandInGroup``: ``start(assignment)`` makes ``cfg.nproc`` stand-in workers that run until ``stop()`` ends them
   (exit ``-sig``) or the scenario does (``Hub.end_workers``: exit 0, or any code). One waiter thread per stand-in
-  calls ``on_exit(WorkerExit)`` exactly once, also for the ones ``stop`` ended, never on the caller's thread, and
-  ``stop`` returns once every exit was delivered (as ``WorkerGroup.stop`` does). ``stop`` is idempotent.
+  sees its exit, never on the caller's thread, and posts the group's events as ``WorkerGroup`` does
+  (``api.ExitTally``: an exit the scenario caused is the stand-in's own, one ``stop`` caused is not); ``stop``
+  returns once every exit was seen (as ``WorkerGroup.stop`` does) and is idempotent. Stand-ins never beat: with
+  ``--worker-timeout`` a running one is hung that long after its start.
 - ``Hub``: where the stand-in groups of one process report. It records the first start of each node in each round
   (``Start``, with ``time.monotonic()``, which is system-wide on Linux, so times compare across processes) and each
   agent's end, and lets callers wait for "these nodes started workers in round R" under one condition, each wait
   bounded by a timeout (``SimTimeout`` says what was reached).
 - ``SimJob``: K agents of one job against a given etcd endpoint: ``start``, ``wait_round``, ``leave`` (the graceful
-  leave the agent's signal handler performs: it stops its workers, revokes its lease, ``run`` raises JobStopped),
-  ``end_workers``, ``wait_done``, ``close``.
+  leave of the agent's signal handler, ``Agent.leave``: it stops its workers, revokes its lease, ``run`` raises
+  JobStopped), ``end_workers``, ``wait_done``, ``close``.
 
 For tests (tests/test_sim.py, test_agent_fsm.py, test_protocol_counts.py) and tools/bench (scale.py through
-sim_proc.py); the product never imports it. Imports the package only through its stable surface: ``Agent``,
-``AgentConfig`` and the config dataclasses, ``Assignment``/``WorkerExit``.
+sim_proc.py); the product never imports it. Imports the package only through its stable surface: ``Agent``, the
+command line (``cli.flags``, ``cli.launch``), ``config``, ``logs`` and the worker-group contract (``node.api``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 import signal
 import threading
 import time
 from typing import Callable, Iterable
 
+from etcd_agent import logs
 from etcd_agent.agent import Agent
-from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.cli import flags, launch
+from etcd_agent.config import AgentConfig, WorkerConfig
+from etcd_agent.node.api import Assignment, ExitTally, GroupEvent, GroupFailed, WorkerExit
 from etcd_agent.schema.values import Failure
-from etcd_agent.node.workers import Assignment, WorkerExit
 
-log = logging.getLogger("etcd_agent.bench.sim")
+log = logs.get("etcd_agent.bench.sim")
 _JOIN_WAIT = 2.0  # bounded join of waiter threads that were just told to end
 ROOT = "/etcd-agent"
 
@@ -95,18 +99,23 @@ class _StandIn:
 
 
 class StandInGroup:
-    """``WorkerGroup``'s interface, as agent.py uses it, without processes (see the module doc)."""
+    """The worker-group contract (``node.api.Group``) without processes (see the module doc)."""
 
-    def __init__(self, cfg: WorkerConfig, on_exit: Callable[[WorkerExit], None], node_id: str = "",
-                 logger: logging.Logger | None = None, hub: "Hub | None" = None):
+    def __init__(self, cfg: WorkerConfig, post: Callable[[GroupEvent], None], node_id: str = "",
+                 logger: logs.Log | None = None, worker_timeout: float = 0.0, spares=None, hub: "Hub | None" = None):
         self.cfg = cfg
         self.node_id = node_id
-        self._on_exit = on_exit
+        self._post = post
         self._log = logger or log
+        self._worker_timeout = worker_timeout
         self._hub = hub
         self._lock = threading.Lock()  # serializes start and stop, as in WorkerGroup
+        self._tally_lock = threading.Lock()
         self._workers: list[_StandIn] = []
+        self._tally: ExitTally | None = None
+        self._stopped = threading.Event()  # stop() was called for the current round: its hang check ends
         self._pid = os.getpid()  # the pid a stand-in reports: the process that hosts it
+        self.stopped_pids: set[int] = set()  # stand-ins hold no GPU memory
 
     def describe(self, a: Assignment) -> str:
         return f"started {self.cfg.nproc} stand-in worker(s), ranks from {a.rank_offset} of {a.world_size}"
@@ -117,23 +126,43 @@ class StandInGroup:
             if self.running:
                 raise RuntimeError(f"round {a.round}: stop() the workers of round {self._workers[0].round} first")
             self._workers = [_StandIn(i, a.rank_offset + i, a.round) for i in range(self.cfg.nproc)]
+            self._tally, self._stopped = ExitTally(a.round, self.cfg.nproc, self._log), threading.Event()
             for w in self._workers:
-                w.thread = threading.Thread(target=self._wait, args=(w,), daemon=True,
+                w.thread = threading.Thread(target=self._wait, args=(w, self._tally), daemon=True,
                                             name=f"stand-in-{self.node_id}-r{a.round}-rank{w.rank}")
                 w.thread.start()
+            if self._worker_timeout:
+                threading.Thread(target=self._check_progress, args=(self._tally, self._stopped), daemon=True,
+                                 name=f"stand-in-{self.node_id}-r{a.round}-progress").start()
         if self._hub is not None:
             self._hub.started(self, Start(self.node_id, a.round, a.group_rank, a.group_world_size, a.rank_offset,
                                           a.world_size, a.restart_count, t))
 
-    def _wait(self, w: _StandIn) -> None:
+    def _wait(self, w: _StandIn, tally: ExitTally) -> None:
         w.end_requested.wait()
         ex = WorkerExit(w.local_rank, w.rank, self._pid, w.code, time.time(), w.round)
         w.ended_at = ex.time
         w.exited.set()
-        try:
-            self._on_exit(ex)
-        except Exception:  # noqa: BLE001 - as WorkerGroup: a broken callback must not hide later exits
-            self._log.exception("stand-in %s: the exit callback failed for rank %d", self.node_id, ex.rank)
+        with self._tally_lock:
+            event = tally.exit(ex, w.cause == "own", lambda: self.failure_report(ex))
+        if event is not None:
+            self._post(event)
+
+    def _check_progress(self, tally: ExitTally, stopped: threading.Event) -> None:
+        """--worker-timeout: stand-ins never beat, so one still running that long after its start is hung."""
+        limit = self._worker_timeout
+        if stopped.wait(limit):
+            return
+        live = [w for w in self._workers if not w.exited.is_set()]
+        with self._tally_lock:
+            if not live or not tally.hung():
+                return
+        w, now = live[0], time.time()
+        self._log.error("worker rank %d (pid %d) made no progress for %.1f s (--worker-timeout %g)", w.rank,
+                        self._pid, now - w.started, limit, round=w.round)
+        self._post(GroupFailed(w.round, Failure(
+            w.rank, w.local_rank, self._pid, None, None, f"no progress for {now - w.started:.1f} s (--worker-timeout "
+            f"{limit:g}); the worker is considered hung", time=now, round=w.round, node=self.node_id, hang=True)))
 
     def end(self, code: int = 0, local_rank: int | None = None) -> int:
         """End the running stand-ins (or the one of ``local_rank``) on their own with ``code`` (the scenario's
@@ -142,6 +171,7 @@ class StandInGroup:
 
     def stop(self, reason: str = "", grace: float | None = None, sig: int = signal.SIGTERM) -> None:
         with self._lock:
+            self._stopped.set()
             workers = list(self._workers)
             for w in workers:
                 w.end(-int(sig), "stop")
@@ -154,15 +184,6 @@ class StandInGroup:
     def failure_report(self, ex: WorkerExit) -> Failure:
         return Failure(ex.rank, ex.local_rank, ex.pid, ex.returncode, ex.signal_name,
                        f"stand-in worker exited with {ex.describe()}", time=ex.time, round=ex.round, node=self.node_id)
-
-    def silent_for(self) -> list[tuple[float, WorkerExit]]:
-        """Stand-ins never beat: seconds since start, as WorkerGroup reports a worker without a heartbeat."""
-        now = time.time()
-        return [(now - w.started, WorkerExit(w.local_rank, w.rank, self._pid, 0, now, w.round))
-                for w in self._workers if not w.exited.is_set()]
-
-    def ended_on_its_own(self, ex: WorkerExit) -> bool:
-        return any(w.cause == "own" for w in self._workers if w.local_rank == ex.local_rank and w.round == ex.round)
 
     @property
     def pids(self) -> list[int]:
@@ -259,18 +280,26 @@ class JobParams:
     etcd_timeout: float = 10.0  # --etcd-timeout: how long a call keeps retrying (the first contact included)
     root: str = ROOT
 
+    def argv(self, node: str) -> list[str]:
+        """The command line of the simulated agent ``node`` (``true`` stands for the training script)."""
+        return ["--etcd-endpoints", self.endpoint, "--rdzv-id", self.run_id, "--node-id", node,
+                "--nnodes", f"{self.min_nodes}:{self.max_nodes}", "--nproc-per-node", str(self.nproc),
+                "--max-restarts", str(self.max_restarts), "--etcd-prefix", self.root, "--local-addr", "127.0.0.1",
+                "--lease-ttl", str(self.lease_ttl), "--last-call", repr(self.last_call),
+                "--join-timeout", repr(self.join_timeout), "--scale-settle", repr(self.scale_settle),
+                "--stop-timeout", repr(self.stop_timeout), "--etcd-timeout", repr(self.etcd_timeout),
+                "--no-python", "true"]
+
     def config(self, node: str) -> AgentConfig:
-        """The AgentConfig ``etcd-agent --etcd-endpoints E --run-id R --node-id NODE --nnodes MIN:MAX
-        --nproc-per-node NPROC --local-addr 127.0.0.1 ...`` would resolve to (launch.py's rules)."""
-        request_timeout = max(0.5, min(3.0, self.lease_ttl / 3))  # launch.py's request timeout for a TTL
-        workers = WorkerConfig("stand-in", (), self.nproc, stop_timeout=self.stop_timeout)
-        return AgentConfig(run_id=self.run_id, node_id=node,
-                           spec=JobSpec(self.min_nodes, self.max_nodes, str(self.nproc), self.max_restarts),
-                           workers=workers, etcd=EtcdConfig(parse_endpoints(self.endpoint),
-                                                            request_timeout=request_timeout,
-                                                            connect_timeout=self.etcd_timeout),
-                           root=self.root, local_addr="127.0.0.1", lease_ttl=self.lease_ttl,
-                           last_call=self.last_call, join_timeout=self.join_timeout, scale_settle=self.scale_settle)
+        """The AgentConfig that ``etcd-agent`` resolves from ``argv(node)`` (``cli.launch.resolve``: the same
+        defaults and derived timings as a real agent's)."""
+        parser = _parser()
+        return launch.resolve(parser, parser.parse_args(self.argv(node))).cfg
+
+
+@functools.lru_cache(maxsize=1)
+def _parser():
+    return flags.build_parser("sim")
 
 
 class SimJob:
@@ -305,11 +334,10 @@ class SimJob:
         return session.lease_id if session is not None else 0
 
     def leave(self, node: str) -> float:
-        """The graceful leave of agent.py's signal handler (SIGTERM); returns when it was asked to leave."""
-        agent, t = self.agents[node], time.monotonic()
-        agent.signalled = signal.SIGTERM
-        agent.events.put(("signal", signal.SIGTERM))
-        agent.shutdown.set()
+        """The graceful leave of the agent's signal handler (``Agent.leave``, SIGTERM); returns when it was asked
+        to leave."""
+        t = time.monotonic()
+        self.agents[node].leave(signal.SIGTERM)
         return t
 
     def wait_round(self, rnd: int, nodes: Iterable[str] | None = None, timeout: float = 60.0) -> dict[str, Start]:

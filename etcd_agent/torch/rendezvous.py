@@ -31,7 +31,8 @@ torch calls maps onto that agent so:
 
 ``--rdzv-conf`` takes torch's usual keys and the agent's options (``settings.RDZV_CONF``); an unknown key is
 an error.
-Imports torch; the agent never imports this module.
+Imports torch, the agent, ``coord/``, ``etcd/``, ``node.api`` and the base modules; the agent never imports this
+module.
 """
 
 from __future__ import annotations
@@ -51,18 +52,18 @@ from torch.distributed.elastic.rendezvous import (RendezvousClosedError, Rendezv
                                                   RendezvousError, RendezvousHandler, RendezvousInfo,
                                                   RendezvousParameters, RendezvousStateError,
                                                   RendezvousStoreInfo, RendezvousTimeoutError)
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from .. import __version__, logs
 from ..coord import txns
-from ..agent import Agent
+from ..agent import Agent, Leave
 from ..errors import (AgentError, BadKeyData, ConfigError, EtcdUnavailable, JobEnded, JobFailed, JobStopped,
-                      SpecMismatch)
+                      RendezvousTimeout, SpecMismatch)
 from ..etcd.client import Etcd
-from ..secure import redact
 from ..etcd.session import Session
 from ..schema.values import Failure, NodeInfo
-from ..node.workers import Assignment, WorkerExit
-from .group import TorchrunWorkers
+from ..node.api import Assignment
+from .group import TorchrunWorkers, first_failure
 from .settings import BACKEND, BackendSettings, settings
 from .store import EtcdStore
 
@@ -176,7 +177,7 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
                     self._close_job(outcome, reason, root)
                 thread.join(self._close_timeout)  # the job's end (or this node's exit) is recorded meanwhile
             if thread is not None and thread.is_alive():
-                self.agent.events.put(("leave", f"{self.cfg.node_id}: torchrun's agent shut the rendezvous down"))
+                self.agent.events.put(Leave(f"{self.cfg.node_id}: torchrun's agent shut the rendezvous down"))
                 thread.join(self.cfg.timings.lease_ttl + 5.0)
             return True
         finally:
@@ -196,12 +197,14 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             self._cond.notify_all()
         thread = self._thread
         if thread is not None and thread.is_alive():
-            self.agent.events.put(("leave", f"{self.cfg.node_id}: torchrun is exiting"))
+            self.agent.events.put(Leave(f"{self.cfg.node_id}: torchrun is exiting"))
             thread.join(self.cfg.timings.lease_ttl)
 
     # --- the agent's thread ------------------------------------------------------------------------------------
-    def _make_group(self, _workers_cfg, on_exit, node_id: str = "", logger=None) -> TorchrunWorkers:
-        return TorchrunWorkers(self, on_exit, node_id or self.cfg.node_id)
+    def _make_group(self, _workers_cfg, post, *, node_id: str = "", logger=None, worker_timeout: float = 0.0,
+                    spares=None) -> TorchrunWorkers:
+        """``node.api.GroupFactory``: torch's agent runs the workers (its own hang and restart rules apply)."""
+        return TorchrunWorkers(self, post, node_id or self.cfg.node_id)
 
     def _run_agent(self) -> None:
         try:
@@ -209,9 +212,10 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             err: RendezvousError = RendezvousClosedError(f"job {self.cfg.run_id} succeeded; its rendezvous is closed")
         except JobEnded as exc:  # this node came to the run after its job ended, while a node of it was registered
             err = RendezvousClosedError(str(exc))
+        except RendezvousTimeout as exc:  # a round never formed
+            err = RendezvousTimeoutError(str(exc))
         except JobFailed as exc:
-            timed_out = "rendezvous timed out" in str(exc)  # the reason decide() gives a round that never formed
-            err = (RendezvousTimeoutError if timed_out else RendezvousClosedError)(str(exc))
+            err = RendezvousClosedError(str(exc))
         except JobStopped as exc:
             err = RendezvousClosedError(str(exc))
         except SpecMismatch as exc:
@@ -317,26 +321,12 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
                 continue
         return found
 
-    def _failure_report(self, ex: WorkerExit) -> Failure:
-        return Failure(message="torchrun's agent restarted it after a worker failed; the worker's error is in that "
-                               "node's torchrun log", time=ex.time, round=ex.round, node=self.cfg.node_id)
-
     # --- ending the job ----------------------------------------------------------------------------------------
     def _why_shut(self, exc: BaseException | None) -> tuple[str, str, Failure | None]:
         who = f"torchrun's agent on {self.cfg.node_id}"
-        if exc is not None and type(exc).__name__ == "ChildFailedError":
-            root = None
-            try:
-                rank, failure = exc.get_first_failure()
-                root = Failure(rank, failure.local_rank, failure.pid,
-                               failure.exitcode if failure.exitcode >= 0 else None,
-                               failure.signal_name() if failure.exitcode < 0 else None, str(failure.message),
-                               str(failure.error_file or ""), "", float(failure.timestamp),
-                               self._group.round if self._group else None, self.cfg.node_id)
-            except Exception:  # noqa: BLE001 - a report without details beats none
-                pass
-            return "failed", f"{who} gave up: its workers failed and its restarts (--max-restarts) are spent", \
-                root and root.with_strings(redact)
+        if isinstance(exc, ChildFailedError):
+            root = first_failure(exc, self._group.round if self._group else None, self.cfg.node_id)
+            return "failed", f"{who} gave up: its workers failed and its restarts (--max-restarts) are spent", root
         if exc is not None:
             return "failed", f"{who} closed the rendezvous after {type(exc).__name__}: {exc}", None
         return "stopped", f"{who} closed the rendezvous (shutdown) before its workers finished", None

@@ -8,7 +8,8 @@ import sys
 import threading
 
 from etcd_agent.config import WorkerConfig
-from etcd_agent.node.workers import Assignment, WorkerGroup
+from etcd_agent.node.api import Assignment
+from etcd_agent.node.workers import WorkerGroup
 
 here = os.path.dirname(os.path.abspath(__file__))
 cfg = WorkerConfig(entrypoint=os.path.join(here, "hang.py"), args=(), nproc=1, log_dir=sys.argv[1])

@@ -20,8 +20,8 @@ finish within X s" with what it reached (then the later scenarios of that N are 
    idle: ``--idle`` seconds with nothing happening: the background cost (keepalives every TTL/3, watch progress
    probes every max(0.5, TTL/5) s per agent, and whatever backlog round 1 left).
 2. leave: one agent (group rank N/2) leaves gracefully, exactly as agent.py's SIGTERM handler makes it
-   (``agent.signalled``, a "signal" event, ``agent.shutdown``): it stops its workers and revokes its lease. From the
-   leave until all N-1 survivors' workers started in the next round.
+   (``Agent.leave``: the signal, a ``Signalled`` event, the shutdown event): it stops its workers and revokes its
+   lease. From the leave until all N-1 survivors' workers started in the next round.
 3. lost: the victim's process is SIGKILLed and reaped, so nothing of that agent can touch etcd again (a dead
    node: no keepalive, no revoke, no rejoin), then its lease is revoked from outside with an etcd client. A revoke
    does what the expiry of a dead node's lease does (etcd's lessor revokes an expired lease the same way: every
