@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 
-from . import logs
+from . import logs, proctree
 from .config import AgentConfig
 from .coord.coordinator import NOSPACE_RETRY, Coordinator
 from .coord.decide import (Attribute, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
@@ -146,7 +146,7 @@ class Agent:
                 if code is not None:
                     return code
         except BaseException as exc:
-            why = f"received {signal.Signals(self.signalled).name}" if self.signalled else \
+            why = f"received {proctree.signal_name(self.signalled)}" if self.signalled else \
                 f"exited ({type(exc).__name__}: {exc})"
             raise
         finally:
@@ -260,7 +260,7 @@ class Agent:
         raise JobStopped(e.why)
 
     def _signalled(self, e: Signalled) -> None:
-        raise JobStopped(f"{self.cfg.node_id} received {signal.Signals(e.signum).name}: stopped its workers and left "
+        raise JobStopped(f"{self.cfg.node_id} received {proctree.signal_name(e.signum)}: stopped its workers and left "
                          "the job")
 
     # --- actions (each returns None, but Finish its exit code) ---------------------------------------------

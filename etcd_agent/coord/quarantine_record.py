@@ -14,15 +14,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import quarantine, txns
+from . import cas, quarantine, txns
 from ..config import QuarantinePolicy
-from ..errors import BadKeyData
 from ..etcd.client import Etcd
 from ..schema.keys import Keys
 from ..schema.values import Quarantine
 from .mirror import Mirror
 
-MAX_TRIES = 5
+MAX_TRIES = 5  # each lost compare is another writer of this node's record: a few mean a second agent
 
 
 class QuarantineRecord:
@@ -40,7 +39,8 @@ class QuarantineRecord:
     def count(self, policy: QuarantinePolicy, failed_at: float | None, wall: float) -> Quarantine | None:
         """The record, with the failure at ``failed_at`` added (one guarded txn) when given."""
         self._watch(self.key)
-        for _ in range(MAX_TRIES):
+
+        def attempt():
             kv = self.mirror.get(self.key)
             current = self.mirror.record(kv, Quarantine) if kv else None
             if failed_at is not None:
@@ -48,13 +48,13 @@ class QuarantineRecord:
                 res = txns.put_quarantine(self.etcd, self.key, kv, new)
                 if not res.succeeded:
                     self._read(self.key)  # written by someone else since: count on what is there now
-                    continue
+                    return cas.AGAIN
                 self.mirror.absorb(res.ranges[0], res.revision)
                 kv, current = res.ranges[0][0], new
             self._held_by = kv if quarantine.quarantined(current, wall) else None
             return current
-        raise BadKeyData(self.key, "kept changing while this agent counted its failure; is another agent using this "
-                                   "node id?")
+        return cas.swap(attempt, self.key, "count its failure", hint="is another agent using this node id?",
+                        tries=MAX_TRIES)
 
     def holds(self, policy: QuarantinePolicy, wall: float) -> tuple[str, float]:
         """Why the record holds this node out now ("" when it does not) and for how many more seconds, after

@@ -17,13 +17,12 @@ Imports ``node.api``, ``node.gpu``, ``node.health``, ``config``, ``schema.values
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import threading
 import time
 from typing import Callable
 
-from .. import logs
+from .. import logs, proctree
 from . import gpu, health
 from .api import Group
 from ..config import AgentConfig
@@ -134,10 +133,7 @@ class Checks:
         """The agent exits: a health check still running is killed with what it started (its process group)."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            proctree.kill_group(proc.pid, signal.SIGKILL)
 
     def health_done(self, event: HealthChecked) -> None:
         """The queue delivered a health verdict."""

@@ -342,7 +342,7 @@ class WorkerGroup:
                     w.ended_before_stop = w.exited.is_set() or proctree.is_zombie(w.ps)
             self._awake.set()
             self._log.info("stopping the workers (%d still running, %d descendants) with %s: %s.",
-                           len(live), len(tree), signal.Signals(sig).name, reason or "no reason given", round=rnd)
+                           len(live), len(tree), proctree.signal_name(sig), reason or "no reason given", round=rnd)
             proctree.signal_all(workers, tree, signal.Signals(sig))
             waiting = [w for w in live if not w.exited.is_set()]
             while waiting and self._left() > 0:

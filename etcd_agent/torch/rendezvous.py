@@ -29,7 +29,7 @@ torch calls maps onto that agent so:
   of an ended job is still registered (``txns.init_job``); once none is, the run id starts a new job.
   ``is_closed`` says whether the job has ended, or, before this handler joined, whether a newcomer gets an end.
 
-``--rdzv-conf`` takes torch's usual keys and the agent's options (``settings.RDZV_CONF``); an unknown key is
+``--rdzv-conf`` takes torch's usual keys and the agent's options (``cli/rdzv_conf.py``); an unknown key is
 an error.
 Imports torch, the agent, ``coord/``, ``etcd/``, ``node.api`` and the base modules; the agent never imports this
 module.
@@ -54,7 +54,7 @@ from torch.distributed.elastic.rendezvous import (RendezvousClosedError, Rendezv
                                                   RendezvousStoreInfo, RendezvousTimeoutError)
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from .. import __version__, logs
+from .. import __version__, logs, proctree
 from ..coord import txns
 from ..agent import Agent, Leave
 from ..errors import (AgentError, BadKeyData, ConfigError, EtcdUnavailable, JobEnded, JobFailed, JobStopped,
@@ -297,10 +297,7 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             log.warning("%s: torchrun's agent did not stop its workers within %.1f s (%s); killing pid(s) %s",
                         self.cfg.node_id, timeout, reason, ", ".join(str(p.pid) for p in victims))
         for p in victims:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)  # torch starts each worker in a session of its own
-            except OSError:
-                pass
+            proctree.kill_group(p.pid, signal.SIGKILL)  # torch starts each worker in a session of its own
             try:
                 p.kill()
             except psutil.Error:
