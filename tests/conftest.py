@@ -1,4 +1,5 @@
-"""Shared fixtures: a real etcd for the session, a fresh run id per test, a 3-member cluster for fault tests.
+"""Shared fixtures: a real etcd for the session, a fresh run id per test, a private etcd and a 3-member cluster for
+fault tests.
 
 The session etcd and the 3-member cluster are ``etcd`` processes on free loopback ports (``etcd_agent.etcd.server``).
 With ``ETCD_AGENT_TEST_DOCKER=1`` they run in containers instead (``containers.py``: testcontainers, a locally built
@@ -43,6 +44,15 @@ def run_id(request) -> str:
     """A run id no other test uses: ``t-<test name>-<6 hex>``, within [A-Za-z0-9_.-] and 128 characters."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name).strip("-.")
     return f"t-{name[:110]}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def own_etcd():
+    """A private etcd with fast elections that the test may restart, freeze, compact or fill: no other test sees
+    it (a process, or a container with ETCD_AGENT_TEST_DOCKER=1)."""
+    server = containers.member_class()(name="etcd-own", extra_args=standalone.FAST_ELECTION_ARGS).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
