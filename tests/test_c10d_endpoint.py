@@ -141,8 +141,8 @@ def test_the_serving_agent_keeps_etcd_up_until_the_others_have_left(run_id, tmp_
 @pytest.mark.timeout(60)
 def test_no_etcd_at_the_endpoint_is_one_clear_error(run_id, tmp_path):
     endpoint = f"{NOT_LOCAL}:{free_port()}"  # this machine cannot serve there, and nothing else does
-    line = c10d_line(endpoint, run_id, "n0", tmp_path, "2", extra=["--join-timeout", "2"])
+    line = c10d_line(endpoint, run_id, "n0", tmp_path, "2", extra=["--join-timeout", "1"])
     assert line.wait(30) == 2
     err = line.stderr().strip().splitlines()[-1]
-    assert err == (f"etcd-agent: error: --rdzv-endpoint {endpoint}: no etcd at {endpoint} after 2 s: the agent "
+    assert err == (f"etcd-agent: error: --rdzv-endpoint {endpoint}: no etcd at {endpoint} after 1 s: the agent "
                    f"that owns {NOT_LOCAL} did not start one")

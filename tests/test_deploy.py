@@ -30,6 +30,7 @@ import psutil
 import pytest
 
 from agents import job_keys, keys_of, start_agents, wait_all
+from conftest import kill_then_stop
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd.server import EtcdServer
 from etcd_agent.proctree import free_port
@@ -414,7 +415,7 @@ def shipped_cluster(tmp_path, request):
         clusters.append(cluster)
         return cluster.start(timeout=30)
 
-    request.addfinalizer(lambda: [c.stop() for c in clusters])
+    request.addfinalizer(lambda: [kill_then_stop(c) for c in clusters])
     return start
 
 

@@ -48,6 +48,7 @@ def test_guarded_txn_compare_semantics(etcd_endpoint, run_id):
     e.close()
 
 
+@pytest.mark.chaos  # etcd restarts
 def test_watch_survives_an_etcd_restart_without_losing_events(own_etcd):
     e, writer = client(own_etcd.endpoint), client(own_etcd.endpoint)
     rev = e.put("/w/start", b"0")
@@ -84,6 +85,7 @@ def test_watch_resyncs_after_compaction(own_etcd):
     e.close()
 
 
+@pytest.mark.chaos  # etcd is frozen
 def test_a_silent_watch_stream_is_detected(own_etcd):
     e = client(own_etcd.endpoint)
     rev = e.put("/s/a", b"1")
@@ -114,6 +116,7 @@ def test_session_keeps_its_lease_and_revokes_it(own_etcd):
     e.close()
 
 
+@pytest.mark.chaos  # etcd is frozen
 def test_session_is_lost_before_the_lease_can_expire(own_etcd):
     e = client(own_etcd.endpoint, request_timeout=0.5)
     reasons: list[str] = []
@@ -139,6 +142,7 @@ def test_unreachable_etcd_is_our_error_naming_the_endpoint():
     e.close()
 
 
+@pytest.mark.chaos  # etcd restarts under the stream
 def test_one_stream_carries_several_ranges_that_come_and_go(own_etcd):
     """WatchStream: ranges added and removed on the open stream, each resumed after an etcd restart, a removed
     range never delivers again, and a compacted range is re-read while the others go on."""
@@ -190,6 +194,7 @@ def test_one_stream_carries_several_ranges_that_come_and_go(own_etcd):
     writer.close()
 
 
+@pytest.mark.chaos  # etcd restarts
 def test_a_session_keeps_its_lease_alive_over_one_stream_and_reopens_it_after_a_restart(own_etcd):
     from etcd_agent.testing import metrics
 

@@ -291,11 +291,11 @@ def test_a_round_that_cannot_form_says_what_it_waits_for(etcd_endpoint, run_id, 
     """--nnodes larger than the nodes that come: the agent logs what the round waits for (and when it times out)
     instead of staying silent until --join-timeout, then fails naming the timeout."""
     agent = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(tmp_path)], nnodes="1000",
-                      extra=["--join-timeout", "3"])
+                      extra=["--join-timeout", "1"])
     assert agent.wait(60) == 1
     err = agent.stderr()
     assert "waiting: round 1 has 1 of 1000 node(s) (the round times out in" in err
-    assert "rendezvous timed out: 1 of at least 1000 node(s) joined round 1 within 3 s (--join-timeout)" in err
+    assert "rendezvous timed out: 1 of at least 1000 node(s) joined round 1 within 1 s (--join-timeout)" in err
 
 
 def test_status_without_a_run_id_lists_the_runs(etcd_endpoint, run_id, tmp_path):

@@ -84,6 +84,7 @@ def test_the_error_says_what_the_operator_must_do(small_etcd):
         assert step in text, text
 
 
+@pytest.mark.chaos  # etcd runs out of space under a running job
 def test_a_worker_failure_during_the_alarm_holds_the_job_until_etcd_is_repaired(small_etcd, run_id, tmp_path,
                                                                                     etcdctl):
     endpoint = small_etcd.endpoint
@@ -119,6 +120,7 @@ def test_a_worker_failure_during_the_alarm_holds_the_job_until_etcd_is_repaired(
     assert keys[keys_of(run_id).result()]["round"] == 2
 
 
+@pytest.mark.chaos  # etcd runs out of space under a running job
 def test_workers_that_all_succeed_during_the_alarm_finish_the_job_after_the_repair(small_etcd, run_id, tmp_path,
                                                                                   etcdctl):
     endpoint = small_etcd.endpoint

@@ -38,6 +38,7 @@ def test_second_server_on_a_taken_port_fails_naming_the_port(etcd_server):
     assert standalone.health(etcd_server.client_url), "the first server must be untouched"
 
 
+@pytest.mark.chaos  # the server restarts, then is killed and restarted
 @pytest.mark.timeout(60)
 def test_restart_keeps_data_and_stop_leaves_nothing(etcdctl, tmp_path):
     server = standalone.EtcdServer(name="restart", extra_args=standalone.FAST_ELECTION_ARGS,
@@ -59,6 +60,7 @@ def test_restart_keeps_data_and_stop_leaves_nothing(etcdctl, tmp_path):
     assert "ready to serve client requests" in (tmp_path / "etcd.log").read_text()
 
 
+@pytest.mark.chaos  # the server is frozen (SIGSTOP)
 @pytest.mark.timeout(60)
 def test_freeze_and_thaw(etcdctl):
     with standalone.EtcdServer(name="freeze") as server:
@@ -74,6 +76,7 @@ def test_freeze_and_thaw(etcdctl):
     assert gone(pid), "stopping a frozen server must still end it"
 
 
+@pytest.mark.chaos  # the leader is killed
 @pytest.mark.timeout(90)
 def test_cluster3_elects_a_leader_and_survives_losing_it(etcd_cluster3, etcdctl, run_id):
     cluster = etcd_cluster3

@@ -126,7 +126,7 @@ def test_spent_restarts_end_the_job_failed_with_the_root_cause(etcd_endpoint, ru
     assert any("RendezvousClosedError" in t.stderr() and "gave up" in t.stderr() for t in nodes), logs(nodes)
 
 
-@pytest.mark.parametrize("how", ["SIGKILL of the node", "SIGTERM to torchrun"])
+@pytest.mark.parametrize("how", [pytest.param("SIGKILL of the node", marks=pytest.mark.chaos), "SIGTERM to torchrun"])
 def test_a_lost_node_lets_the_survivors_re_form(how, etcd_endpoint, run_id, tmp_path):
     nodes = start(3, etcd_endpoint, run_id, tmp_path, "2:3", 1, ["--while-world", "3"], max_restarts=3)
     keys = keys_of(run_id)
