@@ -1,4 +1,10 @@
-"""Run real agent processes for multi-node tests, and read a job's keys back."""
+"""Run real agent processes for multi-node tests, and wait for what they do: record files, log lines, etcd keys.
+
+Every wait here wakes on the event itself: a record file written (inotify, ``etcd_agent.testing.records``), a line
+appended to an agent's log file (inotify), an agent's exit (a reaper thread, a pidfd), a key put or deleted (an
+etcd watch). ``poll_until`` is for the few things that have no event a test can wait on (a counter on another
+thread, an etcd metric, an HTTP health answer).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.schema.keys import Keys, RunKeys
+from etcd_agent.testing import records as record_files
+from etcd_agent.testing.procs import Reaper, agent_flags
 
+T = TypeVar("T")
 WORKERS = Path(__file__).parent / "workers"
 JOB = str(WORKERS / "job.py")
 STARTED: list["CommandLine"] = []  # every agent a test started, killed at teardown if still running
@@ -34,19 +44,22 @@ class CommandLine:
                                      stdin=subprocess.DEVNULL, start_new_session=True, cwd=cwd,
                                      env={**os.environ, "PYTHONFAULTHANDLER": "1"})
         self.started = time.monotonic()
+        self.reaper = Reaper(self.proc, name)  # its exit is an event, with its wall time: ``ended_at``
         STARTED.append(self)
 
+    @property
+    def ended_at(self) -> float | None:
+        """Wall time of the process's exit (to a thread wake-up), None while it runs."""
+        return self.reaper.ended_at
+
     def wait(self, timeout: float = 60.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGABRT)  # faulthandler prints where each thread is stuck, then it ends
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-            self.kill()
-            raise AssertionError(f"agent {self.node} did not exit within {timeout} s:\n{self.stderr()[-8000:]}")
+        code = self.reaper.wait(timeout)
+        if code is not None:
+            return code
+        self.proc.send_signal(signal.SIGABRT)  # faulthandler prints where each thread is stuck, then it ends
+        self.reaper.wait(5)
+        self.kill()
+        raise AssertionError(f"agent {self.node} did not exit within {timeout} s:\n{self.stderr()[-8000:]}")
 
     def stdout(self) -> str:
         self.out.flush()
@@ -57,9 +70,12 @@ class CommandLine:
         return self.err_path.read_text()
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if not self.reaper.ended.is_set():
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass  # it ended just now: the reaper has it
+            self.reaper.ended.wait()
 
 
 class AgentProc(CommandLine):
@@ -67,10 +83,8 @@ class AgentProc(CommandLine):
 
     def __init__(self, endpoint: str, run_id: str, node: str, workdir: Path, worker_args: list[str],
                  nnodes: str = "1", nproc: int = 1, extra: list[str] = (), entry: str = JOB):
-        super().__init__(["--etcd-endpoints", endpoint, "--run-id", run_id, "--node-id", node, "--nnodes", nnodes,
-                          "--nproc-per-node", str(nproc), "--local-addr", "127.0.0.1", "--log-dir",
-                          str(workdir / "logs"), "--stop-timeout", "3", "--last-call", "1", *extra, entry,
-                          *worker_args], workdir, node)
+        super().__init__([*agent_flags(endpoint, run_id, node, nnodes, nproc), "--log-dir", str(workdir / "logs"),
+                          "--stop-timeout", "3", "--last-call", "1", *extra, entry, *worker_args], workdir, node)
 
 
 def wait_all(agents: list[AgentProc], timeout: float = 60.0) -> list[int]:
@@ -78,13 +92,7 @@ def wait_all(agents: list[AgentProc], timeout: float = 60.0) -> list[int]:
     return [a.wait(max(1.0, deadline - time.monotonic())) for a in agents]
 
 
-def records(out: Path) -> dict[tuple[int, int], dict]:
-    """(round, rank) -> what job.py recorded."""
-    found = {}
-    for path in out.glob("*.json"):
-        rnd, rank = path.stem.split("-")
-        found[(int(rnd), int(rank))] = json.loads(path.read_text())
-    return found
+records = record_files.by_round_rank  # (round, rank) -> what job.py recorded in a directory
 
 
 ROOT = "/etcd-agent"  # the agents' default --etcd-prefix
@@ -118,36 +126,44 @@ def job_keys(endpoint: str, run_id: str, gen: int | None = None, cfg: EtcdConfig
         etcd.close()
 
 
-def wait_for_key(endpoint: str, key: str, timeout: float = 30.0) -> dict:
-    """Read the key, else watch it from the read's revision + 1 until it is written; returns its JSON value."""
-    import queue
-
-    from etcd_agent.etcd.watch import Watch
+def watch_until(endpoint: str, prefix: str, pick: Callable[[dict[str, bytes]], T], timeout: float, what: str) -> T:
+    """``pick(keys)`` once truthy, where ``keys`` maps each key under ``prefix`` to its value: read the range, then
+    watch it from the read's revision + 1 and ask again after every change; fails naming ``what`` after
+    ``timeout``."""
+    from etcd_agent.etcd.watch import Resync, wait_for
 
     etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
     try:
-        kv, rev = etcd.get(key)
-        if kv is not None:
-            return json.loads(kv.value)
-        events: queue.Queue = queue.Queue()
-        watch = Watch(etcd, key, rev + 1, events.put).start()
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"{key} was not written within {timeout} s")
-                try:
-                    batch = events.get(timeout=left)
-                except queue.Empty:
-                    continue
-                for ev in getattr(batch, "__iter__", lambda: iter(()))():
-                    if ev.key == key and ev.kind == "put":
-                        return json.loads(ev.kv.value)
-        finally:
-            watch.cancel()
+        kvs, rev = etcd.get_prefix(prefix)
+        keys = {kv.key: kv.value for kv in kvs}
+        found = [pick(keys)]
+
+        def seen(delivery) -> bool:
+            if isinstance(delivery, Resync):
+                keys.clear()
+                keys.update((kv.key, kv.value) for kv in delivery.kvs)
+            for ev in () if isinstance(delivery, Resync) else delivery:
+                if ev.kind == "put":
+                    keys[ev.key] = ev.kv.value
+                else:
+                    keys.pop(ev.key, None)
+            found[0] = pick(keys)
+            return bool(found[0])
+        assert found[0] or wait_for(etcd, prefix, rev, timeout, seen), f"{what} within {timeout} s"
+        return found[0]
     finally:
         etcd.close()
+
+
+def wait_for_key(endpoint: str, key: str, timeout: float = 30.0) -> dict:
+    """The key's JSON value, once it is written (read, then a watch); fails after ``timeout``."""
+    value = watch_until(endpoint, key, lambda keys: keys.get(key), timeout, f"{key} was not written")
+    return json.loads(value)
+
+
+def wait_key_deleted(endpoint: str, key: str, timeout: float = 30.0) -> None:
+    """Return once ``key`` is absent (read, then a watch for its delete); fails after ``timeout``."""
+    watch_until(endpoint, key, lambda keys: key not in keys, timeout, f"{key} was not deleted")
 
 
 class RoundWatcher:
@@ -194,9 +210,11 @@ class RoundWatcher:
         self._etcd.close()
 
 
-def poll_until(check, timeout: float, what: str, interval: float = 0.02):
-    """For what no event reaches a test (files workers write, a log line, a counter on another thread): call
-    ``check`` until it returns something truthy, which is returned; fails naming ``what`` after ``timeout``."""
+def poll_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Only for what has no event a test can wait on (a counter on another thread, an etcd metric, an HTTP answer):
+    call ``check`` until it returns something truthy, which is returned; fails naming ``what`` after ``timeout``.
+    Record files, log lines, exits and etcd keys have events: ``until_recorded``, ``wait_logged``, ``wait_all``,
+    ``wait_for_key``."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -206,15 +224,44 @@ def poll_until(check, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+def _still_fine(agents: list[CommandLine]) -> None:
+    for a in agents:
+        assert a.proc.poll() in (None, 0), f"agent {a.node} exited {a.proc.returncode}:\n{a.stderr()[-3000:]}"
+
+
+def until_recorded(out: Path, pick: Callable[[dict[tuple[int, int], dict]], T], what: str,
+                   agents: list[CommandLine] = (), timeout: float = 30.0) -> T:
+    """``pick(records(out))`` once it is truthy, checked at every record written to ``out`` (inotify) and at every
+    exit of ``agents``; fails at once if one of them exits non-zero, and naming ``what`` after ``timeout``."""
+    def check():
+        _still_fine(agents)
+        return pick(records(out))
+    return record_files.wait_until(check, timeout, what, out, pids=[a.proc.pid for a in agents])
+
+
 def wait_records(out: Path, wanted: set[tuple[int, int]], agents: list[AgentProc], timeout: float = 30.0) -> dict:
     """Wait until job.py recorded every (round, rank) in ``wanted``; fail early if an agent dies."""
-    def check():
-        for a in agents:
-            assert a.proc.poll() is None or a.proc.returncode == 0, \
-                f"agent {a.node} exited {a.proc.returncode}:\n{a.stderr()[-3000:]}"
-        found = records(out)
-        return found if wanted <= found.keys() else None
-    return poll_until(check, timeout, f"records {sorted(wanted)} did not all appear")
+    return until_recorded(out, lambda found: found if wanted <= found.keys() else None,
+                          f"records {sorted(wanted)} did not all appear", agents, timeout)
+
+
+def wait_logged(agent: CommandLine, text: str, timeout: float = 30.0, check: Callable[[str], bool] | None = None
+                ) -> str:
+    """The agent's stderr once ``text`` is in it (or ``check(stderr)`` holds), woken by each write to its log file
+    (inotify on its directory); fails at once if the agent ended without it, and naming the text after
+    ``timeout``."""
+    check = check or (lambda err: text in err)
+
+    def logged():
+        err = agent.stderr()
+        if check(err):
+            return err
+        ended = agent.proc.poll()
+        assert ended is None or check(agent.stderr()), \
+            f"agent {agent.node} exited {ended} without logging {text!r}:\n{err[-3000:]}"
+        return None
+    return record_files.wait_until(logged, timeout, f"{agent.node} did not log {text!r}", agent.err_path.parent,
+                                   pids=[agent.proc.pid], mask=record_files.IN_MODIFY)
 
 
 def start_agents(n: int, endpoint: str, run_id: str, tmp_path: Path, worker_args: list[str], nproc: int = 2,

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from agents import JOB, CommandLine, poll_until, records
+from agents import JOB, CommandLine, records, wait_logged
 
 from etcd_agent.cli import flags, job_etcd
 from etcd_agent.etcd import server as standalone
@@ -126,8 +126,7 @@ def test_the_serving_agent_keeps_etcd_up_until_the_others_have_left(run_id, tmp_
     the others' exit (they revoke their leases through it)."""
     endpoint = f"127.0.0.1:{free_port()}"
     host = c10d_line(endpoint, run_id, "host", tmp_path, "3", ["--always-fail"])
-    poll_until(lambda: SERVES in host.stderr() or host.proc.poll() is not None, 60, "the first agent did not start")
-    assert SERVES in host.stderr(), host.stderr()[-3000:]
+    wait_logged(host, SERVES, 60)  # the first agent serves etcd (it fails at once if it exits first)
     stubborn = ["--ignore-sigterm", "--run-until", str(tmp_path / "never")]
     others = [c10d_line(endpoint, run_id, f"n{i}", tmp_path, "3", stubborn) for i in range(2)]
     assert [line.wait(90) for line in (host, *others)] == [1, 1, 1]
@@ -142,8 +141,8 @@ def test_the_serving_agent_keeps_etcd_up_until_the_others_have_left(run_id, tmp_
 @pytest.mark.timeout(60)
 def test_no_etcd_at_the_endpoint_is_one_clear_error(run_id, tmp_path):
     endpoint = f"{NOT_LOCAL}:{free_port()}"  # this machine cannot serve there, and nothing else does
-    line = c10d_line(endpoint, run_id, "n0", tmp_path, "2", extra=["--join-timeout", "2"])
+    line = c10d_line(endpoint, run_id, "n0", tmp_path, "2", extra=["--join-timeout", "1"])
     assert line.wait(30) == 2
     err = line.stderr().strip().splitlines()[-1]
-    assert err == (f"etcd-agent: error: --rdzv-endpoint {endpoint}: no etcd at {endpoint} after 2 s: the agent "
+    assert err == (f"etcd-agent: error: --rdzv-endpoint {endpoint}: no etcd at {endpoint} after 1 s: the agent "
                    f"that owns {NOT_LOCAL} did not start one")

@@ -8,21 +8,18 @@ numbers come from tools/bench.
 
 from __future__ import annotations
 
-import os
-import select
 import signal
 import time
 
 import psutil
 import pytest
 
-from agents import (AgentProc, RoundWatcher, job_keys, keys_of, plan_nodes, poll_until, start_agents, wait_all,
+from agents import (AgentProc, RoundWatcher, job_keys, keys_of, plan_nodes, start_agents, wait_all, wait_logged,
                     wait_records)
-from containers import member_class
 from etcd_agent.coord import txns
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd.client import Etcd
-from etcd_agent.etcd.server import FAST_ELECTION_ARGS, EtcdServer
+from etcd_agent.testing.procs import gone_within
 
 pytestmark = pytest.mark.chaos
 TTL = 3  # short leases keep these tests fast; the defaults are measured by the benchmarks
@@ -48,29 +45,6 @@ def report(name: str, t0: float, bumped: dict | None, recs: dict, rnd: int, targ
 def tree(agent: AgentProc) -> list[psutil.Process]:
     """The agent's workers (and their children), taken while they run."""
     return psutil.Process(agent.proc.pid).children(recursive=True)
-
-
-def gone_within(procs: list[psutil.Process], timeout: float) -> float:
-    """Seconds until every process has exited (a pidfd turns readable at exit, zombie or reaped); fails after
-    ``timeout``."""
-    t0 = time.monotonic()
-    fds = []
-    for p in procs:
-        try:
-            fds.append(os.pidfd_open(p.pid))
-        except ProcessLookupError:
-            continue  # already reaped
-    try:
-        pending = list(fds)
-        while pending:
-            left = timeout - (time.monotonic() - t0)
-            ready, _, _ = select.select(pending, [], [], max(0.0, left))
-            assert ready, f"{len(pending)} process(es) still alive after {timeout} s"
-            pending = [fd for fd in pending if fd not in ready]
-    finally:
-        for fd in fds:
-            os.close(fd)
-    return time.monotonic() - t0
 
 
 @pytest.fixture
@@ -243,13 +217,6 @@ def test_hung_worker_restarts_the_group(job, etcd_endpoint, run_id):
     assert "--worker-timeout 2" in result["root_cause"]["message"]
 
 
-@pytest.fixture
-def own_etcd():
-    server = member_class(EtcdServer)(name="etcd-chaos", extra_args=FAST_ELECTION_ARGS).start()
-    yield server
-    server.stop()
-
-
 def test_agents_fence_themselves_when_etcd_is_gone_and_rejoin(job, own_etcd, run_id):
     agents, out, release, rounds = job(2, "2", endpoint=own_etcd.endpoint, extra=["--max-restarts", "2"])
     r1 = running(rounds, 2)
@@ -301,7 +268,7 @@ def test_etcd_cluster_member_loss_is_invisible(fault, job, etcd_cluster3, run_id
         member = connected_member(cluster, agents[0])
         cluster.member(member).freeze()
         try:
-            wait_for_log(agents[0], "broke", timeout=10)
+            wait_logged(agents[0], "broke", timeout=10)
         finally:
             cluster.member(member).thaw()
     release.touch()
@@ -317,10 +284,6 @@ def connected_member(cluster, agent: AgentProc) -> int:
         if m.client_port in ports:
             return i
     raise AssertionError(f"agent {agent.node} has no connection to any member ({ports})")
-
-
-def wait_for_log(agent: AgentProc, text: str, timeout: float) -> None:
-    poll_until(lambda: text in agent.stderr(), timeout, f"{agent.node} did not log {text!r}", interval=0.05)
 
 
 def test_watch_resumed_after_compaction_loses_nothing(job, own_etcd, run_id):

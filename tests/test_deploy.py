@@ -29,10 +29,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agents import job_keys, keys_of, poll_until, start_agents, wait_all
+from agents import job_keys, keys_of, start_agents, wait_all
+from conftest import kill_then_stop
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd.server import EtcdServer
 from etcd_agent.proctree import free_port
+from etcd_agent.testing import records as record_files
 from etcd_agent.testing.cluster import EtcdCluster
 from tls import HAVE_OPENSSL
 
@@ -413,7 +415,7 @@ def shipped_cluster(tmp_path, request):
         clusters.append(cluster)
         return cluster.start(timeout=30)
 
-    request.addfinalizer(lambda: [c.stop() for c in clusters])
+    request.addfinalizer(lambda: [kill_then_stop(c) for c in clusters])
     return start
 
 
@@ -442,7 +444,9 @@ def peer_get(cluster: EnvFileCluster, member: EnvFileMember, who: str) -> list:
 
 
 def logged(member: EnvFileMember, text: str) -> None:
-    poll_until(lambda: text in Path(member.log_path).read_text(), 10, f"etcd {member.name} logged {text!r}")
+    log = Path(member.log_path)
+    record_files.wait_until(lambda: text in log.read_text(), 10, f"etcd {member.name} logged {text!r}", log.parent,
+                            mask=record_files.IN_MODIFY)
 
 
 @needs_etcd
@@ -542,12 +546,12 @@ def test_deploy_shell_script_parses(script):
     assert done.returncode == 0, done.stderr
 
 
-REMOTE_WORKER = """import json, os, sys, time
+REMOTE_WORKER = """import os, sys
+from etcd_agent.testing import records
 out = os.environ["SSH_TEST_OUT"]
-with open(os.path.join(out, f"rank_{os.environ['RANK']}.json"), "w") as f:
-    json.dump({"cwd": os.getcwd(), "argv": sys.argv[1:], "host": os.environ.get("FAKE_SSH_HOST")}, f)
-while not os.path.exists(os.path.join(out, "release")):
-    time.sleep(0.1)
+records.write(os.path.join(out, f"rank_{os.environ['RANK']}.json"),
+              {"cwd": os.getcwd(), "argv": sys.argv[1:], "host": os.environ.get("FAKE_SSH_HOST")})
+records.wait_path(os.path.join(out, "release"))
 """
 
 
@@ -567,7 +571,7 @@ def test_ssh_launch_passes_arguments_as_given_and_stops_every_agent(etcd_endpoin
     launcher = subprocess.Popen(["bash", str(DEPLOY / "ssh-launch.sh"), "h1 h2", run_id, *args], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        poll_until(lambda: len(list(out.glob("rank_*.json"))) == 2, 60, "both workers running")
+        record_files.wait_until(lambda: len(list(out.glob("rank_*.json"))) == 2, 60, "both workers running", out)
         seen = [json.loads(p.read_text()) for p in sorted(out.glob("rank_*.json"))]
         assert {r["host"] for r in seen} == {"h1", "h2"}
         for r in seen:

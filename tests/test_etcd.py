@@ -15,21 +15,12 @@ from etcd_agent.config import EtcdConfig, Timings, parse_endpoints
 from etcd_agent.errors import EtcdUnavailable
 from etcd_agent.etcd.client import Etcd, absent, mod_is, none_under, op_get, op_put
 from etcd_agent.etcd.session import Session
-from etcd_agent.etcd.server import FAST_ELECTION_ARGS, EtcdServer
 from etcd_agent.proctree import free_port
 from etcd_agent.etcd.watch import Resync, Watch
 
 
 def client(endpoint: str, **kw) -> Etcd:
     return Etcd(EtcdConfig(parse_endpoints(endpoint), **kw))
-
-
-@pytest.fixture
-def own_etcd():
-    """A private etcd this test may restart, freeze or compact."""
-    server = member_class(EtcdServer)(name="etcd-fault", extra_args=FAST_ELECTION_ARGS).start()
-    yield server
-    server.stop()
 
 
 def collect(q: queue.Queue, count: int, timeout: float = 15.0) -> list:
@@ -57,6 +48,7 @@ def test_guarded_txn_compare_semantics(etcd_endpoint, run_id):
     e.close()
 
 
+@pytest.mark.chaos  # etcd restarts
 def test_watch_survives_an_etcd_restart_without_losing_events(own_etcd):
     e, writer = client(own_etcd.endpoint), client(own_etcd.endpoint)
     rev = e.put("/w/start", b"0")
@@ -93,6 +85,7 @@ def test_watch_resyncs_after_compaction(own_etcd):
     e.close()
 
 
+@pytest.mark.chaos  # etcd is frozen
 def test_a_silent_watch_stream_is_detected(own_etcd):
     e = client(own_etcd.endpoint)
     rev = e.put("/s/a", b"1")
@@ -123,6 +116,7 @@ def test_session_keeps_its_lease_and_revokes_it(own_etcd):
     e.close()
 
 
+@pytest.mark.chaos  # etcd is frozen
 def test_session_is_lost_before_the_lease_can_expire(own_etcd):
     e = client(own_etcd.endpoint, request_timeout=0.5)
     reasons: list[str] = []
@@ -148,6 +142,7 @@ def test_unreachable_etcd_is_our_error_naming_the_endpoint():
     e.close()
 
 
+@pytest.mark.chaos  # etcd restarts under the stream
 def test_one_stream_carries_several_ranges_that_come_and_go(own_etcd):
     """WatchStream: ranges added and removed on the open stream, each resumed after an etcd restart, a removed
     range never delivers again, and a compacted range is re-read while the others go on."""
@@ -199,18 +194,13 @@ def test_one_stream_carries_several_ranges_that_come_and_go(own_etcd):
     writer.close()
 
 
+@pytest.mark.chaos  # etcd restarts
 def test_a_session_keeps_its_lease_alive_over_one_stream_and_reopens_it_after_a_restart(own_etcd):
-    import re
-    import urllib.request
+    from etcd_agent.testing import metrics
 
     def streams_and_requests() -> tuple[float, float]:
-        text = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-            f"{own_etcd.client_url}/metrics", timeout=10).read().decode()
-
-        def total(metric: str) -> float:
-            return sum(float(v) for v in re.findall(rf'^{metric}{{[^}}]*grpc_method="LeaseKeepAlive"[^}}]*}} (\S+)',
-                                                     text, re.M))
-        return total("grpc_server_started_total"), total("grpc_server_msg_received_total")
+        return tuple(metrics.total(own_etcd.client_url, name, grpc_method="LeaseKeepAlive")
+                     for name in ("grpc_server_started_total", "grpc_server_msg_received_total"))
 
     e = client(own_etcd.endpoint, request_timeout=0.5)
     s = Session(e, Timings(3)).start()  # a keepalive every second

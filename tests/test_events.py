@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from agents import start_agents, wait_all, wait_records
 
 
@@ -16,6 +18,7 @@ def events(endpoint: str, run_id: str, *flags: str, timeout: float = 60) -> subp
                            run_id, *flags], capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.chaos  # node-2's agent is SIGKILLed
 def test_history_of_a_job_with_a_restart_and_a_lost_node(etcd_endpoint, run_id, tmp_path):
     release, crash = tmp_path / "release", tmp_path / "crash"
     agents, out = start_agents(3, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "1", "--fail-when", str(crash),

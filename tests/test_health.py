@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import queue
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from agents import poll_until, records, start_agents, wait_all
+from agents import keys_of, start_agents, until_recorded, wait_all, wait_logged, watch_until
 from etcd_agent.config import HealthConfig, QuarantinePolicy
 from etcd_agent.coord import quarantine
 from etcd_agent.node import gpu, health
@@ -23,7 +24,19 @@ from etcd_agent.errors import ConfigError
 from etcd_agent.coord.decide import Bump, CheckHealth, ClosePlan, JoinRound, Params, Wait, decide
 from etcd_agent.coord.mirror import JOINING
 from etcd_agent.schema.values import NodeInfo
+from etcd_agent.testing import procs
+from etcd_agent.testing import records as record_files
 from test_rendezvous import ME, NOW, PARAMS, jn, me, mk_plan, running_here, view
+
+
+def registered(endpoint: str, run_id: str, node: str, holds, what: str) -> NodeInfo:
+    """The node's registry entry once ``holds(entry)``, watched in etcd."""
+    key = keys_of(run_id).node(node)
+
+    def entry(keys: dict) -> NodeInfo | None:
+        info = NodeInfo.from_json(key, json.loads(keys[key])) if key in keys else None
+        return info if info is not None and holds(info) else None
+    return watch_until(endpoint, key, entry, 30, what)
 
 
 def sick(v, node: str, why: str = "GPU 0 has 2 uncorrectable ECC error(s)"):
@@ -91,17 +104,13 @@ def test_a_failing_command_says_its_exit_code_and_first_line():
 
 
 def test_a_command_past_its_timeout_is_unhealthy_and_killed_with_what_it_started(tmp_path):
-    marker, child, script = tmp_path / "child-alive", tmp_path / "child.py", tmp_path / "slow_check.py"
-    child.write_text(f"import time\ntime.sleep(3)\nopen({str(marker)!r}, 'w')\n")
-    script.write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(child)!r}])\n"
-                      "time.sleep(30)\n")
-    script = f"{sys.executable} {script}"
-    started = time.monotonic()
-    problem = health.check(cmd(script, timeout=0.5))
-    assert "did not finish within 0.5 s (--health-check-timeout)" in problem
-    assert time.monotonic() - started < 10
-    time.sleep(3.5)
-    assert not marker.exists()  # the grandchild went with the command's process group
+    """The check command starts a child that would live a minute, then hangs: at its timeout the whole process
+    group goes, the child with it (a wait on the child's end, bounded, instead of sleeping past its lifetime)."""
+    pidfile = tmp_path / "child.pid"
+    problem = health.check(cmd(f"sh -c 'sleep 60 & echo $! > {pidfile}; exec sleep 30'", timeout=1.0))
+    assert "did not finish within 1 s (--health-check-timeout)" in problem
+    child = procs.processes([int(pidfile.read_text())])  # the file is there: the child did start
+    procs.gone_within(child, 10, "child of the check")
 
 
 def test_a_check_whose_output_an_escaped_process_holds_is_a_timeout_within_the_limit(tmp_path):
@@ -115,11 +124,14 @@ def test_a_check_whose_output_an_escaped_process_holds_is_a_timeout_within_the_l
         problem = health.check(cmd(script, timeout=1.0))
         took = time.monotonic() - started
     finally:
-        pid = poll_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10, "the escaped process's pid")
-        os.kill(int(pid), signal.SIGKILL)
+        pid = int(record_files.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 10,
+                                          "the escaped process's pid", tmp_path))
+        escaped_alive = not procs.gone(pid)  # the order that matters: the check returned while it still ran
+        os.kill(pid, signal.SIGKILL)
     assert problem.endswith("did not finish within 1 s (--health-check-timeout): a process it started still holds "
                             "its output (it left the check's process group, so it was not killed)"), problem
-    assert 1.0 <= took < 2.0
+    assert escaped_alive, "the check waited for the escaped process to end"
+    assert took >= 1.0, "the check gave up before its limit"
 
 
 def test_a_check_that_exits_0_while_its_child_holds_the_output_is_a_timeout_and_the_child_is_killed(tmp_path):
@@ -127,16 +139,7 @@ def test_a_check_that_exits_0_while_its_child_holds_the_output_is_a_timeout_and_
     problem = health.check(cmd(f"sh -c 'sh -c \"echo \\$\\$ > {pidfile}; exec sleep 60\" & echo ok'", timeout=1.0))
     assert problem.endswith("did not finish within 1 s (--health-check-timeout): it exited, but a process it "
                             "started held its output open until it was killed"), problem
-    pid = int(pidfile.read_text())
-    poll_until(lambda: not _alive(pid), 10, "the check's child killed with its process group")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"  # a zombie waits for its parent (init) only
-    except FileNotFoundError:
-        return False
+    procs.gone_within(procs.processes([int(pidfile.read_text())]), 10, "child of the check")
 
 
 def test_a_command_that_cannot_run_is_unhealthy(tmp_path):
@@ -260,14 +263,14 @@ def test_an_unhealthy_node_stays_out_until_its_check_passes(etcd_endpoint, run_i
 
     def status() -> str:
         return subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
-    poll_until(lambda: (1, 0) in records(out) and "unhealthy, not joining: node-1" in status(), 30,
-               "node-0 running round 1 alone while status says node-1 is unhealthy", interval=0.3)
+    until_recorded(out, lambda found: (1, 0) in found, "node-0 running round 1 alone", agents)
+    registered(etcd_endpoint, run_id, "node-1", lambda info: info.health, "node-1 registered as unhealthy")
     shown = status()
     assert "round 1: running (1 node(s): node-0)" in shown
     assert "unhealthy, not joining: node-1: --health-check" in shown and "exit code 1: GPU 0 is lost" in shown
     healthy_flag.touch()
     # the next check passed: the job scaled up to both nodes
-    poll_until(lambda: (2, 1) in records(out), 30, "node-1 running rank 1 in round 2")
+    until_recorded(out, lambda found: (2, 1) in found, "node-1 running rank 1 in round 2", agents)
     release.touch()
     assert wait_all(agents) == [0, 0], [a.stderr()[-2000:] for a in agents]
     err = second[0].stderr()
@@ -393,7 +396,8 @@ def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_re
                              nnodes="2:3", extra=extra)
     bad, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--always-fail"], nproc=1, nnodes="2:3", first=2,
                           extra=extra)
-    poll_until(lambda: len([k for k in records(out) if k[0] == 3]) == 2, 60, "round 3 running on two nodes")
+    until_recorded(out, lambda found: len([k for k in found if k[0] == 3]) == 2, "round 3 running on two nodes",
+                   good, timeout=60)
     base = [sys.executable, "-m", "etcd_agent"]
     ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
     shown = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
@@ -452,20 +456,22 @@ def _scale_ups(etcd_endpoint: str, run_id: str) -> list[dict]:
 
 def test_a_newcomer_whose_passing_check_outlasts_the_last_call_joins_after_one_scale_up(etcd_endpoint, run_id,
                                                                                           tmp_path):
-    """A 1:2 job runs on node-0; node-1 comes with a passing check that takes 5 s (the last call is 1 s). It is
+    """A 1:2 job runs on node-0; node-1 comes with a passing check that takes 3 s (the last call is 1 s). It is
     counted only once the check passed: one scale-up takes it in, and the workers are not restarted for it again
     and again."""
     release = tmp_path / "release"
-    check = f"{sys.executable} -c \"import time; time.sleep(5)\""
+    check = f"{sys.executable} -c \"import time; time.sleep(3)\""
     first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                               nnodes="1:2")
-    poll_until(lambda: (1, 0) in records(out), 30, "node-0 running round 1 alone")
+    until_recorded(out, lambda found: (1, 0) in found, "node-0 running round 1 alone", first)
     second, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                              nnodes="1:2", first=1, extra=["--health-check", check, "--health-check-timeout", "30"])
     status = [sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
-    poll_until(lambda: "checking its health, not joining yet: node-1" in subprocess.run(
-        status, capture_output=True, text=True, timeout=30).stdout, 30, "status showing node-1 checking its health")
-    joined = poll_until(lambda: [k for k in records(out) if k[1] == 1], 60, "node-1 running as rank 1")
+    registered(etcd_endpoint, run_id, "node-1", lambda info: info.checking, "node-1 registered as checking")
+    shown = subprocess.run(status, capture_output=True, text=True, timeout=30).stdout  # the check takes 3 s
+    assert "checking its health, not joining yet: node-1" in shown, shown
+    joined = until_recorded(out, lambda found: [k for k in found if k[1] == 1], "node-1 running as rank 1",
+                            first + second, timeout=60)
     release.touch()
     assert wait_all(first + second) == [0, 0], [a.stderr()[-2000:] for a in first + second]
     scale_ups = _scale_ups(etcd_endpoint, run_id)
@@ -476,23 +482,23 @@ def test_a_newcomer_whose_passing_check_outlasts_the_last_call_joins_after_one_s
 def test_a_forged_registration_costs_at_most_one_scale_up(etcd_endpoint, run_id, tmp_path):
     """A registry entry on a live lease that no agent stands behind (it never joins): the leader scales up for it
     once, says it was passed over, and never again; a real newcomer after it still gets in."""
-    from agents import keys_of
     from etcd_agent.config import EtcdConfig, parse_endpoints
     from etcd_agent.etcd.client import Etcd
 
     release = tmp_path / "release"
     first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                               nnodes="1:3")
-    poll_until(lambda: (1, 0) in records(out), 30, "node-0 running round 1 alone")
+    until_recorded(out, lambda found: (1, 0) in found, "node-0 running round 1 alone", first)
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:
         lease = etcd.lease_grant(300)
         etcd.put(keys_of(run_id).node("node-x"), NodeInfo("node-x", "nowhere", "10.9.9.9", 1).encode(), lease)
         said = "node-x was not taken into round 2, the scale-up made for it; the job does not scale up for it again"
-        poll_until(lambda: said in first[0].stderr(), 30, "node-0 saying node-x was passed over", interval=0.2)
+        wait_logged(first[0], said)
         second, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                                  nnodes="1:3", first=1)
-        poll_until(lambda: [k for k in records(out) if k[1] == 1], 60, "node-1 running as rank 1")
+        until_recorded(out, lambda found: [k for k in found if k[1] == 1], "node-1 running as rank 1",
+                       first + second, timeout=60)
         scale_ups = _scale_ups(etcd_endpoint, run_id)
         release.touch()
         assert wait_all(first + second) == [0, 0], [a.stderr()[-2000:] for a in first + second]
@@ -508,12 +514,10 @@ def test_when_every_node_is_unhealthy_the_join_timeout_fails_the_job_naming_them
     each unhealthy node and why; the wait lines say when the round times out."""
     check = f"{sys.executable} -c \"import sys; sys.exit('GPU 0 is lost')\""
     agents, _ = start_agents(2, etcd_endpoint, run_id, tmp_path, [], nproc=1,
-                             extra=["--health-check", check, "--join-timeout", "6"])
-    started = time.monotonic()
+                             extra=["--health-check", check, "--join-timeout", "3"])
     assert [a.wait(60) for a in agents] == [1, 1], [a.stderr()[-2000:] for a in agents]
-    assert time.monotonic() - started < 6 + 20
     err = agents[0].stderr() + agents[1].stderr()
-    assert "rendezvous timed out: 0 of at least 2 node(s) joined round 1 within 6 s (--join-timeout); missing: " \
+    assert "rendezvous timed out: 0 of at least 2 node(s) joined round 1 within 3 s (--join-timeout); missing: " \
            "node-0 (unhealthy: --health-check" in err
     assert "node-1 (unhealthy: --health-check" in err and "failed with exit code 1: GPU 0 is lost" in err
     assert "checks again (the round times out in " in err

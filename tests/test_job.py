@@ -90,7 +90,11 @@ def test_exit_barrier_waits_for_every_node(etcd_endpoint, run_id, tmp_path):
     assert fast.proc.poll() is None, "node-0 left before node-1 finished"
     hold.touch()
     assert wait_all(agents) == [0, 0]
-    # The barrier, from etcd's history: node-0's registration (its lease) ended only after the job's result was
+    # The barrier, in wall time: node-0's agent exited after node-1's exit record was written (node-1's workers
+    # finished), not when its own workers did.
+    node1_done = job_keys(etcd_endpoint, run_id)[keys_of(run_id).exit(1, "node-1")]["time"]
+    assert fast.ended_at >= node1_done, (fast.ended_at, node1_done)
+    # The same, from etcd's history: node-0's registration (its lease) ended only after the job's result was
     # written, that is after node-1 finished; an agent that left at its own exit key would have gone before it.
     history = subprocess.run([sys.executable, "-m", "etcd_agent", "events", "--etcd-endpoints", etcd_endpoint,
                               "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=30)
@@ -247,7 +251,7 @@ def test_duplicate_node_id_is_refused(etcd_endpoint, run_id, tmp_path):
 
 
 def test_bad_data_under_the_prefix_is_named_and_leaves_the_job_running(etcd_endpoint, run_id, tmp_path, etcdctl):
-    from agents import poll_until
+    from agents import wait_logged
 
     release = tmp_path / "release"
     agents, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="1")
@@ -255,7 +259,7 @@ def test_bad_data_under_the_prefix_is_named_and_leaves_the_job_running(etcd_endp
     key = keys_of(run_id).round()
     good = etcdctl("get", key, "--print-value-only").stdout.strip()
     etcdctl("put", key, "this is not json")
-    poll_until(lambda: f"bad data in etcd key {key}: not JSON" in agents[0].stderr(), 15, "the bad key was not named")
+    wait_logged(agents[0], f"bad data in etcd key {key}: not JSON", 15)
     assert agents[0].proc.poll() is None, "an agent must not give up its workers over a bad key"
     etcdctl("put", key, good)
     release.touch()
@@ -287,11 +291,11 @@ def test_a_round_that_cannot_form_says_what_it_waits_for(etcd_endpoint, run_id, 
     """--nnodes larger than the nodes that come: the agent logs what the round waits for (and when it times out)
     instead of staying silent until --join-timeout, then fails naming the timeout."""
     agent = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(tmp_path)], nnodes="1000",
-                      extra=["--join-timeout", "3"])
+                      extra=["--join-timeout", "1"])
     assert agent.wait(60) == 1
     err = agent.stderr()
     assert "waiting: round 1 has 1 of 1000 node(s) (the round times out in" in err
-    assert "rendezvous timed out: 1 of at least 1000 node(s) joined round 1 within 3 s (--join-timeout)" in err
+    assert "rendezvous timed out: 1 of at least 1000 node(s) joined round 1 within 1 s (--join-timeout)" in err
 
 
 def test_status_without_a_run_id_lists_the_runs(etcd_endpoint, run_id, tmp_path):

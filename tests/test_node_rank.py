@@ -7,6 +7,8 @@ import queue
 import threading
 import time
 
+import pytest
+
 from agents import JOB, AgentProc, job_keys, keys_of, plan_nodes, records, wait_all, wait_for_key
 
 from etcd_agent.coord import txns
@@ -41,6 +43,7 @@ def test_pinned_ranks_and_master_address_are_what_the_flags_say(etcd_endpoint, r
     assert sorted((e["GROUP_RANK"], e["RANK"]) for e in envs) == [("0", "0"), ("0", "1"), ("1", "2"), ("1", "3")]
 
 
+@pytest.mark.chaos  # the holder's agent is SIGKILLed
 def test_a_taken_rank_is_a_clear_error_and_is_free_again_once_its_holder_died(etcd_endpoint, run_id, tmp_path):
     holder = agent(etcd_endpoint, run_id, tmp_path, "node-a", 0)
     wait_for_key(etcd_endpoint, keys_of(run_id).node_rank(0))

@@ -19,6 +19,8 @@ from etcd_agent.etcd import server as standalone
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.errors import EtcdNoSpace
 from etcd_agent.etcd.client import Etcd
+from etcd_agent.testing import metrics
+from etcd_agent.testing import records as record_files
 
 QUOTA = 8 * 1024 * 1024
 FILLER = "/nospace-filler/"
@@ -50,11 +52,8 @@ def fill(endpoint: str) -> EtcdNoSpace:
 
 def refused_txns(server) -> int:
     """How many txns etcd refused with RESOURCE_EXHAUSTED so far (its gRPC metrics): writes the agents tried."""
-    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{server.client_url}/metrics") as resp:
-        text = resp.read().decode()
-    found = re.findall(r'grpc_server_handled_total\{grpc_code="ResourceExhausted",grpc_method="Txn",[^}]*\} (\d+)',
-                       text)
-    return sum(int(n) for n in found)
+    return int(metrics.total(server.client_url, "grpc_server_handled_total", grpc_code="ResourceExhausted",
+                             grpc_method="Txn"))
 
 
 def repair(etcdctl, endpoint: str) -> None:
@@ -73,7 +72,8 @@ def said(agents: list[AgentProc], which, what: str) -> None:
         for a in agents:
             assert a.proc.poll() is None, f"agent {a.node} exited {a.proc.returncode}:\n{a.stderr()[-3000:]}"
         return which(TODO in a.stderr() for a in agents)
-    poll_until(check, 30, what)
+    record_files.wait_until(check, 30, what, agents[0].err_path.parent, pids=[a.proc.pid for a in agents],
+                            mask=record_files.IN_MODIFY)  # woken by each write to the agents' log files
 
 
 def test_the_error_says_what_the_operator_must_do(small_etcd):
@@ -84,6 +84,7 @@ def test_the_error_says_what_the_operator_must_do(small_etcd):
         assert step in text, text
 
 
+@pytest.mark.chaos  # etcd runs out of space under a running job
 def test_a_worker_failure_during_the_alarm_holds_the_job_until_etcd_is_repaired(small_etcd, run_id, tmp_path,
                                                                                     etcdctl):
     endpoint = small_etcd.endpoint
@@ -119,6 +120,7 @@ def test_a_worker_failure_during_the_alarm_holds_the_job_until_etcd_is_repaired(
     assert keys[keys_of(run_id).result()]["round"] == 2
 
 
+@pytest.mark.chaos  # etcd runs out of space under a running job
 def test_workers_that_all_succeed_during_the_alarm_finish_the_job_after_the_repair(small_etcd, run_id, tmp_path,
                                                                                   etcdctl):
     endpoint = small_etcd.endpoint

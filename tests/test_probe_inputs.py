@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import AgentProc, keys_of, poll_until, wait_records
+from agents import AgentProc, keys_of, wait_logged, wait_records
 from etcd_agent.cli.flags import parse_nnodes
 from etcd_agent.config import MAX_NODES, EtcdConfig, JobSpec, parse_endpoints
 from etcd_agent.errors import BadKeyData, ConfigError
@@ -100,10 +100,8 @@ def test_an_absurd_quarantine_holds_the_agent_and_status_and_events_show_it(unti
     fail.touch()
     said = f"bad data in etcd key {key}: until must be"
 
-    def held():
-        assert agent.proc.poll() is None, f"the agent exited {agent.proc.returncode}:\n{agent.stderr()[-3000:]}"
-        return said in agent.stderr()
-    poll_until(held, 30, "the agent did not name the bad quarantine key")
+    wait_logged(agent, said)  # the agent names the bad quarantine key
+    assert agent.proc.poll() is None, f"the agent exited {agent.proc.returncode}:\n{agent.stderr()[-3000:]}"
     status = cli(etcd_endpoint, "status", "--run-id", run_id)
     assert status.returncode == 0 and f"unreadable: {said}" in status.stdout, status.stdout + status.stderr
     as_json = cli(etcd_endpoint, "status", "--run-id", run_id, "--json")

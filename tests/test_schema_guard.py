@@ -9,7 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from agents import JOB, job_keys, keys_of, poll_until, records, start_agents, wait_all, wait_for_key, wait_records
+from agents import (JOB, job_keys, keys_of, records, start_agents, wait_all, wait_for_key, wait_logged,
+                    wait_records)
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd.client import Etcd
 
@@ -179,7 +180,7 @@ def _held_non_leader(etcd_endpoint, run_id, tmp_path):
     put(etcd_endpoint, bad, b"garbage")
     (tmp_path / "crash").touch()
     follower = next(a for a in agents if a.node == members[1])
-    poll_until(lambda: f"bad data in etcd key {bad}" in follower.stderr(), 30, "the non-leader was not held")
+    wait_logged(follower, f"bad data in etcd key {bad}")  # the non-leader is held
     return agents, out, release, bad
 
 

@@ -23,11 +23,25 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not HAVE_OPENSSL or not shutil.which("etcd"), reason="needs openssl and etcd")
 
 
-@pytest.fixture
-def auth_etcd(pki):
-    """TLS with password auth on (user root); one per test: tests restart it."""
+def _auth_server(pki) -> TlsEtcd:
     server = member_class(TlsEtcd)(pki, name="auth").start()
     server.enable_auth()
+    return server
+
+
+@pytest.fixture(scope="module")
+def auth_etcd(pki):
+    """TLS with password auth on (user root), shared by the module's tests: each has its own run id (and job user),
+    none restarts it."""
+    server = _auth_server(pki)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_auth_etcd(pki):
+    """The same, private to one test, which may restart it."""
+    server = _auth_server(pki)
     yield server
     server.stop()
 
@@ -36,21 +50,22 @@ def secure_job_keys(server: TlsEtcd, run_id: str) -> dict:
     return job_keys(server.endpoint, run_id, cfg=server.config(user="root", password=PASSWORD))
 
 
-def test_etcd_restart_under_auth_then_a_crash(auth_etcd, pki, run_id, tmp_path, monkeypatch):
+@pytest.mark.chaos  # etcd restarts under the agents, then a worker crashes
+def test_etcd_restart_under_auth_then_a_crash(own_auth_etcd, pki, run_id, tmp_path, monkeypatch):
     """The job survives an etcd restart under password auth exactly as without auth: after the restart every
     agent's watch, txns and keepalives work again (new tokens), so a crash then restarts the job and it succeeds."""
     monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
     crash, release = tmp_path / "crash", tmp_path / "release"
     extra = ["--etcd-cacert", pki.path("ca.pem"), "--etcd-user", "root", "--lease-ttl", "5", "--max-restarts", "2"]
-    agents, out = start_agents(2, auth_etcd.endpoint, run_id, tmp_path, ["--fail-rank", "1", "--fail-round", "1",
+    agents, out = start_agents(2, own_auth_etcd.endpoint, run_id, tmp_path, ["--fail-rank", "1", "--fail-round", "1",
                                "--fail-when", str(crash), "--run-until", str(release)], nproc=1, extra=extra)
     wait_records(out, {(1, 0), (1, 1)}, agents, timeout=60)
-    auth_etcd.restart()
+    own_auth_etcd.restart()
     crash.touch()
     wait_records(out, {(2, 0), (2, 1)}, agents, timeout=60)
     release.touch()
     assert wait_all(agents, timeout=60) == [0, 0], [a.stderr()[-3000:] for a in agents]
-    state = secure_job_keys(auth_etcd, run_id)
+    state = secure_job_keys(own_auth_etcd, run_id)
     keys = keys_of(run_id)
     assert state[keys.result()]["outcome"] == "succeeded"
     assert state[keys.restarts()]["used"] == 1
@@ -215,7 +230,7 @@ def test_auth_enabled_etcd_without_a_user_says_so(auth_etcd, pki, tmp_path):
 def test_status_and_stop_on_an_unreachable_etcd_name_the_endpoints():
     for sub in ("status", "stop"):
         got = subprocess.run([sys.executable, "-m", "etcd_agent", sub, "--etcd-endpoints", "127.0.0.1:1",
-                              "--run-id", "x", "--etcd-timeout", "1"], capture_output=True, text=True, timeout=60)
+                              "--run-id", "x", "--etcd-timeout", "0.5"], capture_output=True, text=True, timeout=60)
         assert got.returncode == 2, got.stderr
         assert "--etcd-endpoints 127.0.0.1:1: cannot reach etcd" in got.stderr
 

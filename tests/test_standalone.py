@@ -10,13 +10,7 @@ import pytest
 
 from etcd_agent import errors
 from etcd_agent.etcd import server as standalone
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+from etcd_agent.testing.procs import gone
 
 
 @pytest.mark.timeout(30)
@@ -44,6 +38,7 @@ def test_second_server_on_a_taken_port_fails_naming_the_port(etcd_server):
     assert standalone.health(etcd_server.client_url), "the first server must be untouched"
 
 
+@pytest.mark.chaos  # the server restarts, then is killed and restarted
 @pytest.mark.timeout(60)
 def test_restart_keeps_data_and_stop_leaves_nothing(etcdctl, tmp_path):
     server = standalone.EtcdServer(name="restart", extra_args=standalone.FAST_ELECTION_ARGS,
@@ -53,18 +48,19 @@ def test_restart_keeps_data_and_stop_leaves_nothing(etcdctl, tmp_path):
         etcdctl("put", "/k", "v1", endpoints=server.endpoint)
         first_pid = server.pid
         server.restart()
-        assert _gone(first_pid)
+        assert gone(first_pid)
         assert (server.client_port, server.peer_port) == ports
         assert etcdctl("get", "/k", "--print-value-only", endpoints=server.endpoint).stdout.strip() == "v1"
         etcdctl("put", "/k", "v2", endpoints=server.endpoint)
         server.restart(hard=True)
         assert etcdctl("get", "/k", "--print-value-only", endpoints=server.endpoint).stdout.strip() == "v2"
         pid, data_dir = server.pid, server.data_dir
-    assert _gone(pid)
+    assert gone(pid)
     assert not os.path.exists(data_dir)
     assert "ready to serve client requests" in (tmp_path / "etcd.log").read_text()
 
 
+@pytest.mark.chaos  # the server is frozen (SIGSTOP)
 @pytest.mark.timeout(60)
 def test_freeze_and_thaw(etcdctl):
     with standalone.EtcdServer(name="freeze") as server:
@@ -77,9 +73,10 @@ def test_freeze_and_thaw(etcdctl):
         assert etcdctl("get", "/k", "--print-value-only", endpoints=server.endpoint).stdout.strip() == "v"
         server.freeze()
         pid = server.pid
-    assert _gone(pid), "stopping a frozen server must still end it"
+    assert gone(pid), "stopping a frozen server must still end it"
 
 
+@pytest.mark.chaos  # the leader is killed
 @pytest.mark.timeout(90)
 def test_cluster3_elects_a_leader_and_survives_losing_it(etcd_cluster3, etcdctl, run_id):
     cluster = etcd_cluster3

@@ -6,7 +6,6 @@ entry point, as a user's torchrun would."""
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -14,7 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agents import STARTED, WORKERS, CommandLine, job_keys, keys_of, poll_until, wait_for_key
+from agents import STARTED, WORKERS, CommandLine, job_keys, keys_of, poll_until, wait_for_key, wait_key_deleted
+from etcd_agent.testing import records as record_files
+from etcd_agent.testing.procs import kill_tree
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -35,15 +36,8 @@ class Torchrun(CommandLine):
 
     def kill(self) -> None:
         """The whole node: torchrun and the workers it started (each in a session of its own)."""
-        try:
-            tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        except psutil.Error:
-            tree = []
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        if not self.reaper.ended.is_set():
+            kill_tree(self.proc.pid)
         super().kill()
 
 
@@ -72,7 +66,7 @@ def finish(nodes: list[Torchrun], timeout: float = 150.0) -> list[int]:
 
 
 def records(tmp_path: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*.json"))]
+    return record_files.load(tmp_path / "out")
 
 
 def logs(nodes: list[Torchrun]) -> str:
@@ -132,7 +126,7 @@ def test_spent_restarts_end_the_job_failed_with_the_root_cause(etcd_endpoint, ru
     assert any("RendezvousClosedError" in t.stderr() and "gave up" in t.stderr() for t in nodes), logs(nodes)
 
 
-@pytest.mark.parametrize("how", ["SIGKILL of the node", "SIGTERM to torchrun"])
+@pytest.mark.parametrize("how", [pytest.param("SIGKILL of the node", marks=pytest.mark.chaos), "SIGTERM to torchrun"])
 def test_a_lost_node_lets_the_survivors_re_form(how, etcd_endpoint, run_id, tmp_path):
     nodes = start(3, etcd_endpoint, run_id, tmp_path, "2:3", 1, ["--while-world", "3"], max_restarts=3)
     keys = keys_of(run_id)
@@ -145,8 +139,7 @@ def test_a_lost_node_lets_the_survivors_re_form(how, etcd_endpoint, run_id, tmp_
     else:
         victim.proc.send_signal(signal.SIGTERM)  # torch stops its workers; the backend leaves as torchrun exits
         assert victim.proc.wait(30) != 0
-        poll_until(lambda: keys.node("node2") not in job_keys(etcd_endpoint, run_id), 2,
-                   "node2's registration to go with its revoked lease")
+        wait_key_deleted(etcd_endpoint, keys.node("node2"), 2)  # node2's registration went with its revoked lease
     killed_at = time.monotonic()
     survivors = nodes[:2]
     assert finish(survivors) == [0, 0], logs(nodes)

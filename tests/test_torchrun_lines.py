@@ -7,9 +7,11 @@ import json
 import signal
 from pathlib import Path
 
-from agents import JOB, WORKERS, CommandLine, job_keys, poll_until, records
+from agents import JOB, ROOT, WORKERS, CommandLine, job_keys, records, watch_until
 
 from etcd_agent.proctree import free_port
+from etcd_agent.schema.keys import RunKeys
+from etcd_agent.testing import records as record_files
 
 
 def common(tmp_path: Path, node: str) -> list[str]:
@@ -72,8 +74,8 @@ def test_two_live_nodes_with_one_node_rank_is_a_clear_error(etcd_endpoint, run_i
               "--lease-ttl", "2"]
     out = outdir(tmp_path)
     first = CommandLine([*static, *common(tmp_path, "a"), JOB, str(out), "--hold", str(hold)], tmp_path, "a")
-    poll_until(lambda: any(k.endswith("/nodes/a") for k in job_keys_or_none(etcd_endpoint, run_id) or {}), 30,
-               "node a did not register")
+    watch_until(etcd_endpoint, RunKeys(ROOT, run_id).prefix, lambda keys: any(k.endswith("/nodes/a") for k in keys),
+                30, "node a did not register")
     second = CommandLine([*static, *common(tmp_path, "b"), JOB, str(out)], tmp_path, "b")
     assert second.wait() == 2
     err = second.stderr()
@@ -86,7 +88,8 @@ def test_a_handled_signal_is_forwarded_to_the_workers(tmp_path):
     out = outdir(tmp_path)
     line = CommandLine(["--nproc-per-node", "2", "--signals-to-handle", "SIGTERM,SIGUSR1", *common(tmp_path, "sig"),
                  str(WORKERS / "signal_recorder.py"), str(out)], tmp_path, "sig")
-    poll_until(lambda: all((out / f"ready-{r}").exists() for r in (0, 1)), 30, "the workers did not start")
+    record_files.wait_until(lambda: all((out / f"ready-{r}").exists() for r in (0, 1)), 30, "the workers did not start",
+                            out)
     line.proc.send_signal(signal.SIGUSR1)
     assert line.wait() == 128 + signal.SIGUSR1
     assert [(out / f"signal-{r}").read_text() for r in (0, 1)] == ["SIGUSR1", "SIGUSR1"]

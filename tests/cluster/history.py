@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from etcd_agent.testing import records as record_files
+
 from .bed import NODES, Bed, etcd_endpoints
 from .record import namespace_pids
 from .slurm import records, status
@@ -167,15 +169,16 @@ def wait_round(out, number: int, world: int, timeout: float, steps: int = 0) -> 
     """Wait until ranks 0..world-1 of round ``number`` have recorded (and, with ``steps``, each has done that many
     ring steps); returns every record."""
     wanted = {(number, r) for r in range(world)}
-    deadline = time.monotonic() + timeout
-    while True:
-        found = records(out)
-        if wanted <= set(found) and all(found[k].get("steps", 0) >= steps for k in wanted):
-            return found
-        assert time.monotonic() < deadline, (
-            f"round {number} with {world} workers{f' at {steps} steps' if steps else ''} not within {timeout} s: "
-            f"{sorted((k, v.get('steps')) for k, v in found.items())}")
-        time.sleep(0.02)  # workers leave files, not events
+    last: dict = {}
+
+    def done() -> dict | None:
+        last.update(found := records(out))
+        return found if wanted <= set(found) and all(found[k].get("steps", 0) >= steps for k in wanted) else None
+    try:
+        return record_files.wait_until(done, timeout, f"round {number} with {world} workers"
+                                       f"{f' at {steps} steps' if steps else ''}", out)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {sorted((k, v.get('steps')) for k, v in last.items())}") from None
 
 
 def of_round(found: dict, number: int) -> dict[int, dict]:

@@ -14,20 +14,14 @@ import time
 import pytest
 
 from . import history, slurm
-from .slurm import BEAT_WORKER, NPROC, job_output, records, status, submit
+from agents import wait_records
+
+from .slurm import BEAT_WORKER, NPROC, job_output, status, submit
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 LEASE_TTL_S = 5.0  # the agent's default --lease-ttl (the recipe keeps it)
 NOTICE_S = LEASE_TTL_S + 5.0  # what "within the lease TTL plus a few seconds" means here
-
-
-def wait_records(out, wanted: set[tuple[int, int]], timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while not wanted <= set(found := records(out)):
-        assert time.monotonic() < deadline, f"records {sorted(wanted)} within {timeout} s: {sorted(found)}"
-        time.sleep(0.02)  # workers leave files, not events
-    return found
 
 
 @pytest.fixture
@@ -44,14 +38,14 @@ def test_node_crash_under_slurm(crashable, tmp_path):
     job_id, out = submit(bed, "slurm.sbatch", tmp_path, "--until", str(stop), worker=BEAT_WORKER)
     run_id = f"slurm-{job_id}"
     try:
-        first = wait_records(out, {(1, r) for r in range(3 * NPROC)}, timeout=60)
+        first = wait_records(out, {(1, r) for r in range(3 * NPROC)}, [], timeout=60)
         victim = "node3"
         assert sum(rec["host"] == victim for rec in first.values()) == NPROC
         crashed = time.monotonic()
         bed.crash(victim)
 
         wanted = {(2, r) for r in range(2 * NPROC)}
-        second = wait_records(out, wanted, timeout=60)
+        second = wait_records(out, wanted, [], timeout=60)
         noticed = time.monotonic() - crashed
         assert {second[k]["host"] for k in wanted} == {"node1", "node2"}
         assert not any(rnd == 2 and rank >= 2 * NPROC for rnd, rank in second), sorted(second)

@@ -10,10 +10,12 @@ import time
 
 import pytest
 
+from agents import until_recorded
+
 from . import slurm
 from .bed import NODES
 from .history import left_on
-from .slurm import NPROC, job_output, records, status, submit
+from .slurm import NPROC, job_output, status, submit
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -22,10 +24,10 @@ def test_scancel_ends_the_job_everywhere(healthy, tmp_path):
     bed, stop = healthy, tmp_path / "stop"
     job_id, out = submit(bed, "slurm.sbatch", tmp_path, "--until", str(stop))
     try:
-        deadline = time.monotonic() + 60
-        while len(records(out)) < len(NODES) * NPROC:
-            assert time.monotonic() < deadline, f"round 1 did not start: {job_output(tmp_path, job_id)}"
-            time.sleep(0.02)  # workers leave files, not events
+        try:
+            until_recorded(out, lambda found: len(found) >= len(NODES) * NPROC, "round 1 to start", timeout=60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {job_output(tmp_path, job_id)}") from None
         slurm.cancel(bed, job_id)
         end = slurm.wait_end(bed, job_id, timeout=60)
     finally:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from etcd_agent.testing import records as record_files
+
 from . import history
 from .bed import NODES, address, etcd_endpoints, on_host
 from .slurm import NPROC, ROOT, WORKER, records, status
@@ -173,11 +175,10 @@ def test_ctrl_c_stops_every_remote_agent(cluster, sshds, tmp_path):
     run_id, stop = "ssh-ctrl-c", tmp_path / "stop"
     proc, out, _ = launch(sshds, tmp_path, run_id, "--until", str(stop))
     try:
-        deadline = time.monotonic() + 60
-        while len(records(out)) < WORLD:
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                (tmp_path / "launcher.out").read_text(errors="replace"))
-            time.sleep(0.05)  # workers leave files, not events
+        def started() -> bool:
+            assert proc.poll() is None, (tmp_path / "launcher.out").read_text(errors="replace")
+            return len(records(out)) >= WORLD
+        record_files.wait_until(started, 60, "every worker to start", out, pids=[proc.pid])
         interrupted = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal's foreground process group
         code = proc.wait(STOP_S)

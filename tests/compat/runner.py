@@ -23,11 +23,9 @@ stderr; the runner then finds every marker: on the launcher's stdout or stderr (
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +34,8 @@ import uuid
 from pathlib import Path
 
 from etcd_agent.proctree import free_port
+from etcd_agent.testing import records as record_files
+from etcd_agent.testing.procs import AGENT, TORCHRUN, kill_tree
 
 from .catalog import Line
 
@@ -43,10 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORKERS = REPO / "tests" / "workers"
 RECORDER = WORKERS / "recorder.py"
 PYTHON = sys.executable
-LAUNCHERS = {
-    "torchrun": [PYTHON, "-m", "torch.distributed.run"],
-    "etcd-agent": [PYTHON, "-m", "etcd_agent"],
-}
+LAUNCHERS = {"torchrun": list(TORCHRUN), "etcd-agent": list(AGENT)}
 SINGLE_NODE_TIMEOUT = 60.0
 MULTI_NODE_TIMEOUT = 120.0
 
@@ -140,28 +137,6 @@ class Run:
         return "\n".join(parts)
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    try:
-        import psutil
-
-        try:
-            kids = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.Error:
-            kids = []
-        for p in kids:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-    except ImportError:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    proc.wait()
-
-
 def run(line: Line, launcher: str, run_dir: Path, wrapper: Path, etcd_endpoint: str | None = None,
         add_endpoint: bool = True, nodes: int | None = None, timeout: float | None = None) -> Run:
     """Start the line's launcher processes (all at once) under ``launcher``, wait for them, collect the records."""
@@ -199,7 +174,8 @@ def run(line: Line, launcher: str, run_dir: Path, wrapper: Path, etcd_endpoint: 
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_tree(proc)
+            kill_tree(proc.pid)
+            proc.wait()
         seconds = time.monotonic() - started
         for f in (out, err):
             f.flush()
@@ -210,10 +186,7 @@ def run(line: Line, launcher: str, run_dir: Path, wrapper: Path, etcd_endpoint: 
         err.close()
     # Both launchers reap their workers before they exit, and a worker writes its record before its output: every
     # record there is to read is there now (a worker left behind would be a difference of its own).
-    records = []
-    for path in sorted(records_dir.glob("*.json")):
-        records.append(json.loads(path.read_text()))
-    return Run(launcher, line, results, records, run_dir, log_dir, tmp_dir)
+    return Run(launcher, line, results, record_files.load(records_dir), run_dir, log_dir, tmp_dir)
 
 
 def run_pair(line: Line, line_dir: Path, wrapper: Path, etcd_endpoint: str | None = None) -> tuple[Run, Run]:

@@ -22,6 +22,8 @@ import signal
 import sys
 import time
 
+from etcd_agent.testing import records
+
 p = argparse.ArgumentParser()
 p.add_argument("out")
 p.add_argument("--fail-rank", type=lambda s: {int(x) for x in s.split(",")}, default=set())
@@ -41,24 +43,21 @@ a = p.parse_args()
 if a.ignore_sigterm:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 rank, rnd, world = int(os.environ["RANK"]), int(os.environ["ETCD_AGENT_ROUND"]), int(os.environ["WORLD_SIZE"])
-tmp = os.path.join(a.out, f"{rnd}-{rank}.json.tmp")
-with open(tmp, "w") as f:
-    json.dump({"env": dict(os.environ), "pid": os.getpid(), "time": time.time()}, f)
-os.replace(tmp, os.path.join(a.out, f"{rnd}-{rank}.json"))
+records.write(os.path.join(a.out, f"{rnd}-{rank}.json"), {"env": dict(os.environ), "pid": os.getpid(),
+                                                            "time": time.time()})
 beating = a.beat and a.hang_rank != rank
+FOREVER = 10 ** 9  # seconds: a blocked rank waits until its agent stops it
 
 
-def idle() -> None:
-    if beating:
-        from etcd_agent.progress import beat
+def beat() -> None:
+    from etcd_agent.progress import beat
 
-        beat()
-    time.sleep(0.02)
+    beat()
 
 
 def wait_for(path: str) -> None:
-    while not os.path.exists(path):  # the test creates the file: a worker has no other event to wait on
-        idle()
+    """Until the test creates ``path`` (inotify on its directory), beating meanwhile if told to."""
+    records.wait_path(path, tick=beat if beating else None, tick_s=0.1)
 
 
 def fail(msg: str) -> None:
@@ -73,10 +72,10 @@ def fail(msg: str) -> None:
 
 failing_now = a.always_fail or a.always_fail_rank is not None or (a.fail_rank and a.fail_round == rnd)
 if failing_now:
-    mine = [os.path.join(a.out, n) for n in os.listdir(a.out) if n.startswith(f"{rnd}-") and n.endswith(".json")]
-    while len(mine) < world:
-        time.sleep(0.005)  # wait until every rank of the round has started
-        mine = [os.path.join(a.out, n) for n in os.listdir(a.out) if n.startswith(f"{rnd}-") and n.endswith(".json")]
+    def started() -> list[str]:
+        names = [n for n in os.listdir(a.out) if n.startswith(f"{rnd}-") and n.endswith(".json")]
+        return [os.path.join(a.out, n) for n in names] if len(names) >= world else []
+    mine = records.wait_until(started, FOREVER, "every rank of the round started", a.out)
     # Every rank computes the same moment from the same records: the failing ranks exit within a millisecond.
     go = max(json.load(open(path))["time"] for path in mine) + 0.3
     time.sleep(max(0.0, go - time.time()))
@@ -91,7 +90,8 @@ if rank in a.fail_rank and a.fail_round == rnd:
 if failing_now:
     while True:  # like a real job whose peer died: blocked in a "collective" until the agent stops it
         if beating:
-            idle()
+            beat()
+            time.sleep(0.1)  # the beat's period: this worker's "work"
         else:
             signal.pause()
 if a.hold and a.hold_rank in (None, rank):

@@ -9,13 +9,14 @@ the all_reduce sum.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+
+from etcd_agent.testing import records
 
 
 def main() -> None:
@@ -46,8 +47,7 @@ def main() -> None:
               "restart_count": int(os.environ["TORCHELASTIC_RESTART_COUNT"]),
               "master": [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]],
               "use_agent_store": os.environ.get("TORCHELASTIC_USE_AGENT_STORE"), "time": time.time()}
-    with open(os.path.join(a.out, f"{os.getpid()}.json"), "w") as f:
-        json.dump(record, f)
+    records.write(os.path.join(a.out, f"{os.getpid()}.json"), record)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -7,18 +7,15 @@ the benchmark's etcd). Both torchrun kinds use the backends' defaults; nothing i
 
 Every launcher runs in its own session with its output in a log file. ``Launcher.kill_tree`` SIGKILLs the launcher,
 its process group and every descendant found before the kill (etcd-agent puts each worker in its own group), so a
-hung or failed repetition leaves nothing behind. Imports only the standard library and psutil.
+hung or failed repetition leaves nothing behind. The etcd-agent command line, the exit wait (a pidfd, with the exit's
+wall time) and the record reader are the tests' own (``etcd_agent.testing``); waits for records wake on the
+records directory's changes (inotify). Imports the standard library, psutil and ``etcd_agent.testing``.
 """
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +23,13 @@ from typing import Callable
 
 import psutil
 
+from etcd_agent.testing import records as record_files
+from etcd_agent.testing.procs import Reaper, agent_command, kill_tree
+
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "worker.py")
 DDP_WORKER = str(HERE / "ddp_worker.py")  # a real torch DDP training loop (gloo): the warm-restart scenarios
-POLL_S = 0.02  # the benchmark watches record files and exit codes of processes it does not own the events of
+POLL_S = 0.02  # for what has no event: memory samples of a running launcher
 
 
 class RepFailed(Exception):
@@ -65,10 +65,8 @@ class Job:
         if self.kind in ("etcd-agent", "etcd-agent-warm"):
             spare = ["--spare"] if i >= self.count - self.spares else []
             warm = ["--warm-restart"] if self.kind == "etcd-agent-warm" else []
-            return [python(), "-m", "etcd_agent", "--etcd-endpoints", self.endpoint, "--run-id", self.run_id,
-                    "--node-id", f"node-{i}", "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
-                    "--local-addr", "127.0.0.1", "--max-restarts", str(self.max_restarts), *self.extra, *spare,
-                    *warm, *wargs]
+            return agent_command(self.endpoint, self.run_id, f"node-{i}", self.nnodes, self.nproc,
+                                 ["--max-restarts", str(self.max_restarts), *self.extra, *spare, *warm], wargs)
         if self.kind == "torchrun-etcd-v3":  # node_id only names the node in etcd and the logs; no timing knob
             return [*torchrun_cmd(), "--nnodes", self.nnodes, "--nproc-per-node", str(self.nproc),
                     "--rdzv-backend", "etcd-v3", "--rdzv-endpoint", self.endpoint, "--rdzv-id", self.run_id,
@@ -90,16 +88,11 @@ class Launcher:
         self.t_start = time.time()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        self.t_exit: float | None = None
-        self._exited = threading.Event()
-        threading.Thread(target=self._reap, name=f"reap-{name}", daemon=True).start()
+        self._reaper = Reaper(self.proc, name)
+        self._exited = self._reaper.ended
 
     pid = property(lambda self: self.proc.pid)
-
-    def _reap(self) -> None:
-        self.proc.wait()
-        self.t_exit = time.time()  # the exit time to within a thread wake-up, not a polling period
-        self._exited.set()
+    t_exit = property(lambda self: self._reaper.ended_at)  # the exit's wall time, to within a thread wake-up
 
     def poll(self) -> int | None:
         return self.proc.returncode if self._exited.is_set() else None
@@ -112,21 +105,7 @@ class Launcher:
 
     def kill_tree(self, procs: list[psutil.Process] | None = None) -> None:
         """SIGKILL the launcher, its group and its descendants (``procs``: found earlier, e.g. before a kill)."""
-        procs = (procs or []) + self.descendants()
-        if not self._exited.is_set():
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        kill_tree(None if self._exited.is_set() else self.pid, procs or [])
         self._exited.wait()
         self._log.close()
 
@@ -141,14 +120,12 @@ def start_all(job: Job, logdir: Path) -> list[Launcher]:
 
 def wait_exit(launchers: list[Launcher], deadline: float) -> None:
     """Wait until every launcher exited; RepFailed on the deadline or on a non-zero exit code."""
-    while True:
-        codes = [la.poll() for la in launchers]
-        if all(c is not None for c in codes):
-            break
-        if time.monotonic() >= deadline:
-            running = [la.name for la, c in zip(launchers, codes) if c is None]
-            raise RepFailed(f"launchers still running at the deadline: {', '.join(running)}")
-        time.sleep(POLL_S)
+    for la in launchers:
+        la._exited.wait(max(0.0, deadline - time.monotonic()))
+    codes = [la.poll() for la in launchers]
+    running = [la.name for la, c in zip(launchers, codes) if c is None]
+    if running:
+        raise RepFailed(f"launchers still running at the deadline: {', '.join(running)}")
     bad = [f"{la.name} exited {c}" for la, c in zip(launchers, codes) if c != 0]
     if bad:
         raise RepFailed("; ".join(bad))
@@ -159,15 +136,7 @@ def cleanup(launchers: list[Launcher]) -> None:
         la.kill_tree()
 
 
-def records(out: Path) -> list[dict]:
-    found = []
-    for path in glob.glob(str(out / "*.json")):
-        try:
-            with open(path) as f:
-                found.append(json.load(f))
-        except (OSError, ValueError):
-            pass  # being replaced right now; the next poll reads it
-    return found
+records = record_files.load  # every record the workers wrote (worker.py writes them whole: a rename)
 
 
 def generation(recs: list[dict], world: int, where: Callable[[dict], bool]) -> list[dict] | None:
@@ -181,18 +150,22 @@ def generation(recs: list[dict], world: int, where: Callable[[dict], bool]) -> l
 
 def wait_generation(out: Path, world: int, launchers: list[Launcher], deadline: float,
                     where: Callable[[dict], bool], what: str) -> list[dict]:
-    """Wait until all ``world`` ranks matching ``where`` recorded; RepFailed at the deadline or if launchers end."""
-    while True:
+    """Wait until all ``world`` ranks matching ``where`` recorded; RepFailed at the deadline or if launchers end.
+    Woken by each record written to ``out`` and by each launcher's exit, not by a polling period."""
+    def check() -> list[dict] | None:
         gen = generation(records(out), world, where)
         if gen:
             return gen
-        codes = [la.poll() for la in launchers]
+        codes = [la.proc.poll() for la in launchers]
         if any(c not in (None, 0) for c in codes) or all(c is not None for c in codes):
             gen = generation(records(out), world, where)  # the last workers may have recorded meanwhile
             if gen:
                 return gen
             exited = [f"{la.name} exited {c}" for la, c in zip(launchers, codes) if c is not None]
             raise RepFailed(f"before all {world} workers of {what} started: {'; '.join(exited)}")
-        if time.monotonic() >= deadline:
-            raise RepFailed(f"not all {world} workers of {what} started by the deadline")
-        time.sleep(POLL_S)
+        return None
+    try:
+        return record_files.wait_until(check, max(0.0, deadline - time.monotonic()), what, out,
+                                       pids=[la.pid for la in launchers])
+    except AssertionError:
+        raise RepFailed(f"not all {world} workers of {what} started by the deadline") from None

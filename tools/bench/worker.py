@@ -24,30 +24,19 @@ import time
 T_START = time.time()
 
 import argparse  # noqa: E402
-import glob  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+
+from etcd_agent.testing import records  # noqa: E402  (the tests' record files: written whole, read in name order)
 
 POLL_S = 0.01  # a worker has no event to wait on for its peers' files; it polls the directory
 
 
 def write(out: str, rec: dict) -> None:
-    path = os.path.join(out, f"{rec['rank']}-{rec['pid']}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(rec, f)
-    os.replace(path + ".tmp", path)
+    records.write(os.path.join(out, f"{rec['rank']}-{rec['pid']}.json"), rec)
 
 
-def load(out: str) -> list[dict]:
-    found = []
-    for path in glob.glob(os.path.join(out, "*.json")):
-        try:
-            with open(path) as f:
-                found.append(json.load(f))
-        except (OSError, ValueError):
-            pass
-    return found
+load = records.load
 
 
 def first_full_world(out: str, world: int) -> dict[int, int]:
