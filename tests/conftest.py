@@ -106,30 +106,6 @@ def etcdctl(etcd_endpoint):
     return run
 
 
-# Markers of tests in files that other changes are under way in, by node id (the function; every parametrization):
-# the same rule as a pytest.mark in the file itself. ``torch``: runs real torch in its workers; ``chaos``: injects a
-# fault into agents, workers or etcd (SIGKILL or SIGSTOP of an agent or a worker, an etcd member lost, frozen or
-# restarted, a full etcd, a network fault). tests/test_harness.py checks that every entry names a test that exists.
-MARKED_HERE = {
-    "tests/test_abandon.py::test_the_next_agent_ends_a_job_whose_agents_were_killed_and_starts_the_next": "chaos",
-    "tests/test_abandon.py::test_status_ends_a_job_whose_agents_were_killed": "chaos",
-    "tests/test_spares.py::test_a_spare_replaces_a_sigkilled_node_at_its_rank": "chaos",
-    "tests/test_spares.py::test_a_node_beyond_max_replaces_a_sigkilled_node_at_its_rank": "chaos",
-    "tests/test_blame.py::test_a_killed_node_is_blamed_for_its_rounds_failure_and_no_survivor_is_quarantined": "chaos",
-    "tests/test_warm.py::test_a_spare_killed_before_use_is_replaced_cold": "chaos",
-    "tests/test_warm.py::test_no_spare_or_warm_worker_outlives_a_sigkilled_agent": "chaos",
-    "tests/test_workers.py::test_a_worker_dies_with_its_agent": "chaos",
-    # the default --preload: every spare imports torch and torch._dynamo
-    "tests/test_warm.py::test_a_crash_restart_job_with_warm_restart_on_two_agents": "torch",
-}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        marker = MARKED_HERE.get(item.nodeid.split("[")[0])
-        if marker:
-            item.add_marker(getattr(pytest.mark, marker))
-
 
 @pytest.fixture(autouse=True)
 def _no_agent_left_behind():

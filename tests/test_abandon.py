@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from agents import job_keys, keys_of, poll_until, records, start_agents, wait_all
 
 from etcd_agent.coord.abandon import ABANDONED_GRACE
@@ -72,6 +74,7 @@ def killed_job(endpoint: str, run_id: str, tmp_path, n: int):
     return release
 
 
+@pytest.mark.chaos
 def test_the_next_agent_ends_a_job_whose_agents_were_killed_and_starts_the_next(etcd_endpoint, run_id, tmp_path):
     release = killed_job(etcd_endpoint, run_id, tmp_path, 2)
     release.touch()
@@ -85,6 +88,7 @@ def test_the_next_agent_ends_a_job_whose_agents_were_killed_and_starts_the_next(
     assert result(etcd_endpoint, run_id, gen=2)["outcome"] == "succeeded"
 
 
+@pytest.mark.chaos
 def test_status_ends_a_job_whose_agents_were_killed(etcd_endpoint, run_id, tmp_path):
     killed_job(etcd_endpoint, run_id, tmp_path, 1)
     shown = status(etcd_endpoint, run_id)

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agents import AgentProc, keys_of, poll_until, wait_all
 from etcd_agent.config import EtcdConfig, parse_endpoints
 from etcd_agent.etcd.client import Etcd
@@ -30,6 +32,7 @@ def full_world(out: Path, world: int) -> bool:
     return len({r["rank"] for r in found if r["world_size"] == world}) == world
 
 
+@pytest.mark.chaos
 def test_a_killed_node_is_blamed_for_its_rounds_failure_and_no_survivor_is_quarantined(etcd_endpoint, run_id,
                                                                                        tmp_path):
     out = tmp_path / "out"

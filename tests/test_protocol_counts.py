@@ -8,17 +8,13 @@ an etcd of its own, so no other test's traffic is counted.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
 from agents import poll_until
 from etcd_agent.etcd.server import EtcdServer
+from etcd_agent.testing.metrics import diff, scrape
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools" / "bench"))
-
-from etcd_metrics import diff, scrape  # noqa: E402
 from etcd_agent.testing.sim import JobParams, SimJob
 
 WAIT = 60.0
@@ -85,8 +81,11 @@ def test_watch_events_and_writes_per_round_are_linear_in_n(private_etcd, run_id,
     # everyone sees the round key change (the bump writes round + restarts; the close writes the round).
     assert costs["crash"]["watch_events"] <= 5 * n + 10, costs["crash"]
     assert costs["leave"]["watch_events"] <= 5 * n + 10, costs["leave"]
-    # The first rendezvous also registers every node (the first leader reads the registry, then watches it).
-    assert costs["first"]["watch_events"] <= 5 * n + 10, costs["first"]
+    # The first rendezvous also creates the job and registers every node. Its count depends on arrival order, not
+    # on the protocol: an agent watching before a job-wide write is told of it, one that arrives later reads it.
+    # At most every agent sees every job-wide write (job pointer, spec, restarts, the round twice, the plan: 6 N)
+    # and the leader every registration and join (2 N); measured from 50 to 196 at N=24. Quadratic would be 576.
+    assert costs["first"]["watch_events"] <= 8 * n + 10, costs["first"]
     for what in ("crash", "leave"):
         assert costs[what]["key_puts"] <= 2 * n + 10, (what, costs[what])
         assert costs[what]["rpc_txn"] <= 3 * n + 10, (what, costs[what])

@@ -6,6 +6,8 @@ import dataclasses
 import subprocess
 import sys
 
+import pytest
+
 from agents import poll_until, records, start_agents, wait_all
 from etcd_agent.coord.decide import Bump, ClosePlan, Params, Wait, decide
 from etcd_agent.coord.ranks import rank_joiners
@@ -64,6 +66,7 @@ def node_of(record: dict) -> str:
     return record["env"]["TORCHELASTIC_ERROR_FILE"].split("/job_0001/")[1].split("/")[0]
 
 
+@pytest.mark.chaos
 def test_a_spare_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, run_id, tmp_path):
     """nnodes 3:3 plus one --spare: the spare sits out round 1; node-1 is SIGKILLed; round 2 runs at once with
     the spare as group rank 1 and node-0 and node-2 keeping ranks 0 and 2."""
@@ -107,6 +110,7 @@ def test_a_node_beyond_max_takes_a_lost_members_rank_as_a_spare_does():
     assert isinstance(action, ClosePlan) and action.plan.nodes == ["node-b", "node-c"]
 
 
+@pytest.mark.chaos
 def test_a_node_beyond_max_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, run_id, tmp_path):
     """--nnodes 2 and a third agent with the same flags (no --spare): it waits out round 1; the group-rank-0
     member is SIGKILLed; round 2 runs with the third node as group rank 0 and the survivor keeping rank 1."""

@@ -273,6 +273,7 @@ def test_a_warm_worker_sees_exactly_what_a_cold_worker_sees(tmp_path, mode):
         assert "rank 0 round 2: atexit ran" in agent.stdout() and "rank 1 round 2: atexit ran" in agent.stdout()
 
 
+@pytest.mark.chaos
 def test_a_spare_killed_before_use_is_replaced_cold(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -311,6 +312,7 @@ def test_a_preload_that_cannot_be_imported_is_a_clear_error_at_start(tmp_path):
         assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.chaos
 def test_no_spare_or_warm_worker_outlives_a_sigkilled_agent(tmp_path):
     """The parent-death signal holds for spares and for the workers they became."""
     out = tmp_path / "out"
@@ -326,6 +328,7 @@ def test_no_spare_or_warm_worker_outlives_a_sigkilled_agent(tmp_path):
                                for p in workers | spares), 15, "workers and spares gone")
 
 
+@pytest.mark.torch
 def test_a_crash_restart_job_with_warm_restart_on_two_agents(etcd_endpoint, run_id, tmp_path):
     """Two agents, --warm-restart with the default --preload (torch and torch._dynamo): rank 1 fails in round 1; every
     worker of round 2 is one of the spares that waited for it, and the job succeeds."""

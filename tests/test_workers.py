@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from agents import poll_until
+from etcd_agent.testing.procs import gone
 from etcd_agent import config
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
@@ -148,13 +149,6 @@ def make_group(tmp_path):
     for pool, nproc in pools:
         pool.close()
         assert pool.handed == nproc, "a warm test's workers did not start from their spares"
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def kill_quietly(pids: list[int]) -> None:
@@ -752,6 +746,7 @@ def test_a_worker_that_cannot_start_is_reported_as_failed(make_group, tmp_path):
 # -- parent death ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.chaos
 def test_a_worker_dies_with_its_agent(mailbox, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     agent = subprocess.Popen([sys.executable, str(WORKERS / "parent_agent.py"), str(tmp_path / "logs")], env=env)

@@ -57,7 +57,7 @@ time together with the CPU columns: agent CPU per round / N is what one node wou
 finish reports the counters of what happened within the cap.
 
 Measured per scenario (each scenario is one round): its time; etcd's work from ``/metrics`` as differences around
-the scenario (``etcd_metrics.py`` says exactly what each counter counts on etcd 3.4: key puts, delete operations,
+the scenario (``etcd_agent/testing/metrics.py`` says what each counter counts on etcd 3.4: key puts, delete operations,
 Txn/Put/DeleteRange/Range RPCs, watch events sent summed over watchers, bytes sent); agent CPU seconds (user+sys
 summed over the agent processes, psutil) and etcd's CPU seconds. Times are ``time.monotonic()``, system-wide.
 
@@ -87,7 +87,7 @@ from pathlib import Path
 
 import psutil
 
-import etcd_metrics
+from etcd_agent.testing import metrics as etcd_metrics
 import scale_report
 from scale_procs import Board, Fleet, count_lines, cpu_of, prioritize, schedstat
 

@@ -46,7 +46,7 @@ def markdown(result: dict) -> str:
              f"(repository HEAD {m['repo_head'][:12] or '?'}); lease TTL {m['args']['lease_ttl']} s; "
              "each scenario capped at "
              f"{m['args']['cap']:g} s. Times in seconds. Counters are etcd's, as differences around each scenario "
-             "(see tools/bench/etcd_metrics.py); CPU is user+sys seconds.\n",
+             "(see etcd_agent/testing/metrics.py); CPU is user+sys seconds.\n",
              "| N | procs x agents | scenario | time | round | Txn | Put | Delete | LeaseRevoke | key puts | "
              "key deletes | Range (full reads) | watch events | events / N^2 | MiB sent | agent CPU | etcd CPU | "
              "etcd runqueue wait | wall |",
