@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.config import EtcdConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.schema.keys import Keys, RunKeys
 from etcd_agent.testing import records as record_files

@@ -7,7 +7,8 @@ import queue
 import threading
 
 from etcd_agent.agent import Agent, LostSession, State
-from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.errors import RestartBudgetSpent
 from etcd_agent.testing import sim
 

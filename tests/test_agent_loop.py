@@ -17,7 +17,8 @@ from agents import keys_of, poll_until, start_agents, wait_all
 from etcd_agent.node import health
 from etcd_agent.coord import txns
 from etcd_agent.agent import Agent, Signalled, install_signal_handlers
-from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.errors import JobStopped
 
 SLOW_CHECK = ["--health-check", "sleep 90", "--health-check-timeout", "100"]  # far longer than any wait below

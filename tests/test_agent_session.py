@@ -13,7 +13,8 @@ from agents import JOB
 
 from etcd_agent.coord import coordinator as coordinator_mod
 from etcd_agent.coord import txns
-from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.coord.coordinator import Coordinator
 from etcd_agent.errors import DuplicateNode, EtcdUnavailable
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from agents import AgentProc, keys_of, poll_until, wait_all
-from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.config import EtcdConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
 
 WORKER = str(Path(__file__).parent.parent / "tools" / "bench" / "worker.py")

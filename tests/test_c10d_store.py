@@ -18,7 +18,8 @@ import torch.distributed as dist  # noqa: E402
 
 from agents import poll_until  # noqa: E402
 from etcd_agent.torch.store import EtcdStore  # noqa: E402
-from etcd_agent.config import EtcdConfig, parse_endpoints  # noqa: E402
+from etcd_agent.config import EtcdConfig  # noqa: E402
+from etcd_agent.endpoints import parse_endpoints  # noqa: E402
 from etcd_agent.etcd.client import Etcd  # noqa: E402
 from etcd_agent.schema.keys import prefix_end  # noqa: E402
 

@@ -17,7 +17,8 @@ import pytest
 from agents import (AgentProc, RoundWatcher, job_keys, keys_of, plan_nodes, start_agents, wait_all, wait_logged,
                     wait_records)
 from etcd_agent.coord import txns
-from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.config import EtcdConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.testing.procs import gone_within
 

@@ -9,7 +9,8 @@ import pytest
 
 from etcd_agent import config
 from etcd_agent.cli.flags import parse_nnodes
-from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, endpoint_scheme, parse_endpoints
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig
+from etcd_agent.endpoints import endpoint_scheme, parse_endpoints
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, ConfigError, SpecMismatch
 from etcd_agent.schema.keys import Keys
 from etcd_agent.schema.values import SpecValue

@@ -31,7 +31,8 @@ import pytest
 
 from agents import job_keys, keys_of, start_agents, wait_all
 from conftest import kill_then_stop
-from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.config import EtcdConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.server import EtcdServer
 from etcd_agent.proctree import free_port
 from etcd_agent.testing import records as record_files

@@ -11,7 +11,8 @@ import pytest
 
 from agents import poll_until
 from containers import member_class
-from etcd_agent.config import EtcdConfig, Timings, parse_endpoints
+from etcd_agent.config import EtcdConfig, Timings
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.errors import EtcdUnavailable
 from etcd_agent.etcd.client import Etcd, absent, mod_is, none_under, op_get, op_put
 from etcd_agent.etcd.session import Session

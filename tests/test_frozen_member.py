@@ -17,7 +17,8 @@ import pytest
 
 import containers
 from agents import AgentProc, RoundWatcher, job_keys, keys_of, poll_until, start_agents, wait_all, wait_records
-from etcd_agent.config import EtcdConfig, Timings, parse_endpoints, request_timeout_for
+from etcd_agent.config import EtcdConfig, Timings, request_timeout_for
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.etcd.session import Session
 from etcd_agent.etcd.server import find_etcd_binary

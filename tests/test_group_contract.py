@@ -13,7 +13,8 @@ import pytest
 
 from etcd_agent import agent as agent_mod
 from etcd_agent.agent import Agent, QueueEvent
-from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.coord import decide
 from etcd_agent.logs import get as get_logger
 from etcd_agent.node.api import ExitTally, Group, GroupFailed, GroupSucceeded, WorkerExit

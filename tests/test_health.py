@@ -482,7 +482,8 @@ def test_a_newcomer_whose_passing_check_outlasts_the_last_call_joins_after_one_s
 def test_a_forged_registration_costs_at_most_one_scale_up(etcd_endpoint, run_id, tmp_path):
     """A registry entry on a live lease that no agent stands behind (it never joins): the leader scales up for it
     once, says it was passed over, and never again; a real newcomer after it still gets in."""
-    from etcd_agent.config import EtcdConfig, parse_endpoints
+    from etcd_agent.config import EtcdConfig
+    from etcd_agent.endpoints import parse_endpoints
     from etcd_agent.etcd.client import Etcd
 
     release = tmp_path / "release"

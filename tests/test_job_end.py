@@ -13,7 +13,8 @@ import pytest
 from agents import AgentProc, job_keys, keys_of
 from etcd_agent import errors
 from etcd_agent.coord import txns
-from etcd_agent.config import EtcdConfig, JobSpec, parse_endpoints
+from etcd_agent.config import EtcdConfig, JobSpec
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.schema.keys import RunKeys
 from etcd_agent.schema.values import NodeInfo

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "etcd_agent"
 
 # The base modules: frozen records, errors, the log format, secrets, process trees, the worker heartbeat.
-BASE = {"__init__", "errors", "logs", "secure", "config", "progress", "proctree"}
+BASE = {"__init__", "errors", "logs", "secure", "config", "endpoints", "progress", "proctree"}
 LAYERS_BELOW = {
     "base": set(),
     "schema": {"base"},

@@ -13,7 +13,8 @@ from agents import JOB, AgentProc, job_keys, keys_of, plan_nodes, records, wait_
 
 from etcd_agent.coord import txns
 from etcd_agent.coord.coordinator import Coordinator
-from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig, parse_endpoints
+from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.proctree import free_port
 from etcd_agent.schema.values import Plan
 

@@ -16,7 +16,8 @@ import pytest
 from agents import AgentProc, job_keys, keys_of, poll_until, wait_all, wait_records
 from conftest import SESSION_ETCD_ARGS
 from etcd_agent.etcd import server as standalone
-from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.config import EtcdConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.errors import EtcdNoSpace
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.testing import metrics

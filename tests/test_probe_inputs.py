@@ -17,7 +17,8 @@ import pytest
 
 from agents import AgentProc, keys_of, wait_logged, wait_records
 from etcd_agent.cli.flags import parse_nnodes
-from etcd_agent.config import MAX_NODES, EtcdConfig, JobSpec, parse_endpoints
+from etcd_agent.config import MAX_NODES, EtcdConfig, JobSpec
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.errors import BadKeyData, ConfigError
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.ops.events import line

@@ -11,7 +11,8 @@ import sys
 
 from agents import (JOB, job_keys, keys_of, records, start_agents, wait_all, wait_for_key, wait_logged,
                     wait_records)
-from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.config import EtcdConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
 
 

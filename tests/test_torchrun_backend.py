@@ -21,7 +21,8 @@ from torch.distributed.elastic.utils import store as store_util  # noqa: E402
 
 from agents import job_keys, keys_of, poll_until  # noqa: E402
 from etcd_agent.torch.store import EtcdStore  # noqa: E402
-from etcd_agent.config import EtcdConfig, parse_endpoints  # noqa: E402
+from etcd_agent.config import EtcdConfig  # noqa: E402
+from etcd_agent.endpoints import parse_endpoints  # noqa: E402
 from etcd_agent.etcd.client import Etcd  # noqa: E402
 from etcd_agent.schema.keys import prefix_end  # noqa: E402
 from etcd_agent.torch.rendezvous import BACKEND, EtcdV3RendezvousHandler, create_handler  # noqa: E402

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from etcd_agent.coord import cas, txns
-from etcd_agent.config import EtcdConfig, JobSpec, parse_endpoints
+from etcd_agent.config import EtcdConfig, JobSpec
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, NodeRankTaken, SpecMismatch
 from etcd_agent.etcd.client import Etcd, op_delete, op_put
 from etcd_agent.schema.keys import Keys, RunKeys, encode

@@ -8,7 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.config import EtcdConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd, rpc
 from etcd_agent.etcd.server import EtcdServer
 from etcd_agent.proctree import free_port

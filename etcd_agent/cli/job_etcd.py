@@ -24,7 +24,8 @@ import socket
 import time
 
 from .. import logs
-from ..config import AgentConfig, parse_endpoints
+from ..config import AgentConfig
+from ..endpoints import parse_endpoints
 from ..errors import ConfigError, EtcdError, EtcdUnavailable
 from ..etcd.client import Etcd
 from ..schema.keys import Keys

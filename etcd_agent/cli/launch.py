@@ -41,7 +41,8 @@ import sys
 import uuid
 
 from ..config import (AgentConfig, EtcdConfig, JobSpec, QuarantinePolicy, StdSpec, Timings, WorkerConfig,
-                      endpoint_scheme, parse_endpoints, request_timeout_for)
+                      request_timeout_for)
+from ..endpoints import endpoint_scheme, parse_endpoints
 from ..errors import ConfigError
 from ..node import health
 from ..node.hostinfo import default_node_id, resolve_nproc

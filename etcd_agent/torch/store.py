@@ -48,7 +48,8 @@ from typing import Callable
 import torch.distributed as dist
 
 from .. import logs
-from ..config import EtcdConfig, parse_endpoints
+from ..config import EtcdConfig
+from ..endpoints import parse_endpoints
 from ..errors import EtcdError, EtcdRequestError
 from ..etcd.client import Etcd, absent, mod_is, op_delete, op_get, op_get_at, op_put, prefix_end, value_is
 from ..etcd.watch import Resync, WatchStream

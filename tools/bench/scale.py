@@ -92,7 +92,8 @@ import scale_report
 from scale_procs import Board, Fleet, count_lines, cpu_of, prioritize, schedstat
 
 import etcd_agent
-from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.config import EtcdConfig
+from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.schema.keys import Keys
 from etcd_agent.etcd.server import EtcdServer
