@@ -313,7 +313,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser(version: str = "") -> argparse.ArgumentParser:
     p = Parser(
         prog="etcd-agent", description="Elastic launcher for multi-node PyTorch jobs, coordinated through etcd v3; "
-        "takes torchrun's command line. Subcommands: 'etcd-agent status ...' and 'etcd-agent stop ...'.")
+        "takes torchrun's command line. Subcommands: 'etcd-agent status|stop|events --run-id ID "
+        "--etcd-endpoints ...' (read, stop or replay a job) and 'etcd-agent doctor [this command line]' (check this "
+        "node before a launch; starts nothing).")
     _torchrun_flags(p)
     etcd_flags(p)
     _agent_flags(p)

@@ -1,11 +1,13 @@
-"""Command line: torchrun-compatible flags -> AgentConfig -> Agent -> exit code; plus ``status`` and ``stop``.
+"""Command line: torchrun-compatible flags -> AgentConfig -> Agent -> exit code; plus ``status``, ``stop``,
+``events`` and ``doctor`` (a launch's command line checked on this node, nothing started).
 
 Exit codes: 0 the job succeeded, 1 the job failed or was stopped (an agent that arrives while the run's ended job
 still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, unreachable
 etcd at start), 128+N when the agent itself was ended by signal N. Every error is one line naming the flag, key
 or file; never a traceback.
 
-Imports ``cli/``, the base modules, and lazily the agent, ``ops.status`` and ``cli.job_etcd``; never ``torch/``.
+Imports ``cli/``, the base modules, and lazily the agent, ``ops.status``, ``cli.job_etcd`` and ``cli.doctor``; never
+``torch/``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from ..errors import EXIT_OK, AgentError, ConfigError, JobEnded
 from .launch import etcd_config, resolve
 
 log = logs.get("etcd_agent.cli.main")
-SUBCOMMANDS = ("status", "stop", "events")
+SUBCOMMANDS = ("status", "stop", "events")  # with the etcd flags only (ops.status)
+DOCTOR = "doctor"  # with a launch's flags (cli.doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +84,10 @@ def _error(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] == DOCTOR:
+            from .doctor import run_doctor
+
+            return run_doctor(argv[1:], _setup_logging)
         if argv and argv[0] in SUBCOMMANDS:
             from ..ops.status import run_subcommand
 
