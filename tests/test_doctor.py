@@ -184,3 +184,28 @@ def test_a_worker_interpreter_without_torch_fails_with_the_fix(run_id, script, t
 def test_doctor_is_listed_in_help():
     got = subprocess.run([sys.executable, "-m", "etcd_agent", "--help"], capture_output=True, text=True, timeout=60)
     assert "etcd-agent doctor" in " ".join(got.stdout.split())
+
+
+@pytest.mark.parametrize("version, level", [("3.3.27", "FAIL"), ("3.4.23", "warn"), ("3.4.28", "ok"),
+                                            ("3.5.10", "warn"), ("3.5.11", "ok"), ("3.6.0", "ok"), ("odd", "warn")])
+def test_etcd_versions_are_judged_by_the_readme_s_advice(version, level):
+    from etcd_agent.cli.preflight_etcd import version_verdict
+
+    assert version_verdict(version)[0].value == level
+
+
+@pytest.mark.parametrize("offset, said", [(0.0, "within 1 s of etcd"), (10.0, "10 s ahead of etcd"),
+                                          (-10.0, "10 s behind etcd")])
+def test_clock_skew_is_read_from_etcd_s_date_header(etcd_endpoint, monkeypatch, offset, said):
+    """This node's clock moved by ``offset`` against a real etcd: above 2 s a warning says which way and why."""
+    import time as real
+
+    from etcd_agent.cli import preflight_etcd
+
+    clock = type("Clock", (), {"time": staticmethod(lambda: real.time() + offset), "monotonic": real.monotonic})
+    monkeypatch.setattr(preflight_etcd, "time", clock)
+    cfg = EtcdConfig(parse_endpoints(etcd_endpoint))
+    got = preflight_etcd.clock(cfg, list(cfg.endpoints))
+    assert got.level.value == ("ok" if offset == 0 else "warn") and said in got.text, got.text
+    if offset:
+        assert "blame" in got.text and "quarantine" in got.text
