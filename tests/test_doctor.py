@@ -209,3 +209,13 @@ def test_clock_skew_is_read_from_etcd_s_date_header(etcd_endpoint, monkeypatch, 
     assert got.level.value == ("ok" if offset == 0 else "warn") and said in got.text, got.text
     if offset:
         assert "blame" in got.text and "quarantine" in got.text
+
+
+def test_doctor_never_imports_torch(etcd_endpoint, run_id, script):
+    """It looks for torch in the workers' interpreter; the agent's own process never imports it."""
+    code = ("import sys; from etcd_agent.cli.main import main; "
+            f"rc = main(['doctor', '--etcd-endpoints', {etcd_endpoint!r}, '--run-id', {run_id!r}, {str(script)!r}]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch', rc)")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert got.stdout.splitlines()[-1] == "no torch 0", got.stdout + got.stderr
+    assert "torch: torch " in got.stdout
