@@ -23,7 +23,7 @@ import subprocess
 import time
 
 from ..config import AgentConfig, EtcdConfig
-from ..coord.runs import check_spec, names, newcomer_end, refuse_nested
+from ..coord.runs import check_spec, command, names, newcomer_end, refuse_nested
 from ..coord.txns import pointer_generation
 from ..errors import AgentError, ConfigError, EtcdAuthError, EtcdError, EtcdUnavailable
 from ..etcd.client import Etcd, op_get, op_get_prefix, prefix_end
@@ -172,7 +172,7 @@ def run_state(etcd: Etcd, cfg: AgentConfig, where: str) -> Check:
     """Whether a live job holds the run id (a warning: a launch would join it, or end as it did), or the running
     job's spec differs from the launch's, or a live agent has this ``--node-id`` (FAIL: a launch is refused)."""
     run, name = RunKeys(cfg.root, cfg.run_id), f"run id {cfg.run_id}"
-    stop = f"etcd-agent stop --run-id {cfg.run_id} --etcd-endpoints {where}"
+    stop = command("stop", run, where)
     try:
         refuse_nested(etcd, run)
         pointer, _rev = etcd.get(run.job(), deadline=ETCD_CHECK_S)
@@ -185,7 +185,7 @@ def run_state(etcd: Etcd, cfg: AgentConfig, where: str) -> Check:
         live = sorted(kv.key[len(keys.nodes()):] for kv in registry if kv.lease)
         if result:
             done = Result.from_kv(result[0])
-            ended = newcomer_end(keys, done, registry)
+            ended = newcomer_end(keys, done, registry, where)
             if ended is None:
                 return ok(name, f"job {keys.gen} of this run ended ({done.outcome.value}): a launch starts job "
                                 f"{keys.gen + 1}")
@@ -193,7 +193,7 @@ def run_state(etcd: Etcd, cfg: AgentConfig, where: str) -> Check:
                               f"{'is' if len(live) == 1 else 'are'} still registered: a launch now ends as that "
                               f"job did (exit {ended.exit_code}); wait until they leave, or give another --run-id")
         if spec:
-            check_spec(keys, cfg.spec, decode(keys.spec(), spec[0].value))
+            check_spec(keys, cfg.spec, decode(keys.spec(), spec[0].value), where)
         phase = RoundInfo.from_kv(rnd[0]) if rnd else None
     except (ConfigError, EtcdError) as exc:
         return fail(name, str(exc))
