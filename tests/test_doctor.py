@@ -149,7 +149,7 @@ def test_an_abandoned_job_is_left_as_it_is(etcd_endpoint, run_id, script, tmp_pa
 
 @pytest.mark.parametrize("argv, message", [
     (["--nnodes", "2", "--etcd-endpoints", "127.0.0.1:1", "--bogus-flag", "x", "train.py"],
-     "etcd-agent: error: unrecognized arguments: --bogus-flag"),
+     "etcd-agent: error: unrecognized argument --bogus-flag; `etcd-agent doctor --help` lists every flag"),
     (["--nnodes", "2:x", "--etcd-endpoints", "127.0.0.1:1", "train.py"], "etcd-agent: error: --nnodes"),
     (["--nnodes", "2", "train.py"], "etcd-agent: error: --nnodes 2 is a multi-node job"),
 ])

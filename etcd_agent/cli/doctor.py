@@ -17,11 +17,12 @@ import argparse
 import concurrent.futures
 import shlex
 import sys
+import textwrap
 from typing import Callable
 
 from .. import __version__
 from ..config import AgentConfig
-from ..errors import EXIT_JOB_FAILED, EXIT_OK, ConfigError
+from ..errors import EXIT_JOB_FAILED, EXIT_OK
 from . import flags, preflight, preflight_etcd
 from .launch import Launch, resolve
 from .preflight import Check, Level
@@ -32,13 +33,10 @@ DESCRIPTION = ("Check this node before a launch: give the launch's own flags and
 
 
 def _parser() -> argparse.ArgumentParser:
+    """A launch's parser (its errors one line, as a launch's are), introduced as doctor."""
     parser = flags.build_parser(__version__)
-    parser.prog, parser.description = "etcd-agent doctor", DESCRIPTION
-
-    def one_line(message: str):  # a launch's one-line error, without argparse's usage block
-        raise ConfigError(message)
-
-    parser.error = one_line
+    parser.prog, parser.description, parser.epilog = "etcd-agent doctor", textwrap.fill(DESCRIPTION, 100), None
+    parser.usage = "%(prog)s [a launch's flags] training_script [training script args ...]"
     return parser
 
 

@@ -18,13 +18,13 @@ import sys
 
 from .. import __version__, logs
 from . import flags
-from ..config import EtcdConfig
 from ..errors import EXIT_OK, AgentError, ConfigError, JobEnded
 from .launch import etcd_config, resolve
 
 log = logs.get("etcd_agent.cli.main")
-SUBCOMMANDS = ("status", "stop", "events")  # with the etcd flags only (ops.status)
+SUBCOMMANDS = tuple(flags.SUBCOMMANDS)  # status, stop, events: with the etcd flags only (ops.status)
 DOCTOR = "doctor"  # with a launch's flags (cli.doctor)
+PRINTING = (*SUBCOMMANDS, DOCTOR)  # the commands that print their answer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     return flags.build_parser(__version__)
 
 
-def _subcommand_config(ns: argparse.Namespace) -> EtcdConfig:
-    return etcd_config(ns, ns.endpoints, "--etcd-endpoints")
+def run_subcommand(name: str, argv: list[str]) -> int:
+    """``etcd-agent status|stop|events``: its flags, the etcd they name, then ``ops.status``."""
+    from ..ops.status import run_subcommand as run
+
+    parser = flags.subcommand_parser(name)
+    ns = parser.parse_args(argv)
+    _setup_logging(ns.log_level)
+    if not ns.run_id and name != "status":
+        raise ConfigError("--run-id is required")
+    flag = flags.sources(parser, ns).get("endpoints", "--etcd-endpoints")
+    return run(name, ns, etcd_config(ns, ns.endpoints, flag), flag)
 
 
 def _setup_logging(level: str) -> None:
@@ -81,18 +90,27 @@ def _error(msg: str) -> None:
     print(f"etcd-agent: error: {msg}", file=sys.stderr, flush=True)
 
 
+def _unexpected(exc: Exception, command: str) -> int:
+    """A bug still ends in one clear line; the traceback goes to DEBUG, which every command's --log-level shows."""
+    log.debug("unexpected error", exc_info=True)
+    again = f"etcd-agent {command}" if command else "etcd-agent"
+    _error(f"unexpected {type(exc).__name__}: {exc} (run {again} again with --log-level DEBUG for the traceback)")
+    return 1
+
+
+def _run_printing(command: str, argv: list[str]) -> int:
+    if command == DOCTOR:
+        from .doctor import run_doctor
+
+        return run_doctor(argv, _setup_logging)
+    return run_subcommand(command, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in PRINTING else ""
     try:
-        if argv and argv[0] == DOCTOR:
-            from .doctor import run_doctor
-
-            return run_doctor(argv[1:], _setup_logging)
-        if argv and argv[0] in SUBCOMMANDS:
-            from ..ops.status import run_subcommand
-
-            return run_subcommand(argv[0], argv[1:], flags.subcommand_flags, _subcommand_config, _setup_logging)
-        return run_agent(argv)
+        return _run_printing(command, argv[1:]) if command else run_agent(argv)
     except AgentError as exc:
         _error(str(exc))
         return exc.exit_code
@@ -100,6 +118,4 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug must still end in one clear line; the traceback goes to DEBUG
-        log.debug("unexpected error", exc_info=True)
-        _error(f"unexpected {type(exc).__name__}: {exc} (run with --log-level DEBUG for the traceback)")
-        return 1
+        return _unexpected(exc, command)

@@ -1,0 +1,95 @@
+"""The command line's edges: an unknown flag (one line, with the flag meant) and the hint of an unexpected error
+(only flags the command takes). Real processes and the real etcd where etcd is involved."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from etcd_agent.cli import flags
+from etcd_agent.cli.main import main
+
+CLI = [sys.executable, "-m", "etcd_agent"]
+
+
+# -- unknown flags ---------------------------------------------------------------------------------------------------
+
+
+def one_error_line(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    return captured.err.rstrip("\n")
+
+
+def test_an_unknown_flag_is_one_line_naming_the_flag_meant(capsys):
+    assert one_error_line(capsys, "--nproc-per-nodes", "2", "train.py") == \
+        "etcd-agent: error: unrecognized argument --nproc-per-nodes; did you mean --nproc-per-node?"
+    assert one_error_line(capsys, "--nodes=2", "--etcd-endpoint", "127.0.0.1:1", "train.py") == \
+        "etcd-agent: error: unrecognized argument --nodes=2; did you mean --nnodes?"
+    assert one_error_line(capsys, "--frobnicate", "train.py") == \
+        "etcd-agent: error: unrecognized argument --frobnicate; `etcd-agent --help` lists every flag"
+    assert one_error_line(capsys, "--nodes=2", "--lease-tl=9", "train.py") == \
+        "etcd-agent: error: unrecognized arguments --nodes=2 (did you mean --nnodes?), --lease-tl=9 (did you mean " \
+        "--lease-ttl?); `etcd-agent --help` lists every flag"
+    # an unknown flag's value is taken for the script, as under torchrun: what follows is the script's
+    assert one_error_line(capsys, "--nodes", "2", "--lease-tl", "9", "train.py") == \
+        "etcd-agent: error: unrecognized argument --nodes; did you mean --nnodes?"
+    # every subcommand, and doctor
+    assert one_error_line(capsys, "status", "--jsn", "--etcd-endpoints", "127.0.0.1:1") == \
+        "etcd-agent: error: unrecognized argument --jsn; did you mean --json?"
+    assert one_error_line(capsys, "events", "--folow", "--run-id", "r", "--etcd-endpoints", "127.0.0.1:1") == \
+        "etcd-agent: error: unrecognized argument --folow; did you mean --follow?"
+    assert one_error_line(capsys, "stop", "--reasn", "x", "--run-id", "r", "--etcd-endpoints", "127.0.0.1:1") == \
+        "etcd-agent: error: unrecognized arguments --reasn (did you mean --reason?), x; `etcd-agent stop --help` " \
+        "lists every flag"
+    assert one_error_line(capsys, "doctor", "--standalone", "--max-restart-count", "3", "train.py") == \
+        "etcd-agent: error: unrecognized argument --max-restart-count; did you mean --max-restarts?"
+    # other usage errors are one line too
+    assert one_error_line(capsys, "--nnodes") == "etcd-agent: error: argument --nnodes: expected one argument"
+
+
+def test_the_scripts_own_arguments_are_never_checked_and_abbreviations_still_resolve():
+    parser = flags.build_parser("test")
+    ns = parser.parse_args(["--nproc-per-nod", "2", "train.py", "--nproc-per-nodes", "3", "--frobnicate"])
+    assert ns.nproc_per_node == "2"  # an abbreviation argparse resolves, as under torchrun
+    assert ns.training_script == "train.py" and ns.training_script_args == ["--nproc-per-nodes", "3", "--frobnicate"]
+
+
+def test_help_lists_the_subcommands():
+    got = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0
+    for line in ("etcd-agent status --run-id ID", "etcd-agent stop --run-id ID", "etcd-agent events --run-id ID",
+                 "etcd-agent doctor [this launch's flags]"):
+        assert line in got.stdout, got.stdout
+    assert got.stdout.startswith("usage: etcd-agent [flags] training_script [training script args ...]\n"
+                                 "       etcd-agent {status,stop,events,doctor} [flags] (each has --help)\n")
+
+
+# -- the hint of an unexpected error ---------------------------------------------------------------------------------
+
+
+BROKEN = """import sys
+import etcd_agent.ops.status as ops
+from etcd_agent.cli.main import main
+
+def broken(*args):
+    raise RuntimeError("a bug")
+
+ops.run_subcommand = broken
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("name", ["status", "stop", "events"])
+def test_an_unexpected_error_hints_at_a_flag_the_subcommand_takes(etcd_endpoint, name):
+    argv = [name, "--etcd-endpoints", etcd_endpoint, "--run-id", "r"]
+    got = subprocess.run([sys.executable, "-c", BROKEN, *argv], capture_output=True, text=True, timeout=60)
+    assert got.returncode == 1
+    assert got.stderr == (f"etcd-agent: error: unexpected RuntimeError: a bug (run etcd-agent {name} again with "
+                          "--log-level DEBUG for the traceback)\n")
+    debug = subprocess.run([sys.executable, "-c", BROKEN, *argv, "--log-level", "DEBUG"], capture_output=True,
+                           text=True, timeout=60)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "RuntimeError: a bug" in debug.stderr
