@@ -1,15 +1,24 @@
-"""The command line's edges: an unknown flag (one line, with the flag meant) and the hint of an unexpected error
-(only flags the command takes). Real processes and the real etcd where etcd is involved."""
+"""The command line's edges: an unknown flag (one line, with the flag meant), the hint of an unexpected error (only
+flags the command takes) and a reader that leaves early (``| head -1``: a quiet exit 0). Real processes and the real
+etcd where etcd is involved."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
+from agents import AgentProc, wait_records
 from etcd_agent.cli import flags
 from etcd_agent.cli.main import main
+from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.etcd.client import Etcd, op_put
+from etcd_agent.schema.keys import RunKeys
+from etcd_agent.schema.values import JobPointer
 
 CLI = [sys.executable, "-m", "etcd_agent"]
 
@@ -93,3 +102,62 @@ def test_an_unexpected_error_hints_at_a_flag_the_subcommand_takes(etcd_endpoint,
     debug = subprocess.run([sys.executable, "-c", BROKEN, *argv, "--log-level", "DEBUG"], capture_output=True,
                            text=True, timeout=60)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "RuntimeError: a bug" in debug.stderr
+
+
+# -- a reader that leaves --------------------------------------------------------------------------------------------
+
+SMALL_PIPE = 4096  # the least a pipe holds on Linux: an answer longer than this cannot fit before the reader leaves
+
+
+def first_line_then_leave(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run ``etcd-agent ARGV`` into a pipe of ``SMALL_PIPE`` bytes, read its first line, close the pipe (as
+    ``| head -1`` does) and wait for it; stdout in the result is that line."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, SMALL_PIPE)
+    proc = subprocess.Popen([*CLI, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    with open(read_end, "rb", buffering=0) as reader:  # unbuffered: readline takes the first line and no more
+        first = reader.readline().decode()
+    _out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, first, err)
+
+
+@pytest.fixture
+def runs_root(etcd_endpoint, run_id):
+    """A fresh --etcd-prefix holding 200 runs (each a job pointer): ``status`` then prints far more than a pipe
+    holds."""
+    root = f"/t-{run_id}"
+    etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
+    try:
+        for start in range(0, 200, 100):
+            etcd.txn([], [op_put(RunKeys(root, f"run-{n:03d}").job(), JobPointer(1, time.time()).encode())
+                          for n in range(start, start + 100)], where="write the test's runs")
+    finally:
+        etcd.close()
+    return root
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_status_into_a_pipe_closed_early_ends_quietly(etcd_endpoint, runs_root, as_json):
+    got = first_line_then_leave(["status", "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", runs_root,
+                                 *(["--json"] if as_json else [])])
+    assert (got.returncode, got.stderr) == (0, ""), got.stderr
+    assert got.stdout == ("[\n" if as_json else "RUN" + " " * 28 + " JOB PHASE     ROUND NODES  RESULT\n")
+
+
+def test_events_follow_into_a_pipe_closed_early_ends_quietly(etcd_endpoint, run_id, tmp_path):
+    """``events --follow | head -1`` on a running job: the reader is gone before the job's next change is printed."""
+    out, release = tmp_path / "out", tmp_path / "release"
+    out.mkdir()
+    agent = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(out), "--run-until", str(release)])
+    wait_records(out, {(1, 0)}, [agent])
+    read_end, write_end = os.pipe()
+    follow = subprocess.Popen([*CLI, "events", "--etcd-endpoints", etcd_endpoint, "--run-id", run_id, "--follow"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    with open(read_end, "rb", buffering=0) as reader:
+        assert reader.readline().decode().startswith("TIME ")
+    release.touch()  # the job ends: its last changes are printed to a pipe nobody reads
+    assert agent.wait(60) == 0, agent.stderr()[-3000:]
+    _out, err = follow.communicate(timeout=60)
+    assert (follow.returncode, err) == (0, ""), err

@@ -4,7 +4,8 @@
 Exit codes: 0 the job succeeded, 1 the job failed or was stopped (an agent that arrives while the run's ended job
 still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, unreachable
 etcd at start), 128+N when the agent itself was ended by signal N. Every error is one line naming the flag, key
-or file; never a traceback.
+or file; never a traceback. A command that prints (``status``, ``stop``, ``events``, ``doctor``) whose stdout's
+reader has gone (``etcd-agent events ... | head -1``) stops quietly with exit 0.
 
 Imports ``cli/``, the base modules, and lazily the agent, ``ops.status``, ``cli.job_etcd`` and ``cli.doctor``; never
 ``torch/``.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__, logs
@@ -24,7 +26,7 @@ from .launch import etcd_config, resolve
 log = logs.get("etcd_agent.cli.main")
 SUBCOMMANDS = tuple(flags.SUBCOMMANDS)  # status, stop, events: with the etcd flags only (ops.status)
 DOCTOR = "doctor"  # with a launch's flags (cli.doctor)
-PRINTING = (*SUBCOMMANDS, DOCTOR)  # the commands that print their answer
+PRINTING = (*SUBCOMMANDS, DOCTOR)  # the commands whose answer is their stdout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,12 +100,27 @@ def _unexpected(exc: Exception, command: str) -> int:
     return 1
 
 
+def _stdout_gone() -> int:
+    """stdout's reader left (``| head -1``): the answer is no longer wanted. stdout is pointed at /dev/null so that
+    the interpreter's last flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (replaced in-process): nothing to flush
+        pass
+    return EXIT_OK
+
+
 def _run_printing(command: str, argv: list[str]) -> int:
     if command == DOCTOR:
         from .doctor import run_doctor
 
-        return run_doctor(argv, _setup_logging)
-    return run_subcommand(command, argv)
+        code = run_doctor(argv, _setup_logging)
+    else:
+        code = run_subcommand(command, argv)
+    sys.stdout.flush()  # here, not at exit: a reader that left is seen as the BrokenPipeError main() handles
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in PRINTING else ""
     try:
         return _run_printing(command, argv[1:]) if command else run_agent(argv)
+    except BrokenPipeError as exc:
+        return _stdout_gone() if command else _unexpected(exc, command)
     except AgentError as exc:
         _error(str(exc))
         return exc.exit_code
