@@ -1,21 +1,24 @@
 """The command line's edges: an unknown flag (one line, with the flag meant), the hint of an unexpected error (only
-flags the command takes) and a reader that leaves early (``| head -1``: a quiet exit 0). Real processes and the real
-etcd where etcd is involved."""
+flags the command takes), a reader that leaves early (``| head -1``: a quiet exit 0), and an etcd host name that can
+never resolve (at once, naming the flag). Real processes and the real etcd where etcd is involved."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from agents import AgentProc, wait_records
-from etcd_agent.cli import flags
+from etcd_agent.cli import flags, hostnames
 from etcd_agent.cli.main import main
 from etcd_agent.config import EtcdConfig, parse_endpoints
+from etcd_agent.errors import ConfigError
 from etcd_agent.etcd.client import Etcd, op_put
 from etcd_agent.schema.keys import RunKeys
 from etcd_agent.schema.values import JobPointer
@@ -161,3 +164,83 @@ def test_events_follow_into_a_pipe_closed_early_ends_quietly(etcd_endpoint, run_
     assert agent.wait(60) == 0, agent.stderr()[-3000:]
     _out, err = follow.communicate(timeout=60)
     assert (follow.returncode, err) == (0, ""), err
+
+
+# -- etcd host names that can never resolve --------------------------------------------------------------------------
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["status", "--etcd-endpoints", "etcd.invalid:2379", "--run-id", "r"], "--etcd-endpoints"),
+    (["events", "--rdzv-endpoint", "etcd.invalid:2379", "--run-id", "r"], "--rdzv-endpoint"),
+    (["stop", "--etcd-endpoints", "etcd.invalid:2379", "--run-id", "r"], "--etcd-endpoints"),
+    (["--etcd-endpoints", "etcd.invalid:2379", "--nnodes", "2", "--run-id", "r", "train.py"], "--etcd-endpoints"),
+    (["--rdzv-backend", "etcd-v3", "--rdzv-endpoint", "etcd.invalid:2379", "--nnodes", "2", "train.py"],
+     "--rdzv-endpoint"),
+])
+def test_a_host_name_that_cannot_resolve_fails_at_once_naming_the_flag(argv, flag, tmp_path):
+    (tmp_path / "train.py").write_text("pass\n")
+    started = time.monotonic()
+    got = subprocess.run([*CLI, *argv, "--etcd-timeout", "60"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert time.monotonic() - started < 30  # not the 60 s of --etcd-timeout
+    assert got.returncode == 2, got.stderr
+    errors = [line for line in got.stderr.splitlines() if line.startswith("etcd-agent: error: ")]
+    assert errors == [f"etcd-agent: error: {flag} etcd.invalid:2379: the host name etcd.invalid does not resolve "
+                      "(the .invalid domain never resolves): fix the name, or give the etcd's address"], got.stderr
+
+
+def test_one_endpoint_that_cannot_resolve_among_others_is_a_warning(etcd_endpoint, run_id):
+    got = cli("status", "--etcd-endpoints", f"etcd.invalid:2379,{etcd_endpoint}", "--etcd-prefix", f"/t-{run_id}")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == f"no runs under /t-{run_id}\n"
+    assert f"--etcd-endpoints etcd.invalid:2379,{etcd_endpoint}: this host name does not resolve: etcd.invalid " \
+           "(the .invalid domain never resolves); etcd-agent uses the other endpoints (fix or drop it)" in got.stderr
+
+
+def _resolver(monkeypatch, answers: dict) -> list[str]:
+    """socket.getaddrinfo answering ``answers[host]`` (an exception to raise, or an Event to block on); returns the
+    list of the hosts it was asked about."""
+    asked = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        asked.append(host)
+        answer = answers[host]
+        if isinstance(answer, threading.Event):
+            answer.wait()
+            return []
+        raise answer
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_only_a_permanent_answer_refuses_a_name(monkeypatch):
+    hang = threading.Event()
+    _resolver(monkeypatch, {"typo.example": socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+                            "nodata.example": socket.gaierror(socket.EAI_NODATA, "No address associated with hostname"),
+                            "busy.example": socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+                            "slow.example": hang})
+    try:
+        with pytest.raises(ConfigError, match=r"^--rdzv-endpoint typo.example:2379: the host name typo.example does "
+                                              r"not resolve \(Name or service not known\)"):
+            hostnames.check([("typo.example", 2379)], "--rdzv-endpoint")
+        with pytest.raises(ConfigError, match=r"no host name resolves: typo.example \(Name or service not known\), "
+                                              r"nodata.example \(No address associated with hostname\)"):
+            hostnames.check([("typo.example", 2379), ("nodata.example", 2379)], "--etcd-endpoints")
+        # a temporary failure, or a resolver that does not answer in time: left to the client's retries
+        assert hostnames.check([("busy.example", 2379)], "--etcd-endpoints") == []
+        assert hostnames.check([("slow.example", 2379)], "--etcd-endpoints", timeout=0.2) == []
+        assert hostnames.check([("busy.example", 2379), ("typo.example", 2379)], "--etcd-endpoints") == [
+            "--etcd-endpoints busy.example:2379,typo.example:2379: this host name does not resolve: typo.example "
+            "(Name or service not known); etcd-agent uses the other endpoints (fix or drop it)"]
+    finally:
+        hang.set()
+
+
+def test_addresses_are_never_looked_up(monkeypatch):
+    asked = _resolver(monkeypatch, {})
+    assert hostnames.check([("127.0.0.1", 2379), ("::1", 2379), ("fe80::1%eth0", 2379)], "--etcd-endpoints") == []
+    assert asked == []

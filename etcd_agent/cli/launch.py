@@ -63,6 +63,7 @@ class Launch:
     embedded: bool  # start a private etcd for this one-node job
     serve: tuple[str, int] | None = None  # a c10d line's HOST, PORT: serve the job's etcd there, or use the one there
     notes: tuple[str, ...] = ()  # warnings to log once logging is set up
+    etcd_flag: str = "--etcd-endpoints"  # where the etcd endpoints came from (a flag, or $ETCD_AGENT_ENDPOINTS)
 
 
 def _apply_conf(ns: argparse.Namespace, given: dict[str, str], notes: list[str]) -> None:
@@ -338,7 +339,7 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace, preflight: 
                             workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
     if not preflight:
         check_entrypoint(workers)  # after the flags: a bad flag is named first
-    return Launch(cfg, embedded, serve, tuple(notes))
+    return Launch(cfg, embedded, serve, tuple(notes), endpoints[1] if endpoints else "--etcd-endpoints")
 
 
 def _host_port(host: str, port: int) -> str:

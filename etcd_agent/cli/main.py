@@ -2,10 +2,10 @@
 ``events`` and ``doctor`` (a launch's command line checked on this node, nothing started).
 
 Exit codes: 0 the job succeeded, 1 the job failed or was stopped (an agent that arrives while the run's ended job
-still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, unreachable
-etcd at start), 128+N when the agent itself was ended by signal N. Every error is one line naming the flag, key
-or file; never a traceback. A command that prints (``status``, ``stop``, ``events``, ``doctor``) whose stdout's
-reader has gone (``etcd-agent events ... | head -1``) stops quietly with exit 0.
+still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, an etcd host name
+that cannot resolve, unreachable etcd at start), 128+N when the agent itself was ended by signal N. Every error is
+one line naming the flag, key or file; never a traceback. A command that prints (``status``, ``stop``, ``events``,
+``doctor``) whose stdout's reader has gone (``etcd-agent events ... | head -1``) stops quietly with exit 0.
 
 Imports ``cli/``, the base modules, and lazily the agent, ``ops.status``, ``cli.job_etcd`` and ``cli.doctor``; never
 ``torch/``.
@@ -19,7 +19,7 @@ import os
 import sys
 
 from .. import __version__, logs
-from . import flags
+from . import flags, hostnames
 from ..errors import EXIT_OK, AgentError, ConfigError, JobEnded
 from .launch import etcd_config, resolve
 
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_subcommand(name: str, argv: list[str]) -> int:
-    """``etcd-agent status|stop|events``: its flags, the etcd they name, then ``ops.status``."""
+    """``etcd-agent status|stop|events``: its flags, the etcd they name (every host name checked), then
+    ``ops.status``."""
     from ..ops.status import run_subcommand as run
 
     parser = flags.subcommand_parser(name)
@@ -44,7 +45,10 @@ def run_subcommand(name: str, argv: list[str]) -> int:
     if not ns.run_id and name != "status":
         raise ConfigError("--run-id is required")
     flag = flags.sources(parser, ns).get("endpoints", "--etcd-endpoints")
-    return run(name, ns, etcd_config(ns, ns.endpoints, flag), flag)
+    cfg = etcd_config(ns, ns.endpoints, flag)
+    for note in hostnames.check(cfg.endpoints, flag, cfg.connect_timeout):
+        log.warning("%s", note)
+    return run(name, ns, cfg, flag)
 
 
 def _setup_logging(level: str) -> None:
@@ -62,7 +66,10 @@ def run_agent(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     _setup_logging(ns.log_level)
     launch = resolve(parser, ns)  # every flag and the entrypoint checked before etcd starts
-    for note in launch.notes:
+    notes = list(launch.notes)
+    if not launch.embedded and launch.serve is None:  # a served etcd's host was resolved by resolve's checks
+        notes += hostnames.check(launch.cfg.etcd.endpoints, launch.etcd_flag, launch.cfg.etcd.connect_timeout)
+    for note in notes:
         log.warning("%s", note)
     job_etcd, agent = JobEtcd(launch.embedded, launch.serve), None
     try:
