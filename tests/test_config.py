@@ -420,6 +420,16 @@ def test_check_spec_lists_every_difference():
     assert "--max-restarts" not in str(caught.value)
 
 
+def test_check_spec_ends_with_the_fix_for_this_run_s_prefix():
+    stored = {"v": 1, **STORED, "max_restarts": 0}
+    with pytest.raises(SpecMismatch, match=r"; to start a new job with these flags, stop that one \(`etcd-agent stop "
+                                           r"--run-id job1 --etcd-endpoints e1:2379,e2:2379`\) or give another "
+                                           r"--run-id$"):
+        check_spec(KEYS, SPEC, stored, "e1:2379,e2:2379")
+    with pytest.raises(SpecMismatch, match=r"--run-id job1 --etcd-endpoints e1:2379 --etcd-prefix /jobs`\)"):
+        check_spec(Keys("/jobs", "job1", 1), SPEC, stored, "e1:2379")
+
+
 @pytest.mark.parametrize("missing", ["min_nodes", "max_nodes", "nproc_per_node", "max_restarts"])
 def test_check_spec_stored_spec_missing_fields_is_bad_data(missing):
     stored = {"v": 1, **STORED}

@@ -1,16 +1,25 @@
 """``etcd-agent events`` replays a job's history from etcd's revisions (and ``--follow`` streams it), against
-running agents: a job with a restart and a lost node."""
+running agents: a job with a restart and a lost node; the text's columns, and the times of changes that carry none."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from agents import start_agents, wait_all, wait_records
+from agents import AgentProc, start_agents, wait_all, wait_records
+from etcd_agent.config import EtcdConfig, JobSpec
+from etcd_agent.coord import txns
+from etcd_agent.endpoints import parse_endpoints
+from etcd_agent.etcd.client import Etcd
+from etcd_agent.ops.events import DETAILS, HEADER, when
+from etcd_agent.schema.keys import RunKeys
+from etcd_agent.schema.values import NodeInfo
 
 
 def events(endpoint: str, run_id: str, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -55,7 +64,7 @@ def test_history_of_a_job_with_a_restart_and_a_lost_node(etcd_endpoint, run_id, 
     revisions = [e["revision"] for e in history]
     assert revisions == sorted(revisions)
     text = events(etcd_endpoint, run_id)
-    assert text.returncode == 0 and "failure in round 1: rank 1 on node-" in text.stdout
+    assert text.returncode == 0 and re.search(r"  failure +node-\d +round 1: rank 1 exit code 3", text.stdout)
     print("\n" + text.stdout)
     status = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
                              "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=60)
@@ -67,3 +76,52 @@ def test_history_of_a_job_with_a_restart_and_a_lost_node(etcd_endpoint, run_id, 
                             "--run-id", run_id], capture_output=True, text=True, timeout=60).stdout
     assert "history, round 3: formed in " in shown and ", ran " in shown
     print(shown)
+
+
+def columns(row: str) -> tuple[str, str, str, str, str]:
+    """(time, revision, kind, node, detail) of one text row, cut at the header's column offsets."""
+    at = [HEADER.index(name) for name in ("REVISION", "EVENT", "NODE", "DETAIL")]
+    cuts = [row[:at[0]], row[at[0]:at[1]], row[at[1]:at[2]], row[at[2]:at[3]], row[at[3]:]]
+    assert all(c.endswith("  ") for c in cuts[:4]), f"a column runs into the next one: {row!r}"
+    return tuple(c.strip() for c in cuts)
+
+
+def test_rows_are_aligned_and_a_delete_shows_no_time(etcd_endpoint, run_id, tmp_path):
+    """A one-node job to its end: every row has its time (or "-"), revision, kind and node in the header's columns;
+    the registration's delete when the agent leaves has no time of its own (``-`` in text, null in JSON)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    agent = AgentProc(etcd_endpoint, run_id, "node-0", tmp_path, [str(out)])
+    assert agent.wait(60) == 0, agent.stderr()[-3000:]
+    text = events(etcd_endpoint, run_id)
+    assert text.returncode == 0, text.stderr
+    header, *rows = text.stdout.splitlines()
+    assert header == HEADER and rows
+    table = [columns(row) for row in rows]
+    history = [json.loads(x) for x in events(etcd_endpoint, run_id, "--json").stdout.splitlines()]
+    assert [(e["event"], str(e["revision"]), e.get("node") or "-", when(e["time"])) for e in history] == \
+        [(kind, rev, node, wall) for wall, rev, kind, node, _detail in table]
+    for wall, _rev, kind, _node, detail in table:
+        assert kind in DETAILS and detail
+        assert wall == "-" or re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", wall), wall
+    gone = [e for e in history if e["event"] == "node gone"]
+    assert gone and all(e["time"] is None and e["node"] == "node-0" for e in gone)
+    assert [r for r in table if r[2] == "node gone"][0][0] == "-"
+    assert all(e["time"] for e in history if e["event"] in ("round opened", "node registered", "result"))
+    assert events(etcd_endpoint, run_id).stdout == text.stdout  # the same history, the same text
+
+
+def test_a_registrations_later_put_is_not_timed_with_the_agents_start(etcd_endpoint, run_id):
+    """A health change re-puts the registration, whose time is the agent's start: that change shows no time."""
+    etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
+    try:
+        keys = txns.init_job(etcd, RunKeys("/etcd-agent", run_id), JobSpec(1, 1, "1", 0), time.time())
+        started = time.time() - 3600
+        etcd.put(keys.node("n0"), NodeInfo("n0", host="h", pid=7, started=started).encode())
+        etcd.put(keys.node("n0"), NodeInfo("n0", host="h", pid=7, started=started, health="no GPU").encode())
+    finally:
+        etcd.close()
+    got = events(etcd_endpoint, run_id, "--json")
+    history = {e["event"]: e for e in map(json.loads, got.stdout.splitlines())}
+    assert history["node registered"]["time"] == started
+    assert history["node unhealthy"]["time"] is None and history["node unhealthy"]["health"] == "no GPU"

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -277,9 +278,11 @@ def test_an_unhealthy_node_stays_out_until_its_check_passes(etcd_endpoint, run_i
     assert err.count("this node is unhealthy and does not join") == 1  # said once, however many checks failed
     assert "passed its health check after" in err
     events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=30).stdout
-    assert "node node-1 is unhealthy and does not join: --health-check" in events
-    assert "node node-1 passed its health check: it joins again" in events
-    assert events.index("is unhealthy") < events.index("passed its health check") < events.index("node-1 joined round")
+    unhealthy = re.search(r"  node unhealthy +node-1 +does not join: --health-check", events)
+    healthy = re.search(r"  node healthy +node-1 +passed its health check: it joins again", events)
+    joined = re.search(r"  joined round +node-1 +round ", events)
+    assert unhealthy and healthy and joined, events
+    assert unhealthy.start() < healthy.start() < joined.start()
 
 
 def test_nproc_per_node_gpu_counts_through_nvml(monkeypatch):
@@ -411,8 +414,9 @@ def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_re
     assert wait_all(good + bad) == [0, 0, 0], [a.stderr()[-2000:] for a in good + bad]
     assert "this node is unhealthy and does not join: quarantined until " in bad[0].stderr()
     events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=30).stdout
-    assert "node node-2 quarantined until " in events and "node node-2 is unhealthy and does not join" in events
-    assert "result: succeeded in round 3" in events
+    assert re.search(r"  quarantined +node-2 +until ", events), events
+    assert re.search(r"  node unhealthy +node-2 +does not join: ", events), events
+    assert re.search(r"  result +- +succeeded in round 3", events), events
 
 
 def _real_nvml():

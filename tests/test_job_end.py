@@ -61,7 +61,11 @@ def test_a_newcomer_gets_the_failed_job_while_one_of_its_agents_is_still_exiting
 
     newcomer = AgentProc(etcd_endpoint, run_id, "node-2", tmp_path, [str(out)], nnodes="2", extra=once)
     assert newcomer.wait(30) == 1  # before: it started job 2 and waited there for a second node
-    assert error_line(newcomer) == ended  # the same end, in the same words, as the job's own agent
+    assert error_line(newcomer).startswith(ended + "; ")  # the same end, in the same words, as the job's own agent
+    assert error_line(newcomer).endswith(  # then how to start anew
+        f"node-1 of that job is still registered (an agent still exiting, or a torchrun handler not shut down): the "
+        f"run id starts a new job once it has left (`etcd-agent status --run-id {run_id} --etcd-endpoints "
+        f"{etcd_endpoint}` shows it), or give another --run-id")
     assert (f"job 1 of run {run_id} ended (failed) and 1 of its nodes is still registered (node-1): this agent "
             "does not start a new job") in newcomer.stderr()
     assert not job_keys(etcd_endpoint, run_id, gen=2), "no second job was started"
@@ -117,3 +121,43 @@ def test_no_new_job_starts_over_a_node_that_registered_after_the_read(etcd, run_
     etcd.lease_revoke(lease)
     etcd.put(keys.node("by-hand"), NodeInfo("by-hand").encode())  # no lease: no live agent's, it keeps nothing closed
     assert txns.init_job(etcd, run, SPEC, time.time()) == run.generation(2)
+
+
+def test_a_run_id_held_by_another_job_is_refused_with_the_fix(etcd, etcd_endpoint, run_id, tmp_path):
+    """A launch refused because the run id's job has another spec says how to free it; the command it names works,
+    and the job's end that a newcomer then gets while a node of it is still registered says how to start anew."""
+    (tmp_path / "train.py").write_text("pass\n")
+    keys = txns.init_job(etcd, RunKeys(ROOT, run_id), SPEC, time.time())
+    lease = etcd.lease_grant(60)  # a live agent of that job, as far as etcd knows
+    etcd.put(keys.node("node-1"), NodeInfo("node-1", lease=f"{lease:x}").encode(), lease)
+
+    def launch(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", etcd_endpoint, "--run-id",
+                               run_id, "--node-id", "node-2", *flags, "train.py"], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+
+    refused = launch("--nproc-per-node", "2")
+    assert refused.returncode == 2, refused.stderr
+    stop = f"etcd-agent stop --run-id {run_id} --etcd-endpoints {etcd_endpoint}"
+    assert refused.stderr.splitlines()[-1] == (
+        f"etcd-agent: error: this agent does not match job {run_id} ({keys.spec()}): --nproc-per-node is '2' here "
+        f"but '1' in the running job; to start a new job with these flags, stop that one (`{stop}`) or give another "
+        "--run-id")
+    stopped = subprocess.run([sys.executable, "-m", "etcd_agent", *stop.split()[1:]], capture_output=True,
+                             text=True, timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+
+    newcomer = launch("--nproc-per-node", "2")  # node-1 of the stopped job is still registered
+    assert newcomer.returncode == 1, newcomer.stderr
+    status = f"etcd-agent status --run-id {run_id} --etcd-endpoints {etcd_endpoint}"
+    assert newcomer.stderr.splitlines()[-1] == (
+        f"etcd-agent: error: job {run_id} stopped: stopped by an operator; node-1 of that job is still registered "
+        "(an agent still exiting, or a torchrun handler not shut down): the run id starts a new job once it has "
+        f"left (`{status}` shows it), or give another --run-id")
+    shown = subprocess.run([sys.executable, "-m", "etcd_agent", *status.split()[1:]], capture_output=True,
+                           text=True, timeout=60)
+    assert "nodes alive: node-1" in shown.stdout, shown.stdout + shown.stderr
+
+    etcd.lease_revoke(lease)  # node-1 left: the run id starts job 2 with the new flags
+    assert launch("--nproc-per-node", "2").returncode == 0
+    assert txns.current_job(etcd, RunKeys(ROOT, run_id)) == keys.run.generation(2)

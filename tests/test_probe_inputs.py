@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,7 +45,7 @@ def test_a_quarantine_failure_time_no_calendar_shows_is_bad_data():
 
 def test_an_events_line_with_a_time_no_calendar_shows_prints_the_number():
     text = line({"event": "quarantined", "node": "a", "until": 1e30, "reason": "r", "revision": 5, "time": 1e300})
-    assert "1e+300 s after 1970" in text and "quarantined until 1e+30 s after 1970: r" in text
+    assert text.startswith("1e+300 s after 1970  ") and text.endswith("  until 1e+30 s after 1970: r")
 
 
 @pytest.mark.parametrize("text", ["1000000000000000000000000", "1:1000000000000000000000000", str(MAX_NODES + 1)])
@@ -110,7 +111,7 @@ def test_an_absurd_quarantine_holds_the_agent_and_status_and_events_show_it(unti
     state = strict_json(as_json.stdout)
     assert state["quarantined"] == {} and any(said in p for p in state["problems"])
     events = cli(etcd_endpoint, "events", "--run-id", run_id)
-    assert events.returncode == 0 and "failure in round 1: rank 0 on node-0" in events.stdout, events.stderr
+    assert events.returncode == 0 and re.search(r"  failure +node-0 +round 1: rank 0 ", events.stdout), events.stderr
     events = cli(etcd_endpoint, "events", "--run-id", run_id, "--json")
     assert events.returncode == 0, events.stderr
     assert "failure" in [strict_json(text)["event"] for text in events.stdout.splitlines()]

@@ -19,8 +19,10 @@ Imports only ``config`` and ``errors``; never torch.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
+import textwrap
 from typing import Callable
 
 from ..config import (DEFAULT_ROOT, MAX_NODES, MAX_NODES_WHY, AgentConfig, EtcdConfig, HealthConfig, QuarantinePolicy,
@@ -135,7 +137,8 @@ class StoreTrue(_Given):
 
 
 def subcommand_flags(p: argparse.ArgumentParser) -> None:
-    """The etcd flags of ``status`` and ``stop``, with torchrun's names for the endpoint and the id as aliases."""
+    """The etcd flags of ``status``, ``stop`` and ``events``, with torchrun's names for the endpoint and the id as
+    aliases."""
     etcd_flags(p)
     p.add_argument(*_both("--rdzv-endpoint"), dest="endpoints", action=Store, help="alias of --etcd-endpoints")
     p.add_argument(*_both("--rdzv-id"), dest="run_id", action=Store, help="alias of --run-id")
@@ -299,7 +302,18 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
 
 class Parser(argparse.ArgumentParser):
     """An abbreviation that torchrun's parser resolves (``--run-`` for ``--run-path``) resolves the same here, even
-    where etcd-agent's own flags (``--run-id``) would make it ambiguous."""
+    where etcd-agent's own flags (``--run-id``) would make it ambiguous. Every usage error is one line (a
+    ConfigError), never argparse's usage block; an unknown flag names the closest known one. Arguments after the
+    training script are the script's (``training_script_args``) and are never checked."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        ns, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            raise ConfigError(unrecognized(self, unknown))
+        return ns
 
     def _get_option_tuples(self, option_string):
         found = super()._get_option_tuples(option_string)
@@ -310,10 +324,50 @@ class Parser(argparse.ArgumentParser):
         return found
 
 
+def unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """``unrecognized argument --nproc-per-nodes; did you mean --nproc-per-node?``: each argument the parser does
+    not know, with the closest flag it does know when one is close."""
+    known = [s for action in parser._actions for s in action.option_strings]  # noqa: SLF001 - no public list
+    said = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, known, n=1) if name.startswith("-") else []
+        said.append((arg, close[0] if close else None))
+    listed = f"`{parser.prog} --help` lists every flag"
+    if len(said) == 1:
+        arg, close = said[0]
+        return f"unrecognized argument {arg}; " + (f"did you mean {close}?" if close else listed)
+    return "unrecognized arguments " + ", ".join(arg + (f" (did you mean {close}?)" if close else "")
+                                                 for arg, close in said) + f"; {listed}"
+
+
+def _wrapped(*paragraphs: str) -> str:
+    return "\n\n".join(textwrap.fill(p, 100) for p in paragraphs)
+
+
+USAGE = ("%(prog)s [flags] training_script [training script args ...]\n"
+         "       %(prog)s {status,stop,events,doctor} [flags] (each has --help)")
+DESCRIPTION = _wrapped("Elastic launcher for multi-node PyTorch jobs, coordinated through etcd v3; takes torchrun's "
+                       "command line. Arguments after training_script are the script's own.")
+EPILOG = """subcommands:
+  etcd-agent status --run-id ID --etcd-endpoints HOST:PORT [--json]
+      a job's state; without --run-id, every run under --etcd-prefix
+  etcd-agent stop --run-id ID --etcd-endpoints HOST:PORT [--reason TEXT]
+      end a job: every agent of it stops its workers and exits
+  etcd-agent events --run-id ID --etcd-endpoints HOST:PORT [--follow] [--json]
+      a job's history, replayed from etcd's revisions (--follow: then live)
+  etcd-agent doctor [this launch's flags] training_script [args ...]
+      check this node before a launch: what it would use, one line per check; starts nothing"""
+SUBCOMMANDS = {  # name -> description (``etcd-agent NAME --help``); doctor takes a launch's flags (cli.doctor)
+    "status": "Show a job's state (without --run-id: list the runs under the root).",
+    "stop": "Stop a running job: every agent of it stops its workers and exits.",
+    "events": "Replay a job's history from etcd's revisions (--follow: then every change as it happens).",
+}
+
+
 def build_parser(version: str = "") -> argparse.ArgumentParser:
-    p = Parser(
-        prog="etcd-agent", description="Elastic launcher for multi-node PyTorch jobs, coordinated through etcd v3; "
-        "takes torchrun's command line. Subcommands: 'etcd-agent status ...' and 'etcd-agent stop ...'.")
+    p = Parser(prog="etcd-agent", usage=USAGE, description=DESCRIPTION, epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     _torchrun_flags(p)
     etcd_flags(p)
     _agent_flags(p)
@@ -321,4 +375,20 @@ def build_parser(version: str = "") -> argparse.ArgumentParser:
     p.add_argument("training_script", type=str,
                    help="training script (or module with -m, or program with --no-python)")
     p.add_argument("training_script_args", nargs=argparse.REMAINDER, help="arguments for the training script")
+    return p
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """The command line of ``etcd-agent status``, ``stop`` or ``events``."""
+    p = Parser(prog=f"etcd-agent {name}", description=SUBCOMMANDS[name])
+    subcommand_flags(p)
+    if name == "status":
+        p.add_argument("--json", action="store_true", help="print the state as JSON")
+    elif name == "events":
+        p.add_argument("--json", action="store_true", help="one JSON object per event")
+        p.add_argument("--follow", action="store_true", help="keep printing events until the job has a result")
+    else:
+        p.add_argument("--reason", default="stopped by an operator", help="recorded in the job's result")
+    p.add_argument(*_both("--log-level"), action=Env, env_prefix="ETCD_AGENT_", default="WARNING",
+                   help="log level on stderr (default WARNING; env ETCD_AGENT_LOG_LEVEL)")
     return p

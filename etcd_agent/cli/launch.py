@@ -64,6 +64,7 @@ class Launch:
     embedded: bool  # start a private etcd for this one-node job
     serve: tuple[str, int] | None = None  # a c10d line's HOST, PORT: serve the job's etcd there, or use the one there
     notes: tuple[str, ...] = ()  # warnings to log once logging is set up
+    etcd_flag: str = "--etcd-endpoints"  # where the etcd endpoints came from (a flag, or $ETCD_AGENT_ENDPOINTS)
 
 
 def _apply_conf(ns: argparse.Namespace, given: dict[str, str], notes: list[str]) -> None:
@@ -280,8 +281,21 @@ def _module_exists(name: str) -> bool:
     return spec is not None
 
 
-def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
-    """Everything the agent needs from one command line; every check runs here, before anything starts."""
+def _nproc(text: str, preflight: bool) -> int:
+    """``--nproc-per-node`` resolved on this machine; in ``preflight`` a missing accelerator resolves to one worker
+    (a stand-in: ``doctor`` checks the accelerators itself and says what is missing)."""
+    try:
+        return resolve_nproc(text)
+    except ConfigError:
+        if not preflight or text.strip().lower() not in ("gpu", "xpu"):
+            raise
+        return 1
+
+
+def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace, preflight: bool = False) -> Launch:
+    """Everything the agent needs from one command line; every check runs here, before anything starts. With
+    ``preflight`` (``doctor``) the facts of this machine a launch refuses, a missing entrypoint or no visible GPU for
+    ``--nproc-per-node gpu``, are left to the caller's own checks: everything else is still resolved."""
     given = sources(parser, ns)
     notes: list[str] = []
     _apply_conf(ns, given, notes)
@@ -302,7 +316,7 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         notes.append("no --rdzv-id given: using torchrun's default run id 'none'; jobs that share this etcd need "
                      "distinct --rdzv-id values")
     workers = WorkerConfig(
-        ns.training_script, tuple(ns.training_script_args), resolve_nproc(ns.nproc_per_node), ns.module,
+        ns.training_script, tuple(ns.training_script_args), _nproc(ns.nproc_per_node, preflight), ns.module,
         ns.no_python and not ns.run_path, ns.log_dir or "",
         redirects=StdSpec.parse(ns.redirects, given.get("redirects", "--redirects")),
         tee=StdSpec.parse(ns.tee, given.get("tee", "--tee")),
@@ -324,8 +338,9 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> Launch:
         quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown),
         health=health.parse(ns.health_check, ns.health_check_timeout,
                             workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
-    check_entrypoint(workers)  # after the flags: a bad flag is named first
-    return Launch(cfg, embedded, serve, tuple(notes))
+    if not preflight:
+        check_entrypoint(workers)  # after the flags: a bad flag is named first
+    return Launch(cfg, embedded, serve, tuple(notes), endpoints[1] if endpoints else "--etcd-endpoints")
 
 
 def _host_port(host: str, port: int) -> str:

@@ -1,27 +1,32 @@
-"""Command line: torchrun-compatible flags -> AgentConfig -> Agent -> exit code; plus ``status`` and ``stop``.
+"""Command line: torchrun-compatible flags -> AgentConfig -> Agent -> exit code; plus ``status``, ``stop``,
+``events`` and ``doctor`` (a launch's command line checked on this node, nothing started).
 
 Exit codes: 0 the job succeeded, 1 the job failed or was stopped (an agent that arrives while the run's ended job
-still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, unreachable
-etcd at start), 128+N when the agent itself was ended by signal N. Every error is one line naming the flag, key
-or file; never a traceback.
+still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, an etcd host name
+that cannot resolve, unreachable etcd at start), 128+N when the agent itself was ended by signal N. Every error is
+one line naming the flag, key or file; never a traceback. A command that prints (``status``, ``stop``, ``events``,
+``doctor``) whose stdout's reader has gone (``etcd-agent events ... | head -1``) stops quietly with exit 0.
 
-Imports ``cli/``, the base modules, and lazily the agent, ``ops.status`` and ``cli.job_etcd``; never ``torch/``.
+Imports ``cli/``, the base modules, and lazily the agent, ``ops.status``, ``cli.job_etcd`` and ``cli.doctor``; never
+``torch/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__, logs
-from . import flags
-from ..config import EtcdConfig
+from . import flags, hostnames
 from ..errors import EXIT_OK, AgentError, ConfigError, JobEnded
 from .launch import etcd_config, resolve
 
 log = logs.get("etcd_agent.cli.main")
-SUBCOMMANDS = ("status", "stop", "events")
+SUBCOMMANDS = tuple(flags.SUBCOMMANDS)  # status, stop, events: with the etcd flags only (ops.status)
+DOCTOR = "doctor"  # with a launch's flags (cli.doctor)
+PRINTING = (*SUBCOMMANDS, DOCTOR)  # the commands whose answer is their stdout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     return flags.build_parser(__version__)
 
 
-def _subcommand_config(ns: argparse.Namespace) -> EtcdConfig:
-    return etcd_config(ns, ns.endpoints, "--etcd-endpoints")
+def run_subcommand(name: str, argv: list[str]) -> int:
+    """``etcd-agent status|stop|events``: its flags, the etcd they name (every host name checked), then
+    ``ops.status``."""
+    from ..ops.status import run_subcommand as run
+
+    parser = flags.subcommand_parser(name)
+    ns = parser.parse_args(argv)
+    _setup_logging(ns.log_level)
+    if not ns.run_id and name != "status":
+        raise ConfigError("--run-id is required")
+    flag = flags.sources(parser, ns).get("endpoints", "--etcd-endpoints")
+    cfg = etcd_config(ns, ns.endpoints, flag)
+    for note in hostnames.check(cfg.endpoints, flag, cfg.connect_timeout):
+        log.warning("%s", note)
+    return run(name, ns, cfg, flag)
 
 
 def _setup_logging(level: str) -> None:
@@ -48,7 +66,10 @@ def run_agent(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     _setup_logging(ns.log_level)
     launch = resolve(parser, ns)  # every flag and the entrypoint checked before etcd starts
-    for note in launch.notes:
+    notes = list(launch.notes)
+    if not launch.embedded and launch.serve is None:  # a served etcd's host was resolved by resolve's checks
+        notes += hostnames.check(launch.cfg.etcd.endpoints, launch.etcd_flag, launch.cfg.etcd.connect_timeout)
+    for note in notes:
         log.warning("%s", note)
     job_etcd, agent = JobEtcd(launch.embedded, launch.serve), None
     try:
@@ -78,14 +99,44 @@ def _error(msg: str) -> None:
     print(f"etcd-agent: error: {msg}", file=sys.stderr, flush=True)
 
 
+def _unexpected(exc: Exception, command: str) -> int:
+    """A bug still ends in one clear line; the traceback goes to DEBUG, which every command's --log-level shows."""
+    log.debug("unexpected error", exc_info=True)
+    again = f"etcd-agent {command}" if command else "etcd-agent"
+    _error(f"unexpected {type(exc).__name__}: {exc} (run {again} again with --log-level DEBUG for the traceback)")
+    return 1
+
+
+def _stdout_gone() -> int:
+    """stdout's reader left (``| head -1``): the answer is no longer wanted. stdout is pointed at /dev/null so that
+    the interpreter's last flush at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (replaced in-process): nothing to flush
+        pass
+    return EXIT_OK
+
+
+def _run_printing(command: str, argv: list[str]) -> int:
+    if command == DOCTOR:
+        from .doctor import run_doctor
+
+        code = run_doctor(argv, _setup_logging)
+    else:
+        code = run_subcommand(command, argv)
+    sys.stdout.flush()  # here, not at exit: a reader that left is seen as the BrokenPipeError main() handles
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in PRINTING else ""
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            from ..ops.status import run_subcommand
-
-            return run_subcommand(argv[0], argv[1:], flags.subcommand_flags, _subcommand_config, _setup_logging)
-        return run_agent(argv)
+        return _run_printing(command, argv[1:]) if command else run_agent(argv)
+    except BrokenPipeError as exc:
+        return _stdout_gone() if command else _unexpected(exc, command)
     except AgentError as exc:
         _error(str(exc))
         return exc.exit_code
@@ -93,6 +144,4 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug must still end in one clear line; the traceback goes to DEBUG
-        log.debug("unexpected error", exc_info=True)
-        _error(f"unexpected {type(exc).__name__}: {exc} (run with --log-level DEBUG for the traceback)")
-        return 1
+        return _unexpected(exc, command)

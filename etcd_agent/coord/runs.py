@@ -2,13 +2,14 @@
 another run's prefix is refused, an agent whose spec differs from the running job's is refused naming each flag,
 and a newcomer to a run whose job ended while a node of it is still registered gets that job's end.
 
-Guarantees: every refusal is an error that names the key or flag (ConfigError, SpecMismatch, JobEnded); nothing
-here writes. Imports the base modules, ``schema/`` and ``etcd.client``; never ``node/``.
+Guarantees: every refusal is an error that names the key or flag (ConfigError, SpecMismatch, JobEnded) and ends with
+the fix: how the run id is freed (``etcd-agent stop``, or waiting for the registered nodes), or another
+``--run-id``; nothing here writes. Imports the base modules, ``schema/`` and ``etcd.client``; never ``node/``.
 """
 
 from __future__ import annotations
 
-from ..config import JobSpec
+from ..config import DEFAULT_ROOT, JobSpec
 from ..errors import ConfigError, EtcdAuthError, JobEnded, SpecMismatch
 from ..etcd.client import Etcd, op_get
 from ..schema.keys import Keys, RunKeys
@@ -23,13 +24,27 @@ def names(nodes: list[str]) -> str:
     return ", ".join(nodes[:NAMED_NODES]) + more
 
 
-def newcomer_end(keys: Keys, done: Result, registry: list) -> JobEnded | None:
+def command(verb: str, keys: Keys | RunKeys, where: str) -> str:
+    """``etcd-agent VERB --run-id RUN --etcd-endpoints WHERE`` (with ``--etcd-prefix`` when the root is not the
+    default): the command line an operator runs on this run."""
+    root = "" if keys.root == DEFAULT_ROOT else f" --etcd-prefix {keys.root}"
+    return f"etcd-agent {verb} --run-id {keys.run_id} --etcd-endpoints {where}{root}"
+
+
+def newcomer_end(keys: Keys, done: Result, registry: list, where: str = "HOST:PORT") -> JobEnded | None:
     """What an agent arriving at the run gets instead of a new job while job ``keys`` has ended (``done``) and
     ``registry`` (the job's ``P/nodes/`` as read) still holds a live node: an agent still in its exit, or
     torchrun's handler that closed the rendezvous and was not shut down. None when nobody is left (an entry without
-    a lease is no live agent's)."""
+    a lease is no live agent's). The message is the job's end, then how to start anew (``where``: the etcd
+    endpoints, for the command it names)."""
     nodes = [kv.key[len(keys.nodes()):] for kv in registry if kv.lease]
-    return JobEnded(done.ended(keys.run_id, already=True), done.outcome.value, nodes) if nodes else None
+    if not nodes:
+        return None
+    one = len(nodes) == 1
+    fix = (f"; {names(nodes)} of that job {'is' if one else 'are'} still registered (an agent still exiting, or a "
+           f"torchrun handler not shut down): the run id starts a new job once {'it has' if one else 'they have'} "
+           f"left (`{command('status', keys, where)}` shows {'it' if one else 'them'}), or give another --run-id")
+    return JobEnded(done.ended(keys.run_id, already=True) + fix, done.outcome.value, nodes)
 
 
 def refuse_nested(etcd: Etcd, run: RunKeys) -> None:
@@ -53,10 +68,13 @@ _SPEC_FLAGS = {"min_nodes": "--nnodes (minimum)", "max_nodes": "--nnodes (maximu
                "nproc_per_node": "--nproc-per-node", "max_restarts": "--max-restarts"}
 
 
-def check_spec(keys: Keys, spec: JobSpec, stored: dict) -> None:
-    """``stored`` (the decoded ``P/spec``) against this agent's spec: SpecMismatch names each flag that differs."""
+def check_spec(keys: Keys, spec: JobSpec, stored: dict, where: str = "HOST:PORT") -> None:
+    """``stored`` (the decoded ``P/spec``) against this agent's spec: SpecMismatch names each flag that differs, then
+    the fix (``where``: the etcd endpoints, for the stop command it names)."""
     theirs, ours = SpecValue.from_json(keys.spec(), stored).to_json(), SpecValue.of(spec).to_json()
     diffs = [f"{flag} is {ours[k]!r} here but {theirs[k]!r} in the running job"
              for k, flag in _SPEC_FLAGS.items() if ours[k] != theirs[k]]
     if diffs:
-        raise SpecMismatch(f"this agent does not match job {keys.run_id} ({keys.spec()}): " + "; ".join(diffs))
+        raise SpecMismatch(f"this agent does not match job {keys.run_id} ({keys.spec()}): " + "; ".join(diffs)
+                           + f"; to start a new job with these flags, stop that one (`{command('stop', keys, where)}`)"
+                           " or give another --run-id")

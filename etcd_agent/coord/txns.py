@@ -75,11 +75,11 @@ def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned) -
     if not res.ranges[1]:
         if abandoned is not None and abandoned(keys):
             return AGAIN  # nobody was left in it and it is ended now: the run's next job starts
-        check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value))
+        check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value), etcd.endpoints_text)
         return keys
     done = Result.from_kv(res.ranges[1][0])
     registry, seen = etcd.get_prefix(keys.nodes())  # read only for an ended job: a running one's can be large
-    ended = newcomer_end(keys, done, registry)
+    ended = newcomer_end(keys, done, registry, etcd.endpoints_text)
     if ended is not None:
         log.warning("job %d of run %s ended (%s) and %d of its nodes %s still registered (%s): this agent does "
                     "not start a new job, it ends as that job did; start it again once they are gone to run "
@@ -100,7 +100,8 @@ def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
     if keys is None:
         return None
     res = etcd.txn([], [op_get(keys.result()), op_get_prefix(keys.nodes())], where=f"read {keys.result()}")
-    return newcomer_end(keys, Result.from_kv(res.ranges[0][0]), res.ranges[1]) if res.ranges[0] else None
+    return (newcomer_end(keys, Result.from_kv(res.ranges[0][0]), res.ranges[1], etcd.endpoints_text)
+            if res.ranges[0] else None)
 
 
 def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: JobSpec, wall: float,

@@ -22,7 +22,7 @@ from ..errors import BadKeyData, ConfigError
 from ..etcd.client import Etcd
 from ..schema.keys import RunKeys
 from ..schema.codec import Record
-from ..schema.values import Phase, read_value
+from ..schema.values import NodeInfo, Phase, read_value
 from ..etcd.watch import Resync, Watch
 
 
@@ -70,30 +70,35 @@ def describe(kind: str, parsed, value: Record | None, prev_exists: bool) -> dict
     return None
 
 
-def _time_of(value: Record | None) -> float | None:
-    """When a value was written, as it says itself (a registration: when the agent started)."""
-    return getattr(value, "time", None) or getattr(value, "started", None)
+def _time_of(value: Record | None, created: bool) -> float | None:
+    """When a value was written, as it says itself; a registration's start time only where the put created the key
+    (a later put of it, a health change, is not that old)."""
+    if isinstance(value, NodeInfo):
+        return (value.started or None) if created else None
+    return getattr(value, "time", None) or None
 
 
-FORMATS = {  # one line per kind of entry (``describe``'s fields)
-    "round opened": "round {round} opened: {reason}",
+DETAILS = {  # what each kind of entry says beyond its time, revision, kind and node (``describe``'s fields)
+    "round opened": "round {round}: {reason}",
     "round closed": "round {round} running with {members}",
-    "plan": "round {round} plan: {member_list} (master {master})",
-    "job ended": "job ended {phase} in round {round}: {reason}",
-    "node registered": "node {node} registered (host {host}, pid {pid})",
-    "node gone": "node {node} gone: {why}",
-    "node unhealthy": "node {node} is unhealthy and does not join: {health}",
-    "node healthy": "node {node} passed its health check: it joins again",
-    "quarantined": "node {node} quarantined until {until_text}: {reason}",
-    "joined round": "{node} joined round {round}",
-    "left round": "{node} left round {round}: {why}",
-    "node finished": "{node} finished round {round} (its workers all exited 0)",
-    "failure": "failure in round {round}: rank {rank} on {node} {how}{said}",
-    "node lost": "{cause}, lost: {message}",
-    "restart counted": "restart {used} of {max} counted",
-    "result": "result: {outcome} in round {round}: {reason}",
+    "plan": "round {round}: {member_list} (master {master})",
+    "job ended": "{phase} in round {round}: {reason}",
+    "node registered": "host {host}, pid {pid}",
+    "node gone": "{why}",
+    "node unhealthy": "does not join: {health}",
+    "node healthy": "passed its health check: it joins again",
+    "quarantined": "until {until_text}: {reason}",
+    "joined round": "round {round}",
+    "left round": "round {round}: {why}",
+    "node finished": "round {round}: its workers all exited 0",
+    "failure": "round {round}: rank {rank} {how}{said}",
+    "node lost": "round {round}: {message} (the round's failure is attributed to it)",
+    "restart counted": "{used} of {max}",
+    "result": "{outcome} in round {round}: {reason}",
     "history compacted": "{note}",
 }
+TIME_WIDTH, REVISION_WIDTH, KIND_WIDTH, NODE_WIDTH = 19, 8, max(map(len, DETAILS)), 16
+HEADER = f"{'TIME':{TIME_WIDTH}}  {'REVISION':>{REVISION_WIDTH}}  {'EVENT':{KIND_WIDTH}}  {'NODE':{NODE_WIDTH}}  DETAIL"
 
 
 def when(wall: float | None) -> str:
@@ -108,11 +113,14 @@ def when(wall: float | None) -> str:
 
 
 def line(entry: dict) -> str:
+    """One row under ``HEADER``: time, revision, kind and node in fixed-width columns ("-" where an entry has no
+    time or no node), then the detail. A longer node id moves only its own row's detail."""
     fields = {**entry, "member_list": ", ".join(entry.get("members") or ()), "until_text": when(entry.get("until")),
               "said": f": {entry['message']}" if entry.get("message") else ""}
-    fmt = FORMATS.get(entry["event"])
-    text = fmt.format(**fields) if fmt else json.dumps(entry, sort_keys=True)
-    return f"{when(entry.get('time'))}  {'rev ' + str(entry['revision']):>10}  {text}"
+    fmt = DETAILS.get(entry["event"])
+    detail = fmt.format(**fields) if fmt else json.dumps(entry, sort_keys=True)
+    return (f"{when(entry.get('time')):{TIME_WIDTH}}  {entry['revision']:>{REVISION_WIDTH}}  "
+            f"{entry['event']:{KIND_WIDTH}}  {entry.get('node') or '-':{NODE_WIDTH}}  {detail}")
 
 
 def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None = None) -> int:
@@ -164,7 +172,7 @@ def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None =
                 changes.append((ev, parsed, value))
             times = {}
             for ev, _parsed, value in changes:
-                t = _time_of(value)
+                t = _time_of(value, ev.kv.version == 1)
                 if t and ev.kv.mod_revision not in times:
                     times[ev.kv.mod_revision] = t
             for ev, parsed, value in changes:
@@ -175,8 +183,10 @@ def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None =
                 entry = describe(parsed.kind, parsed, value, ev.key in known)
                 (known.add if ev.kind == "put" else known.discard)(ev.key)
                 if entry is not None:
-                    # a value without a time of its own (a plan, the budget) was written with one that has it
-                    entry.update(revision=ev.kv.mod_revision, time=_time_of(value) or times.get(ev.kv.mod_revision))
+                    # a value without a time of its own (a plan, the budget), or a delete, written in the same
+                    # revision as one that has it has that time; else none ("-": etcd keeps no time per revision)
+                    entry.update(revision=ev.kv.mod_revision,
+                                 time=_time_of(value, ev.kv.version == 1) or times.get(ev.kv.mod_revision))
                     emit(entry)
                     count += 1
                     ended = ended or entry["event"] == "result"
@@ -195,5 +205,7 @@ def run_events(ns, etcd: Etcd) -> int:
     def emit(entry: dict) -> None:
         # allow_nan=False: JSON has no Infinity or NaN (the records refuse them when they read a value)
         print(json.dumps(entry, sort_keys=True, allow_nan=False) if ns.json else line(entry), flush=True)
+    if not ns.json:
+        print(HEADER, flush=True)
     replay(etcd, RunKeys(ns.root, ns.run_id), ns.follow, emit)
     return 0

@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable
 
 from ..coord import abandon, blame, txns
-from ..config import NO_RESTART_LIMIT, TORCHRUN_NPROC
+from ..config import NO_RESTART_LIMIT, TORCHRUN_NPROC, EtcdConfig
 from ..errors import BadKeyData, ConfigError, EtcdAuthError, EtcdUnavailable
 from ..etcd.client import Etcd, op_count, op_get, prefix_end
 from ..schema.keys import RunKeys
@@ -25,25 +24,10 @@ from ..coord.mirror import Mirror
 from ..schema.values import Failure, NodeInfo, Quarantine, Result, RoundInfo, SpecValue
 
 
-def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_config: Callable,
-                   setup_logging: Callable) -> int:
-    p = argparse.ArgumentParser(prog=f"etcd-agent {name}",
-                                description={"status": "Show a job's state (without --run-id: list the runs under "
-                                             "the root).", "events": "Replay a job's history from etcd's revisions.",
-                                             "stop": "Stop a running job."}[name])
-    add_etcd_flags(p)
-    if name == "status":
-        p.add_argument("--json", action="store_true", help="print the state as JSON")
-    elif name == "events":
-        p.add_argument("--json", action="store_true", help="one JSON object per event")
-        p.add_argument("--follow", action="store_true", help="keep printing events until the job has a result")
-    else:
-        p.add_argument("--reason", default="stopped by an operator", help="recorded in the job's result")
-    ns = p.parse_args(argv)
-    setup_logging("WARNING")
-    if not ns.run_id and name != "status":
-        raise ConfigError("--run-id is required")
-    etcd = Etcd(etcd_config(ns))
+def run_subcommand(name: str, ns: argparse.Namespace, cfg: EtcdConfig, flag: str) -> int:
+    """``status``, ``stop`` or ``events`` with its parsed flags (``cli.flags.subcommand_parser``), against the etcd
+    of ``cfg``; ``flag`` says where its endpoints came from."""
+    etcd = Etcd(cfg)
     try:
         if name == "events":
             from .events import run_events
@@ -55,7 +39,7 @@ def run_subcommand(name: str, argv: list[str], add_etcd_flags: Callable, etcd_co
             return 0
         return _run(name, ns, RunKeys(ns.root, ns.run_id), etcd)
     except EtcdUnavailable as exc:  # nothing to show or stop: say where we looked, as a usage problem
-        raise ConfigError(f"--etcd-endpoints {etcd.endpoints_text}: {exc}") from exc
+        raise ConfigError(f"{flag} {etcd.endpoints_text}: {exc}") from exc
     finally:
         etcd.close()
 
