@@ -35,7 +35,8 @@ from .config import AgentConfig
 from .coord.coordinator import NOSPACE_RETRY, Coordinator
 from .coord.decide import (Attribute, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
                            Wait, decide, job_error)
-from .coord.observe import observe, wait_note
+from .coord.observe import observe
+from .coord.waiting import Said, wait_note
 from .coord.watches import WatchDelivery
 from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobStopped, SessionLost
 from .etcd.session import Session
@@ -102,7 +103,7 @@ class Agent:
         self.state = State.STARTING
         self.local = Local(cfg.node_id, time.monotonic(), time.time(), ready=not cfg.health.active)
         self.signalled = 0
-        self._wait_said: tuple[str, float] = ("", 0.0)  # the wait reason last logged at INFO, and when
+        self._wait_said = Said()  # the wait last said at INFO: when, and what it said
         self._passed_said: set[tuple[str, int]] = set()  # (node, registry revision) said to be passed over
         self.checks = Checks(cfg, self.events.put, self.log)  # health check and GPU drain, off this loop
         self.workers = Supervisor(cfg, self.events.put, group_factory, self.checks, self.where, self.log)
@@ -265,18 +266,17 @@ class Agent:
 
     # --- actions (each returns None, but Finish its exit code) ---------------------------------------------
     def _wait(self, action: Wait, view: View) -> None:
-        """Say what it waits for (``observe.wait_note``), then wait: until the decision's deadline, or the next
-        spare refill."""
-        now = time.monotonic()
-        said = wait_note(action, self.state is State.RENDEZVOUS, self._wait_said, now)
-        if said is not None:
-            left = f" (the round times out in {action.timeout_at - now:.0f} s)" if action.timeout_at else ""
-            self.log.info("waiting: %s%s", action.why, left)
-            self._wait_said = said
+        """Say what it waits for (``waiting.wait_note``: while a round forms, on a change and every period), then
+        wait: until the decision's deadline, the next such line, or the next spare refill."""
+        note = wait_note(action, view, self.local, self.params, self.state is State.RENDEZVOUS, self._wait_said,
+                         time.monotonic())
+        if note.line:
+            self.log.info("%s", note.line)
         else:
             self.log.debug("waiting: %s", action.why)
-        refill = self.workers.refill()
-        self._drain(block=True, deadline=min((d for d in (action.deadline, refill) if d is not None), default=None))
+        self._wait_said = note.said
+        wake = (action.deadline, note.next_at, self.workers.refill())
+        self._drain(block=True, deadline=min((d for d in wake if d is not None), default=None))
 
     def _txn(self, action, view: View) -> None:
         """An etcd action: one guarded txn (``Coordinator.act``); after a failed compare, re-read what it compared."""

@@ -294,7 +294,8 @@ def test_a_round_that_cannot_form_says_what_it_waits_for(etcd_endpoint, run_id, 
                       extra=["--join-timeout", "1"])
     assert agent.wait(60) == 1
     err = agent.stderr()
-    assert "waiting: round 1 has 1 of 1000 node(s) (the round times out in" in err
+    assert "waiting: round 1 has 1 of 1000 node(s); joined: node-0 (1 of --nnodes 1000); 999 more needed; no other " \
+           "node registered; the round times out in " in err
     assert "rendezvous timed out: 1 of at least 1000 node(s) joined round 1 within 1 s (--join-timeout)" in err
 
 

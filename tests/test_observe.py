@@ -7,9 +7,8 @@ import dataclasses
 
 from test_rendezvous import NOW, PARAMS, WALL, jn, me, mk_plan, view
 
-from etcd_agent.coord.decide import Wait
 from etcd_agent.coord.mirror import JOINING, RUNNING, Scope
-from etcd_agent.coord.observe import WAIT_NOTE_PERIOD, Notes, observe, wait_note
+from etcd_agent.coord.observe import Notes, observe
 from etcd_agent.schema.values import NodeInfo, RoundInfo
 
 
@@ -107,12 +106,3 @@ def test_observe_leaves_what_the_node_knows_alone():
     got, _ = observe(view(joins=[jn("node-a", 100), jn("node-b", 101)]), local, PARAMS, NOW + 1, WALL + 1)
     assert dataclasses.replace(got, now=local.now, wall=local.wall, min_reached_at=None) == local
 
-
-def test_what_the_agent_waits_for_is_said_at_info_while_a_round_forms_on_change_and_every_period():
-    wait = Wait("round 3 has 1 of 2 node(s)")
-    said = wait_note(wait, True, ("", 0.0), NOW)
-    assert said == (wait.why, NOW)
-    assert wait_note(wait, True, said, NOW + 1) is None  # the same reason, just said
-    assert wait_note(Wait("round 3 has 2 of 3 node(s)"), True, said, NOW + 1) is not None  # a new reason
-    assert wait_note(wait, True, said, NOW + WAIT_NOTE_PERIOD) == (wait.why, NOW + WAIT_NOTE_PERIOD)
-    assert wait_note(Wait("round 3 running with 2 node(s)"), False, said, NOW + 1) is None  # running: DEBUG only

@@ -5,7 +5,7 @@ current round (its join timeout runs from then), when it first saw ``min_nodes``
 from then; it starts again when the count drops below MIN), and when it first saw a newcomer outside the running plan
 (a scale-up settles from then). A quarantine record that an operator lifted makes an unhealthy node check itself
 again now. ``Notes`` are what the agent logs: the round it is in from now on, and (for a full view) the nodes a
-scale-up passed over. ``wait_note`` says when what the agent waits for is worth a line at INFO.
+scale-up passed over. What the agent says while it waits is ``waiting.wait_note``'s.
 
 Pure: no I/O, time passed in. Imports ``coord/`` (``decide``, ``mirror``) only; never ``etcd/`` or ``node/``.
 """
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .decide import Local, Params, Wait, newcomers, passed_over
+from .decide import Local, Params, newcomers, passed_over
 from .mirror import View
-
-
-WAIT_NOTE_PERIOD = 30.0  # while a round forms, what it waits for is logged when it changes and this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +48,3 @@ def observe(v: View, me: Local, p: Params, now: float, wall: float, lifted: bool
         changes["newcomers_since"] = now
     return dataclasses.replace(me, **changes), Notes(new_round, passed)
 
-
-def wait_note(action: Wait, forming: bool, said: tuple[str, float], now: float) -> tuple[str, float] | None:
-    """Whether the agent says at INFO what it waits for: while a round forms (a job that can never form says so, not
-    silence until --join-timeout), when the reason changed since ``said`` (the reason last said, and when) and every
-    WAIT_NOTE_PERIOD seconds; then the new ``said`` (None: DEBUG)."""
-    if forming and (action.why != said[0] or now - said[1] >= WAIT_NOTE_PERIOD):
-        return action.why, now
-    return None
