@@ -27,6 +27,7 @@ FAILURE = Failure(2, 0, 4242, 3, None, "boom\nmore", "/logs/error.json", "tail",
 EXAMPLES = [
     (K.run.job(), JobPointer(2, 1.5)),
     (K.spec(), SpecValue(1, 4, "gpu", 3)),
+    (K.spec(), SpecValue(1, 4, "gpu", 3, 600.0)),
     (K.node("a"), NodeInfo("a", "host-a", "10.0.0.1", 99, "1.0", 8, "7f", 2.0, checking=True, mod_revision=7)),
     (K.node_rank(1), RankClaim("a", 1, "host-a", 99, "7f")),
     (K.round(), RoundInfo(3, Phase.RUNNING, "2 node(s): a, b", 7, 2, 9.0, 2, scaled_for=6)),
@@ -68,6 +69,13 @@ def test_phases_and_outcomes_are_the_words_stored():
 def test_a_round_without_optional_fields_is_stored_without_them():
     assert json.loads(RoundInfo(2, Phase.JOINING, "why", time=3.0).encode()) == {
         "v": 1, "round": 2, "phase": "joining", "reason": "why", "time": 3.0}
+
+
+def test_a_spec_records_the_join_timeout_only_when_given_and_an_older_spec_reads_without_it():
+    assert "join_timeout" not in json.loads(SpecValue(1, 4, "gpu", 3).encode())
+    older = b'{"v":1,"min_nodes":2,"max_nodes":2,"nproc_per_node":"1","max_restarts":0}'  # before join_timeout
+    assert SpecValue.read(K.spec(), older) == SpecValue(2, 2, "1", 0, None)
+    assert SpecValue.read(K.spec(), older[:-1] + b',"join_timeout":600}').join_timeout == 600.0
 
 
 @pytest.mark.parametrize("record, key, raw, problem", [

@@ -103,7 +103,8 @@ class Coordinator:
                           self.cfg.etcd.describe())
             grace = max(abandon.ABANDONED_GRACE, 3 * self.timings.lease_ttl)
             self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time(),
-                                      lambda keys: abandon.end_if_abandoned(self.etcd, keys, grace, self.log.info))
+                                      lambda keys: abandon.end_if_abandoned(self.etcd, keys, grace, self.log.info),
+                                      self.cfg.join_timeout)
             self.mirror = Mirror(self.keys)
             self.strays = Strays(self.keys, self.mirror, self.log)
             self.watches = Watches(self.etcd, self.mirror, self.strays, self._sink, self.timings.watch_probe,

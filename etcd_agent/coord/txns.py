@@ -46,7 +46,7 @@ def round_value(number: int, phase: Phase, reason: str, wall: float, **extra) ->
 
 
 def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float,
-             abandoned: Callable[[Keys], bool] | None = None) -> Keys:
+             abandoned: Callable[[Keys], bool] | None = None, join_timeout: float | None = None) -> Keys:
     """Find this agent's job of the run and return its keys: the running job (its spec checked), or a new job
     when the run has none yet (generation 1) or its current job has ended and none of its nodes is registered any
     more (generation K+1, as torchrun runs a finished run id again). While a node of the ended job is still
@@ -54,19 +54,22 @@ def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float,
     starters agree: every move is one txn guarded by ``R/job`` (and by the ended job's registry), retried by
     ``cas.swap``. A run nested in another run's prefix is refused first (``refuse_nested``). ``abandoned(keys)``,
     asked about a running job before it is joined, ends it when none of its agents is left
-    (``abandon.end_if_abandoned``) and says so: the run then moves on to its next job."""
+    (``abandon.end_if_abandoned``) and says so: the run then moves on to its next job. A new job's spec records
+    ``join_timeout`` (this agent's --join-timeout: ``status`` tells from it when a forming round times out)."""
     refuse_nested(etcd, run)
-    return swap(lambda: _find_job(etcd, run, spec, wall, abandoned), run.job(), "find the run's current job")
+    return swap(lambda: _find_job(etcd, run, spec, wall, abandoned, join_timeout), run.job(),
+                "find the run's current job")
 
 
-def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned) -> Keys | Again:
+def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned, join_timeout: float | None
+              ) -> Keys | Again:
     """One try of ``init_job``: the job's keys, or AGAIN when another agent moved the run on first."""
     kv, _rev = etcd.get(run.job())
     if kv is None:
-        if not _new_generation(etcd, run, 1, 0, spec, wall):
+        if not _new_generation(etcd, run, 1, 0, spec, wall, join_timeout=join_timeout):
             return AGAIN
         log.info("created job spec %s: %s", run.generation(1).spec(),
-                 json.dumps(SpecValue.of(spec).to_json(), sort_keys=True))
+                 json.dumps(SpecValue.of(spec, join_timeout).to_json(), sort_keys=True))
         return run.generation(1)
     keys = run.generation(pointer_generation(kv))
     res = etcd.txn([], [op_get(keys.spec()), op_get(keys.result())], where=f"read {keys.spec()}")
@@ -86,7 +89,7 @@ def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned) -
                     "the job anew", keys.gen, run.run_id, done.outcome, len(ended.registered),
                     "is" if len(ended.registered) == 1 else "are", names(ended.registered))
         raise ended
-    if not _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall, seen):
+    if not _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall, seen, join_timeout):
         return AGAIN
     log.info("run %s ended (%s: %s) as job %d; starting job %d of run %s", run.run_id, done.outcome,
              done.reason, keys.gen, keys.gen + 1, run.run_id)
@@ -105,7 +108,7 @@ def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
 
 
 def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: JobSpec, wall: float,
-                    seen: int = 0) -> bool:
+                    seen: int = 0, join_timeout: float | None = None) -> bool:
     """Make job ``gen`` the run's current one with its spec, round 1 and restart budget, if ``R/job`` is still at
     ``pointer_rev`` (0: absent) and no registry entry of job ``gen - 1`` was written after revision ``seen`` (the
     read that found nobody registered). False when another agent moved the run, or registered, first."""
@@ -113,7 +116,7 @@ def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: 
     quiet = [unchanged_under(run.generation(gen - 1).nodes(), seen)] if gen > 1 else []
     res = etcd.txn([mod_is(run.job(), pointer_rev), absent(keys.spec()), *quiet],
                    [op_put(run.job(), JobPointer(gen, wall).encode()),
-                    op_put(keys.spec(), SpecValue.of(spec).encode()),
+                    op_put(keys.spec(), SpecValue.of(spec, join_timeout).encode()),
                     op_put(keys.round(), round_value(1, Phase.JOINING, "the job started", wall, last_plan=0)),
                     op_put(keys.restarts(), Restarts(0, spec.max_restarts).encode())],
                    [op_get(run.job()), op_get(keys.spec())], where=f"start job {gen} of run {run.run_id}")

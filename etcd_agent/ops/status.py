@@ -21,7 +21,7 @@ from ..errors import BadKeyData, ConfigError, EtcdAuthError, EtcdUnavailable
 from ..etcd.client import Etcd, op_count, op_get, prefix_end
 from ..schema.keys import RunKeys
 from ..coord.mirror import Mirror
-from ..schema.values import Failure, NodeInfo, Quarantine, Result, RoundInfo, SpecValue
+from ..schema.values import Failure, NodeInfo, Phase, Quarantine, Result, RoundInfo, SpecValue
 
 
 def run_subcommand(name: str, ns: argparse.Namespace, cfg: EtcdConfig, flag: str) -> int:
@@ -200,9 +200,10 @@ def run_snapshot(run: RunKeys, kvs: list, revision: int) -> dict | None:
     return {**state, "generation": keys.gen, "ended": state["result"] is not None, "earlier": earlier}
 
 
-def snapshot(mirror: Mirror) -> dict:
-    """The job's state as JSON. A key whose value does not fit the schema does not hide the rest: it is named under
-    ``problems`` and left out (a round key that cannot be read: the newest round with keys is shown instead)."""
+def snapshot(mirror: Mirror, now: float | None = None) -> dict:
+    """The job's state as JSON (``now``: the wall time its ages are taken at). A key whose value does not fit the
+    schema does not hide the rest: it is named under ``problems`` and left out (a round key that cannot be read: the
+    newest round with keys is shown instead)."""
     k, problems = mirror.keys, []
 
     def read(make, default=None):
@@ -229,15 +230,32 @@ def snapshot(mirror: Mirror) -> dict:
         q = read(lambda: mirror.record(kv, Quarantine))
         if q is not None and q.until:
             quarantined[kv.key[len(k.quarantines()):]] = {"until": q.until, "reason": q.reason}
+    joined = sorted(kv.key[len(k.joins(number)):] for kv in mirror.children(k.joins(number)))
     return {"revision": mirror.revision, "spec": spec and spec.to_json(), "nodes": nodes,
             "round": rnd and {"round": rnd.number, "phase": rnd.phase, "reason": rnd.reason},
-            "restarts": restarts and {"used": restarts.used, "max": restarts.max},
-            "joined": sorted(kv.key[len(k.joins(number)):] for kv in mirror.children(k.joins(number))),
+            "restarts": restarts and {"used": restarts.used, "max": restarts.max}, "joined": joined,
+            "forming": forming(rnd, spec, joined, nodes, time.time() if now is None else now),
             "plan": plan.expanded() if plan else None,
             "exited": sorted(kv.key[len(k.exits(number)):] for kv in mirror.children(k.exits(number))),
             "failures": failures(mirror, read), "causes": causes(mirror, read), "result": result and result.to_json(),
             "problems": problems,
             "quarantined": quarantined}
+
+
+def forming(rnd: RoundInfo | None, spec: SpecValue | None, joined: list[str], nodes: dict, now: float) -> dict | None:
+    """A forming round: how many joined of --nnodes MIN:MAX and how many more it needs, the registered nodes that
+    have not joined, its age and the seconds until it times out: from its opening (the round key's time) plus the
+    --join-timeout the job's spec records (None when the spec has none: a job an older agent started). About: the
+    round's leader times it out by its own clock and --join-timeout. None when no round forms."""
+    if rnd is None or rnd.phase != Phase.JOINING:
+        return None
+    opened = rnd.time or None
+    timeout = spec.join_timeout if spec is not None and spec.join_timeout else None
+    return {"round": rnd.number, "nodes_joined": len(joined), "min_nodes": spec and spec.min_nodes,
+            "max_nodes": spec and spec.max_nodes, "missing": spec and max(0, spec.min_nodes - len(joined)),
+            "not_joined": sorted(set(nodes) - set(joined)), "opened": opened,
+            "age_s": None if opened is None else max(0.0, now - opened), "join_timeout": timeout,
+            "times_out_in_s": None if opened is None or timeout is None else max(0.0, opened + timeout - now)}
 
 
 def failures(mirror: Mirror, read) -> dict[str, dict[str, dict]]:
@@ -262,6 +280,24 @@ def causes(mirror: Mirror, read) -> dict[str, dict]:
             out[rnd] = {"node": cause.node, "lost": cause.lost, "rank": cause.rank,
                         "why": blame.attribution(found) or cause.describe()}
     return out
+
+
+def forming_lines(s: dict) -> list[str]:
+    """Who joined the forming round of ``s`` and who has not, how many more it needs, and when it times out."""
+    f = s.get("forming") or {}
+    lines = [f"  joined so far: {', '.join(s['joined']) or 'none'}"]
+    if f.get("min_nodes") is not None:
+        span = str(f["min_nodes"]) if f["min_nodes"] == f["max_nodes"] else f"{f['min_nodes']}:{f['max_nodes']}"
+        more = f"{f['missing']} more needed" if f["missing"] else "enough to close"
+        lines[0] += f" ({f['nodes_joined']} of --nnodes {span}: {more})"
+    if f:
+        lines.append(f"  registered, not joined: {', '.join(f['not_joined']) or 'none'}")
+    if f.get("times_out_in_s") is not None:
+        lines.append(f"  times out in about {f['times_out_in_s']:.0f} s (--join-timeout {f['join_timeout']:g} s; "
+                     f"the round opened {f['age_s']:.0f} s ago)")
+    elif f.get("age_s") is not None:
+        lines.append(f"  the round opened {f['age_s']:.0f} s ago (the job's spec records no --join-timeout)")
+    return lines
 
 
 def describe(run_id: str, s: dict) -> str:
@@ -301,7 +337,7 @@ def describe(run_id: str, s: dict) -> str:
         if waiting:
             lines.append(f"  waiting for the next round: {', '.join(waiting)}")
     elif r and r["phase"] == "joining":
-        lines.append(f"  joined so far: {', '.join(s['joined']) or 'none'}")
+        lines += forming_lines(s)
     for rnd, reports in sorted(s["failures"].items(), key=lambda item: int(item[0])):
         reports = {node: Failure.from_json(f"round {rnd} failure of {node}", f) for node, f in reports.items()}
         for node, f in sorted(reports.items()):

@@ -15,7 +15,7 @@ One record per kind of key::
     P/r/<n>/failures/<node>    Failure      one worker's (or worker group's) failure report
     P/result                   Result       {outcome, round, reason, root_cause, restarts, time}
 
-    P/spec                     SpecValue    config.JobSpec as stored: --nnodes, --nproc-per-node, --max-restarts
+    P/spec                     SpecValue    config.JobSpec: --nnodes, --nproc-per-node, --max-restarts; --join-timeout
 
 (``P/store/...`` holds torch's own bytes, no record.) How a record is written (compact JSON with the schema
 version) and read back (validated field by field against its annotations; BadKeyData names the key and the field,
@@ -71,16 +71,18 @@ class JobPointer(Record):
 
 @dataclasses.dataclass(frozen=True)
 class SpecValue(Record):
-    """``P/spec``: what every agent of the job must agree on (``config.JobSpec``, as stored)."""
+    """``P/spec``: what every agent of the job must agree on (``config.JobSpec``), and its starter's --join-timeout."""
 
+    OMIT_NONE: ClassVar[bool] = True
     min_nodes: int
     max_nodes: int
     nproc_per_node: str  # as given: a number, gpu, cpu, auto (or torchrun: torch's agent assigns worker ranks)
     max_restarts: int
+    join_timeout: float | None = None  # seconds; None: not recorded (a spec an older agent wrote)
 
     @classmethod
-    def of(cls, spec) -> SpecValue:
-        return cls(spec.min_nodes, spec.max_nodes, spec.nproc_per_node, spec.max_restarts)
+    def of(cls, spec, join_timeout: float | None = None) -> SpecValue:
+        return cls(spec.min_nodes, spec.max_nodes, spec.nproc_per_node, spec.max_restarts, join_timeout)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -348,7 +348,7 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
         still closed, or a new one (closed at once: a run closed before anyone joined stays closed)."""
         run = self.agent.coord.run_keys
         try:
-            return txns.init_job(self._etcd, run, self.cfg.spec, time.time())
+            return txns.init_job(self._etcd, run, self.cfg.spec, time.time(), join_timeout=self.cfg.join_timeout)
         except JobEnded:
             return txns.current_job(self._etcd, run)
 
