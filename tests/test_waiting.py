@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from test_rendezvous import ME, NOW, PARAMS, jn, me, view
+from test_rendezvous import ME, NOW, PARAMS, WALL, jn, me, view
 
 from etcd_agent.coord.decide import Wait, decide
 from etcd_agent.coord.mirror import JOINING, Scope
@@ -81,7 +81,7 @@ def test_registered_nodes_that_cannot_join_say_why_and_long_lists_are_counted():
             "(spare), node-x00, node-x01, node-x02, node-x03, node-x04 and 4 more;") in line
 
 
-def test_a_joiner_that_does_not_lead_names_its_leader_and_its_own_estimate_of_the_time_left():
+def test_a_joiner_that_does_not_lead_names_its_leader_and_the_time_left_from_the_rounds_opening():
     v = forming([jn("node-b", 100), jn(ME, 101)], (ME, "node-b"))
     v = dataclasses.replace(v, scope=Scope(False, frozenset({"node-b"})))
     first = note(v)
@@ -89,6 +89,16 @@ def test_a_joiner_that_does_not_lead_names_its_leader_and_its_own_estimate_of_th
     again = note(v, said=first.said, at=NOW + 10 + WAIT_NOTE_PERIOD)
     assert again.line.startswith("still waiting: joined round 3; node-b leads it, about ")
     assert again.line.endswith(" s left (--join-timeout)")
+    opened_earlier = dataclasses.replace(v, round=dataclasses.replace(v.round, time=WALL - 30))  # 30 s before now
+    assert note(opened_earlier).line.endswith("; the round times out in about 30 s (--join-timeout)")
+
+
+def test_a_registration_alone_waits_for_the_next_line_which_names_it():
+    said = note(forming([ME], (ME,))).said
+    v = forming([ME], (ME, "node-b"))
+    assert note(v, said=said, at=NOW + 11).line == ""
+    later = note(v, said=said, at=NOW + 10 + WAIT_NOTE_PERIOD).line
+    assert later.startswith("waiting: round 3 has 1 of 2 node(s); node-b registered since the last line; ")
 
 
 def test_outside_a_forming_round_the_wait_is_debug_only_and_wakes_nobody():
@@ -97,9 +107,11 @@ def test_outside_a_forming_round_the_wait_is_debug_only_and_wakes_nobody():
     assert got == Note("", said, None)
 
 
-def test_a_wait_without_a_round_to_count_says_its_reason_and_again_after_the_period():
-    w = Wait("this node's registration is not visible yet")
-    got = wait_note(w, view(round_present=False), LOCAL, PARAMS, True, Said(), NOW)
-    assert got.line == "waiting: this node's registration is not visible yet"
-    assert wait_note(w, view(round_present=False), LOCAL, PARAMS, True, got.said, NOW + WAIT_NOTE_PERIOD).line == \
-        "still waiting: this node's registration is not visible yet"
+def test_a_wait_outside_a_forming_round_is_said_when_it_changes_only():
+    w = Wait("round 3 runs without this node; waiting to be taken into the next round")
+    got = wait_note(w, view(), LOCAL, PARAMS, True, Said(), NOW)
+    assert got == Note(f"waiting: {w.why}", Said(w.why, NOW, 3), None)  # no round forms: nothing to wake for
+    assert wait_note(w, view(), LOCAL, PARAMS, True, got.said, NOW + 9 * WAIT_NOTE_PERIOD) == Note("", got.said, None)
+    unsure = Wait("this node's health check is running; it joins round 3 once the check passes")
+    again = wait_note(unsure, forming([], (ME,)), LOCAL, PARAMS, True, got.said, NOW + WAIT_NOTE_PERIOD)
+    assert again.line.startswith(f"waiting: {unsure.why}; joined: none (0 of --nnodes 2:4); 2 more needed")

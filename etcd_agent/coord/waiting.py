@@ -1,7 +1,7 @@
 """What an agent says while it waits: ``wait_note(action, view, local, params, forming, said, now) -> Note``.
 
-While a round forms (the agent is in rendezvous) what it waits for is one line at INFO, at once when something
-changed and every ``WAIT_NOTE_PERIOD`` seconds; otherwise the wait is said at DEBUG only. A line says what changed
+In rendezvous what the agent waits for is one line at INFO when something changed and, while a round forms, again
+every ``WAIT_NOTE_PERIOD`` seconds; otherwise (its workers run) the wait is said at DEBUG only. A line says what changed
 since the last one (who joined, left, registered or deregistered), who joined, how many more the round needs
 (``--nnodes`` MIN) or may take (MAX), which registered nodes have not joined and why, and the time left until the
 round times out (``--join-timeout``) or its last call closes it (``--last-call``); when nothing changed, one short
@@ -9,7 +9,8 @@ round times out (``--join-timeout``) or its last call closes it (``--last-call``
 waiting for its join timeout is never silent for longer than the period.
 
 Who joined is known only to a full view (the round's leader, and a node that does not join and watches the round);
-a joiner that does not lead sees its leader only, and says so, with the time left by its own clock.
+a joiner that does not lead sees its leader only, and says so, with the time left as the round's opening (its wall
+time in the round key) and this node's --join-timeout and clock put it: about, as the leader times the round.
 
 Pure: no I/O, time passed in. Imports ``coord/`` (``decide``, ``mirror``) only; never ``etcd/`` or ``node/``.
 """
@@ -44,21 +45,23 @@ class Note:
 
 
 def wait_note(action: Wait, v: View, me: Local, p: Params, forming: bool, said: Said, now: float) -> Note:
-    """Whether (and what) the agent says at INFO about ``action``: while a round forms (``forming``), when the
-    reason or the round's joiners or registered nodes changed since ``said``, and once ``WAIT_NOTE_PERIOD`` seconds
-    have passed since it."""
+    """Whether (and what) the agent says at INFO about ``action`` while it is in rendezvous (``forming``): when the
+    reason or the round's joiners changed since ``said``, and, while the round is joining, once ``WAIT_NOTE_PERIOD``
+    seconds have passed since it (the short "still waiting" line when nothing changed, registrations included)."""
     if not forming:
         return Note("", said, None)
     period = WAIT_NOTE_PERIOD
     rnd = v.round.number if v.round is not None else 0
-    joined = frozenset(v.joins) if v.full and v.round is not None and v.round.phase == JOINING else None
+    joining = v.round is not None and v.round.phase == JOINING  # else (a running round, none yet): on a change only
+    joined = frozenset(v.joins) if v.full and joining else None
     idle = frozenset(set(v.nodes) - joined) if joined is not None else frozenset()
-    now_said = Said(action.why, now, rnd, joined, idle)
-    same = (said.why, said.round, said.joined, said.idle) == (action.why, rnd, joined, idle)
-    if same and now - said.at < period:
-        return Note("", said, said.at + period)
+    # a registration alone is no news worth a line of its own (each node would make two): the next line says it
+    news = (said.why, said.round, said.joined) != (action.why, rnd, joined)
+    if not news and (not joining or now - said.at < period):
+        return Note("", said, said.at + period if joining else None)
+    same = not news and said.idle == idle
     line = still(action, v, me, p, now) if same else first(action, v, me, p, said, now)
-    return Note(line, now_said, now + period)
+    return Note(line, Said(action.why, now, rnd, joined, idle), now + period if joining else None)
 
 
 def first(action: Wait, v: View, me: Local, p: Params, said: Said, now: float) -> str:
@@ -145,8 +148,9 @@ def time_left(action: Wait, v: View, me: Local, p: Params, now: float) -> tuple[
     if v.full and action.deadline is not None and len(v.joins) >= p.min_nodes:  # the leader's last call
         s = f"{max(0.0, action.deadline - now):.0f} s"
         return f"the last call closes it in {s} (--last-call)", f"the last call closes it in {s}"
-    if not v.full:  # a joiner that does not lead: its leader times the round, from about when this node saw it open
-        s = f"{max(0.0, me.round_seen_at + p.join_timeout - now):.0f} s"
+    if not v.full:  # a joiner that does not lead: its leader times the round, from about when the round opened
+        opened = r.time - (me.wall - me.now) if r.time else me.round_seen_at  # its wall time on this monotonic clock
+        s = f"{max(0.0, opened + p.join_timeout - now):.0f} s"
         return f"the round times out in about {s} (--join-timeout)", f"about {s} left (--join-timeout)"
     return None
 
