@@ -133,3 +133,17 @@ def test_status_shows_a_forming_round_joined_of_nnodes_who_has_not_joined_and_th
     assert 0 <= forming["times_out_in_s"] <= 600 and forming["age_s"] >= 0
     assert state["spec"]["join_timeout"] == 600.0
     stop(a0, (t0, o0), (t1, o1))
+
+
+def test_a_job_whose_spec_records_no_join_timeout_shows_the_rounds_age_instead():
+    """A spec written by an older agent has no join_timeout: status shows how long the round has been forming."""
+    from etcd_agent.ops.status import forming, forming_lines
+    from etcd_agent.schema.values import Phase, RoundInfo, SpecValue
+
+    f = forming(RoundInfo(1, Phase.JOINING, time=100.0), SpecValue(2, 3, "1", 0), ["n0"], {"n0": {}, "n1": {}}, 130.0)
+    assert f == {"round": 1, "nodes_joined": 1, "min_nodes": 2, "max_nodes": 3, "missing": 1, "not_joined": ["n1"],
+                 "opened": 100.0, "age_s": 30.0, "join_timeout": None, "times_out_in_s": None}
+    assert forming_lines({"joined": ["n0"], "forming": f}) == [
+        "  joined so far: n0 (1 of --nnodes 2:3: 1 more needed)", "  registered, not joined: n1",
+        "  the round opened 30 s ago (the job's spec records no --join-timeout)"]
+    assert forming(RoundInfo(1, Phase.RUNNING, time=100.0), SpecValue(2, 3, "1", 0), [], {}, 130.0) is None
