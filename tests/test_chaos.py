@@ -8,6 +8,7 @@ numbers come from tools/bench.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 
@@ -201,7 +202,16 @@ def test_two_nodes_failing_at_once_spend_one_restart(job, etcd_endpoint, run_id)
     assert keys[keys_of(run_id).restarts()]["used"] == 1
     assert keys[keys_of(run_id).result()]["round"] == 2
     reports = {k.rsplit("/", 1)[1] for k in keys if k.startswith(keys_of(run_id).failures(1))}
-    assert reports == {"node-0", "node-1"}, "both failures are reported, one restart is spent"
+    # The node whose failure restarted the job reports it, and so does every node whose worker had exited before the
+    # restart reached its agent (its stop line counts fewer than 2 still running). A worker still exiting then is
+    # stopped by the restart, so its failure is a race's: not required.
+    bumper = re.search(r"round 2 began \(worker rank \d+ on (node-\d+) failed", agents[0].stderr())
+    must = {bumper.group(1)} if bumper else set()
+    for a in agents:
+        stop = re.search(r"round 1\] stopping the workers \((\d+) still running", a.stderr())
+        if stop and int(stop.group(1)) < 2:
+            must.add(a.node)
+    assert must and must <= reports <= {"node-0", "node-1"}, (must, reports)
 
 
 def test_hung_worker_restarts_the_group(job, etcd_endpoint, run_id):
