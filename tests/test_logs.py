@@ -138,6 +138,18 @@ def test_the_json_format_is_one_object_per_line_with_the_stamp_as_fields():
     assert callback["round"] == 1 and callback["exception"].endswith("ValueError: boom")
 
 
+def test_log_format_is_a_flag_and_a_variable_of_every_command(monkeypatch):
+    from etcd_agent.cli import flags
+
+    assert flags.build_parser().parse_args(["x.py"]).log_format == "text"
+    assert flags.build_parser().parse_args(["--log-format", "json", "x.py"]).log_format == "json"
+    monkeypatch.setenv("ETCD_AGENT_LOG_FORMAT", "json")
+    assert flags.build_parser().parse_args(["x.py"]).log_format == "json"
+    assert flags.subcommand_parser("status").parse_args([]).log_format == "json"
+    with pytest.raises(ConfigError, match="invalid choice: 'yaml'"):
+        flags.build_parser().parse_args(["--log-format", "yaml", "x.py"])
+
+
 # Where a message may start with a capital: a first word that is an acronym (NVML, GPU).
 ACRONYM = re.compile(r"[A-Z][A-Z0-9]+\b")
 LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
