@@ -124,12 +124,13 @@ class Agent:
         return self.coord.keys
 
     # --- state machine -------------------------------------------------------------------------------------
-    def _enter(self, new: State, why: str) -> None:
+    def _enter(self, new: State, why: str, event: str = "state", **fields) -> None:
         if new is self.state:
             return
         if new not in _TRANSITIONS[self.state]:
             raise RuntimeError(f"agent state {self.state.value} -> {new.value} is not allowed ({why})")
-        self.log.info("%s -> %s: %s", self.state.value, new.value, why)
+        self.log.info("%s -> %s: %s", self.state.value, new.value, why, event=event,
+                      fields={"state": new.value, "previous": self.state.value, **fields})
         self.state = new
 
     def _set(self, **changes) -> None:
@@ -169,7 +170,7 @@ class Agent:
             self.workers.prepare()  # a --preload that cannot be imported is an error before the job is joined
             self.coord.open(self._session_lost)
             self._set(lease=self.session.lease_id)
-            self._enter(State.RENDEZVOUS, f"registered as {self.cfg.node_id} in job {self.keys.gen} of the run "
+            self._enter(State.RENDEZVOUS, f"registered in job {self.keys.gen} on etcd {self.coord.etcd_version} "
                         f"(lease {self.session.lease_id:x})")
             return None
         try:
@@ -317,8 +318,9 @@ class Agent:
         if self.workers.outcome == Outcome.FAILED:  # our failure lost the race to another node's bump or end
             self.coord.report_failure(self.workers.failure)
         self.workers.stop(action.why, self.signalled)
-        if self.state is State.RUNNING and view.result is None:  # a new round: back to rendezvous
-            self._enter(State.RENDEZVOUS, action.why)
+        if self.state is State.RUNNING and view.result is None:  # a new round: back to rendezvous, saying why once
+            said = not action.cause or view.round is not None and self.coord.said_restart == view.round.number
+            self._enter(State.RENDEZVOUS, action.why if said else f"{action.why} ({action.cause})")
 
     def _start(self, a: StartWorkers, view: View) -> None:
         plan = a.plan
@@ -330,9 +332,10 @@ class Agent:
     def _finish(self, action: Finish, view: View) -> int:
         result = action.result
         self.workers.stop("the job ended", self.signalled)
-        self._enter(State.FINISHED, f"job {result.outcome}: {result.reason}")
-        if result.outcome == Outcome.SUCCEEDED:
-            self.log.info("job succeeded in round %s after %s restart(s)", result.round, result.restarts)
+        ok = result.outcome == Outcome.SUCCEEDED  # a failure's cause is said once, by the error raised below
+        self._enter(State.FINISHED, f"job {result.outcome} in round {result.round}" + (
+            f" after {result.restarts} restart(s)" if ok else ""), "job_ended", outcome=result.outcome.value)
+        if ok:
             return 0
         raise job_error(result)(result.ended(self.cfg.run_id))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,14 @@ T = TypeVar("T")
 WORKERS = Path(__file__).parent / "workers"
 JOB = str(WORKERS / "job.py")
 STARTED: list["CommandLine"] = []  # every agent a test started, killed at teardown if still running
+# A line an agent logged in the text format (logs.FORMAT): time, level letter, message (with its stamp). Worker
+# output and the command's last "etcd-agent: error:" line are not such lines.
+AGENT_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} ([DIWEC]) (.*)$")
+
+
+def agent_lines(stderr: str) -> list[tuple[str, str]]:
+    """(level letter, message) of every line the agent logged."""
+    return [(m.group(1), m.group(2)) for m in map(AGENT_LINE.match, stderr.splitlines()) if m]
 
 
 class CommandLine:

@@ -31,8 +31,8 @@ class Recorded(Agent):
         self.states = [State.STARTING]
         super().__init__(*args, **kwargs)
 
-    def _enter(self, new, why):
-        super()._enter(new, why)
+    def _enter(self, new, why, *args, **kw):
+        super()._enter(new, why, *args, **kw)
         if self.states[-1] is not new:
             self.states.append(new)
 

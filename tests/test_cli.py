@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 
 import pytest
@@ -45,13 +46,15 @@ def test_a_one_node_line_needs_no_etcd_flag(script):
     got = launch("--nproc-per-node", "2", script, "--lr", "3e-4")
     assert got.embedded and got.cfg.spec.min_nodes == got.cfg.spec.max_nodes == 1
     assert got.cfg.workers.nproc == 2 and got.cfg.workers.args == ("--lr", "3e-4")
-    assert len(got.cfg.run_id) == 36  # a fresh uuid, as torchrun's one-node c10d default
+    assert re.fullmatch(r"[0-9a-f]{8}", got.cfg.run_id)  # fresh, as torchrun's one-node c10d default (a uuid); short
     assert got.cfg.local_addr == ""  # MASTER_ADDR is this host's name, as under torchrun
 
 
 def test_one_node_run_ids_follow_torchrun(script):
     replaced = launch("--rdzv-id", "job7", script)  # torchrun replaces it with a uuid on this line
-    assert len(replaced.cfg.run_id) == 36 and [n for n in replaced.notes if "job7 is replaced" in n]
+    assert re.fullmatch(r"[0-9a-f]{8}", replaced.cfg.run_id) and [n for n in replaced.notes if "job7 is replaced" in n]
+    on_etcd = launch("--nnodes", "1", "--etcd-endpoints", ETCD, script).cfg.run_id  # a shared etcd: a whole uuid
+    assert len(on_etcd) == 36 and on_etcd != launch("--nnodes", "1", "--etcd-endpoints", ETCD, script).cfg.run_id
     assert launch("--run-id", "job7", script).cfg.run_id == "job7"
     assert launch("--rdzv-id", "job7", "--master-port", "29501", script).cfg.run_id == "job7"
     assert launch("--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", script).cfg.run_id == "none"

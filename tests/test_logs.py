@@ -1,17 +1,23 @@
-"""One log format: every agent line says run, node and round (logs.py); a worker failure is logged once. The
-worker log tree is private and never followed through a symlink the agent did not make (logtree.py)."""
+"""One log format, text or JSON: every agent line says run, node and round (logs.py); a job's lines are few, its
+failure is logged once; every message starts lower-case without a final period. The worker log tree is private and
+never followed through a symlink the agent did not make (logtree.py)."""
 
 from __future__ import annotations
 
+import ast
+import io
+import json
 import logging
 import os
 import re
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
-from agents import JOB, CommandLine, job_keys, keys_of, start_agents, wait_all
+from agents import JOB, CommandLine, agent_lines, job_keys, keys_of, start_agents, wait_all
 
 from etcd_agent import logs
 from etcd_agent.config import StdSpec, WorkerConfig
@@ -19,13 +25,8 @@ from etcd_agent.errors import ConfigError
 from etcd_agent.node.api import Assignment
 from etcd_agent.node.workers import WorkerGroup
 
-LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) etcd-agent: (.*)$")
-STAMP = re.compile(r"^\[run (\S+) node (\S+) round (\d+|-)\] ")
-
-
-def agent_lines(stderr: str) -> list[tuple[str, str]]:
-    """(level, message) of every line the agent logged (worker output is not the agent's)."""
-    return [(m.group(1), m.group(2)) for m in map(LINE.match, stderr.splitlines()) if m]
+STAMP = re.compile(r"^\[(\S+) (\S+)(?: r(\d+))?\] ")
+PACKAGE = Path(__file__).resolve().parents[1] / "etcd_agent"
 
 
 def test_every_line_of_a_job_with_a_crash_says_run_node_and_round_and_the_failure_is_logged_once(
@@ -36,25 +37,25 @@ def test_every_line_of_a_job_with_a_crash_says_run_node_and_round_and_the_failur
     errors = {}
     for a in agents:
         lines = agent_lines(a.stderr())
-        assert len(lines) > 10
+        assert len(lines) > 5
         stamped = [(level, STAMP.match(msg), msg) for level, msg in lines]
-        # from the agent's first contact with etcd to its exit, every line carries the stamp
+        # from the agent's start-up line to its exit, every line carries the stamp
         first = next(i for i, (_lvl, m, _msg) in enumerate(stamped) if m)
+        assert stamped[first][2].startswith(f"[{run_id} {a.node}] etcd-agent ")
         unstamped = [msg for _lvl, m, msg in stamped[first:] if not m]
         assert unstamped == [], unstamped
         for _lvl, m, _msg in stamped[first:]:
             assert m.group(1) == run_id and m.group(2) == a.node
         about = [(lvl, msg) for lvl, m, msg in stamped if "worker rank 3" in msg and "exit code 3" in msg]
-        errors[a.node] = [msg for lvl, msg in about if lvl == "ERROR"]
+        errors[a.node] = [msg for lvl, msg in about if lvl == "E"]
         # the restart the failure caused is its own line; no other warning repeats the failure
-        assert [msg for lvl, msg in about if lvl == "WARNING" and "restarting the job" not in msg] == []
-        assert not any("Run " in msg for _lvl, msg in lines)  # the old second format is gone
+        assert [msg for lvl, msg in about if lvl == "W" and "restarting the job" not in msg] == []
     # the failure once, as an ERROR of the node it happened on, in the round it happened in
     keys = job_keys(etcd_endpoint, run_id)
     failed_on = [n for n in errors if keys_of(run_id).failure(1, n) in keys]
     assert len(failed_on) == 1, errors
     assert sum(map(len, errors.values())) == 1 and len(errors[failed_on[0]]) == 1, errors
-    assert errors[failed_on[0]][0].startswith(f"[run {run_id} node {failed_on[0]} round 1] worker rank 3 (pid ")
+    assert errors[failed_on[0]][0].startswith(f"[{run_id} {failed_on[0]} r1] worker rank 3 (pid ")
 
 
 def test_a_line_about_an_earlier_round_says_that_round(caplog):
@@ -66,8 +67,8 @@ def test_a_line_about_an_earlier_round_says_that_round(caplog):
         log.info("now in %s", "round 4")
         log.info("a worker of round 3 exited", round=3)
     assert [r.getMessage() for r in caplog.records] == [
-        "[run job1 node node-a round -] before any round", "[run job1 node node-a round 4] now in round 4",
-        "[run job1 node node-a round 3] a worker of round 3 exited"]
+        "[job1 node-a] before any round", "[job1 node-a r4] now in round 4",
+        "[job1 node-a r3] a worker of round 3 exited"]
 
 
 def test_module_lines_take_the_one_agent_of_the_process(caplog):
@@ -82,7 +83,172 @@ def test_module_lines_take_the_one_agent_of_the_process(caplog):
         logs.stopped(a)
         logs.stopped(b)
     assert [r.getMessage() for r in caplog.records] == [
-        "no agent yet", "[run job1 node node-a round -] one agent", "two agents: which one is not known"]
+        "no agent yet", "[job1 node-a] one agent", "two agents: which one is not known"]
+
+
+def _formatted(fmt: str, emit) -> list[str]:
+    """The lines ``emit(log)`` writes through the one handler of ``--log-format fmt``."""
+    stream, logger = io.StringIO(), logging.getLogger("etcd_agent.test.format")
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.formatter(fmt))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        emit(logs.get(logger.name))
+    finally:
+        logger.removeHandler(handler)
+    return stream.getvalue().splitlines()
+
+
+def _lines(log: logs.Log) -> None:
+    where = logs.Where("a1b2c3d4", "node-1")
+    log.warning("before %s", "the agent")
+    log.bound(where).info("registered", event="state", fields={"state": "rendezvous"})
+    where.round = 2
+    log.bound(where).error("worker rank %d failed", 3, event="worker_failed")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.bound(where).exception("a callback failed", round=1)
+
+
+def test_the_text_format_is_the_time_of_day_a_level_letter_and_a_short_stamp():
+    lines = _formatted("text", _lines)
+    time_ = r"\d\d:\d\d:\d\d\.\d{3}"
+    assert re.fullmatch(rf"{time_} W before the agent", lines[0]), lines
+    assert re.fullmatch(rf"{time_} I \[a1b2c3d4 node-1\] registered", lines[1]), lines
+    assert re.fullmatch(rf"{time_} E \[a1b2c3d4 node-1 r2\] worker rank 3 failed", lines[2]), lines
+    assert re.fullmatch(rf"{time_} E \[a1b2c3d4 node-1 r1\] a callback failed", lines[3]), lines
+    assert lines[4] == "Traceback (most recent call last):" and lines[-1] == "ValueError: boom"
+
+
+def test_the_json_format_is_one_object_per_line_with_the_stamp_as_fields():
+    lines = _formatted("json", _lines)
+    assert len(lines) == 4, lines
+    first, registered, failed, callback = map(json.loads, lines)
+    iso = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
+    assert all(re.fullmatch(iso, o["time"]) for o in (first, registered, failed, callback))
+    assert {k: v for k, v in first.items() if k != "time"} == {
+        "level": "WARNING", "logger": "etcd_agent.test.format", "message": "before the agent"}
+    assert {k: v for k, v in registered.items() if k != "time"} == {
+        "level": "INFO", "logger": "etcd_agent.test.format", "run": "a1b2c3d4", "node": "node-1", "event": "state",
+        "message": "registered", "state": "rendezvous"}  # no round before the first one
+    assert (failed["level"], failed["round"], failed["event"], failed["message"]) == (
+        "ERROR", 2, "worker_failed", "worker rank 3 failed")
+    assert callback["round"] == 1 and callback["exception"].endswith("ValueError: boom")
+
+
+def test_log_format_is_a_flag_and_a_variable_of_every_command(monkeypatch):
+    from etcd_agent.cli import flags
+
+    assert flags.build_parser().parse_args(["x.py"]).log_format == "text"
+    assert flags.build_parser().parse_args(["--log-format", "json", "x.py"]).log_format == "json"
+    monkeypatch.setenv("ETCD_AGENT_LOG_FORMAT", "json")
+    assert flags.build_parser().parse_args(["x.py"]).log_format == "json"
+    assert flags.subcommand_parser("status").parse_args([]).log_format == "json"
+    with pytest.raises(ConfigError, match="invalid choice: 'yaml'"):
+        flags.build_parser().parse_args(["--log-format", "yaml", "x.py"])
+
+
+# Where a message may start with a capital: a first word that is an acronym (NVML, GPU).
+ACRONYM = re.compile(r"[A-Z][A-Z0-9]+\b")
+LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
+
+
+def _log_calls() -> list[tuple[str, int, str]]:
+    """(file, line, the format string's literal start and end) of every logging call in the package whose format
+    is a literal: a call of a logging method on something named like a logger (log, self._log, logger)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in LOG_METHODS and "log" in ast.unparse(node.func.value).lower()):
+                continue
+            args = node.args[1:] if node.func.attr == "log" else node.args
+            if not args:
+                continue
+            fmt = args[0]
+            if isinstance(fmt, ast.Constant) and isinstance(fmt.value, str):
+                text = fmt.value
+            elif isinstance(fmt, ast.JoinedStr):  # an f-string: its literal ends, "{}" for what is formatted
+                text = "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in fmt.values)
+            else:
+                continue
+            found.append((str(path.relative_to(PACKAGE.parent)), node.lineno, text))
+    return found
+
+
+def test_every_log_message_starts_lower_case_and_has_no_final_period():
+    calls = _log_calls()
+    assert len(calls) > 100  # the scan sees the package's logging calls
+    capital = [c for c in calls if c[2][:1].isupper() and not ACRONYM.match(c[2])]
+    period = [c for c in calls if c[2].rstrip().endswith(".") and not c[2].rstrip().endswith("..")]
+    assert capital == [] and period == [], capital + period
+
+
+def _one_node_job(tmp_path: Path, *flags: str, fail: bool = True) -> subprocess.CompletedProcess:
+    """A demo-like job: one node, two workers of job.py on the embedded etcd, their output to files only; with
+    ``fail`` rank 1 fails in round 1."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "etcd_agent", "--nproc-per-node", "2", "--redirects", "3",
+                           "--stop-timeout", "3", "--log-dir", str(tmp_path / "logs"), *flags, JOB, str(out),
+                           *(["--fail-rank", "1"] if fail else [])], capture_output=True, text=True, timeout=60)
+
+
+# The most lines at INFO and above a one-node job logs: the start-up line, registered, joined and closed round 1,
+# running, the workers finished, the job ended (7); a restart adds the failure, the restart, the stop, back to
+# rendezvous, joined and closed round 2, running again (7 more). One more per round: a slow machine may have the
+# agent say once what a round waits for.
+QUIET_JOB, ONE_RESTART = 7 + 1, 14 + 2
+
+
+@pytest.mark.timeout(120)
+def test_a_one_node_job_logs_a_few_short_lines_and_its_failure_once(tmp_path):
+    (tmp_path / "quiet").mkdir()
+    quiet = _one_node_job(tmp_path / "quiet", fail=False)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    lines = quiet.stderr.splitlines()
+    assert [level for level, _msg in agent_lines(quiet.stderr)] == ["I"] * len(lines), lines
+    assert len(lines) <= QUIET_JOB, lines
+    run_id = STAMP.match(agent_lines(quiet.stderr)[0][1]).group(1)
+    assert re.fullmatch(r"[0-9a-f]{8}", run_id)  # a short generated run id
+    assert agent_lines(quiet.stderr)[-1][1].endswith("running -> finished: job succeeded in round 1 after 0 restart(s)")
+
+    restarted = _one_node_job(tmp_path, "--max-restarts", "1")
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    lines = agent_lines(restarted.stderr)
+    assert len(lines) == len(restarted.stderr.splitlines()) <= ONE_RESTART, restarted.stderr
+    said = [(level, msg) for level, msg in lines if "rank 1 fails in round 1" in msg]
+    assert len(said) == 1 and said[0][0] == "E" and "worker rank 1 (pid " in said[0][1], lines
+    startup = lines[0][1]
+    assert re.search(r"\] etcd-agent \S+ on \d{4}-\d\d-\d\d \(UTC[+-]\d{4}\): nnodes 1, 2 workers per node, "
+                     r"embedded etcd at \S+ \(data in \S+\), worker logs in ", startup), startup
+    # the start-up line says the embedded etcd and the log directory; nothing else does
+    assert sum("etcd at" in msg for _lvl, msg in lines) == 1
+    assert sum(str(tmp_path / "logs") in msg for _lvl, msg in lines) == 1
+
+
+@pytest.mark.timeout(60)
+def test_log_format_json_writes_one_object_per_line_and_the_last_line_too(tmp_path):
+    got = _one_node_job(tmp_path, "--log-format", "json")
+    assert got.returncode == 1, got.stderr[-3000:]
+    objects = [json.loads(line) for line in got.stderr.splitlines()]  # worker output went to files: all JSON
+    assert all({"time", "level", "logger", "message"} <= o.keys() for o in objects), objects
+    events = [o.get("event") for o in objects if o.get("event")]
+    assert events[0] == "agent_started" and events[-2:] == ["job_ended", "exit"], events
+    assert {"state", "round_joined", "round_closed", "worker_failed"} <= set(events), events
+    run = objects[0]["run"]
+    assert all(o["run"] == run and o["node"] == objects[0]["node"] for o in objects)
+    assert [o["state"] for o in objects if "state" in o] == ["rendezvous", "running", "finished"]
+    failed, ended, last = (next(o for o in objects if o.get("event") == e) for e in ("worker_failed", "job_ended",
+                                                                                    "exit"))
+    assert (failed["level"], failed["round"], failed["rank"], failed["exit"]) == ("ERROR", 1, 1, "exit code 3")
+    assert (ended["outcome"], ended["message"]) == ("failed", "running -> finished: job failed in round 1")
+    assert last["level"] == "ERROR" and last["exit_code"] == 1 and last["message"] == (
+        f"job {run} failed: worker rank 1 on {objects[0]['node']} failed with exit code 3 in round 1: RuntimeError: "
+        "rank 1 fails in round 1; the restart budget is spent (0 of 0 restarts used, --max-restarts)")
+    assert sum("rank 1 fails in round 1" in o["message"] for o in objects) == 2  # the failure, the job's end
 
 
 # --- the private log tree ------------------------------------------------------------------------------------------
@@ -147,7 +313,7 @@ def test_another_users_stderr_log_symlink_is_refused_at_start_and_never_written(
     assert last == (f"etcd-agent: error: --log-dir: {shared}/probe belongs to user id {NOBODY}, not to this agent's "
                     "(0); the agent writes worker logs only into directories it made itself (remove it, or choose "
                     "another --log-dir)"), last
-    assert "joined round" not in agent.stderr() and "started 1 workers" not in agent.stderr()
+    assert "joined round" not in agent.stderr() and "started 1 worker" not in agent.stderr()
     assert secret.read_text() == SECRET and stat.S_IMODE(secret.stat().st_mode) == 0o600
 
 

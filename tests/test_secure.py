@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import WORKERS, job_keys, keys_of, start_agents, wait_all, wait_records
+from agents import AGENT_LINE, WORKERS, job_keys, keys_of, start_agents, wait_all, wait_records
 from containers import member_class
 from etcd_agent.cli.flags import PASSWORD_ENV
 from tls import HAVE_OPENSSL, PASSWORD, TlsEtcd
@@ -99,7 +99,7 @@ def test_password_never_reaches_workers_etcd_or_status(auth_etcd, pki, run_id, t
     assert status.returncode == 0, status.stderr
     assert "[redacted]" in status.stdout and PASSWORD not in status.stdout + status.stderr
     for a in agents:
-        own = [line for line in a.stderr().splitlines() if " etcd-agent: " in line]
+        own = [line for line in a.stderr().splitlines() if AGENT_LINE.match(line)]
         assert own and not any(PASSWORD in line for line in own)
 
 

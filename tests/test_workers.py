@@ -342,7 +342,7 @@ def test_the_first_failure_is_the_groups_and_a_later_one_is_said_once(make_group
     assert "the worker exited with exit code 3" in r.message
     other, pids = 9 - r.rank, {e.rank: e.pid for e in exits.items}  # ranks 4 and 5
     assert [m for m in caplog.messages if "failed too" in m] == [
-        f"[run run1 node node-a round 3] worker rank {other} (pid {pids[other]}) failed too, with "
+        f"[run1 node-a r3] worker rank {other} (pid {pids[other]}) failed too, with "
         "exit code 3"]
 
 

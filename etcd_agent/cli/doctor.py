@@ -98,11 +98,11 @@ def verdict(checks: list[Check]) -> tuple[int, str]:
     return EXIT_OK, f"ready to launch: no check failed, {warnings}"
 
 
-def run_doctor(argv: list[str], setup_logging: Callable[[str], None]) -> int:
+def run_doctor(argv: list[str], setup_logging: Callable[[str, str], None]) -> int:
     parser = _parser()
     ns = parser.parse_args(argv)
     given = flags.sources(parser, ns)
-    setup_logging(ns.log_level if "log_level" in given else "WARNING")  # the report is the output
+    setup_logging(ns.log_level if "log_level" in given else "WARNING", ns.log_format)  # the report is the output
     launch = resolve(parser, ns, preflight=True)
     version, gpus, checks = run_checks(launch, given)
     code, last = verdict(checks)

@@ -33,6 +33,7 @@ _SOURCES = "_etcd_agent_sources"  # namespace attribute: dest -> the option stri
 PASSWORD_ENV = "ETCD_AGENT_ETCD_PASSWORD"
 NUMA_MODES = ("node", "socket", "exclusive", "core-complex")  # torch.numa.binding.AffinityMode in torch 2.13
 START_METHODS = ("spawn", "fork", "forkserver")
+LOG_FORMATS = ("text", "json")  # logs.FORMATS
 
 
 def parse_nnodes(text: str) -> tuple[int, int]:
@@ -137,8 +138,7 @@ class StoreTrue(_Given):
 
 
 def subcommand_flags(p: argparse.ArgumentParser) -> None:
-    """The etcd flags of ``status``, ``stop`` and ``events``, with torchrun's names for the endpoint and the id as
-    aliases."""
+    """The etcd flags of ``status``, ``stop`` and ``events``; torchrun's names for the endpoint and id are aliases."""
     etcd_flags(p)
     p.add_argument(*_both("--rdzv-endpoint"), dest="endpoints", action=Store, help="alias of --etcd-endpoints")
     p.add_argument(*_both("--rdzv-id"), dest="run_id", action=Store, help="alias of --run-id")
@@ -217,8 +217,7 @@ def _torchrun_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(*_both("--local-addr"), default=None, type=str, action=Env,
                    help="the address peers reach this node at (default: this host's FQDN address)")
     g.add_argument(*_both("--logs-specs"), default=None, type=str, action=Store,
-                   help="accepted when the torchrun.logs_specs entry point exists; etcd-agent's own log layout "
-                        "is used")
+                   help="accepted when the torchrun.logs_specs entry point exists; etcd-agent's log layout is used")
     g.add_argument(*_both("--numa-binding"), type=str, choices=list(NUMA_MODES), default=None, action=Store,
                    help="accepted; etcd-agent does not bind workers to NUMA nodes (a warning says so)")
     g.add_argument(*_both("--signals-to-handle"), action=Env, type=str, default="SIGTERM,SIGINT,SIGHUP,SIGQUIT",
@@ -296,8 +295,15 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preload", action=Store, default=",".join(WorkerConfig.preload),
                    help="--warm-restart: comma-separated modules the pre-started interpreters import (default "
                         "%(default)s: DDP, FSDP and torch.compile import torch._dynamo on first use; '' for none)")
-    g.add_argument(*_both("--log-level"), action=Env, env_prefix="ETCD_AGENT_", default="INFO",
-                   help="agent log level (default INFO; env ETCD_AGENT_LOG_LEVEL)")
+    log_flags(g, "INFO", "agent log level")
+
+
+def log_flags(g, level: str, what: str) -> None:
+    """``--log-level`` (``$ETCD_AGENT_LOG_LEVEL``) and ``--log-format`` (``$ETCD_AGENT_LOG_FORMAT``)."""
+    g.add_argument(*_both("--log-level"), action=Env, env_prefix="ETCD_AGENT_", default=level,
+                   help=f"{what} (default {level}; env ETCD_AGENT_LOG_LEVEL)")
+    g.add_argument(*_both("--log-format"), action=Env, env_prefix="ETCD_AGENT_", default="text",
+                   choices=LOG_FORMATS, help="text (default) or json: an object per line (env ETCD_AGENT_LOG_FORMAT)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -389,6 +395,5 @@ def subcommand_parser(name: str) -> argparse.ArgumentParser:
         p.add_argument("--follow", action="store_true", help="keep printing events until the job has a result")
     else:
         p.add_argument("--reason", default="stopped by an operator", help="recorded in the job's result")
-    p.add_argument(*_both("--log-level"), action=Env, env_prefix="ETCD_AGENT_", default="WARNING",
-                   help="log level on stderr (default WARNING; env ETCD_AGENT_LOG_LEVEL)")
+    log_flags(p, "WARNING", "log level on stderr")
     return p

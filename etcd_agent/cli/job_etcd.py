@@ -116,12 +116,16 @@ class JobEtcd:
             self.server = EtcdServer(name="etcd-agent-standalone").start()
             cfg = dataclasses.replace(cfg, etcd=dataclasses.replace(
                 cfg.etcd, endpoints=parse_endpoints(self.server.endpoint)))
-            log.info("one-node job: embedded etcd serving at %s (data in %s, removed on exit)", self.server.endpoint,
-                     self.server.data_dir)
         elif self.serve is not None:
             self._serve_or_join(cfg, *self.serve)
         self.cfg = cfg
         return cfg
+
+    def describe(self, cfg: AgentConfig) -> str:
+        """Where the job's etcd is, for the agent's start-up line."""
+        if self.embedded and self.server is not None:
+            return f"embedded etcd at {self.server.endpoint} (data in {self.server.data_dir})"
+        return f"etcd at {','.join(f'{h}:{p}' for h, p in cfg.etcd.endpoints)} over {cfg.etcd.describe()}"
 
     def _serve_or_join(self, cfg: AgentConfig, host: str, port: int) -> None:
         where = url(host, port).removeprefix("http://")

@@ -13,7 +13,8 @@ The rules (the README's "Coming from torchrun" documents them for users):
   with one line saying what to add.
 - The run id: ``--run-id`` (etcd-agent's) or ``--rdzv-id`` (an error when they differ). Where torchrun makes a
   fresh uuid (``--standalone``; a one-node static line without endpoint or master port) a one-node job on the
-  embedded etcd does too, replacing ``--rdzv-id`` as torchrun does. Otherwise ``--rdzv-id``; without one a
+  embedded etcd makes a fresh id too (8 hex digits, short in every log line: unique enough on an etcd of its own;
+  a uuid on a shared one), replacing ``--rdzv-id`` as torchrun does. Otherwise ``--rdzv-id``; without one a
   multi-node static line derives an id from its master address and port (the same on every node, distinct per
   job), and anything else gets torchrun's default ``none``.
 - Static lines (``--rdzv-backend static``, torchrun's default): a given ``--node-rank`` pins the group rank, a given
@@ -154,7 +155,7 @@ def _run_id(ns: argparse.Namespace, given: dict[str, str], embedded: bool, hi: i
         if theirs:
             notes.append(f"{given['rdzv_id']} {theirs} is replaced by a fresh run id, as torchrun does for this "
                          "one-node line (--run-id keeps an id)")
-        return str(uuid.uuid4())
+        return uuid.uuid4().hex[:8] if embedded else str(uuid.uuid4())
     if theirs:
         return theirs
     if static_master is not None and not embedded:

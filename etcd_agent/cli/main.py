@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from .. import __version__, logs
 from . import flags, hostnames
@@ -27,6 +28,7 @@ log = logs.get("etcd_agent.cli.main")
 SUBCOMMANDS = tuple(flags.SUBCOMMANDS)  # status, stop, events: with the etcd flags only (ops.status)
 DOCTOR = "doctor"  # with a launch's flags (cli.doctor)
 PRINTING = (*SUBCOMMANDS, DOCTOR)  # the commands whose answer is their stdout
+_ran: logs.Where | None = None  # the agent this command ran: its run and node stamp the last line too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +43,7 @@ def run_subcommand(name: str, argv: list[str]) -> int:
 
     parser = flags.subcommand_parser(name)
     ns = parser.parse_args(argv)
-    _setup_logging(ns.log_level)
+    _setup_logging(ns.log_level, ns.log_format)
     if not ns.run_id and name != "status":
         raise ConfigError("--run-id is required")
     flag = flags.sources(parser, ns).get("endpoints", "--etcd-endpoints")
@@ -51,20 +53,36 @@ def run_subcommand(name: str, argv: list[str]) -> int:
     return run(name, ns, cfg, flag)
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, fmt: str = "text") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
         raise ConfigError(f"--log-level {level!r}: use DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(level=numeric, stream=sys.stderr, format=logs.FORMAT)
+    logs.configure(numeric, sys.stderr, fmt, name="")  # every logger: a library's warning looks like ours
+
+
+def _started(agent, etcd: str) -> None:
+    """The agent's one start-up line: its version, the date (every other line says only the time of day), what it
+    runs, where etcd is and where the worker logs go."""
+    from ..node.env import log_root
+
+    cfg, now = agent.cfg, time.localtime()
+    nnodes = f"{cfg.spec.min_nodes}" + (f":{cfg.spec.max_nodes}" if cfg.spec.max_nodes != cfg.spec.min_nodes else "")
+    nproc, logs_in = cfg.workers.nproc, log_root(cfg.workers)
+    log.bound(agent.where).info(
+        "etcd-agent %s on %s (UTC%s): nnodes %s, %d worker%s per node, %s, worker logs in %s", __version__,
+        time.strftime("%Y-%m-%d", now), time.strftime("%z", now), nnodes, nproc, "" if nproc == 1 else "s", etcd,
+        logs_in, event="agent_started", fields={"version": __version__, "nnodes": nnodes, "nproc": nproc,
+                                                "etcd": etcd, "log_dir": logs_in})
 
 
 def run_agent(argv: list[str]) -> int:
+    global _ran
     from ..agent import Agent, install_signal_handlers
     from .job_etcd import JobEtcd
 
     parser = build_parser()
     ns = parser.parse_args(argv)
-    _setup_logging(ns.log_level)
+    _setup_logging(ns.log_level, ns.log_format)
     launch = resolve(parser, ns)  # every flag and the entrypoint checked before etcd starts
     notes = list(launch.notes)
     if not launch.embedded and launch.serve is None:  # a served etcd's host was resolved by resolve's checks
@@ -74,10 +92,9 @@ def run_agent(argv: list[str]) -> int:
     job_etcd, agent = JobEtcd(launch.embedded, launch.serve), None
     try:
         cfg = job_etcd.start(launch.cfg)  # a one-node job's embedded etcd, or the one a c10d line's endpoint names
-        log.info("run %s, node %s, %d worker(s), nnodes %d:%d, worker logs under %s", cfg.run_id, cfg.node_id,
-                 cfg.workers.nproc, cfg.spec.min_nodes, cfg.spec.max_nodes,
-                 cfg.workers.log_dir or "a temporary directory")
         agent = Agent(cfg, __version__)
+        _ran = agent.where
+        _started(agent, job_etcd.describe(cfg))
         install_signal_handlers(agent, cfg.signals)
         try:
             return agent.run()
@@ -88,14 +105,19 @@ def run_agent(argv: list[str]) -> int:
             return EXIT_OK
         except AgentError as exc:
             if agent.signalled:
-                _error(str(exc))
+                _error(str(exc), 128 + agent.signalled)
                 return 128 + agent.signalled
             raise
     finally:
         job_etcd.stop(agent.keys if agent is not None else None)  # a served etcd: after the other agents left
 
 
-def _error(msg: str) -> None:
+def _error(msg: str, code: int) -> None:
+    """The command's last line: ``etcd-agent: error: ...``, or with ``--log-format json`` a JSON line (event
+    ``exit``)."""
+    if logs.structured():
+        log.bound(_ran).error("%s", msg, event="exit", fields={"exit_code": code})
+        return
     print(f"etcd-agent: error: {msg}", file=sys.stderr, flush=True)
 
 
@@ -103,7 +125,7 @@ def _unexpected(exc: Exception, command: str) -> int:
     """A bug still ends in one clear line; the traceback goes to DEBUG, which every command's --log-level shows."""
     log.debug("unexpected error", exc_info=True)
     again = f"etcd-agent {command}" if command else "etcd-agent"
-    _error(f"unexpected {type(exc).__name__}: {exc} (run {again} again with --log-level DEBUG for the traceback)")
+    _error(f"unexpected {type(exc).__name__}: {exc} (run {again} again with --log-level DEBUG for the traceback)", 1)
     return 1
 
 
@@ -138,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError as exc:
         return _stdout_gone() if command else _unexpected(exc, command)
     except AgentError as exc:
-        _error(str(exc))
+        _error(str(exc), exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
-        _error("interrupted")
+        _error("interrupted", 130)
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug must still end in one clear line; the traceback goes to DEBUG
         return _unexpected(exc, command)

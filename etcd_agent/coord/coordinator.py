@@ -76,6 +76,8 @@ class Coordinator:
         self.session: Session | None = None
         self.quarantine: QuarantineRecord | None = None  # this node's P/quarantine/<node>, once ``open`` found the job
         self.joined_round = 0  # the round whose join key this agent wrote last
+        self.etcd_version = ""  # what etcd said it runs, once ``open`` asked
+        self.said_restart = 0  # the round this agent began with a restart, its reason logged then
         # Its failure that restarted the job, until it is known whether it counts toward its quarantine (it may be a
         # lost node's): meanwhile it watches as a leader does.
         self.pending: Failure | None = None
@@ -98,9 +100,9 @@ class Coordinator:
         """Find the job, open a session, read the job-wide keys and start their watch. An unreachable etcd is a
         ConfigError naming the endpoints (nothing of the job has changed then)."""
         try:
-            version = self.etcd.status()
-            self.log.info("connected to etcd %s at %s over %s", version, self.etcd.endpoints_text,
-                          self.cfg.etcd.describe())
+            self.etcd_version = self.etcd.status()  # the agent says it once registered
+            self.log.debug("connected to etcd %s at %s over %s", self.etcd_version, self.etcd.endpoints_text,
+                           self.cfg.etcd.describe())
             grace = max(abandon.ABANDONED_GRACE, 3 * self.timings.lease_ttl)
             self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time(),
                                       lambda keys: abandon.end_if_abandoned(self.etcd, keys, grace, self.log.info),
@@ -286,7 +288,7 @@ class Coordinator:
             if old and old != n:
                 self.mirror.forget(self.keys.join(old, node), res.revision)
             self.roles.take_leader(n, res.ranges[1], res.revision)
-            self.log.info("joined round %d (%s leads it)", n, self.roles.leaders.get(n, "nobody"))
+            self.log.info("joined round %d (%s leads it)", n, self.roles.leaders.get(n, "nobody"), event="round_joined")
         return res
 
     def _join_record(self, view: View) -> Join:
@@ -303,8 +305,8 @@ class Coordinator:
         if res.succeeded:
             torchrun = self.cfg.spec.nproc_per_node == TORCHRUN_NPROC
             workers = "" if torchrun else f" ({action.plan.world_size} workers)"
-            self.log.info("closed round %d with %d node(s)%s: %s", action.round.number,
-                          len(action.plan.members), workers, ", ".join(action.plan.nodes))
+            self.log.info("closed round %d with %d node(s)%s: %s", action.round.number, len(action.plan.members),
+                          workers, ", ".join(action.plan.nodes), event="round_closed")
         return res
 
     def _bump(self, action: Bump, view: View) -> TxnResult:
@@ -315,7 +317,8 @@ class Coordinator:
         if res.succeeded:
             limit = f" of {rs.max}" if rs and rs.max < NO_RESTART_LIMIT else ", no job-wide limit"
             counted = f"restart {rs.used + 1}{limit}" if action.counted and rs else "not counted"
-            self.log.warning("restarting the job: %s (%s)", action.reason, counted)
+            self.log.warning("restarting the job (%s): %s", counted, action.reason, event="job_restarting")
+            self.said_restart = action.round.number + 1  # the round's reason is said: the agent need not repeat it
             if action.counted and action.failure is not None and self.cfg.quarantine.active:
                 # this node's failure moved the job on: it counts for its quarantine (peers whose workers failed
                 # only because of it report theirs, but are not the cause) unless a lost node caused it (``blame``)

@@ -95,6 +95,7 @@ class Wait:
 @dataclasses.dataclass(frozen=True)
 class StopWorkers:
     why: str
+    cause: str = ""  # a new round's reason, for the log line that leaves the round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +171,7 @@ def decide(v: View, me: Local, p: Params) -> Action:
     if r.phase in FINAL_PHASES:
         return Wait(f"round {r.number} is {r.phase}; waiting for its result key")
     if me.workers_running and me.workers_round != r.number:
-        return StopWorkers(f"round {r.number} began ({r.reason or 'no reason given'})")
+        return StopWorkers(f"round {r.number} began", r.reason or "no reason given")
     if me.outcome == Outcome.SUCCEEDED and me.workers_round < r.number:
         return End(r, FAILED, result(r, FAILED, me.wall, v, f"round {me.workers_round} was restarted ({r.reason}) "
                                      f"after the workers of {me.node} had finished; a partly finished job "

@@ -68,8 +68,8 @@ def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned, j
     if kv is None:
         if not _new_generation(etcd, run, 1, 0, spec, wall, join_timeout=join_timeout):
             return AGAIN
-        log.info("created job spec %s: %s", run.generation(1).spec(),
-                 json.dumps(SpecValue.of(spec, join_timeout).to_json(), sort_keys=True))
+        log.debug("created job spec %s: %s", run.generation(1).spec(),
+                  json.dumps(SpecValue.of(spec, join_timeout).to_json(), sort_keys=True))
         return run.generation(1)
     keys = run.generation(pointer_generation(kv))
     res = etcd.txn([], [op_get(keys.spec()), op_get(keys.result())], where=f"read {keys.spec()}")

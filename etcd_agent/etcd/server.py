@@ -230,7 +230,7 @@ class EtcdServer:
                 self._fail_start(f"was not ready within {timeout:g} s")
             time.sleep(_HEALTH_POLL_S)
         self._was_ready = True
-        log.info("etcd %s is ready at %s (pid %d, data in %s)", self.name, self.client_url, proc.pid, self._data_dir)
+        log.debug("etcd %s is ready at %s (pid %d, data in %s)", self.name, self.client_url, proc.pid, self._data_dir)
         return self
 
     def _fail_start(self, why: str | None):

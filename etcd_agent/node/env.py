@@ -39,7 +39,7 @@ def log_root(cfg: WorkerConfig, logger: Log | None = None) -> str:
     with _default_lock:
         if _default_log_root is None:
             _default_log_root = tempfile.mkdtemp(prefix="etcd_agent_logs_")
-            (logger or log).info("No --log-dir was given; worker logs go to %s.", _default_log_root)
+            (logger or log).debug("no --log-dir: worker logs go to %s", _default_log_root)  # the start-up line says it
     return _default_log_root
 
 

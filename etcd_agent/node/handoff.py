@@ -62,8 +62,8 @@ def say_how_it_started(spare: Spare, cold_after: float, log: Log, rank: int, pid
     word = spare.word(cold_after + WORD_MARGIN)
     if word is None:
         log.warning("the warm spare of worker rank %d (pid %d) has neither finished importing --preload nor started "
-                    "the worker cold %.0f s after its handoff; the worker has not started.", rank, pid,
+                    "the worker cold %.0f s after its handoff; the worker has not started", rank, pid,
                     cold_after + WORD_MARGIN, round=rnd)
     elif word.get("cold"):
         log.warning("the warm spare of worker rank %d (pid %d) %s; it started the worker cold (the same process now "
-                    "runs the worker's command line).", rank, pid, word["cold"], round=rnd)
+                    "runs the worker's command line)", rank, pid, word["cold"], round=rnd)

@@ -107,7 +107,8 @@ class Supervisor:
 
     def succeeded(self, e: GroupSucceeded) -> None:
         if self._current(e.round) and self.outcome is None:
-            self.log.info("all %d local worker(s) finished successfully", self.cfg.workers.nproc)
+            self.log.info("all %d local worker(s) finished successfully", self.cfg.workers.nproc,
+                          event="workers_finished")
             self.outcome, self.running = Outcome.SUCCEEDED, False
 
     def failed(self, e: GroupFailed) -> Failure | None:
@@ -119,10 +120,11 @@ class Supervisor:
         if self.outcome is None:
             r = e.report
             if r.rank is None:  # the group as a whole (torchrun's agent restarted it)
-                self.log.error("%s", r.describe())
+                self.log.error("%s", r.describe(), event="worker_failed")
             elif not r.hang:  # a hang was said where it was found
                 self.log.error("worker rank %d (pid %d) failed with %s%s", r.rank, r.pid, r.how_it_ended(),
-                               f": {r.message}" if r.message else "")
+                               f": {r.message}" if r.message else "", event="worker_failed",
+                               fields={"rank": r.rank, "exit": r.how_it_ended()})
             self.outcome, self.failure = Outcome.FAILED, r
         return None
 

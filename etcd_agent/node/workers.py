@@ -97,6 +97,10 @@ _MOVES = {GroupState.IDLE: {GroupState.RUNNING}, GroupState.RUNNING: {GroupState
 _STOP_SLICE = 0.05  # seconds a stop waits between looks at its deadline (fencing may bring it forward)
 
 
+def _workers(n: int) -> str:
+    return f"{n} worker{'' if n == 1 else 's'}"
+
+
 class WorkerGroup:
     """The workers of this node; one round at a time. Its state is a ``GroupState``; a stop has one absolute
     deadline (the SIGKILL moment), which a later, more urgent stop (self-fencing) brings forward even while the first
@@ -123,15 +127,17 @@ class WorkerGroup:
         self._awake = threading.Event()  # set by stop: the hang check of the round ends
         self._reports: dict[tuple[int, int], WorkerLogs] = {}  # (round, local_rank) -> logs, for failure_report
         self._log_root = cfg.log_dir
+        self._warm = ""  # how many of the round's workers started warm, for ``describe``
         self.stopped_pids: set[int] = set()  # the workers and descendants the last stop ended (GPU memory drain)
         self.state = GroupState.IDLE
         self._deadline_lock = threading.Lock()
         self._stop_deadline: float | None = None  # monotonic: SIGKILL for what is left of the round being stopped
 
     def describe(self, a: Assignment) -> str:
-        """What ``start(a)`` runs, for the agent's log."""
-        return f"started {self.cfg.nproc} worker(s), ranks {a.rank_offset}..{a.rank_offset + self.cfg.nproc - 1} of " \
-               f"{a.world_size}"
+        """What ``start(a)`` ran, for the agent's log: ``started 2 workers (ranks 0-1 of 4, pids 17 18)``."""
+        n, lo = self.cfg.nproc, a.rank_offset
+        ranks = f"rank {lo}" if n == 1 else f"ranks {lo}-{lo + n - 1}"
+        return f"started {_workers(n)} ({ranks} of {a.world_size}, pids {' '.join(map(str, self.pids))}{self._warm})"
 
     def start(self, a: Assignment) -> None:
         """Spawn ``cfg.nproc`` workers for round ``a.round``. Call from the agent's main thread (see module doc)."""
@@ -141,7 +147,7 @@ class WorkerGroup:
         if self._log.where is None:  # not an agent's group: its lines still say run, node and round
             self._log = self._log.bound(Where(a.run_id, self.node_id or "-"))
         if threading.current_thread() is not threading.main_thread():
-            self._log.warning("workers are started from thread %s; they get SIGKILL when it ends.",
+            self._log.warning("workers are started from thread %s; they get SIGKILL when it ends",
                               threading.current_thread().name, round=a.round)
         with self._lock:
             if self.running:
@@ -168,9 +174,10 @@ class WorkerGroup:
                 else:
                     warm += 1
                 self._workers.append(w)
-            how = f", {warm} of them warm" if self._spares is not None else ""
-            self._log.info("started %d workers (ranks %d-%d, pids %s%s); logs in %s.", len(self._workers),
-                           a.rank_offset, w.rank, self.pids, how, os.path.dirname(w.logs.directory), round=a.round)
+            self._warm = f", {warm} of them warm" if self._spares is not None else ""
+            self._log.debug("started %d workers (ranks %d-%d, pids %s%s); logs in %s", len(self._workers),
+                            a.rank_offset, w.rank, self.pids, self._warm, os.path.dirname(w.logs.directory),
+                            round=a.round)
             if self._worker_timeout:
                 threading.Thread(target=self._check_progress, args=(self._tally, self._awake), daemon=True,
                                  name=f"{_THREAD_PREFIX}progress-r{a.round}").start()
@@ -183,7 +190,7 @@ class WorkerGroup:
                                       preexec_fn=preexec, close_fds=True, **streams)
         except OSError as exc:
             error = f"etcd-agent could not start {argv[0]!r} for rank {w.rank}: {exc}"
-            self._log.error("could not start worker rank %d (%s): %s.", w.rank, argv[0], exc, round=w.round)
+            self._log.error("could not start worker rank %d (%s): %s", w.rank, argv[0], exc, round=w.round)
             w.logs.spawn_failed(error)
             code = 127 if isinstance(exc, FileNotFoundError) else 126 if isinstance(exc, PermissionError) else 1
         else:
@@ -241,10 +248,10 @@ class WorkerGroup:
         with self._state_lock:  # a stop marks what ended before its first signal under this lock
             own = self.state is GroupState.RUNNING or w.ended_before_stop
             stopping = self.state is GroupState.STOPPING
-        # A failure is the agent's to report (once, with the worker's error): here it is a detail.
-        level = logging.DEBUG if ex.failed and not stopping else logging.INFO
-        self._log.log(level, "worker rank %d (local rank %d, pid %d) exited with %s.",
-                      ex.rank, ex.local_rank, ex.pid, ex.describe(), round=w.round)
+        # A failure is the agent's to report (once, with the worker's error); an exit 0, or one a stop caused, is no
+        # news: here each is a detail.
+        self._log.debug("worker rank %d (local rank %d, pid %d) exited with %s%s", ex.rank, ex.local_rank, ex.pid,
+                        ex.describe(), " (while stopping)" if stopping else "", round=w.round)
         self._call(self._on_exit, ex, w)
         with self._tally_lock:
             tally = self._tally if self._tally is not None and self._tally.round == w.round else None
@@ -259,7 +266,7 @@ class WorkerGroup:
             callback(item)
         except Exception:  # noqa: BLE001 - a broken callback must not hide later exits
             what = "exit" if isinstance(item, WorkerExit) else "event"
-            self._log.exception("the %s callback failed for worker rank %d.", what, w.rank, round=w.round)
+            self._log.exception("the %s callback failed for worker rank %d", what, w.rank, round=w.round)
 
     def _check_progress(self, tally: ExitTally, awake: threading.Event) -> None:
         """--worker-timeout, on a thread of its own while the round runs: a running worker silent that long fails
@@ -284,7 +291,7 @@ class WorkerGroup:
         report = reports.hang_report(self._reports.get((w.round, w.local_rank)), w.rank, w.local_rank, w.pid,
                                      w.round, longest, limit, now, self.node_id)
         self._log.error("worker rank %d (pid %d) made no progress for %.1f s (--worker-timeout %g)", w.rank, w.pid,
-                        longest, limit, round=w.round)
+                        longest, limit, round=w.round, event="worker_failed")
         self._call(self._post, GroupFailed(w.round, report), w)
 
     @property
@@ -341,8 +348,9 @@ class WorkerGroup:
                 for w in workers:
                     w.ended_before_stop = w.exited.is_set() or proctree.is_zombie(w.ps)
             self._awake.set()
-            self._log.info("stopping the workers (%d still running, %d descendants) with %s: %s.",
-                           len(live), len(tree), proctree.signal_name(sig), reason or "no reason given", round=rnd)
+            self._log.log(logging.INFO if live or tree else logging.DEBUG, "stopping %s with %s: %s",
+                          _workers(len(live)) + (f" and {len(tree)} descendant(s)" if tree else ""),
+                          proctree.signal_name(sig), reason or "no reason given", round=rnd)
             proctree.signal_all(workers, tree, signal.Signals(sig))
             waiting = [w for w in live if not w.exited.is_set()]
             while waiting and self._left() > 0:
@@ -362,9 +370,8 @@ class WorkerGroup:
         tree = proctree.descendants(workers)
         tree.update((p.pid, p) for p in survivors)
         if live or tree:
-            self._log.warning("%d workers (ranks %s) and %d descendants outlived the %.1fs grace; "
-                              "sending SIGKILL.", len(live), [w.rank for w in live], len(tree),
-                              self.cfg.stop_timeout, round=rnd)
+            self._log.warning("%d workers (ranks %s) and %d descendants outlived the %.1fs grace; sending SIGKILL",
+                              len(live), [w.rank for w in live], len(tree), self.cfg.stop_timeout, round=rnd)
         proctree.signal_all(workers, tree, signal.SIGKILL)
         deadline = time.monotonic() + _KILL_WAIT
         for w in live:
@@ -372,10 +379,11 @@ class WorkerGroup:
         left = proctree.wait_gone(list(tree.values()), deadline) + [w.ps for w in workers
                                                             if w.ps and not w.exited.is_set()]
         if left:
-            self._log.error("%d processes (pids %s) are still alive %.0fs after SIGKILL.",
+            self._log.error("%d processes (pids %s) are still alive %.0fs after SIGKILL",
                             len(left), [p.pid for p in left], _KILL_WAIT, round=rnd)
-        else:
-            self._log.info("all workers and their descendants are gone.", round=rnd)
+        else:  # news only after a SIGKILL
+            self._log.log(logging.INFO if live or tree else logging.DEBUG, "all workers and their descendants are gone",
+                          round=rnd)
 
     def _join(self, workers: list[_Worker]) -> None:
         me, deadline = threading.current_thread(), time.monotonic() + _JOIN_WAIT
@@ -384,7 +392,7 @@ class WorkerGroup:
                 w.waiter.join(max(0.0, deadline - time.monotonic()))
             if not w.logs.join(max(0.0, deadline - time.monotonic())):
                 self._log.warning("the output of worker rank %d is still open (a process outside "
-                                  "its tree holds it); its log may be incomplete.", w.rank, round=w.round)
+                                  "its tree holds it); its log may be incomplete", w.rank, round=w.round)
 
     def failure_report(self, ex: WorkerExit) -> Failure:
         """What an operator needs about one exit (``reports``); JSON-able, never raises on bad files."""

@@ -374,18 +374,20 @@ class Result(Record):
     time: float = 0.0
 
     def ended(self, run_id: str, already: bool = False) -> str:
-        """The job's end as its agents report it: that it succeeded, or how it failed or was stopped (with the
-        root cause); ``already``: said to an agent that came after the end."""
+        """The job's end as its agents report it: that it succeeded, or how it failed or was stopped, the root cause
+        and what it said once (in the reason where that names it); ``already``: said to an agent after the end."""
         if self.outcome == Outcome.SUCCEEDED:
             when = "already " if already else ""
             return f"job {run_id} {when}succeeded in round {self.round} after {self.restarts} restart(s)"
-        root, detail = self.root_cause, ""
-        if root and root.lost:
-            detail = f"; root cause: {root.message} (round {root.round})"
+        root, reason, detail = self.root_cause, self.reason, ""
+        named = f"{root.describe()} in round {root.round}" if root and not root.lost else ""
+        if named and named in reason and (not root.message or root.message not in named):  # said once, named there
+            reason = reason.replace(named, f"{named}: {root.message or 'no error message'}", 1)
         elif root:
-            detail = (f"; root cause: rank {root.rank} on {root.node} ({root.how_it_ended()}) in round "
-                      f"{root.round}: {root.message or 'no error message'}")
-        return f"job {run_id} {self.outcome}: {self.reason}{detail}"
+            detail = f"; root cause: {root.message} (round {root.round})" if root.lost else (
+                f"; root cause: rank {root.rank} on {root.node} ({root.how_it_ended()}) in round {root.round}: "
+                f"{root.message or 'no error message'}")
+        return f"job {run_id} {self.outcome}: {reason}{detail}"
 
 
 RECORDS: dict[str, type[Record]] = {  # keys.ParsedKey.kind -> the record its values are

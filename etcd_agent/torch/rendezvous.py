@@ -136,9 +136,9 @@ class EtcdV3RendezvousHandler(RendezvousHandler):
             group.report(ok=False)
         started = time.monotonic()
         info = request.result()
-        log.info("rendezvous of %s: group rank %d of %d in %.3f s, master %s:%d", self.cfg.node_id, info.rank,
-                 info.world_size, time.monotonic() - started, info.bootstrap_store_info.master_addr,
-                 info.bootstrap_store_info.master_port)
+        log.debug("rendezvous of %s: group rank %d of %d in %.3f s, master %s:%d", self.cfg.node_id, info.rank,
+                  info.world_size, time.monotonic() - started, info.bootstrap_store_info.master_addr,
+                  info.bootstrap_store_info.master_port)
         return info
 
     def num_nodes_waiting(self) -> int:
@@ -379,16 +379,18 @@ def create_handler(params: RendezvousParameters) -> EtcdV3RendezvousHandler:
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
     _log_to_stderr()
-    log.info("%s rendezvous: run %s, node %s, nnodes %d:%d, etcd %s under %s", BACKEND, s.cfg.run_id, s.cfg.node_id,
-             params.min_nodes, params.max_nodes, ",".join(f"{h}:{p}" for h, p in s.cfg.etcd.endpoints), s.cfg.root)
+    log.info("etcd-agent %s %s rendezvous on %s: run %s, node %s, nnodes %d:%d, etcd %s under %s", __version__,
+             BACKEND, time.strftime("%Y-%m-%d (UTC%z)"), s.cfg.run_id, s.cfg.node_id, params.min_nodes,
+             params.max_nodes, ",".join(f"{h}:{p}" for h, p in s.cfg.etcd.endpoints), s.cfg.root, event="agent_started")
     return EtcdV3RendezvousHandler(s)
 
 
 def _log_to_stderr() -> None:
     """torchrun configures only torch's loggers: give etcd-agent's a stderr handler (``ETCD_AGENT_LOG_LEVEL``,
-    default INFO) unless the application configured logging itself."""
+    default INFO; ``ETCD_AGENT_LOG_FORMAT``, text or json) unless the application configured logging itself."""
     logger = logging.getLogger("etcd_agent")
     if logger.handlers or logging.getLogger().handlers:
         return
     level = logging.getLevelName(os.environ.get("ETCD_AGENT_LOG_LEVEL", "INFO").upper())
-    logs.configure(level if isinstance(level, int) else logging.INFO, sys.stderr)
+    fmt = "json" if os.environ.get("ETCD_AGENT_LOG_FORMAT", "").lower() == "json" else "text"
+    logs.configure(level if isinstance(level, int) else logging.INFO, sys.stderr, fmt)

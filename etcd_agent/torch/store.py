@@ -212,8 +212,8 @@ class EtcdStore(dist.Store):
                 self._deleted[ev.key] = ev.kv.mod_revision
             waiters = {id(q): q for q in self._waiters.values()}.values() if new else []
         if new and first:
-            log.warning("Key %s of the etcd store %s was deleted at revision %d, not by this store; every wait on "
-                        "the store now ends with an error instead of waiting out its timeout.",
+            log.warning("key %s of the etcd store %s was deleted at revision %d, not by this store; every wait on "
+                        "the store now ends with an error instead of waiting out its timeout",
                         new[0].key[len(self.prefix):], self.prefix, new[0].kv.mod_revision)
         for q in waiters:
             q.put(_DELETED)
