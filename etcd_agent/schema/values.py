@@ -374,8 +374,7 @@ class Result(Record):
     time: float = 0.0
 
     def ended(self, run_id: str, already: bool = False) -> str:
-        """The job's end as its agents report it: that it succeeded, or how it failed or was stopped, the root cause
-        and what it said once (in the reason where that names it); ``already``: said to an agent after the end."""
+        """The job's end as its agents say it, the root cause said once; ``already``: said to one after the end."""
         if self.outcome == Outcome.SUCCEEDED:
             when = "already " if already else ""
             return f"job {run_id} {when}succeeded in round {self.round} after {self.restarts} restart(s)"
@@ -398,5 +397,4 @@ RECORDS: dict[str, type[Record]] = {  # keys.ParsedKey.kind -> the record its va
 
 def read_value(kind: str, kv) -> Record | None:
     """The record of a KV whose key is of ``kind`` (None for the c10d store's keys, which have none)."""
-    record = RECORDS.get(kind)
-    return record.from_kv(kv) if record else None
+    return RECORDS[kind].from_kv(kv) if kind in RECORDS else None
