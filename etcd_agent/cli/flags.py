@@ -182,7 +182,7 @@ def _torchrun_flags(p: argparse.ArgumentParser) -> None:
                    help="with an etcd backend: the etcd endpoints; otherwise not used for coordination")
     g.add_argument(*_both("--rdzv-id"), action=Env, type=str, default="none", help="the job's id (alias --run-id)")
     g.add_argument(*_both("--rdzv-conf"), action=Env, type=str, default="",
-                   help="KEY=VALUE,...: torchrun's rendezvous keys and etcd-agent's own options (see README)")
+                   help="KEY=VALUE,...: torchrun's rendezvous keys and etcd-agent's own options (see docs/flags.md)")
     g.add_argument("--standalone", action=CheckEnv, help="one-node job on a private, embedded etcd")
     g.add_argument(*_both("--max-restarts"), action=Env, type=int, default=0, help="job-wide restart budget")
     g.add_argument(*_both("--monitor-interval"), action=Env, type=float, default=0.1,

@@ -1,7 +1,7 @@
 """From a parsed torchrun-style command line to what the agent runs: an AgentConfig, whether the job needs an
 embedded etcd, and the notes to log. Pure apart from reading files and the environment; starts nothing.
 
-The rules (the README's "Coming from torchrun" documents them for users):
+The rules (docs/from-torchrun.md documents them for users):
 
 - Where etcd is: ``--etcd-endpoints`` (or ``$ETCD_AGENT_ENDPOINTS``), or ``--rdzv-endpoint`` when
   ``--rdzv-backend`` is ``etcd``, ``etcd-v2`` or ``etcd-v3``. With another backend ``--rdzv-endpoint`` is not etcd and

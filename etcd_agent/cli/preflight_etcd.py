@@ -36,7 +36,7 @@ from .preflight import Check, Level, fail, ok, skip, warn
 ETCD_CHECK_S = 2.0  # each etcd call and connection of a check
 CLOCK_WARN_S = 2.0  # a skew above this is worth a warning (the Date header has a resolution of 1 s)
 OLDEST = (3, 4)  # etcd-agent needs etcd 3.4's v3 API
-FIXED = {(3, 4): 28, (3, 5): 11}  # the first patch releases without etcd issue 15247 (see README, etcd versions)
+FIXED = {(3, 4): 28, (3, 5): 11}  # the first patch releases without etcd issue 15247 (docs/development.md)
 
 
 @dataclasses.dataclass

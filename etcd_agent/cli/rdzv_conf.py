@@ -159,7 +159,7 @@ def read(items: Mapping[str, object], reader: str, unknown: str, source: str = "
         elif unknown == "error":
             raise ConfigError(_unknown(key, reader, f"known: {', '.join(sorted(table))}", source))
         else:
-            conf.notes.append(f"{_unknown(key, reader, 'see the README', source)}; it is ignored")
+            conf.notes.append(f"{_unknown(key, reader, 'see docs/flags.md', source)}; it is ignored")
     keep_alive = [conf.values.pop(k, None) for k in KEEP_ALIVE]
     if keep_alive != [None, None]:
         if 0 in keep_alive:
