@@ -43,15 +43,7 @@ def start(endpoint: str, run_id: str, node: str, group=StandInGroup, **kw) -> tu
                       etcd=EtcdConfig(parse_endpoints(endpoint), request_timeout=1.0), lease_ttl=3,
                       local_addr="127.0.0.1", last_call=0.0, **kw)
     agent = Recorded(cfg, "test", group_factory=group)
-    outcome: dict = {}
-
-    def body():
-        try:
-            outcome["code"] = agent.run()
-        except Exception as exc:  # noqa: BLE001 - the test inspects how the job ended
-            outcome["error"] = exc
-    thread = threading.Thread(target=body, name=f"agent-{node}", daemon=True)
-    thread.start()
+    thread, outcome = sim.run_in_thread(agent, f"agent-{node}")
     return agent, thread, outcome
 
 
@@ -122,15 +114,7 @@ def test_a_session_lost_in_the_middle_of_a_step_never_starts_workers_on_the_old_
                       etcd=EtcdConfig(parse_endpoints(etcd_endpoint), request_timeout=1.0), lease_ttl=3,
                       local_addr="127.0.0.1", last_call=0.0)
     agent = LosesItsSessionBeforeStarting(cfg, "test", group_factory=StandInGroup)
-    outcome: dict = {}
-
-    def body():
-        try:
-            outcome["code"] = agent.run()
-        except Exception as exc:  # noqa: BLE001
-            outcome["error"] = exc
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
+    thread, outcome = sim.run_in_thread(agent)
     group = next_group()
     assert agent.injected and group.assignment.round == 2  # round 1's plan was never started into
     group.end(0)

@@ -67,15 +67,7 @@ def start(endpoint: str, run_id: str, node: str, nnodes: int, **kw) -> tuple[Age
                       etcd=EtcdConfig(parse_endpoints(endpoint), request_timeout=1.0), lease_ttl=3,
                       local_addr="127.0.0.1", last_call=0.0, join_timeout=600.0, **kw)
     agent = Agent(cfg, "test", group_factory=sim.StandInGroup)
-    outcome: dict = {}
-
-    def body():
-        try:
-            outcome["code"] = agent.run()
-        except Exception as exc:  # noqa: BLE001 - the test inspects how the job ended
-            outcome["error"] = exc
-    thread = threading.Thread(target=body, name=f"agent-{node}", daemon=True)
-    thread.start()
+    thread, outcome = sim.run_in_thread(agent, f"agent-{node}")
     return agent, thread, outcome
 
 

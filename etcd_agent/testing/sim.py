@@ -298,6 +298,21 @@ class JobParams:
 
 
 @functools.lru_cache(maxsize=1)
+def run_in_thread(agent: Agent, name: str = "agent") -> tuple[threading.Thread, dict]:
+    """Run ``agent`` on a thread of its own (in-process tests): the thread, and a dict that gets ``code`` (what
+    ``run`` returned) or ``error`` (the exception it raised) when the agent ends."""
+    outcome: dict = {}
+
+    def body() -> None:
+        try:
+            outcome["code"] = agent.run()
+        except Exception as exc:  # noqa: BLE001 - the caller inspects how the job ended
+            outcome["error"] = exc
+    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def _parser():
     return flags.build_parser("sim")
 
