@@ -176,6 +176,7 @@ def test_status_and_stop_subcommands(etcd_endpoint, run_id, tmp_path):
     text = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
     assert f"run {run_id}, job 1 " in text and text.splitlines()[0].endswith(": running")
     assert "round 1: running" in text and "group rank 0" in text and "earlier job" not in text
+    assert re.search(r"group rank 1: node-\d \([^)]*\) ranks 2-3, alive", text), text
     assert text.count(", alive") == 2 and "waiting for the next round" not in text
     stop = subprocess.run(base + ["stop", *ep, "--reason", "maintenance"], capture_output=True, text=True,
                           timeout=30)
@@ -222,6 +223,7 @@ def test_a_finished_run_id_runs_again_as_a_new_job(etcd_endpoint, run_id, tmp_pa
     text = _status(etcd_endpoint, run_id)
     assert f"run {run_id}, job 2 " in text and "ended, succeeded" in text
     assert "earlier job 1: failed in round 1: " in text, text
+    assert re.search(r"group rank 0: node-0 \([^)]*\) rank 0$", text, re.M) and "ranks 0-0" not in text, text
 
 
 def test_agents_re_running_a_finished_run_at_once_share_one_new_job(etcd_endpoint, run_id, tmp_path):

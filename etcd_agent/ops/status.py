@@ -329,7 +329,7 @@ def describe(run_id: str, s: dict) -> str:
                      f"{plan['master_addr']}:{plan['master_port']}")
         for m in plan["members"]:
             last = m["rank_offset"] + m["nproc"] - 1
-            ranks = "" if torchrun else f" ranks {m['rank_offset']}-{last}"
+            ranks = "" if torchrun else (f" rank {last}" if m["nproc"] == 1 else f" ranks {m['rank_offset']}-{last}")
             alive = "" if res else (", alive" if m["node"] in s["nodes"] else ", gone (no registration)")
             lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}){ranks}{alive}")
         waiting = [n + (" (spare)" if s["nodes"][n].get("spare") else "")
