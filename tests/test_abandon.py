@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from agents import job_keys, keys_of, poll_until, records, start_agents, wait_all
+from agents import job_keys, keys_of, poll_until, until_recorded, start_agents, wait_all
 
 from etcd_agent.coord.abandon import ABANDONED_GRACE
 
@@ -35,7 +35,7 @@ def test_agents_that_all_leave_at_once_end_their_job(etcd_endpoint, run_id, tmp_
     """SIGTERM to every agent at once (scancel): the job ends stopped, saying that every node left."""
     release = tmp_path / "release"
     agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1)
-    poll_until(lambda: len(records(out)) == 2, 60, "both workers running")
+    until_recorded(out, lambda r: len(r) == 2, "both workers running", timeout=60)
     for a in agents:
         a.proc.send_signal(signal.SIGTERM)
     assert wait_all(agents) == [128 + signal.SIGTERM] * 2, [a.stderr()[-2000:] for a in agents]
@@ -51,11 +51,11 @@ def test_one_agent_leaving_does_not_end_a_job_that_goes_on(etcd_endpoint, run_id
     release = tmp_path / "release"
     agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                                nnodes="1:2", extra=["--max-restarts", "2"])
-    poll_until(lambda: len(records(out)) == 2, 60, "both workers running")
+    until_recorded(out, lambda r: len(r) == 2, "both workers running", timeout=60)
     agents[1].proc.send_signal(signal.SIGTERM)
     assert agents[1].wait() == 128 + signal.SIGTERM
     assert result(etcd_endpoint, run_id) is None  # node-0 is still registered: the job goes on
-    poll_until(lambda: (2, 0) in records(out), 60, "node-0 running round 2 alone")
+    until_recorded(out, lambda r: (2, 0) in r, "node-0 running round 2 alone", timeout=60)
     release.touch()
     assert agents[0].wait() == 0, agents[0].stderr()[-2000:]
     assert result(etcd_endpoint, run_id)["outcome"] == "succeeded"
@@ -66,7 +66,7 @@ def killed_job(endpoint: str, run_id: str, tmp_path, n: int):
     workers follow: parent-death signal) and their leases end by themselves. Returns ``release``."""
     release = tmp_path / "release"
     agents, out = start_agents(n, endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1, extra=TTL)
-    poll_until(lambda: len(records(out)) == n, 60, "the workers running")
+    until_recorded(out, lambda r: len(r) == n, "the workers running", timeout=60)
     for a in agents:
         a.kill()
     poll_until(lambda: not registered(endpoint, run_id), 30, "every lease ended", interval=0.2)

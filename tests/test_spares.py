@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from agents import poll_until, records, start_agents, wait_all
+from agents import poll_until, until_recorded, records, start_agents, wait_all
 from etcd_agent.coord.decide import Bump, ClosePlan, Params, Wait, decide
 from etcd_agent.coord.ranks import rank_joiners
 from etcd_agent.coord.mirror import JOINING
@@ -73,7 +73,7 @@ def test_a_spare_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, run_id, tm
     release = tmp_path / "release"
     members, out = start_agents(3, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                                 nnodes="3:3", extra=["--max-restarts", "3"])
-    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 3, 60, "round 1 on the three members")
+    until_recorded(out, lambda r: len([k for k in r if k[0] == 1]) == 3, "round 1 on the three members", timeout=60)
     spares, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                              nnodes="3:3", first=3, extra=["--max-restarts", "3", "--spare"])
     first = {rank: node_of(r) for (rnd, rank), r in records(out).items() if rnd == 1}
@@ -84,7 +84,7 @@ def test_a_spare_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, run_id, tm
                             "--run-id", run_id], capture_output=True, text=True, timeout=30).stdout
     assert "waiting for the next round: node-3 (spare)" in shown, shown
     victim.kill()
-    poll_until(lambda: len([k for k in records(out) if k[0] == 2]) == 3, 60, "round 2 with the spare")
+    until_recorded(out, lambda r: len([k for k in r if k[0] == 2]) == 3, "round 2 with the spare", timeout=60)
     second = {rank: node_of(r) for (rnd, rank), r in records(out).items() if rnd == 2}
     assert second == {0: first[0], 1: "node-3", 2: first[2]}
     release.touch()
@@ -117,7 +117,7 @@ def test_a_node_beyond_max_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, 
     release = tmp_path / "release"
     members, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                                 nnodes="2", extra=["--max-restarts", "3"])
-    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 2, 60, "round 1 on the two members")
+    until_recorded(out, lambda r: len([k for k in r if k[0] == 1]) == 2, "round 1 on the two members", timeout=60)
     extra, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                             nnodes="2", first=2, extra=["--max-restarts", "3"])
     first = {rank: node_of(r) for (rnd, rank), r in records(out).items() if rnd == 1}
@@ -125,7 +125,7 @@ def test_a_node_beyond_max_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, 
     poll_until(lambda: "waiting to be taken into the next round" in extra[0].stderr(), 30, "the third node waiting")
     victim = next(a for a in members if a.node == first[0])
     victim.kill()
-    poll_until(lambda: len([k for k in records(out) if k[0] == 2]) == 2, 60, "round 2 with the third node")
+    until_recorded(out, lambda r: len([k for k in r if k[0] == 2]) == 2, "round 2 with the third node", timeout=60)
     second = {rank: node_of(r) for (rnd, rank), r in records(out).items() if rnd == 2}
     assert second == {0: "node-2", 1: first[1]}
     release.touch()

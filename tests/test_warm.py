@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agents import WORKERS, AgentProc, CommandLine, poll_until, records, start_agents, wait_all
+from agents import WORKERS, AgentProc, CommandLine, poll_until, until_recorded, records, start_agents, wait_all
 from etcd_agent.node import priority, warm
 from etcd_agent.config import WorkerConfig, worker_base_env
 from etcd_agent.errors import ConfigError
@@ -222,7 +222,7 @@ def _identity_run(tmp_path: Path, warm: bool, entry: list[str], cwd=None) -> tup
     go.unlink(missing_ok=True)
     extra = ["--warm-restart", "--preload", "json"] if warm else []
     agent = _standalone(tmp_path, "warm" if warm else "cold", [*entry, str(out), "--go", str(go)], extra, cwd=cwd)
-    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 2, 60, "round 1's two workers")
+    until_recorded(out, lambda r: len([k for k in r if k[0] == 1]) == 2, "round 1's two workers", timeout=60)
     first = {r["pid"] for r in records(out).values()}
     spares = {}
     if warm:
@@ -280,7 +280,7 @@ def test_a_spare_killed_before_use_is_replaced_cold(tmp_path):
     go = tmp_path / "go"
     agent = _standalone(tmp_path, "w", [str(JOB), str(out), "--fail-rank", "1", "--fail-when", str(go)],
                         ["--warm-restart", "--preload", "json"])
-    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 2, 60, "round 1")
+    until_recorded(out, lambda r: len([k for k in r if k[0] == 1]) == 2, "round 1", timeout=60)
     first = {r["pid"] for r in records(out).values()}
     spares = poll_until(lambda: (s := _spares_of(agent, first)) and len(s) == 2 and s, 60, "the next spares")
     os.kill(spares[0], signal.SIGKILL)
@@ -319,7 +319,7 @@ def test_no_spare_or_warm_worker_outlives_a_sigkilled_agent(tmp_path):
     out.mkdir()
     agent = _standalone(tmp_path, "w", [str(JOB), str(out), "--run-until", str(tmp_path / "never")],
                         ["--warm-restart", "--preload", "json"])
-    poll_until(lambda: len(records(out)) == 2, 60, "round 1")
+    until_recorded(out, lambda r: len(r) == 2, "round 1", timeout=60)
     workers = {r["pid"] for r in records(out).values()}
     spares = set(poll_until(lambda: (s := _spares_of(agent, workers)) and len(s) == 2 and s, 60, "spares").values())
     agent.proc.kill()
@@ -335,7 +335,7 @@ def test_a_crash_restart_job_with_warm_restart_on_two_agents(etcd_endpoint, run_
     go = tmp_path / "go"
     agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--fail-rank", "1", "--fail-when", str(go)],
                                nproc=2, extra=["--warm-restart", "--max-restarts", "1"])
-    poll_until(lambda: len([k for k in records(out) if k[0] == 1]) == 4, 120, "round 1 on both agents")
+    until_recorded(out, lambda r: len([k for k in r if k[0] == 1]) == 4, "round 1 on both agents", timeout=120)
     first = {r["pid"] for r in records(out).values()}
     spares = [poll_until(lambda a=a: (s := _spares_of(a, first)) and len(s) == 2 and s, 120, f"{a.node}'s spares")
               for a in agents]
@@ -574,7 +574,7 @@ def test_a_spare_whose_preload_hangs_starts_its_worker_cold_with_one_warning(tmp
     go = tmp_path / "go"
     agent = _standalone(tmp_path, "w", [str(JOB), str(out), "--fail-rank", "0", "--fail-when", str(go)],
                         ["--warm-restart", "--preload", "hang_second"], nproc=1)
-    poll_until(lambda: (1, 0) in records(out), 60, "round 1")
+    until_recorded(out, lambda r: (1, 0) in r, "round 1", timeout=60)
     first = {r["pid"] for r in records(out).values()}
     spare = poll_until(lambda: _spares_of(agent, first).get(0), 60, "the spare for round 2")
     poll_until(lambda: count.exists() and len(count.read_text().splitlines()) == 2, 60, "its hanging import")
