@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import queue
 import socket
+import threading
 import time
 
 from .. import logs
@@ -34,6 +35,7 @@ from ..etcd.watch import Resync, Watch
 
 log = logs.get("etcd_agent.cli.job_etcd")
 LEAVE_GRACE_S = 5.0  # beyond the lease TTL, for the last agents to leave before the served etcd stops
+LINGER_S = 1.0  # after the last other registration vanished: its agent's revoke reply and last reads still need etcd
 _POLL_S = 0.25  # an etcd another machine starts announces nothing: its /health is polled, with a deadline
 
 
@@ -177,6 +179,14 @@ def _registered(etcd: Etcd, keys: Keys, limit: float) -> set[str]:
     left = {kv.key for kv in kvs}
     if not left:
         return left
+    left = _watch_until_gone(etcd, keys, rev, left, deadline, limit)
+    if not left:  # a registration vanishes when its agent's revoke commits: the reply, and that agent's last reads
+        threading.Event().wait(LINGER_S)  # (is it the job's last?), are still on their way; no event tells their end
+    return left
+
+
+def _watch_until_gone(etcd: Etcd, keys: Keys, rev: int, left: set[str], deadline: float, limit: float) -> set[str]:
+    """``left`` (read at ``rev``) as it is once empty or at ``deadline``: watched from ``rev`` + 1."""
     log.info("waiting up to %g s for %d other agent(s) of the job to leave (%s) before stopping the job's etcd",
              limit, len(left), ", ".join(sorted(keys.parse(k).node for k in left)))
     deliveries: queue.SimpleQueue = queue.SimpleQueue()
