@@ -88,12 +88,14 @@ def test_svg_of_the_same_job_names_every_node_the_failure_and_the_restarts(crash
     assert f"run {run_id}, job 1: succeeded in round 3" in text and "restarts 2 of 2 used" in text
 
 
-def test_a_suffix_other_than_png_or_svg_is_refused_naming_the_flag(etcd_endpoint, run_id):
+def test_a_suffix_other_than_png_or_svg_or_json_too_is_refused_naming_the_flags(etcd_endpoint, run_id):
     assert file_format("a/b.PNG") == "png" and file_format("t.svg") == "svg"
     with pytest.raises(ConfigError, match=r"--plot x\.pdf"):
         file_format("x.pdf")
     done = events(etcd_endpoint, run_id, "--plot", "history.jpg")
     assert done.returncode == 2 and "--plot history.jpg" in done.stderr and "PNG or SVG" in done.stderr
+    done = events(etcd_endpoint, run_id, "--json", "--plot", "history.png")
+    assert done.returncode == 2 and "--plot" in done.stderr and "--json" in done.stderr
 
 
 NO_MATPLOTLIB = ("import sys; sys.modules['matplotlib'] = None; from etcd_agent.cli.main import main; "
