@@ -360,7 +360,7 @@ EPILOG = """subcommands:
       a job's state; without --run-id, every run under --etcd-prefix
   etcd-agent stop --run-id ID --etcd-endpoints HOST:PORT [--reason TEXT]
       end a job: every agent of it stops its workers and exits
-  etcd-agent events --run-id ID --etcd-endpoints HOST:PORT [--follow] [--json]
+  etcd-agent events --run-id ID --etcd-endpoints HOST:PORT [--follow] [--json | --plot FILE]
       a job's history, replayed from etcd's revisions (--follow: then live)
   etcd-agent doctor [this launch's flags] training_script [args ...]
       check this node before a launch: what it would use, one line per check; starts nothing"""
@@ -393,6 +393,7 @@ def subcommand_parser(name: str) -> argparse.ArgumentParser:
     elif name == "events":
         p.add_argument("--json", action="store_true", help="one JSON object per event")
         p.add_argument("--follow", action="store_true", help="keep printing events until the job has a result")
+        p.add_argument("--plot", metavar="FILE", help="draw the history in FILE (.png or .svg); the plot extra")
     else:
         p.add_argument("--reason", default="stopped by an operator", help="recorded in the job's result")
     log_flags(p, "WARNING", "log level on stderr")

@@ -8,7 +8,8 @@ replay starts at the oldest revision etcd still has and says so. ``events`` watc
 revision that created the job's spec up to the current revision and prints one line per change (``--json``: one
 object per line); ``--follow`` keeps watching and prints each change as it happens until the job has a result.
 
-Imports ``etcd/`` (client, watch), ``schema/`` and ``coord.txns``; reads only; never ``node/`` or the agent.
+Imports ``etcd/`` (client, watch), ``schema/`` and ``coord.txns`` (``--plot``: ``ops.timeline``, only then); reads
+only; never ``node/`` or the agent.
 """
 
 from __future__ import annotations
@@ -201,7 +202,12 @@ PROGRESS_PROBE = 0.2  # seconds between the replay's progress requests: how long
 
 
 def run_events(ns, etcd: Etcd) -> int:
-    """``etcd-agent events --run-id JOB [--follow] [--json]``."""
+    """``etcd-agent events --run-id JOB [--follow] [--json | --plot FILE]`` (``--plot``: ``timeline``)."""
+    if ns.plot:
+        from .timeline import plot
+
+        return plot(ns, etcd)
+
     def emit(entry: dict) -> None:
         # allow_nan=False: JSON has no Infinity or NaN (the records refuse them when they read a value)
         print(json.dumps(entry, sort_keys=True, allow_nan=False) if ns.json else line(entry), flush=True)
