@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "etcd_agent"
 
 # The base modules: frozen records, errors, the log format, secrets, process trees, the worker heartbeat.
-BASE = {"__init__", "errors", "logs", "secure", "config", "endpoints", "progress", "proctree"}
+# metrics: this agent's Prometheus metrics, whose hooks every layer calls (no-ops unless --metrics-port is given).
+BASE = {"__init__", "errors", "logs", "secure", "config", "endpoints", "progress", "proctree", "metrics"}
 LAYERS_BELOW = {
     "base": set(),
     "schema": {"base"},
@@ -25,7 +26,7 @@ LAYERS_BELOW = {
     "testing": {"base", "schema", "etcd", "coord", "node", "agent", "cli"},  # the simulation resolves command lines
 }
 # Third-party packages a layer alone may import (every other layer: none of them).
-ONLY_IN = {"etcd3": "etcd", "grpc": "etcd", "torch": "torch"}
+ONLY_IN = {"etcd3": "etcd", "grpc": "etcd", "torch": "torch", "prometheus_client": "base"}  # base: metrics alone
 EXCEPTIONS: set[tuple[str, str]] = set()  # (module, imported module) pairs that break the table, each with its reason
 
 
