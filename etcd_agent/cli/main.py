@@ -100,7 +100,7 @@ def run_agent(argv: list[str]) -> int:
         _ran = agent.where
         _started(agent, job_etcd.describe(cfg))
         if served:
-            log.bound(agent.where).info("Prometheus metrics of this agent at %s", served)
+            log.bound(agent.where).info("serving this agent's Prometheus metrics at %s", served)
         install_signal_handlers(agent, cfg.signals)
         try:
             return agent.run()
