@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 
-from . import logs, proctree
+from . import logs, metrics, proctree
 from .config import AgentConfig
 from .coord.coordinator import NOSPACE_RETRY, Coordinator
 from .coord.decide import (Attribute, CheckHealth, Finish, JoinRound, Local, Params, StartWorkers, StopWorkers,
@@ -131,7 +131,7 @@ class Agent:
             raise RuntimeError(f"agent state {self.state.value} -> {new.value} is not allowed ({why})")
         self.log.info("%s -> %s: %s", self.state.value, new.value, why, event=event,
                       fields={"state": new.value, "previous": self.state.value, **fields})
-        self.state = new
+        self.state = metrics.agent_state(new, self.where)  # the state and round gauges follow it
 
     def _set(self, **changes) -> None:
         self.local = dataclasses.replace(self.local, **changes)

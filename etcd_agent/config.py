@@ -325,6 +325,7 @@ class AgentConfig:
     spare: bool = False  # --spare: planned only in place of a lost or quarantined member
     quarantine: QuarantinePolicy = QuarantinePolicy()  # --quarantine-after/-window/-cooldown (off by default)
     gpu_drain_timeout: float = 30.0  # GPU jobs: how long the last workers' GPU memory may take to be released
+    metrics_port: int = 0  # --metrics-port: this agent's Prometheus metrics (``metrics``); 0: off
 
     def __post_init__(self) -> None:
         if not _RUN_ID_RE.fullmatch(self.run_id):  # fullmatch: "$" would let a trailing newline through
@@ -343,6 +344,8 @@ class AgentConfig:
                               f"(--nnodes allows at most {self.spec.max_nodes} node(s))")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise ConfigError(f"--master-port {self.master_port}: expected 1-65535")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"--metrics-port {self.metrics_port}: expected 1-65535, or 0 (off)")
 
     @property
     def timings(self) -> Timings:

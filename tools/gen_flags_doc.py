@@ -118,6 +118,10 @@ NOTES = {
     "--warm-restart": "Python entrypoints only (not `--no-python`); see "
                       "[recovery.md](recovery.md#warm-restarts).",
     "--preload": "A module that cannot be imported is an error at start.",
+    "--metrics-port": "Serves `/metrics` over HTTP on `--local-addr`'s address when it is given, else on every "
+                      "interface; needs the `metrics` extra (`pip install 'etcd-agent[metrics]'`). Without it, or with "
+                      "the port in use, the agent exits 2 naming the flag before it joins the job. The metrics: "
+                      "[operations.md](operations.md#agent-metrics).",
     "--health-check-timeout": "The check's output is read against the same deadline; a check past it is killed "
                               "with its process group and the node counts as unhealthy.",
     "--gpu-drain-timeout": "Longer is a failure naming the pids that still hold GPU memory; see "

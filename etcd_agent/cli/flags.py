@@ -295,6 +295,9 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preload", action=Store, default=",".join(WorkerConfig.preload),
                    help="--warm-restart: comma-separated modules the pre-started interpreters import (default "
                         "%(default)s: DDP, FSDP and torch.compile import torch._dynamo on first use; '' for none)")
+    g.add_argument(*_both("--metrics-port"), action=Env, env_prefix="ETCD_AGENT_", type=int, default=0,
+                   help="serve this agent's Prometheus metrics on this port, on --local-addr or else every interface "
+                        "(default 0: off; env ETCD_AGENT_METRICS_PORT; needs etcd-agent[metrics])")
     log_flags(g, "INFO", "agent log level")
 
 
@@ -347,14 +350,10 @@ def unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
                                                  for arg, close in said) + f"; {listed}"
 
 
-def _wrapped(*paragraphs: str) -> str:
-    return "\n\n".join(textwrap.fill(p, 100) for p in paragraphs)
-
-
 USAGE = ("%(prog)s [flags] training_script [training script args ...]\n"
          "       %(prog)s {status,stop,events,doctor} [flags] (each has --help)")
-DESCRIPTION = _wrapped("Elastic launcher for multi-node PyTorch jobs, coordinated through etcd v3; takes torchrun's "
-                       "command line. Arguments after training_script are the script's own.")
+DESCRIPTION = textwrap.fill("Elastic launcher for multi-node PyTorch jobs, coordinated through etcd v3; takes "
+                            "torchrun's command line. Arguments after training_script are the script's own.", 100)
 EPILOG = """subcommands:
   etcd-agent status --run-id ID --etcd-endpoints HOST:PORT [--json]
       a job's state; without --run-id, every run under --etcd-prefix

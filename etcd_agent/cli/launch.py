@@ -335,7 +335,7 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace, preflight: 
         root=ns.root, local_addr=ns.local_addr or "", lease_ttl=ns.lease_ttl,
         last_call=ns.last_call, join_timeout=ns.join_timeout, scale_settle=ns.scale_settle,
         worker_timeout=ns.worker_timeout, node_rank=rank, master_addr=master_addr, master_port=master_port,
-        signals=signals, gpu_drain_timeout=ns.gpu_drain_timeout, spare=ns.spare,
+        signals=signals, gpu_drain_timeout=ns.gpu_drain_timeout, spare=ns.spare, metrics_port=ns.metrics_port,
         quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown),
         health=health.parse(ns.health_check, ns.health_check_timeout,
                             workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))

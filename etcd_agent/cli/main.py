@@ -89,12 +89,18 @@ def run_agent(argv: list[str]) -> int:
         notes += hostnames.check(launch.cfg.etcd.endpoints, launch.etcd_flag, launch.cfg.etcd.connect_timeout)
     for note in notes:
         log.warning("%s", note)
+    from .. import metrics  # after the flags: --help never loads it; prometheus_client only with --metrics-port
+
+    c = launch.cfg  # a port in use, or no prometheus-client, is an error before etcd is touched
+    served = metrics.start(c.metrics_port, c.local_addr, c.run_id, c.node_id)
     job_etcd, agent = JobEtcd(launch.embedded, launch.serve), None
     try:
         cfg = job_etcd.start(launch.cfg)  # a one-node job's embedded etcd, or the one a c10d line's endpoint names
         agent = Agent(cfg, __version__)
         _ran = agent.where
         _started(agent, job_etcd.describe(cfg))
+        if served:
+            log.bound(agent.where).info("serving this agent's Prometheus metrics at %s", served)
         install_signal_handlers(agent, cfg.signals)
         try:
             return agent.run()
@@ -110,6 +116,7 @@ def run_agent(argv: list[str]) -> int:
             raise
     finally:
         job_etcd.stop(agent.keys if agent is not None else None)  # a served etcd: after the other agents left
+        metrics.stop()
 
 
 def _error(msg: str, code: int) -> None:

@@ -31,7 +31,7 @@ import grpc._common
 from etcd3 import etcdrpc as rpc
 from etcd3 import exceptions as etcd3_exc
 
-from .. import logs
+from .. import logs, metrics
 from ..config import EtcdConfig
 from ..errors import EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailable
 from ..schema.keys import prefix_end  # noqa: F401  (pure; re-exported for the watch)
@@ -310,7 +310,7 @@ class Etcd:
 
         try:
             return retry_policy(limit, None if final else self.stop_event, None if final else self.interrupt,
-                                where=where)(attempt)
+                                where=where)(metrics.timed(attempt))
         except EtcdNoSpace:
             raise  # etcd answered: it is full, not unreachable, and no retry empties it
         except EtcdUnavailable as exc:

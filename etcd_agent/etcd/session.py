@@ -16,7 +16,7 @@ Invariants:
   starts a new one.
 - ``close()`` revokes the lease, so peers see this node's keys deleted at once.
 
-Imports ``etcd.client``, ``etcd.keepalive``, ``config``, ``errors`` and ``logs``; nothing above ``etcd/``.
+Imports ``etcd.client``, ``etcd.keepalive``, ``config``, ``errors``, ``logs`` and ``metrics``; nothing above ``etcd/``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable
 
-from .. import logs
+from .. import logs, metrics
 from ..config import Timings
 from ..errors import EtcdError, EtcdUnavailable
 from .client import Etcd
@@ -80,6 +80,7 @@ class Session:
             try:
                 granted, sent = stream.ping(timeout=min(left, attempt))
             except EtcdUnavailable as exc:
+                metrics.keepalive_failed()
                 log.warning("lease %x keepalive failed, %.1f s left before self-fencing: %s", self.lease_id,
                             max(0.0, fence_at - time.monotonic()), exc)
                 failed = True
@@ -88,6 +89,7 @@ class Session:
                 self._lose(f"lease keepalive failed: {exc}")
                 return
             except Exception:  # noqa: BLE001 - this thread must never die silently; the deadline still applies
+                metrics.keepalive_failed()
                 log.exception("lease %x keepalive failed unexpectedly", self.lease_id)
                 failed = True
                 continue
@@ -100,6 +102,7 @@ class Session:
         if self._closed.is_set() or self.lost.is_set():
             return
         self.lost.set()
+        metrics.session_lost()
         log.error("session lost: %s", reason)
         self.on_lost(reason)
 

@@ -16,8 +16,8 @@ range on a stream of its own. Guarantees, for each range:
 - ``sink`` runs on the watch thread: keep it non-blocking (push to a queue).
 - ``wait_deleted`` waits for one key's delete (another holder's lease ending) on such a watch, never by polling.
 
-Imports grpc, the generated messages through ``etcd.client``, ``etcd.diagnose``, ``errors`` and ``logs``; nothing
-above ``etcd/``.
+Imports grpc, the generated messages through ``etcd.client``, ``etcd.diagnose``, ``errors``, ``logs`` and
+``metrics``; nothing above ``etcd/``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Callable, Union
 
 import grpc
 
-from .. import logs
+from .. import logs, metrics
 from ..errors import EtcdError, WatchBroken
 from .client import KV, Etcd, prefix_end, rpc
 from .diagnose import map_grpc_error
@@ -229,6 +229,7 @@ class WatchStream:
                 if self._cancelled.is_set():
                     return
                 self.resumes += 1
+                metrics.watch_resumed()
                 if not isinstance(exc, (WatchBroken, EtcdError)):
                     log.exception("watch stream failed unexpectedly; resuming")
                 log.info("watch stream broke (%s); resuming %d range(s)", exc, len(self._ranges))

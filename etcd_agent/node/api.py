@@ -16,8 +16,8 @@ Guarantees every implementation keeps:
   has none of its own to wait for.
 
 ``ExitTally`` is the bookkeeping that maps one round's worker exits onto those events, shared by the groups that
-see single workers. Pure data and a log line: imports ``config``, ``logs``, ``proctree`` and ``schema.values``
-only; never ``etcd/``, ``coord/`` or the agent.
+see single workers (it also counts each exit and hang in ``metrics``). Pure data and a log line: imports ``config``,
+``logs``, ``metrics``, ``proctree`` and ``schema.values`` only; never ``etcd/``, ``coord/`` or the agent.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
-from .. import proctree
+from .. import metrics, proctree
 from ..config import WorkerConfig
 from ..logs import Log
 from ..schema.values import Failure, Member, Plan
@@ -140,6 +140,7 @@ class ExitTally:
         """The event ``ex`` makes, if any. ``own``: it ended before any stop signalled it. ``report`` makes the
         failure report (only for the first failure of its own)."""
         self.exited.add(ex.local_rank)
+        metrics.worker_exited(ex.returncode, own)
         if ex.failed:
             self.clean = False
             if not own:
@@ -156,5 +157,6 @@ class ExitTally:
 
     def hung(self) -> bool:
         """A worker hung: True when that is the round's first failure (then it is posted)."""
+        metrics.worker_hung()
         first, self.failed = not self.failed, True
         return first

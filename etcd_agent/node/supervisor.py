@@ -14,8 +14,8 @@ Guarantees:
   the drain runs nothing starts; memory still held after ``--gpu-drain-timeout`` fails the round here instead.
 - Stopping forwards the signal the agent is leaving on (``--signals-to-handle``), as torchrun does; else SIGTERM.
 
-Imports ``config``, ``logs``, ``schema.values`` and ``node/`` (``api``, ``checks``, ``env``, ``warm``) only; never
-``etcd/``, ``coord/`` or the agent.
+Imports ``config``, ``logs``, ``metrics``, ``schema.values`` and ``node/`` (``api``, ``checks``, ``env``, ``warm``)
+only; never ``etcd/``, ``coord/`` or the agent.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import signal
 import time
 from typing import Callable
 
-from .. import logs
+from .. import logs, metrics
 from ..config import AgentConfig, worker_base_env
 from ..schema.values import Failure, Outcome
 from .api import Assignment, Group, GroupEvent, GroupFactory, GroupFailed, GroupSucceeded
@@ -50,6 +50,7 @@ class Supervisor:
         if cfg.workers.warm_restart:
             self.spares = SparePool(cfg.workers, log_root(cfg.workers, log), cfg.run_id, cfg.node_id,
                                     logs.get("etcd_agent.node.warm", where), gpus=cfg.health.gpus is not None)
+            metrics.track_spares(lambda: len(self.spares.pids) if self.spares is not None else 0)
 
     def prepare(self) -> None:
         """At start: the spares of round 1 (a ``--preload`` that cannot be imported is a ConfigError now)."""

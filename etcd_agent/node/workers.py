@@ -25,7 +25,7 @@ Guarantees:
   ``CUDA_VISIBLE_DEVICES`` is a ConfigError from ``start`` before any worker runs.
 
 Must not import torch, etcd3 or any package module but ``config``, ``errors``, ``logs``, ``progress``,
-``proctree``, ``secure``, ``schema.values`` and ``node/``; never ``etcd/``, ``coord/`` or the agent.
+``proctree``, ``metrics``, ``secure``, ``schema.values`` and ``node/``; never ``etcd/``, ``coord/`` or the agent.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Callable
 
 import psutil
 
-from .. import proctree
+from .. import metrics, proctree
 from ..config import WorkerConfig, worker_base_env
 from ..logs import Log, Where, get as get_logger
 from ..progress import PROGRESS_ENV, last_progress
@@ -175,6 +175,7 @@ class WorkerGroup:
                     warm += 1
                 self._workers.append(w)
             self._warm = f", {warm} of them warm" if self._spares is not None else ""
+            metrics.track_workers(lambda: [(w.progress_file, w.started, w.exited.is_set()) for w in workers])
             self._log.debug("started %d workers (ranks %d-%d, pids %s%s); logs in %s", len(self._workers),
                             a.rank_offset, w.rank, self.pids, self._warm, os.path.dirname(w.logs.directory),
                             round=a.round)
