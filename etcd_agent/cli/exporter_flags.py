@@ -20,4 +20,8 @@ def exporter_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--retention", type=float, action=Store, default=DEFAULT_RETENTION,
                    help="seconds an ended job's run stays in the metrics after its result (default %(default)g)")
     log_flags(p, "INFO", "log level on stderr")
+    for action in p._actions:  # noqa: SLF001 - argparse has no public list of actions
+        if action.dest == "run_id" and "--run-id" in action.option_strings:
+            action.help = "the runs to export, comma-separated (default: every run under --etcd-prefix; env " \
+                          "ETCD_AGENT_RUN_ID)"
     return p
