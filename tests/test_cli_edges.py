@@ -78,7 +78,7 @@ def test_help_lists_the_subcommands():
                  "etcd-agent doctor [this launch's flags]"):
         assert line in got.stdout, got.stdout
     assert got.stdout.startswith("usage: etcd-agent [flags] training_script [training script args ...]\n"
-                                 "       etcd-agent {status,stop,events,doctor} [flags] (each has --help)\n")
+                                 "       etcd-agent {status,stop,events,exporter,doctor} [flags] (each has --help)\n")
 
 
 # -- the hint of an unexpected error ---------------------------------------------------------------------------------

@@ -12,8 +12,7 @@ Guarantees:
 
 Every default that is etcd-agent's own (timings, timeouts, the quarantine policy) is read from the configuration
 records (``config.py``), which state each once; torchrun's flags keep torchrun's defaults.
-
-Imports only ``config`` and ``errors``; never torch.
+Imports only ``config``, ``errors`` and (lazily) ``cli.exporter_flags``; never torch.
 """
 
 from __future__ import annotations
@@ -351,7 +350,7 @@ def unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
 
 
 USAGE = ("%(prog)s [flags] training_script [training script args ...]\n"
-         "       %(prog)s {status,stop,events,doctor} [flags] (each has --help)")
+         "       %(prog)s {status,stop,events,exporter,doctor} [flags] (each has --help)")
 DESCRIPTION = textwrap.fill("Elastic launcher for multi-node PyTorch jobs, coordinated through etcd v3; takes "
                             "torchrun's command line. Arguments after training_script are the script's own.", 100)
 EPILOG = """subcommands:
@@ -361,12 +360,15 @@ EPILOG = """subcommands:
       end a job: every agent of it stops its workers and exits
   etcd-agent events --run-id ID --etcd-endpoints HOST:PORT [--follow] [--json | --plot FILE]
       a job's history, replayed from etcd's revisions (--follow: then live)
+  etcd-agent exporter --etcd-endpoints HOST:PORT [--listen HOST:PORT] [--run-id ID,...]
+      the runs' state as Prometheus metrics on http://HOST:PORT/metrics
   etcd-agent doctor [this launch's flags] training_script [args ...]
       check this node before a launch: what it would use, one line per check; starts nothing"""
 SUBCOMMANDS = {  # name -> description (``etcd-agent NAME --help``); doctor takes a launch's flags (cli.doctor)
     "status": "Show a job's state (without --run-id: list the runs under the root).",
     "stop": "Stop a running job: every agent of it stops its workers and exits.",
     "events": "Replay a job's history from etcd's revisions (--follow: then every change as it happens).",
+    "exporter": "Serve the state of the runs under the root as Prometheus metrics (needs the metrics extra).",
 }
 
 
@@ -384,9 +386,12 @@ def build_parser(version: str = "") -> argparse.ArgumentParser:
 
 
 def subcommand_parser(name: str) -> argparse.ArgumentParser:
-    """The command line of ``etcd-agent status``, ``stop`` or ``events``."""
+    """The command line of ``etcd-agent status``, ``stop``, ``events`` or ``exporter`` (``exporter_flags``)."""
     p = Parser(prog=f"etcd-agent {name}", description=SUBCOMMANDS[name])
     subcommand_flags(p)
+    if name == "exporter":
+        from .exporter_flags import exporter_flags
+        return exporter_flags(p)
     if name == "status":
         p.add_argument("--json", action="store_true", help="print the state as JSON")
     elif name == "events":

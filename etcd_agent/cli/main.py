@@ -1,5 +1,6 @@
 """Command line: torchrun-compatible flags -> AgentConfig -> Agent -> exit code; plus ``status``, ``stop``,
-``events`` and ``doctor`` (a launch's command line checked on this node, nothing started).
+``events``, ``exporter`` (Prometheus metrics) and ``doctor`` (a launch's command line checked on this node, nothing
+started).
 
 Exit codes: 0 the job succeeded, 1 the job failed or was stopped (an agent that arrives while the run's ended job
 still has registered nodes gets that job's code and message), 2 bad usage (flags, spec mismatch, an etcd host name
@@ -25,7 +26,7 @@ from ..errors import EXIT_OK, AgentError, ConfigError, JobEnded
 from .launch import etcd_config, resolve
 
 log = logs.get("etcd_agent.cli.main")
-SUBCOMMANDS = tuple(flags.SUBCOMMANDS)  # status, stop, events: with the etcd flags only (ops.status)
+SUBCOMMANDS = tuple(flags.SUBCOMMANDS)  # status, stop, events, exporter: with the etcd flags (ops.status)
 DOCTOR = "doctor"  # with a launch's flags (cli.doctor)
 PRINTING = (*SUBCOMMANDS, DOCTOR)  # the commands whose answer is their stdout
 _ran: logs.Where | None = None  # the agent this command ran: its run and node stamp the last line too
@@ -37,14 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_subcommand(name: str, argv: list[str]) -> int:
-    """``etcd-agent status|stop|events``: its flags, the etcd they name (every host name checked), then
+    """``etcd-agent status|stop|events|exporter``: its flags, the etcd they name (every host name checked), then
     ``ops.status``."""
     from ..ops.status import run_subcommand as run
 
     parser = flags.subcommand_parser(name)
     ns = parser.parse_args(argv)
     _setup_logging(ns.log_level, ns.log_format)
-    if not ns.run_id and name != "status":
+    if not ns.run_id and name not in ("status", "exporter"):
         raise ConfigError("--run-id is required")
     flag = flags.sources(parser, ns).get("endpoints", "--etcd-endpoints")
     cfg = etcd_config(ns, ns.endpoints, flag)

@@ -4,8 +4,8 @@
 every earlier job of the run (or ``--json``); ``stop`` ends the current job ``stopped`` with one guarded txn, and
 every agent of the job reacts through its watch. Neither touches a job's data otherwise.
 
-Imports the base modules, ``schema/``, ``etcd.client``, ``coord/`` (mirror, txns, blame, abandon) and ``ops.events``;
-never ``node/``, the agent or ``torch/``.
+Imports the base modules, ``schema/``, ``etcd.client``, ``coord/`` (mirror, txns, blame, abandon), ``ops.events`` and
+``ops.exporter``; never ``node/``, the agent or ``torch/``.
 """
 
 from __future__ import annotations
@@ -25,14 +25,18 @@ from ..schema.values import Failure, NodeInfo, Phase, Quarantine, Result, RoundI
 
 
 def run_subcommand(name: str, ns: argparse.Namespace, cfg: EtcdConfig, flag: str) -> int:
-    """``status``, ``stop`` or ``events`` with its parsed flags (``cli.flags.subcommand_parser``), against the etcd
-    of ``cfg``; ``flag`` says where its endpoints came from."""
+    """``status``, ``stop``, ``events`` or ``exporter`` with its parsed flags (``cli.flags.subcommand_parser``),
+    against the etcd of ``cfg``; ``flag`` says where its endpoints came from."""
     etcd = Etcd(cfg)
     try:
         if name == "events":
             from .events import run_events
 
             return run_events(ns, etcd)
+        if name == "exporter":
+            from .exporter import run_exporter
+
+            return run_exporter(ns, etcd)
         if not ns.run_id:
             runs = list_all_runs(etcd, ns.root)
             print(json.dumps(runs, indent=2, sort_keys=True) if ns.json else describe_runs(ns.root, runs))
