@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "flags.md"
 sys.path.insert(0, str(ROOT))
 
-from etcd_agent.cli import flags  # noqa: E402 - after the path, so the checkout's package is the one described
+from etcd_agent.cli import flags, usage  # noqa: E402 - after the path, so the checkout's package is the one described
 
 # What a flag does under etcd-agent beyond its help line (from the launch's rules in etcd_agent/cli/launch.py and
 # the agent); keyed by the flag's first long spelling.
@@ -233,7 +233,7 @@ def _known_flags(parser: argparse.ArgumentParser) -> set[str]:
 def render() -> str:
     with _clean_environment():
         parser = flags.build_parser("")
-        subparsers = {name: flags.subcommand_parser(name) for name in flags.SUBCOMMANDS}
+        subparsers = {name: flags.subcommand_parser(name) for name in usage.SUBCOMMANDS}
     unknown = sorted(set(NOTES) - _known_flags(parser))
     if unknown:
         raise SystemExit(f"tools/gen_flags_doc.py: NOTES names flags the parser does not have: {', '.join(unknown)}")

@@ -21,12 +21,12 @@ import sys
 import time
 
 from .. import __version__, logs
-from . import flags, hostnames
+from . import flags, hostnames, usage
 from ..errors import EXIT_OK, AgentError, ConfigError, JobEnded
 from .launch import etcd_config, resolve
 
 log = logs.get("etcd_agent.cli.main")
-SUBCOMMANDS = tuple(flags.SUBCOMMANDS)  # status, stop, events, exporter: with the etcd flags (ops.status)
+SUBCOMMANDS = tuple(usage.SUBCOMMANDS)  # status, stop, events, exporter: with the etcd flags (ops.status)
 DOCTOR = "doctor"  # with a launch's flags (cli.doctor)
 PRINTING = (*SUBCOMMANDS, DOCTOR)  # the commands whose answer is their stdout
 _ran: logs.Where | None = None  # the agent this command ran: its run and node stamp the last line too
