@@ -16,15 +16,11 @@ from agents import JOB, start_agents, wait_all, wait_records
 from etcd_agent import metrics
 from etcd_agent.agent import State
 from etcd_agent.errors import ConfigError
+from etcd_agent.proctree import free_port
 from etcd_agent.testing.procs import agent_flags
 
 P = metrics.PREFIX
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:

@@ -8,7 +8,6 @@ Assertions are on counts and values, never on timings.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from agents import CommandLine, keys_of, poll_until, start_agents, wait_all
 from etcd_agent.config import EtcdConfig
 from etcd_agent.endpoints import parse_endpoints
+from etcd_agent.proctree import free_port
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.ops.exporter import Follower, prefixes
 from etcd_agent.ops.exporter_model import Model
-from etcd_agent.schema.values import JobPointer, Phase, Restarts, RoundInfo, SpecValue
+from etcd_agent.coord.abandon import ABANDONED
+from etcd_agent.schema.values import JobPointer, Outcome, Phase, Restarts, Result, RoundInfo, SpecValue
 from etcd_agent.testing import metrics as etcd_metrics
 
 _http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Exporter:
@@ -92,6 +88,7 @@ def test_a_real_job_with_a_crash(etcd_endpoint, run_id, tmp_path):
     print("\n" + job_lines(exp.text(), run_id))
     assert exp.value("etcd_agent_job_phase", phase="running", **job) == 0.0
     assert exp.value("etcd_agent_job_result", outcome="failed", **job) == 0.0
+    assert exp.value("etcd_agent_job_abandoned", **job) == 0.0
     assert exp.value("etcd_agent_job_restarts_used", **job) == 1.0
     assert exp.value("etcd_agent_job_restarts_max", **job) == 2.0
     assert exp.value("etcd_agent_job_nodes_planned", **job) == 2.0
@@ -120,6 +117,21 @@ def fake_job(etcd: Etcd, run_id: str, used: int = 0) -> None:
     etcd.put(k.spec(), SpecValue(2, 2, "1", 3).encode())
     etcd.put(k.round(), RoundInfo(1, Phase.JOINING, "first round", time=time.time()).encode())
     etcd.put(k.restarts(), Restarts(used, 3).encode())
+
+
+def test_a_job_ended_as_abandoned_is_marked(etcd_endpoint, run_id, tmp_path):
+    etcd = etcd_of(etcd_endpoint)
+    try:
+        fake_job(etcd, run_id, used=1)
+        reason = f"{ABANDONED}no node of the job was registered for 15 s"
+        etcd.put(keys_of(run_id).result(), Result(Outcome.STOPPED, 1, reason, restarts=1, time=time.time()).encode())
+    finally:
+        etcd.close()
+    exp = Exporter(etcd_endpoint, tmp_path, "--run-id", run_id)
+    job = {"run": run_id, "job": "1"}
+    exp.wait("etcd_agent_job_abandoned", 1.0, **job)
+    assert exp.value("etcd_agent_job_result", outcome="stopped", **job) == 1.0
+    exp.stop()
 
 
 def etcd_of(endpoint: str) -> Etcd:

@@ -31,6 +31,7 @@ from ..etcd.watch import Resync, wait_for
 
 log = logs.get("etcd_agent.coord.abandon")
 
+ABANDONED = "abandoned: "  # how the reason of a job ended for want of agents starts (status, the exporter)
 ABANDONED_GRACE = 15.0  # seconds an empty registry must stay empty before a job counts as abandoned
 FIRST_ENTRIES = 8  # registry entries read first: any live one settles it
 
@@ -70,7 +71,7 @@ def end_if_abandoned(etcd: Etcd, keys: Keys, grace: float = ABANDONED_GRACE, say
         keys.run_id, grace)
     if _registers_within(etcd, keys, rev, grace):
         return False
-    reason = (f"abandoned: no node of the job was registered for {grace:.0f} s (its agents died or were killed "
+    reason = (f"{ABANDONED}no node of the job was registered for {grace:.0f} s (its agents died or were killed "
               "without leaving)")
     ended = txns.close_job(etcd, keys, "stopped", reason, time.time(), guards=[unchanged_under(keys.nodes(), rev)])
     if ended:

@@ -157,6 +157,7 @@ class Collector:
             [], float(self.model.revision))
         phase = gauge("job_phase", "1 for the phase the job is in (forming, running, ended)", ("run", "job", "phase"))
         result = gauge("job_result", "1 for an ended job's outcome", ("run", "job", "outcome"))
+        abandoned = gauge("job_abandoned", "1 for an ended job that was ended because no agent was left")
         rnd = gauge("job_round", "the job's current round")
         used = gauge("job_restarts_used", "restarts the job has used")
         allowed = gauge("job_restarts_max", "restarts the job may use (--max-restarts)")
@@ -176,6 +177,7 @@ class Collector:
             if v.outcome is not None:
                 for o in OUTCOMES:
                     result.add_metric([*job, o], 1.0 if v.outcome == o else 0.0)
+                abandoned.add_metric(job, 1.0 if v.abandoned else 0.0)
             for fam, value in ((rnd, v.round), (used, v.restarts_used), (allowed, v.restarts_max),
                                (world, v.world_size), (formed, v.formation_s), (restarted, v.last_restart)):
                 if value is not None:

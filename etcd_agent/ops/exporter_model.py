@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+from ..coord.abandon import ABANDONED
 from ..coord.blame import root_cause
 from ..errors import BadKeyData
 from ..etcd.client import KV
@@ -77,6 +78,7 @@ class JobView:
     gen: int
     phase: str  # forming, running or ended
     outcome: str | None = None
+    abandoned: bool = False  # ended stopped because no agent was left (coord/abandon.py)
     ended_at: float | None = None
     round: int | None = None
     restarts_used: int | None = None
@@ -202,6 +204,7 @@ def job_view(rm: RunModel, now: float) -> JobView | None:
     phase = "ended" if ended else "running" if rnd is not None and rnd.phase == Phase.RUNNING else "forming"
     return JobView(
         rm.run.run_id, gen, phase, outcome=result.outcome.value if result else (rnd.phase.value if ended else None),
+        abandoned=bool(result and result.reason.startswith(ABANDONED)),
         ended_at=(result.time or None) if result else (rnd.time or None) if ended else None,
         round=rnd.number if rnd else None, restarts_used=restarts.used if restarts else None,
         restarts_max=restarts.max if restarts else spec.max_restarts if spec else None,
