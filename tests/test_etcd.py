@@ -120,17 +120,18 @@ def test_session_keeps_its_lease_and_revokes_it(own_etcd):
 @pytest.mark.chaos  # etcd is frozen
 def test_session_is_lost_before_the_lease_can_expire(own_etcd):
     e = client(own_etcd.endpoint, request_timeout=0.5)
-    reasons: list[str] = []
-    s = Session(e, Timings(3), on_lost=reasons.append).start()
+    reasons: queue.SimpleQueue[str] = queue.SimpleQueue()
+    s = Session(e, Timings(3), on_lost=reasons.put).start()
     own_etcd.freeze()
     try:
         granted_at = time.monotonic()
         assert s.lost.wait(10)
         elapsed = time.monotonic() - granted_at
+        why = reasons.get(timeout=10)  # on_lost runs just after ``lost`` is set, on the keepalive thread
     finally:
         own_etcd.thaw()
     assert elapsed < 3, f"fenced after {elapsed:.2f} s: not before the lease could expire"
-    assert "keepalive" in reasons[0]
+    assert "keepalive" in why, why
     s.close(revoke=True)
     e.close()
 
