@@ -47,6 +47,7 @@ def test_a_round_today_reads_the_whole_plan_and_after_the_split_a_bounded_part()
     assert cm.round_load(UNIT, 10 * n, cm.SPLIT)["read_mb"] == pytest.approx(10 * split["read_mb"])  # O(N)
     assert cm.round_load(UNIT, 10 * n, cm.TODAY)["read_mb"] == pytest.approx(100 * today["read_mb"])  # O(N^2)
     assert cm.round_load(UNIT, n, cm.BOUNDED)["join_keys_scanned"] == 16 * n
+    assert cm.round_load(UNIT, n, cm.TODAY, members=3)["scan_s_per_member"] == pytest.approx(n * n / 2 * 2e-6 / 3)
 
 
 def test_the_exit_barrier_reads_back_half_the_exits_on_average():

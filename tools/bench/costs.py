@@ -129,7 +129,7 @@ def mix(res: dict, members: int) -> dict:
     join_key = (join-4000 - join-1000) / 3000; join_fixed = join-100 - 100 x join_key."""
     def at(name: str) -> dict:
         if members == 1:
-            return res[f"{name}@single"]
+            return {k: res[f"{name}@single"][k] for k in ("cpu", "leader", "sent", "received")}
         lead, fol = res[f"{name}@leader"], res[f"{name}@follower"]
         return {k: (lead[k] + (members - 1) * fol[k]) / members for k in ("cpu", "leader", "sent", "received")}
 

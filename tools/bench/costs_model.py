@@ -74,11 +74,13 @@ def steady(unit: dict, n: int, keepalive_rate: float, progress_rate: float) -> d
             "sent_bytes_s": per_s("sent"), "received_bytes_s": per_s("received")}
 
 
-def round_load(unit: dict, n: int, shape: Round = TODAY) -> dict:
+def round_load(unit: dict, n: int, shape: Round = TODAY, members: int = 1) -> dict:
     """One restart round of ``n`` members: n joins, txns = n x txns, events = n x events, reads = n x (small_reads
     + 1), KB read = n x plan_read(n) / 1024; CPU (and leader CPU, bytes) = n x (join_fixed + scanned(n) x join_key)
     + txns x txn + events x event + reads x read_fixed + KB x read_kb. ``leader_s_1core``: the leader's CPU
-    seconds, the round's floor when etcd's leader has one core."""
+    seconds, the round's floor when etcd's leader has one core. ``scan_s_per_member``: n x scanned(n) x join_key /
+    members, the sorted ranges' work on each member, which it does inside its one apply loop: a floor on the
+    round's time whatever its cores (the member a join goes to does that join's scan, measured)."""
     txns, events = n * shape.txns, n * shape.events
     reads = n * (shape.small_reads + 1)
     kb = n * shape.plan_read(n) / 1024
@@ -89,6 +91,7 @@ def round_load(unit: dict, n: int, shape: Round = TODAY) -> dict:
                 + kb * unit["read_kb"][field])
     return {"n": n, "joins": n, "join_keys_scanned": n * shape.scanned(n), "txns": txns, "events": events,
             "reads": reads, "plan_read_bytes": shape.plan_read(n),
+            "scan_s_per_member": n * shape.scanned(n) * unit["join_key"]["cpu"] / members,
             "read_mb": kb / 1024, "cpu_s": total("cpu"), "leader_s_1core": total("leader"),
             "sent_mb": total("sent") / 1e6, "received_mb": total("received") / 1e6}
 
@@ -128,9 +131,8 @@ def derive(unit: dict, n: int = 10_000, ttls: tuple[int, ...] = (5, 10, 30), mem
         out["steady"][ttl] = steady(unit, n, *today_rates(ttl, members))
         ka = min(budget, 3.0 / ttl)
         out["budget"][ttl] = steady(unit, n, ka, budget - ka)
-    out["round"]["today"] = round_load(unit, n, TODAY)
-    out["round"]["split"] = round_load(unit, n, SPLIT)
-    out["round"]["bounded"] = round_load(unit, n, BOUNDED)
+    for label, shape in (("today", TODAY), ("split", SPLIT), ("bounded", BOUNDED)):
+        out["round"][label] = round_load(unit, n, shape, members)
     out["end"] = job_end(unit, n)
     return out
 
@@ -152,12 +154,12 @@ def model_markdown(model: dict) -> str:
                          f"{s['sent_bytes_s'] / 1e6:.2f} |")
     lines += ["", f"One restart round of {n:,} members (derived):", "",
               "| shape | join keys scanned | other txns | watch events | reads | plan bytes per member | MB read "
-              "| etcd CPU s | leader CPU s | sent MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| etcd CPU s | leader CPU s | scan s per member | sent MB |", "|---" * 11 + "|"]
     for label, r in model["round"].items():
         lines.append(f"| {label} | {_f(r['join_keys_scanned'])} | {_f(r['txns'])} | {_f(r['events'])} | "
                      f"{_f(r['reads'])} | "
                      f"{_f(r['plan_read_bytes'])} | {_f(r['read_mb'])} | {r['cpu_s']:.2f} | "
-                     f"{r['leader_s_1core']:.2f} | {_f(r['sent_mb'])} |")
+                     f"{r['leader_s_1core']:.2f} | {r['scan_s_per_member']:.2f} | {_f(r['sent_mb'])} |")
     e = model["end"]
     lines += ["", f"The job's end (exit barrier, derived): {_f(e['txns'])} txns reading back {_f(e['keys_read'])} exit "
               f"keys, etcd CPU {e['cpu_s']:.2f} s (leader {e['leader_s_1core']:.2f} s), {_f(e['sent_mb'])} MB sent."]
