@@ -3,6 +3,7 @@ measured cases into unit costs, on fixed inputs: what the document's formulas sa
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def test_steady_load_is_agents_times_rates_times_unit_costs():
 
 def test_a_round_today_reads_the_whole_plan_and_after_the_split_a_bounded_part():
     n = 1000
-    today = cm.round_load(UNIT, n, cm.TODAY)
+    today = cm.round_load(UNIT, n, dataclasses.replace(cm.TODAY, txns=2.0, small_reads=2.0))
     assert (today["joins"], today["txns"], today["events"], today["reads"]) == (1000, 2000, 5000, 3000)
     assert today["join_keys_scanned"] == n * n / 2  # the k-th joiner's sorted range reads k join keys
     assert today["plan_read_bytes"] == 30 * n  # O(N) per member, O(N^2) per round
@@ -42,6 +43,7 @@ def test_a_round_today_reads_the_whole_plan_and_after_the_split_a_bounded_part()
     joins = n * (1.5e-3 + n / 2 * 2e-6)
     assert today["cpu_s"] == pytest.approx(joins + 2000 * 1e-3 + 5000 * 10e-6 + 3000 * 200e-6 + kb * 2e-6)
     assert today["sent_mb"] == pytest.approx((n * 700 + 2000 * 350 + 5000 * 300 + 3000 * 100 + kb * 1024) / 1e6)
+    assert cm.round_load(UNIT, n)["reads"] == 2 * n  # the plan and one more read, as measured
     split = cm.round_load(UNIT, n, cm.SPLIT)
     assert split["plan_read_bytes"] == 64 * 70 + 500  # whatever N
     assert cm.round_load(UNIT, 10 * n, cm.SPLIT)["read_mb"] == pytest.approx(10 * split["read_mb"])  # O(N)
