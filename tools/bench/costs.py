@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -174,19 +175,25 @@ def per_event(res: dict) -> str:
 
 def single(args, log) -> dict:
     data = tempfile.mkdtemp(prefix="etcd-costs-", dir=args.etcd_dir)
-    with EtcdServer(name="costs", data_dir=data, extra_args=ETCD_ARGS) as server:
-        res = run_cases([server], 0, {"single": 0}, args.scale, log)
-        res["agents"] = agents_memory(server, max(10, int(args.agents * args.scale)), log)
+    try:
+        with EtcdServer(name="costs", data_dir=data, extra_args=ETCD_ARGS) as server:
+            res = run_cases([server], 0, {"single": 0}, args.scale, log)
+            res["agents"] = agents_memory(server, max(10, int(args.agents * args.scale)), log)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)  # a data dir we name is ours to remove (tmpfs holds it in memory)
     return res
 
 
 def cluster(args, log) -> dict:
     base = tempfile.mkdtemp(prefix="etcd-costs-3-", dir=args.etcd_dir)
-    with EtcdCluster(3, name_prefix="costs", extra_args=ETCD_ARGS, base_dir=base) as c:
-        leader = c.leader_index()
-        follower = (leader + 1) % 3
-        res = run_cases(c.members, leader, {"leader": leader, "follower": follower}, args.scale, log)
-        res["leader_index"] = leader
+    try:
+        with EtcdCluster(3, name_prefix="costs", extra_args=ETCD_ARGS, base_dir=base) as c:
+            leader = c.leader_index()
+            follower = (leader + 1) % 3
+            res = run_cases(c.members, leader, {"leader": leader, "follower": follower}, args.scale, log)
+            res["leader_index"] = leader
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
     return res
 
 
