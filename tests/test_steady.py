@@ -66,6 +66,16 @@ def test_a_silent_member_gets_its_streams_probed_and_an_unanswered_probe_is_a_de
     assert pulse.due(107.0)[0] == "dead"
 
 
+def test_a_stream_that_wants_progress_answers_is_probed_every_silent_interval():
+    clock = Clock()
+    clock.heard = 100.5  # ignored: the exporter and the replay want the answers themselves
+    pulse = Pulse(1.0, lambda: clock.heard, lambda: None, lambda: None, eager=True)
+    pulse.seen = 100.0
+    assert pulse.due(101.0)[0] == "probe"
+    pulse.probed = 101.0
+    assert pulse.due(103.0)[0] == "dead"  # 3 silent intervals, as before
+
+
 def test_idle_agents_send_etcd_at_most_one_request_per_second(own_etcd, run_id):
     """Three idle agents at the default lease TTL (5 s) over three TTLs: their keepalives (every TTL/3) and their
     watch probes (only when a stream's member fell silent, or every 10 probe intervals) stay within one request per

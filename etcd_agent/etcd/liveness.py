@@ -20,7 +20,8 @@ The times come from one probe interval ``q`` (``Timings.watch_probe``, max(0.5, 
 2q, a live member is always heard within ``quiet``: an idle agent's stream is probed every ``idle`` s only (every
 10 s at TTL 5: 0.1 requests per second, where it was 1). A member that froze right after it last answered is heard
 no more: its streams are probed ``quiet`` s after that answer and declared dead ``answer`` s later, so within 4q of
-the freeze (4 s at TTL 5; the rule it replaces, three silent probe intervals checked every interval, took 3-4q).
+that answer (at TTL 5 the answer came at most TTL/3 before the freeze: dead 2.3-4 s after it; the rule this
+replaces, three silent probe intervals checked every interval, took 3-4 s).
 A stream that hangs alone is found within ``idle`` + ``answer`` = 12q. A busy etcd that answers late is given 2q
 after a probe, as before (three silent intervals).
 
@@ -30,6 +31,7 @@ dead, never polling, and probes and cancels outside its lock. Imports ``logs``; 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Callable
@@ -44,11 +46,15 @@ class Pulse:
     """What the prober knows of one stream: when it last said anything, and when it was last probed."""
 
     def __init__(self, interval: float, member_heard: Callable[[], float], probe: Callable[[], None],
-                 dead: Callable[[], None]):
+                 dead: Callable[[], None], eager: bool = False):
         """``member_heard()``: when the stream's member last answered anything (0: never, or failed since);
-        ``probe()`` sends a progress request on the stream; ``dead()`` ends it."""
-        self.quiet, self.answer, self.idle = QUIET * interval, ANSWER * interval, IDLE * interval
-        self._member_heard, self._probe, self._dead = member_heard, probe, dead
+        ``probe()`` sends a progress request on the stream; ``dead()`` ends it. An ``eager`` stream wants the
+        progress answers themselves (the exporter's "up", the replay's end): it is probed whenever it was silent
+        for one interval, whatever its member said, and is dead after 3 silent intervals, as before."""
+        self.quiet, self.answer, self.idle = (interval if eager else QUIET * interval), ANSWER * interval, \
+            (interval if eager else IDLE * interval)
+        self._member_heard = (lambda: 0.0) if eager else member_heard
+        self._probe, self._dead = probe, dead
         self.seen = time.monotonic()  # the stream's last response (its start, until then): its reader sets it
         self.probed = 0.0  # when the last probe went (0: none yet)
         self.verdict = ""  # "dead" once declared dead
@@ -72,13 +78,15 @@ class Prober:
         self._pulses: set[Pulse] = set()
         self._added = 0  # how many pulses were ever added: one added while the thread acted is looked at at once
         self._thread: threading.Thread | None = None
+        self._pid = 0  # the process the thread runs in: a forked child starts its own
 
     def add(self, pulse: Pulse) -> None:
         with self._cond:
             self._pulses.add(pulse)
             self._added += 1
-            if self._thread is None:
+            if self._thread is None or self._pid != os.getpid():
                 self._thread = threading.Thread(target=self._run, name="watch-prober", daemon=True)
+                self._pid = os.getpid()
                 self._thread.start()
             self._cond.notify()
 

@@ -161,7 +161,8 @@ class WatchStream:
     def __init__(self, etcd: Etcd, sink: Callable[[str, int, Delivery], None], probe_interval: float = 1.0,
                  name: str = "watch-stream", on_progress: Callable[[int], None] | None = None):
         """``on_progress(revision)``, when given, hears etcd's progress answers on this stream's thread: etcd sends
-        them only once every range is synced, so every event up to ``revision`` has been delivered before it."""
+        them only once every range is synced, so every event up to ``revision`` has been delivered before it. Such
+        a stream is probed every ``probe_interval`` it stays silent (``liveness.Pulse``'s eager rule)."""
         self.etcd = etcd
         self.sink = sink
         self.on_progress = on_progress
@@ -264,7 +265,8 @@ class WatchStream:
                 r.watch_id = None
                 self._create_locked(r)
         pulse = Pulse(self.probe_interval, lambda: self.etcd.last_heard(label),
-                      lambda: requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())), call.cancel)
+                      lambda: requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())), call.cancel,
+                      eager=self.on_progress is not None)
         PROBER.add(pulse)
         try:
             for resp in call:
