@@ -13,7 +13,7 @@ from agents import poll_until
 from etcd_agent.config import EtcdConfig, Timings
 from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
-from etcd_agent.etcd.liveness import Pulse
+from etcd_agent.etcd.liveness import PROBER, Pulse
 from etcd_agent.etcd.session import Session
 from etcd_agent.etcd.watch import Watch
 from etcd_agent.testing import metrics
@@ -74,6 +74,25 @@ def test_a_stream_that_wants_progress_answers_is_probed_every_silent_interval():
     assert pulse.due(101.0)[0] == "probe"
     pulse.probed = 101.0
     assert pulse.due(103.0)[0] == "dead"  # 3 silent intervals, as before
+
+
+def test_the_prober_probes_a_silent_stream_then_ends_it_when_nothing_answers():
+    probed, dead = threading.Event(), threading.Event()
+    pulse = Pulse(0.05, lambda: 0.0, probed.set, dead.set)
+    PROBER.add(pulse)
+    try:
+        assert probed.wait(WAIT) and dead.wait(WAIT)
+        assert pulse.verdict == "dead"
+    finally:
+        PROBER.remove(pulse)
+
+
+def test_a_member_marked_failed_is_no_longer_counted_as_heard():
+    e = Etcd(EtcdConfig(parse_endpoints("127.0.0.1:1,127.0.0.1:2")))
+    e.heard("127.0.0.1:1", 5.0)
+    assert e.last_heard("127.0.0.1:1") == 5.0
+    e.mark_failed("127.0.0.1:1")
+    assert e.last_heard("127.0.0.1:1") == 0.0
 
 
 def test_idle_agents_send_etcd_at_most_one_request_per_second(own_etcd, run_id):

@@ -16,12 +16,13 @@ Guarantees:
   is probed only when its member fell silent too (``liveness.py``).
 The session (``session.py``), its keepalives (``keepalive.py``) and the resumable watch (``watch.py``) build on the
 primitives here. gRPC's environment is set by ``etcd/__init__.py`` before grpc is imported. Imports the base modules,
-``schema.keys``, ``etcd.diagnose`` and ``etcd.retry``; nothing above ``etcd/``.
+``schema.keys``, ``etcd.diagnose``, ``etcd.liveness`` and ``etcd.retry``; nothing above ``etcd/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -38,6 +39,7 @@ from ..config import EtcdConfig
 from ..errors import EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailable
 from ..schema.keys import prefix_end  # noqa: F401  (pure; re-exported for the watch)
 from .diagnose import ENDPOINT_FAILED_CODES, map_grpc_error, plaintext_to_tls, tls_problem
+from .liveness import PROBER
 from .retry import retry_policy
 
 log = logs.get("etcd_agent.etcd.client")
@@ -155,10 +157,7 @@ def op_first_created(prefix: str, limit: int = 1):
 
 
 def _read(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return f.read()
+    return None if path is None else pathlib.Path(path).read_bytes()
 
 
 class Etcd:
@@ -250,7 +249,8 @@ class Etcd:
         move at once to the member that failed longest ago (or never): etcd3's own choice, the first member not
         failed within its 1 s retry time, would go back to a frozen member after a second."""
         client = self._client
-        self._heard.pop(label or (client and client._current_endpoint_label), None)  # its watches are probed now
+        if self._heard.pop(label or (client and client._current_endpoint_label), None) is not None:
+            PROBER.wake()  # its watch streams no longer count what it said before: they may need a probe now
         if client is None or len(client.endpoints) < 2:
             return
         with self._failover_lock:

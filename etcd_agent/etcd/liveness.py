@@ -76,14 +76,14 @@ class Prober:
     def __init__(self):
         self._cond = threading.Condition()
         self._pulses: set[Pulse] = set()
-        self._added = 0  # how many pulses were ever added: one added while the thread acted is looked at at once
+        self._changes = 0  # pulses added and members forgotten: one while the thread acted is looked at at once
         self._thread: threading.Thread | None = None
         self._pid = 0  # the process the thread runs in: a forked child starts its own
 
     def add(self, pulse: Pulse) -> None:
         with self._cond:
             self._pulses.add(pulse)
-            self._added += 1
+            self._changes += 1
             if self._thread is None or self._pid != os.getpid():
                 self._thread = threading.Thread(target=self._run, name="watch-prober", daemon=True)
                 self._pid = os.getpid()
@@ -94,15 +94,21 @@ class Prober:
         with self._cond:
             self._pulses.discard(pulse)
 
+    def wake(self) -> None:
+        """Something heard was forgotten (``Etcd.mark_failed``): look again now, a stream may need a probe sooner."""
+        with self._cond:
+            self._changes += 1
+            self._cond.notify()
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                now, added = time.monotonic(), self._added
+                now, changes = time.monotonic(), self._changes
                 todo, wake = self._look(now)
             for pulse, what in todo:
                 self._act(pulse, what)
             with self._cond:
-                if self._added == added:
+                if self._changes == changes:
                     self._cond.wait(None if wake is None else max(0.0, wake - time.monotonic()))
 
     def _look(self, now: float) -> tuple[list[tuple[Pulse, str]], float | None]:
