@@ -251,7 +251,9 @@ class Timings:
 
     @property
     def watch_probe(self) -> float:
-        """How often a silent watch stream is probed; three silent probes mark the member failed."""
+        """The unit of a watch stream's liveness check (``etcd/liveness.py``): a silent stream is probed when its
+        member was not heard from for 2 units (a live member answers a keepalive every TTL/3 < 2 units), or after
+        10 silent units in any case, and is dead when a probe stays unanswered for 2 units."""
         return max(0.5, self.lease_ttl / 5)
 
     @property

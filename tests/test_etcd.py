@@ -95,11 +95,11 @@ def test_a_silent_watch_stream_is_detected(own_etcd):
     own_etcd.freeze()
     started = time.monotonic()
     try:
-        poll_until(lambda: w.resumes, 10, "a frozen etcd was not noticed")  # the probe's own thread counts it
+        poll_until(lambda: w.resumes, 10, "a frozen etcd was not noticed")  # the watch's thread counts it
         detected = time.monotonic() - started
     finally:
         own_etcd.thaw()
-    print(f"silent stream detected after {detected:.2f} s (3 probe intervals = 0.6 s)")
+    print(f"silent stream detected after {detected:.2f} s (at most 4 probe intervals after its last answer: 0.8 s)")
     e.put("/s/b", b"2", deadline=10)
     assert [ev.key for ev in collect(q, 1)] == ["/s/b"]
     w.cancel()

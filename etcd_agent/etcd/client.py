@@ -12,14 +12,17 @@ Guarantees:
 - Password auth: the token is renewed by rebuilding the client on UNAUTHENTICATED.
 - Failover moves calls off a member as soon as a call to it times out, to the member that failed longest ago (or
   never), blaming the member the failed call went to, never the one in use by then (``mark_failed``).
+- It notes when each member last answered (``heard``; forgotten when marked failed), so that a silent watch stream
+  is probed only when its member fell silent too (``liveness.py``).
 The session (``session.py``), its keepalives (``keepalive.py``) and the resumable watch (``watch.py``) build on the
 primitives here. gRPC's environment is set by ``etcd/__init__.py`` before grpc is imported. Imports the base modules,
-``schema.keys``, ``etcd.diagnose`` and ``etcd.retry``; nothing above ``etcd/``.
+``schema.keys``, ``etcd.diagnose``, ``etcd.liveness`` and ``etcd.retry``; nothing above ``etcd/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import threading
 import time
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -36,17 +39,14 @@ from ..config import EtcdConfig
 from ..errors import EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailable
 from ..schema.keys import prefix_end  # noqa: F401  (pure; re-exported for the watch)
 from .diagnose import ENDPOINT_FAILED_CODES, map_grpc_error, plaintext_to_tls, tls_problem
+from .liveness import PROBER
 from .retry import retry_policy
 
 log = logs.get("etcd_agent.etcd.client")
 T = TypeVar("T")
 
-GRPC_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-]
+GRPC_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 # gRPC's blocking calls wait on a condition in slices of 0.1 s (grpc issue 19464: so that a main thread's signal
 # handlers run). Every thread blocked on a stream (each watch, each keepalive) thus wakes 10 times a second for
 # nothing: measured with 1000 simulated agents on 2 cores, that alone kept the cores busy. The condition is notified
@@ -81,8 +81,6 @@ class TxnResult:
 
 
 # --- compares and ops: tiny builders over the generated messages ---------------------------------------------
-
-
 
 def mod_is(key: str, revision: int):
     """Compare: the key's mod_revision equals ``revision`` (0 means the key is absent)."""
@@ -159,10 +157,7 @@ def op_first_created(prefix: str, limit: int = 1):
 
 
 def _read(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return f.read()
+    return None if path is None else pathlib.Path(path).read_bytes()
 
 
 class Etcd:
@@ -177,6 +172,7 @@ class Etcd:
         self._failover_lock = threading.Lock()
         self._probed: set[str | None] = set()  # members already checked for TLS after a "Socket closed"
         self._client: etcd3.MultiEndpointEtcd3Client | None = None
+        self._heard: dict[str | None, float] = {}  # member label -> monotonic time of its last answer
 
     # -- connection --
     def _build(self) -> etcd3.MultiEndpointEtcd3Client:
@@ -238,6 +234,14 @@ class Etcd:
         client = self._client
         return None if client is None else client._current_endpoint_label
 
+    def heard(self, label: str | None, at: float | None = None) -> None:
+        """The member ``label`` answered (at ``at``, default now): unary calls, keepalives, watch responses."""
+        self._heard[label] = time.monotonic() if at is None else at
+
+    def last_heard(self, label: str | None) -> float:
+        """When the member ``label`` last answered (monotonic; 0 when never, or not since it was marked failed)."""
+        return self._heard.get(label, 0.0)
+
     def mark_failed(self, label: str | None = None) -> None:
         """Tell failover that the member ``label`` (default: the one in use) misbehaved: it refused, timed out, or
         its stream fell silent. Pass the member the failed call went to, never whatever is in use by now: a late
@@ -245,6 +249,8 @@ class Etcd:
         move at once to the member that failed longest ago (or never): etcd3's own choice, the first member not
         failed within its 1 s retry time, would go back to a frozen member after a second."""
         client = self._client
+        if self._heard.pop(label or (client and client._current_endpoint_label), None) is not None:
+            PROBER.wake()  # its watch streams no longer count what it said before: they may need a probe now
         if client is None or len(client.endpoints) < 2:
             return
         with self._failover_lock:
@@ -285,7 +291,9 @@ class Etcd:
                       "metadata": client.metadata}
             label = client._current_endpoint_label
             try:
-                return fn(client, kwargs)
+                answer = fn(client, kwargs)
+                self._heard[label] = time.monotonic()
+                return answer
             except etcd3_exc.NoServerAvailableError as exc:
                 raise EtcdUnavailable(f"etcd {where}: no endpoint of {self.endpoints_text} is available") from exc
             except ValueError as exc:  # "Cannot invoke RPC on closed channel!": another thread rebuilt the client

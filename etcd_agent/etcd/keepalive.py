@@ -106,7 +106,9 @@ class KeepAliveStream:
                               f"{timeout:.1f} s") from None
 
     def _answered(self, source: _Line, answer) -> tuple[int, float]:
-        """The newest answer there is now (answers that came in meanwhile are newer)."""
+        """The newest answer there is now (answers that came in meanwhile are newer). The member answered: its
+        watch streams need no probe (``Etcd.heard``)."""
+        self.etcd.heard(source.label)
         best = (answer.TTL, source.sent.pop(0))
         if source is self._line:
             source.misses = 0

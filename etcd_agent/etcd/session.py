@@ -9,7 +9,11 @@ Invariants:
   try is retried at once on another member (``keepalive.py``): a frozen leader is replaced after etcd's election
   timeout (1-2 s by default), and a keepalive sent after that election must still land before the fencing
   deadline, however the freeze fell between two keepalives (at TTL 5: 0.8 s until the next keepalive, 2 s of
-  election, two tries of 0.3 s, one of them perhaps on the frozen member: 3.4 s < 3.75 s).
+  election, two tries of 0.3 s, one of them perhaps on the frozen member: 3.4 s < 3.75 s). Every TTL/3 would be
+  enough for a frozen follower (1.7 s + 0.6 s for the try on it + one on a healthy member: about 2.4 s), but not
+  for a frozen leader: 1.7 s + 2 s of election + the tries = 4.3 s > 3.75 s, the agent would fence itself while
+  its lease lives (etcd's new leader extends every lease). So with several members at TTL 5 the keepalives are
+  1.2 requests per second, the one-member 0.6; an idle watch adds 0.1 (``liveness.py``).
 - When no keepalive has succeeded for ``TTL - margin`` seconds, or etcd answers that the lease is gone, the
   session is lost: ``lost`` is set and ``on_lost(reason)`` runs once. The margin leaves the agent time to stop
   its workers before peers can see the lease expire (self-fencing). A lost session is never revived; the agent

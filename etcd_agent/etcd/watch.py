@@ -9,15 +9,17 @@ range on a stream of its own. Guarantees, for each range:
   watch can replay an event: consumers must be idempotent.
 - When etcd has compacted the revision we need, the watch re-reads the range, hands the consumer a ``Resync``
   with that snapshot, and continues from the read's revision + 1.
-- A stream that says nothing for three probe intervals (a frozen or partitioned member keeps the TCP socket
-  open) is declared dead: the endpoint is marked failed so failover picks another member, and the watch resumes.
-  Liveness comes from progress requests this side sends every interval (etcd >= 3.4) plus etcd's own
-  progress notifications.
+- A dead stream (a frozen or partitioned member keeps the TCP socket open) is found by the process's one prober
+  (``liveness.py``): a silent stream is sent a progress request (etcd >= 3.4) when nothing was heard from its
+  member for 2 probe intervals (a live member answers the session's keepalives every TTL/3 on the same channel) or
+  when it itself was silent for 10 intervals, and one unanswered for 2 intervals declares it dead: the endpoint is
+  marked failed so failover picks another member, and the watch resumes. An idle watch costs etcd a request every
+  10 intervals, no thread of its own; a member that froze is found within 4 intervals of its last answer.
 - ``sink`` runs on the watch thread: keep it non-blocking (push to a queue).
 - ``wait_deleted`` waits for one key's delete (another holder's lease ending) on such a watch, never by polling.
 
-Imports grpc, the generated messages through ``etcd.client``, ``etcd.diagnose``, ``errors``, ``logs`` and
-``metrics``; nothing above ``etcd/``.
+Imports grpc, the generated messages through ``etcd.client``, ``etcd.diagnose``, ``etcd.liveness``, ``errors``,
+``logs`` and ``metrics``; nothing above ``etcd/``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .. import logs, metrics
 from ..errors import EtcdError, WatchBroken
 from .client import KV, Etcd, prefix_end, rpc
 from .diagnose import map_grpc_error
+from .liveness import PROBER, Pulse
 
 log = logs.get("etcd_agent.etcd.watch")
 _DELETE = 1  # mvccpb.Event.EventType.DELETE
@@ -149,15 +152,17 @@ class WatchStream:
 
     The guarantees of ``Watch`` hold for each range: its events arrive in revision order through
     ``sink(name, token, delivery)``; after any stream error every range resumes from the mod_revision of its last
-    event + 1; a range whose revision was compacted is re-read and handed over as a ``Resync``; a stream silent for
-    three probe intervals is declared dead (the endpoint marked failed) and resumed. ``token`` is what ``add``
-    returned: a delivery for a token that was removed or replaced since is stale, and the consumer drops it.
+    event + 1; a range whose revision was compacted is re-read and handed over as a ``Resync``; a dead stream (see
+    the module doc: a probe unanswered for 2 probe intervals) is given up (the endpoint marked failed) and resumed.
+    ``token`` is what ``add`` returned: a delivery for a token that was removed or replaced since is stale, and the
+    consumer drops it.
     """
 
     def __init__(self, etcd: Etcd, sink: Callable[[str, int, Delivery], None], probe_interval: float = 1.0,
                  name: str = "watch-stream", on_progress: Callable[[int], None] | None = None):
         """``on_progress(revision)``, when given, hears etcd's progress answers on this stream's thread: etcd sends
-        them only once every range is synced, so every event up to ``revision`` has been delivered before it."""
+        them only once every range is synced, so every event up to ``revision`` has been delivered before it. Such
+        a stream is probed every ``probe_interval`` it stays silent (``liveness.Pulse``'s eager rule)."""
         self.etcd = etcd
         self.sink = sink
         self.on_progress = on_progress
@@ -259,23 +264,23 @@ class WatchStream:
             for r in self._ranges.values():
                 r.watch_id = None
                 self._create_locked(r)
-        last_seen = [time.monotonic()]
-        silent = threading.Event()
-        done = threading.Event()
-        probe = threading.Thread(target=self._probe, args=(call, requests, last_seen, silent, done),
-                                 name="watch-stream-probe", daemon=True)
-        probe.start()
+        pulse = Pulse(self.probe_interval, lambda: self.etcd.last_heard(label),
+                      lambda: requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())), call.cancel,
+                      eager=self.on_progress is not None)
+        PROBER.add(pulse)
         try:
             for resp in call:
-                last_seen[0] = time.monotonic()
+                pulse.seen = time.monotonic()
+                self.etcd.heard(label, pulse.seen)
                 self._handle(resp, requests)
                 if resp.events:
                     self._delivered = True  # a stream that delivered: a later break resumes without backoff
             raise WatchBroken("the stream ended")
         except grpc.RpcError as exc:
-            if silent.is_set():
+            if pulse.verdict == "dead":
                 self.etcd.mark_failed(label)
-                raise WatchBroken(f"no answer for {3 * self.probe_interval:.1f} s") from exc
+                raise WatchBroken(f"no answer from etcd member {label or '?'} to a progress request within "
+                                  f"{pulse.answer:.1f} s") from exc
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self.etcd.mark_failed(label)
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -285,21 +290,12 @@ class WatchStream:
             self.etcd.renew_auth(used)  # the next stream logs in again: an etcd restart forgot every token
             raise
         finally:
-            done.set()
+            PROBER.remove(pulse)
             with self._lock:
                 self._requests = None
             requests.put(None)
             self._call = None
             call.cancel()
-
-    def _probe(self, call, requests: queue.Queue, last_seen: list, silent: threading.Event,
-               done: threading.Event) -> None:
-        while not done.wait(self.probe_interval):
-            if time.monotonic() - last_seen[0] > 3 * self.probe_interval:
-                silent.set()
-                call.cancel()
-                return
-            requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest()))
 
     def _handle(self, resp, requests: queue.Queue) -> None:
         if (self.on_progress is not None and not resp.events and not resp.created and not resp.canceled

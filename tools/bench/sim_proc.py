@@ -8,6 +8,8 @@ Commands, one JSON object per stdin line:
   {"cmd": "start"}                      -> {"ev": "launched", "t_first": T, "t_last": T} (all K threads started)
   {"cmd": "leave", "node": N}           -> {"ev": "left", "node": N, "t": T}   (agent.py's graceful SIGTERM leave)
   {"cmd": "end_workers", "code": 0}     -> {"ev": "ended", "count": C, "t": T} (every running stand-in exits)
+  {"cmd": "threads"}                    -> {"ev": "threads", "count": C, "kinds": {name: [native thread ids]}} (the
+                                        Python threads by name, numbers and hex ids made "#" so alike ones add up)
   {"cmd": "quit"}                       exits at once (os._exit), like a node losing power
 Events it sends on its own: {"ev": "start", node, round, group_rank, world_size, lease, t} when a node's stand-in
 workers start, {"ev": "done", node, code, error, t} when an agent's ``run()`` returns or raises. Times are
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -66,6 +69,11 @@ def main() -> int:
         elif cmd == "end_workers":
             t = time.monotonic()
             emit(ev="ended", count=job.end_workers(msg.get("nodes"), msg.get("code", 0)), t=t)
+        elif cmd == "threads":
+            kinds: dict[str, list[int]] = {}
+            for t in threading.enumerate():
+                kinds.setdefault(re.sub(r"[0-9a-f]{8,}|\d+", "#", t.name), []).append(t.native_id)
+            emit(ev="threads", count=sum(map(len, kinds.values())), kinds=kinds)
         elif cmd == "quit":
             break
     sys.stdout.flush()
