@@ -76,6 +76,8 @@ class Supervisor:
     def start(self, a: Assignment) -> str | None:
         """Start round ``a.round``'s workers; what was started, for the log. None when they do not start now: the
         last workers' GPU memory is being drained (nothing starts yet), or it was still held (the round failed)."""
+        self.log.debug("round %d's plan names this node (group rank %d): starting its workers", a.round, a.group_rank,
+                       round=a.round)  # the crash path's "plan read" step (tools/bench/crash_timeline.py)
         if self._checks.held is not None:  # the last workers' GPU memory was not released in time
             held, self._checks.held = dataclasses.replace(self._checks.held, round=a.round), None
             self.round, self.running, self.outcome, self.failure = a.round, False, Outcome.FAILED, held
