@@ -26,7 +26,7 @@ import pytest
 
 from agents import poll_until
 from etcd_agent.testing.procs import gone
-from etcd_agent import config
+from etcd_agent import config, proctree
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
 from etcd_agent.node.worker_logs import Dest, line_prefix, route
@@ -285,6 +285,7 @@ def test_start_runs_every_worker_with_its_environment(make_group, tmp_path, warm
     for e in done:
         facts = json.loads((out / f"env_{e.rank}.json").read_text())
         assert facts["pid"] == e.pid and facts["pgid"] == e.pid and facts["sid"] == e.pid
+        assert facts["ppid"] == os.getpid() and facts["pdeathsig"] == signal.SIGKILL
         assert facts["stdin"] == "/dev/null"
         assert facts["env"]["LOCAL_RANK"] == str(e.local_rank)
         assert facts["env"]["ETCD_AGENT_ROUND"] == "3"
@@ -465,7 +466,11 @@ def test_the_group_moves_through_its_states_only_forward(make_group, mailbox):
 
 
 @COLD_AND_WARM
-def test_no_descendant_survives_stop(make_group, mailbox, warm):
+@pytest.mark.parametrize("scan", ["proc", "psutil"])
+def test_no_descendant_survives_stop(make_group, mailbox, monkeypatch, warm, scan):
+    """Found by one pass over /proc, or by psutil alone where /proc cannot be read."""
+    if scan == "psutil":
+        monkeypatch.setattr(proctree, "_proc_table", lambda: None)
     group, exits = make_group("spawn_child.py", stop_timeout=0.5, warm=warm)
     group.start(assignment())
     (worker,) = group.pids
@@ -744,6 +749,37 @@ def test_a_worker_that_cannot_start_is_reported_as_failed(make_group, tmp_path):
 
 
 # -- parent death ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("armed_by", ["setpriv", "preexec"])
+def test_a_worker_has_the_parent_death_signal_either_way(make_group, tmp_path, monkeypatch, armed_by):
+    """setpriv arms the signal before the worker's program runs (a spawn with no preexec_fn is a vfork); where it
+    cannot, a preexec_fn does. Either way the worker is the process Popen started, in its own session."""
+    if armed_by == "preexec":
+        monkeypatch.setattr(proctree, "_armer", [])  # as where setpriv is missing or too old
+    else:
+        assert proctree.pdeathsig_argv(os.getpid()) is not None, "setpriv --pdeathsig is not usable here"
+    out = tmp_path / "out"
+    out.mkdir()
+    group, exits = make_group("record_env.py", str(out))
+    group.start(assignment())
+    (e,) = exits.wait()
+    facts = json.loads((out / "env_4.json").read_text())
+    assert (facts["pid"], facts["sid"], facts["ppid"], facts["pdeathsig"]) == (e.pid, e.pid, os.getpid(),
+                                                                                signal.SIGKILL)
+    assert facts["argv"] == [str(WORKERS / "record_env.py"), str(out)]
+
+
+def test_the_setpriv_prefix_runs_nothing_when_the_parent_is_not_the_one_named(tmp_path):
+    """An agent that died before setpriv armed the signal leaves a child whose parent is no longer the agent: the
+    prefix exits 1 and never runs the worker's program."""
+    marker = tmp_path / "ran"
+    prefix = proctree.pdeathsig_argv(os.getpid() + 1_000_000)  # not this test's pid: as if reparented
+    assert prefix is not None
+    done = subprocess.run([*prefix, "touch", str(marker)], timeout=TIMEOUT)
+    assert done.returncode == 1 and not marker.exists()
+    ran = subprocess.run([*proctree.pdeathsig_argv(os.getpid()), "touch", str(marker)], timeout=TIMEOUT)
+    assert ran.returncode == 0 and marker.exists()
 
 
 @pytest.mark.chaos
