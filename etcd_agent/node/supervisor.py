@@ -11,7 +11,8 @@ Guarantees:
   agent stopped that group for another reason is handed back (``failed``) so that its report is still recorded; an
   event of an older round's group is no news.
 - Before new workers start, the last group's workers must have released their GPU memory (``checks.Checks``): while
-  the drain runs nothing starts; memory still held after ``--gpu-drain-timeout`` fails the round here instead.
+  the drain runs nothing starts; memory still held after ``--gpu-drain-timeout`` fails the round here instead. The
+  drain starts when the workers are stopped for a new round, so it runs while that round forms.
 - Stopping forwards the signal the agent is leaving on (``--signals-to-handle``), as torchrun does; else SIGTERM.
 
 Imports ``config``, ``logs``, ``metrics``, ``schema.values`` and ``node/`` (``api``, ``checks``, ``env``, ``warm``)
@@ -91,12 +92,15 @@ class Supervisor:
         self.group.start(a)
         return self.group.describe(a)
 
-    def stop(self, why: str, sig: int = 0) -> None:
+    def stop(self, why: str, sig: int = 0, next_round: bool = False) -> None:
         """Stop the workers (``sig``, the signal the agent leaves on, else SIGTERM); also reaps what a finished
-        group left behind."""
+        group left behind. ``next_round``: new workers will start here; a GPU job's memory drain begins now, so its
+        verdict is usually in before the next round's plan is (the drain's time runs from the stop either way)."""
         self.running = False
         if self.group is not None:
             self.group.stop(why, sig=sig or signal.SIGTERM)
+            if next_round:
+                self._checks.must_drain(self.group)
 
     def fence(self, why: str, grace: float) -> None:
         """From the keepalive thread, the moment the session is lost: stop the workers within ``grace``."""
