@@ -16,10 +16,8 @@ from __future__ import annotations
 import ctypes
 import os
 import select
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -45,57 +43,6 @@ def pdeathsig_preexec(parent_pid: int) -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
-
-
-_SH = "/bin/sh"
-# Run by sh after setpriv armed the signal: the parent is still the agent (it did not die before the signal was
-# armed, which would leave the worker orphaned), then the command replaces sh: same pid, group and session.
-_PARENT_CHECK = '[ "$PPID" = "$1" ] || exit 1; shift; exec "$@"'
-_armer_lock = threading.Lock()
-_armer: list[str] | None = None  # the prefix less the parent's pid, once probed ([]: it does not work here)
-
-
-def pdeathsig_argv(parent_pid: int) -> list[str] | None:
-    """An argv prefix that sets PR_SET_PDEATHSIG=SIGKILL in the child and then executes the rest of the argv in the
-    same process (pid, group and session stay), exiting 1 instead when ``parent_pid`` is no longer its parent; None
-    where that cannot be done here (no setpriv with --pdeathsig, util-linux 2.33 or later; not Linux): then
-    ``pdeathsig_preexec`` is the way. Probed once per process (a few milliseconds).
-
-    Why: a ``preexec_fn`` makes CPython fork the whole agent and run Python in the child, 5-10 ms per worker on a
-    loaded 2-core machine, while the agent's loop waits; without one it uses vfork, well under 1 ms. The two extra
-    execs (setpriv, then sh) cost the worker about a millisecond and the agent nothing."""
-    global _armer
-    if not sys.platform.startswith("linux"):
-        return None
-    with _armer_lock:
-        if _armer is None:
-            _armer = _probe_armer()
-    return [*_armer, str(parent_pid)] if _armer else None
-
-
-def popen_orphan_proof(argv: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
-    """``subprocess.Popen(argv, ...)`` in a new session, with no descriptor inherited but the three streams, and the
-    parent-death signal SIGKILL armed before ``argv`` runs (``pdeathsig_argv``, else ``pdeathsig_preexec``): the
-    process cannot outlive the thread that calls this. A program that cannot be found or run is started directly
-    with the preexec_fn, so that the error is the one Popen raises (FileNotFoundError, PermissionError)."""
-    prefix = pdeathsig_argv(os.getpid())
-    if prefix is not None and shutil.which(argv[0], path=env.get("PATH", os.defpath)):
-        return subprocess.Popen([*prefix, *argv], env=env, start_new_session=True, close_fds=True, **kwargs)
-    return subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True,
-                            preexec_fn=pdeathsig_preexec(os.getpid()), **kwargs)
-
-
-def _probe_armer() -> list[str]:
-    setpriv, true = shutil.which("setpriv"), shutil.which("true")
-    if not setpriv or not true or not os.access(_SH, os.X_OK):
-        return []
-    armer = [setpriv, "--pdeathsig", "KILL", "--", _SH, "-c", _PARENT_CHECK, "sh"]
-    try:
-        done = subprocess.run([*armer, str(os.getpid()), true], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return armer if done.returncode == 0 else []
 
 
 def chain_preexec(steps: list) -> Callable[[], None] | None:

@@ -27,6 +27,7 @@ import pytest
 from agents import poll_until
 from etcd_agent.testing.procs import gone
 from etcd_agent import config, proctree
+from etcd_agent.node import spawn
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
 from etcd_agent.node.worker_logs import Dest, line_prefix, route
@@ -756,9 +757,9 @@ def test_a_worker_has_the_parent_death_signal_either_way(make_group, tmp_path, m
     """setpriv arms the signal before the worker's program runs (a spawn with no preexec_fn is a vfork); where it
     cannot, a preexec_fn does. Either way the worker is the process Popen started, in its own session."""
     if armed_by == "preexec":
-        monkeypatch.setattr(proctree, "_armer", [])  # as where setpriv is missing or too old
+        monkeypatch.setattr(spawn, "_armer", [])  # as where setpriv or dash is missing
     else:
-        assert proctree.pdeathsig_argv(os.getpid()) is not None, "setpriv --pdeathsig is not usable here"
+        assert spawn.pdeathsig_argv(os.getpid(), {}) is not None, "setpriv --pdeathsig or dash is not usable here"
     out = tmp_path / "out"
     out.mkdir()
     group, exits = make_group("record_env.py", str(out))
@@ -770,15 +771,35 @@ def test_a_worker_has_the_parent_death_signal_either_way(make_group, tmp_path, m
     assert facts["argv"] == [str(WORKERS / "record_env.py"), str(out)]
 
 
+@pytest.mark.parametrize("pwd", ["/nonexistent/stale", None], ids=["stale", "absent"])
+def test_the_worker_environment_passes_the_prefix_unchanged(make_group, tmp_path, monkeypatch, pwd):
+    """dash sets PWD when it starts; the prefix puts it back as the worker's environment has it (torchrun passes a
+    stale PWD on, and none where there is none)."""
+    if pwd is None:
+        monkeypatch.delenv("PWD", raising=False)
+    else:
+        monkeypatch.setenv("PWD", pwd)
+    out = tmp_path / "out"
+    out.mkdir()
+    group, exits = make_group("record_env.py", str(out))
+    group.start(assignment())
+    exits.wait()
+    env = json.loads((out / "env_4.json").read_text())["env"]
+    assert env.get("PWD") == pwd
+    expected = worker_env(group.cfg, assignment(), 0, config.worker_base_env(), env["TORCHELASTIC_ERROR_FILE"])
+    assert {k: v for k, v in env.items() if k != "ETCD_AGENT_PROGRESS_FILE"} == expected
+
+
 def test_the_setpriv_prefix_runs_nothing_when_the_parent_is_not_the_one_named(tmp_path):
     """An agent that died before setpriv armed the signal leaves a child whose parent is no longer the agent: the
     prefix exits 1 and never runs the worker's program."""
     marker = tmp_path / "ran"
-    prefix = proctree.pdeathsig_argv(os.getpid() + 1_000_000)  # not this test's pid: as if reparented
+    prefix = spawn.pdeathsig_argv(os.getpid() + 1_000_000, {})  # not this test's pid: as if reparented
     assert prefix is not None
-    done = subprocess.run([*prefix, "touch", str(marker)], timeout=TIMEOUT)
+    done = subprocess.run([*prefix, "touch", str(marker)], env={}, timeout=TIMEOUT)
     assert done.returncode == 1 and not marker.exists()
-    ran = subprocess.run([*proctree.pdeathsig_argv(os.getpid()), "touch", str(marker)], timeout=TIMEOUT)
+    ran = subprocess.run([*spawn.pdeathsig_argv(os.getpid(), {}), "/usr/bin/touch", str(marker)], env={},
+                         timeout=TIMEOUT)
     assert ran.returncode == 0 and marker.exists()
 
 

@@ -6,7 +6,7 @@ Guarantees:
   heartbeat file (``progress.py``). Its output goes where torchrun sends it (``worker_logs``); stderr is always also
   kept in ``stderr.log`` for the failure report.
 - Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL``, so it cannot outlive the agent
-  (``proctree.popen_orphan_proof``: setpriv arms it before the worker's program runs, so a spawn is a vfork, not a
+  (``spawn.popen_orphan_proof``: setpriv arms it before the worker's program runs, so a spawn is a vfork, not a
   fork of the agent). The kernel sends that signal when the *thread* that forked the child exits, not the process:
   ``start`` must be called from a thread that lives as long as the workers (the agent's main thread).
 - An exit is seen the moment it happens: one waiter thread per worker blocks in ``Popen.wait`` and turns it into
@@ -48,7 +48,7 @@ from ..config import WorkerConfig, worker_base_env
 from ..logs import Log, Where, get as get_logger
 from ..progress import PROGRESS_ENV, last_progress
 from ..schema.values import Failure
-from . import handoff, reports
+from . import handoff, reports, spawn
 from .api import Assignment, ExitTally, GroupEvent, GroupFailed, WorkerExit
 from .env import log_root, worker_env
 from .warm import Spare, SparePool
@@ -192,7 +192,7 @@ class WorkerGroup:
         """Start ``w``'s process; None, or the exit code its failure to start is reported with (from a thread)."""
         argv = self.cfg.command()
         try:
-            w.proc = proctree.popen_orphan_proof(argv, env=env, stdin=subprocess.DEVNULL, **streams)
+            w.proc = spawn.popen_orphan_proof(argv, env=env, stdin=subprocess.DEVNULL, **streams)
         except OSError as exc:
             self._log.error("could not start worker rank %d (%s): %s", w.rank, argv[0], exc, round=w.round)
             w.logs.spawn_failed(f"etcd-agent could not start {argv[0]!r} for rank {w.rank}: {exc}")
