@@ -5,10 +5,9 @@ Guarantees:
 - Every worker gets ``env.worker_env`` (torchrun 2.13's environment) plus ``ETCD_AGENT_PROGRESS_FILE``, its
   heartbeat file (``progress.py``). Its output goes where torchrun sends it (``worker_logs``); stderr is always also
   kept in ``stderr.log`` for the failure report.
-- Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL``, so it cannot outlive the agent
-  (``spawn.popen_orphan_proof``: setpriv arms it before the worker's program runs, so a spawn is a vfork, not a
-  fork of the agent). The kernel sends that signal when the *thread* that forked the child exits, not the process:
-  ``start`` must be called from a thread that lives as long as the workers (the agent's main thread).
+- Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL`` (``spawn``), so it cannot outlive
+  the agent. The kernel sends that signal when the *thread* that forked the child exits, not the process: ``start``
+  must be called from a thread that lives as long as the workers (the agent's main thread).
 - An exit is seen the moment it happens: one waiter thread per worker blocks in ``Popen.wait`` and turns it into
   the contract's events (``api.ExitTally``): ``GroupSucceeded``, or ``GroupFailed`` with the report of the first
   failure of its own (one that ended before a stop signalled it). ``on_exit`` (optional: tests, tools) hears every
@@ -154,7 +153,8 @@ class WorkerGroup:
             if self.running:
                 raise RuntimeError(f"round {a.round}: stop() the workers of round {self._workers[0].round} first")
             base = worker_base_env()
-            logs = plan_logs(self.cfg, self._ensure_log_root(), a.run_id, self.node_id, a.round, a.rank_offset,
+            self._log_root = self._log_root or log_root(self.cfg, self._log)
+            logs = plan_logs(self.cfg, self._log_root, a.run_id, self.node_id, a.round, a.rank_offset,
                              base.get(PREFIX_TEMPLATE_ENV), job=a.job)
             workers = [_Worker(i, a.rank_offset + i, a.round, item) for i, item in enumerate(logs)]
             envs = [worker_env(self.cfg, a, w.local_rank, base, w.logs.error_file) for w in workers]
@@ -164,21 +164,21 @@ class WorkerGroup:
             self._awake = threading.Event()
             self._to(GroupState.RUNNING)
             warm, cold = 0, []
-            for w, env, stream_kwargs in zip(workers, envs, streams):
-                self._reports[(a.round, w.local_rank)] = w.logs
-                env[PROGRESS_ENV] = w.progress_file = os.path.join(w.logs.directory, "progress")
-                spare = self._spares.take(w.local_rank, env) if self._spares is not None else None
-                w.started = time.time()
-                if spare is None or not self._hand(w, spare, env, stream_kwargs):
-                    cold.append((w, self._spawn(w, env, stream_kwargs)))
-                else:
-                    warm += 1
-                self._workers.append(w)
-            for w, code in cold:  # threads only once every worker runs: the last one is not kept waiting for them
-                if code is None:
+            try:
+                for w, env, stream_kwargs in zip(workers, envs, streams):
+                    self._reports[(a.round, w.local_rank)] = w.logs
+                    env[PROGRESS_ENV] = w.progress_file = os.path.join(w.logs.directory, "progress")
+                    spare = self._spares.take(w.local_rank, env) if self._spares is not None else None
+                    w.started = time.time()
+                    if spare is None or not self._hand(w, spare, env, stream_kwargs):
+                        if self._spawn(w, env, stream_kwargs):
+                            cold.append(w)
+                    else:
+                        warm += 1
+                    self._workers.append(w)
+            finally:  # threads once every worker runs (the last one is not kept waiting for them), whatever happened
+                for w in cold:
                     self._running(w)
-                else:
-                    self._watch(w, self._report, (w, code))
             self._warm = f", {warm} of them warm" if self._spares is not None else ""
             metrics.track_workers(lambda: [(w.progress_file, w.started, w.exited.is_set()) for w in workers])
             self._log.debug("started %d workers (ranks %d-%d, pids %s%s); logs in %s", len(self._workers),
@@ -188,16 +188,18 @@ class WorkerGroup:
                 threading.Thread(target=self._check_progress, args=(self._tally, self._awake), daemon=True,
                                  name=f"{_THREAD_PREFIX}progress-r{a.round}").start()
 
-    def _spawn(self, w: _Worker, env: dict[str, str], streams: dict) -> int | None:
-        """Start ``w``'s process; None, or the exit code its failure to start is reported with (from a thread)."""
+    def _spawn(self, w: _Worker, env: dict[str, str], streams: dict) -> bool:
+        """Start ``w``'s process (True), else report it failed from a thread (on_exit never runs inside start)."""
         argv = self.cfg.command()
         try:
             w.proc = spawn.popen_orphan_proof(argv, env=env, stdin=subprocess.DEVNULL, **streams)
+            return True
         except OSError as exc:
             self._log.error("could not start worker rank %d (%s): %s", w.rank, argv[0], exc, round=w.round)
             w.logs.spawn_failed(f"etcd-agent could not start {argv[0]!r} for rank {w.rank}: {exc}")
-            return 127 if isinstance(exc, FileNotFoundError) else 126 if isinstance(exc, PermissionError) else 1
-        return None
+            code = 127 if isinstance(exc, FileNotFoundError) else 126 if isinstance(exc, PermissionError) else 1
+        self._watch(w, self._report, (w, code))
+        return False
 
     def _hand(self, w: _Worker, spare: Spare, env: dict[str, str], streams: dict) -> bool:
         """Start ``w`` from a warm spare (``handoff``). False when the spare could not take it (it is killed; start
@@ -228,11 +230,6 @@ class WorkerGroup:
     def _watch(self, w: _Worker, target: Callable, args: tuple) -> None:
         w.waiter = threading.Thread(target=target, args=args, daemon=True, name=f"{_THREAD_PREFIX}wait-rank{w.rank}")
         w.waiter.start()
-
-    def _ensure_log_root(self) -> str:
-        if not self._log_root:
-            self._log_root = log_root(self.cfg, self._log)
-        return self._log_root
 
     def _wait(self, w: _Worker) -> None:
         if w.importing is not None:
