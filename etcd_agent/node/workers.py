@@ -177,8 +177,8 @@ class WorkerGroup:
                         warm += 1
                     self._workers.append(w)
             finally:  # threads once every worker runs (the last one is not kept waiting for them), whatever happened
-                for w in cold:
-                    self._running(w)
+                for spawned in cold:
+                    self._running(spawned)
             self._warm = f", {warm} of them warm" if self._spares is not None else ""
             metrics.track_workers(lambda: [(w.progress_file, w.started, w.exited.is_set()) for w in workers])
             self._log.debug("started %d workers (ranks %d-%d, pids %s%s); logs in %s", len(self._workers),
