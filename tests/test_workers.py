@@ -771,14 +771,20 @@ def test_a_worker_has_the_parent_death_signal_either_way(make_group, tmp_path, m
     assert facts["argv"] == [str(WORKERS / "record_env.py"), str(out)]
 
 
-@pytest.mark.parametrize("pwd", ["/nonexistent/stale", None], ids=["stale", "absent"])
-def test_the_worker_environment_passes_the_prefix_unchanged(make_group, tmp_path, monkeypatch, pwd):
-    """dash sets PWD when it starts; the prefix puts it back as the worker's environment has it (torchrun passes a
-    stale PWD on, and none where there is none)."""
+@pytest.mark.parametrize("pwd, odd", [("/nonexistent/stale", {}), (None, {}),
+                                      ("/nonexistent/stale", {"BASH_FUNC_module%%": "() {  :\n}", "a.b": "1"}),
+                                      (None, {"IFS": ":", "OPTIND": "4", "PPID": "1"})],
+                         ids=["stale-pwd", "no-pwd", "odd-names", "shell-variables"])
+def test_the_worker_environment_is_passed_unchanged(make_group, tmp_path, monkeypatch, pwd, odd):
+    """dash sets PWD when it starts: the prefix puts it back as the worker's environment has it (torchrun passes a
+    stale PWD on, and none where there is none). Names dash would drop (an exported bash function, ``a.b``) or
+    variables it resets (IFS, OPTIND, PPID) make the start go the preexec way: the environment arrives either way."""
     if pwd is None:
         monkeypatch.delenv("PWD", raising=False)
     else:
         monkeypatch.setenv("PWD", pwd)
+    for name, value in odd.items():
+        monkeypatch.setenv(name, value)
     out = tmp_path / "out"
     out.mkdir()
     group, exits = make_group("record_env.py", str(out))

@@ -14,9 +14,11 @@ agent (one that died before the signal was armed would leave the worker orphaned
 worker's program in its place: the same pid, process group and session, the environment unchanged.
 
 Guarantees: the prefix is used only where a probe (once per process) showed it arms the signal and passes an
-environment through exactly, and only for a program that is a binary (a script is run by its interpreter through
-the kernel, as Popen does, and dash would run a script without a ``#!`` line itself); otherwise the ``preexec_fn``.
-A program that cannot be found or run is started directly too, so the error is the one Popen raises.
+environment through exactly; only for an environment dash passes on as it is (every name a shell variable name, so
+no ``BASH_FUNC_x%%`` or ``a.b``, which dash drops, and none of ``IFS``, ``OPTIND``, ``PPID``, which it resets); and
+only for a program that is a binary (a script is run by its interpreter through the kernel, as Popen does, and dash
+would run a script without a ``#!`` line itself). Otherwise the ``preexec_fn``. A program that cannot be found or
+run is started directly too, so the error is the one Popen raises.
 
 Imports ``proctree`` only; never ``etcd/``, ``coord/`` or the agent.
 """
@@ -24,6 +26,7 @@ Imports ``proctree`` only; never ``etcd/``, ``coord/`` or the agent.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +38,12 @@ from .. import proctree
 # then the worker's program in dash's place.
 _CHECK = ('[ "$PPID" = "$1" ] || exit 1; case $2 in -) unset PWD;; *) PWD=${2#=}; export PWD;; esac; '
           'shift 2; exec "$@"')
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RESET = frozenset(("IFS", "OPTIND", "PPID"))  # dash sets these at start whatever the environment says
+# What the probe passes through: dash's own variables, a stale PWD, a name it would drop if it were not checked.
+_PROBE_ENV = {"ETCD_AGENT_PROBE": "1", "PS1": "a", "PS2": "b", "PS4": "c", "LINENO": "7", "MAIL": "m",
+              "MAILPATH": "n", "PATH": "/nonexistent", "TERM": "t", "HISTSIZE": "3", "ENV": "/nonexistent", "_": "u",
+              "SHLVL": "9", "OLDPWD": "/o", "PWD": "/nonexistent/etcd-agent-probe"}
 _lock = threading.Lock()
 _armer: list[str] | None = None  # the prefix up to the agent's pid, once probed ([]: not usable here)
 
@@ -57,10 +66,15 @@ def popen_orphan_proof(argv: list[str], env: dict[str, str], **kwargs) -> subpro
     parent-death signal SIGKILL armed before ``argv`` runs: it cannot outlive the thread that calls this."""
     prefix = pdeathsig_argv(os.getpid(), env)
     program = shutil.which(argv[0], path=env.get("PATH", os.defpath)) if prefix is not None else None
-    if prefix is not None and program and _is_binary(program):
+    if prefix is not None and program and _is_binary(program) and _passed_as_is(env):
         return subprocess.Popen([*prefix, *argv], env=env, start_new_session=True, close_fds=True, **kwargs)
     return subprocess.Popen(argv, env=env, start_new_session=True, close_fds=True,
                             preexec_fn=proctree.pdeathsig_preexec(os.getpid()), **kwargs)
+
+
+def _passed_as_is(env: dict[str, str]) -> bool:
+    """Whether dash passes ``env`` on unchanged (PWD aside, which the prefix puts back)."""
+    return all(_NAME.fullmatch(name) for name in env) and not _RESET.intersection(env)
 
 
 def _is_binary(path: str) -> bool:
@@ -77,7 +91,7 @@ def _probe() -> list[str]:
     if not setpriv or not dash or not env_cmd:
         return []
     armer = [setpriv, "--pdeathsig", "KILL", "--", dash, "-c", _CHECK, "sh"]
-    for env in ({"ETCD_AGENT_PROBE": "1", "PWD": "/nonexistent/etcd-agent-probe"}, {"ETCD_AGENT_PROBE": "1"}):
+    for env in (_PROBE_ENV, {"ETCD_AGENT_PROBE": "1"}):
         pwd = "=" + env["PWD"] if "PWD" in env else "-"
         try:
             done = subprocess.run([*armer, str(os.getpid()), pwd, env_cmd, "-0"], env=env, stdin=subprocess.DEVNULL,
