@@ -317,7 +317,7 @@ class Agent:
     def _stop(self, action: StopWorkers, view: View) -> None:
         if self.workers.outcome == Outcome.FAILED:  # our failure lost the race to another node's bump or end
             self.coord.report_failure(self.workers.failure)
-        self.workers.stop(action.why, self.signalled)
+        self.workers.stop(action.why, self.signalled, next_round=view.result is None)
         if self.state is State.RUNNING and view.result is None:  # a new round: back to rendezvous, saying why once
             said = not action.cause or view.round is not None and self.coord.said_restart == view.round.number
             self._enter(State.RENDEZVOUS, action.why if said else f"{action.why} ({action.cause})")

@@ -72,7 +72,62 @@ def kill_group(pgid: int, sig: int = signal.SIGKILL) -> bool:
 
 
 def descendants(workers: list) -> dict[int, psutil.Process]:
-    """Live descendants of the running workers plus every member of the workers' process groups."""
+    """Live descendants of the running workers plus every member of the workers' process groups.
+
+    One pass over /proc (each process's parent and group from its stat line) finds them; psutil handles are made
+    for those alone. (psutil's ``children`` reads every process once per worker, and a group scan once more: three
+    passes over the machine's processes for two workers, twice per stop.)"""
+    table = _proc_table()
+    if table is None:
+        return _descendants_psutil(workers)
+    groups = {w.pid: w for w in workers if w.pid}
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        kids.setdefault(ppid, []).append(pid)
+    below: set[int] = set()
+    stack = [w.pid for w in workers if w.ps is not None and not w.exited.is_set()]
+    while stack:
+        for child in kids.get(stack.pop(), ()):
+            if child not in below:
+                below.add(child)
+                stack.append(child)
+    found: dict[int, psutil.Process] = {}
+    for pid, (_, pgrp) in table.items():
+        w = groups.get(pgrp)
+        if pid in groups or (pid not in below and w is None):
+            continue  # the workers themselves are waited for by their own threads
+        try:
+            p = psutil.Process(pid)
+            # The pid of a reaped worker can be reused by an unrelated group leader: a process created after
+            # our worker ended is not from its group (a descendant of a running worker is ours whatever its group).
+            if pid in below or not (w.ended_at and p.create_time() > w.ended_at + 1.0):
+                found[pid] = p
+        except psutil.Error:
+            pass
+    return {pid: p for pid, p in found.items() if is_alive(p)}
+
+
+def _proc_table() -> dict[int, tuple[int, int]] | None:
+    """pid -> (parent pid, process group) of every process, from /proc/PID/stat; None without a readable /proc."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    table = {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split(None, 3)  # state, ppid, pgrp, the rest
+            table[int(name)] = (int(fields[1]), int(fields[2]))
+        except (OSError, ValueError, IndexError):  # it ended meanwhile
+            pass
+    return table or None
+
+
+def _descendants_psutil(workers: list) -> dict[int, psutil.Process]:
+    """``descendants`` through psutil alone, where /proc cannot be read."""
     found: dict[int, psutil.Process] = {}
     for w in workers:
         if w.ps is not None and not w.exited.is_set():
@@ -84,13 +139,11 @@ def descendants(workers: list) -> dict[int, psutil.Process]:
     for p in psutil.process_iter() if groups else ():
         try:
             w = groups.get(os.getpgid(p.pid))
-            # The pid of a reaped worker can be reused by an unrelated group leader: a process created after
-            # our worker ended is not from its group.
             if w is not None and not (w.ended_at and p.create_time() > w.ended_at + 1.0):
                 found.setdefault(p.pid, p)
         except (OSError, psutil.Error):
             pass
-    for w in workers:  # the workers themselves are waited for by their own threads
+    for w in workers:
         found.pop(w.pid, None)
     return {pid: p for pid, p in found.items() if is_alive(p)}
 

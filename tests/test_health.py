@@ -328,6 +328,43 @@ def test_drain_waits_for_the_old_workers_memory_and_names_the_pids_that_keep_it(
     assert gpu.wait_drained(set(), 5.0, HeldNVML({7})) == {}
 
 
+def test_a_stop_for_a_new_round_starts_the_gpu_drain_at_once():
+    """GPU jobs: the memory drain begins when the workers are stopped for a new round, so it runs while that round
+    forms and the next start needs no drain of its own; a stop at the job's end starts none."""
+    from etcd_agent import logs
+    from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig
+    from etcd_agent.endpoints import parse_endpoints
+    from etcd_agent.node.checks import Checks, Drained
+    from etcd_agent.node.supervisor import Supervisor
+
+    class Stopped:  # a group whose stop leaves pid 4242 to drain
+        stopped_pids: set[int] = set()
+
+        def stop(self, why, sig):
+            self.stopped_pids = {4242}
+
+    cfg = AgentConfig(run_id="r", node_id="n0", spec=JobSpec(1, 1, "gpu", 0), workers=WorkerConfig("unused.py", (), 2),
+                      etcd=EtcdConfig(parse_endpoints("127.0.0.1:1")), health=HealthConfig(gpus=2))
+    posted: queue.SimpleQueue = queue.SimpleQueue()
+    log = logs.get("test").bound(logs.Where("r", "n0"))
+    checks = Checks(cfg, posted.put, log)
+    workers = Supervisor(cfg, posted.put, lambda *a, **k: None, checks, logs.Where("r", "n0"), log)
+    gpu.forget()
+    gpu.nvml(lambda: HeldNVML({4242}, release_at=time.monotonic()))
+    try:
+        workers.group = Stopped()
+        workers.stop("the job ended")
+        assert not checks.draining and posted.empty()
+        workers.stop("round 2 began", next_round=True)
+        assert checks.draining
+        event = posted.get(timeout=10)
+        assert isinstance(event, Drained) and event.group is workers.group and event.held == {}
+        checks.drain_done(event, 2)
+        assert not checks.must_drain(workers.group) and posted.empty()  # the start goes ahead at once
+    finally:
+        gpu.forget()
+
+
 @contextlib.contextmanager
 def stopped_workers_keep_gpu_memory():
     """A stand-in worker group (in-process agents, ``test_agent_fsm``) whose stopped workers keep holding GPU memory

@@ -25,6 +25,7 @@ from etcd_agent.config import WorkerConfig, worker_base_env
 from etcd_agent.errors import ConfigError
 from etcd_agent.node.warm import REFILL_DELAY, ROUND_KEYS, SPARE_FILE, SparePool, known_env, parse_preload
 from etcd_agent.node.api import Assignment
+from etcd_agent.testing import procs
 from etcd_agent.node.env import worker_env
 from etcd_agent.node.workers import WorkerGroup
 
@@ -283,7 +284,9 @@ def test_a_spare_killed_before_use_is_replaced_cold(tmp_path):
     until_recorded(out, lambda r: len([k for k in r if k[0] == 1]) == 2, "round 1", timeout=60)
     first = {r["pid"] for r in records(out).values()}
     spares = poll_until(lambda: (s := _spares_of(agent, first)) and len(s) == 2 and s, 60, "the next spares")
+    killed = procs.processes([spares[0]])
     os.kill(spares[0], signal.SIGKILL)
+    procs.gone_within(killed, 30, "killed spare")  # dead (a zombie of the agent's) before the restart takes it
     go.touch()
     assert agent.wait(60) == 0, agent.stderr()[-3000:]
     second = records(out)

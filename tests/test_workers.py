@@ -26,7 +26,8 @@ import pytest
 
 from agents import poll_until
 from etcd_agent.testing.procs import gone
-from etcd_agent import config
+from etcd_agent import config, proctree
+from etcd_agent.node import spawn
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
 from etcd_agent.node.worker_logs import Dest, line_prefix, route
@@ -285,6 +286,7 @@ def test_start_runs_every_worker_with_its_environment(make_group, tmp_path, warm
     for e in done:
         facts = json.loads((out / f"env_{e.rank}.json").read_text())
         assert facts["pid"] == e.pid and facts["pgid"] == e.pid and facts["sid"] == e.pid
+        assert facts["ppid"] == os.getpid() and facts["pdeathsig"] == signal.SIGKILL
         assert facts["stdin"] == "/dev/null"
         assert facts["env"]["LOCAL_RANK"] == str(e.local_rank)
         assert facts["env"]["ETCD_AGENT_ROUND"] == "3"
@@ -465,7 +467,11 @@ def test_the_group_moves_through_its_states_only_forward(make_group, mailbox):
 
 
 @COLD_AND_WARM
-def test_no_descendant_survives_stop(make_group, mailbox, warm):
+@pytest.mark.parametrize("scan", ["proc", "psutil"])
+def test_no_descendant_survives_stop(make_group, mailbox, monkeypatch, warm, scan):
+    """Found by one pass over /proc, or by psutil alone where /proc cannot be read."""
+    if scan == "psutil":
+        monkeypatch.setattr(proctree, "_proc_table", lambda: None)
     group, exits = make_group("spawn_child.py", stop_timeout=0.5, warm=warm)
     group.start(assignment())
     (worker,) = group.pids
@@ -744,6 +750,63 @@ def test_a_worker_that_cannot_start_is_reported_as_failed(make_group, tmp_path):
 
 
 # -- parent death ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("armed_by", ["setpriv", "preexec"])
+def test_a_worker_has_the_parent_death_signal_either_way(make_group, tmp_path, monkeypatch, armed_by):
+    """setpriv arms the signal before the worker's program runs (a spawn with no preexec_fn is a vfork); where it
+    cannot, a preexec_fn does. Either way the worker is the process Popen started, in its own session."""
+    if armed_by == "preexec":
+        monkeypatch.setattr(spawn, "_armer", [])  # as where setpriv or dash is missing
+    else:
+        assert spawn.pdeathsig_argv(os.getpid(), {}) is not None, "setpriv --pdeathsig or dash is not usable here"
+    out = tmp_path / "out"
+    out.mkdir()
+    group, exits = make_group("record_env.py", str(out))
+    group.start(assignment())
+    (e,) = exits.wait()
+    facts = json.loads((out / "env_4.json").read_text())
+    assert (facts["pid"], facts["sid"], facts["ppid"], facts["pdeathsig"]) == (e.pid, e.pid, os.getpid(),
+                                                                                signal.SIGKILL)
+    assert facts["argv"] == [str(WORKERS / "record_env.py"), str(out)]
+
+
+@pytest.mark.parametrize("pwd, odd", [("/nonexistent/stale", {}), (None, {}),
+                                      ("/nonexistent/stale", {"BASH_FUNC_module%%": "() {  :\n}", "a.b": "1"}),
+                                      (None, {"IFS": ":", "OPTIND": "4", "PPID": "1"})],
+                         ids=["stale-pwd", "no-pwd", "odd-names", "shell-variables"])
+def test_the_worker_environment_is_passed_unchanged(make_group, tmp_path, monkeypatch, pwd, odd):
+    """dash sets PWD when it starts: the prefix puts it back as the worker's environment has it (torchrun passes a
+    stale PWD on, and none where there is none). Names dash would drop (an exported bash function, ``a.b``) or
+    variables it resets (IFS, OPTIND, PPID) make the start go the preexec way: the environment arrives either way."""
+    if pwd is None:
+        monkeypatch.delenv("PWD", raising=False)
+    else:
+        monkeypatch.setenv("PWD", pwd)
+    for name, value in odd.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    out.mkdir()
+    group, exits = make_group("record_env.py", str(out))
+    group.start(assignment())
+    exits.wait()
+    env = json.loads((out / "env_4.json").read_text())["env"]
+    assert env.get("PWD") == pwd
+    expected = worker_env(group.cfg, assignment(), 0, config.worker_base_env(), env["TORCHELASTIC_ERROR_FILE"])
+    assert {k: v for k, v in env.items() if k != "ETCD_AGENT_PROGRESS_FILE"} == expected
+
+
+def test_the_setpriv_prefix_runs_nothing_when_the_parent_is_not_the_one_named(tmp_path):
+    """An agent that died before setpriv armed the signal leaves a child whose parent is no longer the agent: the
+    prefix exits 1 and never runs the worker's program."""
+    marker = tmp_path / "ran"
+    prefix = spawn.pdeathsig_argv(os.getpid() + 1_000_000, {})  # not this test's pid: as if reparented
+    assert prefix is not None
+    done = subprocess.run([*prefix, "touch", str(marker)], env={}, timeout=TIMEOUT)
+    assert done.returncode == 1 and not marker.exists()
+    ran = subprocess.run([*spawn.pdeathsig_argv(os.getpid(), {}), "/usr/bin/touch", str(marker)], env={},
+                         timeout=TIMEOUT)
+    assert ran.returncode == 0 and marker.exists()
 
 
 @pytest.mark.chaos

@@ -102,9 +102,10 @@ def holders(pids, module=None) -> dict[int, int] | None:
     return held
 
 
-def wait_drained(pids, timeout: float, module=None, poll: float = 0.1) -> dict[int, int]:
+def wait_drained(pids, timeout: float, module=None, poll: float = 0.02) -> dict[int, int]:
     """Wait up to ``timeout`` seconds until none of ``pids`` holds GPU memory; returns those still holding some
-    (empty: drained, or NVML not available)."""
+    (empty: drained, or NVML not available). NVML has no event for it: it looks every ``poll`` seconds (a look is a
+    few NVML calls per GPU; a restart waits for the memory, so the look comes often)."""
     deadline = time.monotonic() + timeout
     while True:
         held = holders(pids, module) if pids else {}

@@ -11,7 +11,8 @@ Guarantees:
   agent stopped that group for another reason is handed back (``failed``) so that its report is still recorded; an
   event of an older round's group is no news.
 - Before new workers start, the last group's workers must have released their GPU memory (``checks.Checks``): while
-  the drain runs nothing starts; memory still held after ``--gpu-drain-timeout`` fails the round here instead.
+  the drain runs nothing starts; memory still held after ``--gpu-drain-timeout`` fails the round here instead. The
+  drain starts when the workers are stopped for a new round, so it runs while that round forms.
 - Stopping forwards the signal the agent is leaving on (``--signals-to-handle``), as torchrun does; else SIGTERM.
 
 Imports ``config``, ``logs``, ``metrics``, ``schema.values`` and ``node/`` (``api``, ``checks``, ``env``, ``warm``)
@@ -76,6 +77,8 @@ class Supervisor:
     def start(self, a: Assignment) -> str | None:
         """Start round ``a.round``'s workers; what was started, for the log. None when they do not start now: the
         last workers' GPU memory is being drained (nothing starts yet), or it was still held (the round failed)."""
+        self.log.debug("round %d's plan names this node (group rank %d): starting its workers", a.round, a.group_rank,
+                       round=a.round)  # the crash path's "plan read" step (tools/bench/crash_timeline.py)
         if self._checks.held is not None:  # the last workers' GPU memory was not released in time
             held, self._checks.held = dataclasses.replace(self._checks.held, round=a.round), None
             self.round, self.running, self.outcome, self.failure = a.round, False, Outcome.FAILED, held
@@ -89,12 +92,15 @@ class Supervisor:
         self.group.start(a)
         return self.group.describe(a)
 
-    def stop(self, why: str, sig: int = 0) -> None:
+    def stop(self, why: str, sig: int = 0, next_round: bool = False) -> None:
         """Stop the workers (``sig``, the signal the agent leaves on, else SIGTERM); also reaps what a finished
-        group left behind."""
+        group left behind. ``next_round``: new workers will start here; a GPU job's memory drain begins now, so its
+        verdict is usually in before the next round's plan is (the drain's time runs from the stop either way)."""
         self.running = False
         if self.group is not None:
             self.group.stop(why, sig=sig or signal.SIGTERM)
+            if next_round:
+                self._checks.must_drain(self.group)
 
     def fence(self, why: str, grace: float) -> None:
         """From the keepalive thread, the moment the session is lost: stop the workers within ``grace``."""

@@ -5,9 +5,9 @@ Guarantees:
 - Every worker gets ``env.worker_env`` (torchrun 2.13's environment) plus ``ETCD_AGENT_PROGRESS_FILE``, its
   heartbeat file (``progress.py``). Its output goes where torchrun sends it (``worker_logs``); stderr is always also
   kept in ``stderr.log`` for the failure report.
-- Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL``, so it cannot outlive the agent.
-  The kernel sends that signal when the *thread* that forked the child exits, not the process: ``start`` must be
-  called from a thread that lives as long as the workers (the agent's main thread), never from a short-lived one.
+- Every worker runs in its own process group with ``PR_SET_PDEATHSIG = SIGKILL`` (``spawn``), so it cannot outlive
+  the agent. The kernel sends that signal when the *thread* that forked the child exits, not the process: ``start``
+  must be called from a thread that lives as long as the workers (the agent's main thread).
 - An exit is seen the moment it happens: one waiter thread per worker blocks in ``Popen.wait`` and turns it into
   the contract's events (``api.ExitTally``): ``GroupSucceeded``, or ``GroupFailed`` with the report of the first
   failure of its own (one that ended before a stop signalled it). ``on_exit`` (optional: tests, tools) hears every
@@ -47,7 +47,7 @@ from ..config import WorkerConfig, worker_base_env
 from ..logs import Log, Where, get as get_logger
 from ..progress import PROGRESS_ENV, last_progress
 from ..schema.values import Failure
-from . import handoff, reports
+from . import handoff, reports, spawn
 from .api import Assignment, ExitTally, GroupEvent, GroupFailed, WorkerExit
 from .env import log_root, worker_env
 from .warm import Spare, SparePool
@@ -153,27 +153,32 @@ class WorkerGroup:
             if self.running:
                 raise RuntimeError(f"round {a.round}: stop() the workers of round {self._workers[0].round} first")
             base = worker_base_env()
-            logs = plan_logs(self.cfg, self._ensure_log_root(), a.run_id, self.node_id, a.round, a.rank_offset,
+            self._log_root = self._log_root or log_root(self.cfg, self._log)
+            logs = plan_logs(self.cfg, self._log_root, a.run_id, self.node_id, a.round, a.rank_offset,
                              base.get(PREFIX_TEMPLATE_ENV), job=a.job)
             workers = [_Worker(i, a.rank_offset + i, a.round, item) for i, item in enumerate(logs)]
             envs = [worker_env(self.cfg, a, w.local_rank, base, w.logs.error_file) for w in workers]
             streams = prepare_all(logs)  # all or none, before anything runs
-            preexec = proctree.pdeathsig_preexec(os.getpid())
             self._workers = []
             self._tally = ExitTally(a.round, len(workers), self._log)
             self._awake = threading.Event()
             self._to(GroupState.RUNNING)
-            warm = 0
-            for w, env, stream_kwargs in zip(workers, envs, streams):
-                self._reports[(a.round, w.local_rank)] = w.logs
-                env[PROGRESS_ENV] = w.progress_file = os.path.join(w.logs.directory, "progress")
-                spare = self._spares.take(w.local_rank, env) if self._spares is not None else None
-                w.started = time.time()
-                if spare is None or not self._hand(w, spare, env, stream_kwargs):
-                    self._spawn(w, env, preexec, stream_kwargs)
-                else:
-                    warm += 1
-                self._workers.append(w)
+            warm, cold = 0, []
+            try:
+                for w, env, stream_kwargs in zip(workers, envs, streams):
+                    self._reports[(a.round, w.local_rank)] = w.logs
+                    env[PROGRESS_ENV] = w.progress_file = os.path.join(w.logs.directory, "progress")
+                    spare = self._spares.take(w.local_rank, env) if self._spares is not None else None
+                    w.started = time.time()
+                    if spare is None or not self._hand(w, spare, env, stream_kwargs):
+                        if self._spawn(w, env, stream_kwargs):
+                            cold.append(w)
+                    else:
+                        warm += 1
+                    self._workers.append(w)
+            finally:  # threads once every worker runs (the last one is not kept waiting for them), whatever happened
+                for spawned in cold:
+                    self._running(spawned)
             self._warm = f", {warm} of them warm" if self._spares is not None else ""
             metrics.track_workers(lambda: [(w.progress_file, w.started, w.exited.is_set()) for w in workers])
             self._log.debug("started %d workers (ranks %d-%d, pids %s%s); logs in %s", len(self._workers),
@@ -183,22 +188,18 @@ class WorkerGroup:
                 threading.Thread(target=self._check_progress, args=(self._tally, self._awake), daemon=True,
                                  name=f"{_THREAD_PREFIX}progress-r{a.round}").start()
 
-    def _spawn(self, w: _Worker, env: dict[str, str], preexec: Callable[[], None] | None, streams: dict) -> None:
+    def _spawn(self, w: _Worker, env: dict[str, str], streams: dict) -> bool:
+        """Start ``w``'s process (True), else report it failed from a thread (on_exit never runs inside start)."""
         argv = self.cfg.command()
-        error: str | None = None
         try:
-            w.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                      preexec_fn=preexec, close_fds=True, **streams)
+            w.proc = spawn.popen_orphan_proof(argv, env=env, stdin=subprocess.DEVNULL, **streams)
+            return True
         except OSError as exc:
-            error = f"etcd-agent could not start {argv[0]!r} for rank {w.rank}: {exc}"
             self._log.error("could not start worker rank %d (%s): %s", w.rank, argv[0], exc, round=w.round)
-            w.logs.spawn_failed(error)
+            w.logs.spawn_failed(f"etcd-agent could not start {argv[0]!r} for rank {w.rank}: {exc}")
             code = 127 if isinstance(exc, FileNotFoundError) else 126 if isinstance(exc, PermissionError) else 1
-        else:
-            self._running(w)
-            return
-        # A spawn failure is reported like any failed worker, from a thread, so on_exit never runs inside start.
         self._watch(w, self._report, (w, code))
+        return False
 
     def _hand(self, w: _Worker, spare: Spare, env: dict[str, str], streams: dict) -> bool:
         """Start ``w`` from a warm spare (``handoff``). False when the spare could not take it (it is killed; start
@@ -229,11 +230,6 @@ class WorkerGroup:
     def _watch(self, w: _Worker, target: Callable, args: tuple) -> None:
         w.waiter = threading.Thread(target=target, args=args, daemon=True, name=f"{_THREAD_PREFIX}wait-rank{w.rank}")
         w.waiter.start()
-
-    def _ensure_log_root(self) -> str:
-        if not self._log_root:
-            self._log_root = log_root(self.cfg, self._log)
-        return self._log_root
 
     def _wait(self, w: _Worker) -> None:
         if w.importing is not None:

@@ -15,15 +15,18 @@ Imports only the standard library; the product never imports this module (it is 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import select
 import time
-from pathlib import Path
-from typing import Callable, Iterable, TypeVar
 
-T = TypeVar("T")
+# Stand-in workers import this module right after their first line, while their peers start on the same CPUs: it
+# imports no more than json (ctypes, pathlib and typing only where and when they are needed).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, Iterable, TypeVar
+
+    T = TypeVar("T")
 
 IN_MODIFY, IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE = 0x2, 0x8, 0x80, 0x100  # IN_MODIFY: a log file grew
 IN_ONLYDIR = 0x01000000
@@ -44,20 +47,27 @@ def write(path: str | os.PathLike, record: dict) -> None:
 def load(directory: str | os.PathLike) -> list[dict]:
     """Every ``*.json`` record in ``directory``, in file name order (a file removed meanwhile is skipped)."""
     found = []
-    for path in sorted(Path(directory).glob("*.json")):
+    for path in _json_files(directory):
         try:
-            found.append(json.loads(path.read_text()))
+            with open(path) as f:
+                found.append(json.load(f))
         except FileNotFoundError:
             continue
     return found
 
 
+def _json_files(directory: str | os.PathLike) -> list[str]:
+    d = os.fspath(directory)
+    return [os.path.join(d, name) for name in sorted(os.listdir(d)) if name.endswith(".json")]
+
+
 def by_round_rank(directory: str | os.PathLike) -> dict[tuple[int, int], dict]:
     """``(round, rank) -> record`` for records named ``<round>-<rank>.json`` (tests/workers/job.py's)."""
     found = {}
-    for path in Path(directory).glob("*.json"):
-        rnd, rank = path.stem.split("-")
-        found[(int(rnd), int(rank))] = json.loads(path.read_text())
+    for path in _json_files(directory):
+        rnd, rank = os.path.basename(path)[:-len(".json")].split("-")
+        with open(path) as f:
+            found[(int(rnd), int(rank))] = json.load(f)
     return found
 
 
@@ -69,6 +79,8 @@ class Changes:
     """
 
     def __init__(self, directory: str | os.PathLike, mask: int = WRITTEN):
+        import ctypes
+
         self._fd: int | None = None
         try:
             libc = ctypes.CDLL(None, use_errno=True)
@@ -168,6 +180,8 @@ def wait_path(path: str | os.PathLike, timeout: float | None = None, tick: Calla
               tick_s: float = 1.0) -> bool:
     """Wait until ``path`` exists (the event of its creation or rename in its directory); True once it does,
     False after ``timeout``. ``tick`` (a heartbeat, say) is called at least every ``tick_s`` seconds meanwhile."""
+    from pathlib import Path
+
     path = Path(path)
     deadline = None if timeout is None else time.monotonic() + timeout
     with Changes(path.parent, APPEARED) as changes:
