@@ -224,19 +224,25 @@ def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
     the round was written after the view (one range compare, for any number of members: a node that re-joined
     with a new session, or joined late, makes the leader decide again), and the first ``MAX_GUARDED_MEMBERS``
     members' keys are still there (etcd caps a txn at 128 compares; a member beyond them that left in between is
-    found lost as soon as the round runs, and costs a restart)."""
+    found lost as soon as the round runs, and costs a restart).
+
+    The plan's header and its B parts (``schema/plan.py``) are written in this one txn (a plan is whole or absent):
+    B + 4 ops (B <= 120; etcd allows 128). The round records B, so a member reads the header and its part in one
+    txn. Only the leader reads the whole plan back (O(N) bytes once per round)."""
     n = a.round.number
-    reason = f"{len(a.plan.members)} node(s): {', '.join(a.plan.nodes)}"
+    parts = a.plan.split()
     # The leader's own key first: a leader whose lease ended while it decided never closes a round.
     guard = sorted(a.join_revisions, key=lambda nr: nr[0] != a.plan.leader)
     members = [created_at(keys.join(n, node), rev) for node, rev in guard][:MAX_GUARDED_MEMBERS]
     seen = [unchanged_under(keys.joins(n), a.seen_revision)] if a.seen_revision else []
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n)), *seen, *members],
-                    [op_put(keys.plan(n), a.plan.encode()),
-                     op_put(keys.round(), round_value(n, Phase.RUNNING, reason, wall, nodes=len(a.plan.members),
+                    [op_put(keys.plan(n), a.plan.header()),
+                     *(op_put(keys.plan_part(n, p.part), p.encode()) for p in parts),
+                     op_put(keys.round(), round_value(n, Phase.RUNNING, a.plan.summary(), wall,
+                                                      nodes=len(a.plan.members), plan_parts=len(parts),
                                                       last_plan=a.round.last_plan or 0,
                                                       scaled_for=a.round.scaled_for)),
-                     op_get(keys.round()), op_get(keys.plan(n))],
+                     op_get(keys.round()), op_get_prefix(keys.plan(n))],
                     where=f"close round {n}")
 
 
