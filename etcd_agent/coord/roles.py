@@ -81,6 +81,10 @@ class Roles:
                 self._find_leader(n)  # the leader's key vanished (or is not known): who leads now?
             return
         plan = self.read_plan(n, r.plan_parts)
+        if plan is not None and not plan.complete and len(m.children(k.exits(n))) >= plan.group_world_size:
+            # this node's exit txn read back as many exits as the plan has members: the last to finish ends the
+            # job once the whole plan says they are all members' (the exit barrier; O(N) bytes for the last ones)
+            plan = self.read_plan(n, None, whole=True)
         if plan is None or plan.member(self.node) is None:
             self._role(awaiting, n)
         elif plan.leader_node == self.node:
