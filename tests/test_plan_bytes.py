@@ -52,3 +52,29 @@ def test_bytes_sent_in_a_restart_round_grow_linearly_in_n(private_etcd, run_id, 
     print(f"bytes sent in a restart round: N={SMALL} {small['sent_bytes']:.0f}, N={LARGE} {large['sent_bytes']:.0f}, "
           f"ratio {ratio:.2f}")
     assert ratio <= 1.5 * LARGE / SMALL, (small["sent_bytes"], large["sent_bytes"])
+
+
+def test_a_job_whose_plan_has_several_parts_forms_restarts_and_ends(private_etcd, run_id, monkeypatch):
+    """Eight nodes, a plan of parts of two: each non-leader holds the header and its own part only, yet starts its
+    workers with the right sizes; a graceful leave is seen through the ring (a predecessor named by a part); and
+    the exit barrier ends the job, its last node reading the whole plan to know the exits are every member's."""
+    monkeypatch.setattr(plan_module, "PART_SIZE", 2)
+    nodes = [f"n{i}" for i in range(8)]
+    params = JobParams(private_etcd.endpoint, run_id, min_nodes=7, max_nodes=8, lease_ttl=10, last_call=30.0,
+                       join_timeout=120.0, max_restarts=5)
+    with SimJob(params) as job:
+        job.start(nodes)
+        first = job.wait_round(1, nodes, timeout=WAIT)
+        assert {(s.world_size, s.group_world_size) for s in first.values()} == {(8, 8)}
+        assert sorted(s.group_rank for s in first.values()) == list(range(8))
+        held = {n: job.agents[n].coord.mirror.plan(1) for n in nodes}
+        partial = [n for n, p in held.items() if not p.complete]
+        assert len(partial) == 7 and all(held[n].member(n).group_rank == first[n].group_rank for n in partial)
+        leaver = next(n for n, s in first.items() if s.group_rank == 3)
+        job.leave(leaver)
+        survivors = [n for n in nodes if n != leaver]
+        second = job.wait_round(2, survivors, timeout=WAIT)
+        assert {(s.world_size, s.group_world_size) for s in second.values()} == {(7, 7)}
+        assert job.end_workers(survivors) == 7
+        done = job.wait_done(survivors, timeout=WAIT)
+        assert {d.code for d in done.values()} == {0}, done

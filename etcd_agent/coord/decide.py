@@ -130,9 +130,8 @@ class Bump:
 @dataclasses.dataclass(frozen=True)
 class CheckHealth:
     """A node outside the running round checks itself (again): an unhealthy one when its retry is due, one that has
-    not passed a check yet at once; passing, it counts for the next round. ``announce``: a scale-up passed it over,
-    so a pass is written into its registry entry even when nothing else changed there (the leader then scales up for
-    it once more)."""
+    not passed a check yet at once; passing, it counts for the next round. ``announce``: a scale-up passed it over, so
+    a pass is written into its registry entry even if nothing else changed there (the leader scales up for it again)."""
 
     round: RoundInfo
     announce: bool = False
@@ -141,6 +140,7 @@ class CheckHealth:
 @dataclasses.dataclass(frozen=True)
 class WriteExit:
     round: RoundInfo
+    members: int = 0  # the plan's members: the exit txn reads the exits back once it counts that many (0: always)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +308,7 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
                         "once it is (--gpu-drain-timeout)")
         return StartWorkers(plan, member)
     if me.outcome == Outcome.SUCCEEDED and me.node not in exits:
-        return WriteExit(r)
+        return WriteExit(r, plan.group_world_size)
     if plan.complete and len(exits) >= len(plan.members) and set(plan.nodes) <= exits:
         return End(r, DONE, result(r, Outcome.SUCCEEDED, me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
     joinable = newcomers(v) if v.full else []

@@ -13,8 +13,7 @@ still registered (a newcomer gets its end, ``JobEnded``): the next job is starte
 was not written since the read that found it empty (the checks on arrival are ``runs.py``). A read-modify-write
 that lost its compare reads again through ``cas.swap``, a bounded number of times.
 
-Imports the base modules, ``schema/``, ``etcd/`` (client, watch) and ``coord.decide``, ``blame``, ``cas``, ``runs``;
-never ``node/``.
+Imports the base, ``schema/``, ``etcd/`` (client, watch), ``coord.decide``, ``blame``, ``cas``, ``runs``; not ``node/``.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from typing import Callable
 from .. import logs
 from ..config import JobSpec
 from ..errors import BadKeyData, DuplicateNode, JobEnded, NodeRankTaken
-from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
-                           op_get_prefix, op_put, unchanged_under)
+from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_count, op_delete,
+                           op_first_created, op_get, op_get_prefix, op_put, unchanged_under)
 from ..schema.keys import Keys, RunKeys, decode, prefix_end
 from .blame import ReportLoss
 from .cas import AGAIN, Again, swap
@@ -226,9 +225,8 @@ def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
     members' keys are still there (etcd caps a txn at 128 compares; a member beyond them that left in between is
     found lost as soon as the round runs, and costs a restart).
 
-    The plan's header and its B parts (``schema/plan.py``) are written in this one txn (a plan is whole or absent):
-    B + 4 ops (B <= 120; etcd allows 128). The round records B, so a member reads the header and its part in one
-    txn. Only the leader reads the whole plan back (O(N) bytes once per round)."""
+    The plan's header and B parts (``schema/plan.py``) are written in this one txn, B + 4 ops (B <= 120, etcd allows
+    128): a plan is whole or absent. The round records B; only the leader reads the whole plan back (O(N), once)."""
     n = a.round.number
     parts = a.plan.split()
     # The leader's own key first: a leader whose lease ended while it decided never closes a round.
@@ -300,11 +298,15 @@ def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: Failure
 
 def write_exit(etcd: Etcd, keys: Keys, a: WriteExit, node: str, wall: float) -> TxnResult:
     n = a.round.number
-    # Reading the exits back makes the exit barrier O(1) per node: the last node to finish sees every exit.
-    return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
-                    [op_put(keys.exit(n, node), Exit(node, Outcome.SUCCEEDED, wall).encode()),
-                     op_get_prefix(keys.exits(n))],
-                    where=f"exit barrier of round {n}")
+    # The exit barrier: each node counts the exits (O(1) bytes); one that counts as many as the plan has members
+    # reads them (O(N), once) and ends the job if they are every member's.
+    res = etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
+                   [op_put(keys.exit(n, node), Exit(node, Outcome.SUCCEEDED, wall).encode()),
+                    op_count(keys.exits(n)) if a.members else op_get_prefix(keys.exits(n))],
+                   where=f"exit barrier of round {n}")
+    if res.succeeded and a.members and res.counts[0] >= a.members:
+        res.ranges[0] = etcd.get_prefix(keys.exits(n))[0]
+    return res
 
 
 def end(etcd: Etcd, keys: Keys, a: End, node: str, wall: float) -> TxnResult:
