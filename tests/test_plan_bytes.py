@@ -1,4 +1,5 @@
-"""What a restart round costs etcd in bytes sent, counted by etcd itself (its /metrics): O(N), not O(N^2).
+"""A plan in parts with real agents: what a restart round costs etcd in bytes sent, counted by etcd itself (its
+/metrics): O(N), not O(N^2); and a job whose plan has several parts, from its first round to its end.
 
 Every member reads only the plan's header and its own part (``schema/plan.py``); only the leader reads the whole
 plan. With the default part size (64 members) a job needs more than 64 nodes before a part is smaller than the
@@ -10,9 +11,17 @@ of 256 and 1024 nodes have by default. Long node names make a plan entry large n
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from etcd_agent.config import EtcdConfig
+from etcd_agent.endpoints import parse_endpoints
+from etcd_agent.etcd.client import Etcd
 from etcd_agent.etcd.server import EtcdServer
+from etcd_agent.ops.exporter_model import RunModel, job_view
+from etcd_agent.ops.status import run_snapshot
+from etcd_agent.schema.keys import RunKeys
 from etcd_agent.schema import plan as plan_module
 from etcd_agent.testing.sim import JobParams, SimJob
 from test_protocol_counts import WAIT, settle
@@ -70,6 +79,15 @@ def test_a_job_whose_plan_has_several_parts_forms_restarts_and_ends(private_etcd
         held = {n: job.agents[n].coord.mirror.plan(1) for n in nodes}
         partial = [n for n, p in held.items() if not p.complete]
         assert len(partial) == 7 and all(held[n].member(n).group_rank == first[n].group_rank for n in partial)
+        run = RunKeys(params.root, run_id)
+        etcd = Etcd(EtcdConfig(parse_endpoints(private_etcd.endpoint)))
+        kvs, rev = etcd.get_prefix(run.prefix)
+        etcd.close()
+        shown = run_snapshot(run, kvs, rev)["plan"]  # status --json: the whole plan, assembled from its parts
+        assert shown["parts"] == 4 and [m["node"] for m in shown["members"]] == [
+            n for n, _s in sorted(first.items(), key=lambda ns: ns[1].group_rank)]
+        exported = job_view(RunModel(run, {kv.key: kv for kv in kvs}), time.time())  # the exporter's model
+        assert (exported.planned, exported.world_size, exported.problems) == (8, 8, 0)
         leaver = next(n for n, s in first.items() if s.group_rank == 3)
         job.leave(leaver)
         survivors = [n for n in nodes if n != leaver]
