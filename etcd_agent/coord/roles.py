@@ -123,13 +123,19 @@ class Roles:
         and its own part in one txn of two gets when ``parts`` (the round's ``plan_parts``) says how many there
         are; else the header first (an older plan holds every member in it), then the part: O(1) bytes per member
         and round either way. ``whole``: one read of the plan's range (the leader's view, O(N) bytes)."""
-        m, k = self.mirror, self.keys
+        m = self.mirror
         plan = m.plan(rnd)
         mine = plan is not None and (plan.member(self.node) is not None or plan.outside(self.node))
         enough = plan is not None and (plan.complete or (not whole and mine))
         if enough or (rnd, whole) in self._plans_read:  # read already: a part that is missing is bad data, not news
             return plan
-        self._plans_read = {(n, w) for n, w in self._plans_read if n >= rnd - 2} | {(rnd, whole)}
+        plan = self._read_plan(rnd, parts, whole, plan)
+        if plan is not None:  # (a plan not there yet is read again next time)
+            self._plans_read = {(n, w) for n, w in self._plans_read if n >= rnd - 2} | {(rnd, whole)}
+        return plan
+
+    def _read_plan(self, rnd: int, parts: int | None, whole: bool, plan: Plan | None) -> Plan | None:
+        m, k = self.mirror, self.keys
         if whole:
             kvs, rev = self.etcd.get_prefix(k.plan(rnd))
             m.reset_range(k.plan(rnd), prefix_end(k.plan(rnd)), kvs, rev)
