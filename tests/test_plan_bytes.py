@@ -93,6 +93,9 @@ def test_a_job_whose_plan_has_several_parts_forms_restarts_and_ends(private_etcd
         survivors = [n for n in nodes if n != leaver]
         second = job.wait_round(2, survivors, timeout=WAIT)
         assert {(s.world_size, s.group_world_size) for s in second.values()} == {(7, 7)}
+        before = settle(private_etcd)
         assert job.end_workers(survivors) == 7
         done = job.wait_done(survivors, timeout=WAIT)
         assert {d.code for d in done.values()} == {0}, done
+        ended = diff(before, settle(private_etcd))  # one exit key per node, then the round and the result
+        assert ended["key_puts"] <= len(survivors) + 2 and ended["rpc_txn"] <= len(survivors) + 4, ended

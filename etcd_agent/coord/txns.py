@@ -302,10 +302,10 @@ def write_exit(etcd: Etcd, keys: Keys, a: WriteExit, node: str, wall: float) -> 
     # reads them (O(N), once) and ends the job if they are every member's.
     res = etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
                    [op_put(keys.exit(n, node), Exit(node, Outcome.SUCCEEDED, wall).encode()),
-                    op_count(keys.exits(n)) if a.members else op_get_prefix(keys.exits(n))],
+                    op_get(keys.exit(n, node)), op_count(keys.exits(n)) if a.members else op_get_prefix(keys.exits(n))],
                    where=f"exit barrier of round {n}")
-    if res.succeeded and a.members and res.counts[0] >= a.members:
-        res.ranges[0] = etcd.get_prefix(keys.exits(n))[0]
+    if res.succeeded and a.members and res.counts[1] >= a.members:
+        res.ranges[1] = etcd.get_prefix(keys.exits(n))[0]
     return res
 
 
