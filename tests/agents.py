@@ -113,11 +113,17 @@ def keys_of(run_id: str, gen: int = 1) -> Keys:
     return Keys(ROOT, run_id, gen)
 
 
-def plan_nodes(plan: dict) -> list[str]:
-    """The members of a plan value read from etcd, in group-rank order."""
-    from etcd_agent.schema.values import Plan
+def plan_of(job: dict[str, dict], key: str):
+    """The whole plan whose header is ``key`` in ``job`` (``job_keys``): the header with its parts."""
+    from etcd_agent.schema.values import Plan, PlanPart
 
-    return Plan.from_json("plan", plan, 0).nodes
+    parts = [PlanPart.from_json(k, v) for k, v in job.items() if k.startswith(key + "/")]
+    return Plan.from_json(key, job[key], 0).with_parts(key, parts)
+
+
+def plan_nodes(job: dict[str, dict], key: str) -> list[str]:
+    """The members of the plan whose header is ``key`` in ``job`` (``job_keys``), in group-rank order."""
+    return plan_of(job, key).nodes
 
 
 def job_keys(endpoint: str, run_id: str, gen: int | None = None, cfg: EtcdConfig | None = None) -> dict[str, dict]:

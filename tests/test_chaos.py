@@ -88,8 +88,7 @@ def test_graceful_leave_reforms_at_once(job, etcd_endpoint, run_id):
     release.touch()
     assert wait_all(agents[:2]) == [0, 0]
     keys = job_keys(etcd_endpoint, run_id)
-    plan = keys[keys_of(run_id).plan(r2)]
-    assert sorted(plan_nodes(plan)) == ["node-0", "node-1"]
+    assert sorted(plan_nodes(keys, keys_of(run_id).plan(r2))) == ["node-0", "node-1"]
     assert keys[keys_of(run_id).restarts()]["used"] == 1
 
 
@@ -114,8 +113,7 @@ def test_hard_loss_and_freeze_reform_within_ttl(sig, job, etcd_endpoint, run_id)
     detect, recover = report(f"node loss ({sig})", t0, bumped, recs, r2, f"<= TTL + 1 = {TTL + 1} s")
     assert detect < TTL + 3 and "node-2 left" in bumped["reason"]
     gone_within(survivors_old, 5)  # the stuck workers of round 1 were killed, not left behind
-    plan2 = job_keys(etcd_endpoint, run_id)[keys_of(run_id).plan(r2)]
-    assert sorted(plan_nodes(plan2)) == ["node-0", "node-1"]
+    assert sorted(plan_nodes(job_keys(etcd_endpoint, run_id), keys_of(run_id).plan(r2))) == ["node-0", "node-1"]
     if sig == "SIGSTOP":
         frozen_workers = victims[1:]
         for p in victims:

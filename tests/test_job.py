@@ -239,7 +239,7 @@ def test_agents_re_running_a_finished_run_at_once_share_one_new_job(etcd_endpoin
     assert {r["pid"] for r in recs.values()}.isdisjoint(r["pid"] for r in gen1_records.values())
     keys = job_keys(etcd_endpoint, run_id)
     assert keys[keys_of(run_id, 2).result()]["outcome"] == "succeeded"
-    assert sorted(plan_nodes(keys[keys_of(run_id, 2).plan(1)])) == ["node-0", "node-1"]
+    assert sorted(plan_nodes(keys, keys_of(run_id, 2).plan(1))) == ["node-0", "node-1"]
     assert job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id, 1).result()]["outcome"] == "succeeded"
     assert not job_keys(etcd_endpoint, run_id, gen=3), "no third job was started"
 

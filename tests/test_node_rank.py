@@ -9,14 +9,13 @@ import time
 
 import pytest
 
-from agents import JOB, AgentProc, job_keys, keys_of, plan_nodes, records, wait_all, wait_for_key
+from agents import JOB, AgentProc, job_keys, keys_of, plan_nodes, plan_of, records, wait_all, wait_for_key
 
 from etcd_agent.coord import txns
 from etcd_agent.coord.coordinator import Coordinator
 from etcd_agent.config import AgentConfig, EtcdConfig, JobSpec, WorkerConfig
 from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.proctree import free_port
-from etcd_agent.schema.values import Plan
 
 
 def agent(etcd_endpoint, run_id, tmp_path, node: str, rank: int, *extra: str) -> AgentProc:
@@ -35,8 +34,7 @@ def test_pinned_ranks_and_master_address_are_what_the_flags_say(etcd_endpoint, r
     wait_for_key(etcd_endpoint, keys_of(run_id).join(1, "node-a"))
     second = agent(etcd_endpoint, run_id, tmp_path, "node-b", 0, *static)
     assert wait_all([first, second]) == [0, 0], [a.stderr()[-3000:] for a in (first, second)]
-    plan = job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id).plan(1)]
-    members = Plan.from_json("plan", plan, 0).members
+    members = plan_of(job_keys(etcd_endpoint, run_id, gen=1), keys_of(run_id).plan(1)).members
     assert [(m.node, m.group_rank, m.rank_offset) for m in members] == [("node-b", 0, 0), ("node-a", 1, 2)]
     envs = [r["env"] for r in records(tmp_path / "out").values()]
     assert len(envs) == 4
@@ -59,8 +57,7 @@ def test_a_taken_rank_is_a_clear_error_and_is_free_again_once_its_holder_died(et
     replacement = agent(etcd_endpoint, run_id, tmp_path, "node-c", 0)
     other = agent(etcd_endpoint, run_id, tmp_path, "node-d", 1)
     assert wait_all([replacement, other]) == [0, 0], [a.stderr()[-3000:] for a in (replacement, other)]
-    plan = job_keys(etcd_endpoint, run_id, gen=1)[keys_of(run_id).plan(1)]
-    assert plan_nodes(plan) == ["node-c", "node-d"]
+    assert plan_nodes(job_keys(etcd_endpoint, run_id, gen=1), keys_of(run_id).plan(1)) == ["node-c", "node-d"]
 
 
 def test_a_re_created_session_claims_its_rank_again_on_the_new_lease(etcd_endpoint, run_id):

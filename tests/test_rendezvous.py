@@ -412,7 +412,7 @@ def test_member_with_an_exit_key_but_no_join_key_is_not_lost():
 def test_local_success_writes_the_exit_key():
     v = view()
     action = decide(v, finished_here("succeeded"), PARAMS)
-    assert action == WriteExit(v.round)
+    assert action == WriteExit(v.round, len(v.plan.members))
 
 
 def test_local_success_with_the_exit_key_written_waits_for_the_others():

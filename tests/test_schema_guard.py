@@ -133,7 +133,7 @@ def _members(endpoint: str, run_id: str, rnd: int) -> list[str]:
     """The plan's members of round ``rnd`` in group-rank order (the first one leads the first round)."""
     from agents import plan_nodes
 
-    return plan_nodes(job_keys(endpoint, run_id)[keys_of(run_id).plan(rnd)])
+    return plan_nodes(job_keys(endpoint, run_id), keys_of(run_id).plan(rnd))
 
 
 def _failing_non_leader(etcd_endpoint, run_id, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from etcd_agent.errors import BadKeyData
 from etcd_agent.schema.keys import Keys, encode
 from etcd_agent.schema.values import (RECORDS, Exit, Failure, Join, JobPointer, Member, NodeInfo, Outcome, Phase, Plan,
-                                      RankClaim, Restarts, Result, RoundInfo, SpecValue, read_value)
+                                      PlanPart, RankClaim, Restarts, Result, RoundInfo, SpecValue, read_value)
 
 PACKAGE = Path(__file__).resolve().parent.parent / "etcd_agent"
 K = Keys("/etcd-agent", "job1", 1)
@@ -33,8 +33,9 @@ EXAMPLES = [
     (K.round(), RoundInfo(3, Phase.RUNNING, "2 node(s): a, b", 7, 2, 9.0, 2, scaled_for=6)),
     (K.restarts(), Restarts(1, 3, 7)),
     (K.join(3, "a"), Join("a", 5, "host-a", "10.0.0.1", 29500, 8, 0, 0, None, None, None, 4.0)),
-    (K.plan(3), Plan(3, (Member("a", 0, "", "10.0.0.1", 8, 0), Member("b", 1, "", "10.0.0.2", 4, 8)),
-                     "10.0.0.1", 29500, 1, 3, 7, "a")),
+    (K.plan(3), Plan(3, (), "10.0.0.1", 29500, 1, 3, 7, "a", parts=1, size=2, workers=12)),
+    (K.plan_part(3, 0), PlanPart(3, 0, ((Member("a", 0, "", "10.0.0.1", 8, 0), "b"),
+                                        (Member("b", 1, "", "10.0.0.2", 4, 8), "a")))),
     (K.exit(3, "a"), Exit("a", Outcome.SUCCEEDED, 8.0)),
     (K.failure(3, "b"), FAILURE),
     (K.result(), Result(Outcome.FAILED, 3, "the restart budget is spent", FAILURE, 3, 20.0)),
@@ -53,8 +54,8 @@ def test_every_record_reads_back_what_it_wrote(key, record):
 
 
 def test_every_kind_of_key_with_a_value_has_a_record():
-    assert set(RECORDS) == {"spec", "node", "node_rank", "quarantine", "round", "restarts", "join", "plan", "exit",
-                            "failure", "result"}
+    assert set(RECORDS) == {"spec", "node", "node_rank", "quarantine", "round", "restarts", "join", "plan", "plan_part",
+                            "exit", "failure", "result"}
 
 
 def test_phases_and_outcomes_are_the_words_stored():

@@ -88,7 +88,7 @@ def unreported_losses(v: View, wall: float, lease_ttl: float) -> list[str]:
 
 def gone(v: View, node: str) -> bool:
     """Whether ``node`` has no live registration and has neither joined the current round nor is in its plan."""
-    in_plan = v.plan is not None and v.plan.member(node) is not None
+    in_plan = v.plan is not None and not v.plan.outside(node)
     return node not in v.nodes and node not in v.joins and not in_plan
 
 

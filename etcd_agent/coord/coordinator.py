@@ -218,7 +218,7 @@ class Coordinator:
             parsed = self.keys.parse(key)
         except BadKeyData:
             return False
-        return parsed.node == self.node or parsed.kind == "plan"
+        return parsed.node == self.node or parsed.kind in ("plan", "plan_part")
 
     def maintain(self) -> None:
         """Watch what this agent's role in the current round needs, before it decides (``roles.Roles``)."""

@@ -130,9 +130,8 @@ class Bump:
 @dataclasses.dataclass(frozen=True)
 class CheckHealth:
     """A node outside the running round checks itself (again): an unhealthy one when its retry is due, one that has
-    not passed a check yet at once; passing, it counts for the next round. ``announce``: a scale-up passed it over,
-    so a pass is written into its registry entry even when nothing else changed there (the leader then scales up for
-    it once more)."""
+    not passed a check yet at once; passing, it counts for the next round. ``announce``: a scale-up passed it over, so
+    a pass is written into its registry entry even if nothing else changed there (the leader scales up for it again)."""
 
     round: RoundInfo
     announce: bool = False
@@ -141,6 +140,7 @@ class CheckHealth:
 @dataclasses.dataclass(frozen=True)
 class WriteExit:
     round: RoundInfo
+    members: int = 0  # the plan's members: the exit txn reads the exits back once it counts that many (0: always)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +284,7 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
         return Wait(f"round {r.number} is running but its plan is not visible yet")
     member = plan.member(me.node)
     # Only a loss this view watches counts: the leader watches every member, the others one peer each (a ring).
-    watched = plan.nodes if v.full else [n for n in (me.node, *sorted(v.scope.watched)) if plan.member(n)]
+    watched = plan.nodes if v.full else [n for n in (me.node, *sorted(v.scope.watched)) if not plan.outside(n)]
     exits = member_exits(v)  # an exit key of a node outside the plan is no member's: ignored
     lost = [n for n in watched if n not in exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
     if member is not None and me.outcome == Outcome.FAILED and me.workers_round == r.number:
@@ -300,7 +300,7 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
             return CheckHealth(r, announce=passed)
         return Wait(f"this node is unhealthy ({me.unhealthy}); round {r.number} runs without it", me.health_retry_at)
     if member is None:
-        full = " (the round is full)" if len(plan.members) >= p.max_nodes else ""
+        full = " (the round is full)" if plan.group_world_size >= p.max_nodes else ""
         return Wait(f"round {r.number} runs without this node{full}; waiting to be taken into the next round")
     if me.workers_round != r.number:
         if me.draining:
@@ -308,17 +308,17 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
                         "once it is (--gpu-drain-timeout)")
         return StartWorkers(plan, member)
     if me.outcome == Outcome.SUCCEEDED and me.node not in exits:
-        return WriteExit(r)
-    if len(exits) >= len(plan.members) and set(plan.nodes) <= exits:
+        return WriteExit(r, plan.group_world_size)
+    if plan.complete and len(exits) >= len(plan.members) and set(plan.nodes) <= exits:
         return End(r, DONE, result(r, Outcome.SUCCEEDED, me.wall, v, f"all {len(plan.nodes)} node(s) finished"))
     joinable = newcomers(v) if v.full else []
-    if joinable and len(plan.members) < p.max_nodes and not exits:
+    if joinable and plan.group_world_size < p.max_nodes and not exits:
         settle_at = (me.newcomers_since if me.newcomers_since is not None else me.now) + p.scale_settle
         if me.now >= settle_at:
             return Bump(r, f"node(s) {', '.join(joinable)} can join (scale-up)", counted=False,
                         scaled_for=max(v.nodes[n].mod_revision for n in joinable))
         return Wait(f"node(s) {', '.join(joinable)} registered; settling before scaling up", settle_at)
-    return Wait(f"round {r.number} running with {len(plan.members)} node(s)")
+    return Wait(f"round {r.number} running with {plan.group_world_size} node(s)")
 
 
 def healthy(v: View) -> set[str]:
@@ -333,7 +333,7 @@ def newcomers(v: View) -> list[str]:
     if v.plan is None or v.round is None or v.round.phase != Phase.RUNNING:
         return []
     over = passed_over(v)
-    return sorted(n for n in healthy(v) if v.plan.member(n) is None and not v.nodes[n].spare and n not in over)
+    return sorted(n for n in healthy(v) if v.plan.outside(n) and not v.nodes[n].spare and n not in over)
 
 
 def passed_over(v: View) -> set[str]:
@@ -344,12 +344,12 @@ def passed_over(v: View) -> set[str]:
     if v.plan is None or r is None or r.scaled_for is None or r.phase != Phase.RUNNING:
         return set()
     return {n for n, info in v.nodes.items()
-            if v.plan.member(n) is None and not info.spare and info.mod_revision <= r.scaled_for}
+            if v.plan.outside(n) and not info.spare and info.mod_revision <= r.scaled_for}
 
 
 def member_exits(v: View) -> frozenset[str]:
     """The round's exit keys that belong to members of its plan (a key of any other node is no member's)."""
-    return frozenset(n for n in v.exits if v.plan is not None and v.plan.member(n) is not None)
+    return frozenset(n for n in v.exits if v.plan is not None and not v.plan.outside(n))
 
 
 def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, counted: bool,
@@ -371,7 +371,7 @@ def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failur
     """The ``P/result`` value; the root cause is the round's (``blame.root_cause``: a loss report if it has one,
     else its earliest failure report)."""
     # the root cause is a member's: a failure key of a node outside the plan is no member's and is ignored
-    reports = [f for n, f in v.failures.items() if v.plan is None or v.plan.member(n) is not None]
+    reports = [f for n, f in v.failures.items() if v.plan is None or not v.plan.outside(n)]
     reports += ([failure] if failure else []) + list(losses)
     outcome = Outcome(str(outcome))
     root = blame.root_cause(reports) if outcome != Outcome.SUCCEEDED else None

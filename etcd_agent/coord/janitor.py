@@ -12,14 +12,21 @@ after a failed compare re-read them. Imports ``etcd.client``, ``schema.values`` 
 from __future__ import annotations
 
 from . import txns
-from ..etcd.client import Etcd
+from ..etcd.client import Etcd, prefix_end
 from ..schema.values import Plan
 from .mirror import Mirror
 from .strays import Strays
 
 
 def drop_ghost_exits(etcd: Etcd, strays: Strays, mirror: Mirror, plan: Plan | None) -> None:
-    """Delete the keys under ``plan``'s round's exits that are no member's exit, as far as the mirror holds them."""
+    """Delete the keys under ``plan``'s round's exits that are no member's exit, as far as the mirror holds them.
+    A member holding only its part of the plan cannot tell whose exit a key is: with keys there, it reads the whole
+    plan first (rare: a non-leader holds the exits only after a failed compare re-read them)."""
+    if plan is not None and not plan.complete and mirror.under(mirror.keys.exits(plan.round)):
+        start = mirror.keys.plan(plan.round)
+        kvs, rev = etcd.get_prefix(start)
+        mirror.reset_range(start, prefix_end(start), kvs, rev)
+        plan = mirror.plan(plan.round)
     ghosts = strays.ghost_exits(plan) if plan is not None else []
     if ghosts:
         res = txns.delete_strays(etcd, ghosts)

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 
 from ..errors import BadKeyData
 from ..schema.keys import ROUND_DIGITS, Keys, prefix_end
-from ..schema.values import Failure, Join, NodeInfo, Phase, Plan, Restarts, Result, RoundInfo, SpecValue
+from ..schema.values import Failure, Join, NodeInfo, Phase, Plan, PlanPart, Restarts, Result, RoundInfo, SpecValue
 
 JOINING, RUNNING, DONE, FAILED, STOPPED = Phase
 FINAL_PHASES = tuple(p for p in Phase if p.final)  # one rule: Phase.final
@@ -95,6 +95,7 @@ class Mirror:
         self.revision = 0  # the newest revision seen anywhere (a read, an event, a txn)
         self.floors: dict[tuple[str, bytes], int] = {}  # range -> revision it was read at: older news is ignored
         self._memo: dict[tuple, tuple[object, object]] = {}  # (key, what) -> (the KV it was made from, result)
+        self._plans: dict[int, tuple[tuple, Plan]] = {}  # round -> (the KVs its plan was assembled from, the plan)
 
     def reset(self, kvs: Iterable, revision: int) -> None:
         """The whole mirror is a read of the whole prefix at ``revision``."""
@@ -187,12 +188,15 @@ class Mirror:
 
     def prune(self, before: int, keep_plan: int | None) -> None:
         """Forget the keys (and the reads) of rounds before ``before`` (nobody decides on them again), except the
-        plan and the failures of round ``keep_plan`` (who ran last: prev_rank, the fast path; who is blamed for it)."""
-        keep = (self.keys.plan(keep_plan), self.keys.failures(keep_plan)) if keep_plan else None
+        plan (header and parts) and the failures of round ``keep_plan`` (who ran last: prev_rank, the fast path; who
+        is blamed for it)."""
+        keep = (self.keys.plan(keep_plan), self.keys.plan(keep_plan) + "/", self.keys.failures(keep_plan)) \
+            if keep_plan else None
 
         def old(key: str) -> bool:
             rnd = self._round_of(key)
-            return rnd is not None and rnd < before and not (keep and (key == keep[0] or key.startswith(keep[1])))
+            return rnd is not None and rnd < before and not (
+                keep and (key == keep[0] or key.startswith(keep[1]) or key.startswith(keep[2])))
         for key in [k for k in list(self.kvs) + list(self.deleted) if old(k)]:
             self._drop(key)
             self.deleted.pop(key, None)
@@ -259,12 +263,12 @@ class Mirror:
     def _member_failures(self, plan: Plan | None) -> dict[str, Failure]:
         """The failure reports of the plan's members. A key under the round's failures of any other node (or below
         them, ``failures/a/b``) is no member's report: nothing decides on it, so its value is never read (a bad one
-        must not hold the job)."""
+        must not hold the job). Of a plan held in part, a report is a member's unless a held part says otherwise."""
         if plan is None:
             return {}
         where = self.keys.failures(plan.round)
         return {kv.key[len(where):]: self.record(kv, Failure) for kv in self.children(where)
-                if plan.member(kv.key[len(where):]) is not None}
+                if not plan.outside(kv.key[len(where):])}
 
     def ended(self, scope: Scope = FULL) -> View | None:
         """A view of a job that has a result and nothing else (None while it has none): once the job has ended
@@ -295,4 +299,24 @@ class Mirror:
             return None
 
     def plan(self, number: int) -> Plan | None:
-        return self.record_at(self.keys.plan(number), Plan)
+        """Round ``number``'s plan: its header with whichever of its parts the mirror holds (all of them for a
+        reader that read or watches the whole plan; a member's own part otherwise). None without a header. Made
+        again only when one of those keys changed (the leader's view is built after every delivery)."""
+        key = self.keys.plan(number)
+        header = self.kvs.get(key)
+        if header is None:
+            return None
+        kvs = (header, *self.children(key + "/"))
+        hit = self._plans.get(number)
+        if hit is not None and len(hit[0]) == len(kvs) and all(a is b for a, b in zip(hit[0], kvs)):
+            return hit[1]
+        plan = self.record(header, Plan).with_parts(key, [self.record(kv, PlanPart) for kv in kvs[1:]
+                                                          if self._part(kv)])
+        self._plans[number] = (kvs, plan)
+        if len(self._plans) > 3:  # a view needs the current plan and the last one
+            del self._plans[min(self._plans)]
+        return plan
+
+    def _part(self, kv) -> bool:
+        parsed = self._remembered(kv, "parse", self.parse_key)
+        return parsed is not None and parsed.kind == "plan_part"

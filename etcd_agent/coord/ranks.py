@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def plan_size(v: View, p: Params) -> int:
     """How many members spares may fill a plan up to: as many as the last plan had (a spare takes a lost or
     quarantined member's place), at least MIN."""
-    return max(p.min_nodes, len(v.last_plan.members) if v.last_plan else 0)
+    return max(p.min_nodes, v.last_plan.group_world_size if v.last_plan else 0)
 
 
 def as_spares(v: View, p: Params) -> list[Join]:
@@ -35,7 +35,7 @@ def as_spares(v: View, p: Params) -> list[Join]:
     ``--spare`` does. Other newcomers (a job below MAX) follow in join order."""
     joins = list(v.joins.values())
     last = v.last_plan
-    if last is None or len(last.members) < p.max_nodes:
+    if last is None or last.group_world_size < p.max_nodes:
         return joins
     return [j if j.spare or last.member(j.node) is not None else dataclasses.replace(j, spare=True) for j in joins]
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from . import txns
 from ..errors import BadKeyData
-from ..etcd.client import Etcd, prefix_end
+from ..etcd.client import Etcd, op_get, prefix_end
 from ..schema.keys import Keys
+from ..schema.plan import Plan, part_of
 from .mirror import FINAL_PHASES, JOINING, Mirror, Scope
 from .strays import Strays
 from .watches import Watches
@@ -30,6 +31,7 @@ class Roles:
         self.scope = Scope(False)  # what the mirror covers, set by ``maintain``
         self.leaders: dict[int, str] = {}  # round -> its leader, as this agent's join txn (or a re-read) found
         self._round = 0
+        self._plans_read: set[tuple[int, bool]] = set()  # (round, whole) of the plan reads made
 
     def maintain(self, lease: int, unhealthy: bool, awaiting: bool) -> None:
         """Watch what this agent's role in the current round needs, before it decides (O(1) watch events per
@@ -43,7 +45,8 @@ class Roles:
           leader does (if nobody joins by the join timeout, it ends the job; the timeout names the unhealthy nodes);
         - a member that does not lead: the join key of its predecessor in rank order (a ring), so every member's
           loss is seen by its successor and by the leader.
-        Reads here are one key or one range each; the plan is read once per round. ``lease``: this agent's session;
+        Reads here are one key or one range each; a member reads the header and its own part of the plan once per
+        round (``read_plan``), the leader the whole plan. ``lease``: this agent's session;
         ``unhealthy``: it does not join (its health check failed); ``awaiting``: its failure restarted the job and
         may be a lost node's (it watches as a leader does until that is known)."""
         m, k = self.mirror, self.keys
@@ -54,9 +57,12 @@ class Roles:
         if r is None or r.phase in FINAL_PHASES or m.get(k.result()) is not None:
             self._role(False)
             return
+        self._role_for(r, m, k, lease, unhealthy, awaiting)
+        if r.last_plan:  # who ran last: this node's prev_rank; all of it for a full view (the fast path, blame)
+            self.read_plan(r.last_plan, None, whole=self.scope.full)
+
+    def _role_for(self, r, m: Mirror, k: Keys, lease: int, unhealthy: bool, awaiting: bool) -> None:
         n = r.number
-        if r.last_plan and m.get(k.plan(r.last_plan)) is None:
-            self.read_key(k.plan(r.last_plan))  # who ran last: this node's prev_rank, the leader's fast path
         if r.phase == JOINING:
             mine = m.get(k.join(n, self.node))
             if mine is None or mine.lease != lease:
@@ -74,10 +80,11 @@ class Roles:
                     return
                 self._find_leader(n)  # the leader's key vanished (or is not known): who leads now?
             return
-        plan = m.plan(n)
-        if plan is None:
-            self.read_key(k.plan(n))
-            plan = m.plan(n)
+        plan = self.read_plan(n, r.plan_parts)
+        if plan is not None and not plan.complete and len(m.children(k.exits(n))) >= plan.group_world_size:
+            # this node's exit txn read back as many exits as the plan has members: the last to finish ends the
+            # job once the whole plan says they are all members' (the exit barrier; O(N) bytes for the last ones)
+            plan = self.read_plan(n, None, whole=True)
         if plan is None or plan.member(self.node) is None:
             self._role(awaiting, n)
         elif plan.leader_node == self.node:
@@ -109,6 +116,41 @@ class Roles:
         """Read ``key`` once into the mirror."""
         kv, rev = self.etcd.get(key)
         self.mirror.reset_range(key, b"", [kv] if kv else [], rev)
+
+    def read_plan(self, rnd: int, parts: int | None, whole: bool = False) -> Plan | None:
+        """Round ``rnd``'s plan, read into the mirror unless it holds enough of it already: this node's part (its
+        ranks, its predecessor; or that it is no member), or with ``whole`` every part. A member reads the header
+        and its own part in one txn of two gets when ``parts`` (the round's ``plan_parts``) says how many there
+        are; else the header first (an older plan holds every member in it), then the part: O(1) bytes per member
+        and round either way. ``whole``: one read of the plan's range (the leader's view, O(N) bytes)."""
+        m = self.mirror
+        plan = m.plan(rnd)
+        mine = plan is not None and (plan.member(self.node) is not None or plan.outside(self.node))
+        enough = plan is not None and (plan.complete or (not whole and mine))
+        if enough or (rnd, whole) in self._plans_read:  # read already: a part that is missing is bad data, not news
+            return plan
+        plan = self._read_plan(rnd, parts, whole, plan)
+        if plan is not None:  # (a plan not there yet is read again next time)
+            self._plans_read = {(n, w) for n, w in self._plans_read if n >= rnd - 2} | {(rnd, whole)}
+        return plan
+
+    def _read_plan(self, rnd: int, parts: int | None, whole: bool, plan: Plan | None) -> Plan | None:
+        m, k = self.mirror, self.keys
+        if whole:
+            kvs, rev = self.etcd.get_prefix(k.plan(rnd))
+            m.reset_range(k.plan(rnd), prefix_end(k.plan(rnd)), kvs, rev)
+            return m.plan(rnd)
+        if plan is None and not parts:
+            self.read_key(k.plan(rnd))
+            plan = m.plan(rnd)
+            if plan is None or plan.complete:
+                return plan
+        count = parts or plan.parts
+        keys = ([] if plan is not None else [k.plan(rnd)]) + [k.plan_part(rnd, part_of(self.node, count))]
+        res = self.etcd.txn([], [op_get(key) for key in keys], where=f"read round {rnd}'s plan")
+        for key, kvs in zip(keys, res.ranges):
+            m.reset_range(key, b"", kvs, res.revision)
+        return m.plan(rnd)
 
     def _find_leader(self, rnd: int) -> None:
         res = txns.leader(self.etcd, self.keys, rnd)

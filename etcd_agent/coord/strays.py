@@ -51,7 +51,7 @@ class Strays:
             plan = self.mirror.plan(parsed.round)
         except BadKeyData:
             return None  # the plan's own bad value is reported where it is read
-        if plan is None or plan.member(parsed.node) is not None:
+        if plan is None or not plan.outside(parsed.node):  # a member's, or not known from the parts held here
             return None
         what = "an exit key" if parsed.kind == "exit" else "a failure report"
         return f"{what} of a node outside round {parsed.round}'s plan"

@@ -13,8 +13,7 @@ still registered (a newcomer gets its end, ``JobEnded``): the next job is starte
 was not written since the read that found it empty (the checks on arrival are ``runs.py``). A read-modify-write
 that lost its compare reads again through ``cas.swap``, a bounded number of times.
 
-Imports the base modules, ``schema/``, ``etcd/`` (client, watch) and ``coord.decide``, ``blame``, ``cas``, ``runs``;
-never ``node/``.
+Imports the base, ``schema/``, ``etcd/`` (client, watch), ``coord.decide``, ``blame``, ``cas``, ``runs``; not ``node/``.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from typing import Callable
 from .. import logs
 from ..config import JobSpec
 from ..errors import BadKeyData, DuplicateNode, JobEnded, NodeRankTaken
-from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_delete, op_first_created, op_get,
-                           op_get_prefix, op_put, unchanged_under)
+from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_count, op_delete,
+                           op_first_created, op_get, op_get_prefix, op_put, unchanged_under)
 from ..schema.keys import Keys, RunKeys, decode, prefix_end
 from .blame import ReportLoss
 from .cas import AGAIN, Again, swap
@@ -224,19 +223,24 @@ def close(etcd: Etcd, keys: Keys, a: ClosePlan, wall: float) -> TxnResult:
     the round was written after the view (one range compare, for any number of members: a node that re-joined
     with a new session, or joined late, makes the leader decide again), and the first ``MAX_GUARDED_MEMBERS``
     members' keys are still there (etcd caps a txn at 128 compares; a member beyond them that left in between is
-    found lost as soon as the round runs, and costs a restart)."""
+    found lost as soon as the round runs, and costs a restart).
+
+    The plan's header and B parts (``schema/plan.py``) are written in this one txn, B + 4 ops (B <= 120, etcd allows
+    128): a plan is whole or absent. The round records B; only the leader reads the whole plan back (O(N), once)."""
     n = a.round.number
-    reason = f"{len(a.plan.members)} node(s): {', '.join(a.plan.nodes)}"
+    parts = a.plan.split()
     # The leader's own key first: a leader whose lease ended while it decided never closes a round.
     guard = sorted(a.join_revisions, key=lambda nr: nr[0] != a.plan.leader)
     members = [created_at(keys.join(n, node), rev) for node, rev in guard][:MAX_GUARDED_MEMBERS]
     seen = [unchanged_under(keys.joins(n), a.seen_revision)] if a.seen_revision else []
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision), absent(keys.plan(n)), *seen, *members],
-                    [op_put(keys.plan(n), a.plan.encode()),
-                     op_put(keys.round(), round_value(n, Phase.RUNNING, reason, wall, nodes=len(a.plan.members),
+                    [op_put(keys.plan(n), a.plan.header()),
+                     *(op_put(keys.plan_part(n, p.part), p.encode()) for p in parts),
+                     op_put(keys.round(), round_value(n, Phase.RUNNING, a.plan.summary(), wall,
+                                                      nodes=len(a.plan.members), plan_parts=len(parts),
                                                       last_plan=a.round.last_plan or 0,
                                                       scaled_for=a.round.scaled_for)),
-                     op_get(keys.round()), op_get(keys.plan(n))],
+                     op_get(keys.round()), op_get_prefix(keys.plan(n))],
                     where=f"close round {n}")
 
 
@@ -294,11 +298,15 @@ def report_failure(etcd: Etcd, keys: Keys, rnd: int, node: str, failure: Failure
 
 def write_exit(etcd: Etcd, keys: Keys, a: WriteExit, node: str, wall: float) -> TxnResult:
     n = a.round.number
-    # Reading the exits back makes the exit barrier O(1) per node: the last node to finish sees every exit.
-    return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
-                    [op_put(keys.exit(n, node), Exit(node, Outcome.SUCCEEDED, wall).encode()),
-                     op_get_prefix(keys.exits(n))],
-                    where=f"exit barrier of round {n}")
+    # The exit barrier: each node counts the exits (O(1) bytes); one that counts as many as the plan has members
+    # reads them (O(N), once) and ends the job if they are every member's.
+    res = etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
+                   [op_put(keys.exit(n, node), Exit(node, Outcome.SUCCEEDED, wall).encode()),
+                    op_get(keys.exit(n, node)), op_count(keys.exits(n)) if a.members else op_get_prefix(keys.exits(n))],
+                   where=f"exit barrier of round {n}")
+    if res.succeeded and a.members and res.counts[1] >= a.members:
+        res.ranges[1] = etcd.get_prefix(keys.exits(n))[0]
+    return res
 
 
 def end(etcd: Etcd, keys: Keys, a: End, node: str, wall: float) -> TxnResult:

@@ -55,7 +55,7 @@ class Assignment:
     @classmethod
     def of(cls, run_id: str, plan: Plan, m: Member, job: int) -> Assignment:
         """What member ``m`` of ``plan`` runs."""
-        return cls(run_id=run_id, round=plan.round, group_rank=m.group_rank, group_world_size=len(plan.members),
+        return cls(run_id=run_id, round=plan.round, group_rank=m.group_rank, group_world_size=plan.group_world_size,
                    rank_offset=m.rank_offset, world_size=plan.world_size, master_addr=plan.master_addr,
                    master_port=plan.master_port, restart_count=plan.restart_count, max_restarts=plan.max_restarts,
                    job=job)

@@ -171,6 +171,17 @@ def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None =
                 except BadKeyData:
                     continue  # not a key or value of the schema (planted by hand, say): not history
                 changes.append((ev, parsed, value))
+            # a plan's parts are written with its header, in one txn: the plan event names every member
+            parts: dict[int, list] = {}
+            for _ev, parsed, value in changes:
+                if parsed.kind == "plan_part" and value is not None:
+                    parts.setdefault(parsed.round, []).append(value)
+            for i, (ev, parsed, value) in enumerate(changes):
+                if parsed.kind == "plan" and value is not None:
+                    try:
+                        changes[i] = (ev, parsed, value.with_parts(ev.key, parts.get(parsed.round, ())))
+                    except BadKeyData:
+                        pass  # bad parts: the event names the members it can
             times = {}
             for ev, _parsed, value in changes:
                 t = _time_of(value, ev.kv.version == 1)

@@ -25,8 +25,8 @@ from ..coord.blame import root_cause
 from ..errors import BadKeyData
 from ..etcd.client import KV
 from ..schema.keys import Keys, RunKeys
-from ..schema.values import (Failure, JobPointer, NodeInfo, Phase, Plan, Quarantine, Restarts, Result, RoundInfo,
-                             SpecValue)
+from ..schema.values import (Failure, JobPointer, NodeInfo, Phase, Plan, PlanPart, Quarantine, Restarts, Result,
+                             RoundInfo, SpecValue)
 
 HISTORY = 64  # round values a run keeps (newest first): enough for the current round and the last restart
 CAUSES = ("exit", "signal", "hang", "lost", "group", "other")  # the bounded set of a failure's cause class
@@ -195,7 +195,7 @@ def job_view(rm: RunModel, now: float) -> JobView | None:
 
     rnd, result = read(k.round(), RoundInfo), read(k.result(), Result)
     restarts, spec = read(k.restarts(), Restarts), read(k.spec(), SpecValue)
-    plan = read(k.plan(rnd.number), Plan) if rnd else None
+    plan = _plan(rm, k, rnd.number, read, problems) if rnd else None
     nodes = [info for key in _under(rm, k.nodes()) if rm.kvs[key].lease and (info := read(key, NodeInfo))]
     members = set(plan.nodes) if plan else set()
     quarantined = tuple(sorted(q.node or key[len(k.quarantines()):] for key in _under(rm, k.quarantines())
@@ -213,6 +213,19 @@ def job_view(rm: RunModel, now: float) -> JobView | None:
         world_size=plan.world_size if plan else None, formation_s=_formation(rm, gen, rnd),
         last_restart=_last_restart(rm, gen, restarts), last_failure=_last_failure(rm, k, read),
         problems=len(problems))
+
+
+def _plan(rm: RunModel, k: Keys, number: int, read, problems: list) -> Plan | None:
+    """Round ``number``'s whole plan: its header with every part (``schema/plan.py``); None if it is bad data."""
+    header = read(k.plan(number), Plan)
+    if header is None:
+        return None
+    parts = [read(key, PlanPart) for key in _under(rm, k.plan(number) + "/")]
+    try:
+        return header.with_parts(k.plan(number), [p for p in parts if p is not None])
+    except BadKeyData:
+        problems.append(k.plan(number))
+        return None
 
 
 def _under(rm: RunModel, prefix: str) -> list[str]:

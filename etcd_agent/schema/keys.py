@@ -12,7 +12,8 @@ carrying ``"v": 1``; ``values.py`` defines each one as a typed record, validated
     P/round                         {round, phase, reason}; its mod_revision fences every round transition
     P/restarts                      {used, max}: the job-wide restart budget
     P/r/<round:08d>/join/<node>     leased: joined this round
-    P/r/<round:08d>/plan            the round's members, ranks and master address
+    P/r/<round:08d>/plan            the round's plan header: sizes, master address, leader, number of parts B
+    P/r/<round:08d>/plan/<b>        part b of its members (0 <= b < B): each member's ranks and ring predecessor
     P/r/<round:08d>/exit/<node>     this node's workers all succeeded
     P/r/<round:08d>/failures/<node> this node's failure report
     P/result                        the job's final outcome
@@ -44,12 +45,14 @@ _RANK_RE = re.compile("0|[1-9][0-9]*")
 @dataclasses.dataclass(frozen=True)
 class ParsedKey:
     """What a key under the prefix means: ``kind`` is one of spec, node, node_rank, round, restarts, result, join,
-    plan, exit, failure, store; ``round``, ``node`` and ``rank`` are set where the key carries them."""
+    plan, plan_part, exit, failure, store; ``round``, ``node``, ``rank`` and ``part`` are set where the key carries
+    them."""
 
     kind: str
     round: int | None = None
     node: str | None = None
     rank: int | None = None
+    part: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +165,12 @@ class Keys:
         return self.joins(rnd) + node
 
     def plan(self, rnd: int) -> str:
+        """The plan's header; with its parts it is the range ``plan(rnd)`` .. ``prefix_end(plan(rnd))``."""
         return self.round_dir(rnd) + "plan"
+
+    def plan_part(self, rnd: int, part: int) -> str:
+        """Part ``part`` of the plan's members (``plan.py``)."""
+        return f"{self.plan(rnd)}/{part}"
 
     def exits(self, rnd: int) -> str:
         return self.round_dir(rnd) + "exit/"
@@ -203,6 +211,8 @@ class Keys:
             rnd = int(parts[1])
             if parts[2:] == ["plan"]:
                 return ParsedKey("plan", round=rnd)
+            if len(parts) == 4 and parts[2] == "plan" and _RANK_RE.fullmatch(parts[3]):
+                return ParsedKey("plan_part", round=rnd, part=int(parts[3]))
             kinds = {"join": "join", "exit": "exit", "failures": "failure"}
             if len(parts) == 4 and parts[2] in kinds and parts[3]:
                 return ParsedKey(kinds[parts[2]], round=rnd, node=parts[3])

@@ -7,10 +7,12 @@ One record per kind of key::
                                             checking (no health check passed yet)
     P/node_ranks/<rank>        RankClaim    the holder of a --node-rank
     P/quarantine/<node>        Quarantine   its recent worker failures, and until when it sits out
-    P/round                    RoundInfo    {round, phase, reason, time[, nodes][, last_plan][, scaled_for]}
+    P/round                    RoundInfo    {round, phase, reason, time[, nodes][, plan_parts][, last_plan]
+                                            [, scaled_for]}
     P/restarts                 Restarts     {used, max}
     P/r/<n>/join/<node>        Join         address, free port, nproc, previous rank, static-rendezvous flags
-    P/r/<n>/plan               Plan         compact: one [node, nproc, addr] per member in group-rank order
+    P/r/<n>/plan               Plan         the header: sizes, master, restart count, leader, parts (``plan.py``)
+    P/r/<n>/plan/<b>           PlanPart     part b of the members, each with its ranks and ring predecessor
     P/r/<n>/exit/<node>        Exit         {node, outcome, time}
     P/r/<n>/failures/<node>    Failure      one worker's (or worker group's) failure report
     P/result                   Result       {outcome, round, reason, root_cause, restarts, time}
@@ -22,19 +24,19 @@ version) and read back (validated field by field against its annotations; BadKey
 so a bad value is never half-read; unknown fields are ignored, fields without a default required, ``kv`` fields
 taken from the KV) is the generic codec, ``codec.py``. ``Phase`` (a round's) and ``Outcome`` (a node's workers,
 the job's) are string enums, so a record compares equal to, and serialises as, the words an operator sees in
-etcdctl. Pure: imports ``errors``, ``proctree`` (the wording of an exit) and ``schema.codec``; never ``etcd/`` or
-anything above.
+etcdctl. Pure: imports ``errors``, ``proctree`` (the wording of an exit), ``schema.codec`` and ``schema.plan``;
+never ``etcd/`` or anything above.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 from ..errors import BadKeyData
 from ..proctree import describe_exit
-from .codec import Record, Word, convert, kv_field, required, stored_as
+from .codec import Record, Word, kv_field, required, stored_as
+from .plan import Member, Plan, PlanPart  # noqa: F401 (the plan's records live in plan.py; read here with the rest)
 
 
 class Phase(Word):
@@ -149,6 +151,7 @@ class RoundInfo(Record):
     last_plan: int | None = None  # the newest earlier round that had a plan (0: none; None: not recorded)
     time: float = 0.0
     nodes: int | None = None  # how many nodes the round runs with (running rounds)
+    plan_parts: int | None = None  # how many parts its plan is stored in (running rounds; None: not recorded)
     # A scale-up's round (joining, then running): the newest registry revision of the newcomers it was made for.
     # A node outside its plan whose entry is not newer was passed over: no scale-up for it until the entry changes.
     scaled_for: int | None = None
@@ -199,107 +202,6 @@ class Join(Record):
             raise BadKeyData(key, f"master_port must be 1-65535, got {self.master_port}")
         if self.nproc < 1:
             raise BadKeyData(key, f"nproc must be at least 1, got {self.nproc}")
-
-
-class Member(NamedTuple):
-    """One member of a plan (a tuple: every member reads the whole plan each round, so making one is cheap)."""
-
-    node: str
-    group_rank: int
-    host: str
-    addr: str
-    nproc: int
-    rank_offset: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan(Record):
-    round: int
-    members: tuple[Member, ...]
-    master_addr: str
-    master_port: int
-    restart_count: int
-    max_restarts: int = 0
-    mod_revision: int = kv_field()
-    leader: str = ""  # the member that closed the round: it watches the registry and the round's keys
-
-    @property
-    def leader_node(self) -> str:
-        return self.leader or self.members[0].node
-
-    @property
-    def world_size(self) -> int:
-        return sum(m.nproc for m in self.members)
-
-    def member(self, node: str) -> Member | None:
-        return self._by_node.get(node)
-
-    @functools.cached_property
-    def _by_node(self) -> dict[str, Member]:
-        return {m.node: m for m in self.members}
-
-    def predecessor(self, node: str) -> str | None:
-        """The member before ``node`` in group-rank order, the last one for rank 0 (a ring): the one peer whose
-        loss ``node`` watches for. None when ``node`` is not a member or alone."""
-        m = self.member(node)
-        if m is None or len(self.members) < 2:
-            return None
-        return self.members[m.group_rank - 1].node
-
-    @property
-    def nodes(self) -> list[str]:
-        return [m.node for m in self.members]
-
-    def to_json(self) -> dict:
-        """The plan as stored in etcd. Every member reads it once per round, so it is compact: one
-        ``[node, nproc, addr]`` per member in group-rank order (group ranks and rank offsets follow from the order)."""
-        return {"round": self.round, "world_size": self.world_size, "group_world_size": len(self.members),
-                "master_addr": self.master_addr, "master_port": self.master_port,
-                "restart_count": self.restart_count, "max_restarts": self.max_restarts, "leader": self.leader,
-                "members": [[m.node, m.nproc, m.addr] for m in self.members]}
-
-    def expanded(self) -> dict:
-        """The plan with every member spelled out (``status --json``)."""
-        return {**self.to_json(), "members": [m._asdict() for m in self.members]}
-
-    @classmethod
-    def from_json(cls, key: str, obj: dict, mod_revision: int = 0) -> Plan:
-        if not isinstance(obj, dict):
-            raise BadKeyData(key, "not a JSON object")
-        missing = [f for f in ("round", "members", "master_addr", "master_port", "restart_count") if f not in obj]
-        if missing:
-            raise BadKeyData(key, f"missing field(s) {', '.join(missing)}")
-        fields = {f: convert(key, f, kind, obj.get(f, 0)) for f, kind in (
-            ("round", int), ("master_addr", str), ("master_port", int), ("restart_count", int), ("max_restarts", int))}
-        return cls(members=_members(key, obj["members"]), mod_revision=mod_revision,
-                   leader=convert(key, "leader", str, obj.get("leader") or ""), **fields)
-
-
-def _members(key: str, raw) -> tuple[Member, ...]:
-    """A plan's members: compact ``[node, nproc, addr]`` lists in group-rank order, or spelled-out objects (as plans
-    were written before they became compact)."""
-    if not isinstance(raw, list) or not raw:
-        raise BadKeyData(key, f"bad plan: members must be a non-empty list, not {raw!r}")
-    members, offset = [], 0
-    for rank, m in enumerate(raw):
-        if isinstance(m, list) and len(m) == 3:
-            (node, nproc, addr), host, group_rank = m, "", rank
-        elif isinstance(m, dict):
-            node, nproc, addr, host, group_rank = (m.get("node"), m.get("nproc"), m.get("addr"), m.get("host", ""),
-                                                   m.get("group_rank"))
-        else:
-            raise BadKeyData(key, f"bad plan: member {rank} must be [node, nproc, addr], not {m!r}")
-        where = f"members[{rank}]"
-        member = Member(convert(key, f"{where} node", str, node), convert(key, f"{where} group_rank", int, group_rank),
-                        convert(key, f"{where} host", str, host), convert(key, f"{where} addr", str, addr),
-                        convert(key, f"{where} nproc", int, nproc), offset)
-        if member.nproc < 1:
-            raise BadKeyData(key, f"{where} nproc must be at least 1, got {member.nproc}")
-        members.append(member)
-        offset += member.nproc
-    if [m.group_rank for m in members] != list(range(len(members))):
-        raise BadKeyData(key, "bad plan: members are not in group-rank order 0..n-1")
-    return tuple(members)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,7 +293,8 @@ class Result(Record):
 
 RECORDS: dict[str, type[Record]] = {  # keys.ParsedKey.kind -> the record its values are
     "spec": SpecValue, "node": NodeInfo, "quarantine": Quarantine, "node_rank": RankClaim, "round": RoundInfo,
-    "restarts": Restarts, "join": Join, "plan": Plan, "exit": Exit, "failure": Failure, "result": Result,
+    "restarts": Restarts, "join": Join, "plan": Plan, "plan_part": PlanPart, "exit": Exit, "failure": Failure,
+    "result": Result,
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agents import job_keys
+from agents import job_keys, plan_of
 
 from . import bed as cluster_bed
 from .slurm import NPROC, job_output, records, status, submit, wait_end
@@ -26,9 +26,9 @@ def check_one_round_on_every_host(out: Path, run_id: str) -> dict[tuple[int, int
     found = records(out)
     assert sorted(found) == [(1, r) for r in range(NPROC * len(cluster_bed.NODES))], sorted(found)
     keys = job_keys(cluster_bed.etcd_endpoints(), run_id)
-    plans = [v for k, v in keys.items() if k.endswith("/plan")]
+    plans = [k for k in keys if k.endswith("/plan")]
     assert len(plans) == 1, sorted(keys)
-    members = plans[0]["members"]  # [node, nproc, addr] in group-rank order
+    members = [(m.node, m.nproc, m.addr) for m in plan_of(keys, plans[0]).members]  # in group-rank order
     assert len(members) == len(cluster_bed.NODES), members
     for (_, rank), rec in found.items():
         env, host = rec["env"], rec["host"]

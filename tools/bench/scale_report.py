@@ -35,7 +35,8 @@ def one_line(out: dict) -> str:
     head = (f"{out['time_s']:.3f} s" if out.get("time_s") is not None
             else ("ok" if out["ok"] else f"NOT DONE: {out.get('reached')}"))
     return (f"{head}; {writes(e):.0f} write RPCs, {e.get('watch_events', 0):.0f} watch events, "
-            f"{e.get('rpc_range', 0):.0f} range RPCs; agent CPU {out.get('agent_cpu_s', 0):.1f} s, etcd CPU "
+            f"{e.get('rpc_range', 0):.0f} range RPCs, {e.get('sent_bytes', 0) / 1e3:.0f} KB sent; "
+            f"agent CPU {out.get('agent_cpu_s', 0):.1f} s, etcd CPU "
             f"{out.get('etcd_cpu_s', 0):.1f} s; wall {out.get('wall_s', 0):.1f} s")
 
 
@@ -48,9 +49,9 @@ def markdown(result: dict) -> str:
              f"{m['args']['cap']:g} s. Times in seconds. Counters are etcd's, as differences around each scenario "
              "(see etcd_agent/testing/metrics.py); CPU is user+sys seconds.\n",
              "| N | procs x agents | scenario | time | round | Txn | Put | Delete | LeaseRevoke | key puts | "
-             "key deletes | Range (full reads) | watch events | events / N^2 | MiB sent | agent CPU | etcd CPU | "
-             "etcd runqueue wait | wall |",
-             "|" + "---|" * 19]
+             "key deletes | Range (full reads) | watch events | events / N^2 | etcd KB sent | KB sent / N | agent CPU "
+             "| etcd CPU | etcd runqueue wait | wall |",
+             "|" + "---|" * 20]
     notes = []
     for run in result["runs"]:
         n = run["nodes"]
@@ -58,7 +59,7 @@ def markdown(result: dict) -> str:
         for name in ("first", "idle", "leave", "lost", "exit"):
             out = run["scenarios"].get(name)
             if out is None:
-                lines.append(f"| {n} | {shape} | {name} | not run |" + " |" * 15)
+                lines.append(f"| {n} | {shape} | {name} | not run |" + " |" * 16)
                 continue
             e = out["etcd"]
             if name == "idle":
@@ -72,7 +73,8 @@ def markdown(result: dict) -> str:
                 f"| {n} | {shape} | {name} | {time} | {out.get('round', '-')} | {_n(e['rpc_txn'])} | "
                 f"{_n(e['rpc_put'])} | {_n(e['rpc_delete'])} | {_n(e['rpc_lease_revoke'])} | {_n(e['key_puts'])} | "
                 f"{_n(e['key_deletes'])} | {_n(e['rpc_range'])} | {_n(e['watch_events'])} | "
-                f"{e['watch_events'] / n ** 2:.2f} | {e['sent_bytes'] / 2 ** 20:.1f} | {out['agent_cpu_s']:.1f} | "
+                f"{e['watch_events'] / n ** 2:.2f} | {e['sent_bytes'] / 1e3:.0f} | {e['sent_bytes'] / 1e3 / n:.1f} | "
+                f"{out['agent_cpu_s']:.1f} | "
                 f"{out['etcd_cpu_s']:.1f} | {out.get('etcd_runqueue_wait_s', 0):.1f} | {out['wall_s']:.1f} |")
         if run.get("error"):
             notes.append(f"- N={n}: error: {run['error']}")
@@ -84,8 +86,9 @@ def markdown(result: dict) -> str:
     legend = ["", "Scenarios: " + "; ".join(f"{k}: {v}" for k, v in LABELS.items()) + ".", "",
               "Columns: Txn/Put/Delete/LeaseRevoke/Range are RPCs etcd served; key puts and key deletes are what "
               "its MVCC store applied (a lease revoke deletes each attached key); watch events are summed over "
-              "all watchers; MiB sent is everything etcd sent to clients; etcd runqueue wait is the time etcd's "
-              "threads were "
+              "all watchers; etcd KB sent is everything etcd sent to clients in the scenario (each is one round, "
+              "but idle), in KB of 1000 bytes, and KB sent / N the same per node (constant in N where a round costs "
+              "O(N) bytes); etcd runqueue wait is the time etcd's threads were "
               "runnable but not running (CPU-starved by the agents). A scenario that did not finish shows what "
               "happened within the cap."]
     return "\n".join(lines + legend + ([""] + notes if notes else [])) + "\n"
