@@ -79,7 +79,7 @@ class Done:
 
 class _StandIn:
     """One stand-in worker: ends once, with a code and a cause ("own": the scenario ended it, "stop": stop() did);
-    ``on_end`` hands its exit to the process's exit thread."""
+    ``on_end`` hands its exit to the exit thread (``_see_exits``)."""
 
     def __init__(self, local_rank: int, rank: int, rnd: int, on_end: Callable[["_StandIn"], None]):
         self.local_rank, self.rank, self.round = local_rank, rank, rnd
@@ -100,31 +100,18 @@ class _StandIn:
         return True
 
 
-class _Exits:
+_exits: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # stand-in exits, for ``_see_exits``
+_exits_seen = threading.Lock()  # held once its thread runs
+
+
+def _see_exits() -> None:
     """The one thread of this process that sees stand-in exits, in the order they were ended (started with the
-    first): what a worker's waiter thread is to ``WorkerGroup``, shared by every group."""
-
-    def __init__(self):
-        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def put(self, seen: Callable[[], None]) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="stand-in-exits", daemon=True)
-                self._thread.start()
-        self._queue.put(seen)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self._queue.get()()
-            except Exception:  # noqa: BLE001 - one group's bug must not keep every other exit from being seen
-                log.exception("a stand-in exit could not be handled")
-
-
-_EXITS = _Exits()
+    first stand-in): what a worker's waiter thread is to ``WorkerGroup``, shared by every group."""
+    while True:
+        try:
+            _exits.get()()
+        except Exception:  # noqa: BLE001 - one group's bug must not keep every other exit from being seen
+            log.exception("a stand-in exit could not be handled")
 
 
 class StandInGroup:
@@ -157,8 +144,10 @@ class StandInGroup:
             tally = self._tally = ExitTally(a.round, self.cfg.nproc, self._log)
             self._stopped = threading.Event()
             self._workers = [_StandIn(i, a.rank_offset + i, a.round,
-                                      lambda w: _EXITS.put(functools.partial(self._exited, w, tally)))
+                                      lambda w: _exits.put(functools.partial(self._exited, w, tally)))
                              for i in range(self.cfg.nproc)]
+            if _exits_seen.acquire(blocking=False):
+                threading.Thread(target=_see_exits, name="stand-in-exits", daemon=True).start()
             if self._worker_timeout:
                 threading.Thread(target=self._check_progress, args=(self._tally, self._stopped), daemon=True,
                                  name=f"stand-in-{self.node_id}-r{a.round}-progress").start()
