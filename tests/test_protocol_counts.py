@@ -101,10 +101,12 @@ def test_every_member_watches_its_ring_predecessor_without_reading_it(private_et
                        join_timeout=120.0, max_restarts=5)
     with SimJob(params) as job:
         job.start(nodes)
-        job.wait_round(1, nodes, timeout=WAIT)
-        plan = job.agents[nodes[0]].coord.view().plan
-        followers = [a for node, a in job.agents.items() if node != plan.leader_node]
+        first = job.wait_round(1, nodes, timeout=WAIT)
+        by_rank = {s.group_rank: node for node, s in first.items()}
+        pred = {node: by_rank[(s.group_rank - 1) % n] for node, s in first.items()}  # the ring, in rank order
 
         def ring_known() -> bool:  # the replay of the predecessor's key wakes the agent, which then watches it
-            return all(a.coord.scope.watched == {plan.predecessor(a.cfg.node_id)} for a in followers)
+            scopes = {node: a.coord.scope for node, a in job.agents.items()}  # read only: the agents own them
+            followers = [node for node, scope in scopes.items() if not scope.full]
+            return len(followers) == n - 1 and all(scopes[node].watched == {pred[node]} for node in followers)
         poll_until(ring_known, WAIT, "every member that does not lead watches its predecessor's join key")
