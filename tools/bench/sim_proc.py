@@ -19,8 +19,9 @@ the process is profiled by cProfile on its own CPU clock (``time.thread_time``: 
 and ``quit`` first writes ``DIR/proc-<pid>.prof`` (all threads merged; read it with ``pstats``) and
 ``DIR/proc-<pid>.threads.json``: CPU seconds per kind of thread (what it runs: the agent loop, a watch stream,
 gRPC's channel spin and request threads, a keepalive), read from each thread's CPU clock without the profiler.
-cProfile makes Python code slower (about 2x for small functions), so read its numbers as shares, and the thread
-table for the CPU itself. ``python tools/bench/sim_proc.py --report DIR [TOP]`` merges every process's files and
+cProfile makes Python code much slower (small functions most: a plan's decoding ten times and more), so read its
+numbers as shares only; ``ETCD_AGENT_SIM_PROFILE=threads:DIR`` writes the thread table alone, without cProfile,
+for the CPU itself. ``python tools/bench/sim_proc.py --report DIR [TOP]`` merges every process's files and
 prints the thread table and the TOP functions (default 30) by their own time and by cumulative time.
 """
 
@@ -54,7 +55,8 @@ class Profile:
     (see the module doc); ``dump`` writes both."""
 
     def __init__(self, out: str):
-        self.out = out
+        self.functions = not out.startswith("threads:")  # else: the thread table alone
+        self.out = out.removeprefix("threads:")
         self.profiles: list[cProfile.Profile] = []
         self.ended: collections.Counter = collections.Counter()  # kind -> CPU seconds of its threads that ended
         self._lock = threading.Lock()
@@ -69,7 +71,8 @@ class Profile:
                 with profile._lock:
                     profile.ended[kind] += time.thread_time()
         threading.Thread.run = counted
-        threading.setprofile(self._start)
+        if self.functions:
+            threading.setprofile(self._start)
 
     def _start(self, frame, event, arg) -> None:
         sys.setprofile(None)
