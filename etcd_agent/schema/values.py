@@ -282,6 +282,11 @@ def _members(key: str, raw) -> tuple[Member, ...]:
         raise BadKeyData(key, f"bad plan: members must be a non-empty list, not {raw!r}")
     members, offset = [], 0
     for rank, m in enumerate(raw):
+        if type(m) is list and len(m) == 3 and type(m[0]) is str and type(m[1]) is int and type(m[2]) is str \
+                and m[1] >= 1:  # the compact form, valid: what every plan holds (checked below otherwise)
+            members.append(Member(m[0], rank, "", m[2], m[1], offset))
+            offset += m[1]
+            continue
         if isinstance(m, list) and len(m) == 3:
             (node, nproc, addr), host, group_rank = m, "", rank
         elif isinstance(m, dict):
