@@ -89,3 +89,24 @@ def test_watch_events_and_writes_per_round_are_linear_in_n(private_etcd, run_id,
     for what in ("crash", "leave"):
         assert costs[what]["key_puts"] <= 2 * n + 10, (what, costs[what])
         assert costs[what]["rpc_txn"] <= 3 * n + 10, (what, costs[what])
+        # One read per member and round: its plan. The ring predecessor's join key is not read but replayed by its
+        # watch from the round's opening (measured N + 2 at N = 8 and 24; it was 2 N with the read).
+        assert costs[what]["rpc_range"] <= n + 5, (what, costs[what])
+
+
+def test_every_member_watches_its_ring_predecessor_without_reading_it(private_etcd, run_id):
+    n = 5
+    nodes = [f"n{i:03d}" for i in range(n)]
+    params = JobParams(private_etcd.endpoint, run_id, min_nodes=n, max_nodes=n, lease_ttl=10, last_call=30.0,
+                       join_timeout=120.0, max_restarts=5)
+    with SimJob(params) as job:
+        job.start(nodes)
+        first = job.wait_round(1, nodes, timeout=WAIT)
+        by_rank = {s.group_rank: node for node, s in first.items()}
+        pred = {node: by_rank[(s.group_rank - 1) % n] for node, s in first.items()}  # the ring, in rank order
+
+        def ring_known() -> bool:  # the replay of the predecessor's key wakes the agent, which then watches it
+            scopes = {node: a.coord.scope for node, a in job.agents.items()}  # read only: the agents own them
+            followers = [node for node, scope in scopes.items() if not scope.full]
+            return len(followers) == n - 1 and all(scopes[node].watched == {pred[node]} for node in followers)
+        poll_until(ring_known, WAIT, "every member that does not lead watches its predecessor's join key")

@@ -893,3 +893,17 @@ def test_other_ends_are_plain_job_failures_or_stops_whatever_the_root_cause_says
     by_torch = Result(Outcome.FAILED, 3, "torchrun's agent on node-b gave up", quoted)
     assert job_error(by_torch) is JobFailed
     assert job_error(Result(Outcome.STOPPED, 3, "stopped by the operator")) is JobStopped
+
+
+def test_loss_reports_go_at_most_max_loss_reports_per_txn():
+    """Hundreds of members lost at once (a machine that starved its agents) fit etcd's 128 operations per txn: a
+    restart writes the first reports with it, and each later ReportLoss the next ones."""
+    from etcd_agent.coord.decide import MAX_LOSS_REPORTS
+    lost = [f"node-{i:03d}" for i in range(3 * MAX_LOSS_REPORTS)]
+    plan = mk_plan(3, [ME, "node-b", *lost])
+    bump = decide(view(3, nodes=(ME, "node-b"), plan=plan, joins=(ME, "node-b")), running_here(3), PARAMS)
+    assert isinstance(bump, Bump) and [f.node for f in bump.losses] == lost[:MAX_LOSS_REPORTS]
+    v = lost_view()
+    v = dataclasses.replace(v, last_plan=mk_plan(3, [ME, "node-b", *lost]))
+    action = decide(v, me(), PARAMS)
+    assert isinstance(action, ReportLoss) and [f.node for f in action.reports] == lost[:MAX_LOSS_REPORTS]

@@ -145,3 +145,19 @@ def test_a_range_read_replaces_the_range_and_fences_older_news():
 def test_a_registry_entry_without_a_lease_is_no_live_node():
     m = mirror(kv(K.node("alive"), encode({"host": "h"}), 10, lease=7), kv(K.node("ghost"), encode({"host": "g"}), 11))
     assert set(m.view().nodes) == {"alive"}
+
+
+def test_a_views_joins_follow_every_change_in_the_mirrors_order_and_are_reused_while_nothing_changed():
+    join = lambda node: encode({"node": node, "addr": "a", "port": 1, "nproc": 1})  # noqa: E731
+    m = mirror(kv(K.round(), encode({"round": 1, "phase": "joining"}), 3),
+               *(kv(K.join(1, f"n{i}"), join(f"n{i}"), 10 + i, lease=7) for i in range(4)), revision=20)
+    first = m.view().joins
+    assert list(first) == ["n0", "n1", "n2", "n3"]
+    assert m.view().joins is first  # nothing changed: the leader's view of N joins is not made again
+    m.apply([Event("delete", kv(K.join(1, "n1"), b"", 21)), Event("put", kv(K.join(1, "n4"), join("n4"), 22))])
+    m.apply([Event("put", kv(K.join(1, "n1"), join("n1"), 23, lease=8))])
+    joins = m.view().joins
+    assert list(joins) == ["n0", "n2", "n3", "n4", "n1"] and joins["n1"].lease == 8
+    assert list(first) == ["n0", "n1", "n2", "n3"]  # a view's dict never changes under it
+    m.prune(2, None)
+    assert m.view().joins == {}

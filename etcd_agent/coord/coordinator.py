@@ -276,7 +276,9 @@ class Coordinator:
             self._no_space = False
             self.log.info("etcd accepts writes again (its NOSPACE alarm was cleared); the job goes on")
         if res.succeeded:  # what the txn wrote, read back in it: the mirror has it before any watch shows it
-            for kvs in res.ranges:
+            # a join's second read, the round's oldest joins, is not kept: only its leader's key, which is watched
+            # (``Roles.take_leader``); the others would be facts nothing keeps current, and each one costs a decode
+            for kvs in res.ranges[:1] if type(action) is JoinRound else res.ranges:
                 self.mirror.absorb(kvs, res.revision)
         return res
 

@@ -48,6 +48,7 @@ from ..errors import JobFailed, JobStopped, RendezvousTimeout, RestartBudgetSpen
 from .mirror import DONE, FAILED, FINAL_PHASES, JOINING, View
 from .ranks import Ranking, as_spares, make_plan, plan_size, rank_joiners
 from ..schema.values import Failure, Member, Outcome, Phase, Plan, Result, RoundInfo
+MAX_LOSS_REPORTS = 40  # per txn (a compare, a put and a read each; etcd takes 128): the rest go in the next one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +190,7 @@ def _blame(v: View, r: RoundInfo, me: Local, p: Params) -> Action | None:
     counts toward its quarantine (it joins nothing until that is known: ``blame.verdict``)."""
     lost = blame.unreported_losses(v, me.wall, p.lease_ttl)
     if lost:
-        return ReportLoss(tuple(blame.loss_report(n, v.last_plan.round, me.wall) for n in lost))
+        return ReportLoss(tuple(blame.loss_report(n, v.last_plan.round, me.wall) for n in lost[:MAX_LOSS_REPORTS]))
     f = me.pending
     if f is None or f.round is None or f.round >= r.number or (v.plan and v.plan.member(me.node)):
         return None
@@ -290,7 +291,7 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if member is not None and me.outcome == Outcome.FAILED and me.workers_round == r.number:
         return _fail_or_bump(v, r, me, p, f"{describe_failure(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
-        losses = tuple(blame.loss_report(n, r.number, me.wall) for n in lost if n not in v.failures)
+        losses = tuple(blame.loss_report(n, r.number, me.wall) for n in lost if n not in v.failures)[:MAX_LOSS_REPORTS]
         return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None, losses)
     passed = member is None and me.node in passed_over(v)
     if member is None and (me.unhealthy or not me.ready or passed):

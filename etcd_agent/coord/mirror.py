@@ -96,6 +96,10 @@ class Mirror:
         self.floors: dict[tuple[str, bytes], int] = {}  # range -> revision it was read at: older news is ignored
         self._memo: dict[tuple, tuple[object, object]] = {}  # (key, what) -> (the KV it was made from, result)
         self._plans: dict[int, tuple[tuple, Plan]] = {}  # round -> (the KVs its plan was assembled from, the plan)
+        # directory -> (kind, {key: (KV, record)}, what the view made of it): kept across views, updated for the
+        # keys changed since (``_dirty``), so a leader's view of N joins costs the joins that arrived, not N lookups
+        self._dir_cache: dict[str, tuple[type, dict, dict]] = {}
+        self._dirty: dict[str, set[str]] = {}
 
     def reset(self, kvs: Iterable, revision: int) -> None:
         """The whole mirror is a read of the whole prefix at ``revision``."""
@@ -107,6 +111,8 @@ class Mirror:
         self.floors = {(self.keys.prefix, prefix_end(self.keys.prefix)): revision}
         self.revision = max(self.revision, revision)
         self._memo.clear()
+        self._dir_cache.clear()
+        self._dirty.clear()
 
     def reset_range(self, start: str, end: bytes, kvs: Iterable, revision: int) -> None:
         """The keys in ``[start, end)`` are exactly ``kvs``, as read at ``revision`` (a key changed after the read,
@@ -133,8 +139,14 @@ class Mirror:
         """Whether news of ``key`` at ``revision`` is older than a read that covered the key."""
         return any(revision <= floor and in_range(key, start, end) for (start, end), floor in self.floors.items())
 
+    def _touch(self, key: str) -> None:
+        directory = _dir(key)
+        if directory in self._dir_cache:
+            self._dirty.setdefault(directory, set()).add(key)
+
     def _drop(self, key: str) -> None:
         if self.kvs.pop(key, None) is not None:
+            self._touch(key)
             d = self.dirs.get(_dir(key))
             if d is not None:
                 d.pop(key, None)
@@ -152,6 +164,7 @@ class Mirror:
         self.kvs[kv.key] = kv
         self.dirs.setdefault(_dir(kv.key), {})[kv.key] = kv
         self.deleted.pop(kv.key, None)
+        self._touch(kv.key)
         return True
 
     def _delete(self, key: str, revision: int) -> bool:
@@ -202,6 +215,9 @@ class Mirror:
             self.deleted.pop(key, None)
         for rng in [rng for rng in self.floors if old(rng[0])]:
             del self.floors[rng]
+        for directory in [d for d in self._dir_cache if old(d)]:
+            del self._dir_cache[directory]
+            self._dirty.pop(directory, None)
 
     def _round_of(self, key: str) -> int | None:
         """The round a key (or a range start) under ``r/`` belongs to; None for anything else."""
@@ -232,6 +248,30 @@ class Mirror:
         kv = self.kvs.get(key)
         return None if kv is None else self.record(kv, kind)
 
+    def _derived(self, directory: str, kind: type, make: Callable[[dict], dict]) -> dict:
+        """``make({key: (KV, record)})`` for the KVs directly under ``directory`` read as ``kind``: made again only
+        when a key there changed, from the records of the changed keys and those kept (read-only: views share it).
+        A bad value raises BadKeyData, as ``record`` does, and nothing is kept."""
+        cached = self._dir_cache.pop(directory, None)
+        present = self.dirs.get(directory, {})
+        if cached is not None and cached[0] is kind:
+            dirty = self._dirty.pop(directory, set())
+            if not dirty:
+                self._dir_cache[directory] = cached
+                return cached[2]
+            records = cached[1]
+        else:
+            self._dirty.pop(directory, None)
+            records, dirty = {}, present.keys()
+        for key in dirty:
+            kv = present.get(key)
+            if kv is not None:
+                records[key] = (kv, self.record(kv, kind))
+        records = {key: records[key] for key in present}  # in the mirror's order, as ``children`` gives them
+        derived = make(records)
+        self._dir_cache[directory] = (kind, records, derived)
+        return derived
+
     def children(self, directory: str) -> list:
         """The KVs directly under ``directory`` (which ends with a slash): ``nodes/x`` but not ``nodes/x/y``."""
         return list(self.dirs.get(directory, {}).values())
@@ -246,8 +286,10 @@ class Mirror:
         rnd = self.round()
         number = rnd.number if rnd else 0
         # a registry entry without a lease is no live agent's (every agent registers on its session's lease)
-        nodes = {kv.key[len(k.nodes()):]: self.record(kv, NodeInfo) for kv in self.children(k.nodes()) if kv.lease}
-        joins = ({j.node: j for j in (self.record(kv, Join) for kv in self.children(k.joins(number)))}
+        cut = len(k.nodes())
+        nodes = self._derived(k.nodes(), NodeInfo,
+                              lambda got: {key[cut:]: info for key, (kv, info) in got.items() if kv.lease})
+        joins = (self._derived(k.joins(number), Join, lambda got: {j.node: j for _kv, j in got.values()})
                  if rnd else {})
         exits = (frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd
                  else frozenset())

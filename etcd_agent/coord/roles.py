@@ -32,6 +32,7 @@ class Roles:
         self.leaders: dict[int, str] = {}  # round -> its leader, as this agent's join txn (or a re-read) found
         self._round = 0
         self._plans_read: set[tuple[int, bool]] = set()  # (round, whole) of the plan reads made
+        self._opened = (0, 0)  # (round, revision it opened at): every join key of that round was created after
 
     def maintain(self, lease: int, unhealthy: bool, awaiting: bool) -> None:
         """Watch what this agent's role in the current round needs, before it decides (O(1) watch events per
@@ -64,6 +65,7 @@ class Roles:
     def _role_for(self, r, m: Mirror, k: Keys, lease: int, unhealthy: bool, awaiting: bool) -> None:
         n = r.number
         if r.phase == JOINING:
+            self._opened = (n, r.mod_revision)  # only the bump (or the job's start) writes a joining round
             mine = m.get(k.join(n, self.node))
             if mine is None or mine.lease != lease:
                 # Not joined yet: the join txn tells who leads. An unhealthy node watches the registry and the round
@@ -91,9 +93,11 @@ class Roles:
             self._role(True, n)
         else:
             pred = plan.predecessor(self.node)
-            self._role(False, peer=k.join(n, pred) if pred else None)
+            # the predecessor joined after the round opened: its key's whole life replays from there, unread
+            since = self._opened[1] + 1 if self._opened[0] == n else None
+            self._role(False, peer=k.join(n, pred) if pred else None, since=since)
 
-    def _role(self, full: bool, rnd: int = 0, peer: str | None = None) -> None:
+    def _role(self, full: bool, rnd: int = 0, peer: str | None = None, since: int | None = None) -> None:
         k = self.keys
         r = self.mirror.round()
         if full:
@@ -108,9 +112,13 @@ class Roles:
             self.watches.unwatch("blame")
             if peer is None:
                 self.watches.unwatch("peer")
-            else:
+            elif since is None:
                 self.watches.ensure("peer", peer, b"")
-        self.scope = Scope(full, frozenset() if full or peer is None else frozenset({peer.rsplit("/", 1)[1]}))
+            else:
+                self.watches.follow("peer", peer, since)
+        # a peer whose key was not read yet, nor replayed, is not watched yet: its absence is no loss
+        known = not full and peer is not None and "peer" in self.watches.known
+        self.scope = Scope(full, frozenset({peer.rsplit("/", 1)[1]}) if known else frozenset())
 
     def read_key(self, key: str) -> None:
         """Read ``key`` once into the mirror."""

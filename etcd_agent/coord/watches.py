@@ -6,6 +6,8 @@ Guarantees:
   that read's revision + 1, so no change is missed. What was watched under the same name before is dropped first.
 - A delivery reaches the owner as a ``WatchDelivery`` through ``sink`` (on the stream's thread); the owner applies it
   with ``apply`` on its own thread. A delivery of a range no longer watched (an old token) is no news and is dropped.
+- Or replay, then watch: ``follow`` watches one key from an older revision without reading it; etcd replays what
+  happened to the key since, and until that first delivery the key is not known (``known`` has no entry for it).
 - ``known[name]`` is the revision through which that range is known (the leader's close guard uses the round's).
 
 Imports ``etcd/`` (client, watch), ``schema.keys`` and the rest of ``coord/`` (mirror, strays); never ``node/`` or
@@ -58,10 +60,26 @@ class Watches:
         self.mirror.reset_range(start, end, kvs, rev)
         self.strays.note(kvs)
         self.known[name] = rev
+        self._start()
+        self._ranges[name] = (self.stream.add(name, start, end, rev + 1), start, end)
+
+    def follow(self, name: str, key: str, since: int) -> None:
+        """Watch the one key ``key`` under ``name`` from revision ``since`` without reading it first: etcd replays
+        every change of the key from ``since`` on (from its creation, when ``since`` is older), and the first
+        delivery makes it known (``known[name]``); a compacted ``since`` is read again by the stream (a ``Resync``).
+        Saves the read where the key is known to have been created at or after ``since``."""
+        current = self._ranges.get(name)
+        if current is not None and current[1:] == (key, b""):
+            return
+        if current is not None:
+            self.unwatch(name)
+        self._start()
+        self._ranges[name] = (self.stream.add(name, key, b"", since), key, b"")
+
+    def _start(self) -> None:
         if self.stream is None:
             self.stream = WatchStream(self.etcd, lambda n, token, d: self._sink(WatchDelivery(n, token, d)),
                                       probe_interval=self._probe, name=self._thread_name).start()
-        self._ranges[name] = (self.stream.add(name, start, end, rev + 1), start, end)
 
     def unwatch(self, name: str, drop: bool = True) -> None:
         """Stop watching ``name`` and, when ``drop``, forget what only it kept current (``own`` keys stay)."""

@@ -73,10 +73,18 @@ def _finite(number: int | float) -> bool:
         return False
 
 
+@functools.cache
+def _shape(kind) -> tuple[Any, tuple]:
+    """``kind``'s origin and arguments, worked out once per annotation (every field of every value read asks)."""
+    return typing.get_origin(kind), typing.get_args(kind)
+
+
 def convert(key: str, field: str, kind, value):
     """``value`` as ``kind``, or BadKeyData naming the key and the field."""
-    args = typing.get_args(kind)
-    if args and (typing.get_origin(kind) in (typing.Union, types.UnionType)):
+    if kind is str and isinstance(value, str) or kind is int and type(value) is int:  # most fields: checked at once
+        return value
+    origin, args = _shape(kind)
+    if args and (origin in (typing.Union, types.UnionType)):
         if value is None and type(None) in args:
             return None
         others = [a for a in args if a is not type(None)]
@@ -87,7 +95,7 @@ def convert(key: str, field: str, kind, value):
                 if not (isinstance(others[0], type) and issubclass(others[0], Record) and isinstance(value, dict)):
                     raise BadKeyData(key, f"{field} must be {_describe(kind)}, not {value!r}") from exc
                 raise
-    elif typing.get_origin(kind) is tuple and isinstance(value, list):
+    elif origin is tuple and isinstance(value, list):
         item = args[0]
         return tuple(convert(key, f"{field}[{i}]", item, v) for i, v in enumerate(value))
     elif kind is int and type(value) is int:
@@ -156,10 +164,14 @@ class Record:
         return cls.from_json(key, decode(key, raw), **kv)
 
     @classmethod
+    @functools.cache
+    def _kv_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("kv"))
+
+    @classmethod
     def from_kv(cls, kv):
         """The record in an etcd KV, with the KV fields the record has (mod_revision, create_revision, lease)."""
-        meta = {f.name: getattr(kv, f.name) for f in dataclasses.fields(cls) if f.metadata.get("kv")}
-        return cls.read(kv.key, kv.value, **meta)
+        return cls.read(kv.key, kv.value, **{name: getattr(kv, name) for name in cls._kv_fields()})
 
     def check(self, key: str) -> None:
         """Rules between fields or on ranges; raises BadKeyData naming ``key``."""

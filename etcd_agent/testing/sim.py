@@ -7,11 +7,12 @@ a node runs. Only the workers are replaced: ``StandInGroup`` implements the work
 agents are configured by the production command line (``JobParams.config``: ``cli.launch.resolve``).
 
 - ``StandInGroup``: ``start(assignment)`` makes ``cfg.nproc`` stand-in workers that run until ``stop()`` ends them
-  (exit ``-sig``) or the scenario does (``Hub.end_workers``: exit 0, or any code). One waiter thread per stand-in
-  sees its exit, never on the caller's thread, and posts the group's events as ``WorkerGroup`` does
-  (``api.ExitTally``: an exit the scenario caused is the stand-in's own, one ``stop`` caused is not); ``stop``
-  returns once every exit was seen (as ``WorkerGroup.stop`` does) and is idempotent. Stand-ins never beat: with
-  ``--worker-timeout`` a running one is hung that long after its start.
+  (exit ``-sig``) or the scenario does (``Hub.end_workers``: exit 0, or any code). One thread per process sees
+  every stand-in's exit (a stand-in has no thread of its own: the harness adds no thread per node and round), never
+  on the caller's thread, and posts the group's events as ``WorkerGroup`` does (``api.ExitTally``: an exit the
+  scenario caused is the stand-in's own, one ``stop`` caused is not); ``stop`` returns once every exit was seen (as
+  ``WorkerGroup.stop`` does) and is idempotent. Stand-ins never beat: with ``--worker-timeout`` a running one is
+  hung that long after its start.
 - ``Hub``: where the stand-in groups of one process report. It records the first start of each node in each round
   (``Start``, with ``time.monotonic()``, which is system-wide on Linux, so times compare across processes) and each
   agent's end, and lets callers wait for "these nodes started workers in round R" under one condition, each wait
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import queue
 import signal
 import threading
 import time
@@ -43,7 +45,7 @@ from etcd_agent.node.api import Assignment, ExitTally, GroupEvent, GroupFailed, 
 from etcd_agent.schema.values import Failure
 
 log = logs.get("etcd_agent.bench.sim")
-_JOIN_WAIT = 2.0  # bounded join of waiter threads that were just told to end
+_JOIN_WAIT = 2.0  # bounded wait for the exits of stand-ins that were just told to end
 ROOT = "/etcd-agent"
 
 
@@ -76,17 +78,17 @@ class Done:
 
 
 class _StandIn:
-    """One stand-in worker: ends once, with a code and a cause ("own": the scenario ended it, "stop": stop() did)."""
+    """One stand-in worker: ends once, with a code and a cause ("own": the scenario ended it, "stop": stop() did);
+    ``on_end`` hands its exit to the exit thread (``_see_exits``)."""
 
-    def __init__(self, local_rank: int, rank: int, rnd: int):
+    def __init__(self, local_rank: int, rank: int, rnd: int, on_end: Callable[["_StandIn"], None]):
         self.local_rank, self.rank, self.round = local_rank, rank, rnd
         self.started = time.time()
         self.ended_at = 0.0
         self.code: int | None = None
         self.cause = ""
-        self.end_requested = threading.Event()
         self.exited = threading.Event()
-        self.thread: threading.Thread | None = None
+        self._on_end = on_end
         self._lock = threading.Lock()
 
     def end(self, code: int, cause: str) -> bool:
@@ -94,8 +96,22 @@ class _StandIn:
             if self.code is not None:
                 return False
             self.code, self.cause = code, cause
-        self.end_requested.set()
+        self._on_end(self)
         return True
+
+
+_exits: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # stand-in exits, for ``_see_exits``
+_exits_seen = threading.Lock()  # held once its thread runs
+
+
+def _see_exits() -> None:
+    """The one thread of this process that sees stand-in exits, in the order they were ended (started with the
+    first stand-in): what a worker's waiter thread is to ``WorkerGroup``, shared by every group."""
+    while True:
+        try:
+            _exits.get()()
+        except Exception:  # noqa: BLE001 - one group's bug must not keep every other exit from being seen
+            log.exception("a stand-in exit could not be handled")
 
 
 class StandInGroup:
@@ -125,12 +141,13 @@ class StandInGroup:
         with self._lock:
             if self.running:
                 raise RuntimeError(f"round {a.round}: stop() the workers of round {self._workers[0].round} first")
-            self._workers = [_StandIn(i, a.rank_offset + i, a.round) for i in range(self.cfg.nproc)]
-            self._tally, self._stopped = ExitTally(a.round, self.cfg.nproc, self._log), threading.Event()
-            for w in self._workers:
-                w.thread = threading.Thread(target=self._wait, args=(w, self._tally), daemon=True,
-                                            name=f"stand-in-{self.node_id}-r{a.round}-rank{w.rank}")
-                w.thread.start()
+            tally = self._tally = ExitTally(a.round, self.cfg.nproc, self._log)
+            self._stopped = threading.Event()
+            self._workers = [_StandIn(i, a.rank_offset + i, a.round,
+                                      lambda w: _exits.put(functools.partial(self._exited, w, tally)))
+                             for i in range(self.cfg.nproc)]
+            if _exits_seen.acquire(blocking=False):
+                threading.Thread(target=_see_exits, name="stand-in-exits", daemon=True).start()
             if self._worker_timeout:
                 threading.Thread(target=self._check_progress, args=(self._tally, self._stopped), daemon=True,
                                  name=f"stand-in-{self.node_id}-r{a.round}-progress").start()
@@ -138,8 +155,8 @@ class StandInGroup:
             self._hub.started(self, Start(self.node_id, a.round, a.group_rank, a.group_world_size, a.rank_offset,
                                           a.world_size, a.restart_count, t))
 
-    def _wait(self, w: _StandIn, tally: ExitTally) -> None:
-        w.end_requested.wait()
+    def _exited(self, w: _StandIn, tally: ExitTally) -> None:
+        """On the exit thread: ``w`` ended; tally it and post what the group's end says, if it ended now."""
         ex = WorkerExit(w.local_rank, w.rank, self._pid, w.code, time.time(), w.round)
         w.ended_at = ex.time
         w.exited.set()
@@ -176,10 +193,8 @@ class StandInGroup:
             for w in workers:
                 w.end(-int(sig), "stop")
             deadline = time.monotonic() + _JOIN_WAIT
-            me = threading.current_thread()
             for w in workers:
-                if w.thread is not None and w.thread is not me:
-                    w.thread.join(max(0.0, deadline - time.monotonic()))
+                w.exited.wait(max(0.0, deadline - time.monotonic()))
 
     def failure_report(self, ex: WorkerExit) -> Failure:
         return Failure(ex.rank, ex.local_rank, ex.pid, ex.returncode, ex.signal_name,

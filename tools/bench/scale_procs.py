@@ -152,6 +152,13 @@ class Fleet:
     def close(self) -> None:
         for c in self.children:
             c.send(cmd="quit")
+        if os.environ.get("ETCD_AGENT_SIM_PROFILE"):  # each process writes its profile as it quits (sim_proc.py)
+            deadline = time.monotonic() + 60
+            for c in self.children:
+                try:
+                    c.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
         for c in self.children:
             c.kill()  # SIGKILL whatever did not quit yet, then reap
 

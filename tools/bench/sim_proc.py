@@ -15,14 +15,27 @@ Events it sends on its own: {"ev": "start", node, round, group_rank, world_size,
 workers start, {"ev": "done", node, code, error, t} when an agent's ``run()`` returns or raises. Times are
 ``time.monotonic()``. The end of stdin (the benchmark went away) ends the process at once too; scale.py also
 arms the parent-death signal, so this process never outlives it.
+
+Profiling: with ``ETCD_AGENT_SIM_PROFILE=DIR`` in the environment (scale.py's children inherit it), every thread of
+the process is profiled by cProfile on its own CPU clock (``time.thread_time``: time a thread waits is not counted),
+and ``quit`` first writes ``DIR/proc-<pid>.prof`` (all threads merged; read it with ``pstats``) and
+``DIR/proc-<pid>.threads.json``: CPU seconds per kind of thread (what it runs: the agent loop, a watch stream,
+gRPC's channel spin and request threads, a keepalive), read from each thread's CPU clock without the profiler.
+cProfile makes Python code much slower (small functions most: a plan's decoding ten times and more), so read its
+numbers as shares only; ``ETCD_AGENT_SIM_PROFILE=threads:DIR`` writes the thread table alone, without cProfile,
+for the CPU itself. ``python tools/bench/sim_proc.py --report DIR [TOP]`` merges every process's files and
+prints the thread table and the TOP functions (default 30) by their own time and by cumulative time.
 """
 
 from __future__ import annotations
 
+import cProfile
+import collections
 import dataclasses
 import json
 import logging
 import os
+import pstats
 import re
 import sys
 import threading
@@ -40,7 +53,100 @@ def emit(**msg) -> None:
         sys.stdout.flush()
 
 
+class Profile:
+    """cProfile in every thread started from now on, on the thread's CPU clock, and CPU seconds per kind of thread
+    (see the module doc); ``dump`` writes both."""
+
+    def __init__(self, out: str):
+        self.functions = not out.startswith("threads:")  # else: the thread table alone
+        self.out = out.removeprefix("threads:")
+        self.profiles: list[cProfile.Profile] = []
+        self.ended: collections.Counter = collections.Counter()  # kind -> CPU seconds of its threads that ended
+        self._lock = threading.Lock()
+        run = threading.Thread.run
+        profile = self
+
+        def counted(thread: threading.Thread) -> None:  # each thread's own CPU, without the profiler's
+            kind = _kind(thread)  # before run(), which forgets the target
+            try:
+                run(thread)
+            finally:
+                with profile._lock:
+                    profile.ended[kind] += time.thread_time()
+        threading.Thread.run = counted
+        if self.functions:
+            threading.setprofile(self._start)
+
+    def _start(self, frame, event, arg) -> None:
+        sys.setprofile(None)
+        prof = cProfile.Profile(time.thread_time)
+        with self._lock:
+            self.profiles.append(prof)
+        prof.enable()
+
+    def dump(self) -> None:
+        threading.setprofile(None)
+        cpu = collections.Counter(self.ended)
+        for t in threading.enumerate():
+            if t is not threading.main_thread() and t.ident is not None:
+                try:
+                    cpu[_kind(t)] += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+                except OSError:
+                    pass  # it ended just now
+        os.makedirs(self.out, exist_ok=True)
+        base = os.path.join(self.out, f"proc-{os.getpid()}")
+        with open(base + ".threads.json", "w") as f:
+            json.dump(dict(cpu.most_common()), f, indent=1)
+        # The calls that returned: a snapshot, not create_stats(), which would end the calls still in progress on
+        # other threads (an agent waiting for its next event) with this thread's clock.
+        stats = None
+        for prof in list(self.profiles):
+            prof.snapshot_stats()
+            snap = _Snapshot(prof.stats)
+            if stats is None:
+                stats = pstats.Stats(snap)
+            else:
+                stats.add(snap)
+        if stats is not None:
+            stats.dump_stats(base + ".prof")
+
+
+class _Snapshot:
+    """What ``pstats.Stats`` takes: the ``stats`` of a profile, with nothing left to create."""
+
+    def __init__(self, stats: dict):
+        self.stats = stats
+
+    def create_stats(self) -> None:
+        pass
+
+
+def report(out: str, top: int = 30) -> None:
+    """Print what the profiled processes under ``out`` wrote (see the module doc)."""
+    cpu: collections.Counter = collections.Counter()
+    names = sorted(os.listdir(out))
+    for name in names:
+        if name.endswith(".threads.json"):
+            with open(os.path.join(out, name)) as f:
+                cpu.update(json.load(f))
+    total = sum(cpu.values())
+    print(f"CPU by kind of thread, {total:.2f} s in all ({len(names) // 2} process(es)):")
+    for kind, seconds in cpu.most_common():
+        print(f"  {seconds:8.2f} s {100 * seconds / max(total, 1e-9):5.1f}%  {kind}")
+    profs = [os.path.join(out, n) for n in names if n.endswith(".prof")]
+    if profs:
+        stats = pstats.Stats(*profs)
+        stats.sort_stats("tottime").print_stats(top)
+        stats.sort_stats("cumulative").print_stats(top)
+
+
+def _kind(t: threading.Thread) -> str:
+    target = getattr(t, "_target", None)
+    return getattr(target, "__qualname__", t.name) if target is not None else type(t).__qualname__
+
+
 def main() -> int:
+    profile = Profile(os.environ["ETCD_AGENT_SIM_PROFILE"]) if os.environ.get("ETCD_AGENT_SIM_PROFILE") else None
     job: SimJob | None = None
     nodes: list[str] = []
 
@@ -75,10 +181,15 @@ def main() -> int:
                 kinds.setdefault(re.sub(r"[0-9a-f]{8,}|\d+", "#", t.name), []).append(t.native_id)
             emit(ev="threads", count=sum(map(len, kinds.values())), kinds=kinds)
         elif cmd == "quit":
+            if profile is not None:
+                profile.dump()
             break
     sys.stdout.flush()
     os._exit(0)  # no graceful leave, no thread joins: the benchmark's teardown must not wait on N agents
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--report"]:
+        report(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 30)
+        sys.exit(0)
     sys.exit(main())
