@@ -31,13 +31,16 @@ def test_keys_outside_the_schema_do_not_stall_a_job(etcd_endpoint, run_id, tmp_p
                                extra=["--max-restarts", "1"])
     wait_records(out, {(1, 0), (1, 1)}, agents)
     k = keys_of(run_id)
-    for key in (k.nodes() + "x/y", k.joins(1) + "a/b", k.joins(2) + "a/b", k.round_dir(1) + "junk",
-                k.prefix + "unknown"):
+    # three keys below round 2's joins, older than any join: a join txn's read-back of the oldest (two) holds no join
+    # key, so the joiner finds the leader with the longer read (``txns.leader``)
+    for key in (k.nodes() + "x/y", k.joins(1) + "a/b", k.joins(2) + "a/b", k.joins(2) + "c/d", k.joins(2) + "e/f",
+                k.round_dir(1) + "junk", k.prefix + "unknown"):
         put(etcd_endpoint, key)
     (tmp_path / "crash").touch()  # the job must still restart on the crash, with the junk in round 1 and 2
     wait_records(out, {(2, 0), (2, 1)}, agents)
     release.touch()
     assert wait_all(agents) == [0, 0], [a.stderr()[-2000:] for a in agents]
+    assert ["joined round 2 (nobody leads it)" in a.stderr() for a in agents] == [True, True]  # then the longer read
     for key in (k.nodes() + "x/y", k.joins(2) + "a/b"):
         said = [a.stderr().count(f"ignoring {key}: not a key of the etcd-agent schema") for a in agents]
         assert max(said) == 1, said  # one warning per agent that reads it (the leader, at least), never a flood

@@ -195,6 +195,7 @@ def claim_node_rank(etcd: Etcd, keys: Keys, rank: int, claim: RankClaim, lease: 
 
 LEADER_CANDIDATES = 16  # the oldest keys under a round's joins: the leader is the first that is a join key (a key
 #                         planted below it, such as join/a/b, is not, and must not make "b" the leader)
+JOIN_CANDIDATES = 2  # what each join reads back of them (N per round); none a join key: ``leader`` reads 16
 
 
 def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: Join, lease: int, old_round: int) -> TxnResult:
@@ -205,7 +206,7 @@ def join(etcd: Etcd, keys: Keys, a: JoinRound, node: str, info: Join, lease: int
     if old_round and old_round != n:
         ops.append(op_delete(keys.join(old_round, node)))
     return etcd.txn([mod_is(keys.round(), a.round.mod_revision)],
-                    ops + [op_get(keys.join(n, node)), op_first_created(keys.joins(n), LEADER_CANDIDATES)],
+                    ops + [op_get(keys.join(n, node)), op_first_created(keys.joins(n), JOIN_CANDIDATES)],
                     where=f"join round {n}")
 
 
