@@ -56,6 +56,16 @@ def own_etcd():
 
 
 @pytest.fixture
+def private_etcd():
+    """A private etcd process whose ``/metrics`` only this test moves: the protocol's counts and bytes are read from
+    it (``test_protocol_counts``, ``test_plan_bytes``)."""
+    server = standalone.EtcdServer(name="etcd-agent-counts")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def etcd_cluster3():
     """A started 3-member etcd cluster with fast elections, fresh for each test (fault tests break it)."""
     cluster = containers.cluster(3, name_prefix="etcd-test",

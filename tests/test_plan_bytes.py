@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from etcd_agent.config import EtcdConfig
 from etcd_agent.endpoints import parse_endpoints
@@ -28,14 +27,6 @@ from test_protocol_counts import WAIT, settle
 from etcd_agent.testing.metrics import diff
 
 SMALL, LARGE = 16, 64
-
-
-@pytest.fixture
-def private_etcd():
-    server = EtcdServer(name="etcd-agent-plan-bytes")
-    server.start()
-    yield server
-    server.stop()
 
 
 def restart_round_bytes(server: EtcdServer, run_id: str, n: int) -> dict:

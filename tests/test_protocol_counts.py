@@ -20,14 +20,6 @@ from etcd_agent.testing.sim import JobParams, SimJob
 WAIT = 60.0
 
 
-@pytest.fixture
-def private_etcd():
-    server = EtcdServer(name="etcd-agent-counts")
-    server.start()
-    yield server
-    server.stop()
-
-
 def settle(server: EtcdServer, quiet: float = 0.5, timeout: float = 10.0) -> dict:
     """The metrics once nothing has been written for ``quiet`` seconds (late deletes and re-reads are counted)."""
     last = [scrape(server.client_url)]
