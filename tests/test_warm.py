@@ -383,6 +383,13 @@ with open(os.path.join(out, f"{rnd}-{rank}.json.tmp"), "w") as f:
 os.replace(os.path.join(out, f"{rnd}-{rank}.json.tmp"), os.path.join(out, f"{rnd}-{rank}.json"))
 if rnd in fail_rounds:
     if rank == 1:
+        # Fail only once rank 0 has written its record: the agent stops rank 0 as soon as rank 1 fails, and a
+        # fast restart can stop it before its first line ran.
+        import time
+        for _ in range(3000):
+            if os.path.exists(os.path.join(out, f"{rnd}-0.json")):
+                break
+            time.sleep(0.01)
         sys.exit(1)
     signal.pause()
 """
@@ -525,7 +532,7 @@ def test_the_probe_says_what_an_unprivileged_agent_lacks():
 
 @needs_idle
 def test_a_worker_that_crashes_in_its_first_second_restarts_warm(etcd_endpoint, run_id, tmp_path):
-    """1 node x 2 with --warm-restart on a real etcd: rank 1 exits 1 as soon as it starts, in round 1 and again in
+    """1 node x 2 with --warm-restart on a real etcd: rank 1 exits 1 as soon as rank 0 has started, in round 1 and in
     round 2. The spares for the next round start as soon as a round does (not 5 s later), so rounds 2 and 3 run
     entirely in them: every worker is a child of the agent running spare.py that no earlier round used, and it runs
     at the agent's priority from its first line."""
