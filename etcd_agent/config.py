@@ -328,6 +328,7 @@ class AgentConfig:
     quarantine: QuarantinePolicy = QuarantinePolicy()  # --quarantine-after/-window/-cooldown (off by default)
     gpu_drain_timeout: float = 30.0  # GPU jobs: how long the last workers' GPU memory may take to be released
     metrics_port: int = 0  # --metrics-port: this agent's Prometheus metrics (``metrics``); 0: off
+    topology: str = ""  # --topology: this node's path, checked (``schema/topology.py``); "" none
 
     def __post_init__(self) -> None:
         if not _RUN_ID_RE.fullmatch(self.run_id):  # fullmatch: "$" would let a trailing newline through

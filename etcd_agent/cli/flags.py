@@ -274,6 +274,8 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--spare", action=StoreTrue,
                    help="a hot spare: registers and joins rounds, but is planned only in place of a lost or "
                         "quarantined member (nodes beyond --nnodes MAX wait the same way)")
+    from .topology_flags import topology_flags  # (it imports this module's actions)
+    topology_flags(g)
     g.add_argument(*_both("--quarantine-after"), dest="quarantine_after", type=int, default=QuarantinePolicy.after,
                    action=Store, help="this node sits out for --quarantine-cooldown once its workers failed this many "
                                       "times within --quarantine-window (default %(default)s: off)")

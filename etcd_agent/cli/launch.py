@@ -25,8 +25,8 @@ The rules (docs/from-torchrun.md documents them for users):
   value given both as a flag and as a key must agree.
 - The entrypoint (script, module or program) must exist before anything starts.
 
-Imports the base modules, ``cli.flags``, ``cli.rdzv_conf`` and, from ``node/``, the flag parsers of ``hostinfo``,
-``health`` and ``warm``; never torch, ``etcd/`` or ``coord/``.
+Imports the base modules, ``cli.flags``, ``cli.rdzv_conf``, ``cli.topology_flags`` and, from ``node/``, the flag
+parsers of ``hostinfo``, ``health`` and ``warm``; never torch, ``etcd/`` or ``coord/``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from ..node import health
 from ..node.hostinfo import default_node_id, resolve_nproc
 from ..node.warm import parse_preload
 from ..secure import keep_secret
-from . import rdzv_conf
+from . import rdzv_conf, topology_flags
 from .flags import PASSWORD_ENV, parse_nnodes, sources
 
 ETCD_BACKENDS = ("etcd", "etcd-v2", "etcd-v3")
@@ -332,7 +332,7 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace, preflight: 
         run_id=run_id, node_id=ns.node_id or default_node_id(),
         spec=JobSpec(lo, hi, ns.nproc_per_node.strip().lower(), ns.max_restarts), workers=workers,
         etcd=etcd_config(ns, *(endpoints or (EMBEDDED_ENDPOINT, "--etcd-endpoints")), lease_ttl=ns.lease_ttl),
-        root=ns.root, local_addr=ns.local_addr or "", lease_ttl=ns.lease_ttl,
+        root=ns.root, local_addr=ns.local_addr or "", lease_ttl=ns.lease_ttl, topology=topology_flags.resolve(ns),
         last_call=ns.last_call, join_timeout=ns.join_timeout, scale_settle=ns.scale_settle,
         worker_timeout=ns.worker_timeout, node_rank=rank, master_addr=master_addr, master_port=master_port,
         signals=signals, gpu_drain_timeout=ns.gpu_drain_timeout, spare=ns.spare, metrics_port=ns.metrics_port,

@@ -46,7 +46,7 @@ from . import blame
 from .blame import Attribute, ReportLoss
 from ..errors import JobFailed, JobStopped, RendezvousTimeout, RestartBudgetSpent
 from .mirror import DONE, FAILED, FINAL_PHASES, JOINING, View
-from .ranks import Ranking, as_spares, make_plan, plan_size, rank_joiners
+from .ranks import Ranking, as_spares, make_plan, rank_round
 from ..schema.values import Failure, Member, Outcome, Phase, Plan, Result, RoundInfo
 MAX_LOSS_REPORTS = 40  # per txn (a compare, a put and a read each; etcd takes 128): the rest go in the next one
 
@@ -218,7 +218,7 @@ def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     timeout_at = me.round_seen_at + p.join_timeout
     # Below MIN the ranking is not needed (the leader sees every join: it must not sort them all each time).
     joins = as_spares(v, p)
-    ranking = rank_joiners(joins, p.max_nodes, plan_size(v, p)) if count >= p.min_nodes or me.now >= timeout_at \
+    ranking = rank_round(v, p, joins) if count >= p.min_nodes or me.now >= timeout_at \
         else None
     waiting = count < p.min_nodes or bool(ranking.blocked)  # the round cannot close yet: the join timeout runs
     if waiting and me.now >= timeout_at:

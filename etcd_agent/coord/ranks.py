@@ -7,15 +7,25 @@ order. Ranks are exactly 0..n-1: while a pin is >= the number of members the pla
 holes lost members left, every other member keeping its rank. Worker ranks are prefix sums of nproc over group
 ranks; the master is group rank 0.
 
-Pure: no I/O. Imports ``coord.mirror`` and ``schema.values`` only (``decide.Params`` for its annotations).
+Topology (``--topology``, ``schema/topology.py``): nodes that share a deeper block get consecutive ranks. The first
+plan sorts the nodes by path (then by join order); later plans keep the previous members' order as above, and put
+a newcomer right after the last previous member that shares its deepest block (a newcomer that shares none comes
+last, newcomers sorted by path). A lost rank goes to the filler (a spare, or a newcomer when spares are taken) in
+the lost member's deepest block, as the last plan's entry for it says. Nodes without a path are one block at the
+root: a job in which no node has one is ranked exactly as without this rule.
+
+Pure: no I/O. Imports ``coord.mirror``, ``schema.values`` and ``schema.topology`` only (``decide.Params`` for its
+annotations).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Callable
 
 from .mirror import View
+from ..schema import topology
 from ..schema.values import Join, Member, Plan
 
 if TYPE_CHECKING:
@@ -47,6 +57,7 @@ class Ranking:
     members: tuple[Join, ...]  # in group-rank order: members[k] gets group rank k (when not blocked)
     missing: tuple[int, ...] = ()  # group ranks below a pinned one that no joiner can fill yet
     conflicts: tuple[str, ...] = ()  # pins no plan can honour (two joiners with one rank, a rank >= max_nodes)
+    paths: tuple[str, ...] = ()  # the members' topology paths, in the same order (() when none has one)
 
     @property
     def blocked(self) -> str:
@@ -58,13 +69,30 @@ class Ranking:
         return "; ".join(why)
 
 
-def rank_joiners(joins: list[Join], max_nodes: int, fill_to: int = 0) -> Ranking:
+def rank_round(v: View, p: Params, joins: list[Join]) -> Ranking:
+    """``rank_joiners`` for a round's leader: each joiner's topology path from its registry entry, each lost rank's
+    from the last plan's entry for it (the lost node's registry entry went with its lease)."""
+    nodes, last = v.nodes, v.last_plan
+
+    def where(node: str) -> str:
+        info = nodes.get(node)
+        return info.topology if info is not None else ""
+
+    def lost(rank: int) -> str:
+        return last.members[rank].topology if last is not None and last.complete and rank < len(last.members) else ""
+
+    return rank_joiners(joins, p.max_nodes, plan_size(v, p), where, lost)
+
+
+def rank_joiners(joins: list[Join], max_nodes: int, fill_to: int = 0, where: Callable[[str], str] | None = None,
+                 lost: Callable[[int], str] | None = None) -> Ranking:
     """Group ranks. A pinned joiner (``--node-rank k``) gets rank k; the others fill the free ranks in stable order
     (previous plan's order, then join order), up to ``max_nodes`` members. Spares (``--spare``) come last, and only
     up to ``fill_to`` members: a plan with a spare keeps every previous member at its rank (``prev_rank``) and puts
     the spares in the holes the lost members left. Ranks must be exactly 0..n-1, so while a pin is >= the number of
     members the ranking is blocked (missing ranks). Of two joiners with one pin the earlier keeps it and the later
-    is left out, blocking too (the leased rank claim makes that unreachable)."""
+    is left out, blocking too (the leased rank claim makes that unreachable). ``where``: a node's topology path;
+    ``lost``: the path of the member that held a rank in the last plan (see the module's docstring)."""
     pinned: dict[int, Join] = {}
     conflicts = []
     for j in sorted((j for j in joins if j.node_rank is not None), key=lambda j: j.create_revision):
@@ -77,26 +105,97 @@ def rank_joiners(joins: list[Join], max_nodes: int, fill_to: int = 0) -> Ranking
     order = lambda j: (j.prev_rank is None, j.prev_rank or 0, j.create_revision)  # noqa: E731
     free = sorted((j for j in joins if j.node_rank is None and not j.spare), key=order)
     spares = sorted((j for j in joins if j.node_rank is None and j.spare), key=order)
-    free += spares[: max(0, fill_to - len(pinned) - len(free))]
-    size = min(len(pinned) + len(free), max_nodes)
+    paths = _Paths(where, lost, joins)
+    room = max(0, fill_to - len(pinned) - len(free))  # spares that may come in
+    size = min(len(pinned) + len(free) + min(room, len(spares)), max_nodes)
     ranks = max(size, max(pinned, default=-1) + 1)
     taken = free[: size - len(pinned)]
     slots, rest = dict(pinned), []
-    keep = any(j.spare for j in taken)  # spares fill the holes: the others keep their ranks
+    keep = size - len(pinned) - len(taken)  # spares taken: they fill the holes, the others keep their ranks
     for j in taken:
         if keep and j.prev_rank is not None and j.prev_rank < ranks and j.prev_rank not in slots:
             slots[j.prev_rank] = j
         else:
             rest.append(j)
-    fill = iter(rest)
-    members, missing = [], []
-    for rank in range(ranks):
-        j = slots.get(rank) or next(fill, None)
-        if j is None:
-            missing.append(rank)
-        else:
-            members.append(j)
-    return Ranking(tuple(members), tuple(missing), tuple(conflicts))
+    holes = [rank for rank in range(ranks) if rank not in slots]
+    if keep:
+        slots.update(_fill(holes, rest, spares, keep, paths))
+    else:
+        slots.update(zip(holes, paths.arrange(rest)))
+    members = [slots[rank] for rank in range(ranks) if rank in slots]
+    missing = tuple(rank for rank in range(ranks) if rank not in slots)
+    return Ranking(tuple(members), missing, tuple(conflicts),
+                   tuple(paths.text(j.node) for j in members) if paths.any else ())
+
+
+class _Paths:
+    """The topology paths a ranking looks at, as components; ``any`` is False when no joiner has one, and the
+    ranking is then the one without topology."""
+
+    def __init__(self, where: Callable[[str], str] | None, lost: Callable[[int], str] | None, joins: list[Join]):
+        self.where, self.lost_text = where, lost
+        self.any = where is not None and any(where(j.node) for j in joins)
+
+    def text(self, node: str) -> str:
+        return self.where(node) if self.where is not None else ""
+
+    def of(self, node: str) -> tuple[str, ...]:
+        return topology.parse(self.text(node))
+
+    def lost(self, rank: int) -> tuple[str, ...]:
+        return topology.parse(self.lost_text(rank)) if self.lost_text is not None else ()
+
+    def arrange(self, taken: list[Join]) -> list[Join]:
+        """``taken`` (in stable order: previous members by rank, then join order) in topology order: previous members
+        keep their order; a newcomer goes after the last previous member that shares its deepest block, newcomers
+        after one member by how deep they share, then by path and join order; one that shares none goes last."""
+        if not self.any:
+            return taken
+        last: dict[tuple[str, ...], int] = {}  # block -> the last position of a previous member in it
+        for i, j in enumerate(taken):
+            if j.prev_rank is not None:
+                parts = self.of(j.node)
+                for d in range(1, len(parts) + 1):
+                    last[parts[:d]] = i
+
+        def key(ij: tuple[int, Join]) -> tuple:
+            i, j = ij
+            if j.prev_rank is not None:
+                return (i, 0)
+            parts = self.of(j.node)
+            at = next((d for d in range(len(parts), 0, -1) if parts[:d] in last), 0)
+            return (last[parts[:at]] if at else len(taken), 1, -at, topology.sort_key(parts), j.create_revision)
+
+        return [j for _, j in sorted(enumerate(taken), key=key)]
+
+
+def _fill(holes: list[int], rest: list[Join], spares: list[Join], count: int, paths: _Paths) -> dict[int, Join]:
+    """Who fills the holes lost members left: every joiner of ``rest`` and ``count`` of the spares. A hole goes to
+    a filler in the lost member's deepest block first, ties to the lower hole and the earlier filler (``rest``
+    before the spares); without topology that is ``rest``, then the spares, into the holes in ascending order."""
+    fillers = rest + spares
+    spare = {id(j) for j in spares}
+    used: set[int] = set()
+    filled: dict[int, Join] = {}
+    depth = max((len(paths.lost(h)) for h in holes), default=0) if paths.any else 0
+    for d in range(depth, -1, -1):
+        queues: dict[tuple[str, ...], deque] = {}
+        for j in fillers:
+            parts = paths.of(j.node) if d else ()
+            if id(j) not in used and len(parts) >= d:
+                queues.setdefault(parts[:d], deque()).append(j)
+        for h in holes:
+            block = paths.lost(h)[:d] if d else ()
+            queue = queues.get(block) if h not in filled and len(block) == d else None
+            while queue:
+                j = queue.popleft()
+                if id(j) in used or id(j) in spare and count == 0:
+                    continue
+                used.add(id(j))
+                count -= id(j) in spare
+                filled[h] = j
+                break
+    return filled
 
 
 def build_plan(number: int, joins: list[Join], p: Params, restart_count: int) -> Plan:
@@ -112,7 +211,8 @@ def build_plan(number: int, joins: list[Join], p: Params, restart_count: int) ->
 def make_plan(number: int, ranking: Ranking, p: Params, restart_count: int) -> Plan:
     members, offset = [], 0
     for rank, j in enumerate(ranking.members):
-        members.append(Member(j.node, rank, j.host, j.addr, j.nproc, offset))
+        path = ranking.paths[rank] if ranking.paths else ""
+        members.append(Member(j.node, rank, j.host, j.addr, j.nproc, offset, path))
         offset += j.nproc
     first = ranking.members[0]
     return Plan(number, tuple(members), first.master_addr or first.addr, first.master_port or first.port,

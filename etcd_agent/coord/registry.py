@@ -1,5 +1,6 @@
 """This node's registry entry ``P/nodes/<node>``: written with each session (after its ``--node-rank`` claim), and
-rewritten when its health verdict changes, so the leader and ``status`` see why it does not join.
+rewritten when its health verdict changes, so the leader and ``status`` see why it does not join. It carries the
+node's topology path (``--topology``), from which the round's leader orders the plan (``ranks.rank_round``).
 
 Guarantees: the entry is on the session's lease; a retried registration whose first attempt applied finds its own
 entry, never a duplicate (``txns.register``). A node that has a health check to pass registers ``checking`` and
@@ -38,7 +39,7 @@ class Registration:
         """Claim the node rank (when pinned), then write the entry on ``lease``."""
         info = NodeInfo(self.node, socket.gethostname(), self.cfg.address, os.getpid(), self.version,
                         self.cfg.workers.nproc, f"{lease:x}", time.time(), self.health, self.cfg.spare,
-                        self.checking)
+                        self.checking, topology=self.cfg.topology)
         if self.cfg.node_rank is not None:
             # Before registering: a node refused for its rank never shows up in the registry, so a running job
             # never scales up (or restarts) for it. Waits out a holder whose lease is ending.

@@ -304,6 +304,11 @@ def forming_lines(s: dict) -> list[str]:
     return lines
 
 
+def _at(info: dict) -> str:
+    """`` at PATH`` for a registered node with a topology path (``--topology``), else ''."""
+    return f" at {info['topology']}" if info.get("topology") else ""
+
+
 def describe(run_id: str, s: dict) -> str:
     res = s["result"]
     lines = [f"run {run_id}, job {s['generation']} (etcd revision {s['revision']}): "
@@ -335,8 +340,9 @@ def describe(run_id: str, s: dict) -> str:
             last = m["rank_offset"] + m["nproc"] - 1
             ranks = "" if torchrun else (f" rank {last}" if m["nproc"] == 1 else f" ranks {m['rank_offset']}-{last}")
             alive = "" if res else (", alive" if m["node"] in s["nodes"] else ", gone (no registration)")
-            lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}){ranks}{alive}")
-        waiting = [n + (" (spare)" if s["nodes"][n].get("spare") else "")
+            at = _at({"topology": m.get("topology")} if m.get("topology") else s["nodes"].get(m["node"], {}))
+            lines.append(f"    group rank {m['group_rank']}: {m['node']} ({m['addr']}{at}){ranks}{alive}")
+        waiting = [n + (" (spare)" if s["nodes"][n].get("spare") else "") + _at(s["nodes"][n])
                    for n in sorted(set(s["nodes"]) - {m["node"] for m in plan["members"]})]
         if waiting:
             lines.append(f"  waiting for the next round: {', '.join(waiting)}")

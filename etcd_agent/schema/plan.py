@@ -4,7 +4,8 @@ not O(N^2)).
     P/r/<n>/plan        the header: round, world_size, group_world_size, master address and port, restart count,
                         max restarts, leader, and ``parts`` = B
     P/r/<n>/plan/<b>    part b (0 <= b < B): the members whose node name hashes to b (``part_of``), each spelled out
-                        as ``[node, group_rank, nproc, addr, rank_offset, predecessor]``
+                        as ``[node, group_rank, nproc, addr, rank_offset, predecessor]``, plus its topology path
+                        (``--topology``) as a seventh item when it has one
 
 B = min(ceil(N / PART_SIZE), MAX_PARTS) for N members, and every part is written, an empty one too, so a part that
 is absent was not read (not: holds nobody). A member finds its part from its own name and B (``RoundInfo.plan_parts``
@@ -16,7 +17,7 @@ A ``Plan`` may hold only some parts (a non-leader's mirror): it still answers wh
 header (``world_size``, ``group_world_size``, ``leader_node``, ``restart_count``) and from the parts it holds
 (``member``, ``predecessor``); ``outside(node)`` is True only where a held part shows the node is no member.
 A header that still carries a ``members`` list (the format before plans were split) is a complete plan by itself.
-Pure: imports ``errors`` and ``schema.codec`` only.
+Pure: imports ``errors``, ``schema.codec`` and ``schema.topology`` only.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import zlib
 from typing import ClassVar, Iterable, NamedTuple
 
 from ..errors import BadKeyData
+from . import topology
 from .codec import Record, convert, kv_field
 
 PART_SIZE = 64  # members per part, about 4 KB
@@ -57,6 +59,12 @@ class Member(NamedTuple):
     addr: str
     nproc: int
     rank_offset: int
+    topology: str = ""  # its topology path ("" none): a later round's leader gives its rank, if lost, to a neighbour
+
+
+def _path(m: Member) -> list[str]:
+    """A member's topology path as its entry's seventh item: none when it has none (an entry as before paths)."""
+    return [m.topology] if m.topology else []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +77,8 @@ class PlanPart(Record):
 
     def to_json(self) -> dict:
         return {"round": self.round, "part": self.part,
-                "members": [[m.node, m.group_rank, m.nproc, m.addr, m.rank_offset, pred] for m, pred in self.entries]}
+                "members": [[m.node, m.group_rank, m.nproc, m.addr, m.rank_offset, pred, *_path(m)]
+                            for m, pred in self.entries]}
 
     @classmethod
     def from_json(cls, key: str, obj: dict, **kv) -> PlanPart:
@@ -82,16 +91,20 @@ class PlanPart(Record):
             raise BadKeyData(key, f"bad plan part: members must be a list, not {obj['members']!r}")
         entries = []
         for i, m in enumerate(obj["members"]):
-            if not isinstance(m, list) or len(m) != 6:
+            if not isinstance(m, list) or len(m) not in (6, 7):
                 raise BadKeyData(key, f"bad plan part: member {i} must be [node, group_rank, nproc, addr, "
-                                      f"rank_offset, predecessor], not {m!r}")
+                                      f"rank_offset, predecessor] (and a topology path), not {m!r}")
             w = f"members[{i}]"
-            node, rank, nproc, addr, offset, pred = (convert(key, f"{w} {f}", kind, v) for f, kind, v in zip(
-                ("node", "group_rank", "nproc", "addr", "rank_offset", "predecessor"),
-                (str, int, int, str, int, str), m))
+            node, rank, nproc, addr, offset, pred, *where = (convert(key, f"{w} {f}", kind, v) for f, kind, v in zip(
+                ("node", "group_rank", "nproc", "addr", "rank_offset", "predecessor", "topology"),
+                (str, int, int, str, int, str, str), m))
             if nproc < 1 or rank < 0 or offset < 0:
                 raise BadKeyData(key, f"{w}: nproc must be at least 1, group_rank and rank_offset at least 0")
-            entries.append((Member(node, rank, "", addr, nproc, offset), pred))
+            try:
+                topology.parse(where[0] if where else "")
+            except ValueError as exc:
+                raise BadKeyData(key, f"{w} topology {where[0]!r} {exc}") from None
+            entries.append((Member(node, rank, "", addr, nproc, offset, *where), pred))
         return cls(convert(key, "round", int, obj["round"]), convert(key, "part", int, obj["part"]), tuple(entries))
 
 

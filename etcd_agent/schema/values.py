@@ -4,7 +4,7 @@ One record per kind of key::
 
     R/job                      JobPointer   {gen, time}
     P/nodes/<node>             NodeInfo     who runs the agent: host, address, pid, version, nproc, lease, health,
-                                            checking (no health check passed yet)
+                                            checking (no health check passed yet), topology (its path, if any)
     P/node_ranks/<rank>        RankClaim    the holder of a --node-rank
     P/quarantine/<node>        Quarantine   its recent worker failures, and until when it sits out
     P/round                    RoundInfo    {round, phase, reason, time[, nodes][, plan_parts][, last_plan]
@@ -24,8 +24,8 @@ version) and read back (validated field by field against its annotations; BadKey
 so a bad value is never half-read; unknown fields are ignored, fields without a default required, ``kv`` fields
 taken from the KV) is the generic codec, ``codec.py``. ``Phase`` (a round's) and ``Outcome`` (a node's workers,
 the job's) are string enums, so a record compares equal to, and serialises as, the words an operator sees in
-etcdctl. Pure: imports ``errors``, ``proctree`` (the wording of an exit), ``schema.codec`` and ``schema.plan``;
-never ``etcd/`` or anything above.
+etcdctl. Pure: imports ``errors``, ``proctree`` (the wording of an exit), ``schema.codec``, ``schema.plan`` and
+``schema.topology``; never ``etcd/`` or anything above.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import ClassVar
 
 from ..errors import BadKeyData
 from ..proctree import describe_exit
+from . import topology
 from .codec import Record, Word, kv_field, required, stored_as
 from .plan import Member, Plan, PlanPart  # noqa: F401 (the plan's records live in plan.py; read here with the rest)
 
@@ -103,6 +104,19 @@ class NodeInfo(Record):
     spare: bool = False  # --spare: a hot spare, taken into a plan only in place of a lost or quarantined member
     checking: bool = False  # it has a health check to pass and none has passed yet: not counted as joinable
     mod_revision: int = kv_field()  # when the entry was last written (a scale-up records whom it was for by it)
+    topology: str = ""  # --topology: its blocks, outermost first (``topology.py``); "" none (left out when stored)
+
+    def to_json(self) -> dict:
+        out = super().to_json()
+        if not self.topology:  # the entry of a node without a topology is as before it existed
+            del out["topology"]
+        return out
+
+    def check(self, key: str) -> None:
+        try:
+            topology.parse(self.topology)
+        except ValueError as exc:
+            raise BadKeyData(key, f"topology {self.topology!r} {exc}") from None
 
 
 @dataclasses.dataclass(frozen=True)
