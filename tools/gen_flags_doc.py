@@ -114,6 +114,10 @@ NOTES = {
     "--health-check": "A program that is not there is refused at start (exit 2); see "
                       "[recovery.md](recovery.md#health-gate).",
     "--spare": "See [recovery.md](recovery.md#hot-spares).",
+    "--topology": "Checked at start (exit 2 naming the flag): `/`, or `/` and 1-8 components of letters, digits, "
+                  "`.`, `_`, `-`, `:`, at most 64 characters. One of `--topology` and `--topology-file`; without "
+                  "either, `$SLURM_TOPOLOGY_ADDR` less the node's own name; `--topology /` ignores it. See "
+                  "[cluster.md](cluster.md#topology-aware-ranks).",
     "--quarantine-after": "See [recovery.md](recovery.md#quarantine). Windows and cooldowns are at most a year.",
     "--warm-restart": "Python entrypoints only (not `--no-python`); see "
                       "[recovery.md](recovery.md#warm-restarts).",

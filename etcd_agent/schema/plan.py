@@ -200,8 +200,9 @@ class Plan(Record):
         return [PlanPart(self.round, b, tuple(e)) for b, e in enumerate(entries)]
 
     def expanded(self) -> dict:
-        """The plan with every member spelled out (``status --json``)."""
-        return {**self.to_json(), "members": [m._asdict() for m in self.members]}
+        """The plan with every member spelled out (``status --json``; ``topology`` only for a member that has one)."""
+        return {**self.to_json(), "members": [{k: v for k, v in m._asdict().items() if v or k != "topology"}
+                                              for m in self.members]}
 
     @classmethod
     def from_json(cls, key: str, obj: dict, mod_revision: int = 0) -> Plan:
