@@ -117,14 +117,17 @@ def rank_joiners(joins: list[Join], max_nodes: int, fill_to: int = 0, where: Cal
             slots[j.prev_rank] = j
         else:
             rest.append(j)
-    holes = [rank for rank in range(ranks) if rank not in slots]
     if keep:
-        slots.update(_fill(holes, rest, spares, keep, paths))
-    else:
-        slots.update(zip(holes, paths.arrange(rest)))
-    members = [slots[rank] for rank in range(ranks) if rank in slots]
-    missing = tuple(rank for rank in range(ranks) if rank not in slots)
-    return Ranking(tuple(members), missing, tuple(conflicts),
+        slots.update(_fill([rank for rank in range(ranks) if rank not in slots], rest, spares, keep, paths))
+    fill = iter(() if keep else paths.arrange(rest))
+    members, missing = [], []
+    for rank in range(ranks):
+        j = slots.get(rank) or next(fill, None)
+        if j is None:
+            missing.append(rank)
+        else:
+            members.append(j)
+    return Ranking(tuple(members), tuple(missing), tuple(conflicts),
                    tuple(paths.text(j.node) for j in members) if paths.any else ())
 
 
@@ -149,24 +152,25 @@ class _Paths:
         """``taken`` (in stable order: previous members by rank, then join order) in topology order: previous members
         keep their order; a newcomer goes after the last previous member that shares its deepest block, newcomers
         after one member by how deep they share, then by path and join order; one that shares none goes last."""
-        if not self.any:
+        if not self.any or all(j.prev_rank is not None for j in taken):  # no newcomer: the order stays
             return taken
+        texts = [self.text(j.node) for j in taken]
+        place = {t: i for i, t in enumerate(sorted(set(texts), key=lambda t: topology.sort_key(topology.parse(t))))}
         last: dict[tuple[str, ...], int] = {}  # block -> the last position of a previous member in it
         for i, j in enumerate(taken):
             if j.prev_rank is not None:
-                parts = self.of(j.node)
+                parts = topology.parse(texts[i])
                 for d in range(1, len(parts) + 1):
                     last[parts[:d]] = i
-
-        def key(ij: tuple[int, Join]) -> tuple:
-            i, j = ij
+        keys = []
+        for i, j in enumerate(taken):
             if j.prev_rank is not None:
-                return (i, 0)
-            parts = self.of(j.node)
-            at = next((d for d in range(len(parts), 0, -1) if parts[:d] in last), 0)
-            return (last[parts[:at]] if at else len(taken), 1, -at, topology.sort_key(parts), j.create_revision)
-
-        return [j for _, j in sorted(enumerate(taken), key=key)]
+                keys.append((i, 0))
+                continue
+            parts = topology.parse(texts[i])
+            at = next((d for d in range(len(parts), 0, -1) if parts[:d] in last), 0) if last else 0
+            keys.append((last[parts[:at]] if at else len(taken), 1, -at, place[texts[i]], j.create_revision))
+        return [taken[i] for i in sorted(range(len(taken)), key=keys.__getitem__)]
 
 
 def _fill(holes: list[int], rest: list[Join], spares: list[Join], count: int, paths: _Paths) -> dict[int, Join]:
