@@ -58,12 +58,13 @@ def resolve(ns: argparse.Namespace, env=os.environ) -> str:
     if addr:
         pattern = env.get(SLURM_PATTERN, "")
         return _checked(topology.from_slurm(addr, pattern),
-                        f"${SLURM_ADDR} {addr!r} (${SLURM_PATTERN} {pattern!r}), as a --topology path")
+                        f"${SLURM_ADDR} {addr!r} (${SLURM_PATTERN} {pattern!r}), as a --topology path:",
+                        "; give --topology a path of your own, or / to ignore Slurm's")
     return ""
 
 
-def _checked(text: str, source: str) -> str:
+def _checked(text: str, source: str, fix: str = "") -> str:
     try:
         return topology.normal(text)
     except ValueError as exc:
-        raise ConfigError(f"{source} {exc}") from None
+        raise ConfigError(f"{source} {exc}{fix}") from None
