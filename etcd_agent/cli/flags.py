@@ -366,6 +366,9 @@ def subcommand_parser(name: str) -> argparse.ArgumentParser:
     if name == "exporter":
         from .exporter_flags import exporter_flags
         return exporter_flags(p)
+    if name == "quarantine":
+        from .quarantine import quarantine_flags
+        return quarantine_flags(p)
     if name == "status":
         p.add_argument("--json", action="store_true", help="print the state as JSON")
     elif name == "events":

@@ -99,8 +99,8 @@ class QuarantineRecord:
         except BadKeyData as exc:
             if (kv.key, kv.mod_revision) not in self._garbled:
                 self._garbled.add((kv.key, kv.mod_revision))
-                self.log.warning("ignoring a quarantine record that is not valid: %s; it holds this node out of "
-                                 "nothing (an operator may delete it: etcd-agent quarantine release %s)", exc,
+                self.log.warning("ignoring a quarantine record that is not valid: %s; it does not hold this node "
+                                 "out (an operator may delete it: etcd-agent quarantine release %s)", exc,
                                  self.node)
             return None
 
