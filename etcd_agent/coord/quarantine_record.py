@@ -23,7 +23,7 @@ from typing import Callable
 
 from . import cas, quarantine, txns
 from ..config import QuarantinePolicy
-from ..errors import BadKeyData
+from ..errors import BadKeyData, EtcdAuthError
 from ..etcd.client import Etcd
 from ..schema.keys import Keys
 from ..schema.values import Quarantine
@@ -48,6 +48,7 @@ class QuarantineRecord:
         self._garbled: set[tuple[str, int]] = set()  # (key, mod_revision) of bad records already warned of
         self.to_count: float | None = None  # when this node's last failure that counts happened, until counted
         self.began: Quarantine | None = None  # a quarantine this agent's write started, until its hook is run
+        self._unreadable = False  # etcd refused this job's user the cluster record: it is not honoured
 
     def count(self, policy: QuarantinePolicy, failed_at: float | None, wall: float) -> Quarantine | None:
         """The record, with the failure at ``failed_at`` added (one guarded txn) when given."""
@@ -80,8 +81,14 @@ class QuarantineRecord:
             self.to_count = None
             problem = quarantine.quarantined(q, wall)
             wait = q.until - wall if problem else 0.0
-        if not problem and self.key != self.cluster_key:
-            self._watch("cluster_quarantine", self.cluster_key)
+        if not problem and self.key != self.cluster_key and not self._unreadable:
+            try:
+                self._watch("cluster_quarantine", self.cluster_key)
+            except EtcdAuthError as exc:  # a per-job user made before cluster records: the job runs without them
+                self._unreadable = True
+                self.log.warning("cannot read %s (%s): cluster-wide quarantines do not hold this node out; grant the "
+                                 "job's user read access to it (deploy/etcd-job-user.sh does)", self.cluster_key, exc)
+                return problem, wait
             kv = self.mirror.get(self.cluster_key)
             q = self._valid(kv)
             problem = quarantine.quarantined(q, wall)
