@@ -10,6 +10,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -217,3 +218,19 @@ def test_a_cluster_quarantine_keeps_the_node_out_of_another_job(etcd_endpoint, r
     assert wait_all(good + bad) == [0, 0], [a.stderr()[-2000:] for a in good + bad]
     assert wait_all(b_agents) == [0, 0], [a.stderr()[-2000:] for a in b_agents]
     assert bad[0].stderr().count("ran for the quarantine of node-2") == 1
+
+
+def test_the_slurm_drain_hook_drains_the_node_with_the_reason(tmp_path, monkeypatch):
+    """deploy/slurm-drain-hook.sh through the agent's hook runner, with a stand-in scontrol that records its
+    arguments (the real one drains a node of the Slurm test bed: tests/cluster/test_quarantine_drain.py)."""
+    script = Path(__file__).resolve().parents[1] / "deploy" / "slurm-drain-hook.sh"
+    said = tmp_path / "scontrol.json"
+    fake = tmp_path / "scontrol.py"
+    fake.write_text(f"import json, sys\njson.dump(sys.argv[1:], open({str(said)!r}, 'w'))\n")
+    q = Quarantine("node3", (), 2_000_000_000.0, 'a "bad" GPU', "run r")
+    log = Log()
+    monkeypatch.setenv("SCONTROL", f"{sys.executable} {fake}")
+    assert hooks.run((str(script),), 30.0, q, log) == "", log.lines
+    assert json.loads(said.read_text()) == [
+        "update", "NodeName=node3", "State=DRAIN",
+        "Reason=etcd-agent: a 'bad' GPU (quarantined until 2033-05-18T03:33:20Z)"]
