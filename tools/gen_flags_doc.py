@@ -115,6 +115,13 @@ NOTES = {
                       "[recovery.md](recovery.md#health-gate).",
     "--spare": "See [recovery.md](recovery.md#hot-spares).",
     "--quarantine-after": "See [recovery.md](recovery.md#quarantine). Windows and cooldowns are at most a year.",
+    "--quarantine-scope": "`cluster` writes the records under `<root>/.quarantine/`, where every job on the etcd "
+                          "honours them; see [recovery.md](recovery.md#cluster-wide-quarantine).",
+    "--on-quarantine": "Run by the quarantined node's own agent, once per quarantine it writes; "
+                       "`deploy/slurm-drain-hook.sh` drains the node in Slurm. See "
+                       "[recovery.md](recovery.md#the-scheduler-hook).",
+    "--no-restart-exit-code": "Give the same value on every node. See "
+                              "[recovery.md](recovery.md#do-not-restart-exit-code).",
     "--warm-restart": "Python entrypoints only (not `--no-python`); see "
                       "[recovery.md](recovery.md#warm-restarts).",
     "--preload": "A module that cannot be imported is an error at start.",
