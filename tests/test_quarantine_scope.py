@@ -93,6 +93,52 @@ def test_the_cluster_key_lies_outside_every_run():
     assert not keys.cluster_quarantine("n1").startswith(keys.run.prefix)
 
 
+# --- the records, against etcd ----------------------------------------------------------------------------------
+
+def _record(endpoint: str, root: str, run: str, node: str, scope: str, log=None):
+    """A node's QuarantineRecord as its agent makes it, reading (not watching) each key when asked to watch it."""
+    from etcd_agent.config import EtcdConfig
+    from etcd_agent.coord.mirror import Mirror
+    from etcd_agent.coord.quarantine_record import QuarantineRecord
+    from etcd_agent.endpoints import parse_endpoints
+    from etcd_agent.etcd.client import Etcd
+
+    etcd, keys = Etcd(EtcdConfig(parse_endpoints(endpoint))), Keys(root, run, 1)
+    mirror = Mirror(keys)
+
+    def read(key: str) -> None:
+        kv, rev = etcd.get(key)
+        mirror.reset_range(key, b"", [kv] if kv else [], rev)
+    return etcd, QuarantineRecord(etcd, keys, node, mirror, lambda name, key: read(key), read, log or Log(), scope)
+
+
+def test_scope_says_where_a_job_writes_and_every_job_honours_cluster_records(etcd_endpoint, run_id):
+    root, policy = f"/t-{run_id}", QuarantinePolicy(after=1, cooldown=600.0, scope="cluster")
+    etcd, writer = _record(etcd_endpoint, root, "a", "n1", "cluster")
+    _, reader = _record(etcd_endpoint, root, "b", "n1", "job")
+    try:
+        writer.to_count = WALL
+        problem, wait = writer.holds(policy, WALL)
+        assert problem.startswith("quarantined until ") and wait == 600.0
+        assert writer.began is not None and writer.began.by == "run a"
+        assert etcd.get(Keys(root, "a", 1).quarantine("n1"))[0] is None  # not under the job's prefix
+        # job b counts nothing (--quarantine-after 0) and still sits out for the cluster record
+        problem, wait = reader.holds(QuarantinePolicy(), WALL + 10)
+        assert problem.endswith("(cluster-wide)") and wait == 590.0
+        assert reader.holds(QuarantinePolicy(), WALL + 600) == ("", 0.0)  # the cooldown ended
+        # a garbled record: a warning naming the key (once), nobody held out
+        log = Log()
+        reader.log = log
+        etcd.put(cluster_quarantine(root, "n1"), b'{"v": 1, "node": "n1", "until": -5}')
+        assert reader.holds(QuarantinePolicy(), WALL)[0] == "" and reader.holds(QuarantinePolicy(), WALL)[0] == ""
+        assert len(log.lines) == 1 and cluster_quarantine(root, "n1") in log.lines[0][1]
+        # scope cluster counts on over a garbled record: its next write replaces it
+        writer.to_count = WALL + 1
+        assert writer.holds(policy, WALL + 1)[0].startswith("quarantined until ")
+    finally:
+        etcd.close()
+
+
 # --- the hook --------------------------------------------------------------------------------------------------
 
 class Log:

@@ -81,7 +81,8 @@ class QuarantineRecord:
             self.to_count = None
             problem = quarantine.quarantined(q, wall)
             wait = q.until - wall if problem else 0.0
-        if not problem and self.key != self.cluster_key and not self._unreadable:
+        counted_there = policy.active and self.key == self.cluster_key  # the cluster record was just read
+        if not problem and not counted_there and not self._unreadable:
             try:
                 self._watch("cluster_quarantine", self.cluster_key)
             except EtcdAuthError as exc:  # a per-job user made before cluster records: the job runs without them
