@@ -34,7 +34,8 @@ DEFAULT_FOR = 3600.0  # seconds an operator's quarantine lasts unless --for says
 def quarantine_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("action", choices=ACTIONS, help="list the records, add one (cluster-wide), or release a node")
     p.add_argument("node", nargs="?", help="the node id (add, release)")
-    p.add_argument("--reason", action=Store, default="", help="add: why, shown by list, status and the agents' logs")
+    p.add_argument("--reason", action=Store, default="",
+                   help="add: why, shown by list and in the node's registry entry and log")
     p.add_argument("--for", dest="seconds", type=float, action=Store, default=DEFAULT_FOR,
                    help="add: seconds the node sits out (default %(default)g)")
     p.add_argument("--all", dest="all", action="store_true",
