@@ -99,12 +99,16 @@ class QuarantineRecord:
         return problem, wait
 
     def _valid(self, kv) -> Quarantine | None:
-        """The record in ``kv`` (None: absent, or garbled: a warning naming the key, once per version)."""
+        """The record in ``kv`` (None: absent). A garbled cluster record is None too, after a warning naming the key
+        (once per version); a garbled job record raises BadKeyData, which holds the agent until it is repaired, as
+        any bad value of the job does."""
         if kv is None:
             return None
         try:
             return self.mirror.record(kv, Quarantine)
         except BadKeyData as exc:
+            if kv.key != self.cluster_key:
+                raise
             if (kv.key, kv.mod_revision) not in self._garbled:
                 self._garbled.add((kv.key, kv.mod_revision))
                 self.log.warning("ignoring a quarantine record that is not valid: %s; it does not hold this node "
