@@ -41,6 +41,7 @@ from .coord.watches import WatchDelivery
 from .errors import BadKeyData, EtcdNoSpace, EtcdUnavailable, JobStopped, SessionLost
 from .etcd.session import Session
 from .coord.mirror import View
+from .node import hooks
 from .node.api import Assignment, GroupEvent, GroupFactory, GroupFailed, GroupSucceeded
 from .node.checks import CheckEvent, Checks, Drained, HealthChecked
 from .node.env import check_log_tree
@@ -94,7 +95,7 @@ class Agent:
         self.cfg = cfg
         self.version = version
         self.params = Params(cfg.spec.min_nodes, cfg.spec.max_nodes, cfg.spec.max_restarts, cfg.last_call,
-                             cfg.join_timeout, cfg.scale_settle, cfg.timings.lease_ttl)
+                             cfg.join_timeout, cfg.scale_settle, cfg.timings.lease_ttl, cfg.no_restart_exit_code)
         self.shutdown = threading.Event()
         self.events: queue.SimpleQueue[QueueEvent] = queue.SimpleQueue()  # put() is safe from a signal handler
         self.where = logs.Where(cfg.run_id, cfg.node_id)  # every line this agent logs says run, node and round
@@ -285,7 +286,7 @@ class Agent:
             self.coord.resync()
 
     def _join(self, action: JoinRound, view: View) -> None:
-        if (self.cfg.health.active or self.cfg.quarantine.active) and not self._healthy():
+        if not self._healthy():  # a cluster-wide quarantine holds out a node of any job
             return  # it does not join; decide() waits until the next check is due
         self._txn(action, view)
 
@@ -297,8 +298,10 @@ class Agent:
         health verdict, backoff and what it logs: ``node.checks.Checks.gate``) combined; the verdict goes into the
         registry entry. False until the check's verdict is in; ``announce`` writes the entry on a pass even when
         nothing changed there (a scale-up passed this node over)."""
-        held, wait = self.coord.quarantine.holds(self.cfg.quarantine, time.time()) if self.cfg.quarantine.active \
-            else ("", 0.0)
+        held, wait = self.coord.quarantine.holds(self.cfg.quarantine, time.time())
+        began, self.coord.quarantine.began = self.coord.quarantine.began, None
+        if began is not None:  # this agent's write started it: the scheduler hook runs once, off the loop
+            hooks.start(self.cfg.quarantine.on_quarantine, self.cfg.quarantine.hook_timeout, began, self.log)
         gate = self.checks.gate(held, wait)
         if gate is None:
             self._set(checking=True)  # decide() waits for the verdict, which wakes the loop

@@ -280,6 +280,8 @@ class HealthConfig:
 
 
 MAX_PERIOD = 365 * 24 * 3600.0  # the longest quarantine window and cooldown: a quarantine's end is a time to print
+RECOMMENDED_NO_RESTART_CODE = 87  # not 1/2 (Python), 126/127 (shell), 64-78 (sysexits), 128+n (signals) or 255
+QUARANTINE_SCOPES = ("job", "cluster")  # --quarantine-scope: every job honours cluster records whatever its scope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +292,9 @@ class QuarantinePolicy:
     after: int = 0
     window: float = 600.0
     cooldown: float = 600.0
+    scope: str = "job"  # --quarantine-scope: where this job writes its records (job: P/quarantine/, cluster: root's)
+    on_quarantine: tuple[str, ...] = ()  # --on-quarantine, split: run once per quarantine this node's agent writes
+    hook_timeout: float = 60.0  # --on-quarantine-timeout: the hook is killed after this many seconds
 
     @property
     def active(self) -> bool:
@@ -298,6 +303,10 @@ class QuarantinePolicy:
     def __post_init__(self) -> None:
         if self.after < 0:
             raise ConfigError(f"--quarantine-after must be 0 (off) or more, got {self.after}")
+        if self.scope not in QUARANTINE_SCOPES:
+            raise ConfigError(f"--quarantine-scope must be one of {', '.join(QUARANTINE_SCOPES)}, got {self.scope!r}")
+        if not 0 < self.hook_timeout <= MAX_PERIOD:
+            raise ConfigError(f"--on-quarantine-timeout must be positive seconds, got {self.hook_timeout:g}")
         if not 0 < self.window <= MAX_PERIOD or not 0 < self.cooldown <= MAX_PERIOD:  # inf, nan: no wall time
             raise ConfigError(f"--quarantine-window and --quarantine-cooldown must be positive and at most "
                               f"{MAX_PERIOD:.0f} s (a year), got {self.window:g} and {self.cooldown:g}")
@@ -329,6 +338,7 @@ class AgentConfig:
     gpu_drain_timeout: float = 30.0  # GPU jobs: how long the last workers' GPU memory may take to be released
     metrics_port: int = 0  # --metrics-port: this agent's Prometheus metrics (``metrics``); 0: off
     topology: str = ""  # --topology: this node's path, checked (``schema/topology.py``); "" none
+    no_restart_exit_code: int | None = None  # --no-restart-exit-code: a worker exiting with it ends the job failed
 
     def __post_init__(self) -> None:
         if not _RUN_ID_RE.fullmatch(self.run_id):  # fullmatch: "$" would let a trailing newline through
@@ -349,6 +359,9 @@ class AgentConfig:
             raise ConfigError(f"--master-port {self.master_port}: expected 1-65535")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"--metrics-port {self.metrics_port}: expected 1-65535, or 0 (off)")
+        if self.no_restart_exit_code is not None and not 1 <= self.no_restart_exit_code <= 255:
+            raise ConfigError(f"--no-restart-exit-code {self.no_restart_exit_code}: expected an exit code 1-255 "
+                              f"(recommended: {RECOMMENDED_NO_RESTART_CODE})")
 
     @property
     def timings(self) -> Timings:

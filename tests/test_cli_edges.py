@@ -75,10 +75,11 @@ def test_help_lists_the_subcommands():
     got = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=60)
     assert got.returncode == 0
     for line in ("etcd-agent status --run-id ID", "etcd-agent stop --run-id ID", "etcd-agent events --run-id ID",
-                 "etcd-agent doctor [this launch's flags]"):
+                 "etcd-agent quarantine list|add|release [NODE]", "etcd-agent doctor [this launch's flags]"):
         assert line in got.stdout, got.stdout
     assert got.stdout.startswith("usage: etcd-agent [flags] training_script [training script args ...]\n"
-                                 "       etcd-agent {status,stop,events,exporter,doctor} [flags] (each has --help)\n")
+                                 "       etcd-agent {status,stop,events,exporter,quarantine,doctor} [flags] "
+                                 "(each has --help)\n")
 
 
 # -- the hint of an unexpected error ---------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ DEMO = ("bash tools/setup.sh && .venv/bin/etcd-agent --nproc-per-node 2 --max-re
         "tools/demo/train.py --crash-once")
 TESTS = ".venv/bin/python -m pytest -q"
 SETUP = "bash tools/setup.sh && "
-SUBCOMMANDS = ("status", "stop", "events", "exporter")
+SUBCOMMANDS = ("status", "stop", "events", "exporter", "quarantine")
 OPERATORS = {";", "&&", "||", "|", "&", "(", ")", "do", "then", "time", "exec"}
 
 

@@ -248,7 +248,8 @@ def test_a_per_job_user_runs_its_job_and_cannot_touch_another(auth_etcd, pki, ru
     made = subprocess.run([str(ROOT / "deploy" / "etcd-job-user.sh"), run_id, str(pw)], capture_output=True,
                           text=True, timeout=60, env=env)
     assert made.returncode == 0, made.stderr
-    assert f"user job-{run_id} may read and write /etcd-agent/{run_id}/ and nothing else" in made.stdout
+    assert (f"user job-{run_id} may read and write /etcd-agent/{run_id}/ and read /etcd-agent/.quarantine/ "
+            "(cluster-wide quarantine records), nothing else") in made.stdout
     extra = ["--etcd-cacert", pki.path("ca.pem"), "--etcd-user", f"job-{run_id}", "--etcd-password-file", str(pw)]
     agents, out = start_agents(2, auth_etcd.endpoint, run_id, tmp_path, [], nproc=1, extra=extra)
     assert wait_all(agents, timeout=60) == [0, 0], [a.stderr()[-2000:] for a in agents]
@@ -263,5 +264,8 @@ def test_a_per_job_user_runs_its_job_and_cannot_touch_another(auth_etcd, pki, ru
             etcd.put(f"/etcd-agent/{run_id}-other/0001/round", b"{}")
         with pytest.raises(EtcdAuthError, match="permission denied"):
             etcd.get("/etcd-agent/someone-else/job")
+        assert etcd.get("/etcd-agent/.quarantine/node-0")[0] is None  # every job honours cluster records
+        with pytest.raises(EtcdAuthError, match="permission denied"):  # but only QUARANTINE_ACCESS=readwrite writes
+            etcd.put("/etcd-agent/.quarantine/node-0", b"{}")
     finally:
         etcd.close()

@@ -119,6 +119,13 @@ NOTES = {
                   "either, `$SLURM_TOPOLOGY_ADDR` less the node's own name; `--topology /` ignores it. See "
                   "[cluster.md](cluster.md#topology-aware-ranks).",
     "--quarantine-after": "See [recovery.md](recovery.md#quarantine). Windows and cooldowns are at most a year.",
+    "--quarantine-scope": "`cluster` writes the records under `<root>/.quarantine/`, where every job on the etcd "
+                          "honours them; see [recovery.md](recovery.md#cluster-wide-quarantine).",
+    "--on-quarantine": "Run by the quarantined node's own agent, once per quarantine it writes; "
+                       "`deploy/slurm-drain-hook.sh` drains the node in Slurm. See "
+                       "[recovery.md](recovery.md#the-scheduler-hook).",
+    "--no-restart-exit-code": "Give the same value on every node. See "
+                              "[recovery.md](recovery.md#do-not-restart-exit-code).",
     "--warm-restart": "Python entrypoints only (not `--no-python`); see "
                       "[recovery.md](recovery.md#warm-restarts).",
     "--preload": "A module that cannot be imported is an error at start.",

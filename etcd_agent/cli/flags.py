@@ -22,8 +22,8 @@ import os
 import re
 from typing import Callable
 
-from ..config import (DEFAULT_ROOT, MAX_NODES, MAX_NODES_WHY, AgentConfig, EtcdConfig, HealthConfig, QuarantinePolicy,
-                      Timings, WorkerConfig)
+from ..config import (DEFAULT_ROOT, MAX_NODES, MAX_NODES_WHY, RECOMMENDED_NO_RESTART_CODE, AgentConfig, EtcdConfig,
+                      HealthConfig, QuarantinePolicy, Timings, WorkerConfig)
 from ..errors import ConfigError
 from .usage import DESCRIPTION, EPILOG, SUBCOMMANDS, USAGE, unrecognized
 
@@ -285,6 +285,21 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(*_both("--quarantine-cooldown"), dest="quarantine_cooldown", type=float,
                    default=QuarantinePolicy.cooldown, action=Store,
                    help="seconds a quarantined node sits out (default %(default)g)")
+    g.add_argument(*_both("--quarantine-scope"), dest="quarantine_scope", default=QuarantinePolicy.scope,
+                   action=Store, help="where this job writes quarantine records: job (its own) or cluster (under the "
+                                      "root prefix: every job on this etcd skips the node; every job honours "
+                                      "cluster records whatever its scope) (default %(default)s)")
+    g.add_argument(*_both("--on-quarantine"), dest="on_quarantine", default=None, action=Store,
+                   help="a command (no shell) this node's agent runs once when it quarantines the node, with "
+                        "ETCD_AGENT_QUARANTINE_NODE, _REASON and _UNTIL set (e.g. deploy/slurm-drain-hook.sh)")
+    g.add_argument(*_both("--on-quarantine-timeout"), dest="on_quarantine_timeout", type=float,
+                   default=QuarantinePolicy.hook_timeout, action=Store,
+                   help="seconds --on-quarantine may run before it is killed; its failure is logged, never fatal "
+                        "(default %(default)g)")
+    g.add_argument(*_both("--no-restart-exit-code"), dest="no_restart_exit_code", type=int, default=None,
+                   action=Store, help="a worker exiting with this code ends the job failed at once, naming it as "
+                                      "the root cause and spending no restart (default: off; recommended: "
+                                      f"{RECOMMENDED_NO_RESTART_CODE})")
     g.add_argument(*_both("--gpu-drain-timeout"), dest="gpu_drain_timeout", type=float,
                    default=AgentConfig.gpu_drain_timeout, action=Store,
                    help="GPU jobs: seconds to wait for the stopped workers' GPU memory to be released before new "
@@ -353,6 +368,9 @@ def subcommand_parser(name: str) -> argparse.ArgumentParser:
     if name == "exporter":
         from .exporter_flags import exporter_flags
         return exporter_flags(p)
+    if name == "quarantine":
+        from .quarantine import quarantine_flags
+        return quarantine_flags(p)
     if name == "status":
         p.add_argument("--json", action="store_true", help="print the state as JSON")
     elif name == "events":

@@ -45,7 +45,7 @@ from ..config import (AgentConfig, EtcdConfig, JobSpec, QuarantinePolicy, StdSpe
                       request_timeout_for)
 from ..endpoints import endpoint_scheme, parse_endpoints
 from ..errors import ConfigError
-from ..node import health
+from ..node import health, hooks
 from ..node.hostinfo import default_node_id, resolve_nproc
 from ..node.warm import parse_preload
 from ..secure import keep_secret
@@ -336,7 +336,9 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace, preflight: 
         last_call=ns.last_call, join_timeout=ns.join_timeout, scale_settle=ns.scale_settle,
         worker_timeout=ns.worker_timeout, node_rank=rank, master_addr=master_addr, master_port=master_port,
         signals=signals, gpu_drain_timeout=ns.gpu_drain_timeout, spare=ns.spare, metrics_port=ns.metrics_port,
-        quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown),
+        quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown,
+                                    ns.quarantine_scope, hooks.parse(ns.on_quarantine), ns.on_quarantine_timeout),
+        no_restart_exit_code=ns.no_restart_exit_code,
         health=health.parse(ns.health_check, ns.health_check_timeout,
                             workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
     if not preflight:

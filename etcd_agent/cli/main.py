@@ -45,12 +45,15 @@ def run_subcommand(name: str, argv: list[str]) -> int:
     parser = flags.subcommand_parser(name)
     ns = parser.parse_args(argv)
     _setup_logging(ns.log_level, ns.log_format)
-    if not ns.run_id and name not in ("status", "exporter"):
+    if not ns.run_id and name not in ("status", "exporter", "quarantine"):
         raise ConfigError("--run-id is required")
     flag = flags.sources(parser, ns).get("endpoints", "--etcd-endpoints")
     cfg = etcd_config(ns, ns.endpoints, flag)
     for note in hostnames.check(cfg.endpoints, flag, cfg.connect_timeout):
         log.warning("%s", note)
+    if name == "quarantine":
+        from .quarantine import run_command
+        return run_command(ns, cfg, flag)
     return run(name, ns, cfg, flag)
 
 

@@ -29,7 +29,7 @@ def unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
 
 
 USAGE = ("%(prog)s [flags] training_script [training script args ...]\n"
-         "       %(prog)s {status,stop,events,exporter,doctor} [flags] (each has --help)")
+         "       %(prog)s {status,stop,events,exporter,quarantine,doctor} [flags] (each has --help)")
 DESCRIPTION = textwrap.fill("Elastic launcher for multi-node PyTorch jobs, coordinated through etcd v3; takes "
                             "torchrun's command line. Arguments after training_script are the script's own.", 100)
 EPILOG = """subcommands:
@@ -41,6 +41,8 @@ EPILOG = """subcommands:
       a job's history, replayed from etcd's revisions (--follow: then live)
   etcd-agent exporter --etcd-endpoints HOST:PORT [--listen HOST:PORT] [--run-id ID,...]
       the runs' state as Prometheus metrics on http://HOST:PORT/metrics
+  etcd-agent quarantine list|add|release [NODE] --etcd-endpoints HOST:PORT [--for SECONDS] [--reason TEXT]
+      the cluster-wide quarantine records every job honours: list them, quarantine a node, release one
   etcd-agent doctor [this launch's flags] training_script [args ...]
       check this node before a launch: what it would use, one line per check; starts nothing"""
 SUBCOMMANDS = {  # name -> description (``etcd-agent NAME --help``); doctor takes a launch's flags (cli.doctor)
@@ -48,4 +50,5 @@ SUBCOMMANDS = {  # name -> description (``etcd-agent NAME --help``); doctor take
     "stop": "Stop a running job: every agent of it stops its workers and exits.",
     "events": "Replay a job's history from etcd's revisions (--follow: then every change as it happens).",
     "exporter": "Serve the state of the runs under the root as Prometheus metrics (needs the metrics extra).",
+    "quarantine": "List, add or release cluster-wide quarantine records: every job on this etcd skips the node.",
 }

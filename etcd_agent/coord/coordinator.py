@@ -112,8 +112,9 @@ class Coordinator:
             self.watches = Watches(self.etcd, self.mirror, self.strays, self._sink, self.timings.watch_probe,
                                    f"watch-{self.node}", self._own)
             self.roles = Roles(self.etcd, self.keys, self.node, self.mirror, self.watches, self.strays)
-            self.quarantine = QuarantineRecord(self.etcd, self.keys, self.node, self.mirror, lambda key: self.watches
-                                               .ensure("quarantine", key, b""), self.roles.read_key, self.log)
+            self.quarantine = QuarantineRecord(self.etcd, self.keys, self.node, self.mirror, lambda name, key: self
+                                               .watches.ensure(name, key, b""), self.roles.read_key, self.log,
+                                               self.cfg.quarantine.scope)
             self.new_session(on_lost)
             self.watches.ensure("control", *self.keys.control())
         except EtcdNoSpace:

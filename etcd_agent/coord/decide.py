@@ -60,6 +60,7 @@ class Params:
     join_timeout: float
     scale_settle: float
     lease_ttl: float = 5.0  # how soon a dead node's lease ends: a loss that near a failure is blamed for it
+    no_restart_exit_code: int | None = None  # a worker that exits with it ends the job failed (None: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +178,10 @@ def decide(v: View, me: Local, p: Params) -> Action:
         return End(r, FAILED, result(r, FAILED, me.wall, v, f"round {me.workers_round} was restarted ({r.reason}) "
                                      f"after the workers of {me.node} had finished; a partly finished job "
                                      "cannot be re-run"))
+    if p.no_restart_exit_code is not None and me.outcome == Outcome.FAILED and me.failure is not None \
+            and me.failure.exitcode == p.no_restart_exit_code:  # its round may have moved on (a peer bumped first)
+        return end_failed(v, r, me.wall, f"{describe_failure(me.failure)} in round {me.workers_round}; exit code "
+                          f"{p.no_restart_exit_code} is the --no-restart-exit-code: not restarted", me.failure)
     blamed = _blame(v, r, me, p)
     if blamed is not None:
         return blamed
@@ -365,6 +370,15 @@ def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, coun
         why = f"{reason}; {BUDGET_SPENT} ({used} of {limit} restarts used, --max-restarts)"
         return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure, losses), failure, losses=losses)
     return Bump(r, reason, counted, failure, losses=losses)
+
+
+def end_failed(v: View, r: RoundInfo, wall: float, reason: str, cause: Failure | None = None) -> End:
+    """End the job ``failed`` at once, spending no restart, with ``cause`` as its root cause when given (its report
+    is written with the end when it is of this round). Shared by every rule that ends a job before its budget."""
+    res = result(r, FAILED, wall, v, reason, cause)
+    if cause is not None:
+        res = dataclasses.replace(res, root_cause=cause)
+    return End(r, FAILED, res, cause if cause is not None and cause.round == r.number else None)
 
 
 def result(r: RoundInfo, outcome: str, wall: float, v: View, reason: str, failure: Failure | None = None,

@@ -39,6 +39,8 @@ class Strays:
 
     def why(self, kv) -> str | None:
         """Why nothing should hold ``kv`` (None: it is a key of the job, or its round's plan is not known here)."""
+        if not kv.key.startswith(self.keys.prefix):
+            return None  # outside the job (the cluster-wide quarantine record): its reader validates it
         try:
             parsed = self.keys.parse(kv.key)
         except BadKeyData:

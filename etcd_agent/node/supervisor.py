@@ -123,6 +123,9 @@ class Supervisor:
         if e.round != self.round:
             return None  # a group of an earlier round
         if not self._current(e.round):
+            code = self.cfg.no_restart_exit_code
+            if self.outcome is None and code is not None and e.report.exitcode == code:
+                self.outcome, self.failure = Outcome.FAILED, e.report  # a peer restarted first: it still ends the job
             return e.report  # it failed on its own just before we stopped the group for another reason: keep it
         if self.outcome is None:
             r = e.report

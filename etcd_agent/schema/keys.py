@@ -20,6 +20,11 @@ carrying ``"v": 1``; ``values.py`` defines each one as a typed record, validated
     P/store/<round:08d>/<key>       the c10d Store of a round under torchrun's ``etcd-v3`` backend (any key torch
                                     or the user writes; outside ``P/r/`` so that the round's watchers never see it)
 
+Outside every run, at the root (``.quarantine`` cannot be a run id: a run id begins with a letter or digit)::
+
+    <root>/.quarantine/<node>       unleased: a cluster-wide quarantine (--quarantine-scope cluster, or an operator's
+                                    ``etcd-agent quarantine add``): every job on this etcd skips the node until then
+
 Earlier jobs of the run keep their keys under their own ``P``. Zero-padded numbers keep lexical order equal to
 numeric order. Imports only ``errors``.
 """
@@ -53,6 +58,19 @@ class ParsedKey:
     node: str | None = None
     rank: int | None = None
     part: int | None = None
+
+
+CLUSTER_QUARANTINE_DIR = ".quarantine"
+
+
+def cluster_quarantines(root: str) -> str:
+    """The directory of the cluster-wide quarantine records under ``root`` (with a trailing slash)."""
+    return f"{root}/{CLUSTER_QUARANTINE_DIR}/"
+
+
+def cluster_quarantine(root: str, node: str) -> str:
+    """A node's cluster-wide quarantine record: honoured by every job under ``root``."""
+    return cluster_quarantines(root) + node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +146,10 @@ class Keys:
     def quarantine(self, node: str) -> str:
         """A node's worker failures (job-wide, kept across its agent's restarts) and its quarantine."""
         return self.quarantines() + node
+
+    def cluster_quarantine(self, node: str) -> str:
+        """A node's cluster-wide quarantine record (``cluster_quarantine``), outside the job prefix."""
+        return cluster_quarantine(self.root, node)
 
     def node_rank(self, rank: int) -> str:
         """The claim of group rank ``rank`` by the one live node started with ``--node-rank <rank>``."""

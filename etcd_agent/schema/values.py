@@ -142,6 +142,7 @@ class Quarantine(Record):
     failures: tuple[float, ...] = ()
     until: float = 0.0
     reason: str = ""
+    by: str = ""  # who wrote it: "run <run id>" (an agent of that run), "operator" (``etcd-agent quarantine add``)
 
     def sitting_out(self, wall: float) -> bool:
         return self.until > wall

@@ -4,6 +4,7 @@ Every run records its environment to OUT/<round>-<rank>.json, then behaves as to
   --fail-rank R[,R...] --fail-round N   those ranks exit 3 in round N (torch-style error file written first),
                                         together, once every rank of the round has started; the other ranks
                                         block until stopped, like peers in a collective
+  --exit-code N                         the failing ranks exit N instead of 3 (--no-restart-exit-code)
   --say FILE                            a failing rank prints FILE's content on stderr first (a secret, say)
   --fail-when FILE                      with --fail-rank: those ranks fail only once FILE exists
   --always-fail-rank R                  rank R exits 3 in every round (the others block likewise)
@@ -30,6 +31,7 @@ p.add_argument("--fail-rank", type=lambda s: {int(x) for x in s.split(",")}, def
 p.add_argument("--fail-round", type=int, default=1)
 p.add_argument("--fail-when")
 p.add_argument("--say")
+p.add_argument("--exit-code", type=int, default=3)
 p.add_argument("--always-fail-rank", type=int)
 p.add_argument("--always-fail", action="store_true")
 p.add_argument("--hold-rank", type=int)
@@ -67,7 +69,7 @@ def fail(msg: str) -> None:
     with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
         json.dump({"message": {"message": msg, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
     print(msg, file=sys.stderr)
-    sys.exit(3)
+    sys.exit(a.exit_code)
 
 
 failing_now = a.always_fail or a.always_fail_rank is not None or (a.fail_rank and a.fail_round == rnd)
