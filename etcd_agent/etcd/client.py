@@ -40,7 +40,7 @@ from ..errors import EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailabl
 from ..schema.keys import prefix_end  # noqa: F401  (pure; re-exported for the watch)
 from .diagnose import ENDPOINT_FAILED_CODES, map_grpc_error, plaintext_to_tls, tls_problem
 from .liveness import PROBER
-from .retry import retry_policy
+from .retry import retrying
 
 log = logs.get("etcd_agent.etcd.client")
 T = TypeVar("T")
@@ -309,8 +309,8 @@ class Etcd:
                 raise err from exc
 
         try:
-            return retry_policy(limit, None if final else self.stop_event, None if final else self.interrupt,
-                                where=where)(metrics.timed(attempt))
+            return retrying(metrics.timed(attempt), end, None if final else self.stop_event,
+                            None if final else self.interrupt, where)
         except EtcdNoSpace:
             raise  # etcd answered: it is full, not unreachable, and no retry empties it
         except EtcdUnavailable as exc:
