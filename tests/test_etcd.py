@@ -268,3 +268,39 @@ def test_a_retried_call_says_so_at_debug_and_once_at_info_when_slow(caplog):
                                                    "retrying after 1.2 s (try 3;")
     assert len(debugs) == 4 and all(line.startswith("etcd get /k failed: UNAVAILABLE") and "retrying in" in line
                                     for line in debugs)
+
+
+def test_a_call_is_tried_once_without_tenacity_and_retried_under_it_only_when_it_fails(caplog):
+    """``retry.retrying``: a call that succeeds is tried once; one that fails goes on under the policy from that
+    failure (its backoff and its DEBUG line for that try); EtcdNoSpace is never retried; past the deadline the
+    first error is the answer. Counts only."""
+    import logging
+
+    from etcd_agent.errors import EtcdNoSpace
+    from etcd_agent.etcd.retry import retrying
+
+    def flaky(fails: int, error=EtcdUnavailable):
+        tries = []
+
+        def call():
+            tries.append(1)
+            if len(tries) <= fails:
+                raise error(f"etcd get /k failed: try {len(tries)}")
+            return len(tries)
+        return call, tries
+
+    call, tries = flaky(0)
+    assert retrying(call, time.monotonic() + 10, None, where="get /k") == 1 and len(tries) == 1
+    call, tries = flaky(2)
+    with caplog.at_level(logging.DEBUG, logger="etcd_agent.etcd.retry"):
+        assert retrying(call, time.monotonic() + 10, None, where="get /k") == 3 and len(tries) == 3
+    said = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert [line.split(";")[0] for line in said] == ["etcd get /k failed: try 1", "etcd get /k failed: try 2"]
+    call, tries = flaky(1, EtcdNoSpace)
+    with pytest.raises(EtcdNoSpace):
+        retrying(call, time.monotonic() + 10, None, where="put /k")
+    assert len(tries) == 1
+    call, tries = flaky(5)
+    with pytest.raises(EtcdUnavailable, match="try 1"):
+        retrying(call, time.monotonic() - 1, None, where="get /k")
+    assert len(tries) == 1

@@ -15,11 +15,25 @@ from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.etcd.liveness import PROBER, Pulse
 from etcd_agent.etcd.session import Session
-from etcd_agent.etcd.watch import Watch
+from etcd_agent.etcd.waits import quiet_grpc_waits
+from etcd_agent.etcd.watch import Watch, WatchStream
 from etcd_agent.testing import metrics
 from etcd_agent.testing.sim import JobParams, SimJob
 
 WAIT = 60.0
+
+
+def wakeups(native_ids: set[int]) -> int:
+    """Context switches so far of these threads of this process (each time one of them woke up), from /proc."""
+    total = 0
+    for tid in native_ids:
+        try:
+            with open(f"/proc/self/task/{tid}/status") as f:
+                total += sum(int(line.split()[1]) for line in f
+                             if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+        except OSError:
+            continue  # it ended
+    return total
 
 
 def received(client_url: str) -> dict[str, float]:
@@ -139,3 +153,26 @@ def test_a_watch_beside_a_session_still_notices_a_frozen_member(own_etcd):
     w.cancel()
     session.close(revoke=False)
     e.close()
+
+
+def test_an_idle_watch_stream_and_its_channel_do_not_wake(own_etcd):
+    """In an agent's process (``etcd.waits.quiet_grpc_waits``) the threads of an idle watch stream sleep: gRPC's
+    channel thread (its completion-queue waits: 200 ms slices otherwise), the stream's reader (0.1 s slices
+    otherwise) and its request thread. Counted from /proc over a 2 s pause (about 30 wake-ups with gRPC's own
+    slices), not timed: a slice of 5 s may end at most once per thread within the pause."""
+    quiet_grpc_waits()
+    before = {t.native_id for t in threading.enumerate()}
+    e = Etcd(EtcdConfig(parse_endpoints(own_etcd.endpoint)))
+    stream = WatchStream(e, lambda *delivery: None, probe_interval=60.0).start()
+    stream.add("idle", "/idle/", b"/idle0", 1)
+    try:
+        poll_until(lambda: e.last_heard(e.endpoint_label()) > 0, WAIT, "the watch was not created")
+        ours = {t.native_id for t in threading.enumerate()} - before  # the stream's and gRPC's threads for it
+        assert len(ours) >= 3, [t.name for t in threading.enumerate()]
+        first = wakeups(ours)
+        threading.Event().wait(2.0)  # a pause, not a synchronization: the window whose wake-ups are counted
+        woke = wakeups(ours) - first
+    finally:
+        stream.cancel()
+        e.close()
+    assert woke <= 6, f"{len(ours)} idle threads woke {woke} times in 2 s"

@@ -82,6 +82,7 @@ def _started(agent, etcd: str) -> None:
 def run_agent(argv: list[str]) -> int:
     global _ran
     from ..agent import Agent, install_signal_handlers
+    from ..etcd.waits import quiet_grpc_waits
     from .job_etcd import JobEtcd
 
     parser = build_parser()
@@ -98,6 +99,7 @@ def run_agent(argv: list[str]) -> int:
     c = launch.cfg  # a port in use, or no prometheus-client, is an error before etcd is touched
     served = metrics.start(c.metrics_port, c.local_addr, c.run_id, c.node_id)
     job_etcd, agent = JobEtcd(launch.embedded, launch.serve), None
+    quiet_grpc_waits()  # the agent's own process: its gRPC waits sleep, not poll (never torchrun's or a worker's)
     try:
         cfg = job_etcd.start(launch.cfg)  # a one-node job's embedded etcd, or the one a c10d line's endpoint names
         agent = Agent(cfg, __version__)

@@ -1,6 +1,6 @@
 """The etcd layer: the client (``client``), its retry policy (``retry``), what its errors mean (``diagnose``), lease
-keepalive (``keepalive``), the agent's session (``session``), multiplexed watches (``watch``) and private etcd
-processes (``server``: ``--standalone`` and a c10d line's own etcd).
+keepalive (``keepalive``), the agent's session (``session``), multiplexed watches (``watch``), gRPC's idle waits
+(``waits``) and private etcd processes (``server``: ``--standalone`` and a c10d line's own etcd).
 
 Guarantees: the only code that imports ``etcd3`` or ``grpc``; every etcd or gRPC error leaves it as one of the
 package's own errors (``diagnose``). Importing the package sets gRPC's environment for the agent's own process

@@ -15,7 +15,8 @@ Guarantees:
 - It notes when each member last answered (``heard``; forgotten when marked failed), so that a silent watch stream
   is probed only when its member fell silent too (``liveness.py``).
 The session (``session.py``), its keepalives (``keepalive.py``) and the resumable watch (``watch.py``) build on the
-primitives here. gRPC's environment is set by ``etcd/__init__.py`` before grpc is imported. Imports the base modules,
+primitives here. gRPC's environment is set by ``etcd/__init__.py`` before grpc is imported; its idle waits are
+made to sleep, not poll, by ``etcd/waits.py`` in the agent's own process only. Imports the base modules,
 ``schema.keys``, ``etcd.diagnose``, ``etcd.liveness`` and ``etcd.retry``; nothing above ``etcd/``.
 """
 
@@ -29,7 +30,6 @@ from typing import Callable, Iterable, Sequence, TypeVar
 
 import etcd3
 import grpc
-import grpc._common
 # etcdrpc is re-exported for watch.py: the generated messages and stubs
 from etcd3 import etcdrpc as rpc
 from etcd3 import exceptions as etcd3_exc
@@ -40,21 +40,13 @@ from ..errors import EtcdNoSpace, EtcdRequestError, EtcdTlsError, EtcdUnavailabl
 from ..schema.keys import prefix_end  # noqa: F401  (pure; re-exported for the watch)
 from .diagnose import ENDPOINT_FAILED_CODES, map_grpc_error, plaintext_to_tls, tls_problem
 from .liveness import PROBER
-from .retry import retry_policy
+from .retry import retrying
 
 log = logs.get("etcd_agent.etcd.client")
 T = TypeVar("T")
 
 GRPC_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
                 ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-# gRPC's blocking calls wait on a condition in slices of 0.1 s (grpc issue 19464: so that a main thread's signal
-# handlers run). Every thread blocked on a stream (each watch, each keepalive) thus wakes 10 times a second for
-# nothing: measured with 1000 simulated agents on 2 cores, that alone kept the cores busy. The condition is notified
-# whenever a response arrives, so a longer slice delays nothing, and on CPython 3 a signal interrupts a timed lock
-# wait anyway (its handler runs at once), so a 5 s slice keeps the wrapper's own guarantees.
-GRPC_WAIT_SLICE = 5.0
-if getattr(grpc._common, "MAXIMUM_WAIT_TIMEOUT", 0) < GRPC_WAIT_SLICE:
-    grpc._common.MAXIMUM_WAIT_TIMEOUT = GRPC_WAIT_SLICE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,8 +309,8 @@ class Etcd:
                 raise err from exc
 
         try:
-            return retry_policy(limit, None if final else self.stop_event, None if final else self.interrupt,
-                                where=where)(metrics.timed(attempt))
+            return retrying(metrics.timed(attempt), end, None if final else self.stop_event,
+                            None if final else self.interrupt, where)
         except EtcdNoSpace:
             raise  # etcd answered: it is full, not unreachable, and no retry empties it
         except EtcdUnavailable as exc:

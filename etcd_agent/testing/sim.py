@@ -41,6 +41,7 @@ from etcd_agent import logs
 from etcd_agent.agent import Agent
 from etcd_agent.cli import flags, launch
 from etcd_agent.config import AgentConfig, WorkerConfig
+from etcd_agent.etcd.waits import quiet_grpc_waits
 from etcd_agent.node.api import Assignment, ExitTally, GroupEvent, GroupFailed, WorkerExit
 from etcd_agent.schema.values import Failure
 
@@ -343,6 +344,7 @@ class SimJob:
 
     def start(self, nodes: Iterable[str]) -> tuple[float, float]:
         """Make the agents, then start one thread per agent calling ``run()``; (first, last) start time."""
+        quiet_grpc_waits()  # the gRPC waits of an agent's process (``cli.main.run_agent``)
         made = [(n, Agent(self.params.config(n), "sim", group_factory=self.hub.group_factory())) for n in nodes]
         first = time.monotonic()
         for node, agent in made:

@@ -54,6 +54,7 @@ from costs_cases import CASES, agents_memory
 from etcd_agent.config import EtcdConfig
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.etcd.server import EtcdServer
+from etcd_agent.etcd.waits import quiet_grpc_waits
 from etcd_agent.testing import metrics as etcd_metrics
 from etcd_agent.testing.cluster import EtcdCluster
 
@@ -206,6 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--etcd-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    quiet_grpc_waits()  # the clients here wait as an agent's do (they did since etcd.client's import set it)
 
     def log(msg: str) -> None:
         print(f"[costs {time.strftime('%H:%M:%S')}] {msg}", flush=True)

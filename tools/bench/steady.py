@@ -14,9 +14,9 @@ seconds pass (the round's backlog), then the idle window of ``--idle`` seconds i
   progress request on a Watch stream), per agent per second; and the watch responses etcd sent
   (``grpc_server_msg_sent_total{grpc_method="Watch"}``: events, progress answers).
 - the agent processes, from /proc: threads per agent (tasks of the processes / agents, gRPC's own included; the
-  Python threads by name from the processes themselves), context switches per agent per second (every time one
-  of their threads woke up, summed over the tasks: the wake-ups of threads that wake for nothing show here), and
-  CPU (user+sys) milliseconds per agent per idle second.
+  Python threads by name from the processes themselves, gRPC core's native ones by their kernel name), context
+  switches per agent per second (every time one of their threads woke up, summed over the tasks: the wake-ups of
+  threads that wake for nothing show here), and CPU (user+sys) milliseconds per agent per idle second.
 - session losses (lines "session lost" in the process logs over the whole run: there should be none).
 
 ``--endpoints 2`` gives the agents the one etcd under two names (``127.0.0.1:PORT,localhost:PORT``): the session
@@ -81,14 +81,32 @@ def task_switches(pids: list[int]) -> dict[int, int]:
     return out
 
 
+def task_names(pids: list[int]) -> dict[int, str]:
+    """The kernel's name of every thread of the processes (``comm``: gRPC core names its own, e.g. event_engine)."""
+    out: dict[int, str] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    out[int(tid)] = f.read().strip()
+            except (OSError, ValueError):
+                continue
+    return out
+
+
 def by_kind(kinds: dict[str, list[int]], before: dict[int, int], after: dict[int, int], n: int,
-            window: float) -> dict[str, dict[str, float]]:
+            window: float, names: dict[int, str] | None = None) -> dict[str, dict[str, float]]:
     """For each kind of thread: threads per agent and their wake-ups per agent per second; the tasks that are no
-    Python thread (gRPC's core, the interpreter's own) under "(native)"."""
+    Python thread (gRPC's core, the interpreter's own) under "(native) NAME", by their kernel name."""
     owner = {tid: kind for kind, tids in kinds.items() for tid in tids}
+    names = names or {}
     out: dict[str, dict[str, float]] = {}
     for tid, count in after.items():
-        row = out.setdefault(owner.get(tid, "(native)"), {"threads": 0.0, "wakeups": 0.0})
+        row = out.setdefault(owner.get(tid, f"(native) {names.get(tid, '?')}"), {"threads": 0.0, "wakeups": 0.0})
         row["threads"] += 1 / n
         row["wakeups"] += (count - before.get(tid, count)) / (n * window)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["wakeups"]))
@@ -135,7 +153,7 @@ def run_one(n: int, endpoints: int, args, workdir: Path) -> dict:
         window = time.monotonic() - t0
         per = n * window
         delta = {m: r1.get(m, 0.0) - r0.get(m, 0.0) for m in set(r0) | set(r1)}
-        threads = by_kind(kinds, sw0, sw1, n, window)
+        threads = by_kind(kinds, sw0, sw1, n, window, task_names(pids))
         result.update(
             window_s=window, procs=count, agents_per_proc=k,
             requests={m: delta.get(m, 0.0) for m in METHODS},
