@@ -72,7 +72,7 @@ def test_watch_events_and_writes_per_round_are_linear_in_n(private_etcd, run_id,
     # A restart (bump) and the round after it (joins, close): each node joins once, the leader sees every join,
     # everyone sees the round key change (the bump writes round + restarts; the close writes the round).
     # The leave round also carries the leaver's deleted keys; measured 72-121 at N=24 on a quiet machine and 135
-    # at a load average of 100 (a slow agent's join retried). Quadratic would be 576.
+    # at a load average of 100. Quadratic would be 576.
     assert costs["crash"]["watch_events"] <= 5 * n + 10, costs["crash"]
     assert costs["leave"]["watch_events"] <= 6 * n + 10, costs["leave"]
     # The first rendezvous also creates the job and registers every node. Its count depends on arrival order, not
