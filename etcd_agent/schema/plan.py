@@ -91,6 +91,12 @@ class PlanPart(Record):
             raise BadKeyData(key, f"bad plan part: members must be a list, not {obj['members']!r}")
         entries = []
         for i, m in enumerate(obj["members"]):
+            if type(m) is list and len(m) == 6:  # the common entry, well formed: built without a check per field
+                node, rank, nproc, addr, offset, pred = m
+                if (type(node) is str and type(rank) is int and type(nproc) is int and type(addr) is str
+                        and type(offset) is int and type(pred) is str and nproc >= 1 and rank >= 0 and offset >= 0):
+                    entries.append((Member(node, rank, "", addr, nproc, offset), pred))
+                    continue
             if not isinstance(m, list) or len(m) not in (6, 7):
                 raise BadKeyData(key, f"bad plan part: member {i} must be [node, group_rank, nproc, addr, "
                                       f"rank_offset, predecessor] (and a topology path), not {m!r}")
