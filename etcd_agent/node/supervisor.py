@@ -14,9 +14,11 @@ Guarantees:
   the drain runs nothing starts; memory still held after ``--gpu-drain-timeout`` fails the round here instead. The
   drain starts when the workers are stopped for a new round, so it runs while that round forms.
 - Stopping forwards the signal the agent is leaving on (``--signals-to-handle``), as torchrun does; else SIGTERM.
+- The node's training step (``steps.StepMeter``) is read from the current group's progress files; a failure report
+  carries the step the node had reached when it failed.
 
-Imports ``config``, ``logs``, ``metrics``, ``schema.values`` and ``node/`` (``api``, ``checks``, ``env``, ``warm``)
-only; never ``etcd/``, ``coord/`` or the agent.
+Imports ``config``, ``logs``, ``metrics``, ``schema.values`` and ``node/`` (``api``, ``checks``, ``env``, ``steps``,
+``warm``) only; never ``etcd/``, ``coord/`` or the agent.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..schema.values import Failure, Outcome
 from .api import Assignment, Group, GroupEvent, GroupFactory, GroupFailed, GroupSucceeded
 from .checks import Checks
 from .env import log_root, worker_env
+from .steps import Reading, StepMeter
 from .warm import SparePool
 
 
@@ -48,6 +51,8 @@ class Supervisor:
         self.outcome: Outcome | None = None  # how they ended, once known
         self.failure: Failure | None = None  # this node's failure report when they failed
         self.spares: SparePool | None = None  # --warm-restart: this node's pre-started interpreters
+        self.members = 1  # the size of the plan of the round whose workers run or ran here
+        self.steps = StepMeter(lambda: (self.round, self.group.progress_files if self.group is not None else ()), log)
         if cfg.workers.warm_restart:
             self.spares = SparePool(cfg.workers, log_root(cfg.workers, log), cfg.run_id, cfg.node_id,
                                     logs.get("etcd_agent.node.warm", where), gpus=cfg.health.gpus is not None)
@@ -89,6 +94,7 @@ class Supervisor:
                                    logger=logs.get("etcd_agent.node.workers", self._where),
                                    worker_timeout=self.cfg.worker_timeout, spares=self.spares)
         self.round, self.running, self.outcome, self.failure = a.round, True, None, None
+        self.members = a.group_world_size
         self.group.start(a)
         return self.group.describe(a)
 
@@ -132,8 +138,14 @@ class Supervisor:
                 self.log.error("worker rank %d (pid %d) failed with %s%s", r.rank, r.pid, r.how_it_ended(),
                                f": {r.message}" if r.message else "", event="worker_failed",
                                fields={"rank": r.rank, "exit": r.how_it_ended()})
-            self.outcome, self.failure = Outcome.FAILED, r
+            step = self.steps.step()
+            self.outcome, self.failure = Outcome.FAILED, r if step is None else dataclasses.replace(r, step=step)
         return None
+
+    def progress(self) -> Reading | None:
+        """The node's step reading (with its plan's size) for the publisher; None: no step reported this round."""
+        reading = self.steps.sample()
+        return None if reading is None else dataclasses.replace(reading, members=self.members)
 
     def _current(self, rnd: int) -> bool:
         """Whether the group of round ``rnd`` is the one running now (not stopped by the agent)."""
