@@ -104,6 +104,14 @@ class JobProgress:
     rate: float
     stragglers: tuple[tuple[str, float], ...] = ()
 
+    def to_json(self) -> dict:
+        return {**dataclasses.asdict(self), "stragglers": [{"node": n, "rate": r} for n, r in self.stragglers]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> JobProgress:
+        return cls(d["round"], d["nodes"], d["min_step"], d["max_step"], d["rate"],
+                   tuple((s["node"], s["rate"]) for s in d.get("stragglers", ())))
+
     def describe(self) -> str:
         steps = f"step {self.min_step}" if self.min_step == self.max_step else \
             f"step {self.min_step}-{self.max_step}"

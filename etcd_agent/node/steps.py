@@ -62,7 +62,7 @@ class StepMeter:
                 return None
             step = max(steps)
             self._samples.append((now, step))
-            while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
+            while len(self._samples) > 2 and self._samples[0][0] < now - self.window:
                 self._samples.popleft()
             return Reading(rnd, step, rate(self._samples))
 
