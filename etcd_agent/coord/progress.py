@@ -4,8 +4,9 @@ over nodes), its steps per second (the median of the nodes' rates) and its strag
 
 Write cost, the bound: one put per node at most every ``period(members)`` seconds, and only when the node's step
 changed since its last put: ``max(MIN_PERIOD, members / JOB_PUTS_PER_SECOND)``, so a job of any size writes at most
-``JOB_PUTS_PER_SECOND`` progress puts per second (every 5 s per node up to 1,000 nodes; every 50 s at 10,000 nodes,
-1.2 puts per node per minute). No agent watches these keys, so a put costs etcd one write and no watch event but
+``JOB_PUTS_PER_SECOND`` progress puts per second (every 5 s per node up to 500 nodes; every 100 s at 10,000 nodes,
+0.6 puts per node per minute). The bound is set by etcd's history more than its CPU: every put is a revision, and
+100 per second are 360,000 an hour (``docs/scale-model.md``). No agent watches these keys, so a put costs etcd one write and no watch event but
 the exporter's and a following ``events``. Each key is bound to the node's session lease: a lost node's step
 vanishes with it. The step is read locally every ``TICK`` (files only, no etcd), so the rate is measured between
 puts, not from them.
@@ -32,7 +33,7 @@ from ..schema.values import Progress
 log = logs.get("etcd_agent.coord.progress")
 TICK = 1.0  # seconds between local readings of the step (no etcd traffic)
 MIN_PERIOD = 5.0  # seconds: no node puts its step more often than this
-JOB_PUTS_PER_SECOND = 200  # the bound on a whole job's progress puts per second (the period grows with the job)
+JOB_PUTS_PER_SECOND = 100  # the bound on a whole job's progress puts per second (the period grows with the job)
 
 
 def period(members: int) -> float:

@@ -2,7 +2,7 @@
 the job ``failed`` before the restart budget is spent. Pure functions; ``decide`` applies them.
 
 The guard's state is part of the job-wide restart budget, ``P/restarts`` (``values.Restarts``): ``stall_limit`` (K,
-recorded by the job's first agent; 0: off), ``best_step`` (the highest step any ended round reached) and
+recorded by the job's first agent; absent: off), ``best_step`` (the highest step any ended round reached) and
 ``stalled`` (how many restarts in a row since then ended with no step beyond it). Each counted failure computes the
 record after it (``count``) and writes it in the txn that moves the round on, guarded by the record's
 mod_revision, so two agents can never both count one restart, nor count it on stale figures. When the count
@@ -31,16 +31,16 @@ def round_step(v: View, own: int | None, failure: Failure | None) -> int | None:
 
 def count(rs: Restarts, step: int | None) -> Restarts:
     """The restart budget after one more counted restart whose round reached ``step``."""
-    if step is None and rs.best_step is None:  # no worker reported a step yet: the guard does not count
+    if not rs.stall_limit or (step is None and rs.best_step is None):  # off, or no worker reported a step yet
         return dataclasses.replace(rs, used=rs.used + 1)
     if step is not None and (rs.best_step is None or step > rs.best_step):
         return dataclasses.replace(rs, used=rs.used + 1, best_step=step, stalled=0)
-    return dataclasses.replace(rs, used=rs.used + 1, stalled=rs.stalled + 1)
+    return dataclasses.replace(rs, used=rs.used + 1, stalled=(rs.stalled or 0) + 1)
 
 
 def exhausted(rs: Restarts) -> bool:
     """Whether the guard ends the job: K restarts in a row made no progress (``rs`` as ``count`` made it)."""
-    return 0 < rs.stall_limit <= rs.stalled
+    return bool(rs.stall_limit) and (rs.stalled or 0) >= rs.stall_limit
 
 
 def why(reason: str, rs: Restarts) -> str:

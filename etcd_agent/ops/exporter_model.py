@@ -224,7 +224,7 @@ def job_view(rm: RunModel, now: float) -> JobView | None:
         last_restart=_last_restart(rm, gen, restarts), last_failure=_last_failure(rm, k, read),
         problems=len(problems), step_min=progress and progress.min_step, step_max=progress and progress.max_step,
         steps_per_second=progress and progress.rate, stragglers=tuple(n for n, _ in progress.stragglers) if progress
-        else (), stalled=restarts.stalled if restarts and restarts.stall_limit else None)
+        else (), stalled=(restarts.stalled or 0) if restarts and restarts.stall_limit else None)
 
 
 def _plan(rm: RunModel, k: Keys, number: int, read, problems: list) -> Plan | None:

@@ -172,26 +172,27 @@ class RoundInfo(Record):
 @dataclasses.dataclass(frozen=True)
 class Restarts(Record):
     """``P/restarts``: the job-wide restart budget, and the no-progress guard's count (``--max-no-progress-restarts``
-    ``stall_limit``, 0: off): ``best_step`` is the highest step any ended round reached (None: no worker reported
+    ``stall_limit``, None: off): ``best_step`` is the highest step any ended round reached (None: no worker reported
     one), ``stalled`` how many restarts in a row since then ended with no step beyond it. Both change only in the
     txn that counts a restart, guarded by this key's mod_revision."""
 
+    OMIT_NONE: ClassVar[bool] = True  # a job without the guard stores {used, max} as before
     used: int
     max: int
     mod_revision: int = kv_field()
-    stall_limit: int = 0
+    stall_limit: int | None = None
     best_step: int | None = None
-    stalled: int = 0
+    stalled: int | None = None
 
     @classmethod
     def of(cls, spec) -> Restarts:
         """A new job's budget (``config.JobSpec``): none used, and the no-progress guard's K."""
-        return cls(0, spec.max_restarts, stall_limit=spec.max_no_progress_restarts)
+        return cls(0, spec.max_restarts, stall_limit=spec.max_no_progress_restarts or None)
 
     def check(self, key: str) -> None:
         if self.used < 0 or self.max < 0:
             raise BadKeyData(key, "used and max must be whole numbers")
-        if min(self.stall_limit, self.stalled, self.best_step or 0) < 0:
+        if min(self.stall_limit or 0, self.stalled or 0, self.best_step or 0) < 0:
             raise BadKeyData(key, "stall_limit, best_step and stalled must be whole numbers >= 0")
 
 
