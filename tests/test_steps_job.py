@@ -63,7 +63,8 @@ def test_status_names_the_slow_node_a_straggler(etcd_endpoint, run_id, tmp_path)
     finally:
         for a in agents:
             a.kill()
-    assert state["progress"]["stragglers"] == [{"node": "node-2", "rate": found[k.progress("node-2")]["rate"]}]
+    assert [s["node"] for s in state["progress"]["stragglers"]] == ["node-2"]
+    assert found[k.progress("node-2")]["rate"] < found[k.progress("node-0")]["rate"]
     assert state["progress"]["nodes"] == 3 and state["progress"]["round"] == 1
     assert state["restarts"]["used"] == 0 and state["round"]["round"] == 1  # nothing restarted for it
     assert "stragglers: node-2" in text

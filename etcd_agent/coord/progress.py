@@ -6,10 +6,11 @@ Write cost, the bound: one put per node at most every ``period(members)`` second
 changed since its last put: ``max(MIN_PERIOD, members / JOB_PUTS_PER_SECOND)``, so a job of any size writes at most
 ``JOB_PUTS_PER_SECOND`` progress puts per second (every 5 s per node up to 500 nodes; every 100 s at 10,000 nodes,
 0.6 puts per node per minute). The bound is set by etcd's history more than its CPU: every put is a revision, and
-100 per second are 360,000 an hour (``docs/scale-model.md``). No agent watches these keys, so a put costs etcd one write and no watch event but
-the exporter's and a following ``events``. Each key is bound to the node's session lease: a lost node's step
-vanishes with it. The step is read locally every ``TICK`` (files only, no etcd), so the rate is measured between
-puts, not from them.
+100 per second are 360,000 an hour (``docs/scale-model.md``). No agent watches these keys, so a put costs etcd one
+write and no watch event but the exporter's and a following ``events``. Each key is bound to the node's session
+lease: a lost node's step vanishes with it. The publisher's thread starts once the node's workers first report a
+step (``Coordinator.maintain``). The step is read locally every ``TICK`` (files only, no etcd), so the rate is
+measured between puts, not from them.
 
 A straggler is a node whose rate is below the job's median rate by more than ``threshold`` (a fraction:
 ``--straggler-threshold 0.2`` names nodes more than 20% slower than the median); nothing is restarted for it.

@@ -128,18 +128,18 @@ class Supervisor:
         """Take the round's failure; returns a report to record at once (its group was stopped meanwhile)."""
         if e.round != self.round:
             return None  # a group of an earlier round
+        step = self.steps.step()  # the step the node had reached: the report records it
+        r = e.report if step is None else dataclasses.replace(e.report, step=step)
         if not self._current(e.round):
-            return e.report  # it failed on its own just before we stopped the group for another reason: keep it
+            return r  # it failed on its own just before we stopped the group for another reason: keep it
         if self.outcome is None:
-            r = e.report
             if r.rank is None:  # the group as a whole (torchrun's agent restarted it)
                 self.log.error("%s", r.describe(), event="worker_failed")
             elif not r.hang:  # a hang was said where it was found
                 self.log.error("worker rank %d (pid %d) failed with %s%s", r.rank, r.pid, r.how_it_ended(),
                                f": {r.message}" if r.message else "", event="worker_failed",
                                fields={"rank": r.rank, "exit": r.how_it_ended()})
-            step = self.steps.step()
-            self.outcome, self.failure = Outcome.FAILED, r if step is None else dataclasses.replace(r, step=step)
+            self.outcome, self.failure = Outcome.FAILED, r
         return None
 
     def progress(self) -> Reading | None:
