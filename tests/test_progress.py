@@ -239,3 +239,37 @@ def test_the_flags_are_checked_with_their_names():
             JobSpec(1, 1, "1", 0, straggler_threshold=bad)
     assert Restarts.of(JobSpec(1, 1, "1", 20, max_no_progress_restarts=3)) == Restarts(0, 20, stall_limit=3)
     assert Restarts.of(JobSpec(1, 1, "1", 20)).encode() == Restarts(0, 20).encode() == b'{"max":20,"used":0,"v":1}'
+
+
+# --- the readers: the exporter's model and the events replay's entries -----------------------------------------
+
+def test_the_exporter_model_has_the_step_range_rate_stragglers_and_the_stall_count():
+    from etcd_agent.etcd.client import KV
+    from etcd_agent.ops.exporter_model import Model, job_view
+    from etcd_agent.schema.values import JobPointer, SpecValue
+
+    k = Keys("/etcd-agent", "r1", 1)
+    values = {k.run.job(): JobPointer(1), k.spec(): SpecValue(3, 3, "1", 20, 60.0, 0.2),
+              k.restarts(): Restarts(2, 20, stall_limit=3, best_step=5, stalled=1),
+              k.progress("a"): Progress("a", 2, 100, 20.0), k.progress("b"): Progress("b", 2, 98, 19.0),
+              k.progress("c"): Progress("c", 2, 30, 5.0)}
+    model = Model("/etcd-agent")
+    model.reset("/etcd-agent/", [KV(key, v.encode(), 1, i + 1, 1, 0) for i, (key, v) in enumerate(values.items())], 9)
+    v = job_view(model.runs["r1"], 0.0)
+    assert (v.step_min, v.step_max, v.steps_per_second, v.stragglers, v.stalled) == (30, 100, 19.0, ("c",), 1)
+
+
+def test_events_say_each_progress_put_with_the_job_step_and_each_change_of_stragglers():
+    from etcd_agent.ops.events import Steps, describe, line
+
+    k = Keys("/etcd-agent", "r1", 1)
+    steps, out = Steps(0.2), []
+    for rev, p in enumerate((Progress("a", 1, 100, 20.0), Progress("b", 1, 99, 20.0), Progress("c", 1, 20, 4.0),
+                             Progress("c", 1, 90, 19.0)), start=10):
+        entry = {**describe("progress", k.parse(k.progress(p.node)), p, True), "revision": rev, "time": None}
+        extra = steps.take(p, entry)
+        out += [line(entry)] + ([line(extra)] if extra else [])
+    assert "job: step 20-100 (20 steps/s, median of 3 node(s)); stragglers: c (4 steps/s)" in out[2]
+    assert "round 1: c (4 steps/s) (median 20 steps/s, --straggler-threshold 0.2)" in out[3]
+    assert out[-1].split()[2:4] == ["stragglers", "-"] and "no straggler any more" in out[-1]
+    assert len(out) == 6  # a put that leaves the set of stragglers as it was adds no entry
