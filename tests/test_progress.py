@@ -273,3 +273,19 @@ def test_events_say_each_progress_put_with_the_job_step_and_each_change_of_strag
     assert "round 1: c (4 steps/s) (median 20 steps/s, --straggler-threshold 0.2)" in out[3]
     assert out[-1].split()[2:4] == ["stragglers", "-"] and "no straggler any more" in out[-1]
     assert len(out) == 6  # a put that leaves the set of stragglers as it was adds no entry
+
+
+# --- the two flags on the command line -------------------------------------------------------------------------
+
+def test_the_flags_reach_the_spec_from_the_command_line_and_rdzv_conf(tmp_path, monkeypatch):
+    from test_cli import error, launch
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('hello')\n")
+    got = launch("--max-no-progress-restarts", "3", "--straggler-threshold", "0.2", "train.py")
+    assert (got.cfg.spec.max_no_progress_restarts, got.cfg.spec.straggler_threshold) == (3, 0.2)
+    got = launch("--rdzv-conf", "max_no_progress_restarts=2,straggler_threshold=0.5", "train.py")
+    assert (got.cfg.spec.max_no_progress_restarts, got.cfg.spec.straggler_threshold) == (2, 0.5)
+    assert "--straggler-threshold" in error("--straggler-threshold", "1.5", "train.py")
+    assert "--max-no-progress-restarts" in error("--max-no-progress-restarts", "-1", "train.py")
+    assert "a fraction from 0 to below 1" in error("--rdzv-conf", "straggler_threshold=2", "train.py")
