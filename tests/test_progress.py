@@ -81,6 +81,12 @@ def test_a_missing_file_is_no_step(tmp_path):
     assert progress.read_step(str(tmp_path / "none")) is None
 
 
+def test_a_failure_report_says_its_step_only_when_it_has_one():
+    f = Failure(0, 0, 99, 3, None, "boom", time=7.0, round=3, node="a")
+    assert b'"step"' not in f.encode()  # a report without a step is stored as before steps existed
+    assert Failure.read("k", dataclasses.replace(f, step=1200).encode()).step == 1200
+
+
 # --- the node's step meter -------------------------------------------------------------------------------------
 
 class Files:
@@ -136,7 +142,9 @@ def test_the_publisher_puts_only_a_changed_step_and_at_most_once_per_period(etcd
     reading = [None]
     pub = Publisher(etcd, keys.progress("n0"), "n0", lambda: lease, lambda: reading[0])
     try:
-        assert not pub.tick(100.0, started=0.0)  # nothing reported yet
+        assert not pub.tick(100.0, started=0.0)  # no workers with progress files
+        reading[0] = Reading(1, None, 0.0, members=3)
+        assert not pub.tick(100.0, started=0.0)  # workers, but no step reported yet
         reading[0] = Reading(1, 10, 2.0, members=3)
         assert not pub.tick(MIN_PERIOD - 1, started=0.0)  # within the first period
         assert pub.tick(MIN_PERIOD, started=0.0)

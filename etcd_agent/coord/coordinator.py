@@ -19,7 +19,7 @@ Invariants:
   whole job).
 - Every timing comes from one ``Timings`` (``config.py``), whose relations were checked when it was made.
 - This node's training progress is put at a bounded rate by a thread of its own (``progress.Publisher``), when the
-  owner hands in a reading of it and the workers have reported a step.
+  owner hands in a reading of it and the node runs workers with progress files.
 - This node's registry entry (``registry.py``), its quarantine record (``quarantine_record.py``), what it watches
   for its role (``roles.py``, ``watches.py``) and the deletion of stray exit keys (``janitor.py``) are done here,
   each in a module of its own; so are the etcd sides of a lost session (``drop_session``, ``rejoin``), of a key that
@@ -231,8 +231,8 @@ class Coordinator:
 
     def maintain(self) -> None:
         """Watch what this agent's role in the current round needs, before it decides (``roles.Roles``); start the
-        progress publisher once this node's workers first report a step (a job whose workers report none, or a
-        simulation's stand-ins, never has the publisher's thread)."""
+        progress publisher once this node runs workers with progress files (a simulation's stand-ins and
+        torchrun's workers have none: they never have the publisher's thread)."""
         self.roles.maintain(self.session.lease_id, bool(self.registry.health), self.pending is not None)
         if self.publisher is None and self._progress is not None and self._progress() is not None:
             self.publisher = Publisher(self.etcd, self.keys.progress(self.node), self.node,

@@ -8,9 +8,9 @@ changed since its last put: ``max(MIN_PERIOD, members / JOB_PUTS_PER_SECOND)``, 
 0.6 puts per node per minute). The bound is set by etcd's history more than its CPU: every put is a revision, and
 100 per second are 360,000 an hour (``docs/scale-model.md``). No agent watches these keys, so a put costs etcd one
 write and no watch event but the exporter's and a following ``events``. Each key is bound to the node's session
-lease: a lost node's step vanishes with it. The publisher's thread starts once the node's workers first report a
-step (``Coordinator.maintain``). The step is read locally every ``TICK`` (files only, no etcd), so the rate is
-measured between puts, not from them.
+lease: a lost node's step vanishes with it. The publisher's thread starts once the node runs workers with progress
+files (``Coordinator.maintain``): stand-in workers and torchrun's never start it. The step is read locally every
+``TICK`` (files only, no etcd), so the rate is measured between puts, not from them.
 
 A straggler is a node whose rate is below the job's median rate by more than ``threshold`` (a fraction:
 ``--straggler-threshold 0.2`` names nodes more than 20% slower than the median); nothing is restarted for it.
@@ -43,11 +43,11 @@ def period(members: int) -> float:
 
 
 class Sample(Protocol):
-    """What the agent hands the publisher (``node.steps.Reading``): the node's step in ``round``, its rate (steps/s),
-    and the size of the round's plan (the period grows with it)."""
+    """What the agent hands the publisher (``node.steps.Reading``): the node's step in ``round`` (None: not reported
+    yet), its rate (steps/s), and the size of the round's plan (the period grows with it)."""
 
     round: int
-    step: int
+    step: int | None
     rate: float
     members: int
 
@@ -84,7 +84,8 @@ class Publisher:
     def tick(self, now: float, started: float = 0.0) -> bool:
         """Read the node's step; put it when it changed and the period since the last put (or the start) is over."""
         s = self._sample()
-        if s is None or (s.round, s.step) == self._last or now - (self._last_at or started) < period(s.members):
+        if s is None or s.step is None or (s.round, s.step) == self._last or \
+                now - (self._last_at or started) < period(s.members):
             return False
         lease = self._lease()
         if not lease:

@@ -26,11 +26,12 @@ WINDOW = 60.0  # seconds of samples the step rate is measured over
 
 @dataclasses.dataclass(frozen=True)
 class Reading:
-    """The node's step in ``round`` and its rate (steps/s over the window; 0.0 until two samples differ in time);
-    ``members``: the size of the round's plan, when the reader knows it (the publisher's period grows with it)."""
+    """The node's step in ``round`` (None: no worker reported one yet) and its rate (steps/s over the window; 0.0
+    until two samples differ in time); ``members``: the size of the round's plan, when the reader knows it (the
+    publisher's period grows with it)."""
 
     round: int
-    step: int
+    step: int | None
     rate: float
     members: int = 1
 

@@ -143,9 +143,13 @@ class Supervisor:
         return None
 
     def progress(self) -> Reading | None:
-        """The node's step reading (with its plan's size) for the publisher; None: no step reported this round."""
-        reading = self.steps.sample()
-        return None if reading is None else dataclasses.replace(reading, members=self.members)
+        """The node's step reading (with its plan's size) for the publisher: None while its workers have no
+        progress files (none started yet, or a group without them: stand-ins, torchrun's); a step of None while
+        none of them reported a step this round."""
+        if self.group is None or not self.group.progress_files:
+            return None
+        reading = self.steps.sample() or Reading(self.round, None, 0.0)
+        return dataclasses.replace(reading, members=self.members)
 
     def _current(self, rnd: int) -> bool:
         """Whether the group of round ``rnd`` is the one running now (not stopped by the agent)."""

@@ -37,7 +37,7 @@ from typing import ClassVar
 
 from ..errors import BadKeyData
 from ..proctree import describe_exit
-from .codec import Record, Word, kv_field, required, stored_as
+from .codec import Record, Word, kv_field, omitted_when_none, required, stored_as
 from .plan import Member, Plan, PlanPart  # noqa: F401 (the plan's records live in plan.py; read here with the rest)
 
 
@@ -252,7 +252,7 @@ class Failure(Record):
     node: str = ""
     hang: bool = False
     lost: bool = False
-    step: int | None = None  # the node's latest training step in the round when it failed (None: none reported)
+    step: int | None = omitted_when_none()  # the node's latest training step in the round when it failed
 
     def how_it_ended(self) -> str:
         """``signal SIGKILL``, ``exit code 3``, ``hung``, ``lost`` or ``failed``."""
