@@ -92,15 +92,13 @@ class Agent:
     def __init__(self, cfg: AgentConfig, version: str = "", group_factory: GroupFactory = WorkerGroup):
         """``group_factory`` makes this node's worker group for a round (``WorkerGroup``; torchrun's backend and
         simulations of many nodes pass groups of their own: ``node.api``)."""
-        self.cfg = cfg
-        self.version = version
+        self.cfg, self.version = cfg, version
         self.params = Params(cfg.spec.min_nodes, cfg.spec.max_nodes, cfg.spec.max_restarts, cfg.last_call,
                              cfg.join_timeout, cfg.scale_settle, cfg.timings.lease_ttl, cfg.no_restart_exit_code)
         self.shutdown = threading.Event()
         self.events: queue.SimpleQueue[QueueEvent] = queue.SimpleQueue()  # put() is safe from a signal handler
         self.where = logs.Where(cfg.run_id, cfg.node_id)  # every line this agent logs says run, node and round
         self.log = log.bound(self.where)
-        self.coord = Coordinator(cfg, version, self.events.put, self.shutdown, self.where)
         self.state = State.STARTING
         self.local = Local(cfg.node_id, time.monotonic(), time.time(), ready=not cfg.health.active)
         self.signalled = 0
@@ -108,6 +106,7 @@ class Agent:
         self._passed_said: set[tuple[str, int]] = set()  # (node, registry revision) said to be passed over
         self.checks = Checks(cfg, self.events.put, self.log)  # health check and GPU drain, off this loop
         self.workers = Supervisor(cfg, self.events.put, group_factory, self.checks, self.where, self.log)
+        self.coord = Coordinator(cfg, version, self.events.put, self.shutdown, self.where, self.workers.progress)
         self.on_event = {WatchDelivery: self.coord.apply, GroupSucceeded: self.workers.succeeded,
                          GroupFailed: self._failed, HealthChecked: self.checks.health_done,
                          Drained: lambda e: self.checks.drain_done(e, self.where.round),
@@ -236,7 +235,8 @@ class Agent:
         """Note what the view says (``coord.observe``: first sightings, this agent's round) and log it."""
         w = self.workers
         self._set(checking=self.checks.checking, draining=self.checks.draining, workers_round=w.round,
-                  workers_running=w.running, outcome=w.outcome, failure=w.failure, pending=self.coord.pending)
+                  workers_running=w.running, outcome=w.outcome, failure=w.failure, pending=self.coord.pending,
+                  step=w.steps.step())
         lifted = bool(self.local.unhealthy) and self.coord.quarantine.lifted()
         self.local, notes = observe(v, self.local, self.params, time.monotonic(), time.time(), lifted)
         if notes.new_round is not None:  # the round this agent is in: its log lines say it

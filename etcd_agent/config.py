@@ -94,6 +94,8 @@ class JobSpec:
     max_nodes: int
     nproc_per_node: str  # as given: a number, "gpu", "cpu" or "auto"; nodes may resolve it differently
     max_restarts: int
+    max_no_progress_restarts: int = 0  # the no-progress guard's K (0: off): recorded in P/restarts by the first agent
+    straggler_threshold: float = 0.0  # a fraction below the median step rate (0: off): recorded in P/spec
 
     def __post_init__(self) -> None:
         if self.min_nodes < 1:
@@ -104,6 +106,11 @@ class JobSpec:
             raise ConfigError(f"--nnodes {self.min_nodes}:{self.max_nodes}: the maximum must be {MAX_NODES_WHY}")
         if self.max_restarts < 0:
             raise ConfigError(f"--max-restarts must be 0 or more, got {self.max_restarts}")
+        if self.max_no_progress_restarts < 0:
+            raise ConfigError(f"--max-no-progress-restarts must be 0 (off) or more: {self.max_no_progress_restarts}")
+        if not 0 <= self.straggler_threshold < 1:  # also NaN
+            raise ConfigError(f"--straggler-threshold must be a fraction from 0 (off) to below 1, got "
+                              f"{self.straggler_threshold}")
 
 
 STD_NONE, STD_OUT, STD_ERR, STD_ALL = 0, 1, 2, 3  # torchrun's Std flags: which of stdout/stderr a setting covers

@@ -11,7 +11,7 @@ import pytest
 from etcd_agent.errors import BadKeyData
 from etcd_agent.schema.keys import Keys, encode
 from etcd_agent.schema.values import (RECORDS, Exit, Failure, Join, JobPointer, Member, NodeInfo, Outcome, Phase, Plan,
-                                      PlanPart, RankClaim, Restarts, Result, RoundInfo, SpecValue, read_value)
+                                      PlanPart, Progress, RankClaim, Restarts, Result, RoundInfo, SpecValue, read_value)
 
 PACKAGE = Path(__file__).resolve().parent.parent / "etcd_agent"
 K = Keys("/etcd-agent", "job1", 1)
@@ -32,6 +32,8 @@ EXAMPLES = [
     (K.node_rank(1), RankClaim("a", 1, "host-a", 99, "7f")),
     (K.round(), RoundInfo(3, Phase.RUNNING, "2 node(s): a, b", 7, 2, 9.0, 2, scaled_for=6)),
     (K.restarts(), Restarts(1, 3, 7)),
+    (K.restarts(), Restarts(4, 20, 7, stall_limit=3, best_step=1200, stalled=2)),
+    (K.progress("a"), Progress("a", 3, 1200, 2.5, 9.0)),
     (K.join(3, "a"), Join("a", 5, "host-a", "10.0.0.1", 29500, 8, 0, 0, None, None, None, 4.0)),
     (K.plan(3), Plan(3, (), "10.0.0.1", 29500, 1, 3, 7, "a", parts=1, size=2, workers=12)),
     (K.plan_part(3, 0), PlanPart(3, 0, ((Member("a", 0, "", "10.0.0.1", 8, 0), "b"),
@@ -55,7 +57,7 @@ def test_every_record_reads_back_what_it_wrote(key, record):
 
 def test_every_kind_of_key_with_a_value_has_a_record():
     assert set(RECORDS) == {"spec", "node", "node_rank", "quarantine", "round", "restarts", "join", "plan", "plan_part",
-                            "exit", "failure", "result"}
+                            "exit", "failure", "result", "progress"}
 
 
 def test_phases_and_outcomes_are_the_words_stored():

@@ -265,6 +265,12 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(*_both("--worker-timeout"), type=float, default=AgentConfig.worker_timeout, action=Store,
                    help="restart the job when a worker shows no progress for this many seconds (default "
                         "%(default)g: off; see etcd_agent.progress.beat)")
+    g.add_argument(*_both("--max-no-progress-restarts"), type=int, default=0, action=Store,
+                   help="end the job failed when this many restarts in a row made no progress beyond the best "
+                        "training step reported (progress.beat(step)) (default %(default)s: off)")
+    g.add_argument(*_both("--straggler-threshold"), type=float, default=0.0, action=Store,
+                   help="name the nodes whose step rate is below the job's median by more than this fraction in "
+                        "status, events and metrics; nothing restarts for it (default %(default)g: off)")
     g.add_argument(*_both("--health-check"), dest="health_check", action=Store, default=None,
                    help="a command run before this node joins each round (no shell; exit 0 = healthy): an unhealthy "
                         "node does not join, says why in etcd and checks again after a backoff")

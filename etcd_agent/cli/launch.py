@@ -330,7 +330,8 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace, preflight: 
     signals = parse_signals(ns.signals_to_handle, given.get("signals_to_handle", "--signals-to-handle"))
     cfg = AgentConfig(
         run_id=run_id, node_id=ns.node_id or default_node_id(),
-        spec=JobSpec(lo, hi, ns.nproc_per_node.strip().lower(), ns.max_restarts), workers=workers,
+        spec=JobSpec(lo, hi, ns.nproc_per_node.strip().lower(), ns.max_restarts, ns.max_no_progress_restarts,
+                     ns.straggler_threshold), workers=workers,
         etcd=etcd_config(ns, *(endpoints or (EMBEDDED_ENDPOINT, "--etcd-endpoints")), lease_ttl=ns.lease_ttl),
         root=ns.root, local_addr=ns.local_addr or "", lease_ttl=ns.lease_ttl, topology=topology_flags.resolve(ns),
         last_call=ns.last_call, join_timeout=ns.join_timeout, scale_settle=ns.scale_settle,

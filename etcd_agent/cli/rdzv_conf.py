@@ -34,6 +34,7 @@ from ..errors import ConfigError
 LAUNCH, TORCHRUN = "etcd-agent's command line", "the etcd-v3 backend"  # the readers
 BOTH = (LAUNCH, TORCHRUN)
 SECONDS, COUNT, FILE, TEXT = "seconds", "count", "file", "text"  # how a key's value is read
+FRACTION = "fraction"  # a number from 0 to below 1
 KEEP_ALIVE = ("keep_alive_interval", "keep_alive_max_attempt")
 TORCH_KEEP_ALIVE = (5.0, 3)  # torch's defaults for them: a node is dead after 3 missed heartbeats 5 s apart
 PASSWORD_KEY = "etcd_password"
@@ -78,6 +79,10 @@ def _keys() -> tuple[Key, ...]:
             f"{EtcdConfig.connect_timeout:g})"),
         # etcd-agent's launcher only: under torchrun, torch's agent runs the workers
         Key("worker_timeout", "worker_timeout", SECONDS, "restart on a worker without progress (0: off)", launch),
+        Key("max_no_progress_restarts", "max_no_progress_restarts", COUNT, "end the job after this many restarts in a "
+            "row without a new training step (0: off)", launch),
+        Key("straggler_threshold", "straggler_threshold", FRACTION, "name nodes this fraction below the median step "
+            "rate (0: off)", launch),
         Key("stop_timeout", "stop_timeout", SECONDS, f"workers' stop grace (default {w.stop_timeout:g})", launch),
         Key("health_check", "health_check", TEXT, "a command run before each join", launch),
         Key("health_check_timeout", "health_check_timeout", SECONDS, "how long the health check may take", launch),
@@ -201,8 +206,14 @@ def _value(key: str, raw, kind: str, source: str):
             if value < 0:
                 raise ValueError
             return value
+        if kind == FRACTION:
+            value = float(text)
+            if not 0 <= value < 1:  # also NaN
+                raise ValueError
+            return value
     except ValueError:
-        expected = "a number of seconds, 0 or more" if kind == SECONDS else "a whole number, 0 or more"
+        expected = {SECONDS: "a number of seconds, 0 or more", FRACTION: "a fraction from 0 to below 1"}.get(
+            kind, "a whole number, 0 or more")
         raise ConfigError(f"{where}: expected {expected}") from None
     if kind == FILE and not os.path.isfile(text):
         raise ConfigError(f"{where}: no such file: {text}")

@@ -18,6 +18,8 @@ Invariants:
   failed compare the owner re-reads what was compared (``resync``: a few keys and ranges in one txn, never the
   whole job).
 - Every timing comes from one ``Timings`` (``config.py``), whose relations were checked when it was made.
+- This node's training progress is put at a bounded rate by a thread of its own (``progress.Publisher``), when the
+  owner hands in a reading of it and the node runs workers with progress files.
 - This node's registry entry (``registry.py``), its quarantine record (``quarantine_record.py``), what it watches
   for its role (``roles.py``, ``watches.py``) and the deletion of stray exit keys (``janitor.py``) are done here,
   each in a module of its own; so are the etcd sides of a lost session (``drop_session``, ``rejoin``), of a key that
@@ -46,6 +48,7 @@ from .blame import Attribute, ReportLoss
 from .decide import Bump, ClosePlan, End, JoinRound, WriteExit
 from ..etcd.session import Session
 from .mirror import Mirror, Scope, View
+from .progress import Publisher, Sample
 from .quarantine_record import QuarantineRecord
 from .registry import Registration
 from .roles import Roles
@@ -63,8 +66,12 @@ class Coordinator:
     TXNS = (JoinRound, ClosePlan, Bump, WriteExit, End, ReportLoss)  # the actions ``act`` turns into a txn
 
     def __init__(self, cfg: AgentConfig, version: str, sink: Callable[[WatchDelivery], None],
-                 shutdown: threading.Event, where: logs.Where | None = None):
+                 shutdown: threading.Event, where: logs.Where | None = None,
+                 progress: Callable[[], Sample | None] | None = None):
+        """``progress``, when given, reads this node's training step (``progress.Sample``): it is published."""
         self.cfg = cfg
+        self._progress = progress
+        self.publisher: Publisher | None = None
         self.log = log.bound(where)
         self.timings = cfg.timings
         self.version = version
@@ -198,6 +205,8 @@ class Coordinator:
         no result, it ends the job ``stopped`` with that reason (``abandon.end_if_last``)."""
         if self.watches is not None:
             self.watches.cancel()
+        if self.publisher is not None:
+            self.publisher.close()
         if self.session and not self.session.lost.is_set():
             self.session.close(revoke=True)
         if why and self.keys is not None and not self.mirror_has_result():
@@ -222,8 +231,14 @@ class Coordinator:
         return parsed.node == self.node or parsed.kind in ("plan", "plan_part")
 
     def maintain(self) -> None:
-        """Watch what this agent's role in the current round needs, before it decides (``roles.Roles``)."""
+        """Watch what this agent's role in the current round needs, before it decides (``roles.Roles``); start the
+        progress publisher once this node runs workers with progress files (a simulation's stand-ins and
+        torchrun's workers have none: they never have the publisher's thread)."""
         self.roles.maintain(self.session.lease_id, bool(self.registry.health), self.pending is not None)
+        if self.publisher is None and self._progress is not None and self._progress() is not None:
+            self.publisher = Publisher(self.etcd, self.keys.progress(self.node), self.node,
+                                       lambda: self.session.lease_id if self.session else 0, self._progress)
+            self.publisher.start()
 
     @property
     def scope(self) -> Scope:

@@ -27,14 +27,15 @@ and decide again". Invariants this module keeps:
   not admit a node is not repeated for it until its registry entry changes (a live node that passes its check
   again says so by writing it), so a forged or stuck registration costs one uncounted restart, not one per round.
 - Restarts are counted job-wide: worker failures and node losses count, scale-ups do not; one past the budget ends
-  the job (``RestartBudgetSpent``). Once any node's workers have finished, a failure ends the job ``failed``: a
-  partly finished job cannot be re-run. ``job_error`` names the error an agent raises for the job's result.
+  the job (``RestartBudgetSpent``), and so do K restarts in a row with no new step (``stall.py``). Once any node's
+  workers have finished, a failure ends the job ``failed``: a partly finished job cannot be re-run. ``job_error``
+  names the error an agent raises for the job's result.
 - Blame (``blame.py``): a node lost within a lease TTL of its round's failures is that round's cause. A full view
   writes the loss report (``ReportLoss``) of a member of the last plan lost after its round restarted; a restart for
   a loss writes the lost nodes' reports with it. A loss and the failures it caused are one restart.
 
 Pure: no I/O, time passed in. Imports ``errors``, ``schema.values`` and ``coord/`` (``mirror``, ``blame``,
-``ranks``) only; never ``etcd/`` or ``node/``.
+``members``, ``ranks``, ``stall``) only; never ``etcd/`` or ``node/``.
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from . import blame
+from . import blame, stall
 from .blame import Attribute, ReportLoss
 from ..errors import JobFailed, JobStopped, RendezvousTimeout, RestartBudgetSpent
 from .mirror import DONE, FAILED, FINAL_PHASES, JOINING, View
+from .members import healthy, member_exits, newcomers, passed_over  # noqa: F401 (observe reads them here)
 from .ranks import Ranking, as_spares, make_plan, rank_round
-from ..schema.values import Failure, Member, Outcome, Phase, Plan, Result, RoundInfo
+from ..schema.values import Failure, Member, Outcome, Phase, Plan, Restarts, Result, RoundInfo
 MAX_LOSS_REPORTS = 40  # per txn (a compare, a put and a read each; etcd takes 128): the rest go in the next one
 
 
@@ -85,6 +87,7 @@ class Local:
     ready: bool = True  # a health check passed since it registered (False: it checks before it is counted)
     draining: bool = False  # the GPU memory drain of its last workers runs (off the loop): nothing starts yet
     pending: Failure | None = None  # its failure that restarted the job, until it is known whether it counts
+    step: int | None = None  # the latest training step of its workers in workers_round (None: none reported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +130,7 @@ class Bump:
     failure: Failure | None = None
     scaled_for: int | None = None  # a scale-up: the newest registry revision of the newcomers it is made for
     losses: tuple[Failure, ...] = ()  # loss reports of the lost members (a restart for a loss)
+    restarts: Restarts | None = None  # a counted restart: the budget after it, the no-progress count with it (stall)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,37 +331,6 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     return Wait(f"round {r.number} running with {plan.group_world_size} node(s)")
 
 
-def healthy(v: View) -> set[str]:
-    """The registered nodes that passed their health check (an unhealthy one joins no round until it passes, and
-    one still checking counts only once a check passed)."""
-    return {n for n, info in v.nodes.items() if not info.health and not info.checking}
-
-
-def newcomers(v: View) -> list[str]:
-    """The healthy nodes (not spares) outside a running round's plan that a scale-up is for: all of them, except
-    those a scale-up already passed over (``passed_over``)."""
-    if v.plan is None or v.round is None or v.round.phase != Phase.RUNNING:
-        return []
-    over = passed_over(v)
-    return sorted(n for n in healthy(v) if v.plan.outside(n) and not v.nodes[n].spare and n not in over)
-
-
-def passed_over(v: View) -> set[str]:
-    """The nodes outside the plan of a running scale-up round whose registry entry was not written since the
-    scale-up was decided: it was made for them and did not admit them (a forged entry, a node that could not
-    join in time). No scale-up is made for them again until their entry changes."""
-    r = v.round
-    if v.plan is None or r is None or r.scaled_for is None or r.phase != Phase.RUNNING:
-        return set()
-    return {n for n, info in v.nodes.items()
-            if v.plan.outside(n) and not info.spare and info.mod_revision <= r.scaled_for}
-
-
-def member_exits(v: View) -> frozenset[str]:
-    """The round's exit keys that belong to members of its plan (a key of any other node is no member's)."""
-    return frozenset(n for n in v.exits if v.plan is not None and not v.plan.outside(n))
-
-
 def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, counted: bool,
                   failure: Failure | None, losses: tuple[Failure, ...] = ()) -> Action:
     exits = member_exits(v)
@@ -369,7 +342,11 @@ def _fail_or_bump(v: View, r: RoundInfo, me: Local, p: Params, reason: str, coun
     if counted and used >= limit:
         why = f"{reason}; {BUDGET_SPENT} ({used} of {limit} restarts used, --max-restarts)"
         return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure, losses), failure, losses=losses)
-    return Bump(r, reason, counted, failure, losses=losses)
+    after = stall.count(v.restarts, stall.round_step(v, me.step, failure)) if counted and v.restarts else None
+    if after is not None and stall.exhausted(after):  # --max-no-progress-restarts: a storm with no progress ends
+        why = stall.why(reason, after)
+        return End(r, FAILED, result(r, FAILED, me.wall, v, why, failure, losses), failure, losses=losses)
+    return Bump(r, reason, counted, failure, losses=losses, restarts=after)
 
 
 def end_failed(v: View, r: RoundInfo, wall: float, reason: str, cause: Failure | None = None) -> End:

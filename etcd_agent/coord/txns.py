@@ -117,7 +117,7 @@ def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: 
                    [op_put(run.job(), JobPointer(gen, wall).encode()),
                     op_put(keys.spec(), SpecValue.of(spec, join_timeout).encode()),
                     op_put(keys.round(), round_value(1, Phase.JOINING, "the job started", wall, last_plan=0)),
-                    op_put(keys.restarts(), Restarts(0, spec.max_restarts).encode())],
+                    op_put(keys.restarts(), Restarts.of(spec).encode())],
                    [op_get(run.job()), op_get(keys.spec())], where=f"start job {gen} of run {run.run_id}")
     if res.succeeded:
         return True
@@ -257,7 +257,7 @@ def bump(etcd: Etcd, keys: Keys, a: Bump, restarts_used: int, restarts_max: int,
                                             scaled_for=a.scaled_for))]
     if a.counted:
         compare.append(mod_is(keys.restarts(), restarts_rev))
-        ops.append(op_put(keys.restarts(), Restarts(restarts_used + 1, restarts_max).encode()))
+        ops.append(op_put(keys.restarts(), (a.restarts or Restarts(restarts_used + 1, restarts_max)).encode()))
     report = [op_put(keys.failure(n, node), a.failure.encode())] if a.failure else []
     reads = [op_get(keys.round()), op_get(keys.restarts())] + ([op_get(keys.failure(n, node))] if a.failure else [])
     lost, lost_ops = _losses(keys, n, a.losses)

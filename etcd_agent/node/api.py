@@ -12,6 +12,8 @@ Guarantees every implementation keeps:
   the first failure of its own (the root cause: a worker that failed, or hung past ``--worker-timeout``). A failure
   caused by ``stop`` (the signal it sent) is none of its own and is not posted; a failure of its own that happened
   just before a stop still is. Later failures of its own are only logged.
+- ``progress_files``: its workers' progress files (``progress.py``), where the node's training step is read
+  (``steps.py``); empty when it has none.
 - ``stopped_pids``: the processes the last stop ended (the GPU memory drain waits for them); empty when the group
   has none of its own to wait for.
 
@@ -23,7 +25,7 @@ see single workers (it also counts each exit and hang in ``metrics``). Pure data
 from __future__ import annotations
 
 import signal
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
@@ -108,6 +110,7 @@ class Group(Protocol):
     """This node's workers for one round (see the module doc)."""
 
     stopped_pids: Set[int]
+    progress_files: Sequence[str]
 
     def describe(self, a: Assignment) -> str:
         """What ``start(a)`` runs, for the agent's log."""

@@ -14,9 +14,11 @@ Guarantees:
   the drain runs nothing starts; memory still held after ``--gpu-drain-timeout`` fails the round here instead. The
   drain starts when the workers are stopped for a new round, so it runs while that round forms.
 - Stopping forwards the signal the agent is leaving on (``--signals-to-handle``), as torchrun does; else SIGTERM.
+- The node's training step (``steps.StepMeter``) is read from the current group's progress files; a failure report
+  carries the step the node had reached when it failed.
 
-Imports ``config``, ``logs``, ``metrics``, ``schema.values`` and ``node/`` (``api``, ``checks``, ``env``, ``warm``)
-only; never ``etcd/``, ``coord/`` or the agent.
+Imports ``config``, ``logs``, ``metrics``, ``schema.values`` and ``node/`` (``api``, ``checks``, ``env``, ``steps``,
+``warm``) only; never ``etcd/``, ``coord/`` or the agent.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ..schema.values import Failure, Outcome
 from .api import Assignment, Group, GroupEvent, GroupFactory, GroupFailed, GroupSucceeded
 from .checks import Checks
 from .env import log_root, worker_env
+from .steps import Reading, StepMeter
 from .warm import SparePool
 
 
@@ -48,6 +51,8 @@ class Supervisor:
         self.outcome: Outcome | None = None  # how they ended, once known
         self.failure: Failure | None = None  # this node's failure report when they failed
         self.spares: SparePool | None = None  # --warm-restart: this node's pre-started interpreters
+        self.members = 1  # the size of the plan of the round whose workers run or ran here
+        self.steps = StepMeter(lambda: (self.round, self.group.progress_files if self.group is not None else ()), log)
         if cfg.workers.warm_restart:
             self.spares = SparePool(cfg.workers, log_root(cfg.workers, log), cfg.run_id, cfg.node_id,
                                     logs.get("etcd_agent.node.warm", where), gpus=cfg.health.gpus is not None)
@@ -89,6 +94,7 @@ class Supervisor:
                                    logger=logs.get("etcd_agent.node.workers", self._where),
                                    worker_timeout=self.cfg.worker_timeout, spares=self.spares)
         self.round, self.running, self.outcome, self.failure = a.round, True, None, None
+        self.members = a.group_world_size
         self.group.start(a)
         return self.group.describe(a)
 
@@ -122,13 +128,14 @@ class Supervisor:
         """Take the round's failure; returns a report to record at once (its group was stopped meanwhile)."""
         if e.round != self.round:
             return None  # a group of an earlier round
+        step = self.steps.step()  # the step the node had reached: the report records it
+        r = e.report if step is None else dataclasses.replace(e.report, step=step)
         if not self._current(e.round):
             code = self.cfg.no_restart_exit_code
-            if self.outcome is None and code is not None and e.report.exitcode == code:
-                self.outcome, self.failure = Outcome.FAILED, e.report  # a peer restarted first: it still ends the job
-            return e.report  # it failed on its own just before we stopped the group for another reason: keep it
+            if self.outcome is None and code is not None and r.exitcode == code:
+                self.outcome, self.failure = Outcome.FAILED, r  # a peer restarted first: it still ends the job
+            return r  # it failed on its own just before we stopped the group for another reason: keep it
         if self.outcome is None:
-            r = e.report
             if r.rank is None:  # the group as a whole (torchrun's agent restarted it)
                 self.log.error("%s", r.describe(), event="worker_failed")
             elif not r.hang:  # a hang was said where it was found
@@ -137,6 +144,15 @@ class Supervisor:
                                fields={"rank": r.rank, "exit": r.how_it_ended()})
             self.outcome, self.failure = Outcome.FAILED, r
         return None
+
+    def progress(self) -> Reading | None:
+        """The node's step reading (with its plan's size) for the publisher: None while its workers have no
+        progress files (none started yet, or a group without them: stand-ins, torchrun's); a step of None while
+        none of them reported a step this round."""
+        if self.group is None or not self.group.progress_files:
+            return None
+        reading = self.steps.sample() or Reading(self.round, None, 0.0)
+        return dataclasses.replace(reading, members=self.members)
 
     def _current(self, rnd: int) -> bool:
         """Whether the group of round ``rnd`` is the one running now (not stopped by the agent)."""

@@ -129,6 +129,7 @@ class WorkerGroup:
         self._log_root = cfg.log_dir
         self._warm = ""  # how many of the round's workers started warm, for ``describe``
         self.stopped_pids: set[int] = set()  # the workers and descendants the last stop ended (GPU memory drain)
+        self.progress_files: tuple[str, ...] = ()  # the round's workers' progress files (``node.steps`` reads them)
         self.state = GroupState.IDLE
         self._deadline_lock = threading.Lock()
         self._stop_deadline: float | None = None  # monotonic: SIGKILL for what is left of the round being stopped
@@ -181,6 +182,7 @@ class WorkerGroup:
                     self._running(spawned)
             self._warm = f", {warm} of them warm" if self._spares is not None else ""
             metrics.track_workers(lambda: [(w.progress_file, w.started, w.exited.is_set()) for w in workers])
+            self.progress_files = tuple(w.progress_file for w in workers)
             self._log.debug("started %d workers (ranks %d-%d, pids %s%s); logs in %s", len(self._workers),
                             a.rank_offset, w.rank, self.pids, self._warm, os.path.dirname(w.logs.directory),
                             round=a.round)

@@ -8,8 +8,11 @@ replay starts at the oldest revision etcd still has and says so. ``events`` watc
 revision that created the job's spec up to the current revision and prints one line per change (``--json``: one
 object per line); ``--follow`` keeps watching and prints each change as it happens until the job has a result.
 
-Imports ``etcd/`` (client, watch), ``schema/`` and ``coord.txns`` (``--plot``: ``ops.timeline``, only then); reads
-only; never ``node/`` or the agent.
+A node's progress put (``P/progress/<node>``) is an entry that also says the job's step and rate as of then; a
+change in who straggles (``--straggler-threshold``, as the job's spec records it) is an entry of its own.
+
+Imports ``etcd/`` (client, watch), ``schema/``, ``coord.txns`` and ``coord.progress`` (``--plot``: ``ops.timeline``,
+only then); reads only; never ``node/`` or the agent.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import queue
 import time
 
 from ..coord import txns
+from ..coord.progress import summarize
 from ..errors import BadKeyData, ConfigError
 from ..etcd.client import Etcd
 from ..schema.keys import RunKeys
 from ..schema.codec import Record
-from ..schema.values import NodeInfo, Phase, read_value
+from ..schema.values import NodeInfo, Phase, Progress, SpecValue, read_value
 from ..etcd.watch import Resync, Watch
 
 
@@ -63,9 +67,12 @@ def describe(kind: str, parsed, value: Record | None, prev_exists: bool) -> dict
                 "message": value.message, "cause": f"round {parsed.round}'s failure is attributed to {parsed.node}"}
     if kind == "failure" and value is not None:
         return {"event": "failure", "round": parsed.round, "node": parsed.node, "rank": value.rank,
-                "how": value.how_it_ended(), "message": value.headline}
+                "how": value.how_it_ended(), "message": value.headline, "step": value.step}
     if kind == "restarts" and value is not None and value.used:
-        return {"event": "restart counted", "used": value.used, "max": value.max}
+        stalled = {"stalled": value.stalled, "best_step": value.best_step} if value.stall_limit else {}
+        return {"event": "restart counted", "used": value.used, "max": value.max, **stalled}
+    if kind == "progress" and value is not None:
+        return {"event": "progress", "round": value.round, "node": parsed.node, "step": value.step, "rate": value.rate}
     if kind == "result" and value is not None:
         return {"event": "result", "outcome": value.outcome.value, "round": value.round, "reason": value.reason}
     return None
@@ -94,7 +101,9 @@ DETAILS = {  # what each kind of entry says beyond its time, revision, kind and 
     "node finished": "round {round}: its workers all exited 0",
     "failure": "round {round}: rank {rank} {how}{said}",
     "node lost": "round {round}: {message} (the round's failure is attributed to it)",
-    "restart counted": "{used} of {max}",
+    "restart counted": "{used} of {max}{stall_text}",
+    "progress": "round {round}: step {step} at {rate:.3g} steps/s; job: {job}",
+    "stragglers": "round {round}: {straggler_text} (median {median:.3g} steps/s, --straggler-threshold {threshold:g})",
     "result": "{outcome} in round {round}: {reason}",
     "history compacted": "{note}",
 }
@@ -117,7 +126,11 @@ def line(entry: dict) -> str:
     """One row under ``HEADER``: time, revision, kind and node in fixed-width columns ("-" where an entry has no
     time or no node), then the detail. A longer node id moves only its own row's detail."""
     fields = {**entry, "member_list": ", ".join(entry.get("members") or ()), "until_text": when(entry.get("until")),
-              "said": f": {entry['message']}" if entry.get("message") else ""}
+              "said": f": {entry['message']}" if entry.get("message") else "",
+              "stall_text": f"; {entry['stalled']} in a row without a step beyond {entry['best_step']}"
+              if entry.get("stalled") else "",
+              "straggler_text": ", ".join(f"{n} ({r:.3g} steps/s)" for n, r in entry.get("nodes", {}).items())
+              or "no straggler any more"}
     fmt = DETAILS.get(entry["event"])
     detail = fmt.format(**fields) if fmt else json.dumps(entry, sort_keys=True)
     return (f"{when(entry.get('time')):{TIME_WIDTH}}  {entry['revision']:>{REVISION_WIDTH}}  "
@@ -139,6 +152,7 @@ def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None =
     watch = Watch(etcd, keys.prefix, spec.create_revision, deliveries.put, probe_interval=PROGRESS_PROBE,
                   name="events", on_progress=lambda rev: deliveries.put(rev)).start()
     known: set[str] = set()  # keys that exist, as far as the replay has seen
+    steps = Steps(SpecValue.from_kv(spec).straggler_threshold or 0.0)
     count = 0
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
@@ -199,14 +213,37 @@ def replay(etcd: Etcd, run: RunKeys, follow: bool, emit, timeout: float | None =
                     # revision as one that has it has that time; else none ("-": etcd keeps no time per revision)
                     entry.update(revision=ev.kv.mod_revision,
                                  time=_time_of(value, ev.kv.version == 1) or times.get(ev.kv.mod_revision))
+                    extra = steps.take(value, entry) if parsed.kind == "progress" else None
                     emit(entry)
                     count += 1
+                    if extra is not None:
+                        emit(extra)
+                        count += 1
                     ended = ended or entry["event"] == "result"
             if follow and ended:
                 break
     finally:
         watch.cancel()
     return count
+
+
+class Steps:
+    """The nodes' latest progress as the replay meets it: each progress entry gets the job's step and rate
+    (``coord.progress.summarize``), and a change in who straggles is an entry of its own."""
+
+    def __init__(self, threshold: float):
+        self.threshold, self.latest, self.named = threshold, {}, ()
+
+    def take(self, value: Progress, entry: dict) -> dict | None:
+        self.latest[value.node] = value
+        job = summarize(self.latest.values(), None, self.threshold)
+        entry["job"] = job.describe() if job else "-"
+        named = job.stragglers if job else ()
+        if {n for n, _ in named} == {n for n, _ in self.named}:
+            return None
+        self.named = named
+        return {"event": "stragglers", "round": job.round, "nodes": dict(named), "median": job.rate,
+                "threshold": self.threshold, "revision": entry["revision"], "time": entry["time"]}
 
 
 PROGRESS_PROBE = 0.2  # seconds between the replay's progress requests: how long it waits at the end

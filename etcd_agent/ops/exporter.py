@@ -170,6 +170,12 @@ class Collector:
         formed = gauge("job_round_formation_seconds", "seconds the current round took to form (opened to planned)")
         restarted = gauge("job_last_restart_timestamp_seconds", "when the job's last restart was counted")
         failure = gauge("job_last_failure", "1 for the cause class of the job's last failure", ("run", "job", "cause"))
+        step_min = gauge("job_step_min", "the lowest training step a node of the job reported (newest round)")
+        step_max = gauge("job_step_max", "the highest training step a node of the job reported (newest round)")
+        rate = gauge("job_steps_per_second", "the median of the nodes' training step rates")
+        stalled = gauge("job_no_progress_restarts", "restarts in a row without a new step (--max-no-progress-restarts)")
+        slow = gauge("job_stragglers", "nodes slower than the median step rate by more than --straggler-threshold")
+        straggler = gauge("node_straggler", "1 while the node is a straggler", ("run", "job", "node"))
         for v in self.model.views(time.time(), self.retention):
             job = [v.run, str(v.gen)]
             for p in PHASES:
@@ -179,7 +185,9 @@ class Collector:
                     result.add_metric([*job, o], 1.0 if v.outcome == o else 0.0)
                 abandoned.add_metric(job, 1.0 if v.abandoned else 0.0)
             for fam, value in ((rnd, v.round), (used, v.restarts_used), (allowed, v.restarts_max),
-                               (world, v.world_size), (formed, v.formation_s), (restarted, v.last_restart)):
+                               (world, v.world_size), (formed, v.formation_s), (restarted, v.last_restart),
+                               (step_min, v.step_min), (step_max, v.step_max), (rate, v.steps_per_second),
+                               (stalled, v.stalled), (slow, len(v.stragglers) if v.step_min is not None else None)):
                 if value is not None:
                     fam.add_metric(job, float(value))
             for name, value in (("alive", v.alive), ("planned", v.planned), ("waiting", v.waiting),
@@ -187,6 +195,8 @@ class Collector:
                 counts[name].add_metric(job, float(value))
             for node in v.quarantined:
                 quarantined.add_metric([*job, node], 1.0)
+            for node in v.stragglers:  # only the stragglers: the label set stays small
+                straggler.add_metric([*job, node], 1.0)
             if v.last_failure is not None:
                 for c in CAUSES:
                     failure.add_metric([*job, c], 1.0 if v.last_failure == c else 0.0)

@@ -8,10 +8,12 @@ Guarantees:
   watch delivery; both are idempotent, so a replayed event changes nothing.
 - ``job_view(run, now)`` derives the current job's state from the model alone, with no I/O: phase, result, round,
   restarts, node counts, quarantined nodes, world size, round formation time, last restart time, last failure's
-  cause. A value that does not fit the schema leaves its own numbers out, never the rest.
+  cause, the training step (minimum and maximum over nodes), steps per second and the stragglers
+  (``coord.progress``). A value that does not fit the schema leaves its own numbers out, never the rest.
 - An ended job's run drops out ``retention`` seconds after its result's time (``expired``).
 
-Pure but for a lock: imports the base modules, ``schema/``, ``etcd.client`` (the KV record) and ``coord.blame``;
+Pure but for a lock: imports the base modules, ``schema/``, ``etcd.client`` (the KV record), ``coord.blame`` and
+``coord.progress``;
 never ``node/``, the agent or prometheus_client.
 """
 
@@ -22,11 +24,12 @@ import threading
 
 from ..coord.abandon import ABANDONED
 from ..coord.blame import root_cause
+from ..coord.progress import summarize
 from ..errors import BadKeyData
 from ..etcd.client import KV
 from ..schema.keys import Keys, RunKeys
-from ..schema.values import (Failure, JobPointer, NodeInfo, Phase, Plan, PlanPart, Quarantine, Restarts, Result,
-                             RoundInfo, SpecValue)
+from ..schema.values import (Failure, JobPointer, NodeInfo, Phase, Plan, PlanPart, Progress, Quarantine, Restarts,
+                             Result, RoundInfo, SpecValue)
 
 HISTORY = 64  # round values a run keeps (newest first): enough for the current round and the last restart
 CAUSES = ("exit", "signal", "hang", "lost", "group", "other")  # the bounded set of a failure's cause class
@@ -93,6 +96,11 @@ class JobView:
     last_restart: float | None = None
     last_failure: str | None = None
     problems: int = 0
+    step_min: int | None = None  # the newest round's training step, over the nodes that report one
+    step_max: int | None = None
+    steps_per_second: float | None = None  # the median of the nodes' step rates
+    stragglers: tuple[str, ...] = ()  # nodes slower than the median by more than --straggler-threshold
+    stalled: int | None = None  # restarts in a row without a new step (--max-no-progress-restarts; None: off)
 
 
 PHASES = ("forming", "running", "ended")
@@ -200,6 +208,8 @@ def job_view(rm: RunModel, now: float) -> JobView | None:
     members = set(plan.nodes) if plan else set()
     quarantined = tuple(sorted(q.node or key[len(k.quarantines()):] for key in _under(rm, k.quarantines())
                                if (q := read(key, Quarantine)) is not None and q.sitting_out(now)))
+    steps = [p for key in _under(rm, k.progresses()) if (p := read(key, Progress)) is not None]
+    progress = summarize(steps, None, spec.straggler_threshold or 0.0 if spec else 0.0)
     ended = result is not None or (rnd is not None and rnd.phase.final)
     phase = "ended" if ended else "running" if rnd is not None and rnd.phase == Phase.RUNNING else "forming"
     return JobView(
@@ -212,7 +222,9 @@ def job_view(rm: RunModel, now: float) -> JobView | None:
         waiting=sum(1 for n in nodes if not n.spare and n.node not in members), quarantined=quarantined,
         world_size=plan.world_size if plan else None, formation_s=_formation(rm, gen, rnd),
         last_restart=_last_restart(rm, gen, restarts), last_failure=_last_failure(rm, k, read),
-        problems=len(problems))
+        problems=len(problems), step_min=progress and progress.min_step, step_max=progress and progress.max_step,
+        steps_per_second=progress and progress.rate, stragglers=tuple(n for n, _ in progress.stragglers) if progress
+        else (), stalled=(restarts.stalled or 0) if restarts and restarts.stall_limit else None)
 
 
 def _plan(rm: RunModel, k: Keys, number: int, read, problems: list) -> Plan | None:

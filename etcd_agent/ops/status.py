@@ -16,12 +16,13 @@ import sys
 import time
 
 from ..coord import abandon, blame, txns
+from ..coord.progress import JobProgress, summarize
 from ..config import NO_RESTART_LIMIT, TORCHRUN_NPROC, EtcdConfig
 from ..errors import BadKeyData, ConfigError, EtcdAuthError, EtcdUnavailable
 from ..etcd.client import Etcd, op_count, op_get, prefix_end
 from ..schema.keys import RunKeys
 from ..coord.mirror import Mirror
-from ..schema.values import Failure, NodeInfo, Phase, Quarantine, Result, RoundInfo, SpecValue
+from ..schema.values import Failure, NodeInfo, Phase, Progress, Quarantine, Result, RoundInfo, SpecValue
 
 
 def run_subcommand(name: str, ns: argparse.Namespace, cfg: EtcdConfig, flag: str) -> int:
@@ -235,6 +236,8 @@ def snapshot(mirror: Mirror, now: float | None = None) -> dict:
         if q is not None and q.until:
             quarantined[kv.key[len(k.quarantines()):]] = {"until": q.until, "reason": q.reason}
     joined = sorted(kv.key[len(k.joins(number)):] for kv in mirror.children(k.joins(number)))
+    steps = [p for kv in mirror.children(k.progresses()) if (p := read(lambda: mirror.record(kv, Progress)))]
+    job = summarize(steps, None, spec.straggler_threshold or 0.0 if spec else 0.0)
     return {"revision": mirror.revision, "spec": spec and spec.to_json(), "nodes": nodes,
             "round": rnd and {"round": rnd.number, "phase": rnd.phase, "reason": rnd.reason},
             "restarts": restarts and {"used": restarts.used, "max": restarts.max}, "joined": joined,
@@ -243,7 +246,8 @@ def snapshot(mirror: Mirror, now: float | None = None) -> dict:
             "exited": sorted(kv.key[len(k.exits(number)):] for kv in mirror.children(k.exits(number))),
             "failures": failures(mirror, read), "causes": causes(mirror, read), "result": result and result.to_json(),
             "problems": problems,
-            "quarantined": quarantined}
+            "quarantined": quarantined, "progress": job and {**job.to_json(), "by_node": {
+                p.node: {"round": p.round, "step": p.step, "rate": p.rate, "time": p.time} for p in steps}}}
 
 
 def forming(rnd: RoundInfo | None, spec: SpecValue | None, joined: list[str], nodes: dict, now: float) -> dict | None:
@@ -330,6 +334,9 @@ def describe(run_id: str, s: dict) -> str:
     lines += [f"  quarantine{'d' if q['until'] > now else ' over'}: {n} until "
               f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(q['until']))} ({q['reason']})"
               for n, q in sorted(s.get("quarantined", {}).items())]
+    if s.get("progress"):  # the newest round any node reported a step in (P/progress/<node>)
+        job = s["progress"]
+        lines.append(f"  progress, round {job['round']}: {JobProgress.from_json(job).describe()}")
     plan = s["plan"]
     torchrun = (s.get("spec") or {}).get("nproc_per_node") == TORCHRUN_NPROC  # torch's agent assigns worker ranks
     if plan:
@@ -353,7 +360,8 @@ def describe(run_id: str, s: dict) -> str:
         for node, f in sorted(reports.items()):
             rank = "" if f.lost else f" rank {f.rank}"
             headline = f": {f.headline}" if f.headline else ""
-            lines.append(f"  failures, round {rnd}: {node}{rank} {f.how_it_ended()}{headline}")
+            step = f" at step {f.step}" if f.step is not None else ""
+            lines.append(f"  failures, round {rnd}: {node}{rank} {f.how_it_ended()}{step}{headline}")
         said = blame.attribution(reports.values())
         if said:
             lines.append(f"  cause, round {rnd}: {said}")

@@ -4,9 +4,10 @@ field by field against their annotations.
 ``Record.encode()`` writes compact JSON with the schema version (``keys.encode``); ``Record.read(key, raw)`` and
 ``Record.from_kv(kv)`` validate what they read and raise BadKeyData naming the key and the field: a bad value is
 never half-read. Fields a record does not know are ignored; fields without a default (or marked ``required``) are
-required; fields marked ``kv_field`` come from the KV (its revisions, its lease), ``stored_as`` names a field's JSON
-key; ``Word`` is an enum stored as its word. The records themselves are ``values.py``. Pure: imports ``errors``
-and ``schema.keys`` only; never ``etcd/`` or anything above.
+required; fields marked ``omitted_when_none`` are not written while None; fields marked ``kv_field`` come from the
+KV (its revisions, its lease), ``stored_as`` names a field's JSON key; ``Word`` is an enum stored as its word. The
+records themselves are ``values.py``. Pure: imports ``errors`` and ``schema.keys`` only; never ``etcd/`` or anything
+above.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def stored_as(name: str, **kwargs):
     return dataclasses.field(metadata={"json": name}, **kwargs)
 
 
+def omitted_when_none():
+    """A field left out of the stored value while it is None (a field added later: older values stay as they were)."""
+    return dataclasses.field(default=None, metadata={"omit_none": True})
+
+
 def required(default: Any):
     """A field that every written value has, though the class gives it a default (for positional builders)."""
     return dataclasses.field(default=default, metadata={"required": True})
@@ -52,6 +58,7 @@ class _Spec(NamedTuple):
     json: str  # the name in the stored value
     kind: Any  # the resolved annotation
     required: bool
+    omit_none: bool = False  # left out of the stored value while None
 
 
 def _describe(kind) -> str:
@@ -130,14 +137,15 @@ class Record:
         hints = typing.get_type_hints(cls)
         return tuple(_Spec(f.name, f.metadata.get("json", f.name), hints[f.name],
                            f.metadata.get("required", False) or (f.default is dataclasses.MISSING
-                                                                 and f.default_factory is dataclasses.MISSING))
+                                                                 and f.default_factory is dataclasses.MISSING),
+                           f.metadata.get("omit_none", False))
                      for f in dataclasses.fields(cls) if not f.metadata.get("kv"))
 
     def to_json(self) -> dict[str, Any]:
         out = {}
         for s in self._specs():
             value = getattr(self, s.name)
-            if value is None and self.OMIT_NONE and not s.required:
+            if value is None and (self.OMIT_NONE or s.omit_none) and not s.required:
                 continue
             out[s.json] = value.to_json() if isinstance(value, Record) else list(value) if isinstance(value, tuple) \
                 else value

@@ -17,6 +17,7 @@ carrying ``"v": 1``; ``values.py`` defines each one as a typed record, validated
     P/r/<round:08d>/exit/<node>     this node's workers all succeeded
     P/r/<round:08d>/failures/<node> this node's failure report
     P/result                        the job's final outcome
+    P/progress/<node>               leased: the node's latest training step and step rate, put at a bounded rate
     P/store/<round:08d>/<key>       the c10d Store of a round under torchrun's ``etcd-v3`` backend (any key torch
                                     or the user writes; outside ``P/r/`` so that the round's watchers never see it)
 
@@ -50,8 +51,8 @@ _RANK_RE = re.compile("0|[1-9][0-9]*")
 @dataclasses.dataclass(frozen=True)
 class ParsedKey:
     """What a key under the prefix means: ``kind`` is one of spec, node, node_rank, round, restarts, result, join,
-    plan, plan_part, exit, failure, store; ``round``, ``node``, ``rank`` and ``part`` are set where the key carries
-    them."""
+    plan, plan_part, exit, failure, store, progress; ``round``, ``node``, ``rank`` and ``part`` are set where the key
+    carries them."""
 
     kind: str
     round: int | None = None
@@ -155,6 +156,13 @@ class Keys:
         """The claim of group rank ``rank`` by the one live node started with ``--node-rank <rank>``."""
         return f"{self.node_ranks()}{rank}"
 
+    def progresses(self) -> str:
+        return self.prefix + "progress/"
+
+    def progress(self, node: str) -> str:
+        """The node's latest training step and step rate (``node.steps``, ``coord.progress``)."""
+        return self.progresses() + node
+
     def round(self) -> str:
         return self.prefix + "round"
 
@@ -225,6 +233,8 @@ class Keys:
             return ParsedKey("node", node=parts[1])
         if len(parts) == 2 and parts[0] == "quarantine" and parts[1]:
             return ParsedKey("quarantine", node=parts[1])
+        if len(parts) == 2 and parts[0] == "progress" and parts[1]:
+            return ParsedKey("progress", node=parts[1])
         if len(parts) == 2 and parts[0] == "node_ranks" and _RANK_RE.fullmatch(parts[1]):
             return ParsedKey("node_rank", rank=int(parts[1]))
         if len(parts) >= 3 and parts[0] == "store" and _ROUND_RE.fullmatch(parts[1]):

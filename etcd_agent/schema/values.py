@@ -9,15 +9,17 @@ One record per kind of key::
     P/quarantine/<node>        Quarantine   its recent worker failures, and until when it sits out
     P/round                    RoundInfo    {round, phase, reason, time[, nodes][, plan_parts][, last_plan]
                                             [, scaled_for]}
-    P/restarts                 Restarts     {used, max}
+    P/restarts                 Restarts     {used, max[, stall_limit, best_step, stalled]}
     P/r/<n>/join/<node>        Join         address, free port, nproc, previous rank, static-rendezvous flags
     P/r/<n>/plan               Plan         the header: sizes, master, restart count, leader, parts (``plan.py``)
     P/r/<n>/plan/<b>           PlanPart     part b of the members, each with its ranks and ring predecessor
     P/r/<n>/exit/<node>        Exit         {node, outcome, time}
     P/r/<n>/failures/<node>    Failure      one worker's (or worker group's) failure report
     P/result                   Result       {outcome, round, reason, root_cause, restarts, time}
+    P/progress/<node>          Progress     {node, round, step, rate, time}: its latest training step (leased)
 
-    P/spec                     SpecValue    config.JobSpec: --nnodes, --nproc-per-node, --max-restarts; --join-timeout
+    P/spec                     SpecValue    config.JobSpec: --nnodes, --nproc-per-node, --max-restarts; --join-timeout,
+                                            --straggler-threshold (recorded, not checked)
 
 (``P/store/...`` holds torch's own bytes, no record.) How a record is written (compact JSON with the schema
 version) and read back (validated field by field against its annotations; BadKeyData names the key and the field,
@@ -36,7 +38,7 @@ from typing import ClassVar
 from ..errors import BadKeyData
 from ..proctree import describe_exit
 from . import topology
-from .codec import Record, Word, kv_field, required, stored_as
+from .codec import Record, Word, kv_field, omitted_when_none, required, stored_as
 from .plan import Member, Plan, PlanPart  # noqa: F401 (the plan's records live in plan.py; read here with the rest)
 
 
@@ -82,10 +84,12 @@ class SpecValue(Record):
     nproc_per_node: str  # as given: a number, gpu, cpu, auto (or torchrun: torch's agent assigns worker ranks)
     max_restarts: int
     join_timeout: float | None = None  # seconds; None: not recorded (a spec an older agent wrote)
+    straggler_threshold: float | None = None  # --straggler-threshold of the job's first agent (None: off)
 
     @classmethod
     def of(cls, spec, join_timeout: float | None = None) -> SpecValue:
-        return cls(spec.min_nodes, spec.max_nodes, spec.nproc_per_node, spec.max_restarts, join_timeout)
+        return cls(spec.min_nodes, spec.max_nodes, spec.nproc_per_node, spec.max_restarts, join_timeout,
+                   spec.straggler_threshold or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,13 +186,29 @@ class RoundInfo(Record):
 
 @dataclasses.dataclass(frozen=True)
 class Restarts(Record):
+    """``P/restarts``: the job-wide restart budget, and the no-progress guard's count (``--max-no-progress-restarts``
+    ``stall_limit``, None: off): ``best_step`` is the highest step any ended round reached (None: no worker reported
+    one), ``stalled`` how many restarts in a row since then ended with no step beyond it. Both change only in the
+    txn that counts a restart, guarded by this key's mod_revision."""
+
+    OMIT_NONE: ClassVar[bool] = True  # a job without the guard stores {used, max} as before
     used: int
     max: int
     mod_revision: int = kv_field()
+    stall_limit: int | None = None
+    best_step: int | None = None
+    stalled: int | None = None
+
+    @classmethod
+    def of(cls, spec) -> Restarts:
+        """A new job's budget (``config.JobSpec``): none used, and the no-progress guard's K."""
+        return cls(0, spec.max_restarts, stall_limit=spec.max_no_progress_restarts or None)
 
     def check(self, key: str) -> None:
         if self.used < 0 or self.max < 0:
             raise BadKeyData(key, "used and max must be whole numbers")
+        if min(self.stall_limit or 0, self.stalled or 0, self.best_step or 0) < 0:
+            raise BadKeyData(key, "stall_limit, best_step and stalled must be whole numbers >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +267,7 @@ class Failure(Record):
     node: str = ""
     hang: bool = False
     lost: bool = False
+    step: int | None = omitted_when_none()  # the node's latest training step in the round when it failed
 
     def how_it_ended(self) -> str:
         """``signal SIGKILL``, ``exit code 3``, ``hung``, ``lost`` or ``failed``."""
@@ -306,10 +327,26 @@ class Result(Record):
         return f"job {run_id} {self.outcome}: {reason}{detail}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Progress(Record):
+    """``P/progress/<node>`` (leased): the node's latest training step in ``round`` (the highest its workers
+    reported, ``progress.beat``) and its step rate (steps per second over the last window), as of ``time``."""
+
+    node: str
+    round: int
+    step: int
+    rate: float = 0.0
+    time: float = 0.0
+
+    def check(self, key: str) -> None:
+        if self.round < 0 or self.step < 0 or self.rate < 0:
+            raise BadKeyData(key, "round, step and rate must be >= 0")
+
+
 RECORDS: dict[str, type[Record]] = {  # keys.ParsedKey.kind -> the record its values are
     "spec": SpecValue, "node": NodeInfo, "quarantine": Quarantine, "node_rank": RankClaim, "round": RoundInfo,
     "restarts": Restarts, "join": Join, "plan": Plan, "plan_part": PlanPart, "exit": Exit, "failure": Failure,
-    "result": Result,
+    "result": Result, "progress": Progress,
 }
 
 

@@ -133,6 +133,7 @@ class StandInGroup:
         self._stopped = threading.Event()  # stop() was called for the current round: its hang check ends
         self._pid = os.getpid()  # the pid a stand-in reports: the process that hosts it
         self.stopped_pids: set[int] = set()  # stand-ins hold no GPU memory
+        self.progress_files: tuple[str, ...] = ()  # stand-ins report no steps
 
     def describe(self, a: Assignment) -> str:
         return f"started {self.cfg.nproc} stand-in worker(s), ranks from {a.rank_offset} of {a.world_size}"

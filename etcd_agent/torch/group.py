@@ -32,6 +32,7 @@ class TorchrunWorkers:
     until it came back for the next round, or kills the workers itself when that takes too long."""
 
     stopped_pids: frozenset[int] = frozenset()  # torch's agent stops (and reaps) its workers itself
+    progress_files: tuple[str, ...] = ()  # torch's agent starts the workers: they get no progress file
 
     def __init__(self, handler: "EtcdV3RendezvousHandler", post: Callable[[GroupEvent], None], node_id: str):
         self.handler = handler

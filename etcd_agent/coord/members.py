@@ -1,0 +1,40 @@
+"""Who of the registered nodes a running round is about: the healthy ones, the newcomers a scale-up is for, those
+a scale-up passed over, and the members that have finished. Pure functions over a ``View`` (``decide`` and
+``observe`` use them); imports ``coord.mirror`` and ``schema.values`` only.
+"""
+
+from __future__ import annotations
+
+from .mirror import View
+from ..schema.values import Phase
+
+
+def healthy(v: View) -> set[str]:
+    """The registered nodes that passed their health check (an unhealthy one joins no round until it passes, and
+    one still checking counts only once a check passed)."""
+    return {n for n, info in v.nodes.items() if not info.health and not info.checking}
+
+
+def newcomers(v: View) -> list[str]:
+    """The healthy nodes (not spares) outside a running round's plan that a scale-up is for: all of them, except
+    those a scale-up already passed over (``passed_over``)."""
+    if v.plan is None or v.round is None or v.round.phase != Phase.RUNNING:
+        return []
+    over = passed_over(v)
+    return sorted(n for n in healthy(v) if v.plan.outside(n) and not v.nodes[n].spare and n not in over)
+
+
+def passed_over(v: View) -> set[str]:
+    """The nodes outside the plan of a running scale-up round whose registry entry was not written since the
+    scale-up was decided: it was made for them and did not admit them (a forged entry, a node that could not
+    join in time). No scale-up is made for them again until their entry changes."""
+    r = v.round
+    if v.plan is None or r is None or r.scaled_for is None or r.phase != Phase.RUNNING:
+        return set()
+    return {n for n, info in v.nodes.items()
+            if v.plan.outside(n) and not info.spare and info.mod_revision <= r.scaled_for}
+
+
+def member_exits(v: View) -> frozenset[str]:
+    """The round's exit keys that belong to members of its plan (a key of any other node is no member's)."""
+    return frozenset(n for n in v.exits if v.plan is not None and not v.plan.outside(n))
