@@ -80,12 +80,9 @@ class State(enum.Enum):
 
 
 _TRANSITIONS = {
-    State.STARTING: {State.RENDEZVOUS, State.FINISHED},
-    State.RENDEZVOUS: {State.RUNNING, State.FENCED, State.FINISHED},
-    State.RUNNING: {State.RENDEZVOUS, State.FENCED, State.FINISHED},
-    State.FENCED: {State.RENDEZVOUS, State.FINISHED},
-    State.FINISHED: set(),
-}
+    State.STARTING: {State.RENDEZVOUS, State.FINISHED}, State.RENDEZVOUS: {State.RUNNING, State.FENCED, State.FINISHED},
+    State.RUNNING: {State.RENDEZVOUS, State.FENCED, State.FINISHED}, State.FENCED: {State.RENDEZVOUS, State.FINISHED},
+    State.FINISHED: set()}
 
 
 class Agent:

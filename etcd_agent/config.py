@@ -372,8 +372,7 @@ class AgentConfig:
 
     @property
     def timings(self) -> Timings:
-        return Timings(self.lease_ttl, self.etcd.request_timeout, self.last_call, self.join_timeout,
-                       self.scale_settle)
+        return Timings(self.lease_ttl, self.etcd.request_timeout, self.last_call, self.join_timeout, self.scale_settle)
 
     @property
     def address(self) -> str:

@@ -26,7 +26,7 @@ The rules (docs/from-torchrun.md documents them for users):
 - The entrypoint (script, module or program) must exist before anything starts.
 
 Imports the base modules, ``cli.flags``, ``cli.rdzv_conf``, ``cli.topology_flags`` and, from ``node/``, the flag
-parsers of ``hostinfo``, ``health`` and ``warm``; never torch, ``etcd/`` or ``coord/``.
+parsers of ``hostinfo``, ``health``, ``hooks`` and ``warm``; never torch, ``etcd/`` or ``coord/``.
 """
 
 from __future__ import annotations
@@ -308,7 +308,9 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace, preflight: 
             raise ConfigError(f"--standalone runs a one-node job; --nnodes {ns.nnodes} needs a shared etcd "
                               "(--etcd-endpoints)")
         serve = _c10d_endpoint(ns, given, notes)
-        endpoints = (_host_port(*serve), given.get("rdzv_endpoint", "--rdzv-endpoint"))
+        host, port = serve  # an IPv6 host in brackets
+        endpoints = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                     given.get("rdzv_endpoint", "--rdzv-endpoint"))
     embedded = endpoints is None
     rank, master_addr, master_port = _static(ns, given, notes, multi=hi > 1)
     run_id = _run_id(ns, given, embedded, hi, None if master_addr is None and master_port is None
@@ -328,6 +330,7 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace, preflight: 
         role=ns.role, virtual_local_rank=ns.virtual_local_rank, signals_to_handle=ns.signals_to_handle,
         stop_timeout=_stop_timeout(ns, given), warm_restart=ns.warm_restart, preload=_preload(ns, given))
     signals = parse_signals(ns.signals_to_handle, given.get("signals_to_handle", "--signals-to-handle"))
+    gpus = ns.nproc_per_node.strip().lower() == "gpu"
     cfg = AgentConfig(
         run_id=run_id, node_id=ns.node_id or default_node_id(),
         spec=JobSpec(lo, hi, ns.nproc_per_node.strip().lower(), ns.max_restarts, ns.max_no_progress_restarts,
@@ -339,16 +342,11 @@ def resolve(parser: argparse.ArgumentParser, ns: argparse.Namespace, preflight: 
         signals=signals, gpu_drain_timeout=ns.gpu_drain_timeout, spare=ns.spare, metrics_port=ns.metrics_port,
         quarantine=QuarantinePolicy(ns.quarantine_after, ns.quarantine_window, ns.quarantine_cooldown,
                                     ns.quarantine_scope, hooks.parse(ns.on_quarantine), ns.on_quarantine_timeout),
-        no_restart_exit_code=ns.no_restart_exit_code,
-        health=health.parse(ns.health_check, ns.health_check_timeout,
-                            workers.nproc if ns.nproc_per_node.strip().lower() == "gpu" else None))
+        no_restart_exit_code=ns.no_restart_exit_code, health=health.parse(ns.health_check, ns.health_check_timeout,
+                                                                          workers.nproc if gpus else None))
     if not preflight:
         check_entrypoint(workers)  # after the flags: a bad flag is named first
     return Launch(cfg, embedded, serve, tuple(notes), endpoints[1] if endpoints else "--etcd-endpoints")
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 _env_password: str | None = None  # $ETCD_AGENT_ETCD_PASSWORD, once taken out of the environment

@@ -214,8 +214,7 @@ class StandInGroup:
 class Hub:
     """What the stand-in groups and agent threads of one process report, and bounded waits on it."""
 
-    def __init__(self, on_start: Callable[[Start], None] | None = None,
-                 on_done: Callable[[Done], None] | None = None):
+    def __init__(self, on_start: Callable[[Start], None] | None = None, on_done: Callable[[Done], None] | None = None):
         self._cond = threading.Condition()
         self.starts: dict[int, dict[str, Start]] = {}  # round -> node -> its first start in that round
         self.done: dict[str, Done] = {}
