@@ -29,6 +29,8 @@ from etcd_agent.testing import procs
 from etcd_agent.testing import records as record_files
 from test_rendezvous import ME, NOW, PARAMS, jn, me, mk_plan, running_here, view
 
+COMMAND_WAIT = 120  # seconds a status or events command may take on a loaded machine: a bound, not what is tested
+
 
 def registered(endpoint: str, run_id: str, node: str, holds, what: str) -> NodeInfo:
     """The node's registry entry once ``holds(entry)``, watched in etcd."""
@@ -486,7 +488,7 @@ def _events(etcd_endpoint: str, run_id: str) -> list[dict]:
     import json
 
     done = subprocess.run([sys.executable, "-m", "etcd_agent", "events", "--etcd-endpoints", etcd_endpoint,
-                           "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=30)
+                           "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=COMMAND_WAIT)
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
@@ -497,20 +499,25 @@ def _scale_ups(etcd_endpoint: str, run_id: str) -> list[dict]:
 
 def test_a_newcomer_whose_passing_check_outlasts_the_last_call_joins_after_one_scale_up(etcd_endpoint, run_id,
                                                                                           tmp_path):
-    """A 1:2 job runs on node-0; node-1 comes with a passing check that takes 3 s (the last call is 1 s). It is
-    counted only once the check passed: one scale-up takes it in, and the workers are not restarted for it again
-    and again."""
+    """A 1:2 job runs on node-0; node-1 comes with a passing check that takes at least 3 s (the last call is 1 s)
+    and lasts until the test has seen it in status. It is counted only once the check passed: one scale-up takes it
+    in, and the workers are not restarted for it again and again."""
     release = tmp_path / "release"
-    check = f"{sys.executable} -c \"import time; time.sleep(3)\""
+    passes = tmp_path / "check-passes"  # the check passes once this exists: after status showed it running
+    script = tmp_path / "check.py"
+    script.write_text("import sys, time\nfrom etcd_agent.testing import records\n\n"
+                      "time.sleep(3)\nrecords.wait_path(sys.argv[1])\n")
+    check = f"{sys.executable} {script} {passes}"
     first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                               nnodes="1:2")
     until_recorded(out, lambda found: (1, 0) in found, "node-0 running round 1 alone", first)
     second, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
-                             nnodes="1:2", first=1, extra=["--health-check", check, "--health-check-timeout", "30"])
+                             nnodes="1:2", first=1, extra=["--health-check", check, "--health-check-timeout", "600"])
     status = [sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
     registered(etcd_endpoint, run_id, "node-1", lambda info: info.checking, "node-1 registered as checking")
-    shown = subprocess.run(status, capture_output=True, text=True, timeout=30).stdout  # the check takes 3 s
+    shown = subprocess.run(status, capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     assert "checking its health, not joining yet: node-1" in shown, shown
+    passes.touch()
     joined = until_recorded(out, lambda found: [k for k in found if k[1] == 1], "node-1 running as rank 1",
                             first + second, timeout=60)
     release.touch()
