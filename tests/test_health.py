@@ -499,9 +499,13 @@ def _scale_ups(etcd_endpoint: str, run_id: str) -> list[dict]:
 
 def test_a_newcomer_whose_passing_check_outlasts_the_last_call_joins_after_one_scale_up(etcd_endpoint, run_id,
                                                                                           tmp_path):
-    """A 1:2 job runs on node-0; node-1 comes with a passing check that takes at least 3 s (the last call is 1 s)
-    and lasts until the test has seen it in status. It is counted only once the check passed: one scale-up takes it
-    in, and the workers are not restarted for it again and again."""
+    """A 1:2 job runs on node-0; node-1 comes with a passing check that takes at least 3 s (node-0's last call is
+    1 s) and lasts until the test has seen it in status. It is counted only once the check passed: one scale-up
+    takes it in, and the workers are not restarted for it again and again.
+
+    node-1's own last call is long: when it joins the scale-up round first it leads it, and node-0 joins only once
+    its worker stopped, which on a loaded machine can take longer than 1 s (the round would close without node-0,
+    and a second scale-up take it back in)."""
     release = tmp_path / "release"
     passes = tmp_path / "check-passes"  # the check passes once this exists: after status showed it running
     script = tmp_path / "check.py"
@@ -512,7 +516,8 @@ def test_a_newcomer_whose_passing_check_outlasts_the_last_call_joins_after_one_s
                               nnodes="1:2")
     until_recorded(out, lambda found: (1, 0) in found, "node-0 running round 1 alone", first)
     second, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
-                             nnodes="1:2", first=1, extra=["--health-check", check, "--health-check-timeout", "600"])
+                             nnodes="1:2", first=1,
+                             extra=["--health-check", check, "--health-check-timeout", "600", "--last-call", "60"])
     status = [sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
     registered(etcd_endpoint, run_id, "node-1", lambda info: info.checking, "node-1 registered as checking")
     shown = subprocess.run(status, capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
