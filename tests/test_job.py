@@ -11,8 +11,10 @@ import sys
 import pytest
 
 from agents import (ROOT, AgentProc, job_keys, keys_of, plan_nodes, records, start_agents, wait_all, wait_for_key,
-                    wait_records)
+                    wait_key_deleted, wait_records)
 from etcd_agent.schema.keys import RunKeys
+
+LOADED_WAIT = 120  # seconds: a bound on agents starting and commands running on a loaded machine, not what is tested
 
 TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
                  "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
@@ -89,18 +91,21 @@ def test_exit_barrier_waits_for_every_node(etcd_endpoint, run_id, tmp_path):
     slow = AgentProc(etcd_endpoint, run_id, "node-1", tmp_path, [str(out), "--hold", str(hold)], nnodes="2", nproc=2)
     agents = [fast, slow]
     # node-0's workers finish at once: wait for its exit key through a watch.
-    wait_for_key(etcd_endpoint, keys_of(run_id).exit(1, "node-0"))
+    wait_for_key(etcd_endpoint, keys_of(run_id).exit(1, "node-0"), timeout=LOADED_WAIT)
     assert fast.proc.poll() is None, "node-0 left before node-1 finished"
     hold.touch()
-    assert wait_all(agents) == [0, 0]
+    assert wait_all(agents, LOADED_WAIT) == [0, 0]
     # The barrier, in wall time: node-0's agent exited after node-1's exit record was written (node-1's workers
     # finished), not when its own workers did.
     node1_done = job_keys(etcd_endpoint, run_id)[keys_of(run_id).exit(1, "node-1")]["time"]
     assert fast.ended_at >= node1_done, (fast.ended_at, node1_done)
     # The same, from etcd's history: node-0's registration (its lease) ended only after the job's result was
     # written, that is after node-1 finished; an agent that left at its own exit key would have gone before it.
+    # The registration goes when the leaving agent's revoke lands, or a lease TTL later where the revoke timed out
+    # on a loaded machine: the history is read once it is gone.
+    wait_key_deleted(etcd_endpoint, keys_of(run_id).node("node-0"), LOADED_WAIT)
     history = subprocess.run([sys.executable, "-m", "etcd_agent", "events", "--etcd-endpoints", etcd_endpoint,
-                              "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=30)
+                              "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=LOADED_WAIT)
     events = [json.loads(line) for line in history.stdout.splitlines()]
     at = {(e["event"], e.get("node")): e["revision"] for e in events}
     assert at[("node finished", "node-0")] < at[("node finished", "node-1")], events
