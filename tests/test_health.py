@@ -265,7 +265,7 @@ def test_an_unhealthy_node_stays_out_until_its_check_passes(etcd_endpoint, run_i
     ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
 
     def status() -> str:
-        return subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     until_recorded(out, lambda found: (1, 0) in found, "node-0 running round 1 alone", agents)
     registered(etcd_endpoint, run_id, "node-1", lambda info: info.health, "node-1 registered as unhealthy")
     shown = status()
@@ -279,7 +279,7 @@ def test_an_unhealthy_node_stays_out_until_its_check_passes(etcd_endpoint, run_i
     err = second[0].stderr()
     assert err.count("this node is unhealthy and does not join") == 1  # said once, however many checks failed
     assert "passed its health check after" in err
-    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=30).stdout
+    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     unhealthy = re.search(r"  node unhealthy +node-1 +does not join: --health-check", events)
     healthy = re.search(r"  node healthy +node-1 +passed its health check: it joins again", events)
     joined = re.search(r"  joined round +node-1 +round ", events)
@@ -442,7 +442,7 @@ def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_re
                    good, timeout=60)
     base = [sys.executable, "-m", "etcd_agent"]
     ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
-    shown = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
+    shown = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     assert "round 3: running (2 node(s): " in shown and "node-2" not in shown.split("round 3: running")[1].split(")")[0]
     assert "restarts: 2 of 5 used" in shown
     assert "quarantined: node-2 until " in shown
@@ -452,7 +452,7 @@ def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_re
     # the quarantined agent is still one of the job's: it leaves with the others when the job ends
     assert wait_all(good + bad) == [0, 0, 0], [a.stderr()[-2000:] for a in good + bad]
     assert "this node is unhealthy and does not join: quarantined until " in bad[0].stderr()
-    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=30).stdout
+    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     assert re.search(r"  quarantined +node-2 +until ", events), events
     assert re.search(r"  node unhealthy +node-2 +does not join: ", events), events
     assert re.search(r"  result +- +succeeded in round 3", events), events

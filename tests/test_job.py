@@ -140,7 +140,7 @@ def test_bad_flags_fail_with_one_clear_line(flags, message, etcd_endpoint, tmp_p
 
     base = ["--etcd-endpoints", etcd_endpoint, "--run-id", "ok"]
     proc = subprocess.run([sys.executable, "-m", "etcd_agent", *base, *flags, "train.py"], capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=LOADED_WAIT)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -157,7 +157,7 @@ def test_unreachable_endpoint_fails_with_one_clear_line(tmp_path):
     script.write_text("")
     proc = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", "x",
                            "--etcd-timeout", "1", "--log-level", "ERROR", str(script)],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=LOADED_WAIT)
     assert proc.returncode == 2
     assert f"--etcd-endpoints {endpoint}: cannot reach etcd" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -172,28 +172,28 @@ def test_status_and_stop_subcommands(etcd_endpoint, run_id, tmp_path):
     wait_for_key(etcd_endpoint, keys_of(run_id).plan(1))
     base = [sys.executable, "-m", "etcd_agent"]
     ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
-    status = subprocess.run(base + ["status", *ep, "--json"], capture_output=True, text=True, timeout=30)
+    status = subprocess.run(base + ["status", *ep, "--json"], capture_output=True, text=True, timeout=LOADED_WAIT)
     assert status.returncode == 0, status.stderr
     state = json.loads(status.stdout)
     assert state["round"]["phase"] == "running" and sorted(state["nodes"]) == ["node-0", "node-1"]
     assert state["plan"]["world_size"] == 4
     assert state["generation"] == 1 and not state["ended"] and state["earlier"] == []
-    text = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
+    text = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=LOADED_WAIT).stdout
     assert f"run {run_id}, job 1 " in text and text.splitlines()[0].endswith(": running")
     assert "round 1: running" in text and "group rank 0" in text and "earlier job" not in text
     assert re.search(r"group rank 1: node-\d \([^)]*\) ranks 2-3, alive", text), text
     assert text.count(", alive") == 2 and "waiting for the next round" not in text
     stop = subprocess.run(base + ["stop", *ep, "--reason", "maintenance"], capture_output=True, text=True,
-                          timeout=30)
+                          timeout=LOADED_WAIT)
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert wait_all(agents) == [1, 1]
     assert all("stopped: maintenance" in a.stderr() for a in agents)
     result = job_keys(etcd_endpoint, run_id)[keys_of(run_id).result()]
     assert result["outcome"] == "stopped"
-    again = subprocess.run(base + ["stop", *ep], capture_output=True, text=True, timeout=30)
+    again = subprocess.run(base + ["stop", *ep], capture_output=True, text=True, timeout=LOADED_WAIT)
     assert again.returncode == 1 and "already ended" in again.stdout
     missing = subprocess.run(base + ["status", "--etcd-endpoints", etcd_endpoint, "--run-id", "no-such-job"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=LOADED_WAIT)
     assert missing.returncode == 2 and f"no job under {RunKeys(ROOT, 'no-such-job').prefix}" in missing.stderr
 
 
@@ -202,7 +202,7 @@ def _status(endpoint: str, run_id: str, *flags: str) -> str:
     import sys
 
     done = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", endpoint, "--run-id",
-                           run_id, *flags], capture_output=True, text=True, timeout=30)
+                           run_id, *flags], capture_output=True, text=True, timeout=LOADED_WAIT)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -322,11 +322,11 @@ def test_status_without_a_run_id_lists_the_runs(etcd_endpoint, run_id, tmp_path)
                                 extra=["--etcd-prefix", root])
     wait_records(out, {(1, 0), (1, 1)}, running)
     base = [sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", root]
-    listed = json.loads(subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=30).stdout)
+    listed = json.loads(subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=LOADED_WAIT).stdout)
     assert [(e["run_id"], e["job"], e["phase"], e["round"], e["nodes_alive"]) for e in listed] == [
         ("finished", 1, "done", 1, 0), ("running", 1, "running", 1, 2)]
     assert listed[0]["result"]["outcome"] == "succeeded" and listed[1]["result"] is None
-    text = subprocess.run(base, capture_output=True, text=True, timeout=30).stdout.splitlines()
+    text = subprocess.run(base, capture_output=True, text=True, timeout=LOADED_WAIT).stdout.splitlines()
     assert text[0].split() == ["RUN", "JOB", "PHASE", "ROUND", "NODES", "RESULT"]
     assert text[1].split()[:6] == ["finished", "1", "done", "1", "0", "succeeded:"]
     assert text[2].split() == ["running", "1", "running", "1", "2", "-"]
