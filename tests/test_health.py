@@ -29,6 +29,8 @@ from etcd_agent.testing import procs
 from etcd_agent.testing import records as record_files
 from test_rendezvous import ME, NOW, PARAMS, jn, me, mk_plan, running_here, view
 
+COMMAND_WAIT = 120  # seconds a status or events command may take on a loaded machine: a bound, not what is tested
+
 
 def registered(endpoint: str, run_id: str, node: str, holds, what: str) -> NodeInfo:
     """The node's registry entry once ``holds(entry)``, watched in etcd."""
@@ -263,7 +265,7 @@ def test_an_unhealthy_node_stays_out_until_its_check_passes(etcd_endpoint, run_i
     ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
 
     def status() -> str:
-        return subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     until_recorded(out, lambda found: (1, 0) in found, "node-0 running round 1 alone", agents)
     registered(etcd_endpoint, run_id, "node-1", lambda info: info.health, "node-1 registered as unhealthy")
     shown = status()
@@ -277,7 +279,7 @@ def test_an_unhealthy_node_stays_out_until_its_check_passes(etcd_endpoint, run_i
     err = second[0].stderr()
     assert err.count("this node is unhealthy and does not join") == 1  # said once, however many checks failed
     assert "passed its health check after" in err
-    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=30).stdout
+    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     unhealthy = re.search(r"  node unhealthy +node-1 +does not join: --health-check", events)
     healthy = re.search(r"  node healthy +node-1 +passed its health check: it joins again", events)
     joined = re.search(r"  joined round +node-1 +round ", events)
@@ -440,7 +442,7 @@ def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_re
                    good, timeout=60)
     base = [sys.executable, "-m", "etcd_agent"]
     ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
-    shown = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
+    shown = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     assert "round 3: running (2 node(s): " in shown and "node-2" not in shown.split("round 3: running")[1].split(")")[0]
     assert "restarts: 2 of 5 used" in shown
     assert "quarantined: node-2 until " in shown
@@ -450,7 +452,7 @@ def test_a_node_that_keeps_failing_is_quarantined_and_the_job_finishes_on_the_re
     # the quarantined agent is still one of the job's: it leaves with the others when the job ends
     assert wait_all(good + bad) == [0, 0, 0], [a.stderr()[-2000:] for a in good + bad]
     assert "this node is unhealthy and does not join: quarantined until " in bad[0].stderr()
-    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=30).stdout
+    events = subprocess.run(base + ["events", *ep], capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     assert re.search(r"  quarantined +node-2 +until ", events), events
     assert re.search(r"  node unhealthy +node-2 +does not join: ", events), events
     assert re.search(r"  result +- +succeeded in round 3", events), events
@@ -486,7 +488,7 @@ def _events(etcd_endpoint: str, run_id: str) -> list[dict]:
     import json
 
     done = subprocess.run([sys.executable, "-m", "etcd_agent", "events", "--etcd-endpoints", etcd_endpoint,
-                           "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=30)
+                           "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=COMMAND_WAIT)
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
 
@@ -497,20 +499,30 @@ def _scale_ups(etcd_endpoint: str, run_id: str) -> list[dict]:
 
 def test_a_newcomer_whose_passing_check_outlasts_the_last_call_joins_after_one_scale_up(etcd_endpoint, run_id,
                                                                                           tmp_path):
-    """A 1:2 job runs on node-0; node-1 comes with a passing check that takes 3 s (the last call is 1 s). It is
-    counted only once the check passed: one scale-up takes it in, and the workers are not restarted for it again
-    and again."""
+    """A 1:2 job runs on node-0; node-1 comes with a passing check that takes at least 3 s (node-0's last call is
+    1 s) and lasts until the test has seen it in status. It is counted only once the check passed: one scale-up
+    takes it in, and the workers are not restarted for it again and again.
+
+    node-1's own last call is long: when it joins the scale-up round first it leads it, and node-0 joins only once
+    its worker stopped, which on a loaded machine can take longer than 1 s (the round would close without node-0,
+    and a second scale-up take it back in)."""
     release = tmp_path / "release"
-    check = f"{sys.executable} -c \"import time; time.sleep(3)\""
+    passes = tmp_path / "check-passes"  # the check passes once this exists: after status showed it running
+    script = tmp_path / "check.py"
+    script.write_text("import sys, time\nfrom etcd_agent.testing import records\n\n"
+                      "time.sleep(3)\nrecords.wait_path(sys.argv[1])\n")
+    check = f"{sys.executable} {script} {passes}"
     first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                               nnodes="1:2")
     until_recorded(out, lambda found: (1, 0) in found, "node-0 running round 1 alone", first)
     second, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
-                             nnodes="1:2", first=1, extra=["--health-check", check, "--health-check-timeout", "30"])
+                             nnodes="1:2", first=1,
+                             extra=["--health-check", check, "--health-check-timeout", "600", "--last-call", "60"])
     status = [sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
     registered(etcd_endpoint, run_id, "node-1", lambda info: info.checking, "node-1 registered as checking")
-    shown = subprocess.run(status, capture_output=True, text=True, timeout=30).stdout  # the check takes 3 s
+    shown = subprocess.run(status, capture_output=True, text=True, timeout=COMMAND_WAIT).stdout
     assert "checking its health, not joining yet: node-1" in shown, shown
+    passes.touch()
     joined = until_recorded(out, lambda found: [k for k in found if k[1] == 1], "node-1 running as rank 1",
                             first + second, timeout=60)
     release.touch()

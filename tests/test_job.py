@@ -11,8 +11,10 @@ import sys
 import pytest
 
 from agents import (ROOT, AgentProc, job_keys, keys_of, plan_nodes, records, start_agents, wait_all, wait_for_key,
-                    wait_records)
+                    wait_key_deleted, wait_records)
 from etcd_agent.schema.keys import RunKeys
+
+LOADED_WAIT = 120  # seconds: a bound on agents starting and commands running on a loaded machine, not what is tested
 
 TORCHRUN_VARS = {"RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
                  "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
@@ -89,18 +91,21 @@ def test_exit_barrier_waits_for_every_node(etcd_endpoint, run_id, tmp_path):
     slow = AgentProc(etcd_endpoint, run_id, "node-1", tmp_path, [str(out), "--hold", str(hold)], nnodes="2", nproc=2)
     agents = [fast, slow]
     # node-0's workers finish at once: wait for its exit key through a watch.
-    wait_for_key(etcd_endpoint, keys_of(run_id).exit(1, "node-0"))
+    wait_for_key(etcd_endpoint, keys_of(run_id).exit(1, "node-0"), timeout=LOADED_WAIT)
     assert fast.proc.poll() is None, "node-0 left before node-1 finished"
     hold.touch()
-    assert wait_all(agents) == [0, 0]
+    assert wait_all(agents, LOADED_WAIT) == [0, 0]
     # The barrier, in wall time: node-0's agent exited after node-1's exit record was written (node-1's workers
     # finished), not when its own workers did.
     node1_done = job_keys(etcd_endpoint, run_id)[keys_of(run_id).exit(1, "node-1")]["time"]
     assert fast.ended_at >= node1_done, (fast.ended_at, node1_done)
     # The same, from etcd's history: node-0's registration (its lease) ended only after the job's result was
     # written, that is after node-1 finished; an agent that left at its own exit key would have gone before it.
+    # The registration goes when the leaving agent's revoke lands, or a lease TTL later where the revoke timed out
+    # on a loaded machine: the history is read once it is gone.
+    wait_key_deleted(etcd_endpoint, keys_of(run_id).node("node-0"), LOADED_WAIT)
     history = subprocess.run([sys.executable, "-m", "etcd_agent", "events", "--etcd-endpoints", etcd_endpoint,
-                              "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=30)
+                              "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=LOADED_WAIT)
     events = [json.loads(line) for line in history.stdout.splitlines()]
     at = {(e["event"], e.get("node")): e["revision"] for e in events}
     assert at[("node finished", "node-0")] < at[("node finished", "node-1")], events
@@ -135,7 +140,7 @@ def test_bad_flags_fail_with_one_clear_line(flags, message, etcd_endpoint, tmp_p
 
     base = ["--etcd-endpoints", etcd_endpoint, "--run-id", "ok"]
     proc = subprocess.run([sys.executable, "-m", "etcd_agent", *base, *flags, "train.py"], capture_output=True,
-                          text=True, timeout=30)
+                          text=True, timeout=LOADED_WAIT)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -152,7 +157,7 @@ def test_unreachable_endpoint_fails_with_one_clear_line(tmp_path):
     script.write_text("")
     proc = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", "x",
                            "--etcd-timeout", "1", "--log-level", "ERROR", str(script)],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=LOADED_WAIT)
     assert proc.returncode == 2
     assert f"--etcd-endpoints {endpoint}: cannot reach etcd" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -167,28 +172,28 @@ def test_status_and_stop_subcommands(etcd_endpoint, run_id, tmp_path):
     wait_for_key(etcd_endpoint, keys_of(run_id).plan(1))
     base = [sys.executable, "-m", "etcd_agent"]
     ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
-    status = subprocess.run(base + ["status", *ep, "--json"], capture_output=True, text=True, timeout=30)
+    status = subprocess.run(base + ["status", *ep, "--json"], capture_output=True, text=True, timeout=LOADED_WAIT)
     assert status.returncode == 0, status.stderr
     state = json.loads(status.stdout)
     assert state["round"]["phase"] == "running" and sorted(state["nodes"]) == ["node-0", "node-1"]
     assert state["plan"]["world_size"] == 4
     assert state["generation"] == 1 and not state["ended"] and state["earlier"] == []
-    text = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30).stdout
+    text = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=LOADED_WAIT).stdout
     assert f"run {run_id}, job 1 " in text and text.splitlines()[0].endswith(": running")
     assert "round 1: running" in text and "group rank 0" in text and "earlier job" not in text
     assert re.search(r"group rank 1: node-\d \([^)]*\) ranks 2-3, alive", text), text
     assert text.count(", alive") == 2 and "waiting for the next round" not in text
     stop = subprocess.run(base + ["stop", *ep, "--reason", "maintenance"], capture_output=True, text=True,
-                          timeout=30)
+                          timeout=LOADED_WAIT)
     assert stop.returncode == 0 and "stopped" in stop.stdout
     assert wait_all(agents) == [1, 1]
     assert all("stopped: maintenance" in a.stderr() for a in agents)
     result = job_keys(etcd_endpoint, run_id)[keys_of(run_id).result()]
     assert result["outcome"] == "stopped"
-    again = subprocess.run(base + ["stop", *ep], capture_output=True, text=True, timeout=30)
+    again = subprocess.run(base + ["stop", *ep], capture_output=True, text=True, timeout=LOADED_WAIT)
     assert again.returncode == 1 and "already ended" in again.stdout
     missing = subprocess.run(base + ["status", "--etcd-endpoints", etcd_endpoint, "--run-id", "no-such-job"],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=LOADED_WAIT)
     assert missing.returncode == 2 and f"no job under {RunKeys(ROOT, 'no-such-job').prefix}" in missing.stderr
 
 
@@ -197,7 +202,7 @@ def _status(endpoint: str, run_id: str, *flags: str) -> str:
     import sys
 
     done = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", endpoint, "--run-id",
-                           run_id, *flags], capture_output=True, text=True, timeout=30)
+                           run_id, *flags], capture_output=True, text=True, timeout=LOADED_WAIT)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -317,11 +322,11 @@ def test_status_without_a_run_id_lists_the_runs(etcd_endpoint, run_id, tmp_path)
                                 extra=["--etcd-prefix", root])
     wait_records(out, {(1, 0), (1, 1)}, running)
     base = [sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint, "--etcd-prefix", root]
-    listed = json.loads(subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=30).stdout)
+    listed = json.loads(subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=LOADED_WAIT).stdout)
     assert [(e["run_id"], e["job"], e["phase"], e["round"], e["nodes_alive"]) for e in listed] == [
         ("finished", 1, "done", 1, 0), ("running", 1, "running", 1, 2)]
     assert listed[0]["result"]["outcome"] == "succeeded" and listed[1]["result"] is None
-    text = subprocess.run(base, capture_output=True, text=True, timeout=30).stdout.splitlines()
+    text = subprocess.run(base, capture_output=True, text=True, timeout=LOADED_WAIT).stdout.splitlines()
     assert text[0].split() == ["RUN", "JOB", "PHASE", "ROUND", "NODES", "RESULT"]
     assert text[1].split()[:6] == ["finished", "1", "done", "1", "0", "succeeded:"]
     assert text[2].split() == ["running", "1", "running", "1", "2", "-"]
