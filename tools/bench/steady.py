@@ -63,9 +63,10 @@ def requests_by_method(client_url: str) -> dict[str, float]:
     return out
 
 
-def task_switches(pids: list[int]) -> dict[int, int]:
-    """Context switches so far (voluntary and not) of every thread of the processes, by thread id."""
-    out: dict[int, int] = {}
+def _per_task(pids: list[int], name: str, parse) -> dict:
+    """``parse(text)`` of /proc/<pid>/task/<tid>/<name> for every thread of the processes, by thread id; threads that
+    ended meanwhile are left out."""
+    out: dict = {}
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -73,29 +74,23 @@ def task_switches(pids: list[int]) -> dict[int, int]:
             continue
         for tid in tids:
             try:
-                with open(f"/proc/{pid}/task/{tid}/status") as f:
-                    out[int(tid)] = sum(int(line.split()[1]) for line in f
-                                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+                with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                    out[int(tid)] = parse(f.read())
             except (OSError, ValueError, IndexError):
                 continue
     return out
 
 
+def task_switches(pids: list[int]) -> dict[int, int]:
+    """Context switches so far (voluntary and not) of every thread of the processes, by thread id."""
+    return _per_task(pids, "status", lambda text: sum(int(line.split()[1]) for line in text.splitlines() if
+                                                      line.startswith(("voluntary_ctxt_switches",
+                                                                       "nonvoluntary_ctxt_switches"))))
+
+
 def task_names(pids: list[int]) -> dict[int, str]:
     """The kernel's name of every thread of the processes (``comm``: gRPC core names its own, e.g. event_engine)."""
-    out: dict[int, str] = {}
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    out[int(tid)] = f.read().strip()
-            except (OSError, ValueError):
-                continue
-    return out
+    return _per_task(pids, "comm", str.strip)
 
 
 def by_kind(kinds: dict[str, list[int]], before: dict[int, int], after: dict[int, int], n: int,
