@@ -69,12 +69,13 @@ def test_watch_events_and_writes_per_round_are_linear_in_n(private_etcd, run_id,
     for what, c in costs.items():
         print(f"N={n} {what}: events {c['watch_events']:.0f} puts {c['key_puts']:.0f} "
               f"deletes {c['key_deletes']:.0f} txns {c['rpc_txn']:.0f} ranges {c['rpc_range']:.0f}")
-    # A restart (bump) and the round after it (joins, close): each node joins once, the leader sees every join,
-    # everyone sees the round key change (the bump writes round + restarts; the close writes the round).
-    # The leave round also carries the leaver's deleted keys; measured 72-121 at N=24 on a quiet machine and 135
-    # at a load average of 100. Quadratic would be 576.
-    assert costs["crash"]["watch_events"] <= 5 * n + 10, costs["crash"]
-    assert costs["leave"]["watch_events"] <= 6 * n + 10, costs["leave"]
+    # A restart (bump) and the round after it (joins, close). Each member is told of the round key twice (bump,
+    # close), the restarts key, and its ring predecessor's join key (the new one put, the old round's deleted); the
+    # leader of every join put and deleted: at most 5 N + 2 N. Which of these a member is told of, rather than
+    # reading, depends on arrival order: measured 84-143 per round at N = 24 (quiet machine and CI), on the code before
+    # and after the progress, quarantine and topology work. Quadratic would be 576.
+    assert costs["crash"]["watch_events"] <= 7 * n + 10, costs["crash"]
+    assert costs["leave"]["watch_events"] <= 7 * n + 10, costs["leave"]
     # The first rendezvous also creates the job and registers every node. Its count depends on arrival order, not
     # on the protocol: an agent watching before a job-wide write is told of it, one that arrives later reads it.
     # At most every agent sees every job-wide write (job pointer, spec, restarts, the round twice, the plan: 6 N)
