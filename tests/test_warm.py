@@ -385,11 +385,8 @@ if rnd in fail_rounds:
     if rank == 1:
         # Fail only once rank 0 has written its record: the agent stops rank 0 as soon as rank 1 fails, and a
         # fast restart can stop it before its first line ran.
-        import time
-        for _ in range(3000):
-            if os.path.exists(os.path.join(out, f"{rnd}-0.json")):
-                break
-            time.sleep(0.01)
+        from etcd_agent.testing import records
+        records.wait_path(os.path.join(out, f"{rnd}-0.json"), timeout=30)
         sys.exit(1)
     signal.pause()
 """
