@@ -9,8 +9,9 @@ changed since its last put: ``max(MIN_PERIOD, members / JOB_PUTS_PER_SECOND)``, 
 100 per second are 360,000 an hour (``docs/scale-model.md``). No agent watches these keys, so a put costs etcd one
 write and no watch event but the exporter's and a following ``events``. Each key is bound to the node's session
 lease: a lost node's step vanishes with it. The publisher's thread starts once the node runs workers with progress
-files (``Coordinator.maintain``): stand-in workers and torchrun's never start it. The step is read locally every
-``TICK`` (files only, no etcd), so the rate is measured between puts, not from them.
+files (``Coordinator.maintain``): stand-in workers and torchrun's never start it. The thread sleeps until a put
+can be due, then reads the step locally every ``TICK`` (files only, no etcd) until it changed; the rate is
+measured over the node's readings (``node.steps``), not from the puts.
 
 A straggler is a node whose rate is below the job's median rate by more than ``threshold`` (a fraction:
 ``--straggler-threshold 0.2`` names nodes more than 20% slower than the median); nothing is restarted for it.
@@ -63,6 +64,7 @@ class Publisher:
         self._last: tuple[int, int] | None = None  # (round, step) put last
         self._last_at = 0.0  # monotonic time of that put (0: none yet)
         self.puts = 0
+        self._due = 0.0  # monotonic time before which no put can be due: the thread sleeps until then
         self._thread = threading.Thread(target=self._run, name="progress-publisher", daemon=True)
 
     def start(self) -> None:
@@ -73,7 +75,7 @@ class Publisher:
 
     def _run(self) -> None:
         started = time.monotonic()
-        while not self._stop.wait(TICK):
+        while not self._stop.wait(max(TICK, self._due - time.monotonic())):
             try:
                 self.tick(time.monotonic(), started)
             except AgentError as exc:  # etcd away, or the session just ended: the next tick tries again
@@ -84,14 +86,16 @@ class Publisher:
     def tick(self, now: float, started: float = 0.0) -> bool:
         """Read the node's step; put it when it changed and the period since the last put (or the start) is over."""
         s = self._sample()
-        if s is None or s.step is None or (s.round, s.step) == self._last or \
-                now - (self._last_at or started) < period(s.members):
+        if s is not None:
+            self._due = (self._last_at or started) + period(s.members)
+        if s is None or s.step is None or (s.round, s.step) == self._last or now < self._due:
             return False
         lease = self._lease()
         if not lease:
             return False
         self.etcd.put(self.key, Progress(self.node, s.round, s.step, round(s.rate, 3), time.time()).encode(), lease)
         self._last, self._last_at = (s.round, s.step), now
+        self._due = now + period(s.members)
         self.puts += 1
         return True
 
