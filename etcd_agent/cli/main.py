@@ -52,8 +52,9 @@ def run_subcommand(name: str, argv: list[str]) -> int:
     for note in hostnames.check(cfg.endpoints, flag, cfg.connect_timeout):
         log.warning("%s", note)
     if name == "quarantine":
-        from .quarantine import run_command
-        return run_command(ns, cfg, flag)
+        from ..ops.status import with_etcd
+        from .quarantine import run_quarantine
+        return with_etcd(cfg, flag, lambda etcd: run_quarantine(ns, etcd))
     return run(name, ns, cfg, flag)
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..config import _NODE_ID_RE, MAX_PERIOD, EtcdConfig
+from ..config import _NODE_ID_RE, MAX_PERIOD
 from ..coord import quarantine, txns
-from ..errors import BadKeyData, ConfigError, EtcdUnavailable
+from ..errors import BadKeyData, ConfigError
 from ..etcd.client import Etcd
 from ..schema.keys import RunKeys, cluster_quarantine, cluster_quarantines
 from ..schema.values import Quarantine
@@ -45,17 +45,6 @@ def quarantine_flags(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if action.dest == "run_id" and "--run-id" in action.option_strings:
             action.help = "also list or release that run's current job's own records (scope job)"
     return p
-
-
-def run_command(ns: argparse.Namespace, cfg: EtcdConfig, flag: str) -> int:
-    """The subcommand against the etcd of ``cfg`` (``flag``: where its endpoints came from)."""
-    etcd = Etcd(cfg)
-    try:
-        return run_quarantine(ns, etcd)
-    except EtcdUnavailable as exc:  # nothing read or changed: say where we looked, as a usage problem
-        raise ConfigError(f"{flag} {etcd.endpoints_text}: {exc}") from exc
-    finally:
-        etcd.close()
 
 
 def run_quarantine(ns: argparse.Namespace, etcd: Etcd) -> int:

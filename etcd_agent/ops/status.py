@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from typing import Callable
 
 from ..coord import abandon, blame, txns
 from ..coord.progress import JobProgress, summarize
@@ -28,25 +29,35 @@ from ..schema.values import Failure, NodeInfo, Phase, Progress, Quarantine, Resu
 def run_subcommand(name: str, ns: argparse.Namespace, cfg: EtcdConfig, flag: str) -> int:
     """``status``, ``stop``, ``events`` or ``exporter`` with its parsed flags (``cli.flags.subcommand_parser``),
     against the etcd of ``cfg``; ``flag`` says where its endpoints came from."""
+    return with_etcd(cfg, flag, lambda etcd: _subcommand(name, ns, etcd))
+
+
+def with_etcd(cfg: EtcdConfig, flag: str, command: Callable[[Etcd], int]) -> int:
+    """``command`` run with a client of the etcd of ``cfg``, closed after it; an unreachable etcd (nothing was shown
+    or changed) is a usage problem that says where we looked: ``flag`` and its endpoints."""
     etcd = Etcd(cfg)
     try:
-        if name == "events":
-            from .events import run_events
-
-            return run_events(ns, etcd)
-        if name == "exporter":
-            from .exporter import run_exporter
-
-            return run_exporter(ns, etcd)
-        if not ns.run_id:
-            runs = list_all_runs(etcd, ns.root)
-            print(json.dumps(runs, indent=2, sort_keys=True) if ns.json else describe_runs(ns.root, runs))
-            return 0
-        return _run(name, ns, RunKeys(ns.root, ns.run_id), etcd)
-    except EtcdUnavailable as exc:  # nothing to show or stop: say where we looked, as a usage problem
+        return command(etcd)
+    except EtcdUnavailable as exc:
         raise ConfigError(f"{flag} {etcd.endpoints_text}: {exc}") from exc
     finally:
         etcd.close()
+
+
+def _subcommand(name: str, ns: argparse.Namespace, etcd: Etcd) -> int:
+    if name == "events":
+        from .events import run_events
+
+        return run_events(ns, etcd)
+    if name == "exporter":
+        from .exporter import run_exporter
+
+        return run_exporter(ns, etcd)
+    if not ns.run_id:
+        runs = list_all_runs(etcd, ns.root)
+        print(json.dumps(runs, indent=2, sort_keys=True) if ns.json else describe_runs(ns.root, runs))
+        return 0
+    return _run(name, ns, RunKeys(ns.root, ns.run_id), etcd)
 
 
 def _run(name: str, ns: argparse.Namespace, run: RunKeys, etcd: Etcd) -> int:
