@@ -23,8 +23,10 @@ and ``quit`` first writes ``DIR/proc-<pid>.prof`` (all threads merged; read it w
 gRPC's channel spin and request threads, a keepalive), read from each thread's CPU clock without the profiler.
 cProfile makes Python code much slower (small functions most: a plan's decoding ten times and more), so read its
 numbers as shares only; ``ETCD_AGENT_SIM_PROFILE=threads:DIR`` writes the thread table alone, without cProfile,
-for the CPU itself. ``python tools/bench/sim_proc.py --report DIR [TOP]`` merges every process's files and
-prints the thread table and the TOP functions (default 30) by their own time and by cumulative time.
+for the CPU itself. Either way ``DIR/proc-<pid>.calls.json`` counts the unary etcd calls (``Etcd.call``) by
+operation and by the first caller outside the client. ``python tools/bench/sim_proc.py --report DIR [TOP]`` merges
+every process's files and prints the thread table, the call counts and the TOP functions (default 30) by their own
+time and by cumulative time.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import time
 from etcd_agent.testing.sim import Done, Hub, JobParams, SimJob, Start
 
 _out_lock = threading.Lock()
+HERE = os.path.basename(__file__)
 
 
 def emit(**msg) -> None:
@@ -74,8 +77,57 @@ class Profile:
                 with profile._lock:
                     profile.ended[kind] += time.thread_time()
         threading.Thread.run = counted
+        self.calls: collections.Counter = collections.Counter()  # (operation, call site) -> unary etcd calls
+        self._count_calls()
+        self.steps: collections.defaultdict = collections.defaultdict(lambda: [0, 0.0])  # part -> [calls, CPU s]
+        self._time_steps()
         if self.functions:
             threading.setprofile(self._start)
+
+    def _count_calls(self) -> None:
+        """Count every unary etcd call (``Etcd.call``: txn, get, put, lease grant and revoke...) by operation and by
+        the first caller outside the client: which part of the agent asks etcd what, and how often."""
+        from etcd_agent.etcd.client import Etcd
+
+        call, calls, lock = Etcd.call, self.calls, self._lock
+
+        def counted(etcd, where, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.endswith((os.path.join("etcd", "client.py"), HERE)):
+                frame = frame.f_back
+            site = []
+            for _ in range(2):  # the caller and its caller
+                if frame is not None:
+                    site.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}")
+                    frame = frame.f_back
+            site = " < ".join(site) or "?"
+            op = re.sub(r"\s.*", "", where) if where.split(" ")[0] in _KEYED else re.sub(r"\d+", "#", where)
+            with lock:
+                calls[f"{op} <- {site}"] += 1
+            return call(etcd, where, *args, **kwargs)
+        Etcd.call = counted
+
+    def _time_steps(self) -> None:
+        """CPU seconds (the thread's own clock) and calls of the agent loop's parts (``TIMED``), inclusive: where a
+        step's CPU goes, without cProfile's cost per Python call."""
+        import importlib
+
+        for where, name in TIMED:
+            owner = importlib.import_module(where.rsplit(".", 1)[0]) if "." in where else None
+            cls = getattr(owner, where.rsplit(".", 1)[1])
+            fn = getattr(cls, name)
+            label = f"{where.rsplit('.', 1)[1]}.{name}"
+
+            def timed(*args, _fn=fn, _label=label, **kwargs):
+                t0 = time.thread_time()
+                try:
+                    return _fn(*args, **kwargs)
+                finally:
+                    spent = time.thread_time() - t0
+                    with self._lock:
+                        self.steps[_label][0] += 1
+                        self.steps[_label][1] += spent
+            setattr(cls, name, timed)
 
     def _start(self, frame, event, arg) -> None:
         sys.setprofile(None)
@@ -97,6 +149,8 @@ class Profile:
         base = os.path.join(self.out, f"proc-{os.getpid()}")
         with open(base + ".threads.json", "w") as f:
             json.dump(dict(cpu.most_common()), f, indent=1)
+        with open(base + ".calls.json", "w") as f:
+            json.dump({"calls": dict(self.calls.most_common()), "steps": self.steps}, f, indent=1)
         # The calls that returned: a snapshot, not create_stats(), which would end the calls still in progress on
         # other threads (an agent waiting for its next event) with this thread's clock.
         stats = None
@@ -130,14 +184,42 @@ def report(out: str, top: int = 30) -> None:
             with open(os.path.join(out, name)) as f:
                 cpu.update(json.load(f))
     total = sum(cpu.values())
-    print(f"CPU by kind of thread, {total:.2f} s in all ({len(names) // 2} process(es)):")
+    procs = sum(n.endswith(".threads.json") for n in names)
+    print(f"CPU by kind of thread, {total:.2f} s in all ({procs} process(es)):")
     for kind, seconds in cpu.most_common():
         print(f"  {seconds:8.2f} s {100 * seconds / max(total, 1e-9):5.1f}%  {kind}")
+    calls: collections.Counter = collections.Counter()
+    steps: collections.defaultdict = collections.defaultdict(lambda: [0, 0.0])
+    for name in names:
+        if name.endswith(".calls.json"):
+            with open(os.path.join(out, name)) as f:
+                got = json.load(f)
+            calls.update(got["calls"])
+            for part, (count, seconds) in got["steps"].items():
+                steps[part][0] += count
+                steps[part][1] += seconds
+    print("the agent loop's parts (inclusive CPU of the calling thread):")
+    for part, (count, seconds) in sorted(steps.items(), key=lambda item: -item[1][1]):
+        print(f"  {seconds:8.2f} s {count:8d} calls {1e6 * seconds / max(count, 1):8.0f} us/call  {part}")
+    print(f"unary etcd calls by operation <- call site, {sum(calls.values())} in all:")
+    for what, count in calls.most_common():
+        print(f"  {count:8d}  {what}")
     profs = [os.path.join(out, n) for n in names if n.endswith(".prof")]
     if profs:
         stats = pstats.Stats(*profs)
         stats.sort_stats("tottime").print_stats(top)
         stats.sort_stats("cumulative").print_stats(top)
+
+
+# The agent loop's parts timed in a profile run: (module.class, method).
+TIMED = (("etcd_agent.agent.Agent", "_step"), ("etcd_agent.agent.Agent", "_handle"),
+         ("etcd_agent.agent.Agent", "_observe"), ("etcd_agent.agent.Agent", "_wait"),
+         ("etcd_agent.agent.Agent", "_txn"), ("etcd_agent.agent.Agent", "_start"),
+         ("etcd_agent.agent.Agent", "_stop"), ("etcd_agent.coord.coordinator.Coordinator", "maintain"),
+         ("etcd_agent.coord.coordinator.Coordinator", "view"), ("etcd_agent.coord.coordinator.Coordinator", "open"),
+         ("etcd_agent.coord.roles.Roles", "read_plan"), ("etcd_agent.coord.watches.Watches", "apply"),
+         ("etcd_agent.etcd.client.Etcd", "call"))
+_KEYED = ("get", "put", "delete", "count", "list")  # operations whose ``where`` names a key: counted by operation
 
 
 def _kind(t: threading.Thread) -> str:
