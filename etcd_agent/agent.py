@@ -131,7 +131,8 @@ class Agent:
         self.state = metrics.agent_state(new, self.where)  # the state and round gauges follow it
 
     def _set(self, **changes) -> None:
-        self.local = dataclasses.replace(self.local, **changes)
+        if any(getattr(self.local, name) != value for name, value in changes.items()):  # a copy only on a change
+            self.local = dataclasses.replace(self.local, **changes)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -213,17 +214,14 @@ class Agent:
 
     def _drain(self, block: bool, deadline: float | None = None) -> None:
         """Handle queued events; when ``block``, first wait for one (until ``deadline``)."""
-        if block:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            if block:
                 self._handle(self.events.get(timeout=timeout))
-            except queue.Empty:
-                return
-        while True:
-            try:
+            while True:
                 self._handle(self.events.get_nowait())
-            except queue.Empty:
-                return
+        except queue.Empty:
+            return
 
     def _handle(self, event: QueueEvent) -> None:
         self.on_event[type(event)](event)

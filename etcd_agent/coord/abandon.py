@@ -25,15 +25,15 @@ import time
 from .. import logs
 from . import txns
 from ..errors import EtcdUnavailable
-from ..etcd.client import Etcd, op_first_created, unchanged_under
+from ..etcd.client import Etcd, unchanged_under
 from ..schema.keys import Keys
+from .runs import first_entries
 from ..etcd.watch import Resync, wait_for
 
 log = logs.get("etcd_agent.coord.abandon")
 
 ABANDONED = "abandoned: "  # how the reason of a job ended for want of agents starts (status, the exporter)
 ABANDONED_GRACE = 15.0  # seconds an empty registry must stay empty before a job counts as abandoned
-FIRST_ENTRIES = 8  # registry entries read first: any live one settles it
 
 
 def live_nodes(kvs) -> list[str]:
@@ -61,10 +61,12 @@ def end_if_last(etcd: Etcd, keys: Keys, node: str, why: str, wall: float) -> boo
     return ended
 
 
-def end_if_abandoned(etcd: Etcd, keys: Keys, grace: float = ABANDONED_GRACE, say=log.info) -> bool:
+def end_if_abandoned(etcd: Etcd, keys: Keys, grace: float = ABANDONED_GRACE, say=log.info,
+                     first: list | None = None) -> bool:
     """Job ``keys`` has no result: end it ``stopped`` (abandoned) when no live agent registers in it within
-    ``grace`` seconds from now. True when this call ended it; False as soon as a live agent is registered."""
-    rev = _nobody_registered(etcd, keys)
+    ``grace`` seconds from now. True when this call ended it; False as soon as a live agent is registered.
+    ``first``: the registry's oldest ``FIRST_ENTRIES`` entries, read already (None: read them here)."""
+    rev = _nobody_registered(etcd, keys, first)
     if rev is None:
         return False
     say("no node of job %s is registered; waiting up to %.0f s for one before ending the job as abandoned",
@@ -79,12 +81,13 @@ def end_if_abandoned(etcd: Etcd, keys: Keys, grace: float = ABANDONED_GRACE, say
     return ended
 
 
-def _nobody_registered(etcd: Etcd, keys: Keys) -> int | None:
+def _nobody_registered(etcd: Etcd, keys: Keys, first: list | None = None) -> int | None:
     """The revision of a read of job ``keys``' registry that found no live agent, or None when one is there. The
     usual case, a live job, costs one small read however large its registry is (every agent of a job that ends
     asks this as it leaves)."""
-    first = etcd.txn([], [op_first_created(keys.nodes(), FIRST_ENTRIES)], where=f"read {keys.nodes()}")
-    if live_nodes(first.ranges[0]):
+    if first is None:
+        first = etcd.txn([], [first_entries(keys)], where=f"read {keys.nodes()}").ranges[0]
+    if live_nodes(first):
         return None
     kvs, rev = etcd.get_prefix(keys.nodes())
     return None if live_nodes(kvs) else rev

@@ -112,7 +112,8 @@ class Coordinator:
                            self.cfg.etcd.describe())
             grace = max(abandon.ABANDONED_GRACE, 3 * self.timings.lease_ttl)
             self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time(),
-                                      lambda keys: abandon.end_if_abandoned(self.etcd, keys, grace, self.log.info),
+                                      lambda keys, first: abandon.end_if_abandoned(self.etcd, keys, grace,
+                                                                                   self.log.info, first),
                                       self.cfg.join_timeout)
             self.mirror = Mirror(self.keys)
             self.strays = Strays(self.keys, self.mirror, self.log)

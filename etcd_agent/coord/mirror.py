@@ -84,7 +84,9 @@ class Mirror:
 
     A view is built after every delivery, so what it parses is remembered per KV object (a KV is replaced, never
     changed, when its key changes): building a view costs O(keys) string work, and JSON decoding only for the keys
-    that changed since the last view, not for every record of the job again.
+    that changed since the last view, not for every record of the job again. ``changes`` counts every change of the
+    KVs held; a view asked for again with no change since (an agent's step after an action that wrote nothing, a
+    delivery that was old news) is the last one, its revision brought up to date.
     """
 
     def __init__(self, keys: Keys):
@@ -100,6 +102,8 @@ class Mirror:
         # keys changed since (``_dirty``), so a leader's view of N joins costs the joins that arrived, not N lookups
         self._dir_cache: dict[str, tuple[type, dict, dict]] = {}
         self._dirty: dict[str, set[str]] = {}
+        self.changes = 0  # bumped by every change of ``kvs``: what a view is made of
+        self._view: tuple[int, Scope, View] | None = None  # (changes, scope, the view made then)
 
     def reset(self, kvs: Iterable, revision: int) -> None:
         """The whole mirror is a read of the whole prefix at ``revision``."""
@@ -113,6 +117,7 @@ class Mirror:
         self._memo.clear()
         self._dir_cache.clear()
         self._dirty.clear()
+        self.changes += 1
 
     def reset_range(self, start: str, end: bytes, kvs: Iterable, revision: int) -> None:
         """The keys in ``[start, end)`` are exactly ``kvs``, as read at ``revision`` (a key changed after the read,
@@ -146,6 +151,7 @@ class Mirror:
 
     def _drop(self, key: str) -> None:
         if self.kvs.pop(key, None) is not None:
+            self.changes += 1
             self._touch(key)
             d = self.dirs.get(_dir(key))
             if d is not None:
@@ -165,6 +171,7 @@ class Mirror:
         self.dirs.setdefault(_dir(kv.key), {})[kv.key] = kv
         self.deleted.pop(kv.key, None)
         self._touch(kv.key)
+        self.changes += 1
         return True
 
     def _delete(self, key: str, revision: int) -> bool:
@@ -281,7 +288,18 @@ class Mirror:
 
     def view(self, scope: Scope = FULL, revision: int | None = None) -> View:
         """The typed view; ``scope`` says what the mirror covers, ``revision`` through which revision the round's
-        joins are known (default: the newest revision seen)."""
+        joins are known (default: the newest revision seen). The last view again when no KV changed since."""
+        rev = self.revision if revision is None else revision
+        last = self._view
+        if last is not None and last[0] == self.changes and last[1] == scope:
+            if last[2].revision != rev:
+                last = self._view = (last[0], scope, dataclasses.replace(last[2], revision=rev))
+            return last[2]
+        view = self._make_view(scope, rev)
+        self._view = (self.changes, scope, view)
+        return view
+
+    def _make_view(self, scope: Scope, revision: int) -> View:
         k = self.keys
         rnd = self.round()
         number = rnd.number if rnd else 0
@@ -297,9 +315,8 @@ class Mirror:
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
         # a full view watches the last plan's round's failures too: who is blamed for it (``blame.py``)
         last_failures = self._member_failures(last) if scope.full and last is not None else None
-        return View(self.revision if revision is None else revision, self.record_at(k.spec(), SpecValue), rnd, nodes,
-                    joins,
-                    plan, last, exits, self._member_failures(plan), self.restarts(), self.record_at(k.result(), Result),
+        return View(revision, self.record_at(k.spec(), SpecValue), rnd, nodes, joins, plan, last, exits,
+                    self._member_failures(plan), self.restarts(), self.record_at(k.result(), Result),
                     scope, last_failures)
 
     def _member_failures(self, plan: Plan | None) -> dict[str, Failure]:

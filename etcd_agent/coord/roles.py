@@ -33,6 +33,9 @@ class Roles:
         self._round = 0
         self._plans_read: set[tuple[int, bool]] = set()  # (round, whole) of the plan reads made
         self._opened = (0, 0)  # (round, revision it opened at): every join key of that round was created after
+        self._leaders_told = 0  # bumped whenever ``leaders`` changes
+        self._settled: tuple | None = None  # what ``maintain`` last found with nothing left to do (``_inputs``)
+        self._missing = False  # this ``maintain`` read a plan that was not there
 
     def maintain(self, lease: int, unhealthy: bool, awaiting: bool) -> None:
         """Watch what this agent's role in the current round needs, before it decides (O(1) watch events per
@@ -49,7 +52,24 @@ class Roles:
         Reads here are one key or one range each; a member reads the header and its own part of the plan once per
         round (``read_plan``), the leader the whole plan. ``lease``: this agent's session;
         ``unhealthy``: it does not join (its health check failed); ``awaiting``: its failure restarted the job and
-        may be a lost node's (it watches as a leader does until that is known)."""
+        may be a lost node's (it watches as a leader does until that is known).
+
+        Run before every decision, so a call whose inputs (the mirror's KVs, the arguments, the leaders known,
+        whether the peer's key is known) are those a call that changed nothing ended with does nothing again."""
+        before = self._inputs(lease, unhealthy, awaiting)
+        if before == self._settled:
+            return
+        self._missing = False
+        self._maintain(lease, unhealthy, awaiting)
+        after = self._inputs(lease, unhealthy, awaiting)
+        # a call that changed something runs once more, and one that found a plan missing reads it again
+        self._settled = after if after == before and not self._missing else None
+
+    def _inputs(self, lease: int, unhealthy: bool, awaiting: bool) -> tuple:
+        return (self.mirror.changes, lease, unhealthy, awaiting, self._leaders_told, "peer" in self.watches.known,
+                self.watches.watched("peer"))
+
+    def _maintain(self, lease: int, unhealthy: bool, awaiting: bool) -> None:
         m, k = self.mirror, self.keys
         r = m.round()
         if r is not None and r.number != self._round:
@@ -140,6 +160,8 @@ class Roles:
         plan = self._read_plan(rnd, parts, whole, plan)
         if plan is not None:  # (a plan not there yet is read again next time)
             self._plans_read = {(n, w) for n, w in self._plans_read if n >= rnd - 2} | {(rnd, whole)}
+        else:
+            self._missing = True
         return plan
 
     def _read_plan(self, rnd: int, parts: int | None, whole: bool, plan: Plan | None) -> Plan | None:
@@ -176,10 +198,12 @@ class Roles:
         if first is not None:
             self.mirror.absorb([first], revision)
             self.leaders[rnd] = first.key.rsplit("/", 1)[1]
+            self._leaders_told += 1
             if self.leaders[rnd] != self.node:  # watch it from this read on: its vanishing is never missed
                 self.watches.ensure("peer", first.key, b"", ([first], revision))
         else:
             self.leaders.pop(rnd, None)
+            self._leaders_told += 1
 
     def _kind(self, key: str) -> str | None:
         try:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from ..config import DEFAULT_ROOT, JobSpec
 from ..errors import ConfigError, EtcdAuthError, JobEnded, SpecMismatch
-from ..etcd.client import Etcd, op_get
+from ..etcd.client import Etcd, op_first_created, op_get
 from ..schema.keys import Keys, RunKeys
 from ..schema.values import Result, SpecValue
 
 NAMED_NODES = 8  # registered nodes of an ended job a log line names (the count is always given)
+FIRST_ENTRIES = 8  # registry entries read first when asking whether a job is abandoned: any live one settles it
 
 
 def names(nodes: list[str]) -> str:
@@ -47,21 +48,28 @@ def newcomer_end(keys: Keys, done: Result, registry: list, where: str = "HOST:PO
     return JobEnded(done.ended(keys.run_id, already=True) + fix, done.outcome.value, nodes)
 
 
-def refuse_nested(etcd: Etcd, run: RunKeys) -> None:
+def first_entries(keys: Keys):
+    """The read of job ``keys``' oldest ``FIRST_ENTRIES`` registry entries: a live one says it is not abandoned."""
+    return op_first_created(keys.nodes(), FIRST_ENTRIES)
+
+
+def refuse_nested(etcd: Etcd, run: RunKeys) -> list | None:
     """A run whose prefix lies inside another run's (``--etcd-prefix`` pointing into a job) would leave keys that
-    job's agents trip over: refuse it before anything is written, naming the run it is inside."""
+    job's agents trip over: refuse it before anything is written, naming the run it is inside. The same txn reads
+    the run's own job pointer (``R/job``), which the caller reads next: it is returned as read ([] absent, [kv]),
+    or None where the txn could not be made."""
     prefix = run.prefix
     ancestors = [prefix[: i + 1] for i, ch in enumerate(prefix[:-1]) if ch == "/" and i > 0]
-    if not ancestors:
-        return
     try:
-        res = etcd.txn([], [op_get(a + "job") for a in ancestors], where=f"check that {prefix} is not inside a run")
+        res = etcd.txn([], [op_get(a + "job") for a in ancestors] + [op_get(run.job())],
+                       where=f"check that {prefix} is not inside a run")
     except EtcdAuthError:
-        return  # a user limited to its own run's keys may not read above them (and cannot write there either)
+        return None  # a user limited to its own run's keys may not read above them (and cannot write there either)
     for a, found in zip(ancestors, res.ranges):
         if found:
             raise ConfigError(f"--etcd-prefix {run.root}: run {run.run_id} would live inside the run at {a} "
                               f"({a}job names its current job); choose a prefix outside every run's keys")
+    return res.ranges[-1]
 
 
 _SPEC_FLAGS = {"min_nodes": "--nnodes (minimum)", "max_nodes": "--nnodes (maximum)",

@@ -31,7 +31,7 @@ from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_und
 from ..schema.keys import Keys, RunKeys, decode, prefix_end
 from .blame import ReportLoss
 from .cas import AGAIN, Again, swap
-from .runs import check_spec, names, newcomer_end, refuse_nested
+from .runs import check_spec, first_entries, names, newcomer_end, refuse_nested
 from .decide import Bump, ClosePlan, End, JoinRound, WriteExit
 from ..schema.values import (Exit, Failure, Join, JobPointer, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result,
                              RoundInfo, SpecValue)
@@ -45,25 +45,25 @@ def round_value(number: int, phase: Phase, reason: str, wall: float, **extra) ->
 
 
 def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float,
-             abandoned: Callable[[Keys], bool] | None = None, join_timeout: float | None = None) -> Keys:
+             abandoned: Callable[[Keys, list], bool] | None = None, join_timeout: float | None = None) -> Keys:
     """Find this agent's job of the run and return its keys: the running job (its spec checked), or a new job
     when the run has none yet (generation 1) or its current job has ended and none of its nodes is registered any
     more (generation K+1, as torchrun runs a finished run id again). While a node of the ended job is still
-    registered, the job stays closed: JobEnded carries its end to this agent (``newcomer_end``). Concurrent
-    starters agree: every move is one txn guarded by ``R/job`` (and by the ended job's registry), retried by
-    ``cas.swap``. A run nested in another run's prefix is refused first (``refuse_nested``). ``abandoned(keys)``,
-    asked about a running job before it is joined, ends it when none of its agents is left
-    (``abandon.end_if_abandoned``) and says so: the run then moves on to its next job. A new job's spec records
-    ``join_timeout`` (this agent's --join-timeout: ``status`` tells from it when a forming round times out)."""
-    refuse_nested(etcd, run)
-    return swap(lambda: _find_job(etcd, run, spec, wall, abandoned, join_timeout), run.job(),
-                "find the run's current job")
+    registered, the job stays closed: JobEnded carries its end to this agent (``newcomer_end``). Concurrent starters
+    agree: every move is one txn guarded by ``R/job`` (and by the ended job's registry), retried by ``cas.swap``. A
+    run nested in another run's prefix is refused first (``refuse_nested``, whose txn reads R/job too).
+    ``abandoned(keys, first)`` (``first``: the registry's oldest entries, read with the spec), asked about a running
+    job before it is joined, ends it when none of its agents is left (``abandon.end_if_abandoned``) and says so. A
+    new job's spec records ``join_timeout`` (``status`` tells from it when a forming round times out)."""
+    read = [refuse_nested(etcd, run)]  # the first try's job pointer (None: not read); a later try reads it again
+    return swap(lambda: _find_job(etcd, run, spec, wall, abandoned, join_timeout, read.pop() if read else None),
+                run.job(), "find the run's current job")
 
 
-def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned, join_timeout: float | None
-              ) -> Keys | Again:
-    """One try of ``init_job``: the job's keys, or AGAIN when another agent moved the run on first."""
-    kv, _rev = etcd.get(run.job())
+def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned, join_timeout: float | None,
+              pointer: list | None = None) -> Keys | Again:
+    """One try of ``init_job``: the job's keys, or AGAIN when another moved the run first (``pointer``: R/job read)."""
+    kv = etcd.get(run.job())[0] if pointer is None else (pointer[0] if pointer else None)
     if kv is None:
         if not _new_generation(etcd, run, 1, 0, spec, wall, join_timeout=join_timeout):
             return AGAIN
@@ -71,11 +71,11 @@ def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned, j
                   json.dumps(SpecValue.of(spec, join_timeout).to_json(), sort_keys=True))
         return run.generation(1)
     keys = run.generation(pointer_generation(kv))
-    res = etcd.txn([], [op_get(keys.spec()), op_get(keys.result())], where=f"read {keys.spec()}")
+    res = etcd.txn([], [op_get(keys.spec()), op_get(keys.result()), first_entries(keys)], where=f"read {keys.spec()}")
     if not res.ranges[0]:
         raise BadKeyData(keys.spec(), f"missing, but {run.job()} names job {keys.gen} as the run's current one")
     if not res.ranges[1]:
-        if abandoned is not None and abandoned(keys):
+        if abandoned is not None and abandoned(keys, res.ranges[2]):
             return AGAIN  # nobody was left in it and it is ended now: the run's next job starts
         check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value), etcd.endpoints_text)
         return keys
