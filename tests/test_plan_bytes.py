@@ -2,9 +2,9 @@
 /metrics): O(N), not O(N^2); and a job whose plan has several parts, from its first round to its end.
 
 Every member reads only the plan's header and its own part (``schema/plan.py``); only the leader reads the whole
-plan. With the default part size (64 members) a job needs more than 64 nodes before a part is smaller than the
+plan. With the default part size (16 members) a job needs more than 16 nodes before a part is smaller than the
 plan, so the test shrinks the part size to 4 members: at N=16 and N=64 the plan then has 4 and 16 parts, as jobs
-of 256 and 1024 nodes have by default. Long node names make a plan entry large next to what else a round sends
+of 64 and 256 nodes have by default. Long node names make a plan entry large next to what else a round sends
 (round keys, joins, keepalives), so a quadratic term stands out. The bound is 1.5 x 64/16 = 6; the plan as one key
 (every member reading every member) fails it. Bytes and counts only, no times.
 """
