@@ -66,20 +66,19 @@ def test_stop_is_seen_while_a_newcomer_checks_its_health(etcd_endpoint, run_id, 
 
 
 def test_a_stop_during_a_gpu_memory_drain_is_handled_at_once(etcd_endpoint, run_id):
-    """After a crash the stopped worker's pid still holds GPU memory and --gpu-drain-timeout is 60 s: while the
-    agent waits for the memory, ``stop`` ends the job within seconds, not after the drain."""
+    """After a crash the stopped worker's pid still holds GPU memory and --gpu-drain-timeout is 600 s (past the
+    test's timeout): while the agent waits for the memory, ``stop`` ends the job, not the drain's end."""
     from test_agent_fsm import StandInGroup, next_group, start
     from test_health import stopped_workers_keep_gpu_memory
 
     with stopped_workers_keep_gpu_memory() as holding:
         agent, thread, outcome = start(etcd_endpoint, run_id, "n0", group=holding, max_restarts=1,
-                                       health=health.HealthConfig(gpus=2), gpu_drain_timeout=60.0)
+                                       health=health.HealthConfig(gpus=2), gpu_drain_timeout=600.0)
         next_group().end(3, local_rank=0)
         poll_until(lambda: agent.checks.draining, 30, "the agent draining the old workers' GPU memory")
-        asked = time.monotonic()
         assert txns.stop_job(agent.coord.etcd, agent.keys, "stopped by the test", time.time())
-        thread.join(20)
-        assert not thread.is_alive() and time.monotonic() - asked < 20
+        thread.join(60)
+        assert not thread.is_alive() and agent.checks.draining, "the drain, not the stop, would have ended it"
         assert isinstance(outcome.get("error"), JobStopped), outcome
         assert StandInGroup.started.empty()  # round 2's workers never started
 

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -114,11 +113,9 @@ def test_torch_keys_of_other_backends_are_accepted(etcd_endpoint, run_id):
 
 def test_an_unreachable_etcd_fails_the_rendezvous_with_a_connection_error():
     h = create_handler(params("127.0.0.1:1", "job", etcd_timeout="1"))
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(RendezvousConnectionError, match="127.0.0.1:1"):
+    try:  # the budget it gave up after is its etcd_timeout, not the default's 10 s
+        with pytest.raises(RendezvousConnectionError, match=r"cannot reach etcd at 127\.0\.0\.1:1 within 1\.0 s"):
             h.next_rendezvous()
-        assert time.monotonic() - t0 < 15
     finally:
         h.shutdown()
 
@@ -198,7 +195,6 @@ def test_deleted_store_keys_end_the_exit_barrier_and_the_job_succeeds(handlers, 
     infos = rendezvous(*hs)
     first = background(lambda: store_util.barrier(infos[0].store, 2, "torchelastic/agent/terminal_state", 300))
     poll_until(lambda: infos[0].store._waiters, 30, "n0 to wait in its exit barrier")
-    t0 = time.monotonic()
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:
         prefix = keys_of(run_id).store(1)
@@ -207,10 +203,9 @@ def test_deleted_store_keys_end_the_exit_barrier_and_the_job_succeeds(handlers, 
         etcd.close()
     deleted = "the store's key torchelastic/agent/terminal_state/num_members was deleted at revision"
     with pytest.raises(DistStoreError, match=deleted):
-        first.result(timeout=60)
+        first.result(timeout=90)  # the barrier's 300 s are past the test's timeout: it ended by the delete
     with pytest.raises(DistStoreError, match=deleted):
         store_util.barrier(infos[1].store, 2, "torchelastic/agent/terminal_state", 300)
-    assert time.monotonic() - t0 < 30
     for h in hs:
         assert h.shutdown()
     state = job_keys(etcd_endpoint, run_id)
@@ -293,10 +288,8 @@ def test_lost_session_kills_workers_torch_does_not_stop(handlers, etcd_endpoint,
             etcd.lease_revoke(a.agent.session.lease_id)  # the session ends under the agent
         finally:
             etcd.close()
-        t0 = time.monotonic()
-        worker.wait(timeout=15)
+        worker.wait(timeout=90)  # it would sleep 120 s: it ended because the handler killed it
         assert worker.returncode == -9
-        assert time.monotonic() - t0 < 10
         assert a.num_nodes_waiting() > 0
         poll_until(lambda: b.num_nodes_waiting() > 0, 15, "n1 to see n0 leave its round")
     finally:

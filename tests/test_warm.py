@@ -303,16 +303,14 @@ def test_a_preload_that_cannot_be_imported_is_a_clear_error_at_start(tmp_path):
     (mods / "broken_mod.py").write_text("raise RuntimeError('this module is broken')\n")
     for preload, what in (("no_such_module_xyz", "ModuleNotFoundError: No module named 'no_such_module_xyz'"),
                           ("json,broken_mod", "RuntimeError: this module is broken")):
-        t0 = time.monotonic()
         res = subprocess.run([sys.executable, "-m", "etcd_agent", "--standalone", "--warm-restart",
                               "--preload", preload, str(JOB), str(tmp_path)],
-                             capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(mods)})
+                             capture_output=True, text=True, timeout=50, env={**os.environ, "PYTHONPATH": str(mods)})
         assert res.returncode == 2, res.stderr[-2000:]
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith(f"etcd-agent: error: --preload {preload}: the workers' Python"), last
         assert what in last and "Traceback" not in res.stderr, res.stderr[-2000:]
         assert "joined round" not in res.stderr  # nothing was joined or started
-        assert time.monotonic() - t0 < 30
 
 
 @pytest.mark.chaos
