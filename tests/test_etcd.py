@@ -218,19 +218,18 @@ def test_a_session_keeps_its_lease_alive_over_one_stream_and_reopens_it_after_a_
 
 
 def test_a_bare_host_port_against_a_tls_etcd_says_so_at_once(pki, tmp_path):
-    """A plaintext client meets a TLS etcd as "Socket closed"; instead of retrying that for --etcd-timeout, the
-    first attempt says in one line that the server speaks TLS and what to give."""
+    """A plaintext client meets a TLS etcd as "Socket closed"; instead of retrying that for --etcd-timeout (600 s
+    here, longer than the test may run), the first attempt says in one line that the server speaks TLS and what to
+    give."""
     from tls import HAVE_OPENSSL, TlsEtcd
 
     if not HAVE_OPENSSL:
         pytest.skip("openssl is needed to make the certificates")
     server = member_class(TlsEtcd)(pki, name="tls-bare").start()
     try:
-        t0 = time.monotonic()
         got = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", server.endpoint, "--run-id",
-                              "tls-bare", "--etcd-timeout", "30", "--log-dir", str(tmp_path), "/bin/true"],
+                              "tls-bare", "--etcd-timeout", "600", "--log-dir", str(tmp_path), "/bin/true"],
                              capture_output=True, text=True, timeout=90)
-        took = time.monotonic() - t0
     finally:
         server.stop()
     assert got.returncode == 2, got.stderr
@@ -238,7 +237,6 @@ def test_a_bare_host_port_against_a_tls_etcd_says_so_at_once(pki, tmp_path):
     assert len(errors) == 1, got.stderr
     assert f"--etcd-endpoints {server.endpoint}: etcd at {server.endpoint} speaks TLS" in errors[0]
     assert f"give https://{server.endpoint}" in errors[0] and "--etcd-cacert" in errors[0]
-    assert took < 20, f"took {took:.1f} s: --etcd-timeout 30 must not be waited out"
 
 
 def test_a_retried_call_says_so_at_debug_and_once_at_info_when_slow(caplog):
