@@ -40,7 +40,7 @@ LAUNCHER = ROOT / "deploy" / "ssh-launch.sh"
 SSHD = "/usr/sbin/sshd"  # sshd re-executes itself: it must be started by its absolute path
 WORLD = NPROC * len(NODES)
 ODD_ARG = """a b  'single' "double" $HOME \\back"""  # reaches the worker as one argument, unchanged
-STOP_S = 15.0  # Ctrl-C to no process left: ssh's end, SIGHUP, the workers' stop
+STOP_S = 60.0  # a hang guard on Ctrl-C to no process left: ssh's end, SIGHUP, the workers' stop
 
 
 class Sshds:
