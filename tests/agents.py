@@ -183,7 +183,8 @@ def wait_key_deleted(endpoint: str, key: str, timeout: float = 30.0) -> None:
 
 
 class RoundWatcher:
-    """Follows ``P/round`` through a watch and keeps every value with the wall time it arrived."""
+    """Follows ``P/round`` through a watch and keeps every value with the wall time it arrived and its etcd revision
+    (``revision_of``: where it stands in etcd's history, an order no clock can blur)."""
 
     def __init__(self, endpoint: str, run_id: str, gen: int = 1):
         import threading
@@ -191,12 +192,12 @@ class RoundWatcher:
         from etcd_agent.etcd.watch import Watch
 
         self.key = keys_of(run_id, gen).round()
-        self.values: list[tuple[float, dict]] = []
+        self.values: list[tuple[float, dict, int]] = []
         self._cond = threading.Condition()
         self._etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
         kv, rev = self._etcd.get(self.key)
         if kv is not None:
-            self.values.append((time.time(), json.loads(kv.value)))
+            self.values.append((time.time(), json.loads(kv.value), kv.mod_revision))
         self._watch = Watch(self._etcd, self.key, rev + 1, self._deliver, probe_interval=0.5).start()
 
     def _deliver(self, batch) -> None:
@@ -204,7 +205,7 @@ class RoundWatcher:
             for ev in getattr(batch, "kvs", None) or batch:
                 kv = getattr(ev, "kv", ev)
                 if kv.key == self.key and kv.value:
-                    self.values.append((time.time(), json.loads(kv.value)))
+                    self.values.append((time.time(), json.loads(kv.value), kv.mod_revision))
             self._cond.notify_all()
 
     def wait_for(self, predicate, timeout: float = 30.0) -> dict:
@@ -212,14 +213,19 @@ class RoundWatcher:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for _, value in self.values:
+                for _, value, _ in self.values:
                     if predicate(value):
                         return value
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no round value matched within {timeout} s; saw "
-                                         f"{[v for _, v in self.values]}")
+                                         f"{[v for _, v, _ in self.values]}")
                 self._cond.wait(left)
+
+    def revision_of(self, value: dict) -> int:
+        """The etcd revision that wrote ``value`` (one ``wait_for`` returned)."""
+        with self._cond:
+            return next(rev for _, v, rev in self.values if v is value)
 
     def close(self) -> None:
         self._watch.cancel()
