@@ -31,7 +31,7 @@ def checking(agent) -> bool:
 
 def registered(endpoint: str, run_id: str, node: str) -> bool:
     out = subprocess.run(["etcdctl", "--endpoints", endpoint, "get", "--keys-only",
-                          keys_of(run_id).node(node)], capture_output=True, text=True, timeout=10).stdout
+                          keys_of(run_id).node(node)], capture_output=True, text=True, timeout=120).stdout
     return bool(out.strip())
 
 
@@ -58,7 +58,7 @@ def test_stop_is_seen_while_a_newcomer_checks_its_health(etcd_endpoint, run_id, 
                              extra=SLOW_CHECK)
     poll_until(lambda: checking(second[0]), 30, "node-1 checking its health")
     stopped = subprocess.run([sys.executable, "-m", "etcd_agent", "stop", "--etcd-endpoints", etcd_endpoint,
-                              "--run-id", run_id], capture_output=True, text=True, timeout=30)
+                              "--run-id", run_id], capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0, stopped.stderr
     codes = wait_all(first + second, timeout=20)
     assert codes[0] == codes[1] != 0, [a.stderr()[-2000:] for a in first + second]

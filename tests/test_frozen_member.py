@@ -101,7 +101,7 @@ def freeze_before_a_keepalive(cluster: EtcdCluster, etcd: Etcd, victim: int, wha
 
 
 def etcd_version() -> tuple[int, ...]:
-    out = subprocess.run([find_etcd_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run([find_etcd_binary(), "--version"], capture_output=True, text=True, timeout=120).stdout
     return tuple(int(x) for x in out.split()[2].split(".")[:3])  # "etcd Version: 3.4.23"
 
 

@@ -45,7 +45,7 @@ CHECK_PERIOD_S = 30.0  # slurmctld checks time limits (and sends --signal warnin
 
 def scontrol(bed: Bed, *args: str) -> None:
     done = subprocess.run(["scontrol", *args], env=bed.env(), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=30)
+                          stdin=subprocess.DEVNULL, timeout=120)
     assert done.returncode == 0, f"scontrol {' '.join(args)}: {done.stderr.strip()}"
 
 
