@@ -294,7 +294,7 @@ def test_waits_share_one_watch_stream(store, etcd_endpoint, prefix):
     threads = [threading.Thread(target=lambda i=i: done.append(store.get(f"k{i}"))) for i in range(8)]
     for t in threads:
         t.start()
-    poll_until(lambda: len(store._waiters) == 8, 10, "the 8 waiters to watch their keys")
+    poll_until(lambda: len(store._waiters) == 8, 60, "the 8 waiters to watch their keys")
     assert len([t for t in threading.enumerate() if t.name.startswith("store-watch")]) == 1
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:

@@ -70,7 +70,7 @@ class Exporter:
 
     def stop(self) -> None:
         self.cmd.proc.terminate()
-        assert self.cmd.wait(15) == 0, self.cmd.stderr()
+        assert self.cmd.wait(60) == 0, self.cmd.stderr()
 
 
 def job_lines(text: str, run_id: str) -> str:

@@ -142,7 +142,7 @@ def test_rounds_restart_and_close(handlers, etcd_endpoint, run_id):
 
     # torch's agent on n1 restarted its workers after a failure: it calls next_rendezvous again
     again = background(b.next_rendezvous)
-    poll_until(lambda: a.num_nodes_waiting() > 0, 10, "n0 to see that a new round began")
+    poll_until(lambda: a.num_nodes_waiting() > 0, 60, "n0 to see that a new round began")
     second = [a.next_rendezvous(), again.result(timeout=30)]
     assert {h.cfg.node_id: i.rank for h, i in zip((a, b), second)} == ranks  # stable ranks
     assert all(i.store.prefix == keys.store(2) for i in second)
@@ -154,7 +154,7 @@ def test_rounds_restart_and_close(handlers, etcd_endpoint, run_id):
     # the leader of round 2 deleted round 1's store
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:
-        poll_until(lambda: not etcd.get_prefix(keys.store(1))[0], 10, "round 1's store to be deleted")
+        poll_until(lambda: not etcd.get_prefix(keys.store(1))[0], 60, "round 1's store to be deleted")
     finally:
         etcd.close()
 
@@ -163,7 +163,7 @@ def test_rounds_restart_and_close(handlers, etcd_endpoint, run_id):
     state = job_keys(etcd_endpoint, run_id)
     assert state[keys.result()]["outcome"] == "stopped"
     assert keys.node("n0") not in state  # its lease was revoked
-    poll_until(lambda: b.is_closed() and b.num_nodes_waiting() > 0, 10, "n1 to see the rendezvous closed")
+    poll_until(lambda: b.is_closed() and b.num_nodes_waiting() > 0, 60, "n1 to see the rendezvous closed")
     with pytest.raises(RendezvousClosedError, match="closed the rendezvous"):
         b.next_rendezvous()
 
@@ -217,7 +217,7 @@ def test_set_closed(handlers, etcd_endpoint, run_id):
     rendezvous(a, b)
     a.set_closed()
     assert a.is_closed()
-    poll_until(b.is_closed, 10, "n1 to see the rendezvous closed")
+    poll_until(b.is_closed, 60, "n1 to see the rendezvous closed")
     result = job_keys(etcd_endpoint, run_id)[keys_of(run_id).result()]
     assert result["outcome"] == "stopped" and "set_closed" in result["reason"]
 
@@ -230,7 +230,7 @@ def test_a_closed_rendezvous_stays_closed_for_later_handlers(handlers, etcd_endp
     rendezvous(a, b)
     a.set_closed()
     keys = keys_of(run_id)
-    poll_until(lambda: not a._thread.is_alive() and not b._thread.is_alive(), 15, "both agents to end")
+    poll_until(lambda: not a._thread.is_alive() and not b._thread.is_alive(), 60, "both agents to end")
     late = make(handlers, etcd_endpoint, run_id, "n2")
     assert late.is_closed()
     with pytest.raises(RendezvousClosedError, match=r"job \S+ stopped: .*closed by n0 \(set_closed\)"):
@@ -266,7 +266,7 @@ def test_a_late_node_scales_the_job_up(handlers, etcd_endpoint, run_id):
     first = rendezvous(a, b)
     assert {i.world_size for i in first} == {2}
     late = background(c.next_rendezvous)
-    poll_until(lambda: a.num_nodes_waiting() > 0 and b.num_nodes_waiting() > 0, 15,
+    poll_until(lambda: a.num_nodes_waiting() > 0 and b.num_nodes_waiting() > 0, 60,
                "the members to see the scale-up round")
     second = rendezvous(a, b) + [late.result(timeout=30)]
     assert [i.world_size for i in second] == [3, 3, 3]
@@ -291,7 +291,7 @@ def test_lost_session_kills_workers_torch_does_not_stop(handlers, etcd_endpoint,
         worker.wait(timeout=90)  # it would sleep 120 s: it ended because the handler killed it
         assert worker.returncode == -9
         assert a.num_nodes_waiting() > 0
-        poll_until(lambda: b.num_nodes_waiting() > 0, 15, "n1 to see n0 leave its round")
+        poll_until(lambda: b.num_nodes_waiting() > 0, 60, "n1 to see n0 leave its round")
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -305,7 +305,7 @@ def test_status_reads_a_torchrun_job(handlers, etcd_endpoint, run_id):
     infos[0].store.set("torchelastic/role_info/0", b"\x80\x04binary")
     late = make(handlers, etcd_endpoint, run_id, "n2")  # the round is full (--nnodes 2): n2 waits for the next
     background(late.next_rendezvous)
-    poll_until(lambda: keys_of(run_id).node("n2") in job_keys(etcd_endpoint, run_id), 10, "n2 to register")
+    poll_until(lambda: keys_of(run_id).node("n2") in job_keys(etcd_endpoint, run_id), 60, "n2 to register")
     out = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
                           "--run-id", run_id], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
