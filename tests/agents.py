@@ -171,13 +171,13 @@ def watch_until(endpoint: str, prefix: str, pick: Callable[[dict[str, bytes]], T
         etcd.close()
 
 
-def wait_for_key(endpoint: str, key: str, timeout: float = 30.0) -> dict:
+def wait_for_key(endpoint: str, key: str, timeout: float = 60.0) -> dict:
     """The key's JSON value, once it is written (read, then a watch); fails after ``timeout``."""
     value = watch_until(endpoint, key, lambda keys: keys.get(key), timeout, f"{key} was not written")
     return json.loads(value)
 
 
-def wait_key_deleted(endpoint: str, key: str, timeout: float = 30.0) -> None:
+def wait_key_deleted(endpoint: str, key: str, timeout: float = 60.0) -> None:
     """Return once ``key`` is absent (read, then a watch for its delete); fails after ``timeout``."""
     watch_until(endpoint, key, lambda keys: key not in keys, timeout, f"{key} was not deleted")
 
@@ -208,7 +208,7 @@ class RoundWatcher:
                     self.values.append((time.time(), json.loads(kv.value), kv.mod_revision))
             self._cond.notify_all()
 
-    def wait_for(self, predicate, timeout: float = 30.0) -> dict:
+    def wait_for(self, predicate, timeout: float = 60.0) -> dict:
         """The first round value (in arrival order) that satisfies ``predicate``."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -252,7 +252,7 @@ def _still_fine(agents: list[CommandLine]) -> None:
 
 
 def until_recorded(out: Path, pick: Callable[[dict[tuple[int, int], dict]], T], what: str,
-                   agents: list[CommandLine] = (), timeout: float = 30.0) -> T:
+                   agents: list[CommandLine] = (), timeout: float = 60.0) -> T:
     """``pick(records(out))`` once it is truthy, checked at every record written to ``out`` (inotify) and at every
     exit of ``agents``; fails at once if one of them exits non-zero, and naming ``what`` after ``timeout``."""
     def check():
@@ -261,13 +261,13 @@ def until_recorded(out: Path, pick: Callable[[dict[tuple[int, int], dict]], T], 
     return record_files.wait_until(check, timeout, what, out, pids=[a.proc.pid for a in agents])
 
 
-def wait_records(out: Path, wanted: set[tuple[int, int]], agents: list[AgentProc], timeout: float = 30.0) -> dict:
+def wait_records(out: Path, wanted: set[tuple[int, int]], agents: list[AgentProc], timeout: float = 60.0) -> dict:
     """Wait until job.py recorded every (round, rank) in ``wanted``; fail early if an agent dies."""
     return until_recorded(out, lambda found: found if wanted <= found.keys() else None,
                           f"records {sorted(wanted)} did not all appear", agents, timeout)
 
 
-def wait_logged(agent: CommandLine, text: str, timeout: float = 30.0, check: Callable[[str], bool] | None = None
+def wait_logged(agent: CommandLine, text: str, timeout: float = 60.0, check: Callable[[str], bool] | None = None
                 ) -> str:
     """The agent's stderr once ``text`` is in it (or ``check(stderr)`` holds), woken by each write to its log file
     (inotify on its directory); fails at once if the agent ended without it, and naming the text after

@@ -33,7 +33,7 @@ def ranks(rnd: int, world: int) -> set[tuple[int, int]]:
     return {(rnd, r) for r in range(world)}
 
 
-def running(rounds: RoundWatcher, nodes: int, after: int = 0, timeout: float = 30.0) -> int:
+def running(rounds: RoundWatcher, nodes: int, after: int = 0, timeout: float = 60.0) -> int:
     """The number of the first round after ``after`` that runs with ``nodes`` nodes."""
     return rounds.wait_for(lambda v: v["phase"] == "running" and v.get("nodes") == nodes and v["round"] > after,
                            timeout)["round"]
