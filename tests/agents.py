@@ -171,19 +171,20 @@ def watch_until(endpoint: str, prefix: str, pick: Callable[[dict[str, bytes]], T
         etcd.close()
 
 
-def wait_for_key(endpoint: str, key: str, timeout: float = 30.0) -> dict:
+def wait_for_key(endpoint: str, key: str, timeout: float = 60.0) -> dict:
     """The key's JSON value, once it is written (read, then a watch); fails after ``timeout``."""
     value = watch_until(endpoint, key, lambda keys: keys.get(key), timeout, f"{key} was not written")
     return json.loads(value)
 
 
-def wait_key_deleted(endpoint: str, key: str, timeout: float = 30.0) -> None:
+def wait_key_deleted(endpoint: str, key: str, timeout: float = 60.0) -> None:
     """Return once ``key`` is absent (read, then a watch for its delete); fails after ``timeout``."""
     watch_until(endpoint, key, lambda keys: key not in keys, timeout, f"{key} was not deleted")
 
 
 class RoundWatcher:
-    """Follows ``P/round`` through a watch and keeps every value with the wall time it arrived."""
+    """Follows ``P/round`` through a watch and keeps every value with the wall time it arrived and its etcd revision
+    (``revision_of``: where it stands in etcd's history, an order no clock can blur)."""
 
     def __init__(self, endpoint: str, run_id: str, gen: int = 1):
         import threading
@@ -191,12 +192,12 @@ class RoundWatcher:
         from etcd_agent.etcd.watch import Watch
 
         self.key = keys_of(run_id, gen).round()
-        self.values: list[tuple[float, dict]] = []
+        self.values: list[tuple[float, dict, int]] = []
         self._cond = threading.Condition()
         self._etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
         kv, rev = self._etcd.get(self.key)
         if kv is not None:
-            self.values.append((time.time(), json.loads(kv.value)))
+            self.values.append((time.time(), json.loads(kv.value), kv.mod_revision))
         self._watch = Watch(self._etcd, self.key, rev + 1, self._deliver, probe_interval=0.5).start()
 
     def _deliver(self, batch) -> None:
@@ -204,22 +205,27 @@ class RoundWatcher:
             for ev in getattr(batch, "kvs", None) or batch:
                 kv = getattr(ev, "kv", ev)
                 if kv.key == self.key and kv.value:
-                    self.values.append((time.time(), json.loads(kv.value)))
+                    self.values.append((time.time(), json.loads(kv.value), kv.mod_revision))
             self._cond.notify_all()
 
-    def wait_for(self, predicate, timeout: float = 30.0) -> dict:
+    def wait_for(self, predicate, timeout: float = 60.0) -> dict:
         """The first round value (in arrival order) that satisfies ``predicate``."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for _, value in self.values:
+                for _, value, _ in self.values:
                     if predicate(value):
                         return value
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no round value matched within {timeout} s; saw "
-                                         f"{[v for _, v in self.values]}")
+                                         f"{[v for _, v, _ in self.values]}")
                 self._cond.wait(left)
+
+    def revision_of(self, value: dict) -> int:
+        """The etcd revision that wrote ``value`` (one ``wait_for`` returned)."""
+        with self._cond:
+            return next(rev for _, v, rev in self.values if v is value)
 
     def close(self) -> None:
         self._watch.cancel()
@@ -246,7 +252,7 @@ def _still_fine(agents: list[CommandLine]) -> None:
 
 
 def until_recorded(out: Path, pick: Callable[[dict[tuple[int, int], dict]], T], what: str,
-                   agents: list[CommandLine] = (), timeout: float = 30.0) -> T:
+                   agents: list[CommandLine] = (), timeout: float = 60.0) -> T:
     """``pick(records(out))`` once it is truthy, checked at every record written to ``out`` (inotify) and at every
     exit of ``agents``; fails at once if one of them exits non-zero, and naming ``what`` after ``timeout``."""
     def check():
@@ -255,13 +261,13 @@ def until_recorded(out: Path, pick: Callable[[dict[tuple[int, int], dict]], T], 
     return record_files.wait_until(check, timeout, what, out, pids=[a.proc.pid for a in agents])
 
 
-def wait_records(out: Path, wanted: set[tuple[int, int]], agents: list[AgentProc], timeout: float = 30.0) -> dict:
+def wait_records(out: Path, wanted: set[tuple[int, int]], agents: list[AgentProc], timeout: float = 60.0) -> dict:
     """Wait until job.py recorded every (round, rank) in ``wanted``; fail early if an agent dies."""
     return until_recorded(out, lambda found: found if wanted <= found.keys() else None,
                           f"records {sorted(wanted)} did not all appear", agents, timeout)
 
 
-def wait_logged(agent: CommandLine, text: str, timeout: float = 30.0, check: Callable[[str], bool] | None = None
+def wait_logged(agent: CommandLine, text: str, timeout: float = 60.0, check: Callable[[str], bool] | None = None
                 ) -> str:
     """The agent's stderr once ``text`` is in it (or ``check(stderr)`` holds), woken by each write to its log file
     (inotify on its directory); fails at once if the agent ended without it, and naming the text after

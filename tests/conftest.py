@@ -97,7 +97,7 @@ def _etcdctl_binary() -> str:
 
 @pytest.fixture
 def etcdctl(etcd_endpoint):
-    """``etcdctl(*args, endpoints=None, check=True, timeout=30)`` -> CompletedProcess with text output.
+    """``etcdctl(*args, endpoints=None, check=True, timeout=120)`` -> CompletedProcess with text output.
 
     Runs ``etcdctl --endpoints=<session etcd, or endpoints>`` with ETCDCTL_API=3; with ``check`` a non-zero exit fails
     the test with etcdctl's stderr.
@@ -106,7 +106,7 @@ def etcdctl(etcd_endpoint):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
     env["ETCDCTL_API"] = "3"
 
-    def run(*args: str, endpoints: str | None = None, check: bool = True, timeout: float = 30.0):
+    def run(*args: str, endpoints: str | None = None, check: bool = True, timeout: float = 120.0):
         cmd = [binary, f"--endpoints={endpoints or etcd_endpoint}", *args]
         done = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:

@@ -23,7 +23,7 @@ WORKER = str(Path(__file__).parent.parent / "tools" / "bench" / "worker.py")
 
 def cli(endpoint: str, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "etcd_agent", *args, "--etcd-endpoints", endpoint],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import threading
-import time
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -118,13 +117,23 @@ def test_prefix_store_over_it(store):
 
 
 def test_wait_is_woken_by_a_write_from_elsewhere(store, etcd_endpoint, prefix):
+    """A wait for two keys, one written already, watches the other and returns once another store writes it (the
+    watch wakes it): the order of what happened is the check; the wait's timeout is far past the test's."""
     other = EtcdStore(etcd_endpoint, prefix)
+    happened: list[str] = []
+
+    def writer():
+        poll_until(lambda: len(store._waiters) == 1, 60, "the waiter to watch the missing key")
+        happened.append("later written")
+        other.set("later", "w")
+
     try:
-        threading.Timer(0.3, lambda: other.set("late", "v")).start()
-        threading.Timer(0.5, lambda: other.set("later", "w")).start()
-        t0 = time.monotonic()
-        store.wait(["late", "later"])  # the store's default timeout (5 s) applies
-        assert 0.4 < time.monotonic() - t0 < 4.0
+        other.set("late", "v")
+        store.set_timeout(datetime.timedelta(seconds=600))
+        threading.Thread(target=writer, daemon=True).start()
+        store.wait(["late", "later"])
+        happened.append("wait returned")
+        assert happened == ["later written", "wait returned"]
         assert store.multi_get(["late", "later"]) == [b"v", b"w"]
         threading.Timer(0.2, lambda: other.set("got", "x")).start()
         assert store.get("got") == b"x"
@@ -134,10 +143,8 @@ def test_wait_is_woken_by_a_write_from_elsewhere(store, etcd_endpoint, prefix):
 
 def test_wait_timeouts_name_the_missing_keys(store):
     store.set("there", "1")
-    t0 = time.monotonic()
     with pytest.raises(dist.DistStoreError, match=r"wait timeout after 300ms, keys: missing"):
         store.wait(["there", "missing"], datetime.timedelta(milliseconds=300))
-    assert time.monotonic() - t0 >= 0.3
     store.set_timeout(datetime.timedelta(milliseconds=200))
     with pytest.raises(dist.DistStoreError, match="missing"):
         store.multi_get(["there", "missing"])
@@ -164,9 +171,9 @@ def test_close_ends_waits(store):
 
     t = threading.Thread(target=waiter)
     t.start()
-    poll_until(lambda: store._waiters, 10, "the waiter to watch its key")
+    poll_until(lambda: store._waiters, 60, "the waiter to watch its key")
     store.close("the job ended")
-    t.join(5)
+    t.join(60)
     assert not t.is_alive()
     assert errors and "the job ended" in errors[0]
     with pytest.raises(dist.DistStoreError, match="the job ended"):
@@ -287,14 +294,14 @@ def test_waits_share_one_watch_stream(store, etcd_endpoint, prefix):
     threads = [threading.Thread(target=lambda i=i: done.append(store.get(f"k{i}"))) for i in range(8)]
     for t in threads:
         t.start()
-    poll_until(lambda: len(store._waiters) == 8, 10, "the 8 waiters to watch their keys")
+    poll_until(lambda: len(store._waiters) == 8, 60, "the 8 waiters to watch their keys")
     assert len([t for t in threading.enumerate() if t.name.startswith("store-watch")]) == 1
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:
         for i in range(8):
             etcd.put(f"{prefix}k{i}", b"v")
         for t in threads:
-            t.join(10)
+            t.join(60)
         assert sorted(done) == [b"v"] * 8
         assert etcd.count_range(prefix, prefix_end(prefix)) == 8
     finally:
@@ -375,12 +382,10 @@ def test_values_past_etcds_request_limit(store):
 
 def _wait_in_thread(store: EtcdStore, keys: list[str], out: dict) -> threading.Thread:
     def run():
-        t0 = time.monotonic()
         try:
             out["value"] = store.multi_get(keys)
         except dist.DistStoreError as exc:
             out["error"] = str(exc)
-        out["took"] = time.monotonic() - t0
     t = threading.Thread(target=run)
     t.start()
     return t
@@ -388,26 +393,25 @@ def _wait_in_thread(store: EtcdStore, keys: list[str], out: dict) -> threading.T
 
 def test_a_key_deleted_by_someone_else_ends_waits_at_once(store, etcd_endpoint, prefix):
     """A key of the store deleted from outside (etcdctl del, a cleanup) ends a wait in progress at once, naming
-    the key, and every later wait of that store that has to wait; keys that are there are still read."""
+    the key, and every later wait of that store that has to wait; keys that are there are still read. The waits'
+    timeout (600 s) is far past the test's: a wait that ended at all, saying why, was ended by the delete."""
     store.set("torchelastic/x/num_members", "1")
-    store.set_timeout(datetime.timedelta(seconds=60))
+    store.set_timeout(datetime.timedelta(seconds=600))
     out: dict = {}
     waiter = _wait_in_thread(store, ["torchelastic/x/last_member"], out)
-    poll_until(lambda: store._waiters, 10, "the waiter to watch its key")
+    poll_until(lambda: store._waiters, 60, "the waiter to watch its key")
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:
         etcd.delete_range(prefix + "torchelastic/x/num_members")
-        waiter.join(30)
+        waiter.join(90)
     finally:
         etcd.close()
-    assert out["took"] < 20, out
+    assert not waiter.is_alive(), "the wait went on after its key was deleted"
     assert ("wait for torchelastic/x/last_member: the store's key torchelastic/x/num_members was deleted at "
             "revision") in out["error"]
     assert "cannot complete after that" in out["error"]
-    t0 = time.monotonic()
     with pytest.raises(dist.DistStoreError, match="torchelastic/x/num_members was deleted"):
         store.wait(["later"])
-    assert time.monotonic() - t0 < 20
     store.set("there", "v")
     assert store.get("there") == b"v"
 
@@ -417,10 +421,10 @@ def test_a_store_deleting_its_own_key_ends_no_wait(store):
     store.set("a", "1")
     out: dict = {}
     waiter = _wait_in_thread(store, ["b"], out)
-    poll_until(lambda: store._waiters, 10, "the waiter to watch its key")
+    poll_until(lambda: store._waiters, 60, "the waiter to watch its key")
     assert store.delete_key("a") and not store.delete_key("a")
     store.set("b", "2")
-    waiter.join(10)
+    waiter.join(60)
     assert out.get("value") == [b"2"], out
 
 
@@ -436,12 +440,11 @@ def test_deleted_keys_end_torchs_exit_barrier_at_once(etcd_endpoint, prefix, cap
     stores = [EtcdStore(etcd_endpoint, prefix, datetime.timedelta(seconds=300)) for _ in range(world)]
     agents = [SimpleNamespace(_store=s, _worker_group=SimpleNamespace(group_world_size=world, state="SUCCEEDED"),
                               _exit_barrier_timeout=300, _in_exit_barrier=False) for s in stores]
-    took: dict[int, float] = {}
+    ended: list[int] = []  # the ranks whose barrier returned (the barrier's 300 s are far past the test's timeout)
 
     def exit_barrier(rank: int) -> None:
-        t0 = time.monotonic()
         SimpleElasticAgent._exit_barrier(agents[rank])  # logs what ended the barrier and returns, as in torch
-        took[rank] = time.monotonic() - t0
+        ended.append(rank)
 
     try:
         for rank, s in enumerate(stores):  # the round used its store before the barrier (rank assignment)
@@ -456,12 +459,12 @@ def test_deleted_keys_end_torchs_exit_barrier_at_once(etcd_endpoint, prefix, cap
         finally:
             etcd.close()
         for t in early:
-            t.join(60)
+            t.join(90)
         exit_barrier(2)
     finally:
         for s in stores:
             s.close()
-    assert sorted(took) == [0, 1, 2] and max(took.values()) < 20, took
+    assert sorted(ended) == [0, 1, 2], ended
     errors = [r for r in caplog.records if "Error waiting on exit barrier" in r.getMessage()]
     assert len(errors) == 3
     assert all("torchelastic/agent/terminal_state/num_members was deleted" in str(r.exc_info[1]) for r in errors)

@@ -2,8 +2,9 @@
 
 Each test asserts the outcome (round numbers, members, restart count, exit codes, no surviving worker) and prints
 the measured detection time (fault -> the round bump, as stamped in ``P/round``) and recovery time (fault -> the
-last replacement worker started, as the workers recorded it). Timings are asserted only loosely: the precise
-numbers come from tools/bench.
+last replacement worker started, as the workers recorded it). Timings are printed, never asserted (the numbers
+come from tools/bench): a deadline the system sets is checked against etcd's own account (a lease still held, a
+key's place in etcd's history), and every wait's timeout is a hang guard.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from agents import (AgentProc, RoundWatcher, job_keys, keys_of, plan_nodes, star
 from etcd_agent.coord import txns
 from etcd_agent.config import EtcdConfig
 from etcd_agent.endpoints import parse_endpoints
-from etcd_agent.etcd.client import Etcd
+from etcd_agent.etcd.client import Etcd, op_get_at
 from etcd_agent.testing.procs import gone_within
+from proxy import PauseProxy
 
 pytestmark = pytest.mark.chaos
 TTL = 3  # short leases keep these tests fast; the defaults are measured by the benchmarks
@@ -31,7 +33,7 @@ def ranks(rnd: int, world: int) -> set[tuple[int, int]]:
     return {(rnd, r) for r in range(world)}
 
 
-def running(rounds: RoundWatcher, nodes: int, after: int = 0, timeout: float = 30.0) -> int:
+def running(rounds: RoundWatcher, nodes: int, after: int = 0, timeout: float = 60.0) -> int:
     """The number of the first round after ``after`` that runs with ``nodes`` nodes."""
     return rounds.wait_for(lambda v: v["phase"] == "running" and v.get("nodes") == nodes and v["round"] > after,
                            timeout)["round"]
@@ -42,6 +44,15 @@ def report(name: str, t0: float, bumped: dict | None, recs: dict, rnd: int, targ
     recover = max(r["time"] for (n, _), r in recs.items() if n == rnd) - t0
     print(f"\n{name}: detected after {detect:.2f} s, new workers running after {recover:.2f} s (target {target})")
     return detect, recover
+
+
+def at_revision(endpoint: str, key: str, revision: int) -> bool:
+    """Whether ``key`` existed at ``revision`` of etcd's history."""
+    etcd = Etcd(EtcdConfig(parse_endpoints(endpoint)))
+    try:
+        return bool(etcd.txn([], [op_get_at(key, revision)], where="test read").ranges[0])
+    finally:
+        etcd.close()
 
 
 def tree(agent: AgentProc) -> list[psutil.Process]:
@@ -69,21 +80,22 @@ def job(etcd_endpoint, run_id, tmp_path):
 
 
 def test_graceful_leave_reforms_at_once(job, etcd_endpoint, run_id):
-    agents, out, release, rounds = job(3, "2:3")
+    """The leases last longer than the test may run (--lease-ttl 600): the survivors re-form because the leaving
+    node revoked its lease, never because it expired."""
+    agents, out, release, rounds = job(3, "2:3", extra=["--lease-ttl", "600"])
     r1 = running(rounds, 3)
     wait_records(out, ranks(r1, 6), agents)
     leaving = agents[2]
     doomed = tree(leaving)
     t0 = time.time()
     leaving.proc.send_signal(signal.SIGTERM)
-    assert leaving.wait(15) == 128 + signal.SIGTERM
+    assert leaving.wait(60) == 128 + signal.SIGTERM
     assert "received SIGTERM" in leaving.stderr()
-    gone_within(doomed, 1)
-    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1)
-    r2 = running(rounds, 2, after=r1)
-    recs = wait_records(out, ranks(r2, 4), agents[:2])
-    detect, recover = report("graceful leave (SIGTERM)", t0, bumped, recs, r2, "< 1 s")
-    assert recover < 5
+    gone_within(doomed, 60)
+    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1, timeout=60)
+    r2 = running(rounds, 2, after=r1, timeout=60)
+    recs = wait_records(out, ranks(r2, 4), agents[:2], timeout=60)
+    report("graceful leave (SIGTERM)", t0, bumped, recs, r2, "< 1 s")
     assert "node-2" in bumped["reason"]
     release.touch()
     assert wait_all(agents[:2]) == [0, 0]
@@ -107,19 +119,24 @@ def test_hard_loss_and_freeze_reform_within_ttl(sig, job, etcd_endpoint, run_id)
             p.send_signal(getattr(signal, sig))
         except psutil.NoSuchProcess:
             pass  # a worker already died with its SIGKILLed agent (parent-death signal)
-    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1, timeout=TTL + 10)
+    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1, timeout=60)
     r2 = running(rounds, 2, after=r1)
     recs = wait_records(out, ranks(r2, 4), agents[:2])
-    detect, recover = report(f"node loss ({sig})", t0, bumped, recs, r2, f"<= TTL + 1 = {TTL + 1} s")
-    assert detect < TTL + 3 and "node-2 left" in bumped["reason"]
-    gone_within(survivors_old, 5)  # the stuck workers of round 1 were killed, not left behind
+    report(f"node loss ({sig})", t0, bumped, recs, r2, f"<= TTL + 1 = {TTL + 1} s")
+    assert "node-2 left" in bumped["reason"]
+    # etcd's order: node-2's registration was there while round r1 ran and gone (its lease expired) by the bump
+    node2, bump_rev = keys_of(run_id).node("node-2"), rounds.revision_of(bumped)
+    ran = rounds.wait_for(lambda v: v["round"] == r1 and v["phase"] == "running")
+    assert at_revision(etcd_endpoint, node2, rounds.revision_of(ran))
+    assert not at_revision(etcd_endpoint, node2, bump_rev - 1), "the round was bumped before node-2's lease expired"
+    gone_within(survivors_old, 60)  # the stuck workers of round 1 were killed, not left behind
     assert sorted(plan_nodes(job_keys(etcd_endpoint, run_id), keys_of(run_id).plan(r2))) == ["node-0", "node-1"]
     if sig == "SIGSTOP":
         frozen_workers = victims[1:]
         for p in victims:
             p.send_signal(signal.SIGCONT)
         # The thawed agent finds its session lost, stops its stale workers and comes back as a new member.
-        gone_within(frozen_workers, TTL + 5)
+        gone_within(frozen_workers, 60)
         assert "-> fenced: session lost" in victim.stderr(), victim.stderr()[-3000:]
         r3 = running(rounds, 3, after=r2)
         wait_records(out, ranks(r3, 6), agents)
@@ -139,7 +156,7 @@ def test_sigkilled_agent_leaves_no_orphan_worker(job):
     workers = tree(agents[0])
     assert len(workers) == 2
     agents[0].proc.kill()
-    took = gone_within(workers, 1)
+    took = gone_within(workers, 60)
     print(f"\norphans: workers of a SIGKILLed agent gone after {took:.3f} s (target < 1 s)")
 
 
@@ -148,7 +165,7 @@ def test_below_minimum_waits_for_a_replacement(job, etcd_endpoint, run_id, tmp_p
     r1 = running(rounds, 3)
     wait_records(out, ranks(r1, 6), agents)
     agents[2].proc.kill()
-    rounds.wait_for(lambda v: v["round"] == r1 + 1 and v["phase"] == "joining", timeout=TTL + 10)
+    rounds.wait_for(lambda v: v["round"] == r1 + 1 and v["phase"] == "joining", timeout=60)
     assert all(a.proc.poll() is None for a in agents[:2]), "the survivors must wait, not fail"
     replacement, _ = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nnodes="3:3",
                                   extra=["--lease-ttl", str(TTL), "--max-restarts", "3"], first=3)
@@ -164,7 +181,7 @@ def test_below_minimum_without_replacement_fails_naming_the_node(job, etcd_endpo
     r1 = running(rounds, 3)
     wait_records(out, ranks(r1, 6), agents)
     agents[2].proc.kill()
-    assert wait_all(agents[:2], timeout=TTL + 20) == [1, 1]
+    assert wait_all(agents[:2], timeout=60) == [1, 1]
     for a in agents[:2]:
         err = a.stderr()
         assert "rendezvous timed out" in err and "missing: node-2" in err and "--join-timeout" in err, err[-2000:]
@@ -216,31 +233,43 @@ def test_hung_worker_restarts_the_group(job, etcd_endpoint, run_id):
                                        extra=["--worker-timeout", "2", "--max-restarts", "1"])
     r1 = running(rounds, 2)
     wait_records(out, ranks(r1, 4), agents)
-    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1, timeout=20)
+    bumped = rounds.wait_for(lambda v: v["round"] == r1 + 1, timeout=60)
     assert "hung" in bumped["reason"]
     # Round 2 hangs again: the budget is spent and the job fails naming the hung rank.
-    assert wait_all(agents, timeout=30) == [1, 1]
+    assert wait_all(agents, timeout=60) == [1, 1]
     result = job_keys(etcd_endpoint, run_id)[keys_of(run_id).result()]
     assert result["root_cause"]["hang"] and result["root_cause"]["rank"] == 2
     assert "--worker-timeout 2" in result["root_cause"]["message"]
 
 
 def test_agents_fence_themselves_when_etcd_is_gone_and_rejoin(job, own_etcd, run_id):
-    agents, out, release, rounds = job(2, "2", endpoint=own_etcd.endpoint, extra=["--max-restarts", "2"])
-    r1 = running(rounds, 2)
-    wait_records(out, ranks(r1, 4), agents)
-    workers = tree(agents[0]) + tree(agents[1])
-    own_etcd.freeze()
+    """etcd is cut off from the agents (a proxy between them stops forwarding) while it keeps running: the agents
+    stop their workers before their leases expire, as etcd itself reports it (the test reads etcd directly once
+    the workers are gone: each agent's lease is still there), then rejoin once etcd is back."""
+    proxy = PauseProxy(own_etcd.endpoint).start()
+    direct = Etcd(EtcdConfig(parse_endpoints(own_etcd.endpoint)))
     try:
-        took = gone_within(workers, TTL + 2)
+        agents, out, release, rounds = job(2, "2", endpoint=proxy.endpoint, extra=["--max-restarts", "2"])
+        r1 = running(rounds, 2)
+        wait_records(out, ranks(r1, 4), agents)
+        workers = tree(agents[0]) + tree(agents[1])
+        leases = {a.node: direct.get(keys_of(run_id).node(a.node))[0].lease for a in agents}
+        proxy.pause()
+        try:
+            took = gone_within(workers, 60)
+            left = {node: direct.lease_ttl(lease) for node, lease in leases.items()}  # -1: expired
+        finally:
+            proxy.resume()
+        print(f"\nself-fencing: workers stopped {took:.2f} s after etcd was cut off (lease TTL {TTL} s); etcd "
+              f"then had {left} s left of the leases")
+        assert all(ttl >= 0 for ttl in left.values()), f"workers must stop before the lease can expire: {left}"
+        wait_records(out, ranks(running(rounds, 2, after=r1, timeout=60), 4), agents, timeout=60)
+        release.touch()
+        assert wait_all(agents) == [0, 0]
+        assert all("self-fencing" in a.stderr() for a in agents)
     finally:
-        own_etcd.thaw()
-    print(f"\nself-fencing: workers stopped {took:.2f} s after etcd froze (lease TTL {TTL} s)")
-    assert took < TTL, "workers must stop before the lease can expire"
-    wait_records(out, ranks(running(rounds, 2, after=r1, timeout=40), 4), agents, timeout=40)
-    release.touch()
-    assert wait_all(agents) == [0, 0]
-    assert all("self-fencing" in a.stderr() for a in agents)
+        direct.close()
+        proxy.close()
 
 
 @pytest.mark.parametrize("fault", ["restart", "freeze"])
@@ -276,7 +305,7 @@ def test_etcd_cluster_member_loss_is_invisible(fault, job, etcd_cluster3, run_id
         member = connected_member(cluster, agents[0])
         cluster.member(member).freeze()
         try:
-            wait_logged(agents[0], "broke", timeout=10)
+            wait_logged(agents[0], "broke", timeout=60)
         finally:
             cluster.member(member).thaw()
     release.touch()

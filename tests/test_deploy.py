@@ -265,7 +265,7 @@ def env_flags(env: dict[str, str]) -> list[str]:
 @needs_etcd
 def test_env_files_describe_one_cluster_with_mutual_tls_everywhere():
     known = set(re.findall(r"^\s+(--[a-z0-9-]+)", subprocess.run(["etcd", "--help"], capture_output=True,
-                                                                    text=True, timeout=30).stdout, re.M))
+                                                                    text=True, timeout=120).stdout, re.M))
     assert "--peer-cert-allowed-cn" in known
     envs = {m: read_env_file(CLUSTER_DIR / f"{m}.env") for m in MEMBERS}
     clusters = set()
@@ -544,7 +544,7 @@ def test_every_deploy_shell_script_is_found():
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
 def test_deploy_shell_script_parses(script):
-    done = subprocess.run(["bash", "-n", str(DEPLOY / script)], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(["bash", "-n", str(DEPLOY / script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
@@ -597,7 +597,7 @@ def compose_command() -> list[str] | None:
     candidates = [["docker", "compose"]] if shutil.which("docker") else []
     candidates += [["docker-compose"]] if shutil.which("docker-compose") else []
     for cmd in candidates:
-        if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
+        if subprocess.run([*cmd, "version"], capture_output=True, timeout=120).returncode == 0:
             return cmd
     return None
 

@@ -77,7 +77,7 @@ def test_watch_resyncs_after_compaction(own_etcd):
     e.compact(last)
     q: queue.Queue = queue.Queue()
     w = Watch(e, "/c/", rev + 1, q.put, probe_interval=0.3).start()
-    item = q.get(timeout=10)
+    item = q.get(timeout=60)
     assert isinstance(item, Resync)
     assert {kv.key for kv in item.kvs} == {"/c/a", "/c/k0", "/c/k1", "/c/k2", "/c/z"}
     e.put("/c/after", b"1")
@@ -95,7 +95,7 @@ def test_a_silent_watch_stream_is_detected(own_etcd):
     own_etcd.freeze()
     started = time.monotonic()
     try:
-        poll_until(lambda: w.resumes, 10, "a frozen etcd was not noticed")  # the watch's thread counts it
+        poll_until(lambda: w.resumes, 30, "a frozen etcd was not noticed")  # the watch's thread counts it
         detected = time.monotonic() - started
     finally:
         own_etcd.thaw()
@@ -107,11 +107,15 @@ def test_a_silent_watch_stream_is_detected(own_etcd):
 
 
 def test_session_keeps_its_lease_and_revokes_it(own_etcd):
+    """The key outlives the lease's first TTL: a keepalive sent after the grant plus the TTL was answered (the
+    session's own record of it), so only keepalives kept it. The default TTL (5 s) leaves a loaded machine's etcd
+    the default slack: at TTL 2 an answer later than 0.2 s already counted as a failed keepalive."""
     e = client(own_etcd.endpoint)
-    s = Session(e, Timings(2)).start()
+    s = Session(e, Timings(5)).start()
+    granted = s.renewed
     e.put("/l/k", b"1", lease=s.lease_id)
-    lost = s.lost.wait(3.5)  # longer than the TTL: only keepalives keep the key
-    assert not lost and e.get("/l/k")[0] is not None
+    poll_until(lambda: s.renewed > granted + s.ttl or s.lost.is_set(), 60, "a keepalive past the first TTL")
+    assert not s.lost.is_set() and e.get("/l/k")[0] is not None
     s.close(revoke=True)
     assert e.get("/l/k")[0] is None
     e.close()
@@ -119,19 +123,25 @@ def test_session_keeps_its_lease_and_revokes_it(own_etcd):
 
 @pytest.mark.chaos  # etcd is frozen
 def test_session_is_lost_before_the_lease_can_expire(own_etcd):
+    """etcd freezes: the keepalives go unanswered and the session declares itself lost while etcd still holds the
+    lease, as etcd itself reports it when it is thawed at that moment (LeaseTimeToLive: the whole seconds left, -1
+    once gone). At TTL 8 the session gives up 2 s (the fencing margin) before the lease can expire."""
     e = client(own_etcd.endpoint, request_timeout=0.5)
     reasons: queue.SimpleQueue[str] = queue.SimpleQueue()
-    s = Session(e, Timings(3), on_lost=reasons.put).start()
+
+    def lost(why: str) -> None:  # on the keepalive thread, just after ``lost`` is set
+        own_etcd.thaw()
+        reasons.put(why)
+
+    s = Session(e, Timings(8), on_lost=lost).start()
     own_etcd.freeze()
     try:
-        granted_at = time.monotonic()
-        assert s.lost.wait(10)
-        elapsed = time.monotonic() - granted_at
-        why = reasons.get(timeout=10)  # on_lost runs just after ``lost`` is set, on the keepalive thread
+        why = reasons.get(timeout=60)
+        left = e.lease_ttl(s.lease_id)
     finally:
         own_etcd.thaw()
-    assert elapsed < 3, f"fenced after {elapsed:.2f} s: not before the lease could expire"
-    assert "keepalive" in why, why
+    assert s.lost.is_set() and "keepalive" in why, why
+    assert left >= 1, f"etcd had {left} s left of the lease when the session was lost: not before it could expire"
     s.close(revoke=True)
     e.close()
 
@@ -205,12 +215,12 @@ def test_a_session_keeps_its_lease_alive_over_one_stream_and_reopens_it_after_a_
                      for name in ("grpc_server_started_total", "grpc_server_msg_received_total"))
 
     e = client(own_etcd.endpoint, request_timeout=0.5)
-    s = Session(e, Timings(3)).start()  # a keepalive every second
-    poll_until(lambda: streams_and_requests()[1] >= 3, 10, "fewer than 3 keepalives within 10 s")
+    s = Session(e, Timings(5)).start()  # a keepalive every 1.7 s; the default TTL's slack on a loaded machine
+    poll_until(lambda: streams_and_requests()[1] >= 3, 60, "fewer than 3 keepalives")
     assert streams_and_requests()[0] == 1  # all of them on one stream
     own_etcd.restart()
     # the counters start again with the restarted etcd: keepalives arrive again, on a reopened stream
-    poll_until(lambda: streams_and_requests()[1] >= 2, 10, "no keepalives after the restart")
+    poll_until(lambda: streams_and_requests()[1] >= 2, 60, "no keepalives after the restart")
     assert not s.lost.is_set()
     assert e.lease_ttl(s.lease_id) > 0
     s.close(revoke=True)
@@ -218,19 +228,18 @@ def test_a_session_keeps_its_lease_alive_over_one_stream_and_reopens_it_after_a_
 
 
 def test_a_bare_host_port_against_a_tls_etcd_says_so_at_once(pki, tmp_path):
-    """A plaintext client meets a TLS etcd as "Socket closed"; instead of retrying that for --etcd-timeout, the
-    first attempt says in one line that the server speaks TLS and what to give."""
+    """A plaintext client meets a TLS etcd as "Socket closed"; instead of retrying that for --etcd-timeout (600 s
+    here, longer than the test may run), the first attempt says in one line that the server speaks TLS and what to
+    give."""
     from tls import HAVE_OPENSSL, TlsEtcd
 
     if not HAVE_OPENSSL:
         pytest.skip("openssl is needed to make the certificates")
     server = member_class(TlsEtcd)(pki, name="tls-bare").start()
     try:
-        t0 = time.monotonic()
         got = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", server.endpoint, "--run-id",
-                              "tls-bare", "--etcd-timeout", "30", "--log-dir", str(tmp_path), "/bin/true"],
+                              "tls-bare", "--etcd-timeout", "600", "--log-dir", str(tmp_path), "/bin/true"],
                              capture_output=True, text=True, timeout=90)
-        took = time.monotonic() - t0
     finally:
         server.stop()
     assert got.returncode == 2, got.stderr
@@ -238,7 +247,6 @@ def test_a_bare_host_port_against_a_tls_etcd_says_so_at_once(pki, tmp_path):
     assert len(errors) == 1, got.stderr
     assert f"--etcd-endpoints {server.endpoint}: etcd at {server.endpoint} speaks TLS" in errors[0]
     assert f"give https://{server.endpoint}" in errors[0] and "--etcd-cacert" in errors[0]
-    assert took < 20, f"took {took:.1f} s: --etcd-timeout 30 must not be waited out"
 
 
 def test_a_retried_call_says_so_at_debug_and_once_at_info_when_slow(caplog):

@@ -44,7 +44,7 @@ def test_history_of_a_job_with_a_restart_and_a_lost_node(etcd_endpoint, run_id, 
         wait_records(out, {(3, 0), (3, 1)}, agents[:2], timeout=60)
         release.touch()
         assert wait_all(agents[:2]) == [0, 0]
-        streamed = [json.loads(x) for x in follow.communicate(timeout=30)[0].splitlines()]
+        streamed = [json.loads(x) for x in follow.communicate(timeout=120)[0].splitlines()]
     finally:
         follow.kill()
     replayed = events(etcd_endpoint, run_id, "--json")

@@ -64,13 +64,13 @@ class Exporter:
         found = [v for (n, lab), v in self.scrape().items() if n == name and set(labels.items()) <= set(lab)]
         return found[0] if len(found) == 1 else None
 
-    def wait(self, name: str, want: float, timeout: float = 30.0, **labels) -> None:
+    def wait(self, name: str, want: float, timeout: float = 60.0, **labels) -> None:
         poll_until(lambda: self.value(name, **labels) == want, timeout,
                    f"{name}{labels} did not become {want} (now {self.value(name, **labels)})", interval=0.1)
 
     def stop(self) -> None:
         self.cmd.proc.terminate()
-        assert self.cmd.wait(15) == 0, self.cmd.stderr()
+        assert self.cmd.wait(60) == 0, self.cmd.stderr()
 
 
 def job_lines(text: str, run_id: str) -> str:

@@ -102,7 +102,7 @@ class Prometheus:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait(15)
+        self.proc.wait(60)
         self.log.close()
 
 
@@ -150,7 +150,7 @@ def test_prometheus_follows_a_crash_a_lost_node_and_the_end(prometheus, etcd_end
         node = sorted(n for n, v in by_node.items() if v == 0)[-1]
         victim = next(a for a in agents if a.node == node)
         kill_tree(victim.proc.pid, psutil.Process(victim.proc.pid).children(recursive=True))
-        assert victim.wait(15) == -signal.SIGKILL
+        assert victim.wait(60) == -signal.SIGKILL
 
         # the loss: a new round with the two others, a loss report, a second restart
         running2 = rounds.wait_for(lambda v: v["phase"] == "running" and v.get("nodes") == 2 and v["round"] > r2,
@@ -186,4 +186,4 @@ def test_prometheus_follows_a_crash_a_lost_node_and_the_end(prometheus, etcd_end
     finally:
         rounds.close()
         exporter.proc.terminate()
-        exporter.wait(15)
+        exporter.wait(60)

@@ -99,12 +99,12 @@ def test_status_and_stop_work_while_the_round_key_is_corrupt(etcd_endpoint, run_
     put(etcd_endpoint, k.round(), b'{"v": 1, "round": "one", "phase": "running"}')
     base = [sys.executable, "-m", "etcd_agent"]
     ep = ["--etcd-endpoints", etcd_endpoint, "--run-id", run_id]
-    status = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30)
+    status = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     assert f"unreadable: bad data in etcd key {k.round()}: round must be a whole number, not 'one'" in status.stdout
     assert "plan: 2 node(s), 4 worker(s)" in status.stdout and status.stdout.count(", alive") == 2, status.stdout
     assert status.stdout.splitlines()[1].startswith("  unreadable: ")  # said first: it is why the job is held
-    stop = subprocess.run(base + ["stop", *ep, "--reason", "key repair"], capture_output=True, text=True, timeout=30)
+    stop = subprocess.run(base + ["stop", *ep, "--reason", "key repair"], capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
     assert f"{k.round()}: round must be a whole number" in stop.stderr and "ending the job in round 1" in stop.stderr
     assert wait_all(agents) == [1, 1], [a.stderr()[-2000:] for a in agents]
@@ -112,7 +112,7 @@ def test_status_and_stop_work_while_the_round_key_is_corrupt(etcd_endpoint, run_
     keys = job_keys(etcd_endpoint, run_id)
     assert keys[k.round()]["round"] == 1 and keys[k.round()]["phase"] == "stopped"
     assert keys[k.result()]["outcome"] == "stopped" and keys[k.result()]["round"] == 1
-    after = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=30)
+    after = subprocess.run(base + ["status", *ep], capture_output=True, text=True, timeout=120)
     assert "unreadable" not in after.stdout and "result: stopped in round 1: key repair" in after.stdout
 
 
@@ -200,7 +200,7 @@ def test_an_agent_held_by_a_key_it_does_not_watch_sees_its_deletion(etcd_endpoin
 def test_stop_reaches_agents_held_by_a_bad_key(etcd_endpoint, run_id, tmp_path):
     agents, _out, _release, bad = _held_non_leader(etcd_endpoint, run_id, tmp_path)
     stop = subprocess.run([sys.executable, "-m", "etcd_agent", "stop", "--etcd-endpoints", etcd_endpoint, "--run-id",
-                           run_id, "--reason", "bad key"], capture_output=True, text=True, timeout=30)
+                           run_id, "--reason", "bad key"], capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
     assert wait_all(agents) == [1, 1], [a.stderr()[-2000:] for a in agents]
     assert all("stopped: bad key" in a.stderr() for a in agents)

@@ -160,14 +160,12 @@ def bad_servers(pki):
         s.stop()
 
 
-def run_cli(endpoint: str, *flags: str) -> tuple[subprocess.CompletedProcess, float]:
-    import time
-
-    t0 = time.monotonic()
-    got = subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", "tls",
-                          "--nnodes", "2", "--etcd-timeout", "30", *flags, str(WORKERS / "job.py")],
-                         capture_output=True, text=True, timeout=90)
-    return got, time.monotonic() - t0
+def run_cli(endpoint: str, *flags: str) -> subprocess.CompletedProcess:
+    """The launcher with an --etcd-timeout longer than the test may run (600 s): a command that ended did not wait
+    it out (the first attempt decided)."""
+    return subprocess.run([sys.executable, "-m", "etcd_agent", "--etcd-endpoints", endpoint, "--run-id", "tls",
+                           "--nnodes", "2", "--etcd-timeout", "600", *flags, str(WORKERS / "job.py")],
+                          capture_output=True, text=True, timeout=90)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -189,13 +187,12 @@ def test_a_permanent_handshake_failure_fails_at_once_in_one_line(case, message, 
         "no client cert": (mtls_etcd.endpoint, ["--etcd-cacert", ca]),
     }[case]
     assert client  # the good pair, for contrast: test_two_node_job_over_mutual_tls_says_how_it_connects
-    got, took = run_cli(endpoint, *flags)
+    got = run_cli(endpoint, *flags)
     assert got.returncode == 2, got.stderr
     expected = message.format(otherca=pki.path("otherca.pem"), othercert=pki.path("otherca-client.pem"))
     assert expected in got.stderr
     lines = [line for line in got.stderr.splitlines() if line.strip()]
     assert len(lines) <= 3, got.stderr  # not dozens of gRPC C-core lines
-    assert took < 20  # the first attempt decides; --etcd-timeout 30 is not waited out
 
 
 @pytest.mark.parametrize("case, message", [
@@ -214,14 +211,14 @@ def test_bad_certificate_files_are_refused_at_start(case, message, pki, tmp_path
              "garbage CA": (str(garbage), cert, key),
              "garbage key": (ca, cert, str(garbage)),
              "garbage cert": (ca, str(garbage), key)}[case]
-    got, _took = run_cli("127.0.0.1:1", "--etcd-cacert", flags[0], "--etcd-cert", flags[1], "--etcd-key", flags[2])
+    got = run_cli("127.0.0.1:1", "--etcd-cacert", flags[0], "--etcd-cert", flags[1], "--etcd-key", flags[2])
     assert got.returncode == 2, got.stderr
     assert message.format(expired=pki.path("expired.pem"), serverkey=pki.path("server.key"), client=cert,
                           garbage=garbage) in got.stderr
 
 
 def test_auth_enabled_etcd_without_a_user_says_so(auth_etcd, pki, tmp_path):
-    got, _took = run_cli(auth_etcd.endpoint, "--etcd-cacert", pki.path("ca.pem"))
+    got = run_cli(auth_etcd.endpoint, "--etcd-cacert", pki.path("ca.pem"))
     assert got.returncode == 2, got.stderr
     assert "etcd has authentication enabled: give --etcd-user" in got.stderr
     assert "user name is empty" not in got.stderr.replace("etcdserver: user name is empty", "")

@@ -81,7 +81,7 @@ def test_a_spare_replaces_a_sigkilled_node_at_its_rank(etcd_endpoint, run_id, tm
     victim = next(a for a in members if a.node == first[1])
     poll_until(lambda: "waiting to be taken into the next round" in spares[0].stderr(), 30, "the spare waiting")
     shown = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
-                            "--run-id", run_id], capture_output=True, text=True, timeout=30).stdout
+                            "--run-id", run_id], capture_output=True, text=True, timeout=120).stdout
     assert "waiting for the next round: node-3 (spare)" in shown, shown
     victim.kill()
     until_recorded(out, lambda r: len([k for k in r if k[0] == 2]) == 3, "round 2 with the spare", timeout=60)

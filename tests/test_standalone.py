@@ -27,7 +27,7 @@ def test_second_server_on_a_taken_port_fails_naming_the_port(etcd_server):
         pytest.skip("the session etcd runs in a container")
     second = standalone.EtcdServer(name="second", client_port=etcd_server.client_port)
     with pytest.raises(errors.EtcdUnavailable) as caught:
-        second.start(timeout=20)
+        second.start(timeout=60)
     message = str(caught.value)
     assert f"127.0.0.1:{etcd_server.client_port}" in message
     assert "address already in use" in message
@@ -88,7 +88,7 @@ def test_cluster3_elects_a_leader_and_survives_losing_it(etcd_cluster3, etcdctl,
     leader = cluster.leader_index()
     cluster.member(leader).kill()
     survivors = ",".join(m.endpoint for i, m in enumerate(cluster.members) if i != leader)
-    new_leader = cluster.leader_index(timeout=20)
+    new_leader = cluster.leader_index(timeout=60)
     assert new_leader != leader
     etcdctl("put", key, "after", endpoints=survivors)
     for i, member in enumerate(cluster.members):

@@ -141,14 +141,14 @@ def test_a_watch_beside_a_session_still_notices_a_frozen_member(own_etcd):
     rev = e.put("/f/a", b"1")
     deliveries: queue.Queue = queue.Queue()
     w = Watch(e, "/f/", rev + 1, deliveries.put, probe_interval=Timings(5).watch_probe).start()
-    poll_until(lambda: session.renewed > 0 and e.last_heard(e.endpoint_label()) > 0, 10, "no answer heard")
+    poll_until(lambda: session.renewed > 0 and e.last_heard(e.endpoint_label()) > 0, 60, "no answer heard")
     own_etcd.freeze()
     try:
         poll_until(lambda: w.resumes, 30, "a frozen etcd was not noticed by the watch")
     finally:
         own_etcd.thaw()
     e.put("/f/b", b"2", deadline=10)
-    got = deliveries.get(timeout=10)
+    got = deliveries.get(timeout=60)
     assert [ev.key for ev in got] == ["/f/b"]
     w.cancel()
     session.close(revoke=False)

@@ -44,7 +44,7 @@ def test_group_ranks_follow_the_leaves_and_a_lost_rank_goes_to_the_spare_in_its_
     spare_leaf2, _ = start(etcd_endpoint, run_id, tmp_path, 5, release, "--spare")
     wait_logged(spare_leaf2, "waiting to be taken into the next round", 30)
     shown = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
-                            "--run-id", run_id], capture_output=True, text=True, timeout=30).stdout
+                            "--run-id", run_id], capture_output=True, text=True, timeout=120).stdout
     assert "group rank 1: node-2 (127.0.0.1 at /spine1/leaf1) rank 1, alive" in shown, shown
     assert "node-4 (spare) at /spine1/leaf1, node-5 (spare) at /spine1/leaf2" in shown, shown
 

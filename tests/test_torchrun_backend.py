@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -114,11 +113,9 @@ def test_torch_keys_of_other_backends_are_accepted(etcd_endpoint, run_id):
 
 def test_an_unreachable_etcd_fails_the_rendezvous_with_a_connection_error():
     h = create_handler(params("127.0.0.1:1", "job", etcd_timeout="1"))
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(RendezvousConnectionError, match="127.0.0.1:1"):
+    try:  # the budget it gave up after is its etcd_timeout, not the default's 10 s
+        with pytest.raises(RendezvousConnectionError, match=r"cannot reach etcd at 127\.0\.0\.1:1 within 1\.0 s"):
             h.next_rendezvous()
-        assert time.monotonic() - t0 < 15
     finally:
         h.shutdown()
 
@@ -145,7 +142,7 @@ def test_rounds_restart_and_close(handlers, etcd_endpoint, run_id):
 
     # torch's agent on n1 restarted its workers after a failure: it calls next_rendezvous again
     again = background(b.next_rendezvous)
-    poll_until(lambda: a.num_nodes_waiting() > 0, 10, "n0 to see that a new round began")
+    poll_until(lambda: a.num_nodes_waiting() > 0, 60, "n0 to see that a new round began")
     second = [a.next_rendezvous(), again.result(timeout=30)]
     assert {h.cfg.node_id: i.rank for h, i in zip((a, b), second)} == ranks  # stable ranks
     assert all(i.store.prefix == keys.store(2) for i in second)
@@ -157,7 +154,7 @@ def test_rounds_restart_and_close(handlers, etcd_endpoint, run_id):
     # the leader of round 2 deleted round 1's store
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:
-        poll_until(lambda: not etcd.get_prefix(keys.store(1))[0], 10, "round 1's store to be deleted")
+        poll_until(lambda: not etcd.get_prefix(keys.store(1))[0], 60, "round 1's store to be deleted")
     finally:
         etcd.close()
 
@@ -166,7 +163,7 @@ def test_rounds_restart_and_close(handlers, etcd_endpoint, run_id):
     state = job_keys(etcd_endpoint, run_id)
     assert state[keys.result()]["outcome"] == "stopped"
     assert keys.node("n0") not in state  # its lease was revoked
-    poll_until(lambda: b.is_closed() and b.num_nodes_waiting() > 0, 10, "n1 to see the rendezvous closed")
+    poll_until(lambda: b.is_closed() and b.num_nodes_waiting() > 0, 60, "n1 to see the rendezvous closed")
     with pytest.raises(RendezvousClosedError, match="closed the rendezvous"):
         b.next_rendezvous()
 
@@ -198,7 +195,6 @@ def test_deleted_store_keys_end_the_exit_barrier_and_the_job_succeeds(handlers, 
     infos = rendezvous(*hs)
     first = background(lambda: store_util.barrier(infos[0].store, 2, "torchelastic/agent/terminal_state", 300))
     poll_until(lambda: infos[0].store._waiters, 30, "n0 to wait in its exit barrier")
-    t0 = time.monotonic()
     etcd = Etcd(EtcdConfig(parse_endpoints(etcd_endpoint)))
     try:
         prefix = keys_of(run_id).store(1)
@@ -207,10 +203,9 @@ def test_deleted_store_keys_end_the_exit_barrier_and_the_job_succeeds(handlers, 
         etcd.close()
     deleted = "the store's key torchelastic/agent/terminal_state/num_members was deleted at revision"
     with pytest.raises(DistStoreError, match=deleted):
-        first.result(timeout=60)
+        first.result(timeout=90)  # the barrier's 300 s are past the test's timeout: it ended by the delete
     with pytest.raises(DistStoreError, match=deleted):
         store_util.barrier(infos[1].store, 2, "torchelastic/agent/terminal_state", 300)
-    assert time.monotonic() - t0 < 30
     for h in hs:
         assert h.shutdown()
     state = job_keys(etcd_endpoint, run_id)
@@ -222,7 +217,7 @@ def test_set_closed(handlers, etcd_endpoint, run_id):
     rendezvous(a, b)
     a.set_closed()
     assert a.is_closed()
-    poll_until(b.is_closed, 10, "n1 to see the rendezvous closed")
+    poll_until(b.is_closed, 60, "n1 to see the rendezvous closed")
     result = job_keys(etcd_endpoint, run_id)[keys_of(run_id).result()]
     assert result["outcome"] == "stopped" and "set_closed" in result["reason"]
 
@@ -235,7 +230,7 @@ def test_a_closed_rendezvous_stays_closed_for_later_handlers(handlers, etcd_endp
     rendezvous(a, b)
     a.set_closed()
     keys = keys_of(run_id)
-    poll_until(lambda: not a._thread.is_alive() and not b._thread.is_alive(), 15, "both agents to end")
+    poll_until(lambda: not a._thread.is_alive() and not b._thread.is_alive(), 60, "both agents to end")
     late = make(handlers, etcd_endpoint, run_id, "n2")
     assert late.is_closed()
     with pytest.raises(RendezvousClosedError, match=r"job \S+ stopped: .*closed by n0 \(set_closed\)"):
@@ -271,7 +266,7 @@ def test_a_late_node_scales_the_job_up(handlers, etcd_endpoint, run_id):
     first = rendezvous(a, b)
     assert {i.world_size for i in first} == {2}
     late = background(c.next_rendezvous)
-    poll_until(lambda: a.num_nodes_waiting() > 0 and b.num_nodes_waiting() > 0, 15,
+    poll_until(lambda: a.num_nodes_waiting() > 0 and b.num_nodes_waiting() > 0, 60,
                "the members to see the scale-up round")
     second = rendezvous(a, b) + [late.result(timeout=30)]
     assert [i.world_size for i in second] == [3, 3, 3]
@@ -293,12 +288,10 @@ def test_lost_session_kills_workers_torch_does_not_stop(handlers, etcd_endpoint,
             etcd.lease_revoke(a.agent.session.lease_id)  # the session ends under the agent
         finally:
             etcd.close()
-        t0 = time.monotonic()
-        worker.wait(timeout=15)
+        worker.wait(timeout=90)  # it would sleep 120 s: it ended because the handler killed it
         assert worker.returncode == -9
-        assert time.monotonic() - t0 < 10
         assert a.num_nodes_waiting() > 0
-        poll_until(lambda: b.num_nodes_waiting() > 0, 15, "n1 to see n0 leave its round")
+        poll_until(lambda: b.num_nodes_waiting() > 0, 60, "n1 to see n0 leave its round")
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -312,7 +305,7 @@ def test_status_reads_a_torchrun_job(handlers, etcd_endpoint, run_id):
     infos[0].store.set("torchelastic/role_info/0", b"\x80\x04binary")
     late = make(handlers, etcd_endpoint, run_id, "n2")  # the round is full (--nnodes 2): n2 waits for the next
     background(late.next_rendezvous)
-    poll_until(lambda: keys_of(run_id).node("n2") in job_keys(etcd_endpoint, run_id), 10, "n2 to register")
+    poll_until(lambda: keys_of(run_id).node("n2") in job_keys(etcd_endpoint, run_id), 60, "n2 to register")
     out = subprocess.run([sys.executable, "-m", "etcd_agent", "status", "--etcd-endpoints", etcd_endpoint,
                           "--run-id", run_id], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

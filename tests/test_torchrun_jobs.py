@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agents import STARTED, WORKERS, CommandLine, job_keys, keys_of, poll_until, wait_for_key, wait_key_deleted
+from agents import STARTED, WORKERS, CommandLine, job_keys, keys_of, poll_until, wait_for_key
 from etcd_agent.testing import records as record_files
 from etcd_agent.testing.procs import kill_tree
 
@@ -138,16 +138,15 @@ def test_a_lost_node_lets_the_survivors_re_form(how, etcd_endpoint, run_id, tmp_
         victim.kill()  # torchrun and its workers: no chance to say goodbye; the lease runs out (lease_ttl=3)
     else:
         victim.proc.send_signal(signal.SIGTERM)  # torch stops its workers; the backend leaves as torchrun exits
-        assert victim.proc.wait(30) != 0
-        wait_key_deleted(etcd_endpoint, keys.node("node2"), 2)  # node2's registration went with its revoked lease
-    killed_at = time.monotonic()
+        assert victim.proc.wait(90) != 0
+        # node2's registration went with its lease, revoked as torchrun exited: gone at once, not a TTL later
+        assert keys.node("node2") not in job_keys(etcd_endpoint, run_id)
     survivors = nodes[:2]
     assert finish(survivors) == [0, 0], logs(nodes)
     got = records(tmp_path)
     assert sorted(r["rank"] for r in got) == [0, 1] and {r["world"] for r in got} == {2}
     state = job_keys(etcd_endpoint, run_id)
     assert state[keys.result()]["outcome"] == "succeeded"
-    assert time.monotonic() - killed_at < 60
     assert state[keys.result()]["round"] >= 2
 
 

@@ -303,16 +303,14 @@ def test_a_preload_that_cannot_be_imported_is_a_clear_error_at_start(tmp_path):
     (mods / "broken_mod.py").write_text("raise RuntimeError('this module is broken')\n")
     for preload, what in (("no_such_module_xyz", "ModuleNotFoundError: No module named 'no_such_module_xyz'"),
                           ("json,broken_mod", "RuntimeError: this module is broken")):
-        t0 = time.monotonic()
         res = subprocess.run([sys.executable, "-m", "etcd_agent", "--standalone", "--warm-restart",
                               "--preload", preload, str(JOB), str(tmp_path)],
-                             capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(mods)})
+                             capture_output=True, text=True, timeout=50, env={**os.environ, "PYTHONPATH": str(mods)})
         assert res.returncode == 2, res.stderr[-2000:]
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith(f"etcd-agent: error: --preload {preload}: the workers' Python"), last
         assert what in last and "Traceback" not in res.stderr, res.stderr[-2000:]
         assert "joined round" not in res.stderr  # nothing was joined or started
-        assert time.monotonic() - t0 < 30
 
 
 @pytest.mark.chaos
@@ -503,8 +501,9 @@ def test_an_agent_that_cannot_leave_sched_idle_keeps_spares_at_normal_priority_a
         assert ("warm spares run at normal priority and start 5 s after each round started, because this agent "
                 "cannot give a process its priority back after SCHED_IDLE: forced for the test") in caplog.text
         pool.fill(_first_envs(cfg))
+        before = time.monotonic()
         group.start(_assignment(cfg))
-        assert pool.due is not None and pool.due > time.monotonic() + REFILL_DELAY / 2
+        assert pool.due is not None and pool.due >= before + REFILL_DELAY  # the deadline set, not a time measured
         assert done.wait(30) and exits[0].returncode == 0
         group.stop("round over")
         pool.fill()

@@ -207,7 +207,7 @@ class Bed:
     def node_states(self) -> dict[str, str]:
         """node -> its Slurm state (IDLE, ALLOCATED, DOWN*, ...); empty while slurmctld does not answer."""
         done = subprocess.run(["scontrol", "-o", "show", "nodes"], env=self.env(), capture_output=True, text=True,
-                              stdin=subprocess.DEVNULL, timeout=30)
+                              stdin=subprocess.DEVNULL, timeout=120)
         if done.returncode != 0:
             return {}
         states = {}

@@ -22,7 +22,7 @@ TABLE = "eabed_fault"
 
 def nft(host: str, script: str) -> None:
     done = subprocess.run(["nsenter", f"--net=/run/netns/{host}", "nft", "-f", "-"], input=script, text=True,
-                          capture_output=True, timeout=30)
+                          capture_output=True, timeout=120)
     if done.returncode != 0:
         raise BedError(f"nft in {host}: {done.stderr.strip()}\n{script}")
 

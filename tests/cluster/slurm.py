@@ -29,7 +29,7 @@ POLL_S = 0.2
 def sbatch(bed: Bed, args: list[str], env: dict[str, str]) -> str:
     """``sbatch --parsable ARGS`` from the repository's root; returns the job id."""
     done = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=30)
+                          stdin=subprocess.DEVNULL, timeout=120)
     assert done.returncode == 0, f"sbatch {' '.join(args)} exited with {done.returncode}: {done.stderr.strip()}"
     return done.stdout.strip().split(";")[0]
 
@@ -37,7 +37,7 @@ def sbatch(bed: Bed, args: list[str], env: dict[str, str]) -> str:
 def job(bed: Bed, job_id: str) -> dict[str, str]:
     """The job's fields as `scontrol -o show job` prints them (JobState, ExitCode, NodeList, Reason, ...)."""
     done = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=bed.env(), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=30)
+                          stdin=subprocess.DEVNULL, timeout=120)
     assert done.returncode == 0, f"scontrol show job {job_id}: {done.stderr.strip()}"
     return scontrol_fields(done.stdout)
 
@@ -58,7 +58,7 @@ def wait_end(bed: Bed, job_id: str, timeout: float) -> dict[str, str]:
 
 
 def cancel(bed: Bed, job_id: str) -> None:
-    subprocess.run(["scancel", job_id], env=bed.env(), capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+    subprocess.run(["scancel", job_id], env=bed.env(), capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
 
 
 def submit(bed: Bed, recipe: str, tmp_path: Path, *worker_args: str, agent_args: tuple[str, ...] = (),

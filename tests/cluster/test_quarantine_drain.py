@@ -32,14 +32,14 @@ def resumable(healthy):
     """The bed, given back with node3 resumed (undrained) and idle after the test."""
     yield healthy
     subprocess.run(["scontrol", "update", "NodeName=node3", "State=RESUME"], env=healthy.env(), capture_output=True,
-                   stdin=subprocess.DEVNULL, timeout=30)
+                   stdin=subprocess.DEVNULL, timeout=120)
     healthy.wait_nodes("IDLE", timeout=60)
 
 
 def sinfo_state(bed, node: str) -> tuple[str, str]:
     """``sinfo``'s state of ``node`` (drain, drng, idle, ...) and its reason."""
     done = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%t|%E"], env=bed.env(), capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=30)
+                          text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert done.returncode == 0, done.stderr
     state, _, reason = done.stdout.strip().splitlines()[0].partition("|")  # a line per partition: the same
     return state, reason
@@ -65,7 +65,7 @@ def test_a_quarantined_node_is_drained_in_slurm(resumable, tmp_path):
         end = wait_end(bed, job_id, timeout=120)
     finally:
         stop.touch()
-        subprocess.run(["scancel", job_id], env=bed.env(), capture_output=True, stdin=subprocess.DEVNULL, timeout=30)
+        subprocess.run(["scancel", job_id], env=bed.env(), capture_output=True, stdin=subprocess.DEVNULL, timeout=120)
     output = job_output(tmp_path, job_id)
     assert end["JobState"] == "COMPLETED", f"{end}\n{output}"
     assert output.count("ran for the quarantine of node3") == 1, output

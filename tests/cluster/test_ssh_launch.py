@@ -40,7 +40,7 @@ LAUNCHER = ROOT / "deploy" / "ssh-launch.sh"
 SSHD = "/usr/sbin/sshd"  # sshd re-executes itself: it must be started by its absolute path
 WORLD = NPROC * len(NODES)
 ODD_ARG = """a b  'single' "double" $HOME \\back"""  # reaches the worker as one argument, unchanged
-STOP_S = 15.0  # Ctrl-C to no process left: ssh's end, SIGHUP, the workers' stop
+STOP_S = 60.0  # a hang guard on Ctrl-C to no process left: ssh's end, SIGHUP, the workers' stop
 
 
 class Sshds:
@@ -69,9 +69,9 @@ class Sshds:
                     on_host(node, [SSHD, "-D", "-e", "-f", str(self.where / f"sshd_config_{node}")]),
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         for node in NODES:  # listening: an ssh that runs `hostname` there answers with the node's name
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + 60
             while (done := subprocess.run([*self.ssh(), node, "hostname"], capture_output=True, text=True,
-                                          stdin=subprocess.DEVNULL, timeout=20)).stdout.strip() != node:
+                                          stdin=subprocess.DEVNULL, timeout=60)).stdout.strip() != node:
                 assert self.procs[node].poll() is None and time.monotonic() < deadline, (
                     f"sshd on {node}: {done.stderr.strip()} {(self.where / f'sshd-{node}.log').read_text()}")
                 time.sleep(0.1)  # a listening socket has no event to wait on from outside the namespace
@@ -106,7 +106,7 @@ PrintLastLog no
 
 def keygen(path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)], check=True,
-                   stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
