@@ -21,9 +21,10 @@ Invariants:
   (``liveness.py``). From TTL 7 on the worst case fits with TTL/3 and retries get what is left (0.96 s at TTL 10);
   below TTL 5 it does not fit etcd's default election (the period stays TTL/6: use faster elections there).
   An election can take longer than 2 s: with etcd 3.4's defaults (no pre-vote) a follower ignores a vote that
-  comes within its election timeout of the leader's last heartbeat, and the candidate waits another 1-2 s (about
-  1 election in 12, up to 2.9 s). A freeze late in a keepalive period then fences the session: in a model of
-  etcd's election, about 0.5% of frozen leaders at a random moment (0.6% with every TTL/6, 6% with every TTL/3).
+  comes within its election timeout of the leader's last heartbeat, and the candidate waits another 1-2 s (5 of
+  60 elections on 3 local members, the longest 2.8 s). A freeze late in a keepalive period then fences the session:
+  in a model of etcd's election, about 0.5% of frozen leaders at a random moment (0.6% with every TTL/6, 6% with
+  every TTL/3); no period of at most 1 request per second covers a 2.9 s election at TTL 5.
 - When no keepalive has succeeded for ``TTL - margin`` seconds, or etcd answers that the lease is gone, the
   session is lost: ``lost`` is set and ``on_lost(reason)`` runs once. The margin leaves the agent time to stop
   its workers before peers can see the lease expire (self-fencing). A lost session is never revived; the agent
