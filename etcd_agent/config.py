@@ -33,6 +33,7 @@ _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _NODE_ID_RE = _RUN_ID_RE
 MAX_REQUEST_TIMEOUT = 3.0  # the longest etcd request attempt; a client outside any session (status, the store) uses it
 MIN_LEASE_TTL = 2  # etcd's minimum lease TTL
+ELECTION, ANSWER, RETRY = 2.0, 0.25, 0.15  # Timings.keepalive's worst case: etcd's election, an answer, a short retry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +197,8 @@ class KeepAlive(NamedTuple):
 
     period: float  # from one keepalive to the next
     attempt: float  # the longest a keepalive waits for its answer
-    pause: float  # before a failed keepalive is tried again
+    retry: float  # the longest a try after a failed one waits
+    pause: float  # the least time from a failed try's send to the next try's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,11 +206,8 @@ class Timings:
     """Every time the coordination depends on, and their relations, checked once here (client-go's leader election
     validates lease duration, renew deadline and retry period the same way).
 
-    A lease of ``lease_ttl`` s is renewed by the rule of ``keepalive(members)``, which ``etcd/session.py`` runs by
-    (and says why): every TTL/3, or every TTL/6 when etcd has several members; each try waits at most a third of
-    that period for its answer; a failed one is tried again after 0.2 s (0.05 s with several members). An agent
-    whose keepalives fail declares its session lost ``fence_margin`` s before the lease can expire, and stops its
-    workers within ``fence_grace``, so peers never re-form while its workers still run.
+    Leases are renewed by the rule of ``keepalive(members)`` (``etcd/session.py`` says why); an agent whose keepalives
+    fail declares its session lost ``fence_margin`` s before expiry and stops its workers within ``fence_grace``.
     One etcd request attempt (``request_timeout``, by default ``request_timeout_for(lease_ttl)``) must fit in the
     TTL less the margin, or a single slow request could outlive the lease.
     """
@@ -240,11 +239,12 @@ class Timings:
                               f"--lease-ttl {self.lease_ttl} less the fencing margin ({self.fence_margin:g} s)")
 
     def keepalive(self, members: int = 1) -> KeepAlive:
-        """The session's keepalive rule for an etcd of ``members`` endpoints (another member can answer: the session
-        notices a silent one and moves on sooner)."""
-        several = members > 1
-        period = self.lease_ttl / (6.0 if several else 3.0)
-        return KeepAlive(period, period / 3, 0.05 if several else 0.2)
+        """The keepalive rule for ``members`` etcd endpoints; ``etcd/session.py`` says why, with its worst cases."""
+        if members < 2:
+            return KeepAlive(self.lease_ttl / 3, self.lease_ttl / 9, self.lease_ttl / 9, 0.2)
+        budget = self.lease_ttl - self.fence_margin - ELECTION - ANSWER  # the period and two retries after an election
+        period = min(self.lease_ttl / 3, max(self.lease_ttl / 6, budget - 2 * RETRY))
+        return KeepAlive(period, period / 3, min(period / 3, max(RETRY, (budget - period) / 2)), 0.05)
 
     @property
     def fence_margin(self) -> float:

@@ -480,7 +480,26 @@ def test_the_default_request_timeout_fits_every_lease_ttl(ttl):
     t = config.Timings(ttl)
     assert t.request_timeout == config.request_timeout_for(ttl)
     for members in (1, 3):  # a missed keepalive is retried before fencing
-        period, attempt, pause = t.keepalive(members)
-        assert period < t.lease_ttl - t.fence_margin and attempt < period and pause < period
-    assert t.keepalive(3).period < t.keepalive(1).period  # several members: notice a silent one sooner
+        period, attempt, retry, pause = t.keepalive(members)
+        assert period < t.lease_ttl - t.fence_margin and retry <= attempt < period and pause < period
+    assert t.keepalive(3).period <= t.keepalive(1).period  # several members: never slower than one
     assert 0 <= t.fence_grace < t.fence_margin
+
+
+@pytest.mark.parametrize("ttl", [5, 6, 7, 10, 30, 60])
+def test_several_members_keep_a_session_through_a_frozen_leaders_election(ttl):
+    """The worst case of ``etcd/session.py``: a freeze just before a keepalive, etcd's default election (2 s at most),
+    the retry in flight then and one on the frozen member lost, a live member's answer: all before the fence."""
+    t = config.Timings(ttl)
+    period, attempt, retry, _ = t.keepalive(3)
+    assert attempt <= config.ELECTION + retry  # an election within the first try: it and one retry are lost, no more
+    assert period + config.ELECTION + 2 * retry + config.ANSWER <= t.lease_ttl - t.fence_margin + 1e-9
+    worst = period + config.ELECTION + 2 * retry + config.ANSWER
+    assert period == pytest.approx(ttl / 3) or worst == pytest.approx(t.lease_ttl - t.fence_margin)  # the longest
+
+
+def test_an_idle_agent_sends_under_one_request_per_second_at_the_default_ttl():
+    """Issue 26's bound, with room: keepalives plus the idle watch's probe (one every 10 probe intervals)."""
+    t = config.Timings()
+    for members in (1, 3):
+        assert 1 / t.keepalive(members).period + 1 / (10 * t.watch_probe) <= 0.95

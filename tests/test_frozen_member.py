@@ -88,8 +88,9 @@ def freeze_before_a_keepalive(cluster: EtcdCluster, etcd: Etcd, victim: int, wha
     session = Session(etcd, Timings(ttl), lost.append).start()
     first = session.renewed
     poll_until(lambda: session.renewed > first, 60, f"{what}: no keepalive was answered")
-    time.sleep(max(0.0, session.renewed + 1.6 - time.monotonic()))  # the moment of the fault: a keepalive
-    frozen_at = time.monotonic()  # period of TTL/3 pings at +1.67
+    period = Timings(ttl).keepalive(len(cluster.members)).period  # the next keepalive goes at renewed + period
+    time.sleep(max(0.0, session.renewed + period - 0.05 - time.monotonic()))  # the moment of the fault: just before
+    frozen_at = time.monotonic()
     cluster.member(victim).freeze()
     try:
         time.sleep(max(0.0, frozen_at + ttl + 1 - time.monotonic()))  # the fault itself, longer than the TTL

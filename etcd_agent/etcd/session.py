@@ -2,18 +2,29 @@
 
 Invariants:
 - Every period comes from the ``Timings`` it is given (``Timings.keepalive``, ``Timings.fence_margin``): one rule
-  for the agent, torchrun's backend and the tests. The keepalive runs every TTL/3 over one LeaseKeepAlive stream
-  kept open (re-opened after an error). A keepalive sent at time t guarantees the lease lives until at least
-  t + TTL, whenever its answer is read.
-- With several etcd members it runs every TTL/6, each try waits at most TTL/18 for its answer, and an unanswered
-  try is retried at once on another member (``keepalive.py``): a frozen leader is replaced after etcd's election
-  timeout (1-2 s by default), and a keepalive sent after that election must still land before the fencing
-  deadline, however the freeze fell between two keepalives (at TTL 5: 0.8 s until the next keepalive, 2 s of
-  election, two tries of 0.3 s, one of them perhaps on the frozen member: 3.4 s < 3.75 s). Every TTL/3 would be
-  enough for a frozen follower (1.7 s + 0.6 s for the try on it + one on a healthy member: about 2.4 s), but not
-  for a frozen leader: 1.7 s + 2 s of election + the tries = 4.3 s > 3.75 s, the agent would fence itself while
-  its lease lives (etcd's new leader extends every lease). So with several members at TTL 5 the keepalives are
-  1.2 requests per second, the one-member 0.6; an idle watch adds 0.1 (``liveness.py``).
+  for the agent, torchrun's backend and the tests. Keepalives go over one LeaseKeepAlive stream kept open
+  (re-opened after an error, ``keepalive.py``). A keepalive sent at time t guarantees the lease lives until at least
+  t + TTL, whenever its answer is read; the session is fenced TTL - margin after the newest answered one's send, L.
+  A failed try is followed by the next at once, or ``pause`` s after it went out if it failed sooner (a refused
+  stream is not retried in a tight loop). With one member: every TTL/3, each try waits TTL/9.
+- With several members an unanswered try is given up and the next goes to another member (the one that failed
+  longest ago: tries go round the members; a late answer on a given-up stream still counts). The worst case is a
+  frozen LEADER: a keepalive to a follower is forwarded to it and hangs, so none lands until the others elect a new
+  leader, within ``ELECTION`` = 2 s of the freeze with etcd's defaults (a follower campaigns 1-2 s after the last
+  heartbeat; the vote takes milliseconds). At TTL 5 (fenced at L + 3.75) the rule gives:
+  the freeze falls just before the keepalive due at L + 1.2 (the period); that try waits 0.4 s, then retries of
+  0.15 s go round the members, all lost until the election (by L + 3.2); the retry in flight then is lost too (by
+  L + 3.35), the next may go to the frozen member (by L + 3.5), and the one after reaches a live member, which has
+  the 0.25 s left (``ANSWER``) to answer: L + 3.75. Every TTL/3 would need 1.67 + 2 + 0.3 > 3.75 s. A frozen
+  follower costs one try: the next member answers by L + 1.2 + 0.4 + its answer. So an idle agent sends 0.83
+  keepalives per second at TTL 5 (0.6 with one member; 1.2 with the TTL/6 of before) and its idle watch 0.1
+  (``liveness.py``). From TTL 7 on the worst case fits with TTL/3 and retries get what is left (0.96 s at TTL 10);
+  below TTL 5 it does not fit etcd's default election (the period stays TTL/6: use faster elections there).
+  An election can take longer than 2 s: with etcd 3.4's defaults (no pre-vote) a follower ignores a vote that
+  comes within its election timeout of the leader's last heartbeat, and the candidate waits another 1-2 s (5 of
+  60 elections on 3 local members, the longest 2.8 s). A freeze late in a keepalive period then fences the session:
+  in a model of etcd's election, about 0.5% of frozen leaders at a random moment (0.6% with every TTL/6, 6% with
+  every TTL/3); no period of at most 1 request per second covers a 2.9 s election at TTL 5.
 - When no keepalive has succeeded for ``TTL - margin`` seconds, or etcd answers that the lease is gone, the
   session is lost: ``lost`` is set and ``on_lost(reason)`` runs once. The margin leaves the agent time to stop
   its workers before peers can see the lease expire (self-fencing). A lost session is never revived; the agent
@@ -72,17 +83,18 @@ class Session:
             stream.close()
 
     def _keep(self, stream) -> None:
-        period, attempt, pause = self.timings.keepalive(members=len(self.etcd.cfg.endpoints))
+        period, attempt, retry, pause = self.timings.keepalive(members=len(self.etcd.cfg.endpoints))
         margin = self.timings.fence_margin
-        failed = False
-        while not self._closed.wait(pause if failed else max(0.0, self._last_ok + period - time.monotonic())):
+        failed, tried = False, 0.0
+        while not self._closed.wait(max(0.0, (tried + pause if failed else self._last_ok + period) - time.monotonic())):
             fence_at = self._last_ok + self.ttl - margin
             left = fence_at - time.monotonic()
             if left <= 0:
                 self._lose(f"no lease keepalive succeeded for {self.ttl - margin:.1f} s (etcd unreachable)")
                 return
+            tried = time.monotonic()
             try:
-                granted, sent = stream.ping(timeout=min(left, attempt))
+                granted, sent = stream.ping(timeout=min(left, retry if failed else attempt))
             except EtcdUnavailable as exc:
                 metrics.keepalive_failed()
                 log.warning("lease %x keepalive failed, %.1f s left before self-fencing: %s", self.lease_id,
