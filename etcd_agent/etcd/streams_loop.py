@@ -70,6 +70,18 @@ class StreamsLoop:
         """Run ``fn(*args)`` on the loop thread, after every callback handed over before it."""
         self.loop().call_soon_threadsafe(fn, *args)
 
+    def barrier(self, timeout: float = 5.0) -> None:
+        """Wait until every callback the loop had when this was called has run (none when called on the loop): after
+        ``Stream.close`` and this, no callback of that stream is under way or to come."""
+        if self.on_loop() or self._loop is None or self._pid != os.getpid():
+            return
+        done = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(done.set_result, None)
+        try:
+            done.result(timeout)
+        except concurrent.futures.TimeoutError:
+            log.debug("the stream loop did not reach a barrier within %.1f s", timeout)
+
     def submit(self, coro: Coroutine) -> concurrent.futures.Future:
         """Run a coroutine on the loop; its future, to wait for from another thread."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop())

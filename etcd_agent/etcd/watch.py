@@ -15,9 +15,10 @@ range on a stream of its own. Guarantees, for each range:
   when it itself was silent for 10 intervals, and one unanswered for 2 intervals declares it dead: the endpoint is
   marked failed so failover picks another member, and the watch resumes. An idle watch costs etcd a request every
   10 intervals, no thread of its own; a member that froze is found within 4 intervals of its last answer.
-- ``sink`` runs on the watch thread: keep it non-blocking (push to a queue).
-- The gRPC call itself runs on the process's one stream loop (``streams_loop.py``, grpc.aio): a stream costs its
-  consumer thread only (idle, it waits on a queue without a timeout), not gRPC's reader and request threads.
+- The gRPC call runs on the process's one stream loop (``streams_loop.py``, grpc.aio), and its answers are handled
+  there: ``sink`` (and ``on_progress``) run on the loop's thread, so keep them non-blocking (push to a queue). The
+  stream's own thread only resumes a broken stream and re-reads a compacted range (idle, it waits on a queue
+  without a timeout); gRPC's reader and request threads are gone.
 - ``wait_deleted`` waits for one key's delete (another holder's lease ending) on such a watch, never by polling.
 
 Imports grpc, the generated messages through ``etcd.client``, ``etcd.diagnose``, ``etcd.liveness``,
@@ -39,7 +40,7 @@ from ..errors import EtcdError, WatchBroken
 from .client import KV, Etcd, prefix_end, rpc
 from .diagnose import map_grpc_error
 from .liveness import PROBER, Pulse
-from .streams_loop import Stream
+from .streams_loop import LOOP, Stream
 
 log = logs.get("etcd_agent.etcd.watch")
 _DELETE = 1  # mvccpb.Event.EventType.DELETE
@@ -111,7 +112,8 @@ class Watch:
         return self
 
     def cancel(self, wait: bool = True) -> None:
-        """Stop the watch; with ``wait``, until its thread has ended (otherwise a delivery may still follow)."""
+        """Stop the watch; with ``wait``, until its thread has ended and no delivery is under way (otherwise a delivery
+        may still follow)."""
         self._stream.cancel(wait)
 
 
@@ -171,7 +173,7 @@ class WatchStream:
 
     def __init__(self, etcd: Etcd, sink: Callable[[str, int, Delivery], None], probe_interval: float = 1.0,
                  name: str = "watch-stream", on_progress: Callable[[int], None] | None = None):
-        """``on_progress(revision)``, when given, hears etcd's progress answers on this stream's thread: etcd sends
+        """``on_progress(revision)``, when given, hears etcd's progress answers on the stream loop's thread: etcd sends
         them only once every range is synced, so every event up to ``revision`` has been delivered before it. Such
         a stream is probed every ``probe_interval`` it stays silent (``liveness.Pulse``'s eager rule)."""
         self.etcd = etcd
@@ -235,6 +237,8 @@ class WatchStream:
             end(None)
         if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if wait:
+            LOOP.barrier()  # a delivery under way on the loop's thread has ended; none follows
 
     def _run(self) -> None:
         backoff = 0.05
@@ -255,15 +259,30 @@ class WatchStream:
                 backoff = min(backoff * 2, 1.0)
 
     def _stream(self) -> None:
-        responses: queue.SimpleQueue = queue.SimpleQueue()  # the stream's answers, then one _End
+        responses: queue.SimpleQueue = queue.SimpleQueue()  # compacted ranges to re-read, then one _End
         channel, auth = self.etcd.stream_channel_and_auth()
         used = self.etcd.current_client()  # the client whose auth token this stream carries
         label = self.etcd.endpoint_label()  # the member this stream goes to: the one blamed if it falls silent
-        stream = Stream(rpc.WatchStub(channel).Watch, auth, responses.put, lambda exc: responses.put(_End(exc)))
 
-        def give_up(exc: BaseException | None) -> None:  # from any thread: this thread stops reading the stream
+        def give_up(exc: BaseException | None) -> None:  # from any thread: this thread stops waiting on the stream
             stream.close()
             responses.put(_End(exc, given_up=True))
+
+        def answered(resp) -> None:  # on the stream loop's thread: handled there, no hand-off to this thread
+            pulse.seen = time.monotonic()
+            self.etcd.heard(label, pulse.seen)
+            try:
+                self._handle(resp, stream, responses.put)
+            except Exception as exc:  # noqa: BLE001 - a cancel by etcd (WatchBroken), or worse: raised on this thread
+                give_up(exc)
+                return
+            if resp.events:
+                self._delivered = True  # a stream that delivered: a later break resumes without backoff
+
+        pulse = Pulse(self.probe_interval, lambda: self.etcd.last_heard(label),
+                      lambda: stream.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())),
+                      lambda: give_up(None), eager=self.on_progress is not None)
+        stream = Stream(rpc.WatchStub(channel).Watch, auth, answered, lambda exc: responses.put(_End(exc)))
 
         with self._lock:
             self._requests, self._pending, self._by_id = stream, [], {}
@@ -273,24 +292,19 @@ class WatchStream:
         self._end = give_up
         if self._cancelled.is_set():
             give_up(None)  # cancelled before the stream was in place
-        pulse = Pulse(self.probe_interval, lambda: self.etcd.last_heard(label),
-                      lambda: stream.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())),
-                      lambda: give_up(None), eager=self.on_progress is not None)
         PROBER.add(pulse)
         try:
-            while not isinstance(resp := responses.get(), _End):
-                pulse.seen = time.monotonic()
-                self.etcd.heard(label, pulse.seen)
-                self._handle(resp, stream)
-                if resp.events:
-                    self._delivered = True  # a stream that delivered: a later break resumes without backoff
+            while not isinstance(item := responses.get(), _End):
+                self._resync(item)  # a compacted range: re-read here, never on the loop
             if pulse.verdict == "dead":
                 self.etcd.mark_failed(label)
                 raise WatchBroken(f"no answer from etcd member {label or '?'} to a progress request within "
                                   f"{pulse.answer:.1f} s")
-            exc = resp.error
+            exc = item.error
+            if item.given_up and exc is not None:
+                raise exc  # what handling an answer raised: etcd canceled a range (TokenRefused among them)
             if exc is None:
-                raise WatchBroken("the stream was given up" if resp.given_up else "the stream ended")
+                raise WatchBroken("the stream was given up" if item.given_up else "the stream ended")
             if not isinstance(exc, grpc.RpcError):
                 raise WatchBroken(f"the watch stream could not run: {exc}") from exc  # Etcd.close() closed it
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -308,7 +322,8 @@ class WatchStream:
             self._end = None
             stream.close()
 
-    def _handle(self, resp, requests: Stream) -> None:
+    def _handle(self, resp, requests: Stream, resync: Callable[[_Range], None]) -> None:
+        """One answer of the stream, on the loop's thread: events to the sink; a compacted range to ``resync``."""
         if (self.on_progress is not None and not resp.events and not resp.created and not resp.canceled
                 and not resp.compact_revision):
             self.on_progress(resp.header.revision)
@@ -333,7 +348,7 @@ class WatchStream:
         if resp.compact_revision:
             log.warning("watch on %s: revision %d was compacted (oldest %d); re-reading the range", r.start,
                         r.next_revision, resp.compact_revision)
-            self._resync(r)
+            resync(r)
             return
         if resp.canceled:
             why = f"etcd canceled the watch on {r.start}: {resp.cancel_reason or 'no reason given'}"
