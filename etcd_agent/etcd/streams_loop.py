@@ -88,7 +88,10 @@ class StreamsLoop:
 
     def aio_channel(self, target: str, credentials: grpc.ChannelCredentials | None,
                     options: list[tuple[str, Any]]) -> grpc.aio.Channel:
-        """A grpc.aio channel to ``target``, made on the loop: TLS with ``credentials``, plaintext without."""
+        """A grpc.aio channel to ``target``, made on the loop: TLS with ``credentials``, plaintext without. Never
+        called on the loop's thread (it waits for the loop)."""
+        if self.on_loop():
+            raise RuntimeError("an aio channel is made from a thread other than the stream loop's")
         async def make() -> grpc.aio.Channel:
             if credentials is None:
                 return grpc.aio.insecure_channel(target, options=options)
