@@ -160,24 +160,31 @@ def test_a_watch_beside_a_session_still_notices_a_frozen_member(own_etcd):
     e.close()
 
 
-def test_an_idle_watch_stream_and_its_channel_do_not_wake(own_etcd):
-    """In an agent's process (``etcd.waits.quiet_grpc_waits``) the threads of an idle watch stream sleep: gRPC's
-    channel thread (its completion-queue waits: 200 ms slices otherwise), the stream's reader (0.1 s slices
-    otherwise) and its request thread. Counted from /proc over a 2 s pause (about 30 wake-ups with gRPC's own
-    slices), not timed: a slice of 5 s may end at most once per thread within the pause."""
+def test_an_idle_watch_stream_costs_one_thread_and_nothing_wakes(own_etcd):
+    """A watch stream's gRPC call runs on the process's one stream loop (``etcd.streams_loop``, grpc.aio): the stream
+    adds one thread, its consumer, and no reader or request thread of gRPC's. While it is idle its consumer, the
+    loop and gRPC's completion-queue poller sleep: counted from /proc over a 2 s pause (about 30 wake-ups with the
+    blocking API's 0.1 s and 200 ms slices), not timed."""
     quiet_grpc_waits()
-    before = {t.native_id for t in threading.enumerate()}
     e = Etcd(EtcdConfig(parse_endpoints(own_etcd.endpoint)))
-    stream = WatchStream(e, lambda *delivery: None, probe_interval=60.0).start()
+    e.stream_channel_and_auth()  # the process's loop thread and gRPC's poller exist: they are not the stream's
+    before = {t.native_id for t in threading.enumerate()}
+    deliveries: queue.SimpleQueue = queue.SimpleQueue()
+    stream = WatchStream(e, lambda *delivery: deliveries.put(delivery), probe_interval=60.0, name="idle-watch")
     stream.add("idle", "/idle/", b"/idle0", 1)
+    stream.start()
     try:
-        poll_until(lambda: e.last_heard(e.endpoint_label()) > 0, WAIT, "the watch was not created")
-        ours = {t.native_id for t in threading.enumerate()} - before  # the stream's and gRPC's threads for it
-        assert len(ours) >= 3, [t.name for t in threading.enumerate()]
-        first = wakeups(ours)
+        e.put("/idle/a", b"1")
+        assert [ev.key for ev in deliveries.get(timeout=WAIT)[2]] == ["/idle/a"]  # the stream is up and delivers
+        added = [t.name for t in threading.enumerate() if t.native_id not in before and t.name != "watch-prober"]
+        assert added == ["idle-watch"], added
+        serving = {t.native_id: t.name for t in threading.enumerate()
+                   if t.name in ("idle-watch", "etcd-streams") or "_poll_wrapper" in t.name}
+        assert len(serving) == 3, [t.name for t in threading.enumerate()]
+        first = {tid: wakeups({tid}) for tid in serving}
         threading.Event().wait(2.0)  # a pause, not a synchronization: the window whose wake-ups are counted
-        woke = wakeups(ours) - first
+        woke = {name: wakeups({tid}) - first[tid] for tid, name in serving.items()}
     finally:
         stream.cancel()
         e.close()
-    assert woke <= 6, f"{len(ours)} idle threads woke {woke} times in 2 s"
+    assert sum(woke.values()) <= 6, f"the idle stream's threads woke in 2 s: {woke}"

@@ -17,7 +17,7 @@ Guarantees:
 The session (``session.py``), its keepalives (``keepalive.py``) and the resumable watch (``watch.py``) build on the
 primitives here. gRPC's environment is set by ``etcd/__init__.py`` before grpc is imported; its idle waits are
 made to sleep, not poll, by ``etcd/waits.py`` in the agent's own process only. Imports the base modules,
-``schema.keys``, ``etcd.diagnose``, ``etcd.liveness`` and ``etcd.retry``; nothing above ``etcd/``.
+``schema.keys``, ``etcd.diagnose``, ``etcd.liveness``, ``etcd.retry``, ``etcd.streams_loop``; nothing above etcd/.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ..schema.keys import prefix_end  # noqa: F401  (pure; re-exported for the w
 from .diagnose import ENDPOINT_FAILED_CODES, map_grpc_error, plaintext_to_tls, tls_problem
 from .liveness import PROBER
 from .retry import retrying
+from .streams_loop import StreamChannels
 
 log = logs.get("etcd_agent.etcd.client")
 T = TypeVar("T")
@@ -165,6 +166,7 @@ class Etcd:
         self._probed: set[str | None] = set()  # members already checked for TLS after a "Socket closed"
         self._client: etcd3.MultiEndpointEtcd3Client | None = None
         self._heard: dict[str | None, float] = {}  # member label -> monotonic time of its last answer
+        self._streams = StreamChannels(GRPC_OPTIONS)  # one grpc.aio channel per member, for the streams
 
     # -- connection --
     def _build(self) -> etcd3.MultiEndpointEtcd3Client:
@@ -201,6 +203,11 @@ class Etcd:
         except etcd3_exc.NoServerAvailableError as exc:
             raise EtcdUnavailable(f"no etcd endpoint of {self.endpoints_text} is available") from exc
         return channel, {"credentials": client.call_credentials, "metadata": client.metadata}
+
+    def stream_channel_and_auth(self):
+        """(grpc.aio channel, call kwargs) of the member unary calls use now: for the streams (``streams_loop``)."""
+        _, auth = self.channel_and_auth()  # picks the member as for unary calls (failover)
+        return self._streams.get(self.client.endpoint_in_use), auth
 
     def renew_auth(self, used=None) -> bool:
         """etcd refused our auth token (an etcd restart forgets every token; simple tokens also expire when idle):
@@ -263,6 +270,7 @@ class Etcd:
 
     def close(self) -> None:
         self._reset()
+        self._streams.close()
 
     # -- calls --
     def call(self, where: str, fn: Callable[[etcd3.MultiEndpointEtcd3Client, dict], T],

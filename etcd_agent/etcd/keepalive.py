@@ -10,13 +10,15 @@ Guarantees:
   leader holds every later request of that stream, so only a new stream on another member renews the lease in time.
 - A given-up stream that did not break is still listened to until a newer stream answers: a member that was only
   slow (a busy machine) still renews the lease with its late answer.
-Imports grpc, the generated messages through ``etcd.client``, and ``etcd.diagnose``; nothing above ``etcd/``.
+- A stream costs no thread of its own: it runs on the process's one stream loop (``streams_loop.py``, grpc.aio);
+  ``ping`` hands its request over and waits on a queue the stream's answers are put on.
+Imports grpc, the generated messages through ``etcd.client``, ``etcd.diagnose`` and ``etcd.streams_loop``;
+nothing above ``etcd/``.
 """
 
 from __future__ import annotations
 
 import queue
-import threading
 import time
 
 import grpc
@@ -24,6 +26,7 @@ import grpc
 from ..errors import EtcdUnavailable
 from .client import Etcd, rpc
 from .diagnose import ENDPOINT_FAILED_CODES, map_grpc_error
+from .streams_loop import Stream
 
 SPARES = 2  # given-up streams still listened to, newest first
 
@@ -33,35 +36,33 @@ class StreamEnded(Exception):
 
 
 class _Line:
-    """One LeaseKeepAlive stream to one member; its reader thread puts ``(line, answer or error)`` on ``answers``."""
+    """One LeaseKeepAlive stream to one member, a task of the process's stream loop (``streams_loop``): its answers
+    and its end go to ``answers`` as ``(line, answer or error)``."""
 
     def __init__(self, etcd: Etcd, lease_id: int, answers: queue.SimpleQueue):
-        channel, auth = etcd.channel_and_auth()
+        channel, auth = etcd.stream_channel_and_auth()
         self.used = etcd.current_client()  # the client whose token this stream carries
         self.label = etcd.endpoint_label()  # the member it goes to
         self.sent: list[float] = []  # monotonic send times of the requests not answered yet, oldest first
         self.misses = 0
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._request = rpc.LeaseKeepAliveRequest(ID=lease_id)
-        self._call = rpc.LeaseStub(channel).LeaseKeepAlive(iter(self._requests.get, None), **auth)
-        threading.Thread(target=self._read, args=(answers,), name=f"keepalive-stream-{lease_id:x}",
-                         daemon=True).start()
+        self._stream = Stream(rpc.LeaseStub(channel).LeaseKeepAlive, auth, lambda resp: answers.put((self, resp)),
+                              lambda end: answers.put((self, self._ended(end))))
 
-    def _read(self, answers: queue.SimpleQueue) -> None:
-        try:
-            for resp in self._call:
-                answers.put((self, resp))
-            answers.put((self, StreamEnded("etcd ended the keepalive stream")))
-        except grpc.RpcError as exc:
-            answers.put((self, exc))
+    @staticmethod
+    def _ended(end: BaseException | None) -> BaseException:
+        if end is None:
+            return StreamEnded("etcd ended the keepalive stream")
+        if isinstance(end, grpc.RpcError):
+            return end
+        return StreamEnded(f"the keepalive stream could not run: {end}")  # a channel closed by Etcd.close()
 
     def send(self) -> None:
         self.sent.append(time.monotonic())
-        self._requests.put(self._request)
+        self._stream.write(self._request)
 
     def close(self) -> None:
-        self._requests.put(None)
-        self._call.cancel()
+        self._stream.close()
 
 
 class KeepAliveStream:

@@ -15,11 +15,14 @@ range on a stream of its own. Guarantees, for each range:
   when it itself was silent for 10 intervals, and one unanswered for 2 intervals declares it dead: the endpoint is
   marked failed so failover picks another member, and the watch resumes. An idle watch costs etcd a request every
   10 intervals, no thread of its own; a member that froze is found within 4 intervals of its last answer.
-- ``sink`` runs on the watch thread: keep it non-blocking (push to a queue).
+- The gRPC call runs on the process's one stream loop (``streams_loop.py``, grpc.aio), and its answers are handled
+  there: ``sink`` (and ``on_progress``) run on the loop's thread, so keep them non-blocking (push to a queue). The
+  stream's own thread only resumes a broken stream and re-reads a compacted range (idle, it waits on a queue
+  without a timeout); gRPC's reader and request threads are gone.
 - ``wait_deleted`` waits for one key's delete (another holder's lease ending) on such a watch, never by polling.
 
-Imports grpc, the generated messages through ``etcd.client``, ``etcd.diagnose``, ``etcd.liveness``, ``errors``,
-``logs`` and ``metrics``; nothing above ``etcd/``.
+Imports grpc, the generated messages through ``etcd.client``, ``etcd.diagnose``, ``etcd.liveness``,
+``etcd.streams_loop``, ``errors``, ``logs`` and ``metrics``; nothing above ``etcd/``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..errors import EtcdError, WatchBroken
 from .client import KV, Etcd, prefix_end, rpc
 from .diagnose import map_grpc_error
 from .liveness import PROBER, Pulse
+from .streams_loop import LOOP, Stream
 
 log = logs.get("etcd_agent.etcd.watch")
 _DELETE = 1  # mvccpb.Event.EventType.DELETE
@@ -76,6 +80,14 @@ class Resync:
 Delivery = Union[list[Event], Resync]
 
 
+@dataclasses.dataclass(frozen=True)
+class _End:
+    """The end of a stream's answers: etcd's or gRPC's error (None: the stream ended, or was given up here)."""
+
+    error: BaseException | None
+    given_up: bool = False
+
+
 class Watch:
     """One key range on a stream of its own (``WatchStream`` with one range): ``sink(delivery)`` gets its events,
     and a ``Resync`` after a compaction."""
@@ -100,7 +112,8 @@ class Watch:
         return self
 
     def cancel(self, wait: bool = True) -> None:
-        """Stop the watch; with ``wait``, until its thread has ended (otherwise a delivery may still follow)."""
+        """Stop the watch; with ``wait``, until its thread has ended and no delivery is under way (otherwise a delivery
+        may still follow)."""
         self._stream.cancel(wait)
 
 
@@ -160,7 +173,7 @@ class WatchStream:
 
     def __init__(self, etcd: Etcd, sink: Callable[[str, int, Delivery], None], probe_interval: float = 1.0,
                  name: str = "watch-stream", on_progress: Callable[[int], None] | None = None):
-        """``on_progress(revision)``, when given, hears etcd's progress answers on this stream's thread: etcd sends
+        """``on_progress(revision)``, when given, hears etcd's progress answers on the stream loop's thread: etcd sends
         them only once every range is synced, so every event up to ``revision`` has been delivered before it. Such
         a stream is probed every ``probe_interval`` it stays silent (``liveness.Pulse``'s eager rule)."""
         self.etcd = etcd
@@ -172,11 +185,11 @@ class WatchStream:
         self._ranges: dict[str, _Range] = {}  # name -> the range watched under it
         self._by_id: dict[int, _Range] = {}
         self._pending: list[_Range] = []  # create requests sent on the current stream, not yet answered, in order
-        self._requests: queue.Queue | None = None  # the current stream's requests
+        self._requests: Stream | None = None  # the current stream: requests are written to it
         self._tokens = 0
         self._delivered = False
         self._cancelled = threading.Event()
-        self._call = None
+        self._end: Callable[[BaseException | None], None] | None = None  # gives the current stream up
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> "WatchStream":
@@ -208,22 +221,24 @@ class WatchStream:
         if r.watch_id is not None:
             self._by_id.pop(r.watch_id, None)
             if self._requests is not None:
-                self._requests.put(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(watch_id=r.watch_id)))
+                self._requests.write(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(watch_id=r.watch_id)))
         # still pending: cancelled as soon as etcd says which id it got
 
     def _create_locked(self, r: _Range) -> None:
         self._pending.append(r)
-        self._requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+        self._requests.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
             key=r.start.encode(), range_end=r.end, start_revision=r.next_revision, progress_notify=True,
             filters=[rpc.WatchCreateRequest.NOPUT] if r.deletes_only else [])))
 
     def cancel(self, wait: bool = True) -> None:
         self._cancelled.set()
-        call = self._call
-        if call is not None:
-            call.cancel()
+        end = self._end
+        if end is not None:
+            end(None)
         if wait and self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if wait:
+            LOOP.barrier()  # a delivery under way on the loop's thread has ended; none follows
 
     def _run(self) -> None:
         backoff = 0.05
@@ -244,43 +259,54 @@ class WatchStream:
                 backoff = min(backoff * 2, 1.0)
 
     def _stream(self) -> None:
-        requests: queue.Queue = queue.Queue()
-        channel, auth = self.etcd.channel_and_auth()
+        responses: queue.SimpleQueue = queue.SimpleQueue()  # compacted ranges to re-read, then one _End
+        channel, auth = self.etcd.stream_channel_and_auth()
         used = self.etcd.current_client()  # the client whose auth token this stream carries
         label = self.etcd.endpoint_label()  # the member this stream goes to: the one blamed if it falls silent
-        stub = rpc.WatchStub(channel)
 
-        def request_iter():
-            while True:
-                item = requests.get()
-                if item is None:
-                    return
-                yield item
+        def give_up(exc: BaseException | None) -> None:  # from any thread: this thread stops waiting on the stream
+            stream.close()
+            responses.put(_End(exc, given_up=True))
 
-        call = stub.Watch(request_iter(), **auth)
-        self._call = call
+        def answered(resp) -> None:  # on the stream loop's thread: handled there, no hand-off to this thread
+            pulse.seen = time.monotonic()
+            self.etcd.heard(label, pulse.seen)
+            try:
+                self._handle(resp, stream, responses.put)
+            except Exception as exc:  # noqa: BLE001 - a cancel by etcd (WatchBroken), or worse: raised on this thread
+                give_up(exc)
+                return
+            if resp.events:
+                self._delivered = True  # a stream that delivered: a later break resumes without backoff
+
+        pulse = Pulse(self.probe_interval, lambda: self.etcd.last_heard(label),
+                      lambda: stream.write(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())),
+                      lambda: give_up(None), eager=self.on_progress is not None)
+        stream = Stream(rpc.WatchStub(channel).Watch, auth, answered, lambda exc: responses.put(_End(exc)))
+
         with self._lock:
-            self._requests, self._pending, self._by_id = requests, [], {}
+            self._requests, self._pending, self._by_id = stream, [], {}
             for r in self._ranges.values():
                 r.watch_id = None
                 self._create_locked(r)
-        pulse = Pulse(self.probe_interval, lambda: self.etcd.last_heard(label),
-                      lambda: requests.put(rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())), call.cancel,
-                      eager=self.on_progress is not None)
+        self._end = give_up
+        if self._cancelled.is_set():
+            give_up(None)  # cancelled before the stream was in place
         PROBER.add(pulse)
         try:
-            for resp in call:
-                pulse.seen = time.monotonic()
-                self.etcd.heard(label, pulse.seen)
-                self._handle(resp, requests)
-                if resp.events:
-                    self._delivered = True  # a stream that delivered: a later break resumes without backoff
-            raise WatchBroken("the stream ended")
-        except grpc.RpcError as exc:
+            while not isinstance(item := responses.get(), _End):
+                self._resync(item)  # a compacted range: re-read here, never on the loop
             if pulse.verdict == "dead":
                 self.etcd.mark_failed(label)
                 raise WatchBroken(f"no answer from etcd member {label or '?'} to a progress request within "
-                                  f"{pulse.answer:.1f} s") from exc
+                                  f"{pulse.answer:.1f} s")
+            exc = item.error
+            if item.given_up and exc is not None:
+                raise exc  # what handling an answer raised: etcd canceled a range (TokenRefused among them)
+            if exc is None:
+                raise WatchBroken("the stream was given up" if item.given_up else "the stream ended")
+            if not isinstance(exc, grpc.RpcError):
+                raise WatchBroken(f"the watch stream could not run: {exc}") from exc  # Etcd.close() closed it
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 self.etcd.mark_failed(label)
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -293,11 +319,11 @@ class WatchStream:
             PROBER.remove(pulse)
             with self._lock:
                 self._requests = None
-            requests.put(None)
-            self._call = None
-            call.cancel()
+            self._end = None
+            stream.close()
 
-    def _handle(self, resp, requests: queue.Queue) -> None:
+    def _handle(self, resp, requests: Stream, resync: Callable[[_Range], None]) -> None:
+        """One answer of the stream, on the loop's thread: events to the sink; a compacted range to ``resync``."""
         if (self.on_progress is not None and not resp.events and not resp.created and not resp.canceled
                 and not resp.compact_revision):
             self.on_progress(resp.header.revision)
@@ -308,7 +334,7 @@ class WatchStream:
                     return
                 r.watch_id = resp.watch_id
                 if r.removed:
-                    requests.put(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(watch_id=resp.watch_id)))
+                    requests.write(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(watch_id=resp.watch_id)))
                     return
                 self._by_id[resp.watch_id] = r
                 if not resp.canceled:
@@ -322,7 +348,7 @@ class WatchStream:
         if resp.compact_revision:
             log.warning("watch on %s: revision %d was compacted (oldest %d); re-reading the range", r.start,
                         r.next_revision, resp.compact_revision)
-            self._resync(r)
+            resync(r)
             return
         if resp.canceled:
             why = f"etcd canceled the watch on {r.start}: {resp.cancel_reason or 'no reason given'}"
