@@ -54,8 +54,9 @@ BOUNDED = Round(plan_bytes=0.0, plan_fixed=SPLIT_READ_BYTES, join_scan=16)  # an
 
 
 def today_rates(ttl: int, members: int) -> tuple[float, float]:
-    """(keepalives, progress requests) per second per idle agent with today's ``Timings``: a keepalive every TTL/3
-    (TTL/6 with several members), a progress request every ``watch_probe`` seconds on its one watch stream."""
+    """(keepalives, progress requests) per second per idle agent with today's ``Timings``: a keepalive every
+    ``Timings.keepalive(members).period`` (TTL/3 with one member; with several, 1.2 s at TTL 5 and TTL/3 from TTL 7
+    on), a progress request every ``watch_probe`` seconds on its one watch stream."""
     t = Timings(lease_ttl=ttl)
     return 1.0 / t.keepalive(members).period, 1.0 / t.watch_probe
 
