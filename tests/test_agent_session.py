@@ -83,3 +83,39 @@ def test_a_refused_session_leaves_no_lease_and_no_thread(etcd_endpoint, run_id, 
     assert not other.session._thread.is_alive()
     assert not lease_alive(other, other.session.lease_id)
     assert lease_alive(holder, holder.session.lease_id)
+
+
+def test_a_first_session_lost_while_it_registers_is_replaced_not_an_error(etcd_endpoint, run_id, monkeypatch,
+                                                                          agents_made):
+    """A loaded machine can starve the first session's keepalives while its registration retries: etcd answered the
+    agent's status, so this is no unreachable etcd (a ConfigError that ends the agent) but a lost session; ``open``
+    opens another, the lost one's lease revoked first, and registers with it."""
+    cfg = AgentConfig(run_id=run_id, node_id="node-a", spec=JobSpec(1, 2, "1", 0), workers=WorkerConfig(JOB, (), 1),
+                      etcd=EtcdConfig(parse_endpoints(etcd_endpoint), request_timeout=1.0), lease_ttl=3)
+    a = Coordinator(cfg, "test", queue.SimpleQueue().put, threading.Event())
+    agents_made.append(a)
+    real = txns.register
+    leases = []
+
+    def lost_the_first_time(*args, **kwargs):
+        leases.append(a.session.lease_id)
+        if len(leases) == 1:
+            a.session.lost.set()  # what the keepalive thread does when its deadline passes
+            a.etcd.call("register", lambda c, kw: (_ for _ in ()).throw(EtcdUnavailable("no answer")), deadline=30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coordinator_mod.txns, "register", lost_the_first_time)
+    lost: list[str] = []
+    a.open(lambda session, why: lost.append(why))
+    assert len(leases) == 2 and leases[0] != leases[1] == a.session.lease_id
+    kv, _ = a.etcd.get(a.keys.node("node-a"))
+    assert kv.lease == a.session.lease_id
+    assert not lease_alive(a, leases[0]), "the lost session's lease was not revoked"
+
+
+def test_a_call_given_up_for_a_lost_session_says_so(etcd_endpoint, run_id, agents_made):
+    a = make_agent(etcd_endpoint, run_id)
+    agents_made.append(a)
+    a.etcd.interrupt = lambda: True
+    with pytest.raises(EtcdUnavailable, match="before its session was lost: .*no answer"):
+        a.etcd.call("get", lambda c, kw: (_ for _ in ()).throw(EtcdUnavailable("no answer")), deadline=30)

@@ -123,7 +123,15 @@ class Coordinator:
             self.quarantine = QuarantineRecord(self.etcd, self.keys, self.node, self.mirror, lambda name, key: self
                                                .watches.ensure(name, key, b""), self.roles.read_key, self.log,
                                                self.cfg.quarantine.scope)
-            self.new_session(on_lost)
+            self._give_up = time.monotonic() + self.cfg.join_timeout
+            while True:  # a session lost while it registers (keepalives starved, an election) is no config error
+                try:
+                    self.new_session(on_lost, self._stale)
+                    break
+                except EtcdUnavailable as exc:
+                    if not self.session.lost.is_set() or self._shutdown.is_set() or time.monotonic() > self._give_up:
+                        raise
+                    self.log.warning("the session was lost while it registered, opening another: %s", exc)
             self.watches.ensure("control", *self.keys.control())
         except EtcdNoSpace:
             raise  # etcd answered: its message says what the operator must do, not which endpoints to check

@@ -160,7 +160,7 @@ class Etcd:
                  interrupt: Callable[[], bool] | None = None):
         self.cfg = cfg
         self.stop_event = stop_event
-        self.interrupt = interrupt
+        self.interrupt = interrupt or (lambda: False)  # True: the caller's session was lost, stop retrying
         self._lock = threading.Lock()
         self._failover_lock = threading.Lock()
         self._probed: set[str | None] = set()  # members already checked for TLS after a "Socket closed"
@@ -321,8 +321,9 @@ class Etcd:
                             None if final else self.interrupt, where)
         except EtcdNoSpace:
             raise  # etcd answered: it is full, not unreachable, and no retry empties it
-        except EtcdUnavailable as exc:
-            raise EtcdUnavailable(f"cannot reach etcd at {self.endpoints_text} within {limit:.1f} s: {exc}") from exc
+        except EtcdUnavailable as exc:  # given up at the deadline, or earlier: the caller's session was lost
+            why = "before its session was lost" if not final and self.interrupt() else f"within {limit:.1f} s"
+            raise EtcdUnavailable(f"cannot reach etcd at {self.endpoints_text} {why}: {exc}") from exc
 
     def status(self, deadline: float | None = None) -> str:
         """The version string of the etcd member answering; used to check reachability at start."""
