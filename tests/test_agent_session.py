@@ -119,3 +119,30 @@ def test_a_call_given_up_for_a_lost_session_says_so(etcd_endpoint, run_id, agent
     a.etcd.interrupt = lambda: True
     with pytest.raises(EtcdUnavailable, match="before its session was lost: .*no answer"):
         a.etcd.call("get", lambda c, kw: (_ for _ in ()).throw(EtcdUnavailable("no answer")), deadline=30)
+
+
+def test_a_first_session_lost_while_it_starts_its_watch_is_replaced(etcd_endpoint, run_id, monkeypatch, agents_made):
+    """The same after the registration: the control key's read (the start of its watch) meets the lost session; the
+    registered session's lease is revoked before the next one registers."""
+    cfg = AgentConfig(run_id=run_id, node_id="node-a", spec=JobSpec(1, 2, "1", 0), workers=WorkerConfig(JOB, (), 1),
+                      etcd=EtcdConfig(parse_endpoints(etcd_endpoint), request_timeout=1.0), lease_ttl=3)
+    a = Coordinator(cfg, "test", queue.SimpleQueue().put, threading.Event())
+    agents_made.append(a)
+    real = a.etcd.get_range
+    leases = []
+
+    def lost_the_first_time(*args, **kwargs):
+        if a.session is not None:
+            leases.append(a.session.lease_id)
+            if len(leases) == 1:
+                a.session.lost.set()
+                a.etcd.call("get", lambda c, kw: (_ for _ in ()).throw(EtcdUnavailable("no answer")), deadline=30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(a.etcd, "get_range", lost_the_first_time)
+    a.open(ignore)
+    assert len(leases) == 2 and leases[0] != leases[1] == a.session.lease_id
+    kv, _ = a.etcd.get(a.keys.node("node-a"))
+    assert kv.lease == a.session.lease_id
+    assert not lease_alive(a, leases[0]), "the lost session's lease was not revoked"
+    assert "control" in a.watches.known

@@ -124,15 +124,18 @@ class Coordinator:
                                                .watches.ensure(name, key, b""), self.roles.read_key, self.log,
                                                self.cfg.quarantine.scope)
             self._give_up = time.monotonic() + self.cfg.join_timeout
-            while True:  # a session lost while it registers (keepalives starved, an election) is no config error
+            while True:  # a session lost while it starts (keepalives starved, an election) is no config error
                 try:
                     self.new_session(on_lost, self._stale)
+                    self.watches.ensure("control", *self.keys.control())
                     break
                 except EtcdUnavailable as exc:
                     if not self.session.lost.is_set() or self._shutdown.is_set() or time.monotonic() > self._give_up:
                         raise
-                    self.log.warning("the session was lost while it registered, opening another: %s", exc)
-            self.watches.ensure("control", *self.keys.control())
+                    if self.session.lease_id not in self._stale:  # registered: its keys go with the next one
+                        self.session.close(revoke=False)
+                        self._stale.append(self.session.lease_id)
+                    self.log.warning("the session was lost while the agent started, opening another: %s", exc)
         except EtcdNoSpace:
             raise  # etcd answered: its message says what the operator must do, not which endpoints to check
         except EtcdUnavailable as exc:
