@@ -9,9 +9,11 @@ The stream loop and gRPC's poller serve every stream of a process, so in a test 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import sys
 import threading
+from pathlib import Path
 
 from etcd_agent.config import EtcdConfig
 from etcd_agent.endpoints import parse_endpoints
@@ -19,17 +21,10 @@ from etcd_agent.etcd.client import Etcd
 from etcd_agent.etcd.waits import quiet_grpc_waits
 from etcd_agent.etcd.watch import WatchStream
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
+from steady import task_switches  # noqa: E402 - the benchmark's /proc reader
+
 WAIT = 60.0
-
-
-def wakeups(native_id: int) -> int:
-    """Context switches so far of one thread of this process (each time it woke up), from /proc."""
-    try:
-        with open(f"/proc/self/task/{native_id}/status") as f:
-            return sum(int(line.split()[1]) for line in f
-                       if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
-    except OSError:
-        return 0  # it ended
 
 
 def main(endpoint: str) -> dict:
@@ -47,9 +42,10 @@ def main(endpoint: str) -> dict:
         added = [t.name for t in threading.enumerate() if t.native_id not in before and t.name != "watch-prober"]
         serving = {t.native_id: t.name for t in threading.enumerate()
                    if t.name in ("idle-watch", "etcd-streams") or "_poll_wrapper" in t.name}
-        first = {tid: wakeups(tid) for tid in serving}
+        first = task_switches([os.getpid()])
         threading.Event().wait(2.0)  # a pause, not a synchronization: the window whose wake-ups are counted
-        woke = {name: wakeups(tid) - first[tid] for tid, name in serving.items()}
+        after = task_switches([os.getpid()])
+        woke = {name: after.get(tid, first[tid]) - first[tid] for tid, name in serving.items()}
     finally:
         stream.cancel()
         e.close()

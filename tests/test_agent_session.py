@@ -19,12 +19,19 @@ from etcd_agent.coord.coordinator import Coordinator
 from etcd_agent.errors import DuplicateNode, EtcdUnavailable
 
 
-def make_agent(endpoint: str, run_id: str, node: str = "node-a") -> Coordinator:
+def make_agent(endpoint: str, run_id: str, node: str = "node-a", joined: bool = True) -> Coordinator:
+    """A coordinator; ``joined``: its job's keys found already (else ``open`` finds them)."""
     cfg = AgentConfig(run_id=run_id, node_id=node, spec=JobSpec(1, 2, "1", 0), workers=WorkerConfig(JOB, (), 1),
                       etcd=EtcdConfig(parse_endpoints(endpoint), request_timeout=1.0), lease_ttl=3)
     c = Coordinator(cfg, "test", queue.SimpleQueue().put, threading.Event())
-    c.keys = txns.init_job(c.etcd, c.run_keys, cfg.spec, time.time())
+    if joined:
+        c.keys = txns.init_job(c.etcd, c.run_keys, cfg.spec, time.time())
     return c
+
+
+def unanswered(client, kwargs):
+    """An etcd call that gets no answer."""
+    raise EtcdUnavailable("no answer")
 
 
 def lease_alive(c: Coordinator, lease: int) -> bool:
@@ -90,9 +97,7 @@ def test_a_first_session_lost_while_it_registers_is_replaced_not_an_error(etcd_e
     """A loaded machine can starve the first session's keepalives while its registration retries: etcd answered the
     agent's status, so this is no unreachable etcd (a ConfigError that ends the agent) but a lost session; ``open``
     opens another, the lost one's lease revoked first, and registers with it."""
-    cfg = AgentConfig(run_id=run_id, node_id="node-a", spec=JobSpec(1, 2, "1", 0), workers=WorkerConfig(JOB, (), 1),
-                      etcd=EtcdConfig(parse_endpoints(etcd_endpoint), request_timeout=1.0), lease_ttl=3)
-    a = Coordinator(cfg, "test", queue.SimpleQueue().put, threading.Event())
+    a = make_agent(etcd_endpoint, run_id, joined=False)
     agents_made.append(a)
     real = txns.register
     leases = []
@@ -101,7 +106,7 @@ def test_a_first_session_lost_while_it_registers_is_replaced_not_an_error(etcd_e
         leases.append(a.session.lease_id)
         if len(leases) == 1:
             a.session.lost.set()  # what the keepalive thread does when its deadline passes
-            a.etcd.call("register", lambda c, kw: (_ for _ in ()).throw(EtcdUnavailable("no answer")), deadline=30)
+            a.etcd.call("register", unanswered, deadline=30)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(coordinator_mod.txns, "register", lost_the_first_time)
@@ -118,15 +123,13 @@ def test_a_call_given_up_for_a_lost_session_says_so(etcd_endpoint, run_id, agent
     agents_made.append(a)
     a.etcd.interrupt = lambda: True
     with pytest.raises(EtcdUnavailable, match="before its session was lost: .*no answer"):
-        a.etcd.call("get", lambda c, kw: (_ for _ in ()).throw(EtcdUnavailable("no answer")), deadline=30)
+        a.etcd.call("get", unanswered, deadline=30)
 
 
 def test_a_first_session_lost_while_it_starts_its_watch_is_replaced(etcd_endpoint, run_id, monkeypatch, agents_made):
     """The same after the registration: the control key's read (the start of its watch) meets the lost session; the
     registered session's lease is revoked before the next one registers."""
-    cfg = AgentConfig(run_id=run_id, node_id="node-a", spec=JobSpec(1, 2, "1", 0), workers=WorkerConfig(JOB, (), 1),
-                      etcd=EtcdConfig(parse_endpoints(etcd_endpoint), request_timeout=1.0), lease_ttl=3)
-    a = Coordinator(cfg, "test", queue.SimpleQueue().put, threading.Event())
+    a = make_agent(etcd_endpoint, run_id, joined=False)
     agents_made.append(a)
     real = a.etcd.get_range
     leases = []
@@ -136,7 +139,7 @@ def test_a_first_session_lost_while_it_starts_its_watch_is_replaced(etcd_endpoin
             leases.append(a.session.lease_id)
             if len(leases) == 1:
                 a.session.lost.set()
-                a.etcd.call("get", lambda c, kw: (_ for _ in ()).throw(EtcdUnavailable("no answer")), deadline=30)
+                a.etcd.call("get", unanswered, deadline=30)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(a.etcd, "get_range", lost_the_first_time)
