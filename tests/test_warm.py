@@ -119,7 +119,9 @@ def test_a_group_starts_from_its_spare_and_the_worker_runs_the_script(tmp_path):
 def test_a_spare_still_importing_is_handed_the_round_and_runs_once_its_imports_finish(tmp_path, monkeypatch):
     slow = tmp_path / "mods"
     slow.mkdir()
-    (slow / "slow_import.py").write_text("import time\ntime.sleep(1.5)\n")
+    imported = tmp_path / "imported"  # the import ends once this exists: after the spare was handed the round
+    (slow / "slow_import.py").write_text(f"from etcd_agent.testing import records\n"
+                                         f"assert records.wait_path({str(imported)!r}, 60)\n")
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setenv("PYTHONPATH", str(slow))
@@ -127,8 +129,9 @@ def test_a_spare_still_importing_is_handed_the_round_and_runs_once_its_imports_f
     pool.fill(_first_envs(cfg))
     spare_pid = pool.pids[0]
     try:
-        group.start(_assignment(cfg))  # at once: the spare is still in its 1.5 s import
+        group.start(_assignment(cfg))  # the spare is still in its import: it waits for ``imported``
         assert group.pids == [spare_pid]
+        imported.touch()
         assert done.wait(30) and exits[0].returncode == 0
         assert records(out)[(1, 0)]["pid"] == spare_pid
     finally:

@@ -14,9 +14,8 @@ import json
 import os
 import signal
 import sys
-import time
 
-_globals = sorted(k for k in globals() if k not in ("atexit", "json", "os", "signal", "sys", "time"))
+_globals = sorted(k for k in globals() if k not in ("atexit", "json", "os", "signal", "sys"))
 
 
 def fd_targets() -> dict[str, str]:
@@ -67,8 +66,10 @@ with open(tmp, "w") as f:
 os.replace(tmp, os.path.join(out, f"{rnd}-{rank}.json"))
 print(f"rank {rank} round {rnd}: recorded", flush=True)
 if rnd == 1 and rank == 1:
-    while go and not os.path.exists(go):
-        time.sleep(0.02)
+    if go:
+        from etcd_agent.testing import records  # after the record: an import it must not show
+
+        records.wait_path(go)
     raise RuntimeError(f"rank {rank} fails in round {rnd}")
 if rnd == 1:
     signal.pause()  # a peer of the failing rank: blocked until the agent stops it
