@@ -229,11 +229,11 @@ def test_what_it_costs_while_three_jobs_run(own_etcd, tmp_path):
     proc = psutil.Process(exp.cmd.proc.pid)
     cpu0, m0 = sum(proc.cpu_times()[:2]), etcd_metrics.scrape(own_etcd.client_url)
     for _ in range(2):  # two scrapes, as a 15 s scrape interval would make
-        time.sleep(15)
+        time.sleep(15)  # the measured window itself (a scrape interval), not a synchronization
         exp.text()
     cpu1, m1 = sum(proc.cpu_times()[:2]), etcd_metrics.scrape(own_etcd.client_url)
     exp.stop()
-    time.sleep(30)
+    time.sleep(30)  # the window without the exporter, to compare with: measured, not a wait for an event
     m2 = etcd_metrics.scrape(own_etcd.client_url)
     with_it, without = etcd_metrics.diff(m0, m1), etcd_metrics.diff(m1, m2)
     print(f"\nexporter CPU over 30 s: {cpu1 - cpu0:.3f} s")

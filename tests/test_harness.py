@@ -130,7 +130,7 @@ def test_gone_and_gone_within_follow_a_process_to_its_end():
 
 
 def test_kill_tree_takes_the_group_and_a_descendant_in_a_session_of_its_own(tmp_path):
-    pidfile = tmp_path / "escaped.pid"
+    pidfile = tmp_path / "escaped.pid"  # the sleeps are the processes to kill, not waits
     launcher = subprocess.Popen(["sh", "-c", f"sleep 60 & setsid sh -c 'echo $$ > {pidfile}; exec sleep 60' & wait"],
                                 start_new_session=True)
     try:

@@ -109,6 +109,7 @@ def test_a_command_past_its_timeout_is_unhealthy_and_killed_with_what_it_started
     """The check command starts a child that would live a minute, then hangs: at its timeout the whole process
     group goes, the child with it (a wait on the child's end, bounded, instead of sleeping past its lifetime)."""
     pidfile = tmp_path / "child.pid"
+    # the sleeps are the child and the hang the test is about (they outlive the timeout), not waits
     problem = health.check(cmd(f"sh -c 'sleep 60 & echo $! > {pidfile}; exec sleep 30'", timeout=1.0))
     assert "did not finish within 1 s (--health-check-timeout)" in problem
     child = procs.processes([int(pidfile.read_text())])  # the file is there: the child did start
@@ -135,7 +136,7 @@ def test_a_check_whose_output_an_escaped_process_holds_is_a_timeout_within_the_l
     that says why, instead of blocking on the output until that process ends. The waits on the output are
     recorded: the whole limit, run out, then the drain, run out; never one without a limit."""
     pidfile = tmp_path / "escaped.pid"
-    script = f"sh -c 'setsid sh -c \"echo \\$\\$ > {pidfile}; exec sleep 60\" & echo ok'"
+    script = f"sh -c 'setsid sh -c \"echo \\$\\$ > {pidfile}; exec sleep 60\" & echo ok'"  # sleep: it lives on
     monkeypatch.setattr(health.subprocess, "Popen", RecordedPopen)
     RecordedPopen.waits = []
     try:
@@ -152,7 +153,7 @@ def test_a_check_whose_output_an_escaped_process_holds_is_a_timeout_within_the_l
 
 
 def test_a_check_that_exits_0_while_its_child_holds_the_output_is_a_timeout_and_the_child_is_killed(tmp_path):
-    pidfile = tmp_path / "child.pid"
+    pidfile = tmp_path / "child.pid"  # its sleep 60: a child that outlives the check, not a wait
     problem = health.check(cmd(f"sh -c 'sh -c \"echo \\$\\$ > {pidfile}; exec sleep 60\" & echo ok'", timeout=1.0))
     assert problem.endswith("did not finish within 1 s (--health-check-timeout): it exited, but a process it "
                             "started held its output open until it was killed"), problem
@@ -536,7 +537,7 @@ def test_a_newcomer_whose_passing_check_outlasts_the_last_call_joins_after_one_s
     passes = tmp_path / "check-passes"  # the check passes once this exists: after status showed it running
     script = tmp_path / "check.py"
     script.write_text("import sys, time\nfrom etcd_agent.testing import records\n\n"
-                      "time.sleep(3)\nrecords.wait_path(sys.argv[1])\n")
+                      "time.sleep(3)\nrecords.wait_path(sys.argv[1])\n")  # the check's own length: what is tested
     check = f"{sys.executable} {script} {passes}"
     first, out = start_agents(1, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,
                               nnodes="1:2")

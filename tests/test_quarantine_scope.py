@@ -164,7 +164,7 @@ def test_the_hook_gets_node_reason_and_end_and_its_failure_or_timeout_is_only_lo
                                            "ETCD_AGENT_QUARANTINE_UNTIL_ISO": "2033-05-18T03:33:20Z"}
     failing = (sys.executable, "-c", "import sys; print('scontrol: permission denied'); sys.exit(4)")
     assert "failed with exit code 4: scontrol: permission denied" in hooks.run(failing, 30.0, q, log)
-    stuck = (sys.executable, "-c", "import time; time.sleep(600)")
+    stuck = (sys.executable, "-c", "import time; time.sleep(600)")  # a hook that never ends: the timeout's case
     assert "did not finish within 0.5 s (--on-quarantine-timeout)" in hooks.run(stuck, 0.5, q, log)
     assert "could not run" in hooks.run((str(tmp_path / "missing"),), 5.0, q, log)
     assert [level for level, _ in log.lines] == ["info", "warning", "warning", "warning"]

@@ -280,6 +280,7 @@ def test_lost_session_kills_workers_torch_does_not_stop(handlers, etcd_endpoint,
     the run's worker processes itself, before the lease could expire, and asks for a new round."""
     a, b = (make(handlers, etcd_endpoint, run_id, n, lease_ttl="3") for n in ("n0", "n1"))
     rendezvous(a, b)
+    # a worker that stays alive until it is killed (a stand-in for work, not a wait)
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
                               env={**os.environ, "TORCHELASTIC_RUN_ID": run_id})
     try:

@@ -22,9 +22,9 @@ if a.rate:
     while True:
         step += 1
         beat(step)
-        time.sleep(max(0.0, start + step / a.rate - time.monotonic()))
+        time.sleep(max(0.0, start + step / a.rate - time.monotonic()))  # the step rate: the stand-in's work
 for step in range(1, a.steps + 1):
     beat(step)
-    time.sleep(a.every)
+    time.sleep(a.every)  # a step's length: the stand-in's work
 print(f"crashing after step {a.steps}", file=sys.stderr, flush=True)
 sys.exit(3)

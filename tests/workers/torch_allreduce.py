@@ -37,7 +37,7 @@ def main() -> None:
         sys.exit(3)
     while (a.until_world and world < a.until_world) or world == a.while_world:
         dist.all_reduce(torch.ones(1))
-        time.sleep(0.1)
+        time.sleep(0.1)  # the pace of this stand-in's training until the agent restarts it: work, not a wait
     total = torch.tensor([float(rank + 1)])
     for _ in range(a.steps):
         dist.all_reduce(total)
