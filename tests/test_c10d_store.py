@@ -19,6 +19,7 @@ from etcd_agent.torch.store import EtcdStore  # noqa: E402
 from etcd_agent.config import EtcdConfig  # noqa: E402
 from etcd_agent.endpoints import parse_endpoints  # noqa: E402
 from etcd_agent.etcd.client import Etcd  # noqa: E402
+
 pytest.register_assert_rewrite("c10d_stores")  # a plugin (pytest_plugins): marked before its first import
 from c10d_stores import SECOND  # noqa: E402
 

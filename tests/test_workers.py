@@ -21,6 +21,7 @@ from etcd_agent.config import WorkerConfig
 from etcd_agent.errors import ConfigError
 from etcd_agent.node.api import GroupFailed, GroupSucceeded
 from etcd_agent.node.workers import WorkerGroup
+
 pytest.register_assert_rewrite("worker_groups")  # a plugin (pytest_plugins): marked before its first import
 from worker_groups import (COLD_AND_WARM, GRACE_PAST_THE_TEST, TIMEOUT, WORKERS, Exits, assignment,  # noqa: E402
                            kill_quietly, rank_dir)

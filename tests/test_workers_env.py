@@ -15,6 +15,7 @@ from etcd_agent import config
 from etcd_agent.config import StdSpec, WorkerConfig
 from etcd_agent.errors import ConfigError
 from etcd_agent.node.env import worker_env
+
 pytest.register_assert_rewrite("worker_groups")  # a plugin (pytest_plugins): marked before its first import
 from worker_groups import TORCHRUN_KEYS, WORKERS, assignment  # noqa: E402
 

@@ -16,6 +16,7 @@ import pytest
 from etcd_agent.config import StdSpec
 from etcd_agent.node.worker_logs import Dest, line_prefix, route
 from etcd_agent.node.api import WorkerExit
+
 pytest.register_assert_rewrite("worker_groups")  # a plugin (pytest_plugins): marked before its first import
 from worker_groups import COLD_AND_WARM, REPO, TIMEOUT, WORKERS, assignment, rank_dir  # noqa: E402
 

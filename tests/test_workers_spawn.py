@@ -17,6 +17,7 @@ from etcd_agent.testing.procs import gone
 from etcd_agent import config
 from etcd_agent.node import spawn
 from etcd_agent.node.env import worker_env
+
 pytest.register_assert_rewrite("worker_groups")  # a plugin (pytest_plugins): marked before its first import
 from worker_groups import COLD_AND_WARM, REPO, TIMEOUT, WORKERS, assignment, kill_quietly  # noqa: E402
 
