@@ -97,7 +97,10 @@ class Mirror:
         self.revision = 0  # the newest revision seen anywhere (a read, an event, a txn)
         self.floors: dict[tuple[str, bytes], int] = {}  # range -> revision it was read at: older news is ignored
         self._memo: dict[tuple, tuple[object, object]] = {}  # (key, what) -> (the KV it was made from, result)
-        self._plans: dict[int, tuple[tuple, Plan]] = {}  # round -> (the KVs its plan was assembled from, the plan)
+        self._plans: dict[int, tuple[object, int, Plan]] = {}  # round -> (its header's KV, _stamps of its parts, plan)
+        self._stamps: dict[str, int] = {}  # directory -> a number new whenever a key directly under it changed
+        self._stamped = 0
+        self._headers: set[str] = set()  # the keys held that may be plan headers (``last_plan`` looks at these only)
         # directory -> (kind, {key: (KV, record)}, what the view made of it): kept across views, updated for the
         # keys changed since (``_dirty``), so a leader's view of N joins costs the joins that arrived, not N lookups
         self._dir_cache: dict[str, tuple[type, dict, dict]] = {}
@@ -111,6 +114,9 @@ class Mirror:
         self.dirs = {}
         for kv in self.kvs.values():
             self.dirs.setdefault(_dir(kv.key), {})[kv.key] = kv
+        self._stamps.clear()
+        self._plans.clear()
+        self._headers = {key for key in self.kvs if key.endswith("/plan")}
         self.deleted.clear()
         self.floors = {(self.keys.prefix, prefix_end(self.keys.prefix)): revision}
         self.revision = max(self.revision, revision)
@@ -146,12 +152,15 @@ class Mirror:
 
     def _touch(self, key: str) -> None:
         directory = _dir(key)
+        self._stamped += 1
+        self._stamps[directory] = self._stamped
         if directory in self._dir_cache:
             self._dirty.setdefault(directory, set()).add(key)
 
     def _drop(self, key: str) -> None:
         if self.kvs.pop(key, None) is not None:
             self.changes += 1
+            self._headers.discard(key)
             self._touch(key)
             d = self.dirs.get(_dir(key))
             if d is not None:
@@ -169,6 +178,8 @@ class Mirror:
             return False
         self.kvs[kv.key] = kv
         self.dirs.setdefault(_dir(kv.key), {})[kv.key] = kv
+        if kv.key.endswith("/plan"):
+            self._headers.add(kv.key)
         self.deleted.pop(kv.key, None)
         self._touch(kv.key)
         self.changes += 1
@@ -345,9 +356,8 @@ class Mirror:
         return self.record_at(self.keys.restarts(), Restarts)
 
     def last_plan(self, before: int) -> Plan | None:
-        earlier = [p.round for p in (self._remembered(kv, "parse",
-                                                      self.parse_key) for kv in self.under(self.keys.rounds()))
-                   if p is not None and p.kind == "plan" and p.round < before]
+        earlier = [p.round for p in (self._remembered(self.kvs[key], "parse", self.parse_key) for key in self._headers)
+                   if p is not None and p.kind == "plan" and p.round < before]  # a header's key ends with /plan
         return self.plan(max(earlier)) if earlier else None
 
     def parse_key(self, kv):
@@ -365,13 +375,13 @@ class Mirror:
         header = self.kvs.get(key)
         if header is None:
             return None
-        kvs = (header, *self.children(key + "/"))
+        stamp = self._stamps.get(key + "/", 0)
         hit = self._plans.get(number)
-        if hit is not None and len(hit[0]) == len(kvs) and all(a is b for a, b in zip(hit[0], kvs)):
-            return hit[1]
-        plan = self.record(header, Plan).with_parts(key, [self.record(kv, PlanPart) for kv in kvs[1:]
+        if hit is not None and hit[0] is header and hit[1] == stamp:
+            return hit[2]
+        plan = self.record(header, Plan).with_parts(key, [self.record(kv, PlanPart) for kv in self.children(key + "/")
                                                           if self._part(kv)])
-        self._plans[number] = (kvs, plan)
+        self._plans[number] = (header, stamp, plan)
         if len(self._plans) > 3:  # a view needs the current plan and the last one
             del self._plans[min(self._plans)]
         return plan
