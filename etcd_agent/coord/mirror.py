@@ -12,6 +12,7 @@ no I/O. Imports ``schema/`` and ``errors`` only.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Iterable
 
 from ..errors import BadKeyData
@@ -57,7 +58,6 @@ def in_range(key: str, start: str, end: bytes) -> bool:
     return start.encode() <= raw and (end == b"\0" or raw < end)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Scope:
     """What an agent's mirror covers, so that decide() does not read an absence it never watched as a fact.
@@ -83,10 +83,10 @@ class Mirror:
     watch delivers again are harmless). A range is replaced as a whole by a read of it (``reset_range``).
 
     A view is built after every delivery, so what it parses is remembered per KV object (a KV is replaced, never
-    changed, when its key changes): building a view costs O(keys) string work, and JSON decoding only for the keys
-    that changed since the last view, not for every record of the job again. ``changes`` counts every change of the
-    KVs held; a view asked for again with no change since (an agent's step after an action that wrote nothing, a
-    delivery that was old news) is the last one, its revision brought up to date.
+    changed, when its key changes), and what it makes of a directory (a plan's parts, a round's exits) is made again
+    only when a key under it changed (its stamp): JSON decoding only for the keys that changed since the last view.
+    ``changes`` counts every change of the KVs held; a view asked for again with no change since (an agent's step
+    after an action that wrote nothing, a delivery that was old news) is the last one, its revision brought up to date.
     """
 
     def __init__(self, keys: Keys):
@@ -98,8 +98,9 @@ class Mirror:
         self.floors: dict[tuple[str, bytes], int] = {}  # range -> revision it was read at: older news is ignored
         self._memo: dict[tuple, tuple[object, object]] = {}  # (key, what) -> (the KV it was made from, result)
         self._plans: dict[int, tuple[object, int, Plan]] = {}  # round -> (its header's KV, _stamps of its parts, plan)
-        self._stamps: dict[str, int] = {}  # directory -> a number new whenever a key directly under it changed
-        self._stamped = 0
+        self._stamps: dict[str, int] = {}  # directory -> a new number whenever a key directly under it changes
+        self._stamper = itertools.count(1)  # (never 0: a directory not stamped since the last reset has 0)
+        self._made: dict[str, tuple[int, object]] = {}  # directory -> (its stamp, what a view made of it)
         self._headers: set[str] = set()  # the keys held that may be plan headers (``last_plan`` looks at these only)
         # directory -> (kind, {key: (KV, record)}, what the view made of it): kept across views, updated for the
         # keys changed since (``_dirty``), so a leader's view of N joins costs the joins that arrived, not N lookups
@@ -114,15 +115,12 @@ class Mirror:
         self.dirs = {}
         for kv in self.kvs.values():
             self.dirs.setdefault(_dir(kv.key), {})[kv.key] = kv
-        self._stamps.clear()
-        self._plans.clear()
         self._headers = {key for key in self.kvs if key.endswith("/plan")}
         self.deleted.clear()
         self.floors = {(self.keys.prefix, prefix_end(self.keys.prefix)): revision}
         self.revision = max(self.revision, revision)
-        self._memo.clear()
-        self._dir_cache.clear()
-        self._dirty.clear()
+        for made in (self._memo, self._dir_cache, self._dirty, self._stamps, self._plans, self._made):
+            made.clear()  # what was made of the KVs held before
         self.changes += 1
 
     def reset_range(self, start: str, end: bytes, kvs: Iterable, revision: int) -> None:
@@ -152,8 +150,7 @@ class Mirror:
 
     def _touch(self, key: str) -> None:
         directory = _dir(key)
-        self._stamped += 1
-        self._stamps[directory] = self._stamped
+        self._stamps[directory] = next(self._stamper)
         if directory in self._dir_cache:
             self._dirty.setdefault(directory, set()).add(key)
 
@@ -236,6 +233,8 @@ class Mirror:
         for directory in [d for d in self._dir_cache if old(d)]:
             del self._dir_cache[directory]
             self._dirty.pop(directory, None)
+        for directory in [d for d in self._made if old(d)]:
+            del self._made[directory]
 
     def _round_of(self, key: str) -> int | None:
         """The round a key (or a range start) under ``r/`` belongs to; None for anything else."""
@@ -320,8 +319,9 @@ class Mirror:
                               lambda got: {key[cut:]: info for key, (kv, info) in got.items() if kv.lease})
         joins = (self._derived(k.joins(number), Join, lambda got: {j.node: j for _kv, j in got.values()})
                  if rnd else {})
-        exits = (frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd
-                 else frozenset())
+        where = k.exits(number)
+        exits = self._remade(where, lambda: frozenset(kv.key[len(where):] for kv in self.children(where))) \
+            if rnd else frozenset()
         plan = self.plan(number) if rnd else None
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
         # a full view watches the last plan's round's failures too: who is blamed for it (``blame.py``)
@@ -339,6 +339,14 @@ class Mirror:
         where = self.keys.failures(plan.round)
         return {kv.key[len(where):]: self.record(kv, Failure) for kv in self.children(where)
                 if not plan.outside(kv.key[len(where):])}
+
+    def _remade(self, directory: str, make: Callable[[], object]):
+        """``make()`` of the KVs directly under ``directory``, made again only when a key there changed (its stamp):
+        a leader's view of N exits costs O(1) while they do not change."""
+        stamp, hit = self._stamps.get(directory, 0), self._made.get(directory)
+        if hit is None or hit[0] != stamp:
+            hit = self._made[directory] = (stamp, make())
+        return hit[1]
 
     def ended(self, scope: Scope = FULL) -> View | None:
         """A view of a job that has a result and nothing else (None while it has none): once the job has ended
