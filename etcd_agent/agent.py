@@ -212,16 +212,18 @@ class Agent:
         action = decide(view, self.local, self.params)
         return self.on_action[type(action)](action, view)
 
-    def _drain(self, block: bool, deadline: float | None = None) -> None:
-        """Handle queued events; when ``block``, first wait for one (until ``deadline``)."""
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    def _drain(self, block: bool, deadline: float | None = None) -> type | None:
+        """Handle queued events, first waiting for one (until ``deadline``) when ``block``; returns what it handled:
+        None (nothing), ``WatchDelivery`` (watch deliveries only) or ``object``."""
+        timeout, kinds = None if deadline is None else max(0.0, deadline - time.monotonic()), None
         try:
-            if block:
-                self._handle(self.events.get(timeout=timeout))
+            event = self.events.get(timeout=timeout) if block else self.events.get_nowait()
             while True:
-                self._handle(self.events.get_nowait())
+                self._handle(event)
+                kinds = WatchDelivery if type(event) is WatchDelivery and kinds in (None, WatchDelivery) else object
+                event = self.events.get_nowait()
         except queue.Empty:
-            return
+            return kinds
 
     def _handle(self, event: QueueEvent) -> None:
         self.on_event[type(event)](event)
@@ -264,16 +266,17 @@ class Agent:
     # --- actions (each returns None, but Finish its exit code) ---------------------------------------------
     def _wait(self, action: Wait, view: View) -> None:
         """Say what it waits for (``waiting.wait_note``: while a round forms, on a change and every period), then
-        wait: until the decision's deadline, the next such line, or the next spare refill."""
+        wait: until the decision's deadline, the next such line, or the next spare refill. A wake by watch news that
+        changed nothing decided on (``Roles.news``: old news, a replay) waits on, as if it never came."""
         note = wait_note(action, view, self.local, self.params, self.state is State.RENDEZVOUS, self._wait_said,
                          time.monotonic())
-        if note.line:
-            self.log.info("%s", note.line)
-        else:
-            self.log.debug("waiting: %s", action.why)
+        self.log.info("%s", note.line) if note.line else self.log.debug("waiting: %s", action.why)
         self._wait_said = note.said
         wake = (action.deadline, note.next_at, self.workers.refill())
-        self._drain(block=True, deadline=min((d for d in wake if d is not None), default=None))
+        deadline, news = min((d for d in wake if d is not None), default=None), self.coord.roles.news
+        before = news()
+        while self._drain(block=True, deadline=deadline) is WatchDelivery and news() == before:
+            pass
 
     def _txn(self, action, view: View) -> None:
         """An etcd action: one guarded txn (``Coordinator.act``); after a failed compare, re-read what it compared."""

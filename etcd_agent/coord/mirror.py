@@ -12,6 +12,7 @@ no I/O. Imports ``schema/`` and ``errors`` only.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable, Iterable
 
 from ..errors import BadKeyData
@@ -57,7 +58,6 @@ def in_range(key: str, start: str, end: bytes) -> bool:
     return start.encode() <= raw and (end == b"\0" or raw < end)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Scope:
     """What an agent's mirror covers, so that decide() does not read an absence it never watched as a fact.
@@ -83,10 +83,10 @@ class Mirror:
     watch delivers again are harmless). A range is replaced as a whole by a read of it (``reset_range``).
 
     A view is built after every delivery, so what it parses is remembered per KV object (a KV is replaced, never
-    changed, when its key changes): building a view costs O(keys) string work, and JSON decoding only for the keys
-    that changed since the last view, not for every record of the job again. ``changes`` counts every change of the
-    KVs held; a view asked for again with no change since (an agent's step after an action that wrote nothing, a
-    delivery that was old news) is the last one, its revision brought up to date.
+    changed, when its key changes), and what it makes of a directory (a plan's parts, a round's exits) is made again
+    only when a key under it changed (its stamp): JSON decoding only for the keys that changed since the last view.
+    ``changes`` counts every change of the KVs held; a view asked for again with no change since (an agent's step
+    after an action that wrote nothing, a delivery that was old news) is the last one, its revision brought up to date.
     """
 
     def __init__(self, keys: Keys):
@@ -97,7 +97,11 @@ class Mirror:
         self.revision = 0  # the newest revision seen anywhere (a read, an event, a txn)
         self.floors: dict[tuple[str, bytes], int] = {}  # range -> revision it was read at: older news is ignored
         self._memo: dict[tuple, tuple[object, object]] = {}  # (key, what) -> (the KV it was made from, result)
-        self._plans: dict[int, tuple[tuple, Plan]] = {}  # round -> (the KVs its plan was assembled from, the plan)
+        self._plans: dict[int, tuple[object, int, Plan]] = {}  # round -> (its header's KV, _stamps of its parts, plan)
+        self._stamps: dict[str, int] = {}  # directory -> a new number whenever a key directly under it changes
+        self._stamper = itertools.count(1)  # (never 0: a directory not stamped since the last reset has 0)
+        self._made: dict[str, tuple[int, object]] = {}  # directory -> (its stamp, what a view made of it)
+        self._headers: set[str] = set()  # the keys held that may be plan headers (``last_plan`` looks at these only)
         # directory -> (kind, {key: (KV, record)}, what the view made of it): kept across views, updated for the
         # keys changed since (``_dirty``), so a leader's view of N joins costs the joins that arrived, not N lookups
         self._dir_cache: dict[str, tuple[type, dict, dict]] = {}
@@ -111,12 +115,12 @@ class Mirror:
         self.dirs = {}
         for kv in self.kvs.values():
             self.dirs.setdefault(_dir(kv.key), {})[kv.key] = kv
+        self._headers = {key for key in self.kvs if key.endswith("/plan")}
         self.deleted.clear()
         self.floors = {(self.keys.prefix, prefix_end(self.keys.prefix)): revision}
         self.revision = max(self.revision, revision)
-        self._memo.clear()
-        self._dir_cache.clear()
-        self._dirty.clear()
+        for made in (self._memo, self._dir_cache, self._dirty, self._stamps, self._plans, self._made):
+            made.clear()  # what was made of the KVs held before
         self.changes += 1
 
     def reset_range(self, start: str, end: bytes, kvs: Iterable, revision: int) -> None:
@@ -146,12 +150,14 @@ class Mirror:
 
     def _touch(self, key: str) -> None:
         directory = _dir(key)
+        self._stamps[directory] = next(self._stamper)
         if directory in self._dir_cache:
             self._dirty.setdefault(directory, set()).add(key)
 
     def _drop(self, key: str) -> None:
         if self.kvs.pop(key, None) is not None:
             self.changes += 1
+            self._headers.discard(key)
             self._touch(key)
             d = self.dirs.get(_dir(key))
             if d is not None:
@@ -169,6 +175,8 @@ class Mirror:
             return False
         self.kvs[kv.key] = kv
         self.dirs.setdefault(_dir(kv.key), {})[kv.key] = kv
+        if kv.key.endswith("/plan"):
+            self._headers.add(kv.key)
         self.deleted.pop(kv.key, None)
         self._touch(kv.key)
         self.changes += 1
@@ -225,6 +233,8 @@ class Mirror:
         for directory in [d for d in self._dir_cache if old(d)]:
             del self._dir_cache[directory]
             self._dirty.pop(directory, None)
+        for directory in [d for d in self._made if old(d)]:
+            del self._made[directory]
 
     def _round_of(self, key: str) -> int | None:
         """The round a key (or a range start) under ``r/`` belongs to; None for anything else."""
@@ -309,8 +319,9 @@ class Mirror:
                               lambda got: {key[cut:]: info for key, (kv, info) in got.items() if kv.lease})
         joins = (self._derived(k.joins(number), Join, lambda got: {j.node: j for _kv, j in got.values()})
                  if rnd else {})
-        exits = (frozenset(kv.key[len(k.exits(number)):] for kv in self.children(k.exits(number))) if rnd
-                 else frozenset())
+        where = k.exits(number)
+        exits = self._remade(where, lambda: frozenset(kv.key[len(where):] for kv in self.children(where))) \
+            if rnd else frozenset()
         plan = self.plan(number) if rnd else None
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
         # a full view watches the last plan's round's failures too: who is blamed for it (``blame.py``)
@@ -329,6 +340,14 @@ class Mirror:
         return {kv.key[len(where):]: self.record(kv, Failure) for kv in self.children(where)
                 if not plan.outside(kv.key[len(where):])}
 
+    def _remade(self, directory: str, make: Callable[[], object]):
+        """``make()`` of the KVs directly under ``directory``, made again only when a key there changed (its stamp):
+        a leader's view of N exits costs O(1) while they do not change."""
+        stamp, hit = self._stamps.get(directory, 0), self._made.get(directory)
+        if hit is None or hit[0] != stamp:
+            hit = self._made[directory] = (stamp, make())
+        return hit[1]
+
     def ended(self, scope: Scope = FULL) -> View | None:
         """A view of a job that has a result and nothing else (None while it has none): once the job has ended
         nothing else of it is decided, so a bad value in any other key never keeps an agent from seeing the end
@@ -345,9 +364,8 @@ class Mirror:
         return self.record_at(self.keys.restarts(), Restarts)
 
     def last_plan(self, before: int) -> Plan | None:
-        earlier = [p.round for p in (self._remembered(kv, "parse",
-                                                      self.parse_key) for kv in self.under(self.keys.rounds()))
-                   if p is not None and p.kind == "plan" and p.round < before]
+        earlier = [p.round for p in (self._remembered(self.kvs[key], "parse", self.parse_key) for key in self._headers)
+                   if p is not None and p.kind == "plan" and p.round < before]  # a header's key ends with /plan
         return self.plan(max(earlier)) if earlier else None
 
     def parse_key(self, kv):
@@ -365,13 +383,13 @@ class Mirror:
         header = self.kvs.get(key)
         if header is None:
             return None
-        kvs = (header, *self.children(key + "/"))
+        stamp = self._stamps.get(key + "/", 0)
         hit = self._plans.get(number)
-        if hit is not None and len(hit[0]) == len(kvs) and all(a is b for a, b in zip(hit[0], kvs)):
-            return hit[1]
-        plan = self.record(header, Plan).with_parts(key, [self.record(kv, PlanPart) for kv in kvs[1:]
+        if hit is not None and hit[0] is header and hit[1] == stamp:
+            return hit[2]
+        plan = self.record(header, Plan).with_parts(key, [self.record(kv, PlanPart) for kv in self.children(key + "/")
                                                           if self._part(kv)])
-        self._plans[number] = (kvs, plan)
+        self._plans[number] = (header, stamp, plan)
         if len(self._plans) > 3:  # a view needs the current plan and the last one
             del self._plans[min(self._plans)]
         return plan

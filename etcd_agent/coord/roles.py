@@ -36,6 +36,7 @@ class Roles:
         self._leaders_told = 0  # bumped whenever ``leaders`` changes
         self._settled: tuple | None = None  # what ``maintain`` last found with nothing left to do (``_inputs``)
         self._missing = False  # this ``maintain`` read a plan that was not there
+        self._placed: tuple | None = None  # ``_role``'s arguments and the watches it left (``_placing``)
 
     def maintain(self, lease: int, unhealthy: bool, awaiting: bool) -> None:
         """Watch what this agent's role in the current round needs, before it decides (O(1) watch events per
@@ -64,6 +65,15 @@ class Roles:
         after = self._inputs(lease, unhealthy, awaiting)
         # a call that changed something runs once more, and one that found a plan missing reads it again
         self._settled = after if after == before and not self._missing else None
+
+    def news(self) -> object:
+        """What a watch delivery can change of what the next decision reads: the mirror's KVs, whether the peer's
+        key is known, the leader's view revision; never equal while ``maintain`` has something left to do. Equal
+        before and after a wake: the wake changed nothing decided on (old news, a replay), so the agent waits on."""
+        if self._settled is None:
+            return object()  # never equal: the next step runs
+        known = self.watches.known
+        return self.mirror.changes, "peer" in known, known.get("round") if self.scope.full else None
 
     def _inputs(self, lease: int, unhealthy: bool, awaiting: bool) -> tuple:
         return (self.mirror.changes, lease, unhealthy, awaiting, self._leaders_told, "peer" in self.watches.known,
@@ -120,6 +130,9 @@ class Roles:
     def _role(self, full: bool, rnd: int = 0, peer: str | None = None, since: int | None = None) -> None:
         k = self.keys
         r = self.mirror.round()
+        placing = self._placing(full, rnd, peer, since, r)
+        if placing == self._placed:
+            return  # the same role as the last call left in place: each watch is as it was, the scope too
         if full:
             self.watches.unwatch("peer")
             self.watches.ensure("registry", k.nodes(), prefix_end(k.nodes()))
@@ -139,6 +152,14 @@ class Roles:
         # a peer whose key was not read yet, nor replayed, is not watched yet: its absence is no loss
         known = not full and peer is not None and "peer" in self.watches.known
         self.scope = Scope(full, frozenset({peer.rsplit("/", 1)[1]}) if known else frozenset())
+        self._placed = self._placing(full, rnd, peer, since, r)
+
+    def _placing(self, full: bool, rnd: int, peer: str | None, since: int | None, r) -> tuple:
+        """What ``_role`` decides on: its arguments, the last plan's round (a full role watches its failures),
+        the watched ranges and whether the peer's key is known; equal to what the last call left, it does nothing."""
+        w = self.watches
+        return (full, rnd, peer, since, r.last_plan if full and r is not None else None, "peer" in w.known,
+                w.watched("registry"), w.watched("round"), w.watched("blame"), w.watched("peer"))
 
     def read_key(self, key: str) -> None:
         """Read ``key`` once into the mirror."""

@@ -186,7 +186,14 @@ class Keys:
         return max((r for r in found if r is not None), default=1)
 
     def round_dir(self, rnd: int) -> str:
-        return f"{self.rounds()}{rnd:0{ROUND_DIGITS}d}/"
+        got = self._round_dirs.get(rnd)  # every key of a round is made from it, at every step: made once per round
+        if got is None:
+            got = self._round_dirs[rnd] = f"{self.rounds()}{rnd:0{ROUND_DIGITS}d}/"
+        return got
+
+    @functools.cached_property
+    def _round_dirs(self) -> dict[int, str]:
+        return {}
 
     def joins(self, rnd: int) -> str:
         return self.round_dir(rnd) + "join/"
