@@ -47,6 +47,22 @@ def test_agents_that_all_leave_at_once_end_their_job(etcd_endpoint, run_id, tmp_
     assert shown["ended"] and not shown["nodes"]
 
 
+def test_agents_stopped_one_after_the_other_end_their_job_stopped_not_failed(etcd_endpoint, run_id, tmp_path):
+    """A scheduler's signals reach the nodes at slightly different times: node-1 sees node-0 leave before its own
+    SIGTERM arrives. With no restart left that loss would end the job failed, blaming node-0; it waits
+    LOSS_END_GRACE for this node's own signal instead, and the last to leave ends the job stopped."""
+    release = tmp_path / "release"
+    agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1)
+    until_recorded(out, lambda r: len(r) == 2, "both workers running", timeout=60)
+    agents[0].proc.send_signal(signal.SIGTERM)
+    assert agents[0].wait() == 128 + signal.SIGTERM  # its lease is revoked: node-1 sees it lost
+    agents[1].proc.send_signal(signal.SIGTERM)
+    assert agents[1].wait() == 128 + signal.SIGTERM, agents[1].stderr()[-2000:]
+    ended = result(etcd_endpoint, run_id)
+    assert ended is not None and ended["outcome"] == "stopped", ended
+    assert ended["reason"].startswith("every node of the job left; the last, node-1"), ended
+
+
 def test_one_agent_leaving_does_not_end_a_job_that_goes_on(etcd_endpoint, run_id, tmp_path):
     release = tmp_path / "release"
     agents, out = start_agents(2, etcd_endpoint, run_id, tmp_path, ["--run-until", str(release)], nproc=1,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from test_rendezvous import NOW, PARAMS, WALL, jn, me, mk_plan, view
+from test_rendezvous import ME, NOW, PARAMS, WALL, jn, me, mk_plan, view
 
 from etcd_agent.coord.mirror import JOINING, RUNNING, Scope
 from etcd_agent.coord.observe import Notes, observe
@@ -104,5 +104,18 @@ def test_observe_leaves_what_the_node_knows_alone():
     """Workers, checks and the pending failure are the node's objects' to say, never the view's."""
     local = me(round=3, workers_round=3, workers_running=True, checking=True, draining=True, lease=7, ready=False)
     got, _ = observe(view(joins=[jn("node-a", 100), jn("node-b", 101)]), local, PARAMS, NOW + 1, WALL + 1)
-    assert dataclasses.replace(got, now=local.now, wall=local.wall, min_reached_at=None) == local
+    assert dataclasses.replace(got, now=local.now, wall=local.wall, min_reached_at=None, lost_since=None) == local
 
+
+
+def test_the_first_sight_of_a_lost_member_is_noted_once_and_cleared_with_it():
+    """A member of the running round whose join key is gone: the loss-end grace runs from its first sighting."""
+    lost = view(nodes=[ME, "node-b"], joins=[ME])
+    local, _ = observe(lost, me(round=3), PARAMS, NOW, WALL)
+    assert local.lost_since == NOW
+    again, _ = observe(lost, later(local, 1.5), PARAMS, NOW + 1.5, WALL + 1.5)
+    assert again.lost_since == NOW
+    back, _ = observe(view(nodes=[ME, "node-b"]), again, PARAMS, NOW + 2, WALL + 2)  # every member joined
+    assert back.lost_since is None
+    joining, _ = observe(view(number=4, phase=JOINING, joins=[ME]), again, PARAMS, NOW + 3, WALL + 3)
+    assert joining.lost_since is None  # a forming round has no members to lose

@@ -8,8 +8,9 @@ import pytest
 
 from etcd_agent.coord import blame
 from etcd_agent.coord.blame import Attribute, ReportLoss
-from etcd_agent.coord.decide import (Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local, Params, StartWorkers,
-                                     StopWorkers, Wait, WriteExit, decide, job_error, newcomers, passed_over, result)
+from etcd_agent.coord.decide import (LOSS_END_GRACE, Bump, CheckHealth, ClosePlan, End, Finish, JoinRound, Local,
+                                     Params, StartWorkers, StopWorkers, Wait, WriteExit, decide, job_error, newcomers,
+                                     passed_over, result)
 from etcd_agent.coord.ranks import build_plan
 from etcd_agent.errors import JobFailed, JobStopped, RendezvousTimeout, RestartBudgetSpent
 from etcd_agent.coord.mirror import DONE, FAILED, JOINING, RUNNING, STOPPED, Scope, View
@@ -21,6 +22,7 @@ ROUND_REV = 500
 NOW = 1000.0
 WALL = 1_700_000_000.0
 PARAMS = Params(min_nodes=2, max_nodes=4, max_restarts=3, last_call=2.0, join_timeout=60.0, scale_settle=1.0)
+LOSS_SEEN = NOW - LOSS_END_GRACE  # a loss that ends the job, first seen a grace ago: it ends now
 
 
 # --- builders --------------------------------------------------------------------------------------------------
@@ -396,11 +398,23 @@ def test_lost_member_is_noticed_before_this_node_starts_its_workers():
 
 def test_lost_member_with_the_budget_spent_ends_failed():
     v = view(nodes=[ME, "node-b"], joins=[ME], restarts=(3, 3), failures={"node-b": report("node-b", 2.0)})
-    action = decide(v, running_here(), PARAMS)
+    action = decide(v, running_here(lost_since=LOSS_SEEN), PARAMS)
     assert isinstance(action, End)
     assert action.phase == FAILED
     assert "node-b" in action.result.reason
     assert action.result.root_cause == report("node-b", 2.0)
+
+
+def test_a_loss_that_ends_the_job_waits_a_grace_for_this_nodes_own_signal():
+    """scancel stops every node at once: the first to leave looks lost to the others before their signals arrive,
+    so a loss that would end the job ends it only LOSS_END_GRACE after this agent first saw it."""
+    v = view(nodes=[ME, "node-b"], joins=[ME], restarts=(3, 3))
+    first = decide(v, running_here(lost_since=NOW), PARAMS)
+    assert isinstance(first, Wait) and first.deadline == NOW + LOSS_END_GRACE and "node-b" in first.why
+    assert isinstance(decide(v, running_here(lost_since=NOW - LOSS_END_GRACE + 0.5), PARAMS), Wait)
+    assert isinstance(decide(v, running_here(lost_since=LOSS_SEEN), PARAMS), End)
+    # a loss the budget covers restarts at once: no grace
+    assert isinstance(decide(view(nodes=[ME, "node-b"], joins=[ME]), running_here(lost_since=NOW), PARAMS), Bump)
 
 
 def test_member_with_an_exit_key_but_no_join_key_is_not_lost():
@@ -446,7 +460,7 @@ def test_failure_after_a_node_finished_ends_failed_partly_finished():
 
 def test_lost_node_after_another_finished_ends_failed_partly_finished():
     v = view(nodes=[ME, "node-b", "node-c"], joins=[ME, "node-c"], exits=["node-c"])
-    action = decide(v, running_here(), PARAMS)
+    action = decide(v, running_here(lost_since=LOSS_SEEN), PARAMS)
     assert isinstance(action, End)
     assert action.phase == FAILED
     assert "partly finished" in action.result.reason
@@ -843,7 +857,7 @@ def test_a_restart_for_a_lost_member_writes_its_loss_report_with_it():
     assert decide(v2, running_here(3), PARAMS).losses == ()
     spent = view(3, nodes=(ME, "node-b"), plan=plan, joins=(ME, "node-b"), restarts=(3, 3),
                  failures={"node-b": report("node-b", time=WALL - 1)})
-    end = decide(spent, running_here(3), PARAMS)
+    end = decide(spent, running_here(3, lost_since=LOSS_SEEN), PARAMS)
     assert isinstance(end, End) and end.result.root_cause.node == "node-c" and end.result.root_cause.lost
 
 
@@ -880,7 +894,7 @@ def test_a_round_that_never_formed_ends_in_a_rendezvous_timeout():
 
 def test_a_failure_or_a_loss_past_the_budget_ends_in_restart_budget_spent():
     failed = decide(view(restarts=(3, 3)), finished_here("failed", report()), PARAMS)
-    lost = decide(view(nodes=[ME, "node-b"], joins=[ME], restarts=(3, 3)), running_here(), PARAMS)
+    lost = decide(view(nodes=[ME, "node-b"], joins=[ME], restarts=(3, 3)), running_here(lost_since=LOSS_SEEN), PARAMS)
     for action in (failed, lost):
         assert isinstance(action, End) and job_error(action.result) is RestartBudgetSpent, action.result.reason
 

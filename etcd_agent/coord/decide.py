@@ -47,7 +47,7 @@ from . import blame, stall
 from .blame import Attribute, ReportLoss
 from ..errors import JobFailed, JobStopped, RendezvousTimeout, RestartBudgetSpent
 from .mirror import DONE, FAILED, FINAL_PHASES, JOINING, View
-from .members import healthy, member_exits, newcomers, passed_over  # noqa: F401 (observe reads them here)
+from .members import healthy, lost_members, member_exits, newcomers, passed_over  # noqa: F401 (observe reads them)
 from .ranks import Ranking, as_spares, make_plan, rank_round
 from ..schema.values import Failure, Member, Outcome, Phase, Plan, Restarts, Result, RoundInfo
 MAX_LOSS_REPORTS = 40  # per txn (a compare, a put and a read each; etcd takes 128): the rest go in the next one
@@ -81,6 +81,7 @@ class Local:
     round_seen_at: float = 0.0  # when this agent first saw the current round number
     min_reached_at: float | None = None  # when this agent first saw min_nodes joiners in the current round
     newcomers_since: float | None = None  # when this agent first saw a registered node outside the plan
+    lost_since: float | None = None  # when this agent first saw a member of the running round lost (``LOSS_END_GRACE``)
     unhealthy: str = ""  # why this node failed its last health check ("" healthy): it does not join
     health_retry_at: float = 0.0  # when an unhealthy node checks itself again
     checking: bool = False  # its health check runs (off the loop): it joins when the verdict is in
@@ -293,15 +294,18 @@ def _running(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
     if plan is None:
         return Wait(f"round {r.number} is running but its plan is not visible yet")
     member = plan.member(me.node)
-    # Only a loss this view watches counts: the leader watches every member, the others one peer each (a ring).
-    watched = plan.nodes if v.full else [n for n in (me.node, *sorted(v.scope.watched)) if not plan.outside(n)]
     exits = member_exits(v)  # an exit key of a node outside the plan is no member's: ignored
-    lost = [n for n in watched if n not in exits and (n not in v.joins or (n == me.node and _stale(v, me)))]
+    lost = lost_members(v, me.node, me.lease)  # only a loss this view watches counts (the leader's: every member)
     if member is not None and me.outcome == Outcome.FAILED and me.workers_round == r.number:
         return _fail_or_bump(v, r, me, p, f"{describe_failure(me.failure)} in round {r.number}", True, me.failure)
     if lost:  # any registered agent may move the job on: a plan whose members all fenced must not hang
         losses = tuple(blame.loss_report(n, r.number, me.wall) for n in lost if n not in v.failures)[:MAX_LOSS_REPORTS]
-        return _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None, losses)
+        act = _fail_or_bump(v, r, me, p, f"node(s) {', '.join(lost)} left round {r.number}", True, None, losses)
+        due = (me.lost_since if me.lost_since is not None else me.now) + LOSS_END_GRACE
+        if isinstance(act, End) and me.now < due:  # a scheduler stopping every node: this one's signal comes too
+            return Wait(f"node(s) {', '.join(lost)} left round {r.number}; the job ends {LOSS_END_GRACE:g} s after "
+                        "unless this node is stopped too", due)
+        return act
     passed = member is None and me.node in passed_over(v)
     if member is None and (me.unhealthy or not me.ready or passed):
         if me.checking:
@@ -375,6 +379,10 @@ def describe_failure(failure: Failure | None) -> str:
 
 
 TIMED_OUT = "rendezvous timed out: "  # how the reason of a round that never formed begins
+# A loss that would end the job ends it this long after this agent first saw it: when a scheduler stops every node
+# at once (scancel, a time limit), the first to leave looks lost to the others before their own signals arrive; they
+# leave within it and the last to leave ends the job stopped, not failed with a healthy node blamed.
+LOSS_END_GRACE = 2.0
 BUDGET_SPENT = "the restart budget is spent"  # how the reason of a restart past the budget ends, with the counts
 _BUDGET_SPENT_END = re.compile(rf"; {BUDGET_SPENT} \(\d+ of \d+ restarts used, --max-restarts\)$")
 

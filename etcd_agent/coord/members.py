@@ -1,6 +1,6 @@
 """Who of the registered nodes a running round is about: the healthy ones, the newcomers a scale-up is for, those
-a scale-up passed over, and the members that have finished. Pure functions over a ``View`` (``decide`` and
-``observe`` use them); imports ``coord.mirror`` and ``schema.values`` only.
+a scale-up passed over, the members that have finished and those this agent sees lost. Pure functions over a
+``View`` (``decide`` and ``observe`` use them); imports ``coord.mirror`` and ``schema.values`` only.
 """
 
 from __future__ import annotations
@@ -38,3 +38,17 @@ def passed_over(v: View) -> set[str]:
 def member_exits(v: View) -> frozenset[str]:
     """The round's exit keys that belong to members of its plan (a key of any other node is no member's)."""
     return frozenset(n for n in v.exits if v.plan is not None and not v.plan.outside(n))
+
+
+def lost_members(v: View, node: str, lease: int) -> list[str]:
+    """The running round's members this view watches whose join key is gone, that have not finished: every member
+    for a full view (the leader's), else this node and the ring peer it watches. This node counts as lost when its
+    join key is an older session's (``lease``: its current one; it fenced and came back)."""
+    plan = v.plan
+    if plan is None:
+        return []
+    watched = plan.nodes if v.full else [n for n in (node, *sorted(v.scope.watched)) if not plan.outside(n)]
+    exits = member_exits(v)  # an exit key of a node outside the plan is no member's: ignored
+    mine = v.joins.get(node)
+    stale = mine is not None and mine.lease != lease
+    return [n for n in watched if n not in exits and (n not in v.joins or (n == node and stale))]

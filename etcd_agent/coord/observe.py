@@ -2,9 +2,10 @@
 
 The timers ``decide`` reads are first sightings, kept in ``Local`` (monotonic seconds): when this agent first saw the
 current round (its join timeout runs from then), when it first saw ``min_nodes`` joiners in it (the last call runs
-from then; it starts again when the count drops below MIN), and when it first saw a newcomer outside the running plan
-(a scale-up settles from then). A quarantine record that an operator lifted makes an unhealthy node check itself
-again now. ``Notes`` are what the agent logs: the round it is in from now on, and (for a full view) the nodes a
+from then; it starts again when the count drops below MIN), when it first saw a newcomer outside the running plan
+(a scale-up settles from then), and when it first saw a member of the running round lost (a loss that ends the job
+ends it ``decide.LOSS_END_GRACE`` after). A quarantine record that an operator lifted makes an unhealthy node check
+itself again now. ``Notes`` are what the agent logs: the round it is in from now on, and (for a full view) the nodes a
 scale-up passed over. What the agent says while it waits is ``waiting.wait_note``'s.
 
 Pure: no I/O, time passed in. Imports ``coord/`` (``decide``, ``mirror``) only; never ``etcd/`` or ``node/``.
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .decide import Local, Params, newcomers, passed_over
-from .mirror import View
+from .decide import Local, Params, lost_members, newcomers, passed_over
+from .mirror import RUNNING, View
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,5 +47,10 @@ def observe(v: View, me: Local, p: Params, now: float, wall: float, lifted: bool
         changes["newcomers_since"] = None
     elif me.newcomers_since is None:
         changes["newcomers_since"] = now
+    running = rnd is not None and rnd.phase == RUNNING
+    if not running or not lost_members(v, me.node, me.lease):
+        changes["lost_since"] = None
+    elif me.lost_since is None:
+        changes["lost_since"] = now
     return dataclasses.replace(me, **changes), Notes(new_round, passed)
 
