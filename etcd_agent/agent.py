@@ -213,8 +213,8 @@ class Agent:
         return self.on_action[type(action)](action, view)
 
     def _drain(self, block: bool, deadline: float | None = None) -> type | None:
-        """Handle queued events, first waiting for one (until ``deadline``) when ``block``; returns what it handled:
-        None (nothing), ``WatchDelivery`` (watch deliveries only) or ``object``."""
+        """Handle queued events, first waiting for one (until ``deadline``) when ``block``: None (none handled),
+        ``WatchDelivery`` (watch deliveries only) or ``object``."""
         timeout, kinds = None if deadline is None else max(0.0, deadline - time.monotonic()), None
         try:
             event = self.events.get(timeout=timeout) if block else self.events.get_nowait()
@@ -252,8 +252,7 @@ class Agent:
             self.coord.report_failure(late)
 
     def _lost(self, e: LostSession) -> None:
-        # A late report from a session already replaced, or already fenced for, is old news.
-        if e.session is self.session and self.state is not State.FENCED:
+        if e.session is self.session and self.state is not State.FENCED:  # else a late report: old news
             self._fence(e.why)
 
     def _leave(self, e: Leave) -> None:
