@@ -52,6 +52,9 @@ class StreamsLoop:
         self._wake_due = False  # a drain of ``_handed`` is on its way to the loop
 
     def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is not None and self._pid == os.getpid():
+            return loop  # every hand-over asks: no lock once the loop runs in this process
         with self._lock:
             if self._loop is None or self._pid != os.getpid():
                 loop = asyncio.new_event_loop()
