@@ -5,8 +5,10 @@ call, gRPC's thread that feeds it the request iterator, gRPC's "channel spin" th
 streams), and a keepalive passed through five of them. Here every stream of the process (all the ``Etcd``
 clients in it: the simulation runs many agents per process) is a task on one loop thread; gRPC's asyncio engine
 adds one thread per process that waits on its completion queue without a timeout. The blocking callers (the
-session thread, the watch consumers) hand requests over with ``loop.call_soon_threadsafe`` and read answers from
-thread-safe queues their callbacks fill.
+session thread, the watch consumers) hand requests over with ``LOOP.call_soon`` (one ``call_soon_threadsafe`` for
+every callback handed over while a wake-up of the loop is on its way) and read answers from thread-safe queues their
+callbacks fill. A stream uses the call's own ``write``/``read``: one task reads, and a task sends only while written
+requests wait (no request iterator, no async generators between gRPC and the callbacks).
 
 Guarantees:
 - ``LOOP`` starts its thread on first use, in each process: a forked child that uses it starts its own (the
