@@ -6,7 +6,8 @@ etcd client per unary call and per stream message, next to a raw gRPC call for t
 Against a private etcd (``EtcdServer``, data on tmpfs), each case runs many operations one after the other and
 reports, per operation, the calling thread's CPU (``time.thread_time``: the caller's own share) and the whole
 process's CPU (``time.process_time``: with gRPC's threads and the stream loop's), and the stream loop thread's
-alone (``streams_loop.LOOP``, from /proc: a 10 ms clock tick, so use thousands of operations), in microseconds:
+alone (``streams_loop.LOOP``, from /proc: a 10 ms clock tick, so use thousands of operations), in microseconds, and
+the loop's turns and wake-ups (``call_soon_threadsafe``) per operation (counts: what the machine's load does not move):
 
 - ``raw-get``: a Range on the blocking stub with no wrapper at all (gRPC's own floor);
 - ``get``: ``Etcd.get`` of one key; ``txn``: ``Etcd.txn`` with one compare, one put and one get, as the agent's;
@@ -53,18 +54,50 @@ def loop_cpu() -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+class LoopCounts:
+    """How many turns the stream loop took and how many wake-ups (``call_soon_threadsafe``) it was handed: counts,
+    which the machine's load does not move, beside the CPU, which it does."""
+
+    def __init__(self):
+        self.turns = self.wakes = 0
+        loop = LOOP.loop()
+        run_once, wake = loop._run_once, loop.call_soon_threadsafe
+
+        def turn() -> None:
+            self.turns += 1
+            run_once()
+
+        def woken(*args, **kwargs):
+            self.wakes += 1
+            return wake(*args, **kwargs)
+        loop._run_once, loop.call_soon_threadsafe = turn, woken
+
+    def now(self) -> tuple[int, int]:
+        return self.turns, self.wakes
+
+
+COUNTS: LoopCounts | None = None
+
+
+def per_unit(res: dict, began: tuple[int, int], units: int) -> dict:
+    turns, wakes = COUNTS.now()
+    res.update(turns=(turns - began[0]) / units, wakes=(wakes - began[1]) / units)
+    return res
+
+
 def measure(count: int, op: Callable[[int], object], per: int = 1) -> dict:
     """CPU per operation of ``count`` calls of ``op`` (after a warm-up), in us; ``per`` units per call."""
     for i in range(min(50, count)):
         op(i)
+    began = COUNTS.now()
     wall, thread, proc, loop = time.perf_counter(), time.thread_time(), time.process_time(), loop_cpu()
     for i in range(count):
         op(i)
     units = count * per
-    return {"thread_us": (time.thread_time() - thread) / units * 1e6,
-            "process_us": (time.process_time() - proc) / units * 1e6,
-            "loop_us": (loop_cpu() - loop) / units * 1e6,
-            "wall_us": (time.perf_counter() - wall) / units * 1e6, "count": units}
+    return per_unit({"thread_us": (time.thread_time() - thread) / units * 1e6,
+                     "process_us": (time.process_time() - proc) / units * 1e6,
+                     "loop_us": (loop_cpu() - loop) / units * 1e6,
+                     "wall_us": (time.perf_counter() - wall) / units * 1e6, "count": units}, began, units)
 
 
 def cases(etcd: Etcd, count: int, watchers: int) -> dict:
@@ -132,14 +165,15 @@ def concurrent_keepalives(etcd: Etcd, count: int, sessions: int) -> dict:
     threads = [threading.Thread(target=renew, args=(s,)) for s in streams]
     for t in threads:
         t.start()
+    began = COUNTS.now()
     wall, proc, loop = time.perf_counter(), time.process_time(), loop_cpu()
     go.wait()
     for t in threads:
         t.join()
     units = each * sessions
-    res = {"thread_us": 0.0, "process_us": (time.process_time() - proc) / units * 1e6,
-           "loop_us": (loop_cpu() - loop) / units * 1e6, "wall_us": (time.perf_counter() - wall) / units * 1e6,
-           "count": units}
+    res = per_unit({"thread_us": 0.0, "process_us": (time.process_time() - proc) / units * 1e6,
+                    "loop_us": (loop_cpu() - loop) / units * 1e6, "wall_us": (time.perf_counter() - wall) / units * 1e6,
+                    "count": units}, began, units)
     for stream, lease in zip(streams, leases):
         stream.close()
         etcd.lease_revoke(lease)
@@ -158,6 +192,8 @@ def main(argv=None) -> int:
     if args.watchers < 1:
         p.error("--watchers must be at least 1")
     quiet_grpc_waits()
+    global COUNTS
+    COUNTS = LoopCounts()
     data = tempfile.mkdtemp(prefix="etcd-costs-client-", dir=args.etcd_dir)
     try:
         with EtcdServer(name="costs-client", data_dir=data) as server:
@@ -168,10 +204,11 @@ def main(argv=None) -> int:
                 etcd.close()
     finally:
         shutil.rmtree(data, ignore_errors=True)
-    print(f"{'case':<12} {'thread us':>10} {'loop us':>8} {'process us':>11} {'wall us':>9}  (per operation, "
-          f"{os.cpu_count()} cpus)")
+    print(f"{'case':<14} {'thread us':>9} {'loop us':>8} {'process us':>10} {'wall us':>8} {'turns':>6} {'wakes':>6}"
+          f"  (per operation, {os.cpu_count()} cpus)")
     for name, r in out.items():
-        print(f"{name:<12} {r['thread_us']:>10.1f} {r['loop_us']:>8.1f} {r['process_us']:>11.1f} {r['wall_us']:>9.1f}")
+        print(f"{name:<14} {r['thread_us']:>9.1f} {r['loop_us']:>8.1f} {r['process_us']:>10.1f} {r['wall_us']:>8.1f} "
+              f"{r['turns']:>6.2f} {r['wakes']:>6.2f}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(out, indent=1))
