@@ -85,3 +85,52 @@ def test_a_closed_client_ends_its_streams_and_the_loop_stays(own_etcd):
     e.close()
     loop = LOOP.loop()
     assert LOOP.loop() is loop and loop.is_running()
+
+
+def test_callbacks_handed_over_while_a_wake_is_due_ride_on_it_in_order(monkeypatch):
+    """While the loop is busy, 200 callbacks handed over from 4 threads cost one wake-up of the loop (one
+    ``call_soon_threadsafe``), not 200, and each thread's run in the order it handed them over; a callback that
+    raises drops none of the others."""
+    loop = LOOP.loop()
+    busy, release = threading.Event(), threading.Event()
+    LOOP.call_soon(lambda: (busy.set(), release.wait(WAIT)))
+    assert busy.wait(WAIT)
+    wakes = []
+    real = loop.call_soon_threadsafe
+    monkeypatch.setattr(loop, "call_soon_threadsafe", lambda *a: (wakes.append(a[0]), real(*a))[1])
+    ran: list[tuple[int, int]] = []
+
+    def hand(k: int) -> None:
+        for i in range(50):
+            LOOP.call_soon(ran.append, (k, i))
+            if i == 10:
+                LOOP.call_soon(lambda: 1 / 0)  # logged, the rest still run
+    threads = [threading.Thread(target=hand, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    release.set()
+    LOOP.barrier(WAIT)
+    monkeypatch.undo()
+    assert len(wakes) == 1, wakes
+    assert len(ran) == 200
+    for k in range(4):
+        assert [i for kk, i in ran if kk == k] == list(range(50))
+
+
+def test_requests_written_in_a_burst_all_go_out_in_order(own_etcd):
+    """A burst of keepalive requests written at once on one stream (no wait between writes): gRPC takes one send at
+    a time, and every request is sent and answered, in order (20 answers for 20 requests)."""
+    e = Etcd(EtcdConfig(parse_endpoints(own_etcd.endpoint)))
+    try:
+        stream = KeepAliveStream(e, e.lease_grant(10))
+        assert stream.ping(timeout=WAIT)[0] > 0
+        line = stream._line
+        for _ in range(20):
+            line.send()
+        answers = [stream._answers.get(timeout=WAIT) for _ in range(20)]
+        assert all(source is line and answer.TTL > 0 for source, answer in answers)
+        stream.close()
+    finally:
+        e.close()

@@ -285,7 +285,7 @@ class Etcd:
         per_attempt = attempt_timeout or self.cfg.request_timeout
 
         def attempt() -> T:
-            client = self.client
+            client = self._client or self.client  # the lock only to build it
             timeout = max(0.05, min(per_attempt, end - time.monotonic()))
             kwargs = {"timeout": timeout, "credentials": client.call_credentials,
                       "metadata": client.metadata}

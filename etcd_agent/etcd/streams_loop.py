@@ -5,8 +5,10 @@ call, gRPC's thread that feeds it the request iterator, gRPC's "channel spin" th
 streams), and a keepalive passed through five of them. Here every stream of the process (all the ``Etcd``
 clients in it: the simulation runs many agents per process) is a task on one loop thread; gRPC's asyncio engine
 adds one thread per process that waits on its completion queue without a timeout. The blocking callers (the
-session thread, the watch consumers) hand requests over with ``loop.call_soon_threadsafe`` and read answers from
-thread-safe queues their callbacks fill.
+session thread, the watch consumers) hand requests over with ``LOOP.call_soon`` (one ``call_soon_threadsafe`` for
+every callback handed over while a wake-up of the loop is on its way) and read answers from thread-safe queues their
+callbacks fill. A stream uses the call's own ``write``/``read``: one task reads, and a task sends only while written
+requests wait (no request iterator, no async generators between gRPC and the callbacks).
 
 Guarantees:
 - ``LOOP`` starts its thread on first use, in each process: a forked child that uses it starts its own (the
@@ -26,6 +28,7 @@ Imports grpc and ``logs``; nothing else of the package.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import os
 import threading
@@ -47,11 +50,17 @@ class StreamsLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._handed: list[tuple[Callable[..., Any], tuple]] = []  # callbacks handed over, not yet run, in order
+        self._wake_due = False  # a drain of ``_handed`` is on its way to the loop
 
     def loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is not None and self._pid == os.getpid():
+            return loop  # every hand-over asks: no lock once the loop runs in this process
         with self._lock:
             if self._loop is None or self._pid != os.getpid():
                 loop = asyncio.new_event_loop()
+                self._handed, self._wake_due = [], False  # a forked child's copy of the parent's is not its own
                 self._thread = threading.Thread(target=self._serve, args=(loop,), name="etcd-streams", daemon=True)
                 self._loop, self._pid = loop, os.getpid()
                 self._thread.start()
@@ -67,8 +76,27 @@ class StreamsLoop:
         return self._thread is threading.current_thread()
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` on the loop thread, after every callback handed over before it."""
-        self.loop().call_soon_threadsafe(fn, *args)
+        """Run ``fn(*args)`` on the loop thread, after every callback handed over before it.
+
+        Callbacks handed over while a wake-up of the loop is already on its way ride on it: one
+        ``call_soon_threadsafe`` (a write to the loop's self-pipe, and a turn of the loop) runs them all, in order,
+        so the many agents of a simulation that write at a round's start cost a few turns, not one each."""
+        loop = self.loop()
+        with self._lock:
+            self._handed.append((fn, args))
+            if self._wake_due:
+                return
+            self._wake_due = True
+        loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            handed, self._handed, self._wake_due = self._handed, [], False
+        for fn, args in handed:
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - one callback's bug must not drop the others handed over with it
+                log.exception("a callback on the stream loop failed")
 
     def barrier(self, timeout: float = 5.0) -> None:
         """Wait until every callback the loop had when this was called has run (none when called on the loop): after
@@ -76,7 +104,7 @@ class StreamsLoop:
         if self.on_loop() or self._loop is None or self._pid != os.getpid():
             return
         done = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(done.set_result, None)
+        self.call_soon(done.set_result, None)  # behind every callback handed over before
         try:
             done.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -144,10 +172,11 @@ class Stream:
 
     def __init__(self, method: Callable[..., Any], kwargs: dict, on_message: Callable[[Any], None],
                  on_end: Callable[[BaseException | None], None]):
-        """``method``: a stream-stream multicallable of an aio channel's stub (called with a request iterator and
-        ``kwargs``: the call credentials and metadata)."""
+        """``method``: a stream-stream multicallable of an aio channel's stub (called with ``kwargs``: the call
+        credentials and metadata; no request iterator: requests go out with the call's own ``write``)."""
         self._on_message, self._on_end = on_message, on_end
-        self._requests: asyncio.Queue | None = None
+        self._out: collections.deque = collections.deque()  # requests written, not yet handed to gRPC, in order
+        self._writing = False  # a task is handing ``_out`` to gRPC
         self._call = None
         self._closed = False
         LOOP.call_soon(self._start, method, kwargs)
@@ -155,24 +184,25 @@ class Stream:
     def _start(self, method: Callable[..., Any], kwargs: dict) -> None:
         if self._closed:
             return
-        self._requests = asyncio.Queue()
         try:
-            self._call = method(self._iterate(self._requests), **kwargs)
+            self._call = method(**kwargs)
         except Exception as exc:  # noqa: BLE001 - a closed channel, bad arguments: the stream ends at once
             self._closed = True
             self._on_end(exc)
             return
-        asyncio.get_running_loop().create_task(self._read(self._call))
-
-    @staticmethod
-    async def _iterate(requests: asyncio.Queue):
-        while (request := await requests.get()) is not None:
-            yield request
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._read(self._call))
+        if self._out:  # written before the call existed
+            self._writing = True
+            loop.create_task(self._send(self._call))
 
     async def _read(self, call) -> None:
+        """Every answer to ``on_message`` with the call's own ``read`` (no async generator around it: one step of
+        this task per answer), then the end to ``on_end``."""
         end: BaseException | None = None
+        eof = grpc.aio.EOF
         try:
-            async for answer in call:
+            while (answer := await call.read()) is not eof:
                 if self._closed:
                     return
                 self._on_message(answer)
@@ -187,13 +217,28 @@ class Stream:
             self._closed = True
             self._on_end(end)
 
+    async def _send(self, call) -> None:
+        """Hand the written requests to gRPC one after the other (it takes one send at a time); ends when none is
+        left, and the next ``write`` starts another. A failed send ends nothing here: the read sees the call end."""
+        try:
+            while self._out and not self._closed:
+                await call.write(self._out.popleft())
+        except Exception as exc:  # noqa: BLE001 - the call ended (its status reaches _read) or was cancelled
+            log.debug("a stream request was not sent: %r", exc)
+        finally:
+            self._writing = False
+
     def write(self, request: Any) -> None:
         """Send ``request`` on the stream (from any thread); dropped once the stream ended or was closed."""
         LOOP.call_soon(self._put, request)
 
     def _put(self, request: Any) -> None:
-        if not self._closed and self._requests is not None:
-            self._requests.put_nowait(request)
+        if self._closed:
+            return
+        self._out.append(request)
+        if self._call is not None and not self._writing:
+            self._writing = True
+            asyncio.get_running_loop().create_task(self._send(self._call))
 
     def close(self) -> None:
         """End the call (from any thread); no callback runs after this."""
@@ -201,7 +246,6 @@ class Stream:
         LOOP.call_soon(self._cancel)
 
     def _cancel(self) -> None:
-        if self._requests is not None:
-            self._requests.put_nowait(None)
+        self._out.clear()
         if self._call is not None:
             self._call.cancel()
