@@ -30,7 +30,7 @@ from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_und
 from ..schema.keys import Keys, RunKeys, prefix_end
 from .blame import ReportLoss
 from .cas import AGAIN, Again, swap
-from .jobs import GUESS, find_job, pointer_generation
+from .jobs import GUESS, Read, find_job, pointer_generation
 from .runs import first_entries, newcomer_end, refuse_nested
 from .decide import Bump, ClosePlan, End, JoinRound, WriteExit
 from ..schema.values import (Exit, Failure, Join, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result,
@@ -69,9 +69,10 @@ def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float,
         first = refuse_nested(etcd, run, [op_get_range(*guess.control()), first_entries(guess)])
     elif first is not None and found is not None:
         found.update((key, (kvs, first.revision)) for key, kvs in zip(also, first.ranges[3:]))
-    read = [first]  # the first try's reads (None: not made); a later try reads again
-    return swap(lambda: find_job(etcd, run, spec, wall, abandoned, join_timeout, read.pop() if read else None,
-                                 found), run.job(), "find the run's current job")
+    read = [] if first is None else [Read(first.ranges[0][0] if first.ranges[0] else None, GUESS, first.ranges[1],
+                                          first.ranges[2], first.revision)]  # a later try reads again
+    return swap(lambda: find_job(etcd, run, spec, wall, abandoned, join_timeout, read, found), run.job(),
+                "find the run's current job")
 
 
 def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
