@@ -10,10 +10,11 @@ Which job of a run an agent belongs to is fenced the same way, by the mod_revisi
 job (the first, or the next after the current one ended) is one txn guarded by it, so agents that re-run a
 finished run id together all land in the same new job. An ended job stays the run's job while any node of it is
 still registered (a newcomer gets its end, ``JobEnded``): the next job is started only if the ended job's registry
-was not written since the read that found it empty (the checks on arrival are ``runs.py``). A read-modify-write
-that lost its compare reads again through ``cas.swap``, a bounded number of times.
+was not written since the read that found it empty (the checks on arrival are ``runs.py``, each try ``jobs.py``). A
+read-modify-write that lost its compare reads again through ``cas.swap``, a bounded number of times.
 
-Imports the base, ``schema/``, ``etcd/`` (client, watch), ``coord.decide``, ``blame``, ``cas``, ``runs``; not ``node/``.
+Imports the base, ``schema/``, ``etcd/`` (client, watch), ``coord.decide``, ``blame``, ``cas``, ``jobs``,
+``runs``; not ``node/``.
 """
 
 from __future__ import annotations
