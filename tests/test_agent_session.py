@@ -126,26 +126,28 @@ def test_a_call_given_up_for_a_lost_session_says_so(etcd_endpoint, run_id, agent
         a.etcd.call("get", unanswered, deadline=30)
 
 
-def test_a_first_session_lost_while_it_starts_its_watch_is_replaced(etcd_endpoint, run_id, monkeypatch, agents_made):
-    """The same after the registration: the control key's read (the start of its watch) meets the lost session; the
-    registered session's lease is revoked before the next one registers."""
-    a = make_agent(etcd_endpoint, run_id, joined=False)
+def test_an_arriving_agent_opens_with_three_calls_and_reads_nothing_once_registered(etcd_endpoint, run_id,
+                                                                                    agents_made):
+    """An agent arriving at a running job: one txn for the nested-run check, the job pointer, the job-wide keys, the
+    registry's oldest entries and its cluster quarantine record; a lease grant; its registration. The job-wide keys
+    and the cluster record are watched from that first read's revision + 1 (nothing is missed: etcd replays what
+    changed since), so once the session exists no read is made that a lost session could meet."""
+    first = make_agent(etcd_endpoint, run_id, joined=False)
+    agents_made.append(first)
+    first.open(ignore)
+    a = make_agent(etcd_endpoint, run_id, node="node-b", joined=False)
     agents_made.append(a)
-    real = a.etcd.get_range
-    leases = []
+    real, calls = a.etcd.call, []
 
-    def lost_the_first_time(*args, **kwargs):
-        if a.session is not None:
-            leases.append(a.session.lease_id)
-            if len(leases) == 1:
-                a.session.lost.set()
-                a.etcd.call("get", unanswered, deadline=30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(a.etcd, "get_range", lost_the_first_time)
+    def counted(where, *args, **kwargs):
+        calls.append(where)
+        return real(where, *args, **kwargs)
+    a.etcd.call = counted
     a.open(ignore)
-    assert len(leases) == 2 and leases[0] != leases[1] == a.session.lease_id
-    kv, _ = a.etcd.get(a.keys.node("node-a"))
-    assert kv.lease == a.session.lease_id
-    assert not lease_alive(a, leases[0]), "the lost session's lease was not revoked"
-    assert "control" in a.watches.known
+    assert [where.split(" ")[0] for where in calls] == ["check", "lease", "register"], calls
+    read = a.watches.known["control"]
+    kv = a.mirror.get(a.keys.node("node-b"))  # the registration as its txn read it back
+    assert read < kv.mod_revision, "the job-wide keys are read before the registration, in the first txn"
+    assert a.mirror.get(a.keys.spec()) is not None and a.mirror.get(a.keys.round()) is not None
+    a.quarantine.holds(a.cfg.quarantine, time.time())  # the gate's first use: watched from the first read on
+    assert a.watches.known["cluster_quarantine"] == read and len(calls) == 3, calls

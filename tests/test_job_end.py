@@ -12,7 +12,7 @@ import pytest
 
 from agents import AgentProc, job_keys, keys_of
 from etcd_agent import errors
-from etcd_agent.coord import txns
+from etcd_agent.coord import jobs, txns
 from etcd_agent.config import EtcdConfig, JobSpec
 from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
@@ -113,7 +113,7 @@ def test_no_new_job_starts_over_a_node_that_registered_after_the_read(etcd, run_
     _nobody, seen = etcd.get_prefix(keys.nodes())
     lease = etcd.lease_grant(60)
     etcd.put(keys.node("n0"), NodeInfo("n0", lease=f"{lease:x}").encode(), lease)
-    assert not txns._new_generation(etcd, run, 2, pointer.mod_revision, SPEC, time.time(), seen)
+    assert not jobs.new_generation(etcd, run, 2, pointer.mod_revision, SPEC, time.time(), seen)
     assert txns.current_job(etcd, run) == keys
     with pytest.raises(errors.JobEnded, match="stopped: the test stopped it") as ended:
         txns.init_job(etcd, run, SPEC, time.time())

@@ -109,7 +109,7 @@ def _record(endpoint: str, root: str, run: str, node: str, scope: str, log=None)
     def read(key: str) -> None:
         kv, rev = etcd.get(key)
         mirror.reset_range(key, b"", [kv] if kv else [], rev)
-    return etcd, QuarantineRecord(etcd, keys, node, mirror, lambda name, key: read(key), read, log or Log(), scope)
+    return etcd, QuarantineRecord(etcd, keys, node, mirror, lambda name, key, got: read(key), read, log or Log(), scope)
 
 
 def test_scope_says_where_a_job_writes_and_every_job_honours_cluster_records(etcd_endpoint, run_id):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from etcd_agent.coord import cas, txns
+from etcd_agent.coord import cas, jobs, txns
 from etcd_agent.config import EtcdConfig, JobSpec
 from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.errors import EXIT_USAGE, BadKeyData, NodeRankTaken, SpecMismatch
@@ -156,9 +156,9 @@ def test_a_stale_pointer_cannot_start_a_second_new_job(etcd_endpoint, run_id):
     etcd, run = client(etcd_endpoint), RunKeys("/etcd-agent", run_id)
     end_job(etcd, txns.init_job(etcd, run, SPEC, time.time()))
     kv, _ = etcd.get(run.job())
-    assert txns._new_generation(etcd, run, 2, kv.mod_revision, SPEC, time.time())
-    assert not txns._new_generation(etcd, run, 2, kv.mod_revision, SPEC, time.time()), "the loser re-reads"
-    assert not txns._new_generation(etcd, run, 1, 0, SPEC, time.time())
+    assert jobs.new_generation(etcd, run, 2, kv.mod_revision, SPEC, time.time())
+    assert not jobs.new_generation(etcd, run, 2, kv.mod_revision, SPEC, time.time()), "the loser re-reads"
+    assert not jobs.new_generation(etcd, run, 1, 0, SPEC, time.time())
     assert txns.init_job(etcd, run, SPEC, time.time()) == run.generation(2)
 
 

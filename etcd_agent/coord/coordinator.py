@@ -32,6 +32,7 @@ Imports the base modules, ``schema/``, ``etcd/`` (client, session, watch) and th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 import threading
 import time
@@ -43,7 +44,7 @@ from ..config import NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig
 from ..errors import AgentError, BadKeyData, ConfigError, EtcdNoSpace, EtcdUnavailable, JobFailed
 from ..etcd.client import Etcd, TxnResult, op_get_range, prefix_end
 from ..proctree import free_port
-from ..schema.keys import Keys, RunKeys
+from ..schema.keys import Keys, RunKeys, cluster_quarantine
 from .blame import Attribute, ReportLoss
 from .decide import Bump, ClosePlan, End, JoinRound, WriteExit
 from ..etcd.session import Session
@@ -104,30 +105,30 @@ class Coordinator:
 
     # --- opening and closing ---------------------------------------------------------------------------------
     def open(self, on_lost: Callable[[Session, str], None]) -> None:
-        """Find the job, open a session, read the job-wide keys and start their watch. An unreachable etcd is a
-        ConfigError naming the endpoints (nothing of the job has changed then)."""
+        """Find the job, open a session and watch the job-wide keys from the read that found the job; etcd's version
+        is asked only where it is logged. An unreachable etcd is a ConfigError naming the endpoints."""
         try:
-            self.etcd_version = self.etcd.status()  # the agent says it once registered
+            self.etcd_version = self.etcd.status() if self.log.logger.isEnabledFor(logging.INFO) else "(not asked)"
             self.log.debug("connected to etcd %s at %s over %s", self.etcd_version, self.etcd.endpoints_text,
                            self.cfg.etcd.describe())
-            grace = max(abandon.ABANDONED_GRACE, 3 * self.timings.lease_ttl)
+            grace, found = max(abandon.ABANDONED_GRACE, 3 * self.timings.lease_ttl), {}  # found: reads to watch from
             self.keys = txns.init_job(self.etcd, self.run_keys, self.cfg.spec, time.time(),
                                       lambda keys, first: abandon.end_if_abandoned(self.etcd, keys, grace,
                                                                                    self.log.info, first),
-                                      self.cfg.join_timeout)
+                                      self.cfg.join_timeout, found, [cluster_quarantine(self.cfg.root, self.node)])
             self.mirror = Mirror(self.keys)
             self.strays = Strays(self.keys, self.mirror, self.log)
             self.watches = Watches(self.etcd, self.mirror, self.strays, self._sink, self.timings.watch_probe,
                                    f"watch-{self.node}", self._own)
             self.roles = Roles(self.etcd, self.keys, self.node, self.mirror, self.watches, self.strays)
-            self.quarantine = QuarantineRecord(self.etcd, self.keys, self.node, self.mirror, lambda name, key: self
-                                               .watches.ensure(name, key, b""), self.roles.read_key, self.log,
-                                               self.cfg.quarantine.scope)
+            self.quarantine = QuarantineRecord(self.etcd, self.keys, self.node, self.mirror, lambda name, key, got:
+                                               self.watches.ensure(name, key, b"", got), self.roles.read_key,
+                                               self.log, self.cfg.quarantine.scope, found)
             self._give_up = time.monotonic() + self.cfg.join_timeout
             while True:  # a session lost while it starts (keepalives starved, an election) is no config error
                 try:
                     self.new_session(on_lost, self._stale)
-                    self.watches.ensure("control", *self.keys.control())
+                    self.watches.ensure("control", *self.keys.control(), found.pop("control", None))
                     break
                 except EtcdUnavailable as exc:
                     if not self.session.lost.is_set() or self._shutdown.is_set() or time.monotonic() > self._give_up:
@@ -147,8 +148,7 @@ class Coordinator:
         etcd leaves its lease in ``stale`` for the next attempt to revoke; a refusal (duplicate node id or rank)
         revokes it at once."""
         stale = [] if stale is None else stale
-        session = Session(self.etcd, self.timings, lambda why: on_lost(session, why))
-        self.session = session
+        self.session = session = Session(self.etcd, self.timings, lambda why: on_lost(session, why))
         session.start(deadline=self.timings.join_timeout)
         try:
             while stale:  # etcd is reachable again: the old sessions' keys go first

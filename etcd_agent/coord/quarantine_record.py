@@ -35,10 +35,12 @@ MAX_TRIES = 5  # each lost compare is another writer of this node's record: a fe
 class QuarantineRecord:
     """The quarantine records of one node, as its agent counts and reads them."""
 
-    def __init__(self, etcd: Etcd, keys: Keys, node: str, mirror: Mirror, watch: Callable[[str, str], None],
-                 read: Callable[[str], None], log, scope: str = "job"):
-        """``watch(name, key)`` reads the key and watches it from then on under ``name`` (idempotent); ``read(key)``
-        reads it again. ``scope``: where this node's failures count (``--quarantine-scope``)."""
+    def __init__(self, etcd: Etcd, keys: Keys, node: str, mirror: Mirror, watch: Callable[[str, str, object], None],
+                 read: Callable[[str], None], log, scope: str = "job", found: dict | None = None):
+        """``watch(name, key, got)`` reads the key (or takes ``got``, a read made already: (kvs, revision)) and
+        watches it from then on under ``name`` (idempotent); ``read(key)`` reads it again. ``scope``: where this
+        node's failures count (``--quarantine-scope``). ``found``: records read already (key -> (kvs, revision),
+        ``txns.init_job`` reads the cluster record with the job), watched from that read on when first used."""
         self.etcd, self.mirror, self.node, self.log = etcd, mirror, node, log
         self.cluster_key = keys.cluster_quarantine(node)  # honoured by every job
         self.key = self.cluster_key if scope == "cluster" else keys.quarantine(node)  # where its failures count
@@ -49,10 +51,11 @@ class QuarantineRecord:
         self.to_count: float | None = None  # when this node's last failure that counts happened, until counted
         self.began: Quarantine | None = None  # a quarantine this agent's write started, until its hook is run
         self._unreadable = False  # etcd refused this job's user the cluster record: it is not honoured
+        self._found = found if found is not None else {}
 
     def count(self, policy: QuarantinePolicy, failed_at: float | None, wall: float) -> Quarantine | None:
         """The record, with the failure at ``failed_at`` added (one guarded txn) when given."""
-        self._watch("quarantine", self.key)
+        self._watch("quarantine", self.key, self._found.pop(self.key, None))
 
         def attempt():
             kv = self.mirror.get(self.key)
@@ -84,7 +87,7 @@ class QuarantineRecord:
         counted_there = policy.active and self.key == self.cluster_key  # the cluster record was just read
         if not problem and not counted_there and not self._unreadable:
             try:
-                self._watch("cluster_quarantine", self.cluster_key)
+                self._watch("cluster_quarantine", self.cluster_key, self._found.pop(self.cluster_key, None))
             except EtcdAuthError as exc:  # a per-job user made before cluster records: the job runs without them
                 self._unreadable = True
                 self.log.warning("cannot read %s (%s): cluster-wide quarantines do not hold this node out; grant the "

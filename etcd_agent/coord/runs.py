@@ -9,9 +9,11 @@ the fix: how the run id is freed (``etcd-agent stop``, or waiting for the regist
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..config import DEFAULT_ROOT, JobSpec
 from ..errors import ConfigError, EtcdAuthError, JobEnded, SpecMismatch
-from ..etcd.client import Etcd, op_first_created, op_get
+from ..etcd.client import Etcd, TxnResult, op_first_created, op_get
 from ..schema.keys import Keys, RunKeys
 from ..schema.values import Result, SpecValue
 
@@ -53,15 +55,17 @@ def first_entries(keys: Keys):
     return op_first_created(keys.nodes(), FIRST_ENTRIES)
 
 
-def refuse_nested(etcd: Etcd, run: RunKeys) -> list | None:
+def refuse_nested(etcd: Etcd, run: RunKeys, also: list = ()) -> TxnResult | None:
     """A run whose prefix lies inside another run's (``--etcd-prefix`` pointing into a job) would leave keys that
     job's agents trip over: refuse it before anything is written, naming the run it is inside. The same txn reads
-    the run's own job pointer (``R/job``), which the caller reads next: it is returned as read ([] absent, [kv]),
-    or None where the txn could not be made."""
+    the run's own job pointer (``R/job``), which the caller reads next, and ``also`` (range ops the caller would
+    make next, so that an arriving agent's first reads are one txn): the result's ranges are [R/job as read ([]
+    absent, [kv]), then one per op of ``also``], all at the result's revision; None where the txn could not be
+    made."""
     prefix = run.prefix
     ancestors = [prefix[: i + 1] for i, ch in enumerate(prefix[:-1]) if ch == "/" and i > 0]
     try:
-        res = etcd.txn([], [op_get(a + "job") for a in ancestors] + [op_get(run.job())],
+        res = etcd.txn([], [op_get(a + "job") for a in ancestors] + [op_get(run.job()), *also],
                        where=f"check that {prefix} is not inside a run")
     except EtcdAuthError:
         return None  # a user limited to its own run's keys may not read above them (and cannot write there either)
@@ -69,7 +73,7 @@ def refuse_nested(etcd: Etcd, run: RunKeys) -> list | None:
         if found:
             raise ConfigError(f"--etcd-prefix {run.root}: run {run.run_id} would live inside the run at {a} "
                               f"({a}job names its current job); choose a prefix outside every run's keys")
-    return res.ranges[-1]
+    return dataclasses.replace(res, ranges=res.ranges[len(ancestors):], counts=res.counts[len(ancestors):])
 
 
 _SPEC_FLAGS = {"min_nodes": "--nnodes (minimum)", "max_nodes": "--nnodes (maximum)",

@@ -10,16 +10,16 @@ Which job of a run an agent belongs to is fenced the same way, by the mod_revisi
 job (the first, or the next after the current one ended) is one txn guarded by it, so agents that re-run a
 finished run id together all land in the same new job. An ended job stays the run's job while any node of it is
 still registered (a newcomer gets its end, ``JobEnded``): the next job is started only if the ended job's registry
-was not written since the read that found it empty (the checks on arrival are ``runs.py``). A read-modify-write
-that lost its compare reads again through ``cas.swap``, a bounded number of times.
+was not written since the read that found it empty (the checks on arrival are ``runs.py``, each try ``jobs.py``). A
+read-modify-write that lost its compare reads again through ``cas.swap``, a bounded number of times.
 
-Imports the base, ``schema/``, ``etcd/`` (client, watch), ``coord.decide``, ``blame``, ``cas``, ``runs``; not ``node/``.
+Imports the base, ``schema/``, ``etcd/`` (client, watch), ``coord.decide``, ``blame``, ``cas``, ``jobs``,
+``runs``; not ``node/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Callable
 
@@ -27,14 +27,15 @@ from .. import logs
 from ..config import JobSpec
 from ..errors import BadKeyData, DuplicateNode, JobEnded, NodeRankTaken
 from ..etcd.client import (Etcd, TxnResult, absent, created_at, mod_is, none_under, op_count, op_delete,
-                           op_first_created, op_get, op_get_prefix, op_put, unchanged_under)
-from ..schema.keys import Keys, RunKeys, decode, prefix_end
+                           op_first_created, op_get, op_get_prefix, op_get_range, op_put, unchanged_under)
+from ..schema.keys import Keys, RunKeys, prefix_end
 from .blame import ReportLoss
 from .cas import AGAIN, Again, swap
-from .runs import check_spec, first_entries, names, newcomer_end, refuse_nested
+from .jobs import GUESS, Read, find_job, pointer_generation
+from .runs import first_entries, newcomer_end, refuse_nested
 from .decide import Bump, ClosePlan, End, JoinRound, WriteExit
-from ..schema.values import (Exit, Failure, Join, JobPointer, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result,
-                             RoundInfo, SpecValue)
+from ..schema.values import (Exit, Failure, Join, NodeInfo, Outcome, Phase, RankClaim, Restarts, Result,
+                             RoundInfo)
 from ..etcd.watch import wait_deleted
 
 log = logs.get("etcd_agent.coord.txns")
@@ -45,54 +46,34 @@ def round_value(number: int, phase: Phase, reason: str, wall: float, **extra) ->
 
 
 def init_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float,
-             abandoned: Callable[[Keys, list], bool] | None = None, join_timeout: float | None = None) -> Keys:
+             abandoned: Callable[[Keys, list], bool] | None = None, join_timeout: float | None = None,
+             found: dict | None = None, also: list[str] = ()) -> Keys:
     """Find this agent's job of the run and return its keys: the running job (its spec checked), or a new job
     when the run has none yet (generation 1) or its current job has ended and none of its nodes is registered any
     more (generation K+1, as torchrun runs a finished run id again). While a node of the ended job is still
     registered, the job stays closed: JobEnded carries its end to this agent (``newcomer_end``). Concurrent starters
     agree: every move is one txn guarded by ``R/job`` (and by the ended job's registry), retried by ``cas.swap``. A
-    run nested in another run's prefix is refused first (``refuse_nested``, whose txn reads R/job too).
-    ``abandoned(keys, first)`` (``first``: the registry's oldest entries, read with the spec), asked about a running
-    job before it is joined, ends it when none of its agents is left (``abandon.end_if_abandoned``) and says so. A
-    new job's spec records ``join_timeout`` (``status`` tells from it when a forming round times out)."""
-    read = [refuse_nested(etcd, run)]  # the first try's job pointer (None: not read); a later try reads it again
-    return swap(lambda: _find_job(etcd, run, spec, wall, abandoned, join_timeout, read.pop() if read else None),
-                run.job(), "find the run's current job")
+    run nested in another run's prefix is refused first (``refuse_nested``), in a txn that also reads R/job and
+    what the first job of a run would need (``GUESS``): an agent arriving at a run's running first job makes one
+    read txn here. ``abandoned(keys, first)`` (``first``: the registry's oldest entries, read with the spec), asked
+    about a running job before it is joined, ends it when none of its agents is left (``abandon.end_if_abandoned``)
+    and says so. A new job's spec records ``join_timeout`` (``status`` tells from it when a forming round times out).
 
-
-def _find_job(etcd: Etcd, run: RunKeys, spec: JobSpec, wall: float, abandoned, join_timeout: float | None,
-              pointer: list | None = None) -> Keys | Again:
-    """One try of ``init_job``: the job's keys, or AGAIN when another moved the run first (``pointer``: R/job read)."""
-    kv = etcd.get(run.job())[0] if pointer is None else (pointer[0] if pointer else None)
-    if kv is None:
-        if not _new_generation(etcd, run, 1, 0, spec, wall, join_timeout=join_timeout):
-            return AGAIN
-        log.debug("created job spec %s: %s", run.generation(1).spec(),
-                  json.dumps(SpecValue.of(spec, join_timeout).to_json(), sort_keys=True))
-        return run.generation(1)
-    keys = run.generation(pointer_generation(kv))
-    res = etcd.txn([], [op_get(keys.spec()), op_get(keys.result()), first_entries(keys)], where=f"read {keys.spec()}")
-    if not res.ranges[0]:
-        raise BadKeyData(keys.spec(), f"missing, but {run.job()} names job {keys.gen} as the run's current one")
-    if not res.ranges[1]:
-        if abandoned is not None and abandoned(keys, res.ranges[2]):
-            return AGAIN  # nobody was left in it and it is ended now: the run's next job starts
-        check_spec(keys, spec, decode(keys.spec(), res.ranges[0][0].value), etcd.endpoints_text)
-        return keys
-    done = Result.from_kv(res.ranges[1][0])
-    registry, seen = etcd.get_prefix(keys.nodes())  # read only for an ended job: a running one's can be large
-    ended = newcomer_end(keys, done, registry, etcd.endpoints_text)
-    if ended is not None:
-        log.warning("job %d of run %s ended (%s) and %d of its nodes %s still registered (%s): this agent does "
-                    "not start a new job, it ends as that job did; start it again once they are gone to run "
-                    "the job anew", keys.gen, run.run_id, done.outcome, len(ended.registered),
-                    "is" if len(ended.registered) == 1 else "are", names(ended.registered))
-        raise ended
-    if not _new_generation(etcd, run, keys.gen + 1, kv.mod_revision, spec, wall, seen, join_timeout):
-        return AGAIN
-    log.info("run %s ended (%s: %s) as job %d; starting job %d of run %s", run.run_id, done.outcome,
-             done.reason, keys.gen, keys.gen + 1, run.run_id)
-    return run.generation(keys.gen + 1)
+    ``found``, when given, gets the reads the caller can watch from without reading again, each as (kvs, revision
+    of the read): under ``"control"`` the job's job-wide keys (``Keys.control``) as read by the txn that found or
+    started the job, and under each key of ``also`` (single keys the caller reads next, such as its cluster
+    quarantine record) that key as read in the first txn (absent where that txn could not be made)."""
+    guess = run.generation(GUESS)
+    extra = [op_get(key) for key in also]
+    first = refuse_nested(etcd, run, [op_get_range(*guess.control()), first_entries(guess), *extra])
+    if first is None and extra:  # a user that may not read ``also``: the nested-run check without it
+        first = refuse_nested(etcd, run, [op_get_range(*guess.control()), first_entries(guess)])
+    elif first is not None and found is not None:
+        found.update((key, (kvs, first.revision)) for key, kvs in zip(also, first.ranges[3:]))
+    read = [] if first is None else [Read(first.ranges[0][0] if first.ranges[0] else None, GUESS, first.ranges[1],
+                                          first.ranges[2], first.revision)]  # a later try reads again
+    return swap(lambda: find_job(etcd, run, spec, wall, abandoned, join_timeout, read, found), run.job(),
+                "find the run's current job")
 
 
 def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
@@ -104,34 +85,6 @@ def run_end(etcd: Etcd, run: RunKeys) -> JobEnded | None:
     res = etcd.txn([], [op_get(keys.result()), op_get_prefix(keys.nodes())], where=f"read {keys.result()}")
     return (newcomer_end(keys, Result.from_kv(res.ranges[0][0]), res.ranges[1], etcd.endpoints_text)
             if res.ranges[0] else None)
-
-
-def _new_generation(etcd: Etcd, run: RunKeys, gen: int, pointer_rev: int, spec: JobSpec, wall: float,
-                    seen: int = 0, join_timeout: float | None = None) -> bool:
-    """Make job ``gen`` the run's current one with its spec, round 1 and restart budget, if ``R/job`` is still at
-    ``pointer_rev`` (0: absent) and no registry entry of job ``gen - 1`` was written after revision ``seen`` (the
-    read that found nobody registered). False when another agent moved the run, or registered, first."""
-    keys = run.generation(gen)
-    quiet = [unchanged_under(run.generation(gen - 1).nodes(), seen)] if gen > 1 else []
-    res = etcd.txn([mod_is(run.job(), pointer_rev), absent(keys.spec()), *quiet],
-                   [op_put(run.job(), JobPointer(gen, wall).encode()),
-                    op_put(keys.spec(), SpecValue.of(spec, join_timeout).encode()),
-                    op_put(keys.round(), round_value(1, Phase.JOINING, "the job started", wall, last_plan=0)),
-                    op_put(keys.restarts(), Restarts.of(spec).encode())],
-                   [op_get(run.job()), op_get(keys.spec())], where=f"start job {gen} of run {run.run_id}")
-    if res.succeeded:
-        return True
-    pointer = res.ranges[0][0] if res.ranges[0] else None
-    if pointer is None and pointer_rev == 0:
-        raise BadKeyData(run.job(), f"missing, but job {gen} of the run exists ({keys.spec()})")
-    if pointer is not None and pointer.mod_revision == pointer_rev and res.ranges[1]:
-        raise BadKeyData(keys.spec(), f"exists, but {run.job()} names job {gen - 1} as the run's current one")
-    return False
-
-
-def pointer_generation(kv) -> int:
-    """The generation ``R/job`` names; BadKeyData names the key when it is not a positive integer."""
-    return JobPointer.from_kv(kv).gen
 
 
 def current_job(etcd: Etcd, run: RunKeys) -> Keys | None:
