@@ -40,6 +40,7 @@ class View:
     result: Result | None
     scope: Scope = None  # what the mirror covers (None: everything, as FULL)
     last_failures: dict[str, Failure] | None = None  # the last plan's round's reports (full views; None: not known)
+    memo: dict | None = dataclasses.field(default=None, compare=False, repr=False)  # ``members``' (None: afresh)
 
     @property
     def full(self) -> bool:
@@ -74,8 +75,7 @@ FULL = Scope()
 
 
 class Mirror:
-    """The KVs under the job prefix that this agent reads and watches, kept current by watch events and by the
-    results of its own txns.
+    """The KVs under the job prefix that this agent reads and watches, kept current by watch events and own txns.
 
     Several watches over different ranges feed one mirror, so there is no single "revision up to which everything
     is known": each key keeps its newest version (an event or txn result at or below what the mirror holds for
@@ -85,8 +85,7 @@ class Mirror:
     A view is built after every delivery, so what it parses is remembered per KV object (a KV is replaced, never
     changed, when its key changes), and what it makes of a directory (a plan's parts, a round's exits) is made again
     only when a key under it changed (its stamp): JSON decoding only for the keys that changed since the last view.
-    ``changes`` counts every change of the KVs held; a view asked for again with no change since (an agent's step
-    after an action that wrote nothing, a delivery that was old news) is the last one, its revision brought up to date.
+    ``changes`` counts every change of the KVs held; a view asked for again with no change since is the last one.
     """
 
     def __init__(self, keys: Keys):
@@ -108,6 +107,7 @@ class Mirror:
         self._dirty: dict[str, set[str]] = {}
         self.changes = 0  # bumped by every change of ``kvs``: what a view is made of
         self._view: tuple[int, Scope, View] | None = None  # (changes, scope, the view made then)
+        self._members: dict = {}  # ``View.memo``: what ``members`` made of this mirror's views, kept across views
 
     def reset(self, kvs: Iterable, revision: int) -> None:
         """The whole mirror is a read of the whole prefix at ``revision``."""
@@ -328,7 +328,7 @@ class Mirror:
         last_failures = self._member_failures(last) if scope.full and last is not None else None
         return View(revision, self.record_at(k.spec(), SpecValue), rnd, nodes, joins, plan, last, exits,
                     self._member_failures(plan), self.restarts(), self.record_at(k.result(), Result),
-                    scope, last_failures)
+                    scope, last_failures, self._members)
 
     def _member_failures(self, plan: Plan | None) -> dict[str, Failure]:
         """The failure reports of the plan's members. A key under the round's failures of any other node (or below
