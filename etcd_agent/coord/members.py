@@ -5,7 +5,8 @@ a scale-up passed over, the members that have finished and those this agent sees
 The round's leader asks them at every step, with N registry entries, joins and exits: a view from a mirror carries
 its memo (``View.memo``), so each is made again only when what it is made of changed (the mirror's view keeps the
 same nodes dict, joins dict, exits set and plan object while their keys do not change), and a round's member exits
-grow by the exits that arrived. A step costs what changed, not N; a view made alone is computed afresh.
+grow by the exits that arrived. A step that only brings exits costs those exits; one that changes the joins or
+the registry makes the sets read from them again. A view made alone (no memo) is computed afresh.
 """
 
 from __future__ import annotations
