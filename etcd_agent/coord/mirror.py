@@ -40,6 +40,7 @@ class View:
     result: Result | None
     scope: Scope = None  # what the mirror covers (None: everything, as FULL)
     last_failures: dict[str, Failure] | None = None  # the last plan's round's reports (full views; None: not known)
+    memo: dict | None = dataclasses.field(default=None, compare=False, repr=False)  # ``members``' (None: afresh)
 
     @property
     def full(self) -> bool:
@@ -74,19 +75,16 @@ FULL = Scope()
 
 
 class Mirror:
-    """The KVs under the job prefix that this agent reads and watches, kept current by watch events and by the
-    results of its own txns.
+    """The KVs under the job prefix that this agent reads and watches, kept current by watch events and own txns.
 
-    Several watches over different ranges feed one mirror, so there is no single "revision up to which everything
-    is known": each key keeps its newest version (an event or txn result at or below what the mirror holds for
-    that key, or below the key's last delete, is old news: replays of a resumed watch and txn results that the
-    watch delivers again are harmless). A range is replaced as a whole by a read of it (``reset_range``).
+    Several watches over different ranges feed one mirror, so each key keeps its newest version: an event or txn
+    result at or below what the mirror holds for that key, or below its last delete, is old news (replays of a
+    resumed watch are harmless). A range is replaced as a whole by a read of it (``reset_range``).
 
     A view is built after every delivery, so what it parses is remembered per KV object (a KV is replaced, never
     changed, when its key changes), and what it makes of a directory (a plan's parts, a round's exits) is made again
-    only when a key under it changed (its stamp): JSON decoding only for the keys that changed since the last view.
-    ``changes`` counts every change of the KVs held; a view asked for again with no change since (an agent's step
-    after an action that wrote nothing, a delivery that was old news) is the last one, its revision brought up to date.
+    only when a key under it changed (its stamp), from the keys that changed since the last view.
+    ``changes`` counts every change of the KVs held; a view asked for again with no change since is the last one.
     """
 
     def __init__(self, keys: Keys):
@@ -102,12 +100,12 @@ class Mirror:
         self._stamper = itertools.count(1)  # (never 0: a directory not stamped since the last reset has 0)
         self._made: dict[str, tuple[int, object]] = {}  # directory -> (its stamp, what a view made of it)
         self._headers: set[str] = set()  # the keys held that may be plan headers (``last_plan`` looks at these only)
-        # directory -> (kind, {key: (KV, record)}, what the view made of it): kept across views, updated for the
-        # keys changed since (``_dirty``), so a leader's view of N joins costs the joins that arrived, not N lookups
+        # directory -> (kind, {key: (KV, record)}, what a view made of it): updated by the keys changed (``_dirty``)
         self._dir_cache: dict[str, tuple[type, dict, dict]] = {}
         self._dirty: dict[str, set[str]] = {}
         self.changes = 0  # bumped by every change of ``kvs``: what a view is made of
         self._view: tuple[int, Scope, View] | None = None  # (changes, scope, the view made then)
+        self._members: dict = {}  # ``View.memo``: what ``members`` made of this mirror's views, kept across views
 
     def reset(self, kvs: Iterable, revision: int) -> None:
         """The whole mirror is a read of the whole prefix at ``revision``."""
@@ -151,7 +149,7 @@ class Mirror:
     def _touch(self, key: str) -> None:
         directory = _dir(key)
         self._stamps[directory] = next(self._stamper)
-        if directory in self._dir_cache:
+        if directory in self._dir_cache or directory in self._made:  # what was made of it is made again from these
             self._dirty.setdefault(directory, set()).add(key)
 
     def _drop(self, key: str) -> None:
@@ -235,6 +233,7 @@ class Mirror:
             self._dirty.pop(directory, None)
         for directory in [d for d in self._made if old(d)]:
             del self._made[directory]
+            self._dirty.pop(directory, None)
 
     def _round_of(self, key: str) -> int | None:
         """The round a key (or a range start) under ``r/`` belongs to; None for anything else."""
@@ -320,15 +319,14 @@ class Mirror:
         joins = (self._derived(k.joins(number), Join, lambda got: {j.node: j for _kv, j in got.values()})
                  if rnd else {})
         where = k.exits(number)
-        exits = self._remade(where, lambda: frozenset(kv.key[len(where):] for kv in self.children(where))) \
-            if rnd else frozenset()
+        exits = self._names(where) if rnd else frozenset()
         plan = self.plan(number) if rnd else None
         last = self.last_plan(number) if rnd is None or rnd.last_plan is None else self.plan(rnd.last_plan)
         # a full view watches the last plan's round's failures too: who is blamed for it (``blame.py``)
         last_failures = self._member_failures(last) if scope.full and last is not None else None
         return View(revision, self.record_at(k.spec(), SpecValue), rnd, nodes, joins, plan, last, exits,
                     self._member_failures(plan), self.restarts(), self.record_at(k.result(), Result),
-                    scope, last_failures)
+                    scope, last_failures, self._members)
 
     def _member_failures(self, plan: Plan | None) -> dict[str, Failure]:
         """The failure reports of the plan's members. A key under the round's failures of any other node (or below
@@ -340,12 +338,14 @@ class Mirror:
         return {kv.key[len(where):]: self.record(kv, Failure) for kv in self.children(where)
                 if not plan.outside(kv.key[len(where):])}
 
-    def _remade(self, directory: str, make: Callable[[], object]):
-        """``make()`` of the KVs directly under ``directory``, made again only when a key there changed (its stamp):
-        a leader's view of N exits costs O(1) while they do not change."""
-        stamp, hit = self._stamps.get(directory, 0), self._made.get(directory)
+    def _names(self, directory: str) -> frozenset[str]:
+        """The names of the keys under ``directory``, updated by the keys changed since (a step costs its exits)."""
+        stamp, hit, changed = self._stamps.get(directory, 0), self._made.get(directory), self._dirty.pop(directory, ())
         if hit is None or hit[0] != stamp:
-            hit = self._made[directory] = (stamp, make())
+            present, cut = self.dirs.get(directory, {}), len(directory)
+            gone, came = [k[cut:] for k in changed if k not in present], [k[cut:] for k in changed if k in present]
+            hit = self._made[directory] = (stamp, frozenset(key[cut:] for key in present) if hit is None
+                                           else hit[1].difference(gone).union(came))
         return hit[1]
 
     def ended(self, scope: Scope = FULL) -> View | None:
