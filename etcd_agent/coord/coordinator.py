@@ -41,7 +41,7 @@ from typing import Callable
 from .. import logs
 from . import abandon, blame, janitor, txns
 from ..config import NO_RESTART_LIMIT, TORCHRUN_NPROC, AgentConfig
-from ..errors import AgentError, BadKeyData, ConfigError, EtcdNoSpace, EtcdUnavailable, JobFailed
+from ..errors import AgentError, BadKeyData, ConfigError, EtcdNoSpace, EtcdUnavailable, JobFailed, SessionLost
 from ..etcd.client import Etcd, TxnResult, op_get_range, prefix_end
 from ..proctree import free_port
 from ..schema.keys import Keys, RunKeys, cluster_quarantine
@@ -130,8 +130,9 @@ class Coordinator:
                     self.new_session(on_lost, self._stale)
                     self.watches.ensure("control", *self.keys.control(), found.pop("control", None))
                     break
-                except EtcdUnavailable as exc:
-                    if not self.session.lost.is_set() or self._shutdown.is_set() or time.monotonic() > self._give_up:
+                except (EtcdUnavailable, SessionLost) as exc:  # SessionLost: the lease expired before it registered
+                    lost = isinstance(exc, SessionLost) or self.session.lost.is_set()
+                    if not lost or self._shutdown.is_set() or time.monotonic() > self._give_up:
                         raise
                     if self.session.lease_id not in self._stale:  # registered: its keys go with the next one
                         self.session.close(revoke=False)
@@ -141,6 +142,9 @@ class Coordinator:
             raise  # etcd answered: its message says what the operator must do, not which endpoints to check
         except EtcdUnavailable as exc:
             raise ConfigError(f"--etcd-endpoints {self.etcd.endpoints_text}: {exc}") from exc
+        except SessionLost as exc:
+            raise JobFailed(f"{self.node} lost every etcd session it opened while it started, for "
+                            f"{self.cfg.join_timeout:g} s (--join-timeout): {exc}") from exc
 
     def new_session(self, on_lost: Callable[[Session, str], None], stale: list[int] | None = None) -> Session:
         """Grant a lease, revoke the ``stale`` leases of earlier sessions (so their keys are gone before this one
@@ -155,7 +159,7 @@ class Coordinator:
                 self.etcd.lease_revoke(stale[0], deadline=self.timings.lease_ttl)
                 stale.pop(0)
             self.registry.register(self.keys, session.lease_id, self.mirror, self.timings)
-        except EtcdUnavailable:
+        except (EtcdUnavailable, SessionLost):  # its lease is revoked (a lost one: ended already) before the next
             session.close(revoke=False)
             stale.append(session.lease_id)
             raise
@@ -165,8 +169,7 @@ class Coordinator:
         return session
 
     def drop_session(self) -> None:
-        """The session is lost: close it without a revoke (etcd may be unreachable; its lease is revoked before the
-        next session registers); ``rejoin`` tries a new one until --join-timeout."""
+        """The session is lost: close it unrevoked (revoked before the next registers); ``rejoin`` tries anew."""
         self._stale.append(self.session.lease_id)
         self.session.close(revoke=False)
         self._give_up = time.monotonic() + self.cfg.join_timeout
@@ -262,10 +265,9 @@ class Coordinator:
         self.watches.apply(item)
 
     def view(self) -> View:
-        """What decide() sees; for the leader, the round's joins are known through the round watch's revision
-        (the close guard refuses a plan if any join key was written after it). A key whose value cannot be read
-        raises BadKeyData (the agent holds until it is repaired), unless the job has ended: then the view is the
-        result alone, so that an ``etcd-agent stop`` always reaches the agent."""
+        """What decide() sees (the leader knows the joins through the round watch's revision: the close guard refuses
+        a plan if a join key was written after it). A bad value raises BadKeyData (the agent holds until it is
+        repaired) unless the job has ended: then the view is the result alone (``etcd-agent stop`` always works)."""
         try:
             return self.mirror.view(self.scope, self.watches.known.get("round") if self.scope.full else None)
         except BadKeyData:
@@ -275,9 +277,8 @@ class Coordinator:
             return ended
 
     def resync(self) -> None:
-        """After a failed compare: read again what the compares were about (the job-wide keys, this node's join
-        key, the round's exits and failures; for the leader the registry and the round) in one txn, never the
-        whole job."""
+        """After a failed compare: read again what the compares were about (the job-wide keys, this node's join key,
+        the round's exits and failures; for the leader the registry and the round) in one txn, not the whole job."""
         k, m = self.keys, self.mirror
         r = m.round()
         n = r.number if r else 0
@@ -304,8 +305,7 @@ class Coordinator:
             self._no_space = False
             self.log.info("etcd accepts writes again (its NOSPACE alarm was cleared); the job goes on")
         if res.succeeded:  # what the txn wrote, read back in it: the mirror has it before any watch shows it
-            # a join's second read, the round's oldest joins, is not kept: only its leader's key, which is watched
-            # (``Roles.take_leader``); the others would be facts nothing keeps current, and each one costs a decode
+            # a join's second read (the round's oldest joins) is not kept, only its leader's key (``take_leader``)
             for kvs in res.ranges[:1] if type(action) is JoinRound else res.ranges:
                 self.mirror.absorb(kvs, res.revision)
         return res
