@@ -21,7 +21,7 @@ from etcd_agent.coord.mirror import JOINING
 from etcd_agent.schema.values import NodeInfo
 from etcd_agent.testing import procs
 from etcd_agent.testing import records as record_files
-from test_rendezvous import ME, NOW, PARAMS, jn, me, mk_plan, running_here, view
+from views import ME, NOW, PARAMS, jn, me, mk_plan, running_here, view
 
 
 def sick(v, node: str, why: str = "GPU 0 has 2 uncorrectable ECC error(s)"):

@@ -1,11 +1,11 @@
-"""observe(view, local, params, now, wall, lifted) over hand-built views (the builders of test_rendezvous): the first
+"""observe(view, local, params, now, wall, lifted) over hand-built views (the builders of views.py): the first
 sightings decide() times from, the round an agent is in, and what it says in its log."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from test_rendezvous import ME, NOW, PARAMS, WALL, jn, me, mk_plan, view
+from views import ME, NOW, PARAMS, WALL, jn, me, mk_plan, view
 
 from etcd_agent.coord.mirror import JOINING, RUNNING, Scope
 from etcd_agent.coord.observe import Notes, observe

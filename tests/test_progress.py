@@ -20,7 +20,7 @@ from etcd_agent.node.steps import Reading, StepMeter
 from etcd_agent.schema.keys import Keys
 from etcd_agent.schema.values import Failure, Progress, Restarts
 
-from test_rendezvous import ME, PARAMS, finished_here, running_here, view
+from views import ME, PARAMS, finished_here, running_here, view
 
 
 PARAMS_20 = dataclasses.replace(PARAMS, max_restarts=20)

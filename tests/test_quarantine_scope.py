@@ -23,7 +23,7 @@ from etcd_agent.errors import ConfigError
 from etcd_agent.node import hooks
 from etcd_agent.schema.keys import Keys, cluster_quarantine
 from etcd_agent.schema.values import Outcome, Quarantine, Result
-from test_rendezvous import WALL, finished_here, report, view
+from views import WALL, finished_here, report, view
 
 CODE = 87
 NO_RESTART = Params(2, 4, 3, 2.0, 60.0, 1.0, no_restart_exit_code=CODE)

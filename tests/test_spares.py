@@ -13,7 +13,7 @@ from etcd_agent.coord.decide import Bump, ClosePlan, Params, Wait, decide
 from etcd_agent.coord.ranks import rank_joiners
 from etcd_agent.coord.mirror import JOINING
 from etcd_agent.schema.values import NodeInfo
-from test_rendezvous import ME, NOW, jn, me, mk_plan, running_here, view
+from views import ME, NOW, jn, me, mk_plan, running_here, view
 
 
 def spare(j):

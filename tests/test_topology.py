@@ -18,7 +18,7 @@ from etcd_agent.errors import BadKeyData, ConfigError
 from etcd_agent.schema import topology
 from etcd_agent.schema.plan import Member, Plan, PlanPart
 from etcd_agent.schema.values import NodeInfo
-from test_rendezvous import NOW, jn, me, view
+from views import NOW, jn, me, view
 
 PATHS = {"a0": "/s1/l1", "b0": "/s1/l2", "a1": "/s1/l1", "b1": "/s1/l2", "c0": "/s2/l3", "c1": "/s2/l3"}
 

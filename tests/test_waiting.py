@@ -1,12 +1,12 @@
 """wait_note(action, view, local, params, forming, said, now) over hand-built views (the builders of
-test_rendezvous), with the Wait that decide() gives for them: what the agent says while a round forms, when, and
+views.py), with the Wait that decide() gives for them: what the agent says while a round forms, when, and
 when it wakes to say it again."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from test_rendezvous import ME, NOW, PARAMS, WALL, jn, me, view
+from views import ME, NOW, PARAMS, WALL, jn, me, view
 
 from etcd_agent.coord.decide import Wait, decide
 from etcd_agent.coord.mirror import JOINING, Scope
