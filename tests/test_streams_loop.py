@@ -3,6 +3,7 @@ etcd client in a process runs on it, so a stream costs no thread of its own (cou
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 
@@ -12,7 +13,7 @@ from etcd_agent.config import EtcdConfig
 from etcd_agent.endpoints import parse_endpoints
 from etcd_agent.etcd.client import Etcd
 from etcd_agent.etcd.keepalive import KeepAliveStream
-from etcd_agent.etcd.streams_loop import LOOP
+from etcd_agent.etcd.streams_loop import LOOP, Stream
 from etcd_agent.etcd.watch import WatchStream
 
 WAIT = 60.0
@@ -134,3 +135,32 @@ def test_requests_written_in_a_burst_all_go_out_in_order(own_etcd):
         stream.close()
     finally:
         e.close()
+
+
+def test_a_send_waiting_on_a_call_that_ended_is_cancelled_not_left_pending():
+    """A request handed to gRPC on a call whose connection dropped may never be taken: when the call's answers end,
+    the send is cancelled, so no task is left pending (asyncio says "Task was destroyed but it is pending" at exit)."""
+    calls, ended = [], queue.SimpleQueue()
+
+    class Call:  # a stream-stream call whose sends never complete
+        def __init__(self):
+            self.answer = asyncio.get_running_loop().create_future()
+            self.sent = asyncio.get_running_loop().create_future()
+
+        async def read(self):
+            return await self.answer
+
+        async def write(self, request):
+            await self.sent
+
+        def cancel(self):
+            pass
+
+    stream = Stream(lambda: calls.append(Call()) or calls[-1], {}, lambda answer: None, ended.put)
+    stream.write("a request")
+    LOOP.barrier(WAIT)
+    assert stream._sender is not None and not stream._sender.done()
+    LOOP.call_soon(calls[0].answer.set_exception, ConnectionResetError("the connection dropped"))
+    assert isinstance(ended.get(timeout=WAIT), ConnectionResetError)
+    LOOP.barrier(WAIT)
+    assert stream._sender.cancelled()

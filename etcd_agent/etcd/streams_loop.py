@@ -177,6 +177,7 @@ class Stream:
         self._on_message, self._on_end = on_message, on_end
         self._out: collections.deque = collections.deque()  # requests written, not yet handed to gRPC, in order
         self._writing = False  # a task is handing ``_out`` to gRPC
+        self._sender: asyncio.Task | None = None  # that task (cancelled when the stream ends: none is left pending)
         self._call = None
         self._closed = False
         LOOP.call_soon(self._start, method, kwargs)
@@ -194,7 +195,7 @@ class Stream:
         loop.create_task(self._read(self._call))
         if self._out:  # written before the call existed
             self._writing = True
-            loop.create_task(self._send(self._call))
+            self._sender = loop.create_task(self._send(self._call))
 
     async def _read(self, call) -> None:
         """Every answer to ``on_message`` with the call's own ``read`` (no async generator around it: one step of
@@ -213,6 +214,8 @@ class Stream:
                                        "the stream was cancelled")
         except Exception as exc:  # noqa: BLE001 - grpc.RpcError or worse: the consumer decides
             end = exc
+        finally:
+            self._stop_sending()
         if not self._closed:
             self._closed = True
             self._on_end(end)
@@ -238,7 +241,12 @@ class Stream:
         self._out.append(request)
         if self._call is not None and not self._writing:
             self._writing = True
-            asyncio.get_running_loop().create_task(self._send(self._call))
+            self._sender = asyncio.get_running_loop().create_task(self._send(self._call))
+
+    def _stop_sending(self) -> None:
+        """The call ended or was closed: a send still waiting on it is cancelled, not left pending for good."""
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()
 
     def close(self) -> None:
         """End the call (from any thread); no callback runs after this."""
@@ -247,5 +255,6 @@ class Stream:
 
     def _cancel(self) -> None:
         self._out.clear()
+        self._stop_sending()
         if self._call is not None:
             self._call.cancel()
