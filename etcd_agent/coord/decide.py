@@ -47,7 +47,7 @@ from . import blame, stall
 from .blame import Attribute, ReportLoss
 from ..errors import JobFailed, JobStopped, RendezvousTimeout, RestartBudgetSpent
 from .mirror import DONE, FAILED, FINAL_PHASES, JOINING, View
-from .members import healthy, lost_members, member_exits, newcomers, passed_over  # noqa: F401 (observe reads them)
+from .members import healthy, lost_members, member_exits, newcomers, passed_over, stale_join  # noqa: F401 (observe)
 from .ranks import Ranking, as_spares, make_plan, rank_round
 from ..schema.values import Failure, Member, Outcome, Phase, Plan, Restarts, Result, RoundInfo
 MAX_LOSS_REPORTS = 40  # per txn (a compare, a put and a read each; etcd takes 128): the rest go in the next one
@@ -211,14 +211,8 @@ def _blame(v: View, r: RoundInfo, me: Local, p: Params) -> Action | None:
     return Attribute(f, counted)
 
 
-def _stale(v: View, me: Local) -> bool:
-    """Our join key of this round belongs to a session we lost (we fenced and came back): it does not count."""
-    mine = v.joins.get(me.node)
-    return mine is not None and mine.lease != me.lease
-
-
 def _joining(v: View, r: RoundInfo, me: Local, p: Params) -> Action:
-    if me.node not in v.joins or _stale(v, me):
+    if me.node not in v.joins or stale_join(v, me.node, me.lease):
         return _outside(v, r, me, p)
     if not v.full:  # only the leader watches the joins; this node watches the leader's key
         others = [j for j in v.joins.values() if j.node != me.node]

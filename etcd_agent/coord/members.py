@@ -28,11 +28,11 @@ def _memo(v: View, name: str, of: tuple, make):
     return made
 
 
-def healthy(v: View) -> set[str]:
+def healthy(v: View) -> frozenset[str]:
     """The registered nodes that passed their health check (an unhealthy one joins no round until it passes, and
     one still checking counts only once a check passed)."""
-    return set(_memo(v, "healthy", (v.nodes,), lambda: frozenset(
-        n for n, info in v.nodes.items() if not info.health and not info.checking)))
+    return _memo(v, "healthy", (v.nodes,), lambda: frozenset(
+        n for n, info in v.nodes.items() if not info.health and not info.checking))
 
 
 def newcomers(v: View) -> list[str]:
@@ -45,20 +45,19 @@ def newcomers(v: View) -> list[str]:
 
 def _newcomers(v: View) -> tuple[str, ...]:
     over = passed_over(v)
-    return tuple(sorted(n for n, info in v.nodes.items() if not info.health and not info.checking
-                        and v.plan.outside(n) and not info.spare and n not in over))
+    return tuple(sorted(n for n in healthy(v) if v.plan.outside(n) and not v.nodes[n].spare and n not in over))
 
 
-def passed_over(v: View) -> set[str]:
+def passed_over(v: View) -> frozenset[str]:
     """The nodes outside the plan of a running scale-up round whose registry entry was not written since the
     scale-up was decided: it was made for them and did not admit them (a forged entry, a node that could not
     join in time). No scale-up is made for them again until their entry changes."""
     r = v.round
     if v.plan is None or r is None or r.scaled_for is None or r.phase != Phase.RUNNING:
-        return set()
+        return frozenset()
     plan = v.plan
-    return set(_memo(v, "passed_over", (v.nodes, plan, r), lambda: frozenset(
-        n for n, info in v.nodes.items() if plan.outside(n) and not info.spare and info.mod_revision <= r.scaled_for)))
+    return _memo(v, "passed_over", (v.nodes, plan, r), lambda: frozenset(
+        n for n, info in v.nodes.items() if plan.outside(n) and not info.spare and info.mod_revision <= r.scaled_for))
 
 
 def member_exits(v: View) -> frozenset[str]:
@@ -88,10 +87,16 @@ def lost_members(v: View, node: str, lease: int) -> list[str]:
     if plan is None:
         return []
     exits = member_exits(v)  # an exit key of a node outside the plan is no member's: ignored
-    mine = v.joins.get(node)
-    stale = mine is not None and mine.lease != lease
+    stale = stale_join(v, node, lease)
     if v.full and not stale:  # the leader: the members without a join key, made again when the joins change
         unjoined = _memo(v, "unjoined", (plan, v.joins), lambda: tuple(n for n in plan.nodes if n not in v.joins))
         return [n for n in unjoined if n not in exits]
     watched = plan.nodes if v.full else [n for n in (node, *sorted(v.scope.watched)) if not plan.outside(n)]
     return [n for n in watched if n not in exits and (n not in v.joins or (n == node and stale))]
+
+
+def stale_join(v: View, node: str, lease: int) -> bool:
+    """``node``'s join key of this round belongs to a session it lost (``lease`` is its current one: it fenced and
+    came back): it does not count."""
+    mine = v.joins.get(node)
+    return mine is not None and mine.lease != lease
